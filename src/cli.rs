@@ -1,0 +1,57 @@
+//! Command-line surface of `slug`: argument definitions and dispatch to the modules that do the work.
+
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::{demo, export, info, node, run, view};
+
+/// slug — record and replay for distributed CPU AI pipelines.
+///
+/// Record every endpoint and every link of a pipeline into a compact trace,
+/// replay any stage elsewhere bit for bit, and inspect the timelines.
+#[derive(Debug, Parser)]
+#[command(name = "slug", version, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a pipeline without recording (prints generated tokens and tokens/s).
+    Run(run::RunArgs),
+    /// Record a pipeline run into a trace directory.
+    Record,
+    /// Re-run a recorded stage or pipeline and verify it bit for bit.
+    Replay,
+    /// Inspect a trace's timelines in a terminal UI.
+    View(view::ViewArgs),
+    /// Summarise a trace: endpoints, events per kind, sizes, losses, capabilities.
+    Info(info::InfoArgs),
+    /// Export a trace for Perfetto (protobuf) or chrome://tracing (JSON).
+    Export(export::ExportArgs),
+    /// Write a synthetic trace and read it back: a tour of the trace format.
+    Demo(demo::DemoArgs),
+    /// Serve pipeline stages to a remote `slug run --hosts` coordinator.
+    Node(node::NodeArgs),
+}
+
+/// Runs the chosen subcommand and returns the process exit code.
+pub fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => run::execute(args),
+        Command::Record => not_built("record"),
+        Command::Replay => not_built("replay"),
+        Command::View(args) => view::execute(args),
+        Command::Info(args) => info::execute(args),
+        Command::Export(args) => export::execute(args),
+        Command::Demo(args) => demo::execute(args),
+        Command::Node(args) => node::execute(args),
+    }
+}
+
+fn not_built(name: &str) -> Result<ExitCode> {
+    bail!("`slug {name}` is not built yet in this version of slug")
+}

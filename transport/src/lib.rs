@@ -1,0 +1,1 @@
+//! Registered arenas, the `Transport` trait and its backends, and the pipeline runtime.

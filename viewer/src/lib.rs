@@ -1,0 +1,1 @@
+//! Terminal timeline viewer over a trace, and export to Perfetto / Chrome JSON.
