@@ -1,0 +1,611 @@
+//! Pooled fabric memory: one byte region (process heap or a shared memory-mapped file) holding
+//! every link's slot ring, the abort word and per-stage progress, with futex-based blocking waits.
+//!
+//! Layout (all offsets fixed by the [`FabricLayout`], identical in every process that maps it):
+//! a 4 KiB header (magic, version, size, abort word, stage progress), then per link a ring
+//! header (head / tail counters on their own cache lines, each with a waiter count) followed by
+//! `slots` slots of a 64-byte slot header plus `capacity` bytes. A ring has one sender and one
+//! receiver: the sender alone advances `head`, the receiver alone advances `tail`.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use memmap2::MmapMut;
+
+use crate::error::{Result, TransportError};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"SLUGFAB1");
+const FABRIC_VERSION: u32 = 1;
+const HEADER_BYTES: usize = 4096;
+const ABORT_AT: usize = 64;
+const PROGRESS_AT: usize = 128;
+/// Stages whose progress the header can hold.
+pub const MAX_STAGES: usize = 256;
+const RING_HEADER_BYTES: usize = 192;
+const SLOT_HEADER_BYTES: usize = 64;
+/// Iterations of pure spinning before a waiter starts yielding, then sleeping on the futex.
+const SPIN_ROUNDS: u32 = 200;
+const YIELD_ROUNDS: u32 = 20;
+/// Longest single futex sleep: bounds how late an abort or a lost wake-up is noticed.
+const SLEEP_SLICE: Duration = Duration::from_millis(10);
+
+/// Shape of one ring: how many messages it buffers and how large each may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingSpec {
+    /// Messages that can be in flight on the link.
+    pub slots: u32,
+    /// Largest message in bytes.
+    pub capacity: u64,
+}
+
+/// Where every ring lives in the fabric region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FabricLayout {
+    rings: Vec<(usize, RingSpec)>,
+    total: usize,
+}
+
+fn round64(n: usize) -> usize {
+    n.div_ceil(64) * 64
+}
+
+impl FabricLayout {
+    /// Lays out rings one after another after the header.
+    pub fn new(specs: &[RingSpec]) -> Result<Self> {
+        let mut at = HEADER_BYTES;
+        let mut rings = Vec::with_capacity(specs.len());
+        for spec in specs {
+            if spec.slots == 0 {
+                return Err(TransportError::Config(
+                    "a link needs at least one slot".into(),
+                ));
+            }
+            let cap = usize::try_from(spec.capacity).map_err(|_| {
+                TransportError::Config(format!("slot capacity {} too large", spec.capacity))
+            })?;
+            rings.push((at, *spec));
+            at += RING_HEADER_BYTES + spec.slots as usize * (SLOT_HEADER_BYTES + round64(cap));
+        }
+        Ok(Self { rings, total: at })
+    }
+
+    /// Bytes the whole fabric occupies.
+    pub fn total_bytes(&self) -> usize {
+        self.total
+    }
+
+    /// Number of rings.
+    pub fn rings(&self) -> usize {
+        self.rings.len()
+    }
+}
+
+enum Backing {
+    Heap(#[allow(dead_code)] Box<[u64]>),
+    Mapped {
+        #[allow(dead_code)]
+        map: MmapMut,
+        path: PathBuf,
+    },
+}
+
+/// A fabric region, shared by the threads (heap) or processes (mapped file) of one pipeline.
+pub struct Fabric {
+    base: *mut u8,
+    layout: FabricLayout,
+    backing: Backing,
+}
+
+// SAFETY: all shared mutable state in the region is either atomics or slot bytes whose exclusive
+// ownership is handed between exactly one sender and one receiver by the ring protocol.
+unsafe impl Send for Fabric {}
+// SAFETY: as above.
+unsafe impl Sync for Fabric {}
+
+impl std::fmt::Debug for Fabric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let place = match &self.backing {
+            Backing::Heap(_) => "heap".to_string(),
+            Backing::Mapped { path, .. } => path.display().to_string(),
+        };
+        f.debug_struct("Fabric")
+            .field("backing", &place)
+            .field("bytes", &self.layout.total)
+            .field("rings", &self.layout.rings.len())
+            .finish()
+    }
+}
+
+impl Fabric {
+    /// A fabric in this process's memory, for stages that are threads.
+    pub fn heap(layout: FabricLayout) -> Self {
+        let mut words = vec![0u64; layout.total.div_ceil(8)].into_boxed_slice();
+        let base = words.as_mut_ptr().cast::<u8>();
+        let fabric = Self {
+            base,
+            layout,
+            backing: Backing::Heap(words),
+        };
+        fabric.write_header();
+        fabric
+    }
+
+    /// Creates the shared fabric file at `path` (the coordinator does this once per run).
+    pub fn create(path: &Path, layout: FabricLayout) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| TransportError::io(format!("create fabric file {}", path.display()), e))?;
+        file.set_len(layout.total as u64).map_err(|e| {
+            TransportError::io(
+                format!(
+                    "size fabric file {} to {} bytes",
+                    path.display(),
+                    layout.total
+                ),
+                e,
+            )
+        })?;
+        let fabric = Self::map(file, path, layout)?;
+        fabric.write_header();
+        Ok(fabric)
+    }
+
+    /// Maps an existing fabric file created by [`Fabric::create`] with the same layout.
+    pub fn open(path: &Path, layout: FabricLayout) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| TransportError::io(format!("open fabric file {}", path.display()), e))?;
+        let fabric = Self::map(file, path, layout)?;
+        let magic = fabric.word64(0).load(Ordering::Acquire);
+        let version = fabric.word32(8).load(Ordering::Acquire);
+        let total = fabric.word64(16).load(Ordering::Acquire);
+        if magic != MAGIC || version != FABRIC_VERSION || total != fabric.layout.total as u64 {
+            return Err(TransportError::Config(format!(
+                "fabric file {} does not match this run (magic {magic:#x}, version {version}, \
+                 {total} bytes; expected version {FABRIC_VERSION}, {} bytes)",
+                path.display(),
+                fabric.layout.total
+            )));
+        }
+        Ok(fabric)
+    }
+
+    fn map(file: File, path: &Path, layout: FabricLayout) -> Result<Self> {
+        let len = file
+            .metadata()
+            .map_err(|e| TransportError::io(format!("stat fabric file {}", path.display()), e))?
+            .len();
+        if len < layout.total as u64 {
+            return Err(TransportError::Config(format!(
+                "fabric file {} has {len} bytes, the run needs {}",
+                path.display(),
+                layout.total
+            )));
+        }
+        // SAFETY: the file is private to this run (created by its coordinator); every process
+        // maps it whole and touches it only through the ring protocol and atomics.
+        let mut map = unsafe { MmapMut::map_mut(&file) }
+            .map_err(|e| TransportError::io(format!("map fabric file {}", path.display()), e))?;
+        let base = map.as_mut_ptr();
+        Ok(Self {
+            base,
+            layout,
+            backing: Backing::Mapped {
+                map,
+                path: path.to_path_buf(),
+            },
+        })
+    }
+
+    fn write_header(&self) {
+        self.word32(8).store(FABRIC_VERSION, Ordering::Relaxed);
+        self.word64(16)
+            .store(self.layout.total as u64, Ordering::Relaxed);
+        self.word64(0).store(MAGIC, Ordering::Release);
+    }
+
+    fn word32(&self, at: usize) -> &AtomicU32 {
+        debug_assert!(at % 4 == 0 && at + 4 <= self.layout.total);
+        // SAFETY: `at` is 4-aligned inside the region (layout offsets are multiples of 64) and
+        // the region outlives `self`; the word is only ever accessed atomically.
+        unsafe { &*self.base.add(at).cast::<AtomicU32>() }
+    }
+
+    fn word64(&self, at: usize) -> &AtomicU64 {
+        debug_assert!(at % 8 == 0 && at + 8 <= self.layout.total);
+        // SAFETY: as in `word32`, with 8-byte alignment.
+        unsafe { &*self.base.add(at).cast::<AtomicU64>() }
+    }
+
+    /// The layout this fabric was built with.
+    pub fn layout(&self) -> &FabricLayout {
+        &self.layout
+    }
+
+    /// Marks the run aborted and wakes every waiter so that each notices within one sleep slice.
+    pub fn abort(&self) {
+        self.word32(ABORT_AT).store(1, Ordering::SeqCst);
+        for ring in 0..self.layout.rings.len() {
+            let r = self.ring(ring);
+            futex_wake(r.head());
+            futex_wake(r.tail());
+        }
+    }
+
+    /// True once [`Fabric::abort`] was called by any process sharing the fabric.
+    pub fn aborted(&self) -> bool {
+        self.word32(ABORT_AT).load(Ordering::SeqCst) != 0
+    }
+
+    /// Publishes how far `stage` got (an opaque counter, e.g. its step), read back by the coordinator.
+    pub fn set_progress(&self, stage: usize, value: u64) {
+        if stage < MAX_STAGES {
+            self.word64(PROGRESS_AT + 8 * stage)
+                .store(value, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads what [`Fabric::set_progress`] last stored for `stage`.
+    pub fn progress(&self, stage: usize) -> u64 {
+        if stage < MAX_STAGES {
+            self.word64(PROGRESS_AT + 8 * stage).load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
+    pub(crate) fn ring(&self, index: usize) -> Ring<'_> {
+        let (at, spec) = self.layout.rings[index];
+        Ring {
+            fabric: self,
+            at,
+            spec,
+        }
+    }
+}
+
+/// Header of one message in a slot: the transfer metadata travelling with the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct SlotHeader {
+    pub seq: u64,
+    pub sequence: u32,
+    pub step: u32,
+    pub layer: u32,
+    pub src_arena: u32,
+    pub dst_arena: u32,
+    pub src_off: u64,
+    pub dst_off: u64,
+    pub len: u64,
+    pub post_ns: u64,
+}
+
+impl SlotHeader {
+    pub(crate) fn encode(&self) -> [u8; SLOT_HEADER_BYTES] {
+        let mut b = [0u8; SLOT_HEADER_BYTES];
+        b[0..8].copy_from_slice(&self.seq.to_le_bytes());
+        b[8..12].copy_from_slice(&self.sequence.to_le_bytes());
+        b[12..16].copy_from_slice(&self.step.to_le_bytes());
+        b[16..20].copy_from_slice(&self.layer.to_le_bytes());
+        b[20..24].copy_from_slice(&self.src_arena.to_le_bytes());
+        b[24..28].copy_from_slice(&self.dst_arena.to_le_bytes());
+        b[32..40].copy_from_slice(&self.src_off.to_le_bytes());
+        b[40..48].copy_from_slice(&self.dst_off.to_le_bytes());
+        b[48..56].copy_from_slice(&self.len.to_le_bytes());
+        b[56..64].copy_from_slice(&self.post_ns.to_le_bytes());
+        b
+    }
+
+    pub(crate) fn decode(b: &[u8; SLOT_HEADER_BYTES]) -> Self {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        Self {
+            seq: u64_at(0),
+            sequence: u32_at(8),
+            step: u32_at(12),
+            layer: u32_at(16),
+            src_arena: u32_at(20),
+            dst_arena: u32_at(24),
+            src_off: u64_at(32),
+            dst_off: u64_at(40),
+            len: u64_at(48),
+            post_ns: u64_at(56),
+        }
+    }
+}
+
+pub(crate) const HEADER_LEN: usize = SLOT_HEADER_BYTES;
+
+/// One single-producer single-consumer ring inside a fabric.
+pub(crate) struct Ring<'f> {
+    fabric: &'f Fabric,
+    at: usize,
+    spec: RingSpec,
+}
+
+/// Why a wait ended without its condition.
+pub(crate) enum WaitFailure {
+    Aborted,
+    TimedOut(Duration),
+}
+
+impl Ring<'_> {
+    fn head(&self) -> &AtomicU32 {
+        self.fabric.word32(self.at)
+    }
+    fn head_waiters(&self) -> &AtomicU32 {
+        self.fabric.word32(self.at + 4)
+    }
+    fn tail(&self) -> &AtomicU32 {
+        self.fabric.word32(self.at + 64)
+    }
+    fn tail_waiters(&self) -> &AtomicU32 {
+        self.fabric.word32(self.at + 68)
+    }
+
+    pub(crate) fn capacity(&self) -> u64 {
+        self.spec.capacity
+    }
+
+    fn slot_ptr(&self, counter: u32) -> *mut u8 {
+        let index = (counter % self.spec.slots) as usize;
+        let stride = SLOT_HEADER_BYTES + round64(self.spec.capacity as usize);
+        // SAFETY: index < slots, so the slot lies inside this ring's part of the region.
+        unsafe {
+            self.fabric
+                .base
+                .add(self.at + RING_HEADER_BYTES + index * stride)
+        }
+    }
+
+    /// Waits for a free slot, lets `fill` write header and payload into it, then publishes it.
+    ///
+    /// `fill` receives the payload area (`capacity` bytes) and returns the header to store.
+    pub(crate) fn send(
+        &self,
+        timeout: Duration,
+        fill: impl FnOnce(&mut [u8]) -> SlotHeader,
+    ) -> std::result::Result<(), WaitFailure> {
+        let head = self.head().load(Ordering::Relaxed);
+        let slots = self.spec.slots;
+        wait_until(
+            self.fabric,
+            || head.wrapping_sub(self.tail().load(Ordering::Acquire)) < slots,
+            self.tail(),
+            self.tail_waiters(),
+            timeout,
+        )?;
+        let slot = self.slot_ptr(head);
+        // SAFETY: the slot at `head` is free (tail has passed it), and only this ring's single
+        // sender writes it until `head` is advanced below.
+        let payload = unsafe {
+            std::slice::from_raw_parts_mut(slot.add(SLOT_HEADER_BYTES), self.spec.capacity as usize)
+        };
+        let header = fill(payload).encode();
+        // SAFETY: same exclusive slot; the header area is SLOT_HEADER_BYTES long.
+        unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), slot, SLOT_HEADER_BYTES) };
+        self.head().store(head.wrapping_add(1), Ordering::SeqCst);
+        if self.head_waiters().load(Ordering::SeqCst) > 0 {
+            futex_wake(self.head());
+        }
+        Ok(())
+    }
+
+    /// Waits for a message, hands its header and payload to `take`, then frees the slot.
+    pub(crate) fn recv<T>(
+        &self,
+        timeout: Duration,
+        take: impl FnOnce(&SlotHeader, &[u8]) -> T,
+    ) -> std::result::Result<T, WaitFailure> {
+        let tail = self.tail().load(Ordering::Relaxed);
+        wait_until(
+            self.fabric,
+            || self.head().load(Ordering::Acquire) != tail,
+            self.head(),
+            self.head_waiters(),
+            timeout,
+        )?;
+        let slot = self.slot_ptr(tail);
+        let mut raw = [0u8; SLOT_HEADER_BYTES];
+        // SAFETY: the slot at `tail` was published by the sender (head passed it) and stays
+        // untouched until this receiver advances `tail`.
+        unsafe { std::ptr::copy_nonoverlapping(slot, raw.as_mut_ptr(), SLOT_HEADER_BYTES) };
+        let header = SlotHeader::decode(&raw);
+        let len = header.len.min(self.spec.capacity) as usize;
+        // SAFETY: as above; `len` is clamped to the slot capacity.
+        let payload = unsafe { std::slice::from_raw_parts(slot.add(SLOT_HEADER_BYTES), len) };
+        let out = take(&header, payload);
+        self.tail().store(tail.wrapping_add(1), Ordering::SeqCst);
+        if self.tail_waiters().load(Ordering::SeqCst) > 0 {
+            futex_wake(self.tail());
+        }
+        Ok(out)
+    }
+}
+
+/// Spins briefly, then yields, then sleeps on `word` in bounded slices until `ready()` holds,
+/// the fabric is aborted, or `timeout` passes. Never spins forever.
+fn wait_until(
+    fabric: &Fabric,
+    ready: impl Fn() -> bool,
+    word: &AtomicU32,
+    waiters: &AtomicU32,
+    timeout: Duration,
+) -> std::result::Result<(), WaitFailure> {
+    for _ in 0..SPIN_ROUNDS {
+        if ready() {
+            return Ok(());
+        }
+        std::hint::spin_loop();
+    }
+    for _ in 0..YIELD_ROUNDS {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::yield_now();
+    }
+    let start = Instant::now();
+    loop {
+        let observed = word.load(Ordering::SeqCst);
+        if ready() {
+            return Ok(());
+        }
+        if fabric.aborted() {
+            return Err(WaitFailure::Aborted);
+        }
+        let waited = start.elapsed();
+        if waited >= timeout {
+            return Err(WaitFailure::TimedOut(waited));
+        }
+        waiters.fetch_add(1, Ordering::SeqCst);
+        if !ready() && !fabric.aborted() {
+            futex_wait(word, observed, SLEEP_SLICE.min(timeout - waited));
+        }
+        waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Sleeps while `*word == expected`, at most `timeout`. Spurious returns are fine: callers re-check.
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `word` is a valid aligned u32 for the duration of the call; FUTEX_WAIT (not the
+    // private variant) because the word may live in memory shared between processes.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: `word` is a valid aligned u32; waking has no memory effects beyond the syscall.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn one_ring(slots: u32, capacity: u64) -> Arc<Fabric> {
+        let layout = FabricLayout::new(&[RingSpec { slots, capacity }]).expect("layout");
+        Arc::new(Fabric::heap(layout))
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let h = SlotHeader {
+            seq: 7,
+            sequence: 2,
+            step: 9,
+            layer: 4,
+            src_arena: 1,
+            dst_arena: 3,
+            src_off: 4096,
+            dst_off: 8192,
+            len: 100,
+            post_ns: 123_456_789,
+        };
+        assert_eq!(SlotHeader::decode(&h.encode()), h);
+    }
+
+    #[test]
+    fn ring_preserves_order_and_bytes_across_threads_with_few_slots() {
+        let fabric = one_ring(2, 64);
+        let tx = Arc::clone(&fabric);
+        let sender = std::thread::spawn(move || {
+            for i in 0..500u64 {
+                let sent = tx.ring(0).send(Duration::from_secs(10), |buf| {
+                    buf[..8].copy_from_slice(&i.to_le_bytes());
+                    SlotHeader {
+                        seq: i,
+                        len: 8,
+                        ..SlotHeader::default()
+                    }
+                });
+                assert!(sent.is_ok(), "send {i} failed");
+            }
+        });
+        for i in 0..500u64 {
+            let got = fabric
+                .ring(0)
+                .recv(Duration::from_secs(10), |h, p| {
+                    (h.seq, u64::from_le_bytes(p.try_into().expect("8 bytes")))
+                })
+                .unwrap_or((u64::MAX, u64::MAX));
+            assert_eq!(got, (i, i));
+        }
+        sender.join().expect("sender thread");
+    }
+
+    #[test]
+    fn empty_ring_times_out_and_abort_ends_waits() {
+        let fabric = one_ring(1, 8);
+        let start = Instant::now();
+        let r = fabric.ring(0).recv(Duration::from_millis(50), |_, _| ());
+        assert!(matches!(r, Err(WaitFailure::TimedOut(_))));
+        assert!(start.elapsed() < Duration::from_secs(2));
+
+        let f2 = Arc::clone(&fabric);
+        let waiter = std::thread::spawn(move || {
+            matches!(
+                f2.ring(0).recv(Duration::from_secs(30), |_, _| ()),
+                Err(WaitFailure::Aborted)
+            )
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        fabric.abort();
+        assert!(waiter.join().expect("waiter thread"));
+    }
+
+    #[test]
+    fn mapped_fabric_is_shared_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fabric");
+        let layout = FabricLayout::new(&[RingSpec {
+            slots: 1,
+            capacity: 16,
+        }])
+        .expect("layout");
+        let a = Fabric::create(&path, layout.clone()).expect("create");
+        let b = Fabric::open(&path, layout).expect("open");
+        a.set_progress(3, 42);
+        assert_eq!(b.progress(3), 42);
+        let other = FabricLayout::new(&[RingSpec {
+            slots: 2,
+            capacity: 16,
+        }])
+        .expect("layout");
+        assert!(Fabric::open(&path, other).is_err());
+    }
+}

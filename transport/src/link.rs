@@ -1,0 +1,747 @@
+//! Links: the only way bytes move between endpoints. A transfer copies `len` bytes from an offset
+//! of a registered arena on the sending endpoint to an offset of a registered arena on the
+//! receiving endpoint; every transfer gets a deterministic id and post/complete times and is shown
+//! to the endpoint's [`Observers`] on both ends. The backends (fabric rings for `local` and `shm`,
+//! sockets for `tcp`) are private, so no code path can move bytes without passing the hook.
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{ClusterKey, Hello, Role, client_handshake, server_handshake};
+use crate::clock::{ClockOffset, monotonic_ns};
+use crate::error::{Result, TransportError};
+use crate::fabric::{Fabric, HEADER_LEN, SlotHeader, WaitFailure};
+use crate::transfer::{
+    ArenaId, EndpointId, LinkId, Observers, Place, Tag, Transfer, TransferId, TransportKind,
+};
+use crate::wire::{AbortFlag, Conn};
+
+/// A registered arena as a sender sees it: its id and its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Region<'a> {
+    /// Id the arena was registered under.
+    pub arena: ArenaId,
+    /// The arena's bytes.
+    pub bytes: &'a [u8],
+}
+
+/// A registered arena as a receiver sees it: its id and its writable bytes.
+#[derive(Debug)]
+pub struct RegionMut<'a> {
+    /// Id the arena was registered under.
+    pub arena: ArenaId,
+    /// The arena's bytes.
+    pub bytes: &'a mut [u8],
+}
+
+fn check_range(
+    arena: ArenaId,
+    size: usize,
+    offset: u64,
+    len: u64,
+) -> Result<std::ops::Range<usize>> {
+    let end = offset.checked_add(len);
+    match end {
+        Some(end) if end <= size as u64 => Ok(offset as usize..end as usize),
+        _ => Err(TransportError::OutOfBounds {
+            arena: arena.0,
+            offset,
+            len,
+            size: size as u64,
+        }),
+    }
+}
+
+/// Who a link connects and how long its blocking calls may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkEnds {
+    /// Link id (index in the pipeline's link table).
+    pub id: LinkId,
+    /// Sending endpoint.
+    pub src: EndpointId,
+    /// Receiving endpoint.
+    pub dst: EndpointId,
+    /// Longest a send or receive may block before failing with [`TransportError::Timeout`].
+    pub timeout: Duration,
+}
+
+impl LinkEnds {
+    fn name(&self) -> String {
+        format!(
+            "{} (stage {} -> stage {})",
+            self.id.0, self.src.0, self.dst.0
+        )
+    }
+}
+
+/// Counters of one end of a link.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStats {
+    /// Transfers moved.
+    pub transfers: u64,
+    /// Payload bytes moved.
+    pub bytes: u64,
+    /// Nanoseconds spent inside send/recv (copying and waiting).
+    pub busy_ns: u64,
+}
+
+impl LinkStats {
+    fn add(&mut self, len: u64, since: u64) {
+        self.transfers += 1;
+        self.bytes += len;
+        self.busy_ns += monotonic_ns().saturating_sub(since);
+    }
+}
+
+enum SendPath {
+    Ring { fabric: Arc<Fabric>, ring: usize },
+    Tcp { conn: Conn, frame: Vec<u8> },
+}
+
+enum RecvPath {
+    Ring { fabric: Arc<Fabric>, ring: usize },
+    Tcp { conn: Conn },
+}
+
+/// Frames up to this size go out as one write (header and payload together).
+const COALESCE: usize = 64 << 10;
+
+/// The sending end of a link.
+pub struct LinkSender {
+    ends: LinkEnds,
+    kind: TransportKind,
+    path: SendPath,
+    observers: Observers,
+    next_seq: u64,
+    stats: LinkStats,
+    clock: Option<ClockOffset>,
+}
+
+/// The receiving end of a link.
+pub struct LinkReceiver {
+    ends: LinkEnds,
+    kind: TransportKind,
+    path: RecvPath,
+    observers: Observers,
+    next_seq: u64,
+    stats: LinkStats,
+    clock: Option<ClockOffset>,
+}
+
+impl std::fmt::Debug for LinkSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkSender")
+            .field("ends", &self.ends)
+            .field("kind", &self.kind)
+            .field("next_seq", &self.next_seq)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for LinkReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkReceiver")
+            .field("ends", &self.ends)
+            .field("kind", &self.kind)
+            .field("next_seq", &self.next_seq)
+            .finish()
+    }
+}
+
+fn wait_error(ends: &LinkEnds, failure: WaitFailure, what: &'static str) -> TransportError {
+    match failure {
+        WaitFailure::Aborted => TransportError::Aborted {
+            reason: format!("run aborted while link {} waited for {what}", ends.name()),
+        },
+        WaitFailure::TimedOut(waited) => TransportError::Timeout {
+            link: ends.name(),
+            what,
+            waited_ms: waited.as_millis() as u64,
+        },
+    }
+}
+
+impl LinkSender {
+    /// The sending end of ring `ring` of `fabric` (`local` when the fabric is on the heap, `shm` when mapped).
+    pub fn over_fabric(
+        fabric: Arc<Fabric>,
+        ring: usize,
+        ends: LinkEnds,
+        kind: TransportKind,
+        observers: Observers,
+    ) -> Result<Self> {
+        check_ring(&fabric, ring)?;
+        Ok(Self {
+            ends,
+            kind,
+            path: SendPath::Ring { fabric, ring },
+            observers,
+            next_seq: 0,
+            stats: LinkStats::default(),
+            clock: None,
+        })
+    }
+
+    /// Connects to the receiving stage listening at `addr`, proving `key`; the node checks that
+    /// this is the stage it expects to hear from.
+    pub fn connect_tcp(
+        addr: &str,
+        key: &ClusterKey,
+        ends: LinkEnds,
+        observers: Observers,
+        abort: &AbortFlag,
+    ) -> Result<Self> {
+        let stream = crate::wire::connect(addr, ends.timeout, abort)?;
+        let hello = Hello::new(Role::Data, ends.src.0, ends.dst.0)?;
+        let done = client_handshake(
+            stream,
+            format!("stage {} at {addr}", ends.dst.0),
+            key,
+            hello,
+            abort.clone(),
+            ends.timeout,
+        )?;
+        Ok(Self {
+            ends,
+            kind: TransportKind::Tcp,
+            path: SendPath::Tcp {
+                conn: done.conn,
+                frame: Vec::with_capacity(COALESCE + HEADER_LEN),
+            },
+            observers,
+            next_seq: 0,
+            stats: LinkStats::default(),
+            clock: Some(done.clock),
+        })
+    }
+
+    /// Moves `len` bytes at `src_offset` of `src` to `dst_offset` of arena `dst_arena` on the
+    /// receiving endpoint. Observers see the transfer before the bytes leave.
+    pub fn send(
+        &mut self,
+        src: Region<'_>,
+        src_offset: u64,
+        len: u64,
+        dst_arena: ArenaId,
+        dst_offset: u64,
+        tag: Tag,
+    ) -> Result<Transfer> {
+        let range = check_range(src.arena, src.bytes.len(), src_offset, len)?;
+        let post_ns = monotonic_ns();
+        let transfer = Transfer {
+            id: TransferId {
+                link: self.ends.id,
+                seq: self.next_seq,
+            },
+            tag,
+            src: Place {
+                endpoint: self.ends.src,
+                arena: src.arena,
+                offset: src_offset,
+            },
+            dst: Place {
+                endpoint: self.ends.dst,
+                arena: dst_arena,
+                offset: dst_offset,
+            },
+            len,
+            post_ns,
+            complete_ns: 0,
+            transport: self.kind,
+        };
+        let payload = &src.bytes[range];
+        self.observers.posted(&transfer, payload);
+        let header = SlotHeader {
+            seq: self.next_seq,
+            sequence: tag.sequence,
+            step: tag.step,
+            layer: tag.layer,
+            src_arena: src.arena.0,
+            dst_arena: dst_arena.0,
+            src_off: src_offset,
+            dst_off: dst_offset,
+            len,
+            post_ns,
+        };
+        match &mut self.path {
+            SendPath::Ring { fabric, ring } => {
+                let ring = fabric.ring(*ring);
+                if len > ring.capacity() {
+                    return Err(TransportError::TooLarge {
+                        link: self.ends.name(),
+                        len,
+                        capacity: ring.capacity(),
+                    });
+                }
+                ring.send(self.ends.timeout, |slot| {
+                    slot[..payload.len()].copy_from_slice(payload);
+                    header
+                })
+                .map_err(|f| wait_error(&self.ends, f, "a free slot"))?;
+            }
+            SendPath::Tcp { conn, frame } => {
+                let head = header.encode();
+                if payload.len() <= COALESCE {
+                    frame.clear();
+                    frame.extend_from_slice(&head);
+                    frame.extend_from_slice(payload);
+                    conn.write_full(frame, self.ends.timeout)?;
+                } else {
+                    conn.write_full(&head, self.ends.timeout)?;
+                    conn.write_full(payload, self.ends.timeout)?;
+                }
+            }
+        }
+        self.next_seq += 1;
+        self.stats.add(len, post_ns);
+        Ok(transfer)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LinkStats {
+        self.stats
+    }
+
+    /// Who this link connects.
+    pub fn ends(&self) -> LinkEnds {
+        self.ends
+    }
+
+    /// Clock offset of the receiving end (its clock minus ours), measured at connection (TCP only).
+    pub fn clock(&self) -> Option<ClockOffset> {
+        self.clock
+    }
+}
+
+fn check_ring(fabric: &Fabric, ring: usize) -> Result<()> {
+    if ring >= fabric.layout().rings() {
+        return Err(TransportError::Config(format!(
+            "ring {ring} does not exist; the fabric has {}",
+            fabric.layout().rings()
+        )));
+    }
+    Ok(())
+}
+
+impl LinkReceiver {
+    /// The receiving end of ring `ring` of `fabric`.
+    pub fn over_fabric(
+        fabric: Arc<Fabric>,
+        ring: usize,
+        ends: LinkEnds,
+        kind: TransportKind,
+        observers: Observers,
+    ) -> Result<Self> {
+        check_ring(&fabric, ring)?;
+        Ok(Self {
+            ends,
+            kind,
+            path: RecvPath::Ring { fabric, ring },
+            observers,
+            next_seq: 0,
+            stats: LinkStats::default(),
+            clock: None,
+        })
+    }
+
+    /// Waits on `listener` for the sending stage of `ends`, refusing any caller that does not
+    /// prove `key` or is not that stage (each refusal is reported through `on_refused` and the
+    /// wait goes on until `ends.timeout`).
+    pub fn accept_tcp(
+        listener: &TcpListener,
+        key: &ClusterKey,
+        ends: LinkEnds,
+        observers: Observers,
+        abort: &AbortFlag,
+        on_refused: &dyn Fn(&TransportError),
+    ) -> Result<Self> {
+        let stream = accept_until(listener, ends.timeout, abort, &ends.name())?;
+        let peer = stream
+            .0
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "unknown peer".into());
+        let expect = (ends.src.0, ends.dst.0);
+        let done = server_handshake(
+            stream.0,
+            format!("stage {} from {peer}", ends.src.0),
+            key,
+            abort.clone(),
+            ends.timeout,
+            |hello| {
+                if hello.role != Role::Data {
+                    return Err("this port serves stage-to-stage data links only".into());
+                }
+                if (hello.from, hello.to) != expect {
+                    return Err(format!(
+                        "wrong stage: this link carries stage {} -> stage {}, the caller is stage {} -> stage {}",
+                        expect.0, expect.1, hello.from, hello.to
+                    ));
+                }
+                Ok(())
+            },
+        );
+        match done {
+            Ok(done) => Ok(Self {
+                ends,
+                kind: TransportKind::Tcp,
+                path: RecvPath::Tcp { conn: done.conn },
+                observers,
+                next_seq: 0,
+                stats: LinkStats::default(),
+                clock: Some(done.clock),
+            }),
+            Err(e @ TransportError::Refused { .. }) | Err(e @ TransportError::Protocol { .. }) => {
+                on_refused(&e);
+                Self::accept_tcp(listener, key, ends, observers, abort, on_refused)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits for the next transfer and places its bytes in `dst`, which must be the arena the
+    /// sender addressed. Observers see the transfer once the bytes are in place.
+    pub fn recv(&mut self, dst: &mut RegionMut<'_>) -> Result<Transfer> {
+        let start = monotonic_ns();
+        let header = match &mut self.path {
+            RecvPath::Ring { fabric, ring } => {
+                let ends = self.ends;
+                let arena = dst.arena;
+                let bytes = &mut *dst.bytes;
+                fabric
+                    .ring(*ring)
+                    .recv(ends.timeout, |h, payload| -> Result<SlotHeader> {
+                        place(&ends, arena, bytes.len(), h)?;
+                        let r = check_range(arena, bytes.len(), h.dst_off, h.len)?;
+                        bytes[r].copy_from_slice(payload);
+                        Ok(*h)
+                    })
+                    .map_err(|f| wait_error(&self.ends, f, "received"))??
+            }
+            RecvPath::Tcp { conn } => {
+                let mut raw = [0u8; HEADER_LEN];
+                conn.read_full(&mut raw, self.ends.timeout)?;
+                let h = SlotHeader::decode(&raw);
+                place(&self.ends, dst.arena, dst.bytes.len(), &h)?;
+                let r = check_range(dst.arena, dst.bytes.len(), h.dst_off, h.len)?;
+                conn.read_full(&mut dst.bytes[r], self.ends.timeout)?;
+                h
+            }
+        };
+        if header.seq != self.next_seq {
+            return Err(TransportError::Protocol {
+                peer: self.ends.name(),
+                detail: format!(
+                    "transfer {} arrived where {} was due; the link lost or reordered data",
+                    header.seq, self.next_seq
+                ),
+            });
+        }
+        let transfer = Transfer {
+            id: TransferId {
+                link: self.ends.id,
+                seq: header.seq,
+            },
+            tag: Tag {
+                sequence: header.sequence,
+                step: header.step,
+                layer: header.layer,
+            },
+            src: Place {
+                endpoint: self.ends.src,
+                arena: ArenaId(header.src_arena),
+                offset: header.src_off,
+            },
+            dst: Place {
+                endpoint: self.ends.dst,
+                arena: dst.arena,
+                offset: header.dst_off,
+            },
+            len: header.len,
+            post_ns: header.post_ns,
+            complete_ns: monotonic_ns(),
+            transport: self.kind,
+        };
+        let r = header.dst_off as usize..(header.dst_off + header.len) as usize;
+        self.observers.completed(&transfer, &dst.bytes[r]);
+        self.next_seq += 1;
+        self.stats.add(header.len, start);
+        Ok(transfer)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LinkStats {
+        self.stats
+    }
+
+    /// Who this link connects.
+    pub fn ends(&self) -> LinkEnds {
+        self.ends
+    }
+
+    /// Clock offset of the sending end (its clock minus ours), measured at connection (TCP only).
+    pub fn clock(&self) -> Option<ClockOffset> {
+        self.clock
+    }
+}
+
+fn place(ends: &LinkEnds, arena: ArenaId, size: usize, h: &SlotHeader) -> Result<()> {
+    if h.dst_arena != arena.0 {
+        return Err(TransportError::Protocol {
+            peer: ends.name(),
+            detail: format!(
+                "transfer {} addresses arena {}, but the receiver offered arena {}",
+                h.seq, h.dst_arena, arena.0
+            ),
+        });
+    }
+    check_range(arena, size, h.dst_off, h.len).map(|_| ())
+}
+
+/// Accepts one connection, waking regularly to honour the abort flag and the deadline.
+pub(crate) fn accept_until(
+    listener: &TcpListener,
+    timeout: Duration,
+    abort: &AbortFlag,
+    what: &str,
+) -> Result<(TcpStream, std::net::SocketAddr)> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| TransportError::io("make listener non-blocking", e))?;
+    let start = std::time::Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((s, a)) => {
+                s.set_nonblocking(false)
+                    .map_err(|e| TransportError::io(format!("configure connection from {a}"), e))?;
+                return Ok((s, a));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if abort.raised() {
+                    return Err(TransportError::Aborted {
+                        reason: format!("run aborted while waiting for {what} to connect"),
+                    });
+                }
+                if start.elapsed() >= timeout {
+                    return Err(TransportError::Timeout {
+                        link: what.to_string(),
+                        what: "connected",
+                        waited_ms: start.elapsed().as_millis() as u64,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                return Err(TransportError::io(
+                    format!("accept a connection for {what}"),
+                    e,
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fabric::{FabricLayout, RingSpec};
+    use crate::transfer::{TransferObserver, content_hash};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<(bool, TransferId, u128)>>);
+
+    impl TransferObserver for Seen {
+        fn posted(&self, t: &Transfer, bytes: &[u8]) {
+            self.0
+                .lock()
+                .expect("lock")
+                .push((true, t.id, content_hash(bytes)));
+        }
+        fn completed(&self, t: &Transfer, bytes: &[u8]) {
+            self.0
+                .lock()
+                .expect("lock")
+                .push((false, t.id, content_hash(bytes)));
+        }
+    }
+
+    fn ends() -> LinkEnds {
+        LinkEnds {
+            id: LinkId(0),
+            src: EndpointId(0),
+            dst: EndpointId(1),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn tag(step: u32) -> Tag {
+        Tag {
+            sequence: 0,
+            step,
+            layer: 1,
+        }
+    }
+
+    fn exchange(mut tx: LinkSender, mut rx: LinkReceiver) {
+        let src: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let mut dst = vec![0u8; 2000];
+        for step in 0..3u32 {
+            let off = u64::from(step) * 10;
+            let sent = tx
+                .send(
+                    Region {
+                        arena: ArenaId(5),
+                        bytes: &src,
+                    },
+                    off,
+                    500,
+                    ArenaId(9),
+                    1000 + off,
+                    tag(step),
+                )
+                .expect("send");
+            let got = rx
+                .recv(&mut RegionMut {
+                    arena: ArenaId(9),
+                    bytes: &mut dst,
+                })
+                .expect("recv");
+            assert_eq!(sent.id, got.id);
+            assert_eq!(got.id.seq, u64::from(step));
+            assert_eq!(got.tag, tag(step));
+            assert_eq!(got.src.arena, ArenaId(5));
+            assert_eq!(got.src.offset, off);
+            assert!(got.complete_ns >= got.post_ns);
+            let (o, d) = (off as usize, 1000 + off as usize);
+            assert_eq!(&dst[d..d + 500], &src[o..o + 500]);
+        }
+        assert_eq!(tx.stats().transfers, 3);
+        assert_eq!(rx.stats().bytes, 1500);
+        // A receiver offering a different arena than the sender addressed gets an error, not bytes.
+        tx.send(
+            Region {
+                arena: ArenaId(5),
+                bytes: &src,
+            },
+            0,
+            4,
+            ArenaId(9),
+            0,
+            tag(9),
+        )
+        .expect("send");
+        let wrong = rx.recv(&mut RegionMut {
+            arena: ArenaId(8),
+            bytes: &mut dst,
+        });
+        assert!(
+            matches!(wrong, Err(TransportError::Protocol { .. })),
+            "{wrong:?}"
+        );
+        // A source range outside the arena is refused before anything moves.
+        let oob = tx.send(
+            Region {
+                arena: ArenaId(5),
+                bytes: &src,
+            },
+            900,
+            200,
+            ArenaId(9),
+            0,
+            tag(0),
+        );
+        assert!(matches!(oob, Err(TransportError::OutOfBounds { .. })));
+    }
+
+    #[test]
+    fn ring_link_moves_bytes_by_offset_and_shows_both_ends_to_observers() {
+        let layout = FabricLayout::new(&[RingSpec {
+            slots: 2,
+            capacity: 512,
+        }])
+        .expect("layout");
+        let fabric = Arc::new(Fabric::heap(layout));
+        let seen = Arc::new(Seen::default());
+        let obs = Observers::none().with(seen.clone());
+        let tx =
+            LinkSender::over_fabric(fabric.clone(), 0, ends(), TransportKind::Local, obs.clone())
+                .expect("tx");
+        let rx =
+            LinkReceiver::over_fabric(fabric, 0, ends(), TransportKind::Local, obs).expect("rx");
+        exchange(tx, rx);
+        let seen = seen.0.lock().expect("lock");
+        // 3 exchanged transfers seen twice each, same hash on both ends, then the 4th's post.
+        assert_eq!(seen.len(), 7);
+        for pair in seen[..6].chunks(2) {
+            assert!(pair[0].0 && !pair[1].0);
+            assert_eq!(pair[0].1, pair[1].1);
+            assert_eq!(pair[0].2, pair[1].2);
+        }
+    }
+
+    #[test]
+    fn oversized_transfer_is_refused_by_ring_link() {
+        let layout = FabricLayout::new(&[RingSpec {
+            slots: 1,
+            capacity: 8,
+        }])
+        .expect("layout");
+        let fabric = Arc::new(Fabric::heap(layout));
+        let mut tx =
+            LinkSender::over_fabric(fabric, 0, ends(), TransportKind::Local, Observers::none())
+                .expect("tx");
+        let r = tx.send(
+            Region {
+                arena: ArenaId(0),
+                bytes: &[0u8; 16],
+            },
+            0,
+            16,
+            ArenaId(0),
+            0,
+            tag(0),
+        );
+        assert!(matches!(
+            r,
+            Err(TransportError::TooLarge {
+                len: 16,
+                capacity: 8,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn tcp_link_moves_bytes_and_refuses_the_wrong_stage() {
+        let key = ClusterKey::from_bytes(b"tcp-link-test-key-0123").expect("key");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let abort = AbortFlag::new();
+        let refusals = Arc::new(Mutex::new(Vec::new()));
+        let (k2, a2, r2) = (key.clone(), abort.clone(), refusals.clone());
+        let server = std::thread::spawn(move || {
+            LinkReceiver::accept_tcp(&listener, &k2, ends(), Observers::none(), &a2, &|e| {
+                r2.lock().expect("lock").push(e.to_string())
+            })
+        });
+        let mut wrong = ends();
+        wrong.src = EndpointId(3);
+        let refused = LinkSender::connect_tcp(&addr, &key, wrong, Observers::none(), &abort);
+        match refused {
+            Err(TransportError::Refused { reason, .. }) => {
+                assert!(reason.contains("wrong stage"), "{reason}")
+            }
+            other => panic!("expected refusal, got {other:?}"),
+        }
+        let tx =
+            LinkSender::connect_tcp(&addr, &key, ends(), Observers::none(), &abort).expect("tx");
+        let rx = server.join().expect("server").expect("rx");
+        assert_eq!(refusals.lock().expect("lock").len(), 1);
+        assert!(tx.clock().is_some() && rx.clock().is_some());
+        exchange(tx, rx);
+    }
+}

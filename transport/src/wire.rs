@@ -1,0 +1,244 @@
+//! Framed messages over TCP with bounded, abortable blocking: the byte level under handshakes,
+//! control messages and TCP data links.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::error::{Result, TransportError};
+
+/// How often a blocked socket operation wakes to check the abort flag and its deadline.
+const POLL_SLICE: Duration = Duration::from_millis(50);
+/// Largest control or handshake frame accepted; data payloads do not use frames.
+pub(crate) const MAX_FRAME: usize = 64 << 20;
+
+/// Frame kinds.
+pub(crate) mod kind {
+    pub const HELLO: u8 = 1;
+    pub const CHALLENGE: u8 = 2;
+    pub const PROOF: u8 = 3;
+    pub const ACCEPT: u8 = 4;
+    pub const REFUSE: u8 = 5;
+    pub const PING: u8 = 6;
+    pub const PONG: u8 = 7;
+    pub const CLOCK: u8 = 8;
+    pub const JSON: u8 = 9;
+}
+
+/// A shared flag that tells every blocked operation of a process to give up.
+#[derive(Debug, Clone, Default)]
+pub struct AbortFlag(Arc<AtomicBool>);
+
+impl AbortFlag {
+    /// A flag that is not raised.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Raises the flag.
+    pub fn raise(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// True once raised.
+    pub fn raised(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Outcome of a blocked read or write that did not finish.
+fn is_retry(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+    )
+}
+
+/// A TCP connection to a named peer, with deadlines and an abort flag on every blocking call.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub stream: TcpStream,
+    pub peer: String,
+    pub abort: AbortFlag,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, peer: String, abort: AbortFlag) -> Result<Self> {
+        stream
+            .set_nodelay(true)
+            .and_then(|()| stream.set_read_timeout(Some(POLL_SLICE)))
+            .and_then(|()| stream.set_write_timeout(Some(POLL_SLICE)))
+            .map_err(|e| TransportError::io(format!("configure socket to {peer}"), e))?;
+        Ok(Self {
+            stream,
+            peer,
+            abort,
+        })
+    }
+
+    fn broken(&self, detail: impl Into<String>) -> TransportError {
+        TransportError::LinkBroken {
+            link: self.peer.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Reads exactly `buf.len()` bytes, or fails on EOF, error, abort or `timeout`.
+    pub fn read_full(&mut self, buf: &mut [u8], timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut done = 0;
+        while done < buf.len() {
+            match self.stream.read(&mut buf[done..]) {
+                Ok(0) => return Err(self.broken("peer closed the connection")),
+                Ok(n) => done += n,
+                Err(e) if is_retry(&e) => self.check(start, timeout, "received")?,
+                Err(e) => return Err(self.broken(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf`, or fails on error, abort or `timeout`.
+    pub fn write_full(&mut self, buf: &[u8], timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut done = 0;
+        while done < buf.len() {
+            match self.stream.write(&buf[done..]) {
+                Ok(0) => return Err(self.broken("connection accepts no more bytes")),
+                Ok(n) => done += n,
+                Err(e) if is_retry(&e) => self.check(start, timeout, "sent")?,
+                Err(e) => return Err(self.broken(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self, start: Instant, timeout: Duration, what: &'static str) -> Result<()> {
+        if self.abort.raised() {
+            return Err(TransportError::Aborted {
+                reason: format!("run aborted while waiting on {}", self.peer),
+            });
+        }
+        let waited = start.elapsed();
+        if waited >= timeout {
+            return Err(TransportError::Timeout {
+                link: self.peer.clone(),
+                what,
+                waited_ms: waited.as_millis() as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends one frame: length (u32 LE, kind byte + body), kind, body.
+    pub fn send_frame(&mut self, kind: u8, body: &[u8], timeout: Duration) -> Result<()> {
+        let mut buf = Vec::with_capacity(5 + body.len());
+        buf.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
+        buf.push(kind);
+        buf.extend_from_slice(body);
+        self.write_full(&buf, timeout)
+    }
+
+    /// Receives one frame and returns its kind and body.
+    pub fn recv_frame(&mut self, timeout: Duration) -> Result<(u8, Vec<u8>)> {
+        let mut len = [0u8; 4];
+        self.read_full(&mut len, timeout)?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len == 0 || len > MAX_FRAME {
+            return Err(TransportError::Protocol {
+                peer: self.peer.clone(),
+                detail: format!("frame length {len} outside 1..={MAX_FRAME}; not a slug peer?"),
+            });
+        }
+        let mut body = vec![0u8; len];
+        self.read_full(&mut body, timeout)?;
+        let kind = body.remove(0);
+        Ok((kind, body))
+    }
+
+    /// Receives a frame that must be of `want` kind; a REFUSE frame becomes [`TransportError::Refused`].
+    pub fn expect_frame(&mut self, want: u8, timeout: Duration) -> Result<Vec<u8>> {
+        let (kind, body) = self.recv_frame(timeout)?;
+        if kind == want {
+            return Ok(body);
+        }
+        if kind == kind::REFUSE {
+            return Err(TransportError::Refused {
+                peer: self.peer.clone(),
+                reason: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        Err(TransportError::Protocol {
+            peer: self.peer.clone(),
+            detail: format!("expected frame kind {want}, got {kind}"),
+        })
+    }
+
+    /// Sends a JSON control message.
+    pub fn send_json<T: serde::Serialize>(&mut self, msg: &T, timeout: Duration) -> Result<()> {
+        let body = serde_json::to_vec(msg).map_err(|e| TransportError::Protocol {
+            peer: self.peer.clone(),
+            detail: format!("cannot encode control message: {e}"),
+        })?;
+        self.send_frame(kind::JSON, &body, timeout)
+    }
+
+    /// Receives a JSON control message.
+    pub fn recv_json<T: serde::de::DeserializeOwned>(&mut self, timeout: Duration) -> Result<T> {
+        let body = self.expect_frame(kind::JSON, timeout)?;
+        serde_json::from_slice(&body).map_err(|e| TransportError::Protocol {
+            peer: self.peer.clone(),
+            detail: format!("bad control message: {e}"),
+        })
+    }
+
+    /// Closes both directions so a blocked peer notices at once.
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    pub fn try_clone(&self) -> Result<Self> {
+        let stream = self
+            .stream
+            .try_clone()
+            .map_err(|e| TransportError::io(format!("clone socket to {}", self.peer), e))?;
+        Ok(Self {
+            stream,
+            peer: self.peer.clone(),
+            abort: self.abort.clone(),
+        })
+    }
+}
+
+/// Connects to `addr`, retrying refused connections until `timeout` (a node may still be starting).
+pub(crate) fn connect(addr: &str, timeout: Duration, abort: &AbortFlag) -> Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let start = Instant::now();
+    let addrs: Vec<_> = addr
+        .to_socket_addrs()
+        .map_err(|e| TransportError::io(format!("resolve {addr}"), e))?
+        .collect();
+    let first = addrs
+        .first()
+        .copied()
+        .ok_or_else(|| TransportError::Config(format!("{addr} resolves to no address")))?;
+    loop {
+        match TcpStream::connect_timeout(&first, Duration::from_secs(2)) {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                if abort.raised() {
+                    return Err(TransportError::Aborted {
+                        reason: format!("run aborted while connecting to {addr}"),
+                    });
+                }
+                if start.elapsed() >= timeout {
+                    return Err(TransportError::io(
+                        format!("connect to {addr} (tried for {} ms)", timeout.as_millis()),
+                        e,
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
