@@ -1,0 +1,737 @@
+//! The columnar batch: events ⇄ the `Batch` capnp message that is one frame's payload.
+//!
+//! Every field of every kind is its own column (varints, zigzag deltas, fixed 16-byte hashes),
+//! so a regular pipeline stream turns into long runs of near-identical bytes that zstd then
+//! squeezes to a few bits per event. Layout of each column: `trace.capnp` and docs/FORMAT.md.
+
+use capnp::message::{Builder, HeapAllocator, ReaderOptions};
+
+use crate::event::{
+    Counter, Direction, EbpfEvent, EbpfKind, Event, EventKind, KernelSpan, LostEvents, Marker,
+    PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, StepBoundary, Transfer, Transport,
+};
+use crate::trace_capnp::batch;
+
+/// Why a batch could not be decoded (the caller adds the file and frame offset).
+#[derive(Debug)]
+pub(crate) enum BatchError {
+    /// The capnp message itself is malformed.
+    Capnp(capnp::Error),
+    /// The message is well-formed capnp but its columns do not add up.
+    Columns(&'static str),
+}
+
+impl From<capnp::Error> for BatchError {
+    fn from(e: capnp::Error) -> Self {
+        BatchError::Capnp(e)
+    }
+}
+
+impl From<capnp::NotInSchema> for BatchError {
+    fn from(e: capnp::NotInSchema) -> Self {
+        BatchError::Capnp(e.into())
+    }
+}
+
+fn put_uvar(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Zigzag varint of the wrapping difference `v - prev`: any pair of u64 round-trips.
+fn put_svar(out: &mut Vec<u8>, v: u64, prev: u64) {
+    let d = v.wrapping_sub(prev) as i64;
+    put_uvar(out, ((d << 1) ^ (d >> 63)) as u64);
+}
+
+fn put_h128(out: &mut Vec<u8>, v: u128) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// A cursor over one column; every read is bounds-checked so hostile input only yields errors.
+struct Col<'a> {
+    data: &'a [u8],
+    pos: usize,
+    name: &'static str,
+}
+
+impl<'a> Col<'a> {
+    fn new(data: &'a [u8], name: &'static str) -> Self {
+        Col { data, pos: 0, name }
+    }
+
+    fn uvar(&mut self) -> Result<u64, BatchError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *self
+                .data
+                .get(self.pos)
+                .ok_or(BatchError::Columns(self.name))?;
+            self.pos += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(BatchError::Columns(self.name))
+    }
+
+    fn u32(&mut self) -> Result<u32, BatchError> {
+        u32::try_from(self.uvar()?).map_err(|_| BatchError::Columns(self.name))
+    }
+
+    fn svar(&mut self, prev: u64) -> Result<u64, BatchError> {
+        let z = self.uvar()?;
+        let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
+        Ok(prev.wrapping_add(d as u64))
+    }
+
+    fn u8(&mut self) -> Result<u8, BatchError> {
+        let b = *self
+            .data
+            .get(self.pos)
+            .ok_or(BatchError::Columns(self.name))?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn h128(&mut self) -> Result<u128, BatchError> {
+        let bytes = self
+            .data
+            .get(self.pos..self.pos + 16)
+            .ok_or(BatchError::Columns(self.name))?;
+        self.pos += 16;
+        let mut b = [0u8; 16];
+        b.copy_from_slice(bytes);
+        Ok(u128::from_le_bytes(b))
+    }
+
+    /// A column must be consumed exactly; leftovers mean the batch is inconsistent.
+    fn finish(&self) -> Result<(), BatchError> {
+        if self.pos == self.data.len() {
+            Ok(())
+        } else {
+            Err(BatchError::Columns(self.name))
+        }
+    }
+}
+
+/// Column buffers, reused from frame to frame by the encoder.
+#[derive(Debug, Default)]
+pub(crate) struct Columns {
+    kinds: Vec<u8>,
+    times: Vec<u8>,
+    ks: [Vec<u8>; 10],
+    tr: [Vec<u8>; 12],
+    sb: [Vec<u8>; 2],
+    sn: [Vec<u8>; 6],
+    ps: [Vec<u8>; 7],
+    pt: [Vec<u8>; 4],
+    eb: [Vec<u8>; 7],
+    le: [Vec<u8>; 3],
+    mk: [Vec<u8>; 1],
+    ct: [Vec<u8>; 2],
+}
+
+/// Running "previous value" state of the delta-encoded columns.
+#[derive(Default)]
+struct Prev {
+    time: u64,
+    span_step: u64,
+    transfer_id: u64,
+    boundary_step: u64,
+    ip: u64,
+    addr: u64,
+    aux: u64,
+}
+
+impl Columns {
+    fn clear(&mut self) {
+        self.kinds.clear();
+        self.times.clear();
+        for c in self
+            .ks
+            .iter_mut()
+            .chain(&mut self.tr)
+            .chain(&mut self.sb)
+            .chain(&mut self.sn)
+            .chain(&mut self.ps)
+            .chain(&mut self.pt)
+            .chain(&mut self.eb)
+            .chain(&mut self.le)
+            .chain(&mut self.mk)
+            .chain(&mut self.ct)
+        {
+            c.clear();
+        }
+    }
+
+    fn push(&mut self, event: &Event, p: &mut Prev) {
+        self.kinds.push(event.kind() as u8);
+        let ns = event.ns();
+        put_svar(&mut self.times, ns, p.time);
+        p.time = ns;
+        match *event {
+            Event::KernelSpan(e) => {
+                let c = &mut self.ks;
+                put_uvar(&mut c[0], e.kernel.into());
+                put_uvar(&mut c[1], e.layer.into());
+                put_svar(&mut c[2], e.step, p.span_step);
+                p.span_step = e.step;
+                put_uvar(&mut c[3], e.seq.into());
+                put_uvar(&mut c[4], e.row_start.into());
+                put_svar(&mut c[5], e.row_end.into(), e.row_start.into());
+                put_uvar(&mut c[6], e.thread.into());
+                put_svar(&mut c[7], e.end_ns, e.start_ns);
+                c[8].push(u8::from(e.output_hash.is_some()));
+                if let Some(h) = e.output_hash {
+                    put_h128(&mut c[9], h);
+                }
+            }
+            Event::Transfer(e) => {
+                let c = &mut self.tr;
+                put_svar(&mut c[0], e.id, p.transfer_id);
+                p.transfer_id = e.id;
+                put_uvar(&mut c[1], e.src_endpoint.into());
+                put_uvar(&mut c[2], e.dst_endpoint.into());
+                put_uvar(&mut c[3], e.src_arena.into());
+                put_uvar(&mut c[4], e.dst_arena.into());
+                put_uvar(&mut c[5], e.src_offset);
+                put_uvar(&mut c[6], e.dst_offset);
+                put_uvar(&mut c[7], e.len);
+                put_h128(&mut c[8], e.hash);
+                put_svar(&mut c[9], e.complete_ns, e.post_ns);
+                let flags = e.transport as u8
+                    | (e.direction as u8) << 3
+                    | u8::from(e.payload.is_some()) << 4;
+                c[10].push(flags);
+                if let Some(h) = e.payload {
+                    put_h128(&mut c[11], h);
+                }
+            }
+            Event::StepBoundary(e) => {
+                put_svar(&mut self.sb[0], e.step, p.boundary_step);
+                p.boundary_step = e.step;
+                put_uvar(&mut self.sb[1], e.seq.into());
+            }
+            Event::Snapshot(e) => {
+                let c = &mut self.sn;
+                put_uvar(&mut c[0], e.stage.into());
+                put_uvar(&mut c[1], e.step);
+                put_h128(&mut c[2], e.id);
+                put_uvar(&mut c[3], e.bytes);
+                put_uvar(&mut c[4], e.new_bytes);
+                put_uvar(&mut c[5], e.chunks.into());
+            }
+            Event::PerfSample(e) => {
+                let c = &mut self.ps;
+                c[0].push(e.kind as u8);
+                put_svar(&mut c[1], e.ip, p.ip);
+                p.ip = e.ip;
+                put_svar(&mut c[2], e.addr, p.addr);
+                p.addr = e.addr;
+                put_uvar(&mut c[3], e.weight);
+                put_uvar(&mut c[4], e.data_source);
+                put_uvar(&mut c[5], e.tid.into());
+                put_uvar(&mut c[6], e.cpu.into());
+            }
+            Event::PtChunk(e) => {
+                let c = &mut self.pt;
+                put_uvar(&mut c[0], e.cpu.into());
+                put_svar(&mut c[1], e.aux_offset, p.aux);
+                p.aux = e.aux_offset;
+                put_uvar(&mut c[2], e.size);
+                put_h128(&mut c[3], e.payload);
+            }
+            Event::Ebpf(e) => {
+                let c = &mut self.eb;
+                c[0].push(e.kind as u8);
+                put_uvar(&mut c[1], e.pid.into());
+                put_uvar(&mut c[2], e.tid.into());
+                put_uvar(&mut c[3], e.cpu.into());
+                put_uvar(&mut c[4], e.arg0);
+                put_uvar(&mut c[5], e.arg1);
+                put_uvar(&mut c[6], e.arg2);
+            }
+            Event::LostEvents(e) => {
+                put_uvar(&mut self.le[0], e.count);
+                put_uvar(&mut self.le[1], e.reason.into());
+                put_svar(&mut self.le[2], e.to_ns, e.from_ns);
+            }
+            Event::Marker(e) => put_uvar(&mut self.mk[0], e.text.into()),
+            Event::Counter(e) => {
+                put_uvar(&mut self.ct[0], e.name.into());
+                put_uvar(&mut self.ct[1], e.value);
+            }
+        }
+    }
+
+    /// Fills the columns from `events` and serializes the `Batch` message into `out`.
+    pub(crate) fn encode(
+        &mut self,
+        events: impl Iterator<Item = Event>,
+        first_string: u32,
+        strings: &[String],
+        out: &mut Vec<u8>,
+    ) -> u32 {
+        self.clear();
+        let mut prev = Prev::default();
+        let mut base = None;
+        for event in events {
+            let ns = event.ns();
+            if base.is_none() {
+                base = Some(ns);
+                prev.time = ns;
+            }
+            self.push(&event, &mut prev);
+        }
+        let count = self.kinds.len() as u32;
+        let words = self.kinds.len() + self.times.len() + self.column_bytes() + 1024;
+        let mut message = Builder::new(
+            HeapAllocator::new().first_segment_words((words / 8 + 64).min(1 << 28) as u32),
+        );
+        let mut b = message.init_root::<batch::Builder>();
+        b.set_event_count(count);
+        b.set_kinds(&self.kinds);
+        b.set_base_ns(base.unwrap_or(0));
+        b.set_times(&self.times);
+        b.set_first_string_id(first_string);
+        if !strings.is_empty() {
+            let mut list = b.reborrow().init_strings(strings.len() as u32);
+            for (i, s) in strings.iter().enumerate() {
+                list.set(i as u32, s.as_str());
+            }
+        }
+        self.write_groups(&mut b);
+        out.clear();
+        out.extend_from_slice(&capnp::serialize::write_message_to_words(&message));
+        count
+    }
+
+    fn column_bytes(&self) -> usize {
+        self.ks
+            .iter()
+            .chain(&self.tr)
+            .chain(&self.sb)
+            .chain(&self.sn)
+            .chain(&self.ps)
+            .chain(&self.pt)
+            .chain(&self.eb)
+            .chain(&self.le)
+            .chain(&self.mk)
+            .chain(&self.ct)
+            .map(Vec::len)
+            .sum()
+    }
+
+    fn write_groups(&self, b: &mut batch::Builder<'_>) {
+        if !self.ks[0].is_empty() {
+            let c = &self.ks;
+            let mut g = b.reborrow().init_kernel_spans();
+            g.set_kernel(&c[0]);
+            g.set_layer(&c[1]);
+            g.set_step(&c[2]);
+            g.set_seq(&c[3]);
+            g.set_row_start(&c[4]);
+            g.set_row_len(&c[5]);
+            g.set_thread(&c[6]);
+            g.set_duration(&c[7]);
+            g.set_has_hash(&c[8]);
+            g.set_hashes(&c[9]);
+        }
+        if !self.tr[0].is_empty() {
+            let c = &self.tr;
+            let mut g = b.reborrow().init_transfers();
+            g.set_id(&c[0]);
+            g.set_src_endpoint(&c[1]);
+            g.set_dst_endpoint(&c[2]);
+            g.set_src_arena(&c[3]);
+            g.set_dst_arena(&c[4]);
+            g.set_src_offset(&c[5]);
+            g.set_dst_offset(&c[6]);
+            g.set_len(&c[7]);
+            g.set_hash(&c[8]);
+            g.set_duration(&c[9]);
+            g.set_flags(&c[10]);
+            g.set_payloads(&c[11]);
+        }
+        if !self.sb[0].is_empty() {
+            let mut g = b.reborrow().init_step_boundaries();
+            g.set_step(&self.sb[0]);
+            g.set_seq(&self.sb[1]);
+        }
+        if !self.sn[0].is_empty() {
+            let c = &self.sn;
+            let mut g = b.reborrow().init_snapshots();
+            g.set_stage(&c[0]);
+            g.set_step(&c[1]);
+            g.set_id(&c[2]);
+            g.set_bytes(&c[3]);
+            g.set_new_bytes(&c[4]);
+            g.set_chunks(&c[5]);
+        }
+        if !self.ps[0].is_empty() {
+            let c = &self.ps;
+            let mut g = b.reborrow().init_perf_samples();
+            g.set_kind(&c[0]);
+            g.set_ip(&c[1]);
+            g.set_addr(&c[2]);
+            g.set_weight(&c[3]);
+            g.set_data_source(&c[4]);
+            g.set_tid(&c[5]);
+            g.set_cpu(&c[6]);
+        }
+        if !self.pt[0].is_empty() {
+            let c = &self.pt;
+            let mut g = b.reborrow().init_pt_chunks();
+            g.set_cpu(&c[0]);
+            g.set_aux_offset(&c[1]);
+            g.set_size(&c[2]);
+            g.set_payload(&c[3]);
+        }
+        if !self.eb[0].is_empty() {
+            let c = &self.eb;
+            let mut g = b.reborrow().init_ebpf_events();
+            g.set_kind(&c[0]);
+            g.set_pid(&c[1]);
+            g.set_tid(&c[2]);
+            g.set_cpu(&c[3]);
+            g.set_arg0(&c[4]);
+            g.set_arg1(&c[5]);
+            g.set_arg2(&c[6]);
+        }
+        if !self.le[0].is_empty() {
+            let mut g = b.reborrow().init_lost_events();
+            g.set_count(&self.le[0]);
+            g.set_reason(&self.le[1]);
+            g.set_duration(&self.le[2]);
+        }
+        if !self.mk[0].is_empty() {
+            b.reborrow().init_markers().set_text(&self.mk[0]);
+        }
+        if !self.ct[0].is_empty() {
+            let mut g = b.reborrow().init_counters();
+            g.set_name(&self.ct[0]);
+            g.set_value(&self.ct[1]);
+        }
+    }
+}
+
+/// A decoded batch: its events in append order and the strings it defines.
+#[derive(Debug, Default)]
+pub(crate) struct DecodedBatch {
+    pub(crate) events: Vec<Event>,
+    pub(crate) first_string: u32,
+    pub(crate) strings: Vec<String>,
+}
+
+/// Largest number of events one frame may hold; bounds what a hostile frame can make us allocate.
+pub const MAX_FRAME_EVENTS: u32 = 1 << 20;
+
+/// Decodes a serialized `Batch`. `want(kind)` chooses which events to materialise; columns of
+/// other kinds are still walked so the deltas stay right, but nothing is built for them.
+pub(crate) fn decode(
+    bytes: &[u8],
+    want: impl Fn(EventKind) -> bool,
+) -> Result<DecodedBatch, BatchError> {
+    let mut options = ReaderOptions::new();
+    // One word of traversal per 8 bytes, plus slack for the struct headers.
+    options.traversal_limit_in_words(Some(bytes.len() / 8 + 1024));
+    let mut slice = bytes;
+    let message = capnp::serialize::read_message_from_flat_slice(&mut slice, options)?;
+    let b = message.get_root::<batch::Reader>()?;
+    let count = b.get_event_count();
+    let kinds = b.get_kinds()?;
+    if count > MAX_FRAME_EVENTS || kinds.len() != count as usize {
+        return Err(BatchError::Columns("kinds"));
+    }
+    let strings_reader = b.get_strings()?;
+    let mut strings = Vec::with_capacity(strings_reader.len().min(4096) as usize);
+    for s in strings_reader.iter() {
+        strings.push(s?.to_string().map_err(|_| BatchError::Columns("strings"))?);
+    }
+
+    let mut times = Col::new(b.get_times()?, "times");
+    let ks_r = b.get_kernel_spans()?;
+    let tr_r = b.get_transfers()?;
+    let sb_r = b.get_step_boundaries()?;
+    let sn_r = b.get_snapshots()?;
+    let ps_r = b.get_perf_samples()?;
+    let pt_r = b.get_pt_chunks()?;
+    let eb_r = b.get_ebpf_events()?;
+    let le_r = b.get_lost_events()?;
+    let mk_r = b.get_markers()?;
+    let ct_r = b.get_counters()?;
+    let mut ks = [
+        Col::new(ks_r.get_kernel()?, "kernelSpans.kernel"),
+        Col::new(ks_r.get_layer()?, "kernelSpans.layer"),
+        Col::new(ks_r.get_step()?, "kernelSpans.step"),
+        Col::new(ks_r.get_seq()?, "kernelSpans.seq"),
+        Col::new(ks_r.get_row_start()?, "kernelSpans.rowStart"),
+        Col::new(ks_r.get_row_len()?, "kernelSpans.rowLen"),
+        Col::new(ks_r.get_thread()?, "kernelSpans.thread"),
+        Col::new(ks_r.get_duration()?, "kernelSpans.duration"),
+        Col::new(ks_r.get_has_hash()?, "kernelSpans.hasHash"),
+        Col::new(ks_r.get_hashes()?, "kernelSpans.hashes"),
+    ];
+    let mut tr = [
+        Col::new(tr_r.get_id()?, "transfers.id"),
+        Col::new(tr_r.get_src_endpoint()?, "transfers.srcEndpoint"),
+        Col::new(tr_r.get_dst_endpoint()?, "transfers.dstEndpoint"),
+        Col::new(tr_r.get_src_arena()?, "transfers.srcArena"),
+        Col::new(tr_r.get_dst_arena()?, "transfers.dstArena"),
+        Col::new(tr_r.get_src_offset()?, "transfers.srcOffset"),
+        Col::new(tr_r.get_dst_offset()?, "transfers.dstOffset"),
+        Col::new(tr_r.get_len()?, "transfers.len"),
+        Col::new(tr_r.get_hash()?, "transfers.hash"),
+        Col::new(tr_r.get_duration()?, "transfers.duration"),
+        Col::new(tr_r.get_flags()?, "transfers.flags"),
+        Col::new(tr_r.get_payloads()?, "transfers.payloads"),
+    ];
+    let mut sb = [
+        Col::new(sb_r.get_step()?, "stepBoundaries.step"),
+        Col::new(sb_r.get_seq()?, "stepBoundaries.seq"),
+    ];
+    let mut sn = [
+        Col::new(sn_r.get_stage()?, "snapshots.stage"),
+        Col::new(sn_r.get_step()?, "snapshots.step"),
+        Col::new(sn_r.get_id()?, "snapshots.id"),
+        Col::new(sn_r.get_bytes()?, "snapshots.bytes"),
+        Col::new(sn_r.get_new_bytes()?, "snapshots.newBytes"),
+        Col::new(sn_r.get_chunks()?, "snapshots.chunks"),
+    ];
+    let mut ps = [
+        Col::new(ps_r.get_kind()?, "perfSamples.kind"),
+        Col::new(ps_r.get_ip()?, "perfSamples.ip"),
+        Col::new(ps_r.get_addr()?, "perfSamples.addr"),
+        Col::new(ps_r.get_weight()?, "perfSamples.weight"),
+        Col::new(ps_r.get_data_source()?, "perfSamples.dataSource"),
+        Col::new(ps_r.get_tid()?, "perfSamples.tid"),
+        Col::new(ps_r.get_cpu()?, "perfSamples.cpu"),
+    ];
+    let mut pt = [
+        Col::new(pt_r.get_cpu()?, "ptChunks.cpu"),
+        Col::new(pt_r.get_aux_offset()?, "ptChunks.auxOffset"),
+        Col::new(pt_r.get_size()?, "ptChunks.size"),
+        Col::new(pt_r.get_payload()?, "ptChunks.payload"),
+    ];
+    let mut eb = [
+        Col::new(eb_r.get_kind()?, "ebpfEvents.kind"),
+        Col::new(eb_r.get_pid()?, "ebpfEvents.pid"),
+        Col::new(eb_r.get_tid()?, "ebpfEvents.tid"),
+        Col::new(eb_r.get_cpu()?, "ebpfEvents.cpu"),
+        Col::new(eb_r.get_arg0()?, "ebpfEvents.arg0"),
+        Col::new(eb_r.get_arg1()?, "ebpfEvents.arg1"),
+        Col::new(eb_r.get_arg2()?, "ebpfEvents.arg2"),
+    ];
+    let mut le = [
+        Col::new(le_r.get_count()?, "lostEvents.count"),
+        Col::new(le_r.get_reason()?, "lostEvents.reason"),
+        Col::new(le_r.get_duration()?, "lostEvents.duration"),
+    ];
+    let mut mk = Col::new(mk_r.get_text()?, "markers.text");
+    let mut ct = [
+        Col::new(ct_r.get_name()?, "counters.name"),
+        Col::new(ct_r.get_value()?, "counters.value"),
+    ];
+
+    let mut p = Prev {
+        time: b.get_base_ns(),
+        ..Prev::default()
+    };
+    // Never trust `count` for a big up-front allocation; grow as real events decode.
+    let mut events = Vec::with_capacity((count as usize).min(1 << 16));
+    for &k in kinds {
+        let kind = EventKind::from_u8(k).ok_or(BatchError::Columns("kinds"))?;
+        let ns = times.svar(p.time)?;
+        p.time = ns;
+        let event = match kind {
+            EventKind::KernelSpan => {
+                let c = &mut ks;
+                let kernel = c[0].u32()?;
+                let layer = c[1].u32()?;
+                let step = c[2].svar(p.span_step)?;
+                p.span_step = step;
+                let seq = c[3].u32()?;
+                let row_start = c[4].u32()?;
+                let row_end = c[5].svar(row_start.into())?;
+                let row_end = u32::try_from(row_end)
+                    .map_err(|_| BatchError::Columns("kernelSpans.rowLen"))?;
+                let thread = c[6].u32()?;
+                let end_ns = c[7].svar(ns)?;
+                let output_hash = match c[8].u8()? {
+                    0 => None,
+                    1 => Some(c[9].h128()?),
+                    _ => return Err(BatchError::Columns("kernelSpans.hasHash")),
+                };
+                Event::KernelSpan(KernelSpan {
+                    kernel,
+                    layer,
+                    step,
+                    seq,
+                    row_start,
+                    row_end,
+                    thread,
+                    start_ns: ns,
+                    end_ns,
+                    output_hash,
+                })
+            }
+            EventKind::Transfer => {
+                let c = &mut tr;
+                let id = c[0].svar(p.transfer_id)?;
+                p.transfer_id = id;
+                let src_endpoint = c[1].u32()?;
+                let dst_endpoint = c[2].u32()?;
+                let src_arena = c[3].u32()?;
+                let dst_arena = c[4].u32()?;
+                let src_offset = c[5].uvar()?;
+                let dst_offset = c[6].uvar()?;
+                let len = c[7].uvar()?;
+                let hash = c[8].h128()?;
+                let complete_ns = c[9].svar(ns)?;
+                let flags = c[10].u8()?;
+                let bad = || BatchError::Columns("transfers.flags");
+                if flags >> 5 != 0 {
+                    return Err(bad());
+                }
+                let transport = Transport::from_u8(flags & 7).ok_or_else(bad)?;
+                let direction = if flags & 8 != 0 {
+                    Direction::Recv
+                } else {
+                    Direction::Send
+                };
+                let payload = if flags & 16 != 0 {
+                    Some(c[11].h128()?)
+                } else {
+                    None
+                };
+                Event::Transfer(Transfer {
+                    id,
+                    src_endpoint,
+                    dst_endpoint,
+                    src_arena,
+                    dst_arena,
+                    src_offset,
+                    dst_offset,
+                    len,
+                    hash,
+                    post_ns: ns,
+                    complete_ns,
+                    transport,
+                    direction,
+                    payload,
+                })
+            }
+            EventKind::StepBoundary => {
+                let step = sb[0].svar(p.boundary_step)?;
+                p.boundary_step = step;
+                Event::StepBoundary(StepBoundary {
+                    step,
+                    seq: sb[1].u32()?,
+                    ns,
+                })
+            }
+            EventKind::Snapshot => {
+                let c = &mut sn;
+                Event::Snapshot(SnapshotEvent {
+                    stage: c[0].u32()?,
+                    step: c[1].uvar()?,
+                    id: c[2].h128()?,
+                    bytes: c[3].uvar()?,
+                    new_bytes: c[4].uvar()?,
+                    chunks: c[5].u32()?,
+                    ns,
+                })
+            }
+            EventKind::PerfSample => {
+                let c = &mut ps;
+                let kind = PerfSampleKind::from_u8(c[0].u8()?)
+                    .ok_or(BatchError::Columns("perfSamples.kind"))?;
+                let ip = c[1].svar(p.ip)?;
+                p.ip = ip;
+                let addr = c[2].svar(p.addr)?;
+                p.addr = addr;
+                Event::PerfSample(PerfSample {
+                    kind,
+                    ip,
+                    addr,
+                    weight: c[3].uvar()?,
+                    data_source: c[4].uvar()?,
+                    tid: c[5].u32()?,
+                    cpu: c[6].u32()?,
+                    ns,
+                })
+            }
+            EventKind::PtChunk => {
+                let c = &mut pt;
+                let cpu = c[0].u32()?;
+                let aux_offset = c[1].svar(p.aux)?;
+                p.aux = aux_offset;
+                Event::PtChunk(PtChunk {
+                    cpu,
+                    aux_offset,
+                    size: c[2].uvar()?,
+                    payload: c[3].h128()?,
+                    ns,
+                })
+            }
+            EventKind::Ebpf => {
+                let c = &mut eb;
+                let kind =
+                    EbpfKind::from_u8(c[0].u8()?).ok_or(BatchError::Columns("ebpfEvents.kind"))?;
+                Event::Ebpf(EbpfEvent {
+                    kind,
+                    pid: c[1].u32()?,
+                    tid: c[2].u32()?,
+                    cpu: c[3].u32()?,
+                    arg0: c[4].uvar()?,
+                    arg1: c[5].uvar()?,
+                    arg2: c[6].uvar()?,
+                    ns,
+                })
+            }
+            EventKind::LostEvents => Event::LostEvents(LostEvents {
+                count: le[0].uvar()?,
+                reason: le[1].u32()?,
+                from_ns: ns,
+                to_ns: le[2].svar(ns)?,
+            }),
+            EventKind::Marker => Event::Marker(Marker {
+                text: mk.u32()?,
+                ns,
+            }),
+            EventKind::Counter => Event::Counter(Counter {
+                name: ct[0].u32()?,
+                value: ct[1].uvar()?,
+                ns,
+            }),
+        };
+        if want(kind) {
+            events.push(event);
+        }
+    }
+    times.finish()?;
+    mk.finish()?;
+    for c in ks
+        .iter()
+        .chain(&tr)
+        .chain(&sb)
+        .chain(&sn)
+        .chain(&ps)
+        .chain(&pt)
+        .chain(&eb)
+        .chain(&le)
+        .chain(&ct)
+    {
+        c.finish()?;
+    }
+    Ok(DecodedBatch {
+        events,
+        first_string: b.get_first_string_id(),
+        strings,
+    })
+}

@@ -1,0 +1,150 @@
+//! `SchemaError`: every way reading or writing a log, a manifest or a trace directory can fail.
+
+use std::path::PathBuf;
+
+/// Errors of the trace format crate. Each names the file involved and what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SchemaError {
+    /// A file or directory could not be read, written or created.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// The file does not start with the `.slog` magic.
+    #[error(
+        "{path}: not a slug endpoint log (wrong magic); pass a file from a trace's endpoints/ directory"
+    )]
+    NotALog {
+        /// The file.
+        path: PathBuf,
+    },
+
+    /// The log was written by a newer slug.
+    #[error(
+        "{path}: log format version {found} is newer than this slug understands (up to {supported}); upgrade slug to read it"
+    )]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// Version in the file.
+        found: u32,
+        /// Newest version this build reads.
+        supported: u32,
+    },
+
+    /// The file is shorter than a log header or its header checksum is wrong.
+    #[error(
+        "{path}: log header is {problem}; the file was cut short or overwritten and cannot be read"
+    )]
+    BadHeader {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong ("truncated", "corrupt").
+        problem: &'static str,
+    },
+
+    /// One frame could not be decoded (checksum, decompression or batch layout).
+    #[error(
+        "{path}: frame at byte {offset} is corrupt ({reason}); other frames are still readable"
+    )]
+    CorruptFrame {
+        /// The file.
+        path: PathBuf,
+        /// Byte offset of the frame.
+        offset: u64,
+        /// What was wrong.
+        reason: String,
+    },
+
+    /// A record handed to the encoder holds an unknown kind or enum value.
+    #[error(
+        "raw record {index} of a batch holds an unknown event kind or enum value (kind byte {kind})"
+    )]
+    InvalidRecord {
+        /// Index of the record in the batch.
+        index: usize,
+        /// Its kind byte.
+        kind: u8,
+    },
+
+    /// The background encoder of a log writer failed or stopped.
+    #[error("{path}: log writer's encoder thread failed: {reason}")]
+    Writer {
+        /// The log being written.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+
+    /// Writer options out of range.
+    #[error("invalid log writer options: {0}")]
+    Options(String),
+
+    /// `manifest.json` is missing, not JSON, or not a manifest.
+    #[error("{path}: {reason}")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
+    /// The trace directory was written by a newer slug.
+    #[error(
+        "{path}: trace format version {found} is newer than this slug understands (up to {supported}); upgrade slug"
+    )]
+    UnsupportedTraceVersion {
+        /// The manifest file.
+        path: PathBuf,
+        /// Version in the manifest.
+        found: u32,
+        /// Newest version this build reads.
+        supported: u32,
+    },
+
+    /// `Trace::create` was pointed at a directory that already holds files.
+    #[error("{path}: directory exists and is not empty; choose a new directory or remove this one")]
+    TraceExists {
+        /// The directory.
+        path: PathBuf,
+    },
+
+    /// The path is not a trace directory.
+    #[error(
+        "{path}: not a slug trace (no manifest.json); pass a directory written by `slug record` or `slug demo`"
+    )]
+    NotATrace {
+        /// The directory.
+        path: PathBuf,
+    },
+
+    /// The manifest has no endpoint with this id.
+    #[error("{path}: trace has no endpoint {id}; `slug info` lists the endpoints it has")]
+    UnknownEndpoint {
+        /// The trace directory.
+        path: PathBuf,
+        /// The endpoint asked for.
+        id: u32,
+    },
+
+    /// Synthetic trace parameters out of range.
+    #[error("invalid synthetic trace config: {0}")]
+    Synth(String),
+}
+
+impl SchemaError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        SchemaError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Result with [`SchemaError`].
+pub type Result<T, E = SchemaError> = std::result::Result<T, E>;

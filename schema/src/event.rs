@@ -1,0 +1,444 @@
+//! The events an endpoint records: one plain Rust type per kind, plus kind sets for filters.
+
+/// Id of a string interned in one endpoint log (kernel names, marker texts, counter names).
+///
+/// Ids are dense, start at 0 and are only meaningful within the log that defined them;
+/// resolve them with [`crate::LogReader::string`].
+pub type StringId = u32;
+
+/// The kind of an [`Event`]; the `u8` value is what the log stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum EventKind {
+    /// A kernel ran on one thread over a range of rows.
+    KernelSpan = 0,
+    /// Bytes moved between two endpoints (logged by both ends under the same id).
+    Transfer = 1,
+    /// A pipeline step (or microbatch within it) began.
+    StepBoundary = 2,
+    /// A snapshot of a stage's state was taken.
+    Snapshot = 3,
+    /// A hardware or software perf sample.
+    PerfSample = 4,
+    /// A chunk of Intel PT AUX data was stored.
+    PtChunk = 5,
+    /// An event from an eBPF endpoint probe.
+    Ebpf = 6,
+    /// The recorder lost events (ring overflow, perf lost records).
+    LostEvents = 7,
+    /// A user marker.
+    Marker = 8,
+    /// A counter reading (task-clock, page faults, ...).
+    Counter = 9,
+}
+
+impl EventKind {
+    /// Number of event kinds.
+    pub const COUNT: usize = 10;
+
+    /// Every kind, in `u8` order.
+    pub const ALL: [EventKind; Self::COUNT] = [
+        EventKind::KernelSpan,
+        EventKind::Transfer,
+        EventKind::StepBoundary,
+        EventKind::Snapshot,
+        EventKind::PerfSample,
+        EventKind::PtChunk,
+        EventKind::Ebpf,
+        EventKind::LostEvents,
+        EventKind::Marker,
+        EventKind::Counter,
+    ];
+
+    /// The kind stored as `value`, or `None` for a value no kind has.
+    pub fn from_u8(value: u8) -> Option<EventKind> {
+        Self::ALL.get(usize::from(value)).copied()
+    }
+
+    /// A short lowercase name, as `slug info` prints it (`kernel_span`, `transfer`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::KernelSpan => "kernel_span",
+            EventKind::Transfer => "transfer",
+            EventKind::StepBoundary => "step_boundary",
+            EventKind::Snapshot => "snapshot",
+            EventKind::PerfSample => "perf_sample",
+            EventKind::PtChunk => "pt_chunk",
+            EventKind::Ebpf => "ebpf",
+            EventKind::LostEvents => "lost_events",
+            EventKind::Marker => "marker",
+            EventKind::Counter => "counter",
+        }
+    }
+}
+
+/// A set of event kinds, for filtering reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KindSet(u16);
+
+impl KindSet {
+    /// Every kind.
+    pub const ALL: KindSet = KindSet((1 << EventKind::COUNT) - 1);
+    /// No kind.
+    pub const NONE: KindSet = KindSet(0);
+
+    /// The set holding exactly `kinds`.
+    pub fn of(kinds: &[EventKind]) -> KindSet {
+        KindSet(kinds.iter().fold(0, |bits, &k| bits | 1 << k as u16))
+    }
+
+    /// Whether `kind` is in the set.
+    pub fn contains(self, kind: EventKind) -> bool {
+        self.0 & (1 << kind as u16) != 0
+    }
+
+    /// This set plus `kind`.
+    pub fn with(self, kind: EventKind) -> KindSet {
+        KindSet(self.0 | 1 << kind as u16)
+    }
+}
+
+/// How a transfer moved its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Transport {
+    /// Same process.
+    Local = 0,
+    /// Shared-memory pool between processes on one node.
+    Shm = 1,
+    /// TCP socket.
+    Tcp = 2,
+    /// MPI.
+    Mpi = 3,
+    /// RDMA verbs.
+    Rdma = 4,
+}
+
+impl Transport {
+    /// The transport stored as `value`.
+    pub fn from_u8(value: u8) -> Option<Transport> {
+        [Self::Local, Self::Shm, Self::Tcp, Self::Mpi, Self::Rdma]
+            .get(usize::from(value))
+            .copied()
+    }
+}
+
+/// Which end of a transfer logged it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Direction {
+    /// The sending endpoint.
+    Send = 0,
+    /// The receiving endpoint.
+    Recv = 1,
+}
+
+/// What a perf sample measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum PerfSampleKind {
+    /// Software cpu-clock timer.
+    CpuClock = 0,
+    /// Software task-clock timer.
+    TaskClock = 1,
+    /// Hardware cycles.
+    Cycles = 2,
+    /// Hardware instructions retired.
+    Instructions = 3,
+    /// Memory load (PEBS / IBS) with address, latency weight and data source.
+    MemLoad = 4,
+    /// Memory store (PEBS / IBS).
+    MemStore = 5,
+    /// Branch misses.
+    BranchMiss = 6,
+    /// Cache misses.
+    CacheMiss = 7,
+}
+
+impl PerfSampleKind {
+    /// The sample kind stored as `value`.
+    pub fn from_u8(value: u8) -> Option<PerfSampleKind> {
+        [
+            Self::CpuClock,
+            Self::TaskClock,
+            Self::Cycles,
+            Self::Instructions,
+            Self::MemLoad,
+            Self::MemStore,
+            Self::BranchMiss,
+            Self::CacheMiss,
+        ]
+        .get(usize::from(value))
+        .copied()
+    }
+}
+
+/// Which probe produced an eBPF event (the meaning of `arg0..arg2` depends on it; see trace.capnp).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum EbpfKind {
+    /// Syscall exit: nr, return value, duration.
+    Syscall = 0,
+    /// Context switch: prev tid, next tid, prev state.
+    Sched = 1,
+    /// Page fault: address, ip, error code.
+    PageFault = 2,
+    /// Task migration: from cpu, to cpu.
+    Migration = 3,
+}
+
+impl EbpfKind {
+    /// The probe kind stored as `value`.
+    pub fn from_u8(value: u8) -> Option<EbpfKind> {
+        [Self::Syscall, Self::Sched, Self::PageFault, Self::Migration]
+            .get(usize::from(value))
+            .copied()
+    }
+}
+
+/// A kernel ran on one thread over rows `[row_start, row_end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KernelSpan {
+    /// Interned kernel name.
+    pub kernel: StringId,
+    /// Model layer.
+    pub layer: u32,
+    /// Pipeline step (token position).
+    pub step: u64,
+    /// Microbatch (sequence) in flight.
+    pub seq: u32,
+    /// First row this thread computed.
+    pub row_start: u32,
+    /// One past the last row.
+    pub row_end: u32,
+    /// Worker thread index.
+    pub thread: u32,
+    /// Start, CLOCK_MONOTONIC ns of the endpoint's node.
+    pub start_ns: u64,
+    /// End, same clock.
+    pub end_ns: u64,
+    /// xxh3-128 of the output rows, when kernel verification was recorded.
+    pub output_hash: Option<u128>,
+}
+
+/// Bytes moved between two endpoints; both ends log it under the same `id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Transfer {
+    /// Transfer id, equal on both ends.
+    pub id: u64,
+    /// Sending endpoint.
+    pub src_endpoint: u32,
+    /// Receiving endpoint.
+    pub dst_endpoint: u32,
+    /// Arena the bytes came from.
+    pub src_arena: u32,
+    /// Arena the bytes went to.
+    pub dst_arena: u32,
+    /// Offset in the source arena.
+    pub src_offset: u64,
+    /// Offset in the destination arena.
+    pub dst_offset: u64,
+    /// Bytes moved.
+    pub len: u64,
+    /// xxh3-128 of the bytes moved.
+    pub hash: u128,
+    /// When the transfer was posted.
+    pub post_ns: u64,
+    /// When it completed at this end.
+    pub complete_ns: u64,
+    /// How it moved.
+    pub transport: Transport,
+    /// Which end logged it.
+    pub direction: Direction,
+    /// Content hash of the stored payload, when payloads were recorded.
+    pub payload: Option<u128>,
+}
+
+/// A pipeline step (or microbatch `seq` within it) began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StepBoundary {
+    /// Step.
+    pub step: u64,
+    /// Microbatch.
+    pub seq: u32,
+    /// When.
+    pub ns: u64,
+}
+
+/// A snapshot of a stage's state was taken (chunks live in the trace's `snapshots/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SnapshotEvent {
+    /// Stage snapshotted.
+    pub stage: u32,
+    /// Step boundary it was taken at.
+    pub step: u64,
+    /// Snapshot id (content hash of its index).
+    pub id: u128,
+    /// Total bytes of state.
+    pub bytes: u64,
+    /// Bytes in chunks not stored before.
+    pub new_bytes: u64,
+    /// Number of chunks.
+    pub chunks: u32,
+    /// When.
+    pub ns: u64,
+}
+
+/// A hardware or software perf sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PerfSample {
+    /// What was sampled.
+    pub kind: PerfSampleKind,
+    /// Instruction pointer.
+    pub ip: u64,
+    /// Data address (memory samples), else 0.
+    pub addr: u64,
+    /// Latency weight (memory samples), else the period.
+    pub weight: u64,
+    /// perf `data_src` (memory samples), else 0.
+    pub data_source: u64,
+    /// Thread id.
+    pub tid: u32,
+    /// CPU.
+    pub cpu: u32,
+    /// When.
+    pub ns: u64,
+}
+
+/// A chunk of Intel PT AUX data, stored by content hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PtChunk {
+    /// CPU whose AUX buffer it came from.
+    pub cpu: u32,
+    /// Offset in the AUX stream.
+    pub aux_offset: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Content hash of the stored bytes.
+    pub payload: u128,
+    /// When.
+    pub ns: u64,
+}
+
+/// An event from an eBPF endpoint probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EbpfEvent {
+    /// Which probe.
+    pub kind: EbpfKind,
+    /// Process id.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// CPU.
+    pub cpu: u32,
+    /// First probe argument.
+    pub arg0: u64,
+    /// Second probe argument.
+    pub arg1: u64,
+    /// Third probe argument.
+    pub arg2: u64,
+    /// When.
+    pub ns: u64,
+}
+
+/// The recorder lost `count` events between `from_ns` and `to_ns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LostEvents {
+    /// Events lost.
+    pub count: u64,
+    /// Interned reason ("ring overflow", "perf lost records", ...).
+    pub reason: StringId,
+    /// Start of the gap.
+    pub from_ns: u64,
+    /// End of the gap.
+    pub to_ns: u64,
+}
+
+/// A user marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Marker {
+    /// Interned text.
+    pub text: StringId,
+    /// When.
+    pub ns: u64,
+}
+
+/// A counter reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Counter {
+    /// Interned counter name ("task-clock", "page-faults", ...).
+    pub name: StringId,
+    /// Value.
+    pub value: u64,
+    /// When.
+    pub ns: u64,
+}
+
+/// One recorded event; the endpoint is implicit (one log per endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Event {
+    /// See [`KernelSpan`].
+    KernelSpan(KernelSpan),
+    /// See [`Transfer`].
+    Transfer(Transfer),
+    /// See [`StepBoundary`].
+    StepBoundary(StepBoundary),
+    /// See [`SnapshotEvent`].
+    Snapshot(SnapshotEvent),
+    /// See [`PerfSample`].
+    PerfSample(PerfSample),
+    /// See [`PtChunk`].
+    PtChunk(PtChunk),
+    /// See [`EbpfEvent`].
+    Ebpf(EbpfEvent),
+    /// See [`LostEvents`].
+    LostEvents(LostEvents),
+    /// See [`Marker`].
+    Marker(Marker),
+    /// See [`Counter`].
+    Counter(Counter),
+}
+
+impl Event {
+    /// The event's kind.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::KernelSpan(_) => EventKind::KernelSpan,
+            Event::Transfer(_) => EventKind::Transfer,
+            Event::StepBoundary(_) => EventKind::StepBoundary,
+            Event::Snapshot(_) => EventKind::Snapshot,
+            Event::PerfSample(_) => EventKind::PerfSample,
+            Event::PtChunk(_) => EventKind::PtChunk,
+            Event::Ebpf(_) => EventKind::Ebpf,
+            Event::LostEvents(_) => EventKind::LostEvents,
+            Event::Marker(_) => EventKind::Marker,
+            Event::Counter(_) => EventKind::Counter,
+        }
+    }
+
+    /// The primary timestamp: a span's start, a transfer's post, a gap's start, else `ns`.
+    pub fn ns(&self) -> u64 {
+        match self {
+            Event::KernelSpan(e) => e.start_ns,
+            Event::Transfer(e) => e.post_ns,
+            Event::StepBoundary(e) => e.ns,
+            Event::Snapshot(e) => e.ns,
+            Event::PerfSample(e) => e.ns,
+            Event::PtChunk(e) => e.ns,
+            Event::Ebpf(e) => e.ns,
+            Event::LostEvents(e) => e.from_ns,
+            Event::Marker(e) => e.ns,
+            Event::Counter(e) => e.ns,
+        }
+    }
+
+    /// The time the event ends: a span's end, a transfer's completion, a gap's end, else `ns`.
+    pub fn end_ns(&self) -> u64 {
+        match self {
+            Event::KernelSpan(e) => e.end_ns,
+            Event::Transfer(e) => e.complete_ns,
+            Event::LostEvents(e) => e.to_ns,
+            other => other.ns(),
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! `LogWriter`: appends events to a `.slog` file; encoding and compression run on a worker thread.
+//!
+//! The calling thread only copies each event into a fixed-size [`RawRecord`] in a preallocated
+//! buffer. A full buffer travels over a bounded channel to the encoder thread, which turns it into
+//! a frame, writes it, and hands the emptied buffer back for reuse. A bounded channel means a
+//! writer faster than the disk waits instead of growing memory without limit.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::batch::MAX_FRAME_EVENTS;
+use crate::error::{Result, SchemaError};
+use crate::event::{Event, EventKind, StringId};
+use crate::frame::{FILE_HEADER_LEN, FrameEncoder, FrameInfo, LogHeader, footer_bytes};
+use crate::raw::RawRecord;
+
+/// Tuning of a [`LogWriter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterOptions {
+    /// Events per frame (1..=1048576). Bigger frames compress better; smaller ones seek finer.
+    pub events_per_frame: usize,
+    /// zstd level, 1..=22.
+    pub zstd_level: i32,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            events_per_frame: 16 * 1024,
+            zstd_level: 3,
+        }
+    }
+}
+
+/// What a closed log holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogStats {
+    /// Events written.
+    pub events: u64,
+    /// Events per kind, indexed by `EventKind as usize`.
+    pub counts: [u64; EventKind::COUNT],
+    /// Frames written (including string-only frames).
+    pub frames: u64,
+    /// Strings interned.
+    pub strings: u64,
+    /// File size in bytes, header and footer included.
+    pub bytes: u64,
+    /// Size of the same events as raw records (`events * RawRecord::SIZE`).
+    pub raw_bytes: u64,
+}
+
+enum Chunk {
+    Strings { first: u32, strings: Vec<String> },
+    Events(Vec<RawRecord>),
+}
+
+/// Appends events to one endpoint log.
+#[derive(Debug)]
+pub struct LogWriter {
+    path: PathBuf,
+    buf: Vec<RawRecord>,
+    events_per_frame: usize,
+    interned: HashMap<Box<str>, StringId>,
+    new_strings: Vec<String>,
+    first_new_string: u32,
+    to_encoder: Option<Sender<Chunk>>,
+    spare: Receiver<Vec<RawRecord>>,
+    encoder: Option<JoinHandle<Result<LogStats>>>,
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Chunk::Strings { first, strings } => write!(f, "Strings({first}, {})", strings.len()),
+            Chunk::Events(v) => write!(f, "Events({})", v.len()),
+        }
+    }
+}
+
+impl LogWriter {
+    /// Creates (or truncates) the log at `path` with default options and writes its header.
+    pub fn create(path: impl AsRef<Path>, header: LogHeader) -> Result<LogWriter> {
+        LogWriter::create_with(path, header, WriterOptions::default())
+    }
+
+    /// Creates the log at `path` with `options`.
+    pub fn create_with(
+        path: impl AsRef<Path>,
+        header: LogHeader,
+        options: WriterOptions,
+    ) -> Result<LogWriter> {
+        let path = path.as_ref().to_path_buf();
+        if options.events_per_frame == 0 || options.events_per_frame > MAX_FRAME_EVENTS as usize {
+            return Err(SchemaError::Options(format!(
+                "events_per_frame {} is outside 1..={MAX_FRAME_EVENTS}",
+                options.events_per_frame
+            )));
+        }
+        let encoder = FrameEncoder::new(options.zstd_level)?;
+        let mut file = BufWriter::with_capacity(
+            1 << 20,
+            File::create(&path).map_err(|e| SchemaError::io(&path, e))?,
+        );
+        file.write_all(&header.to_bytes())
+            .map_err(|e| SchemaError::io(&path, e))?;
+        let (to_encoder, chunks) = crossbeam_channel::bounded::<Chunk>(4);
+        let (give_back, spare) = crossbeam_channel::bounded(4);
+        let thread_path = path.clone();
+        let encoder = std::thread::Builder::new()
+            .name(format!("slog-encoder-{}", header.endpoint))
+            .spawn(move || encode_loop(thread_path, file, encoder, chunks, give_back))
+            .map_err(|e| SchemaError::io(&path, e))?;
+        Ok(LogWriter {
+            path,
+            buf: Vec::with_capacity(options.events_per_frame),
+            events_per_frame: options.events_per_frame,
+            interned: HashMap::new(),
+            new_strings: Vec::new(),
+            first_new_string: 0,
+            to_encoder: Some(to_encoder),
+            spare,
+            encoder: Some(encoder),
+        })
+    }
+
+    /// The log's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The id of `s` in this log, interning it on first use. Intern names once, outside hot loops.
+    pub fn intern(&mut self, s: &str) -> StringId {
+        if let Some(&id) = self.interned.get(s) {
+            return id;
+        }
+        let id = self.first_new_string + self.new_strings.len() as u32;
+        self.interned.insert(s.into(), id);
+        self.new_strings.push(s.to_owned());
+        id
+    }
+
+    /// Appends one event: one fixed-size copy into the current buffer (the hot path).
+    ///
+    /// Never fails: if the encoder thread has died, events are dropped and [`LogWriter::close`]
+    /// reports the encoder's error.
+    #[inline]
+    pub fn append(&mut self, event: &Event) {
+        self.append_raw(RawRecord::from_event(event));
+    }
+
+    /// Appends a record already in raw form (as a flight-recorder ring holds them).
+    #[inline]
+    pub fn append_raw(&mut self, record: RawRecord) {
+        self.buf.push(record);
+        if self.buf.len() >= self.events_per_frame {
+            self.ship();
+        }
+    }
+
+    /// Hands the buffered events (and any new strings) to the encoder thread now.
+    pub fn flush(&mut self) {
+        self.ship();
+    }
+
+    #[cold]
+    fn ship(&mut self) {
+        let Some(tx) = &self.to_encoder else { return };
+        if !self.new_strings.is_empty() {
+            let strings = std::mem::take(&mut self.new_strings);
+            let first = self.first_new_string;
+            self.first_new_string += strings.len() as u32;
+            // A send error means the encoder stopped; close() reports why.
+            let _ = tx.send(Chunk::Strings { first, strings });
+        }
+        if self.buf.is_empty() {
+            return;
+        }
+        let fresh = self
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(self.events_per_frame));
+        let full = std::mem::replace(&mut self.buf, fresh);
+        let _ = tx.send(Chunk::Events(full));
+    }
+
+    /// Flushes everything, writes the index footer and returns what the log holds.
+    pub fn close(mut self) -> Result<LogStats> {
+        self.ship();
+        self.to_encoder = None;
+        let handle = self.encoder.take().ok_or_else(|| SchemaError::Writer {
+            path: self.path.clone(),
+            reason: "already closed".into(),
+        })?;
+        handle.join().map_err(|_| SchemaError::Writer {
+            path: self.path.clone(),
+            reason: "encoder thread panicked".into(),
+        })?
+    }
+}
+
+impl Drop for LogWriter {
+    /// A writer dropped without `close` still flushes and writes its footer, ignoring errors.
+    fn drop(&mut self) {
+        if self.encoder.is_some() {
+            self.ship();
+            self.to_encoder = None;
+            if let Some(handle) = self.encoder.take() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+fn encode_loop(
+    path: PathBuf,
+    mut file: BufWriter<File>,
+    mut encoder: FrameEncoder,
+    chunks: Receiver<Chunk>,
+    give_back: Sender<Vec<RawRecord>>,
+) -> Result<LogStats> {
+    let mut frames: Vec<FrameInfo> = Vec::new();
+    let mut offset = FILE_HEADER_LEN as u64;
+    let mut stats = LogStats::default();
+    let mut out = Vec::new();
+    let io = |e| SchemaError::io(&path, e);
+    for chunk in chunks {
+        out.clear();
+        let mut info = match chunk {
+            Chunk::Strings { first, strings } => {
+                stats.strings += strings.len() as u64;
+                encoder.encode(&[], first, &strings, &mut out)?
+            }
+            Chunk::Events(mut records) => {
+                let info = encoder.encode(&records, 0, &[], &mut out)?;
+                records.clear();
+                let _ = give_back.try_send(records);
+                info
+            }
+        };
+        info.offset = offset;
+        file.write_all(&out).map_err(io)?;
+        offset += out.len() as u64;
+        stats.events += u64::from(info.events);
+        for (total, &c) in stats.counts.iter_mut().zip(&info.counts) {
+            *total += u64::from(c);
+        }
+        frames.push(info);
+    }
+    let footer = footer_bytes(&frames, offset);
+    file.write_all(&footer).map_err(io)?;
+    file.flush().map_err(io)?;
+    stats.frames = frames.len() as u64;
+    stats.bytes = offset + footer.len() as u64;
+    stats.raw_bytes = stats.events * RawRecord::SIZE as u64;
+    Ok(stats)
+}
