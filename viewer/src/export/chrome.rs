@@ -1,0 +1,160 @@
+//! Chrome JSON trace export (`{"traceEvents": [...]}`): one process per endpoint, one thread per
+//! worker (kernel slices as complete events), a transfers thread per endpoint carrying flow
+//! start/end events, counters for the perf lanes, instants for steps, snapshots, losses, markers.
+//! Times are microseconds, as the format requires.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::error::{Result, ViewerError};
+use crate::export::ExportSummary;
+use crate::export::walk::{Item, walk};
+use crate::state::event::{EndpointIx, Nanos, TraceEvent, Transfer, format_bytes};
+use crate::state::source::TraceSource;
+
+/// Thread id of the transfers pseudo-thread of each endpoint (workers are numbered from 1).
+pub const TRANSFERS_TID: u64 = 0;
+
+fn us(t: Nanos) -> f64 {
+    t as f64 / 1_000.0
+}
+
+fn pid(ep: EndpointIx) -> u64 {
+    ep as u64 + 1
+}
+
+struct Writer<'a> {
+    out: &'a mut dyn Write,
+    first: bool,
+    summary: ExportSummary,
+    named_threads: std::collections::HashSet<(EndpointIx, u64)>,
+}
+
+impl Writer<'_> {
+    fn emit(&mut self, v: &Value) -> Result<()> {
+        let io = |e| ViewerError::io("the Chrome JSON output", e);
+        if !std::mem::take(&mut self.first) {
+            self.out.write_all(b",\n").map_err(io)?;
+        }
+        serde_json::to_writer(&mut *self.out, v).map_err(|e| io(std::io::Error::other(e)))
+    }
+
+    fn thread(&mut self, ep: EndpointIx, tid: u64, name: String) -> Result<()> {
+        if self.named_threads.insert((ep, tid)) {
+            self.summary.tracks += 1;
+            self.emit(&json!({"ph": "M", "name": "thread_name", "pid": pid(ep), "tid": tid, "args": {"name": name}}))?;
+        }
+        Ok(())
+    }
+
+    fn flow(&mut self, x: &Transfer, start: bool) -> Result<()> {
+        let (ep, t, ph, verb) = if start {
+            (x.src, x.post, "s", "send")
+        } else {
+            (x.dst, x.complete.max(x.post), "f", "recv")
+        };
+        self.thread(ep, TRANSFERS_TID, "transfers".to_string())?;
+        let name = format!("{verb} #{} {}", x.id, format_bytes(x.bytes));
+        // The flow binds to the instant slice on the same thread at the same time.
+        self.emit(&json!({"ph": "X", "name": name, "cat": "transfer", "pid": pid(ep), "tid": TRANSFERS_TID,
+            "ts": us(t), "dur": 0, "args": {"id": x.id, "bytes": x.bytes}}))?;
+        let mut flow = json!({"ph": ph, "name": "transfer", "cat": "transfer", "id": x.id, "pid": pid(ep),
+            "tid": TRANSFERS_TID, "ts": us(t)});
+        if !start {
+            flow["bp"] = json!("e");
+        } else {
+            self.summary.flows += 1;
+        }
+        self.emit(&flow)
+    }
+
+    fn item(&mut self, item: Item<'_>) -> Result<()> {
+        match item {
+            Item::FlowStart(x) => self.flow(x, true),
+            Item::FlowEnd(x) => self.flow(x, false),
+            Item::Lane(ep, name, t, v) => {
+                self.summary.counters += 1;
+                self.emit(&json!({"ph": "C", "name": name, "pid": pid(ep), "ts": us(t), "args": {"value": v}}))
+            }
+            Item::Event(ep, e) => match e {
+                TraceEvent::Kernel(k) => {
+                    let tid = u64::from(k.thread) + 1;
+                    self.thread(ep, tid, format!("worker {}", k.thread))?;
+                    self.summary.slices += 1;
+                    self.emit(&json!({"ph": "X", "name": &*k.kernel, "cat": "kernel", "pid": pid(ep), "tid": tid,
+                        "ts": us(k.start), "dur": us(k.end.saturating_sub(k.start)),
+                        "args": {"step": k.step, "layer": k.layer, "seq": k.seq}}))
+                }
+                TraceEvent::Counter(c) => {
+                    self.summary.counters += 1;
+                    self.emit(&json!({"ph": "C", "name": &*c.name, "pid": pid(ep), "ts": us(c.t), "args": {"value": c.value}}))
+                }
+                TraceEvent::Perf(_)
+                | TraceEvent::Pt(_)
+                | TraceEvent::System(_)
+                | TraceEvent::Transfer(_) => Ok(()),
+                TraceEvent::Step(_)
+                | TraceEvent::Snapshot(_)
+                | TraceEvent::Lost(_)
+                | TraceEvent::Marker(_) => {
+                    self.summary.instants += 1;
+                    self.emit(
+                        &json!({"ph": "i", "s": "p", "name": e.label(), "cat": e.kind().name(),
+                        "pid": pid(ep), "tid": TRANSFERS_TID, "ts": us(e.start())}),
+                    )
+                }
+            },
+        }
+    }
+}
+
+/// Writes `source` as Chrome JSON.
+pub fn write(source: &dyn TraceSource, out: &mut dyn Write) -> Result<ExportSummary> {
+    let io = |e| ViewerError::io("the Chrome JSON output", e);
+    out.write_all(b"{\"displayTimeUnit\":\"ns\",\"traceEvents\":[\n")
+        .map_err(io)?;
+    let mut w = Writer {
+        out,
+        first: true,
+        summary: ExportSummary::default(),
+        named_threads: std::collections::HashSet::new(),
+    };
+    for (ep, info) in source.endpoints().iter().enumerate() {
+        w.emit(&json!({"ph": "M", "name": "process_name", "pid": pid(ep), "args": {"name": info.name}}))?;
+    }
+    walk(source, |item| w.item(item))?;
+    let summary = w.summary;
+    out.write_all(b"\n]}\n").map_err(io)?;
+    Ok(summary)
+}
+
+/// Reads the `traceEvents` of a Chrome JSON file (gunzipping when the name ends in `.gz`).
+pub fn read_events(path: &Path) -> Result<Vec<Value>> {
+    let io = |e| ViewerError::io(path.display().to_string(), e);
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut text = String::new();
+    if path.extension().is_some_and(|e| e == "gz") {
+        flate2::read::GzDecoder::new(file)
+            .read_to_string(&mut text)
+            .map_err(io)?;
+    } else {
+        std::io::BufReader::new(file)
+            .read_to_string(&mut text)
+            .map_err(io)?;
+    }
+    let doc: Value = serde_json::from_str(&text).map_err(|e| ViewerError::MalformedExport {
+        format: "Chrome JSON",
+        offset: e.column(),
+        reason: e.to_string(),
+    })?;
+    match doc.get("traceEvents") {
+        Some(Value::Array(events)) => Ok(events.clone()),
+        _ => Err(ViewerError::MalformedExport {
+            format: "Chrome JSON",
+            offset: 0,
+            reason: "no traceEvents array".to_string(),
+        }),
+    }
+}

@@ -1,0 +1,639 @@
+//! The viewer's own event model: what one endpoint log says happened, in trace-global nanoseconds.
+//!
+//! The viewer keeps its own types instead of drawing the schema's directly so that rendering,
+//! statistics and export are tested without a trace on disk, and so that node clock offsets are
+//! applied once, when events are loaded.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+/// Nanoseconds on the trace-global clock (each node's monotonic clock plus its manifest offset).
+pub type Nanos = u64;
+
+/// A half-open time interval `[start, end)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct TimeRange {
+    /// First nanosecond inside the range.
+    pub start: Nanos,
+    /// First nanosecond after the range.
+    pub end: Nanos,
+}
+
+impl TimeRange {
+    /// Builds a range, swapping the bounds if they are reversed.
+    pub fn new(a: Nanos, b: Nanos) -> Self {
+        Self {
+            start: a.min(b),
+            end: a.max(b),
+        }
+    }
+
+    /// Length of the range in nanoseconds.
+    pub fn len(&self) -> Nanos {
+        self.end - self.start
+    }
+
+    /// Whether the range holds no time at all.
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+
+    /// Whether `[start, end]` (an event, possibly instantaneous) touches this range.
+    pub fn touches(&self, start: Nanos, end: Nanos) -> bool {
+        start < self.end && end >= self.start
+    }
+
+    /// Nanoseconds shared by this range and `[start, end)`.
+    pub fn overlap(&self, start: Nanos, end: Nanos) -> Nanos {
+        end.min(self.end).saturating_sub(start.max(self.start))
+    }
+}
+
+/// Index of an endpoint in the trace's endpoint list.
+pub type EndpointIx = usize;
+
+/// The kinds of events a trace holds, in the order the UI lists them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    /// A kernel ran on the endpoint.
+    Kernel,
+    /// Bytes crossed a link between two endpoints.
+    Transfer,
+    /// The endpoint crossed a step boundary.
+    Step,
+    /// A snapshot of the endpoint's state was taken.
+    Snapshot,
+    /// A hardware or software perf sample.
+    PerfSample,
+    /// A chunk of Intel PT data.
+    PtChunk,
+    /// An eBPF probe event (syscall, scheduling, page fault, migration).
+    System,
+    /// Events the recorder had to drop.
+    Lost,
+    /// A user-placed marker.
+    Marker,
+    /// A counter reading (task-clock, page faults, ...).
+    Counter,
+}
+
+impl EventKind {
+    /// Every kind, in display order.
+    pub const ALL: [EventKind; 10] = [
+        EventKind::Kernel,
+        EventKind::Transfer,
+        EventKind::Step,
+        EventKind::Snapshot,
+        EventKind::PerfSample,
+        EventKind::PtChunk,
+        EventKind::System,
+        EventKind::Lost,
+        EventKind::Marker,
+        EventKind::Counter,
+    ];
+
+    /// Short lowercase name used in filters, help and exports.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Kernel => "kernel",
+            EventKind::Transfer => "transfer",
+            EventKind::Step => "step",
+            EventKind::Snapshot => "snapshot",
+            EventKind::PerfSample => "sample",
+            EventKind::PtChunk => "pt",
+            EventKind::System => "system",
+            EventKind::Lost => "lost",
+            EventKind::Marker => "marker",
+            EventKind::Counter => "counter",
+        }
+    }
+
+    /// Parses a kind name as [`EventKind::name`] writes it.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Position of the kind in [`EventKind::ALL`], used to index per-kind counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counts of events per kind (one slot per [`EventKind::ALL`] entry).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KindCounts(pub [u64; EventKind::ALL.len()]);
+
+impl KindCounts {
+    /// The count of one kind.
+    pub fn get(&self, kind: EventKind) -> u64 {
+        self.0[kind.index()]
+    }
+
+    /// Adds `n` to one kind.
+    pub fn add(&mut self, kind: EventKind, n: u64) {
+        self.0[kind.index()] += n;
+    }
+
+    /// Sum over all kinds.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+/// One kernel execution.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelSpan {
+    /// When the kernel started.
+    pub start: Nanos,
+    /// When it returned.
+    pub end: Nanos,
+    /// Kernel name (`gemm`, `rmsnorm`, ...).
+    pub kernel: Arc<str>,
+    /// Pipeline step the kernel belongs to.
+    pub step: u64,
+    /// Model layer, when the kernel belongs to one.
+    pub layer: Option<u32>,
+    /// Worker thread that ran it.
+    pub thread: u32,
+    /// Microbatch (sequence) in flight.
+    pub seq: u32,
+    /// Rows `[start, end)` this thread computed.
+    pub rows: (u32, u32),
+    /// Hash of the output rows, when kernel verification was recorded.
+    pub output_hash: Option<u128>,
+}
+
+/// One transfer between two endpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Transfer {
+    /// Transfer id, unique in the trace; it orders events across endpoints.
+    pub id: u64,
+    /// Sending endpoint.
+    pub src: EndpointIx,
+    /// Receiving endpoint.
+    pub dst: EndpointIx,
+    /// Payload length in bytes.
+    pub bytes: u64,
+    /// When the sender posted it.
+    pub post: Nanos,
+    /// When the receiver saw it complete.
+    pub complete: Nanos,
+    /// Arena the bytes came from on the sender.
+    pub src_arena: u32,
+    /// Arena the bytes went to on the receiver.
+    pub dst_arena: u32,
+    /// Offset in the sender's arena.
+    pub src_offset: u64,
+    /// Offset in the receiver's arena.
+    pub dst_offset: u64,
+    /// 128-bit content hash.
+    pub hash: u128,
+    /// Transport that carried it (`inproc`, `shm`, `tcp`, ...).
+    pub transport: Arc<str>,
+    /// Hash of the stored payload, when payloads were recorded.
+    pub payload: Option<u128>,
+    /// Whether the receiving end logged this record (else the sender did).
+    pub logged_by_receiver: bool,
+}
+
+/// A step boundary on one endpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepBoundary {
+    /// When the step began.
+    pub t: Nanos,
+    /// The step number.
+    pub step: u64,
+    /// Microbatch within the step.
+    pub seq: u32,
+}
+
+/// A snapshot of one endpoint's state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotMark {
+    /// When it was taken.
+    pub t: Nanos,
+    /// Step boundary it belongs to.
+    pub step: u64,
+    /// Stage snapshotted.
+    pub stage: u32,
+    /// Bytes of state it holds.
+    pub bytes: u64,
+    /// Bytes in chunks not stored before.
+    pub new_bytes: u64,
+    /// Number of chunks.
+    pub chunks: u32,
+    /// Snapshot id (content hash of its index).
+    pub id: u128,
+}
+
+/// One perf sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PerfSample {
+    /// Sample time.
+    pub t: Nanos,
+    /// Sampling source (`cycles`, `mem-load`, `cpu-clock`, ...).
+    pub kind: Arc<str>,
+    /// Instruction pointer.
+    pub ip: u64,
+    /// Data address, 0 when the source has none.
+    pub addr: u64,
+    /// Weight (latency in cycles for memory samples).
+    pub weight: u64,
+    /// Data source (cache level) code, 0 when unknown.
+    pub data_source: u64,
+    /// Thread id.
+    pub tid: u32,
+    /// CPU number.
+    pub cpu: u32,
+}
+
+/// One chunk of Intel PT trace data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PtChunk {
+    /// When the chunk was drained.
+    pub t: Nanos,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// CPU it came from.
+    pub cpu: u32,
+    /// Offset in the AUX stream.
+    pub aux_offset: u64,
+    /// Content hash of the stored bytes.
+    pub payload: u128,
+}
+
+/// What an eBPF probe saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SystemKind {
+    /// A system call.
+    Syscall,
+    /// A scheduler switch.
+    Sched,
+    /// A page fault (first touch).
+    PageFault,
+    /// A thread migrated between CPUs.
+    Migration,
+}
+
+impl SystemKind {
+    /// Lowercase name for display.
+    pub fn name(self) -> &'static str {
+        match self {
+            SystemKind::Syscall => "syscall",
+            SystemKind::Sched => "sched",
+            SystemKind::PageFault => "page-fault",
+            SystemKind::Migration => "migration",
+        }
+    }
+}
+
+/// One eBPF probe event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SystemEvent {
+    /// Event time.
+    pub t: Nanos,
+    /// What happened.
+    pub kind: SystemKind,
+    /// Probe arguments (syscall: nr, ret, duration; page fault: address, ip, error code; ...).
+    pub args: [u64; 3],
+    /// Process id.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// CPU.
+    pub cpu: u32,
+}
+
+/// A record of events the recorder dropped.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LostEvents {
+    /// Start of the gap.
+    pub t: Nanos,
+    /// End of the gap.
+    pub to: Nanos,
+    /// How many events were lost.
+    pub count: u64,
+    /// Why (ring overflow, perf lost records, ...).
+    pub reason: Arc<str>,
+}
+
+/// A user marker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UserMarker {
+    /// Marker time.
+    pub t: Nanos,
+    /// Its text.
+    pub text: Arc<str>,
+}
+
+/// A counter reading.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CounterReading {
+    /// Reading time.
+    pub t: Nanos,
+    /// Counter name (`task-clock`, `page-faults`, ...).
+    pub name: Arc<str>,
+    /// Value.
+    pub value: u64,
+}
+
+/// One event of an endpoint log, as the viewer draws it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TraceEvent {
+    /// A kernel span.
+    Kernel(KernelSpan),
+    /// A transfer.
+    Transfer(Transfer),
+    /// A step boundary.
+    Step(StepBoundary),
+    /// A snapshot marker.
+    Snapshot(SnapshotMark),
+    /// A perf sample.
+    Perf(PerfSample),
+    /// A PT chunk.
+    Pt(PtChunk),
+    /// An eBPF event.
+    System(SystemEvent),
+    /// A lost-events record.
+    Lost(LostEvents),
+    /// A user marker.
+    Marker(UserMarker),
+    /// A counter reading.
+    Counter(CounterReading),
+}
+
+impl TraceEvent {
+    /// The event's kind.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            TraceEvent::Kernel(_) => EventKind::Kernel,
+            TraceEvent::Transfer(_) => EventKind::Transfer,
+            TraceEvent::Step(_) => EventKind::Step,
+            TraceEvent::Snapshot(_) => EventKind::Snapshot,
+            TraceEvent::Perf(_) => EventKind::PerfSample,
+            TraceEvent::Pt(_) => EventKind::PtChunk,
+            TraceEvent::System(_) => EventKind::System,
+            TraceEvent::Lost(_) => EventKind::Lost,
+            TraceEvent::Marker(_) => EventKind::Marker,
+            TraceEvent::Counter(_) => EventKind::Counter,
+        }
+    }
+
+    /// When the event starts (post time for transfers).
+    pub fn start(&self) -> Nanos {
+        match self {
+            TraceEvent::Kernel(k) => k.start,
+            TraceEvent::Transfer(x) => x.post,
+            TraceEvent::Step(s) => s.t,
+            TraceEvent::Snapshot(s) => s.t,
+            TraceEvent::Perf(p) => p.t,
+            TraceEvent::Pt(p) => p.t,
+            TraceEvent::System(s) => s.t,
+            TraceEvent::Lost(l) => l.t,
+            TraceEvent::Marker(m) => m.t,
+            TraceEvent::Counter(c) => c.t,
+        }
+    }
+
+    /// When the event ends (completion for transfers; the start for instants).
+    pub fn end(&self) -> Nanos {
+        match self {
+            TraceEvent::Kernel(k) => k.end.max(k.start),
+            TraceEvent::Transfer(x) => x.complete.max(x.post),
+            TraceEvent::Lost(l) => l.to.max(l.t),
+            other => other.start(),
+        }
+    }
+
+    /// A one-line label: kernel name, transfer size, step number...
+    pub fn label(&self) -> String {
+        match self {
+            TraceEvent::Kernel(k) => k.kernel.to_string(),
+            TraceEvent::Transfer(x) => format!("#{} {}", x.id, format_bytes(x.bytes)),
+            TraceEvent::Step(s) => format!("step {}", s.step),
+            TraceEvent::Snapshot(s) => format!("snapshot step {}", s.step),
+            TraceEvent::Perf(p) => format!("{} sample", p.kind),
+            TraceEvent::Pt(p) => format!("PT {}", format_bytes(p.bytes)),
+            TraceEvent::System(s) => s.kind.name().to_string(),
+            TraceEvent::Lost(l) => format!("lost {} ({})", l.count, l.reason),
+            TraceEvent::Marker(m) => m.text.to_string(),
+            TraceEvent::Counter(c) => format!("{} = {}", c.name, c.value),
+        }
+    }
+
+    /// Every field of the event as (name, value) pairs, for the detail pane.
+    pub fn fields(
+        &self,
+        endpoint_name: &dyn Fn(EndpointIx) -> String,
+    ) -> Vec<(&'static str, String)> {
+        let mut out = vec![("kind", self.kind().name().to_string())];
+        match self {
+            TraceEvent::Kernel(k) => {
+                out.push(("kernel", k.kernel.to_string()));
+                out.push(("start", format_time(k.start)));
+                out.push(("end", format_time(k.end)));
+                out.push(("duration", format_duration(k.end.saturating_sub(k.start))));
+                out.push(("step", k.step.to_string()));
+                out.push((
+                    "layer",
+                    k.layer.map_or_else(|| "-".to_string(), |l| l.to_string()),
+                ));
+                out.push(("thread", k.thread.to_string()));
+                out.push(("seq", k.seq.to_string()));
+                out.push(("rows", format!("{}..{}", k.rows.0, k.rows.1)));
+                out.push((
+                    "output hash",
+                    k.output_hash
+                        .map_or_else(|| "-".to_string(), |h| format!("{h:032x}")),
+                ));
+            }
+            TraceEvent::Transfer(x) => {
+                out.push(("id", x.id.to_string()));
+                out.push(("src", endpoint_name(x.src)));
+                out.push(("dst", endpoint_name(x.dst)));
+                out.push(("bytes", format!("{} ({})", x.bytes, format_bytes(x.bytes))));
+                out.push(("post", format_time(x.post)));
+                out.push(("complete", format_time(x.complete)));
+                let took = x.complete.saturating_sub(x.post);
+                out.push(("latency", format_duration(took)));
+                out.push(("bandwidth", format_bandwidth(x.bytes, took)));
+                out.push(("src arena", x.src_arena.to_string()));
+                out.push(("dst arena", x.dst_arena.to_string()));
+                out.push(("src offset", x.src_offset.to_string()));
+                out.push(("dst offset", x.dst_offset.to_string()));
+                out.push(("hash", format!("{:032x}", x.hash)));
+                out.push(("transport", x.transport.to_string()));
+                out.push((
+                    "payload",
+                    x.payload
+                        .map_or_else(|| "hash only".to_string(), |h| format!("{h:032x}")),
+                ));
+                out.push((
+                    "logged by",
+                    if x.logged_by_receiver {
+                        "receiver"
+                    } else {
+                        "sender"
+                    }
+                    .to_string(),
+                ));
+            }
+            TraceEvent::Step(s) => {
+                out.push(("time", format_time(s.t)));
+                out.push(("step", s.step.to_string()));
+                out.push(("seq", s.seq.to_string()));
+            }
+            TraceEvent::Snapshot(s) => {
+                out.push(("time", format_time(s.t)));
+                out.push(("stage", s.stage.to_string()));
+                out.push(("step", s.step.to_string()));
+                out.push(("bytes", format_bytes(s.bytes)));
+                out.push(("new bytes", format_bytes(s.new_bytes)));
+                out.push(("chunks", s.chunks.to_string()));
+                out.push(("id", format!("{:032x}", s.id)));
+            }
+            TraceEvent::Perf(p) => {
+                out.push(("time", format_time(p.t)));
+                out.push(("source", p.kind.to_string()));
+                out.push(("ip", format!("{:#x}", p.ip)));
+                out.push(("addr", format!("{:#x}", p.addr)));
+                out.push(("weight", p.weight.to_string()));
+                out.push(("data source", format!("{:#x}", p.data_source)));
+                out.push(("tid", p.tid.to_string()));
+                out.push(("cpu", p.cpu.to_string()));
+            }
+            TraceEvent::Pt(p) => {
+                out.push(("time", format_time(p.t)));
+                out.push(("bytes", format_bytes(p.bytes)));
+                out.push(("cpu", p.cpu.to_string()));
+                out.push(("aux offset", p.aux_offset.to_string()));
+                out.push(("payload", format!("{:032x}", p.payload)));
+            }
+            TraceEvent::System(s) => {
+                out.push(("time", format_time(s.t)));
+                out.push(("probe", s.kind.name().to_string()));
+                for (name, v) in ["arg0", "arg1", "arg2"].into_iter().zip(s.args) {
+                    out.push((name, format!("{v:#x}")));
+                }
+                out.push(("pid", s.pid.to_string()));
+                out.push(("tid", s.tid.to_string()));
+                out.push(("cpu", s.cpu.to_string()));
+            }
+            TraceEvent::Lost(l) => {
+                out.push(("from", format_time(l.t)));
+                out.push(("to", format_time(l.to)));
+                out.push(("count", l.count.to_string()));
+                out.push(("reason", l.reason.to_string()));
+            }
+            TraceEvent::Marker(m) => {
+                out.push(("time", format_time(m.t)));
+                out.push(("text", m.text.to_string()));
+            }
+            TraceEvent::Counter(c) => {
+                out.push(("time", format_time(c.t)));
+                out.push(("counter", c.name.to_string()));
+                out.push(("value", c.value.to_string()));
+            }
+        }
+        out
+    }
+}
+
+/// Formats a trace-global time as seconds with microsecond precision (`1.234567s`).
+pub fn format_time(t: Nanos) -> String {
+    format!("{}.{:06}s", t / 1_000_000_000, (t % 1_000_000_000) / 1_000)
+}
+
+/// Formats a duration with a unit that keeps three significant figures or so.
+pub fn format_duration(d: Nanos) -> String {
+    let mut s = String::new();
+    let _ = match d {
+        0..1_000 => write!(s, "{d}ns"),
+        1_000..1_000_000 => write!(s, "{:.1}us", d as f64 / 1e3),
+        1_000_000..1_000_000_000 => write!(s, "{:.2}ms", d as f64 / 1e6),
+        _ => write!(s, "{:.3}s", d as f64 / 1e9),
+    };
+    s
+}
+
+/// Formats a byte count with a binary unit (`4.0KiB`).
+pub fn format_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b}B")
+    } else {
+        format!("{v:.1}{}", UNITS[unit])
+    }
+}
+
+/// Formats bytes moved over a duration as a rate (`1.2GB/s`, decimal units as links are quoted).
+pub fn format_bandwidth(bytes: u64, over: Nanos) -> String {
+    if over == 0 {
+        return "-".to_string();
+    }
+    let per_s = bytes as f64 * 1e9 / over as f64;
+    match per_s {
+        v if v >= 1e9 => format!("{:.2}GB/s", v / 1e9),
+        v if v >= 1e6 => format!("{:.1}MB/s", v / 1e6),
+        v if v >= 1e3 => format!("{:.1}kB/s", v / 1e3),
+        v => format!("{v:.0}B/s"),
+    }
+}
+
+/// Parses a user-typed time: a number with an optional unit (`ns`, `us`, `ms`, `s`; default `ms`).
+pub fn parse_time(text: &str) -> Option<Nanos> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let value: f64 = num.parse().ok()?;
+    let scale = match unit.trim() {
+        "ns" => 1.0,
+        "us" | "µs" => 1e3,
+        "" | "ms" => 1e6,
+        "s" => 1e9,
+        _ => return None,
+    };
+    let ns = value * scale;
+    (ns.is_finite() && ns >= 0.0 && ns < u64::MAX as f64).then_some(ns as Nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_parsing_accepts_units_and_rejects_garbage() {
+        assert_eq!(parse_time("1.5ms"), Some(1_500_000));
+        assert_eq!(parse_time("2"), Some(2_000_000));
+        assert_eq!(parse_time("7 us"), Some(7_000));
+        assert_eq!(parse_time("3s"), Some(3_000_000_000));
+        assert_eq!(parse_time("abc"), None);
+        assert_eq!(parse_time("5 parsecs"), None);
+    }
+
+    #[test]
+    fn units_are_readable() {
+        assert_eq!(format_bytes(512), "512B");
+        assert_eq!(format_bytes(4096), "4.0KiB");
+        assert_eq!(format_duration(1_500), "1.5us");
+        assert_eq!(format_bandwidth(1_000_000_000, 1_000_000_000), "1.00GB/s");
+        assert_eq!(format_time(1_234_567_890), "1.234567s");
+    }
+
+    #[test]
+    fn ranges_measure_overlap() {
+        let r = TimeRange::new(10, 20);
+        assert_eq!(r.overlap(5, 15), 5);
+        assert_eq!(r.overlap(20, 30), 0);
+        assert!(r.touches(15, 15));
+        assert!(!r.touches(20, 25));
+    }
+}

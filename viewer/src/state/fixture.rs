@@ -1,0 +1,136 @@
+//! A small labelled pipeline trace built in memory for unit tests: three stages, kernels of four
+//! kinds, transfers logged by both ends, step boundaries, a snapshot, samples and one loss.
+
+use std::sync::Arc;
+
+use crate::state::event::{
+    KernelSpan, LostEvents, Nanos, PerfSample, SnapshotMark, StepBoundary, SystemEvent, SystemKind,
+    TraceEvent, Transfer,
+};
+use crate::state::source::{EndpointInfo, MemorySource};
+
+/// Time between step starts on one stage.
+pub const STEP_NS: Nanos = 1_000_000;
+/// Offset between consecutive stages within a step.
+pub const STAGE_NS: Nanos = 300_000;
+/// Bytes of each activation transfer.
+pub const XFER_BYTES: u64 = 4096;
+/// Kernels each stage runs per step, with their durations.
+pub const KERNELS: [(&str, Nanos); 4] = [
+    ("rmsnorm", 20_000),
+    ("gemm", 100_000),
+    ("attention", 50_000),
+    ("swiglu", 30_000),
+];
+
+pub fn endpoints(stages: usize) -> Vec<EndpointInfo> {
+    (0..stages)
+        .map(|s| EndpointInfo {
+            name: format!("n{}/s{s}", s / 2),
+            node: format!("n{}", s / 2),
+            stage: s as u32,
+            rank: s as u32,
+        })
+        .collect()
+}
+
+/// Events per endpoint for `stages` stages and `steps` steps.
+pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
+    let names: Vec<Arc<str>> = KERNELS.iter().map(|(k, _)| Arc::from(*k)).collect();
+    let transport: Arc<str> = Arc::from("shm");
+    let mut per_ep: Vec<Vec<TraceEvent>> = vec![Vec::new(); stages];
+    for step in 0..steps {
+        for s in 0..stages {
+            let mut t = step * STEP_NS + s as Nanos * STAGE_NS;
+            per_ep[s].push(TraceEvent::Step(StepBoundary { t, step, seq: 0 }));
+            if step == 0 {
+                per_ep[s].push(TraceEvent::Snapshot(SnapshotMark {
+                    t,
+                    step,
+                    stage: s as u32,
+                    bytes: 1 << 20,
+                    new_bytes: 1 << 20,
+                    chunks: 16,
+                    id: 0xabc + s as u128,
+                }));
+            }
+            for (i, (_, base)) in KERNELS.iter().enumerate() {
+                // Stage 1's gemm is slower: it is the fixture's bottleneck.
+                let dur = if s == 1 && i == 1 {
+                    base * 3 / 2
+                } else {
+                    *base
+                };
+                per_ep[s].push(TraceEvent::Kernel(KernelSpan {
+                    start: t,
+                    end: t + dur,
+                    kernel: Arc::clone(&names[i]),
+                    step,
+                    layer: Some(s as u32),
+                    thread: 0,
+                    seq: 0,
+                    rows: (0, 64),
+                    output_hash: None,
+                }));
+                per_ep[s].push(TraceEvent::Perf(PerfSample {
+                    t: t + dur / 2,
+                    kind: Arc::from("cpu-clock"),
+                    ip: 0x1000 + i as u64,
+                    addr: 0,
+                    weight: 1,
+                    data_source: 0,
+                    tid: 7,
+                    cpu: s as u32,
+                }));
+                t += dur;
+            }
+            if step == 0 {
+                per_ep[s].push(TraceEvent::System(SystemEvent {
+                    t: t - 1_000,
+                    kind: SystemKind::PageFault,
+                    args: [0x7f00_0000, 0x1000, 2],
+                    pid: 1,
+                    tid: 7,
+                    cpu: s as u32,
+                }));
+            }
+            if s + 1 < stages {
+                let x = Transfer {
+                    id: step * stages as u64 + s as u64,
+                    src: s,
+                    dst: s + 1,
+                    bytes: XFER_BYTES,
+                    post: t,
+                    complete: t + 20_000,
+                    src_arena: 0,
+                    dst_arena: 0,
+                    src_offset: 0,
+                    dst_offset: 4096,
+                    hash: 0x1234,
+                    transport: Arc::clone(&transport),
+                    payload: None,
+                    logged_by_receiver: false,
+                };
+                per_ep[s + 1].push(TraceEvent::Transfer(Transfer {
+                    logged_by_receiver: true,
+                    ..x.clone()
+                }));
+                per_ep[s].push(TraceEvent::Transfer(x));
+            }
+        }
+    }
+    if stages > 1 && steps > 2 {
+        per_ep[1].push(TraceEvent::Lost(LostEvents {
+            t: 2 * STEP_NS + 900_000,
+            to: 2 * STEP_NS + 950_000,
+            count: 12,
+            reason: Arc::from("ring overflow"),
+        }));
+    }
+    per_ep
+}
+
+/// The fixture as a source with frames of `frame_len` events.
+pub fn pipeline(stages: usize, steps: u64, frame_len: usize) -> MemorySource {
+    MemorySource::new(endpoints(stages), pipeline_events(stages, steps), frame_len)
+}

@@ -1,0 +1,12 @@
+//! The viewer's model, kept apart from drawing: events, sources, the timeline window, filters,
+//! statistics, the divergence report, and the interactive state of the app.
+
+pub mod app;
+pub mod divergence;
+pub mod event;
+pub mod filter;
+#[cfg(test)]
+pub(crate) mod fixture;
+pub mod source;
+pub mod stats;
+pub mod timeline;

@@ -1,0 +1,272 @@
+//! Whole-trace statistics for the stats view: where each endpoint's time went, what each link
+//! achieved, how long steps took, and which stage is the pipeline's bottleneck.
+//!
+//! Computed in one pass over every frame (the only whole-trace read the viewer does, and only
+//! when the stats view is opened).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::error::Result;
+use crate::state::event::{EndpointIx, EventKind, Nanos, TraceEvent};
+use crate::state::source::TraceSource;
+
+/// Where one endpoint's time went between its first and last event.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EndpointStats {
+    /// Which endpoint.
+    pub endpoint: EndpointIx,
+    /// Time between the endpoint's first and last event.
+    pub active: Nanos,
+    /// Time inside at least one kernel.
+    pub compute: Nanos,
+    /// Time with a transfer to or from the endpoint in flight and no kernel running.
+    pub waiting: Nanos,
+    /// The rest of `active`.
+    pub idle: Nanos,
+    /// Kernel spans seen.
+    pub kernels: u64,
+    /// Step boundaries seen.
+    pub steps: u64,
+}
+
+impl EndpointStats {
+    /// Share of active time in `part`, 0..=1.
+    pub fn share(&self, part: Nanos) -> f64 {
+        if self.active == 0 {
+            0.0
+        } else {
+            part as f64 / self.active as f64
+        }
+    }
+}
+
+/// What one link (src → dst) carried.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LinkStats {
+    /// Sender.
+    pub src: EndpointIx,
+    /// Receiver.
+    pub dst: EndpointIx,
+    /// Distinct transfers.
+    pub transfers: u64,
+    /// Bytes carried.
+    pub bytes: u64,
+    /// Time with at least one transfer in flight.
+    pub busy: Nanos,
+    /// Sum of post→complete latencies.
+    pub latency_sum: Nanos,
+}
+
+/// Distribution of step times (start of step n to start of step n+1, earliest endpoint).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepTimes {
+    /// Step durations, sorted ascending.
+    pub sorted: Vec<Nanos>,
+}
+
+impl StepTimes {
+    /// The q-quantile (0..=1) of step time, nearest rank.
+    pub fn quantile(&self, q: f64) -> Option<Nanos> {
+        if self.sorted.is_empty() {
+            return None;
+        }
+        let rank = ((self.sorted.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+        self.sorted.get(rank).copied()
+    }
+
+    /// Counts of steps in `buckets` equal-width bins between the fastest and slowest step.
+    pub fn histogram(&self, buckets: usize) -> Vec<u64> {
+        let mut out = vec![0; buckets.max(1)];
+        let (Some(&lo), Some(&hi)) = (self.sorted.first(), self.sorted.last()) else {
+            return out;
+        };
+        let width = (hi - lo).max(1) as f64 / out.len() as f64;
+        for &d in &self.sorted {
+            let b = (((d - lo) as f64) / width) as usize;
+            let last = out.len() - 1;
+            out[b.min(last)] += 1;
+        }
+        out
+    }
+}
+
+/// The stats view's model.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TraceStats {
+    /// One entry per endpoint, manifest order.
+    pub endpoints: Vec<EndpointStats>,
+    /// Links with traffic, sorted by (src, dst).
+    pub links: Vec<LinkStats>,
+    /// Step-time distribution.
+    pub steps: StepTimes,
+}
+
+impl TraceStats {
+    /// The endpoint with the most compute time: the stage the pipeline waits on.
+    pub fn bottleneck(&self) -> Option<&EndpointStats> {
+        self.endpoints
+            .iter()
+            .filter(|e| e.compute > 0)
+            .max_by_key(|e| (e.compute, std::cmp::Reverse(e.endpoint)))
+    }
+
+    /// Reads every frame of `source` once and computes the statistics.
+    pub fn compute(source: &dyn TraceSource) -> Result<Self> {
+        let n = source.endpoints().len();
+        let mut out = TraceStats::default();
+        let mut seen_transfers: HashSet<u64> = HashSet::new();
+        let mut link_intervals: HashMap<(EndpointIx, EndpointIx), Vec<(Nanos, Nanos)>> =
+            HashMap::new();
+        let mut link_stats: HashMap<(EndpointIx, EndpointIx), LinkStats> = HashMap::new();
+        let mut wait_intervals: Vec<Vec<(Nanos, Nanos)>> = vec![Vec::new(); n];
+        let mut step_starts: BTreeMap<u64, Nanos> = BTreeMap::new();
+        let mut kernel_intervals: Vec<Vec<(Nanos, Nanos)>> = vec![Vec::new(); n];
+        for (ep, kernel_list) in kernel_intervals.iter_mut().enumerate() {
+            let mut st = EndpointStats {
+                endpoint: ep,
+                ..EndpointStats::default()
+            };
+            let frames = source.frames(ep);
+            let first = frames.iter().map(|f| f.range.start).min().unwrap_or(0);
+            let last = frames.iter().map(|f| f.range.end).max().unwrap_or(0);
+            st.active = last.saturating_sub(first);
+            for (i, f) in frames.iter().enumerate() {
+                let wanted = [EventKind::Kernel, EventKind::Transfer, EventKind::Step];
+                if wanted.iter().all(|k| f.counts.get(*k) == 0) {
+                    continue;
+                }
+                for e in source.frame_events(ep, i)? {
+                    match e {
+                        TraceEvent::Kernel(k) => {
+                            st.kernels += 1;
+                            push_merged(kernel_list, k.start, k.end);
+                        }
+                        TraceEvent::Step(s) => {
+                            st.steps += 1;
+                            let slot = step_starts.entry(s.step).or_insert(s.t);
+                            *slot = (*slot).min(s.t);
+                        }
+                        TraceEvent::Transfer(x) => {
+                            let (a, b) = (x.post, x.complete.max(x.post));
+                            for side in [x.src, x.dst] {
+                                if let Some(w) = wait_intervals.get_mut(side) {
+                                    push_merged(w, a, b);
+                                }
+                            }
+                            if seen_transfers.insert(x.id) {
+                                let l =
+                                    link_stats
+                                        .entry((x.src, x.dst))
+                                        .or_insert_with(|| LinkStats {
+                                            src: x.src,
+                                            dst: x.dst,
+                                            ..LinkStats::default()
+                                        });
+                                l.transfers += 1;
+                                l.bytes += x.bytes;
+                                l.latency_sum += b - a;
+                                push_merged(
+                                    link_intervals.entry((x.src, x.dst)).or_default(),
+                                    a,
+                                    b,
+                                );
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            out.endpoints.push(st);
+        }
+        for (ep, st) in out.endpoints.iter_mut().enumerate() {
+            let compute = union(std::mem::take(&mut kernel_intervals[ep]));
+            let waits = union(std::mem::take(&mut wait_intervals[ep]));
+            st.compute = total(&compute);
+            st.waiting = total(&waits) - overlap_total(&compute, &waits);
+            st.idle = st.active.saturating_sub(st.compute + st.waiting);
+        }
+        for (key, mut l) in link_stats {
+            l.busy = total(&union(link_intervals.remove(&key).unwrap_or_default()));
+            out.links.push(l);
+        }
+        out.links.sort_by_key(|l| (l.src, l.dst));
+        let starts: Vec<Nanos> = step_starts.values().copied().collect();
+        let mut durations: Vec<Nanos> = starts
+            .windows(2)
+            .map(|w| w[1].saturating_sub(w[0]))
+            .collect();
+        durations.sort_unstable();
+        out.steps = StepTimes { sorted: durations };
+        Ok(out)
+    }
+}
+
+/// Appends `[a, b)`, merging with the last interval when they touch (events mostly arrive in
+/// time order, so this keeps the lists short).
+fn push_merged(list: &mut Vec<(Nanos, Nanos)>, a: Nanos, b: Nanos) {
+    if let Some(last) = list.last_mut()
+        && a <= last.1
+        && a >= last.0
+    {
+        last.1 = last.1.max(b);
+        return;
+    }
+    list.push((a, b));
+}
+
+fn union(mut list: Vec<(Nanos, Nanos)>) -> Vec<(Nanos, Nanos)> {
+    list.sort_unstable();
+    let mut out: Vec<(Nanos, Nanos)> = Vec::with_capacity(list.len());
+    for (a, b) in list {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+fn total(list: &[(Nanos, Nanos)]) -> Nanos {
+    list.iter().map(|(a, b)| b - a).sum()
+}
+
+/// Total time shared by two sorted, disjoint interval lists.
+fn overlap_total(x: &[(Nanos, Nanos)], y: &[(Nanos, Nanos)]) -> Nanos {
+    let (mut i, mut j, mut sum) = (0, 0, 0);
+    while i < x.len() && j < y.len() {
+        let a = x[i].0.max(y[j].0);
+        let b = x[i].1.min(y[j].1);
+        if b > a {
+            sum += b - a;
+        }
+        if x[i].1 < y[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_algebra() {
+        let u = union(vec![(5, 10), (0, 3), (2, 6), (20, 25)]);
+        assert_eq!(u, vec![(0, 10), (20, 25)]);
+        assert_eq!(total(&u), 15);
+        assert_eq!(overlap_total(&u, &[(8, 22)]), 4);
+    }
+
+    #[test]
+    fn step_quantiles_and_histogram() {
+        let s = StepTimes {
+            sorted: vec![10, 10, 10, 20, 100],
+        };
+        assert_eq!(s.quantile(0.5), Some(10));
+        assert_eq!(s.quantile(1.0), Some(100));
+        assert_eq!(s.histogram(3), vec![4, 0, 1]);
+    }
+}

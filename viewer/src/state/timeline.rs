@@ -1,0 +1,581 @@
+//! The timeline model: a trace source, a cache of decoded frames, and the binned `Window` the
+//! screen draws for a time range.
+//!
+//! Two levels of detail. When the frames touching the visible range hold at most
+//! [`DETAIL_LIMIT`] events the window is built from decoded events (spans coloured by kernel,
+//! flows, bandwidth). Above that it is built from the log index alone (event density per column),
+//! which is what makes the first frame of a huge trace cheap.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::state::event::{
+    EndpointIx, EventKind, Nanos, SystemKind, TimeRange, TraceEvent, Transfer,
+};
+use crate::state::filter::Filter;
+use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, TraceSource};
+
+/// Estimated events in view above which the window is drawn from the index instead of events.
+pub const DETAIL_LIMIT: u64 = 200_000;
+
+/// Decoded events the frame cache keeps before evicting the least recently used frames.
+const CACHE_BUDGET: usize = 600_000;
+
+/// What one column of a track's kernel row shows.
+#[derive(Clone, Debug, PartialEq)]
+pub enum KernelCell {
+    /// No kernel ran in this column.
+    Idle,
+    /// Kernels ran; `kernel` covered the most time, `busy` is the share of the column in kernels.
+    Span {
+        /// The kernel that covered the most of the column.
+        kernel: Arc<str>,
+        /// Fraction of the column's time spent in any kernel, 0..=1.
+        busy: f32,
+    },
+    /// Overview: kernel events per column relative to the busiest column, 0..=1.
+    Density(f32),
+}
+
+/// An instant drawn in a track's mark row; later variants win when several share a column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mark {
+    /// Nothing.
+    None,
+    /// A user marker.
+    Marker,
+    /// A transfer arrived from another endpoint.
+    FlowIn,
+    /// A transfer left for another endpoint.
+    FlowOut,
+    /// A step boundary.
+    Step,
+    /// A snapshot.
+    Snapshot,
+    /// Events were lost here.
+    Lost,
+    /// The replay's first divergence.
+    Divergence,
+}
+
+/// One endpoint's row data for the visible range.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrackBins {
+    /// Which endpoint.
+    pub endpoint: EndpointIx,
+    /// Kernel row, one cell per column.
+    pub kernels: Vec<KernelCell>,
+    /// Mark row, one mark per column.
+    pub marks: Vec<Mark>,
+    /// Bytes of outgoing transfers posted in each column (labels next to flow marks).
+    pub flow_bytes: Vec<u64>,
+    /// Perf samples per column.
+    pub samples: Vec<f64>,
+    /// Page faults per column (overview: all eBPF events, the index does not split them).
+    pub faults: Vec<f64>,
+    /// PT bytes per column (overview: PT chunks).
+    pub pt: Vec<f64>,
+    /// Decoded, filtered events in view, sorted by start (empty in overview).
+    pub events: Vec<TraceEvent>,
+}
+
+/// Bytes a link carried per column of the visible range.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinkBins {
+    /// Sending endpoint.
+    pub src: EndpointIx,
+    /// Receiving endpoint.
+    pub dst: EndpointIx,
+    /// Bytes in flight attributed to each column (spread over post..complete).
+    pub bytes: Vec<f64>,
+    /// Transfers on this link in view.
+    pub transfers: u64,
+    /// Total bytes on this link in view.
+    pub total_bytes: u64,
+    /// Time with at least one transfer in flight on this link, inside the view.
+    pub busy: Nanos,
+}
+
+/// Everything the timeline screen draws for one time range and width.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Window {
+    /// The visible range.
+    pub range: TimeRange,
+    /// Columns the range is split into.
+    pub columns: usize,
+    /// Whether it was built from decoded events (true) or from the index (false).
+    pub detail: bool,
+    /// Events the index counts in frames touching the range (for shown endpoints and kinds).
+    pub events_in_view: u64,
+    /// Tracks of the endpoints the filter shows, in manifest order.
+    pub tracks: Vec<TrackBins>,
+    /// Links with traffic in view, sorted by (src, dst).
+    pub links: Vec<LinkBins>,
+}
+
+impl Window {
+    /// Start time of column `c`.
+    pub fn column_start(&self, c: usize) -> Nanos {
+        column_start(self.range, self.columns, c)
+    }
+
+    /// Column holding time `t`, clamped to the window.
+    pub fn column_of(&self, t: Nanos) -> usize {
+        column_of(self.range, self.columns, t)
+    }
+
+    /// The track of endpoint `ep`, when shown.
+    pub fn track(&self, ep: EndpointIx) -> Option<&TrackBins> {
+        self.tracks.iter().find(|t| t.endpoint == ep)
+    }
+}
+
+fn column_start(range: TimeRange, columns: usize, c: usize) -> Nanos {
+    range.start + (u128::from(range.len()) * c as u128 / columns.max(1) as u128) as Nanos
+}
+
+fn column_of(range: TimeRange, columns: usize, t: Nanos) -> usize {
+    if t <= range.start || range.is_empty() {
+        return 0;
+    }
+    let c = (u128::from(t - range.start) * columns as u128 / u128::from(range.len())) as usize;
+    c.min(columns.saturating_sub(1))
+}
+
+/// Calls `f(column, overlap_ns)` for every column `[start, end)` overlaps; an instant gets its
+/// own column with overlap 0.
+fn for_columns(
+    range: TimeRange,
+    columns: usize,
+    start: Nanos,
+    end: Nanos,
+    mut f: impl FnMut(usize, Nanos),
+) {
+    if columns == 0 || !range.touches(start, end) {
+        return;
+    }
+    let c0 = column_of(range, columns, start);
+    if end <= start {
+        f(c0, 0);
+        return;
+    }
+    let c1 = column_of(range, columns, end.saturating_sub(1));
+    for c in c0..=c1 {
+        let col = TimeRange::new(
+            column_start(range, columns, c),
+            column_start(range, columns, c + 1),
+        );
+        f(c, col.overlap(start, end));
+    }
+}
+
+/// A decoded frame with the cache clock at its last use.
+type CachedFrame = (u64, Arc<[TraceEvent]>);
+
+/// Least-recently-used cache of decoded frames, bounded by the number of events it holds.
+#[derive(Debug, Default)]
+struct FrameCache {
+    frames: HashMap<(EndpointIx, usize), CachedFrame>,
+    clock: u64,
+    held: usize,
+}
+
+impl FrameCache {
+    fn get(
+        &mut self,
+        source: &dyn TraceSource,
+        ep: EndpointIx,
+        frame: usize,
+    ) -> Result<Arc<[TraceEvent]>> {
+        self.clock += 1;
+        if let Some((used, events)) = self.frames.get_mut(&(ep, frame)) {
+            *used = self.clock;
+            return Ok(Arc::clone(events));
+        }
+        let events: Arc<[TraceEvent]> = Arc::from(source.frame_events(ep, frame)?);
+        self.held += events.len();
+        self.frames
+            .insert((ep, frame), (self.clock, Arc::clone(&events)));
+        while self.held > CACHE_BUDGET && self.frames.len() > 1 {
+            let oldest = self
+                .frames
+                .iter()
+                .min_by_key(|(_, (used, _))| *used)
+                .map(|(key, _)| *key);
+            let Some(key) = oldest else { break };
+            if let Some((_, gone)) = self.frames.remove(&key) {
+                self.held -= gone.len();
+            }
+        }
+        Ok(events)
+    }
+}
+
+/// A trace opened for viewing.
+pub struct Timeline {
+    source: Box<dyn TraceSource>,
+    extent: TimeRange,
+    cache: FrameCache,
+    detail_limit: u64,
+}
+
+impl std::fmt::Debug for Timeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Timeline")
+            .field("endpoints", &self.source.endpoints().len())
+            .field("extent", &self.extent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Timeline {
+    /// Opens a source; reads only its index.
+    pub fn new(source: Box<dyn TraceSource>) -> Self {
+        let extent = source.extent();
+        Self {
+            source,
+            extent,
+            cache: FrameCache::default(),
+            detail_limit: DETAIL_LIMIT,
+        }
+    }
+
+    /// Changes the level-of-detail threshold (events in view above which the index is drawn).
+    pub fn with_detail_limit(mut self, limit: u64) -> Self {
+        self.detail_limit = limit;
+        self
+    }
+
+    /// The underlying source.
+    pub fn source(&self) -> &dyn TraceSource {
+        self.source.as_ref()
+    }
+
+    /// Endpoints in manifest order.
+    pub fn endpoints(&self) -> &[EndpointInfo] {
+        self.source.endpoints()
+    }
+
+    /// Whole-trace time range.
+    pub fn extent(&self) -> TimeRange {
+        self.extent
+    }
+
+    /// How each endpoint's log ended.
+    pub fn health(&self, ep: EndpointIx) -> LogHealth {
+        self.source.health(ep)
+    }
+
+    fn touching(
+        frames: &[FrameSummary],
+        range: TimeRange,
+    ) -> impl Iterator<Item = (usize, &FrameSummary)> {
+        frames
+            .iter()
+            .enumerate()
+            .filter(move |(_, f)| range.touches(f.range.start, f.range.end))
+    }
+
+    fn counted(filter: &Filter, f: &FrameSummary) -> u64 {
+        EventKind::ALL
+            .iter()
+            .filter(|k| filter.shows_kind(**k))
+            .map(|k| f.counts.get(*k))
+            .sum()
+    }
+
+    /// Decoded events of one endpoint touching `range` that pass `filter`, sorted by start.
+    pub fn events_in(
+        &mut self,
+        ep: EndpointIx,
+        range: TimeRange,
+        filter: &Filter,
+    ) -> Result<Vec<TraceEvent>> {
+        let info = self.source.endpoints()[ep].clone();
+        let wanted: Vec<usize> = Self::touching(self.source.frames(ep), range)
+            .filter(|(_, f)| Self::counted(filter, f) > 0)
+            .map(|(i, _)| i)
+            .collect();
+        let mut out = Vec::new();
+        for frame in wanted {
+            let events = self.cache.get(self.source.as_ref(), ep, frame)?;
+            out.extend(
+                events
+                    .iter()
+                    .filter(|e| range.touches(e.start(), e.end()) && filter.shows_event(&info, e))
+                    .cloned(),
+            );
+        }
+        out.sort_by_key(TraceEvent::start);
+        Ok(out)
+    }
+
+    /// Start of step `step` on endpoint `ep` (its step-boundary event), reading only frames that
+    /// the index says hold step boundaries.
+    pub fn step_start(&mut self, ep: EndpointIx, step: u64) -> Result<Option<Nanos>> {
+        let candidates: Vec<usize> = self
+            .source
+            .frames(ep)
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.counts.get(EventKind::Step) > 0)
+            .map(|(i, _)| i)
+            .collect();
+        for frame in candidates {
+            let events = self.cache.get(self.source.as_ref(), ep, frame)?;
+            for e in events.iter() {
+                if let TraceEvent::Step(s) = e {
+                    if s.step == step {
+                        return Ok(Some(s.t));
+                    }
+                    if s.step > step {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The binned window for `range` split into `columns`, under `filter`; `highlight` puts a
+    /// divergence mark on one endpoint at one time.
+    pub fn window(
+        &mut self,
+        range: TimeRange,
+        columns: usize,
+        filter: &Filter,
+        highlight: Option<(EndpointIx, Nanos)>,
+    ) -> Result<Window> {
+        let columns = columns.max(1);
+        let shown: Vec<EndpointIx> = (0..self.source.endpoints().len())
+            .filter(|ep| filter.shows_endpoint(&self.source.endpoints()[*ep]))
+            .collect();
+        let events_in_view: u64 = shown
+            .iter()
+            .flat_map(|ep| Self::touching(self.source.frames(*ep), range))
+            .map(|(_, f)| Self::counted(filter, f))
+            .sum();
+        let detail = events_in_view <= self.detail_limit;
+        let mut window = Window {
+            range,
+            columns,
+            detail,
+            events_in_view,
+            tracks: Vec::with_capacity(shown.len()),
+            links: Vec::new(),
+        };
+        let mut transfers: HashMap<u64, Transfer> = HashMap::new();
+        for ep in shown {
+            let track = if detail {
+                let events = self.events_in(ep, range, filter)?;
+                for e in &events {
+                    if let TraceEvent::Transfer(x) = e {
+                        // Both ends log a transfer; the receiver's completion is the arrival.
+                        let merged = transfers.entry(x.id).or_insert_with(|| x.clone());
+                        merged.post = merged.post.min(x.post);
+                        merged.complete = merged.complete.max(x.complete);
+                    }
+                }
+                detail_track(ep, range, columns, events)
+            } else {
+                overview_track(ep, range, columns, self.source.frames(ep))
+            };
+            window.tracks.push(track);
+        }
+        if detail {
+            add_flows(&mut window, transfers.into_values().collect());
+        }
+        if let Some((ep, t)) = highlight
+            && range.touches(t, t)
+        {
+            let c = window.column_of(t);
+            if let Some(track) = window.tracks.iter_mut().find(|tr| tr.endpoint == ep) {
+                put_mark(&mut track.marks, c, Mark::Divergence);
+            }
+        }
+        Ok(window)
+    }
+}
+
+fn empty_track(ep: EndpointIx, columns: usize) -> TrackBins {
+    TrackBins {
+        endpoint: ep,
+        kernels: vec![KernelCell::Idle; columns],
+        marks: vec![Mark::None; columns],
+        flow_bytes: vec![0; columns],
+        samples: vec![0.0; columns],
+        faults: vec![0.0; columns],
+        pt: vec![0.0; columns],
+        events: Vec::new(),
+    }
+}
+
+fn put_mark(marks: &mut [Mark], c: usize, m: Mark) {
+    if let Some(slot) = marks.get_mut(c)
+        && m > *slot
+    {
+        *slot = m;
+    }
+}
+
+fn detail_track(
+    ep: EndpointIx,
+    range: TimeRange,
+    columns: usize,
+    events: Vec<TraceEvent>,
+) -> TrackBins {
+    let mut t = empty_track(ep, columns);
+    // Per column: the kernel with the largest overlap so far, and the total busy time.
+    let mut best: Vec<(Nanos, Option<Arc<str>>)> = vec![(0, None); columns];
+    let mut busy: Vec<Nanos> = vec![0; columns];
+    for e in &events {
+        match e {
+            TraceEvent::Kernel(k) => for_columns(range, columns, k.start, k.end, |c, ov| {
+                busy[c] += ov;
+                if best[c].1.is_none() || ov > best[c].0 {
+                    best[c] = (ov, Some(Arc::clone(&k.kernel)));
+                }
+            }),
+            TraceEvent::Step(s) => {
+                put_mark(&mut t.marks, column_of(range, columns, s.t), Mark::Step)
+            }
+            TraceEvent::Snapshot(s) => {
+                put_mark(&mut t.marks, column_of(range, columns, s.t), Mark::Snapshot)
+            }
+            TraceEvent::Lost(l) => {
+                put_mark(&mut t.marks, column_of(range, columns, l.t), Mark::Lost)
+            }
+            TraceEvent::Marker(m) => {
+                put_mark(&mut t.marks, column_of(range, columns, m.t), Mark::Marker)
+            }
+            TraceEvent::Perf(p) => {
+                if range.touches(p.t, p.t) {
+                    t.samples[column_of(range, columns, p.t)] += 1.0;
+                }
+            }
+            TraceEvent::System(s) => {
+                if s.kind == SystemKind::PageFault && range.touches(s.t, s.t) {
+                    t.faults[column_of(range, columns, s.t)] += 1.0;
+                }
+            }
+            TraceEvent::Pt(p) => {
+                if range.touches(p.t, p.t) {
+                    t.pt[column_of(range, columns, p.t)] += p.bytes as f64;
+                }
+            }
+            // Transfers are drawn once for the whole window, from both endpoints' logs; counters
+            // have no lane of their own and show in the detail pane.
+            TraceEvent::Transfer(_) | TraceEvent::Counter(_) => {}
+        }
+    }
+    for c in 0..columns {
+        if let (_, Some(kernel)) = &best[c] {
+            let width = column_start(range, columns, c + 1) - column_start(range, columns, c);
+            let share = if width == 0 {
+                1.0
+            } else {
+                busy[c] as f32 / width as f32
+            };
+            t.kernels[c] = KernelCell::Span {
+                kernel: Arc::clone(kernel),
+                busy: share.clamp(0.0, 1.0),
+            };
+        }
+    }
+    t.events = events;
+    t
+}
+
+fn overview_track(
+    ep: EndpointIx,
+    range: TimeRange,
+    columns: usize,
+    frames: &[FrameSummary],
+) -> TrackBins {
+    let mut t = empty_track(ep, columns);
+    let mut kernels = vec![0.0f64; columns];
+    for f in frames
+        .iter()
+        .filter(|f| range.touches(f.range.start, f.range.end))
+    {
+        let len = f.range.len().max(1) as f64;
+        let instant = f.range.is_empty();
+        for_columns(range, columns, f.range.start, f.range.end, |c, ov| {
+            let share = if instant { 1.0 } else { ov as f64 / len };
+            kernels[c] += f.counts.get(EventKind::Kernel) as f64 * share;
+            t.samples[c] += f.counts.get(EventKind::PerfSample) as f64 * share;
+            t.faults[c] += f.counts.get(EventKind::System) as f64 * share;
+            t.pt[c] += f.counts.get(EventKind::PtChunk) as f64 * share;
+        });
+        let at = column_of(range, columns, f.range.start.max(range.start));
+        if f.counts.get(EventKind::Snapshot) > 0 {
+            put_mark(&mut t.marks, at, Mark::Snapshot);
+        }
+        if f.counts.get(EventKind::Lost) > 0 {
+            put_mark(&mut t.marks, at, Mark::Lost);
+        }
+    }
+    let max = kernels.iter().copied().fold(0.0, f64::max);
+    for (cell, k) in t.kernels.iter_mut().zip(kernels) {
+        if k > 0.0 && max > 0.0 {
+            *cell = KernelCell::Density((k / max) as f32);
+        }
+    }
+    t
+}
+
+fn add_flows(window: &mut Window, mut transfers: Vec<Transfer>) {
+    transfers.sort_by_key(|x| (x.post, x.id));
+    let (range, columns) = (window.range, window.columns);
+    let mut links: HashMap<(EndpointIx, EndpointIx), (LinkBins, Nanos)> = HashMap::new();
+    for x in &transfers {
+        if let Some(src) = window.tracks.iter_mut().find(|t| t.endpoint == x.src)
+            && range.touches(x.post, x.post)
+        {
+            let c = column_of(range, columns, x.post);
+            put_mark(&mut src.marks, c, Mark::FlowOut);
+            src.flow_bytes[c] += x.bytes;
+        }
+        if let Some(dst) = window.tracks.iter_mut().find(|t| t.endpoint == x.dst)
+            && range.touches(x.complete, x.complete)
+        {
+            put_mark(
+                &mut dst.marks,
+                column_of(range, columns, x.complete),
+                Mark::FlowIn,
+            );
+        }
+        let (link, covered_to) = links.entry((x.src, x.dst)).or_insert_with(|| {
+            (
+                LinkBins {
+                    src: x.src,
+                    dst: x.dst,
+                    bytes: vec![0.0; columns],
+                    transfers: 0,
+                    total_bytes: 0,
+                    busy: 0,
+                },
+                range.start,
+            )
+        });
+        link.transfers += 1;
+        link.total_bytes += x.bytes;
+        let (start, end) = (x.post, x.complete.max(x.post));
+        let len = (end - start).max(1) as f64;
+        for_columns(range, columns, start, end, |c, ov| {
+            let share = if end == start { 1.0 } else { ov as f64 / len };
+            link.bytes[c] += x.bytes as f64 * share;
+        });
+        // Busy time is the union of in-flight intervals; transfers are sorted by post time.
+        let s = start.max(*covered_to).max(range.start);
+        let e = end.min(range.end);
+        if e > s {
+            link.busy += e - s;
+        }
+        *covered_to = (*covered_to).max(e);
+    }
+    let mut links: Vec<LinkBins> = links.into_values().map(|(l, _)| l).collect();
+    links.sort_by_key(|l| (l.src, l.dst));
+    window.links = links;
+}

@@ -1,0 +1,57 @@
+//! The detail pane: every field of the selected event.
+
+use ratatui::buffer::Buffer;
+use ratatui::layout::Rect;
+use ratatui::style::Style;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Paragraph, Widget, Wrap};
+
+use crate::state::app::Selection;
+use crate::state::source::EndpointInfo;
+use crate::view::style;
+
+/// The detail pane for one selection.
+#[derive(Debug)]
+pub struct DetailView<'a> {
+    selection: &'a Selection,
+    endpoints: &'a [EndpointInfo],
+}
+
+impl<'a> DetailView<'a> {
+    /// A pane for `selection`, naming endpoints from `endpoints`.
+    pub fn new(selection: &'a Selection, endpoints: &'a [EndpointInfo]) -> Self {
+        Self {
+            selection,
+            endpoints,
+        }
+    }
+}
+
+impl Widget for DetailView<'_> {
+    fn render(self, area: Rect, buf: &mut Buffer) {
+        let name = |ep: usize| {
+            self.endpoints
+                .get(ep)
+                .map_or_else(|| format!("#{ep}"), |e| e.name.clone())
+        };
+        let mut lines = vec![Line::from(vec![
+            Span::styled("endpoint ", style::DIM),
+            Span::raw(name(self.selection.endpoint)),
+        ])];
+        for (field, value) in self.selection.event.fields(&name) {
+            lines.push(Line::from(vec![
+                Span::styled(format!("{field} "), style::DIM),
+                Span::raw(value),
+            ]));
+        }
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .block(
+                Block::default()
+                    .borders(Borders::LEFT)
+                    .title(" event (esc clears) ")
+                    .border_style(Style::new()),
+            )
+            .render(area, buf);
+    }
+}

@@ -1,0 +1,103 @@
+//! The stats view: per endpoint compute / waiting / idle shares, per-link achieved bandwidth, the
+//! step-time distribution and the bottleneck stage.
+
+use ratatui::buffer::Buffer;
+use ratatui::layout::Rect;
+use ratatui::text::Line;
+use ratatui::widgets::{Paragraph, Widget};
+
+use crate::state::event::{format_bandwidth, format_bytes, format_duration};
+use crate::state::source::EndpointInfo;
+use crate::state::stats::TraceStats;
+use crate::view::style;
+
+/// The stats view.
+#[derive(Debug)]
+pub struct StatsView<'a> {
+    stats: &'a TraceStats,
+    endpoints: &'a [EndpointInfo],
+}
+
+impl<'a> StatsView<'a> {
+    /// A view of `stats` naming endpoints from `endpoints`.
+    pub fn new(stats: &'a TraceStats, endpoints: &'a [EndpointInfo]) -> Self {
+        Self { stats, endpoints }
+    }
+
+    fn name(&self, ep: usize) -> &str {
+        self.endpoints.get(ep).map_or("?", |e| e.name.as_str())
+    }
+
+    /// The view's text, one line per row.
+    pub fn lines(&self) -> Vec<Line<'static>> {
+        let s = self.stats;
+        let mut out = vec![Line::styled(
+            "endpoint        compute  waiting     idle  kernels  steps",
+            style::DIM,
+        )];
+        for e in &s.endpoints {
+            out.push(Line::raw(format!(
+                "{:<14} {:>7.1}% {:>7.1}% {:>7.1}% {:>8} {:>6}",
+                self.name(e.endpoint),
+                100.0 * e.share(e.compute),
+                100.0 * e.share(e.waiting),
+                100.0 * e.share(e.idle),
+                e.kernels,
+                e.steps
+            )));
+        }
+        out.push(Line::raw(""));
+        out.push(Line::styled(
+            "link            transfers      bytes   achieved  mean latency",
+            style::DIM,
+        ));
+        for l in &s.links {
+            out.push(Line::raw(format!(
+                "{:<14} {:>10} {:>10} {:>10} {:>12}",
+                format!("{}>{}", self.name(l.src), self.name(l.dst)),
+                l.transfers,
+                format_bytes(l.bytes),
+                format_bandwidth(l.bytes, l.busy),
+                format_duration(l.latency_sum / l.transfers.max(1)),
+            )));
+        }
+        if s.links.is_empty() {
+            out.push(Line::raw("(no transfers)"));
+        }
+        out.push(Line::raw(""));
+        let q = |x| {
+            s.steps
+                .quantile(x)
+                .map_or_else(|| "-".to_string(), format_duration)
+        };
+        out.push(Line::raw(format!(
+            "step time over {} steps: min {}  p50 {}  p90 {}  p99 {}  max {}",
+            s.steps.sorted.len(),
+            q(0.0),
+            q(0.5),
+            q(0.9),
+            q(0.99),
+            q(1.0)
+        )));
+        let hist = s.steps.histogram(24);
+        let max = hist.iter().copied().max().unwrap_or(0) as f64;
+        let bars: String = hist.iter().map(|n| style::bar(*n as f64, max)).collect();
+        out.push(Line::raw(format!("distribution  [{bars}]")));
+        out.push(Line::raw(""));
+        out.push(match s.bottleneck() {
+            Some(b) => Line::raw(format!(
+                "bottleneck: {} (computes {:.1}% of its time; the pipeline runs at its pace)",
+                self.name(b.endpoint),
+                100.0 * b.share(b.compute)
+            )),
+            None => Line::raw("bottleneck: none (no kernel spans in the trace)"),
+        });
+        out
+    }
+}
+
+impl Widget for StatsView<'_> {
+    fn render(self, area: Rect, buf: &mut Buffer) {
+        Paragraph::new(self.lines()).render(area, buf);
+    }
+}

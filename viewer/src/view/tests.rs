@@ -1,0 +1,389 @@
+//! Screens and widgets rendered into ratatui's `TestBackend` and compared with expected buffers.
+
+use std::sync::Arc;
+
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+use ratatui::buffer::Buffer;
+use ratatui::crossterm::event::{
+    Event, KeyCode, KeyEvent, KeyModifiers, MouseButton, MouseEvent, MouseEventKind,
+};
+use ratatui::layout::Rect;
+use ratatui::style::Style;
+use ratatui::widgets::Widget;
+
+use crate::run::draw_frame;
+use crate::state::app::{App, Mode, Selection};
+use crate::state::event::{TraceEvent, Transfer};
+use crate::state::fixture;
+use crate::state::timeline::{LinkBins, Timeline, Window};
+use crate::view::{detail, help, links};
+
+fn app(stages: usize, steps: u64) -> App {
+    App::new(
+        Timeline::new(Box::new(fixture::pipeline(stages, steps, 64))),
+        "fixture",
+    )
+}
+
+/// The buffer with styles dropped, for comparison with `Buffer::with_lines`.
+fn plain(buf: &Buffer) -> Buffer {
+    let mut b = buf.clone();
+    b.set_style(b.area, Style::reset());
+    b
+}
+
+fn screen(app: &mut App, w: u16, h: u16) -> Buffer {
+    let mut term = Terminal::new(TestBackend::new(w, h)).expect("test backend");
+    draw_frame(&mut term, app).expect("draws");
+    plain(term.backend().buffer())
+}
+
+fn text(b: &Buffer) -> Vec<String> {
+    (0..b.area.height)
+        .map(|y| (0..b.area.width).map(|x| b[(x, y)].symbol()).collect())
+        .collect()
+}
+
+fn press(app: &mut App, code: KeyCode) {
+    app.on_key(KeyEvent::from(code)).expect("key handled");
+}
+
+fn type_text(app: &mut App, s: &str) {
+    for c in s.chars() {
+        press(app, KeyCode::Char(c));
+    }
+}
+
+#[test]
+fn whole_screen_of_the_fixture() {
+    let mut a = app(3, 4);
+    let expected = Buffer::with_lines([
+        " slug view  fixture  0.000000s..0.003800s (3.80ms)  events: 131 in view         ",
+        "time            |0ns          |831.2us      |1.66ms       |2.49ms       |3.33ms ",
+        ">n0/s0          ███▒            ░███░            ▒███░            ▒███          ",
+        "                S  v4.0KiB      │   v4.0KiB      │   v4.0KiB      │  v4.0KiB    ",
+        " n0/s1               ████▒           ░████░           ▒████            ▒████    ",
+        "                   ^ S   v4.0KiB    ^│    v4.0KiB    ^│   v     X     ^│   v    ",
+        " n1/s2                    ███▒            ░███▒            ░███░            ▒███",
+        "                         ^S               │                │                │   ",
+        "links: bandwidth over time, achieved while busy                                 ",
+        "s0>s1 204.8MB/s    █                █                █               ▃▆         ",
+        "s1>s2 204.8MB/s          █                █               ▂▇               ▅▃   ",
+        "perf lanes: density per column                                                  ",
+        "s0 samples      ▄▄▄▄             ▄▄█             ▄▄ █             ▄▄▄▄          ",
+        "s1 samples           ▄▄ ▄▄            ▄▄ █            ▄ ▄ █            ▄ ▄▄▄    ",
+        "s2 samples                ▄▄▄▄             ▄▄▄▄            ▄▄ █             ▄▄ █",
+        "s0 faults          █                                                            ",
+        "s1 faults                █                                                      ",
+        "s2 faults                    █                                                  ",
+        "                                                                                ",
+        "                                                                                ",
+        "                                                                                ",
+        "                                                                                ",
+        "                                                                                ",
+        "q quit  ? help  w/s zoom  a/d pan  up/down track  n/p event  / filter  g time  :",
+    ]);
+    assert_eq!(screen(&mut a, 80, 24), expected);
+}
+
+#[test]
+fn overview_from_the_index_when_too_many_events_are_in_view() {
+    let timeline = Timeline::new(Box::new(fixture::pipeline(2, 4, 8))).with_detail_limit(10);
+    let mut a = App::new(timeline, "big");
+    let lines = text(&screen(&mut a, 80, 20));
+    assert!(lines[0].contains("overview from index"), "{}", lines[0]);
+    assert!(
+        lines[2].contains('░') || lines[2].contains('█'),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[6].starts_with("links: zoom in (w) to see transfers"),
+        "{}",
+        lines[6]
+    );
+    press(&mut a, KeyCode::Char('n'));
+    assert!(a.selection.is_none());
+    assert!(a.message.as_deref().is_some_and(|m| m.contains("zoom in")));
+}
+
+#[test]
+fn too_small_terminal_gets_a_message_not_a_garbled_screen() {
+    let mut a = app(2, 2);
+    let lines = [
+        "terminal too small: 40x6, slug view",
+        "needs 60x16 — enlarge the window or",
+        "press q",
+        "",
+        "",
+        "",
+    ];
+    let expected = Buffer::with_lines(lines.iter().map(|l| format!("{l:<40}")));
+    assert_eq!(screen(&mut a, 40, 6), expected);
+}
+
+#[test]
+fn help_overlay_lists_keys_and_any_key_closes_it() {
+    let mut buf = Buffer::empty(Rect::new(0, 0, 56, 20));
+    help::HelpView.render(buf.area, &mut buf);
+    let lines = text(&plain(&buf));
+    assert_eq!(lines[0], format!("┌ keys {}┐", "─".repeat(48)));
+    assert_eq!(lines[1], format!("│{:<54}│", "       w + =  zoom in"));
+    assert_eq!(
+        lines[14],
+        format!(
+            "│{:<54}│",
+            "           /  filter: kind:K kernel:K ep:E words"
+        )
+    );
+    let mut a = app(2, 2);
+    press(&mut a, KeyCode::Char('?'));
+    assert_eq!(a.mode, Mode::Help);
+    press(&mut a, KeyCode::Char('x'));
+    assert_eq!(a.mode, Mode::Timeline);
+}
+
+fn transfer() -> TraceEvent {
+    TraceEvent::Transfer(Transfer {
+        id: 7,
+        src: 0,
+        dst: 1,
+        bytes: 4096,
+        post: 1_000_000,
+        complete: 1_020_000,
+        src_arena: 1,
+        dst_arena: 2,
+        src_offset: 64,
+        dst_offset: 128,
+        hash: 0xab,
+        transport: Arc::from("tcp"),
+        payload: None,
+        logged_by_receiver: true,
+    })
+}
+
+#[test]
+fn detail_pane_shows_every_field_of_a_transfer() {
+    let sel = Selection {
+        endpoint: 1,
+        event: transfer(),
+    };
+    let eps = fixture::endpoints(2);
+    let mut buf = Buffer::empty(Rect::new(0, 0, 40, 20));
+    detail::DetailView::new(&sel, &eps).render(buf.area, &mut buf);
+    let lines = [
+        " event (esc clears)",
+        "endpoint n0/s1",
+        "kind transfer",
+        "id 7",
+        "src n0/s0",
+        "dst n0/s1",
+        "bytes 4096 (4.0KiB)",
+        "post 0.001000s",
+        "complete 0.001020s",
+        "latency 20.0us",
+        "bandwidth 204.8MB/s",
+        "src arena 1",
+        "dst arena 2",
+        "src offset 64",
+        "dst offset 128",
+        "hash 000000000000000000000000000000ab",
+        "transport tcp",
+        "payload hash only",
+        "logged by receiver",
+        "",
+    ];
+    let expected = Buffer::with_lines(lines.iter().map(|l| format!("│{l:<39}")));
+    assert_eq!(plain(&buf), expected);
+}
+
+#[test]
+fn link_panel_draws_bandwidth_and_achieved_rate() {
+    let window = Window {
+        range: crate::state::event::TimeRange::new(0, 8_000),
+        columns: 8,
+        detail: true,
+        events_in_view: 2,
+        tracks: Vec::new(),
+        links: vec![LinkBins {
+            src: 0,
+            dst: 1,
+            bytes: vec![0.0, 100.0, 200.0, 400.0, 800.0, 0.0, 0.0, 50.0],
+            transfers: 2,
+            total_bytes: 1550,
+            busy: 5_000,
+        }],
+    };
+    let eps = fixture::endpoints(2);
+    let mut buf = Buffer::empty(Rect::new(0, 0, 24, 2));
+    (&links::LinksView {
+        window: &window,
+        endpoints: &eps,
+    })
+        .render(buf.area, &mut buf);
+    let expected = Buffer::with_lines(["links: bandwidth over ti", "s0>s1 310.0MB/s  ▁▂▄█  ▁"]);
+    assert_eq!(plain(&buf), expected);
+}
+
+#[test]
+fn filter_prompt_hides_other_endpoints() {
+    let mut a = app(3, 2);
+    screen(&mut a, 80, 24);
+    press(&mut a, KeyCode::Char('/'));
+    assert_eq!(a.mode, Mode::Prompt(crate::state::app::PromptKind::Filter));
+    type_text(&mut a, "ep:s1");
+    let lines = text(&screen(&mut a, 80, 24));
+    assert!(
+        lines[23].starts_with("filter (kind:K kernel:K ep:E words): ep:s1"),
+        "{}",
+        lines[23]
+    );
+    press(&mut a, KeyCode::Enter);
+    let lines = text(&screen(&mut a, 80, 24));
+    assert!(lines[0].contains("filter: ep:s1"), "{}", lines[0]);
+    assert!(lines[2].starts_with(">n0/s1"), "{}", lines[2]);
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("n0/s0") || l.contains("n1/s2"))
+    );
+    press(&mut a, KeyCode::Char('/'));
+    assert_eq!(a.input, "ep:s1", "the prompt starts from the active filter");
+    for _ in 0..5 {
+        press(&mut a, KeyCode::Backspace);
+    }
+    type_text(&mut a, "kind:nope");
+    press(&mut a, KeyCode::Enter);
+    assert!(
+        a.message
+            .as_deref()
+            .is_some_and(|m| m.contains("unknown kind `nope`"))
+    );
+}
+
+#[test]
+fn jump_to_step_and_time() {
+    let mut a = app(2, 6);
+    screen(&mut a, 80, 24);
+    press(&mut a, KeyCode::Char(':'));
+    type_text(&mut a, "3");
+    press(&mut a, KeyCode::Enter);
+    let step3 = 3 * fixture::STEP_NS;
+    assert!(a.view.start <= step3 && step3 < a.view.end, "{:?}", a.view);
+    assert!(a.view.len() <= 2 * fixture::STEP_NS);
+    press(&mut a, KeyCode::Char('g'));
+    type_text(&mut a, "5ms");
+    press(&mut a, KeyCode::Enter);
+    let mid = a.view.start + a.view.len() / 2;
+    assert!(
+        mid.abs_diff(5_000_000) < a.view.len() / 2 + 1,
+        "{:?}",
+        a.view
+    );
+    press(&mut a, KeyCode::Char(':'));
+    type_text(&mut a, "99");
+    press(&mut a, KeyCode::Enter);
+    assert_eq!(a.message.as_deref(), Some("step 99 not found on n0/s0"));
+}
+
+#[test]
+fn zoom_pan_and_select_events_with_keys_and_mouse() {
+    let mut a = app(2, 4);
+    screen(&mut a, 80, 24);
+    let full = a.view;
+    press(&mut a, KeyCode::Char('w'));
+    assert_eq!(a.view.len(), full.len() / 2);
+    press(&mut a, KeyCode::Char('d'));
+    assert!(a.view.start > full.start);
+    press(&mut a, KeyCode::Char('-'));
+    assert_eq!(a.view, full);
+    press(&mut a, KeyCode::Down);
+    screen(&mut a, 80, 24);
+    press(&mut a, KeyCode::Char('n'));
+    let sel = a.selection.clone().expect("an event is selected");
+    assert_eq!(sel.endpoint, 1);
+    press(&mut a, KeyCode::Char('n'));
+    let next = a.selection.clone().expect("still selected");
+    assert!(next.event.start() >= sel.event.start());
+    press(&mut a, KeyCode::Esc);
+    assert!(a.selection.is_none());
+    let scroll = |kind| {
+        Event::Mouse(MouseEvent {
+            kind,
+            column: 20,
+            row: 2,
+            modifiers: KeyModifiers::NONE,
+        })
+    };
+    screen(&mut a, 80, 24);
+    a.handle(&scroll(MouseEventKind::ScrollUp)).expect("scroll");
+    assert!(a.view.len() < full.len());
+    screen(&mut a, 80, 24);
+    a.handle(&scroll(MouseEventKind::Down(MouseButton::Left)))
+        .expect("click");
+    let clicked = a.selection.clone().expect("click selects");
+    assert_eq!(clicked.endpoint, 0);
+    let t = a.view.start + a.view.len() * 4 / 64;
+    let slack = a.view.len() / 32;
+    assert!(
+        clicked.event.start() <= t + slack && clicked.event.end() + slack >= t,
+        "{:?} not under the pointer at {t}",
+        clicked.event
+    );
+    let lines = text(&screen(&mut a, 100, 24));
+    assert!(lines[1].contains("event (esc clears)"), "{}", lines[1]);
+}
+
+#[test]
+fn stats_view_answers_where_time_went() {
+    let mut a = app(3, 5);
+    screen(&mut a, 80, 24);
+    press(&mut a, KeyCode::Char('t'));
+    assert_eq!(a.mode, Mode::Stats);
+    let lines = text(&screen(&mut a, 80, 24));
+    assert_eq!(
+        lines[1].trim_end(),
+        "endpoint        compute  waiting     idle  kernels  steps"
+    );
+    assert!(lines[2].starts_with("n0/s0"), "{}", lines[2]);
+    assert!(
+        lines.iter().any(|l| l.starts_with("n0/s0>n0/s1")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("step time over 4 steps: min 1.00ms")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("bottleneck: n0/s1")),
+        "{lines:?}"
+    );
+    press(&mut a, KeyCode::Char('t'));
+    assert_eq!(a.mode, Mode::Timeline);
+}
+
+#[test]
+fn divergence_report_is_highlighted_and_selected() {
+    let mut a = app(3, 4);
+    let report: crate::state::divergence::Divergence = serde_json::from_value(serde_json::json!({
+        "endpoint": "n0/s1", "step": 2, "layer": 1, "kernel": "gemm", "transfer_id": 7,
+        "offset": 12, "expected": "0x1", "got": "0x2", "later_differing": 3
+    }))
+    .expect("report parses");
+    a.set_divergence(report).expect("placed");
+    let sel = a
+        .selection
+        .clone()
+        .expect("the differing transfer is selected");
+    assert!(matches!(&sel.event, TraceEvent::Transfer(x) if x.id == 7));
+    let lines = text(&screen(&mut a, 100, 24));
+    assert!(
+        lines[1].starts_with("first divergence: n0/s1 step 2 layer 1 kernel gemm transfer #7 @12"),
+        "{}",
+        lines[1]
+    );
+    assert!(lines.iter().any(|l| l.contains('!')), "{lines:?}");
+}
