@@ -198,7 +198,6 @@ impl Hello {
 #[derive(Debug)]
 pub(crate) struct Handshaken {
     pub conn: Conn,
-    pub hello: Hello,
     /// Peer clock minus our clock.
     pub clock: ClockOffset,
 }
@@ -264,7 +263,7 @@ pub(crate) fn client_handshake(
     report.extend_from_slice(&clock.offset_ns.to_le_bytes());
     report.extend_from_slice(&clock.rtt_ns.to_le_bytes());
     conn.send_frame(kind::CLOCK, &report, timeout)?;
-    Ok(Handshaken { conn, hello, clock })
+    Ok(Handshaken { conn, clock })
 }
 
 /// Node side: reads the hello, refuses other versions, proves the key, checks the caller's proof,
@@ -337,7 +336,7 @@ pub(crate) fn server_handshake(
                     rtt_ns,
                     samples: CLOCK_SAMPLES as u32,
                 };
-                return Ok(Handshaken { conn, hello, clock });
+                return Ok(Handshaken { conn, clock });
             }
             other => {
                 return Err(TransportError::Protocol {
@@ -392,8 +391,6 @@ mod tests {
         let hello = Hello::new(Role::Data, 1, 2).expect("hello");
         let (c, s) = pair(k.clone(), k, hello, 1);
         let (c, s) = (c.expect("client side"), s.expect("server side"));
-        assert_eq!(s.hello.from, 1);
-        assert_eq!(s.hello.to, 2);
         // Same machine, same CLOCK_MONOTONIC: the estimate is within its own RTT of zero.
         assert!(c.clock.offset_ns.abs() <= c.clock.rtt_ns.max(1_000_000));
         assert_eq!(s.clock.offset_ns, -c.clock.offset_ns);

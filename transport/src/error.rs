@@ -117,3 +117,9 @@ impl TransportError {
 
 /// Result alias of this crate.
 pub type Result<T, E = TransportError> = std::result::Result<T, E>;
+
+impl From<slug_kernels::Error> for TransportError {
+    fn from(e: slug_kernels::Error) -> Self {
+        Self::Kernel(e.to_string())
+    }
+}

@@ -213,14 +213,14 @@ impl Fabric {
     }
 
     fn word32(&self, at: usize) -> &AtomicU32 {
-        debug_assert!(at % 4 == 0 && at + 4 <= self.layout.total);
+        debug_assert!(at.is_multiple_of(4) && at + 4 <= self.layout.total);
         // SAFETY: `at` is 4-aligned inside the region (layout offsets are multiples of 64) and
         // the region outlives `self`; the word is only ever accessed atomically.
         unsafe { &*self.base.add(at).cast::<AtomicU32>() }
     }
 
     fn word64(&self, at: usize) -> &AtomicU64 {
-        debug_assert!(at % 8 == 0 && at + 8 <= self.layout.total);
+        debug_assert!(at.is_multiple_of(8) && at + 8 <= self.layout.total);
         // SAFETY: as in `word32`, with 8-byte alignment.
         unsafe { &*self.base.add(at).cast::<AtomicU64>() }
     }

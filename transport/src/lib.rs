@@ -5,6 +5,8 @@ pub mod clock;
 pub mod error;
 pub mod fabric;
 pub mod link;
+pub mod node;
+pub mod pipeline;
 pub mod transfer;
 mod wire;
 

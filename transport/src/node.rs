@@ -1,0 +1,355 @@
+//! The node side of process transports: `slug node --listen ADDR` accepts coordinators that
+//! prove the cluster key, builds the stage it is assigned, connects its data links and runs it,
+//! heartbeating progress and reporting the outcome; strangers are refused and logged.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::auth::{ClusterKey, Role, server_handshake};
+use crate::error::{Result, TransportError};
+use crate::fabric::{Fabric, FabricLayout};
+use crate::link::{LinkReceiver, LinkSender};
+use crate::pipeline::cluster::{Cause, HEARTBEAT, ToCoordinator, ToNode};
+use crate::pipeline::{
+    ObserverFactory, PipelineConfig, StageContext, StageIo, drive_stage, link_ends, stage_observers,
+};
+use crate::transfer::TransportKind;
+use crate::wire::{AbortFlag, Conn};
+
+pub use crate::pipeline::cluster::LISTENING_PREFIX;
+
+/// How long a coordinator may take to finish the handshake and send its assignment.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How a node serves.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Address to listen on, e.g. `0.0.0.0:7070` or `127.0.0.1:0`.
+    pub listen: String,
+    /// The cluster key coordinators must prove.
+    pub key: ClusterKey,
+    /// Serve one accepted coordinator session, then return (refused callers do not count).
+    pub once: bool,
+}
+
+/// Listens and serves coordinator sessions one at a time. `on_listening` gets the bound address
+/// (print it: launchers read [`LISTENING_PREFIX`] lines), `log` every refusal and session end.
+/// Returns after one session with `once` (its error, if it failed), otherwise only on a listener error.
+pub fn serve(
+    opts: &NodeOptions,
+    factory: &dyn ObserverFactory,
+    on_listening: &dyn Fn(SocketAddr),
+    log: &(dyn Fn(&str) + Sync),
+) -> Result<()> {
+    let listener = TcpListener::bind(&opts.listen)
+        .map_err(|e| TransportError::io(format!("listen on {}", opts.listen), e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| TransportError::io("read the listening address", e))?;
+    on_listening(addr);
+    loop {
+        let (stream, peer) = listener
+            .accept()
+            .map_err(|e| TransportError::io(format!("accept on {addr}"), e))?;
+        match session(stream, peer, opts, factory, log) {
+            Err(Session::NotAdmitted(e)) => log(&format!("refused {peer}: {e}")),
+            Ok(stage) => {
+                log(&format!("stage {stage} for coordinator {peer} finished"));
+                if opts.once {
+                    return Ok(());
+                }
+            }
+            Err(Session::Failed(e)) => {
+                log(&format!("session with coordinator {peer} failed: {e}"));
+                if opts.once {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// How a session that did not finish ended.
+enum Session {
+    /// The caller never got past the handshake (wrong key, wrong version, not slug, gone).
+    NotAdmitted(TransportError),
+    /// An admitted coordinator's run failed.
+    Failed(TransportError),
+}
+
+/// One coordinator session; returns the stage it ran.
+fn session(
+    stream: TcpStream,
+    peer: SocketAddr,
+    opts: &NodeOptions,
+    factory: &dyn ObserverFactory,
+    log: &(dyn Fn(&str) + Sync),
+) -> std::result::Result<usize, Session> {
+    let abort = AbortFlag::new();
+    let hs = server_handshake(
+        stream,
+        format!("coordinator {peer}"),
+        &opts.key,
+        abort.clone(),
+        HANDSHAKE_TIMEOUT,
+        |hello| match hello.role {
+            Role::Control => Ok(()),
+            Role::Data => Err(
+                "this is a node's control port; data links connect to the port the node announces"
+                    .into(),
+            ),
+        },
+    )
+    .map_err(Session::NotAdmitted)?;
+    let mut conn = hs.conn;
+    let assignment = conn
+        .recv_json::<ToNode>(HANDSHAKE_TIMEOUT)
+        .map_err(Session::Failed)?;
+    let (stage, cfg, fabric) = match assignment {
+        ToNode::Assign {
+            stage,
+            config,
+            fabric,
+        } => (stage, *config, fabric),
+        other => {
+            return Err(Session::Failed(TransportError::Protocol {
+                peer: conn.peer.clone(),
+                detail: format!("expected an assignment, got {other:?}"),
+            }));
+        }
+    };
+    let host = conn
+        .stream
+        .local_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let writer = Arc::new(Mutex::new(conn.try_clone().map_err(Session::Failed)?));
+    let outcome = run_assigned(
+        &mut conn, &writer, stage, &cfg, fabric, &host, opts, factory, &abort, log,
+    );
+    match outcome {
+        Ok(()) => Ok(stage),
+        Err((at, e)) => {
+            let msg = ToCoordinator::Failed {
+                at: at.clone(),
+                error: e.to_string(),
+                cause: Cause::of(&e),
+            };
+            if let Ok(mut w) = writer.lock() {
+                let _ = w.send_json(&msg, Duration::from_secs(2));
+            }
+            Err(Session::Failed(TransportError::StageFailed {
+                stage,
+                host,
+                step: at,
+                detail: e.to_string(),
+            }))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_assigned(
+    conn: &mut Conn,
+    writer: &Arc<Mutex<Conn>>,
+    s: usize,
+    cfg: &PipelineConfig,
+    fabric_path: Option<PathBuf>,
+    host: &str,
+    opts: &NodeOptions,
+    factory: &dyn ObserverFactory,
+    abort: &AbortFlag,
+    log: &(dyn Fn(&str) + Sync),
+) -> std::result::Result<(), (String, TransportError)> {
+    let startup = |e: TransportError| ("startup".to_string(), e);
+    cfg.validate().map_err(startup)?;
+    if s >= cfg.stages {
+        return Err(startup(TransportError::Config(format!(
+            "assigned stage {s} of a {}-stage pipeline",
+            cfg.stages
+        ))));
+    }
+    let plan = cfg.plan().map_err(startup)?;
+    let pool = slug_kernels::ThreadPool::new(cfg.threads).map_err(|e| startup(e.into()))?;
+    let stage = slug_kernels::Stage::new(&cfg.model, &plan, s, cfg.prompts.len(), &pool)
+        .map_err(|e| startup(e.into()))?;
+    let ctx = StageContext {
+        stage: s,
+        host,
+        config: cfg,
+    };
+    let (obs, digests) = stage_observers(factory, &ctx).map_err(startup)?;
+    let fabric = match (cfg.transport, fabric_path) {
+        (TransportKind::Shm, Some(path)) => Some(Arc::new(
+            Fabric::open(
+                &path,
+                FabricLayout::new(&cfg.ring_specs()).map_err(startup)?,
+            )
+            .map_err(startup)?,
+        )),
+        (TransportKind::Shm, None) => {
+            return Err(startup(TransportError::Config(
+                "shm run without a fabric file".into(),
+            )));
+        }
+        _ => None,
+    };
+    let listener = if cfg.transport == TransportKind::Tcp && cfg.stages > 1 {
+        Some(TcpListener::bind((host, 0)).map_err(|e| {
+            startup(TransportError::io(
+                format!("listen for data links on {host}"),
+                e,
+            ))
+        })?)
+    } else {
+        None
+    };
+    let data_addr = match &listener {
+        Some(l) => Some(
+            l.local_addr()
+                .map_err(|e| startup(TransportError::io("read data listener address", e)))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let timeout = cfg.timeout();
+    let ready = ToCoordinator::Ready {
+        data_addr,
+        pid: std::process::id(),
+        host: host.to_string(),
+    };
+    send(writer, &ready, timeout).map_err(startup)?;
+    let next = match conn.recv_json::<ToNode>(timeout).map_err(startup)? {
+        ToNode::Start { next } => next,
+        ToNode::Abort { reason } => return Err(startup(TransportError::Aborted { reason })),
+        other => {
+            return Err(startup(TransportError::Protocol {
+                peer: conn.peer.clone(),
+                detail: format!("expected start, got {other:?}"),
+            }));
+        }
+    };
+    let progress = Arc::new(AtomicU64::new(0));
+    let stop = AbortFlag::new();
+    std::thread::scope(|scope| {
+        // Control reader: an abort message or a lost coordinator stops this stage at once.
+        let mut reader = conn.try_clone().map_err(startup)?;
+        reader.abort = stop.clone();
+        let (abort2, fabric2, stop2) = (abort.clone(), fabric.clone(), stop.clone());
+        scope.spawn(move || {
+            loop {
+                match reader.recv_json::<ToNode>(Duration::from_secs(24 * 3600)) {
+                    Ok(ToNode::Abort { .. }) | Err(_) => {
+                        if !stop2.raised() {
+                            abort2.raise();
+                            if let Some(f) = &fabric2 {
+                                f.abort();
+                            }
+                        }
+                        return;
+                    }
+                    Ok(_) => {}
+                }
+            }
+        });
+        let (writer2, progress2, stop3) = (writer.clone(), progress.clone(), stop.clone());
+        scope.spawn(move || {
+            while !stop3.raised() {
+                let p = progress2.load(Ordering::Relaxed);
+                let msg = ToCoordinator::Progress {
+                    step: (p >> 32) as u32,
+                    seq: p as u32,
+                };
+                if send(&writer2, &msg, HEARTBEAT * 4).is_err() {
+                    return;
+                }
+                std::thread::sleep(HEARTBEAT);
+            }
+        });
+        let result = (|| {
+            let io = match (&fabric, &listener) {
+                (Some(f), _) => StageIo::over_fabric(cfg, s, f, TransportKind::Shm, &obs.transfers)
+                    .map_err(startup)?,
+                (None, Some(l)) => {
+                    let next = next.as_deref().ok_or_else(|| {
+                        startup(TransportError::Config(
+                            "no address for the next stage".into(),
+                        ))
+                    })?;
+                    tcp_io(cfg, s, l, next, &opts.key, &obs.transfers, abort, log)
+                        .map_err(startup)?
+                }
+                (None, None) => StageIo::default(),
+            };
+            let outcome = drive_stage(cfg, &plan, s, &pool, stage, io, obs.hooks, &|step, seq| {
+                progress.store((u64::from(step) << 32) | u64::from(seq), Ordering::Relaxed)
+            })?;
+            let report = outcome.into_report(&plan, s, host, &digests);
+            send(
+                writer,
+                &ToCoordinator::Done {
+                    report: Box::new(report),
+                },
+                timeout,
+            )
+            .map_err(|e| ("report".to_string(), e))
+        })();
+        stop.raise();
+        conn.shutdown();
+        result
+    })
+}
+
+fn send(writer: &Arc<Mutex<Conn>>, msg: &ToCoordinator, timeout: Duration) -> Result<()> {
+    let mut w = writer.lock().map_err(|_| TransportError::Aborted {
+        reason: "control writer poisoned by a panicked thread".into(),
+    })?;
+    w.send_json(msg, timeout)
+}
+
+/// Accepts the inbound link from the upstream stage while connecting the outbound link to the
+/// downstream one (both at once: every node does the same, so doing them in turn would deadlock).
+#[allow(clippy::too_many_arguments)]
+fn tcp_io(
+    cfg: &PipelineConfig,
+    s: usize,
+    listener: &TcpListener,
+    next: &str,
+    key: &ClusterKey,
+    observers: &crate::transfer::Observers,
+    abort: &AbortFlag,
+    log: &(dyn Fn(&str) + Sync),
+) -> Result<StageIo> {
+    let n = cfg.stages;
+    let up = (s + n - 1) % n;
+    let inbound_ends = link_ends(n, up, cfg.timeout());
+    let outbound_ends = link_ends(n, s, cfg.timeout());
+    std::thread::scope(|scope| {
+        let inbound = scope.spawn(|| {
+            LinkReceiver::accept_tcp(
+                listener,
+                key,
+                inbound_ends,
+                observers.clone(),
+                abort,
+                &|e| log(&format!("refused a data-link caller: {e}")),
+            )
+        });
+        let outbound = LinkSender::connect_tcp(next, key, outbound_ends, observers.clone(), abort);
+        if outbound.is_err() {
+            abort.raise();
+        }
+        let inbound = inbound.join().unwrap_or_else(|_| {
+            Err(TransportError::Aborted {
+                reason: "data-link acceptor panicked".into(),
+            })
+        });
+        Ok(StageIo {
+            inbound: Some(inbound?),
+            outbound: Some(outbound?),
+        })
+    })
+}

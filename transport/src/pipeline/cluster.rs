@@ -1,0 +1,437 @@
+//! The coordinator side of process transports: launching local stage processes, driving
+//! `slug node` servers over authenticated control connections, and turning the first failure
+//! anywhere into one error that names the stage, its host and the step it reached.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{COORDINATOR, ClusterKey, Hello, KEY_ENV, Role, client_handshake};
+use crate::error::{Result, TransportError};
+use crate::fabric::{Fabric, FabricLayout};
+use crate::transfer::TransportKind;
+use crate::wire::{AbortFlag, Conn, connect};
+
+use super::{PipelineConfig, RunReport, StageReport};
+
+/// First line a `slug node` prints on stdout, followed by the address it listens on.
+pub const LISTENING_PREFIX: &str = "slug node: listening on ";
+/// How often a node reports progress; a node silent for [`SILENCE_LIMIT`] is declared gone.
+pub(crate) const HEARTBEAT: Duration = Duration::from_millis(250);
+/// Silence after which the coordinator gives up on a node (a host that vanished sends no EOF).
+pub(crate) const SILENCE_LIMIT: Duration = Duration::from_secs(5);
+/// How long to keep listening for the root cause once some stage has failed.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// Coordinator to node.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum ToNode {
+    /// Build stage `stage` of `config` (and map the shm fabric at `fabric`).
+    Assign {
+        stage: usize,
+        config: Box<PipelineConfig>,
+        fabric: Option<PathBuf>,
+    },
+    /// Connect the outbound data link to `next` (tcp) and run.
+    Start { next: Option<String> },
+    /// Stop now: another stage failed.
+    Abort { reason: String },
+}
+
+/// What kind of failure a node reports, so the coordinator can name the root cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Cause {
+    /// The node stopped because it was told to.
+    Aborted,
+    /// A link to a neighbour broke or timed out: usually a consequence of the neighbour.
+    Link,
+    /// The stage itself failed (bad config, kernel error, refused peer).
+    Stage,
+    /// The coordinator lost the node (process died, host vanished).
+    Lost,
+}
+
+impl Cause {
+    pub(crate) fn of(e: &TransportError) -> Self {
+        match e {
+            TransportError::Aborted { .. } => Cause::Aborted,
+            TransportError::LinkBroken { .. } | TransportError::Timeout { .. } => Cause::Link,
+            _ => Cause::Stage,
+        }
+    }
+}
+
+/// Node to coordinator.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum ToCoordinator {
+    /// Stage built; tcp data links are accepted at `data_addr`.
+    Ready {
+        data_addr: Option<String>,
+        pid: u32,
+        host: String,
+    },
+    /// Heartbeat with the step being worked on.
+    Progress { step: u32, seq: u32 },
+    /// Finished.
+    Done { report: Box<StageReport> },
+    /// Failed at `at`.
+    Failed {
+        at: String,
+        error: String,
+        cause: Cause,
+    },
+}
+
+/// Stage processes this coordinator started on this machine; killed on drop.
+#[derive(Debug)]
+pub struct LocalNodes {
+    children: Vec<Child>,
+    addrs: Vec<String>,
+}
+
+impl LocalNodes {
+    /// `host:port` of each node, in stage order.
+    pub fn addrs(&self) -> Vec<String> {
+        self.addrs.clone()
+    }
+
+    /// Process ids, in stage order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
+    /// Kills node `index` (SIGKILL), as a crash would.
+    pub fn kill(&mut self, index: usize) -> Result<()> {
+        match self.children.get_mut(index) {
+            Some(c) => c
+                .kill()
+                .map_err(|e| TransportError::io(format!("kill stage process {}", c.id()), e)),
+            None => Err(TransportError::Config(format!("no node {index}"))),
+        }
+    }
+
+    /// Waits up to `grace` for the nodes to exit on their own, then kills the rest.
+    pub fn finish(mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        for c in &mut self.children {
+            while Instant::now() < deadline {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for LocalNodes {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `count` `slug node --listen 127.0.0.1:0 --once` processes of `binary`, handing them
+/// `key` through the environment, and waits (at most `timeout`) for each to say where it listens.
+pub fn launch_local_nodes(
+    binary: &Path,
+    count: usize,
+    key: &ClusterKey,
+    timeout: Duration,
+) -> Result<LocalNodes> {
+    let mut nodes = LocalNodes {
+        children: Vec::with_capacity(count),
+        addrs: Vec::with_capacity(count),
+    };
+    let mut lines = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut child = Command::new(binary)
+            .args(["node", "--listen", "127.0.0.1:0", "--once"])
+            .env(KEY_ENV, key.as_env_value())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| {
+                TransportError::io(format!("start stage process {i} ({})", binary.display()), e)
+            })?;
+        let stdout = child.stdout.take();
+        nodes.children.push(child);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if let Some(out) = stdout {
+            // Keeps draining the child's stdout so it can never block on a full pipe.
+            std::thread::spawn(move || {
+                let mut first = true;
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if first {
+                        let _ = tx.send(line);
+                        first = false;
+                    }
+                }
+            });
+        }
+        lines.push(rx);
+    }
+    let deadline = Instant::now() + timeout;
+    for (i, rx) in lines.iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .map_err(|_| TransportError::StageFailed {
+                stage: i,
+                host: "127.0.0.1".into(),
+                step: "startup".into(),
+                detail: format!(
+                    "stage process {} did not announce its address within {} ms",
+                    nodes.children[i].id(),
+                    timeout.as_millis()
+                ),
+            })?;
+        let addr = line
+            .strip_prefix(LISTENING_PREFIX)
+            .ok_or_else(|| TransportError::Protocol {
+                peer: format!("stage process {}", nodes.children[i].id()),
+                detail: format!("expected {LISTENING_PREFIX:?}..., got {line:?}"),
+            })?;
+        nodes.addrs.push(addr.trim().to_string());
+    }
+    Ok(nodes)
+}
+
+/// A fabric file for one shm run, removed when dropped.
+struct FabricFile {
+    fabric: Arc<Fabric>,
+    path: PathBuf,
+}
+
+impl FabricFile {
+    fn create(cfg: &PipelineConfig) -> Result<Self> {
+        let dir = Path::new("/dev/shm");
+        let dir = if dir.is_dir() {
+            dir.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let path = dir.join(format!(
+            "slug-fabric-{}-{}",
+            std::process::id(),
+            crate::clock::monotonic_ns()
+        ));
+        let fabric = Arc::new(Fabric::create(
+            &path,
+            FabricLayout::new(&cfg.ring_specs())?,
+        )?);
+        Ok(Self { fabric, path })
+    }
+}
+
+impl Drop for FabricFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn failed(stage: usize, host: &str, step: &str, detail: impl Into<String>) -> TransportError {
+    TransportError::StageFailed {
+        stage,
+        host: host.to_string(),
+        step: step.to_string(),
+        detail: detail.into(),
+    }
+}
+
+/// Runs `cfg` with stage `s` on the `slug node` at `addrs[s]`, authenticating with `key`.
+/// For `shm` every node must be on this machine (the coordinator creates the fabric file).
+pub fn run_on_nodes(cfg: &PipelineConfig, addrs: &[String], key: &ClusterKey) -> Result<RunReport> {
+    cfg.validate()?;
+    if addrs.len() != cfg.stages {
+        return Err(TransportError::Config(format!(
+            "{} node addresses for {} stages",
+            addrs.len(),
+            cfg.stages
+        )));
+    }
+    let timeout = cfg.timeout();
+    let abort = AbortFlag::new();
+    let fabric = match cfg.transport {
+        TransportKind::Shm => Some(FabricFile::create(cfg)?),
+        _ => None,
+    };
+    let mut conns: Vec<Conn> = Vec::with_capacity(addrs.len());
+    let mut clocks = Vec::with_capacity(addrs.len());
+    for (s, addr) in addrs.iter().enumerate() {
+        let hs = connect(addr, timeout, &abort)
+            .and_then(|stream| {
+                let hello = Hello::new(Role::Control, COORDINATOR, s as u32)?;
+                client_handshake(
+                    stream,
+                    format!("node {addr}"),
+                    key,
+                    hello,
+                    abort.clone(),
+                    timeout,
+                )
+            })
+            .map_err(|e| failed(s, addr, "connect", e.to_string()))?;
+        conns.push(hs.conn);
+        clocks.push(hs.clock);
+    }
+    let mut session = Session {
+        conns,
+        fabric: fabric.as_ref().map(|f| f.fabric.clone()),
+    };
+    for (s, conn) in session.conns.iter_mut().enumerate() {
+        let assign = ToNode::Assign {
+            stage: s,
+            config: Box::new(cfg.clone()),
+            fabric: fabric.as_ref().map(|f| f.path.clone()),
+        };
+        conn.send_json(&assign, timeout)
+            .map_err(|e| failed(s, &addrs[s], "startup", e.to_string()))?;
+    }
+    let mut data_addrs = Vec::with_capacity(addrs.len());
+    for (s, addr) in addrs.iter().enumerate() {
+        match session.conns[s].recv_json::<ToCoordinator>(timeout) {
+            Ok(ToCoordinator::Ready { data_addr, .. }) => data_addrs.push(data_addr),
+            Ok(ToCoordinator::Failed { at, error, .. }) => {
+                return Err(session.abort(failed(s, addr, &at, error)));
+            }
+            Ok(other) => {
+                let e = failed(s, addr, "startup", format!("unexpected message {other:?}"));
+                return Err(session.abort(e));
+            }
+            Err(e) => return Err(session.abort(failed(s, addr, "startup", e.to_string()))),
+        }
+    }
+    for s in 0..addrs.len() {
+        let next = data_addrs[(s + 1) % addrs.len()].clone();
+        if let Err(e) = session.conns[s].send_json(&ToNode::Start { next }, timeout) {
+            return Err(session.abort(failed(s, &addrs[s], "startup", e.to_string())));
+        }
+    }
+    let start = Instant::now();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let stop_readers = AbortFlag::new();
+    for (s, conn) in session.conns.iter().enumerate() {
+        let mut reader = conn.try_clone()?;
+        reader.abort = stop_readers.clone();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            loop {
+                let msg = reader.recv_json::<ToCoordinator>(SILENCE_LIMIT);
+                let last = !matches!(msg, Ok(ToCoordinator::Progress { .. }));
+                if tx.send((s, msg)).is_err() || last {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut reports: Vec<Option<StageReport>> = vec![None; addrs.len()];
+    let mut at = vec!["startup".to_string(); addrs.len()];
+    let mut failures: Vec<(Cause, usize, String, String)> = Vec::new();
+    let mut settle_until: Option<Instant> = None;
+    while reports.iter().any(Option::is_none) {
+        let wait = match settle_until {
+            Some(t) => t.saturating_duration_since(Instant::now()),
+            None => SILENCE_LIMIT * 2,
+        };
+        let Ok((s, msg)) = rx.recv_timeout(wait) else {
+            break;
+        };
+        match msg {
+            Ok(ToCoordinator::Progress { step, seq }) => {
+                at[s] = format!("step {step} (sequence {seq})")
+            }
+            Ok(ToCoordinator::Done { report }) => reports[s] = Some(*report),
+            Ok(ToCoordinator::Failed {
+                at: where_,
+                error,
+                cause,
+            }) => failures.push((cause, s, where_, error)),
+            Ok(ToCoordinator::Ready { .. }) => {
+                failures.push((Cause::Stage, s, at[s].clone(), "sent Ready twice".into()))
+            }
+            Err(e) if reports[s].is_none() => {
+                let detail = match &e {
+                    TransportError::Timeout { .. } => format!(
+                        "node stopped responding (no heartbeat for {} ms)",
+                        SILENCE_LIMIT.as_millis()
+                    ),
+                    other => format!(
+                        "lost the node's control connection ({other}); did the stage process die?"
+                    ),
+                };
+                failures.push((Cause::Lost, s, at[s].clone(), detail));
+            }
+            Err(_) => {}
+        }
+        if !failures.is_empty() && settle_until.is_none() {
+            settle_until = Some(Instant::now() + SETTLE);
+        }
+        if settle_until.is_some_and(|t| Instant::now() >= t) {
+            break;
+        }
+    }
+    stop_readers.raise();
+    let wall = start.elapsed();
+    if let Some((_, s, where_, error)) = failures
+        .into_iter()
+        .max_by_key(|f| (f.0, std::cmp::Reverse(f.1)))
+    {
+        return Err(session.abort(failed(s, &addrs[s], &where_, error)));
+    }
+    if let Some(s) = reports.iter().position(Option::is_none) {
+        let e = failed(s, &addrs[s], &at[s], "no report from the node");
+        return Err(session.abort(e));
+    }
+    let reports = reports
+        .into_iter()
+        .enumerate()
+        .map(|(s, r)| {
+            let mut r = r.unwrap_or_default();
+            r.host = addrs[s].clone();
+            r.clock = Some(clocks[s]);
+            r
+        })
+        .collect();
+    Ok(RunReport::assemble(cfg, reports, wall))
+}
+
+/// The live control connections of a run.
+struct Session {
+    conns: Vec<Conn>,
+    fabric: Option<Arc<Fabric>>,
+}
+
+impl Session {
+    /// Tells every node to stop, wakes shm waiters, and returns `error` for the caller.
+    fn abort(&mut self, error: TransportError) -> TransportError {
+        if let Some(f) = &self.fabric {
+            f.abort();
+        }
+        let reason = error.to_string();
+        for conn in &mut self.conns {
+            let _ = conn.send_json(
+                &ToNode::Abort {
+                    reason: reason.clone(),
+                },
+                Duration::from_millis(200),
+            );
+            conn.shutdown();
+        }
+        error
+    }
+}

@@ -1,0 +1,530 @@
+//! The pipeline runtime: S stages over a transport, several sequences in flight so the stages
+//! overlap, the last stage's token going back to stage 0; one persistent thread pool per stage.
+//!
+//! [`run`] is the one entry point for `slug run`, the recorder and the replayer:
+//! - `local`: every stage is a thread of this process; links are rings in process memory.
+//! - `shm` / `tcp` without hosts: this process launches one `slug node --listen 127.0.0.1:0
+//!   --once` child per stage, then coordinates them like remote nodes; `shm` links are rings in
+//!   a shared memory-mapped fabric file, `tcp` links are sockets.
+//! - `tcp` with [`PipelineConfig::hosts`]: stage `s` runs on the `slug node --listen` at
+//!   `hosts[s]`; the coordinator sends the configuration (weights regenerate from the seed).
+//!
+//! Observers: for `local` the [`ObserverFactory`] given to [`run`] builds each stage's hooks in
+//! this process; for the process transports each node builds them with the factory given to
+//! [`crate::node::serve`] (the config's `observer_settings` travels to the nodes for that).
+
+pub(crate) mod cluster;
+mod stage;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use slug_kernels::{Hooks, LayerPlan, ModelConfig, NoHooks};
+
+use crate::clock::ClockOffset;
+use crate::error::{Result, TransportError};
+use crate::fabric::{Fabric, FabricLayout, RingSpec};
+use crate::link::LinkStats;
+use crate::transfer::{Observers, Tag, Transfer, TransferObserver, TransportKind, content_hash};
+
+pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes};
+pub use stage::STAGE_ARENA;
+pub(crate) use stage::{StageIo, drive_stage, link_ends};
+
+/// Everything a pipeline run needs; serialisable because the coordinator sends it to nodes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipelineConfig {
+    /// The model (any preset with any overrides; weights come from `model.seed`).
+    pub model: ModelConfig,
+    /// Pipeline stages; the layers are split evenly ([`LayerPlan::even`]).
+    pub stages: usize,
+    /// How stages exchange activations and tokens.
+    pub transport: TransportKind,
+    /// Threads of each stage's persistent pool.
+    pub threads: usize,
+    /// Sequences in flight at once (microbatches); sequences run in groups of this size.
+    pub microbatches: usize,
+    /// Prompt token ids, one prompt per sequence.
+    pub prompts: Vec<Vec<u32>>,
+    /// Tokens to generate per sequence.
+    pub tokens: usize,
+    /// `host:port` of a `slug node --listen` per stage (`tcp` only); empty: launch locally.
+    pub hosts: Vec<String>,
+    /// Longest any single blocking wait (a link, a handshake, a node's reply) may take.
+    pub timeout_ms: u64,
+    /// Put the xxh3-128 digest of every received transfer into the report.
+    pub digests: bool,
+    /// Opaque settings for the node-side [`ObserverFactory`] (e.g. where to record).
+    pub observer_settings: Option<serde_json::Value>,
+    /// The `slug` binary to launch stage processes with; default: the current executable.
+    #[serde(skip)]
+    pub node_binary: Option<PathBuf>,
+}
+
+impl PipelineConfig {
+    /// A one-stage local run of `model` generating `tokens` tokens for `sequences` copies of
+    /// `prompt` (prompt bytes are token ids), all in flight; change fields to taste.
+    pub fn new(model: ModelConfig, prompt: &str, sequences: usize, tokens: usize) -> Self {
+        Self {
+            model,
+            stages: 1,
+            transport: TransportKind::Local,
+            threads: 1,
+            microbatches: sequences.max(1),
+            prompts: vec![prompt_tokens(prompt); sequences.max(1)],
+            tokens,
+            hosts: Vec::new(),
+            timeout_ms: 60_000,
+            digests: false,
+            observer_settings: None,
+            node_binary: None,
+        }
+    }
+
+    /// The layer split.
+    pub fn plan(&self) -> Result<LayerPlan> {
+        LayerPlan::even(self.model.layers, self.stages).map_err(TransportError::from)
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.max(1))
+    }
+
+    /// Refuses configurations that cannot run, naming the field.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.plan()?;
+        let bad = |m: String| Err(TransportError::Config(m));
+        if self.prompts.is_empty() {
+            return bad("no sequences: give at least one prompt".into());
+        }
+        if let Some(i) = self.prompts.iter().position(|p| p.is_empty()) {
+            return bad(format!("prompt of sequence {i} is empty"));
+        }
+        if let Some(&t) = self
+            .prompts
+            .iter()
+            .flatten()
+            .find(|&&t| t as usize >= self.model.vocab)
+        {
+            return bad(format!(
+                "prompt token {t} is outside the vocabulary of {} tokens",
+                self.model.vocab
+            ));
+        }
+        let longest = self.prompts.iter().map(Vec::len).max().unwrap_or(0);
+        if longest + self.tokens.saturating_sub(1) > self.model.max_seq {
+            return bad(format!(
+                "prompt of {longest} tokens plus {} generated exceeds the context of {} (max_seq)",
+                self.tokens, self.model.max_seq
+            ));
+        }
+        if self.tokens == 0 {
+            return bad("tokens = 0: nothing to generate".into());
+        }
+        if self.microbatches == 0 {
+            return bad("microbatches = 0: at least one sequence must be in flight".into());
+        }
+        if self.threads == 0 {
+            return bad("threads = 0: each stage needs at least one thread".into());
+        }
+        if self.stages > crate::fabric::MAX_STAGES {
+            return bad(format!(
+                "at most {} stages are supported",
+                crate::fabric::MAX_STAGES
+            ));
+        }
+        if !self.hosts.is_empty() {
+            if self.transport != TransportKind::Tcp {
+                return bad(format!(
+                    "--hosts needs the tcp transport (got {}): other transports stay on one machine",
+                    self.transport
+                ));
+            }
+            if self.hosts.len() != self.stages {
+                return bad(format!(
+                    "{} hosts for {} stages: give one host:port per stage",
+                    self.hosts.len(),
+                    self.stages
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The rings (link shapes) of this pipeline: link `s` goes from stage `s` to `s + 1`, the
+    /// last link carries tokens from the last stage back to stage 0.
+    pub(crate) fn ring_specs(&self) -> Vec<RingSpec> {
+        if self.stages < 2 {
+            return Vec::new();
+        }
+        let longest = self.prompts.iter().map(Vec::len).max().unwrap_or(1) as u64;
+        let slots = self.microbatches.min(self.prompts.len()).max(1) as u32;
+        let mut specs = vec![
+            RingSpec {
+                slots,
+                capacity: longest * self.model.dim as u64 * 4,
+            };
+            self.stages - 1
+        ];
+        specs.push(RingSpec { slots, capacity: 4 });
+        specs
+    }
+}
+
+/// Prompt text to token ids: each byte is a token (the models' vocabularies hold all 256).
+pub fn prompt_tokens(text: &str) -> Vec<u32> {
+    text.bytes().map(u32::from).collect()
+}
+
+/// Where a stage runs, for observers and reports.
+#[derive(Debug, Clone, Copy)]
+pub struct StageContext<'a> {
+    /// Stage index.
+    pub stage: usize,
+    /// Host the stage runs on ("local" for threads).
+    pub host: &'a str,
+    /// The run's configuration.
+    pub config: &'a PipelineConfig,
+}
+
+/// The observers of one stage: its transfer observers and its kernel hooks.
+pub struct StageObservers {
+    /// Called for every transfer the stage posts or completes.
+    pub transfers: Observers,
+    /// Called for every kernel call and step boundary of the stage.
+    pub hooks: Box<dyn Hooks + Send>,
+}
+
+impl std::fmt::Debug for StageObservers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageObservers")
+            .field("transfers", &self.transfers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StageObservers {
+    /// No transfer observers, no kernel hooks.
+    pub fn none() -> Self {
+        Self {
+            transfers: Observers::none(),
+            hooks: Box::new(NoHooks),
+        }
+    }
+}
+
+/// Builds each stage's observers, in the process where the stage runs.
+pub trait ObserverFactory: Send + Sync {
+    /// Observers for the stage described by `ctx`.
+    fn stage_observers(&self, ctx: &StageContext<'_>) -> Result<StageObservers>;
+}
+
+/// The factory that observes nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoObservers;
+
+impl ObserverFactory for NoObservers {
+    fn stage_observers(&self, _ctx: &StageContext<'_>) -> Result<StageObservers> {
+        Ok(StageObservers::none())
+    }
+}
+
+/// Digest of one received transfer, keyed by what it carries rather than how it was scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TransferDigest {
+    /// Sequence, step and layer boundary of the bytes.
+    pub tag: Tag,
+    /// Sending stage.
+    pub src: u32,
+    /// Receiving stage.
+    pub dst: u32,
+    /// Bytes moved.
+    pub len: u64,
+    /// xxh3-128 of the bytes, as 32 hex digits.
+    pub hash: HexHash,
+}
+
+/// A 128-bit hash that serialises as 32 hex digits (JSON numbers cannot hold it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HexHash(pub u128);
+
+impl Serialize for HexHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{:032x}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for HexHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        u128::from_str_radix(&s, 16)
+            .map(HexHash)
+            .map_err(|e| serde::de::Error::custom(format!("bad hash {s:?}: {e}")))
+    }
+}
+
+/// Collects a [`TransferDigest`] of every transfer a stage receives.
+#[derive(Debug, Default)]
+pub(crate) struct DigestObserver(Mutex<Vec<TransferDigest>>);
+
+impl TransferObserver for DigestObserver {
+    fn posted(&self, _transfer: &Transfer, _bytes: &[u8]) {}
+
+    fn completed(&self, t: &Transfer, bytes: &[u8]) {
+        let d = TransferDigest {
+            tag: t.tag,
+            src: t.src.endpoint.0,
+            dst: t.dst.endpoint.0,
+            len: t.len,
+            hash: HexHash(content_hash(bytes)),
+        };
+        if let Ok(mut v) = self.0.lock() {
+            v.push(d);
+        }
+    }
+}
+
+impl DigestObserver {
+    pub(crate) fn take(&self) -> Vec<TransferDigest> {
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+}
+
+/// What one stage did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StageReport {
+    /// Stage index.
+    pub stage: usize,
+    /// Host it ran on ("local" for threads, else the node address).
+    pub host: String,
+    /// Process id of the stage.
+    pub pid: u32,
+    /// Decoder layers it owned, `[start, end)`.
+    pub layers: (usize, usize),
+    /// Forward steps run.
+    pub steps: u64,
+    /// Nanoseconds inside `Stage::forward`.
+    pub forward_ns: u64,
+    /// Counters of the link into this stage.
+    pub inbound: Option<LinkStats>,
+    /// Counters of the link out of this stage.
+    pub outbound: Option<LinkStats>,
+    /// The node's clock minus the coordinator's (process transports).
+    pub clock: Option<ClockOffset>,
+    /// The upstream stage's clock minus this stage's, measured on the inbound TCP link.
+    pub inbound_clock: Option<ClockOffset>,
+    /// Digests of received transfers, when the config asked for them.
+    pub digests: Vec<TransferDigest>,
+    /// Generated tokens per sequence (last stage only).
+    pub tokens: Vec<Vec<u32>>,
+}
+
+/// What a pipeline run produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunReport {
+    /// Transport used.
+    pub transport: TransportKind,
+    /// Stages.
+    pub stages: usize,
+    /// Threads per stage.
+    pub threads: usize,
+    /// Sequences in flight.
+    pub microbatches: usize,
+    /// Generated tokens, one list per sequence.
+    pub tokens: Vec<Vec<u32>>,
+    /// Wall time of generation (after every stage was built), nanoseconds.
+    pub wall_ns: u64,
+    /// Generated tokens (all sequences) per second of `wall_ns`.
+    pub tokens_per_s: f64,
+    /// One report per stage, in stage order.
+    pub stage_reports: Vec<StageReport>,
+}
+
+impl RunReport {
+    fn assemble(cfg: &PipelineConfig, mut stage_reports: Vec<StageReport>, wall: Duration) -> Self {
+        stage_reports.sort_by_key(|r| r.stage);
+        let tokens = stage_reports
+            .last()
+            .map(|r| r.tokens.clone())
+            .unwrap_or_default();
+        let generated: usize = tokens.iter().map(Vec::len).sum();
+        let secs = wall.as_secs_f64();
+        Self {
+            transport: cfg.transport,
+            stages: cfg.stages,
+            threads: cfg.threads,
+            microbatches: cfg.microbatches,
+            tokens,
+            wall_ns: wall.as_nanos() as u64,
+            tokens_per_s: if secs > 0.0 {
+                generated as f64 / secs
+            } else {
+                0.0
+            },
+            stage_reports,
+        }
+    }
+
+    /// Every transfer digest of the run, sorted by tag and stages (empty unless asked for).
+    pub fn digests(&self) -> Vec<TransferDigest> {
+        let mut all: Vec<_> = self
+            .stage_reports
+            .iter()
+            .flat_map(|r| r.digests.iter().copied())
+            .collect();
+        all.sort();
+        all
+    }
+}
+
+/// Runs the pipeline described by `cfg` and returns its tokens, timings, clock offsets and
+/// per-link counters. Fails within bounded time, naming stage, host and step, when a stage or
+/// link fails.
+pub fn run(cfg: &PipelineConfig, observers: &dyn ObserverFactory) -> Result<RunReport> {
+    cfg.validate()?;
+    match cfg.transport {
+        TransportKind::Local => run_local(cfg, observers),
+        TransportKind::Tcp if !cfg.hosts.is_empty() => {
+            let key = crate::auth::ClusterKey::from_env()?;
+            run_on_nodes(cfg, &cfg.hosts, &key)
+        }
+        TransportKind::Shm | TransportKind::Tcp => {
+            let key = crate::auth::ClusterKey::random()?;
+            let binary = match &cfg.node_binary {
+                Some(b) => b.clone(),
+                None => std::env::current_exe()
+                    .map_err(|e| TransportError::io("find the slug binary to launch stages", e))?,
+            };
+            let nodes = launch_local_nodes(&binary, cfg.stages, &key, cfg.timeout())?;
+            let result = run_on_nodes(cfg, &nodes.addrs(), &key);
+            nodes.finish(Duration::from_secs(5));
+            result
+        }
+    }
+}
+
+/// A stage's report, or the stage, where it was and what failed.
+type StageResult = std::result::Result<StageReport, (usize, String, TransportError)>;
+
+/// Every stage a thread of this process, links in a heap fabric.
+fn run_local(cfg: &PipelineConfig, factory: &dyn ObserverFactory) -> Result<RunReport> {
+    let plan = cfg.plan()?;
+    let fabric = Arc::new(Fabric::heap(FabricLayout::new(&cfg.ring_specs())?));
+    let built = Barrier::new(cfg.stages + 1);
+    let (results, wall): (Vec<StageResult>, Duration) = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..cfg.stages)
+            .map(|s| {
+                let (fabric, plan, built) = (&fabric, &plan, &built);
+                std::thread::Builder::new()
+                    .name(format!("slug-stage-{s}"))
+                    .spawn_scoped(scope, move || {
+                        let r = local_stage(cfg, plan, s, fabric, built, factory);
+                        if r.is_err() {
+                            fabric.abort();
+                        }
+                        r
+                    })
+            })
+            .collect();
+        let spawned_all = handles.iter().all(|h| h.is_ok());
+        if spawned_all {
+            built.wait();
+        } else {
+            fabric.abort();
+        }
+        let start = Instant::now();
+        let out: Vec<_> = handles
+            .into_iter()
+            .enumerate()
+            .map(|(s, h)| match h {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    Err((
+                        s,
+                        "unknown step".into(),
+                        TransportError::Kernel("stage thread panicked".into()),
+                    ))
+                }),
+                Err(e) => Err((
+                    s,
+                    "startup".into(),
+                    TransportError::io("spawn stage thread", e),
+                )),
+            })
+            .collect();
+        (out, start.elapsed())
+    });
+    let mut reports = Vec::with_capacity(results.len());
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok(rep) => reports.push(rep),
+            Err((stage, at, e)) => {
+                let root_cause = !matches!(e, TransportError::Aborted { .. });
+                if first_error.is_none()
+                    || (root_cause
+                        && matches!(first_error, Some((_, _, TransportError::Aborted { .. }))))
+                {
+                    first_error = Some((stage, at, e));
+                }
+            }
+        }
+    }
+    if let Some((stage, step, e)) = first_error {
+        return Err(TransportError::StageFailed {
+            stage,
+            host: "local".into(),
+            step,
+            detail: e.to_string(),
+        });
+    }
+    Ok(RunReport::assemble(cfg, reports, wall))
+}
+
+fn local_stage(
+    cfg: &PipelineConfig,
+    plan: &LayerPlan,
+    s: usize,
+    fabric: &Arc<Fabric>,
+    built: &Barrier,
+    factory: &dyn ObserverFactory,
+) -> StageResult {
+    let startup = |e: TransportError| (s, "startup".to_string(), e);
+    let prepared = (|| {
+        let ctx = StageContext {
+            stage: s,
+            host: "local",
+            config: cfg,
+        };
+        let (obs, digests) = stage_observers(factory, &ctx)?;
+        let io = StageIo::over_fabric(cfg, s, fabric, TransportKind::Local, &obs.transfers)?;
+        let pool = slug_kernels::ThreadPool::new(cfg.threads)?;
+        let stage = slug_kernels::Stage::new(&cfg.model, plan, s, cfg.prompts.len(), &pool)?;
+        Ok::<_, TransportError>((obs, digests, io, pool, stage))
+    })();
+    // Every thread reaches the barrier, built or not, so the coordinator never waits forever.
+    built.wait();
+    let (obs, digests, io, pool, stage) = prepared.map_err(startup)?;
+    let outcome = drive_stage(cfg, plan, s, &pool, stage, io, obs.hooks, &|_, _| {})
+        .map_err(|(at, e)| (s, at, e))?;
+    Ok(outcome.into_report(plan, s, "local", &digests))
+}
+
+/// The factory's observers for a stage, plus the digest collector when the config asks for it.
+pub(crate) fn stage_observers(
+    factory: &dyn ObserverFactory,
+    ctx: &StageContext<'_>,
+) -> Result<(StageObservers, Option<Arc<DigestObserver>>)> {
+    let mut obs = factory.stage_observers(ctx)?;
+    if !ctx.config.digests {
+        return Ok((obs, None));
+    }
+    let digests = Arc::new(DigestObserver::default());
+    obs.transfers = obs.transfers.with(digests.clone());
+    Ok((obs, Some(digests)))
+}

@@ -1,0 +1,258 @@
+//! One stage's work loop, identical for every transport: take the step's input (prompt, token
+//! or hidden states) into the arena inbox, run the stage's layers, post the outbox onwards.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slug_kernels::{Hooks, LayerPlan, Stage, StageLayout, ThreadPool};
+
+use crate::error::{Result, TransportError};
+use crate::fabric::Fabric;
+use crate::link::{LinkEnds, LinkReceiver, LinkSender, LinkStats, Region, RegionMut};
+use crate::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
+
+use super::{DigestObserver, PipelineConfig, StageReport};
+
+/// Every stage registers its whole [`slug_kernels::StageArena`] as this arena.
+pub const STAGE_ARENA: ArenaId = ArenaId(0);
+
+/// Link `link` of a pipeline of `stages` stages: stage `link` to stage `link + 1`, wrapping to 0.
+pub(crate) fn link_ends(stages: usize, link: usize, timeout: Duration) -> LinkEnds {
+    LinkEnds {
+        id: LinkId(link as u32),
+        src: EndpointId(link as u32),
+        dst: EndpointId(((link + 1) % stages) as u32),
+        timeout,
+    }
+}
+
+/// The two link ends a stage uses: from its upstream stage, to its downstream stage.
+#[derive(Debug, Default)]
+pub(crate) struct StageIo {
+    pub inbound: Option<LinkReceiver>,
+    pub outbound: Option<LinkSender>,
+}
+
+impl StageIo {
+    /// Stage `s`'s ends of the fabric rings (none for a one-stage pipeline).
+    pub fn over_fabric(
+        cfg: &PipelineConfig,
+        s: usize,
+        fabric: &Arc<Fabric>,
+        kind: TransportKind,
+        observers: &Observers,
+    ) -> Result<Self> {
+        let n = cfg.stages;
+        if n < 2 {
+            return Ok(Self::default());
+        }
+        let up = (s + n - 1) % n;
+        Ok(Self {
+            inbound: Some(LinkReceiver::over_fabric(
+                fabric.clone(),
+                up,
+                link_ends(n, up, cfg.timeout()),
+                kind,
+                observers.clone(),
+            )?),
+            outbound: Some(LinkSender::over_fabric(
+                fabric.clone(),
+                s,
+                link_ends(n, s, cfg.timeout()),
+                kind,
+                observers.clone(),
+            )?),
+        })
+    }
+}
+
+/// What a stage's loop produced, before it becomes a [`StageReport`].
+#[derive(Debug)]
+pub(crate) struct StageOutcome {
+    pub steps: u64,
+    pub forward_ns: u64,
+    pub tokens: Vec<Vec<u32>>,
+    pub inbound: Option<LinkStats>,
+    pub outbound: Option<LinkStats>,
+    pub inbound_clock: Option<crate::clock::ClockOffset>,
+}
+
+impl StageOutcome {
+    pub fn into_report(
+        self,
+        plan: &LayerPlan,
+        s: usize,
+        host: &str,
+        digests: &Option<Arc<DigestObserver>>,
+    ) -> StageReport {
+        let layers = plan.layers_of(s);
+        StageReport {
+            stage: s,
+            host: host.to_string(),
+            pid: std::process::id(),
+            layers: (layers.start, layers.end),
+            steps: self.steps,
+            forward_ns: self.forward_ns,
+            inbound: self.inbound,
+            outbound: self.outbound,
+            clock: None,
+            inbound_clock: self.inbound_clock,
+            digests: digests.as_ref().map(|d| d.take()).unwrap_or_default(),
+            tokens: self.tokens,
+        }
+    }
+}
+
+/// Runs stage `s` to the end of the schedule. Sequences go in groups of `microbatches`; within a
+/// group every stage handles (step, sequence) in the same order, so links stay FIFO-consistent.
+/// On failure returns where the stage was ("step 3 (sequence 1)") with the error.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn drive_stage(
+    cfg: &PipelineConfig,
+    plan: &LayerPlan,
+    s: usize,
+    pool: &ThreadPool,
+    mut stage: Stage,
+    mut io: StageIo,
+    mut hooks: Box<dyn Hooks + Send>,
+    progress: &dyn Fn(u32, u32),
+) -> std::result::Result<StageOutcome, (String, TransportError)> {
+    let n_stages = cfg.stages;
+    let last = s + 1 == n_stages;
+    let sequences = cfg.prompts.len();
+    let dim_bytes = cfg.model.dim * 4;
+    let mut at = "startup".to_string();
+    let fail = |at: &str, e: TransportError| (at.to_string(), e);
+    // Where the downstream stage's inboxes are: its layout is a pure function of the config.
+    let next_layout = if n_stages > 1 {
+        let next = (s + 1) % n_stages;
+        Some(
+            StageLayout::new(&cfg.model, plan, next, sequences, pool.threads())
+                .map_err(|e| fail(&at, e.into()))?,
+        )
+    } else {
+        None
+    };
+    let next_first_layer = if last {
+        plan.layers()
+    } else {
+        plan.layers_of(s + 1).start
+    } as u32;
+    let mut tokens = vec![Vec::with_capacity(cfg.tokens); if last { sequences } else { 0 }];
+    let mut forward_ns = 0u64;
+    let mut steps = 0u64;
+    let seq_ids: Vec<usize> = (0..sequences).collect();
+    for group in seq_ids.chunks(cfg.microbatches) {
+        for step in 0..cfg.tokens {
+            for &seq in group {
+                at = format!("step {step} (sequence {seq})");
+                progress(step as u32, seq as u32);
+                let n = take_input(cfg, &mut stage, &mut io, s, seq, step, dim_bytes)
+                    .map_err(|e| fail(&at, e))?;
+                let t0 = Instant::now();
+                stage
+                    .forward(pool, &mut *hooks, seq, n)
+                    .map_err(|e| fail(&at, e.into()))?;
+                forward_ns += t0.elapsed().as_nanos() as u64;
+                steps += 1;
+                if last {
+                    let token = stage.outbox_token(seq).map_err(|e| fail(&at, e.into()))?;
+                    tokens[seq].push(token);
+                }
+                // The last generated token is never fed back.
+                let feeds_back = step + 1 < cfg.tokens;
+                if let (Some(out), Some(next)) = (io.outbound.as_mut(), next_layout.as_ref()) {
+                    if last && !feeds_back {
+                        continue;
+                    }
+                    let src = stage.layout().outboxes[seq];
+                    let dst = next.inboxes[seq];
+                    let len = if last { 4 } else { (n * dim_bytes) as u64 };
+                    let tag = Tag {
+                        sequence: seq as u32,
+                        step: step as u32,
+                        layer: next_first_layer,
+                    };
+                    let region = Region {
+                        arena: STAGE_ARENA,
+                        bytes: stage.arena().bytes(),
+                    };
+                    out.send(
+                        region,
+                        src.offset as u64,
+                        len,
+                        STAGE_ARENA,
+                        dst.offset as u64,
+                        tag,
+                    )
+                    .map_err(|e| fail(&at, e))?;
+                }
+            }
+        }
+    }
+    Ok(StageOutcome {
+        steps,
+        forward_ns,
+        tokens,
+        inbound: io.inbound.as_ref().map(LinkReceiver::stats),
+        outbound: io.outbound.as_ref().map(LinkSender::stats),
+        inbound_clock: io.inbound.as_ref().and_then(LinkReceiver::clock),
+    })
+}
+
+/// Puts the input of (`seq`, `step`) into the stage's inbox; returns how many tokens it covers.
+fn take_input(
+    cfg: &PipelineConfig,
+    stage: &mut Stage,
+    io: &mut StageIo,
+    s: usize,
+    seq: usize,
+    step: usize,
+    dim_bytes: usize,
+) -> Result<usize> {
+    if s == 0 && step == 0 {
+        let prompt = &cfg.prompts[seq];
+        stage.inbox_tokens_mut(seq)?[..prompt.len()].copy_from_slice(prompt);
+        return Ok(prompt.len());
+    }
+    let Some(inbound) = io.inbound.as_mut() else {
+        // One stage: the token it chose last step is this step's input.
+        let token = stage.outbox_token(seq)?;
+        stage.inbox_tokens_mut(seq)?[0] = token;
+        return Ok(1);
+    };
+    let mut region = RegionMut {
+        arena: STAGE_ARENA,
+        bytes: stage.arena_mut().bytes_mut(),
+    };
+    let t = inbound.recv(&mut region)?;
+    // Stage 0 receives the token produced in the previous step; others this step's hidden states.
+    let want_step = if s == 0 { step - 1 } else { step };
+    let inbox = stage.layout().inboxes[seq];
+    if t.tag.sequence as usize != seq
+        || t.tag.step as usize != want_step
+        || t.dst.offset != inbox.offset as u64
+    {
+        return Err(TransportError::Protocol {
+            peer: format!("stage {}", t.src.endpoint.0),
+            detail: format!(
+                "expected sequence {seq} step {want_step} at inbox offset {}, got sequence {} step {} at offset {}; \
+                 the stages disagree on the schedule (different configs?)",
+                inbox.offset, t.tag.sequence, t.tag.step, t.dst.offset
+            ),
+        });
+    }
+    if s == 0 {
+        Ok(1)
+    } else if (t.len as usize).is_multiple_of(dim_bytes) && t.len > 0 {
+        Ok(t.len as usize / dim_bytes)
+    } else {
+        Err(TransportError::Protocol {
+            peer: format!("stage {}", t.src.endpoint.0),
+            detail: format!(
+                "hidden states of {} bytes are not a whole number of {dim_bytes}-byte rows",
+                t.len
+            ),
+        })
+    }
+}

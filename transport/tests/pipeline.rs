@@ -1,0 +1,208 @@
+//! The pipeline runtime against the single-process reference driver: same tokens and same
+//! transferred bytes for every placement, thread count, microbatching and transport.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use slug_kernels::{LayerPlan, ModelConfig, NoHooks, Stage, ThreadPool, generate};
+use slug_transport::TransportError;
+use slug_transport::auth::ClusterKey;
+use slug_transport::node::{NodeOptions, serve};
+use slug_transport::pipeline::{
+    NoObservers, PipelineConfig, RunReport, TransferDigest, prompt_tokens, run, run_on_nodes,
+};
+use slug_transport::transfer::{Tag, TransportKind};
+
+const TOKENS: usize = 5;
+
+fn model() -> ModelConfig {
+    let mut m = ModelConfig::preset("tiny").expect("tiny preset");
+    // Four layers so that four stages each own one.
+    m.layers = 4;
+    m.seed = 11;
+    m
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    ["Once upon", "a", "time there was", "slug"]
+        .iter()
+        .map(|p| prompt_tokens(p))
+        .collect()
+}
+
+fn config(
+    transport: TransportKind,
+    stages: usize,
+    threads: usize,
+    microbatches: usize,
+) -> PipelineConfig {
+    let mut cfg = PipelineConfig::new(model(), "x", 1, TOKENS);
+    cfg.prompts = prompts();
+    cfg.transport = transport;
+    cfg.stages = stages;
+    cfg.threads = threads;
+    cfg.microbatches = microbatches;
+    cfg.digests = true;
+    cfg.timeout_ms = 20_000;
+    cfg
+}
+
+fn reference() -> Vec<Vec<u32>> {
+    let m = model();
+    let plan = LayerPlan::even(m.layers, 1).expect("plan");
+    let pool = ThreadPool::new(1).expect("pool");
+    let mut stages = vec![Stage::new(&m, &plan, 0, prompts().len(), &pool).expect("stage")];
+    prompts()
+        .iter()
+        .enumerate()
+        .map(|(seq, p)| {
+            generate(&mut stages, &pool, &mut NoHooks, seq, p, TOKENS)
+                .expect("reference generation")
+                .tokens
+        })
+        .collect()
+}
+
+fn by_tag(report: &RunReport) -> BTreeMap<Tag, TransferDigest> {
+    report.digests().into_iter().map(|d| (d.tag, d)).collect()
+}
+
+/// Transfers at the same layer boundary of the same sequence and step carry the same bytes
+/// whatever the placement; returns how many boundaries the two runs share.
+fn assert_shared_boundaries_equal(a: &RunReport, b: &RunReport) -> usize {
+    let (a, b) = (by_tag(a), by_tag(b));
+    let mut shared = 0;
+    for (tag, da) in &a {
+        if let Some(db) = b.get(tag) {
+            assert_eq!(
+                (da.len, da.hash),
+                (db.len, db.hash),
+                "bytes differ at {tag:?}"
+            );
+            shared += 1;
+        }
+    }
+    shared
+}
+
+#[test]
+fn local_runs_match_the_reference_for_every_placement() {
+    let want = reference();
+    let mut per_stages: BTreeMap<usize, RunReport> = BTreeMap::new();
+    for stages in [1, 2, 4] {
+        for threads in [1, 2] {
+            for microbatches in [1, 4] {
+                let cfg = config(TransportKind::Local, stages, threads, microbatches);
+                let got = run(&cfg, &NoObservers).expect("local run");
+                assert_eq!(
+                    got.tokens, want,
+                    "stages {stages} threads {threads} mb {microbatches}"
+                );
+                let expected_transfers = if stages == 1 {
+                    0
+                } else {
+                    // Per sequence: TOKENS steps through stages-1 boundaries, TOKENS-1 tokens back.
+                    4 * (TOKENS * (stages - 1) + TOKENS - 1)
+                };
+                assert_eq!(got.digests().len(), expected_transfers);
+                match per_stages.get(&stages) {
+                    Some(first) => assert_eq!(first.digests(), got.digests()),
+                    None => {
+                        per_stages.insert(stages, got);
+                    }
+                }
+            }
+        }
+    }
+    // Layer boundaries 2 (hidden states) and 4 (token back) exist in both placements.
+    let shared = assert_shared_boundaries_equal(&per_stages[&2], &per_stages[&4]);
+    assert_eq!(shared, 4 * (TOKENS + TOKENS - 1));
+}
+
+/// Starts `n` in-process nodes (threads serving one session each) and returns their addresses.
+fn nodes(n: usize, key: &ClusterKey) -> Vec<String> {
+    let (tx, rx) = mpsc::channel();
+    for _ in 0..n {
+        let opts = NodeOptions {
+            listen: "127.0.0.1:0".into(),
+            key: key.clone(),
+            once: true,
+        };
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let _ = serve(
+                &opts,
+                &NoObservers,
+                &|addr| {
+                    let _ = tx.send(addr.to_string());
+                },
+                &|_| {},
+            );
+        });
+    }
+    (0..n)
+        .map(|_| {
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("node address")
+        })
+        .collect()
+}
+
+#[test]
+fn tcp_and_shm_nodes_move_the_same_bytes_as_local() {
+    let key = ClusterKey::from_bytes(b"pipeline-test-cluster-key").expect("key");
+    let local = run(&config(TransportKind::Local, 4, 1, 4), &NoObservers).expect("local run");
+    for transport in [TransportKind::Tcp, TransportKind::Shm] {
+        let cfg = config(transport, 4, 2, 4);
+        let got = run_on_nodes(&cfg, &nodes(4, &key), &key).expect("node run");
+        assert_eq!(got.tokens, local.tokens, "{transport}");
+        assert_eq!(got.digests(), local.digests(), "{transport}");
+        for r in &got.stage_reports {
+            let clock = r.clock.expect("clock offset of every node");
+            // One machine: the same CLOCK_MONOTONIC, so the estimate is near zero.
+            assert!(clock.offset_ns.abs() < 50_000_000, "{clock:?}");
+            assert!(r.inbound.is_some_and(|l| l.transfers > 0));
+        }
+    }
+}
+
+#[test]
+fn a_coordinator_with_the_wrong_key_is_refused() {
+    let key = ClusterKey::from_bytes(b"pipeline-test-cluster-key").expect("key");
+    let stranger = ClusterKey::from_bytes(b"not-the-cluster-key-at-all").expect("key");
+    let addrs = nodes(1, &key);
+    let cfg = config(TransportKind::Tcp, 1, 1, 4);
+    let start = Instant::now();
+    match run_on_nodes(&cfg, &addrs, &stranger) {
+        Err(TransportError::StageFailed { detail, .. }) => {
+            assert!(detail.contains("could not prove"), "{detail}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(10));
+    // The node is still serving: the right key gets through.
+    let ok = run_on_nodes(&cfg, &addrs, &key).expect("run with the right key");
+    assert_eq!(ok.tokens.len(), 4);
+}
+
+#[test]
+fn bad_configurations_are_refused_before_running() {
+    let mut cfg = config(TransportKind::Local, 8, 1, 1);
+    assert!(matches!(
+        run(&cfg, &NoObservers),
+        Err(TransportError::Kernel(_))
+    ));
+    cfg.stages = 2;
+    cfg.tokens = 1000;
+    assert!(matches!(
+        run(&cfg, &NoObservers),
+        Err(TransportError::Config(_))
+    ));
+    cfg.tokens = 2;
+    cfg.hosts = vec!["127.0.0.1:1".into()];
+    assert!(matches!(
+        run(&cfg, &NoObservers),
+        Err(TransportError::Config(_))
+    ));
+}
