@@ -1,0 +1,156 @@
+//! Snapshot write speed against a memcpy of the same arena, measured in the same run:
+//! - `capture_first`: the hot-path half of a first snapshot (hash every chunk, copy all out);
+//! - `capture_incremental`: the hot-path half when one chunk changed since the last snapshot;
+//! - `write_first`: capture + zstd + write of a first snapshot to a fresh store (the whole cost);
+//! - `baseline_memcpy`: copying the arena into a preallocated buffer.
+//!
+//! Ratios (`ours / memcpy`, lower is better) are printed after the group.
+
+use std::cell::Cell;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use slug_recorder::snapshot::{DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, SnapshotStore};
+
+/// A stage-like arena: pseudo-random "weights" followed by a zeroed KV cache.
+const WEIGHT_BYTES: usize = 24 << 20;
+const KV_BYTES: usize = 8 << 20;
+
+#[derive(Default)]
+struct Tally {
+    elapsed: Cell<Duration>,
+    iters: Cell<u64>,
+}
+
+impl Tally {
+    fn add(&self, d: Duration, iters: u64) -> Duration {
+        self.elapsed.set(self.elapsed.get() + d);
+        self.iters.set(self.iters.get() + iters);
+        d
+    }
+
+    fn per_iter_ns(&self) -> f64 {
+        self.elapsed.get().as_nanos() as f64 / self.iters.get().max(1) as f64
+    }
+}
+
+fn arena() -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut a: Vec<u8> = (0..WEIGHT_BYTES / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Small floats like real weights: the exponent bytes repeat, mantissas do not.
+            let w = ((x >> 40) as f32 / 16_777_216.0 - 0.5) * 0.02;
+            let v = (x as u32 as f32 / 4_294_967_296.0 - 0.5) * 0.02;
+            [w.to_le_bytes(), v.to_le_bytes()].concat()
+        })
+        .collect();
+    a.resize(WEIGHT_BYTES + KV_BYTES, 0);
+    a
+}
+
+fn bench_snapshot(c: &mut Criterion) {
+    let src = arena();
+    let len = src.len();
+    let (memcpy, first, incremental, write) = (
+        Tally::default(),
+        Tally::default(),
+        Tally::default(),
+        Tally::default(),
+    );
+    let mut g = c.benchmark_group("snapshot_32MiB");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(len as u64));
+
+    g.bench_function("baseline_memcpy", |b| {
+        let mut dst = vec![1u8; len];
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                dst.copy_from_slice(black_box(&src));
+                black_box(&dst);
+            }
+            memcpy.add(t.elapsed(), iters)
+        })
+    });
+
+    g.bench_function("capture_first", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let store = SnapshotStore::open(dir.path()).expect("store");
+                let t = Instant::now();
+                black_box(store.capture(0, 0, black_box(&src), &[]).expect("capture"));
+                total += t.elapsed();
+            }
+            first.add(total, iters)
+        })
+    });
+
+    g.bench_function("capture_incremental", |b| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SnapshotStore::open(dir.path()).expect("store");
+        let mut a = src.clone();
+        black_box(store.capture(0, 0, &a, &[]).expect("capture"));
+        let mut step = 0u64;
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                step += 1;
+                // One KV chunk changes per step, as decoding one token does.
+                let at = WEIGHT_BYTES
+                    + (step as usize % (KV_BYTES / DEFAULT_CHUNK_SIZE)) * DEFAULT_CHUNK_SIZE;
+                a[at..at + 8].copy_from_slice(&step.to_le_bytes());
+                let t = Instant::now();
+                black_box(store.capture(0, step, black_box(&a), &[]).expect("capture"));
+                total += t.elapsed();
+            }
+            incremental.add(total, iters)
+        })
+    });
+
+    g.bench_function("write_first", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let store = SnapshotStore::open(dir.path()).expect("store");
+                let t = Instant::now();
+                let pending = store.capture(0, 0, black_box(&src), &[]).expect("capture");
+                black_box(store.persist(pending).expect("persist"));
+                total += t.elapsed();
+            }
+            write.add(total, iters)
+        })
+    });
+    g.finish();
+
+    let base = memcpy.per_iter_ns();
+    let gbps = |ns: f64| len as f64 / ns;
+    eprintln!(
+        "snapshot of a {} MiB arena (chunks {} KiB, zstd level {DEFAULT_ZSTD_LEVEL}); ratio = ours / memcpy ({:.2} GB/s):",
+        len >> 20,
+        DEFAULT_CHUNK_SIZE >> 10,
+        gbps(base)
+    );
+    for (name, t) in [
+        ("capture_first (hot path)", &first),
+        ("capture_incremental (hot path)", &incremental),
+        ("write_first (capture + zstd + write)", &write),
+    ] {
+        let ns = t.per_iter_ns();
+        eprintln!(
+            "  {name:38} {:8.2} ms  {:6.2} GB/s  ratio {:.2}",
+            ns / 1e6,
+            gbps(ns),
+            ns / base
+        );
+    }
+}
+
+criterion_group!(benches, bench_snapshot);
+criterion_main!(benches);
