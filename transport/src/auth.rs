@@ -223,6 +223,12 @@ pub(crate) fn client_handshake(
     }
     let (nonce_s, mac_s) = challenge[4..].split_at(NONCE);
     if !key.verify(b"slug-node", &[&hello_bytes, nonce_s], mac_s) {
+        // Tell the node why we hang up, so its log names the cause.
+        let _ = conn.send_frame(
+            kind::REFUSE,
+            b"cluster key mismatch: the caller holds a different cluster key than this node",
+            timeout,
+        );
         return Err(TransportError::Refused {
             peer: conn.peer.clone(),
             reason: "the node could not prove it holds our cluster key (different key?)".into(),

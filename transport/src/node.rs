@@ -56,12 +56,9 @@ pub fn serve(
             .map_err(|e| TransportError::io(format!("accept on {addr}"), e))?;
         match session(stream, peer, opts, factory, log) {
             Err(Session::NotAdmitted(e)) => log(&format!("refused {peer}: {e}")),
-            Ok(stage) => {
-                log(&format!("stage {stage} for coordinator {peer} finished"));
-                if opts.once {
-                    return Ok(());
-                }
-            }
+            // A one-session node was launched by a coordinator that reports the run itself.
+            Ok(_) if opts.once => return Ok(()),
+            Ok(stage) => log(&format!("stage {stage} for coordinator {peer} finished")),
             Err(Session::Failed(e)) => {
                 log(&format!("session with coordinator {peer} failed: {e}"));
                 if opts.once {
@@ -297,8 +294,9 @@ fn run_assigned(
             )
             .map_err(|e| ("report".to_string(), e))
         })();
+        // The reader and heartbeat threads poll `stop`; the socket stays open for the final
+        // Done/Failed message.
         stop.raise();
-        conn.shutdown();
         result
     })
 }
