@@ -136,7 +136,8 @@ fn node_refuses_a_coordinator_without_the_cluster_key_and_logs_why() {
         .to_string();
     let stranger = ClusterKey::random().expect("key");
     let cfg = config(TransportKind::Tcp, 1, 1, 4);
-    let err = run_on_nodes(&cfg, &[addr.clone()], &stranger).expect_err("stranger refused");
+    let err =
+        run_on_nodes(&cfg, std::slice::from_ref(&addr), &stranger).expect_err("stranger refused");
     assert!(err.to_string().contains("could not prove"), "{err}");
     // Still serving after the refusal: the real coordinator runs, then the node exits (--once).
     let ok = run_on_nodes(&cfg, &[addr], &key).expect("run with the key");
