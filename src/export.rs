@@ -1,15 +1,54 @@
 //! `slug export`: export a trace for Perfetto or chrome://tracing.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
-use clap::Args;
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use slug_viewer::TraceDirSource;
+use slug_viewer::export::{Format, export_to_path};
+
+/// Output formats of `slug export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// Perfetto protobuf trace (open in ui.perfetto.dev).
+    Perfetto,
+    /// Chrome JSON trace events (chrome://tracing); gzip-compressed when --out ends in .gz.
+    Chrome,
+}
 
 /// Arguments of `slug export`.
 #[derive(Debug, Args)]
-pub struct ExportArgs {}
+pub struct ExportArgs {
+    /// Trace directory.
+    pub trace: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Perfetto)]
+    pub format: ExportFormat,
+    /// Output file [default: trace.perfetto-trace or trace.json in the current directory].
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
 
 /// Runs `slug export`.
-pub fn execute(_args: ExportArgs) -> Result<ExitCode> {
-    bail!("`slug export` is not built yet in this version of slug")
+pub fn execute(args: ExportArgs) -> Result<ExitCode> {
+    let format = match args.format {
+        ExportFormat::Perfetto => Format::Perfetto,
+        ExportFormat::Chrome => Format::Chrome,
+    };
+    let source = TraceDirSource::open(&args.trace)?;
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from(format.default_file_name()));
+    let s = export_to_path(&source, format, &out)?;
+    println!(
+        "wrote {}: {} tracks, {} kernel slices, {} flows, {} counter values, {} instants",
+        out.display(),
+        s.tracks,
+        s.slices,
+        s.flows,
+        s.counters,
+        s.instants
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,8 @@ pub mod error;
 pub mod export;
 pub mod run;
 pub mod state;
+pub mod trace_dir;
 pub mod view;
 
 pub use error::{Result, ViewerError};
+pub use trace_dir::TraceDirSource;

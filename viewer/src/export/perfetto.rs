@@ -152,7 +152,8 @@ impl Writer<'_> {
                 th.varint(track::THREAD_PID, pid(ep))
                     .varint(track::THREAD_TID, pid(ep) * 1000 + u64::from(t) + 1)
                     .string(track::THREAD_NAME, &format!("{} worker {t}", self.name(ep)));
-                d.message(track::THREAD, &th);
+                d.varint(track::PARENT_UUID, base)
+                    .message(track::THREAD, &th);
             }
             TrackKind::Transfers => {
                 d.varint(track::PARENT_UUID, base)

@@ -118,6 +118,17 @@ impl App {
     /// Opens the viewer state on a timeline, showing the whole trace.
     pub fn new(timeline: Timeline, title: impl Into<String>) -> Self {
         let view = timeline.extent();
+        // Damaged logs are said up front; what was recovered is still shown.
+        let notes: Vec<String> = timeline
+            .endpoints()
+            .iter()
+            .enumerate()
+            .filter_map(|(ep, info)| {
+                let h = timeline.health(ep);
+                (!h.note.is_empty()).then(|| format!("{}: {}", info.name, h.note))
+            })
+            .collect();
+        let message = (!notes.is_empty()).then(|| notes.join(" | "));
         Self {
             timeline,
             title: title.into(),
@@ -127,7 +138,7 @@ impl App {
             filter: Filter::default(),
             cursor: 0,
             selection: None,
-            message: None,
+            message,
             stats: None,
             divergence: None,
             window: None,

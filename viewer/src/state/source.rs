@@ -35,7 +35,8 @@ pub struct FrameSummary {
 /// How an endpoint log ended: cleanly, or cut short with events lost.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LogHealth {
-    /// Events the recorder reported as dropped (sum of lost-event records).
+    /// Events lost while reading the log (the partial frame of a killed writer). Losses the
+    /// recorder itself noticed are lost-event records among the events.
     pub lost_events: u64,
     /// Bytes after the last whole frame that could not be read (a killed writer).
     pub truncated_bytes: u64,
@@ -115,7 +116,6 @@ impl MemorySource {
             list.sort_by_key(TraceEvent::start);
             let mut ep_frames = Vec::new();
             let mut ep_chunks = Vec::new();
-            let mut lost = 0;
             for chunk in list.chunks(frame_len) {
                 let mut counts = KindCounts::default();
                 let mut start = Nanos::MAX;
@@ -124,9 +124,6 @@ impl MemorySource {
                     counts.add(ev.kind(), 1);
                     start = start.min(ev.start());
                     end = end.max(ev.end());
-                    if let TraceEvent::Lost(l) = ev {
-                        lost += l.count;
-                    }
                 }
                 ep_frames.push(FrameSummary {
                     range: TimeRange::new(start, end),
@@ -136,10 +133,7 @@ impl MemorySource {
             }
             frames.push(ep_frames);
             chunks.push(ep_chunks);
-            health.push(LogHealth {
-                lost_events: lost,
-                ..LogHealth::default()
-            });
+            health.push(LogHealth::default());
         }
         Self {
             endpoints,
