@@ -96,6 +96,23 @@ pub enum RecorderError {
         /// The first failure.
         first_error: String,
     },
+
+    /// Writing or reading the trace format failed.
+    #[error("{0}")]
+    Schema(Box<slug_schema::SchemaError>),
+
+    /// The pipeline failed while it was being recorded.
+    #[error("the recorded pipeline failed: {0}")]
+    Pipeline(Box<slug_transport::TransportError>),
+
+    /// The output directory cannot be used.
+    #[error("{path}: {problem}")]
+    OutputDir {
+        /// The directory given with --out.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        problem: String,
+    },
 }
 
 impl RecorderError {

@@ -156,11 +156,10 @@ impl FlightRing {
         self.word(LOST_AT).load(Ordering::Relaxed)
     }
 
-    /// Deletes the ring file (after a clean close: everything is in the endpoint log).
-    pub fn remove(self) -> Result<()> {
-        let path = self.path.clone();
-        drop(self);
-        std::fs::remove_file(&path).map_err(|e| RecorderError::io(&path, e))
+    /// Deletes the ring file (after a clean close: everything is in the endpoint log). The
+    /// mapping stays valid until the ring is dropped, so a late append is harmless.
+    pub fn remove_file(&self) -> Result<()> {
+        std::fs::remove_file(&self.path).map_err(|e| RecorderError::io(&self.path, e))
     }
 }
 

@@ -1,15 +1,24 @@
-//! Per-endpoint recorder: perf streams, host topology and content-addressed snapshots.
+//! Per-endpoint recorder: flight-recorder rings drained into endpoint logs, transfer and kernel
+//! observers for the pipeline runtime, perf streams, host topology and snapshots.
 //!
+//! - [`record()`]: runs a pipeline with every endpoint recorded into a trace directory.
+//! - [`observe`]: the transfer observer, kernel hooks and observer factory the runtime calls.
+//! - [`endpoint`]: one endpoint's rings, perf streams and writer thread.
 //! - [`flight`]: per-thread flight-recorder rings in memory-mapped files (SIGKILL-safe).
 //! - [`perf`]: perf streams (Intel PT, PEBS / IBS memory samples, software fallbacks) with a
 //!   capability report.
 //! - [`topology`]: CPUs, NUMA nodes, caches and huge pages of the host, for the manifest.
 //! - [`snapshot`]: a stage's arena and cursor as deduplicated zstd chunks under `<trace>/snapshots/`.
 
+pub mod blob;
+pub mod endpoint;
 mod error;
 pub mod flight;
+pub mod observe;
 pub mod perf;
+mod record;
 pub mod snapshot;
 pub mod topology;
 
 pub use error::{RecorderError, Result};
+pub use record::{EndpointSummary, RecordConfig, RecordSummary, record};

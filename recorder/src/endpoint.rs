@@ -1,0 +1,546 @@
+//! One endpoint's recording: its threads' flight rings, its perf streams, its payload store and
+//! the writer thread that drains them all into `endpoints/<id>.slog`.
+//!
+//! Pipeline threads append through [`EndpointShared::append`]: each thread gets its own ring
+//! on first use (one file creation per thread, then no lock and no allocation per event). The
+//! writer thread wakes every few milliseconds, moves ring contents into the schema's
+//! [`LogWriter`] (which encodes and compresses on its own thread), converts perf records to
+//! events and stores payloads.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use slug_kernels::KernelId;
+use slug_schema::{
+    Clock, EbpfEvent, EbpfKind, Event, LogHeader, LogStats, LogWriter, LostEvents, PerfSample,
+    PerfSampleKind, PtChunk, RawRecord, StringId, WriterOptions,
+};
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::blob::BlobStore;
+use crate::error::{RecorderError, Result};
+use crate::flight::FlightRing;
+use crate::perf::{PerfRecord, PerfStreams, StreamKind, monotonic_ns};
+
+/// String id of the `task-clock` counter name (kernel names take ids `0..KernelId::ALL.len()`).
+pub const TASK_CLOCK_NAME: StringId = KernelId::ALL.len() as StringId;
+/// String id of the `page-faults` counter name.
+pub const PAGE_FAULTS_NAME: StringId = TASK_CLOCK_NAME + 1;
+
+/// How often the writer drains rings and perf streams.
+const DRAIN_EVERY: Duration = Duration::from_millis(2);
+/// How often buffered events are handed to the log encoder even if no frame is full, bounding
+/// what a killed recorder can lose from the encoder's queue.
+const SHIP_EVERY: Duration = Duration::from_millis(100);
+
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's ring for each endpoint recorder it has appended to, by recorder key.
+    static THREAD_RINGS: RefCell<Vec<(u64, Arc<FlightRing>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Settings of one endpoint's recording.
+#[derive(Debug, Clone)]
+pub struct EndpointOptions {
+    /// Endpoint id (the stage index).
+    pub endpoint: u32,
+    /// The trace's `endpoints/` directory (log and ring files go there).
+    pub endpoints_dir: PathBuf,
+    /// Records per thread ring.
+    pub ring_records: usize,
+    /// Events per log frame and zstd level.
+    pub writer: WriterOptions,
+}
+
+/// The part of an endpoint recorder the pipeline's threads share.
+#[derive(Debug)]
+pub struct EndpointShared {
+    key: u64,
+    endpoint: u32,
+    endpoints_dir: PathBuf,
+    ring_records: usize,
+    rings: Mutex<Vec<Arc<FlightRing>>>,
+    /// Events dropped because a thread's ring could not be created.
+    unringed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+    stop: AtomicBool,
+    payloads: Option<(Arc<BlobStore>, Sender<Payload>)>,
+}
+
+/// A payload on its way to the writer thread: its content hash and a copy of its bytes.
+type Payload = (u128, Vec<u8>);
+
+impl EndpointShared {
+    /// The endpoint id.
+    pub fn endpoint(&self) -> u32 {
+        self.endpoint
+    }
+
+    /// Appends `event` to the calling thread's ring (the hot path).
+    #[inline]
+    pub fn append(&self, event: &Event) {
+        let record = RawRecord::from_event(event);
+        THREAD_RINGS.with(|cell| {
+            let mut rings = cell.borrow_mut();
+            if let Some((_, ring)) = rings.iter().find(|(k, _)| *k == self.key) {
+                ring.append(&record);
+                return;
+            }
+            self.append_first(&mut rings, &record);
+        });
+    }
+
+    #[cold]
+    fn append_first(&self, rings: &mut Vec<(u64, Arc<FlightRing>)>, record: &RawRecord) {
+        // Rings of finished recorders are only held here: let them go.
+        rings.retain(|(_, r)| Arc::strong_count(r) > 1);
+        let mut all = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let thread = all.len() as u32;
+        let path = self
+            .endpoints_dir
+            .join(format!("{}.t{thread}.ring", self.endpoint));
+        match FlightRing::create(
+            &path,
+            self.endpoint,
+            thread,
+            crate::perf::current_tid(),
+            self.ring_records,
+        ) {
+            Ok(ring) => {
+                let ring = Arc::new(ring);
+                ring.append(record);
+                all.push(Arc::clone(&ring));
+                rings.push((self.key, ring));
+            }
+            Err(e) => {
+                self.unringed.fetch_add(1, Ordering::Relaxed);
+                self.note_error(e.to_string());
+            }
+        }
+    }
+
+    fn note_error(&self, e: String) {
+        let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            *first = Some(e);
+        }
+    }
+
+    /// Stores a payload in the trace (on the writer thread) unless it is already stored.
+    /// `false` when this endpoint does not record payloads.
+    pub fn store_payload(&self, hash: u128, bytes: &[u8]) -> bool {
+        let Some((blobs, tx)) = &self.payloads else {
+            return false;
+        };
+        if !blobs.contains(hash) {
+            // The writer owns the receiver until it stops; a send error means it is gone.
+            let _ = tx.send((hash, bytes.to_vec()));
+        }
+        true
+    }
+}
+
+/// What an endpoint's recording wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    /// Endpoint id.
+    pub endpoint: u32,
+    /// The log's totals.
+    pub log: LogStats,
+    /// Events the rings dropped because they were full (or could not be created).
+    pub ring_lost: u64,
+    /// Records the kernel dropped from perf rings.
+    pub perf_lost: u64,
+    /// Payload blobs written and their compressed bytes.
+    pub payloads: u64,
+    /// Compressed payload bytes written.
+    pub payload_bytes: u64,
+    /// Problems that did not stop the pipeline (disk full, a ring that could not be created).
+    pub warnings: Vec<String>,
+}
+
+/// One endpoint's recorder: the shared append side and its writer thread.
+#[derive(Debug)]
+pub struct EndpointRecorder {
+    shared: Arc<EndpointShared>,
+    writer: Option<JoinHandle<Result<EndpointStats>>>,
+}
+
+impl EndpointRecorder {
+    /// Creates the endpoint's log and starts its writer. `perf` streams (already opened on the
+    /// endpoint's threads) are enabled and drained by the writer; `payloads` is where payload
+    /// blobs go when the run records them.
+    pub fn start(
+        options: &EndpointOptions,
+        perf: Option<PerfStreams>,
+        payloads: Option<Arc<BlobStore>>,
+    ) -> Result<EndpointRecorder> {
+        let path = options
+            .endpoints_dir
+            .join(format!("{}.slog", options.endpoint));
+        let header = LogHeader::new(options.endpoint, Clock::Monotonic, monotonic_ns());
+        let mut log = LogWriter::create_with(&path, header, options.writer)
+            .map_err(|e| RecorderError::Schema(Box::new(e)))?;
+        // Fixed ids for the names the hot path uses, so it never interns.
+        for k in KernelId::ALL {
+            log.intern(k.name());
+        }
+        log.intern("task-clock");
+        log.intern("page-faults");
+        let (payloads, payload_rx) = match payloads {
+            Some(store) => {
+                let (tx, rx) = crossbeam_channel::unbounded();
+                (Some((store, tx)), Some(rx))
+            }
+            None => (None, None),
+        };
+        let shared = Arc::new(EndpointShared {
+            key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
+            endpoint: options.endpoint,
+            endpoints_dir: options.endpoints_dir.clone(),
+            ring_records: options.ring_records,
+            rings: Mutex::new(Vec::new()),
+            unringed: AtomicU64::new(0),
+            first_error: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            payloads,
+        });
+        if let Some(p) = &perf {
+            p.enable()?;
+        }
+        let worker = Arc::clone(&shared);
+        let writer = std::thread::Builder::new()
+            .name(format!("slug-recorder-{}", options.endpoint))
+            .spawn(move || writer_loop(&worker, log, perf, payload_rx))
+            .map_err(|e| RecorderError::io(&path, e))?;
+        Ok(EndpointRecorder {
+            shared,
+            writer: Some(writer),
+        })
+    }
+
+    /// The append side, for the pipeline's observers and hooks.
+    pub fn shared(&self) -> &Arc<EndpointShared> {
+        &self.shared
+    }
+
+    /// Stops the writer after a last drain, closes the log and removes the drained rings.
+    pub fn finish(mut self) -> Result<EndpointStats> {
+        self.shared.stop.store(true, Ordering::Release);
+        let handle = self.writer.take();
+        match handle.map(JoinHandle::join) {
+            Some(Ok(stats)) => stats,
+            Some(Err(_)) => Err(RecorderError::Io {
+                path: self.shared.endpoints_dir.clone(),
+                source: std::io::Error::other(format!(
+                    "the writer thread of endpoint {} panicked",
+                    self.shared.endpoint
+                )),
+            }),
+            None => Ok(EndpointStats::default()),
+        }
+    }
+}
+
+impl Drop for EndpointRecorder {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Interned reasons of lost-events records.
+struct Reasons {
+    ring: StringId,
+    perf: StringId,
+    payload: StringId,
+}
+
+fn writer_loop(
+    shared: &EndpointShared,
+    mut log: LogWriter,
+    perf: Option<PerfStreams>,
+    payload_rx: Option<Receiver<Payload>>,
+) -> Result<EndpointStats> {
+    let reasons = Reasons {
+        ring: log.intern("flight ring full"),
+        perf: log.intern("perf ring full"),
+        payload: log.intern("payload write failed"),
+    };
+    let mut stats = EndpointStats {
+        endpoint: shared.endpoint,
+        ..EndpointStats::default()
+    };
+    let mut lost_seen: Vec<u64> = Vec::new();
+    let mut perf_buf = Vec::new();
+    let mut last_drain_ns = monotonic_ns();
+    let mut last_ship = Instant::now();
+    let mut payload_failures = 0u64;
+    let mut sink = PerfSink {
+        blobs: shared.payloads.as_ref().map(|(b, _)| Arc::clone(b)),
+        sideband_path: shared
+            .endpoints_dir
+            .join(format!("{}.sideband.perf", shared.endpoint)),
+        sideband: None,
+    };
+    loop {
+        let stopping = shared.stop.load(Ordering::Acquire);
+        let now = monotonic_ns();
+        let rings: Vec<Arc<FlightRing>> = shared
+            .rings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        lost_seen.resize(rings.len(), 0);
+        for (ring, seen) in rings.iter().zip(lost_seen.iter_mut()) {
+            ring.drain(|r| log.append_raw(r));
+            let lost = ring.lost();
+            if lost > *seen {
+                log.append(&Event::LostEvents(LostEvents {
+                    count: lost - *seen,
+                    reason: reasons.ring,
+                    from_ns: last_drain_ns,
+                    to_ns: now,
+                }));
+                stats.ring_lost += lost - *seen;
+                *seen = lost;
+            }
+        }
+        if let Some(p) = &perf {
+            p.drain(&mut perf_buf);
+        }
+        for rec in perf_buf.drain(..) {
+            write_perf(&mut log, rec, &reasons, &mut sink, &mut stats);
+        }
+        if let Some(rx) = &payload_rx {
+            for (hash, bytes) in rx.try_iter() {
+                match shared.payloads.as_ref().map(|(b, _)| b.put(hash, &bytes)) {
+                    Some(Ok(n)) => {
+                        stats.payloads += u64::from(n > 0);
+                        stats.payload_bytes += n;
+                    }
+                    Some(Err(e)) => {
+                        payload_failures += 1;
+                        shared.note_error(e.to_string());
+                    }
+                    None => {}
+                }
+            }
+        }
+        if payload_failures > 0 {
+            log.append(&Event::LostEvents(LostEvents {
+                count: payload_failures,
+                reason: reasons.payload,
+                from_ns: last_drain_ns,
+                to_ns: now,
+            }));
+            payload_failures = 0;
+        }
+        last_drain_ns = now;
+        if last_ship.elapsed() >= SHIP_EVERY {
+            log.flush();
+            last_ship = Instant::now();
+        }
+        if stopping {
+            break;
+        }
+        std::thread::sleep(DRAIN_EVERY);
+    }
+    if let Some(p) = perf {
+        p.stop(&mut perf_buf);
+        for rec in perf_buf.drain(..) {
+            write_perf(&mut log, rec, &reasons, &mut sink, &mut stats);
+        }
+    }
+    let unringed = shared.unringed.load(Ordering::Relaxed);
+    if unringed > 0 {
+        log.append(&Event::LostEvents(LostEvents {
+            count: unringed,
+            reason: reasons.ring,
+            from_ns: last_drain_ns,
+            to_ns: monotonic_ns(),
+        }));
+        stats.ring_lost += unringed;
+    }
+    stats.log = log
+        .close()
+        .map_err(|e| RecorderError::Schema(Box::new(e)))?;
+    // Everything drained is in the closed log: the rings are no longer needed for recovery.
+    for ring in shared
+        .rings
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+    {
+        if let Err(e) = ring.remove_file() {
+            stats.warnings.push(e.to_string());
+        }
+    }
+    if let Some(e) = shared
+        .first_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        stats.warnings.push(e);
+    }
+    Ok(stats)
+}
+
+/// Writes one perf record as the trace's event (or payload) for it.
+///
+/// Page faults and context switches have no perf-sample kind in the trace format; they are
+/// stored as the format's page-fault and sched events (the same fields, from perf instead of
+/// eBPF): page fault arg0 = data address, arg1 = ip; sched arg0 = tid switched out (else 0),
+/// arg1 = tid switched in (else 0), arg2 = 0 if preempted (still runnable), 1 if it blocked.
+/// Where perf data that is not an event goes: PT bytes as blobs, PT sideband as one file.
+struct PerfSink {
+    blobs: Option<Arc<BlobStore>>,
+    sideband_path: PathBuf,
+    sideband: Option<std::fs::File>,
+}
+
+fn write_perf(
+    log: &mut LogWriter,
+    rec: PerfRecord,
+    reasons: &Reasons,
+    sink: &mut PerfSink,
+    stats: &mut EndpointStats,
+) {
+    let event = match rec {
+        PerfRecord::Sample(s) => {
+            let kind = match s.stream {
+                StreamKind::PageFaults => {
+                    log.append(&Event::Ebpf(EbpfEvent {
+                        kind: EbpfKind::PageFault,
+                        pid: s.pid,
+                        tid: s.tid,
+                        cpu: s.cpu,
+                        arg0: s.addr,
+                        arg1: s.ip,
+                        arg2: 0,
+                        ns: s.ns,
+                    }));
+                    return;
+                }
+                StreamKind::MemLoads | StreamKind::IbsOp => PerfSampleKind::MemLoad,
+                StreamKind::MemStores => PerfSampleKind::MemStore,
+                _ => PerfSampleKind::CpuClock,
+            };
+            let weight = if kind == PerfSampleKind::CpuClock {
+                s.period
+            } else {
+                s.weight
+            };
+            Event::PerfSample(PerfSample {
+                kind,
+                ip: s.ip,
+                addr: s.addr,
+                weight,
+                data_source: s.data_source,
+                tid: s.tid,
+                cpu: s.cpu,
+                ns: s.ns,
+            })
+        }
+        PerfRecord::ContextSwitch {
+            pid,
+            tid,
+            cpu,
+            ns,
+            out,
+            preempted,
+        } => Event::Ebpf(EbpfEvent {
+            kind: EbpfKind::Sched,
+            pid,
+            tid,
+            cpu,
+            arg0: if out { u64::from(tid) } else { 0 },
+            arg1: if out { 0 } else { u64::from(tid) },
+            arg2: u64::from(out && !preempted),
+            ns,
+        }),
+        PerfRecord::PtChunk {
+            cpu,
+            aux_offset,
+            bytes,
+            ns,
+        } => {
+            let hash = xxh3_128(&bytes);
+            if let Some(b) = &sink.blobs
+                && let Err(e) = b.put(hash, &bytes)
+            {
+                stats.warnings.push(e.to_string());
+            }
+            Event::PtChunk(PtChunk {
+                cpu,
+                aux_offset,
+                size: bytes.len() as u64,
+                payload: hash,
+                ns,
+            })
+        }
+        // PT sideband (raw perf records, in stream order) goes to `<id>.sideband.perf` next to
+        // the log: a decoder replays it alongside the PT chunks.
+        PerfRecord::Sideband { bytes, .. } => {
+            use std::io::Write;
+            if sink.sideband.is_none() {
+                match std::fs::File::create(&sink.sideband_path) {
+                    Ok(f) => sink.sideband = Some(f),
+                    Err(e) => {
+                        stats
+                            .warnings
+                            .push(RecorderError::io(&sink.sideband_path, e).to_string());
+                        return;
+                    }
+                }
+            }
+            if let Some(f) = sink.sideband.as_mut()
+                && let Err(e) = f.write_all(&bytes)
+            {
+                stats
+                    .warnings
+                    .push(RecorderError::io(&sink.sideband_path, e).to_string());
+            }
+            return;
+        }
+        PerfRecord::Lost { count, ns, .. } => {
+            stats.perf_lost += count;
+            Event::LostEvents(LostEvents {
+                count,
+                reason: reasons.perf,
+                from_ns: ns,
+                to_ns: ns,
+            })
+        }
+    };
+    log.append(&event);
+}
+
+/// Path of ring files an endpoint may leave behind after being killed.
+pub fn ring_files(endpoints_dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(endpoints_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(RecorderError::io(endpoints_dir, e)),
+    };
+    for entry in entries {
+        let path = entry
+            .map_err(|e| RecorderError::io(endpoints_dir, e))?
+            .path();
+        if path.extension().is_some_and(|e| e == "ring") {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}

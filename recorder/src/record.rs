@@ -1,0 +1,268 @@
+//! `record`: runs a pipeline with every endpoint recorded into a new trace directory.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use slug_schema::{EndpointInfo, EventKind, Manifest, NodeClock, Trace, WriterOptions};
+use slug_transport::pipeline::{PipelineConfig, RunReport, run};
+use slug_transport::transfer::TransportKind;
+
+use crate::error::{RecorderError, Result};
+use crate::flight::DEFAULT_RING_RECORDS;
+use crate::observe::{PayloadPolicy, RecorderFactory, RecorderSettings};
+use crate::perf::{PerfConfig, probe};
+use crate::topology::host_topology;
+
+/// What to record and where.
+#[derive(Debug, Clone)]
+pub struct RecordConfig {
+    /// The trace directory to create.
+    pub out: PathBuf,
+    /// Replace the contents of a non-empty `out`.
+    pub force: bool,
+    /// Which payloads to store.
+    pub payloads: PayloadPolicy,
+    /// Perf streams.
+    pub perf: PerfConfig,
+    /// Records per thread ring.
+    pub ring_records: usize,
+}
+
+impl RecordConfig {
+    /// Defaults: no payloads, `--perf auto` at 1 kHz, 64 Ki-record rings.
+    pub fn new(out: impl Into<PathBuf>) -> RecordConfig {
+        RecordConfig {
+            out: out.into(),
+            force: false,
+            payloads: PayloadPolicy::None,
+            perf: PerfConfig::default(),
+            ring_records: DEFAULT_RING_RECORDS,
+        }
+    }
+}
+
+/// One endpoint's share of the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointSummary {
+    /// Endpoint id.
+    pub endpoint: u32,
+    /// Events written to its log.
+    pub events: u64,
+    /// Events per kind name.
+    pub counts: Vec<(String, u64)>,
+    /// Log bytes on disk.
+    pub bytes: u64,
+    /// The same events as raw 128-byte records.
+    pub raw_bytes: u64,
+    /// Events lost (full rings, perf rings).
+    pub lost: u64,
+    /// Payload blobs written.
+    pub payloads: u64,
+    /// Their compressed bytes.
+    pub payload_bytes: u64,
+    /// Problems that did not stop the run.
+    pub warnings: Vec<String>,
+}
+
+/// What `record` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordSummary {
+    /// The trace directory.
+    pub trace: PathBuf,
+    /// Generated tokens per sequence.
+    pub tokens: Vec<Vec<u32>>,
+    /// Throughput of the recorded run.
+    pub tokens_per_s: f64,
+    /// Per endpoint.
+    pub endpoints: Vec<EndpointSummary>,
+    /// One line per capability that is missing, with its fallback.
+    pub notices: Vec<String>,
+    /// Capability names that were captured.
+    pub captured: Vec<String>,
+    /// Capability names that were asked for and not captured.
+    pub not_captured: Vec<String>,
+}
+
+impl RecordSummary {
+    /// Total events over all endpoints.
+    pub fn events(&self) -> u64 {
+        self.endpoints.iter().map(|e| e.events).sum()
+    }
+
+    /// Raw bytes over compressed bytes of all logs.
+    pub fn compression_ratio(&self) -> f64 {
+        let bytes: u64 = self.endpoints.iter().map(|e| e.bytes).sum();
+        let raw: u64 = self.endpoints.iter().map(|e| e.raw_bytes).sum();
+        raw as f64 / bytes.max(1) as f64
+    }
+}
+
+/// Checks `out` before anything runs: its parent must exist, and it must be absent or empty
+/// unless `force` (which clears it).
+fn prepare_out(out: &Path, force: bool) -> Result<()> {
+    let bad = |problem: String| RecorderError::OutputDir {
+        path: out.to_path_buf(),
+        problem,
+    };
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(bad(format!(
+            "the parent directory {} does not exist; create it first",
+            parent.display()
+        )));
+    }
+    if out.exists() {
+        if !out.is_dir() {
+            return Err(bad(
+                "exists and is not a directory; choose another --out".into()
+            ));
+        }
+        let mut entries = std::fs::read_dir(out).map_err(|e| RecorderError::io(out, e))?;
+        if entries.next().is_some() {
+            if !force {
+                return Err(bad(
+                    "exists and is not empty; choose another --out or pass --force to replace it"
+                        .into(),
+                ));
+            }
+            std::fs::remove_dir_all(out).map_err(|e| RecorderError::io(out, e))?;
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| RecorderError::io(out, e))?;
+    // Writable? Fail now, not after the model is built.
+    let probe_file = out.join(".slug-write-test");
+    std::fs::write(&probe_file, b"").map_err(|e| {
+        bad(format!(
+            "cannot write there ({e}); check permissions or choose another --out"
+        ))
+    })?;
+    let _ = std::fs::remove_file(&probe_file);
+    Ok(())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Runs `pipeline` with every endpoint recorded into `cfg.out`; prints nothing (the CLI prints
+/// the summary, including one line per missing capability).
+///
+/// Stages run as threads of this process (`local` transport). Process transports record on
+/// their nodes, which build a [`RecorderFactory`] themselves; they are refused here.
+pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSummary> {
+    if pipeline.transport != TransportKind::Local {
+        return Err(RecorderError::Pipeline(Box::new(
+            slug_transport::TransportError::Config(format!(
+                "recording the {} transport needs recording nodes; record with --transport local",
+                pipeline.transport
+            )),
+        )));
+    }
+    pipeline
+        .validate()
+        .map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
+    prepare_out(&cfg.out, cfg.force)?;
+    let host = host_name();
+    let mut manifest = Manifest::new(serde_json::json!({
+        "pipeline": pipeline,
+        "payloads": format!("{:?}", cfg.payloads).to_lowercase(),
+        "perf_freq_hz": cfg.perf.freq_hz,
+    }));
+    manifest.endpoints = (0..pipeline.stages as u32)
+        .map(|s| EndpointInfo {
+            id: s,
+            node: host.clone(),
+            host: host.clone(),
+            rank: 0,
+            stage: s,
+            log: Trace::log_path_for(s),
+        })
+        .collect();
+    manifest.clocks = vec![NodeClock {
+        node: host.clone(),
+        offset_ns: 0,
+        uncertainty_ns: 0,
+    }];
+    manifest.topology = vec![host_topology(&host)?];
+    let mut trace =
+        Trace::create(&cfg.out, manifest).map_err(|e| RecorderError::Schema(Box::new(e)))?;
+    let factory = RecorderFactory::new(
+        RecorderSettings {
+            trace_dir: cfg.out.clone(),
+            payloads: cfg.payloads,
+            perf: cfg.perf.clone(),
+            ring_records: cfg.ring_records,
+            writer: WriterOptions::default(),
+        },
+        probe()?,
+    )?;
+    let report: std::result::Result<RunReport, _> = run(pipeline, &factory);
+    // Close every log even when the run failed: what was recorded up to the failure is kept.
+    let stats = factory.finish();
+    let report = report.map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
+    let caps = factory.capabilities().unwrap_or_default();
+    let mut manifest = trace.manifest().clone();
+    manifest.capabilities = caps.entries.clone();
+    manifest.capabilities.push(slug_schema::Capability {
+        name: format!("payloads_{}", format!("{:?}", cfg.payloads).to_lowercase()),
+        requested: true,
+        available: true,
+        captured: true,
+        reason: None,
+    });
+    manifest.capabilities.push(slug_schema::Capability {
+        name: "snapshots".into(),
+        requested: false,
+        available: false,
+        captured: false,
+        reason: Some(
+            "the pipeline runtime does not expose stage arenas at step boundaries yet".into(),
+        ),
+    });
+    trace
+        .set_manifest(manifest)
+        .map_err(|e| RecorderError::Schema(Box::new(e)))?;
+    let mut endpoints = Vec::new();
+    for s in stats {
+        let s = s?;
+        endpoints.push(EndpointSummary {
+            endpoint: s.endpoint,
+            events: s.log.events,
+            counts: EventKind::ALL
+                .iter()
+                .map(|k| (k.name().to_string(), s.log.counts[*k as usize]))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            bytes: s.log.bytes,
+            raw_bytes: s.log.raw_bytes,
+            lost: s.ring_lost + s.perf_lost,
+            payloads: s.payloads,
+            payload_bytes: s.payload_bytes,
+            warnings: s.warnings,
+        });
+    }
+    Ok(RecordSummary {
+        trace: cfg.out.clone(),
+        tokens: report.tokens,
+        tokens_per_s: report.tokens_per_s,
+        endpoints,
+        notices: caps.notices,
+        captured: caps
+            .entries
+            .iter()
+            .filter(|c| c.captured)
+            .map(|c| c.name.clone())
+            .collect(),
+        not_captured: caps
+            .entries
+            .iter()
+            .filter(|c| c.requested && !c.captured)
+            .map(|c| c.name.clone())
+            .collect(),
+    })
+}
