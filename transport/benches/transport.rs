@@ -1,0 +1,375 @@
+//! Transport benchmarks against raw baselines measured in the same run: bandwidth of >= 1 MiB
+//! transfers (local and shm rings vs memcpy, tcp links vs a plain loopback socket pair),
+//! small-transfer round trips, and pipeline tokens/s of the `small` model at 1, 2 and 4 stages.
+//! After the criterion groups a summary prints every ratio.
+
+use std::hint::black_box;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use slug_kernels::ModelConfig;
+use slug_transport::AbortFlag;
+use slug_transport::auth::ClusterKey;
+use slug_transport::fabric::{Fabric, FabricLayout, RingSpec};
+use slug_transport::link::{LinkEnds, LinkReceiver, LinkSender, Region, RegionMut};
+use slug_transport::pipeline::{NoObservers, PipelineConfig, run};
+use slug_transport::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
+
+const BIG: usize = 1 << 20;
+const SMALL: usize = 64;
+const SLOTS: u32 = 4;
+const A: ArenaId = ArenaId(0);
+
+fn ends(id: u32) -> LinkEnds {
+    LinkEnds {
+        id: LinkId(id),
+        src: EndpointId(id),
+        dst: EndpointId(1 - id),
+        timeout: Duration::from_secs(30),
+    }
+}
+
+fn tag(i: u64) -> Tag {
+    Tag {
+        sequence: 0,
+        step: i as u32,
+        layer: 0,
+    }
+}
+
+fn memcpy(iters: u64, size: usize) -> Duration {
+    let src = vec![7u8; size];
+    let mut dst = vec![0u8; size];
+    let start = Instant::now();
+    for _ in 0..iters {
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+    }
+    start.elapsed()
+}
+
+/// The two sides of one link of the backend under test: (sender, receiver) for link `id`.
+type Pair = (LinkSender, LinkReceiver);
+
+/// Ring links of `kind` (`Local`: heap fabric; `Shm`: a /dev/shm file mapped twice, as two
+/// processes would). Returns link 0 (a -> b) and link 1 (b -> a).
+fn ring_links(kind: TransportKind, size: usize) -> (Pair, Pair) {
+    let spec = RingSpec {
+        slots: SLOTS,
+        capacity: size as u64,
+    };
+    let layout = FabricLayout::new(&[spec, spec]).expect("layout");
+    let (tx_side, rx_side) = match kind {
+        TransportKind::Shm => {
+            let path = std::env::temp_dir().join(format!("slug-bench-{}", std::process::id()));
+            let path = if std::path::Path::new("/dev/shm").is_dir() {
+                std::path::Path::new("/dev/shm").join(path.file_name().expect("name"))
+            } else {
+                path
+            };
+            let a = Arc::new(Fabric::create(&path, layout.clone()).expect("create fabric"));
+            let b = Arc::new(Fabric::open(&path, layout).expect("open fabric"));
+            let _ = std::fs::remove_file(&path);
+            (a, b)
+        }
+        _ => {
+            let f = Arc::new(Fabric::heap(layout));
+            (f.clone(), f)
+        }
+    };
+    let link = |id: u32, tx: &Arc<Fabric>, rx: &Arc<Fabric>| {
+        (
+            LinkSender::over_fabric(tx.clone(), id as usize, ends(id), kind, Observers::none())
+                .expect("sender"),
+            LinkReceiver::over_fabric(rx.clone(), id as usize, ends(id), kind, Observers::none())
+                .expect("receiver"),
+        )
+    };
+    (link(0, &tx_side, &rx_side), link(1, &rx_side, &tx_side))
+}
+
+fn tcp_links() -> (Pair, Pair) {
+    let key = ClusterKey::from_bytes(b"benchmark-cluster-key").expect("key");
+    let abort = AbortFlag::new();
+    let pair = |id: u32| {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (k, a) = (key.clone(), abort.clone());
+        let rx = std::thread::spawn(move || {
+            LinkReceiver::accept_tcp(&listener, &k, ends(id), Observers::none(), &a, &|_| {})
+                .expect("accept")
+        });
+        let tx = LinkSender::connect_tcp(&addr, &key, ends(id), Observers::none(), &abort)
+            .expect("connect");
+        (tx, rx.join().expect("acceptor"))
+    };
+    (pair(0), pair(1))
+}
+
+fn raw_tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (b, _) = listener.accept().expect("accept");
+    a.set_nodelay(true).expect("nodelay");
+    b.set_nodelay(true).expect("nodelay");
+    (a, b)
+}
+
+fn links(kind: TransportKind, size: usize) -> (Pair, Pair) {
+    match kind {
+        TransportKind::Tcp => tcp_links(),
+        _ => ring_links(kind, size),
+    }
+}
+
+/// Streams `iters` transfers of `size` bytes from a sender thread; times until the last arrives.
+fn stream(kind: TransportKind, iters: u64, size: usize) -> Duration {
+    let ((mut tx, mut rx), _) = links(kind, size);
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let sender = std::thread::spawn(move || {
+        let src = vec![3u8; size];
+        go2.wait();
+        for i in 0..iters {
+            tx.send(
+                Region {
+                    arena: A,
+                    bytes: &src,
+                },
+                0,
+                size as u64,
+                A,
+                0,
+                tag(i),
+            )
+            .expect("send");
+        }
+    });
+    let mut dst = vec![0u8; size];
+    go.wait();
+    let start = Instant::now();
+    for _ in 0..iters {
+        rx.recv(&mut RegionMut {
+            arena: A,
+            bytes: &mut dst,
+        })
+        .expect("recv");
+    }
+    let t = start.elapsed();
+    sender.join().expect("sender");
+    t
+}
+
+fn raw_stream(iters: u64, size: usize) -> Duration {
+    let (mut a, mut b) = raw_tcp_pair();
+    let go = Arc::new(Barrier::new(2));
+    let go2 = go.clone();
+    let sender = std::thread::spawn(move || {
+        let src = vec![3u8; size];
+        go2.wait();
+        for _ in 0..iters {
+            a.write_all(&src).expect("write");
+        }
+    });
+    let mut dst = vec![0u8; size];
+    go.wait();
+    let start = Instant::now();
+    for _ in 0..iters {
+        b.read_exact(&mut dst).expect("read");
+    }
+    let t = start.elapsed();
+    sender.join().expect("sender");
+    t
+}
+
+/// `iters` round trips of `size` bytes: a -> b on link 0, echoed back on link 1.
+fn ping_pong(kind: TransportKind, iters: u64, size: usize) -> Duration {
+    let ((mut tx0, mut rx0), (mut tx1, mut rx1)) = links(kind, size.max(64));
+    let echo = std::thread::spawn(move || {
+        let mut buf = vec![0u8; size];
+        for i in 0..iters {
+            rx0.recv(&mut RegionMut {
+                arena: A,
+                bytes: &mut buf,
+            })
+            .expect("recv");
+            tx1.send(
+                Region {
+                    arena: A,
+                    bytes: &buf,
+                },
+                0,
+                size as u64,
+                A,
+                0,
+                tag(i),
+            )
+            .expect("send");
+        }
+    });
+    let mut buf = vec![1u8; size];
+    let start = Instant::now();
+    for i in 0..iters {
+        tx0.send(
+            Region {
+                arena: A,
+                bytes: &buf,
+            },
+            0,
+            size as u64,
+            A,
+            0,
+            tag(i),
+        )
+        .expect("send");
+        rx1.recv(&mut RegionMut {
+            arena: A,
+            bytes: &mut buf,
+        })
+        .expect("recv");
+    }
+    let t = start.elapsed();
+    echo.join().expect("echo");
+    t
+}
+
+fn raw_ping_pong(iters: u64, size: usize) -> Duration {
+    let (mut a, mut b) = raw_tcp_pair();
+    let echo = std::thread::spawn(move || {
+        let mut buf = vec![0u8; size];
+        for _ in 0..iters {
+            b.read_exact(&mut buf).expect("read");
+            b.write_all(&buf).expect("write");
+        }
+    });
+    let mut buf = vec![1u8; size];
+    let start = Instant::now();
+    for _ in 0..iters {
+        a.write_all(&buf).expect("write");
+        a.read_exact(&mut buf).expect("read");
+    }
+    let t = start.elapsed();
+    echo.join().expect("echo");
+    t
+}
+
+/// Best of `trials` timings of `iters` iterations, per iteration.
+fn best(trials: usize, iters: u64, f: impl Fn(u64) -> Duration) -> Duration {
+    (0..trials)
+        .map(|_| f(iters) / iters as u32)
+        .min()
+        .unwrap_or_default()
+}
+
+fn bandwidth(c: &mut Criterion) {
+    let mut g = c.benchmark_group("bandwidth_1MiB");
+    g.throughput(Throughput::Bytes(BIG as u64));
+    g.bench_function("memcpy", |b| b.iter_custom(|n| memcpy(n, BIG)));
+    g.bench_function("raw_tcp", |b| b.iter_custom(|n| raw_stream(n, BIG)));
+    for kind in [TransportKind::Local, TransportKind::Shm, TransportKind::Tcp] {
+        g.bench_function(kind.name(), |b| b.iter_custom(|n| stream(kind, n, BIG)));
+    }
+    g.finish();
+}
+
+fn latency(c: &mut Criterion) {
+    let mut g = c.benchmark_group("round_trip_64B");
+    g.bench_function("memcpy", |b| b.iter_custom(|n| memcpy(n, SMALL)));
+    g.bench_function("raw_tcp", |b| b.iter_custom(|n| raw_ping_pong(n, SMALL)));
+    for kind in [TransportKind::Local, TransportKind::Shm, TransportKind::Tcp] {
+        g.bench_function(kind.name(), |b| {
+            b.iter_custom(|n| ping_pong(kind, n, SMALL))
+        });
+    }
+    g.finish();
+}
+
+fn pipeline_config(stages: usize) -> PipelineConfig {
+    let model = ModelConfig::preset("small").expect("small preset");
+    let mut cfg = PipelineConfig::new(model, "The quick brown fox", 4, 8);
+    cfg.stages = stages;
+    cfg
+}
+
+fn pipeline(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pipeline_small_local");
+    g.sample_size(10);
+    for stages in [1, 2, 4] {
+        let cfg = pipeline_config(stages);
+        g.bench_function(format!("{stages}_stages"), |b| {
+            b.iter_custom(|n| {
+                (0..n)
+                    .map(|_| Duration::from_nanos(run(&cfg, &NoObservers).expect("run").wall_ns))
+                    .sum()
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Measures every backend and its baseline again, back to back, and prints the ratios.
+fn summary(_c: &mut Criterion) {
+    let gib = |d: Duration| BIG as f64 / d.as_secs_f64() / f64::from(1u32 << 30);
+    let memcpy_bw = best(5, 200, |n| memcpy(n, BIG));
+    let raw_bw = best(5, 200, |n| raw_stream(n, BIG));
+    eprintln!("\n== transport summary (bandwidth of 1 MiB transfers, best of 5) ==");
+    eprintln!("memcpy   {:7.2} GiB/s", gib(memcpy_bw));
+    eprintln!("raw tcp  {:7.2} GiB/s", gib(raw_bw));
+    for kind in [TransportKind::Local, TransportKind::Shm, TransportKind::Tcp] {
+        let t = best(5, 200, |n| stream(kind, n, BIG));
+        let (base, name) = if kind == TransportKind::Tcp {
+            (raw_bw, "raw tcp")
+        } else {
+            (memcpy_bw, "memcpy")
+        };
+        eprintln!(
+            "{:<8} {:7.2} GiB/s  = {:.2}x {name}",
+            kind.name(),
+            gib(t),
+            base.as_secs_f64() / t.as_secs_f64()
+        );
+    }
+    let memcpy_small = best(5, 100_000, |n| memcpy(n, SMALL));
+    let raw_rtt = best(5, 5_000, |n| raw_ping_pong(n, SMALL));
+    eprintln!("== round trip of 64 B transfers ==");
+    eprintln!("memcpy   {:9.0} ns (one copy)", memcpy_small.as_nanos());
+    eprintln!("raw tcp  {:9.0} ns", raw_rtt.as_nanos());
+    for kind in [TransportKind::Local, TransportKind::Shm, TransportKind::Tcp] {
+        let t = best(5, 5_000, |n| ping_pong(kind, n, SMALL));
+        let (base, name) = if kind == TransportKind::Tcp {
+            (raw_rtt, "raw tcp")
+        } else {
+            (memcpy_small, "memcpy")
+        };
+        eprintln!(
+            "{:<8} {:9.0} ns  = {:.2}x the {name} time",
+            kind.name(),
+            t.as_nanos(),
+            t.as_secs_f64() / base.as_secs_f64()
+        );
+    }
+    eprintln!("== pipeline, small model, 4 sequences in flight, 8 tokens each (local) ==");
+    let mut one = 0.0;
+    for stages in [1, 2, 4] {
+        let tps = (0..2)
+            .map(|_| {
+                run(&pipeline_config(stages), &NoObservers)
+                    .expect("run")
+                    .tokens_per_s
+            })
+            .fold(0.0, f64::max);
+        if stages == 1 {
+            one = tps;
+        }
+        eprintln!(
+            "{stages} stages {tps:9.1} tokens/s = {:.2}x one stage",
+            tps / one
+        );
+    }
+}
+
+criterion_group!(benches, bandwidth, latency, pipeline, summary);
+criterion_main!(benches);
