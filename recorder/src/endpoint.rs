@@ -25,12 +25,28 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::blob::BlobStore;
 use crate::error::{RecorderError, Result};
 use crate::flight::FlightRing;
+use crate::journal::Journal;
 use crate::perf::{PerfRecord, PerfStreams, StreamKind, monotonic_ns};
 
 /// String id of the `task-clock` counter name (kernel names take ids `0..KernelId::ALL.len()`).
 pub const TASK_CLOCK_NAME: StringId = KernelId::ALL.len() as StringId;
 /// String id of the `page-faults` counter name.
 pub const PAGE_FAULTS_NAME: StringId = TASK_CLOCK_NAME + 1;
+const RING_FULL_REASON: StringId = TASK_CLOCK_NAME + 2;
+const PERF_FULL_REASON: StringId = TASK_CLOCK_NAME + 3;
+const PAYLOAD_FAILED_REASON: StringId = TASK_CLOCK_NAME + 4;
+
+/// Every string an endpoint log interns, in id order: interned first, so records made on the
+/// hot path (and recovered from rings or the journal) can carry fixed ids.
+pub fn fixed_strings() -> impl Iterator<Item = &'static str> {
+    KernelId::ALL.into_iter().map(KernelId::name).chain([
+        "task-clock",
+        "page-faults",
+        "flight ring full",
+        "perf ring full",
+        "payload write failed",
+    ])
+}
 
 /// How often the writer drains rings and perf streams.
 const DRAIN_EVERY: Duration = Duration::from_millis(2);
@@ -188,11 +204,9 @@ impl EndpointRecorder {
         let mut log = LogWriter::create_with(&path, header, options.writer)
             .map_err(|e| RecorderError::Schema(Box::new(e)))?;
         // Fixed ids for the names the hot path uses, so it never interns.
-        for k in KernelId::ALL {
-            log.intern(k.name());
+        for name in fixed_strings() {
+            log.intern(name);
         }
-        log.intern("task-clock");
-        log.intern("page-faults");
         let (payloads, payload_rx) = match payloads {
             Some(store) => {
                 let (tx, rx) = crossbeam_channel::unbounded();
@@ -257,33 +271,34 @@ impl Drop for EndpointRecorder {
     }
 }
 
-/// Interned reasons of lost-events records.
-struct Reasons {
-    ring: StringId,
-    perf: StringId,
-    payload: StringId,
-}
-
 fn writer_loop(
     shared: &EndpointShared,
     mut log: LogWriter,
     perf: Option<PerfStreams>,
     payload_rx: Option<Receiver<Payload>>,
 ) -> Result<EndpointStats> {
-    let reasons = Reasons {
-        ring: log.intern("flight ring full"),
-        perf: log.intern("perf ring full"),
-        payload: log.intern("payload write failed"),
-    };
     let mut stats = EndpointStats {
         endpoint: shared.endpoint,
         ..EndpointStats::default()
     };
+    let journal_path = shared
+        .endpoints_dir
+        .join(format!("{}.journal", shared.endpoint));
+    let mut journal = match Journal::create(&journal_path) {
+        Ok(j) => Some(j),
+        Err(e) => {
+            stats.warnings.push(format!(
+                "{e}; without a journal a killed recorder loses the events the log had not written"
+            ));
+            None
+        }
+    };
     let mut lost_seen: Vec<u64> = Vec::new();
     let mut perf_buf = Vec::new();
+    let mut batch: Vec<RawRecord> = Vec::new();
+    let mut release: Vec<(Arc<FlightRing>, u64)> = Vec::new();
     let mut last_drain_ns = monotonic_ns();
     let mut last_ship = Instant::now();
-    let mut payload_failures = 0u64;
     let mut sink = PerfSink {
         blobs: shared.payloads.as_ref().map(|(b, _)| Arc::clone(b)),
         sideband_path: shared
@@ -301,15 +316,16 @@ fn writer_loop(
             .clone();
         lost_seen.resize(rings.len(), 0);
         for (ring, seen) in rings.iter().zip(lost_seen.iter_mut()) {
-            ring.drain(|r| log.append_raw(r));
+            let (_, upto) = ring.read_pending(|r| batch.push(r));
+            release.push((Arc::clone(ring), upto));
             let lost = ring.lost();
             if lost > *seen {
-                log.append(&Event::LostEvents(LostEvents {
+                batch.push(RawRecord::from_event(&Event::LostEvents(LostEvents {
                     count: lost - *seen,
-                    reason: reasons.ring,
+                    reason: RING_FULL_REASON,
                     from_ns: last_drain_ns,
                     to_ns: now,
-                }));
+                })));
                 stats.ring_lost += lost - *seen;
                 *seen = lost;
             }
@@ -318,9 +334,10 @@ fn writer_loop(
             p.drain(&mut perf_buf);
         }
         for rec in perf_buf.drain(..) {
-            write_perf(&mut log, rec, &reasons, &mut sink, &mut stats);
+            write_perf(&mut batch, rec, &mut sink, &mut stats);
         }
         if let Some(rx) = &payload_rx {
+            let mut failures = 0u64;
             for (hash, bytes) in rx.try_iter() {
                 match shared.payloads.as_ref().map(|(b, _)| b.put(hash, &bytes)) {
                     Some(Ok(n)) => {
@@ -328,21 +345,35 @@ fn writer_loop(
                         stats.payload_bytes += n;
                     }
                     Some(Err(e)) => {
-                        payload_failures += 1;
+                        failures += 1;
                         shared.note_error(e.to_string());
                     }
                     None => {}
                 }
             }
+            if failures > 0 {
+                batch.push(RawRecord::from_event(&Event::LostEvents(LostEvents {
+                    count: failures,
+                    reason: PAYLOAD_FAILED_REASON,
+                    from_ns: last_drain_ns,
+                    to_ns: now,
+                })));
+            }
         }
-        if payload_failures > 0 {
-            log.append(&Event::LostEvents(LostEvents {
-                count: payload_failures,
-                reason: reasons.payload,
-                from_ns: last_drain_ns,
-                to_ns: now,
-            }));
-            payload_failures = 0;
+        // On disk first, then the rings may reuse the slots: nothing drained is ever only in memory.
+        if let Some(j) = journal.as_mut()
+            && let Err(e) = j.append(&batch)
+        {
+            stats.warnings.push(format!(
+                "{e}; journal stopped, a kill from now on loses the log's unwritten frames"
+            ));
+            journal = None;
+        }
+        for (ring, upto) in release.drain(..) {
+            ring.release(upto);
+        }
+        for r in batch.drain(..) {
+            log.append_raw(r);
         }
         last_drain_ns = now;
         if last_ship.elapsed() >= SHIP_EVERY {
@@ -357,31 +388,41 @@ fn writer_loop(
     if let Some(p) = perf {
         p.stop(&mut perf_buf);
         for rec in perf_buf.drain(..) {
-            write_perf(&mut log, rec, &reasons, &mut sink, &mut stats);
+            write_perf(&mut batch, rec, &mut sink, &mut stats);
         }
     }
     let unringed = shared.unringed.load(Ordering::Relaxed);
     if unringed > 0 {
-        log.append(&Event::LostEvents(LostEvents {
+        batch.push(RawRecord::from_event(&Event::LostEvents(LostEvents {
             count: unringed,
-            reason: reasons.ring,
+            reason: RING_FULL_REASON,
             from_ns: last_drain_ns,
             to_ns: monotonic_ns(),
-        }));
+        })));
         stats.ring_lost += unringed;
+    }
+    for r in batch.drain(..) {
+        log.append_raw(r);
     }
     stats.log = log
         .close()
         .map_err(|e| RecorderError::Schema(Box::new(e)))?;
-    // Everything drained is in the closed log: the rings are no longer needed for recovery.
-    for ring in shared
-        .rings
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain(..)
-    {
-        if let Err(e) = ring.remove_file() {
-            stats.warnings.push(e.to_string());
+    // Everything is in the closed log: the journal and rings are no longer needed for recovery.
+    drop(journal);
+    let mut leftovers = vec![journal_path];
+    leftovers.extend(
+        shared
+            .rings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .map(|r| r.path().to_path_buf()),
+    );
+    for path in leftovers {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => stats.warnings.push(RecorderError::io(&path, e).to_string()),
         }
     }
     if let Some(e) = shared
@@ -409,9 +450,8 @@ struct PerfSink {
 }
 
 fn write_perf(
-    log: &mut LogWriter,
+    batch: &mut Vec<RawRecord>,
     rec: PerfRecord,
-    reasons: &Reasons,
     sink: &mut PerfSink,
     stats: &mut EndpointStats,
 ) {
@@ -419,7 +459,7 @@ fn write_perf(
         PerfRecord::Sample(s) => {
             let kind = match s.stream {
                 StreamKind::PageFaults => {
-                    log.append(&Event::Ebpf(EbpfEvent {
+                    batch.push(RawRecord::from_event(&Event::Ebpf(EbpfEvent {
                         kind: EbpfKind::PageFault,
                         pid: s.pid,
                         tid: s.tid,
@@ -428,7 +468,7 @@ fn write_perf(
                         arg1: s.ip,
                         arg2: 0,
                         ns: s.ns,
-                    }));
+                    })));
                     return;
                 }
                 StreamKind::MemLoads | StreamKind::IbsOp => PerfSampleKind::MemLoad,
@@ -516,13 +556,13 @@ fn write_perf(
             stats.perf_lost += count;
             Event::LostEvents(LostEvents {
                 count,
-                reason: reasons.perf,
+                reason: PERF_FULL_REASON,
                 from_ns: ns,
                 to_ns: ns,
             })
         }
     };
-    log.append(&event);
+    batch.push(RawRecord::from_event(&event));
 }
 
 /// Path of ring files an endpoint may leave behind after being killed.

@@ -130,7 +130,21 @@ impl FlightRing {
 
     /// Passes every appended, undrained record to `sink` in order and frees their slots;
     /// returns how many. Only one thread may drain a ring.
-    pub fn drain(&self, mut sink: impl FnMut(RawRecord)) -> usize {
+    pub fn drain(&self, sink: impl FnMut(RawRecord)) -> usize {
+        let (n, upto) = self.read_pending(sink);
+        self.release(upto);
+        n
+    }
+
+    /// Frees the slots of every record before position `upto` (from [`FlightRing::read_pending`]).
+    pub fn release(&self, upto: u64) {
+        self.word(TAIL_AT).store(upto, Ordering::Release);
+    }
+
+    /// Passes every appended, undrained record to `sink` in order without freeing their slots,
+    /// so they stay recoverable until the caller has them on disk; returns how many and the
+    /// position to [`FlightRing::release`] up to. Only one thread may drain a ring.
+    pub fn read_pending(&self, mut sink: impl FnMut(RawRecord)) -> (usize, u64) {
         let tail = self.word(TAIL_AT).load(Ordering::Relaxed);
         let head = self.word(HEAD_AT).load(Ordering::Acquire);
         let mut bytes = [0u8; RawRecord::SIZE];
@@ -147,8 +161,7 @@ impl FlightRing {
             }
             sink(RawRecord::from_bytes(&bytes));
         }
-        self.word(TAIL_AT).store(head, Ordering::Release);
-        (head - tail) as usize
+        ((head - tail) as usize, head)
     }
 
     /// Records dropped so far because the ring was full.

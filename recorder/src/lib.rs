@@ -2,8 +2,10 @@
 //! observers for the pipeline runtime, perf streams, host topology and snapshots.
 //!
 //! - [`record()`]: runs a pipeline with every endpoint recorded into a trace directory.
+//! - [`recover()`]: after a SIGKILL, merges what the flight rings still hold into the logs.
 //! - [`observe`]: the transfer observer, kernel hooks and observer factory the runtime calls.
 //! - [`endpoint`]: one endpoint's rings, perf streams and writer thread.
+//! - [`journal`]: what the writer drained, on disk before the rings release it.
 //! - [`flight`]: per-thread flight-recorder rings in memory-mapped files (SIGKILL-safe).
 //! - [`perf`]: perf streams (Intel PT, PEBS / IBS memory samples, software fallbacks) with a
 //!   capability report.
@@ -14,11 +16,14 @@ pub mod blob;
 pub mod endpoint;
 mod error;
 pub mod flight;
+pub mod journal;
 pub mod observe;
 pub mod perf;
 mod record;
+mod recover;
 pub mod snapshot;
 pub mod topology;
 
 pub use error::{RecorderError, Result};
 pub use record::{EndpointSummary, RecordConfig, RecordSummary, record};
+pub use recover::{RecoveredEndpoint, recover};

@@ -128,3 +128,91 @@ fn unusable_output_directories_are_refused_before_the_run() {
     record(&forced, &p).unwrap();
     assert!(!full.join("keep").exists());
 }
+
+/// A recording process killed with SIGKILL mid-run: the logs read up to their last whole frame
+/// and `recover` adds what the flight rings still held, leaving clean logs.
+#[test]
+fn a_recording_killed_mid_run_is_recovered_from_its_rings() {
+    if let Ok(out) = std::env::var("SLUG_RECORD_CHILD") {
+        let mut p = pipeline(2, 100);
+        p.prompts = vec![vec![104, 105]; 64];
+        p.microbatches = 2;
+        let cfg = RecordConfig {
+            perf: PerfConfig {
+                request: PerfRequest::None,
+                ..PerfConfig::default()
+            },
+            ..RecordConfig::new(&out)
+        };
+        record(&cfg, &p).unwrap();
+        std::process::exit(0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trace");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "a_recording_killed_mid_run_is_recovered_from_its_rings",
+        ])
+        .env("SLUG_RECORD_CHILD", &out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = out.join("endpoints/1.slog");
+    let start = std::time::Instant::now();
+    // Wait until the writer has journaled a good part of the run, then kill.
+    let journal = out.join("endpoints/1.journal");
+    while std::fs::metadata(&journal).map_or(0, |m| m.len()) < 16 * 1024 {
+        assert!(start.elapsed().as_secs() < 60, "the child never journaled");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child finished too early"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let rings = slug_recorder::endpoint::ring_files(&out.join("endpoints")).unwrap();
+    assert!(!rings.is_empty(), "a killed recorder leaves its rings");
+    assert!(out.join("endpoints/1.journal").exists(), "and its journal");
+    // The log writer buffers in memory: after the kill its file may not even hold a header.
+    let before: u64 = match LogReader::open(&log) {
+        Ok(killed) => {
+            assert!(!killed.recovery().is_clean(), "no footer after SIGKILL");
+            killed.counts().iter().sum()
+        }
+        Err(e) => {
+            eprintln!("the killed log is unreadable ({e}): only the journal has the events");
+            0
+        }
+    };
+
+    let recovered = slug_recorder::recover(&out).unwrap();
+    assert!(!recovered.is_empty());
+    let total: u64 = recovered.iter().map(|r| r.from_log + r.from_rings).sum();
+    assert!(total > 500, "only {total} events recovered");
+    let trace = Trace::open(&out).unwrap();
+    for r in &recovered {
+        let log = trace.endpoint_log(r.endpoint).unwrap();
+        assert!(log.recovery().is_clean(), "{:?}", log.recovery());
+        let total: u64 = log.counts().iter().sum();
+        assert_eq!(
+            total,
+            r.from_log + r.from_rings + u64::from(r.ring_lost > 0)
+        );
+    }
+    let e1 = recovered.iter().find(|r| r.endpoint == 1).unwrap();
+    assert!(
+        e1.from_log >= before,
+        "the journal holds at least what reached the log ({} < {before})",
+        e1.from_log
+    );
+    assert!(
+        slug_recorder::endpoint::ring_files(&out.join("endpoints"))
+            .unwrap()
+            .is_empty()
+    );
+    // Recovering a clean trace changes nothing.
+    assert!(slug_recorder::recover(&out).unwrap().is_empty());
+}
