@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use slug_transport::AbortFlag;
 use slug_transport::auth::ClusterKey;
 use slug_transport::node::{LISTENING_PREFIX, NodeOptions, serve};
 use slug_transport::pipeline::NoObservers;
@@ -35,6 +36,8 @@ pub fn execute(args: NodeArgs) -> Result<ExitCode> {
         listen: args.listen,
         key,
         once: args.once,
+        // Serves until killed: nothing raises it.
+        stop: AbortFlag::new(),
     };
     let on_listening = |addr| {
         // Launchers read this line to learn the port; flush so they see it at once.

@@ -25,9 +25,10 @@ const PROGRESS_AT: usize = 128;
 pub const MAX_STAGES: usize = 256;
 const RING_HEADER_BYTES: usize = 192;
 const SLOT_HEADER_BYTES: usize = 64;
-/// Iterations of pure spinning before a waiter starts yielding, then sleeping on the futex.
-const SPIN_ROUNDS: u32 = 200;
-const YIELD_ROUNDS: u32 = 20;
+/// A waiter spins this long (a peer mid-copy usually finishes within it, and a futex wake-up
+/// costs several microseconds), then yields the CPU until [`YIELD_FOR`], then sleeps on the futex.
+const SPIN_FOR: Duration = Duration::from_micros(20);
+const YIELD_FOR: Duration = Duration::from_micros(200);
 /// Longest single futex sleep: bounds how late an abort or a lost wake-up is noticed.
 const SLEEP_SLICE: Duration = Duration::from_millis(10);
 
@@ -443,19 +444,25 @@ fn wait_until(
     waiters: &AtomicU32,
     timeout: Duration,
 ) -> std::result::Result<(), WaitFailure> {
-    for _ in 0..SPIN_ROUNDS {
+    if ready() {
+        return Ok(());
+    }
+    let start = Instant::now();
+    let mut rounds = 0u32;
+    // Reading the clock costs more than a spin round; look at it every 64 rounds.
+    while !rounds.is_multiple_of(64) || start.elapsed() < SPIN_FOR {
         if ready() {
             return Ok(());
         }
+        rounds = rounds.wrapping_add(1);
         std::hint::spin_loop();
     }
-    for _ in 0..YIELD_ROUNDS {
+    while start.elapsed() < YIELD_FOR && !fabric.aborted() {
         if ready() {
             return Ok(());
         }
         std::thread::yield_now();
     }
-    let start = Instant::now();
     loop {
         let observed = word.load(Ordering::SeqCst);
         if ready() {

@@ -33,6 +33,8 @@ pub struct NodeOptions {
     pub key: ClusterKey,
     /// Serve one accepted coordinator session, then return (refused callers do not count).
     pub once: bool,
+    /// Raised to make [`serve`] return between sessions (noticed within 10 ms).
+    pub stop: AbortFlag,
 }
 
 /// Listens and serves coordinator sessions one at a time. `on_listening` gets the bound address
@@ -49,11 +51,25 @@ pub fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| TransportError::io("read the listening address", e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| TransportError::io(format!("make {addr} non-blocking"), e))?;
     on_listening(addr);
     loop {
-        let (stream, peer) = listener
-            .accept()
-            .map_err(|e| TransportError::io(format!("accept on {addr}"), e))?;
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if opts.stop.raised() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => return Err(TransportError::io(format!("accept on {addr}"), e)),
+        };
+        stream
+            .set_nonblocking(false)
+            .map_err(|e| TransportError::io(format!("configure connection from {peer}"), e))?;
         match session(stream, peer, opts, factory, log) {
             Err(Session::NotAdmitted(e)) => log(&format!("refused {peer}: {e}")),
             // A one-session node was launched by a coordinator that reports the run itself.

@@ -2,17 +2,22 @@
 //! transferred bytes for every placement, thread count, microbatching and transport.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use slug_kernels::{LayerPlan, ModelConfig, NoHooks, Stage, ThreadPool, generate};
+use slug_kernels::{
+    Hooks, KernelCall, LayerPlan, ModelConfig, NoHooks, Stage, ThreadPool, generate,
+};
 use slug_transport::TransportError;
 use slug_transport::auth::ClusterKey;
 use slug_transport::node::{NodeOptions, serve};
 use slug_transport::pipeline::{
-    NoObservers, PipelineConfig, RunReport, TransferDigest, prompt_tokens, run, run_on_nodes,
+    Launch, NoObservers, ObserverFactory, PipelineConfig, RunReport, StageContext, StageObservers,
+    TransferDigest, prompt_tokens, run, run_on_nodes,
 };
-use slug_transport::transfer::{Tag, TransportKind};
+use slug_transport::transfer::{Observers, Tag, Transfer, TransferObserver, TransportKind};
 
 const TOKENS: usize = 5;
 
@@ -128,6 +133,7 @@ fn nodes(n: usize, key: &ClusterKey) -> Vec<String> {
             listen: "127.0.0.1:0".into(),
             key: key.clone(),
             once: true,
+            stop: slug_transport::AbortFlag::new(),
         };
         let tx = tx.clone();
         std::thread::spawn(move || {
@@ -205,4 +211,66 @@ fn bad_configurations_are_refused_before_running() {
         run(&cfg, &NoObservers),
         Err(TransportError::Config(_))
     ));
+}
+
+/// Counts what the hooks see, per stage.
+#[derive(Default)]
+struct Counts {
+    posted: AtomicUsize,
+    completed: AtomicUsize,
+    boundaries: AtomicUsize,
+}
+
+impl TransferObserver for Counts {
+    fn posted(&self, _: &Transfer, _: &[u8]) {
+        self.posted.fetch_add(1, Ordering::Relaxed);
+    }
+    fn completed(&self, _: &Transfer, _: &[u8]) {
+        self.completed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct CountHooks(Arc<Counts>);
+
+impl Hooks for CountHooks {
+    fn kernel(&mut self, _: &KernelCall, _: &mut [f32]) {}
+    fn step_boundary(&mut self, _: u64, _: u32) {
+        self.0.boundaries.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct CountFactory(Arc<Counts>);
+
+impl ObserverFactory for CountFactory {
+    fn stage_observers(&self, _: &StageContext<'_>) -> Result<StageObservers, TransportError> {
+        Ok(StageObservers {
+            transfers: Observers::none().with(self.0.clone()),
+            hooks: Box::new(CountHooks(self.0.clone())),
+        })
+    }
+}
+
+#[test]
+fn thread_nodes_show_every_tcp_and_shm_transfer_to_the_factory_observers() {
+    for transport in [TransportKind::Tcp, TransportKind::Shm] {
+        let counts = Arc::new(Counts::default());
+        let mut cfg = config(transport, 2, 1, 4);
+        cfg.launch = Launch::Threads;
+        let report = run(&cfg, &CountFactory(counts.clone())).expect("thread-node run");
+        let transfers = report.digests().len();
+        assert_eq!(transfers, 4 * (TOKENS + TOKENS - 1));
+        assert_eq!(
+            counts.posted.load(Ordering::Relaxed),
+            transfers,
+            "{transport}"
+        );
+        assert_eq!(
+            counts.completed.load(Ordering::Relaxed),
+            transfers,
+            "{transport}"
+        );
+        // Every stage reports a step boundary per (sequence, step).
+        assert_eq!(counts.boundaries.load(Ordering::Relaxed), 2 * 4 * TOKENS);
+        assert_eq!(report.tokens, reference());
+    }
 }

@@ -58,9 +58,24 @@ pub struct PipelineConfig {
     pub digests: bool,
     /// Opaque settings for the node-side [`ObserverFactory`] (e.g. where to record).
     pub observer_settings: Option<serde_json::Value>,
+    /// How `shm` / `tcp` runs without hosts start their nodes.
+    #[serde(default)]
+    pub launch: Launch,
     /// The `slug` binary to launch stage processes with; default: the current executable.
     #[serde(skip)]
     pub node_binary: Option<PathBuf>,
+}
+
+/// How a single-machine `shm` / `tcp` run starts its nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Launch {
+    /// One `slug node --once` child process per stage (stage processes as in production).
+    #[default]
+    Processes,
+    /// One node per stage served from a thread of this process: the same sockets, fabric file
+    /// and protocol, and the [`ObserverFactory`] given to [`run`] observes every stage.
+    Threads,
 }
 
 impl PipelineConfig {
@@ -79,6 +94,7 @@ impl PipelineConfig {
             timeout_ms: 60_000,
             digests: false,
             observer_settings: None,
+            launch: Launch::Processes,
             node_binary: None,
         }
     }
@@ -394,6 +410,9 @@ pub fn run(cfg: &PipelineConfig, observers: &dyn ObserverFactory) -> Result<RunR
             let key = crate::auth::ClusterKey::from_env()?;
             run_on_nodes(cfg, &cfg.hosts, &key)
         }
+        TransportKind::Shm | TransportKind::Tcp if cfg.launch == Launch::Threads => {
+            run_on_thread_nodes(cfg, observers)
+        }
         TransportKind::Shm | TransportKind::Tcp => {
             let key = crate::auth::ClusterKey::random()?;
             let binary = match &cfg.node_binary {
@@ -407,6 +426,48 @@ pub fn run(cfg: &PipelineConfig, observers: &dyn ObserverFactory) -> Result<RunR
             result
         }
     }
+}
+
+/// Serves every stage from a node thread of this process, then coordinates them over loopback.
+fn run_on_thread_nodes(cfg: &PipelineConfig, factory: &dyn ObserverFactory) -> Result<RunReport> {
+    let key = crate::auth::ClusterKey::random()?;
+    let stop = crate::wire::AbortFlag::new();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::scope(|scope| {
+        for _ in 0..cfg.stages {
+            let opts = crate::node::NodeOptions {
+                listen: "127.0.0.1:0".into(),
+                key: key.clone(),
+                once: true,
+                stop: stop.clone(),
+            };
+            let tx = tx.clone();
+            scope.spawn(move || {
+                let announce = |addr: std::net::SocketAddr| {
+                    let _ = tx.send(addr.to_string());
+                };
+                // A failed session is reported to the coordinator, which returns it.
+                let _ = crate::node::serve(&opts, factory, &announce, &|msg| {
+                    eprintln!("slug node thread: {msg}")
+                });
+            });
+        }
+        let mut addrs = Vec::with_capacity(cfg.stages);
+        for _ in 0..cfg.stages {
+            match rx.recv_timeout(cfg.timeout()) {
+                Ok(a) => addrs.push(a),
+                Err(_) => {
+                    stop.raise();
+                    return Err(TransportError::Config(
+                        "a node thread could not listen on 127.0.0.1".into(),
+                    ));
+                }
+            }
+        }
+        let result = run_on_nodes(cfg, &addrs, &key);
+        stop.raise();
+        result
+    })
 }
 
 /// A stage's report, or the stage, where it was and what failed.
