@@ -199,6 +199,23 @@ impl Stage {
         Ok(())
     }
 
+    /// Rewinds (or advances) sequence `seq` to `position`: the next step writes its keys and
+    /// values there, and attention sees only positions below it. Used to reuse a sequence
+    /// slot and by benchmarks that decode past the context length.
+    pub fn set_position(&mut self, seq: usize, position: usize) -> Result<(), Error> {
+        self.check_seq(seq)?;
+        if position > self.config.max_seq {
+            return Err(Error::ContextFull {
+                seq,
+                position,
+                n_tokens: 0,
+                max_seq: self.config.max_seq,
+            });
+        }
+        self.cursor.positions[seq] = position;
+        Ok(())
+    }
+
     fn check_seq(&self, seq: usize) -> Result<(), Error> {
         if seq < self.layout.sequences {
             Ok(())

@@ -19,6 +19,8 @@ use crate::simd::{Arith, Scalar, Simd, madd, simd_kernel};
 const KC: usize = 256;
 /// Width of one column block: a `KC x NC` panel of `B` stays in L2.
 const NC: usize = 256;
+/// Widest register tile that is packed (the stack buffer holds `KC x PACK_MAX_NR` floats).
+const PACK_MAX_NR: usize = 32;
 
 /// Scratch `gemm` needs: none (it accumulates in registers and in `C`).
 pub fn gemm_work_size(_m: usize, _k: usize, _n: usize) -> usize {
@@ -117,10 +119,10 @@ simd_kernel! {
     ) {
         // SAFETY: forwarded from the caller.
         unsafe {
-            if S::LANES == 4 || S::LANES == 1 {
-                blocked::<S, F, 4, 4>(a, lda, b, ldb, c, ldc, m, k, n);
-            } else {
-                blocked::<S, F, 6, 2>(a, lda, b, ldb, c, ldc, m, k, n);
+            match S::LANES {
+                16 => blocked::<S, F, 8, 2>(a, lda, b, ldb, c, ldc, m, k, n),
+                8 => blocked::<S, F, 4, 2>(a, lda, b, ldb, c, ldc, m, k, n),
+                _ => blocked::<S, F, 4, 4>(a, lda, b, ldb, c, ldc, m, k, n),
             }
         }
     }
@@ -134,8 +136,10 @@ simd_kernel! {
     }
 }
 
-/// Cache-blocked driver: `k` in blocks of `KC` (accumulating into `C` after the first),
-/// columns in blocks of `NC`, rows in register tiles of `MR`.
+/// Cache-blocked driver: `k` in blocks of `KC` (accumulating into `C` after the first); for
+/// more than one row tile, each `KC x NR` panel of `B` is first copied into a contiguous stack
+/// buffer (so the register tiles stream it from L1 instead of striding across pages), then
+/// every row tile runs over it. Packing moves values, never reorders arithmetic.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn blocked<S: Simd, const F: bool, const MR: usize, const NV: usize>(
@@ -159,6 +163,9 @@ unsafe fn blocked<S: Simd, const F: bool, const MR: usize, const NV: usize>(
             }
             return;
         }
+        let nr = NV * S::LANES;
+        let pack = m > MR && nr <= PACK_MAX_NR;
+        let mut packed = [0.0f32; KC * PACK_MAX_NR];
         let mut k0 = 0;
         while k0 < k {
             let kc = KC.min(k - k0);
@@ -167,17 +174,43 @@ unsafe fn blocked<S: Simd, const F: bool, const MR: usize, const NV: usize>(
             while j0 < n {
                 let jn = NC.min(n - j0);
                 let bp = b.add(k0 * ldb + j0);
+                let full = if pack { jn / nr * nr } else { 0 };
+                let mut j = 0;
+                while j < full {
+                    for p in 0..kc {
+                        std::ptr::copy_nonoverlapping(
+                            bp.add(p * ldb + j),
+                            packed.as_mut_ptr().add(p * nr),
+                            nr,
+                        );
+                    }
+                    let mut i = 0;
+                    while i + MR <= m {
+                        let ap = a.add(i * lda + k0);
+                        let cp = c.add(i * ldc + j0 + j);
+                        tile::<S, F, MR, NV>(ap, lda, packed.as_ptr(), nr, cp, ldc, kc, accumulate);
+                        i += MR;
+                    }
+                    while i < m {
+                        let ap = a.add(i * lda + k0);
+                        let cp = c.add(i * ldc + j0 + j);
+                        tile::<S, F, 1, NV>(ap, lda, packed.as_ptr(), nr, cp, ldc, kc, accumulate);
+                        i += 1;
+                    }
+                    j += nr;
+                }
+                let (bp, rest) = (bp.add(full), jn - full);
                 let mut i = 0;
                 while i + MR <= m {
                     let ap = a.add(i * lda + k0);
-                    let cp = c.add(i * ldc + j0);
-                    columns::<S, F, MR, NV>(ap, lda, bp, ldb, cp, ldc, kc, jn, accumulate);
+                    let cp = c.add(i * ldc + j0 + full);
+                    columns::<S, F, MR, NV>(ap, lda, bp, ldb, cp, ldc, kc, rest, accumulate);
                     i += MR;
                 }
                 while i < m {
                     let ap = a.add(i * lda + k0);
-                    let cp = c.add(i * ldc + j0);
-                    columns::<S, F, 1, NV>(ap, lda, bp, ldb, cp, ldc, kc, jn, accumulate);
+                    let cp = c.add(i * ldc + j0 + full);
+                    columns::<S, F, 1, NV>(ap, lda, bp, ldb, cp, ldc, kc, rest, accumulate);
                     i += 1;
                 }
                 j0 += jn;
