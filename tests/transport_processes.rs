@@ -84,7 +84,7 @@ fn killing_a_stage_process_mid_run_fails_fast_and_names_it() {
             let (cfg, addrs, key) = (cfg.clone(), addrs.clone(), key.clone());
             std::thread::spawn(move || run_on_nodes(&cfg, &addrs, &key))
         };
-        std::thread::sleep(Duration::from_millis(1500));
+        std::thread::sleep(Duration::from_millis(2500));
         assert!(
             !runner.is_finished(),
             "{transport}: the run ended before the kill"

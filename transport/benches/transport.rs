@@ -20,7 +20,8 @@ use slug_transport::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, Tran
 
 const BIG: usize = 1 << 20;
 const SMALL: usize = 64;
-const SLOTS: u32 = 4;
+/// Ring shape as the pipeline builds it for one in-flight 1 MiB message: 64 KiB pieces.
+const SLOT_BYTES: usize = 64 << 10;
 const A: ArenaId = ArenaId(0);
 
 fn ends(id: u32) -> LinkEnds {
@@ -57,9 +58,10 @@ type Pair = (LinkSender, LinkReceiver);
 /// Ring links of `kind` (`Local`: heap fabric; `Shm`: a /dev/shm file mapped twice, as two
 /// processes would). Returns link 0 (a -> b) and link 1 (b -> a).
 fn ring_links(kind: TransportKind, size: usize) -> (Pair, Pair) {
+    let capacity = size.min(SLOT_BYTES);
     let spec = RingSpec {
-        slots: SLOTS,
-        capacity: size as u64,
+        slots: size.div_ceil(capacity).max(2) as u32,
+        capacity: capacity as u64,
     };
     let layout = FabricLayout::new(&[spec, spec]).expect("layout");
     let (tx_side, rx_side) = match kind {

@@ -15,19 +15,6 @@ pub enum TransportError {
         #[source]
         source: io::Error,
     },
-    /// A transfer is larger than the slots of the link it was posted on.
-    #[error(
-        "transfer of {len} bytes does not fit a slot of link {link} ({capacity} bytes); \
-         the link was sized for smaller messages"
-    )]
-    TooLarge {
-        /// The link, as `stage a -> stage b`.
-        link: String,
-        /// Bytes asked to move.
-        len: u64,
-        /// Bytes one slot holds.
-        capacity: u64,
-    },
     /// A transfer names a range outside its registered arena.
     #[error("range {offset}..{offset}+{len} lies outside arena {arena} of {size} bytes")]
     OutOfBounds {

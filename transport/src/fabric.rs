@@ -58,9 +58,9 @@ impl FabricLayout {
         let mut at = HEADER_BYTES;
         let mut rings = Vec::with_capacity(specs.len());
         for spec in specs {
-            if spec.slots == 0 {
+            if spec.slots == 0 || spec.capacity == 0 {
                 return Err(TransportError::Config(
-                    "a link needs at least one slot".into(),
+                    "a link needs at least one slot of at least one byte".into(),
                 ));
             }
             let cap = usize::try_from(spec.capacity).map_err(|_| {
@@ -282,6 +282,9 @@ pub(crate) struct SlotHeader {
     pub layer: u32,
     pub src_arena: u32,
     pub dst_arena: u32,
+    /// Which slot-sized piece of the message this slot holds (messages larger than a slot
+    /// travel as consecutive pieces, so the two copies of a large transfer overlap in cache).
+    pub chunk: u32,
     pub src_off: u64,
     pub dst_off: u64,
     pub len: u64,
@@ -297,6 +300,7 @@ impl SlotHeader {
         b[16..20].copy_from_slice(&self.layer.to_le_bytes());
         b[20..24].copy_from_slice(&self.src_arena.to_le_bytes());
         b[24..28].copy_from_slice(&self.dst_arena.to_le_bytes());
+        b[28..32].copy_from_slice(&self.chunk.to_le_bytes());
         b[32..40].copy_from_slice(&self.src_off.to_le_bytes());
         b[40..48].copy_from_slice(&self.dst_off.to_le_bytes());
         b[48..56].copy_from_slice(&self.len.to_le_bytes());
@@ -318,6 +322,7 @@ impl SlotHeader {
             layer: u32_at(16),
             src_arena: u32_at(20),
             dst_arena: u32_at(24),
+            chunk: u32_at(28),
             src_off: u64_at(32),
             dst_off: u64_at(40),
             len: u64_at(48),
@@ -423,7 +428,8 @@ impl Ring<'_> {
         // untouched until this receiver advances `tail`.
         unsafe { std::ptr::copy_nonoverlapping(slot, raw.as_mut_ptr(), SLOT_HEADER_BYTES) };
         let header = SlotHeader::decode(&raw);
-        let len = header.len.min(self.spec.capacity) as usize;
+        let start = u64::from(header.chunk).saturating_mul(self.spec.capacity);
+        let len = header.len.saturating_sub(start).min(self.spec.capacity) as usize;
         // SAFETY: as above; `len` is clamped to the slot capacity.
         let payload = unsafe { std::slice::from_raw_parts(slot.add(SLOT_HEADER_BYTES), len) };
         let out = take(&header, payload);
@@ -538,6 +544,7 @@ mod tests {
             layer: 4,
             src_arena: 1,
             dst_arena: 3,
+            chunk: 5,
             src_off: 4096,
             dst_off: 8192,
             len: 100,

@@ -1,4 +1,33 @@
-//! Registered arenas, the `Transport` trait and its backends, and the pipeline runtime.
+//! Registered arenas, the transfer hook, the link backends (local, shm, tcp) and the pipeline runtime.
+//!
+//! # Moving bytes
+//! A transfer moves `len` bytes from an offset of a registered arena on one endpoint to an
+//! offset of a registered arena on another: arenas are registered once (every pipeline stage
+//! registers its whole [`slug_kernels::StageArena`] as [`pipeline::STAGE_ARENA`]) and transfers
+//! name places by offset, so nothing is allocated per tensor. [`link::LinkSender::send`] and
+//! [`link::LinkReceiver::recv`] are the only way bytes cross between endpoints; the backends
+//! behind them are private, and both always call the endpoint's
+//! [`transfer::TransferObserver`]s (post on the sender, completion on the receiver, with the
+//! bytes), so a recorder cannot miss a transfer. Ids are deterministic (link, sequence number);
+//! post and complete times are `CLOCK_MONOTONIC` nanoseconds of the respective node.
+//!
+//! Backends:
+//! - `local`: stages are threads; each link is a slot ring in a heap [`fabric::Fabric`].
+//! - `shm`: stages are processes; the rings live in one memory-mapped fabric file (pooled fabric
+//!   memory); waits spin briefly, yield, then sleep on a futex in bounded slices.
+//! - `tcp`: stages are processes on any hosts; every connection starts with a handshake
+//!   ([`auth`]): protocol version, stage ids, an HMAC-SHA256 proof of the shared cluster key in
+//!   both directions (the key never crosses the wire), and an NTP-style clock-offset estimate.
+//!
+//! # Running the pipeline
+//! [`pipeline::run`] runs a [`pipeline::PipelineConfig`] (model, stages, transport, threads,
+//! microbatches, prompts, tokens, hosts) and returns a [`pipeline::RunReport`]. The runtime lives
+//! here, not in the binary, because `slug run`, the recorder and the replayer all drive it; they
+//! plug in through [`pipeline::ObserverFactory`] (transfer observers plus the kernels' hooks).
+//! [`node::serve`] is the server behind `slug node --listen`.
+//!
+//! Errors are [`TransportError`]; a failing stage or link ends a run within bounded time with
+//! [`TransportError::StageFailed`], naming the stage, its host and the step it reached.
 
 pub mod auth;
 pub mod clock;

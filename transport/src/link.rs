@@ -261,6 +261,7 @@ impl LinkSender {
             layer: tag.layer,
             src_arena: src.arena.0,
             dst_arena: dst_arena.0,
+            chunk: 0,
             src_off: src_offset,
             dst_off: dst_offset,
             len,
@@ -269,18 +270,21 @@ impl LinkSender {
         match &mut self.path {
             SendPath::Ring { fabric, ring } => {
                 let ring = fabric.ring(*ring);
-                if len > ring.capacity() {
-                    return Err(TransportError::TooLarge {
-                        link: self.ends.name(),
-                        len,
-                        capacity: ring.capacity(),
-                    });
+                let cap = ring.capacity();
+                for chunk in 0..len.div_ceil(cap).max(1) {
+                    let (a, b) = (
+                        (chunk * cap) as usize,
+                        ((chunk + 1) * cap).min(len) as usize,
+                    );
+                    ring.send(self.ends.timeout, |slot| {
+                        slot[..b - a].copy_from_slice(&payload[a..b]);
+                        SlotHeader {
+                            chunk: chunk as u32,
+                            ..header
+                        }
+                    })
+                    .map_err(|f| wait_error(&self.ends, f, "a free slot"))?;
                 }
-                ring.send(self.ends.timeout, |slot| {
-                    slot[..payload.len()].copy_from_slice(payload);
-                    header
-                })
-                .map_err(|f| wait_error(&self.ends, f, "a free slot"))?;
             }
             SendPath::Tcp { conn, frame } => {
                 let head = header.encode();
@@ -411,15 +415,27 @@ impl LinkReceiver {
                 let ends = self.ends;
                 let arena = dst.arena;
                 let bytes = &mut *dst.bytes;
-                fabric
-                    .ring(*ring)
-                    .recv(ends.timeout, |h, payload| -> Result<SlotHeader> {
+                let ring = fabric.ring(*ring);
+                let cap = ring.capacity();
+                let first = ring
+                    .recv(ends.timeout, |h, piece| -> Result<SlotHeader> {
                         place(&ends, arena, bytes.len(), h)?;
                         let r = check_range(arena, bytes.len(), h.dst_off, h.len)?;
-                        bytes[r].copy_from_slice(payload);
+                        piece_in_order(&ends, h, h.seq, 0)?;
+                        bytes[r.start..r.start + piece.len()].copy_from_slice(piece);
                         Ok(*h)
                     })
-                    .map_err(|f| wait_error(&self.ends, f, "received"))??
+                    .map_err(|f| wait_error(&self.ends, f, "received"))??;
+                for chunk in 1..first.len.div_ceil(cap).max(1) {
+                    ring.recv(ends.timeout, |h, piece| -> Result<()> {
+                        piece_in_order(&ends, h, first.seq, chunk)?;
+                        let at = (first.dst_off + chunk * cap) as usize;
+                        bytes[at..at + piece.len()].copy_from_slice(piece);
+                        Ok(())
+                    })
+                    .map_err(|f| wait_error(&self.ends, f, "received"))??;
+                }
+                first
             }
             RecvPath::Tcp { conn } => {
                 let mut raw = [0u8; HEADER_LEN];
@@ -486,6 +502,20 @@ impl LinkReceiver {
     pub fn clock(&self) -> Option<ClockOffset> {
         self.clock
     }
+}
+
+/// Checks that a ring slot holds piece `chunk` of transfer `seq`, as the protocol promises.
+fn piece_in_order(ends: &LinkEnds, h: &SlotHeader, seq: u64, chunk: u64) -> Result<()> {
+    if h.seq == seq && u64::from(h.chunk) == chunk {
+        return Ok(());
+    }
+    Err(TransportError::Protocol {
+        peer: ends.name(),
+        detail: format!(
+            "slot holds piece {} of transfer {} where piece {chunk} of transfer {seq} was due",
+            h.chunk, h.seq
+        ),
+    })
 }
 
 fn place(ends: &LinkEnds, arena: ArenaId, size: usize, h: &SlotHeader) -> Result<()> {
@@ -684,35 +714,55 @@ mod tests {
     }
 
     #[test]
-    fn oversized_transfer_is_refused_by_ring_link() {
+    fn transfers_larger_than_a_slot_travel_in_pieces_and_arrive_whole() {
         let layout = FabricLayout::new(&[RingSpec {
-            slots: 1,
-            capacity: 8,
+            slots: 2,
+            capacity: 7,
         }])
         .expect("layout");
         let fabric = Arc::new(Fabric::heap(layout));
-        let mut tx =
-            LinkSender::over_fabric(fabric, 0, ends(), TransportKind::Local, Observers::none())
-                .expect("tx");
-        let r = tx.send(
-            Region {
-                arena: ArenaId(0),
-                bytes: &[0u8; 16],
-            },
+        let mut tx = LinkSender::over_fabric(
+            fabric.clone(),
             0,
-            16,
-            ArenaId(0),
-            0,
-            tag(0),
-        );
-        assert!(matches!(
-            r,
-            Err(TransportError::TooLarge {
-                len: 16,
-                capacity: 8,
-                ..
-            })
-        ));
+            ends(),
+            TransportKind::Local,
+            Observers::none(),
+        )
+        .expect("tx");
+        let mut rx =
+            LinkReceiver::over_fabric(fabric, 0, ends(), TransportKind::Local, Observers::none())
+                .expect("rx");
+        let src: Vec<u8> = (0..100u8).collect();
+        let sender = std::thread::spawn(move || {
+            for len in [0u64, 1, 7, 8, 100] {
+                tx.send(
+                    Region {
+                        arena: ArenaId(0),
+                        bytes: &src,
+                    },
+                    0,
+                    len,
+                    ArenaId(0),
+                    3,
+                    tag(0),
+                )
+                .expect("send");
+            }
+        });
+        for len in [0usize, 1, 7, 8, 100] {
+            let mut dst = vec![0xffu8; 110];
+            let t = rx
+                .recv(&mut RegionMut {
+                    arena: ArenaId(0),
+                    bytes: &mut dst,
+                })
+                .expect("recv");
+            assert_eq!(t.len, len as u64);
+            assert!(dst[..3].iter().all(|&b| b == 0xff));
+            assert_eq!(&dst[3..3 + len], &(0..len as u8).collect::<Vec<_>>()[..]);
+            assert!(dst[3 + len..].iter().all(|&b| b == 0xff));
+        }
+        sender.join().expect("sender");
     }
 
     #[test]

@@ -177,18 +177,29 @@ impl PipelineConfig {
             return Vec::new();
         }
         let longest = self.prompts.iter().map(Vec::len).max().unwrap_or(1) as u64;
-        let slots = self.microbatches.min(self.prompts.len()).max(1) as u32;
+        let in_flight = self.microbatches.min(self.prompts.len()).max(1) as u32;
+        let message = longest * self.model.dim as u64 * 4;
+        let capacity = message.min(SLOT_BYTES);
+        // Room for every in-flight message whole, so a sender never waits on a slow consumer
+        // for space that the schedule guarantees; pieces of one message overlap in cache.
+        let pieces = message.div_ceil(capacity) as u32;
         let mut specs = vec![
             RingSpec {
-                slots,
-                capacity: longest * self.model.dim as u64 * 4,
+                slots: in_flight * pieces,
+                capacity,
             };
             self.stages - 1
         ];
-        specs.push(RingSpec { slots, capacity: 4 });
+        specs.push(RingSpec {
+            slots: in_flight,
+            capacity: 4,
+        });
         specs
     }
 }
+
+/// Largest slot of an activation ring: big transfers travel in pieces of this size.
+const SLOT_BYTES: u64 = 64 << 10;
 
 /// Prompt text to token ids: each byte is a token (the models' vocabularies hold all 256).
 pub fn prompt_tokens(text: &str) -> Vec<u32> {
