@@ -269,6 +269,7 @@ pub(crate) fn client_handshake(
     report.extend_from_slice(&clock.offset_ns.to_le_bytes());
     report.extend_from_slice(&clock.rtt_ns.to_le_bytes());
     conn.send_frame(kind::CLOCK, &report, timeout)?;
+    conn.authenticated();
     Ok(Handshaken { conn, clock })
 }
 
@@ -320,6 +321,7 @@ pub(crate) fn server_handshake(
         return Err(refuse(&mut conn, reason));
     }
     conn.send_frame(kind::ACCEPT, &[], timeout)?;
+    conn.authenticated();
     loop {
         let (k, body) = conn.recv_frame(timeout)?;
         match k {
@@ -435,6 +437,17 @@ mod tests {
             }
             other => panic!("expected refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn key_file_is_read_trimmed_and_env_is_the_fallback() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cluster.key");
+        std::fs::write(&path, "  file-held-cluster-secret\n").expect("write key");
+        let from_file = ClusterKey::resolve(Some(&path)).expect("key file");
+        assert!(from_file.verify(b"x", &[], &key("file-held-cluster-secret").mac(b"x", &[])));
+        let missing = ClusterKey::from_file(&dir.path().join("absent"));
+        assert!(matches!(missing, Err(TransportError::Key(m)) if m.contains("absent")));
     }
 
     #[test]

@@ -106,6 +106,9 @@ enum RecvPath {
     Tcp { conn: Conn },
 }
 
+/// Longest an accepted data-link caller may take to complete the handshake.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+
 /// Frames up to this size go out as one write (header and payload together).
 const COALESCE: usize = 64 << 10;
 
@@ -374,7 +377,8 @@ impl LinkReceiver {
             format!("stage {} from {peer}", ends.src.0),
             key,
             abort.clone(),
-            ends.timeout,
+            // A caller that stalls mid-handshake must not hold the port for the whole link timeout.
+            ends.timeout.min(HANDSHAKE_WAIT),
             |hello| {
                 if hello.role != Role::Data {
                     return Err("this port serves stage-to-stage data links only".into());

@@ -11,8 +11,11 @@ use crate::error::{Result, TransportError};
 
 /// How often a blocked socket operation wakes to check the abort flag and its deadline.
 const POLL_SLICE: Duration = Duration::from_millis(50);
-/// Largest control or handshake frame accepted; data payloads do not use frames.
+/// Largest control frame accepted from an authenticated peer; data payloads do not use frames.
 pub(crate) const MAX_FRAME: usize = 64 << 20;
+/// Largest frame accepted before the peer proved the cluster key, so strangers cannot make a
+/// node allocate much.
+const HANDSHAKE_FRAME: usize = 4 << 10;
 
 /// Frame kinds.
 pub(crate) mod kind {
@@ -60,6 +63,7 @@ pub(crate) struct Conn {
     pub stream: TcpStream,
     pub peer: String,
     pub abort: AbortFlag,
+    max_frame: usize,
 }
 
 impl Conn {
@@ -73,7 +77,13 @@ impl Conn {
             stream,
             peer,
             abort,
+            max_frame: HANDSHAKE_FRAME,
         })
+    }
+
+    /// The peer proved the cluster key: accept full-size control frames from now on.
+    pub fn authenticated(&mut self) {
+        self.max_frame = MAX_FRAME;
     }
 
     fn broken(&self, detail: impl Into<String>) -> TransportError {
@@ -144,10 +154,13 @@ impl Conn {
         let mut len = [0u8; 4];
         self.read_full(&mut len, timeout)?;
         let len = u32::from_le_bytes(len) as usize;
-        if len == 0 || len > MAX_FRAME {
+        if len == 0 || len > self.max_frame {
             return Err(TransportError::Protocol {
                 peer: self.peer.clone(),
-                detail: format!("frame length {len} outside 1..={MAX_FRAME}; not a slug peer?"),
+                detail: format!(
+                    "frame length {len} outside 1..={}; not a slug peer?",
+                    self.max_frame
+                ),
             });
         }
         let mut body = vec![0u8; len];
@@ -206,6 +219,7 @@ impl Conn {
             stream,
             peer: self.peer.clone(),
             abort: self.abort.clone(),
+            max_frame: self.max_frame,
         })
     }
 }
