@@ -1,0 +1,201 @@
+//! Recording costs, each against a baseline measured in the same run:
+//! - `append`: one event into a thread's flight ring (the hot path) vs a 128-byte memcpy into a Vec;
+//! - `pipeline`: a `small` model, 4 local stages, recorded (hashes + spans + software perf
+//!   sampling; then `--payloads all`) vs the same run unrecorded. Bytes per event on disk are
+//!   printed for the recorded run.
+//!
+//! Ratios are printed after each group (`ratio = ours / baseline`).
+
+use std::cell::Cell;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use slug_kernels::ModelConfig;
+use slug_recorder::endpoint::{EndpointOptions, EndpointRecorder};
+use slug_recorder::observe::PayloadPolicy;
+use slug_recorder::perf::{PerfConfig, PerfRequest};
+use slug_recorder::{RecordConfig, record};
+use slug_schema::{Event, KernelSpan, RawRecord, WriterOptions};
+use slug_transport::pipeline::{NoObservers, PipelineConfig, run};
+
+const BATCH: usize = 16 * 1024;
+
+#[derive(Default)]
+struct Tally {
+    elapsed: Cell<Duration>,
+    iters: Cell<u64>,
+}
+
+impl Tally {
+    fn add(&self, d: Duration, iters: u64) -> Duration {
+        self.elapsed.set(self.elapsed.get() + d);
+        self.iters.set(self.iters.get() + iters);
+        d
+    }
+
+    fn per_iter_ns(&self) -> f64 {
+        self.elapsed.get().as_nanos() as f64 / self.iters.get().max(1) as f64
+    }
+}
+
+fn span(i: u64) -> Event {
+    Event::KernelSpan(KernelSpan {
+        kernel: (i % 16) as u32,
+        layer: (i / 16 % 6) as u32,
+        step: i / 96,
+        seq: 0,
+        row_start: 0,
+        row_end: 1,
+        thread: 0,
+        start_ns: 1_000_000 + i * 700,
+        end_ns: 1_000_000 + i * 700 + 500,
+        output_hash: None,
+    })
+}
+
+fn bench_append(c: &mut Criterion) {
+    let events: Vec<Event> = (0..BATCH as u64).map(span).collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = EndpointOptions {
+        endpoint: 0,
+        endpoints_dir: dir.path().to_path_buf(),
+        ring_records: 1 << 20,
+        writer: WriterOptions::default(),
+    };
+    let recorder = EndpointRecorder::start(&options, None, None).expect("recorder");
+    let shared = recorder.shared().clone();
+    let (ours, base) = (Tally::default(), Tally::default());
+    let mut g = c.benchmark_group("append");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("flight_ring_append", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(BATCH as u64) as usize;
+                let t = Instant::now();
+                for e in &events[..n] {
+                    shared.append(black_box(e));
+                }
+                total += t.elapsed();
+                left -= n as u64;
+                // Let the writer keep up so the ring never fills during timing.
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            ours.add(total, iters)
+        })
+    });
+    g.bench_function("baseline_memcpy_128B", |b| {
+        let records: Vec<[u8; RawRecord::SIZE]> = events
+            .iter()
+            .map(|e| RawRecord::from_event(e).to_bytes())
+            .collect();
+        let mut dst: Vec<[u8; RawRecord::SIZE]> = Vec::with_capacity(BATCH);
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(BATCH as u64) as usize;
+                dst.clear();
+                let t = Instant::now();
+                for r in &records[..n] {
+                    dst.push(*black_box(r));
+                }
+                total += t.elapsed();
+                black_box(&dst);
+                left -= n as u64;
+            }
+            base.add(total, iters)
+        })
+    });
+    g.finish();
+    let stats = recorder.finish().expect("finish");
+    eprintln!(
+        "append: {:.1} ns/event vs memcpy {:.1} ns: ratio {:.2}; ring losses {}",
+        ours.per_iter_ns(),
+        base.per_iter_ns(),
+        ours.per_iter_ns() / base.per_iter_ns().max(0.001),
+        stats.ring_lost
+    );
+}
+
+fn pipeline() -> PipelineConfig {
+    let model = ModelConfig::preset("small").expect("preset");
+    let mut p = PipelineConfig::new(model, "benchmark", 4, 24);
+    p.stages = 4;
+    p
+}
+
+fn bench_pipeline(c: &mut Criterion) {
+    let p = pipeline();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (plain, recorded, payloads) = (Tally::default(), Tally::default(), Tally::default());
+    let bytes_per_event = Cell::new(0.0f64);
+    let runs = Cell::new(0u64);
+    let mut g = c.benchmark_group("pipeline_small_4_stages");
+    g.sample_size(10);
+    g.bench_function("baseline_unrecorded", |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                black_box(run(&p, &NoObservers).expect("run"));
+            }
+            plain.add(t.elapsed(), iters)
+        })
+    });
+    let mut record_with = |name: &str, policy: PayloadPolicy, tally: &Tally| {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let n = runs.get();
+                    runs.set(n + 1);
+                    let cfg = RecordConfig {
+                        payloads: policy,
+                        perf: PerfConfig {
+                            request: PerfRequest::List(vec![
+                                slug_recorder::perf::StreamKind::CpuClock,
+                                slug_recorder::perf::StreamKind::PageFaults,
+                                slug_recorder::perf::StreamKind::ContextSwitches,
+                                slug_recorder::perf::StreamKind::StepCounters,
+                            ]),
+                            ..PerfConfig::default()
+                        },
+                        ..RecordConfig::new(dir.path().join(format!("t{n}")))
+                    };
+                    let t = Instant::now();
+                    let s = record(&cfg, &p).expect("record");
+                    total += t.elapsed();
+                    if policy == PayloadPolicy::None {
+                        let bytes: u64 = s.endpoints.iter().map(|e| e.bytes).sum();
+                        bytes_per_event.set(bytes as f64 / s.events().max(1) as f64);
+                    }
+                    let _ = std::fs::remove_dir_all(&cfg.out);
+                }
+                tally.add(total, iters)
+            })
+        });
+    };
+    record_with(
+        "recorded_hashes_spans_sampling",
+        PayloadPolicy::None,
+        &recorded,
+    );
+    record_with("recorded_payloads_all", PayloadPolicy::All, &payloads);
+    g.finish();
+    let base = plain.per_iter_ns();
+    eprintln!(
+        "pipeline (small, 4 local stages, 4 sequences x 24 tokens), wall time per run incl. setup:\n  \
+         recorded: ratio {:.3} ({:+.1}% time)\n  --payloads all: ratio {:.3} ({:+.1}% time)\n  \
+         log bytes per event (all kinds, recorded run): {:.2}",
+        recorded.per_iter_ns() / base,
+        (recorded.per_iter_ns() / base - 1.0) * 100.0,
+        payloads.per_iter_ns() / base,
+        (payloads.per_iter_ns() / base - 1.0) * 100.0,
+        bytes_per_event.get()
+    );
+}
+
+criterion_group!(benches, bench_append, bench_pipeline);
+criterion_main!(benches);

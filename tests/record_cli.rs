@@ -1,0 +1,107 @@
+//! `slug record` end to end: a recorded trace that `slug` tools can open, the plain-language
+//! capability lines, JSON output, and refusals made before the run starts.
+
+use std::process::{Command, Output};
+
+fn slug(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_slug"))
+        .args(args)
+        .output()
+        .expect("the slug binary runs")
+}
+
+#[test]
+fn records_a_two_stage_run_into_a_trace_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trace");
+    let out_s = out.to_str().unwrap();
+    let o = slug(&[
+        "record",
+        "--out",
+        out_s,
+        "--stages",
+        "2",
+        "--tokens",
+        "6",
+        "--sequences",
+        "2",
+        "--payloads",
+        "all",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    assert_eq!(v["endpoints"].as_array().unwrap().len(), 2);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 2);
+    assert!(v["endpoints"][1]["payloads"].as_u64().unwrap() > 0);
+    // Every capability that is asked for and missing is named, with its fallback, in the JSON.
+    for n in v["notices"].as_array().unwrap() {
+        assert!(n.as_str().unwrap().contains("instead"), "{n}");
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert!(manifest["capabilities"].as_array().unwrap().len() >= 4);
+    assert!(out.join("endpoints/0.slog").exists() && out.join("endpoints/1.slog").exists());
+    assert!(
+        !out.join("endpoints/0.journal").exists(),
+        "a clean close removes the journal"
+    );
+}
+
+#[test]
+fn missing_capabilities_are_said_in_one_line_each_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trace");
+    let o = slug(&["record", "--out", out.to_str().unwrap(), "--tokens", "3"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("recorded") && stdout.contains("captured:"),
+        "{stdout}"
+    );
+    if !std::path::Path::new("/sys/bus/event_source/devices/intel_pt").exists() {
+        let pt: Vec<_> = stderr.lines().filter(|l| l.contains("Intel PT")).collect();
+        assert_eq!(pt.len(), 1, "{stderr}");
+        assert!(
+            pt[0].contains("cpu-clock"),
+            "the fallback is named: {}",
+            pt[0]
+        );
+    }
+}
+
+#[test]
+fn unusable_arguments_are_refused_before_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no/parent/trace");
+    let o = slug(&["record", "--out", missing.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
+
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("x"), b"x").unwrap();
+    let o = slug(&["record", "--out", full.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+
+    let out = dir.path().join("t");
+    let o = slug(&[
+        "record",
+        "--out",
+        out.to_str().unwrap(),
+        "--perf",
+        "intel-pt,bogus",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown perf stream `bogus`"));
+    let o = slug(&[
+        "record",
+        "--out",
+        out.to_str().unwrap(),
+        "--payloads",
+        "some",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("none, boundary or all"));
+    assert!(!out.exists(), "nothing is created for refused arguments");
+}
