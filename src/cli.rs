@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::{demo, export, info, node, run, view};
+use crate::{demo, export, info, node, record, run, view};
 
 /// slug — record and replay for distributed CPU AI pipelines.
 ///
@@ -23,7 +23,7 @@ enum Command {
     /// Run a pipeline without recording (prints generated tokens and tokens/s).
     Run(run::RunArgs),
     /// Record a pipeline run into a trace directory.
-    Record,
+    Record(record::RecordArgs),
     /// Re-run a recorded stage or pipeline and verify it bit for bit.
     Replay,
     /// Inspect a trace's timelines in a terminal UI.
@@ -42,7 +42,7 @@ enum Command {
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::execute(args),
-        Command::Record => not_built("record"),
+        Command::Record(args) => record::execute(args),
         Command::Replay => not_built("replay"),
         Command::View(args) => view::execute(args),
         Command::Info(args) => info::execute(args),
