@@ -37,9 +37,10 @@ pub struct NodeOptions {
     pub stop: AbortFlag,
 }
 
-/// Listens and serves coordinator sessions one at a time. `on_listening` gets the bound address
-/// (print it: launchers read [`LISTENING_PREFIX`] lines), `log` every refusal and session end.
-/// Returns after one session with `once` (its error, if it failed), otherwise only on a listener error.
+/// Listens and serves coordinator sessions, each in its own thread unless `once`.
+/// `on_listening` gets the bound address (print it: launchers read [`LISTENING_PREFIX`] lines),
+/// `log` every refusal and session end. Returns after one session with `once` (its error, if it
+/// failed), otherwise when `opts.stop` is raised (after running sessions end) or the listener fails.
 pub fn serve(
     opts: &NodeOptions,
     factory: &dyn ObserverFactory,
@@ -55,34 +56,44 @@ pub fn serve(
         .set_nonblocking(true)
         .map_err(|e| TransportError::io(format!("make {addr} non-blocking"), e))?;
     on_listening(addr);
-    loop {
-        let (stream, peer) = match listener.accept() {
-            Ok(accepted) => accepted,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if opts.stop.raised() {
-                    return Ok(());
+    std::thread::scope(|scope| {
+        loop {
+            let (stream, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if opts.stop.raised() {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
                 }
-                std::thread::sleep(Duration::from_millis(10));
+                Err(e) => return Err(TransportError::io(format!("accept on {addr}"), e)),
+            };
+            stream
+                .set_nonblocking(false)
+                .map_err(|e| TransportError::io(format!("configure connection from {peer}"), e))?;
+            if !opts.once {
+                // Sessions run side by side: one node may serve several stages or coordinators.
+                scope.spawn(move || match session(stream, peer, opts, factory, log) {
+                    Err(Session::NotAdmitted(e)) => log(&format!("refused {peer}: {e}")),
+                    Ok(stage) => log(&format!("stage {stage} for coordinator {peer} finished")),
+                    Err(Session::Failed(e)) => {
+                        log(&format!("session with coordinator {peer} failed: {e}"))
+                    }
+                });
                 continue;
             }
-            Err(e) => return Err(TransportError::io(format!("accept on {addr}"), e)),
-        };
-        stream
-            .set_nonblocking(false)
-            .map_err(|e| TransportError::io(format!("configure connection from {peer}"), e))?;
-        match session(stream, peer, opts, factory, log) {
-            Err(Session::NotAdmitted(e)) => log(&format!("refused {peer}: {e}")),
-            // A one-session node was launched by a coordinator that reports the run itself.
-            Ok(_) if opts.once => return Ok(()),
-            Ok(stage) => log(&format!("stage {stage} for coordinator {peer} finished")),
-            Err(Session::Failed(e)) => {
-                log(&format!("session with coordinator {peer} failed: {e}"));
-                if opts.once {
+            match session(stream, peer, opts, factory, log) {
+                Err(Session::NotAdmitted(e)) => log(&format!("refused {peer}: {e}")),
+                // A one-session node was launched by a coordinator that reports the run itself.
+                Ok(_) => return Ok(()),
+                Err(Session::Failed(e)) => {
+                    log(&format!("session with coordinator {peer} failed: {e}"));
                     return Err(e);
                 }
             }
         }
-    }
+    })
 }
 
 /// How a session that did not finish ended.

@@ -274,3 +274,37 @@ fn thread_nodes_show_every_tcp_and_shm_transfer_to_the_factory_observers() {
         assert_eq!(report.tokens, reference());
     }
 }
+
+#[test]
+fn one_node_serves_several_stages_of_a_run_at_once() {
+    let key = ClusterKey::from_bytes(b"pipeline-test-cluster-key").expect("key");
+    let (tx, rx) = mpsc::channel();
+    let stop = slug_transport::AbortFlag::new();
+    let opts = NodeOptions {
+        listen: "127.0.0.1:0".into(),
+        key: key.clone(),
+        once: false,
+        stop: stop.clone(),
+    };
+    let server = std::thread::spawn(move || {
+        serve(
+            &opts,
+            &NoObservers,
+            &|addr| {
+                let _ = tx.send(addr.to_string());
+            },
+            &|_| {},
+        )
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("node address");
+    let cfg = config(TransportKind::Tcp, 2, 1, 4);
+    let report = run_on_nodes(&cfg, &[addr.clone(), addr], &key).expect("two stages, one node");
+    assert_eq!(report.tokens, reference());
+    stop.raise();
+    server
+        .join()
+        .expect("server thread")
+        .expect("server ends cleanly");
+}
