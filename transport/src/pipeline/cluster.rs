@@ -315,6 +315,11 @@ pub fn run_on_nodes(cfg: &PipelineConfig, addrs: &[String], key: &ClusterKey) ->
             Err(e) => return Err(session.abort(failed(s, addr, "startup", e.to_string()))),
         }
     }
+    if let Some(f) = &fabric {
+        // Every node has mapped the fabric: unlink it now so that nothing is left in /dev/shm
+        // even if this process is killed.
+        let _ = std::fs::remove_file(&f.path);
+    }
     for s in 0..addrs.len() {
         let next = data_addrs[(s + 1) % addrs.len()].clone();
         if let Err(e) = session.conns[s].send_json(&ToNode::Start { next }, timeout) {
