@@ -15,7 +15,7 @@ use slug_transport::AbortFlag;
 use slug_transport::auth::ClusterKey;
 use slug_transport::fabric::{Fabric, FabricLayout, RingSpec};
 use slug_transport::link::{LinkEnds, LinkReceiver, LinkSender, Region, RegionMut};
-use slug_transport::pipeline::{NoObservers, PipelineConfig, run};
+use slug_transport::pipeline::{Launch, NoObservers, PipelineConfig, run};
 use slug_transport::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
 
 const BIG: usize = 1 << 20;
@@ -368,6 +368,21 @@ fn summary(_c: &mut Criterion) {
         }
         eprintln!(
             "{stages} stages {tps:9.1} tokens/s = {:.2}x one stage",
+            tps / one
+        );
+    }
+    eprintln!(
+        "== the same at 4 stages over shm and tcp (node threads, real fabric file / sockets) =="
+    );
+    for transport in [TransportKind::Shm, TransportKind::Tcp] {
+        let mut cfg = pipeline_config(4);
+        cfg.transport = transport;
+        cfg.launch = Launch::Threads;
+        let tps = (0..2)
+            .map(|_| run(&cfg, &NoObservers).expect("run").tokens_per_s)
+            .fold(0.0, f64::max);
+        eprintln!(
+            "{transport:<5} {tps:9.1} tokens/s = {:.2}x one local stage",
             tps / one
         );
     }
