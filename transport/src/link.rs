@@ -425,14 +425,14 @@ impl LinkReceiver {
                     .recv(ends.timeout, |h, piece| -> Result<SlotHeader> {
                         place(&ends, arena, bytes.len(), h)?;
                         let r = check_range(arena, bytes.len(), h.dst_off, h.len)?;
-                        piece_in_order(&ends, h, h.seq, 0)?;
+                        piece_in_order(&ends, h, h, 0)?;
                         bytes[r.start..r.start + piece.len()].copy_from_slice(piece);
                         Ok(*h)
                     })
                     .map_err(|f| wait_error(&self.ends, f, "received"))??;
                 for chunk in 1..first.len.div_ceil(cap).max(1) {
                     ring.recv(ends.timeout, |h, piece| -> Result<()> {
-                        piece_in_order(&ends, h, first.seq, chunk)?;
+                        piece_in_order(&ends, h, &first, chunk)?;
                         let at = (first.dst_off + chunk * cap) as usize;
                         bytes[at..at + piece.len()].copy_from_slice(piece);
                         Ok(())
@@ -509,15 +509,17 @@ impl LinkReceiver {
 }
 
 /// Checks that a ring slot holds piece `chunk` of transfer `seq`, as the protocol promises.
-fn piece_in_order(ends: &LinkEnds, h: &SlotHeader, seq: u64, chunk: u64) -> Result<()> {
-    if h.seq == seq && u64::from(h.chunk) == chunk {
+fn piece_in_order(ends: &LinkEnds, h: &SlotHeader, first: &SlotHeader, chunk: u64) -> Result<()> {
+    // The piece's length derives from its header, so every piece must repeat the first's length.
+    if h.seq == first.seq && h.len == first.len && u64::from(h.chunk) == chunk {
         return Ok(());
     }
     Err(TransportError::Protocol {
         peer: ends.name(),
         detail: format!(
-            "slot holds piece {} of transfer {} where piece {chunk} of transfer {seq} was due",
-            h.chunk, h.seq
+            "slot holds piece {} of transfer {} ({} bytes) where piece {chunk} of transfer {} \
+             ({} bytes) was due",
+            h.chunk, h.seq, h.len, first.seq, first.len
         ),
     })
 }

@@ -242,6 +242,16 @@ fn take_input(
             ),
         });
     }
+    if t.len > inbox.bytes() as u64 {
+        return Err(TransportError::Protocol {
+            peer: format!("stage {}", t.src.endpoint.0),
+            detail: format!(
+                "{} bytes overflow the {}-byte inbox of sequence {seq}",
+                t.len,
+                inbox.bytes()
+            ),
+        });
+    }
     if s == 0 {
         Ok(1)
     } else if (t.len as usize).is_multiple_of(dim_bytes) && t.len > 0 {
