@@ -40,7 +40,7 @@ pub struct RecordArgs {
     /// Pipeline stages the layers are split into.
     #[arg(long, default_value_t = 1)]
     stages: usize,
-    /// Transport between stages (recording runs stages in this process: local).
+    /// Transport between stages: local (threads), shm or tcp (one recording `slug node` per stage).
     #[arg(long, default_value = "local")]
     transport: String,
     /// Tokens to generate per sequence.

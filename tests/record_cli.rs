@@ -105,3 +105,42 @@ fn unusable_arguments_are_refused_before_the_run() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("none, boundary or all"));
     assert!(!out.exists(), "nothing is created for refused arguments");
 }
+
+#[test]
+fn records_stage_processes_over_shm_and_tcp() {
+    for transport in ["shm", "tcp"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("trace");
+        let o = slug(&[
+            "record",
+            "--out",
+            out.to_str().unwrap(),
+            "--stages",
+            "2",
+            "--tokens",
+            "4",
+            "--transport",
+            transport,
+            "--json",
+        ]);
+        assert!(
+            o.status.success(),
+            "{transport}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        for e in v["endpoints"].as_array().unwrap() {
+            let kinds: Vec<&str> = e["counts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c[0].as_str().unwrap())
+                .collect();
+            assert!(
+                kinds.contains(&"transfer") && kinds.contains(&"kernel_span"),
+                "{e}"
+            );
+            assert!(e["warnings"].as_array().unwrap().is_empty(), "{e}");
+        }
+    }
+}

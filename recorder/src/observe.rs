@@ -54,6 +54,16 @@ impl FromStr for PayloadPolicy {
     }
 }
 
+impl std::fmt::Display for PayloadPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PayloadPolicy::None => "none",
+            PayloadPolicy::Boundary => "boundary",
+            PayloadPolicy::All => "all",
+        })
+    }
+}
+
 /// The transfer id the trace stores: the link in the top 24 bits, its sequence number below.
 pub fn trace_transfer_id(t: &Transfer) -> u64 {
     u64::from(t.id.link.0) << 40 | (t.id.seq & ((1 << 40) - 1))
@@ -71,6 +81,8 @@ fn transport(kind: TransportKind) -> Transport {
 #[derive(Debug)]
 pub struct TransferRecorder {
     shared: Arc<EndpointShared>,
+    /// On a node the observers own the recorder: the log closes when the stage drops them.
+    _recorder: Option<Arc<EndpointRecorder>>,
     policy: PayloadPolicy,
     /// Tag layer of the token link (the model's layer count).
     token_layer: u32,
@@ -118,6 +130,8 @@ impl TransferObserver for TransferRecorder {
 #[derive(Debug)]
 pub struct StageHooks {
     shared: Arc<EndpointShared>,
+    /// On a node the observers own the recorder: the log closes when the stage drops them.
+    _recorder: Option<Arc<EndpointRecorder>>,
     /// Opened on the stage thread at its first step boundary (the hooks are built elsewhere).
     counters: Option<StepCounters>,
     want_counters: bool,
@@ -190,15 +204,7 @@ pub struct RecorderFactory {
 impl RecorderFactory {
     /// A factory recording into `settings.trace_dir` (which must exist).
     pub fn new(settings: RecorderSettings, pmus: HostPmus) -> Result<RecorderFactory> {
-        // Payloads and Intel PT chunks are blobs; without either no store is created.
-        let needs_blobs = settings.payloads != PayloadPolicy::None || pmus.intel_pt.is_ok();
-        let blobs = match needs_blobs {
-            true => Some(Arc::new(BlobStore::open(
-                settings.trace_dir.join("payloads"),
-                settings.writer.zstd_level,
-            )?)),
-            false => None,
-        };
+        let blobs = blob_store(&settings, &pmus)?;
         Ok(RecorderFactory {
             settings,
             pmus,
@@ -209,10 +215,8 @@ impl RecorderFactory {
     }
 
     fn start_stage(&self, stage: u32, layers: u32) -> Result<StageObservers> {
-        let tid = current_tid();
-        let (perf, caps) =
-            PerfStreams::open(&self.pmus, &self.settings.perf, &PerfTarget::Thread(tid));
-        let want_counters = perf.kinds().contains(&StreamKind::StepCounters);
+        let (recorder, caps, want_counters) =
+            start_endpoint(&self.settings, &self.pmus, self.blobs.clone(), stage)?;
         {
             // Every stage sees the same host: keep the first stage's report for the manifest.
             let mut c = self.capabilities.lock().unwrap_or_else(|p| p.into_inner());
@@ -220,31 +224,18 @@ impl RecorderFactory {
                 *c = Some(caps);
             }
         }
-        let options = EndpointOptions {
-            endpoint: stage,
-            endpoints_dir: self.settings.trace_dir.join(slug_schema::ENDPOINTS_DIR),
-            ring_records: self.settings.ring_records,
-            writer: self.settings.writer,
-        };
-        let recorder = EndpointRecorder::start(&options, Some(perf), self.blobs.clone())?;
         let shared = Arc::clone(recorder.shared());
         self.endpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(recorder);
-        let transfers = Arc::new(TransferRecorder {
-            shared: Arc::clone(&shared),
-            policy: self.settings.payloads,
-            token_layer: layers,
-        });
-        Ok(StageObservers {
-            transfers: Observers::none().with(transfers),
-            hooks: Box::new(StageHooks {
-                shared,
-                counters: None,
-                want_counters,
-            }),
-        })
+        Ok(observers(
+            shared,
+            None,
+            self.settings.payloads,
+            layers,
+            want_counters,
+        ))
     }
 
     /// The perf capability report (after at least one stage started).
@@ -265,6 +256,147 @@ impl RecorderFactory {
             .collect();
         all.sort_by_key(|e| e.shared().endpoint());
         all.into_iter().map(EndpointRecorder::finish).collect()
+    }
+}
+
+/// Opens the perf streams on the calling (stage) thread and starts the endpoint's recorder.
+fn start_endpoint(
+    settings: &RecorderSettings,
+    pmus: &HostPmus,
+    blobs: Option<Arc<BlobStore>>,
+    stage: u32,
+) -> Result<(EndpointRecorder, Capabilities, bool)> {
+    let (perf, caps) = PerfStreams::open(pmus, &settings.perf, &PerfTarget::Thread(current_tid()));
+    let want_counters = perf.kinds().contains(&StreamKind::StepCounters);
+    let options = EndpointOptions {
+        endpoint: stage,
+        endpoints_dir: settings.trace_dir.join(slug_schema::ENDPOINTS_DIR),
+        ring_records: settings.ring_records,
+        writer: settings.writer,
+    };
+    let recorder = EndpointRecorder::start(&options, Some(perf), blobs)?;
+    Ok((recorder, caps, want_counters))
+}
+
+fn observers(
+    shared: Arc<EndpointShared>,
+    owner: Option<Arc<EndpointRecorder>>,
+    policy: PayloadPolicy,
+    layers: u32,
+    want_counters: bool,
+) -> StageObservers {
+    let transfers = Arc::new(TransferRecorder {
+        shared: Arc::clone(&shared),
+        _recorder: owner.clone(),
+        policy,
+        token_layer: layers,
+    });
+    StageObservers {
+        transfers: Observers::none().with(transfers),
+        hooks: Box::new(StageHooks {
+            shared,
+            _recorder: owner,
+            counters: None,
+            want_counters,
+        }),
+    }
+}
+
+fn blob_store(settings: &RecorderSettings, pmus: &HostPmus) -> Result<Option<Arc<BlobStore>>> {
+    // Payloads and Intel PT chunks are blobs; without either no store is created.
+    if settings.payloads == PayloadPolicy::None && pmus.intel_pt.is_err() {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(BlobStore::open(
+        settings.trace_dir.join("payloads"),
+        settings.writer.zstd_level,
+    )?)))
+}
+
+/// Key of the recorder's entry in [`slug_transport::pipeline::PipelineConfig::observer_settings`].
+pub const NODE_SETTINGS_KEY: &str = "slug_recorder";
+
+/// What a `slug node` needs to record its stage (sent inside the pipeline configuration).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeSettings {
+    /// The trace directory (on a file system the node shares with the coordinator).
+    pub trace_dir: PathBuf,
+    /// `--payloads`.
+    pub payloads: String,
+    /// `--perf`.
+    pub perf: String,
+    /// `--perf-freq`.
+    pub perf_freq_hz: u64,
+    /// Records per thread ring.
+    pub ring_records: usize,
+}
+
+impl NodeSettings {
+    /// The observer settings value carrying these settings.
+    pub fn to_observer_settings(&self) -> serde_json::Value {
+        serde_json::json!({ NODE_SETTINGS_KEY: self })
+    }
+
+    fn recorder_settings(&self) -> std::result::Result<RecorderSettings, String> {
+        Ok(RecorderSettings {
+            trace_dir: self.trace_dir.clone(),
+            payloads: self.payloads.parse()?,
+            perf: PerfConfig {
+                request: self
+                    .perf
+                    .parse()
+                    .map_err(|e: RecorderError| e.to_string())?,
+                freq_hz: self.perf_freq_hz,
+                ..PerfConfig::default()
+            },
+            ring_records: self.ring_records,
+            writer: WriterOptions::default(),
+        })
+    }
+}
+
+/// The factory `slug node` serves stages with: records a stage when the coordinator's
+/// configuration carries [`NodeSettings`], observes nothing otherwise. The stage's log closes
+/// when the runtime drops the stage's observers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeRecorderFactory;
+
+impl ObserverFactory for NodeRecorderFactory {
+    fn stage_observers(
+        &self,
+        ctx: &StageContext<'_>,
+    ) -> std::result::Result<StageObservers, TransportError> {
+        let Some(value) = ctx
+            .config
+            .observer_settings
+            .as_ref()
+            .and_then(|v| v.get(NODE_SETTINGS_KEY))
+        else {
+            return Ok(StageObservers::none());
+        };
+        let fail = |e: String| {
+            TransportError::io(
+                format!("start the recorder of stage {}", ctx.stage),
+                std::io::Error::other(e),
+            )
+        };
+        let node: NodeSettings = serde_json::from_value(value.clone())
+            .map_err(|e| fail(format!("bad recorder settings: {e}")))?;
+        let settings = node.recorder_settings().map_err(fail)?;
+        let started = (|| {
+            let pmus = crate::perf::probe()?;
+            let blobs = blob_store(&settings, &pmus)?;
+            start_endpoint(&settings, &pmus, blobs, ctx.stage as u32)
+        })();
+        let (recorder, _, want_counters) = started.map_err(|e| fail(e.to_string()))?;
+        let recorder = Arc::new(recorder);
+        Ok(observers(
+            Arc::clone(recorder.shared()),
+            Some(recorder),
+            settings.payloads,
+            ctx.config.model.layers as u32,
+            want_counters,
+        ))
     }
 }
 

@@ -3,14 +3,17 @@
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use slug_schema::{EndpointInfo, EventKind, Manifest, NodeClock, Trace, WriterOptions};
-use slug_transport::pipeline::{PipelineConfig, RunReport, run};
+use slug_schema::{
+    EndpointInfo, Event, EventKind, KindSet, Manifest, NodeClock, TimeRange, Trace, WriterOptions,
+};
+use slug_transport::pipeline::{NoObservers, PipelineConfig, run};
 use slug_transport::transfer::TransportKind;
 
+use crate::endpoint::EndpointStats;
 use crate::error::{RecorderError, Result};
 use crate::flight::DEFAULT_RING_RECORDS;
-use crate::observe::{PayloadPolicy, RecorderFactory, RecorderSettings};
-use crate::perf::{PerfConfig, probe};
+use crate::observe::{NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings};
+use crate::perf::{PerfConfig, PerfStreams, PerfTarget, current_tid, probe};
 use crate::topology::host_topology;
 
 /// What to record and where.
@@ -149,18 +152,80 @@ fn host_name() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+fn summarize_stats(s: EndpointStats) -> EndpointSummary {
+    EndpointSummary {
+        endpoint: s.endpoint,
+        events: s.log.events,
+        counts: EventKind::ALL
+            .iter()
+            .map(|k| (k.name().to_string(), s.log.counts[*k as usize]))
+            .filter(|(_, n)| *n > 0)
+            .collect(),
+        bytes: s.log.bytes,
+        raw_bytes: s.log.raw_bytes,
+        lost: s.ring_lost + s.perf_lost,
+        payloads: s.payloads,
+        payload_bytes: s.payload_bytes,
+        warnings: s.warnings,
+    }
+}
+
+/// An endpoint's summary read back from its closed log (the node that wrote it is gone).
+fn summarize_log(trace: &Trace, endpoint: u32) -> Result<EndpointSummary> {
+    let log = trace.endpoint_log(endpoint).map_err(|e| RecorderError::OutputDir {
+        path: trace.dir().to_path_buf(),
+        problem: format!(
+            "stage {endpoint} left no readable log ({e}); the `slug node` processes must record \
+             (serve with slug_recorder::observe::NodeRecorderFactory)"
+        ),
+    })?;
+    let counts = log.counts();
+    let events: u64 = counts.iter().sum();
+    let lost = log
+        .events_in(
+            TimeRange::new(0, u64::MAX),
+            KindSet::of(&[EventKind::LostEvents]),
+        )
+        .filter_map(|e| match e {
+            Ok(Event::LostEvents(l)) => Some(l.count),
+            _ => None,
+        })
+        .sum();
+    let mut warnings = Vec::new();
+    if !log.recovery().is_clean() {
+        warnings.push(format!("log was not closed cleanly: {:?}", log.recovery()));
+    }
+    Ok(EndpointSummary {
+        endpoint,
+        events,
+        counts: EventKind::ALL
+            .iter()
+            .map(|k| (k.name().to_string(), counts[*k as usize]))
+            .filter(|(_, n)| *n > 0)
+            .collect(),
+        bytes: log.file_len(),
+        raw_bytes: events * slug_schema::RawRecord::SIZE as u64,
+        lost,
+        payloads: 0,
+        payload_bytes: 0,
+        warnings,
+    })
+}
+
 /// Runs `pipeline` with every endpoint recorded into `cfg.out`; prints nothing (the CLI prints
 /// the summary, including one line per missing capability).
 ///
-/// Stages run as threads of this process (`local` transport). Process transports record on
-/// their nodes, which build a [`RecorderFactory`] themselves; they are refused here.
+/// `local`: stages are threads of this process, recorded by a [`RecorderFactory`]. `shm` and
+/// `tcp`: each stage is a launched `slug node` process that records itself
+/// ([`crate::observe::NodeRecorderFactory`]) into the same directory.
 pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSummary> {
-    if pipeline.transport != TransportKind::Local {
+    if !pipeline.hosts.is_empty() {
         return Err(RecorderError::Pipeline(Box::new(
-            slug_transport::TransportError::Config(format!(
-                "recording the {} transport needs recording nodes; record with --transport local",
-                pipeline.transport
-            )),
+            slug_transport::TransportError::Config(
+                "recording stages on --hosts is not supported yet (the nodes would need the trace \
+                 directory on a shared file system); record without --hosts"
+                    .into(),
+            ),
         )));
     }
     pipeline
@@ -170,7 +235,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
     let host = host_name();
     let mut manifest = Manifest::new(serde_json::json!({
         "pipeline": pipeline,
-        "payloads": format!("{:?}", cfg.payloads).to_lowercase(),
+        "payloads": cfg.payloads.to_string(),
         "perf_freq_hz": cfg.perf.freq_hz,
     }));
     manifest.endpoints = (0..pipeline.stages as u32)
@@ -191,25 +256,53 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
     manifest.topology = vec![host_topology(&host)?];
     let mut trace =
         Trace::create(&cfg.out, manifest).map_err(|e| RecorderError::Schema(Box::new(e)))?;
-    let factory = RecorderFactory::new(
-        RecorderSettings {
-            trace_dir: cfg.out.clone(),
-            payloads: cfg.payloads,
-            perf: cfg.perf.clone(),
+    let settings = RecorderSettings {
+        trace_dir: cfg.out.clone(),
+        payloads: cfg.payloads,
+        perf: cfg.perf.clone(),
+        ring_records: cfg.ring_records,
+        writer: WriterOptions::default(),
+    };
+    let pmus = probe()?;
+    let (report, endpoints, caps) = if pipeline.transport == TransportKind::Local {
+        let factory = RecorderFactory::new(settings, pmus)?;
+        let report = run(pipeline, &factory);
+        // Close every log even when the run failed: what was recorded up to the failure is kept.
+        let stats = factory.finish();
+        let report = report.map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
+        let endpoints = stats
+            .into_iter()
+            .map(|s| s.map(summarize_stats))
+            .collect::<Result<Vec<_>>>()?;
+        (
+            report,
+            endpoints,
+            factory.capabilities().unwrap_or_default(),
+        )
+    } else {
+        // Each stage is a `slug node` process that records itself (NodeRecorderFactory) into
+        // the same directory; the coordinator reads the closed logs afterwards.
+        let node = NodeSettings {
+            trace_dir: std::path::absolute(&cfg.out).map_err(|e| RecorderError::io(&cfg.out, e))?,
+            payloads: cfg.payloads.to_string(),
+            perf: cfg.perf.request.to_string(),
+            perf_freq_hz: cfg.perf.freq_hz,
             ring_records: cfg.ring_records,
-            writer: WriterOptions::default(),
-        },
-        probe()?,
-    )?;
-    let report: std::result::Result<RunReport, _> = run(pipeline, &factory);
-    // Close every log even when the run failed: what was recorded up to the failure is kept.
-    let stats = factory.finish();
-    let report = report.map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
-    let caps = factory.capabilities().unwrap_or_default();
+        };
+        let mut p = pipeline.clone();
+        p.observer_settings = Some(node.to_observer_settings());
+        let report = run(&p, &NoObservers).map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
+        let endpoints = (0..pipeline.stages as u32)
+            .map(|s| summarize_log(&trace, s))
+            .collect::<Result<Vec<_>>>()?;
+        // The nodes ran on this host: its streams are what they could open.
+        let (_, caps) = PerfStreams::open(&pmus, &cfg.perf, &PerfTarget::Thread(current_tid()));
+        (report, endpoints, caps)
+    };
     let mut manifest = trace.manifest().clone();
     manifest.capabilities = caps.entries.clone();
     manifest.capabilities.push(slug_schema::Capability {
-        name: format!("payloads_{}", format!("{:?}", cfg.payloads).to_lowercase()),
+        name: format!("payloads_{}", cfg.payloads),
         requested: true,
         available: true,
         captured: true,
@@ -227,25 +320,6 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
     trace
         .set_manifest(manifest)
         .map_err(|e| RecorderError::Schema(Box::new(e)))?;
-    let mut endpoints = Vec::new();
-    for s in stats {
-        let s = s?;
-        endpoints.push(EndpointSummary {
-            endpoint: s.endpoint,
-            events: s.log.events,
-            counts: EventKind::ALL
-                .iter()
-                .map(|k| (k.name().to_string(), s.log.counts[*k as usize]))
-                .filter(|(_, n)| *n > 0)
-                .collect(),
-            bytes: s.log.bytes,
-            raw_bytes: s.log.raw_bytes,
-            lost: s.ring_lost + s.perf_lost,
-            payloads: s.payloads,
-            payload_bytes: s.payload_bytes,
-            warnings: s.warnings,
-        });
-    }
     Ok(RecordSummary {
         trace: cfg.out.clone(),
         tokens: report.tokens,

@@ -139,6 +139,19 @@ impl FromStr for PerfRequest {
     }
 }
 
+impl std::fmt::Display for PerfRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PerfRequest::Auto => f.write_str("auto"),
+            PerfRequest::None => f.write_str("none"),
+            PerfRequest::List(kinds) => {
+                let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+                f.write_str(&names.join(","))
+            }
+        }
+    }
+}
+
 /// Perf settings of a recording.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PerfConfig {
