@@ -6,6 +6,7 @@
 
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -32,6 +33,25 @@ struct Shared {
     state: Mutex<State>,
     start: Condvar,
     done: Condvar,
+    /// Mirrors of `generation` and `pending`, read without the lock so that threads can spin
+    /// briefly before sleeping: a kernel call lasts microseconds, a condvar wake-up about as
+    /// long. The mutex-protected fields stay the source of truth.
+    generation_hint: AtomicU64,
+    pending_hint: AtomicUsize,
+}
+
+/// Waiting rounds before a thread sleeps on a condvar: the first `SPIN_PAUSE` are CPU pause
+/// hints, the rest yield the CPU (so an oversubscribed machine runs the thread doing the work).
+const SPIN: u32 = 200;
+const SPIN_PAUSE: u32 = 64;
+
+/// One waiting round.
+fn spin_round(round: u32) {
+    if round < SPIN_PAUSE {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
 }
 
 impl Shared {
@@ -72,6 +92,8 @@ impl ThreadPool {
             }),
             start: Condvar::new(),
             done: Condvar::new(),
+            generation_hint: AtomicU64::new(0),
+            pending_hint: AtomicUsize::new(0),
         });
         let mut workers = Vec::with_capacity(threads - 1);
         for index in 1..threads {
@@ -115,9 +137,20 @@ impl ThreadPool {
             state.pending = self.threads - 1;
             state.panicked = false;
             state.generation = state.generation.wrapping_add(1);
+            self.shared
+                .pending_hint
+                .store(self.threads - 1, Ordering::Release);
+            self.shared
+                .generation_hint
+                .store(state.generation, Ordering::Release);
         }
         self.shared.start.notify_all();
         let mine = catch_unwind(AssertUnwindSafe(|| job(0)));
+        let mut spins = 0;
+        while self.shared.pending_hint.load(Ordering::Acquire) > 0 && spins < SPIN {
+            spin_round(spins);
+            spins += 1;
+        }
         let mut state = self.shared.lock();
         while state.pending > 0 {
             state = self
@@ -243,6 +276,47 @@ impl ThreadPool {
     }
 }
 
+impl ThreadPool {
+    /// Splits the columns of a row-major `[n_rows x n_cols]` matrix over the pool: part `p`
+    /// gets columns `partition(n_cols, parts, p)` of every row, the same parts
+    /// [`split_rows`](Self::split_rows) gives a one-row call (decode's `gemv`), so writing a
+    /// matrix this way places each page on the thread that later reads it (first touch).
+    /// `f(row, cols, out)` gets one row's column range and its elements.
+    ///
+    /// # Panics
+    /// If `out` is shorter than `n_rows * n_cols` (a caller bug, not bad input).
+    pub fn split_columns<T, F>(&self, n_rows: usize, n_cols: usize, out: &mut [T], f: F)
+    where
+        T: Send,
+        F: Fn(usize, Range<usize>, &mut [T]) + Sync,
+    {
+        assert!(
+            out.len() >= n_rows * n_cols,
+            "split_columns: output has {} elements, {n_rows} x {n_cols} need more",
+            out.len()
+        );
+        let parts = self.threads.min(n_cols).max(1);
+        let ptr = SendPtr(out.as_mut_ptr());
+        self.broadcast(&|part| {
+            if part >= parts {
+                return;
+            }
+            let cols = ThreadPool::partition(n_cols, parts, part);
+            for row in 0..n_rows {
+                // SAFETY: parts own disjoint column ranges of each row, inside `out`, which
+                // outlives `broadcast`.
+                let slice = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        ptr.get().add(row * n_cols + cols.start),
+                        cols.len(),
+                    )
+                };
+                f(row, cols.clone(), slice);
+            }
+        });
+    }
+}
+
 /// A raw pointer that may cross threads; each part touches a disjoint range.
 struct SendPtr<T>(*mut T);
 
@@ -261,6 +335,11 @@ unsafe impl<T: Send> Sync for SendPtr<T> {}
 fn worker(shared: &Shared, index: usize) {
     let mut seen = 0u64;
     loop {
+        let mut spins = 0;
+        while shared.generation_hint.load(Ordering::Acquire) == seen && spins < SPIN {
+            spin_round(spins);
+            spins += 1;
+        }
         let job = {
             let mut state = shared.lock();
             while state.generation == seen && !state.shutdown {
@@ -283,6 +362,7 @@ fn worker(shared: &Shared, index: usize) {
             state.panicked = true;
         }
         state.pending -= 1;
+        shared.pending_hint.store(state.pending, Ordering::Release);
         if state.pending == 0 {
             shared.done.notify_all();
         }
@@ -320,6 +400,21 @@ mod tests {
                 let want: Vec<u32> = (0..n_rows as u32).flat_map(|r| [r + 1, 1]).collect();
                 assert_eq!(out, want, "threads {threads} rows {n_rows}");
             }
+        }
+    }
+
+    #[test]
+    fn column_split_writes_every_element_once() {
+        for threads in 1..=3 {
+            let pool = ThreadPool::new(threads).unwrap();
+            let (rows, cols) = (4, 7);
+            let mut out = vec![0usize; rows * cols];
+            pool.split_columns(rows, cols, &mut out, |r, cs, chunk| {
+                for (c, o) in cs.zip(chunk) {
+                    *o += r * cols + c + 1;
+                }
+            });
+            assert_eq!(out, (1..=rows * cols).collect::<Vec<_>>());
         }
     }
 

@@ -39,7 +39,8 @@ pub struct Stage {
 impl Stage {
     /// Lays out, maps and fills stage `index` of `plan` for `sequences` sequences, using the
     /// best instruction set of this CPU. Weights are generated from `config.seed` directly into
-    /// the arena by the pool's threads (first touch). Refuses bad configs before mapping.
+    /// the arena by the pool's threads, each writing the columns it will read in decode (first
+    /// touch), never copied. Refuses bad configs before mapping.
     pub fn new(
         config: &ModelConfig,
         plan: &LayerPlan,
@@ -126,9 +127,10 @@ impl Stage {
             // SAFETY: `span` is a region of this arena, not aliased while this runs.
             let out = unsafe { f32s_mut(base, span) };
             let rows = span.len / row_len.max(1);
-            let _ = pool.split_rows(rows, row_len, out, |r, chunk| {
-                init::fill(seed, tensor, how, r.start * row_len, chunk);
-                Ok::<(), ()>(())
+            // Column parts match decode's gemv split, so each thread first-touches the pages
+            // it will stream every token.
+            pool.split_columns(rows, row_len, out, |r, cols, chunk| {
+                init::fill(seed, tensor, how, r * row_len + cols.start, chunk);
             });
         }
         // SAFETY: the two tables are disjoint regions of this arena.
