@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-use slug_kernels::{Hooks, KernelCall};
+use slug_kernels::{Hooks, KernelCall, Stage, StageCursor};
 use slug_schema::{
-    Counter, Direction, Event, KernelSpan, StepBoundary, Transfer as TransferEvent, Transport,
-    WriterOptions,
+    Counter, Direction, Event, KernelSpan, SnapshotEvent, StepBoundary, Transfer as TransferEvent,
+    Transport, WriterOptions,
 };
 use slug_transport::TransportError;
 use slug_transport::pipeline::{ObserverFactory, StageContext, StageObservers};
@@ -25,6 +25,7 @@ use crate::perf::{
     Capabilities, HostPmus, PerfConfig, PerfStreams, PerfTarget, StepCounters, StreamKind,
     current_tid, monotonic_ns,
 };
+use crate::snapshot::{SnapshotInfo, SnapshotStore, SnapshotWriter};
 
 /// Which transfer payloads a recording stores (hashes are always recorded).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -174,6 +175,84 @@ impl Hooks for StageHooks {
             }
         }
     }
+}
+
+/// Snapshots of one stage at step 0 and every `every` steps: the hot-path capture (hash every
+/// chunk, copy the new ones) runs here; compression and writing run on the [`SnapshotWriter`].
+///
+/// Meant for the runtime's step boundary, where the arena and cursor are consistent.
+#[derive(Debug)]
+pub struct StageSnapshotter {
+    stage: u32,
+    every: u64,
+    writer: Arc<SnapshotWriter>,
+    shared: Arc<EndpointShared>,
+}
+
+impl StageSnapshotter {
+    /// Snapshots of `stage` into `writer`'s store every `every` steps (0: only step 0), logging
+    /// a snapshot event through `shared`.
+    pub fn new(
+        stage: u32,
+        every: u64,
+        writer: Arc<SnapshotWriter>,
+        shared: Arc<EndpointShared>,
+    ) -> StageSnapshotter {
+        StageSnapshotter {
+            stage,
+            every,
+            writer,
+            shared,
+        }
+    }
+
+    /// Takes a snapshot of `stage` if its step counter is due; returns its totals when taken.
+    /// The cursor is stored as JSON in the snapshot index.
+    pub fn at_step_boundary(&mut self, stage: &Stage) -> Result<Option<SnapshotInfo>> {
+        let step = stage.cursor().step;
+        // Step 0 always; with `every` = 0 only step 0 (the only multiple of 0).
+        let due = step.is_multiple_of(self.every);
+        if !due {
+            return Ok(None);
+        }
+        let cursor = serde_json::to_vec(stage.cursor())
+            .map_err(|e| RecorderError::io(self.writer.store().dir(), std::io::Error::other(e)))?;
+        let pending =
+            self.writer
+                .store()
+                .capture(self.stage, step, stage.arena().bytes(), &cursor)?;
+        let info = pending.info();
+        self.writer.submit(pending);
+        self.shared.append(&Event::Snapshot(SnapshotEvent {
+            stage: self.stage,
+            step,
+            id: info.id,
+            bytes: info.bytes,
+            new_bytes: info.new_bytes,
+            chunks: info.chunks,
+            ns: monotonic_ns(),
+        }));
+        Ok(Some(info))
+    }
+}
+
+/// Restores `stage` from its snapshot at `step` in `store` (arena bytes verified chunk by chunk).
+pub fn restore_stage(store: &SnapshotStore, stage: &mut Stage, step: u64) -> Result<()> {
+    let index = stage.index() as u32;
+    let mut bytes = vec![0u8; stage.arena().len()];
+    let cursor = store.restore(index, step, &mut bytes)?;
+    let path = store.index_path(index, step);
+    let cursor: StageCursor =
+        serde_json::from_slice(&cursor).map_err(|e| RecorderError::SnapshotIndex {
+            path: path.clone(),
+            problem: format!("cursor is not a stage cursor ({e})"),
+        })?;
+    stage
+        .restore(&bytes, cursor)
+        .map_err(|e| RecorderError::SnapshotIndex {
+            path,
+            problem: format!("does not fit this stage ({e})"),
+        })
 }
 
 /// Settings shared by every endpoint of a recording.
@@ -412,5 +491,64 @@ impl ObserverFactory for RecorderFactory {
                     std::io::Error::other(e.to_string()),
                 )
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slug_kernels::{LayerPlan, ModelConfig, ThreadPool};
+
+    #[test]
+    fn a_stage_snapshot_restores_into_a_fresh_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoints = dir.path().join("endpoints");
+        std::fs::create_dir(&endpoints).unwrap();
+        let recorder = EndpointRecorder::start(
+            &EndpointOptions {
+                endpoint: 0,
+                endpoints_dir: endpoints,
+                ring_records: 1024,
+                writer: WriterOptions::default(),
+            },
+            None,
+            None,
+        )
+        .unwrap();
+        let store = Arc::new(SnapshotStore::open(dir.path().join("snapshots")).unwrap());
+        let writer = Arc::new(SnapshotWriter::spawn(Arc::clone(&store)).unwrap());
+        let mut snap =
+            StageSnapshotter::new(0, 4, Arc::clone(&writer), Arc::clone(recorder.shared()));
+
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let plan = LayerPlan::even(cfg.layers, 2).unwrap();
+        let pool = ThreadPool::new(1).unwrap();
+        let mut stage = Stage::new(&cfg, &plan, 0, 1, &pool).unwrap();
+        let taken = snap
+            .at_step_boundary(&stage)
+            .unwrap()
+            .expect("step 0 is always taken");
+        assert!(taken.new_chunks > 0);
+        // A later position: the arena's KV area and the cursor change.
+        stage.set_position(0, 3).unwrap();
+        stage.arena_mut().bytes_mut()[..64].fill(0x5A);
+
+        let mut other = Stage::new(&cfg, &plan, 0, 1, &pool).unwrap();
+        other.arena_mut().bytes_mut().fill(0);
+        drop(snap);
+        let writer = Arc::try_unwrap(writer).expect("only the test holds the writer");
+        writer.finish().unwrap();
+        restore_stage(&store, &mut other, 0).unwrap();
+        let fresh = Stage::new(&cfg, &plan, 0, 1, &pool).unwrap();
+        assert!(
+            other.arena().bytes() == fresh.arena().bytes(),
+            "restored arena differs"
+        );
+        assert_eq!(other.cursor(), fresh.cursor());
+        let stats = recorder.finish().unwrap();
+        assert_eq!(
+            stats.log.counts[slug_schema::EventKind::Snapshot as usize],
+            1
+        );
     }
 }
