@@ -308,3 +308,47 @@ fn one_node_serves_several_stages_of_a_run_at_once() {
         .expect("server thread")
         .expect("server ends cleanly");
 }
+
+/// Hooks that panic at one step of one stage, as a buggy observer would.
+struct PanicAt {
+    stage: usize,
+    step: u64,
+}
+
+struct PanicHooks(u64);
+
+impl Hooks for PanicHooks {
+    fn kernel(&mut self, _: &KernelCall, _: &mut [f32]) {}
+    fn step_boundary(&mut self, step: u64, _: u32) {
+        assert!(step != self.0, "observer failure injected at step {step}");
+    }
+}
+
+impl ObserverFactory for PanicAt {
+    fn stage_observers(&self, ctx: &StageContext<'_>) -> Result<StageObservers, TransportError> {
+        let at = if ctx.stage == self.stage {
+            self.step
+        } else {
+            u64::MAX
+        };
+        Ok(StageObservers {
+            transfers: Observers::none(),
+            hooks: Box::new(PanicHooks(at)),
+        })
+    }
+}
+
+#[test]
+fn a_panicking_local_stage_ends_the_run_at_once_naming_the_stage() {
+    let mut cfg = config(TransportKind::Local, 4, 1, 1);
+    cfg.timeout_ms = 60_000;
+    let start = Instant::now();
+    match run(&cfg, &PanicAt { stage: 2, step: 3 }) {
+        Err(TransportError::StageFailed { stage, host, .. }) => {
+            assert_eq!((stage, host.as_str()), (2, "local"));
+        }
+        other => panic!("expected stage 2 to fail, got {other:?}"),
+    }
+    // Far below the 60 s link timeout: the other stages were woken, not timed out.
+    assert!(start.elapsed() < Duration::from_secs(10));
+}

@@ -481,6 +481,18 @@ fn run_on_thread_nodes(cfg: &PipelineConfig, factory: &dyn ObserverFactory) -> R
     })
 }
 
+/// Aborts the fabric if a stage thread unwinds (a panicking observer, say), so that the other
+/// stages stop waiting for it at once instead of at their timeout.
+struct AbortOnPanic<'a>(&'a Fabric);
+
+impl Drop for AbortOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.abort();
+        }
+    }
+}
+
 /// A stage's report, or the stage, where it was and what failed.
 type StageResult = std::result::Result<StageReport, (usize, String, TransportError)>;
 
@@ -496,10 +508,12 @@ fn run_local(cfg: &PipelineConfig, factory: &dyn ObserverFactory) -> Result<RunR
                 std::thread::Builder::new()
                     .name(format!("slug-stage-{s}"))
                     .spawn_scoped(scope, move || {
+                        let guard = AbortOnPanic(fabric);
                         let r = local_stage(cfg, plan, s, fabric, built, factory);
                         if r.is_err() {
                             fabric.abort();
                         }
+                        drop(guard);
                         r
                     })
             })
@@ -519,7 +533,9 @@ fn run_local(cfg: &PipelineConfig, factory: &dyn ObserverFactory) -> Result<RunR
                     Err((
                         s,
                         "unknown step".into(),
-                        TransportError::Kernel("stage thread panicked".into()),
+                        TransportError::Kernel(
+                            "the stage thread panicked (see the message above)".into(),
+                        ),
                     ))
                 }),
                 Err(e) => Err((
