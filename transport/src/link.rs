@@ -103,7 +103,46 @@ enum SendPath {
 
 enum RecvPath {
     Ring { fabric: Arc<Fabric>, ring: usize },
-    Tcp { conn: Conn },
+    Tcp { conn: Conn, pending: ReadAhead },
+}
+
+/// Bytes read from a socket ahead of the transfer they belong to: one read usually returns a
+/// small transfer's header and payload together, saving a system call per transfer.
+struct ReadAhead {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadAhead {
+    fn new() -> Self {
+        Self {
+            buf: vec![0u8; COALESCE + HEADER_LEN].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Makes at least `n` unread bytes available.
+    fn fill(&mut self, conn: &mut Conn, n: usize, timeout: Duration) -> Result<()> {
+        if self.end - self.start >= n {
+            return Ok(());
+        }
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        let got = conn.read_at_least(&mut self.buf[self.end..], n - self.end, timeout)?;
+        self.end += got;
+        Ok(())
+    }
+
+    /// Moves up to `out.len()` buffered bytes into `out`; returns how many.
+    fn drain_into(&mut self, out: &mut [u8]) -> usize {
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        n
+    }
 }
 
 /// Longest an accepted data-link caller may take to complete the handshake.
@@ -396,7 +435,10 @@ impl LinkReceiver {
             Ok(done) => Ok(Self {
                 ends,
                 kind: TransportKind::Tcp,
-                path: RecvPath::Tcp { conn: done.conn },
+                path: RecvPath::Tcp {
+                    conn: done.conn,
+                    pending: ReadAhead::new(),
+                },
                 observers,
                 next_seq: 0,
                 stats: LinkStats::default(),
@@ -441,13 +483,17 @@ impl LinkReceiver {
                 }
                 first
             }
-            RecvPath::Tcp { conn } => {
+            RecvPath::Tcp { conn, pending } => {
+                pending.fill(conn, HEADER_LEN, self.ends.timeout)?;
                 let mut raw = [0u8; HEADER_LEN];
-                conn.read_full(&mut raw, self.ends.timeout)?;
+                pending.drain_into(&mut raw);
                 let h = SlotHeader::decode(&raw);
                 place(&self.ends, dst.arena, dst.bytes.len(), &h)?;
                 let r = check_range(dst.arena, dst.bytes.len(), h.dst_off, h.len)?;
-                conn.read_full(&mut dst.bytes[r], self.ends.timeout)?;
+                let out = &mut dst.bytes[r];
+                let have = pending.drain_into(out);
+                // The rest of a large payload goes straight from the socket into the arena.
+                conn.read_full(&mut out[have..], self.ends.timeout)?;
                 h
             }
         };

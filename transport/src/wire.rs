@@ -108,6 +108,27 @@ impl Conn {
         Ok(())
     }
 
+    /// Reads at least `min` bytes into `buf` (as many as one read returns beyond that, up to
+    /// its length), or fails on EOF, error, abort or `timeout`. Returns the count.
+    pub fn read_at_least(
+        &mut self,
+        buf: &mut [u8],
+        min: usize,
+        timeout: Duration,
+    ) -> Result<usize> {
+        let start = Instant::now();
+        let mut done = 0;
+        while done < min {
+            match self.stream.read(&mut buf[done..]) {
+                Ok(0) => return Err(self.broken("peer closed the connection")),
+                Ok(n) => done += n,
+                Err(e) if is_retry(&e) => self.check(start, timeout, "received")?,
+                Err(e) => return Err(self.broken(e.to_string())),
+            }
+        }
+        Ok(done)
+    }
+
     /// Writes all of `buf`, or fails on error, abort or `timeout`.
     pub fn write_full(&mut self, buf: &[u8], timeout: Duration) -> Result<()> {
         let start = Instant::now();
