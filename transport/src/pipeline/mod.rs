@@ -64,6 +64,9 @@ pub struct PipelineConfig {
     /// The `slug` binary to launch stage processes with; default: the current executable.
     #[serde(skip)]
     pub node_binary: Option<PathBuf>,
+    /// Cluster key file for `hosts` runs; default: the `SLUG_CLUSTER_KEY` environment variable.
+    #[serde(skip)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// How a single-machine `shm` / `tcp` run starts its nodes.
@@ -96,6 +99,7 @@ impl PipelineConfig {
             observer_settings: None,
             launch: Launch::Processes,
             node_binary: None,
+            key_file: None,
         }
     }
 
@@ -418,7 +422,7 @@ pub fn run(cfg: &PipelineConfig, observers: &dyn ObserverFactory) -> Result<RunR
     match cfg.transport {
         TransportKind::Local => run_local(cfg, observers),
         TransportKind::Tcp if !cfg.hosts.is_empty() => {
-            let key = crate::auth::ClusterKey::from_env()?;
+            let key = crate::auth::ClusterKey::resolve(cfg.key_file.as_deref())?;
             run_on_nodes(cfg, &cfg.hosts, &key)
         }
         TransportKind::Shm | TransportKind::Tcp if cfg.launch == Launch::Threads => {
