@@ -73,9 +73,15 @@ fn zoomed(dir: &Path) -> (App, Terminal<TestBackend>) {
     (app, term)
 }
 
-fn median(mut f: impl FnMut() -> Duration, runs: usize) -> Duration {
-    let mut v: Vec<Duration> = (0..runs).map(|_| f()).collect();
+/// Runs `f` `runs` times; returns the sorted durations.
+fn sample(f: impl FnMut() -> Duration, runs: usize) -> Vec<Duration> {
+    let mut v: Vec<Duration> = std::iter::repeat_with(f).take(runs).collect();
     v.sort();
+    v
+}
+
+fn median(f: impl FnMut() -> Duration, runs: usize) -> Duration {
+    let v = sample(f, runs);
     v[v.len() / 2]
 }
 
@@ -152,7 +158,8 @@ fn bench(c: &mut Criterion) {
         },
         5,
     );
-    let redraw = median(
+    let decoded_before = app.timeline.frames_decoded();
+    let redraws = sample(
         || {
             let key = if right { 'd' } else { 'a' };
             right = !right;
@@ -161,8 +168,13 @@ fn bench(c: &mut Criterion) {
             draw_frame(&mut term, &mut app).expect("redraw");
             t.elapsed()
         },
-        21,
+        41,
     );
+    let rss_zoomed = peak_rss_bytes();
+    let decoded_in_pans = app.timeline.frames_decoded() - decoded_before;
+    let redraw = redraws[redraws.len() / 2];
+    let redraw_p90 = redraws[redraws.len() * 9 / 10];
+    let redraw_max = redraws[redraws.len() - 1];
     let window_decode = median(
         || {
             let t = Instant::now();
@@ -175,6 +187,16 @@ fn bench(c: &mut Criterion) {
     let decoded = decode_all(&dir);
     let full_decode = t.elapsed();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    if let Some(w) = &app.window {
+        eprintln!(
+            "zoomed window: {} events in the frames it touches, {} decoded events drawn",
+            w.events_in_view,
+            w.tracks.iter().map(|t| t.events.len()).sum::<usize>()
+        );
+        eprintln!(
+            "frames decoded during the timed pans: {decoded_in_pans} (the rest came from the frame cache)"
+        );
+    }
     eprintln!(
         "\n== slug-viewer scale summary ({events} events in the index, {decoded} decoded by the baseline) =="
     );
@@ -186,9 +208,12 @@ fn bench(c: &mut Criterion) {
         full_decode.as_secs_f64() / first.as_secs_f64()
     );
     eprintln!(
-        "redraw after key {:>9.2} ms  = {:.3}x the 30 ms target; baseline uncached decode of the window's frames {:.2} ms ({:.2}x the redraw)",
+        "redraw after key {:>9.2} ms  = {:.3}x the 30 ms target (p90 {:.2} ms, max {:.2} ms over {} pans); baseline uncached decode of the window's frames {:.2} ms ({:.2}x the redraw)",
         ms(redraw),
         redraw.as_secs_f64() / REDRAW_TARGET.as_secs_f64(),
+        ms(redraw_p90),
+        ms(redraw_max),
+        redraws.len(),
         ms(window_decode),
         window_decode.as_secs_f64() / redraw.as_secs_f64()
     );
@@ -198,6 +223,13 @@ fn bench(c: &mut Criterion) {
             after as f64 / (1 << 20) as f64,
             before as f64 / (1 << 20) as f64,
             after as f64 / MEMORY_TARGET_BYTES as f64
+        );
+    }
+    if let Some(peak) = rss_zoomed {
+        eprintln!(
+            "peak RSS after the zoomed pans (frame cache full) {:.1} MiB = {:.3}x the 300 MB target",
+            peak as f64 / (1 << 20) as f64,
+            peak as f64 / MEMORY_TARGET_BYTES as f64
         );
     }
 }

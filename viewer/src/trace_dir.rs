@@ -202,9 +202,9 @@ impl TraceDirSource {
                 thread: k.thread,
                 seq: k.seq,
                 rows: (k.row_start, k.row_end),
-                output_hash: k.output_hash,
+                output_hash: k.output_hash.map(Box::new),
             }),
-            Event::Transfer(x) => TraceEvent::Transfer(Transfer {
+            Event::Transfer(x) => TraceEvent::Transfer(Box::new(Transfer {
                 id: x.id,
                 src: self.endpoint_ix(x.src_endpoint),
                 dst: self.endpoint_ix(x.dst_endpoint),
@@ -219,13 +219,13 @@ impl TraceDirSource {
                 transport: self.name(transport_name(x.transport)),
                 payload: x.payload,
                 logged_by_receiver: x.direction == Direction::Recv,
-            }),
+            })),
             Event::StepBoundary(s) => TraceEvent::Step(StepBoundary {
                 t: t(s.ns),
                 step: s.step,
                 seq: s.seq,
             }),
-            Event::Snapshot(s) => TraceEvent::Snapshot(SnapshotMark {
+            Event::Snapshot(s) => TraceEvent::Snapshot(Box::new(SnapshotMark {
                 t: t(s.ns),
                 step: s.step,
                 stage: s.stage,
@@ -233,7 +233,7 @@ impl TraceDirSource {
                 new_bytes: s.new_bytes,
                 chunks: s.chunks,
                 id: s.id,
-            }),
+            })),
             Event::PerfSample(p) => TraceEvent::Perf(PerfSample {
                 t: t(p.ns),
                 kind: self.name(perf_kind_name(p.kind)),
@@ -244,13 +244,13 @@ impl TraceDirSource {
                 tid: p.tid,
                 cpu: p.cpu,
             }),
-            Event::PtChunk(p) => TraceEvent::Pt(PtChunk {
+            Event::PtChunk(p) => TraceEvent::Pt(Box::new(PtChunk {
                 t: t(p.ns),
                 bytes: p.size,
                 cpu: p.cpu,
                 aux_offset: p.aux_offset,
                 payload: p.payload,
-            }),
+            })),
             Event::Ebpf(b) => TraceEvent::System(SystemEvent {
                 t: t(b.ns),
                 kind: match b.kind {

@@ -76,7 +76,7 @@ pub fn walk(source: &dyn TraceSource, mut f: impl FnMut(Item<'_>) -> Result<()>)
                 if p.started && p.ended {
                     pending.remove(&x.id);
                 } else if p.transfer.is_none() {
-                    p.transfer = Some(x.clone());
+                    p.transfer = Some((**x).clone());
                 }
             }
         }

@@ -437,20 +437,28 @@ impl App {
         let Some(track) = window.tracks.get(self.cursor) else {
             return;
         };
+        // Time order is (start, position in the log); events are kept in log order, so the
+        // neighbour is found by one scan instead of sorting every window.
+        let key = |i: usize, e: &TraceEvent| (e.start(), i);
         let current = self
             .selection
             .as_ref()
             .filter(|s| s.endpoint == track.endpoint)
-            .and_then(|s| track.events.iter().position(|e| *e == s.event));
+            .and_then(|s| track.events.iter().position(|e| *e == s.event))
+            .and_then(|i| Some(key(i, track.events.get(i)?)));
+        let keyed = track.events.iter().enumerate().map(|(i, e)| (key(i, e), i));
         let next = match (current, forward) {
-            (Some(i), true) => (i + 1 < track.events.len()).then_some(i + 1),
-            (Some(i), false) => i.checked_sub(1),
-            (None, true) => (!track.events.is_empty()).then_some(0),
-            (None, false) => track.events.len().checked_sub(1),
-        };
+            (Some(cur), true) => keyed.filter(|(k, _)| *k > cur).min(),
+            (Some(cur), false) => keyed.filter(|(k, _)| *k < cur).max(),
+            (None, true) => keyed.min(),
+            (None, false) => keyed.max(),
+        }
+        .map(|(_, i)| i);
         match next {
             Some(i) => {
-                let event = track.events[i].clone();
+                let Some(event) = track.events.get(i).cloned() else {
+                    return;
+                };
                 let t = event.start();
                 let endpoint = track.endpoint;
                 self.selection = Some(Selection { endpoint, event });

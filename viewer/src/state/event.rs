@@ -159,8 +159,9 @@ pub struct KernelSpan {
     pub seq: u32,
     /// Rows `[start, end)` this thread computed.
     pub rows: (u32, u32),
-    /// Hash of the output rows, when kernel verification was recorded.
-    pub output_hash: Option<u128>,
+    /// Hash of the output rows, when kernel verification was recorded (boxed: most spans have
+    /// none, and a bare `u128` would grow every cached event).
+    pub output_hash: Option<Box<u128>>,
 }
 
 /// One transfer between two endpoints.
@@ -338,20 +339,23 @@ pub struct CounterReading {
 }
 
 /// One event of an endpoint log, as the viewer draws it.
+///
+/// The large, rarer variants are boxed so the enum stays small: the frame cache holds up to a
+/// million of these.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TraceEvent {
     /// A kernel span.
     Kernel(KernelSpan),
     /// A transfer.
-    Transfer(Transfer),
+    Transfer(Box<Transfer>),
     /// A step boundary.
     Step(StepBoundary),
     /// A snapshot marker.
-    Snapshot(SnapshotMark),
+    Snapshot(Box<SnapshotMark>),
     /// A perf sample.
     Perf(PerfSample),
     /// A PT chunk.
-    Pt(PtChunk),
+    Pt(Box<PtChunk>),
     /// An eBPF event.
     System(SystemEvent),
     /// A lost-events record.
@@ -444,6 +448,7 @@ impl TraceEvent {
                 out.push((
                     "output hash",
                     k.output_hash
+                        .as_deref()
                         .map_or_else(|| "-".to_string(), |h| format!("{h:032x}")),
                 ));
             }
@@ -635,5 +640,18 @@ mod tests {
         assert_eq!(r.overlap(20, 30), 0);
         assert!(r.touches(15, 15));
         assert!(!r.touches(20, 25));
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    #[test]
+    fn cached_events_stay_small() {
+        // The frame cache budget assumes about 80 bytes per event.
+        assert!(
+            std::mem::size_of::<super::TraceEvent>() <= 80,
+            "{}",
+            std::mem::size_of::<super::TraceEvent>()
+        );
     }
 }

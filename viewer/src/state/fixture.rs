@@ -44,7 +44,7 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
             let mut t = step * STEP_NS + s as Nanos * STAGE_NS;
             per_ep[s].push(TraceEvent::Step(StepBoundary { t, step, seq: 0 }));
             if step == 0 {
-                per_ep[s].push(TraceEvent::Snapshot(SnapshotMark {
+                per_ep[s].push(TraceEvent::Snapshot(Box::new(SnapshotMark {
                     t,
                     step,
                     stage: s as u32,
@@ -52,7 +52,7 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
                     new_bytes: 1 << 20,
                     chunks: 16,
                     id: 0xabc + s as u128,
-                }));
+                })));
             }
             for (i, (_, base)) in KERNELS.iter().enumerate() {
                 // Stage 1's gemm is slower: it is the fixture's bottleneck.
@@ -111,11 +111,11 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
                     payload: None,
                     logged_by_receiver: false,
                 };
-                per_ep[s + 1].push(TraceEvent::Transfer(Transfer {
+                per_ep[s + 1].push(TraceEvent::Transfer(Box::new(Transfer {
                     logged_by_receiver: true,
                     ..x.clone()
-                }));
-                per_ep[s].push(TraceEvent::Transfer(x));
+                })));
+                per_ep[s].push(TraceEvent::Transfer(Box::new(x)));
             }
         }
     }

@@ -19,8 +19,10 @@ use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, TraceSource};
 /// Estimated events in view above which the window is drawn from the index instead of events.
 pub const DETAIL_LIMIT: u64 = 200_000;
 
-/// Decoded events the frame cache keeps before evicting the least recently used frames.
-const CACHE_BUDGET: usize = 600_000;
+/// Decoded events the frame cache keeps before evicting the least recently used frames: about
+/// 80 MB at 80 bytes an event, enough for the frames of a detail window and of the window one
+/// pan away, so panning back and forth does not decode again.
+const CACHE_BUDGET: usize = 1_000_000;
 
 /// What one column of a track's kernel row shows.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,6 +61,47 @@ pub enum Mark {
     Divergence,
 }
 
+/// The decoded events of one track in view: references into cached frames, so building a
+/// window clones no event and dropping one frees no event.
+#[derive(Clone, Debug, Default)]
+pub struct TrackEvents {
+    frames: Vec<Arc<[TraceEvent]>>,
+    /// (index into `frames`, index in that frame), in log order. Not sorted by time: sorting
+    /// would dominate a redraw, and only stepping through events needs time order.
+    refs: Vec<(u32, u32)>,
+}
+
+impl TrackEvents {
+    /// Number of events.
+    pub fn len(&self) -> usize {
+        self.refs.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.refs.is_empty()
+    }
+
+    /// The `i`-th event in log order.
+    pub fn get(&self, i: usize) -> Option<&TraceEvent> {
+        let (f, e) = *self.refs.get(i)?;
+        self.frames.get(f as usize)?.get(e as usize)
+    }
+
+    /// Events in log order.
+    pub fn iter(&self) -> impl Iterator<Item = &TraceEvent> {
+        self.refs
+            .iter()
+            .map(|&(f, e)| &self.frames[f as usize][e as usize])
+    }
+}
+
+impl PartialEq for TrackEvents {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
 /// One endpoint's row data for the visible range.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrackBins {
@@ -76,8 +119,8 @@ pub struct TrackBins {
     pub faults: Vec<f64>,
     /// PT bytes per column (overview: PT chunks).
     pub pt: Vec<f64>,
-    /// Decoded, filtered events in view, sorted by start (empty in overview).
-    pub events: Vec<TraceEvent>,
+    /// Decoded, filtered events in view, in log order (empty in overview).
+    pub events: TrackEvents,
 }
 
 /// Bytes a link carried per column of the visible range.
@@ -106,7 +149,8 @@ pub struct Window {
     pub columns: usize,
     /// Whether it was built from decoded events (true) or from the index (false).
     pub detail: bool,
-    /// Events the index counts in frames touching the range (for shown endpoints and kinds).
+    /// Events the index expects in the range (for shown endpoints and kinds), prorating each
+    /// frame's counts by how much of its time range is visible.
     pub events_in_view: u64,
     /// Tracks of the endpoints the filter shows, in manifest order.
     pub tracks: Vec<TrackBins>,
@@ -143,30 +187,69 @@ fn column_of(range: TimeRange, columns: usize, t: Nanos) -> usize {
     c.min(columns.saturating_sub(1))
 }
 
-/// Calls `f(column, overlap_ns)` for every column `[start, end)` overlaps; an instant gets its
-/// own column with overlap 0.
-fn for_columns(
+/// Column boundaries of a window, computed once so binning an event costs a float multiply
+/// and a comparison or two instead of 128-bit divisions.
+struct Grid {
     range: TimeRange,
-    columns: usize,
-    start: Nanos,
-    end: Nanos,
-    mut f: impl FnMut(usize, Nanos),
-) {
-    if columns == 0 || !range.touches(start, end) {
-        return;
+    /// `bounds[c]` is the start of column `c`; `bounds[columns]` is the range end.
+    bounds: Vec<Nanos>,
+    scale: f64,
+}
+
+impl Grid {
+    fn new(range: TimeRange, columns: usize) -> Self {
+        let bounds = (0..=columns)
+            .map(|c| column_start(range, columns, c))
+            .collect();
+        Self {
+            range,
+            bounds,
+            scale: columns as f64 / range.len().max(1) as f64,
+        }
     }
-    let c0 = column_of(range, columns, start);
-    if end <= start {
-        f(c0, 0);
-        return;
+
+    fn columns(&self) -> usize {
+        self.bounds.len() - 1
     }
-    let c1 = column_of(range, columns, end.saturating_sub(1));
-    for c in c0..=c1 {
-        let col = TimeRange::new(
-            column_start(range, columns, c),
-            column_start(range, columns, c + 1),
-        );
-        f(c, col.overlap(start, end));
+
+    fn start(&self, c: usize) -> Nanos {
+        self.bounds[c.min(self.columns())]
+    }
+
+    /// Column holding `t`, clamped; agrees exactly with [`column_of`].
+    fn of(&self, t: Nanos) -> usize {
+        let last = self.columns().saturating_sub(1);
+        if t <= self.range.start {
+            return 0;
+        }
+        let mut c = (((t - self.range.start) as f64 * self.scale) as usize).min(last);
+        while c < last && t >= self.bounds[c + 1] {
+            c += 1;
+        }
+        while c > 0 && t < self.bounds[c] {
+            c -= 1;
+        }
+        c
+    }
+
+    /// Calls `f(column, overlap_ns)` for every column `[start, end)` overlaps; an instant gets
+    /// its own column with overlap 0.
+    fn each(&self, start: Nanos, end: Nanos, mut f: impl FnMut(usize, Nanos)) {
+        if self.columns() == 0 || !self.range.touches(start, end) {
+            return;
+        }
+        let c0 = self.of(start);
+        if end <= start {
+            f(c0, 0);
+            return;
+        }
+        let c1 = self.of(end.saturating_sub(1));
+        for c in c0..=c1 {
+            f(
+                c,
+                TimeRange::new(self.bounds[c], self.bounds[c + 1]).overlap(start, end),
+            );
+        }
     }
 }
 
@@ -179,6 +262,7 @@ struct FrameCache {
     frames: HashMap<(EndpointIx, usize), CachedFrame>,
     clock: u64,
     held: usize,
+    decoded: u64,
 }
 
 impl FrameCache {
@@ -194,6 +278,7 @@ impl FrameCache {
             return Ok(Arc::clone(events));
         }
         let events: Arc<[TraceEvent]> = Arc::from(source.frame_events(ep, frame)?);
+        self.decoded += 1;
         self.held += events.len();
         self.frames
             .insert((ep, frame), (self.clock, Arc::clone(&events)));
@@ -262,6 +347,11 @@ impl Timeline {
         self.extent
     }
 
+    /// Frames decoded so far (cache misses), for benchmarks and diagnostics.
+    pub fn frames_decoded(&self) -> u64 {
+        self.cache.decoded
+    }
+
     /// How each endpoint's log ended.
     pub fn health(&self, ep: EndpointIx) -> LogHealth {
         self.source.health(ep)
@@ -285,6 +375,17 @@ impl Timeline {
             .sum()
     }
 
+    /// Events of a frame expected inside `range`, assuming they are spread evenly over the
+    /// frame's time range (frames can hold a million events, far more than a narrow view).
+    fn expected_in(filter: &Filter, f: &FrameSummary, range: TimeRange) -> u64 {
+        let n = Self::counted(filter, f);
+        if f.range.is_empty() {
+            return n;
+        }
+        let share = range.overlap(f.range.start, f.range.end) as f64 / f.range.len() as f64;
+        (n as f64 * share).ceil() as u64
+    }
+
     /// Decoded events of one endpoint touching `range` that pass `filter`, sorted by start.
     pub fn events_in(
         &mut self,
@@ -292,27 +393,46 @@ impl Timeline {
         range: TimeRange,
         filter: &Filter,
     ) -> Result<Vec<TraceEvent>> {
+        Ok(self
+            .track_events(ep, range, filter)?
+            .iter()
+            .cloned()
+            .collect())
+    }
+
+    /// Like [`Timeline::events_in`], as references into the frame cache.
+    pub fn track_events(
+        &mut self,
+        ep: EndpointIx,
+        range: TimeRange,
+        filter: &Filter,
+    ) -> Result<TrackEvents> {
         let info = self.source.endpoints()[ep].clone();
         let wanted: Vec<usize> = Self::touching(self.source.frames(ep), range)
             .filter(|(_, f)| Self::counted(filter, f) > 0)
             .map(|(i, _)| i)
             .collect();
-        let mut out = Vec::new();
+        let mut out = TrackEvents::default();
         for frame in wanted {
             let events = self.cache.get(self.source.as_ref(), ep, frame)?;
-            out.extend(
+            let f = out.frames.len() as u32;
+            out.refs.extend(
                 events
                     .iter()
-                    .filter(|e| range.touches(e.start(), e.end()) && filter.shows_event(&info, e))
-                    .cloned(),
+                    .enumerate()
+                    .filter(|(_, e)| {
+                        range.touches(e.start(), e.end()) && filter.shows_event(&info, e)
+                    })
+                    .map(|(i, _)| (f, i as u32)),
             );
+            out.frames.push(events);
         }
-        out.sort_by_key(TraceEvent::start);
         Ok(out)
     }
 
-    /// Start of step `step` on endpoint `ep` (its step-boundary event), reading only frames that
-    /// the index says hold step boundaries.
+    /// Start of step `step` on endpoint `ep` (its earliest step-boundary event). Steps grow
+    /// with time, so this binary-searches the frames the index says hold step boundaries for
+    /// the first whose largest step reaches `step`, decoding a few frames rather than all.
     pub fn step_start(&mut self, ep: EndpointIx, step: u64) -> Result<Option<Nanos>> {
         let candidates: Vec<usize> = self
             .source
@@ -322,20 +442,35 @@ impl Timeline {
             .filter(|(_, f)| f.counts.get(EventKind::Step) > 0)
             .map(|(i, _)| i)
             .collect();
-        for frame in candidates {
-            let events = self.cache.get(self.source.as_ref(), ep, frame)?;
-            for e in events.iter() {
-                if let TraceEvent::Step(s) = e {
-                    if s.step == step {
-                        return Ok(Some(s.t));
-                    }
-                    if s.step > step {
-                        return Ok(None);
-                    }
-                }
+        let steps_of = |events: &[TraceEvent]| {
+            events
+                .iter()
+                .filter_map(|e| match e {
+                    TraceEvent::Step(s) => Some((s.step, s.t)),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let (mut lo, mut hi) = (0, candidates.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let events = self.cache.get(self.source.as_ref(), ep, candidates[mid])?;
+            let max = steps_of(&events).iter().map(|(s, _)| *s).max().unwrap_or(0);
+            if max < step {
+                lo = mid + 1;
+            } else {
+                hi = mid;
             }
         }
-        Ok(None)
+        let Some(&frame) = candidates.get(lo) else {
+            return Ok(None);
+        };
+        let events = self.cache.get(self.source.as_ref(), ep, frame)?;
+        Ok(steps_of(&events)
+            .into_iter()
+            .filter(|(s, _)| *s == step)
+            .map(|(_, t)| t)
+            .min())
     }
 
     /// The binned window for `range` split into `columns`, under `filter`; `highlight` puts a
@@ -354,7 +489,7 @@ impl Timeline {
         let events_in_view: u64 = shown
             .iter()
             .flat_map(|ep| Self::touching(self.source.frames(*ep), range))
-            .map(|(_, f)| Self::counted(filter, f))
+            .map(|(_, f)| Self::expected_in(filter, f, range))
             .sum();
         let detail = events_in_view <= self.detail_limit;
         let mut window = Window {
@@ -366,25 +501,26 @@ impl Timeline {
             links: Vec::new(),
         };
         let mut transfers: HashMap<u64, Transfer> = HashMap::new();
+        let grid = Grid::new(range, columns);
         for ep in shown {
             let track = if detail {
-                let events = self.events_in(ep, range, filter)?;
-                for e in &events {
+                let events = self.track_events(ep, range, filter)?;
+                for e in events.iter() {
                     if let TraceEvent::Transfer(x) = e {
                         // Both ends log a transfer; the receiver's completion is the arrival.
-                        let merged = transfers.entry(x.id).or_insert_with(|| x.clone());
+                        let merged = transfers.entry(x.id).or_insert_with(|| (**x).clone());
                         merged.post = merged.post.min(x.post);
                         merged.complete = merged.complete.max(x.complete);
                     }
                 }
-                detail_track(ep, range, columns, events)
+                detail_track(ep, &grid, events)
             } else {
-                overview_track(ep, range, columns, self.source.frames(ep))
+                overview_track(ep, &grid, self.source.frames(ep))
             };
             window.tracks.push(track);
         }
         if detail {
-            add_flows(&mut window, transfers.into_values().collect());
+            add_flows(&mut window, &grid, transfers.into_values().collect());
         }
         if let Some((ep, t)) = highlight
             && range.touches(t, t)
@@ -407,7 +543,7 @@ fn empty_track(ep: EndpointIx, columns: usize) -> TrackBins {
         samples: vec![0.0; columns],
         faults: vec![0.0; columns],
         pt: vec![0.0; columns],
-        events: Vec::new(),
+        events: TrackEvents::default(),
     }
 }
 
@@ -419,49 +555,38 @@ fn put_mark(marks: &mut [Mark], c: usize, m: Mark) {
     }
 }
 
-fn detail_track(
-    ep: EndpointIx,
-    range: TimeRange,
-    columns: usize,
-    events: Vec<TraceEvent>,
-) -> TrackBins {
+fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents) -> TrackBins {
+    let (range, columns) = (grid.range, grid.columns());
     let mut t = empty_track(ep, columns);
-    // Per column: the kernel with the largest overlap so far, and the total busy time.
-    let mut best: Vec<(Nanos, Option<Arc<str>>)> = vec![(0, None); columns];
+    // Per column: the event index of the kernel with the largest overlap so far, and the total
+    // busy time.
+    let mut best: Vec<(Nanos, Option<usize>)> = vec![(0, None); columns];
     let mut busy: Vec<Nanos> = vec![0; columns];
-    for e in &events {
+    for (i, e) in events.iter().enumerate() {
         match e {
-            TraceEvent::Kernel(k) => for_columns(range, columns, k.start, k.end, |c, ov| {
+            TraceEvent::Kernel(k) => grid.each(k.start, k.end, |c, ov| {
                 busy[c] += ov;
                 if best[c].1.is_none() || ov > best[c].0 {
-                    best[c] = (ov, Some(Arc::clone(&k.kernel)));
+                    best[c] = (ov, Some(i));
                 }
             }),
-            TraceEvent::Step(s) => {
-                put_mark(&mut t.marks, column_of(range, columns, s.t), Mark::Step)
-            }
-            TraceEvent::Snapshot(s) => {
-                put_mark(&mut t.marks, column_of(range, columns, s.t), Mark::Snapshot)
-            }
-            TraceEvent::Lost(l) => {
-                put_mark(&mut t.marks, column_of(range, columns, l.t), Mark::Lost)
-            }
-            TraceEvent::Marker(m) => {
-                put_mark(&mut t.marks, column_of(range, columns, m.t), Mark::Marker)
-            }
+            TraceEvent::Step(s) => put_mark(&mut t.marks, grid.of(s.t), Mark::Step),
+            TraceEvent::Snapshot(s) => put_mark(&mut t.marks, grid.of(s.t), Mark::Snapshot),
+            TraceEvent::Lost(l) => put_mark(&mut t.marks, grid.of(l.t), Mark::Lost),
+            TraceEvent::Marker(m) => put_mark(&mut t.marks, grid.of(m.t), Mark::Marker),
             TraceEvent::Perf(p) => {
                 if range.touches(p.t, p.t) {
-                    t.samples[column_of(range, columns, p.t)] += 1.0;
+                    t.samples[grid.of(p.t)] += 1.0;
                 }
             }
             TraceEvent::System(s) => {
                 if s.kind == SystemKind::PageFault && range.touches(s.t, s.t) {
-                    t.faults[column_of(range, columns, s.t)] += 1.0;
+                    t.faults[grid.of(s.t)] += 1.0;
                 }
             }
             TraceEvent::Pt(p) => {
                 if range.touches(p.t, p.t) {
-                    t.pt[column_of(range, columns, p.t)] += p.bytes as f64;
+                    t.pt[grid.of(p.t)] += p.bytes as f64;
                 }
             }
             // Transfers are drawn once for the whole window, from both endpoints' logs; counters
@@ -470,15 +595,17 @@ fn detail_track(
         }
     }
     for c in 0..columns {
-        if let (_, Some(kernel)) = &best[c] {
-            let width = column_start(range, columns, c + 1) - column_start(range, columns, c);
+        if let (_, Some(i)) = best[c]
+            && let Some(TraceEvent::Kernel(k)) = events.get(i)
+        {
+            let width = grid.start(c + 1) - grid.start(c);
             let share = if width == 0 {
                 1.0
             } else {
                 busy[c] as f32 / width as f32
             };
             t.kernels[c] = KernelCell::Span {
-                kernel: Arc::clone(kernel),
+                kernel: Arc::clone(&k.kernel),
                 busy: share.clamp(0.0, 1.0),
             };
         }
@@ -487,12 +614,8 @@ fn detail_track(
     t
 }
 
-fn overview_track(
-    ep: EndpointIx,
-    range: TimeRange,
-    columns: usize,
-    frames: &[FrameSummary],
-) -> TrackBins {
+fn overview_track(ep: EndpointIx, grid: &Grid, frames: &[FrameSummary]) -> TrackBins {
+    let (range, columns) = (grid.range, grid.columns());
     let mut t = empty_track(ep, columns);
     let mut kernels = vec![0.0f64; columns];
     for f in frames
@@ -501,14 +624,14 @@ fn overview_track(
     {
         let len = f.range.len().max(1) as f64;
         let instant = f.range.is_empty();
-        for_columns(range, columns, f.range.start, f.range.end, |c, ov| {
+        grid.each(f.range.start, f.range.end, |c, ov| {
             let share = if instant { 1.0 } else { ov as f64 / len };
             kernels[c] += f.counts.get(EventKind::Kernel) as f64 * share;
             t.samples[c] += f.counts.get(EventKind::PerfSample) as f64 * share;
             t.faults[c] += f.counts.get(EventKind::System) as f64 * share;
             t.pt[c] += f.counts.get(EventKind::PtChunk) as f64 * share;
         });
-        let at = column_of(range, columns, f.range.start.max(range.start));
+        let at = grid.of(f.range.start.max(range.start));
         if f.counts.get(EventKind::Snapshot) > 0 {
             put_mark(&mut t.marks, at, Mark::Snapshot);
         }
@@ -525,26 +648,22 @@ fn overview_track(
     t
 }
 
-fn add_flows(window: &mut Window, mut transfers: Vec<Transfer>) {
+fn add_flows(window: &mut Window, grid: &Grid, mut transfers: Vec<Transfer>) {
     transfers.sort_by_key(|x| (x.post, x.id));
-    let (range, columns) = (window.range, window.columns);
+    let (range, columns) = (grid.range, grid.columns());
     let mut links: HashMap<(EndpointIx, EndpointIx), (LinkBins, Nanos)> = HashMap::new();
     for x in &transfers {
         if let Some(src) = window.tracks.iter_mut().find(|t| t.endpoint == x.src)
             && range.touches(x.post, x.post)
         {
-            let c = column_of(range, columns, x.post);
+            let c = grid.of(x.post);
             put_mark(&mut src.marks, c, Mark::FlowOut);
             src.flow_bytes[c] += x.bytes;
         }
         if let Some(dst) = window.tracks.iter_mut().find(|t| t.endpoint == x.dst)
             && range.touches(x.complete, x.complete)
         {
-            put_mark(
-                &mut dst.marks,
-                column_of(range, columns, x.complete),
-                Mark::FlowIn,
-            );
+            put_mark(&mut dst.marks, grid.of(x.complete), Mark::FlowIn);
         }
         let (link, covered_to) = links.entry((x.src, x.dst)).or_insert_with(|| {
             (
@@ -563,7 +682,7 @@ fn add_flows(window: &mut Window, mut transfers: Vec<Transfer>) {
         link.total_bytes += x.bytes;
         let (start, end) = (x.post, x.complete.max(x.post));
         let len = (end - start).max(1) as f64;
-        for_columns(range, columns, start, end, |c, ov| {
+        grid.each(start, end, |c, ov| {
             let share = if end == start { 1.0 } else { ov as f64 / len };
             link.bytes[c] += x.bytes as f64 * share;
         });
@@ -578,4 +697,91 @@ fn add_flows(window: &mut Window, mut transfers: Vec<Transfer>) {
     let mut links: Vec<LinkBins> = links.into_values().map(|(l, _)| l).collect();
     links.sort_by_key(|l| (l.src, l.dst));
     window.links = links;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::fixture;
+
+    fn timeline(stages: usize, steps: u64, frame_len: usize) -> Timeline {
+        Timeline::new(Box::new(fixture::pipeline(stages, steps, frame_len)))
+    }
+
+    #[test]
+    fn step_start_binary_search_finds_every_step() {
+        let mut t = timeline(2, 20, 8);
+        for step in 0..20 {
+            assert_eq!(
+                t.step_start(0, step).expect("reads"),
+                Some(step * fixture::STEP_NS)
+            );
+            assert_eq!(
+                t.step_start(1, step).expect("reads"),
+                Some(step * fixture::STEP_NS + fixture::STAGE_NS)
+            );
+        }
+        assert_eq!(t.step_start(0, 20).expect("reads"), None);
+    }
+
+    #[test]
+    fn detail_window_pairs_flows_and_links() {
+        let mut t = timeline(3, 4, 16);
+        let w = t
+            .window(t.extent(), 100, &Filter::default(), None)
+            .expect("window");
+        assert!(w.detail);
+        let outs: usize = w
+            .tracks
+            .iter()
+            .map(|tr| tr.marks.iter().filter(|m| **m == Mark::FlowOut).count())
+            .sum();
+        // 2 links x 4 steps, each transfer posted in its own column.
+        assert_eq!(outs, 8);
+        assert_eq!(w.links.len(), 2);
+        assert!(
+            w.links
+                .iter()
+                .all(|l| l.transfers == 4 && l.total_bytes == 4 * fixture::XFER_BYTES)
+        );
+        // Both ends logged each transfer; the link is busy 20us per transfer.
+        assert!(w.links.iter().all(|l| l.busy == 4 * 20_000));
+    }
+
+    #[test]
+    fn overview_window_reads_no_frames() {
+        let mut t = timeline(3, 4, 16).with_detail_limit(5);
+        let w = t
+            .window(t.extent(), 50, &Filter::default(), None)
+            .expect("window");
+        assert!(!w.detail);
+        assert!(
+            t.cache.frames.is_empty(),
+            "the overview is drawn from the index alone"
+        );
+        assert!(w.tracks.iter().all(|tr| tr.events.is_empty()));
+        assert!(
+            w.tracks[0]
+                .kernels
+                .iter()
+                .any(|c| matches!(c, KernelCell::Density(d) if *d > 0.0))
+        );
+    }
+
+    #[test]
+    fn narrow_views_prorate_big_frames() {
+        // One frame per endpoint; a view of a tenth of the trace expects about a tenth of it.
+        let mut t = timeline(2, 10, 1_000_000);
+        let e = t.extent();
+        let total = t
+            .window(e, 40, &Filter::default(), None)
+            .expect("window")
+            .events_in_view;
+        let narrow = TimeRange::new(e.start, e.start + e.len() / 10);
+        let part = t
+            .window(narrow, 40, &Filter::default(), None)
+            .expect("window")
+            .events_in_view;
+        assert!(part * 8 < total && part * 12 > total, "{part} of {total}");
+    }
 }

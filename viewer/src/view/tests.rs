@@ -145,7 +145,7 @@ fn help_overlay_lists_keys_and_any_key_closes_it() {
 }
 
 fn transfer() -> TraceEvent {
-    TraceEvent::Transfer(Transfer {
+    TraceEvent::Transfer(Box::new(Transfer {
         id: 7,
         src: 0,
         dst: 1,
@@ -160,7 +160,7 @@ fn transfer() -> TraceEvent {
         transport: Arc::from("tcp"),
         payload: None,
         logged_by_receiver: true,
-    })
+    }))
 }
 
 #[test]
