@@ -11,7 +11,7 @@ use std::time::Duration;
 use slug_kernels::ModelConfig;
 use slug_transport::auth::{ClusterKey, KEY_ENV};
 use slug_transport::node::LISTENING_PREFIX;
-use slug_transport::pipeline::{NoObservers, PipelineConfig, prompt_tokens, run, run_on_nodes};
+use slug_transport::pipeline::{NoObservers, PipelineConfig, prompt_tokens, run};
 use slug_transport::transfer::TransportKind;
 
 const NODES: usize = 4;
@@ -204,7 +204,12 @@ fn four_namespaces_run_the_same_tokens_as_one_process() {
     cfg.transport = TransportKind::Tcp;
     cfg.hosts = hosts.clone();
     cfg.digests = true;
-    let distributed = run_on_nodes(&cfg, &hosts, &key).expect("four-namespace run");
+    // The coordinator reads the key from a file, as `slug run --hosts` does.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_file = dir.path().join("cluster.key");
+    std::fs::write(&key_file, key.as_env_value()).expect("write key file");
+    cfg.key_file = Some(key_file);
+    let distributed = run(&cfg, &NoObservers).expect("four-namespace run");
     assert_eq!(distributed.tokens, single.tokens);
     for (r, host) in distributed.stage_reports.iter().zip(&hosts) {
         assert_eq!(
