@@ -1,8 +1,12 @@
 //! `slug record`: runs a pipeline with every endpoint, transfer and perf stream recorded into a
 //! trace directory, then prints what was captured (and what could not be, and why).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -110,13 +114,43 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         ..RecordConfig::new(&args.out)
     };
     let pipeline = args.pipeline()?;
-    let summary = record(&config, &pipeline)?;
+    let progress = Arc::new(AtomicU64::new(0));
+    let config = RecordConfig {
+        progress: Some(Arc::clone(&progress)),
+        ..config
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    let ticker = std::io::stderr()
+        .is_terminal()
+        .then(|| spawn_progress(Arc::clone(&progress), Arc::clone(&done)));
+    let summary = record(&config, &pipeline);
+    done.store(true, Ordering::Release);
+    if let Some(t) = ticker {
+        let _ = t.join();
+    }
+    let summary = summary?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         print_summary(&summary);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A one-line live count on a terminal: events written so far and elapsed time.
+fn spawn_progress(events: Arc<AtomicU64>, done: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        while !done.load(Ordering::Acquire) {
+            eprint!(
+                "\rrecording: {} events, {:.1} s",
+                events.load(Ordering::Relaxed),
+                start.elapsed().as_secs_f64()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprint!("\r\x1b[2K");
+    })
 }
 
 fn print_summary(s: &RecordSummary) {

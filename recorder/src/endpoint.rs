@@ -72,6 +72,8 @@ pub struct EndpointOptions {
     pub ring_records: usize,
     /// Events per log frame and zstd level.
     pub writer: WriterOptions,
+    /// Incremented by the number of events written, for a progress display.
+    pub progress: Option<Arc<AtomicU64>>,
 }
 
 /// The part of an endpoint recorder the pipeline's threads share.
@@ -87,6 +89,7 @@ pub struct EndpointShared {
     first_error: Mutex<Option<String>>,
     stop: AtomicBool,
     payloads: Option<(Arc<BlobStore>, Sender<Payload>)>,
+    progress: Option<Arc<AtomicU64>>,
 }
 
 /// A payload on its way to the writer thread: its content hash and a copy of its bytes.
@@ -224,6 +227,7 @@ impl EndpointRecorder {
             first_error: Mutex::new(None),
             stop: AtomicBool::new(false),
             payloads,
+            progress: options.progress.clone(),
         });
         if let Some(p) = &perf {
             p.enable()?;
@@ -371,6 +375,9 @@ fn writer_loop(
         }
         for (ring, upto) in release.drain(..) {
             ring.release(upto);
+        }
+        if let Some(p) = &shared.progress {
+            p.fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
         for r in batch.drain(..) {
             log.append_raw(r);

@@ -268,6 +268,8 @@ pub struct RecorderSettings {
     pub ring_records: usize,
     /// Log frame size and zstd level.
     pub writer: WriterOptions,
+    /// Counts events written by every endpoint, for a progress display.
+    pub progress: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Builds each stage's recorder and observers; collects their results at the end.
@@ -352,6 +354,7 @@ fn start_endpoint(
         endpoints_dir: settings.trace_dir.join(slug_schema::ENDPOINTS_DIR),
         ring_records: settings.ring_records,
         writer: settings.writer,
+        progress: settings.progress.clone(),
     };
     let recorder = EndpointRecorder::start(&options, Some(perf), blobs)?;
     Ok((recorder, caps, want_counters))
@@ -430,6 +433,7 @@ impl NodeSettings {
             },
             ring_records: self.ring_records,
             writer: WriterOptions::default(),
+            progress: None,
         })
     }
 }
@@ -510,6 +514,7 @@ mod tests {
                 endpoints_dir: endpoints,
                 ring_records: 1024,
                 writer: WriterOptions::default(),
+                progress: None,
             },
             None,
             None,

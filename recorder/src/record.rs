@@ -1,6 +1,8 @@
 //! `record`: runs a pipeline with every endpoint recorded into a new trace directory.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use serde::Serialize;
 use slug_schema::{
@@ -29,6 +31,8 @@ pub struct RecordConfig {
     pub perf: PerfConfig,
     /// Records per thread ring.
     pub ring_records: usize,
+    /// Counts events as endpoints write them (local transport), for a progress display.
+    pub progress: Option<Arc<AtomicU64>>,
 }
 
 impl RecordConfig {
@@ -40,6 +44,7 @@ impl RecordConfig {
             payloads: PayloadPolicy::None,
             perf: PerfConfig::default(),
             ring_records: DEFAULT_RING_RECORDS,
+            progress: None,
         }
     }
 }
@@ -262,6 +267,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         perf: cfg.perf.clone(),
         ring_records: cfg.ring_records,
         writer: WriterOptions::default(),
+        progress: cfg.progress.clone(),
     };
     let pmus = probe()?;
     let (report, endpoints, caps) = if pipeline.transport == TransportKind::Local {
