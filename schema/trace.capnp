@@ -12,6 +12,9 @@
 #   svar    zigzag-encoded signed LEB128 varint of a wrapping (two's complement) difference
 #   u8      one byte per event
 #   h128    16 bytes per value, little-endian (low 64 bits first)
+#   planes  zigzag values (as svar, without the varint) in byte planes: n length bytes (0..=8,
+#           bytes needed per value), then byte 0 of every value with length > 0, then byte 1 of
+#           every value with length > 1, ... up to byte 7
 
 @0xfcad0591c08eafb6;
 
@@ -168,7 +171,8 @@ struct Batch {
   eventCount @0 :UInt32;
   kinds @1 :Data;           # u8 EventKind per event, in append order
   baseNs @2 :UInt64;        # primary timestamp of the first event
-  times @3 :Data;           # svar: primary timestamp minus the previous event's (first: minus baseNs)
+  times @3 :Data;           # planes: primary timestamp minus that of the previous event of the same
+                            # kind (the first of each kind: minus baseNs)
 
   firstStringId @4 :UInt32; # id of strings[0]; ids are dense and assigned in order of interning
   strings @5 :List(Text);
@@ -196,7 +200,7 @@ struct KernelSpanColumns {
   rowStart @4 :Data;        # uvar
   rowLen @5 :Data;          # svar of rowEnd - rowStart
   thread @6 :Data;          # uvar
-  duration @7 :Data;        # svar of endNs - startNs
+  duration @7 :Data;        # planes: endNs - startNs
   hasHash @8 :Data;         # u8 0/1
   hashes @9 :Data;          # h128, one per span with hasHash = 1
 }
@@ -211,7 +215,7 @@ struct TransferColumns {
   dstOffset @6 :Data;       # uvar
   len @7 :Data;             # uvar
   hash @8 :Data;            # h128
-  duration @9 :Data;        # svar of completeNs - postNs
+  duration @9 :Data;        # planes: completeNs - postNs
   flags @10 :Data;          # u8: bits 0-2 transport, bit 3 direction (1 = recv), bit 4 hasPayload
   payloads @11 :Data;       # h128, one per transfer with hasPayload
 }

@@ -1,15 +1,299 @@
 //! `slug info`: summarise a trace: endpoints, events per kind, sizes, losses, capabilities.
 
+use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
+use slug_schema::{EndpointSummary, EventKind, FooterState, Trace, TraceSummary};
 
 /// Arguments of `slug info`.
 #[derive(Debug, Args)]
-pub struct InfoArgs {}
+pub struct InfoArgs {
+    /// Trace directory (written by `slug record` or `slug demo`).
+    pub trace: PathBuf,
+    /// Print the summary as JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
 
-/// Runs `slug info`.
-pub fn execute(_args: InfoArgs) -> Result<ExitCode> {
-    bail!("`slug info` is not built yet in this version of slug")
+/// Runs `slug info`. Exits 1 when a log cannot be opened at all; damage inside logs is reported.
+pub fn execute(args: InfoArgs) -> Result<ExitCode> {
+    let trace = Trace::open(&args.trace)?;
+    let summary = TraceSummary::of(&trace);
+    if args.json {
+        let text = serde_json::to_string_pretty(&summary).context("serializing the summary")?;
+        println!("{text}");
+    } else {
+        print!("{}", render(&summary));
+    }
+    Ok(if summary.all_logs_readable() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The human-readable summary: a header block, then endpoint, kind and capability tables.
+pub fn render(s: &TraceSummary) -> String {
+    let mut out = String::new();
+    let span = s
+        .time_span
+        .map_or("-".to_owned(), |r| duration(r.end_ns - r.start_ns));
+    let kind = if s.synthetic { ", synthetic" } else { "" };
+    let _ = writeln!(
+        out,
+        "trace       {}  (format {}{kind})",
+        s.dir.display(),
+        s.format_version
+    );
+    let _ = writeln!(
+        out,
+        "endpoints   {} on {} node{}",
+        s.endpoints.len(),
+        s.nodes,
+        plural(s.nodes as u64)
+    );
+    let _ = writeln!(out, "time span   {span}  (reference clock)");
+    let frames: u64 = s.endpoints.iter().map(|e| e.frames).sum();
+    let _ = writeln!(
+        out,
+        "events      {} in {} frames",
+        thousands(s.events),
+        thousands(frames)
+    );
+    let _ = writeln!(
+        out,
+        "on disk     {}  ({} B/event; raw 128-byte records: {}, {} smaller)",
+        bytes(s.bytes),
+        per_event(s.bytes, s.events),
+        bytes(s.raw_bytes),
+        ratio(s.raw_bytes, s.bytes)
+    );
+    let _ = writeln!(
+        out,
+        "losses      {} event{} recorded lost, {} corrupt frame{} skipped, {} lost to truncation",
+        thousands(s.lost_events),
+        plural(s.lost_events),
+        thousands(s.corrupt_frames),
+        plural(s.corrupt_frames),
+        bytes(s.truncated_bytes)
+    );
+
+    out.push_str("\nendpoints\n");
+    let mut t = Table::new(&[
+        "id", "node", "stage", "events", "span", "on disk", "B/event", "frames", "lost", "damage",
+    ]);
+    for e in &s.endpoints {
+        t.row(vec![
+            e.id.to_string(),
+            e.node.clone(),
+            e.stage.to_string(),
+            thousands(e.events),
+            e.time_span
+                .map_or("-".to_owned(), |r| duration(r.end_ns - r.start_ns)),
+            bytes(e.bytes),
+            per_event(e.bytes, e.events),
+            thousands(e.frames),
+            thousands(e.lost_events),
+            damage(e),
+        ]);
+    }
+    out.push_str(&t.render(&[0, 2, 3, 4, 5, 6, 7, 8]));
+
+    out.push_str("\nevents per kind\n");
+    let mut t = Table::new(&["kind", "events", "share"]);
+    for k in EventKind::ALL {
+        let n = s.counts.get(k.name()).copied().unwrap_or(0);
+        let share = if s.events == 0 {
+            0.0
+        } else {
+            n as f64 * 100.0 / s.events as f64
+        };
+        t.row(vec![
+            k.name().to_owned(),
+            thousands(n),
+            format!("{share:.1}%"),
+        ]);
+    }
+    out.push_str(&t.render(&[1, 2]));
+
+    out.push_str("\ncapabilities\n");
+    if s.capabilities.is_empty() {
+        out.push_str("  (none recorded)\n");
+    } else {
+        let yes = |b: bool| if b { "yes" } else { "no" }.to_owned();
+        let mut t = Table::new(&["name", "requested", "available", "captured", "note"]);
+        for c in &s.capabilities {
+            t.row(vec![
+                c.name.clone(),
+                yes(c.requested),
+                yes(c.available),
+                yes(c.captured),
+                c.reason.clone().unwrap_or_default(),
+            ]);
+        }
+        out.push_str(&t.render(&[]));
+    }
+    out
+}
+
+fn damage(e: &EndpointSummary) -> String {
+    if let Some(err) = &e.error {
+        return format!("UNREADABLE: {err}");
+    }
+    let Some(r) = e.recovery else {
+        return "-".into();
+    };
+    let mut parts = Vec::new();
+    match r.footer {
+        FooterState::Valid => {}
+        FooterState::Missing => parts.push("no footer (not closed)".to_owned()),
+        FooterState::Corrupt => parts.push("footer corrupt".to_owned()),
+    }
+    if r.partial_frames > 0 {
+        let events = if r.events_in_partial_frame > 0 {
+            format!(" of {} events", thousands(r.events_in_partial_frame))
+        } else {
+            String::new()
+        };
+        parts.push(format!(
+            "truncated: {} lost, 1 partial frame{events}",
+            bytes(r.truncated_bytes)
+        ));
+    } else if r.truncated_bytes > 0 {
+        parts.push(format!("torn footer: {}", bytes(r.truncated_bytes)));
+    }
+    if r.corrupt_frames > 0 {
+        parts.push(format!(
+            "{} corrupt frame{} ({})",
+            r.corrupt_frames,
+            plural(r.corrupt_frames),
+            bytes(r.corrupt_bytes)
+        ));
+    }
+    if e.undecodable_frames > 0 {
+        parts.push(format!(
+            "{} undecodable frame{}",
+            e.undecodable_frames,
+            plural(e.undecodable_frames)
+        ));
+    }
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// A plain aligned text table.
+struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Table {
+        Table {
+            rows: vec![header.iter().map(|h| (*h).to_owned()).collect()],
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    /// Renders with two-space indent; columns listed in `right` are right-aligned.
+    fn render(&self, right: &[usize]) -> String {
+        let cols = self.rows[0].len();
+        let width: Vec<usize> = (0..cols)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .map(|r| r[c].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        for row in &self.rows {
+            let mut line = String::from(" ");
+            for (c, cell) in row.iter().enumerate() {
+                let pad = width[c] - cell.chars().count();
+                line.push(' ');
+                if right.contains(&c) {
+                    line.push_str(&" ".repeat(pad));
+                    line.push_str(cell);
+                } else {
+                    line.push_str(cell);
+                    if c + 1 < cols {
+                        line.push_str(&" ".repeat(pad));
+                    }
+                }
+                line.push(' ');
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// `1234567` → `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// Bytes with a binary unit.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Nanoseconds with a readable unit.
+pub fn duration(ns: u64) -> String {
+    match ns {
+        0..1_000 => format!("{ns} ns"),
+        1_000..1_000_000 => format!("{:.1} µs", ns as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} ms", ns as f64 / 1e6),
+        _ => format!("{:.3} s", ns as f64 / 1e9),
+    }
+}
+
+fn per_event(bytes: u64, events: u64) -> String {
+    if events == 0 {
+        "-".into()
+    } else {
+        format!("{:.2}", bytes as f64 / events as f64)
+    }
+}
+
+fn ratio(raw: u64, disk: u64) -> String {
+    if disk == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}x", raw as f64 / disk as f64)
+    }
 }

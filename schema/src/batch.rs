@@ -43,8 +43,39 @@ fn put_uvar(out: &mut Vec<u8>, mut v: u64) {
 
 /// Zigzag varint of the wrapping difference `v - prev`: any pair of u64 round-trips.
 fn put_svar(out: &mut Vec<u8>, v: u64, prev: u64) {
+    put_uvar(out, zigzag(v, prev));
+}
+
+fn zigzag(v: u64, prev: u64) -> u64 {
     let d = v.wrapping_sub(prev) as i64;
-    put_uvar(out, ((d << 1) ^ (d >> 63)) as u64);
+    ((d << 1) ^ (d >> 63)) as u64
+}
+
+fn unzigzag(z: u64, prev: u64) -> u64 {
+    let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
+    prev.wrapping_add(d as u64)
+}
+
+/// Byte-plane layout for timing columns: a plane of byte lengths (one per value: bytes needed,
+/// 0..=8), then plane 0 (the lowest byte of every value with length > 0), plane 1, ... plane 7.
+/// Keeping the noisy low bytes apart from the steady high bytes lets zstd code each near its
+/// entropy, which a mixed varint stream does not.
+fn put_planes(out: &mut Vec<u8>, values: &[u64]) {
+    out.clear();
+    out.extend(
+        values
+            .iter()
+            .map(|&v| (8 - v.leading_zeros() as usize / 8) as u8),
+    );
+    for plane in 0..8 {
+        let shift = plane * 8;
+        out.extend(
+            values
+                .iter()
+                .filter(|&&v| shift < 64 && v >> shift != 0)
+                .map(|&v| (v >> shift) as u8),
+        );
+    }
 }
 
 fn put_h128(out: &mut Vec<u8>, v: u128) {
@@ -84,9 +115,7 @@ impl<'a> Col<'a> {
     }
 
     fn svar(&mut self, prev: u64) -> Result<u64, BatchError> {
-        let z = self.uvar()?;
-        let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
-        Ok(prev.wrapping_add(d as u64))
+        Ok(unzigzag(self.uvar()?, prev))
     }
 
     fn u8(&mut self) -> Result<u8, BatchError> {
@@ -119,11 +148,74 @@ impl<'a> Col<'a> {
     }
 }
 
+/// A cursor over a byte-plane column of `n` zigzag values (see [`put_planes`]).
+struct Planes<'a> {
+    lens: &'a [u8],
+    planes: [&'a [u8]; 8],
+    pos: [usize; 8],
+    next: usize,
+}
+
+impl<'a> Planes<'a> {
+    fn new(data: &'a [u8], n: usize, name: &'static str) -> Result<Self, BatchError> {
+        let bad = BatchError::Columns(name);
+        let lens = data.get(..n).ok_or(BatchError::Columns(name))?;
+        let mut sizes = [0usize; 8];
+        for &len in lens {
+            if len > 8 {
+                return Err(bad);
+            }
+            for size in sizes.iter_mut().take(usize::from(len)) {
+                *size += 1;
+            }
+        }
+        let mut planes: [&[u8]; 8] = [&[]; 8];
+        let mut at = n;
+        for (plane, size) in planes.iter_mut().zip(sizes) {
+            *plane = data.get(at..at + size).ok_or(BatchError::Columns(name))?;
+            at += size;
+        }
+        if at != data.len() {
+            return Err(bad);
+        }
+        Ok(Planes {
+            lens,
+            planes,
+            pos: [0; 8],
+            next: 0,
+        })
+    }
+
+    /// The next value; the constructor checked that every plane holds enough bytes.
+    fn svar(&mut self, prev: u64) -> Result<u64, BatchError> {
+        let len = usize::from(
+            *self
+                .lens
+                .get(self.next)
+                .ok_or(BatchError::Columns("planes"))?,
+        );
+        self.next += 1;
+        let mut z = 0u64;
+        for plane in 0..len {
+            let byte = *self.planes[plane]
+                .get(self.pos[plane])
+                .ok_or(BatchError::Columns("planes"))?;
+            self.pos[plane] += 1;
+            z |= u64::from(byte) << (plane * 8);
+        }
+        Ok(unzigzag(z, prev))
+    }
+}
+
 /// Column buffers, reused from frame to frame by the encoder.
 #[derive(Debug, Default)]
 pub(crate) struct Columns {
     kinds: Vec<u8>,
     times: Vec<u8>,
+    /// Zigzag values of the byte-plane columns, serialized by `put_planes` at encode time.
+    times_z: Vec<u64>,
+    span_duration_z: Vec<u64>,
+    transfer_duration_z: Vec<u64>,
     ks: [Vec<u8>; 10],
     tr: [Vec<u8>; 12],
     sb: [Vec<u8>; 2],
@@ -139,7 +231,8 @@ pub(crate) struct Columns {
 /// Running "previous value" state of the delta-encoded columns.
 #[derive(Default)]
 struct Prev {
-    time: u64,
+    /// Previous primary timestamp per kind: interleaved kinds do not disturb each other's deltas.
+    time: [u64; EventKind::COUNT],
     span_step: u64,
     transfer_id: u64,
     boundary_step: u64,
@@ -152,6 +245,9 @@ impl Columns {
     fn clear(&mut self) {
         self.kinds.clear();
         self.times.clear();
+        self.times_z.clear();
+        self.span_duration_z.clear();
+        self.transfer_duration_z.clear();
         for c in self
             .ks
             .iter_mut()
@@ -172,8 +268,9 @@ impl Columns {
     fn push(&mut self, event: &Event, p: &mut Prev) {
         self.kinds.push(event.kind() as u8);
         let ns = event.ns();
-        put_svar(&mut self.times, ns, p.time);
-        p.time = ns;
+        let prev = &mut p.time[event.kind() as usize];
+        self.times_z.push(zigzag(ns, *prev));
+        *prev = ns;
         match *event {
             Event::KernelSpan(e) => {
                 let c = &mut self.ks;
@@ -185,7 +282,7 @@ impl Columns {
                 put_uvar(&mut c[4], e.row_start.into());
                 put_svar(&mut c[5], e.row_end.into(), e.row_start.into());
                 put_uvar(&mut c[6], e.thread.into());
-                put_svar(&mut c[7], e.end_ns, e.start_ns);
+                self.span_duration_z.push(zigzag(e.end_ns, e.start_ns));
                 c[8].push(u8::from(e.output_hash.is_some()));
                 if let Some(h) = e.output_hash {
                     put_h128(&mut c[9], h);
@@ -203,7 +300,8 @@ impl Columns {
                 put_uvar(&mut c[6], e.dst_offset);
                 put_uvar(&mut c[7], e.len);
                 put_h128(&mut c[8], e.hash);
-                put_svar(&mut c[9], e.complete_ns, e.post_ns);
+                self.transfer_duration_z
+                    .push(zigzag(e.complete_ns, e.post_ns));
                 let flags = e.transport as u8
                     | (e.direction as u8) << 3
                     | u8::from(e.payload.is_some()) << 4;
@@ -284,11 +382,14 @@ impl Columns {
             let ns = event.ns();
             if base.is_none() {
                 base = Some(ns);
-                prev.time = ns;
+                prev.time = [ns; EventKind::COUNT];
             }
             self.push(&event, &mut prev);
         }
         let count = self.kinds.len() as u32;
+        put_planes(&mut self.times, &self.times_z);
+        put_planes(&mut self.ks[7], &self.span_duration_z);
+        put_planes(&mut self.tr[9], &self.transfer_duration_z);
         let words = self.kinds.len() + self.times.len() + self.column_bytes() + 1024;
         let mut message = Builder::new(
             HeapAllocator::new().first_segment_words((words / 8 + 64).min(1 << 28) as u32),
@@ -454,7 +555,13 @@ pub(crate) fn decode(
         strings.push(s?.to_string().map_err(|_| BatchError::Columns("strings"))?);
     }
 
-    let mut times = Col::new(b.get_times()?, "times");
+    let mut per_kind = [0usize; EventKind::COUNT];
+    for &k in kinds {
+        *per_kind
+            .get_mut(usize::from(k))
+            .ok_or(BatchError::Columns("kinds"))? += 1;
+    }
+    let mut times = Planes::new(b.get_times()?, kinds.len(), "times")?;
     let ks_r = b.get_kernel_spans()?;
     let tr_r = b.get_transfers()?;
     let sb_r = b.get_step_boundaries()?;
@@ -473,10 +580,11 @@ pub(crate) fn decode(
         Col::new(ks_r.get_row_start()?, "kernelSpans.rowStart"),
         Col::new(ks_r.get_row_len()?, "kernelSpans.rowLen"),
         Col::new(ks_r.get_thread()?, "kernelSpans.thread"),
-        Col::new(ks_r.get_duration()?, "kernelSpans.duration"),
         Col::new(ks_r.get_has_hash()?, "kernelSpans.hasHash"),
         Col::new(ks_r.get_hashes()?, "kernelSpans.hashes"),
     ];
+    let n_spans = per_kind[EventKind::KernelSpan as usize];
+    let mut span_duration = Planes::new(ks_r.get_duration()?, n_spans, "kernelSpans.duration")?;
     let mut tr = [
         Col::new(tr_r.get_id()?, "transfers.id"),
         Col::new(tr_r.get_src_endpoint()?, "transfers.srcEndpoint"),
@@ -487,10 +595,12 @@ pub(crate) fn decode(
         Col::new(tr_r.get_dst_offset()?, "transfers.dstOffset"),
         Col::new(tr_r.get_len()?, "transfers.len"),
         Col::new(tr_r.get_hash()?, "transfers.hash"),
-        Col::new(tr_r.get_duration()?, "transfers.duration"),
         Col::new(tr_r.get_flags()?, "transfers.flags"),
         Col::new(tr_r.get_payloads()?, "transfers.payloads"),
     ];
+    let n_transfers = per_kind[EventKind::Transfer as usize];
+    let mut transfer_duration =
+        Planes::new(tr_r.get_duration()?, n_transfers, "transfers.duration")?;
     let mut sb = [
         Col::new(sb_r.get_step()?, "stepBoundaries.step"),
         Col::new(sb_r.get_seq()?, "stepBoundaries.seq"),
@@ -539,15 +649,15 @@ pub(crate) fn decode(
     ];
 
     let mut p = Prev {
-        time: b.get_base_ns(),
+        time: [b.get_base_ns(); EventKind::COUNT],
         ..Prev::default()
     };
     // Never trust `count` for a big up-front allocation; grow as real events decode.
     let mut events = Vec::with_capacity((count as usize).min(1 << 16));
     for &k in kinds {
         let kind = EventKind::from_u8(k).ok_or(BatchError::Columns("kinds"))?;
-        let ns = times.svar(p.time)?;
-        p.time = ns;
+        let ns = times.svar(p.time[kind as usize])?;
+        p.time[kind as usize] = ns;
         let event = match kind {
             EventKind::KernelSpan => {
                 let c = &mut ks;
@@ -561,10 +671,10 @@ pub(crate) fn decode(
                 let row_end = u32::try_from(row_end)
                     .map_err(|_| BatchError::Columns("kernelSpans.rowLen"))?;
                 let thread = c[6].u32()?;
-                let end_ns = c[7].svar(ns)?;
-                let output_hash = match c[8].u8()? {
+                let end_ns = span_duration.svar(ns)?;
+                let output_hash = match c[7].u8()? {
                     0 => None,
-                    1 => Some(c[9].h128()?),
+                    1 => Some(c[8].h128()?),
                     _ => return Err(BatchError::Columns("kernelSpans.hasHash")),
                 };
                 Event::KernelSpan(KernelSpan {
@@ -592,8 +702,8 @@ pub(crate) fn decode(
                 let dst_offset = c[6].uvar()?;
                 let len = c[7].uvar()?;
                 let hash = c[8].h128()?;
-                let complete_ns = c[9].svar(ns)?;
-                let flags = c[10].u8()?;
+                let complete_ns = transfer_duration.svar(ns)?;
+                let flags = c[9].u8()?;
                 let bad = || BatchError::Columns("transfers.flags");
                 if flags >> 5 != 0 {
                     return Err(bad());
@@ -605,7 +715,7 @@ pub(crate) fn decode(
                     Direction::Send
                 };
                 let payload = if flags & 16 != 0 {
-                    Some(c[11].h128()?)
+                    Some(c[10].h128()?)
                 } else {
                     None
                 };
@@ -714,7 +824,6 @@ pub(crate) fn decode(
             events.push(event);
         }
     }
-    times.finish()?;
     mk.finish()?;
     for c in ks
         .iter()

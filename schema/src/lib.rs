@@ -14,6 +14,7 @@ mod event;
 mod frame;
 mod raw;
 mod reader;
+mod summary;
 pub mod synth;
 mod trace;
 mod writer;
@@ -43,6 +44,7 @@ pub use frame::{
 };
 pub use raw::RawRecord;
 pub use reader::{DecodedFrame, EventsIn, FooterState, LogReader, Recovery, TimeRange};
+pub use summary::{EndpointSummary, TraceSummary};
 pub use trace::{
     Cache, Capability, ENDPOINTS_DIR, EndpointInfo, HostTopology, HugePages, MANIFEST_FILE,
     Manifest, NodeClock, NumaNode, SNAPSHOTS_DIR, TRACE_FORMAT_VERSION, Trace,

@@ -21,7 +21,7 @@ use crate::frame::{
 };
 
 /// An inclusive time range in the log's clock (ns).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct TimeRange {
     /// First ns in the range.
     pub start_ns: u64,
@@ -467,15 +467,16 @@ fn scan(map: &[u8], footer: FooterState) -> (Vec<FrameInfo>, Recovery) {
             let n = tail.len().min(magic.len());
             tail[..n] == magic[..n]
         };
-        if is_prefix_of(&FRAME_MAGIC) && tail.len() < FRAME_HEADER_LEN {
-            // A frame header cut short: a writer killed mid-frame.
-            rec.partial_frames = 1;
-            rec.truncated_bytes = tail.len() as u64;
-        } else if is_prefix_of(&FOOTER_MAGIC) {
-            // A footer that was cut short or damaged: the index is rebuilt, nothing is lost.
+        // Both magics start with "SL": a tail of one or two bytes counts as a torn footer.
+        if is_prefix_of(&FOOTER_MAGIC) {
+            // A footer that was cut short or damaged: the index is rebuilt, no event is lost.
             if footer == FooterState::Missing {
                 rec.truncated_bytes = tail.len() as u64;
             }
+        } else if is_prefix_of(&FRAME_MAGIC) && tail.len() < FRAME_HEADER_LEN {
+            // A frame header cut short: a writer killed mid-frame.
+            rec.partial_frames = 1;
+            rec.truncated_bytes = tail.len() as u64;
         } else {
             rec.corrupt_frames += 1;
             rec.corrupt_bytes += tail.len() as u64;
