@@ -83,13 +83,10 @@ impl FabricLayout {
     }
 }
 
+/// The memory `Fabric::base` points into, owned so that it lives as long as the fabric.
 enum Backing {
-    Heap(#[allow(dead_code)] Box<[u64]>),
-    Mapped {
-        #[allow(dead_code)]
-        map: MmapMut,
-        path: PathBuf,
-    },
+    Heap(Box<[u64]>),
+    Mapped { map: MmapMut, path: PathBuf },
 }
 
 /// A fabric region, shared by the threads (heap) or processes (mapped file) of one pipeline.
@@ -108,8 +105,8 @@ unsafe impl Sync for Fabric {}
 impl std::fmt::Debug for Fabric {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let place = match &self.backing {
-            Backing::Heap(_) => "heap".to_string(),
-            Backing::Mapped { path, .. } => path.display().to_string(),
+            Backing::Heap(words) => format!("heap, {} bytes", words.len() * 8),
+            Backing::Mapped { map, path } => format!("{}, {} bytes", path.display(), map.len()),
         };
         f.debug_struct("Fabric")
             .field("backing", &place)
