@@ -182,6 +182,9 @@ fn print_summary(s: &RecordSummary) {
             eprintln!("slug: warning: endpoint {}: {w}", e.endpoint);
         }
     }
+    for w in &s.warnings {
+        eprintln!("slug: warning: {w}");
+    }
     println!("captured: {}", s.captured.join(", "));
     if !s.not_captured.is_empty() {
         println!("not captured: {}", s.not_captured.join(", "));

@@ -411,20 +411,33 @@ fn writer_loop(
     for r in batch.drain(..) {
         log.append_raw(r);
     }
-    stats.log = log
-        .close()
-        .map_err(|e| RecorderError::Schema(Box::new(e)))?;
+    // A log that cannot be written (disk full) ends this endpoint's recording, not the run; its
+    // journal and rings stay for `recover` (they may hold what the log could not).
+    let closed = match log.close() {
+        Ok(l) => {
+            stats.log = l;
+            true
+        }
+        Err(e) => {
+            stats.warnings.push(format!("recording stopped: {e}"));
+            false
+        }
+    };
     // Everything is in the closed log: the journal and rings are no longer needed for recovery.
     drop(journal);
-    let mut leftovers = vec![journal_path];
-    leftovers.extend(
-        shared
-            .rings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .map(|r| r.path().to_path_buf()),
-    );
+    let mut leftovers = Vec::new();
+    if closed {
+        leftovers.push(journal_path);
+    }
+    let rings: Vec<Arc<FlightRing>> = shared
+        .rings
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+        .collect();
+    if closed {
+        leftovers.extend(rings.iter().map(|r| r.path().to_path_buf()));
+    }
     for path in leftovers {
         match std::fs::remove_file(&path) {
             Ok(()) => {}

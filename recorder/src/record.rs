@@ -89,6 +89,8 @@ pub struct RecordSummary {
     pub captured: Vec<String>,
     /// Capability names that were asked for and not captured.
     pub not_captured: Vec<String>,
+    /// Problems of the trace as a whole that did not stop the run.
+    pub warnings: Vec<String>,
 }
 
 impl RecordSummary {
@@ -276,10 +278,26 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         // Close every log even when the run failed: what was recorded up to the failure is kept.
         let stats = factory.finish();
         let report = report.map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
+        // A write failure (disk full, permissions) ends that endpoint's log, not the run: it
+        // becomes a warning of its summary.
         let endpoints = stats
             .into_iter()
-            .map(|s| s.map(summarize_stats))
-            .collect::<Result<Vec<_>>>()?;
+            .enumerate()
+            .map(|(i, s)| match s {
+                Ok(s) => summarize_stats(s),
+                Err(e) => EndpointSummary {
+                    endpoint: i as u32,
+                    events: 0,
+                    counts: Vec::new(),
+                    bytes: 0,
+                    raw_bytes: 0,
+                    lost: 0,
+                    payloads: 0,
+                    payload_bytes: 0,
+                    warnings: vec![format!("recording stopped: {e}")],
+                },
+            })
+            .collect::<Vec<_>>();
         (
             report,
             endpoints,
@@ -323,11 +341,15 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             "the pipeline runtime does not expose stage arenas at step boundaries yet".into(),
         ),
     });
-    trace
-        .set_manifest(manifest)
-        .map_err(|e| RecorderError::Schema(Box::new(e)))?;
+    let mut warnings = Vec::new();
+    if let Err(e) = trace.set_manifest(manifest) {
+        warnings.push(format!(
+            "the manifest keeps its initial content (no capability report): {e}"
+        ));
+    }
     Ok(RecordSummary {
         trace: cfg.out.clone(),
+        warnings,
         tokens: report.tokens,
         tokens_per_s: report.tokens_per_s,
         endpoints,

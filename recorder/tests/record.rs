@@ -216,3 +216,79 @@ fn a_recording_killed_mid_run_is_recovered_from_its_rings() {
     // Recovering a clean trace changes nothing.
     assert!(slug_recorder::recover(&out).unwrap().is_empty());
 }
+
+#[test]
+fn full_rings_count_lost_events_and_never_block_the_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trace");
+    let p = pipeline(2, 20);
+    let plain = run(&p, &NoObservers).unwrap();
+    let cfg = RecordConfig {
+        ring_records: 2,
+        ..config(&out)
+    };
+    let summary = record(&cfg, &p).unwrap();
+    assert_eq!(summary.tokens, plain.tokens);
+    let lost: u64 = summary.endpoints.iter().map(|e| e.lost).sum();
+    assert!(lost > 0, "two-record rings must overflow");
+    let trace = Trace::open(&out).unwrap();
+    let gaps = events(&trace, 1, EventKind::LostEvents);
+    let logged: u64 = gaps
+        .iter()
+        .map(|e| match e {
+            Event::LostEvents(l) => l.count,
+            _ => 0,
+        })
+        .sum();
+    assert!(
+        logged > 0 && logged <= lost,
+        "{logged} logged, {lost} counted"
+    );
+}
+
+/// Unmounts the small file system even when the test fails.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_recording_with_a_warning_and_the_run_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=400k", "tmpfs"])
+        .arg(&mnt)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipping: cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    let _guard = Mount(mnt.clone());
+    let p = pipeline(2, 60);
+    let plain = run(&p, &NoObservers).unwrap();
+    let cfg = RecordConfig {
+        payloads: PayloadPolicy::All,
+        ring_records: 256,
+        ..config(&mnt.join("trace"))
+    };
+    let summary = record(&cfg, &p).unwrap();
+    assert_eq!(summary.tokens, plain.tokens, "the pipeline finished");
+    let warnings: Vec<&String> = summary
+        .endpoints
+        .iter()
+        .flat_map(|e| &e.warnings)
+        .chain(&summary.warnings)
+        .collect();
+    eprintln!("{warnings:#?}");
+    assert!(
+        warnings.iter().any(|w| w.contains("No space left")),
+        "{warnings:?}"
+    );
+}
