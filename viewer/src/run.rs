@@ -43,6 +43,9 @@ fn event_loop<B: Backend>(terminal: &mut Terminal<B>, app: &mut App) -> Result<(
     let tty = |e| ViewerError::io("the terminal", e);
     while !app.quit {
         draw_frame(terminal, app)?;
+        if app.compute_pending()? {
+            continue;
+        }
         // Wait for one event, then drain whatever else is queued (wheel bursts, key repeat)
         // before drawing again, so a burst costs one redraw.
         let first = event::read().map_err(tty)?;

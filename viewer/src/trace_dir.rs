@@ -129,6 +129,7 @@ impl TraceDirSource {
                 .collect();
             index_of.insert(ep.id, i);
             endpoints.push(EndpointInfo {
+                id: ep.id,
                 name: format!("{}/s{}", ep.node, ep.stage),
                 node: ep.node.clone(),
                 stage: ep.stage,

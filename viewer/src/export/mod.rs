@@ -6,6 +6,8 @@
 pub mod chrome;
 pub mod perfetto;
 pub mod proto;
+#[cfg(test)]
+mod tests;
 pub mod walk;
 
 use std::fs::File;

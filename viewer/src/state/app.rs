@@ -331,7 +331,7 @@ impl App {
             KeyCode::Char('g') => self.open_prompt(PromptKind::JumpTime),
             KeyCode::Char(':' | 'G') => self.open_prompt(PromptKind::JumpStep),
             KeyCode::Char('?') => self.mode = Mode::Help,
-            KeyCode::Char('t') => self.open_stats()?,
+            KeyCode::Char('t') => self.mode = Mode::Stats,
             _ => {}
         }
         Ok(())
@@ -356,12 +356,15 @@ impl App {
         self.mode = Mode::Prompt(kind);
     }
 
-    fn open_stats(&mut self) -> Result<()> {
-        if self.stats.is_none() {
-            self.stats = Some(TraceStats::compute(self.timeline.source())?);
+    /// Computes the statistics the stats view is waiting for. The loop calls this after drawing,
+    /// so the screen says what is happening during the one whole-trace read the viewer does.
+    /// Returns whether it computed anything (and the screen should be drawn again).
+    pub fn compute_pending(&mut self) -> Result<bool> {
+        if self.mode != Mode::Stats || self.stats.is_some() {
+            return Ok(false);
         }
-        self.mode = Mode::Stats;
-        Ok(())
+        self.stats = Some(TraceStats::compute(self.timeline.source())?);
+        Ok(true)
     }
 
     fn apply_prompt(&mut self, kind: PromptKind, text: &str) -> Result<()> {

@@ -4,7 +4,7 @@
 //!
 //! ```json
 //! {
-//!   "endpoint": "n0/s1",        // endpoint name as in the manifest, or its index (number)
+//!   "endpoint": "node0/s1",     // endpoint name `<node>/s<stage>`, or its manifest id (number)
 //!   "step": 12,                 // step in which the first difference was seen
 //!   "layer": 3,                 // model layer, or null when the difference is not in a layer
 //!   "kernel": "gemm",           // kernel that produced the differing output, or null
@@ -23,12 +23,12 @@ use serde::Deserialize;
 use crate::error::{Result, ViewerError};
 use crate::state::source::EndpointInfo;
 
-/// Which endpoint diverged: by name or by index in the manifest.
+/// Which endpoint diverged: by name or by manifest id.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum EndpointRef {
-    /// Index in the manifest's endpoint list.
-    Index(usize),
+    /// Endpoint id, as in the manifest.
+    Id(u32),
     /// Endpoint name (`n0/s1`).
     Name(String),
 }
@@ -77,7 +77,7 @@ impl Divergence {
     /// Resolves the endpoint against the trace's endpoints.
     pub fn endpoint_index(&self, endpoints: &[EndpointInfo]) -> Option<usize> {
         match &self.endpoint {
-            EndpointRef::Index(i) => (*i < endpoints.len()).then_some(*i),
+            EndpointRef::Id(id) => endpoints.iter().position(|e| e.id == *id),
             EndpointRef::Name(n) => endpoints.iter().position(|e| e.name == *n),
         }
     }
@@ -123,6 +123,20 @@ mod tests {
             s.contains("step 12 layer 3 kernel gemm transfer #4711 @96"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn endpoint_by_id_or_name() {
+        let eps = crate::state::fixture::endpoints(3);
+        let by_id: Divergence =
+            serde_json::from_str(r#"{"endpoint": 2, "step": 0}"#).expect("parses");
+        assert_eq!(by_id.endpoint_index(&eps), Some(2));
+        let by_name: Divergence =
+            serde_json::from_str(r#"{"endpoint": "n0/s1", "step": 0}"#).expect("parses");
+        assert_eq!(by_name.endpoint_index(&eps), Some(1));
+        let unknown: Divergence =
+            serde_json::from_str(r#"{"endpoint": 9, "step": 0}"#).expect("parses");
+        assert_eq!(unknown.endpoint_index(&eps), None);
     }
 
     #[test]

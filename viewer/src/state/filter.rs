@@ -98,6 +98,7 @@ mod tests {
 
     fn ep(name: &str) -> EndpointInfo {
         EndpointInfo {
+            id: 1,
             name: name.to_string(),
             node: "n0".to_string(),
             stage: 1,

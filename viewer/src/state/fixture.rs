@@ -26,6 +26,7 @@ pub const KERNELS: [(&str, Nanos); 4] = [
 pub fn endpoints(stages: usize) -> Vec<EndpointInfo> {
     (0..stages)
         .map(|s| EndpointInfo {
+            id: s as u32,
             name: format!("n{}/s{s}", s / 2),
             node: format!("n{}", s / 2),
             stage: s as u32,

@@ -13,7 +13,9 @@ use crate::state::event::{EndpointIx, EventKind, KindCounts, Nanos, TimeRange, T
 /// One endpoint (a pipeline stage on a node) as the trace manifest describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointInfo {
-    /// Display name (`n0/s1`).
+    /// Endpoint id, as in the manifest and in transfers.
+    pub id: u32,
+    /// Display name: `<node>/s<stage>` (`node0/s1`).
     pub name: String,
     /// Node (host) the endpoint ran on.
     pub node: String,

@@ -115,13 +115,12 @@ impl TraceStats {
         let n = source.endpoints().len();
         let mut out = TraceStats::default();
         let mut seen_transfers: HashSet<u64> = HashSet::new();
-        let mut link_intervals: HashMap<(EndpointIx, EndpointIx), Vec<(Nanos, Nanos)>> =
-            HashMap::new();
+        let mut link_busy: HashMap<(EndpointIx, EndpointIx), IntervalSet> = HashMap::new();
         let mut link_stats: HashMap<(EndpointIx, EndpointIx), LinkStats> = HashMap::new();
-        let mut wait_intervals: Vec<Vec<(Nanos, Nanos)>> = vec![Vec::new(); n];
+        let mut waits: Vec<IntervalSet> = (0..n).map(|_| IntervalSet::default()).collect();
+        let mut computes: Vec<IntervalSet> = (0..n).map(|_| IntervalSet::default()).collect();
         let mut step_starts: BTreeMap<u64, Nanos> = BTreeMap::new();
-        let mut kernel_intervals: Vec<Vec<(Nanos, Nanos)>> = vec![Vec::new(); n];
-        for (ep, kernel_list) in kernel_intervals.iter_mut().enumerate() {
+        for (ep, compute) in computes.iter_mut().enumerate() {
             let mut st = EndpointStats {
                 endpoint: ep,
                 ..EndpointStats::default()
@@ -139,7 +138,7 @@ impl TraceStats {
                     match e {
                         TraceEvent::Kernel(k) => {
                             st.kernels += 1;
-                            push_merged(kernel_list, k.start, k.end);
+                            compute.push(k.start, k.end);
                         }
                         TraceEvent::Step(s) => {
                             st.steps += 1;
@@ -149,8 +148,8 @@ impl TraceStats {
                         TraceEvent::Transfer(x) => {
                             let (a, b) = (x.post, x.complete.max(x.post));
                             for side in [x.src, x.dst] {
-                                if let Some(w) = wait_intervals.get_mut(side) {
-                                    push_merged(w, a, b);
+                                if let Some(w) = waits.get_mut(side) {
+                                    w.push(a, b);
                                 }
                             }
                             if seen_transfers.insert(x.id) {
@@ -165,28 +164,31 @@ impl TraceStats {
                                 l.transfers += 1;
                                 l.bytes += x.bytes;
                                 l.latency_sum += b - a;
-                                push_merged(
-                                    link_intervals.entry((x.src, x.dst)).or_default(),
-                                    a,
-                                    b,
-                                );
+                                link_busy.entry((x.src, x.dst)).or_default().push(a, b);
                             }
                         }
                         _ => {}
                     }
                 }
+                // Fold each frame's intervals in so memory holds unions, not raw events.
+                compute.flush();
+                waits.iter_mut().for_each(IntervalSet::flush);
+                link_busy.values_mut().for_each(IntervalSet::flush);
             }
             out.endpoints.push(st);
         }
-        for (ep, st) in out.endpoints.iter_mut().enumerate() {
-            let compute = union(std::mem::take(&mut kernel_intervals[ep]));
-            let waits = union(std::mem::take(&mut wait_intervals[ep]));
-            st.compute = total(&compute);
-            st.waiting = total(&waits) - overlap_total(&compute, &waits);
+        for (st, (compute, wait)) in out
+            .endpoints
+            .iter_mut()
+            .zip(computes.iter_mut().zip(&mut waits))
+        {
+            let (compute, wait) = (compute.spans(), wait.spans());
+            st.compute = total(compute);
+            st.waiting = total(wait) - overlap_total(compute, wait);
             st.idle = st.active.saturating_sub(st.compute + st.waiting);
         }
         for (key, mut l) in link_stats {
-            l.busy = total(&union(link_intervals.remove(&key).unwrap_or_default()));
+            l.busy = link_busy.get_mut(&key).map_or(0, |set| total(set.spans()));
             out.links.push(l);
         }
         out.links.sort_by_key(|l| (l.src, l.dst));
@@ -201,17 +203,37 @@ impl TraceStats {
     }
 }
 
-/// Appends `[a, b)`, merging with the last interval when they touch (events mostly arrive in
-/// time order, so this keeps the lists short).
-fn push_merged(list: &mut Vec<(Nanos, Nanos)>, a: Nanos, b: Nanos) {
-    if let Some(last) = list.last_mut()
-        && a <= last.1
-        && a >= last.0
-    {
-        last.1 = last.1.max(b);
-        return;
+/// A union of disjoint, sorted intervals, fed in batches that mostly arrive in time order.
+#[derive(Debug, Default)]
+struct IntervalSet {
+    spans: Vec<(Nanos, Nanos)>,
+    pending: Vec<(Nanos, Nanos)>,
+}
+
+impl IntervalSet {
+    fn push(&mut self, a: Nanos, b: Nanos) {
+        if b > a {
+            self.pending.push((a, b));
+        }
     }
-    list.push((a, b));
+
+    /// Merges the pending intervals in; only the tail of the set they can touch is re-merged.
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let batch = union(std::mem::take(&mut self.pending));
+        let first = batch[0].0;
+        let cut = self.spans.partition_point(|s| s.1 < first);
+        let mut tail = self.spans.split_off(cut);
+        tail.extend(batch);
+        self.spans.extend(union(tail));
+    }
+
+    fn spans(&mut self) -> &[(Nanos, Nanos)] {
+        self.flush();
+        &self.spans
+    }
 }
 
 fn union(mut list: Vec<(Nanos, Nanos)>) -> Vec<(Nanos, Nanos)> {
@@ -251,6 +273,35 @@ fn overlap_total(x: &[(Nanos, Nanos)], y: &[(Nanos, Nanos)]) -> Nanos {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interval_set_merges_batches_in_any_order() {
+        let mut set = IntervalSet::default();
+        set.push(10, 20);
+        set.push(0, 5);
+        set.flush();
+        set.push(18, 30);
+        set.push(40, 50);
+        set.flush();
+        set.push(3, 12);
+        assert_eq!(set.spans(), &[(0, 30), (40, 50)]);
+    }
+
+    #[test]
+    fn fixture_shares_and_bottleneck() {
+        let src = crate::state::fixture::pipeline(3, 5, 16);
+        let stats = TraceStats::compute(&src).expect("computes");
+        let s1 = &stats.endpoints[1];
+        // Stage 1 computes 250us per 1ms step (its gemm is 150us), waits 20us per transfer.
+        assert_eq!(s1.kernels, 20);
+        assert_eq!(s1.compute, 5 * 250_000);
+        assert_eq!(s1.waiting, 2 * 5 * 20_000);
+        assert_eq!(stats.bottleneck().map(|b| b.endpoint), Some(1));
+        assert_eq!(stats.links.len(), 2);
+        assert_eq!(stats.links[0].transfers, 5);
+        assert_eq!(stats.links[0].busy, 5 * 20_000);
+        assert_eq!(stats.steps.sorted, vec![1_000_000; 4]);
+    }
 
     #[test]
     fn interval_algebra() {

@@ -66,8 +66,18 @@ pub fn draw(frame: &mut Frame<'_>, app: &mut App) {
         body = rest;
     }
     if app.mode == Mode::Stats {
-        if let Some(stats) = &app.stats {
-            stats::StatsView::new(stats, app.timeline.endpoints()).render(body, frame.buffer_mut());
+        match &app.stats {
+            Some(stats) => {
+                stats::StatsView::new(stats, app.timeline.endpoints())
+                    .render(body, frame.buffer_mut());
+            }
+            None => {
+                let events = app.timeline.source().total_counts().total();
+                Paragraph::new(format!(
+                    "computing statistics: reading all {events} events of the trace once..."
+                ))
+                .render(body, frame.buffer_mut());
+            }
         }
         return;
     }

@@ -342,6 +342,14 @@ fn stats_view_answers_where_time_went() {
     press(&mut a, KeyCode::Char('t'));
     assert_eq!(a.mode, Mode::Stats);
     let lines = text(&screen(&mut a, 80, 24));
+    assert!(
+        lines[1].starts_with("computing statistics: reading all 162 events"),
+        "{}",
+        lines[1]
+    );
+    assert!(a.compute_pending().expect("computes"));
+    assert!(!a.compute_pending().expect("already computed"));
+    let lines = text(&screen(&mut a, 80, 24));
     assert_eq!(
         lines[1].trim_end(),
         "endpoint        compute  waiting     idle  kernels  steps"

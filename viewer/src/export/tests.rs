@@ -1,0 +1,114 @@
+//! Exports of the in-memory fixture decoded back: tracks, slice counts and flow pairs.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::export::{Format, export};
+use crate::state::event::{TraceEvent, Transfer};
+use crate::state::fixture;
+use crate::state::source::MemorySource;
+
+#[test]
+fn perfetto_fixture_round_trip() {
+    let src = fixture::pipeline(3, 4, 16);
+    let mut out = Vec::new();
+    let summary = export(&src, Format::Perfetto, &mut out).expect("exports");
+    let c = super::perfetto::read(&out).expect("decodes");
+    assert!(c.well_formed);
+    // 3 stages x 4 steps x 4 kernels.
+    assert_eq!(summary.slices, 48);
+    assert_eq!(c.slices.values().sum::<u64>(), 48);
+    assert_eq!(c.slice_names["gemm"], 12);
+    let roots: BTreeSet<&str> = c
+        .tracks
+        .values()
+        .filter(|t| t.parent == 0)
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(roots, BTreeSet::from(["n0/s0", "n0/s1", "n1/s2"]));
+    // 2 links x 4 steps; ids 0..12 step*3+stage; flow id = transfer id + 1.
+    let ids: BTreeSet<u64> = c.flow_starts.keys().copied().collect();
+    assert_eq!(ids, c.flow_ends.keys().copied().collect());
+    assert_eq!(ids.len(), 8);
+    assert_eq!(summary.flows, 8);
+    for (id, start) in &c.flow_starts {
+        let src_ep = (id - 1) % 3;
+        let parent = |track: u64| c.tracks[&c.tracks[&track].parent].name.clone();
+        assert_eq!(parent(*start), format!("n{}/s{src_ep}", src_ep / 2));
+        assert_eq!(
+            parent(c.flow_ends[id]),
+            format!("n{}/s{}", (src_ep + 1) / 2, src_ep + 1)
+        );
+    }
+    // Steps, snapshots and the one loss are instants.
+    assert_eq!(c.instants, 3 * 4 + 3 + 1);
+    assert!(c.counters.values().sum::<u64>() > 0);
+}
+
+#[test]
+fn chrome_fixture_round_trip() {
+    let src = fixture::pipeline(2, 3, 16);
+    let mut out = Vec::new();
+    let summary = export(&src, Format::Chrome, &mut out).expect("exports");
+    let doc: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
+    let events = doc["traceEvents"].as_array().expect("traceEvents");
+    let count = |ph: &str| events.iter().filter(|e| e["ph"] == ph).count();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["ph"] == "X" && e["cat"] == "kernel")
+            .count(),
+        24
+    );
+    assert_eq!(summary.slices, 24);
+    assert_eq!(count("s"), 3);
+    assert_eq!(count("f"), 3);
+    let gemm = events
+        .iter()
+        .find(|e| e["name"] == "gemm")
+        .expect("a gemm slice");
+    assert_eq!(gemm["dur"], 100.0, "microseconds");
+}
+
+#[test]
+fn a_transfer_only_the_sender_logged_still_gets_both_ends() {
+    let x = Transfer {
+        id: 41,
+        src: 0,
+        dst: 1,
+        bytes: 64,
+        post: 1_000,
+        complete: 3_000,
+        src_arena: 0,
+        dst_arena: 0,
+        src_offset: 0,
+        dst_offset: 0,
+        hash: 1,
+        transport: Arc::from("tcp"),
+        payload: None,
+        logged_by_receiver: false,
+    };
+    let src = MemorySource::new(
+        fixture::endpoints(2),
+        vec![vec![TraceEvent::Transfer(Box::new(x))], vec![]],
+        4,
+    );
+    let mut out = Vec::new();
+    export(&src, Format::Perfetto, &mut out).expect("exports");
+    let c = super::perfetto::read(&out).expect("decodes");
+    let names: HashMap<u64, String> = c
+        .tracks
+        .iter()
+        .map(|(u, t)| {
+            (
+                *u,
+                c.tracks
+                    .get(&t.parent)
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(names[&c.flow_starts[&42]], "n0/s0");
+    assert_eq!(names[&c.flow_ends[&42]], "n0/s1");
+}
