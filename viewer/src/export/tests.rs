@@ -31,14 +31,12 @@ fn perfetto_fixture_round_trip() {
     assert_eq!(ids, c.flow_ends.keys().copied().collect());
     assert_eq!(ids.len(), 8);
     assert_eq!(summary.flows, 8);
+    let name = |ep: u64| format!("n{}/s{ep}", ep / 2);
+    let parent = |track: u64| c.tracks[&c.tracks[&track].parent].name.clone();
     for (id, start) in &c.flow_starts {
         let src_ep = (id - 1) % 3;
-        let parent = |track: u64| c.tracks[&c.tracks[&track].parent].name.clone();
-        assert_eq!(parent(*start), format!("n{}/s{src_ep}", src_ep / 2));
-        assert_eq!(
-            parent(c.flow_ends[id]),
-            format!("n{}/s{}", (src_ep + 1) / 2, src_ep + 1)
-        );
+        assert_eq!(parent(*start), name(src_ep));
+        assert_eq!(parent(c.flow_ends[id]), name(src_ep + 1));
     }
     // Steps, snapshots and the one loss are instants.
     assert_eq!(c.instants, 3 * 4 + 3 + 1);
