@@ -165,3 +165,17 @@ fn node_without_a_key_says_how_to_give_one() {
         "{err}"
     );
 }
+
+#[test]
+fn node_with_an_unreadable_key_file_names_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("no-such.key");
+    let out = Command::new(slug())
+        .args(["node", "--listen", "127.0.0.1:0", "--key-file"])
+        .arg(&missing)
+        .output()
+        .expect("run slug node");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such.key"), "{err}");
+}
