@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::{Args, ValueEnum};
 use slug_viewer::TraceDirSource;
 use slug_viewer::export::{Format, export_to_path};
+use slug_viewer::state::source::TraceSource;
 
 /// Output formats of `slug export`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -37,6 +38,13 @@ pub fn execute(args: ExportArgs) -> Result<ExitCode> {
         ExportFormat::Chrome => Format::Chrome,
     };
     let source = TraceDirSource::open(&args.trace)?;
+    // Damaged logs are exported as far as they could be read, and said so.
+    for (ep, info) in source.endpoints().iter().enumerate() {
+        let health = source.health(ep);
+        if !health.note.is_empty() {
+            eprintln!("slug: warning: {}: {}", info.name, health.note);
+        }
+    }
     let out = args
         .out
         .unwrap_or_else(|| PathBuf::from(format.default_file_name()));

@@ -202,3 +202,54 @@ fn export_of_a_missing_trace_says_so() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("no trace at /nonexistent/slug-trace"), "{err}");
 }
+
+#[test]
+fn export_of_a_cut_short_log_warns_and_keeps_what_survived() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("trace");
+    let cfg = SynthConfig {
+        stages: 2,
+        steps: 6,
+        microbatches: 2,
+        layers_per_stage: 2,
+        threads: 2,
+        writer: slug_schema::WriterOptions {
+            events_per_frame: 64,
+            ..slug_schema::WriterOptions::default()
+        },
+        ..SynthConfig::default()
+    };
+    write_trace(&dir, &cfg).expect("synthetic trace written");
+    // A killed writer: no footer, last frame cut in half.
+    let log = dir.join("endpoints/1.slog");
+    let len = std::fs::metadata(&log).expect("log exists").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&log)
+        .expect("open log");
+    file.set_len(len * 2 / 3).expect("truncate");
+    let out = tmp.path().join("t.json");
+    let run = slug(&[
+        "export",
+        dir.to_str().unwrap(),
+        "--format",
+        "chrome",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("slug: warning: node0/s1: log not closed (no index footer)"),
+        "{err}"
+    );
+    let events = slug_viewer::export::chrome::read_events(&out).expect("valid JSON");
+    assert!(
+        events.iter().any(|e| e["cat"] == "kernel" && e["pid"] == 2),
+        "node0/s1 kept its surviving spans"
+    );
+}

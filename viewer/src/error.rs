@@ -44,18 +44,6 @@ pub enum ViewerError {
         /// The I/O or JSON error.
         reason: String,
     },
-    /// The terminal is too small to draw the viewer.
-    #[error("the terminal is {width}x{height}; slug view needs at least {min_width}x{min_height}")]
-    TerminalTooSmall {
-        /// Current width in columns.
-        width: u16,
-        /// Current height in rows.
-        height: u16,
-        /// Minimum width.
-        min_width: u16,
-        /// Minimum height.
-        min_height: u16,
-    },
     /// Writing the export output or talking to the terminal failed.
     #[error("I/O error on {what}: {source}")]
     Io {

@@ -2,7 +2,7 @@
 //! viewer's `TraceSource`, with node clock offsets applied and interned strings resolved.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use slug_schema::{
@@ -73,7 +73,6 @@ struct EndpointLog {
 /// A trace directory opened for viewing or export.
 #[derive(Debug)]
 pub struct TraceDirSource {
-    dir: PathBuf,
     endpoints: Vec<EndpointInfo>,
     logs: Vec<EndpointLog>,
     /// Endpoint id (as in transfers) → index in `endpoints`.
@@ -151,17 +150,11 @@ impl TraceDirSource {
             names.insert(transport_name(t), Arc::from(transport_name(t)));
         }
         Ok(Self {
-            dir: dir.to_path_buf(),
             endpoints,
             logs,
             index_of,
             names,
         })
-    }
-
-    /// The trace directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     fn endpoint_ix(&self, id: u32) -> EndpointIx {

@@ -395,3 +395,23 @@ fn divergence_report_is_highlighted_and_selected() {
     );
     assert!(lines.iter().any(|l| l.contains('!')), "{lines:?}");
 }
+
+#[test]
+fn damaged_logs_are_reported_on_the_first_screen() {
+    let mut src = fixture::pipeline(2, 2, 8);
+    src.set_health(
+        1,
+        crate::state::source::LogHealth {
+            lost_events: 40,
+            truncated_bytes: 999,
+            note: "log not closed (no index footer); 999 bytes cut short, about 40 events lost"
+                .to_string(),
+        },
+    );
+    let mut a = App::new(Timeline::new(Box::new(src)), "damaged");
+    let lines = text(&screen(&mut a, 100, 20));
+    assert_eq!(
+        lines[19].trim_end(),
+        "n0/s1: log not closed (no index footer); 999 bytes cut short, about 40 events lost"
+    );
+}
