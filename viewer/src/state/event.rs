@@ -425,11 +425,14 @@ impl TraceEvent {
         }
     }
 
-    /// Every field of the event as (name, value) pairs, for the detail pane.
+    /// Every field of the event as (name, value) pairs, for the detail pane; times are shown
+    /// from `origin` (the trace start), as the time axis shows them.
     pub fn fields(
         &self,
+        origin: Nanos,
         endpoint_name: &dyn Fn(EndpointIx) -> String,
     ) -> Vec<(&'static str, String)> {
+        let format_time = |t: Nanos| format_time(t.saturating_sub(origin));
         let mut out = vec![("kind", self.kind().name().to_string())];
         match self {
             TraceEvent::Kernel(k) => {

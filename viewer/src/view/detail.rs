@@ -7,6 +7,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Widget, Wrap};
 
 use crate::state::app::Selection;
+use crate::state::event::Nanos;
 use crate::state::source::EndpointInfo;
 use crate::view::style;
 
@@ -15,14 +16,16 @@ use crate::view::style;
 pub struct DetailView<'a> {
     selection: &'a Selection,
     endpoints: &'a [EndpointInfo],
+    origin: Nanos,
 }
 
 impl<'a> DetailView<'a> {
-    /// A pane for `selection`, naming endpoints from `endpoints`.
-    pub fn new(selection: &'a Selection, endpoints: &'a [EndpointInfo]) -> Self {
+    /// A pane for `selection`, naming endpoints from `endpoints`, times from `origin`.
+    pub fn new(selection: &'a Selection, endpoints: &'a [EndpointInfo], origin: Nanos) -> Self {
         Self {
             selection,
             endpoints,
+            origin,
         }
     }
 }
@@ -38,7 +41,7 @@ impl Widget for DetailView<'_> {
             Span::styled("endpoint ", style::DIM),
             Span::raw(name(self.selection.endpoint)),
         ])];
-        for (field, value) in self.selection.event.fields(&name) {
+        for (field, value) in self.selection.event.fields(self.origin, &name) {
             lines.push(Line::from(vec![
                 Span::styled(format!("{field} "), style::DIM),
                 Span::raw(value),

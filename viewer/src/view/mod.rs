@@ -86,7 +86,8 @@ pub fn draw(frame: &mut Frame<'_>, app: &mut App) {
     {
         let [main, side] =
             Layout::horizontal([Constraint::Min(1), Constraint::Length(DETAIL_WIDTH)]).areas(body);
-        detail::DetailView::new(sel, app.timeline.endpoints()).render(side, frame.buffer_mut());
+        detail::DetailView::new(sel, app.timeline.endpoints(), app.timeline.extent().start)
+            .render(side, frame.buffer_mut());
         main
     } else {
         body

@@ -171,7 +171,7 @@ fn detail_pane_shows_every_field_of_a_transfer() {
     };
     let eps = fixture::endpoints(2);
     let mut buf = Buffer::empty(Rect::new(0, 0, 40, 20));
-    detail::DetailView::new(&sel, &eps).render(buf.area, &mut buf);
+    detail::DetailView::new(&sel, &eps, 0).render(buf.area, &mut buf);
     let lines = [
         " event (esc clears)",
         "endpoint n0/s1",
