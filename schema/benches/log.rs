@@ -34,6 +34,11 @@ impl Tally {
         d
     }
 
+    /// Whether criterion ran this benchmark (it skips filtered-out ones).
+    fn ran(&self) -> bool {
+        self.iters.get() > 0
+    }
+
     fn per_iter_ns(&self) -> f64 {
         self.elapsed.get().as_nanos() as f64 / self.iters.get().max(1) as f64
     }
@@ -118,6 +123,9 @@ fn bench_append(c: &mut Criterion) {
         })
     });
     g.finish();
+    if !(ours.ran() && base.ran()) {
+        return;
+    }
     eprintln!(
         "append: {:.1} ns/event vs memcpy {:.1} ns/record: ratio {:.2} (target <= 20 ns)",
         ours.per_iter_ns(),

@@ -52,6 +52,14 @@ impl RawRecord {
     /// Size of a record in bytes.
     pub const SIZE: usize = 128;
 
+    /// An all-zero record (a zero-filled kernel span), to fill buffers with.
+    pub(crate) const EMPTY: RawRecord = RawRecord {
+        kind: 0,
+        flags: 0,
+        small: [0; 6],
+        words: [0; WORDS],
+    };
+
     /// The event kind byte as stored (valid kinds are `0..EventKind::COUNT`).
     pub fn kind_byte(&self) -> u8 {
         self.kind

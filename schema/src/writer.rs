@@ -19,8 +19,8 @@ use crate::event::{Event, EventKind, StringId};
 use crate::frame::{FILE_HEADER_LEN, FrameEncoder, FrameInfo, LogHeader, footer_bytes};
 use crate::raw::RawRecord;
 
-/// Tuning of a [`LogWriter`]. Memory: up to four buffers of `events_per_frame` 128-byte records
-/// are alive at once (filling, two queued, encoding): 32 MiB at the default.
+/// Tuning of a [`LogWriter`]. Memory: a fixed pool of three buffers of `events_per_frame`
+/// 128-byte records (24 MiB at the default), allocated when the writer is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterOptions {
     /// Events per frame (1..=1048576). Bigger frames compress better; smaller ones seek finer.
@@ -55,6 +55,15 @@ pub struct LogStats {
     pub bytes: u64,
     /// Size of the same events as raw records (`events * RawRecord::SIZE`).
     pub raw_bytes: u64,
+}
+
+/// Record buffers per writer: one filling, the others queued, encoding or spare.
+const BUFFERS: usize = 3;
+
+fn prefaulted(capacity: usize) -> Vec<RawRecord> {
+    let mut v = vec![RawRecord::EMPTY; capacity];
+    v.clear();
+    v
 }
 
 enum Chunk {
@@ -112,7 +121,11 @@ impl LogWriter {
         file.write_all(&header.to_bytes())
             .map_err(|e| SchemaError::io(&path, e))?;
         let (to_encoder, chunks) = crossbeam_channel::bounded::<Chunk>(2);
-        let (give_back, spare) = crossbeam_channel::bounded(2);
+        // A fixed pool of record buffers, faulted in now so the hot path never touches fresh pages.
+        let (give_back, spare) = crossbeam_channel::bounded(BUFFERS);
+        for _ in 1..BUFFERS {
+            let _ = give_back.send(prefaulted(options.events_per_frame));
+        }
         let thread_path = path.clone();
         let encoder = std::thread::Builder::new()
             .name(format!("slog-encoder-{}", header.endpoint))
@@ -120,7 +133,7 @@ impl LogWriter {
             .map_err(|e| SchemaError::io(&path, e))?;
         Ok(LogWriter {
             path,
-            buf: Vec::with_capacity(options.events_per_frame),
+            buf: prefaulted(options.events_per_frame),
             events_per_frame: options.events_per_frame,
             interned: HashMap::new(),
             new_strings: Vec::new(),
@@ -183,12 +196,15 @@ impl LogWriter {
         if self.buf.is_empty() {
             return;
         }
-        let fresh = self
-            .spare
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(self.events_per_frame));
-        let full = std::mem::replace(&mut self.buf, fresh);
-        let _ = tx.send(Chunk::Events(full));
+        // Waits while every other buffer is queued or encoding: back-pressure, bounded memory.
+        match self.spare.recv() {
+            Ok(fresh) => {
+                let full = std::mem::replace(&mut self.buf, fresh);
+                let _ = tx.send(Chunk::Events(full));
+            }
+            // The encoder stopped and will not return buffers; close() reports why.
+            Err(_) => self.buf.clear(),
+        }
     }
 
     /// Flushes everything, writes the index footer and returns what the log holds.
