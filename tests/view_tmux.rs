@@ -165,3 +165,40 @@ fn view_in_a_tiny_terminal_says_so() {
     assert!(s.contains("needs 60x16"), "{s}");
     t.keys(&["q"]);
 }
+
+#[test]
+fn view_highlights_a_replay_divergence() {
+    if !Tmux::available() {
+        eprintln!(
+            "skipping view_highlights_a_replay_divergence: tmux is not installed (apt-get install tmux)"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("trace");
+    trace(&dir);
+    let report = tmp.path().join("report.json");
+    std::fs::write(
+        &report,
+        r#"{"endpoint": 1, "step": 2, "layer": 0, "kernel": "gemm_qkv", "transfer_id": null,
+            "offset": 5, "expected": 1.5, "got": 1.25, "later_differing": 9}"#,
+    )
+    .expect("write report");
+    let cmd = format!(
+        "{} view {} --divergence {}",
+        env!("CARGO_BIN_EXE_slug"),
+        dir.display(),
+        report.display()
+    );
+    let t = Tmux::start("div", 110, 34, &cmd);
+    let s = t.wait_for("first divergence:");
+    assert!(
+        s.contains("first divergence: node0/s1 step 2 layer 0 kernel gemm_qkv @5: expected 1.5 got 1.25 (9 later differ)"),
+        "{s}"
+    );
+    assert!(
+        s.contains('!'),
+        "the divergence is marked on its track:\n{s}"
+    );
+    t.keys(&["q"]);
+}

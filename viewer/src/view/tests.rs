@@ -415,3 +415,46 @@ fn damaged_logs_are_reported_on_the_first_screen() {
         "n0/s1: log not closed (no index footer); 999 bytes cut short, about 40 events lost"
     );
 }
+
+#[test]
+fn kernel_spans_are_coloured_by_kernel() {
+    let mut a = app(1, 1);
+    // Zoom so that the first step's gemm (20us..120us) covers whole columns.
+    a.set_view(0, 200_000);
+    let mut term = Terminal::new(TestBackend::new(80, 20)).expect("test backend");
+    draw_frame(&mut term, &mut a).expect("draws");
+    let buf = term.backend().buffer();
+    let axis = a.window.as_ref().expect("window built");
+    let x0 = crate::view::LABEL_WIDTH;
+    let col = |t| x0 + axis.column_of(t) as u16;
+    let cell = |t| &buf[(col(t), 2)];
+    assert_eq!(cell(60_000).symbol(), "█");
+    assert_eq!(cell(60_000).fg, crate::view::style::kernel_color("gemm"));
+    assert_eq!(
+        cell(140_000).fg,
+        crate::view::style::kernel_color("attention")
+    );
+    assert_ne!(
+        crate::view::style::kernel_color("gemm"),
+        crate::view::style::kernel_color("attention"),
+        "the fixture's kernels get distinct colours"
+    );
+}
+
+#[test]
+fn an_empty_trace_draws_without_events() {
+    let src = crate::state::source::MemorySource::new(fixture::endpoints(2), Vec::new(), 8);
+    let mut a = App::new(Timeline::new(Box::new(src)), "empty");
+    let lines = text(&screen(&mut a, 80, 20));
+    assert!(lines[0].contains("events: 0 in view"), "{}", lines[0]);
+    assert!(lines[2].starts_with(">n0/s0"), "{}", lines[2]);
+    press(&mut a, KeyCode::Char('w'));
+    press(&mut a, KeyCode::Char('n'));
+    press(&mut a, KeyCode::Char('t'));
+    assert!(a.compute_pending().expect("stats of nothing"));
+    let lines = text(&screen(&mut a, 80, 20));
+    assert!(
+        lines.iter().any(|l| l.starts_with("bottleneck: none")),
+        "{lines:?}"
+    );
+}
