@@ -17,13 +17,25 @@ use memmap2::MmapMut;
 use crate::error::{Result, TransportError};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SLUGFAB1");
-const FABRIC_VERSION: u32 = 1;
+const FABRIC_VERSION: u32 = 2;
 const HEADER_BYTES: usize = 4096;
 const ABORT_AT: usize = 64;
 const PROGRESS_AT: usize = 128;
 /// Stages whose progress the header can hold.
 pub const MAX_STAGES: usize = 256;
-const RING_HEADER_BYTES: usize = 192;
+const RING_HEADER_BYTES: usize = 256;
+/// Offsets in a ring header of a waiting receiver's direct-placement post (see [`Ring::post_and_wait`]).
+const POST_STATE: usize = 128;
+const POST_PID: usize = 132;
+const POST_ADDR: usize = 136;
+const POST_LEN: usize = 144;
+const POST_ARENA: usize = 152;
+const POST_HEADER: usize = 192;
+/// Post states: no post, a receiver waits with its arena, a sender is copying into it, done.
+const IDLE: u32 = 0;
+const POSTED: u32 = 1;
+const CLAIMED: u32 = 2;
+const DONE: u32 = 3;
 const SLOT_HEADER_BYTES: usize = 64;
 /// A waiter spins this long (a peer mid-copy usually finishes within it, and a futex wake-up
 /// costs several microseconds), then yields the CPU until [`YIELD_FOR`], then sleeps on the futex.
@@ -361,6 +373,155 @@ impl Ring<'_> {
         self.spec.capacity
     }
 
+    /// Receiver side of direct placement. With nothing queued, the waiting receiver posts its
+    /// destination arena (`dst`, registered as `arena`) in the ring header, so that a sender
+    /// finding the ring drained copies the next transfer straight into it: one copy instead of
+    /// two. Returns the transfer's header when it landed that way, `None` when a queued slot
+    /// message is there to take instead. `dst` stays exclusively borrowed for the whole call and
+    /// the post is withdrawn (or the sender's copy finished) before returning, so the sender
+    /// writes into it only while the receiver is blocked here and does not touch it.
+    pub(crate) fn post_and_wait(
+        &self,
+        timeout: Duration,
+        arena: u32,
+        dst: &mut [u8],
+    ) -> std::result::Result<Option<SlotHeader>, WaitFailure> {
+        let tail = self.tail().load(Ordering::Relaxed);
+        if self.head().load(Ordering::Acquire) != tail {
+            return Ok(None);
+        }
+        let state = self.fabric.word32(self.at + POST_STATE);
+        self.fabric
+            .word32(self.at + POST_PID)
+            .store(std::process::id(), Ordering::Relaxed);
+        self.fabric.word64(self.at + POST_ADDR).store(
+            dst.as_mut_ptr().expose_provenance() as u64,
+            Ordering::Relaxed,
+        );
+        self.fabric
+            .word64(self.at + POST_LEN)
+            .store(dst.len() as u64, Ordering::Relaxed);
+        self.fabric
+            .word32(self.at + POST_ARENA)
+            .store(arena, Ordering::Relaxed);
+        state.store(POSTED, Ordering::SeqCst);
+        let waited = wait_until(
+            self.fabric,
+            || self.head().load(Ordering::Acquire) != tail || state.load(Ordering::Acquire) == DONE,
+            self.head(),
+            self.head_waiters(),
+            timeout,
+        );
+        loop {
+            match state.compare_exchange(POSTED, IDLE, Ordering::SeqCst, Ordering::SeqCst) {
+                // Withdrawn before any sender claimed it: a slot message came, or the wait failed.
+                Ok(_) => return waited.map(|()| None),
+                Err(DONE) => {
+                    let mut raw = [0u8; SLOT_HEADER_BYTES];
+                    // SAFETY: the header area lies inside this ring's header; the sender wrote it
+                    // before publishing DONE, and nobody writes it again until the next post.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            self.fabric.base.add(self.at + POST_HEADER),
+                            raw.as_mut_ptr(),
+                            SLOT_HEADER_BYTES,
+                        )
+                    };
+                    state.store(IDLE, Ordering::SeqCst);
+                    return Ok(Some(SlotHeader::decode(&raw)));
+                }
+                // A sender is mid-copy into `dst`: a bounded memcpy, unless the run was aborted
+                // because that sender's process died, which cannot write any more.
+                Err(CLAIMED) if self.fabric.aborted() => return Err(WaitFailure::Aborted),
+                Err(CLAIMED) => std::thread::yield_now(),
+                Err(_) => return waited.map(|()| None),
+            }
+        }
+    }
+
+    /// Sender side of direct placement: if the receiver waits with a post for `header.dst_arena`
+    /// that holds the destination range, and every earlier message was consumed, copies
+    /// `payload` straight into the receiver's arena and completes the transfer. Returns false
+    /// (nothing delivered) when the slot path must carry the transfer; `direct` is cleared when
+    /// the operating system refuses cross-process copies, so later transfers do not retry.
+    pub(crate) fn try_direct(
+        &self,
+        header: &SlotHeader,
+        payload: &[u8],
+        direct: &mut bool,
+    ) -> bool {
+        let state = self.fabric.word32(self.at + POST_STATE);
+        if !*direct
+            || state.load(Ordering::SeqCst) != POSTED
+            || self.tail().load(Ordering::Acquire) != self.head().load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        if state
+            .compare_exchange(POSTED, CLAIMED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return false;
+        }
+        // Read the post only once claimed: the receiver cannot change or withdraw it now.
+        let arena = self
+            .fabric
+            .word32(self.at + POST_ARENA)
+            .load(Ordering::Relaxed);
+        let len = self
+            .fabric
+            .word64(self.at + POST_LEN)
+            .load(Ordering::Relaxed);
+        let fits = header
+            .dst_off
+            .checked_add(payload.len() as u64)
+            .is_some_and(|end| end <= len);
+        if arena != header.dst_arena || !fits {
+            // Let the slot path deliver it, so the receiver reports the bad address.
+            state.store(POSTED, Ordering::SeqCst);
+            return false;
+        }
+        let pid = self
+            .fabric
+            .word32(self.at + POST_PID)
+            .load(Ordering::Relaxed);
+        let addr = self
+            .fabric
+            .word64(self.at + POST_ADDR)
+            .load(Ordering::Relaxed)
+            + header.dst_off;
+        let copied = if pid == std::process::id() {
+            let dst = std::ptr::with_exposed_provenance_mut::<u8>(addr as usize);
+            // SAFETY: the receiver exposed this pointer from a `&mut [u8]` it keeps borrowed,
+            // untouched, until it sees DONE (see `post_and_wait`); the range was checked against
+            // that slice's length above, and CLAIMED makes this sender its only writer.
+            unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), dst, payload.len()) };
+            true
+        } else {
+            write_other_process(pid, addr, payload)
+        };
+        if !copied {
+            // The slot path delivers instead; the post stays for it to be withdrawn.
+            *direct = false;
+            state.store(POSTED, Ordering::SeqCst);
+            return false;
+        }
+        let raw = header.encode();
+        // SAFETY: the header area lies inside this ring's header; CLAIMED makes it ours.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr(),
+                self.fabric.base.add(self.at + POST_HEADER),
+                SLOT_HEADER_BYTES,
+            )
+        };
+        state.store(DONE, Ordering::SeqCst);
+        if self.head_waiters().load(Ordering::SeqCst) > 0 {
+            futex_wake(self.head());
+        }
+        true
+    }
+
     fn slot_ptr(&self, counter: u32) -> *mut u8 {
         let index = (counter % self.spec.slots) as usize;
         let stride = SLOT_HEADER_BYTES + round64(self.spec.capacity as usize);
@@ -484,6 +645,24 @@ fn wait_until(
         }
         waiters.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Copies `bytes` to `addr` in process `pid` (a receiver on this machine that posted its arena
+/// there) with one kernel-mediated copy. False when the kernel refuses (ptrace restrictions such
+/// as Yama's `ptrace_scope`) or the copy came up short.
+fn write_other_process(pid: u32, addr: u64, bytes: &[u8]) -> bool {
+    let local = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: `local` describes readable memory of this process; the kernel validates `remote`
+    // against the target's address space and fails rather than fault.
+    let n = unsafe { libc::process_vm_writev(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    n >= 0 && n as usize == bytes.len()
 }
 
 /// Sleeps while `*word == expected`, at most `timeout`. Spurious returns are fine: callers re-check.

@@ -86,6 +86,9 @@ pub struct LinkStats {
     pub bytes: u64,
     /// Nanoseconds spent inside send/recv (copying and waiting).
     pub busy_ns: u64,
+    /// Transfers copied straight into a waiting receiver's arena (one copy, not two).
+    #[serde(default)]
+    pub direct: u64,
 }
 
 impl LinkStats {
@@ -156,6 +159,8 @@ pub struct LinkSender {
     ends: LinkEnds,
     kind: TransportKind,
     path: SendPath,
+    /// Whether to try direct placement into a waiting receiver's arena (ring links).
+    direct: bool,
     observers: Observers,
     next_seq: u64,
     stats: LinkStats,
@@ -220,6 +225,7 @@ impl LinkSender {
             ends,
             kind,
             path: SendPath::Ring { fabric, ring },
+            direct: true,
             observers,
             next_seq: 0,
             stats: LinkStats::default(),
@@ -249,6 +255,7 @@ impl LinkSender {
         Ok(Self {
             ends,
             kind: TransportKind::Tcp,
+            direct: false,
             path: SendPath::Tcp {
                 conn: done.conn,
                 frame: Vec::with_capacity(COALESCE + HEADER_LEN),
@@ -313,7 +320,15 @@ impl LinkSender {
             SendPath::Ring { fabric, ring } => {
                 let ring = fabric.ring(*ring);
                 let cap = ring.capacity();
-                for chunk in 0..len.div_ceil(cap).max(1) {
+                // A receiver already waiting takes the bytes straight into its arena; otherwise
+                // they queue in slots, in pieces of at most one slot.
+                let pieces = if ring.try_direct(&header, payload, &mut self.direct) {
+                    self.stats.direct += 1;
+                    0
+                } else {
+                    len.div_ceil(cap).max(1)
+                };
+                for chunk in 0..pieces {
                     let (a, b) = (
                         (chunk * cap) as usize,
                         ((chunk + 1) * cap).min(len) as usize,
@@ -463,25 +478,35 @@ impl LinkReceiver {
                 let bytes = &mut *dst.bytes;
                 let ring = fabric.ring(*ring);
                 let cap = ring.capacity();
-                let first = ring
-                    .recv(ends.timeout, |h, piece| -> Result<SlotHeader> {
-                        place(&ends, arena, bytes.len(), h)?;
-                        let r = check_range(arena, bytes.len(), h.dst_off, h.len)?;
-                        piece_in_order(&ends, h, h, 0)?;
-                        bytes[r.start..r.start + piece.len()].copy_from_slice(piece);
-                        Ok(*h)
-                    })
-                    .map_err(|f| wait_error(&self.ends, f, "received"))??;
-                for chunk in 1..first.len.div_ceil(cap).max(1) {
-                    ring.recv(ends.timeout, |h, piece| -> Result<()> {
-                        piece_in_order(&ends, h, &first, chunk)?;
-                        let at = (first.dst_off + chunk * cap) as usize;
-                        bytes[at..at + piece.len()].copy_from_slice(piece);
-                        Ok(())
-                    })
-                    .map_err(|f| wait_error(&self.ends, f, "received"))??;
+                let posted = ring
+                    .post_and_wait(ends.timeout, arena.0, bytes)
+                    .map_err(|f| wait_error(&self.ends, f, "received"))?;
+                if let Some(h) = posted {
+                    // The sender checked the range against the post; check the header too.
+                    place(&ends, arena, bytes.len(), &h)?;
+                    self.stats.direct += 1;
+                    h
+                } else {
+                    let first = ring
+                        .recv(ends.timeout, |h, piece| -> Result<SlotHeader> {
+                            place(&ends, arena, bytes.len(), h)?;
+                            let r = check_range(arena, bytes.len(), h.dst_off, h.len)?;
+                            piece_in_order(&ends, h, h, 0)?;
+                            bytes[r.start..r.start + piece.len()].copy_from_slice(piece);
+                            Ok(*h)
+                        })
+                        .map_err(|f| wait_error(&self.ends, f, "received"))??;
+                    for chunk in 1..first.len.div_ceil(cap).max(1) {
+                        ring.recv(ends.timeout, |h, piece| -> Result<()> {
+                            piece_in_order(&ends, h, &first, chunk)?;
+                            let at = (first.dst_off + chunk * cap) as usize;
+                            bytes[at..at + piece.len()].copy_from_slice(piece);
+                            Ok(())
+                        })
+                        .map_err(|f| wait_error(&self.ends, f, "received"))??;
+                    }
+                    first
                 }
-                first
             }
             RecvPath::Tcp { conn, pending } => {
                 pending.fill(conn, HEADER_LEN, self.ends.timeout)?;
@@ -815,6 +840,69 @@ mod tests {
             assert!(dst[3 + len..].iter().all(|&b| b == 0xff));
         }
         sender.join().expect("sender");
+    }
+
+    #[test]
+    fn a_waiting_receiver_gets_the_bytes_placed_directly() {
+        let layout = FabricLayout::new(&[RingSpec {
+            slots: 2,
+            capacity: 16,
+        }])
+        .expect("layout");
+        let fabric = Arc::new(Fabric::heap(layout));
+        let mut tx = LinkSender::over_fabric(
+            fabric.clone(),
+            0,
+            ends(),
+            TransportKind::Local,
+            Observers::none(),
+        )
+        .expect("tx");
+        let mut rx =
+            LinkReceiver::over_fabric(fabric, 0, ends(), TransportKind::Local, Observers::none())
+                .expect("rx");
+        let receiver = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..20 {
+                let mut dst = vec![0u8; 300];
+                let t = rx
+                    .recv(&mut RegionMut {
+                        arena: ArenaId(2),
+                        bytes: &mut dst,
+                    })
+                    .expect("recv");
+                got.push((t.len, dst));
+            }
+            (got, rx.stats())
+        });
+        let src: Vec<u8> = (0..200u8).collect();
+        for i in 0..20u64 {
+            // Give the receiver time to post: most of these go the direct way.
+            std::thread::sleep(Duration::from_millis(2));
+            tx.send(
+                Region {
+                    arena: ArenaId(1),
+                    bytes: &src,
+                },
+                i,
+                100,
+                ArenaId(2),
+                50 + i,
+                tag(0),
+            )
+            .expect("send");
+        }
+        let (got, stats) = receiver.join().expect("receiver");
+        for (i, (len, dst)) in got.iter().enumerate() {
+            assert_eq!(*len, 100);
+            assert_eq!(&dst[50 + i..150 + i], &src[i..i + 100]);
+            assert!(dst[..50 + i].iter().all(|&b| b == 0));
+        }
+        assert!(
+            stats.direct > 0,
+            "no transfer took the direct path: {stats:?}"
+        );
+        assert_eq!(stats.direct, tx.stats().direct);
     }
 
     #[test]
