@@ -5,7 +5,8 @@
 //! a 4 KiB header (magic, version, size, abort word, stage progress), then per link a ring
 //! header (head / tail counters on their own cache lines, each with a waiter count) followed by
 //! `slots` slots of a 64-byte slot header plus `capacity` bytes. A ring has one sender and one
-//! receiver: the sender alone advances `head`, the receiver alone advances `tail`.
+//! receiver: the sender alone advances `head`, the receiver alone advances `tail`. The ring
+//! header also holds a waiting receiver's post for direct placement (`Ring::post_and_wait`).
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};

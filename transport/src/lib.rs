@@ -15,6 +15,11 @@
 //! - `local`: stages are threads; each link is a slot ring in a heap [`fabric::Fabric`].
 //! - `shm`: stages are processes; the rings live in one memory-mapped fabric file (pooled fabric
 //!   memory); waits spin briefly, yield, then sleep on a futex in bounded slices.
+//!
+//! On both ring backends a receiver that is already waiting posts its arena in the ring header
+//! and the sender copies straight into it (one copy: `memcpy` between threads,
+//! `process_vm_writev` between processes); otherwise, or where the kernel refuses cross-process
+//! copies, the bytes queue in slots (two copies) in pieces of at most 64 KiB.
 //! - `tcp`: stages are processes on any hosts; every connection starts with a handshake
 //!   ([`auth`]): protocol version, stage ids, an HMAC-SHA256 proof of the shared cluster key in
 //!   both directions (the key never crosses the wire), and an NTP-style clock-offset estimate.
