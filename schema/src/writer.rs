@@ -67,8 +67,13 @@ fn prefaulted(capacity: usize) -> Vec<RawRecord> {
 }
 
 enum Chunk {
-    Strings { first: u32, strings: Vec<String> },
+    Strings {
+        first: u32,
+        strings: Vec<String>,
+    },
     Events(Vec<RawRecord>),
+    /// Write out everything so far, then signal.
+    Sync(Sender<()>),
 }
 
 /// Appends events to one endpoint log.
@@ -90,6 +95,7 @@ impl std::fmt::Debug for Chunk {
         match self {
             Chunk::Strings { first, strings } => write!(f, "Strings({first}, {})", strings.len()),
             Chunk::Events(v) => write!(f, "Events({})", v.len()),
+            Chunk::Sync(_) => write!(f, "Sync"),
         }
     }
 }
@@ -178,9 +184,16 @@ impl LogWriter {
         }
     }
 
-    /// Hands the buffered events (and any new strings) to the encoder thread now.
+    /// Hands the buffered events (and any new strings) to the encoder and waits until they are
+    /// in the file. Errors surface at [`LogWriter::close`].
     pub fn flush(&mut self) {
         self.ship();
+        if let Some(tx) = &self.to_encoder {
+            let (done, written) = crossbeam_channel::bounded(1);
+            if tx.send(Chunk::Sync(done)).is_ok() {
+                let _ = written.recv();
+            }
+        }
     }
 
     #[cold]
@@ -259,6 +272,11 @@ fn encode_loop(
                 records.clear();
                 let _ = give_back.try_send(records);
                 info
+            }
+            Chunk::Sync(done) => {
+                file.flush().map_err(io)?;
+                let _ = done.send(());
+                continue;
             }
         };
         info.offset = offset;
