@@ -4,6 +4,8 @@
 //! of every frame (what a viewer without the index would do before its first frame) and of the
 //! frames the zoomed window needs (what a redraw without the frame cache would cost).
 //!
+//! The whole-trace paths (statistics, Perfetto export) are timed once against the full decode.
+//!
 //! `SLUG_VIEWER_BENCH_EVENTS` changes the trace size (default 10,000,000).
 
 use std::hint::black_box;
@@ -17,8 +19,10 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent};
 use slug_schema::synth::{SynthConfig, write_trace};
 use slug_schema::{LogReader, Trace};
 use slug_viewer::TraceDirSource;
+use slug_viewer::export::{Format, export};
 use slug_viewer::run::draw_frame;
 use slug_viewer::state::app::App;
+use slug_viewer::state::stats::TraceStats;
 use slug_viewer::state::timeline::Timeline;
 
 const FIRST_FRAME_TARGET: Duration = Duration::from_millis(500);
@@ -186,6 +190,19 @@ fn bench(c: &mut Criterion) {
     let t = Instant::now();
     let decoded = decode_all(&dir);
     let full_decode = t.elapsed();
+    // The whole-trace paths, once each: statistics and a Perfetto export to nowhere.
+    let t = Instant::now();
+    let stats = TraceStats::compute(app.timeline.source()).expect("stats");
+    let stats_time = t.elapsed();
+    let rss_stats = peak_rss_bytes();
+    let t = Instant::now();
+    let exported = export(
+        app.timeline.source(),
+        Format::Perfetto,
+        &mut std::io::sink(),
+    )
+    .expect("export");
+    let export_time = t.elapsed();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     if let Some(w) = &app.window {
         eprintln!(
@@ -232,6 +249,20 @@ fn bench(c: &mut Criterion) {
             peak as f64 / MEMORY_TARGET_BYTES as f64
         );
     }
+    eprintln!(
+        "stats view       {:>9.0} ms over {} endpoints = {:.2}x the full decode baseline; peak RSS then {:.1} MiB",
+        ms(stats_time),
+        stats.endpoints.len(),
+        stats_time.as_secs_f64() / full_decode.as_secs_f64(),
+        rss_stats.unwrap_or(0) as f64 / (1 << 20) as f64
+    );
+    eprintln!(
+        "perfetto export  {:>9.0} ms ({} slices, {} flows) = {:.2}x the full decode baseline",
+        ms(export_time),
+        exported.slices,
+        exported.flows,
+        export_time.as_secs_f64() / full_decode.as_secs_f64()
+    );
 }
 
 criterion_group!(benches, bench);
