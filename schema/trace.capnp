@@ -172,7 +172,8 @@ struct Batch {
   kinds @1 :Data;           # u8 EventKind per event, in append order
   baseNs @2 :UInt64;        # primary timestamp of the first event
   times @3 :Data;           # planes: primary timestamp minus that of the previous event of the same
-                            # kind (the first of each kind: minus baseNs)
+                            # kind (the first of each kind: minus baseNs); kernel spans may
+                            # instead be relative to the previous span's end (KernelSpanColumns.timeRef)
 
   firstStringId @4 :UInt32; # id of strings[0]; ids are dense and assigned in order of interning
   strings @5 :List(Text);
@@ -203,6 +204,10 @@ struct KernelSpanColumns {
   duration @7 :Data;        # planes: endNs - startNs
   hasHash @8 :Data;         # u8 0/1
   hashes @9 :Data;          # h128, one per span with hasHash = 1
+  timeRef @10 :Data;        # u8 per span: what its startNs in Batch.times is relative to:
+                            # 0 = the previous span's startNs; 1 = groupEnd, the latest endNs of
+                            # the spans since the last span with timeRef 1 (that span included).
+                            # Both start as baseNs; see docs/FORMAT.md
 }
 
 struct TransferColumns {

@@ -207,6 +207,17 @@ impl<'a> Planes<'a> {
     }
 }
 
+/// The "previous end" predictor of kernel span starts: the latest end of the spans since the
+/// last span that was predicted from it (a group of spans that ran together, like one kernel
+/// over all threads), so the next group is predicted from when the whole group finished.
+fn next_span_end(current: u64, end_ns: u64, starts_group: bool) -> u64 {
+    if starts_group {
+        end_ns
+    } else {
+        current.max(end_ns)
+    }
+}
+
 /// Column buffers, reused from frame to frame by the encoder.
 #[derive(Debug, Default)]
 pub(crate) struct Columns {
@@ -216,6 +227,7 @@ pub(crate) struct Columns {
     times_z: Vec<u64>,
     span_duration_z: Vec<u64>,
     transfer_duration_z: Vec<u64>,
+    span_time_ref: Vec<u8>,
     ks: [Vec<u8>; 10],
     tr: [Vec<u8>; 12],
     sb: [Vec<u8>; 2],
@@ -234,6 +246,8 @@ struct Prev {
     /// Previous primary timestamp per kind: interleaved kinds do not disturb each other's deltas.
     time: [u64; EventKind::COUNT],
     span_step: u64,
+    /// See [`next_span_end`].
+    span_end: u64,
     transfer_id: u64,
     boundary_step: u64,
     ip: u64,
@@ -248,6 +262,7 @@ impl Columns {
         self.times_z.clear();
         self.span_duration_z.clear();
         self.transfer_duration_z.clear();
+        self.span_time_ref.clear();
         for c in self
             .ks
             .iter_mut()
@@ -269,7 +284,18 @@ impl Columns {
         self.kinds.push(event.kind() as u8);
         let ns = event.ns();
         let prev = &mut p.time[event.kind() as usize];
-        self.times_z.push(zigzag(ns, *prev));
+        if let Event::KernelSpan(e) = event {
+            // Spans of one kernel start together (predict from the previous start); the first
+            // span of the next kernel starts after the barrier (predict from the previous end).
+            let (from_start, from_end) = (zigzag(ns, *prev), zigzag(ns, p.span_end));
+            let use_end = from_end < from_start;
+            self.span_time_ref.push(u8::from(use_end));
+            self.times_z
+                .push(if use_end { from_end } else { from_start });
+            p.span_end = next_span_end(p.span_end, e.end_ns, use_end);
+        } else {
+            self.times_z.push(zigzag(ns, *prev));
+        }
         *prev = ns;
         match *event {
             Event::KernelSpan(e) => {
@@ -383,6 +409,7 @@ impl Columns {
             if base.is_none() {
                 base = Some(ns);
                 prev.time = [ns; EventKind::COUNT];
+                prev.span_end = ns;
             }
             self.push(&event, &mut prev);
         }
@@ -442,6 +469,7 @@ impl Columns {
             g.set_duration(&c[7]);
             g.set_has_hash(&c[8]);
             g.set_hashes(&c[9]);
+            g.set_time_ref(&self.span_time_ref);
         }
         if !self.tr[0].is_empty() {
             let c = &self.tr;
@@ -585,6 +613,7 @@ pub(crate) fn decode(
     ];
     let n_spans = per_kind[EventKind::KernelSpan as usize];
     let mut span_duration = Planes::new(ks_r.get_duration()?, n_spans, "kernelSpans.duration")?;
+    let mut span_time_ref = Col::new(ks_r.get_time_ref()?, "kernelSpans.timeRef");
     let mut tr = [
         Col::new(tr_r.get_id()?, "transfers.id"),
         Col::new(tr_r.get_src_endpoint()?, "transfers.srcEndpoint"),
@@ -650,13 +679,27 @@ pub(crate) fn decode(
 
     let mut p = Prev {
         time: [b.get_base_ns(); EventKind::COUNT],
+        span_end: b.get_base_ns(),
         ..Prev::default()
     };
     // Never trust `count` for a big up-front allocation; grow as real events decode.
     let mut events = Vec::with_capacity((count as usize).min(1 << 16));
     for &k in kinds {
         let kind = EventKind::from_u8(k).ok_or(BatchError::Columns("kinds"))?;
-        let ns = times.svar(p.time[kind as usize])?;
+        let mut starts_group = false;
+        let predictor = if kind == EventKind::KernelSpan {
+            match span_time_ref.u8()? {
+                0 => p.time[kind as usize],
+                1 => {
+                    starts_group = true;
+                    p.span_end
+                }
+                _ => return Err(BatchError::Columns("kernelSpans.timeRef")),
+            }
+        } else {
+            p.time[kind as usize]
+        };
+        let ns = times.svar(predictor)?;
         p.time[kind as usize] = ns;
         let event = match kind {
             EventKind::KernelSpan => {
@@ -672,6 +715,7 @@ pub(crate) fn decode(
                     .map_err(|_| BatchError::Columns("kernelSpans.rowLen"))?;
                 let thread = c[6].u32()?;
                 let end_ns = span_duration.svar(ns)?;
+                p.span_end = next_span_end(p.span_end, end_ns, starts_group);
                 let output_hash = match c[7].u8()? {
                     0 => None,
                     1 => Some(c[8].h128()?),
@@ -825,6 +869,7 @@ pub(crate) fn decode(
         }
     }
     mk.finish()?;
+    span_time_ref.finish()?;
     for c in ks
         .iter()
         .chain(&tr)
