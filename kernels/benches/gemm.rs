@@ -9,8 +9,10 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use slug_kernels::kernels::{gemm, gemv};
 use slug_kernels::{Arith, Isa};
 
-/// (m, k, n): prefill projections of `small` and `base`, and decode (m = 1) projections.
-const SHAPES: [(usize, usize, usize); 5] = [
+/// (m, k, n): prefill projections of `small` and `base` (a 12-token prompt, then longer ones),
+/// and decode (m = 1) projections.
+const SHAPES: [(usize, usize, usize); 6] = [
+    (12, 768, 3072),
     (64, 384, 1024),
     (128, 768, 768),
     (64, 768, 3072),

@@ -164,7 +164,7 @@ unsafe fn blocked<S: Simd, const F: bool, const MR: usize, const NV: usize>(
             return;
         }
         let nr = NV * S::LANES;
-        let pack = m > MR && nr <= PACK_MAX_NR;
+        let pack = m >= 4 && nr <= PACK_MAX_NR;
         let mut packed = [0.0f32; KC * PACK_MAX_NR];
         let mut k0 = 0;
         while k0 < k {
@@ -184,38 +184,100 @@ unsafe fn blocked<S: Simd, const F: bool, const MR: usize, const NV: usize>(
                             nr,
                         );
                     }
-                    let mut i = 0;
-                    while i + MR <= m {
-                        let ap = a.add(i * lda + k0);
-                        let cp = c.add(i * ldc + j0 + j);
-                        tile::<S, F, MR, NV>(ap, lda, packed.as_ptr(), nr, cp, ldc, kc, accumulate);
-                        i += MR;
-                    }
-                    while i < m {
-                        let ap = a.add(i * lda + k0);
-                        let cp = c.add(i * ldc + j0 + j);
-                        tile::<S, F, 1, NV>(ap, lda, packed.as_ptr(), nr, cp, ldc, kc, accumulate);
-                        i += 1;
-                    }
+                    let (ap, cp) = (a.add(k0), c.add(j0 + j));
+                    all_rows::<S, F, MR, NV, true>(
+                        ap,
+                        lda,
+                        packed.as_ptr(),
+                        nr,
+                        cp,
+                        ldc,
+                        m,
+                        kc,
+                        nr,
+                        accumulate,
+                    );
                     j += nr;
                 }
+                let (ap, cp) = (a.add(k0), c.add(j0 + full));
                 let (bp, rest) = (bp.add(full), jn - full);
-                let mut i = 0;
-                while i + MR <= m {
-                    let ap = a.add(i * lda + k0);
-                    let cp = c.add(i * ldc + j0 + full);
-                    columns::<S, F, MR, NV>(ap, lda, bp, ldb, cp, ldc, kc, rest, accumulate);
-                    i += MR;
-                }
-                while i < m {
-                    let ap = a.add(i * lda + k0);
-                    let cp = c.add(i * ldc + j0 + full);
-                    columns::<S, F, 1, NV>(ap, lda, bp, ldb, cp, ldc, kc, rest, accumulate);
-                    i += 1;
+                if rest > 0 {
+                    all_rows::<S, F, MR, NV, false>(
+                        ap, lda, bp, ldb, cp, ldc, m, kc, rest, accumulate,
+                    );
                 }
                 j0 += jn;
             }
             k0 += kc;
+        }
+    }
+}
+
+/// Every row of one column panel: `MR`-row tiles, then 4-, 2- and 1-row tiles for the rest
+/// (so a 12-token prefill does not fall back to one row at a time). `PACKED`: `b` is a packed
+/// `kc x ncols` panel that one register tile covers; otherwise `b` is strided and `ncols` wide.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn all_rows<S: Simd, const F: bool, const MR: usize, const NV: usize, const PACKED: bool>(
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    m: usize,
+    kc: usize,
+    ncols: usize,
+    accumulate: bool,
+) {
+    // SAFETY: every tile stays inside the `m`-row views the caller checked.
+    unsafe {
+        let mut i = 0;
+        while i + MR <= m {
+            rows_tile::<S, F, MR, NV, PACKED>(a, lda, b, ldb, c, ldc, i, kc, ncols, accumulate);
+            i += MR;
+        }
+        if MR > 4 {
+            while i + 4 <= m {
+                rows_tile::<S, F, 4, NV, PACKED>(a, lda, b, ldb, c, ldc, i, kc, ncols, accumulate);
+                i += 4;
+            }
+        }
+        if MR > 2 {
+            while i + 2 <= m {
+                rows_tile::<S, F, 2, NV, PACKED>(a, lda, b, ldb, c, ldc, i, kc, ncols, accumulate);
+                i += 2;
+            }
+        }
+        while i < m {
+            rows_tile::<S, F, 1, NV, PACKED>(a, lda, b, ldb, c, ldc, i, kc, ncols, accumulate);
+            i += 1;
+        }
+    }
+}
+
+/// `R` rows starting at row `i` of one column panel.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_tile<S: Simd, const F: bool, const R: usize, const NV: usize, const PACKED: bool>(
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    i: usize,
+    kc: usize,
+    ncols: usize,
+    accumulate: bool,
+) {
+    // SAFETY: rows `i..i + R` are inside the caller's view.
+    unsafe {
+        let (ap, cp) = (a.add(i * lda), c.add(i * ldc));
+        if PACKED {
+            tile::<S, F, R, NV>(ap, lda, b, ldb, cp, ldc, kc, accumulate);
+        } else {
+            columns::<S, F, R, NV>(ap, lda, b, ldb, cp, ldc, kc, ncols, accumulate);
         }
     }
 }
