@@ -136,6 +136,21 @@ pub enum Error {
         /// The context length of the KV cache.
         max_seq: usize,
     },
+    /// An inbox or outbox was accessed as the wrong payload (token ids vs hidden states).
+    #[error(
+        "stage {stage} {which} holds {holds}, not {asked}: token ids enter stage 0 and leave the \
+         last stage; hidden states flow between the others"
+    )]
+    WrongPayload {
+        /// The stage.
+        stage: usize,
+        /// `inbox` or `outbox`.
+        which: &'static str,
+        /// What the box holds.
+        holds: &'static str,
+        /// What the caller asked for.
+        asked: &'static str,
+    },
     /// A forward step was asked for zero tokens.
     #[error("a forward step needs at least one token")]
     NoTokens,

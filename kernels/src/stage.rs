@@ -236,17 +236,18 @@ impl Stage {
         } else {
             (self.layout.outboxes[seq], self.layout.outbox_payload)
         };
+        let name = |p: Payload| match p {
+            Payload::Tokens => "token ids",
+            Payload::Hidden => "hidden states",
+        };
         if have == payload {
             Ok(span)
         } else {
-            Err(Error::InvalidPlan {
-                reason: format!(
-                    "stage {} {} holds {:?}, not {:?}",
-                    self.index,
-                    if inbox { "inbox" } else { "outbox" },
-                    have,
-                    payload
-                ),
+            Err(Error::WrongPayload {
+                stage: self.index,
+                which: if inbox { "inbox" } else { "outbox" },
+                holds: name(have),
+                asked: name(payload),
             })
         }
     }

@@ -217,6 +217,10 @@ fn bad_requests_are_refused_before_work() {
         st[0].forward(&pool, &mut NoHooks, 3, 1),
         Err(Error::NoSuchSequence { .. })
     ));
+    assert!(matches!(
+        st[0].inbox_hidden_mut(0),
+        Err(Error::WrongPayload { .. })
+    ));
     let big = ThreadPool::new(2).unwrap();
     assert!(matches!(
         st[0].forward(&big, &mut NoHooks, 0, 1),
