@@ -145,11 +145,14 @@ impl Fabric {
 
     /// Creates the shared fabric file at `path` (the coordinator does this once per run).
     pub fn create(path: &Path, layout: FabricLayout) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Activations cross this file: only the user running the pipeline may map it.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(path)
             .map_err(|e| TransportError::io(format!("create fabric file {}", path.display()), e))?;
         file.set_len(layout.total as u64).map_err(|e| {
@@ -789,6 +792,9 @@ mod tests {
         }])
         .expect("layout");
         let a = Fabric::create(&path, layout.clone()).expect("create");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "fabric file readable by others: {mode:o}");
         let b = Fabric::open(&path, layout).expect("open");
         a.set_progress(3, 42);
         assert_eq!(b.progress(3), 42);
