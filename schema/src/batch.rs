@@ -62,17 +62,18 @@ fn unzigzag(z: u64, prev: u64) -> u64 {
 /// entropy, which a mixed varint stream does not.
 fn put_planes(out: &mut Vec<u8>, values: &[u64]) {
     out.clear();
-    out.extend(
-        values
-            .iter()
-            .map(|&v| (8 - v.leading_zeros() as usize / 8) as u8),
-    );
-    for plane in 0..8 {
+    let mut widest = 0;
+    out.extend(values.iter().map(|&v| {
+        let len = 8 - v.leading_zeros() as usize / 8;
+        widest = widest.max(len);
+        len as u8
+    }));
+    for plane in 0..widest {
         let shift = plane * 8;
         out.extend(
             values
                 .iter()
-                .filter(|&&v| shift < 64 && v >> shift != 0)
+                .filter(|&&v| v >> shift != 0)
                 .map(|&v| (v >> shift) as u8),
         );
     }

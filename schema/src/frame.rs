@@ -336,6 +336,7 @@ pub(crate) fn footer_bytes(frames: &[FrameInfo], footer_offset: u64) -> Vec<u8> 
 /// feed one directly. It keeps its column buffers and zstd context between frames.
 pub struct FrameEncoder {
     columns: Columns,
+    events: Vec<Event>,
     batch: Vec<u8>,
     compressor: zstd::bulk::Compressor<'static>,
 }
@@ -358,6 +359,7 @@ impl FrameEncoder {
             .map_err(|e| SchemaError::Options(format!("zstd level {level}: {e}")))?;
         Ok(FrameEncoder {
             columns: Columns::default(),
+            events: Vec::new(),
             batch: Vec::new(),
             compressor,
         })
@@ -380,6 +382,8 @@ impl FrameEncoder {
         }
         let mut counts = [0u32; KIND_SLOTS];
         let (mut t_min, mut t_max) = (u64::MAX, 0u64);
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
         for (index, r) in records.iter().enumerate() {
             let e = r.to_event().ok_or(SchemaError::InvalidRecord {
                 index,
@@ -388,13 +392,21 @@ impl FrameEncoder {
             counts[e.kind() as usize] += 1;
             t_min = t_min.min(e.ns());
             t_max = t_max.max(e.end_ns()).max(e.ns());
+            events.push(e);
         }
         if records.is_empty() {
             t_min = 0;
         }
-        // Records were validated above, so `to_event` cannot fail here.
-        let events = records.iter().filter_map(RawRecord::to_event);
-        self.encode_events(events, counts, (t_min, t_max), first_string, strings, out)
+        let info = self.encode_events(
+            events.iter().copied(),
+            counts,
+            (t_min, t_max),
+            first_string,
+            strings,
+            out,
+        );
+        self.events = events;
+        info
     }
 
     fn encode_events(
