@@ -1,0 +1,167 @@
+//! A committed version-1 log (`tests/fixtures/v1-every-kind.slog`) must keep decoding to the same
+//! events: this guards readers against accidental format changes. Set SLUG_WRITE_FIXTURE=1 to
+//! (re)write the fixture, only when the format version changes on purpose.
+
+use std::path::PathBuf;
+
+use slug_schema::*;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-every-kind.slog")
+}
+
+/// One or more events of every kind, with the optional fields both present and absent.
+fn events() -> Vec<Event> {
+    let mut v = Vec::new();
+    for i in 0..6u64 {
+        let t = 1_000_000 + i * 10_000;
+        v.push(Event::StepBoundary(StepBoundary {
+            step: i,
+            seq: 1,
+            ns: t,
+        }));
+        for thread in 0..2u32 {
+            v.push(Event::KernelSpan(KernelSpan {
+                kernel: (i % 2) as u32,
+                layer: 3,
+                step: i,
+                seq: 1,
+                row_start: thread * 64,
+                row_end: thread * 64 + 64,
+                thread,
+                start_ns: t + 100 + u64::from(thread) * 7,
+                end_ns: t + 4_100 + u64::from(thread) * 13,
+                output_hash: (i == 2).then_some(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
+            }));
+        }
+        v.push(Event::Transfer(Transfer {
+            id: 40 + i,
+            src_endpoint: 1,
+            dst_endpoint: 2,
+            src_arena: 1,
+            dst_arena: 2,
+            src_offset: 4096,
+            dst_offset: 8192,
+            len: 16384,
+            hash: u128::from(i) << 64 | 0xdead_beef,
+            post_ns: t + 5_000,
+            complete_ns: t + 6_500,
+            transport: if i % 2 == 0 {
+                Transport::Shm
+            } else {
+                Transport::Tcp
+            },
+            direction: Direction::Send,
+            payload: (i == 3).then_some(77),
+        }));
+    }
+    v.push(Event::Snapshot(SnapshotEvent {
+        stage: 1,
+        step: 0,
+        id: 9,
+        bytes: 1 << 20,
+        new_bytes: 1 << 19,
+        chunks: 16,
+        ns: 999_000,
+    }));
+    v.push(Event::PerfSample(PerfSample {
+        kind: PerfSampleKind::MemLoad,
+        ip: 0x5555_0000_1234,
+        addr: 0x7f00_0000_0040,
+        weight: 87,
+        data_source: 0x6a10_0142,
+        tid: 1001,
+        cpu: 3,
+        ns: 1_003_000,
+    }));
+    v.push(Event::PtChunk(PtChunk {
+        cpu: 3,
+        aux_offset: 65536,
+        size: 65536,
+        payload: 5,
+        ns: 1_004_000,
+    }));
+    v.push(Event::Ebpf(EbpfEvent {
+        kind: EbpfKind::Sched,
+        pid: 42,
+        tid: 1001,
+        cpu: 3,
+        arg0: 1001,
+        arg1: 0,
+        arg2: 1,
+        ns: 1_005_000,
+    }));
+    v.push(Event::LostEvents(LostEvents {
+        count: 17,
+        reason: 2,
+        from_ns: 1_006_000,
+        to_ns: 1_007_000,
+    }));
+    v.push(Event::Marker(Marker {
+        text: 3,
+        ns: 1_008_000,
+    }));
+    v.push(Event::Counter(Counter {
+        name: 4,
+        value: 123_456,
+        ns: 1_009_000,
+    }));
+    v
+}
+
+const STRINGS: [&str; 5] = [
+    "gemm",
+    "rmsnorm",
+    "ring overflow",
+    "hello marker",
+    "task-clock",
+];
+
+#[test]
+fn committed_v1_log_still_decodes() {
+    let path = fixture();
+    if std::env::var_os("SLUG_WRITE_FIXTURE").is_some() {
+        let header = LogHeader {
+            endpoint: 1,
+            clock: Clock::Monotonic,
+            created_unix_ns: 1_700_000_000_000_000_000,
+            clock_at_create_ns: 999_000,
+        };
+        let mut w = LogWriter::create_with(
+            &path,
+            header,
+            WriterOptions {
+                events_per_frame: 16,
+                zstd_level: 3,
+            },
+        )
+        .unwrap();
+        for s in STRINGS {
+            w.intern(s);
+        }
+        for e in events() {
+            w.append(&e);
+        }
+        w.close().unwrap();
+    }
+    let reader = LogReader::open(&path).expect("fixture opens");
+    assert!(reader.recovery().is_clean(), "{:?}", reader.recovery());
+    assert_eq!(reader.header().endpoint, 1);
+    assert_eq!(reader.header().clock, Clock::Monotonic);
+    assert_eq!(reader.header().created_unix_ns, 1_700_000_000_000_000_000);
+    for (i, s) in STRINGS.iter().enumerate() {
+        assert_eq!(reader.string(i as u32), Some(*s));
+    }
+    let got: Vec<Event> = reader
+        .frames()
+        .flat_map(|f| f.expect("frame decodes").events)
+        .collect();
+    assert_eq!(got, events());
+    for kind in EventKind::ALL {
+        assert!(
+            reader.counts()[kind as usize] > 0,
+            "fixture lacks {}",
+            kind.name()
+        );
+    }
+}
