@@ -49,6 +49,12 @@ pub fn execute(args: ExportArgs) -> Result<ExitCode> {
         .out
         .unwrap_or_else(|| PathBuf::from(format.default_file_name()));
     let s = export_to_path(&source, format, &out)?;
+    if s.unreadable_frames > 0 {
+        eprintln!(
+            "slug: warning: {} frames could not be decoded and were left out",
+            s.unreadable_frames
+        );
+    }
     println!(
         "wrote {}: {} tracks, {} kernel slices, {} flows, {} counter values, {} instants",
         out.display(),

@@ -49,9 +49,9 @@ fn event_loop<B: Backend>(terminal: &mut Terminal<B>, app: &mut App) -> Result<(
         // Wait for one event, then drain whatever else is queued (wheel bursts, key repeat)
         // before drawing again, so a burst costs one redraw.
         let first = event::read().map_err(tty)?;
-        app.handle(&first)?;
+        app.handle(&first);
         while !app.quit && event::poll(Duration::ZERO).map_err(tty)? {
-            app.handle(&event::read().map_err(tty)?)?;
+            app.handle(&event::read().map_err(tty)?);
         }
     }
     Ok(())

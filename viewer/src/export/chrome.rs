@@ -124,8 +124,11 @@ pub fn write(source: &dyn TraceSource, out: &mut dyn Write) -> Result<ExportSumm
     for (ep, info) in source.endpoints().iter().enumerate() {
         w.emit(&json!({"ph": "M", "name": "process_name", "pid": pid(ep), "args": {"name": info.name}}))?;
     }
-    walk(source, |item| w.item(item))?;
-    let summary = w.summary;
+    let unreadable = walk(source, |item| w.item(item))?;
+    let summary = ExportSummary {
+        unreadable_frames: unreadable,
+        ..w.summary
+    };
     out.write_all(b"\n]}\n").map_err(io)?;
     Ok(summary)
 }

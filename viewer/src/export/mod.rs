@@ -49,6 +49,8 @@ pub struct ExportSummary {
     pub counters: u64,
     /// Instants (steps, snapshots, losses, markers).
     pub instants: u64,
+    /// Frames that could not be decoded and were left out.
+    pub unreadable_frames: u64,
 }
 
 /// Writes `source` in `format` to `out`.

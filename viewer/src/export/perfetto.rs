@@ -300,8 +300,11 @@ pub fn write(source: &dyn TraceSource, out: &mut dyn Write) -> Result<ExportSumm
     for ep in 0..source.endpoints().len() {
         w.track(ep, TrackKind::Endpoint)?;
     }
-    walk(source, |item| w.item(item))?;
-    Ok(w.summary)
+    let unreadable = walk(source, |item| w.item(item))?;
+    Ok(ExportSummary {
+        unreadable_frames: unreadable,
+        ..w.summary
+    })
 }
 
 /// A track read back from a Perfetto trace.

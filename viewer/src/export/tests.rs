@@ -110,3 +110,16 @@ fn a_transfer_only_the_sender_logged_still_gets_both_ends() {
     assert_eq!(names[&c.flow_starts[&42]], "n0/s0");
     assert_eq!(names[&c.flow_ends[&42]], "n0/s1");
 }
+
+#[test]
+fn exports_skip_an_undecodable_frame_and_count_it() {
+    let src = fixture::FailingSource {
+        inner: fixture::pipeline(2, 4, 8),
+        bad: (0, 0),
+    };
+    for format in [Format::Perfetto, Format::Chrome] {
+        let summary = export(&src, format, &mut std::io::sink()).expect("exports the rest");
+        assert_eq!(summary.unreadable_frames, 1);
+        assert!(summary.slices > 0 && summary.slices < 32, "{summary:?}");
+    }
+}

@@ -31,8 +31,10 @@ struct Pending {
     ended: bool,
 }
 
-/// Walks every event of `source` once and calls `f` for each item.
-pub fn walk(source: &dyn TraceSource, mut f: impl FnMut(Item<'_>) -> Result<()>) -> Result<()> {
+/// Walks every event of `source` once and calls `f` for each item; returns how many frames
+/// could not be decoded (they are skipped, the rest is still exported).
+pub fn walk(source: &dyn TraceSource, mut f: impl FnMut(Item<'_>) -> Result<()>) -> Result<u64> {
+    let mut unreadable = 0;
     let extent: TimeRange = source.extent();
     let bin = (extent.len() / LANE_BINS).max(1_000);
     let mut pending: HashMap<u64, Pending> = HashMap::new();
@@ -43,7 +45,11 @@ pub fn walk(source: &dyn TraceSource, mut f: impl FnMut(Item<'_>) -> Result<()>)
             ("pt bytes", Vec::new()),
         ];
         for frame in 0..source.frames(ep).len() {
-            for e in source.frame_events(ep, frame)? {
+            let Ok(events) = source.frame_events(ep, frame) else {
+                unreadable += 1;
+                continue;
+            };
+            for e in events {
                 let lane = match &e {
                     TraceEvent::Perf(p) => Some((0, p.t, 1.0)),
                     TraceEvent::System(s) if s.kind == SystemKind::PageFault => Some((1, s.t, 1.0)),
@@ -98,5 +104,5 @@ pub fn walk(source: &dyn TraceSource, mut f: impl FnMut(Item<'_>) -> Result<()>)
             }
         }
     }
-    Ok(())
+    Ok(unreadable)
 }

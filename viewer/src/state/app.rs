@@ -212,6 +212,10 @@ impl App {
                 .window(self.view, columns, &self.filter, highlight)?;
             self.cursor = self.cursor.min(window.tracks.len().saturating_sub(1));
             self.window = Some(window);
+            let problems = self.timeline.take_problems();
+            if !problems.is_empty() {
+                self.message = Some(format!("skipped unreadable data: {}", problems.join(" | ")));
+            }
         }
         Ok(())
     }
@@ -254,8 +258,11 @@ impl App {
     }
 
     /// Handles one terminal event.
-    pub fn handle(&mut self, event: &Event) -> Result<()> {
-        match event {
+    ///
+    /// An action that fails (a frame that cannot be decoded while jumping, say) is reported in
+    /// the status bar; the viewer keeps running on what it can read.
+    pub fn handle(&mut self, event: &Event) {
+        let done = match event {
             Event::Key(key) if key.kind != KeyEventKind::Release => self.on_key(*key),
             Event::Mouse(mouse) => self.on_mouse(*mouse),
             Event::Resize(..) => {
@@ -263,6 +270,9 @@ impl App {
                 Ok(())
             }
             _ => Ok(()),
+        };
+        if let Err(e) = done {
+            self.message = Some(e.to_string());
         }
     }
 

@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
+use crate::error::{Result, ViewerError};
+use crate::state::event::EndpointIx;
 use crate::state::event::{
     KernelSpan, LostEvents, Nanos, PerfSample, SnapshotMark, StepBoundary, SystemEvent, SystemKind,
     TraceEvent, Transfer,
 };
-use crate::state::source::{EndpointInfo, MemorySource};
+use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, MemorySource, TraceSource};
 
 /// Time between step starts on one stage.
 pub const STEP_NS: Nanos = 1_000_000;
@@ -134,4 +136,36 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
 /// The fixture as a source with frames of `frame_len` events.
 pub fn pipeline(stages: usize, steps: u64, frame_len: usize) -> MemorySource {
     MemorySource::new(endpoints(stages), pipeline_events(stages, steps), frame_len)
+}
+
+/// A source whose one frame fails to decode, as a damaged log's would.
+#[derive(Debug)]
+pub struct FailingSource {
+    pub inner: MemorySource,
+    pub bad: (EndpointIx, usize),
+}
+
+impl TraceSource for FailingSource {
+    fn endpoints(&self) -> &[EndpointInfo] {
+        self.inner.endpoints()
+    }
+
+    fn frames(&self, endpoint: EndpointIx) -> &[FrameSummary] {
+        self.inner.frames(endpoint)
+    }
+
+    fn frame_events(&self, endpoint: EndpointIx, frame: usize) -> Result<Vec<TraceEvent>> {
+        if (endpoint, frame) == self.bad {
+            return Err(ViewerError::FrameUnreadable {
+                endpoint: self.inner.endpoints()[endpoint].name.clone(),
+                frame,
+                reason: "checksum mismatch".to_string(),
+            });
+        }
+        self.inner.frame_events(endpoint, frame)
+    }
+
+    fn health(&self, endpoint: EndpointIx) -> LogHealth {
+        self.inner.health(endpoint)
+    }
 }

@@ -99,6 +99,8 @@ pub struct TraceStats {
     pub links: Vec<LinkStats>,
     /// Step-time distribution.
     pub steps: StepTimes,
+    /// Frames that could not be decoded and were left out.
+    pub unreadable_frames: u64,
 }
 
 impl TraceStats {
@@ -134,7 +136,11 @@ impl TraceStats {
                 if wanted.iter().all(|k| f.counts.get(*k) == 0) {
                     continue;
                 }
-                for e in source.frame_events(ep, i)? {
+                let Ok(events) = source.frame_events(ep, i) else {
+                    out.unreadable_frames += 1;
+                    continue;
+                };
+                for e in events {
                     match e {
                         TraceEvent::Kernel(k) => {
                             st.kernels += 1;

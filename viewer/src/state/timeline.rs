@@ -6,7 +6,7 @@
 //! flows, bandwidth). Above that it is built from the log index alone (event density per column),
 //! which is what makes the first frame of a huge trace cheap.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::error::Result;
@@ -303,6 +303,10 @@ pub struct Timeline {
     extent: TimeRange,
     cache: FrameCache,
     detail_limit: u64,
+    /// Frames that failed to decode: skipped when drawing, reported once each.
+    unreadable: HashSet<(EndpointIx, usize)>,
+    /// Messages about them not yet shown.
+    problems: Vec<String>,
 }
 
 impl std::fmt::Debug for Timeline {
@@ -323,6 +327,8 @@ impl Timeline {
             extent,
             cache: FrameCache::default(),
             detail_limit: DETAIL_LIMIT,
+            unreadable: HashSet::new(),
+            problems: Vec::new(),
         }
     }
 
@@ -345,6 +351,27 @@ impl Timeline {
     /// Whole-trace time range.
     pub fn extent(&self) -> TimeRange {
         self.extent
+    }
+
+    /// A frame's events, or `None` (recorded as a problem) when it cannot be decoded: one bad
+    /// frame must not take the whole view down.
+    fn frame_or_skip(&mut self, ep: EndpointIx, frame: usize) -> Option<Arc<[TraceEvent]>> {
+        if self.unreadable.contains(&(ep, frame)) {
+            return None;
+        }
+        match self.cache.get(self.source.as_ref(), ep, frame) {
+            Ok(events) => Some(events),
+            Err(e) => {
+                self.problems.push(e.to_string());
+                self.unreadable.insert((ep, frame));
+                None
+            }
+        }
+    }
+
+    /// Problems met since the last call (frames that could not be decoded and were skipped).
+    pub fn take_problems(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.problems)
     }
 
     /// Frames decoded so far (cache misses), for benchmarks and diagnostics.
@@ -414,7 +441,9 @@ impl Timeline {
             .collect();
         let mut out = TrackEvents::default();
         for frame in wanted {
-            let events = self.cache.get(self.source.as_ref(), ep, frame)?;
+            let Some(events) = self.frame_or_skip(ep, frame) else {
+                continue;
+            };
             let f = out.frames.len() as u32;
             out.refs.extend(
                 events
@@ -434,7 +463,7 @@ impl Timeline {
     /// with time, so this binary-searches the frames the index says hold step boundaries for
     /// the first whose largest step reaches `step`, decoding a few frames rather than all.
     pub fn step_start(&mut self, ep: EndpointIx, step: u64) -> Result<Option<Nanos>> {
-        let candidates: Vec<usize> = self
+        let mut candidates: Vec<usize> = self
             .source
             .frames(ep)
             .iter()
@@ -454,7 +483,12 @@ impl Timeline {
         let (mut lo, mut hi) = (0, candidates.len());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            let events = self.cache.get(self.source.as_ref(), ep, candidates[mid])?;
+            let Some(events) = self.frame_or_skip(ep, candidates[mid]) else {
+                // An unreadable frame says nothing about its steps: search without it.
+                candidates.remove(mid);
+                hi -= 1;
+                continue;
+            };
             let max = steps_of(&events).iter().map(|(s, _)| *s).max().unwrap_or(0);
             if max < step {
                 lo = mid + 1;
@@ -465,7 +499,9 @@ impl Timeline {
         let Some(&frame) = candidates.get(lo) else {
             return Ok(None);
         };
-        let events = self.cache.get(self.source.as_ref(), ep, frame)?;
+        let Some(events) = self.frame_or_skip(ep, frame) else {
+            return Ok(None);
+        };
         Ok(steps_of(&events)
             .into_iter()
             .filter(|(s, _)| *s == step)

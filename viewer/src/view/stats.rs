@@ -92,6 +92,15 @@ impl<'a> StatsView<'a> {
             )),
             None => Line::raw("bottleneck: none (no kernel spans in the trace)"),
         });
+        if s.unreadable_frames > 0 {
+            out.push(Line::styled(
+                format!(
+                    "{} frames could not be decoded and are left out",
+                    s.unreadable_frames
+                ),
+                style::MESSAGE,
+            ));
+        }
         out
     }
 }

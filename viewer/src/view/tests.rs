@@ -317,11 +317,10 @@ fn zoom_pan_and_select_events_with_keys_and_mouse() {
         })
     };
     screen(&mut a, 80, 24);
-    a.handle(&scroll(MouseEventKind::ScrollUp)).expect("scroll");
+    a.handle(&scroll(MouseEventKind::ScrollUp));
     assert!(a.view.len() < full.len());
     screen(&mut a, 80, 24);
-    a.handle(&scroll(MouseEventKind::Down(MouseButton::Left)))
-        .expect("click");
+    a.handle(&scroll(MouseEventKind::Down(MouseButton::Left)));
     let clicked = a.selection.clone().expect("click selects");
     assert_eq!(clicked.endpoint, 0);
     let t = a.view.start + a.view.len() * 4 / 64;
@@ -457,4 +456,36 @@ fn an_empty_trace_draws_without_events() {
         lines.iter().any(|l| l.starts_with("bottleneck: none")),
         "{lines:?}"
     );
+}
+
+#[test]
+fn an_undecodable_frame_is_skipped_and_reported() {
+    let src = fixture::FailingSource {
+        inner: fixture::pipeline(2, 4, 8),
+        bad: (1, 1),
+    };
+    let mut a = App::new(Timeline::new(Box::new(src)), "bad frame");
+    let lines = text(&screen(&mut a, 100, 20));
+    assert!(
+        lines[19].starts_with(
+            "skipped unreadable data: endpoint n0/s1: frame 1 cannot be decoded: checksum mismatch"
+        ),
+        "{}",
+        lines[19]
+    );
+    assert!(
+        lines[2].contains('█') && lines[4].contains('█'),
+        "both tracks still drawn"
+    );
+    press(&mut a, KeyCode::Char(':'));
+    type_text(&mut a, "3");
+    press(&mut a, KeyCode::Enter);
+    assert!(
+        a.message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("step 3 on n0/s0 starts at"))
+    );
+    press(&mut a, KeyCode::Char('t'));
+    assert!(a.compute_pending().expect("stats skip the bad frame"));
+    assert_eq!(a.stats.as_ref().map(|s| s.unreadable_frames), Some(1));
 }
