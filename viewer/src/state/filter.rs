@@ -50,6 +50,12 @@ impl Filter {
         self.text.is_empty()
     }
 
+    /// Whether the filter has terms only decoded events can answer (kernel names, words); the
+    /// index-drawn overview honours kinds and endpoints only.
+    pub fn needs_events(&self) -> bool {
+        !self.kernels.is_empty() || !self.words.is_empty()
+    }
+
     /// Whether the endpoint's track is shown.
     pub fn shows_endpoint(&self, ep: &EndpointInfo) -> bool {
         let name = ep.name.to_lowercase();
