@@ -129,6 +129,12 @@ mod tests {
     #[test]
     fn terms_combine() {
         let f = Filter::parse("kind:kernel kernel:gemm").expect("valid filter");
+        assert!(f.needs_events());
+        assert!(
+            !Filter::parse("kind:step ep:s1")
+                .expect("valid")
+                .needs_events()
+        );
         assert!(f.shows_event(&ep("n0/s1"), &kernel("gemm_q")));
         assert!(!f.shows_event(&ep("n0/s1"), &kernel("rmsnorm")));
         assert!(!f.shows_event(

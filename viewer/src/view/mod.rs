@@ -176,10 +176,10 @@ fn title_bar(app: &App, area: Rect, buf: &mut Buffer) {
         format_duration(app.view.len())
     ))]);
     if let Some(w) = &app.window {
-        let lod = if w.detail {
-            "events"
-        } else {
-            "overview from index"
+        let lod = match (w.detail, app.filter.needs_events()) {
+            (true, _) => "events",
+            (false, false) => "overview from index",
+            (false, true) => "overview from index, name filters apply when zoomed in",
         };
         spans.push(Span::styled(
             format!(" {lod}: {} in view ", w.events_in_view),
