@@ -106,6 +106,11 @@ fn overview_from_the_index_when_too_many_events_are_in_view() {
     press(&mut a, KeyCode::Char('n'));
     assert!(a.selection.is_none());
     assert!(a.message.as_deref().is_some_and(|m| m.contains("zoom in")));
+    press(&mut a, KeyCode::Char('/'));
+    type_text(&mut a, "kernel:gemm");
+    press(&mut a, KeyCode::Enter);
+    let lines = text(&screen(&mut a, 120, 20));
+    assert!(lines[0].contains("name filters apply when zoomed in"), "{}", lines[0]);
 }
 
 #[test]
