@@ -109,7 +109,7 @@ fn overview_from_the_index_when_too_many_events_are_in_view() {
     press(&mut a, KeyCode::Char('/'));
     type_text(&mut a, "kernel:gemm");
     press(&mut a, KeyCode::Enter);
-    let lines = text(&screen(&mut a, 120, 20));
+    let lines = text(&screen(&mut a, 140, 20));
     assert!(lines[0].contains("name filters apply when zoomed in"), "{}", lines[0]);
 }
 
