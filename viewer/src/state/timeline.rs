@@ -168,11 +168,6 @@ impl Window {
     pub fn column_of(&self, t: Nanos) -> usize {
         column_of(self.range, self.columns, t)
     }
-
-    /// The track of endpoint `ep`, when shown.
-    pub fn track(&self, ep: EndpointIx) -> Option<&TrackBins> {
-        self.tracks.iter().find(|t| t.endpoint == ep)
-    }
 }
 
 fn column_start(range: TimeRange, columns: usize, c: usize) -> Nanos {
