@@ -8,6 +8,8 @@
 
 use std::cell::Cell;
 use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -57,17 +59,19 @@ fn span(i: u64) -> Event {
 fn bench_append(c: &mut Criterion) {
     let events: Vec<Event> = (0..BATCH as u64).map(span).collect();
     let dir = tempfile::tempdir().expect("temp dir");
+    let drained = Arc::new(AtomicU64::new(0));
     let options = EndpointOptions {
         endpoint: 0,
         endpoints_dir: dir.path().to_path_buf(),
         ring_records: 1 << 18,
         writer: WriterOptions::default(),
-        progress: None,
+        progress: Some(Arc::clone(&drained)),
     };
     let recorder = EndpointRecorder::start(&options, None, None).expect("recorder");
     let shared = recorder.shared().clone();
     // The thread's ring is created (a file, once per thread) by its first append: not timed.
     shared.append(&events[0]);
+    let appended = Cell::new(1u64);
     let (ours, base) = (Tally::default(), Tally::default());
     let mut g = c.benchmark_group("append");
     g.throughput(Throughput::Elements(1));
@@ -83,8 +87,12 @@ fn bench_append(c: &mut Criterion) {
                 }
                 total += t.elapsed();
                 left -= n as u64;
-                // Let the writer keep up so the ring never fills during timing.
-                std::thread::sleep(Duration::from_millis(3));
+                appended.set(appended.get() + n as u64);
+                // Wait for the writer to drain, so the ring never fills during timing (a full
+                // ring makes appends cheaper: they only count the loss).
+                while drained.load(Ordering::Relaxed) < appended.get() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
             ours.add(total, iters)
         })
