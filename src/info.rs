@@ -6,12 +6,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use slug_schema::{EndpointSummary, EventKind, FooterState, Trace, TraceSummary};
+use slug_schema::{
+    EndpointSummary, EventKind, FooterState, LogReader, LogSummary, Recovery, Trace, TraceSummary,
+};
 
 /// Arguments of `slug info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Trace directory (written by `slug record` or `slug demo`).
+    /// Trace directory (written by `slug record` or `slug demo`), or one endpoint log (`.slog`).
     pub trace: PathBuf,
     /// Print the summary as JSON instead of tables.
     #[arg(long)]
@@ -20,6 +22,16 @@ pub struct InfoArgs {
 
 /// Runs `slug info`. Exits 1 when a log cannot be opened at all; damage inside logs is reported.
 pub fn execute(args: InfoArgs) -> Result<ExitCode> {
+    if args.trace.is_file() {
+        let summary = LogSummary::of(&LogReader::open(&args.trace)?);
+        if args.json {
+            let text = serde_json::to_string_pretty(&summary).context("serializing the summary")?;
+            println!("{text}");
+        } else {
+            print!("{}", render_log(&summary));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let trace = Trace::open(&args.trace)?;
     let summary = TraceSummary::of(&trace);
     if args.json {
@@ -103,21 +115,7 @@ pub fn render(s: &TraceSummary) -> String {
     out.push_str(&t.render(&[0, 2, 3, 4, 5, 6, 7, 8]));
 
     out.push_str("\nevents per kind\n");
-    let mut t = Table::new(&["kind", "events", "share"]);
-    for k in EventKind::ALL {
-        let n = s.counts.get(k.name()).copied().unwrap_or(0);
-        let share = if s.events == 0 {
-            0.0
-        } else {
-            n as f64 * 100.0 / s.events as f64
-        };
-        t.row(vec![
-            k.name().to_owned(),
-            thousands(n),
-            format!("{share:.1}%"),
-        ]);
-    }
-    out.push_str(&t.render(&[1, 2]));
+    out.push_str(&kind_table(&s.counts, s.events));
 
     out.push_str("\ncapabilities\n");
     if s.capabilities.is_empty() {
@@ -139,13 +137,59 @@ pub fn render(s: &TraceSummary) -> String {
     out
 }
 
+/// The human-readable summary of a single endpoint log.
+fn render_log(s: &LogSummary) -> String {
+    let mut out = String::new();
+    let span = s
+        .time_span
+        .map_or("-".to_owned(), |r| duration(r.end_ns - r.start_ns));
+    let _ = writeln!(out, "log         {}", s.path.display());
+    let _ = writeln!(
+        out,
+        "endpoint    {}  (clock {})",
+        s.endpoint,
+        s.clock.name()
+    );
+    let _ = writeln!(out, "time span   {span}");
+    let _ = writeln!(
+        out,
+        "events      {} in {} frames, {} strings",
+        thousands(s.events),
+        thousands(s.frames),
+        thousands(s.strings)
+    );
+    let _ = writeln!(
+        out,
+        "on disk     {}  ({} B/event; raw 128-byte records: {}, {} smaller)",
+        bytes(s.bytes),
+        per_event(s.bytes, s.events),
+        bytes(s.raw_bytes),
+        ratio(s.raw_bytes, s.bytes)
+    );
+    let _ = writeln!(
+        out,
+        "lost        {} events recorded lost",
+        thousands(s.lost_events)
+    );
+    let _ = writeln!(
+        out,
+        "damage      {}",
+        damage_of(&s.recovery, s.undecodable_frames)
+    );
+    out.push_str("\nevents per kind\n");
+    out.push_str(&kind_table(&s.counts, s.events));
+    out
+}
+
 fn damage(e: &EndpointSummary) -> String {
     if let Some(err) = &e.error {
         return format!("UNREADABLE: {err}");
     }
-    let Some(r) = e.recovery else {
-        return "-".into();
-    };
+    e.recovery
+        .map_or("-".into(), |r| damage_of(&r, e.undecodable_frames))
+}
+
+fn damage_of(r: &Recovery, undecodable_frames: u64) -> String {
     let mut parts = Vec::new();
     match r.footer {
         FooterState::Valid => {}
@@ -173,11 +217,11 @@ fn damage(e: &EndpointSummary) -> String {
             bytes(r.corrupt_bytes)
         ));
     }
-    if e.undecodable_frames > 0 {
+    if undecodable_frames > 0 {
         parts.push(format!(
             "{} undecodable frame{}",
-            e.undecodable_frames,
-            plural(e.undecodable_frames)
+            undecodable_frames,
+            plural(undecodable_frames)
         ));
     }
     if parts.is_empty() {
@@ -185,6 +229,24 @@ fn damage(e: &EndpointSummary) -> String {
     } else {
         parts.join("; ")
     }
+}
+
+fn kind_table(counts: &std::collections::BTreeMap<String, u64>, events: u64) -> String {
+    let mut t = Table::new(&["kind", "events", "share"]);
+    for k in EventKind::ALL {
+        let n = counts.get(k.name()).copied().unwrap_or(0);
+        let share = if events == 0 {
+            0.0
+        } else {
+            n as f64 * 100.0 / events as f64
+        };
+        t.row(vec![
+            k.name().to_owned(),
+            thousands(n),
+            format!("{share:.1}%"),
+        ]);
+    }
+    t.render(&[1, 2])
 }
 
 /// A plain aligned text table.

@@ -146,3 +146,21 @@ fn unreadable_log_and_bad_paths_say_what_to_do() {
         "{t}"
     );
 }
+
+#[test]
+fn a_single_log_file_is_summarised_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("trace");
+    let written = small_trace(&root);
+    let log = root.join("endpoints/1.slog");
+    let out = slug(&["info", log.to_str().unwrap()]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("endpoint    1  (clock synthetic)"), "{t}");
+    assert!(t.contains("damage      none"), "{t}");
+    let out = slug(&["info", "--json", log.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(v["events"], written.endpoints[1].events);
+    assert_eq!(v["lost_events"], 18);
+    assert_eq!(v["recovery"]["footer"], "valid");
+}

@@ -44,7 +44,7 @@ pub use frame::{
 };
 pub use raw::RawRecord;
 pub use reader::{DecodedFrame, EventsIn, FooterState, LogReader, Recovery, TimeRange};
-pub use summary::{EndpointSummary, TraceSummary};
+pub use summary::{EndpointSummary, LogSummary, TraceSummary};
 pub use trace::{
     Cache, Capability, ENDPOINTS_DIR, EndpointInfo, HostTopology, HugePages, MANIFEST_FILE,
     Manifest, NodeClock, NumaNode, SNAPSHOTS_DIR, TRACE_FORMAT_VERSION, Trace,

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::Event;
 use crate::event::{EventKind, KindSet};
+use crate::frame::Clock;
 use crate::raw::RawRecord;
 use crate::reader::{LogReader, Recovery, TimeRange};
 use crate::trace::{Capability, Trace};
@@ -112,24 +113,19 @@ impl TraceSummary {
             match LogReader::open(&s.log) {
                 Err(e) => s.error = Some(e.to_string()),
                 Ok(log) => {
-                    let counts = log.counts();
-                    for (t, c) in totals.iter_mut().zip(counts) {
+                    let l = LogSummary::of(&log);
+                    for (t, c) in totals.iter_mut().zip(log.counts()) {
                         *t += c;
                     }
-                    s.counts = named(&counts);
-                    s.events = counts.iter().sum();
-                    s.time_span = log.time_span();
-                    s.bytes = log.file_len();
-                    s.raw_bytes = s.events * RawRecord::SIZE as u64;
-                    s.frames = log.index().len() as u64;
-                    s.recovery = Some(*log.recovery());
-                    for e in log.events_in(TimeRange::ALL, KindSet::of(&[EventKind::LostEvents])) {
-                        match e {
-                            Ok(Event::LostEvents(l)) => s.lost_events += l.count,
-                            Ok(_) => {}
-                            Err(_) => s.undecodable_frames += 1,
-                        }
-                    }
+                    s.counts = l.counts;
+                    s.events = l.events;
+                    s.time_span = l.time_span;
+                    s.bytes = l.bytes;
+                    s.raw_bytes = l.raw_bytes;
+                    s.frames = l.frames;
+                    s.recovery = Some(l.recovery);
+                    s.lost_events = l.lost_events;
+                    s.undecodable_frames = l.undecodable_frames;
                     if let Some(r) = s.time_span {
                         let shift = |ns: u64| ns.saturating_add_signed(offset);
                         let r = TimeRange::new(shift(r.start_ns), shift(r.end_ns));
@@ -170,6 +166,72 @@ impl TraceSummary {
     /// Whether every log opened (damage inside a log is reported, not an error).
     pub fn all_logs_readable(&self) -> bool {
         self.endpoints.iter().all(|e| e.error.is_none())
+    }
+}
+
+/// Summary of one `.slog` file on its own (no manifest).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LogSummary {
+    /// The file.
+    pub path: PathBuf,
+    /// Endpoint id from the header.
+    pub endpoint: u32,
+    /// Clock from the header.
+    pub clock: Clock,
+    /// Creation time from the header (Unix ns).
+    pub created_unix_ns: u64,
+    /// Events in readable frames.
+    pub events: u64,
+    /// Events per kind, by [`EventKind::name`].
+    pub counts: BTreeMap<String, u64>,
+    /// First and last timestamps on the log's clock.
+    pub time_span: Option<TimeRange>,
+    /// File size.
+    pub bytes: u64,
+    /// The same events as raw 128-byte records.
+    pub raw_bytes: u64,
+    /// Readable frames.
+    pub frames: u64,
+    /// Interned strings that survived.
+    pub strings: u64,
+    /// Damage found while opening.
+    pub recovery: Recovery,
+    /// Events the recorder itself reported lost (sum of lost-events records).
+    pub lost_events: u64,
+    /// Frames that passed their checksum but failed to decode.
+    pub undecodable_frames: u64,
+}
+
+impl LogSummary {
+    /// Summarises an open log (decodes only frames holding lost-events records).
+    pub fn of(log: &LogReader) -> LogSummary {
+        let counts = log.counts();
+        let events = counts.iter().sum();
+        let mut lost_events = 0;
+        let mut undecodable_frames = 0;
+        for e in log.events_in(TimeRange::ALL, KindSet::of(&[EventKind::LostEvents])) {
+            match e {
+                Ok(Event::LostEvents(l)) => lost_events += l.count,
+                Ok(_) => {}
+                Err(_) => undecodable_frames += 1,
+            }
+        }
+        LogSummary {
+            path: log.path().to_path_buf(),
+            endpoint: log.header().endpoint,
+            clock: log.header().clock,
+            created_unix_ns: log.header().created_unix_ns,
+            events,
+            counts: named(&counts),
+            time_span: log.time_span(),
+            bytes: log.file_len(),
+            raw_bytes: events * RawRecord::SIZE as u64,
+            frames: log.index().len() as u64,
+            strings: log.string_count() as u64,
+            recovery: *log.recovery(),
+            lost_events,
+            undecodable_frames,
+        }
     }
 }
 
