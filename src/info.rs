@@ -353,7 +353,7 @@ fn per_event(bytes: u64, events: u64) -> String {
 }
 
 fn ratio(raw: u64, disk: u64) -> String {
-    if disk == 0 {
+    if disk == 0 || raw == 0 {
         "-".into()
     } else {
         format!("{:.1}x", raw as f64 / disk as f64)
