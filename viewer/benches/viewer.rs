@@ -38,11 +38,28 @@ fn events_wanted() -> u64 {
         .unwrap_or(10_000_000)
 }
 
+/// Whether a kept trace still opens and decodes with this build's schema (its encoding may have
+/// changed since the trace was generated).
+fn readable(dir: &Path) -> bool {
+    let Ok(trace) = Trace::open(dir) else {
+        return false;
+    };
+    trace.manifest().endpoints.iter().all(|ep| {
+        trace.endpoint_log(ep.id).is_ok_and(|log| {
+            let frames: Vec<_> = log.index().iter().filter(|f| !f.is_empty()).collect();
+            [frames.first(), frames.last()]
+                .into_iter()
+                .flatten()
+                .all(|f| log.decode_frame(f).is_ok())
+        })
+    })
+}
+
 /// The benchmark trace, generated on first use.
 fn trace_dir() -> PathBuf {
     let events = events_wanted();
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("viewer-bench-{events}"));
-    if Trace::open(&dir).is_err() {
+    if !readable(&dir) {
         let _ = std::fs::remove_dir_all(&dir);
         let t = Instant::now();
         let summary =

@@ -93,10 +93,20 @@ struct Writer<'a> {
     counter_ids: HashMap<(EndpointIx, String), u64>,
     first: bool,
     summary: ExportSummary,
+    /// Reused buffers: a track event and the packet around it, so a slice allocates nothing.
+    event: Message,
+    packet: Message,
 }
 
 impl Writer<'_> {
     fn packet(&mut self, mut p: Message) -> Result<()> {
+        let r = self.finish_packet(&mut p);
+        self.packet = p;
+        r
+    }
+
+    /// Adds the sequence fields and writes `p` framed as one `Trace.packet`.
+    fn finish_packet(&mut self, p: &mut Message) -> Result<()> {
         p.varint(packet::TRUSTED_PACKET_SEQUENCE_ID, SEQUENCE_ID);
         if std::mem::take(&mut self.first) {
             p.varint(
@@ -104,11 +114,24 @@ impl Writer<'_> {
                 packet::SEQ_INCREMENTAL_STATE_CLEARED,
             );
         }
-        let mut framed = Message::new();
-        framed.message(TRACE_PACKET, &p);
-        self.out
-            .write_all(framed.as_bytes())
-            .map_err(|e| ViewerError::io("the Perfetto output", e))
+        let io = |e| ViewerError::io("the Perfetto output", e);
+        self.out.write_all(&p.framing(TRACE_PACKET)).map_err(io)?;
+        self.out.write_all(p.as_bytes()).map_err(io)
+    }
+
+    /// Writes one track event built by `build` at time `ts`, reusing the writer's buffers.
+    fn emit(&mut self, ts: u64, build: impl FnOnce(&mut Message)) -> Result<()> {
+        let mut ev = std::mem::take(&mut self.event);
+        ev.clear();
+        build(&mut ev);
+        let mut p = std::mem::take(&mut self.packet);
+        p.clear();
+        p.varint(packet::TIMESTAMP, ts)
+            .message(packet::TRACK_EVENT, &ev);
+        let r = self.finish_packet(&mut p);
+        self.event = ev;
+        self.packet = p;
+        r
     }
 
     fn name(&self, ep: EndpointIx) -> String {
@@ -181,32 +204,25 @@ impl Writer<'_> {
         Ok(uuid)
     }
 
-    fn track_event(&mut self, ts: u64, ev: &Message) -> Result<()> {
-        let mut p = Message::new();
-        p.varint(packet::TIMESTAMP, ts)
-            .message(packet::TRACK_EVENT, ev);
-        self.packet(p)
-    }
-
     fn instant(&mut self, ep: EndpointIx, ts: u64, name: &str) -> Result<()> {
         let uuid = self.track(ep, TrackKind::Endpoint)?;
-        let mut ev = Message::new();
-        ev.varint(event::TYPE, event::TYPE_INSTANT)
-            .varint(event::TRACK_UUID, uuid)
-            .string(event::CATEGORIES, "slug")
-            .string(event::NAME, name);
         self.summary.instants += 1;
-        self.track_event(ts, &ev)
+        self.emit(ts, |ev| {
+            ev.varint(event::TYPE, event::TYPE_INSTANT)
+                .varint(event::TRACK_UUID, uuid)
+                .string(event::CATEGORIES, "slug")
+                .string(event::NAME, name);
+        })
     }
 
     fn counter(&mut self, ep: EndpointIx, name: &str, ts: u64, value: f64) -> Result<()> {
         let uuid = self.track(ep, TrackKind::Counter(name.to_string()))?;
-        let mut ev = Message::new();
-        ev.varint(event::TYPE, event::TYPE_COUNTER)
-            .varint(event::TRACK_UUID, uuid)
-            .double(event::DOUBLE_COUNTER_VALUE, value);
         self.summary.counters += 1;
-        self.track_event(ts, &ev)
+        self.emit(ts, |ev| {
+            ev.varint(event::TYPE, event::TYPE_COUNTER)
+                .varint(event::TRACK_UUID, uuid)
+                .double(event::DOUBLE_COUNTER_VALUE, value);
+        })
     }
 
     fn flow_end(&mut self, x: &Transfer, start: bool) -> Result<()> {
@@ -221,20 +237,18 @@ impl Writer<'_> {
             )
         };
         let uuid = self.track(ep, TrackKind::Transfers)?;
-        let mut ev = Message::new();
-        ev.varint(event::TYPE, event::TYPE_INSTANT)
-            .varint(event::TRACK_UUID, uuid)
-            .string(event::CATEGORIES, "transfer")
-            .string(
-                event::NAME,
-                &format!("{verb} #{} {}", x.id, format_bytes(x.bytes)),
-            )
-            .message(event::DEBUG_ANNOTATIONS, &annotation_uint("bytes", x.bytes))
-            .fixed64(field, x.id + 1);
         if start {
             self.summary.flows += 1;
         }
-        self.track_event(ts, &ev)
+        let name = format!("{verb} #{} {}", x.id, format_bytes(x.bytes));
+        self.emit(ts, |ev| {
+            ev.varint(event::TYPE, event::TYPE_INSTANT)
+                .varint(event::TRACK_UUID, uuid)
+                .string(event::CATEGORIES, "transfer")
+                .string(event::NAME, &name);
+            annotate(ev, "bytes", x.bytes);
+            ev.fixed64(field, x.id + 1);
+        })
     }
 
     fn item(&mut self, item: Item<'_>) -> Result<()> {
@@ -245,25 +259,21 @@ impl Writer<'_> {
             Item::Event(ep, e) => match e {
                 TraceEvent::Kernel(k) => {
                     let uuid = self.track(ep, TrackKind::Thread(k.thread))?;
-                    let mut begin = Message::new();
-                    begin
-                        .varint(event::TYPE, event::TYPE_SLICE_BEGIN)
-                        .varint(event::TRACK_UUID, uuid)
-                        .string(event::CATEGORIES, "kernel")
-                        .string(event::NAME, &k.kernel)
-                        .message(event::DEBUG_ANNOTATIONS, &annotation_uint("step", k.step));
-                    if let Some(layer) = k.layer {
-                        begin.message(
-                            event::DEBUG_ANNOTATIONS,
-                            &annotation_uint("layer", u64::from(layer)),
-                        );
-                    }
-                    self.track_event(k.start, &begin)?;
-                    let mut end = Message::new();
-                    end.varint(event::TYPE, event::TYPE_SLICE_END)
-                        .varint(event::TRACK_UUID, uuid);
                     self.summary.slices += 1;
-                    self.track_event(k.end.max(k.start), &end)
+                    self.emit(k.start, |ev| {
+                        ev.varint(event::TYPE, event::TYPE_SLICE_BEGIN)
+                            .varint(event::TRACK_UUID, uuid)
+                            .string(event::CATEGORIES, "kernel")
+                            .string(event::NAME, &k.kernel);
+                        annotate(ev, "step", k.step);
+                        if let Some(layer) = k.layer {
+                            annotate(ev, "layer", u64::from(layer));
+                        }
+                    })?;
+                    self.emit(k.end.max(k.start), |ev| {
+                        ev.varint(event::TYPE, event::TYPE_SLICE_END)
+                            .varint(event::TRACK_UUID, uuid);
+                    })
                 }
                 TraceEvent::Counter(c) => self.counter(ep, &c.name, c.t, c.value as f64),
                 // Lanes already carry samples, faults and PT volume as counters.
@@ -280,11 +290,15 @@ impl Writer<'_> {
     }
 }
 
-fn annotation_uint(name: &str, v: u64) -> Message {
-    let mut a = Message::new();
-    a.string(event::ANNOTATION_NAME, name)
-        .varint(event::ANNOTATION_UINT, v);
-    a
+/// Adds a `DebugAnnotation{name, uint_value}` to a track event.
+fn annotate(ev: &mut Message, name: &str, v: u64) {
+    ev.string_varint_pair(
+        event::DEBUG_ANNOTATIONS,
+        event::ANNOTATION_NAME,
+        name,
+        event::ANNOTATION_UINT,
+        v,
+    );
 }
 
 /// Writes `source` as a Perfetto protobuf trace.
@@ -296,6 +310,8 @@ pub fn write(source: &dyn TraceSource, out: &mut dyn Write) -> Result<ExportSumm
         counter_ids: HashMap::new(),
         first: true,
         summary: ExportSummary::default(),
+        event: Message::new(),
+        packet: Message::new(),
     };
     for ep in 0..source.endpoints().len() {
         w.track(ep, TrackKind::Endpoint)?;

@@ -21,6 +21,11 @@ pub struct Message {
     buf: Vec<u8>,
 }
 
+/// Bytes a varint of `v` takes.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
 fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         buf.push((v as u8) | 0x80);
@@ -33,6 +38,37 @@ impl Message {
     /// An empty message.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Empties the message, keeping its buffer for the next one.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+    }
+
+    /// An embedded message of two fields, a string then a varint, written in place without
+    /// building the child first (Perfetto's `DebugAnnotation{name, uint_value}` per slice).
+    pub fn string_varint_pair(
+        &mut self,
+        field: u32,
+        f1: u32,
+        s: &str,
+        f2: u32,
+        v: u64,
+    ) -> &mut Self {
+        let key_len = |f: u32| varint_len(u64::from(f) << 3);
+        let len = key_len(f1) + varint_len(s.len() as u64) + s.len() + key_len(f2) + varint_len(v);
+        self.key(field, LEN);
+        put_varint(&mut self.buf, len as u64);
+        self.string(f1, s).varint(f2, v)
+    }
+
+    /// The length-delimited key and length that embed this message as `field` of a parent,
+    /// for writing a parent's framing straight to an output.
+    pub fn framing(&self, field: u32) -> Vec<u8> {
+        let mut head = Vec::with_capacity(12);
+        put_varint(&mut head, (u64::from(field) << 3) | LEN);
+        put_varint(&mut head, self.buf.len() as u64);
+        head
     }
 
     fn key(&mut self, field: u32, wire: u64) {
@@ -214,6 +250,24 @@ mod tests {
         assert_eq!(fields[3].1.as_u64().map(f64::from_bits), Some(1.5));
         let nested = decode(fields[4].1.as_bytes().expect("bytes")).expect("nested decodes");
         assert_eq!(nested[0].1.as_str(), Some("gemm"));
+    }
+
+    #[test]
+    fn in_place_pairs_and_framing_match_nested_encoding() {
+        for v in [0, 1, 127, 128, 300, u64::MAX] {
+            let mut child = Message::new();
+            child.string(10, "layer").varint(3, v);
+            let mut nested = Message::new();
+            nested.message(4, &child);
+            let mut in_place = Message::new();
+            in_place.string_varint_pair(4, 10, "layer", 3, v);
+            assert_eq!(in_place, nested, "value {v}");
+            let mut framed = Message::new();
+            framed.message(1, &child);
+            let mut direct = child.framing(1);
+            direct.extend_from_slice(child.as_bytes());
+            assert_eq!(direct, framed.as_bytes());
+        }
     }
 
     #[test]
