@@ -230,41 +230,50 @@ pub fn write_trace(dir: impl AsRef<Path>, cfg: &SynthConfig) -> Result<SynthSumm
     ];
     let trace = Trace::create(dir, manifest)?;
 
-    let results: Vec<Result<LogStats>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..cfg.stages)
-            .map(|id| {
-                let trace = &trace;
-                scope.spawn(move || {
-                    let stream = EndpointStream::new(cfg, id);
-                    let header = LogHeader::new(id, Clock::Synthetic, stream.start_ns());
-                    let mut log = trace.create_endpoint_log(id, header, cfg.writer)?;
-                    for s in STRINGS {
-                        log.intern(s);
-                    }
-                    for event in stream {
-                        log.append(&event);
-                    }
-                    log.close()
+    // Endpoints are written in parallel, but no more at once than there are CPUs: each writer
+    // holds a fixed pool of record buffers, so 64 concurrent writers would hold too much memory.
+    let parallel = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2);
+    let ids: Vec<u32> = (0..cfg.stages).collect();
+    let mut results: Vec<Result<LogStats>> = Vec::with_capacity(ids.len());
+    for batch in ids.chunks(parallel) {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|&id| {
+                    let trace = &trace;
+                    scope.spawn(move || write_endpoint(trace, cfg, id))
                 })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
+                .collect();
+            results.extend(handles.into_iter().map(|h| {
                 h.join().unwrap_or_else(|_| {
                     Err(SchemaError::Synth(
                         "a synthetic endpoint writer thread panicked".into(),
                     ))
                 })
-            })
-            .collect()
-    });
+            }));
+        });
+    }
     let endpoints = results.into_iter().collect::<Result<Vec<_>>>()?;
     Ok(SynthSummary {
         events: endpoints.iter().map(|s| s.events).sum(),
         bytes: endpoints.iter().map(|s| s.bytes).sum(),
         endpoints,
     })
+}
+
+fn write_endpoint(trace: &Trace, cfg: &SynthConfig, id: u32) -> Result<LogStats> {
+    let stream = EndpointStream::new(cfg, id);
+    let header = LogHeader::new(id, Clock::Synthetic, stream.start_ns());
+    let mut log = trace.create_endpoint_log(id, header, cfg.writer)?;
+    for s in STRINGS {
+        log.intern(s);
+    }
+    for event in stream {
+        log.append(&event);
+    }
+    log.close()
 }
 
 /// splitmix64: small, fast and good enough for jitter.
