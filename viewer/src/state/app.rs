@@ -334,8 +334,8 @@ impl App {
                 let e = self.timeline.extent();
                 self.set_view(e.start, e.len());
             }
-            KeyCode::Char('n') | KeyCode::Tab => self.step_selection(true),
-            KeyCode::Char('p') | KeyCode::BackTab => self.step_selection(false),
+            KeyCode::Char('n') | KeyCode::Tab => self.step_selection(true)?,
+            KeyCode::Char('p') | KeyCode::BackTab => self.step_selection(false)?,
             KeyCode::Enter => self.select_near(self.view.start + self.view.len() / 2),
             KeyCode::Char('/') => self.open_prompt(PromptKind::Filter),
             KeyCode::Char('g') => self.open_prompt(PromptKind::JumpTime),
@@ -439,17 +439,22 @@ impl App {
         Ok(())
     }
 
-    /// Selects the next (or previous) event on the cursor track, panning to keep it in view.
-    fn step_selection(&mut self, forward: bool) {
-        let Some(window) = &self.window else { return };
+    /// Selects the next (or previous) event on the cursor track, panning to keep it in view;
+    /// past the edge of the view it searches the rest of the trace (through the index, so only
+    /// frames that can hold a match are decoded).
+    fn step_selection(&mut self, forward: bool) -> Result<()> {
+        let Some(window) = &self.window else {
+            return Ok(());
+        };
         if !window.detail {
             self.message =
                 Some("zoom in (w) to select events; this view is drawn from the index".to_string());
-            return;
+            return Ok(());
         }
         let Some(track) = window.tracks.get(self.cursor) else {
-            return;
+            return Ok(());
         };
+        let endpoint = track.endpoint;
         // Time order is (start, position in the log); events are kept in log order, so the
         // neighbour is found by one scan instead of sorting every window.
         let key = |i: usize, e: &TraceEvent| (e.start(), i);
@@ -467,13 +472,21 @@ impl App {
             (None, false) => keyed.max(),
         }
         .map(|(_, i)| i);
-        match next {
-            Some(i) => {
-                let Some(event) = track.events.get(i).cloned() else {
-                    return;
+        let found = match next.and_then(|i| track.events.get(i).cloned()) {
+            Some(event) => Some(event),
+            None => {
+                let from = match (&self.selection, forward) {
+                    (Some(s), _) if s.endpoint == endpoint => s.event.start(),
+                    (_, true) => self.view.end,
+                    (_, false) => self.view.start,
                 };
+                self.timeline
+                    .neighbour(endpoint, from, forward, &self.filter)?
+            }
+        };
+        match found {
+            Some(event) => {
                 let t = event.start();
-                let endpoint = track.endpoint;
                 self.selection = Some(Selection { endpoint, event });
                 if !self.view.touches(t, t)
                     || t >= self.view.end.saturating_sub(self.view.len() / 10)
@@ -481,8 +494,9 @@ impl App {
                     self.center_on(t);
                 }
             }
-            None => self.message = Some("no more events in view on this track".to_string()),
+            None => self.message = Some("no more matching events on this track".to_string()),
         }
+        Ok(())
     }
 
     /// Selects the event on the cursor track nearest to `t`.

@@ -454,6 +454,67 @@ impl Timeline {
         Ok(out)
     }
 
+    /// The first event of `ep` passing `filter` that starts after `t` (or the last one before
+    /// it, going back), reading frames in time order from `t` and stopping as soon as no later
+    /// frame can hold a nearer event.
+    pub fn neighbour(
+        &mut self,
+        ep: EndpointIx,
+        t: Nanos,
+        forward: bool,
+        filter: &Filter,
+    ) -> Result<Option<TraceEvent>> {
+        let Some(info) = self.source.endpoints().get(ep).cloned() else {
+            return Ok(None);
+        };
+        let mut frames: Vec<(usize, TimeRange)> = self
+            .source
+            .frames(ep)
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| {
+                Self::counted(filter, f) > 0
+                    && if forward {
+                        f.range.end > t
+                    } else {
+                        f.range.start < t
+                    }
+            })
+            .map(|(i, f)| (i, f.range))
+            .collect();
+        if !forward {
+            frames.reverse();
+        }
+        let mut best: Option<TraceEvent> = None;
+        for (frame, range) in frames {
+            if let Some(b) = &best {
+                let beyond = if forward {
+                    range.start > b.start()
+                } else {
+                    range.end < b.start()
+                };
+                if beyond {
+                    break;
+                }
+            }
+            let Some(events) = self.frame_or_skip(ep, frame) else {
+                continue;
+            };
+            for e in events.iter().filter(|e| filter.shows_event(&info, e)) {
+                let s = e.start();
+                let better = if forward {
+                    s > t && best.as_ref().is_none_or(|b| s < b.start())
+                } else {
+                    s < t && best.as_ref().is_none_or(|b| s > b.start())
+                };
+                if better {
+                    best = Some(e.clone());
+                }
+            }
+        }
+        Ok(best)
+    }
+
     /// Start of step `step` on endpoint `ep` (its earliest step-boundary event). Steps grow
     /// with time, so this binary-searches the frames the index says hold step boundaries for
     /// the first whose largest step reaches `step`, decoding a few frames rather than all.

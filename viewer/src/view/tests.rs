@@ -110,7 +110,11 @@ fn overview_from_the_index_when_too_many_events_are_in_view() {
     type_text(&mut a, "kernel:gemm");
     press(&mut a, KeyCode::Enter);
     let lines = text(&screen(&mut a, 140, 20));
-    assert!(lines[0].contains("name filters apply when zoomed in"), "{}", lines[0]);
+    assert!(
+        lines[0].contains("name filters apply when zoomed in"),
+        "{}",
+        lines[0]
+    );
 }
 
 #[test]
@@ -493,4 +497,44 @@ fn an_undecodable_frame_is_skipped_and_reported() {
     press(&mut a, KeyCode::Char('t'));
     assert!(a.compute_pending().expect("stats skip the bad frame"));
     assert_eq!(a.stats.as_ref().map(|s| s.unreadable_frames), Some(1));
+}
+
+#[test]
+fn next_match_is_found_beyond_the_view() {
+    let mut a = app(2, 10);
+    screen(&mut a, 80, 24);
+    press(&mut a, KeyCode::Char('/'));
+    type_text(&mut a, "kernel:attention");
+    press(&mut a, KeyCode::Enter);
+    // A view of the first step only.
+    a.set_view(0, 400_000);
+    screen(&mut a, 80, 24);
+    press(&mut a, KeyCode::Char('n'));
+    let first = a.selection.clone().expect("first attention selected");
+    assert!(
+        matches!(&first.event, TraceEvent::Kernel(k) if &*k.kernel == "attention" && k.step == 0)
+    );
+    press(&mut a, KeyCode::Char('n'));
+    let second = a
+        .selection
+        .clone()
+        .expect("next attention found beyond the view");
+    assert!(
+        matches!(&second.event, TraceEvent::Kernel(k) if &*k.kernel == "attention" && k.step == 1)
+    );
+    assert!(
+        a.view.touches(second.event.start(), second.event.start()),
+        "the view followed it"
+    );
+    screen(&mut a, 80, 24);
+    press(&mut a, KeyCode::Char('p'));
+    assert_eq!(a.selection, Some(first));
+    for _ in 0..12 {
+        screen(&mut a, 80, 24);
+        press(&mut a, KeyCode::Char('n'));
+    }
+    assert_eq!(
+        a.message.as_deref(),
+        Some("no more matching events on this track")
+    );
 }
