@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 use std::hint::black_box;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,8 +17,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use slug_kernels::ModelConfig;
 use slug_recorder::endpoint::{EndpointOptions, EndpointRecorder};
 use slug_recorder::observe::PayloadPolicy;
-use slug_recorder::perf::{PerfConfig, PerfRequest};
-use slug_recorder::{RecordConfig, record};
+use slug_recorder::perf::{PerfConfig, PerfRequest, StreamKind};
+use slug_recorder::{RecordConfig, RecordSummary, record};
 use slug_schema::{Event, KernelSpan, RawRecord, WriterOptions};
 use slug_transport::pipeline::{NoObservers, PipelineConfig, run};
 
@@ -156,104 +157,121 @@ impl Rate {
     }
 }
 
+/// Software perf streams only: what every host can record.
+fn software_perf() -> PerfConfig {
+    PerfConfig {
+        request: PerfRequest::List(vec![
+            StreamKind::CpuClock,
+            StreamKind::PageFaults,
+            StreamKind::ContextSwitches,
+            StreamKind::StepCounters,
+        ]),
+        ..PerfConfig::default()
+    }
+}
+
+fn record_once(
+    p: &PipelineConfig,
+    out: PathBuf,
+    payloads: PayloadPolicy,
+    perf: PerfConfig,
+) -> RecordSummary {
+    let cfg = RecordConfig {
+        payloads,
+        perf,
+        ..RecordConfig::new(&out)
+    };
+    let s = record(&cfg, p).expect("record");
+    let _ = std::fs::remove_dir_all(&out);
+    s
+}
+
+/// Rounds of the interleaved throughput comparison.
+const ROUNDS: usize = 5;
+
 fn bench_pipeline(c: &mut Criterion) {
     let p = pipeline();
     let dir = tempfile::tempdir().expect("temp dir");
     let (plain, recorded, payloads) = (Tally::default(), Tally::default(), Tally::default());
-    let (plain_rate, recorded_rate, payloads_rate) =
-        (Rate::default(), Rate::default(), Rate::default());
-    let bytes_per_event = Cell::new(0.0f64);
     let runs = Cell::new(0u64);
+    let next_dir = || {
+        runs.set(runs.get() + 1);
+        dir.path().join(format!("t{}", runs.get()))
+    };
     let mut g = c.benchmark_group("pipeline_small_4_stages");
     g.sample_size(10);
     g.bench_function("baseline_unrecorded", |b| {
         b.iter_custom(|iters| {
             let t = Instant::now();
             for _ in 0..iters {
-                plain_rate.add(black_box(run(&p, &NoObservers).expect("run")).tokens_per_s);
+                black_box(run(&p, &NoObservers).expect("run"));
             }
             plain.add(t.elapsed(), iters)
         })
     });
-    let mut record_with = |name: &str, policy: PayloadPolicy, tally: &Tally, rate: &Rate| {
+    for (name, policy, tally) in [
+        (
+            "recorded_hashes_spans_sampling",
+            PayloadPolicy::None,
+            &recorded,
+        ),
+        ("recorded_payloads_all", PayloadPolicy::All, &payloads),
+    ] {
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let n = runs.get();
-                    runs.set(n + 1);
-                    let cfg = RecordConfig {
-                        payloads: policy,
-                        perf: PerfConfig {
-                            request: PerfRequest::List(vec![
-                                slug_recorder::perf::StreamKind::CpuClock,
-                                slug_recorder::perf::StreamKind::PageFaults,
-                                slug_recorder::perf::StreamKind::ContextSwitches,
-                                slug_recorder::perf::StreamKind::StepCounters,
-                            ]),
-                            ..PerfConfig::default()
-                        },
-                        ..RecordConfig::new(dir.path().join(format!("t{n}")))
-                    };
+                    let out = next_dir();
                     let t = Instant::now();
-                    let s = record(&cfg, &p).expect("record");
+                    black_box(record_once(&p, out, policy, software_perf()));
                     total += t.elapsed();
-                    rate.add(s.tokens_per_s);
-                    if policy == PayloadPolicy::None {
-                        let bytes: u64 = s.endpoints.iter().map(|e| e.bytes).sum();
-                        bytes_per_event.set(bytes as f64 / s.events().max(1) as f64);
-                    }
-                    let _ = std::fs::remove_dir_all(&cfg.out);
                 }
                 tally.add(total, iters)
             })
         });
-    };
-    record_with(
-        "recorded_hashes_spans_sampling",
-        PayloadPolicy::None,
-        &recorded,
-        &recorded_rate,
-    );
-    record_with(
-        "recorded_payloads_all",
-        PayloadPolicy::All,
-        &payloads,
-        &payloads_rate,
-    );
+    }
     g.finish();
+
+    // Generation throughput (model build excluded), runs interleaved so that the machine's
+    // changing load hits all three alike.
+    let (plain_rate, recorded_rate, payloads_rate) =
+        (Rate::default(), Rate::default(), Rate::default());
+    let mut bytes_per_event = 0.0;
+    for _ in 0..ROUNDS {
+        plain_rate.add(run(&p, &NoObservers).expect("run").tokens_per_s);
+        let s = record_once(&p, next_dir(), PayloadPolicy::None, software_perf());
+        recorded_rate.add(s.tokens_per_s);
+        let bytes: u64 = s.endpoints.iter().map(|e| e.bytes).sum();
+        bytes_per_event = bytes as f64 / s.events().max(1) as f64;
+        payloads_rate
+            .add(record_once(&p, next_dir(), PayloadPolicy::All, software_perf()).tokens_per_s);
+    }
     // Spans, transfers, step boundaries and counters only: what the 3-bytes-per-event target is about.
-    let quiet = RecordConfig {
-        perf: PerfConfig {
-            request: PerfRequest::None,
-            ..PerfConfig::default()
-        },
-        ..RecordConfig::new(dir.path().join("no-perf"))
+    let quiet = PerfConfig {
+        request: PerfRequest::None,
+        ..PerfConfig::default()
     };
-    let s = record(&quiet, &p).expect("record");
+    let s = record_once(&p, next_dir(), PayloadPolicy::None, quiet);
     let bytes: u64 = s.endpoints.iter().map(|e| e.bytes).sum();
     let pipeline_bytes_per_event = bytes as f64 / s.events().max(1) as f64;
     eprintln!(
-        "generation throughput (tokens/s, model build excluded), mean over runs:\n  \
+        "generation throughput (tokens/s, model build excluded), {ROUNDS} interleaved rounds:\n  \
          unrecorded {:.1}; recorded {:.1} (ratio {:.3}); --payloads all {:.1} (ratio {:.3})\n  \
-         log bytes per event without perf samples (spans, transfers, steps, counters): {:.2}",
+         log bytes per event: {:.2} with software perf samples, {:.2} without (spans, transfers, steps, counters)",
         plain_rate.mean(),
         recorded_rate.mean(),
         recorded_rate.mean() / plain_rate.mean(),
         payloads_rate.mean(),
         payloads_rate.mean() / plain_rate.mean(),
+        bytes_per_event,
         pipeline_bytes_per_event
     );
     let base = plain.per_iter_ns();
     eprintln!(
-        "pipeline (small, 4 local stages, 4 sequences x 24 tokens), wall time per run incl. setup:\n  \
-         recorded: ratio {:.3} ({:+.1}% time)\n  --payloads all: ratio {:.3} ({:+.1}% time)\n  \
-         log bytes per event (all kinds, recorded run): {:.2}",
+        "pipeline (small, 4 local stages, 4 sequences x 24 tokens), wall time per run incl. model build:\n  \
+         recorded: ratio {:.3}; --payloads all: ratio {:.3}",
         recorded.per_iter_ns() / base,
-        (recorded.per_iter_ns() / base - 1.0) * 100.0,
         payloads.per_iter_ns() / base,
-        (payloads.per_iter_ns() / base - 1.0) * 100.0,
-        bytes_per_event.get()
     );
 }
 

@@ -20,11 +20,20 @@ use crate::error::{RecorderError, Result};
 const BLOCK_HEADER: usize = 16;
 
 /// An open journal being appended to.
-#[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
     file: File,
     raw: Vec<u8>,
+    /// Reused: a zstd context costs more to set up than a small block costs to compress.
+    compressor: zstd::bulk::Compressor<'static>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Journal {
@@ -32,10 +41,12 @@ impl Journal {
     pub fn create(path: impl AsRef<Path>) -> Result<Journal> {
         let path = path.as_ref().to_path_buf();
         let file = File::create(&path).map_err(|e| RecorderError::io(&path, e))?;
+        let compressor = zstd::bulk::Compressor::new(1).map_err(|e| RecorderError::io(&path, e))?;
         Ok(Journal {
             path,
             file,
             raw: Vec::new(),
+            compressor,
         })
     }
 
@@ -53,8 +64,10 @@ impl Journal {
         for r in records {
             self.raw.extend_from_slice(&r.to_bytes());
         }
-        let compressed =
-            zstd::bulk::compress(&self.raw, 1).map_err(|e| RecorderError::io(&self.path, e))?;
+        let compressed = self
+            .compressor
+            .compress(&self.raw)
+            .map_err(|e| RecorderError::io(&self.path, e))?;
         let mut block = Vec::with_capacity(BLOCK_HEADER + compressed.len());
         block.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
         block.extend_from_slice(&(records.len() as u32).to_le_bytes());
