@@ -2,8 +2,10 @@
 //! workspace; each call covers a row range so an orchestrator can split one call across threads.
 //!
 //! Every kernel takes an [`Arith`](crate::Arith) (instruction set and FMA flag) and returns the
-//! same bits for every instruction set and every row split; see [`reduce`] for the one order
-//! used by horizontal sums.
+//! same bits for every instruction set and every row split. Products accumulate over `k` in
+//! ascending order, vectorised across output columns. Horizontal sums (RMSNorm's sum of
+//! squares, softmax's sum, attention's dot products) use one canonical order on every path:
+//! 16 logical lanes, lane `l` summing elements `l, l + 16, ...`, then a fixed pairwise tree.
 
 mod attention;
 mod elementwise;
