@@ -156,6 +156,8 @@ pub struct Window {
     pub tracks: Vec<TrackBins>,
     /// Links with traffic in view, sorted by (src, dst).
     pub links: Vec<LinkBins>,
+    /// Transfers posted in view, as (sender, receiver, column of the post), in post order.
+    pub flows: Vec<(EndpointIx, EndpointIx, usize)>,
 }
 
 impl Window {
@@ -591,6 +593,7 @@ impl Timeline {
             events_in_view,
             tracks: Vec::with_capacity(shown.len()),
             links: Vec::new(),
+            flows: Vec::new(),
         };
         let mut transfers: HashMap<u64, Transfer> = HashMap::new();
         let grid = Grid::new(range, columns);
@@ -751,6 +754,7 @@ fn add_flows(window: &mut Window, grid: &Grid, mut transfers: Vec<Transfer>) {
             let c = grid.of(x.post);
             put_mark(&mut src.marks, c, Mark::FlowOut);
             src.flow_bytes[c] += x.bytes;
+            window.flows.push((x.src, x.dst, c));
         }
         if let Some(dst) = window.tracks.iter_mut().find(|t| t.endpoint == x.dst)
             && range.touches(x.complete, x.complete)

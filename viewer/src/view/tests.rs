@@ -215,6 +215,7 @@ fn link_panel_draws_bandwidth_and_achieved_rate() {
         detail: true,
         events_in_view: 2,
         tracks: Vec::new(),
+        flows: Vec::new(),
         links: vec![LinkBins {
             src: 0,
             dst: 1,
@@ -536,5 +537,37 @@ fn next_match_is_found_beyond_the_view() {
     assert_eq!(
         a.message.as_deref(),
         Some("no more matching events on this track")
+    );
+}
+
+#[test]
+fn transfers_between_distant_tracks_are_drawn_through_the_tracks_between() {
+    let x = Transfer {
+        id: 9,
+        src: 2,
+        dst: 0,
+        bytes: 8,
+        post: 500_000,
+        complete: 520_000,
+        src_arena: 0,
+        dst_arena: 0,
+        src_offset: 0,
+        dst_offset: 0,
+        hash: 0,
+        transport: Arc::from("tcp"),
+        payload: None,
+        logged_by_receiver: false,
+    };
+    let mut events = fixture::pipeline_events(3, 1);
+    events[2].push(TraceEvent::Transfer(Box::new(x)));
+    let src = crate::state::source::MemorySource::new(fixture::endpoints(3), events, 64);
+    let mut a = App::new(Timeline::new(Box::new(src)), "token back");
+    let b = screen(&mut a, 80, 20);
+    let c = crate::view::LABEL_WIDTH + a.window.as_ref().expect("window").column_of(500_000) as u16;
+    let column: String = (1..8).map(|y| b[(c, y)].symbol().to_string()).collect();
+    // Rows: axis, s0 kernels, s0 marks (arrival), s1 kernels, s1 marks, s2 kernels, s2 marks (post).
+    assert_eq!(
+        column, "   █┊┊v",
+        "line from s2's post up to s0, over blank cells only"
     );
 }

@@ -72,6 +72,43 @@ fn short_label(name: &str, width: usize) -> String {
     }
 }
 
+impl TimelineView<'_> {
+    /// Draws each transfer between tracks that are not neighbours as a dotted line in the
+    /// column it was posted, through the rows between its sender's and receiver's tracks (only
+    /// over blank cells, and only while flows are sparse enough to read).
+    fn connectors(&self, area: Rect, buf: &mut Buffer) {
+        let x0 = area.x + LABEL_WIDTH;
+        let columns = usize::from(area.width - LABEL_WIDTH).min(self.window.columns);
+        if self.window.flows.len() > columns / 3 {
+            return;
+        }
+        let row_of = |ep| {
+            self.window
+                .tracks
+                .iter()
+                .position(|t| t.endpoint == ep)
+                .map(|i| area.y + 1 + 2 * i as u16)
+        };
+        for &(src, dst, c) in &self.window.flows {
+            let (Some(ys), Some(yd)) = (row_of(src), row_of(dst)) else {
+                continue;
+            };
+            // Neighbours need no line: the sender's mark row sits right above the receiver.
+            // Otherwise the line fills the rows strictly between the two mark rows.
+            if ys.abs_diff(yd) <= 2 || c >= columns {
+                continue;
+            }
+            let (top, bottom) = (ys.min(yd) + 2, ys.max(yd) + 1);
+            for y in top..bottom.min(area.bottom()) {
+                let cell = &mut buf[(x0 + c as u16, y)];
+                if cell.symbol() == " " {
+                    cell.set_char('┊').set_style(style::DIM);
+                }
+            }
+        }
+    }
+}
+
 impl Widget for &TimelineView<'_> {
     fn render(self, area: Rect, buf: &mut Buffer) {
         if area.height == 0 || area.width <= LABEL_WIDTH {
@@ -153,5 +190,6 @@ impl Widget for &TimelineView<'_> {
                 }
             }
         }
+        self.connectors(area, buf);
     }
 }
