@@ -101,6 +101,9 @@ impl std::fmt::Display for Isa {
 pub struct Arith {
     isa: Isa,
     fma: bool,
+    /// `fma` and the CPU has an FMA unit: the scalar path may then use the instruction
+    /// instead of the (equally exact, much slower) software `fmaf`.
+    hardware_fma: bool,
 }
 
 impl Arith {
@@ -120,7 +123,11 @@ impl Arith {
         if fma && !has_hardware_fma() {
             return Err(Error::FmaUnavailable);
         }
-        Ok(Arith { isa, fma })
+        Ok(Arith {
+            isa,
+            fma,
+            hardware_fma: fma,
+        })
     }
 
     /// The best instruction set of this CPU, with or without fused multiply-add.
@@ -134,6 +141,7 @@ impl Arith {
         Arith {
             isa: Isa::Scalar,
             fma,
+            hardware_fma: fma && has_hardware_fma(),
         }
     }
 
@@ -145,6 +153,11 @@ impl Arith {
     /// Whether multiply-add is fused (one rounding).
     pub fn fma(self) -> bool {
         self.fma
+    }
+
+    /// Whether fused multiply-add runs on an FMA unit (false when `fma` is off).
+    pub fn hardware_fma(self) -> bool {
+        self.hardware_fma
     }
 }
 
@@ -502,6 +515,14 @@ macro_rules! simd_kernel {
                 }
             }
 
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn scalar_fma($($p: $t),+) $(-> $ret)? {
+                // SAFETY: forwarded from the caller of `$name`.
+                unsafe { body::<$crate::simd::Scalar, true>($($p),+) }
+            }
+
             #[cfg(target_arch = "aarch64")]
             #[target_feature(enable = "neon")]
             #[allow(clippy::too_many_arguments)]
@@ -528,6 +549,8 @@ macro_rules! simd_kernel {
                     $crate::simd::Isa::Neon => neon(arith.fma(), $($p),+),
                     // Scalar, and instruction sets of other architectures (which `Arith`
                     // never holds here): the reference path.
+                    #[cfg(target_arch = "x86_64")]
+                    $crate::simd::Isa::Scalar if arith.hardware_fma() => scalar_fma($($p),+),
                     _ => {
                         if arith.fma() {
                             body::<$crate::simd::Scalar, true>($($p),+)
