@@ -60,15 +60,21 @@ impl Tmux {
 
     /// Waits until the screen contains `text`, returning the screen.
     fn wait_for(&self, text: &str) -> String {
+        self.wait_for_all(&[text])
+    }
+
+    /// Waits until the screen contains every one of `texts` at once (a frame can reach the
+    /// pane in more than one write), returning the screen.
+    fn wait_for_all(&self, texts: &[&str]) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let s = self.screen();
-            if s.contains(text) {
+            if texts.iter().all(|t| s.contains(t)) {
                 return s;
             }
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for {text:?}; screen:\n{s}"
+                "timed out waiting for {texts:?}; screen:\n{s}"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -117,21 +123,23 @@ fn view_in_tmux_navigates_and_quits() {
     trace(&dir);
     let cmd = format!("{} view {}", env!("CARGO_BIN_EXE_slug"), dir.display());
     let t = Tmux::start("nav", 110, 34, &cmd);
-    let first = t.wait_for("slug view");
-    for name in ["node0/s0", "node0/s1", "node1/s2"] {
-        assert!(first.contains(name), "track {name} missing:\n{first}");
-    }
-    assert!(first.contains("links:"), "{first}");
+    // Every track, the link panel and the key hints: the whole first frame.
+    t.wait_for_all(&[
+        "slug view",
+        "node0/s0",
+        "node0/s1",
+        "node1/s2",
+        "links:",
+        "q quit",
+    ]);
     t.keys(&["?"]);
     t.wait_for("jump to step N");
     t.keys(&["Escape"]);
     t.keys(&["w", "w", "w"]);
     t.keys(&["n"]);
-    let selected = t.wait_for("event (esc clears)");
-    assert!(selected.contains("kind "), "{selected}");
+    t.wait_for_all(&["event (esc clears)", "kind "]);
     t.keys(&["Escape", "t"]);
-    let stats = t.wait_for("bottleneck:");
-    assert!(stats.contains("compute  waiting"), "{stats}");
+    t.wait_for_all(&["bottleneck:", "compute  waiting"]);
     t.keys(&["t", ":"]);
     t.wait_for("jump to step:");
     t.keys(&["3", "Enter"]);
@@ -161,8 +169,7 @@ fn view_in_a_tiny_terminal_says_so() {
     trace(&dir);
     let cmd = format!("{} view {}", env!("CARGO_BIN_EXE_slug"), dir.display());
     let t = Tmux::start("tiny", 40, 8, &cmd);
-    let s = t.wait_for("terminal too small");
-    assert!(s.contains("needs 60x16"), "{s}");
+    t.wait_for_all(&["terminal too small", "needs 60x16"]);
     t.keys(&["q"]);
 }
 
@@ -191,14 +198,10 @@ fn view_highlights_a_replay_divergence() {
         report.display()
     );
     let t = Tmux::start("div", 110, 34, &cmd);
-    let s = t.wait_for("first divergence:");
-    assert!(
-        s.contains("first divergence: node0/s1 step 2 layer 0 kernel gemm_qkv @5: expected 1.5 got 1.25 (9 later differ)"),
-        "{s}"
-    );
-    assert!(
-        s.contains('!'),
-        "the divergence is marked on its track:\n{s}"
-    );
+    // The banner, and the mark on the track (`!` appears nowhere else on this screen).
+    t.wait_for_all(&[
+        "first divergence: node0/s1 step 2 layer 0 kernel gemm_qkv @5: expected 1.5 got 1.25 (9 later differ)",
+        "!",
+    ]);
     t.keys(&["q"]);
 }
