@@ -58,19 +58,19 @@ impl Tmux {
             .into_owned()
     }
 
-    /// Waits until the screen contains `text`, returning the screen.
-    fn wait_for(&self, text: &str) -> String {
-        self.wait_for_all(&[text])
+    /// Waits until the screen contains `text`.
+    fn wait_for(&self, text: &str) {
+        self.wait_for_all(&[text]);
     }
 
     /// Waits until the screen contains every one of `texts` at once (a frame can reach the
-    /// pane in more than one write), returning the screen.
-    fn wait_for_all(&self, texts: &[&str]) -> String {
+    /// pane in more than one write).
+    fn wait_for_all(&self, texts: &[&str]) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let s = self.screen();
             if texts.iter().all(|t| s.contains(t)) {
-                return s;
+                return;
             }
             assert!(
                 Instant::now() < deadline,
