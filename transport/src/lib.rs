@@ -28,7 +28,9 @@
 //! [`pipeline::run`] runs a [`pipeline::PipelineConfig`] (model, stages, transport, threads,
 //! microbatches, prompts, tokens, hosts) and returns a [`pipeline::RunReport`]. The runtime lives
 //! here, not in the binary, because `slug run`, the recorder and the replayer all drive it; they
-//! plug in through [`pipeline::ObserverFactory`] (transfer observers plus the kernels' hooks).
+//! plug in through [`pipeline::ObserverFactory`] (transfer observers plus the kernels' hooks,
+//! a stage's arena and cursor at every step boundary, and the state a stage starts from).
+//! [`inject`] flips one bit of one kernel output on request (`--inject`), to test replays.
 //! [`node::serve`] is the server behind `slug node --listen`.
 //!
 //! Errors are [`TransportError`]; a failing stage or link ends a run within bounded time with
@@ -38,6 +40,7 @@ pub mod auth;
 pub mod clock;
 pub mod error;
 pub mod fabric;
+pub mod inject;
 pub mod link;
 pub mod node;
 pub mod pipeline;

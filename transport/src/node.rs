@@ -14,7 +14,8 @@ use crate::fabric::{Fabric, FabricLayout};
 use crate::link::{LinkReceiver, LinkSender};
 use crate::pipeline::cluster::{Cause, HEARTBEAT, ToCoordinator, ToNode};
 use crate::pipeline::{
-    ObserverFactory, PipelineConfig, StageContext, StageIo, drive_stage, link_ends, stage_observers,
+    Observed, ObserverFactory, PipelineConfig, StageContext, StageIo, build_stage, drive_stage,
+    link_ends, stage_observers,
 };
 use crate::transfer::TransportKind;
 use crate::wire::{AbortFlag, Conn};
@@ -198,14 +199,14 @@ fn run_assigned(
     }
     let plan = cfg.plan().map_err(startup)?;
     let pool = slug_kernels::ThreadPool::new(cfg.threads).map_err(|e| startup(e.into()))?;
-    let stage = slug_kernels::Stage::new(&cfg.model, &plan, s, cfg.prompts.len(), &pool)
-        .map_err(|e| startup(e.into()))?;
     let ctx = StageContext {
         stage: s,
         host,
         config: cfg,
     };
+    let stage = build_stage(cfg, &plan, &pool, factory, &ctx).map_err(startup)?;
     let (obs, digests) = stage_observers(factory, &ctx).map_err(startup)?;
+    let state = factory.state_observer(&ctx).map_err(startup)?;
     let fabric = match (cfg.transport, fabric_path) {
         (TransportKind::Shm, Some(path)) => Some(Arc::new(
             Fabric::open(
@@ -308,7 +309,11 @@ fn run_assigned(
                 }
                 (None, None) => StageIo::default(),
             };
-            let outcome = drive_stage(cfg, &plan, s, &pool, stage, io, obs.hooks, &|step, seq| {
+            let observed = Observed {
+                hooks: obs.hooks,
+                state,
+            };
+            let outcome = drive_stage(cfg, &plan, s, &pool, stage, io, observed, &|step, seq| {
                 progress.store((u64::from(step) << 32) | u64::from(seq), Ordering::Relaxed)
             })?;
             let report = outcome.into_report(&plan, s, host, &digests);

@@ -15,6 +15,7 @@
 
 pub(crate) mod cluster;
 mod stage;
+mod state;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier, Mutex};
@@ -32,6 +33,7 @@ use crate::transfer::{Observers, Tag, Transfer, TransferObserver, TransportKind,
 pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes};
 pub use stage::STAGE_ARENA;
 pub(crate) use stage::{StageIo, drive_stage, link_ends};
+pub use state::{ScheduleSlot, StageState, StageStateObserver, restore_stage, schedule_slot};
 
 /// Everything a pipeline run needs; serialisable because the coordinator sends it to nodes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +63,9 @@ pub struct PipelineConfig {
     /// How `shm` / `tcp` runs without hosts start their nodes.
     #[serde(default)]
     pub launch: Launch,
+    /// Flip one bit of one kernel output (`--inject`), on whichever node runs that stage.
+    #[serde(default)]
+    pub inject: Option<crate::inject::Injection>,
     /// The `slug` binary to launch stage processes with; default: the current executable.
     #[serde(skip)]
     pub node_binary: Option<PathBuf>,
@@ -98,6 +103,7 @@ impl PipelineConfig {
             digests: false,
             observer_settings: None,
             launch: Launch::Processes,
+            inject: None,
             node_binary: None,
             key_file: None,
         }
@@ -155,6 +161,9 @@ impl PipelineConfig {
                 "at most {} stages are supported",
                 crate::fabric::MAX_STAGES
             ));
+        }
+        if let Some(inject) = &self.inject {
+            inject.validate(self)?;
         }
         if !self.hosts.is_empty() {
             if self.transport != TransportKind::Tcp {
@@ -251,6 +260,21 @@ impl StageObservers {
 pub trait ObserverFactory: Send + Sync {
     /// Observers for the stage described by `ctx`.
     fn stage_observers(&self, ctx: &StageContext<'_>) -> Result<StageObservers>;
+
+    /// The state the stage starts from (a restored snapshot) instead of weights generated from
+    /// the seed; `None` (the default): generate. Called after the stage is built.
+    fn initial_state(&self, _ctx: &StageContext<'_>) -> Result<Option<StageState>> {
+        Ok(None)
+    }
+
+    /// An observer of the stage's arena and cursor at every step boundary (snapshots), run on
+    /// the stage's own thread; `None` (the default): nobody looks.
+    fn state_observer(
+        &self,
+        _ctx: &StageContext<'_>,
+    ) -> Result<Option<Box<dyn StageStateObserver>>> {
+        Ok(None)
+    }
 }
 
 /// The factory that observes nothing.
@@ -596,23 +620,57 @@ fn local_stage(
         let (obs, digests) = stage_observers(factory, &ctx)?;
         let io = StageIo::over_fabric(cfg, s, fabric, TransportKind::Local, &obs.transfers)?;
         let pool = slug_kernels::ThreadPool::new(cfg.threads)?;
-        let stage = slug_kernels::Stage::new(&cfg.model, plan, s, cfg.prompts.len(), &pool)?;
-        Ok::<_, TransportError>((obs, digests, io, pool, stage))
+        let stage = build_stage(cfg, plan, &pool, factory, &ctx)?;
+        let state = factory.state_observer(&ctx)?;
+        Ok::<_, TransportError>((obs, digests, io, pool, stage, state))
     })();
     // Every thread reaches the barrier, built or not, so the coordinator never waits forever.
     built.wait();
-    let (obs, digests, io, pool, stage) = prepared.map_err(startup)?;
-    let outcome = drive_stage(cfg, plan, s, &pool, stage, io, obs.hooks, &|_, _| {})
+    let (obs, digests, io, pool, stage, state) = prepared.map_err(startup)?;
+    let observed = Observed {
+        hooks: obs.hooks,
+        state,
+    };
+    let outcome = drive_stage(cfg, plan, s, &pool, stage, io, observed, &|_, _| {})
         .map_err(|(at, e)| (s, at, e))?;
     Ok(outcome.into_report(plan, s, "local", &digests))
 }
 
-/// The factory's observers for a stage, plus the digest collector when the config asks for it.
+/// Builds stage `ctx.stage` and, when the factory has a state for it, restores that state.
+pub(crate) fn build_stage(
+    cfg: &PipelineConfig,
+    plan: &LayerPlan,
+    pool: &slug_kernels::ThreadPool,
+    factory: &dyn ObserverFactory,
+    ctx: &StageContext<'_>,
+) -> Result<slug_kernels::Stage> {
+    let mut stage = slug_kernels::Stage::new(&cfg.model, plan, ctx.stage, cfg.prompts.len(), pool)?;
+    if let Some(state) = factory.initial_state(ctx)? {
+        restore_stage(&mut stage, &state)?;
+    }
+    Ok(stage)
+}
+
+/// What watches a running stage: its kernel hooks and its state observer.
+pub(crate) struct Observed {
+    pub hooks: Box<dyn Hooks + Send>,
+    pub state: Option<Box<dyn StageStateObserver>>,
+}
+
+/// The factory's observers for a stage, plus the digest collector when the config asks for it;
+/// the hooks of the stage named by `--inject` are wrapped in the fault injector.
 pub(crate) fn stage_observers(
     factory: &dyn ObserverFactory,
     ctx: &StageContext<'_>,
 ) -> Result<(StageObservers, Option<Arc<DigestObserver>>)> {
     let mut obs = factory.stage_observers(ctx)?;
+    if let Some(inject) = ctx.config.inject.as_ref().filter(|i| i.stage == ctx.stage) {
+        obs.hooks = Box::new(crate::inject::FaultInjector::new(
+            inject.clone(),
+            ctx.config,
+            obs.hooks,
+        ));
+    }
     if !ctx.config.digests {
         return Ok((obs, None));
     }

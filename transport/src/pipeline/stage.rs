@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use slug_kernels::{Hooks, LayerPlan, Stage, StageLayout, ThreadPool};
+use slug_kernels::{LayerPlan, Stage, StageLayout, ThreadPool};
 
 use crate::error::{Result, TransportError};
 use crate::fabric::Fabric;
 use crate::link::{LinkEnds, LinkReceiver, LinkSender, LinkStats, Region, RegionMut};
 use crate::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
 
-use super::{DigestObserver, PipelineConfig, StageReport};
+use super::{DigestObserver, Observed, PipelineConfig, StageReport};
 
 /// Every stage registers its whole [`slug_kernels::StageArena`] as this arena.
 pub const STAGE_ARENA: ArenaId = ArenaId(0);
@@ -105,6 +105,9 @@ impl StageOutcome {
 
 /// Runs stage `s` to the end of the schedule. Sequences go in groups of `microbatches`; within a
 /// group every stage handles (step, sequence) in the same order, so links stay FIFO-consistent.
+/// A stage restored mid-run (cursor step K > 0) resumes at the K-th forward step; only a
+/// one-stage pipeline can, since the links of a longer one start at their first transfer.
+/// The state observer sees the stage before its first step and after every step.
 /// On failure returns where the stage was ("step 3 (sequence 1)") with the error.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn drive_stage(
@@ -114,9 +117,13 @@ pub(crate) fn drive_stage(
     pool: &ThreadPool,
     mut stage: Stage,
     mut io: StageIo,
-    mut hooks: Box<dyn Hooks + Send>,
+    observed: Observed,
     progress: &dyn Fn(u32, u32),
 ) -> std::result::Result<StageOutcome, (String, TransportError)> {
+    let Observed {
+        mut hooks,
+        state: mut state_observer,
+    } = observed;
     let n_stages = cfg.stages;
     let last = s + 1 == n_stages;
     let sequences = cfg.prompts.len();
@@ -141,10 +148,28 @@ pub(crate) fn drive_stage(
     let mut tokens = vec![Vec::with_capacity(cfg.tokens); if last { sequences } else { 0 }];
     let mut forward_ns = 0u64;
     let mut steps = 0u64;
+    let resume_at = stage.cursor().step;
+    if resume_at > 0 && n_stages > 1 {
+        return Err(fail(
+            &at,
+            TransportError::Config(format!(
+                "stage {s} was restored at forward step {resume_at}: a pipeline of {n_stages} \
+                 stages can only start from step-0 states (its links start at their first transfer)"
+            )),
+        ));
+    }
+    if let Some(o) = state_observer.as_mut() {
+        o.at_step_boundary(&stage).map_err(|e| fail(&at, e))?;
+    }
+    let mut forward = 0u64;
     let seq_ids: Vec<usize> = (0..sequences).collect();
     for group in seq_ids.chunks(cfg.microbatches) {
         for step in 0..cfg.tokens {
             for &seq in group {
+                forward += 1;
+                if forward <= resume_at {
+                    continue;
+                }
                 at = format!("step {step} (sequence {seq})");
                 progress(step as u32, seq as u32);
                 let n = take_input(cfg, &mut stage, &mut io, s, seq, step, dim_bytes)
@@ -155,6 +180,9 @@ pub(crate) fn drive_stage(
                     .map_err(|e| fail(&at, e.into()))?;
                 forward_ns += t0.elapsed().as_nanos() as u64;
                 steps += 1;
+                if let Some(o) = state_observer.as_mut() {
+                    o.at_step_boundary(&stage).map_err(|e| fail(&at, e))?;
+                }
                 if last {
                     let token = stage.outbox_token(seq).map_err(|e| fail(&at, e.into()))?;
                     tokens[seq].push(token);

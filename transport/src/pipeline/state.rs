@@ -1,0 +1,128 @@
+//! A stage's state as the runtime hands it to observers and takes it back: the step-boundary
+//! callback (for snapshots), starting a stage from restored state, and the schedule that maps a
+//! stage's forward counter to (step, sequence).
+
+use slug_kernels::{Section, Stage, StageCursor};
+
+use crate::error::{Result, TransportError};
+
+use super::PipelineConfig;
+
+/// The whole state of one stage: its arena bytes and cursor (what a snapshot holds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageState {
+    /// The arena bytes. Only the part before the workspace section is used on restore: the
+    /// workspace is dead between steps and its size depends on the thread count, so a state
+    /// taken with N threads restores into a stage running with M.
+    pub arena: Vec<u8>,
+    /// Step counter and sequence positions.
+    pub cursor: StageCursor,
+}
+
+/// Sees a stage's arena and cursor at every step boundary, on the stage's own thread, while
+/// the stage waits: once before the first forward step, then after each one. What it copies
+/// here is consistent (no kernel runs, no transfer writes the arena); it should copy only what
+/// it needs (changed chunks) because the pipeline waits for it.
+pub trait StageStateObserver: Send {
+    /// `stage` is between steps; `stage.cursor().step` forward steps have run.
+    fn at_step_boundary(&mut self, stage: &Stage) -> Result<()>;
+}
+
+/// Copies `state` into `stage`: everything before the workspace section plus the cursor.
+/// Refuses a state from a differently shaped stage (other model, plan, index or sequences).
+pub fn restore_stage(stage: &mut Stage, state: &StageState) -> Result<()> {
+    let (workspace, _) = stage.layout().section(Section::Workspace);
+    let mismatch = |detail: String| {
+        TransportError::Config(format!(
+            "cannot restore stage {}: {detail}; the state comes from another model, plan or \
+             sequence count",
+            stage.index()
+        ))
+    };
+    if state.arena.len() < workspace {
+        return Err(mismatch(format!(
+            "its arena has {} bytes, the stage's state (weights, KV cache, boxes) needs {workspace}",
+            state.arena.len()
+        )));
+    }
+    if state.cursor.positions.len() != stage.layout().sequences {
+        return Err(mismatch(format!(
+            "{} sequence positions for {} sequences",
+            state.cursor.positions.len(),
+            stage.layout().sequences
+        )));
+    }
+    let mut bytes = stage.arena().bytes().to_vec();
+    bytes[..workspace].copy_from_slice(&state.arena[..workspace]);
+    stage.restore(&bytes, state.cursor.clone())?;
+    Ok(())
+}
+
+/// Where forward step number `forward` (a stage's cursor step: every stage runs the same
+/// sequence of (step, sequence) pairs) falls in the schedule of `cfg`: sequences go in groups
+/// of `microbatches`, each group runs every step, a step runs each sequence of the group.
+/// `None` past the end of the schedule.
+pub fn schedule_slot(cfg: &PipelineConfig, forward: u64) -> Option<ScheduleSlot> {
+    let sequences = cfg.prompts.len() as u64;
+    let mb = cfg.microbatches.max(1) as u64;
+    let tokens = cfg.tokens as u64;
+    if tokens == 0 || forward >= sequences * tokens {
+        return None;
+    }
+    // Every group but the last is full, so the group index is a plain division.
+    let group = forward / (mb * tokens);
+    let first = group * mb;
+    let size = mb.min(sequences - first);
+    let within = forward - group * mb * tokens;
+    Some(ScheduleSlot {
+        step: (within / size) as u32,
+        seq: (first + within % size) as u32,
+    })
+}
+
+/// One forward step of the schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScheduleSlot {
+    /// Decode step: 0 is the prompt (prefill), then one per generated token.
+    pub step: u32,
+    /// Sequence.
+    pub seq: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slug_kernels::ModelConfig;
+
+    #[test]
+    fn schedule_slots_follow_groups_steps_and_sequences() {
+        let model = ModelConfig::preset("tiny").unwrap();
+        let mut cfg = PipelineConfig::new(model, "ab", 5, 3);
+        cfg.microbatches = 2;
+        // Group {0,1}: 3 steps x 2, group {2,3}: 3 x 2, group {4}: 3 x 1.
+        let slots: Vec<(u32, u32)> = (0..15)
+            .map(|f| schedule_slot(&cfg, f).map(|s| (s.step, s.seq)).unwrap())
+            .collect();
+        assert_eq!(
+            slots,
+            vec![
+                (0, 0),
+                (0, 1),
+                (1, 0),
+                (1, 1),
+                (2, 0),
+                (2, 1),
+                (0, 2),
+                (0, 3),
+                (1, 2),
+                (1, 3),
+                (2, 2),
+                (2, 3),
+                (0, 4),
+                (1, 4),
+                (2, 4)
+            ]
+        );
+        assert_eq!(schedule_slot(&cfg, 15), None);
+    }
+}
