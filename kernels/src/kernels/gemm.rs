@@ -121,6 +121,7 @@ simd_kernel! {
         unsafe {
             match S::LANES {
                 16 => blocked::<S, F, 8, 2>(a, lda, b, ldb, c, ldc, m, k, n),
+                8 if F => blocked::<S, F, 6, 2>(a, lda, b, ldb, c, ldc, m, k, n),
                 8 => blocked::<S, F, 4, 2>(a, lda, b, ldb, c, ldc, m, k, n),
                 _ => blocked::<S, F, 4, 4>(a, lda, b, ldb, c, ldc, m, k, n),
             }
