@@ -140,7 +140,7 @@ pub fn execute(args: DemoArgs) -> Result<ExitCode> {
     println!();
     print!("{}", render(&TraceSummary::of(&trace)));
     println!(
-        "\nnext: slug info {}   (--json for machine-readable output)",
+        "\nnext: slug info {0}   (--json for machine-readable output)\n      slug view {0}   (timelines in the terminal)",
         dir.display()
     );
     Ok(ExitCode::SUCCESS)

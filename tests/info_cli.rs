@@ -129,7 +129,8 @@ fn unreadable_log_and_bad_paths_say_what_to_do() {
     let missing = dir.path().join("nope");
     let out = slug(&["info", missing.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).contains("nope"), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("nope") && t.contains("no such directory"), "{t}");
 
     let root = dir.path().join("trace");
     small_trace(&root);

@@ -123,6 +123,15 @@ pub enum SchemaError {
         path: PathBuf,
     },
 
+    /// The trace directory does not exist.
+    #[error(
+        "{path}: no such directory; pass a trace directory written by `slug record` or `slug demo`"
+    )]
+    NoSuchTrace {
+        /// The path given.
+        path: PathBuf,
+    },
+
     /// The manifest has no endpoint with this id.
     #[error("{path}: trace has no endpoint {id}; `slug info` lists the endpoints it has")]
     UnknownEndpoint {

@@ -186,7 +186,7 @@ impl Trace {
             return Err(if dir.exists() {
                 SchemaError::NotATrace { path: dir }
             } else {
-                SchemaError::io(&dir, std::io::Error::from(std::io::ErrorKind::NotFound))
+                SchemaError::NoSuchTrace { path: dir }
             });
         }
         if !path.exists() {
