@@ -1,7 +1,7 @@
 //! Fault injection: flips one bit of one kernel call's output so tests (and users) can check
 //! that a replay's divergence report points at exactly that place.
 //!
-//! `--inject stage=2,layer=3,kernel=down,step=5[,seq=0][,element=0][,bit=22]` parses into an
+//! `--inject stage=2,layer=3,kernel=down,step=5[,element=0][,bit=22]` parses into an
 //! [`Injection`]; the runtime wraps the target stage's hooks in a [`FaultInjector`] when
 //! [`crate::pipeline::PipelineConfig::inject`] is set, on whichever node runs the stage.
 
@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use slug_kernels::{Hooks, KernelCall, KernelId};
 
 use crate::error::{Result, TransportError};
-use crate::pipeline::{PipelineConfig, schedule_slot};
+use crate::pipeline::PipelineConfig;
 
 /// Which bit of which kernel output to flip, once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,10 +25,10 @@ pub struct Injection {
     pub kernel: String,
     /// Call sites `kernel` stands for, in execution order; the first one that runs is hit.
     pub calls: Vec<KernelId>,
-    /// Decode step (0 is the prompt).
-    pub step: u32,
-    /// Sequence; `None`: the first sequence that reaches the step.
-    pub seq: Option<u32>,
+    /// The stage's step counter, as in kernel spans and step boundaries of a trace (one step
+    /// is one forward pass of one sequence; [`crate::pipeline::schedule_slot`] names its
+    /// decode step and sequence).
+    pub step: u64,
     /// Element of the output whose bit is flipped (taken modulo the output length).
     pub element: usize,
     /// Bit of the element's 32 bits (0 = lowest mantissa bit, 31 = sign).
@@ -59,11 +59,11 @@ impl FromStr for Injection {
         let bad = |m: String| {
             TransportError::Config(format!(
                 "--inject {spec:?}: {m}; expected e.g. stage=1,layer=2,kernel=down,step=3 \
-                 [,seq=S][,element=E][,bit=B]"
+                 [,element=E][,bit=B]"
             ))
         };
         let (mut stage, mut layer, mut kernel, mut step) = (None, None, None, None);
-        let (mut seq, mut element, mut bit) = (None, 0usize, DEFAULT_BIT);
+        let (mut element, mut bit) = (0usize, DEFAULT_BIT);
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (key, value) = part
                 .split_once('=')
@@ -76,8 +76,7 @@ impl FromStr for Injection {
                 "stage" => stage = Some(num(value)? as usize),
                 "layer" => layer = Some(num(value)? as u32),
                 "kernel" => kernel = Some(value.to_string()),
-                "step" => step = Some(num(value)? as u32),
-                "seq" => seq = Some(num(value)? as u32),
+                "step" => step = Some(num(value)?),
                 "element" => element = num(value)? as usize,
                 "bit" => {
                     bit = u8::try_from(num(value)?)
@@ -102,7 +101,6 @@ impl FromStr for Injection {
             kernel,
             calls,
             step: step.ok_or_else(|| bad("step= is missing".into()))?,
-            seq,
             element,
             bit,
         })
@@ -116,9 +114,6 @@ impl fmt::Display for Injection {
             write!(f, ",layer={l}")?;
         }
         write!(f, ",kernel={},step={}", self.kernel, self.step)?;
-        if let Some(s) = self.seq {
-            write!(f, ",seq={s}")?;
-        }
         write!(f, ",element={},bit={}", self.element, self.bit)
     }
 }
@@ -130,16 +125,13 @@ impl Injection {
         if self.stage >= cfg.stages {
             return bad(format!("the pipeline has {} stages", cfg.stages));
         }
-        if self.step as usize >= cfg.tokens {
+        let steps = (cfg.tokens * cfg.prompts.len()) as u64;
+        if self.step >= steps {
             return bad(format!(
-                "steps run 0..{} (--tokens {})",
-                cfg.tokens, cfg.tokens
+                "a stage runs steps 0..{steps} ({} tokens x {} sequences)",
+                cfg.tokens,
+                cfg.prompts.len()
             ));
-        }
-        if let Some(seq) = self.seq
-            && seq as usize >= cfg.prompts.len()
-        {
-            return bad(format!("there are {} sequences", cfg.prompts.len()));
         }
         let plan = cfg.plan()?;
         let owned = plan.layers_of(self.stage);
@@ -177,7 +169,6 @@ impl Injection {
 /// therefore see, hash and record the faulty output, as a real fault would look).
 pub struct FaultInjector {
     injection: Injection,
-    cfg: PipelineConfig,
     inner: Box<dyn Hooks + Send>,
     fired: Option<KernelCall>,
 }
@@ -192,14 +183,10 @@ impl fmt::Debug for FaultInjector {
 }
 
 impl FaultInjector {
-    /// Wraps `inner` for a stage of `cfg`.
-    pub fn new(injection: Injection, cfg: &PipelineConfig, inner: Box<dyn Hooks + Send>) -> Self {
-        let mut cfg = cfg.clone();
-        // Only the schedule is needed; do not keep a second copy of the prompts around.
-        cfg.observer_settings = None;
+    /// Wraps `inner`.
+    pub fn new(injection: Injection, inner: Box<dyn Hooks + Send>) -> Self {
         Self {
             injection,
-            cfg,
             inner,
             fired: None,
         }
@@ -215,8 +202,7 @@ impl FaultInjector {
         self.fired.is_none()
             && call.layer == i.layer
             && i.calls.contains(&call.kernel)
-            && schedule_slot(&self.cfg, call.step)
-                .is_some_and(|s| s.step == i.step && i.seq.is_none_or(|q| q == s.seq))
+            && call.step == i.step
     }
 }
 
@@ -261,7 +247,7 @@ mod tests {
         assert_eq!(i.to_string().parse::<Injection>().unwrap(), i);
         for (spec, needle) in [
             ("stage=1,layer=1,kernel=down,step=2", "owns layers 2..4"),
-            ("stage=1,layer=3,kernel=down,step=9", "steps run 0..4"),
+            ("stage=1,layer=3,kernel=down,step=9", "steps 0..8"),
             ("stage=0,kernel=head,step=0", "last stage only"),
             ("stage=1,kernel=down,step=0", "give layer="),
             ("stage=1,layer=3,kernel=argmax,step=0", "leave out layer="),
@@ -287,10 +273,11 @@ mod tests {
     #[test]
     fn flips_exactly_one_bit_of_the_first_matching_call() {
         let c = cfg();
-        let i: Injection = "stage=1,layer=2,kernel=gemm,step=1,seq=1,element=3,bit=0"
+        let i: Injection = "stage=1,layer=2,kernel=gemm,step=3,element=3,bit=0"
             .parse()
             .unwrap();
-        let mut hooks = FaultInjector::new(i, &c, Box::new(NoHooks));
+        i.validate(&c).unwrap();
+        let mut hooks = FaultInjector::new(i, Box::new(NoHooks));
         let call = |kernel, step| KernelCall {
             kernel,
             layer: Some(2),
@@ -301,10 +288,10 @@ mod tests {
             end_ns: 0,
         };
         let mut out = vec![1.0f32; 8];
-        // Forward 2 is (step 1, seq 0): wrong sequence.
+        // Step 2: too early.
         hooks.kernel(&call(KernelId::QProj, 2), &mut out);
         assert!(out.iter().all(|v| *v == 1.0));
-        // Forward 3 is (step 1, seq 1): attn_norm is not a gemm, q_proj is.
+        // Step 3: attn_norm is not a gemm, q_proj is.
         hooks.kernel(&call(KernelId::AttnNorm, 3), &mut out);
         assert!(out.iter().all(|v| *v == 1.0));
         hooks.kernel(&call(KernelId::QProj, 3), &mut out);

@@ -66,6 +66,10 @@ pub struct PipelineConfig {
     /// Flip one bit of one kernel output (`--inject`), on whichever node runs that stage.
     #[serde(default)]
     pub inject: Option<crate::inject::Injection>,
+    /// Instruction set of every stage's kernels (`scalar`, `avx2`, `avx512`, `neon`); default:
+    /// the best the node's CPU has. Results are identical for every choice.
+    #[serde(default)]
+    pub isa: Option<String>,
     /// The `slug` binary to launch stage processes with; default: the current executable.
     #[serde(skip)]
     pub node_binary: Option<PathBuf>,
@@ -104,6 +108,7 @@ impl PipelineConfig {
             observer_settings: None,
             launch: Launch::Processes,
             inject: None,
+            isa: None,
             node_binary: None,
             key_file: None,
         }
@@ -644,7 +649,19 @@ pub(crate) fn build_stage(
     factory: &dyn ObserverFactory,
     ctx: &StageContext<'_>,
 ) -> Result<slug_kernels::Stage> {
-    let mut stage = slug_kernels::Stage::new(&cfg.model, plan, ctx.stage, cfg.prompts.len(), pool)?;
+    let sequences = cfg.prompts.len();
+    let mut stage = match &cfg.isa {
+        None => slug_kernels::Stage::new(&cfg.model, plan, ctx.stage, sequences, pool)?,
+        Some(name) => {
+            let isa = slug_kernels::Isa::from_name(name).ok_or_else(|| {
+                TransportError::Config(format!(
+                    "isa {name}: unknown instruction set; use scalar, avx2, avx512 or neon"
+                ))
+            })?;
+            let arith = slug_kernels::Arith::new(isa, cfg.model.fma)?;
+            slug_kernels::Stage::with_arith(&cfg.model, plan, ctx.stage, sequences, pool, arith)?
+        }
+    };
     if let Some(state) = factory.initial_state(ctx)? {
         restore_stage(&mut stage, &state)?;
     }
@@ -665,11 +682,7 @@ pub(crate) fn stage_observers(
 ) -> Result<(StageObservers, Option<Arc<DigestObserver>>)> {
     let mut obs = factory.stage_observers(ctx)?;
     if let Some(inject) = ctx.config.inject.as_ref().filter(|i| i.stage == ctx.stage) {
-        obs.hooks = Box::new(crate::inject::FaultInjector::new(
-            inject.clone(),
-            ctx.config,
-            obs.hooks,
-        ));
+        obs.hooks = Box::new(crate::inject::FaultInjector::new(inject.clone(), obs.hooks));
     }
     if !ctx.config.digests {
         return Ok((obs, None));
