@@ -5,6 +5,7 @@ mod demo;
 mod export;
 mod info;
 mod node;
+mod pipeline_args;
 mod record;
 mod run;
 mod view;

@@ -42,19 +42,18 @@ fn json_output_has_the_documented_fields() {
     assert_eq!(v["stages"], 1);
     assert_eq!(v["threads"], 1);
     assert_eq!(v["prompt_tokens"], 5);
-    for field in [
-        "tokens_per_s",
-        "prefill_ms",
-        "decode_ms",
-        "decode_tokens_per_s",
-    ] {
-        assert!(v[field].as_f64().is_some_and(|x| x >= 0.0), "{field}: {v}");
+    assert_eq!(v["transport"], "local");
+    for field in ["tokens_per_s", "wall_ms"] {
+        assert!(v[field].as_f64().is_some_and(|x| x > 0.0), "{field}: {v}");
     }
+    let stage = &v["stage_reports"][0];
+    assert_eq!(stage["steps"], 32, "one step per generated token: {v}");
+    assert!(stage["forward_ms"].as_f64().is_some_and(|x| x > 0.0), "{v}");
     assert!(tokens(&v).iter().all(|&t| t < 256));
 }
 
 #[test]
-fn tokens_do_not_depend_on_threads_stages_or_isa() {
+fn tokens_do_not_depend_on_threads_stages_transport_or_isa() {
     let reference = tokens(&run_json(&[
         "--tokens",
         "12",
@@ -67,6 +66,8 @@ fn tokens_do_not_depend_on_threads_stages_or_isa() {
         &["--threads", "2"][..],
         &["--threads", "3", "--stages", "2"][..],
         &["--stages", "2", "--isa", "scalar", "--threads", "2"][..],
+        &["--stages", "2", "--transport", "shm", "--sequences", "2"][..],
+        &["--stages", "2", "--transport", "tcp", "--sequences", "3", "--microbatches", "2"][..],
     ] {
         let mut args = vec!["--tokens", "12"];
         args.extend_from_slice(extra);
