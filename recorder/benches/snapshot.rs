@@ -1,6 +1,8 @@
 //! Snapshot write speed against a memcpy of the same arena, measured in the same run:
 //! - `capture_first`: the hot-path half of a first snapshot (hash every chunk, copy all out);
 //! - `capture_incremental`: the hot-path half when one chunk changed since the last snapshot;
+//! - `capture_incremental_weights_known`: the same with the weights' hashes reused (as the
+//!   stage snapshotter does), so only the KV cache and activations are hashed;
 //! - `write_first`: capture + zstd + write of a first snapshot to a fresh store (the whole cost);
 //! - `baseline_memcpy`: copying the arena into a preallocated buffer.
 //!
@@ -65,6 +67,7 @@ fn bench_snapshot(c: &mut Criterion) {
     // the same bytes right before it, and ratios use these paired baselines.
     let (first_base, incremental_base, write_base) =
         (Tally::default(), Tally::default(), Tally::default());
+    let (weights_known, known_base) = (Tally::default(), Tally::default());
     let dst = std::cell::RefCell::new(vec![1u8; len]);
     let paired_memcpy = |tally: &Tally| {
         let mut d = dst.borrow_mut();
@@ -127,6 +130,40 @@ fn bench_snapshot(c: &mut Criterion) {
         })
     });
 
+    g.bench_function("capture_incremental_weights_known", |b| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SnapshotStore::open(dir.path()).expect("store");
+        let mut a = src.clone();
+        let first = store.capture(0, 0, &a, &[]).expect("capture");
+        // As the stage snapshotter does: weight chunks keep the hash of the first snapshot.
+        let known: Vec<Option<u128>> = first
+            .index()
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, &h)| ((i + 1) * DEFAULT_CHUNK_SIZE <= WEIGHT_BYTES).then_some(h))
+            .collect();
+        let mut step = 0u64;
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                step += 1;
+                let at = WEIGHT_BYTES
+                    + (step as usize % (KV_BYTES / DEFAULT_CHUNK_SIZE)) * DEFAULT_CHUNK_SIZE;
+                a[at..at + 8].copy_from_slice(&step.to_le_bytes());
+                paired_memcpy(&known_base);
+                let t = Instant::now();
+                black_box(
+                    store
+                        .capture_with(0, step, black_box(&a), &[], &known)
+                        .expect("capture"),
+                );
+                total += t.elapsed();
+            }
+            weights_known.add(total, iters)
+        })
+    });
+
     g.bench_function("write_first", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -158,6 +195,11 @@ fn bench_snapshot(c: &mut Criterion) {
             "capture_incremental (hot path)",
             &incremental,
             &incremental_base,
+        ),
+        (
+            "capture_incremental, weights known",
+            &weights_known,
+            &known_base,
         ),
         ("write_first (capture + zstd + write)", &write, &write_base),
     ] {

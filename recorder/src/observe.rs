@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-use slug_kernels::{Hooks, KernelCall, Stage, StageCursor};
+use slug_kernels::{Hooks, KernelCall, Section, Stage, StageCursor};
 use slug_schema::{
     Counter, Direction, Event, KernelSpan, SnapshotEvent, StepBoundary, Transfer as TransferEvent,
     Transport, WriterOptions,
@@ -187,6 +187,9 @@ pub struct StageSnapshotter {
     every: u64,
     writer: Arc<SnapshotWriter>,
     shared: Arc<EndpointShared>,
+    /// Per chunk: the hash of the last snapshot if the chunk lies wholly in the stage's weights
+    /// (written once at build), so later snapshots need not hash it again.
+    weight_hashes: Vec<Option<u128>>,
 }
 
 impl StageSnapshotter {
@@ -203,7 +206,25 @@ impl StageSnapshotter {
             every,
             writer,
             shared,
+            weight_hashes: Vec::new(),
         }
+    }
+
+    /// Which chunks lie wholly inside the stage's weights section (sections are contiguous and
+    /// in address order, so the section is one span, alignment padding included).
+    fn weight_chunks(&self, stage: &Stage) -> Vec<bool> {
+        let size = self.writer.store().chunk_size();
+        let weights = stage
+            .layout()
+            .regions
+            .iter()
+            .filter(|r| r.section == Section::Weights);
+        let start = weights.clone().map(|r| r.offset).min().unwrap_or(0);
+        let end = weights.map(|r| r.offset + r.bytes).max().unwrap_or(0);
+        let len = stage.arena().len();
+        (0..len.div_ceil(size))
+            .map(|i| start <= i * size && ((i + 1) * size).min(len) <= end)
+            .collect()
     }
 
     /// Takes a snapshot of `stage` if its step counter is due; returns its totals when taken.
@@ -217,10 +238,22 @@ impl StageSnapshotter {
         }
         let cursor = serde_json::to_vec(stage.cursor())
             .map_err(|e| RecorderError::io(self.writer.store().dir(), std::io::Error::other(e)))?;
-        let pending =
-            self.writer
-                .store()
-                .capture(self.stage, step, stage.arena().bytes(), &cursor)?;
+        let pending = self.writer.store().capture_with(
+            self.stage,
+            step,
+            stage.arena().bytes(),
+            &cursor,
+            &self.weight_hashes,
+        )?;
+        if self.weight_hashes.is_empty() {
+            let hashes = &pending.index().chunks;
+            self.weight_hashes = self
+                .weight_chunks(stage)
+                .into_iter()
+                .zip(hashes)
+                .map(|(weight, &h)| weight.then_some(h))
+                .collect();
+        }
         let info = pending.info();
         self.writer.submit(pending);
         self.shared.append(&Event::Snapshot(SnapshotEvent {
@@ -520,7 +553,9 @@ mod tests {
             None,
         )
         .unwrap();
-        let store = Arc::new(SnapshotStore::open(dir.path().join("snapshots")).unwrap());
+        // Small chunks, so the tiny model's weights fill some whole chunks.
+        let store =
+            Arc::new(SnapshotStore::open_with(dir.path().join("snapshots"), 4096, 1).unwrap());
         let writer = Arc::new(SnapshotWriter::spawn(Arc::clone(&store)).unwrap());
         let mut snap =
             StageSnapshotter::new(0, 4, Arc::clone(&writer), Arc::clone(recorder.shared()));
@@ -534,26 +569,38 @@ mod tests {
             .unwrap()
             .expect("step 0 is always taken");
         assert!(taken.new_chunks > 0);
-        // A later position: the arena's KV area and the cursor change.
+        // Weight chunks keep their hash; a later snapshot hashes only the rest.
+        let weights = snap.weight_hashes.iter().filter(|h| h.is_some()).count();
+        assert!(weights > 0 && weights < snap.weight_hashes.len());
+        let fresh = Stage::new(&cfg, &plan, 0, 1, &pool).unwrap();
+        // The KV cache and the cursor change; weights do not (the snapshotter relies on it).
         stage.set_position(0, 3).unwrap();
-        stage.arena_mut().bytes_mut()[..64].fill(0x5A);
+        let kv = stage.layout().kv.offset;
+        stage.arena_mut().bytes_mut()[kv..kv + 64].fill(0x5A);
+        let again = snap
+            .at_step_boundary(&stage)
+            .unwrap()
+            .expect("step 0 again: the cursor step did not move");
+        assert_eq!(again.new_chunks, 1, "only the touched KV chunk is new");
 
         let mut other = Stage::new(&cfg, &plan, 0, 1, &pool).unwrap();
         other.arena_mut().bytes_mut().fill(0);
         drop(snap);
         let writer = Arc::try_unwrap(writer).expect("only the test holds the writer");
-        writer.finish().unwrap();
+        let infos = writer.finish().unwrap();
+        assert_eq!(infos.len(), 2);
+        // The later snapshot (same step, so same index file) restores the changed stage.
         restore_stage(&store, &mut other, 0).unwrap();
-        let fresh = Stage::new(&cfg, &plan, 0, 1, &pool).unwrap();
         assert!(
-            other.arena().bytes() == fresh.arena().bytes(),
+            other.arena().bytes() == stage.arena().bytes(),
             "restored arena differs"
         );
-        assert_eq!(other.cursor(), fresh.cursor());
+        assert_eq!(other.cursor(), stage.cursor());
+        assert!(other.arena().bytes() != fresh.arena().bytes());
         let stats = recorder.finish().unwrap();
         assert_eq!(
             stats.log.counts[slug_schema::EventKind::Snapshot as usize],
-            1
+            2
         );
     }
 }

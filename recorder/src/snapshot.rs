@@ -312,7 +312,31 @@ impl SnapshotStore {
         arena: &[u8],
         cursor: &[u8],
     ) -> Result<PendingSnapshot> {
-        let hashes: Vec<u128> = arena.chunks(self.chunk_size).map(xxh3_128).collect();
+        self.capture_with(stage, step, arena, cursor, &[])
+    }
+
+    /// [`SnapshotStore::capture`] where `known[i]`, when `Some`, is the hash chunk `i` still
+    /// has (it has not changed since it was hashed: weights), so it is not hashed again. The
+    /// caller vouches for those hashes; chunks past `known`'s end are hashed.
+    pub fn capture_with(
+        &self,
+        stage: u32,
+        step: u64,
+        arena: &[u8],
+        cursor: &[u8],
+        known: &[Option<u128>],
+    ) -> Result<PendingSnapshot> {
+        let hashes: Vec<u128> = arena
+            .chunks(self.chunk_size)
+            .enumerate()
+            .map(|(i, c)| {
+                known
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .unwrap_or_else(|| xxh3_128(c))
+            })
+            .collect();
         let mut new_chunks = Vec::new();
         {
             let mut state = self.lock();
@@ -635,6 +659,29 @@ mod tests {
                 if p.is_dir() { walk(&p) } else { 1 }
             })
             .sum()
+    }
+
+    #[test]
+    fn known_hashes_are_not_recomputed_and_unknown_chunks_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let mut a = arena(CHUNK * 4, 8);
+        let first = s.capture(0, 0, &a, &[]).unwrap();
+        let hashes = first.index().chunks.clone();
+        s.persist(first).unwrap();
+        a[CHUNK * 3] ^= 1;
+        // Chunks 0..2 are vouched for; 3 (changed) is hashed again.
+        let known = [Some(hashes[0]), Some(hashes[1]), Some(hashes[2])];
+        let p = s.capture_with(0, 1, &a, &[], &known).unwrap();
+        assert_eq!(p.index().chunks[..3], hashes[..3]);
+        assert_eq!(p.index().chunks[3], xxh3_128(&a[CHUNK * 3..]));
+        assert_eq!(p.info().new_chunks, 1);
+        // A wrong vouched hash is taken as given: the caller owns that promise.
+        let lie = [Some(7u128)];
+        assert_eq!(
+            s.capture_with(0, 2, &a, &[], &lie).unwrap().index().chunks[0],
+            7
+        );
     }
 
     #[test]
