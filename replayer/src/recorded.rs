@@ -1,0 +1,310 @@
+//! What a trace says the run did: its pipeline configuration, every sent transfer by (stage,
+//! tag), kernel output hashes, step times, snapshots and payloads — and whether this node can
+//! reproduce it at all (format version, CPU features).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use slug_kernels::{KernelId, StageCursor};
+use slug_recorder::blob::BlobStore;
+use slug_recorder::snapshot::SnapshotStore;
+use slug_schema::{Direction, Event, EventKind, KindSet, TimeRange, Trace, Transfer};
+use slug_transport::pipeline::{PipelineConfig, StageState, schedule_slot};
+use slug_transport::transfer::Tag;
+
+use crate::error::{ReplayError, Result};
+
+/// A kernel call of a stage: (stage, stage step, kernel, layer or `u32::MAX`).
+pub type KernelKey = (u32, u64, KernelId, u32);
+
+/// Where a stage's starting state comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateSource {
+    /// A snapshot of the trace (verified chunk by chunk).
+    Snapshot,
+    /// The trace has no step-0 snapshot of the stage: its weights are regenerated from the
+    /// recorded model seed (a step-0 state is a pure function of the configuration).
+    Seed,
+}
+
+/// A trace opened for replay.
+#[derive(Debug)]
+pub struct RecordedRun {
+    dir: PathBuf,
+    config: PipelineConfig,
+    payloads: String,
+    sends: HashMap<(u32, Tag), Transfer>,
+    kernels: HashMap<KernelKey, u128>,
+    kernel_spans: u64,
+    boundaries: HashMap<(u32, u64), u64>,
+    first_kernel_ns: HashMap<u32, u64>,
+    snapshots: Option<SnapshotStore>,
+    snapshot_steps: Vec<(u32, u64)>,
+    blobs: Option<BlobStore>,
+}
+
+impl RecordedRun {
+    /// Opens the trace in `dir`, refusing a format version this build cannot read and a run
+    /// that depended on a CPU feature this node lacks, and indexes its transfers and kernels.
+    pub fn open(dir: impl AsRef<Path>) -> Result<RecordedRun> {
+        let dir = dir.as_ref().to_path_buf();
+        let trace_err = |e: slug_schema::SchemaError| ReplayError::Trace {
+            path: dir.clone(),
+            source: Box::new(e),
+        };
+        let trace = Trace::open(&dir).map_err(trace_err)?;
+        let not = |reason: String| ReplayError::NotReplayable {
+            path: dir.clone(),
+            reason,
+        };
+        let run = &trace.manifest().run;
+        let config: PipelineConfig = serde_json::from_value(
+            run.get("pipeline")
+                .cloned()
+                .ok_or_else(|| not("its manifest has no pipeline configuration (`run.pipeline`); it was not written by `slug record`".into()))?,
+        )
+        .map_err(|e| not(format!("its pipeline configuration does not parse ({e})")))?;
+        config
+            .validate()
+            .map_err(|e| not(format!("its pipeline configuration is invalid ({e})")))?;
+        if config.model.fma && !slug_kernels::has_hardware_fma() {
+            return Err(ReplayError::MissingCpuFeature {
+                feature: "FMA",
+                path: dir,
+            });
+        }
+        let payloads = run
+            .get("payloads")
+            .and_then(|v| v.as_str())
+            .unwrap_or("none")
+            .to_string();
+        let send_tags = send_tags(&config);
+        let mut rec = RecordedRun {
+            dir: dir.clone(),
+            config,
+            payloads,
+            sends: HashMap::new(),
+            kernels: HashMap::new(),
+            kernel_spans: 0,
+            boundaries: HashMap::new(),
+            first_kernel_ns: HashMap::new(),
+            snapshots: None,
+            snapshot_steps: Vec::new(),
+            blobs: None,
+        };
+        let kinds = KindSet::of(&[
+            EventKind::Transfer,
+            EventKind::KernelSpan,
+            EventKind::StepBoundary,
+        ]);
+        for ep in &trace.manifest().endpoints {
+            let log = trace.endpoint_log(ep.id).map_err(trace_err)?;
+            let names: HashMap<u32, KernelId> = KernelId::ALL
+                .iter()
+                .filter_map(|k| {
+                    let id = u32::from(k.index());
+                    (log.string(id) == Some(k.name())).then_some((id, *k))
+                })
+                .collect();
+            for event in log.events_in(TimeRange::new(0, u64::MAX), kinds) {
+                match event.map_err(trace_err)? {
+                    Event::Transfer(t) if t.direction == Direction::Send => {
+                        let link = (t.id >> 40) as u32;
+                        let n = (t.id & ((1 << 40) - 1)) as usize;
+                        if let Some(tag) = send_tags.get(link as usize).and_then(|v| v.get(n)) {
+                            rec.sends.insert((link, *tag), t);
+                        }
+                    }
+                    Event::KernelSpan(k) => {
+                        rec.kernel_spans += 1;
+                        let first = rec.first_kernel_ns.entry(ep.stage).or_insert(u64::MAX);
+                        if k.step == 0 && k.start_ns > 0 {
+                            *first = (*first).min(k.start_ns);
+                        }
+                        if let (Some(hash), Some(kernel)) = (k.output_hash, names.get(&k.kernel)) {
+                            rec.kernels
+                                .insert((ep.stage, k.step, *kernel, k.layer), hash);
+                        }
+                    }
+                    Event::StepBoundary(b) => {
+                        rec.boundaries.insert((ep.stage, b.step), b.ns);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let snap_dir = dir.join(slug_schema::SNAPSHOTS_DIR);
+        if snap_dir.is_dir() {
+            let store = SnapshotStore::open(&snap_dir).map_err(|e| rec.store_err(e))?;
+            rec.snapshot_steps = store.snapshots().map_err(|e| rec.store_err(e))?;
+            rec.snapshots = Some(store);
+        }
+        let blob_dir = dir.join("payloads");
+        if blob_dir.is_dir() {
+            rec.blobs = Some(BlobStore::open(&blob_dir, 1).map_err(|e| rec.store_err(e))?);
+        }
+        Ok(rec)
+    }
+
+    fn store_err(&self, e: slug_recorder::RecorderError) -> ReplayError {
+        ReplayError::Store {
+            path: self.dir.clone(),
+            source: Box::new(e),
+        }
+    }
+
+    /// The trace directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The recorded pipeline configuration.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+
+    /// The recorded payload policy (`none`, `boundary` or `all`).
+    pub fn payloads(&self) -> &str {
+        &self.payloads
+    }
+
+    /// The transfer stage `src` sent with `tag`, as recorded.
+    pub fn sent(&self, src: u32, tag: Tag) -> Option<&Transfer> {
+        self.sends.get(&(src, tag))
+    }
+
+    /// Recorded sent transfers.
+    pub fn sent_count(&self) -> usize {
+        self.sends.len()
+    }
+
+    /// The recorded output hash of a kernel call, when the trace has kernel hashes.
+    pub fn kernel_hash(&self, key: &KernelKey) -> Option<u128> {
+        self.kernels.get(key).copied()
+    }
+
+    /// Whether the trace holds per-kernel output hashes (`slug record --hash-kernels`).
+    pub fn has_kernel_hashes(&self) -> bool {
+        !self.kernels.is_empty()
+    }
+
+    /// Kernel spans in the trace (with or without hashes).
+    pub fn kernel_spans(&self) -> u64 {
+        self.kernel_spans
+    }
+
+    /// Recorded nanoseconds stage `stage` took for its steps `from..=to`: from the end of step
+    /// `from - 1` (or the first kernel of step 0) to the end of step `to`, waits included.
+    pub fn recorded_ns(&self, stage: u32, from: u64, to: u64) -> Option<u64> {
+        let start = if from == 0 {
+            self.first_kernel_ns
+                .get(&stage)
+                .copied()
+                .filter(|n| *n != u64::MAX)?
+        } else {
+            *self.boundaries.get(&(stage, from - 1))?
+        };
+        let end = *self.boundaries.get(&(stage, to))?;
+        end.checked_sub(start)
+    }
+
+    /// Payload bytes of a recorded transfer, when they were stored.
+    pub fn payload(&self, t: &Transfer) -> Result<Option<Vec<u8>>> {
+        match (t.payload, &self.blobs) {
+            (Some(hash), Some(blobs)) => blobs.get(hash).map(Some).map_err(|e| self.store_err(e)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The latest snapshot step of `stage` at or before `step`.
+    pub fn snapshot_at_or_before(&self, stage: u32, step: u64) -> Option<u64> {
+        self.snapshot_steps
+            .iter()
+            .filter(|(s, k)| *s == stage && *k <= step)
+            .map(|(_, k)| *k)
+            .max()
+    }
+
+    /// Steps of `stage` that have a snapshot.
+    pub fn snapshot_steps(&self, stage: u32) -> Vec<u64> {
+        self.snapshot_steps
+            .iter()
+            .filter(|(s, _)| *s == stage)
+            .map(|(_, k)| *k)
+            .collect()
+    }
+
+    /// The state of `stage` at `step` from its snapshot (every chunk's hash verified).
+    pub fn snapshot_state(&self, stage: u32, step: u64) -> Result<StageState> {
+        let store = self
+            .snapshots
+            .as_ref()
+            .ok_or_else(|| ReplayError::NotReplayable {
+                path: self.dir.clone(),
+                reason: "it has no snapshots/ directory".into(),
+            })?;
+        let index = store
+            .read_index(stage, step)
+            .map_err(|e| self.store_err(e))?;
+        let mut arena = vec![0u8; index.arena_len as usize];
+        let cursor = store
+            .restore(stage, step, &mut arena)
+            .map_err(|e| self.store_err(e))?;
+        let cursor: StageCursor =
+            serde_json::from_slice(&cursor).map_err(|e| ReplayError::NotReplayable {
+                path: store.index_path(stage, step),
+                reason: format!("its cursor is not a stage cursor ({e})"),
+            })?;
+        Ok(StageState { arena, cursor })
+    }
+
+    /// The step-0 state of `stage`: its snapshot when the trace has one, else `None` (the
+    /// caller rebuilds it from the recorded seed).
+    pub fn initial_state(&self, stage: u32) -> Result<(Option<StageState>, StateSource)> {
+        if self.snapshot_steps.contains(&(stage, 0)) {
+            Ok((Some(self.snapshot_state(stage, 0)?), StateSource::Snapshot))
+        } else {
+            Ok((None, StateSource::Seed))
+        }
+    }
+}
+
+/// For each link (= sending stage) of `cfg`, the tags of its transfers in send order, so a
+/// recorded transfer id (link, n) names the bytes it carried whatever the replay's schedule.
+pub fn send_tags(cfg: &PipelineConfig) -> Vec<Vec<Tag>> {
+    let n = cfg.stages;
+    let Ok(plan) = cfg.plan() else {
+        return Vec::new();
+    };
+    if n < 2 {
+        return Vec::new();
+    }
+    (0..n)
+        .map(|s| {
+            let last = s + 1 == n;
+            let layer = if last {
+                plan.layers()
+            } else {
+                plan.layers_of(s + 1).start
+            } as u32;
+            (0u64..)
+                .map_while(|f| schedule_slot(cfg, f))
+                .filter(|slot| !(last && slot.step as usize + 1 == cfg.tokens))
+                .map(|slot| Tag {
+                    sequence: slot.seq,
+                    step: slot.step,
+                    layer,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The stage step at which (`step`, `seq`) runs in `cfg`'s schedule.
+pub fn stage_step_of(cfg: &PipelineConfig, step: u32, seq: u32) -> Option<u64> {
+    (0u64..)
+        .map_while(|f| schedule_slot(cfg, f).map(|s| (f, s)))
+        .find(|(_, s)| s.step == step && s.seq == seq)
+        .map(|(f, _)| f)
+}

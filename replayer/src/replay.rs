@@ -1,0 +1,507 @@
+//! Re-running a recorded run: the whole pipeline from its step-0 states on any transport and
+//! thread count, or one stage alone fed its recorded inbound payloads; both checked against the
+//! trace as they go.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+use slug_kernels::{Hooks, NoHooks, Stage, ThreadPool};
+use slug_transport::TransportError;
+use slug_transport::inject::{FaultInjector, Injection};
+use slug_transport::pipeline::{
+    Launch, ObserverFactory, PipelineConfig, StageContext, StageObservers, StageState,
+    restore_stage, run, schedule_slot,
+};
+use slug_transport::transfer::{Observers, Tag, Transfer, TransferObserver, TransportKind};
+
+use crate::divergence::{Checker, Counts, Divergence, KernelCheck, StepPlace, place_of};
+use crate::error::{ReplayError, Result};
+use crate::recorded::{RecordedRun, StateSource};
+
+/// How deep verification goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verify {
+    /// Every transfer's content hash (default).
+    #[default]
+    Transfer,
+    /// Also every kernel call's output hash (needs `slug record --hash-kernels`).
+    Kernel,
+}
+
+impl std::str::FromStr for Verify {
+    type Err = ReplayError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "transfer" => Ok(Verify::Transfer),
+            "kernel" => Ok(Verify::Kernel),
+            other => Err(ReplayError::Usage(format!(
+                "--verify {other}: use transfer or kernel"
+            ))),
+        }
+    }
+}
+
+/// What to replay and how.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    /// Transport of the replay (default: the recorded one).
+    pub transport: Option<TransportKind>,
+    /// Threads per stage (default: the recorded count).
+    pub threads: Option<usize>,
+    /// First stage step to check.
+    pub from_step: Option<u64>,
+    /// Last stage step to check (and, for one stage, to run).
+    pub to_step: Option<u64>,
+    /// Verification level.
+    pub verify: Verify,
+    /// A fault to inject into the replay.
+    pub inject: Option<Injection>,
+    /// Link wait limit in milliseconds (default: the recorded one).
+    pub timeout_ms: Option<u64>,
+}
+
+/// What a replay did and found.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayReport {
+    /// `pipeline` or `stage`.
+    pub mode: &'static str,
+    /// The replayed stage (stage mode).
+    pub stage: Option<usize>,
+    /// Transport used.
+    pub transport: TransportKind,
+    /// Threads per stage.
+    pub threads: usize,
+    /// Stage steps checked, inclusive.
+    pub checked_steps: (u64, u64),
+    /// Verification level.
+    pub verify: Verify,
+    /// Where each replayed stage's state came from, in stage order.
+    pub state_sources: Vec<StateSource>,
+    /// The stage step each replayed stage started from.
+    pub started_at: Vec<u64>,
+    /// Counts of checked and differing transfers and kernels.
+    pub counts: Counts,
+    /// True when every check matched and something was checked.
+    pub bit_exact: bool,
+    /// The first divergence, if any.
+    pub first: Option<Divergence>,
+    /// Decode step and sequence of the first divergence's step.
+    pub first_place: Option<StepPlace>,
+    /// Wall time of the replayed steps, nanoseconds.
+    pub wall_ns: u64,
+    /// Wall time the recorded run took for the same steps, when the trace has its step times.
+    pub recorded_ns: Option<u64>,
+    /// Things the user should know (fallbacks, unchecked steps).
+    pub notes: Vec<String>,
+}
+
+impl ReplayReport {
+    fn finish(&mut self, checker: &Checker, cfg: &PipelineConfig) {
+        self.counts = checker.counts();
+        self.first = checker.first();
+        self.first_place = self.first.as_ref().and_then(|d| place_of(cfg, d.step));
+        let checked = self.counts.transfers_checked + self.counts.kernels_checked;
+        self.bit_exact = self.first.is_none() && checked > 0;
+        if checked == 0 {
+            self.notes.push(
+                "nothing was checked: the trace holds no transfers (or kernel hashes) in the \
+                 checked steps"
+                    .into(),
+            );
+        }
+        if self.counts.transfers_unrecorded > 0 {
+            self.notes.push(format!(
+                "{} replayed transfers have no record in the trace (lost events?) and were not checked",
+                self.counts.transfers_unrecorded
+            ));
+        }
+    }
+}
+
+fn steps_of(cfg: &PipelineConfig) -> u64 {
+    (cfg.tokens * cfg.prompts.len()) as u64
+}
+
+fn check_kernel_level(rec: &RecordedRun, verify: Verify) -> Result<()> {
+    if verify == Verify::Kernel && !rec.has_kernel_hashes() {
+        return Err(ReplayError::Usage(format!(
+            "--verify kernel: {} has no kernel output hashes ({} kernel spans without them); \
+             record with `slug record --hash-kernels`, or use --verify transfer",
+            rec.dir().display(),
+            rec.kernel_spans()
+        )));
+    }
+    Ok(())
+}
+
+fn range(cfg: &PipelineConfig, opts: &ReplayOptions) -> Result<(u64, u64)> {
+    let last = steps_of(cfg).saturating_sub(1);
+    let from = opts.from_step.unwrap_or(0);
+    let to = opts.to_step.unwrap_or(last);
+    if from > to || to > last {
+        return Err(ReplayError::Usage(format!(
+            "--from-step {from} --to-step {to}: the trace's stages ran steps 0..={last}"
+        )));
+    }
+    Ok((from, to))
+}
+
+/// The replay's pipeline configuration: the recorded one with the asked-for transport,
+/// threads and fault.
+fn replay_config(rec: &RecordedRun, opts: &ReplayOptions) -> Result<PipelineConfig> {
+    let mut cfg = rec.config().clone();
+    if let Some(t) = opts.transport {
+        cfg.transport = t;
+    }
+    if let Some(n) = opts.threads {
+        cfg.threads = n;
+    }
+    if let Some(ms) = opts.timeout_ms {
+        cfg.timeout_ms = ms;
+    }
+    cfg.hosts.clear();
+    cfg.digests = false;
+    cfg.observer_settings = None;
+    cfg.inject = opts.inject.clone();
+    // Stage processes would build their own (non-checking) observers: serve every stage from a
+    // thread of this process over the same sockets or fabric file instead.
+    cfg.launch = Launch::Threads;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Checks what a stage sends, on the sending side.
+struct SendCheck {
+    checker: Checker,
+    stage: u32,
+}
+
+impl TransferObserver for SendCheck {
+    fn posted(&self, t: &Transfer, bytes: &[u8]) {
+        if t.src.endpoint.0 == self.stage {
+            self.checker.transfer(self.stage, t.tag, bytes);
+        }
+    }
+
+    fn completed(&self, _t: &Transfer, _bytes: &[u8]) {}
+}
+
+/// Builds each replayed stage: its recorded step-0 state and checking observers.
+struct ReplayFactory {
+    rec: Arc<RecordedRun>,
+    checker: Checker,
+    verify: Verify,
+}
+
+impl ObserverFactory for ReplayFactory {
+    fn stage_observers(
+        &self,
+        ctx: &StageContext<'_>,
+    ) -> std::result::Result<StageObservers, TransportError> {
+        let stage = ctx.stage as u32;
+        let hooks: Box<dyn Hooks + Send> = match self.verify {
+            Verify::Kernel => Box::new(KernelCheck::new(self.checker.clone(), stage)),
+            Verify::Transfer => Box::new(NoHooks),
+        };
+        Ok(StageObservers {
+            transfers: Observers::none().with(Arc::new(SendCheck {
+                checker: self.checker.clone(),
+                stage,
+            })),
+            hooks,
+        })
+    }
+
+    fn initial_state(
+        &self,
+        ctx: &StageContext<'_>,
+    ) -> std::result::Result<Option<StageState>, TransportError> {
+        self.rec
+            .initial_state(ctx.stage as u32)
+            .map(|(state, _)| state)
+            .map_err(|e| TransportError::Config(e.to_string()))
+    }
+}
+
+/// Replays the whole pipeline: every stage restored from its step-0 snapshot (or rebuilt from
+/// the recorded seed when the trace has none, noted in the report), run on `opts`' transport
+/// and thread count, every transfer of stage steps `from..=to` (and every kernel output at
+/// `--verify kernel`) checked against the trace.
+pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<ReplayReport> {
+    check_kernel_level(&rec, opts.verify)?;
+    let cfg = replay_config(&rec, opts)?;
+    let (from, to) = range(&cfg, opts)?;
+    let mut notes = Vec::new();
+    let mut sources = Vec::with_capacity(cfg.stages);
+    for s in 0..cfg.stages as u32 {
+        let src = if rec.snapshot_steps(s).contains(&0) {
+            StateSource::Snapshot
+        } else {
+            StateSource::Seed
+        };
+        if src == StateSource::Seed {
+            notes.push(format!(
+                "stage {s}: the trace has no step-0 snapshot; its state was rebuilt from the \
+                 recorded seed {}",
+                cfg.model.seed
+            ));
+        }
+        sources.push(src);
+    }
+    if from > 0 {
+        notes.push(format!(
+            "the pipeline re-ran from step 0 (its links start at their first transfer); steps \
+             before {from} were not checked"
+        ));
+    }
+    let checker = Checker::new(rec.clone(), from, to);
+    let factory = ReplayFactory {
+        rec: rec.clone(),
+        checker: checker.clone(),
+        verify: opts.verify,
+    };
+    let started = Instant::now();
+    let report = run(&cfg, &factory)?;
+    let wall_ns = started.elapsed().as_nanos() as u64;
+    let recorded_ns = (0..cfg.stages as u32)
+        .filter_map(|s| rec.recorded_ns(s, 0, steps_of(&cfg) - 1))
+        .max();
+    let mut out = ReplayReport {
+        mode: "pipeline",
+        stage: None,
+        transport: cfg.transport,
+        threads: cfg.threads,
+        checked_steps: (from, to),
+        verify: opts.verify,
+        state_sources: sources,
+        started_at: vec![0; cfg.stages],
+        counts: Counts::default(),
+        bit_exact: false,
+        first: None,
+        first_place: None,
+        wall_ns: report.wall_ns.min(wall_ns),
+        recorded_ns,
+        notes,
+    };
+    out.finish(&checker, &cfg);
+    Ok(out)
+}
+
+/// A stage replayed alone, with its state after the last replayed step (for `--dump`).
+#[derive(Debug)]
+pub struct StageReplay {
+    /// What was checked and found.
+    pub report: ReplayReport,
+    /// The stage after its last replayed step.
+    pub stage: Stage,
+}
+
+/// One input of a replayed stage step: the bytes its inbox receives.
+enum Input {
+    Prompt(Vec<u32>),
+    OwnToken,
+    Bytes(Vec<u8>),
+}
+
+/// Replays stage `s` alone: restored from its latest snapshot at or before `--from-step`,
+/// fed the inbound payloads the trace recorded (no network), its outbound transfers of
+/// `from..=to` checked. Needs `--payloads all` (stage 0 also works with `boundary`).
+pub fn replay_stage(rec: Arc<RecordedRun>, s: usize, opts: &ReplayOptions) -> Result<StageReplay> {
+    check_kernel_level(&rec, opts.verify)?;
+    let mut cfg = rec.config().clone();
+    if let Some(n) = opts.threads {
+        cfg.threads = n;
+    }
+    cfg.inject = opts.inject.clone();
+    cfg.validate()?;
+    if s >= cfg.stages {
+        return Err(ReplayError::Usage(format!(
+            "--stage {s}: the trace's pipeline has stages 0..{}",
+            cfg.stages
+        )));
+    }
+    let (from, to) = range(&cfg, opts)?;
+    let plan = cfg.plan()?;
+    let pool = ThreadPool::new(cfg.threads)?;
+    let mut stage = Stage::new(&cfg.model, &plan, s, cfg.prompts.len(), &pool)?;
+    let mut notes = Vec::new();
+    let (start, source) = match rec.snapshot_at_or_before(s as u32, from) {
+        Some(k) => {
+            restore_stage(&mut stage, &rec.snapshot_state(s as u32, k)?)?;
+            (k, StateSource::Snapshot)
+        }
+        None => {
+            notes.push(format!(
+                "stage {s}: the trace has no snapshot at or before step {from}; started from the \
+                 step-0 state rebuilt from the recorded seed {}",
+                cfg.model.seed
+            ));
+            (0, StateSource::Seed)
+        }
+    };
+    let inputs = stage_inputs(&rec, &cfg, s, start, to)?;
+    let checker = Checker::new(rec.clone(), from, to);
+    let mut hooks: Box<dyn Hooks + Send> = match opts.verify {
+        Verify::Kernel => Box::new(KernelCheck::new(checker.clone(), s as u32)),
+        Verify::Transfer => Box::new(NoHooks),
+    };
+    if let Some(i) = cfg.inject.as_ref().filter(|i| i.stage == s) {
+        hooks = Box::new(FaultInjector::new(i.clone(), hooks));
+    }
+    let n_stages = cfg.stages;
+    let last = s + 1 == n_stages;
+    let dim_bytes = cfg.model.dim * 4;
+    let out_layer = if last {
+        plan.layers()
+    } else {
+        plan.layers_of(s + 1).start
+    } as u32;
+    let mut timed_from = None;
+    for (f, input) in (start..=to).zip(inputs) {
+        if f == from {
+            timed_from = Some(Instant::now());
+        }
+        let slot = schedule_slot(&cfg, f).ok_or_else(|| {
+            ReplayError::Usage(format!("step {f} is past the end of the recorded schedule"))
+        })?;
+        let seq = slot.seq as usize;
+        let n = match input {
+            Input::Prompt(tokens) => {
+                stage.inbox_tokens_mut(seq)?[..tokens.len()].copy_from_slice(&tokens);
+                tokens.len()
+            }
+            Input::OwnToken => {
+                let token = stage.outbox_token(seq)?;
+                stage.inbox_tokens_mut(seq)?[0] = token;
+                1
+            }
+            Input::Bytes(bytes) => {
+                let inbox = stage.layout().inboxes[seq];
+                if bytes.len() > inbox.bytes() {
+                    return Err(ReplayError::NotReplayable {
+                        path: rec.dir().to_path_buf(),
+                        reason: format!(
+                            "a recorded input of stage {s} step {f} has {} bytes, more than its \
+                             {}-byte inbox",
+                            bytes.len(),
+                            inbox.bytes()
+                        ),
+                    });
+                }
+                stage.arena_mut().bytes_mut()[inbox.offset..inbox.offset + bytes.len()]
+                    .copy_from_slice(&bytes);
+                if s == 0 { 1 } else { bytes.len() / dim_bytes }
+            }
+        };
+        stage.forward(&pool, &mut *hooks, seq, n)?;
+        let sends = n_stages > 1 && !(last && slot.step as usize + 1 == cfg.tokens);
+        if sends {
+            let out = stage.layout().outboxes[seq];
+            let len = if last { 4 } else { n * dim_bytes };
+            let tag = Tag {
+                sequence: slot.seq,
+                step: slot.step,
+                layer: out_layer,
+            };
+            checker.transfer(
+                s as u32,
+                tag,
+                &stage.arena().bytes()[out.offset..out.offset + len],
+            );
+        }
+    }
+    let wall_ns = timed_from.map_or(0, |t| t.elapsed().as_nanos() as u64);
+    let mut report = ReplayReport {
+        mode: "stage",
+        stage: Some(s),
+        transport: cfg.transport,
+        threads: cfg.threads,
+        checked_steps: (from, to),
+        verify: opts.verify,
+        state_sources: vec![source],
+        started_at: vec![start],
+        counts: Counts::default(),
+        bit_exact: false,
+        first: None,
+        first_place: None,
+        wall_ns,
+        recorded_ns: rec.recorded_ns(s as u32, from, to),
+        notes,
+    };
+    report.finish(&checker, &cfg);
+    if n_stages == 1 {
+        report.notes.push(
+            "a one-stage pipeline sends no transfers: only kernel outputs can be checked".into(),
+        );
+    }
+    Ok(StageReplay { report, stage })
+}
+
+/// The inputs of stage `s` for steps `start..=to`, read before the replay runs so it never
+/// waits on the disk. Refuses, naming the policy, a trace without the needed payloads.
+fn stage_inputs(
+    rec: &RecordedRun,
+    cfg: &PipelineConfig,
+    s: usize,
+    start: u64,
+    to: u64,
+) -> Result<Vec<Input>> {
+    let n = cfg.stages;
+    let plan = cfg.plan()?;
+    let mut inputs = Vec::with_capacity((to + 1 - start) as usize);
+    for f in start..=to {
+        let Some(slot) = schedule_slot(cfg, f) else {
+            break;
+        };
+        if s == 0 && slot.step == 0 {
+            inputs.push(Input::Prompt(cfg.prompts[slot.seq as usize].clone()));
+            continue;
+        }
+        if n == 1 {
+            inputs.push(Input::OwnToken);
+            continue;
+        }
+        let up = ((s + n - 1) % n) as u32;
+        let tag = if s == 0 {
+            Tag {
+                sequence: slot.seq,
+                step: slot.step - 1,
+                layer: plan.layers() as u32,
+            }
+        } else {
+            Tag {
+                sequence: slot.seq,
+                step: slot.step,
+                layer: plan.layers_of(s).start as u32,
+            }
+        };
+        let Some(t) = rec.sent(up, tag) else {
+            return Err(ReplayError::NotReplayable {
+                path: rec.dir().to_path_buf(),
+                reason: format!(
+                    "it has no record of the transfer stage {up} sent to stage {s} for step {f} \
+                     (sequence {}, decode step {}); replay the whole pipeline instead (drop --stage)",
+                    tag.sequence, tag.step
+                ),
+            });
+        };
+        match rec.payload(t)? {
+            Some(bytes) => inputs.push(Input::Bytes(bytes)),
+            None => {
+                return Err(ReplayError::Usage(format!(
+                    "--stage {s}: replaying a stage alone needs the bytes it received, but {} was \
+                     recorded with --payloads {} (transfer {} from stage {up} has no payload). \
+                     Replay the whole pipeline instead (drop --stage; it needs only snapshots), \
+                     or record with --payloads all",
+                    rec.dir().display(),
+                    rec.payloads(),
+                    t.id
+                )));
+            }
+        }
+    }
+    Ok(inputs)
+}

@@ -1,0 +1,199 @@
+//! Replays of recorded traces: bit-exact on other transports and thread counts, single stages
+//! from snapshots and recorded payloads, and divergence reports that point at exactly the
+//! injected fault — whether the fault is in the replay or in the recording.
+
+mod support;
+
+use std::sync::Arc;
+
+use slug_recorder::observe::PayloadPolicy;
+use slug_replayer::{
+    RecordedRun, ReplayError, ReplayOptions, Verify, npy, place_of, replay_pipeline, replay_stage,
+    send_tags,
+};
+use slug_transport::inject::Injection;
+use slug_transport::transfer::TransportKind;
+
+use support::{pipeline, record_trace};
+
+const FAULT: &str = "stage=1,layer=3,kernel=down,step=5,element=7";
+
+fn open(dir: &std::path::Path) -> Arc<RecordedRun> {
+    Arc::new(RecordedRun::open(dir).expect("open trace"))
+}
+
+fn inject() -> Option<Injection> {
+    Some(FAULT.parse().expect("fault spec"))
+}
+
+/// The trace id stage 1 gave its step-5 transfer (schedule: step 5 is decode step 2 of
+/// sequence 1, so it is link 1's sixth transfer).
+fn stage1_step5_id() -> u64 {
+    let tags = send_tags(&pipeline());
+    let n = tags[1]
+        .iter()
+        .position(|t| t.step == 2 && t.sequence == 1)
+        .expect("tag") as u64;
+    assert_eq!(n, 5);
+    (1u64 << 40) | n
+}
+
+#[test]
+fn a_clean_trace_replays_bit_exact_on_other_transports_and_thread_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trace");
+    record_trace(&out, &pipeline(), PayloadPolicy::None, 0, false);
+    let rec = open(&out);
+    // 3 stages x 8 steps; the last stage sends back all but each sequence's last token.
+    assert_eq!(rec.sent_count(), 8 + 8 + 6);
+    for (transport, threads) in [(None, None), (Some(TransportKind::Tcp), Some(2))] {
+        let opts = ReplayOptions {
+            transport,
+            threads,
+            ..ReplayOptions::default()
+        };
+        let r = replay_pipeline(rec.clone(), &opts).expect("replay");
+        assert!(r.bit_exact, "{r:?}");
+        assert_eq!(r.counts.transfers_checked, 22);
+        assert_eq!(r.first, None);
+    }
+}
+
+#[test]
+fn replaying_a_clean_trace_under_injection_names_the_injected_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trace");
+    record_trace(&out, &pipeline(), PayloadPolicy::All, 4, true);
+    let rec = open(&out);
+    for verify in [Verify::Transfer, Verify::Kernel] {
+        let opts = ReplayOptions {
+            verify,
+            inject: inject(),
+            ..ReplayOptions::default()
+        };
+        let r = replay_pipeline(rec.clone(), &opts).expect("replay");
+        assert!(!r.bit_exact);
+        let d = r.first.expect("a divergence");
+        assert_eq!((d.endpoint, d.step), (1, 5), "{d:?}");
+        let place = place_of(rec.config(), d.step).expect("place");
+        assert_eq!((place.decode_step, place.seq), (2, 1));
+        assert_eq!(d.transfer_id, Some(stage1_step5_id()));
+        // Layer 3 is stage 1's last: the flipped element reaches its outbox unchanged.
+        assert_eq!(d.offset, Some(7));
+        assert_ne!(d.expected, d.got);
+        // Stage 2 still picks the same tokens, so nothing after this transfer differs.
+        assert_eq!(d.later_differing, r.counts.transfers_differing - 1);
+        assert_eq!(r.counts.transfers_differing, 1);
+        match verify {
+            Verify::Kernel => {
+                assert_eq!((d.layer, d.kernel.as_deref()), (Some(3), Some("down")));
+            }
+            Verify::Transfer => assert_eq!((d.layer, d.kernel.as_deref()), (None, None)),
+        }
+    }
+}
+
+#[test]
+fn a_trace_recorded_under_injection_replays_cleanly_to_the_injected_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trace");
+    let mut faulty = pipeline();
+    faulty.inject = inject();
+    record_trace(&out, &faulty, PayloadPolicy::All, 0, true);
+    let rec = open(&out);
+    // The recorded configuration names the fault; a replay of what should have happened
+    // runs without it.
+    assert!(rec.config().inject.is_some());
+    let opts = ReplayOptions {
+        verify: Verify::Kernel,
+        inject: None,
+        ..ReplayOptions::default()
+    };
+    let r = replay_pipeline(rec.clone(), &opts).expect("replay");
+    let d = r.first.expect("a divergence");
+    assert_eq!(
+        (d.endpoint, d.step, d.layer, d.kernel.as_deref()),
+        (1, 5, Some(3), Some("down"))
+    );
+    assert_eq!(
+        (d.transfer_id, d.offset),
+        (Some(stage1_step5_id()), Some(7))
+    );
+    // One stage alone finds the same place from its recorded inputs.
+    let s = replay_stage(rec, 1, &opts).expect("stage replay");
+    let d2 = s.report.first.expect("stage divergence");
+    assert_eq!(d2, d);
+}
+
+#[test]
+fn one_stage_replays_from_a_snapshot_and_recorded_payloads_and_dumps_its_kv_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trace");
+    record_trace(&out, &pipeline(), PayloadPolicy::All, 4, false);
+    let rec = open(&out);
+    for s in 0..3 {
+        let opts = ReplayOptions {
+            from_step: Some(5),
+            threads: Some(2),
+            ..ReplayOptions::default()
+        };
+        let r = replay_stage(rec.clone(), s, &opts).expect("stage replay");
+        assert!(r.report.bit_exact, "stage {s}: {:?}", r.report);
+        assert_eq!(r.report.started_at, vec![4]);
+        assert_eq!(r.report.checked_steps, (5, 7));
+    }
+    // The KV cache after step 3 is the one the step-4 snapshot holds.
+    let opts = ReplayOptions {
+        to_step: Some(3),
+        ..ReplayOptions::default()
+    };
+    let r = replay_stage(rec.clone(), 2, &opts).expect("stage replay to step 3");
+    let t = npy::tensor(&r.stage, "k.layer.4.seq.1").expect("tensor");
+    let kvd = rec.config().model.kv_dim();
+    // Sequence 1 has its 4-token prompt and one decode step in the cache.
+    assert_eq!(t.shape, vec![5, kvd]);
+    let snap = rec.snapshot_state(2, 4).expect("snapshot");
+    let span = r.stage.layout().k_cache(0, 1).prefix(5 * kvd);
+    assert_eq!(t.bytes, snap.arena[span.byte_range()]);
+    let file = dir.path().join("k.npy");
+    npy::write_npy(&t, &file).expect("write npy");
+    let bytes = std::fs::read(&file).expect("read npy");
+    assert!(bytes.ends_with(&t.bytes));
+}
+
+#[test]
+fn refusals_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trace");
+    record_trace(&out, &pipeline(), PayloadPolicy::None, 0, false);
+    let rec = open(&out);
+    let err = replay_stage(rec.clone(), 1, &ReplayOptions::default()).expect_err("no payloads");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("--payloads none") && msg.contains("drop --stage"),
+        "{msg}"
+    );
+    let kernel = ReplayOptions {
+        verify: Verify::Kernel,
+        ..ReplayOptions::default()
+    };
+    let msg = replay_pipeline(rec.clone(), &kernel)
+        .expect_err("no hashes")
+        .to_string();
+    assert!(msg.contains("--hash-kernels"), "{msg}");
+    let range = ReplayOptions {
+        to_step: Some(99),
+        ..ReplayOptions::default()
+    };
+    let msg = replay_pipeline(rec, &range).expect_err("range").to_string();
+    assert!(msg.contains("0..=7"), "{msg}");
+    // A trace from a newer slug.
+    let manifest = out.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["format_version"] = 99.into();
+    std::fs::write(&manifest, v.to_string()).unwrap();
+    let err = RecordedRun::open(&out).expect_err("newer format");
+    assert!(matches!(err, ReplayError::Trace { .. }));
+    assert!(err.to_string().contains("upgrade"), "{err}");
+}
