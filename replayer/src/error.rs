@@ -7,13 +7,12 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum ReplayError {
     /// The trace directory, a log or the manifest could not be read (or is a newer format).
-    #[error("trace {path}: {source}")]
+    #[error("{cause}")]
     Trace {
         /// The trace directory.
         path: PathBuf,
-        /// What the schema reader said.
-        #[source]
-        source: Box<slug_schema::SchemaError>,
+        /// What the schema reader said (it names the file).
+        cause: Box<slug_schema::SchemaError>,
     },
     /// The trace cannot be replayed as it is; `reason` says why and what to do.
     #[error("trace {path} cannot be replayed: {reason}")]
@@ -24,13 +23,12 @@ pub enum ReplayError {
         reason: String,
     },
     /// A snapshot or payload of the trace is missing, damaged or does not fit the stage.
-    #[error("trace {path}: {source}")]
+    #[error("trace {path}: {cause}")]
     Store {
         /// The trace directory.
         path: PathBuf,
-        /// What the snapshot or payload store said.
-        #[source]
-        source: Box<slug_recorder::RecorderError>,
+        /// What the snapshot or payload store said (it names the file).
+        cause: Box<slug_recorder::RecorderError>,
     },
     /// This machine cannot reproduce the trace bit for bit.
     #[error(
@@ -48,20 +46,33 @@ pub enum ReplayError {
     Usage(String),
     /// The re-run pipeline failed (not a divergence: it could not run).
     #[error("replayed pipeline: {0}")]
-    Pipeline(#[from] slug_transport::TransportError),
+    Pipeline(slug_transport::TransportError),
     /// The re-run stage failed in a kernel.
     #[error("replayed stage: {0}")]
-    Kernel(#[from] slug_kernels::Error),
+    Kernel(slug_kernels::Error),
     /// Writing an output file (`--report`, `--out`) failed.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {cause}")]
     Write {
         /// The file.
         path: PathBuf,
         /// The operating-system error.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
 /// Result alias of this crate.
 pub type Result<T, E = ReplayError> = std::result::Result<T, E>;
+
+// By hand rather than `#[from]`: the message already holds the cause, and a `source` would make
+// `{:#}` print it twice.
+impl From<slug_transport::TransportError> for ReplayError {
+    fn from(e: slug_transport::TransportError) -> Self {
+        ReplayError::Pipeline(e)
+    }
+}
+
+impl From<slug_kernels::Error> for ReplayError {
+    fn from(e: slug_kernels::Error) -> Self {
+        ReplayError::Kernel(e)
+    }
+}

@@ -191,7 +191,7 @@ pub fn npy_bytes(t: &Tensor) -> Vec<u8> {
 pub fn write_npy(t: &Tensor, path: &Path) -> Result<()> {
     let write = |e| ReplayError::Write {
         path: path.to_path_buf(),
-        source: e,
+        cause: e,
     };
     let mut f = std::fs::File::create(path).map_err(write)?;
     f.write_all(&npy_bytes(t)).map_err(write)?;

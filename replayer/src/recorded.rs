@@ -51,7 +51,7 @@ impl RecordedRun {
         let dir = dir.as_ref().to_path_buf();
         let trace_err = |e: slug_schema::SchemaError| ReplayError::Trace {
             path: dir.clone(),
-            source: Box::new(e),
+            cause: Box::new(e),
         };
         let trace = Trace::open(&dir).map_err(trace_err)?;
         let not = |reason: String| ReplayError::NotReplayable {
@@ -68,12 +68,7 @@ impl RecordedRun {
         config
             .validate()
             .map_err(|e| not(format!("its pipeline configuration is invalid ({e})")))?;
-        if config.model.fma && !slug_kernels::has_hardware_fma() {
-            return Err(ReplayError::MissingCpuFeature {
-                feature: "FMA",
-                path: dir,
-            });
-        }
+        check_cpu(&config, &dir, slug_kernels::has_hardware_fma())?;
         let payloads = run
             .get("payloads")
             .and_then(|v| v.as_str())
@@ -150,7 +145,7 @@ impl RecordedRun {
     fn store_err(&self, e: slug_recorder::RecorderError) -> ReplayError {
         ReplayError::Store {
             path: self.dir.clone(),
-            source: Box::new(e),
+            cause: Box::new(e),
         }
     }
 
@@ -270,6 +265,18 @@ impl RecordedRun {
     }
 }
 
+/// Refuses a run that used FMA on a node without it (`has_fma`): fused and unfused
+/// multiply-adds round differently, so no replay there could be bit-exact.
+fn check_cpu(config: &PipelineConfig, dir: &Path, has_fma: bool) -> Result<()> {
+    if config.model.fma && !has_fma {
+        return Err(ReplayError::MissingCpuFeature {
+            feature: "FMA",
+            path: dir.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
 /// For each link (= sending stage) of `cfg`, the tags of its transfers in send order, so a
 /// recorded transfer id (link, n) names the bytes it carried whatever the replay's schedule.
 pub fn send_tags(cfg: &PipelineConfig) -> Vec<Vec<Tag>> {
@@ -307,4 +314,45 @@ pub fn stage_step_of(cfg: &PipelineConfig, step: u32, seq: u32) -> Option<u64> {
         .map_while(|f| schedule_slot(cfg, f).map(|s| (f, s)))
         .find(|(_, s)| s.step == step && s.seq == seq)
         .map(|(f, _)| f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_fma_run_is_refused_only_where_fma_is_missing() {
+        let mut cfg = PipelineConfig::new(
+            slug_kernels::ModelConfig::preset("tiny").unwrap(),
+            "a",
+            1,
+            2,
+        );
+        let dir = Path::new("/traces/t1");
+        check_cpu(&cfg, dir, false).unwrap();
+        cfg.model.fma = true;
+        check_cpu(&cfg, dir, true).unwrap();
+        let msg = check_cpu(&cfg, dir, false).unwrap_err().to_string();
+        assert!(
+            msg.contains("lacks FMA") && msg.contains("/traces/t1"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn send_tags_follow_the_schedule_and_skip_the_last_token() {
+        let mut cfg = PipelineConfig::new(
+            slug_kernels::ModelConfig::preset("tiny").unwrap(),
+            "a",
+            2,
+            3,
+        );
+        cfg.stages = 2;
+        let tags = send_tags(&cfg);
+        assert_eq!(tags[0].len(), 6);
+        // The last stage sends back steps 0 and 1 of each sequence, never step 2.
+        let back: Vec<(u32, u32)> = tags[1].iter().map(|t| (t.sequence, t.step)).collect();
+        assert_eq!(back, vec![(0, 0), (1, 0), (0, 1), (1, 1)]);
+        assert_eq!(stage_step_of(&cfg, 1, 1), Some(3));
+    }
 }

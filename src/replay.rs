@@ -1,0 +1,211 @@
+//! `slug replay`: re-runs a recorded pipeline (or one stage) from its snapshots, checks every
+//! transfer (and kernel output) against the trace, and reports the first divergence.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use slug_replayer::{
+    RecordedRun, ReplayOptions, ReplayReport, Verify, npy, replay_pipeline, replay_stage,
+};
+use slug_transport::inject::Injection;
+use slug_transport::transfer::TransportKind;
+
+const EXAMPLES: &str = "\
+Examples:
+  slug replay run1/
+      Restore every stage from its step-0 snapshot, re-run the pipeline as recorded and check
+      every transfer's content hash; exit status 0 only when bit-exact.
+  slug replay run1/ --transport tcp --threads 4 --report div.json
+      The same on another transport and thread count; write the first divergence for
+      `slug view run1/ --divergence div.json`.
+  slug replay run1/ --verify kernel
+      Also check every kernel output (trace recorded with `slug record --hash-kernels`).
+  slug replay run1/ --stage 2 --from-step 40
+      Stage 2 alone from its latest snapshot at or before step 40, fed the inputs the trace
+      recorded (needs `slug record --payloads all`), its outbound transfers checked.
+  slug replay run1/ --stage 1 --to-step 12 --dump k.layer.3.seq.0 --out k.npy
+      Replay stage 1 through step 12 and write layer 3's keys of sequence 0 as NumPy .npy.
+  slug replay run1/ --inject stage=1,layer=3,kernel=down,step=5
+      Flip one bit of that kernel output during the replay: the report must point there.
+
+Steps are a stage's step counter (one forward pass of one sequence), as in the trace's step
+boundaries and kernel spans; the report also names the decode step and sequence.";
+
+/// Arguments of `slug replay`.
+#[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
+pub struct ReplayArgs {
+    /// The trace directory (as written by `slug record --out`).
+    trace: PathBuf,
+    /// Transport of the replay: local, shm or tcp (default: the recorded one).
+    #[arg(long)]
+    transport: Option<String>,
+    /// Threads per stage (default: the recorded count).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Replay only this stage, fed its recorded inbound payloads.
+    #[arg(long)]
+    stage: Option<usize>,
+    /// First step to check (a single stage starts from its latest snapshot at or before it).
+    #[arg(long)]
+    from_step: Option<u64>,
+    /// Last step to check (a single stage stops after it).
+    #[arg(long)]
+    to_step: Option<u64>,
+    /// Verification level: transfer (content hashes) or kernel (every kernel output).
+    #[arg(long, default_value = "transfer")]
+    verify: String,
+    /// Flip one bit of one kernel output: stage=S,layer=L,kernel=K,step=N[,element=E][,bit=B].
+    #[arg(long)]
+    inject: Option<String>,
+    /// Write the first divergence as JSON (the shape `slug view --divergence` reads).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// With --stage: write this arena tensor after the last replayed step (see --out).
+    #[arg(long, requires = "out", requires = "stage")]
+    dump: Option<String>,
+    /// File the --dump tensor is written to, as NumPy .npy.
+    #[arg(long, requires = "dump")]
+    out: Option<PathBuf>,
+    /// Longest wait on a link, in milliseconds (default: the recorded limit).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `slug replay`; exit status 0 only when the replay was bit-exact (1 when it diverged).
+pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
+    let rec = Arc::new(RecordedRun::open(&args.trace)?);
+    let transport = args
+        .transport
+        .as_deref()
+        .map(str::parse::<TransportKind>)
+        .transpose()?;
+    let inject = args
+        .inject
+        .as_deref()
+        .map(str::parse::<Injection>)
+        .transpose()?;
+    let opts = ReplayOptions {
+        transport,
+        threads: args.threads,
+        from_step: args.from_step,
+        to_step: args.to_step,
+        verify: args.verify.parse::<Verify>()?,
+        inject,
+        timeout_ms: args.timeout_ms,
+    };
+    let report = match args.stage {
+        Some(s) => {
+            if transport.is_some() {
+                bail!(
+                    "--transport has no effect with --stage: a single stage replays without a network"
+                );
+            }
+            let replayed = replay_stage(rec.clone(), s, &opts)?;
+            if let (Some(name), Some(out)) = (&args.dump, &args.out) {
+                let t = npy::tensor(&replayed.stage, name)?;
+                npy::write_npy(&t, out)?;
+                if !args.json {
+                    println!(
+                        "wrote {name} of stage {s} ({:?} {}) to {}",
+                        t.shape,
+                        match t.dtype {
+                            npy::Dtype::F32 => "float32",
+                            npy::Dtype::U32 => "uint32",
+                        },
+                        out.display()
+                    );
+                }
+            }
+            replayed.report
+        }
+        None => replay_pipeline(rec.clone(), &opts)?,
+    };
+    if let Some(path) = &args.report {
+        let text = serde_json::to_string_pretty(&report.first)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write the report {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_text(&report);
+    }
+    Ok(if report.bit_exact {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_text(r: &ReplayReport) {
+    let what = match r.stage {
+        Some(s) => format!("stage {s} alone"),
+        None => format!("{} on {}", "pipeline", r.transport),
+    };
+    println!(
+        "replayed {what}, {} threads, checked steps {}..={} at --verify {}",
+        r.threads,
+        r.checked_steps.0,
+        r.checked_steps.1,
+        match r.verify {
+            Verify::Transfer => "transfer",
+            Verify::Kernel => "kernel",
+        }
+    );
+    let c = &r.counts;
+    println!(
+        "  transfers: {} checked, {} differ; kernel outputs: {} checked, {} differ",
+        c.transfers_checked, c.transfers_differing, c.kernels_checked, c.kernels_differing
+    );
+    if let Some(rec) = r.recorded_ns.filter(|n| *n > 0 && r.wall_ns > 0) {
+        println!(
+            "  time: {:.2} ms replayed vs {:.2} ms recorded ({:.2}x)",
+            r.wall_ns as f64 / 1e6,
+            rec as f64 / 1e6,
+            rec as f64 / r.wall_ns as f64
+        );
+    }
+    for n in &r.notes {
+        println!("  note: {n}");
+    }
+    match &r.first {
+        None if r.bit_exact => println!("bit-exact"),
+        None => println!("nothing to compare: not verified"),
+        Some(d) => {
+            let mut at = format!("endpoint {} step {}", d.endpoint, d.step);
+            if let Some(p) = r.first_place {
+                at.push_str(&format!(
+                    " (decode step {}, sequence {})",
+                    p.decode_step, p.seq
+                ));
+            }
+            if let Some(l) = d.layer {
+                at.push_str(&format!(" layer {l}"));
+            }
+            if let Some(k) = &d.kernel {
+                at.push_str(&format!(" kernel {k}"));
+            }
+            if let Some(t) = d.transfer_id {
+                at.push_str(&format!(
+                    " transfer {t} (link {} #{})",
+                    t >> 40,
+                    t & ((1 << 40) - 1)
+                ));
+            }
+            if let Some(o) = d.offset {
+                at.push_str(&format!(" element {o}"));
+            }
+            println!("DIVERGED at {at}");
+            println!("  expected {}", d.expected);
+            println!("  got      {}", d.got);
+            println!("  {} later transfers also differ", d.later_differing);
+        }
+    }
+}
