@@ -1,7 +1,7 @@
 //! `slug info`: summarise a trace: endpoints, events per kind, sizes, losses, capabilities.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -32,6 +32,9 @@ pub fn execute(args: InfoArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // Validates the directory first, so a wrong path gets the trace's own clear error.
+    Trace::open(&args.trace)?;
+    recover_killed_recording(&args.trace);
     let trace = Trace::open(&args.trace)?;
     let summary = TraceSummary::of(&trace);
     if args.json {
@@ -357,5 +360,26 @@ fn ratio(raw: u64, disk: u64) -> String {
         "-".into()
     } else {
         format!("{:.1}x", raw as f64 / disk as f64)
+    }
+}
+
+/// A recording whose process was killed leaves journals and flight rings instead of closed logs:
+/// rebuild those logs first (a no-op on a cleanly closed trace) and say what was saved.
+fn recover_killed_recording(dir: &Path) {
+    match slug_recorder::recover(dir) {
+        Ok(recovered) => {
+            for r in recovered {
+                eprintln!(
+                    "recovered endpoint {} of a killed recording: {} events from its journal, \
+                     {} from its flight rings ({} dropped by full rings before the kill)",
+                    r.endpoint, r.from_log, r.from_rings, r.ring_lost
+                );
+            }
+        }
+        Err(e) => eprintln!(
+            "warning: {}: could not rebuild the logs of a killed recording ({e}); \
+             summarising what is readable",
+            dir.display()
+        ),
     }
 }

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use slug_recorder::observe::NodeRecorderFactory;
 use slug_transport::AbortFlag;
 use slug_transport::auth::ClusterKey;
 use slug_transport::node::{LISTENING_PREFIX, NodeOptions, serve};
-use slug_transport::pipeline::NoObservers;
 
 /// Arguments of `slug node`.
 ///
@@ -46,6 +46,6 @@ pub fn execute(args: NodeArgs) -> Result<ExitCode> {
         let _ = out.flush();
     };
     let log = |msg: &str| eprintln!("slug node: {msg}");
-    serve(&opts, &NoObservers, &on_listening, &log)?;
+    serve(&opts, &NodeRecorderFactory, &on_listening, &log)?;
     Ok(ExitCode::SUCCESS)
 }

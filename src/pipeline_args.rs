@@ -129,7 +129,11 @@ impl PipelineArgs {
             Some(n) => Ok(n),
             None => {
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                let local_stages = if self.hosts.is_empty() { self.stages } else { 1 };
+                let local_stages = if self.hosts.is_empty() {
+                    self.stages
+                } else {
+                    1
+                };
                 Ok((cores / local_stages.max(1)).max(1))
             }
         }
@@ -180,7 +184,9 @@ impl PipelineArgs {
                 format!("--isa {name}: unknown instruction set; use scalar, avx2, avx512 or neon")
             })?;
             if self.hosts.is_empty() && !isa.is_available() {
-                bail!("--isa {name}: this CPU cannot run {name}; leave --isa out to use the best it has");
+                bail!(
+                    "--isa {name}: this CPU cannot run {name}; leave --isa out to use the best it has"
+                );
             }
         }
         let mut cfg = PipelineConfig::new(model, &self.prompt, self.sequences, self.tokens);

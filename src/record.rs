@@ -1,21 +1,21 @@
 //! `slug record`: runs a pipeline with every endpoint, transfer and perf stream recorded into a
 //! trace directory, then prints what was captured (and what could not be, and why).
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
-use slug_kernels::ModelConfig;
+use clap::{Args, Parser};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use slug_recorder::observe::PayloadPolicy;
 use slug_recorder::perf::{PerfConfig, PerfRequest};
 use slug_recorder::{RecordConfig, RecordSummary, record};
-use slug_transport::pipeline::{PipelineConfig, prompt_tokens};
-use slug_transport::transfer::TransportKind;
+use slug_transport::pipeline::PipelineConfig;
+
+use crate::pipeline_args::PipelineArgs;
 
 /// Arguments of `slug record`.
 #[derive(Debug, Args)]
@@ -41,49 +41,33 @@ pub struct RecordArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
-    /// Pipeline stages the layers are split into.
-    #[arg(long, default_value_t = 1)]
-    stages: usize,
-    /// Transport between stages: local (threads), shm or tcp (one recording `slug node` per stage).
-    #[arg(long, default_value = "local")]
-    transport: String,
-    /// Tokens to generate per sequence.
-    #[arg(long, default_value_t = 32)]
-    tokens: usize,
-    /// Prompt text; its bytes are the prompt's token ids.
-    #[arg(long, default_value = "Hello, slug!")]
-    prompt: String,
-    /// Sequences to generate (copies of the prompt).
-    #[arg(long, default_value_t = 1)]
-    sequences: usize,
-    /// Sequences in flight at once (default: all).
-    #[arg(long)]
-    microbatches: Option<usize>,
-    /// Threads per stage.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
-    /// Model preset: tiny, small or base.
-    #[arg(long, default_value = "tiny", value_parser = ["tiny", "small", "base"])]
-    model: String,
-    /// Seed the weights are generated from.
-    #[arg(long, default_value_t = 7)]
-    seed: u64,
+    /// The pipeline to record: the same flags as `slug run`.
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+    /// `slug run` arguments given after `--` (they replace the pipeline flags above).
+    #[arg(last = true, value_name = "RUN ARGS")]
+    run_args: Vec<String>,
+}
+
+/// Parses `slug run`-style pipeline flags given after `--`.
+#[derive(Debug, clap::Parser)]
+#[command(name = "slug record --out DIR --", no_binary_name = false)]
+struct RunArgsAfterDashes {
+    #[command(flatten)]
+    pipeline: PipelineArgs,
 }
 
 impl RecordArgs {
     fn pipeline(&self) -> Result<PipelineConfig> {
-        let mut model = ModelConfig::preset(&self.model)?;
-        model.seed = self.seed;
-        let mut cfg = PipelineConfig::new(model, &self.prompt, self.sequences, self.tokens);
-        cfg.stages = self.stages;
-        cfg.threads = self.threads;
-        cfg.microbatches = self.microbatches.unwrap_or(self.sequences.max(1));
-        cfg.prompts = vec![prompt_tokens(&self.prompt); self.sequences.max(1)];
-        cfg.transport = self
-            .transport
-            .parse::<TransportKind>()
-            .map_err(|e| anyhow::anyhow!("--transport {}: {e}", self.transport))?;
-        Ok(cfg)
+        if self.run_args.is_empty() {
+            return self.pipeline.config();
+        }
+        let argv = std::iter::once("slug record --out DIR --".to_string())
+            .chain(self.run_args.iter().cloned());
+        match RunArgsAfterDashes::try_parse_from(argv) {
+            Ok(parsed) => parsed.pipeline.config(),
+            Err(e) => bail!("the `slug run` arguments after `--`: {e}"),
+        }
     }
 }
 
@@ -119,15 +103,24 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         progress: Some(Arc::clone(&progress)),
         ..config
     };
-    let done = Arc::new(AtomicBool::new(false));
-    let ticker = std::io::stderr()
-        .is_terminal()
-        .then(|| spawn_progress(Arc::clone(&progress), Arc::clone(&done)));
-    let summary = record(&config, &pipeline);
-    done.store(true, Ordering::Release);
-    if let Some(t) = ticker {
-        let _ = t.join();
-    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} recording: {msg} [{elapsed_precise}]")
+            .expect("the template is valid"),
+    );
+    let summary = std::thread::scope(|scope| {
+        let ticker = scope.spawn(|| {
+            while !bar.is_finished() {
+                bar.set_message(format!("{} events", progress.load(Ordering::Relaxed)));
+                bar.tick();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let summary = record(&config, &pipeline);
+        bar.finish_and_clear();
+        let _ = ticker.join();
+        summary
+    });
     let summary = summary?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -135,22 +128,6 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         print_summary(&summary);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// A one-line live count on a terminal: events written so far and elapsed time.
-fn spawn_progress(events: Arc<AtomicU64>, done: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let start = Instant::now();
-        while !done.load(Ordering::Acquire) {
-            eprint!(
-                "\rrecording: {} events, {:.1} s",
-                events.load(Ordering::Relaxed),
-                start.elapsed().as_secs_f64()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprint!("\r\x1b[2K");
-    })
 }
 
 fn print_summary(s: &RecordSummary) {
@@ -185,7 +162,11 @@ fn print_summary(s: &RecordSummary) {
     for w in &s.warnings {
         eprintln!("slug: warning: {w}");
     }
-    println!("captured: {}", s.captured.join(", "));
+    if s.captured.is_empty() {
+        println!("captured: transfers, kernel spans and step boundaries only (no perf streams)");
+    } else {
+        println!("captured: {}", s.captured.join(", "));
+    }
     if !s.not_captured.is_empty() {
         println!("not captured: {}", s.not_captured.join(", "));
     }

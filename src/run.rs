@@ -143,7 +143,13 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
             let moved = |l: &Option<LinkStats>| {
                 l.as_ref().map_or_else(
                     || "-".to_string(),
-                    |l| format!("{} transfers, {:.1} KiB", l.transfers, l.bytes as f64 / 1024.0),
+                    |l| {
+                        format!(
+                            "{} transfers, {:.1} KiB",
+                            l.transfers,
+                            l.bytes as f64 / 1024.0
+                        )
+                    },
                 )
             };
             println!(

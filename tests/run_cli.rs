@@ -67,7 +67,16 @@ fn tokens_do_not_depend_on_threads_stages_transport_or_isa() {
         &["--threads", "3", "--stages", "2"][..],
         &["--stages", "2", "--isa", "scalar", "--threads", "2"][..],
         &["--stages", "2", "--transport", "shm", "--sequences", "2"][..],
-        &["--stages", "2", "--transport", "tcp", "--sequences", "3", "--microbatches", "2"][..],
+        &[
+            "--stages",
+            "2",
+            "--transport",
+            "tcp",
+            "--sequences",
+            "3",
+            "--microbatches",
+            "2",
+        ][..],
     ] {
         let mut args = vec!["--tokens", "12"];
         args.extend_from_slice(extra);
