@@ -2,10 +2,10 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{demo, export, info, node, record, run, view};
+use crate::{demo, export, info, node, record, replay, run, view};
 
 /// slug — record and replay for distributed CPU AI pipelines.
 ///
@@ -25,7 +25,7 @@ enum Command {
     /// Record a pipeline run into a trace directory.
     Record(record::RecordArgs),
     /// Re-run a recorded stage or pipeline and verify it bit for bit.
-    Replay,
+    Replay(replay::ReplayArgs),
     /// Inspect a trace's timelines in a terminal UI.
     View(view::ViewArgs),
     /// Summarise a trace: endpoints, events per kind, sizes, losses, capabilities.
@@ -43,15 +43,11 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::execute(args),
         Command::Record(args) => record::execute(args),
-        Command::Replay => not_built("replay"),
+        Command::Replay(args) => replay::execute(args),
         Command::View(args) => view::execute(args),
         Command::Info(args) => info::execute(args),
         Command::Export(args) => export::execute(args),
         Command::Demo(args) => demo::execute(args),
         Command::Node(args) => node::execute(args),
     }
-}
-
-fn not_built(name: &str) -> Result<ExitCode> {
-    bail!("`slug {name}` is not built yet in this version of slug")
 }
