@@ -50,8 +50,10 @@ pub fn fixed_strings() -> impl Iterator<Item = &'static str> {
 
 /// How often the writer drains rings and perf streams.
 const DRAIN_EVERY: Duration = Duration::from_millis(2);
-/// How often buffered events are handed to the log encoder even if no frame is full, bounding
-/// what a killed recorder can lose from the encoder's queue.
+/// Without a journal (it failed), how often buffered events are handed to the log encoder even
+/// if no frame is full, bounding what a killed recorder can lose from the encoder's queue. With
+/// the journal every drained event is already on disk, so frames fill up to their full size:
+/// cutting them early costs compression (a 100 ms cadence made 18 B/event instead of ~3).
 const SHIP_EVERY: Duration = Duration::from_millis(100);
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
@@ -383,7 +385,7 @@ fn writer_loop(
             log.append_raw(r);
         }
         last_drain_ns = now;
-        if last_ship.elapsed() >= SHIP_EVERY {
+        if journal.is_none() && last_ship.elapsed() >= SHIP_EVERY {
             log.flush();
             last_ship = Instant::now();
         }
