@@ -28,6 +28,8 @@ Examples:
       recorded (needs `slug record --payloads all`), its outbound transfers checked.
   slug replay run1/ --stage 1 --to-step 12 --dump k.layer.3.seq.0 --out k.npy
       Replay stage 1 through step 12 and write layer 3's keys of sequence 0 as NumPy .npy.
+  slug replay run1/ --hosts 10.0.0.1:7070,10.0.0.2:7070 --node-trace /data/run1
+      Stage s on the s-th `slug node` (which restores it from its copy of the trace).
   slug replay run1/ --inject stage=1,layer=3,kernel=down,step=5
       Flip one bit of that kernel output during the replay: the report must point there.
 
@@ -73,6 +75,16 @@ pub struct ReplayArgs {
     /// Longest wait on a link, in milliseconds (default: the recorded limit).
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Run stage s on the `slug node --listen` at the s-th host:port (tcp); each node restores
+    /// its stage from its own copy of the trace.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    hosts: Vec<String>,
+    /// Where the trace lies on the --hosts nodes (default: the same path as here).
+    #[arg(long, requires = "hosts")]
+    node_trace: Option<PathBuf>,
+    /// Cluster key file for --hosts (default: the SLUG_CLUSTER_KEY environment variable).
+    #[arg(long, requires = "hosts")]
+    key_file: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -99,10 +111,13 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
         verify: args.verify.parse::<Verify>()?,
         inject,
         timeout_ms: args.timeout_ms,
+        hosts: args.hosts.clone(),
+        node_trace: args.node_trace.clone(),
+        key_file: args.key_file.clone(),
     };
     let report = match args.stage {
         Some(s) => {
-            if transport.is_some() {
+            if transport.is_some() || !args.hosts.is_empty() {
                 bail!(
                     "--transport has no effect with --stage: a single stage replays without a network"
                 );

@@ -130,6 +130,16 @@ impl Checker {
 
     /// Checks the bytes stage `src` sent with `tag` against the trace.
     pub fn transfer(&self, src: u32, tag: Tag, bytes: &[u8]) {
+        self.check(src, tag, bytes.len() as u64, xxh3_128(bytes), Some(bytes));
+    }
+
+    /// Checks a transfer known only by its length and content hash (a remote node's digest):
+    /// a divergence found this way names no element.
+    pub fn transfer_digest(&self, src: u32, tag: Tag, len: u64, hash: u128) {
+        self.check(src, tag, len, hash, None);
+    }
+
+    fn check(&self, src: u32, tag: Tag, len: u64, hash: u128, bytes: Option<&[u8]>) {
         let Some(step) = self.stage_step(tag) else {
             return;
         };
@@ -140,8 +150,7 @@ impl Checker {
             self.lock().transfers_unrecorded += 1;
             return;
         };
-        let hash = xxh3_128(bytes);
-        let same = recorded.len == bytes.len() as u64 && recorded.hash == hash;
+        let same = recorded.len == len && recorded.hash == hash;
         let order = (step, src, u32::MAX);
         let mut t = self.lock();
         t.transfers_checked += 1;
@@ -162,7 +171,7 @@ impl Checker {
         step: u64,
         tag: Tag,
         recorded: &Transfer,
-        bytes: &[u8],
+        bytes: Option<&[u8]>,
         hash: u128,
     ) -> Divergence {
         let tokens = tag.layer == self.layers;
@@ -179,7 +188,7 @@ impl Checker {
         };
         // With the recorded payload the report names the element and both values; a payload
         // that cannot be read leaves the hashes, which still prove the difference.
-        if let Ok(Some(want)) = self.rec.payload(recorded) {
+        if let (Some(bytes), Ok(Some(want))) = (bytes, self.rec.payload(recorded)) {
             let pairs = want.chunks_exact(4).zip(bytes.chunks_exact(4));
             if let Some((i, (w, g))) = pairs.enumerate().find(|(_, (w, g))| w != g) {
                 d.offset = Some(i as u64);

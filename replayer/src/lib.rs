@@ -9,6 +9,8 @@
 //!   payloads (no network), its outbound transfers checked.
 //! - [`Divergence`]: the first difference (endpoint, step, layer, kernel, transfer, element,
 //!   expected vs got, how many later differ) in the JSON shape `slug view --divergence` reads.
+//! - [`NodeReplayFactory`]: what a `slug node` serves a `--hosts` replay with (each node
+//!   restores its stage from its own copy of the trace).
 //! - [`npy`]: named arena sections (KV cache of a layer, boxes, any layout region) as `.npy`.
 //!
 //! Steps are a stage's step counter (one forward pass of one sequence), as everywhere in a
@@ -16,11 +18,13 @@
 
 mod divergence;
 mod error;
+mod node;
 pub mod npy;
 mod recorded;
 mod replay;
 
 pub use divergence::{Checker, Counts, Divergence, KernelCheck, StepPlace, place_of};
 pub use error::{ReplayError, Result};
-pub use recorded::{KernelKey, RecordedRun, StateSource, send_tags, stage_step_of};
+pub use node::{NODE_SETTINGS_KEY, NodeReplayFactory, node_settings};
+pub use recorded::{KernelKey, RecordedRun, StateSource, send_tags, stage_step_of, step0_state};
 pub use replay::{ReplayOptions, ReplayReport, StageReplay, Verify, replay_pipeline, replay_stage};

@@ -239,19 +239,7 @@ impl RecordedRun {
                 path: self.dir.clone(),
                 reason: "it has no snapshots/ directory".into(),
             })?;
-        let index = store
-            .read_index(stage, step)
-            .map_err(|e| self.store_err(e))?;
-        let mut arena = vec![0u8; index.arena_len as usize];
-        let cursor = store
-            .restore(stage, step, &mut arena)
-            .map_err(|e| self.store_err(e))?;
-        let cursor: StageCursor =
-            serde_json::from_slice(&cursor).map_err(|e| ReplayError::NotReplayable {
-                path: store.index_path(stage, step),
-                reason: format!("its cursor is not a stage cursor ({e})"),
-            })?;
-        Ok(StageState { arena, cursor })
+        read_snapshot(&self.dir, store, stage, step)
     }
 
     /// The step-0 state of `stage`: its snapshot when the trace has one, else `None` (the
@@ -263,6 +251,48 @@ impl RecordedRun {
             Ok((None, StateSource::Seed))
         }
     }
+}
+
+/// `stage`'s snapshot at `step` from `store` (of the trace in `dir`), every chunk verified.
+fn read_snapshot(dir: &Path, store: &SnapshotStore, stage: u32, step: u64) -> Result<StageState> {
+    let store_err = |e| ReplayError::Store {
+        path: dir.to_path_buf(),
+        cause: Box::new(e),
+    };
+    let index = store.read_index(stage, step).map_err(store_err)?;
+    let mut arena = vec![0u8; index.arena_len as usize];
+    let cursor = store.restore(stage, step, &mut arena).map_err(store_err)?;
+    let cursor: StageCursor =
+        serde_json::from_slice(&cursor).map_err(|e| ReplayError::NotReplayable {
+            path: store.index_path(stage, step),
+            reason: format!("its cursor is not a stage cursor ({e})"),
+        })?;
+    Ok(StageState { arena, cursor })
+}
+
+/// The step-0 state of `stage` from the trace in `dir` without indexing its logs (what a node
+/// serving a `--hosts` replay needs); `None` when the trace has no such snapshot; an error when
+/// `dir` is not there at all.
+pub fn step0_state(dir: &Path, stage: u32) -> Result<Option<StageState>> {
+    if !dir.is_dir() {
+        return Err(ReplayError::NotReplayable {
+            path: dir.to_path_buf(),
+            reason: "there is no trace directory there".into(),
+        });
+    }
+    let snap_dir = dir.join(slug_schema::SNAPSHOTS_DIR);
+    if !snap_dir
+        .join(format!("stage-{stage}"))
+        .join("step-0.idx")
+        .is_file()
+    {
+        return Ok(None);
+    }
+    let store = SnapshotStore::open(&snap_dir).map_err(|e| ReplayError::Store {
+        path: dir.to_path_buf(),
+        cause: Box::new(e),
+    })?;
+    read_snapshot(dir, &store, stage, 0).map(Some)
 }
 
 /// Refuses a run that used FMA on a node without it (`has_fma`): fused and unfused

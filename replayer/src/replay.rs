@@ -61,6 +61,13 @@ pub struct ReplayOptions {
     pub inject: Option<Injection>,
     /// Link wait limit in milliseconds (default: the recorded one).
     pub timeout_ms: Option<u64>,
+    /// `host:port` of a `slug node --listen` per stage (tcp); the nodes restore their stage
+    /// from their own copy of the trace ([`crate::NodeReplayFactory`]).
+    pub hosts: Vec<String>,
+    /// Where the trace lies on the nodes (default: the same path as here).
+    pub node_trace: Option<std::path::PathBuf>,
+    /// Cluster key file for `hosts` (default: the `SLUG_CLUSTER_KEY` environment variable).
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// What a replay did and found.
@@ -162,13 +169,40 @@ fn replay_config(rec: &RecordedRun, opts: &ReplayOptions) -> Result<PipelineConf
     if let Some(ms) = opts.timeout_ms {
         cfg.timeout_ms = ms;
     }
-    cfg.hosts.clear();
-    cfg.digests = false;
-    cfg.observer_settings = None;
     cfg.inject = opts.inject.clone();
-    // Stage processes would build their own (non-checking) observers: serve every stage from a
-    // thread of this process over the same sockets or fabric file instead.
-    cfg.launch = Launch::Threads;
+    cfg.hosts = opts.hosts.clone();
+    cfg.key_file = opts.key_file.clone();
+    if opts.hosts.is_empty() {
+        cfg.digests = false;
+        cfg.observer_settings = None;
+        // Stage processes would build their own (non-checking) observers: serve every stage
+        // from a thread of this process over the same sockets or fabric file instead.
+        cfg.launch = Launch::Threads;
+    } else {
+        if opts.transport.is_none() {
+            cfg.transport = TransportKind::Tcp;
+        }
+        if opts.verify == Verify::Kernel {
+            return Err(ReplayError::Usage(
+                "--verify kernel needs the stages in this process: drop --hosts (or use \
+                 --verify transfer)"
+                    .into(),
+            ));
+        }
+        // Remote nodes report the digest of every transfer they receive; they restore their
+        // stage from their copy of the trace.
+        cfg.digests = true;
+        let dir = match &opts.node_trace {
+            Some(d) => d.clone(),
+            None => std::path::absolute(rec.dir()).map_err(|e| {
+                ReplayError::Usage(format!(
+                    "cannot name {} for the nodes: {e}",
+                    rec.dir().display()
+                ))
+            })?,
+        };
+        cfg.observer_settings = Some(crate::node::node_settings(&dir));
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -266,6 +300,9 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
     let started = Instant::now();
     let report = run(&cfg, &factory)?;
     let wall_ns = started.elapsed().as_nanos() as u64;
+    for d in report.digests() {
+        checker.transfer_digest(d.src, d.tag, d.len, d.hash.0);
+    }
     let recorded_ns = (0..cfg.stages as u32)
         .filter_map(|s| rec.recorded_ns(s, 0, steps_of(&cfg) - 1))
         .max();

@@ -197,3 +197,78 @@ fn refusals_say_what_to_do() {
     assert!(matches!(err, ReplayError::Trace { .. }));
     assert!(err.to_string().contains("upgrade"), "{err}");
 }
+
+#[test]
+fn stages_on_remote_nodes_restore_from_their_own_trace_copy() {
+    use slug_replayer::NodeReplayFactory;
+    use slug_transport::auth::ClusterKey;
+    use slug_transport::node::{NodeOptions, serve};
+    use slug_transport::pipeline::NoObservers;
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trace");
+    record_trace(&out, &pipeline(), PayloadPolicy::None, 0, false);
+    // The node's copy: the coordinator's trace is not where the node looks.
+    let node_copy = dir.path().join("on-node");
+    std::fs::create_dir_all(&node_copy).unwrap();
+    let status = std::process::Command::new("cp")
+        .args(["-r"])
+        .arg(out.join("snapshots"))
+        .arg(&node_copy)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    let secret = b"replay-test-cluster-key-0123456789";
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, secret).unwrap();
+    let stop = slug_transport::AbortFlag::new();
+    let opts = NodeOptions {
+        listen: "127.0.0.1:0".into(),
+        key: ClusterKey::from_bytes(secret).unwrap(),
+        once: false,
+        stop: stop.clone(),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        serve(
+            &opts,
+            &NodeReplayFactory(NoObservers),
+            &|addr| {
+                let _ = tx.send(addr.to_string());
+            },
+            &|_| {},
+        )
+    });
+    let addr = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("node address");
+    let rec = open(&out);
+    let remote = |inject| ReplayOptions {
+        hosts: vec![addr.clone(); 3],
+        node_trace: Some(node_copy.clone()),
+        key_file: Some(key_file.clone()),
+        inject,
+        ..ReplayOptions::default()
+    };
+    let clean = replay_pipeline(rec.clone(), &remote(None)).expect("remote replay");
+    assert!(clean.bit_exact, "{clean:?}");
+    assert_eq!(clean.counts.transfers_checked, 22);
+    let faulty = replay_pipeline(rec.clone(), &remote(inject())).expect("remote replay");
+    let d = faulty.first.expect("divergence");
+    assert_eq!(
+        (d.endpoint, d.step, d.transfer_id),
+        (1, 5, Some(stage1_step5_id()))
+    );
+    // A node without the trace says where it looked.
+    let mut lost = remote(None);
+    lost.node_trace = Some(dir.path().join("nowhere"));
+    let msg = replay_pipeline(rec, &lost)
+        .expect_err("no trace there")
+        .to_string();
+    assert!(
+        msg.contains("nowhere") && msg.contains("--node-trace"),
+        "{msg}"
+    );
+    stop.raise();
+    server.join().expect("server").expect("server ends");
+}
