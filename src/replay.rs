@@ -119,7 +119,8 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
         Some(s) => {
             if transport.is_some() || !args.hosts.is_empty() {
                 bail!(
-                    "--transport has no effect with --stage: a single stage replays without a network"
+                    "--transport and --hosts have no effect with --stage: a single stage replays \
+                     without a network"
                 );
             }
             let replayed = replay_stage(rec.clone(), s, &opts)?;
