@@ -143,10 +143,16 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
         }
         None => replay_pipeline(rec.clone(), &opts)?,
     };
-    if let Some(path) = &args.report {
-        let text = serde_json::to_string_pretty(&report.first)?;
-        std::fs::write(path, text + "\n")
-            .with_context(|| format!("cannot write the report {}", path.display()))?;
+    match (&args.report, &report.first) {
+        (Some(path), Some(first)) => {
+            let text = serde_json::to_string_pretty(first)?;
+            std::fs::write(path, text + "\n")
+                .with_context(|| format!("cannot write the report {}", path.display()))?;
+        }
+        (Some(path), None) if !args.json => {
+            println!("no divergence: {} not written", path.display());
+        }
+        _ => {}
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
