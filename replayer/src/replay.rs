@@ -262,8 +262,8 @@ impl ObserverFactory for ReplayFactory {
 
 /// Replays the whole pipeline: every stage restored from its step-0 snapshot (or rebuilt from
 /// the recorded seed when the trace has none, noted in the report), run on `opts`' transport
-/// and thread count, every transfer of stage steps `from..=to` (and every kernel output at
-/// `--verify kernel`) checked against the trace.
+/// and thread count up to stage step `to`, every transfer of stage steps `from..=to` (and
+/// every kernel output at `--verify kernel`) checked against the trace.
 pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<ReplayReport> {
     check_kernel_level(&rec, opts.verify)?;
     let cfg = replay_config(&rec, opts)?;
@@ -291,6 +291,11 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
              before {from} were not checked"
         ));
     }
+    let last = steps_of(&cfg) - 1;
+    let mut cfg = cfg;
+    if to < last {
+        cfg.stop_after = Some(to);
+    }
     let checker = Checker::new(rec.clone(), from, to);
     let factory = ReplayFactory {
         rec: rec.clone(),
@@ -304,7 +309,7 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
         checker.transfer_digest(d.src, d.tag, d.len, d.hash.0);
     }
     let recorded_ns = (0..cfg.stages as u32)
-        .filter_map(|s| rec.recorded_ns(s, 0, steps_of(&cfg) - 1))
+        .filter_map(|s| rec.recorded_ns(s, 0, to))
         .max();
     let mut out = ReplayReport {
         mode: "pipeline",

@@ -57,6 +57,19 @@ fn a_clean_trace_replays_bit_exact_on_other_transports_and_thread_counts() {
         assert_eq!(r.counts.transfers_checked, 22);
         assert_eq!(r.first, None);
     }
+    // Steps 2..=4 only: every stage stops after step 4. Stages 0 and 1 send at steps 2, 3
+    // and 4; the last stage sends back only the step-2 token, the others would feed steps 5
+    // and 6, which do not run.
+    let part = ReplayOptions {
+        from_step: Some(2),
+        to_step: Some(4),
+        transport: Some(TransportKind::Shm),
+        ..ReplayOptions::default()
+    };
+    let r = replay_pipeline(rec.clone(), &part).expect("partial replay");
+    assert!(r.bit_exact, "{r:?}");
+    assert_eq!(r.checked_steps, (2, 4));
+    assert_eq!(r.counts.transfers_checked, 3 + 3 + 1);
 }
 
 #[test]

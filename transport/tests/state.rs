@@ -144,3 +144,21 @@ fn injection_changes_the_bytes_from_the_injected_stage_and_step_on() {
         assert_eq!(first_diff, Some((2, 0)), "{transport}");
     }
 }
+
+#[test]
+fn every_stage_stops_after_the_same_step_on_every_transport() {
+    let full = run(&config(TransportKind::Local, 1), &NoObservers).expect("full run");
+    for transport in [TransportKind::Local, TransportKind::Shm, TransportKind::Tcp] {
+        let mut cfg = config(transport, 1);
+        // Steps 0..=4: both sequences' steps 0 and 1, and step 2 of sequence 0.
+        cfg.stop_after = Some(4);
+        let short = run(&cfg, &NoObservers).expect("stopped run");
+        assert_eq!(short.tokens[0], full.tokens[0][..3], "{transport}");
+        assert_eq!(short.tokens[1], full.tokens[1][..2], "{transport}");
+        let prefix: Vec<_> = hashes(&full)
+            .into_iter()
+            .filter(|h| hashes(&short).contains(h))
+            .collect();
+        assert_eq!(prefix.len(), hashes(&short).len(), "{transport}");
+    }
+}

@@ -66,6 +66,10 @@ pub struct PipelineConfig {
     /// Flip one bit of one kernel output (`--inject`), on whichever node runs that stage.
     #[serde(default)]
     pub inject: Option<crate::inject::Injection>,
+    /// Stop every stage after this stage step (a replay of a prefix of the schedule); the
+    /// last stage does not send back tokens for steps that will not run.
+    #[serde(default)]
+    pub stop_after: Option<u64>,
     /// Instruction set of every stage's kernels (`scalar`, `avx2`, `avx512`, `neon`); default:
     /// the best the node's CPU has. Results are identical for every choice.
     #[serde(default)]
@@ -109,6 +113,7 @@ impl PipelineConfig {
             launch: Launch::Processes,
             inject: None,
             isa: None,
+            stop_after: None,
             node_binary: None,
             key_file: None,
         }

@@ -163,12 +163,16 @@ pub(crate) fn drive_stage(
     }
     let mut forward = 0u64;
     let seq_ids: Vec<usize> = (0..sequences).collect();
-    for group in seq_ids.chunks(cfg.microbatches) {
+    'schedule: for group in seq_ids.chunks(cfg.microbatches) {
         for step in 0..cfg.tokens {
             for &seq in group {
                 forward += 1;
                 if forward <= resume_at {
                     continue;
+                }
+                // `forward - 1` is this step's index: every stage stops after the same one.
+                if cfg.stop_after.is_some_and(|last| forward - 1 > last) {
+                    break 'schedule;
                 }
                 at = format!("step {step} (sequence {seq})");
                 progress(step as u32, seq as u32);
@@ -187,8 +191,12 @@ pub(crate) fn drive_stage(
                     let token = stage.outbox_token(seq).map_err(|e| fail(&at, e.into()))?;
                     tokens[seq].push(token);
                 }
-                // The last generated token is never fed back.
-                let feeds_back = step + 1 < cfg.tokens;
+                // The last generated token is never fed back, nor one whose consumer (the same
+                // sequence's next step, a group later) is past `stop_after`.
+                let feeds_back = step + 1 < cfg.tokens
+                    && cfg
+                        .stop_after
+                        .is_none_or(|l| forward - 1 + group.len() as u64 <= l);
                 if let (Some(out), Some(next)) = (io.outbound.as_mut(), next_layout.as_ref()) {
                     if last && !feeds_back {
                         continue;
