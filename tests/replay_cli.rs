@@ -78,6 +78,10 @@ fn replay_is_bit_exact_and_an_injected_fault_is_reported_where_it_was_injected()
     for field in ["layer", "kernel", "later_differing"] {
         assert!(div.get(field).is_some(), "{field} missing: {div}");
     }
+    // The viewer reads it as written.
+    let seen = slug_viewer::state::divergence::Divergence::read(&report).expect("viewer parses");
+    let line = seen.summary("n0/s0");
+    assert!(line.contains("step 3 transfer #3 @5"), "{line}");
 }
 
 #[test]
