@@ -18,6 +18,8 @@ Examples:
   slug replay run1/
       Restore every stage from its step-0 snapshot, re-run the pipeline as recorded and check
       every transfer's content hash; exit status 0 only when bit-exact.
+  slug replay run1/ --from-step 400 --to-step 420
+      Resume every stage at its latest snapshot at or before step 400, stop after step 420.
   slug replay run1/ --transport tcp --threads 4 --report div.json
       The same on another transport and thread count; write the first divergence for
       `slug view run1/ --divergence div.json`.
@@ -51,10 +53,10 @@ pub struct ReplayArgs {
     /// Replay only this stage, fed its recorded inbound payloads.
     #[arg(long)]
     stage: Option<usize>,
-    /// First step to check (a single stage starts from its latest snapshot at or before it).
+    /// First step to check; the replay resumes at the latest snapshot at or before it.
     #[arg(long)]
     from_step: Option<u64>,
-    /// Last step to check (a single stage stops after it).
+    /// Last step to check; every replayed stage stops after it.
     #[arg(long)]
     to_step: Option<u64>,
     /// Verification level: transfer (content hashes) or kernel (every kernel output).

@@ -26,5 +26,5 @@ mod replay;
 pub use divergence::{Checker, Counts, Divergence, KernelCheck, StepPlace, place_of};
 pub use error::{ReplayError, Result};
 pub use node::{NODE_SETTINGS_KEY, NodeReplayFactory, node_settings};
-pub use recorded::{KernelKey, RecordedRun, StateSource, send_tags, stage_step_of, step0_state};
+pub use recorded::{KernelKey, RecordedRun, StateSource, node_state, send_tags, stage_step_of};
 pub use replay::{ReplayOptions, ReplayReport, StageReplay, Verify, replay_pipeline, replay_stage};

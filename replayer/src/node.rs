@@ -8,19 +8,20 @@ use slug_transport::pipeline::{
     ObserverFactory, StageContext, StageObservers, StageState, StageStateObserver,
 };
 
-use crate::recorded::step0_state;
+use crate::recorded::node_state;
 
 /// Key of the replayer's entry in the pipeline configuration's `observer_settings`.
 pub const NODE_SETTINGS_KEY: &str = "slug_replayer";
 
-/// The observer settings that make [`NodeReplayFactory`] nodes restore from `trace_dir`.
-pub fn node_settings(trace_dir: &Path) -> serde_json::Value {
-    serde_json::json!({ NODE_SETTINGS_KEY: { "trace_dir": trace_dir } })
+/// The observer settings that make [`NodeReplayFactory`] nodes restore their stage from its
+/// snapshot at `step` in `trace_dir`.
+pub fn node_settings(trace_dir: &Path, step: u64) -> serde_json::Value {
+    serde_json::json!({ NODE_SETTINGS_KEY: { "trace_dir": trace_dir, "step": step } })
 }
 
 /// Wraps a node's factory (e.g. the recorder's): observers come from it; a stage of a replay
-/// starts from its step-0 snapshot in the trace the settings name (or from the recorded seed
-/// when the trace has none, as a local replay does).
+/// starts from its snapshot in the trace the settings name (at step 0 without one: from the
+/// recorded seed, as a local replay does).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NodeReplayFactory<F>(pub F);
 
@@ -37,15 +38,20 @@ impl<F: ObserverFactory> ObserverFactory for NodeReplayFactory<F> {
     }
 
     fn initial_state(&self, ctx: &StageContext<'_>) -> Result<Option<StageState>, TransportError> {
-        let dir = ctx
+        let settings = ctx
             .config
             .observer_settings
             .as_ref()
-            .and_then(|v| v.get(NODE_SETTINGS_KEY))
+            .and_then(|v| v.get(NODE_SETTINGS_KEY));
+        let dir = settings
             .and_then(|v| v.get("trace_dir"))
             .and_then(|v| v.as_str());
+        let step = settings
+            .and_then(|v| v.get("step"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
         match dir {
-            Some(dir) => step0_state(Path::new(dir), ctx.stage as u32).map_err(|e| {
+            Some(dir) => node_state(Path::new(dir), ctx.stage as u32, step).map_err(|e| {
                 TransportError::Config(format!(
                     "replay of stage {} on {}: {e} (copy the trace to this node, or pass \
                      --node-trace with where it lies here)",

@@ -242,14 +242,27 @@ impl RecordedRun {
         read_snapshot(&self.dir, store, stage, step)
     }
 
-    /// The step-0 state of `stage`: its snapshot when the trace has one, else `None` (the
-    /// caller rebuilds it from the recorded seed).
-    pub fn initial_state(&self, stage: u32) -> Result<(Option<StageState>, StateSource)> {
-        if self.snapshot_steps.contains(&(stage, 0)) {
-            Ok((Some(self.snapshot_state(stage, 0)?), StateSource::Snapshot))
-        } else {
-            Ok((None, StateSource::Seed))
+    /// The state of `stage` at `step`: its snapshot; at step 0 without one, `None` (the caller
+    /// rebuilds it from the recorded seed).
+    pub fn state_at(&self, stage: u32, step: u64) -> Result<(Option<StageState>, StateSource)> {
+        if step == 0 && !self.snapshot_steps.contains(&(stage, 0)) {
+            return Ok((None, StateSource::Seed));
         }
+        Ok((
+            Some(self.snapshot_state(stage, step)?),
+            StateSource::Snapshot,
+        ))
+    }
+
+    /// The latest step at or before `step` at which every one of `stages` stages has a
+    /// snapshot (where a whole pipeline can resume), 0 when there is none.
+    pub fn common_snapshot_at_or_before(&self, stages: usize, step: u64) -> u64 {
+        self.snapshot_steps(0)
+            .into_iter()
+            .filter(|k| *k <= step)
+            .filter(|k| (1..stages as u32).all(|s| self.snapshot_steps.contains(&(s, *k))))
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -270,10 +283,10 @@ fn read_snapshot(dir: &Path, store: &SnapshotStore, stage: u32, step: u64) -> Re
     Ok(StageState { arena, cursor })
 }
 
-/// The step-0 state of `stage` from the trace in `dir` without indexing its logs (what a node
-/// serving a `--hosts` replay needs); `None` when the trace has no such snapshot; an error when
-/// `dir` is not there at all.
-pub fn step0_state(dir: &Path, stage: u32) -> Result<Option<StageState>> {
+/// The state of `stage` at `step` from the trace in `dir` without indexing its logs (what a
+/// node serving a `--hosts` replay needs): at step 0 `None` when the trace has no snapshot
+/// (rebuilt from the seed); an error when `dir` is not there or a later snapshot is missing.
+pub fn node_state(dir: &Path, stage: u32, step: u64) -> Result<Option<StageState>> {
     if !dir.is_dir() {
         return Err(ReplayError::NotReplayable {
             path: dir.to_path_buf(),
@@ -281,18 +294,17 @@ pub fn step0_state(dir: &Path, stage: u32) -> Result<Option<StageState>> {
         });
     }
     let snap_dir = dir.join(slug_schema::SNAPSHOTS_DIR);
-    if !snap_dir
+    let index = snap_dir
         .join(format!("stage-{stage}"))
-        .join("step-0.idx")
-        .is_file()
-    {
+        .join(format!("step-{step}.idx"));
+    if step == 0 && !index.is_file() {
         return Ok(None);
     }
     let store = SnapshotStore::open(&snap_dir).map_err(|e| ReplayError::Store {
         path: dir.to_path_buf(),
         cause: Box::new(e),
     })?;
-    read_snapshot(dir, &store, stage, 0).map(Some)
+    read_snapshot(dir, &store, stage, step).map(Some)
 }
 
 /// Refuses a run that used FMA on a node without it (`has_fma`): fused and unfused

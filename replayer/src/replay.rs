@@ -201,7 +201,7 @@ fn replay_config(rec: &RecordedRun, opts: &ReplayOptions) -> Result<PipelineConf
                 ))
             })?,
         };
-        cfg.observer_settings = Some(crate::node::node_settings(&dir));
+        cfg.observer_settings = Some(crate::node::node_settings(&dir, 0));
     }
     cfg.validate()?;
     Ok(cfg)
@@ -223,11 +223,12 @@ impl TransferObserver for SendCheck {
     fn completed(&self, _t: &Transfer, _bytes: &[u8]) {}
 }
 
-/// Builds each replayed stage: its recorded step-0 state and checking observers.
+/// Builds each replayed stage: its recorded state at `start` and checking observers.
 struct ReplayFactory {
     rec: Arc<RecordedRun>,
     checker: Checker,
     verify: Verify,
+    start: u64,
 }
 
 impl ObserverFactory for ReplayFactory {
@@ -254,24 +255,32 @@ impl ObserverFactory for ReplayFactory {
         ctx: &StageContext<'_>,
     ) -> std::result::Result<Option<StageState>, TransportError> {
         self.rec
-            .initial_state(ctx.stage as u32)
+            .state_at(ctx.stage as u32, self.start)
             .map(|(state, _)| state)
             .map_err(|e| TransportError::Config(e.to_string()))
     }
 }
 
-/// Replays the whole pipeline: every stage restored from its step-0 snapshot (or rebuilt from
-/// the recorded seed when the trace has none, noted in the report), run on `opts`' transport
-/// and thread count up to stage step `to`, every transfer of stage steps `from..=to` (and
-/// every kernel output at `--verify kernel`) checked against the trace.
+/// Replays the whole pipeline: every stage restored from the latest step at or before
+/// `from` where all stages have a snapshot (step 0 without snapshots: rebuilt from the recorded
+/// seed, noted in the report), run on `opts`' transport and thread count up to stage step
+/// `to`, every transfer of stage steps `from..=to` (and every kernel output at
+/// `--verify kernel`) checked against the trace.
 pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<ReplayReport> {
     check_kernel_level(&rec, opts.verify)?;
-    let cfg = replay_config(&rec, opts)?;
+    let mut cfg = replay_config(&rec, opts)?;
     let (from, to) = range(&cfg, opts)?;
+    let start = rec.common_snapshot_at_or_before(cfg.stages, from);
+    if !opts.hosts.is_empty()
+        && let Some(settings) = cfg.observer_settings.as_mut()
+        && let Some(entry) = settings.get_mut(crate::node::NODE_SETTINGS_KEY)
+    {
+        entry["step"] = start.into();
+    }
     let mut notes = Vec::new();
     let mut sources = Vec::with_capacity(cfg.stages);
     for s in 0..cfg.stages as u32 {
-        let src = if rec.snapshot_steps(s).contains(&0) {
+        let src = if rec.snapshot_steps(s).contains(&start) {
             StateSource::Snapshot
         } else {
             StateSource::Seed
@@ -285,14 +294,13 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
         }
         sources.push(src);
     }
-    if from > 0 {
+    if from > start {
         notes.push(format!(
-            "the pipeline re-ran from step 0 (its links start at their first transfer); steps \
-             before {from} were not checked"
+            "every stage resumed at step {start} (the latest step all stages have a snapshot \
+             of); steps {start}..{from} were re-run but not checked"
         ));
     }
     let last = steps_of(&cfg) - 1;
-    let mut cfg = cfg;
     if to < last {
         cfg.stop_after = Some(to);
     }
@@ -301,6 +309,7 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
         rec: rec.clone(),
         checker: checker.clone(),
         verify: opts.verify,
+        start,
     };
     let started = Instant::now();
     let report = run(&cfg, &factory)?;
@@ -309,7 +318,7 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
         checker.transfer_digest(d.src, d.tag, d.len, d.hash.0);
     }
     let recorded_ns = (0..cfg.stages as u32)
-        .filter_map(|s| rec.recorded_ns(s, 0, to))
+        .filter_map(|s| rec.recorded_ns(s, start, to))
         .max();
     let mut out = ReplayReport {
         mode: "pipeline",
@@ -319,7 +328,7 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
         checked_steps: (from, to),
         verify: opts.verify,
         state_sources: sources,
-        started_at: vec![0; cfg.stages],
+        started_at: vec![start; cfg.stages],
         counts: Counts::default(),
         bit_exact: false,
         first: None,

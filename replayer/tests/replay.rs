@@ -78,14 +78,22 @@ fn replaying_a_clean_trace_under_injection_names_the_injected_place() {
     let out = dir.path().join("trace");
     record_trace(&out, &pipeline(), PayloadPolicy::All, 4, true);
     let rec = open(&out);
-    for verify in [Verify::Transfer, Verify::Kernel] {
+    for (verify, from_step) in [
+        (Verify::Transfer, None),
+        (Verify::Kernel, None),
+        (Verify::Kernel, Some(5)),
+    ] {
         let opts = ReplayOptions {
             verify,
+            from_step,
             inject: inject(),
             ..ReplayOptions::default()
         };
         let r = replay_pipeline(rec.clone(), &opts).expect("replay");
         assert!(!r.bit_exact);
+        // Resumed at the step-4 snapshots when asked to check from step 5.
+        let start = if from_step.is_some() { 4 } else { 0 };
+        assert_eq!(r.started_at, vec![start; 3]);
         let d = r.first.expect("a divergence");
         assert_eq!((d.endpoint, d.step), (1, 5), "{d:?}");
         let place = place_of(rec.config(), d.step).expect("place");
@@ -155,6 +163,17 @@ fn one_stage_replays_from_a_snapshot_and_recorded_payloads_and_dumps_its_kv_cach
         assert_eq!(r.report.started_at, vec![4]);
         assert_eq!(r.report.checked_steps, (5, 7));
     }
+    // The whole pipeline resumes at the step-4 snapshots of all stages: stages 0 and 1 send
+    // at steps 5, 6, 7; the last stage sends back only step 5's token (6 and 7 are last steps).
+    let whole = ReplayOptions {
+        from_step: Some(5),
+        transport: Some(TransportKind::Tcp),
+        ..ReplayOptions::default()
+    };
+    let r = replay_pipeline(rec.clone(), &whole).expect("resumed pipeline replay");
+    assert!(r.bit_exact, "{r:?}");
+    assert_eq!(r.started_at, vec![4, 4, 4]);
+    assert_eq!(r.counts.transfers_checked, 3 + 3 + 1);
     // The KV cache after step 3 is the one the step-4 snapshot holds.
     let opts = ReplayOptions {
         to_step: Some(3),

@@ -361,6 +361,12 @@ impl LinkSender {
         Ok(transfer)
     }
 
+    /// Numbers the next transfer `next_seq`: a stage resumed from a snapshot continues the
+    /// link's numbering where the recorded run was (both ends must agree).
+    pub(crate) fn resume_at(&mut self, next_seq: u64) {
+        self.next_seq = next_seq;
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> LinkStats {
         self.stats
@@ -561,6 +567,12 @@ impl LinkReceiver {
         self.next_seq += 1;
         self.stats.add(header.len, start);
         Ok(transfer)
+    }
+
+    /// Numbers the next transfer `next_seq`: a stage resumed from a snapshot continues the
+    /// link's numbering where the recorded run was (both ends must agree).
+    pub(crate) fn resume_at(&mut self, next_seq: u64) {
+        self.next_seq = next_seq;
     }
 
     /// Counters so far.

@@ -11,7 +11,8 @@ use crate::fabric::Fabric;
 use crate::link::{LinkEnds, LinkReceiver, LinkSender, LinkStats, Region, RegionMut};
 use crate::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
 
-use super::{DigestObserver, Observed, PipelineConfig, StageReport};
+use super::state::{consumed_at, resume_links};
+use super::{DigestObserver, Observed, PipelineConfig, StageReport, schedule_slot};
 
 /// Every stage registers its whole [`slug_kernels::StageArena`] as this arena.
 pub const STAGE_ARENA: ArenaId = ArenaId(0);
@@ -105,8 +106,8 @@ impl StageOutcome {
 
 /// Runs stage `s` to the end of the schedule. Sequences go in groups of `microbatches`; within a
 /// group every stage handles (step, sequence) in the same order, so links stay FIFO-consistent.
-/// A stage restored mid-run (cursor step K > 0) resumes at the K-th forward step; only a
-/// one-stage pipeline can, since the links of a longer one start at their first transfer.
+/// A stage restored mid-run (cursor step K > 0) resumes at the K-th forward step; every stage
+/// of the pipeline must be restored at the same K (links continue their recorded numbering).
 /// The state observer sees the stage before its first step and after every step.
 /// On failure returns where the stage was ("step 3 (sequence 1)") with the error.
 #[allow(clippy::too_many_arguments)]
@@ -150,13 +151,43 @@ pub(crate) fn drive_stage(
     let mut steps = 0u64;
     let resume_at = stage.cursor().step;
     if resume_at > 0 && n_stages > 1 {
-        return Err(fail(
-            &at,
-            TransportError::Config(format!(
-                "stage {s} was restored at forward step {resume_at}: a pipeline of {n_stages} \
-                 stages can only start from step-0 states (its links start at their first transfer)"
-            )),
-        ));
+        // Every stage was restored at the same step: continue each link's numbering, and send
+        // stage 0 again the tokens the recorded run had sent but it had not consumed yet.
+        let (send_seq, recv_seq, pending) = resume_links(cfg, s, resume_at);
+        if let Some(inbound) = io.inbound.as_mut() {
+            inbound.resume_at(recv_seq);
+        }
+        if let (Some(out), Some(next)) = (io.outbound.as_mut(), next_layout.as_ref()) {
+            out.resume_at(send_seq);
+            for f in pending {
+                let Some(slot) = schedule_slot(cfg, f) else {
+                    continue;
+                };
+                if cfg.stop_after.is_some_and(|l| consumed_at(cfg, s, f) > l) {
+                    continue;
+                }
+                let seq = slot.seq as usize;
+                at = format!("resending the token of step {} (sequence {seq})", slot.step);
+                let tag = Tag {
+                    sequence: slot.seq,
+                    step: slot.step,
+                    layer: next_first_layer,
+                };
+                let region = Region {
+                    arena: STAGE_ARENA,
+                    bytes: stage.arena().bytes(),
+                };
+                out.send(
+                    region,
+                    stage.layout().outboxes[seq].offset as u64,
+                    4,
+                    STAGE_ARENA,
+                    next.inboxes[seq].offset as u64,
+                    tag,
+                )
+                .map_err(|e| fail(&at, e))?;
+            }
+        }
     }
     if let Some(o) = state_observer.as_mut() {
         o.at_step_boundary(&stage).map_err(|e| fail(&at, e))?;

@@ -80,6 +80,43 @@ pub fn schedule_slot(cfg: &PipelineConfig, forward: u64) -> Option<ScheduleSlot>
     })
 }
 
+/// Whether stage `s` sends its output after forward step `f` (the last stage never sends back
+/// a sequence's last token).
+pub(crate) fn sends_after(cfg: &PipelineConfig, s: usize, f: u64) -> bool {
+    let last = s + 1 == cfg.stages;
+    schedule_slot(cfg, f).is_some_and(|slot| !(last && slot.step as usize + 1 == cfg.tokens))
+}
+
+/// The forward step at which the downstream stage consumes what stage `s` sent after forward
+/// step `f`: the same step for hidden states; for the last stage's token, the same sequence's
+/// next step, one group later.
+pub(crate) fn consumed_at(cfg: &PipelineConfig, s: usize, f: u64) -> u64 {
+    if s + 1 < cfg.stages {
+        return f;
+    }
+    let mb = cfg.microbatches.max(1) as u64;
+    let first = f / (mb * cfg.tokens as u64) * mb;
+    f + mb.min(cfg.prompts.len() as u64 - first)
+}
+
+/// How a stage restored at forward step `k` (with every other stage at `k`) resumes its
+/// links: the sequence number of the next transfer it sends and receives, and (last stage)
+/// the forward steps whose tokens the recorded run had sent but stage 0 had not yet consumed,
+/// which it must send again.
+pub(crate) fn resume_links(cfg: &PipelineConfig, s: usize, k: u64) -> (u64, u64, Vec<u64>) {
+    let n = cfg.stages;
+    let up = (s + n - 1) % n;
+    let delivered = |stage: usize| {
+        (0..k)
+            .filter(|&f| sends_after(cfg, stage, f) && consumed_at(cfg, stage, f) < k)
+            .count() as u64
+    };
+    let pending = (0..k)
+        .filter(|&f| sends_after(cfg, s, f) && consumed_at(cfg, s, f) >= k)
+        .collect();
+    (delivered(s), delivered(up), pending)
+}
+
 /// One forward step of the schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ScheduleSlot {
@@ -124,5 +161,13 @@ mod tests {
             ]
         );
         assert_eq!(schedule_slot(&cfg, 15), None);
+        cfg.stages = 2;
+        // Resuming at forward 8 = (step 1, seq 3): stage 1 (last) sent the tokens of forwards
+        // 0..=3 (consumed at 2..=5), then 6 and 7 (consumed at 8 and 9): those two are pending.
+        assert_eq!(resume_links(&cfg, 1, 8), (4, 8, vec![6, 7]));
+        // Stage 0 sent 8 and received the 4 delivered tokens.
+        assert_eq!(resume_links(&cfg, 0, 8), (8, 4, vec![]));
+        // The last group has one sequence: its token feeds the very next forward.
+        assert_eq!(consumed_at(&cfg, 1, 12), 13);
     }
 }
