@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use slug_recorder::observe::NodeRecorderFactory;
+use slug_replayer::NodeReplayFactory;
 use slug_transport::AbortFlag;
 use slug_transport::auth::ClusterKey;
 use slug_transport::node::{LISTENING_PREFIX, NodeOptions, serve};
@@ -46,6 +47,9 @@ pub fn execute(args: NodeArgs) -> Result<ExitCode> {
         let _ = out.flush();
     };
     let log = |msg: &str| eprintln!("slug node: {msg}");
-    serve(&opts, &NodeRecorderFactory, &on_listening, &log)?;
+    // Records its stage when a `slug record` coordinator asks, restores it from a trace copy
+    // when a `slug replay --hosts` coordinator asks, and otherwise just runs it.
+    let factory = NodeReplayFactory(NodeRecorderFactory::default());
+    serve(&opts, &factory, &on_listening, &log)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -29,9 +29,17 @@ pub struct RecordArgs {
     /// Transfer payloads to store: none, boundary (the tokens sent back to stage 0) or all.
     #[arg(long, default_value = "none")]
     payloads: String,
-    /// Snapshot every stage's arena every K steps (not available yet: refused with a reason).
-    #[arg(long)]
+    /// Snapshot every stage's arena and cursor every K stage steps, besides step 0 (default: step
+    /// 0 only). Chunks are content-addressed: unchanged weights are stored once.
+    #[arg(long, value_name = "K", conflicts_with = "no_snapshots")]
     snapshot_every: Option<u64>,
+    /// Take no snapshots at all (a replay then rebuilds stages from the recorded seed).
+    #[arg(long)]
+    no_snapshots: bool,
+    /// Hash every kernel output into its span, so `slug replay --verify kernel` names the exact
+    /// kernel of a divergence.
+    #[arg(long)]
+    hash_kernels: bool,
     /// Perf streams: auto, none, or a list like cpu-clock,page-faults,context-switches.
     #[arg(long, default_value = "auto")]
     perf: String,
@@ -73,12 +81,6 @@ impl RecordArgs {
 
 /// Runs `slug record`.
 pub fn execute(args: RecordArgs) -> Result<ExitCode> {
-    if let Some(k) = args.snapshot_every {
-        bail!(
-            "--snapshot-every {k}: snapshots are not available yet (the pipeline runtime does not \
-             hand stage arenas to the recorder at step boundaries); record without it"
-        );
-    }
     let payloads: PayloadPolicy = args
         .payloads
         .parse()
@@ -95,6 +97,12 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
             freq_hz: args.perf_freq,
             ..PerfConfig::default()
         },
+        snapshot_every: if args.no_snapshots {
+            None
+        } else {
+            Some(args.snapshot_every.unwrap_or(0))
+        },
+        hash_kernels: args.hash_kernels,
         ..RecordConfig::new(&args.out)
     };
     let pipeline = args.pipeline()?;

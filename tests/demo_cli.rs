@@ -1,14 +1,16 @@
-//! `slug demo` end to end: writes, verifies and summarises a trace; refuses to clobber a directory.
+//! `slug demo` end to end: the recorded demo (record, replay, single-stage replay, injected fault
+//! found, info) and the synthetic format tour; neither clobbers a directory.
 
 use std::process::Command;
 
 #[test]
-fn demo_writes_verifies_and_summarises() {
+fn synthetic_demo_writes_verifies_and_summarises() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("demo");
     let out = Command::new(env!("CARGO_BIN_EXE_slug"))
         .args([
             "demo",
+            "--synthetic",
             "--out",
             out_dir.to_str().unwrap(),
             "--events",
@@ -40,6 +42,7 @@ fn demo_writes_verifies_and_summarises() {
     let again = Command::new(env!("CARGO_BIN_EXE_slug"))
         .args([
             "demo",
+            "--synthetic",
             "--out",
             out_dir.to_str().unwrap(),
             "--events",
@@ -55,9 +58,45 @@ fn demo_writes_verifies_and_summarises() {
 #[test]
 fn demo_rejects_zero_events() {
     let out = Command::new(env!("CARGO_BIN_EXE_slug"))
-        .args(["demo", "--events", "0"])
+        .args(["demo", "--synthetic", "--events", "0"])
         .output()
         .expect("run slug demo");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--events 0"));
+}
+
+#[test]
+fn recorded_demo_replays_bit_exact_and_finds_the_injected_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_slug"))
+        .args(["demo", "--model", "tiny", "--layers", "4", "--tokens", "12"])
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .expect("run slug demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Two clean replays (whole pipeline on tcp, stage 2 alone at kernel level), then the fault.
+    assert_eq!(text.matches("\nbit-exact\n").count(), 2, "{text}");
+    assert!(text.contains("replayed pipeline on tcp"), "{text}");
+    assert!(text.contains("replayed stage 2 alone"), "{text}");
+    assert!(
+        text.contains(
+            "the report points at the injected fault: endpoint 1, step 5, layer 1, kernel down"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("snapshots "),
+        "info lists the snapshots: {text}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("demo-divergence.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["kernel"], "down");
 }

@@ -146,7 +146,7 @@ impl EndpointShared {
         }
     }
 
-    fn note_error(&self, e: String) {
+    pub(crate) fn note_error(&self, e: String) {
         let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
         if first.is_none() {
             *first = Some(e);

@@ -1,6 +1,7 @@
 //! The recorder's taps into the pipeline runtime: a transfer observer, kernel/step hooks, and
 //! the factory that builds both (plus the endpoint's recorder) for every stage.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -11,8 +12,10 @@ use slug_schema::{
     Transport, WriterOptions,
 };
 use slug_transport::TransportError;
-use slug_transport::pipeline::{ObserverFactory, StageContext, StageObservers};
-use slug_transport::transfer::{Observers, Transfer, TransferObserver, TransportKind};
+use slug_transport::pipeline::{ObserverFactory, StageContext, StageObservers, StageStateObserver};
+use slug_transport::transfer::{
+    Observers, Transfer, TransferObserver, TransportKind, kernel_output_hash,
+};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::blob::BlobStore;
@@ -136,10 +139,12 @@ pub struct StageHooks {
     /// Opened on the stage thread at its first step boundary (the hooks are built elsewhere).
     counters: Option<StepCounters>,
     want_counters: bool,
+    /// `--hash-kernels`: every span carries its output's hash, so a replay can name the kernel.
+    hash_kernels: bool,
 }
 
 impl Hooks for StageHooks {
-    fn kernel(&mut self, call: &KernelCall, _output: &mut [f32]) {
+    fn kernel(&mut self, call: &KernelCall, output: &mut [f32]) {
         self.shared.append(&Event::KernelSpan(KernelSpan {
             kernel: u32::from(call.kernel.index()),
             layer: call.layer.unwrap_or(u32::MAX),
@@ -150,7 +155,7 @@ impl Hooks for StageHooks {
             thread: 0,
             start_ns: call.start_ns,
             end_ns: call.end_ns,
-            output_hash: None,
+            output_hash: self.hash_kernels.then(|| kernel_output_hash(output)),
         }));
     }
 
@@ -303,6 +308,11 @@ pub struct RecorderSettings {
     pub writer: WriterOptions,
     /// Counts events written by every endpoint, for a progress display.
     pub progress: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Snapshots of every stage at step 0 and every K steps (`Some(0)`: step 0 only); `None`:
+    /// none (a replay then rebuilds stages from the seed).
+    pub snapshot_every: Option<u64>,
+    /// Hash every kernel output into its span (`--hash-kernels`).
+    pub hash_kernels: bool,
 }
 
 /// Builds each stage's recorder and observers; collects their results at the end.
@@ -313,18 +323,21 @@ pub struct RecorderFactory {
     blobs: Option<Arc<BlobStore>>,
     endpoints: Mutex<Vec<EndpointRecorder>>,
     capabilities: Mutex<Option<Capabilities>>,
+    snapshots: Snapshots,
 }
 
 impl RecorderFactory {
     /// A factory recording into `settings.trace_dir` (which must exist).
     pub fn new(settings: RecorderSettings, pmus: HostPmus) -> Result<RecorderFactory> {
         let blobs = blob_store(&settings, &pmus)?;
+        let snapshots = Snapshots::new(&settings)?;
         Ok(RecorderFactory {
             settings,
             pmus,
             blobs,
             endpoints: Mutex::new(Vec::new()),
             capabilities: Mutex::new(None),
+            snapshots,
         })
     }
 
@@ -339,6 +352,7 @@ impl RecorderFactory {
             }
         }
         let shared = Arc::clone(recorder.shared());
+        self.snapshots.remember(stage, &shared);
         self.endpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -346,7 +360,7 @@ impl RecorderFactory {
         Ok(observers(
             shared,
             None,
-            self.settings.payloads,
+            &self.settings,
             layers,
             want_counters,
         ))
@@ -358,6 +372,11 @@ impl RecorderFactory {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Waits until every snapshot taken is on disk; returns how many were written.
+    pub fn finish_snapshots(&self) -> Result<usize> {
+        self.snapshots.finish()
     }
 
     /// Stops every endpoint's writer and returns each one's totals, in endpoint order.
@@ -396,14 +415,14 @@ fn start_endpoint(
 fn observers(
     shared: Arc<EndpointShared>,
     owner: Option<Arc<EndpointRecorder>>,
-    policy: PayloadPolicy,
+    settings: &RecorderSettings,
     layers: u32,
     want_counters: bool,
 ) -> StageObservers {
     let transfers = Arc::new(TransferRecorder {
         shared: Arc::clone(&shared),
         _recorder: owner.clone(),
-        policy,
+        policy: settings.payloads,
         token_layer: layers,
     });
     StageObservers {
@@ -413,7 +432,94 @@ fn observers(
             _recorder: owner,
             counters: None,
             want_counters,
+            hash_kernels: settings.hash_kernels,
         }),
+    }
+}
+
+/// The snapshot side of a factory: one background writer for the whole recording (chunks are
+/// content-addressed, so weights shared by stages are stored once) and each started stage's
+/// endpoint, which logs its snapshot events.
+#[derive(Debug)]
+struct Snapshots {
+    every: Option<u64>,
+    writer: Mutex<Option<Arc<SnapshotWriter>>>,
+    stages: Mutex<HashMap<u32, Arc<EndpointShared>>>,
+}
+
+impl Snapshots {
+    fn new(settings: &RecorderSettings) -> Result<Snapshots> {
+        let writer = match settings.snapshot_every {
+            Some(_) => {
+                let dir = settings.trace_dir.join(slug_schema::SNAPSHOTS_DIR);
+                let store = Arc::new(SnapshotStore::open(dir)?);
+                Some(Arc::new(SnapshotWriter::spawn(store)?))
+            }
+            None => None,
+        };
+        Ok(Snapshots {
+            every: settings.snapshot_every,
+            writer: Mutex::new(writer),
+            stages: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn remember(&self, stage: u32, shared: &Arc<EndpointShared>) {
+        if self.every.is_some() {
+            let mut stages = self.stages.lock().unwrap_or_else(|p| p.into_inner());
+            stages.insert(stage, Arc::clone(shared));
+        }
+    }
+
+    /// The snapshotter of a stage started before (through `remember`), if snapshots are on.
+    fn observer(&self, stage: u32) -> Option<Box<dyn StageStateObserver>> {
+        let every = self.every?;
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let shared = self
+            .stages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&stage)?;
+        Some(Box::new(SnapshotObserver(Some(StageSnapshotter::new(
+            stage, every, writer, shared,
+        )))))
+    }
+
+    /// Waits for every queued snapshot to be written (once the stages have dropped their
+    /// snapshotters); returns how many were written.
+    fn finish(&self) -> Result<usize> {
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match writer.map(Arc::try_unwrap) {
+            None => Ok(0),
+            Some(Ok(writer)) => Ok(writer.finish()?.len()),
+            // A stage still holds it: its drop joins the writer thread, so nothing is lost.
+            Some(Err(_)) => Ok(0),
+        }
+    }
+}
+
+/// A [`StageSnapshotter`] as the runtime's step-boundary observer. A failed snapshot (full
+/// disk, write error) never stops the pipeline: it becomes a warning of the endpoint and the
+/// stage takes no further snapshots.
+#[derive(Debug)]
+struct SnapshotObserver(Option<StageSnapshotter>);
+
+impl StageStateObserver for SnapshotObserver {
+    fn at_step_boundary(&mut self, stage: &Stage) -> std::result::Result<(), TransportError> {
+        if let Some(snapshotter) = &mut self.0
+            && let Err(e) = snapshotter.at_step_boundary(stage)
+        {
+            snapshotter.shared.note_error(format!(
+                "snapshots stopped at step {}: {e}",
+                stage.cursor().step
+            ));
+            self.0 = None;
+        }
+        Ok(())
     }
 }
 
@@ -444,6 +550,12 @@ pub struct NodeSettings {
     pub perf_freq_hz: u64,
     /// Records per thread ring.
     pub ring_records: usize,
+    /// `--snapshot-every` (`None`: `--no-snapshots`).
+    #[serde(default)]
+    pub snapshot_every: Option<u64>,
+    /// `--hash-kernels`.
+    #[serde(default)]
+    pub hash_kernels: bool,
 }
 
 impl NodeSettings {
@@ -467,6 +579,8 @@ impl NodeSettings {
             ring_records: self.ring_records,
             writer: WriterOptions::default(),
             progress: None,
+            snapshot_every: self.snapshot_every,
+            hash_kernels: self.hash_kernels,
         })
     }
 }
@@ -474,8 +588,11 @@ impl NodeSettings {
 /// The factory `slug node` serves stages with: records a stage when the coordinator's
 /// configuration carries [`NodeSettings`], observes nothing otherwise. The stage's log closes
 /// when the runtime drops the stage's observers.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NodeRecorderFactory;
+#[derive(Debug, Default)]
+pub struct NodeRecorderFactory {
+    /// Per stage served, its snapshots (a node may serve several stages over its life).
+    snapshots: Mutex<HashMap<usize, Snapshots>>,
+}
 
 impl ObserverFactory for NodeRecorderFactory {
     fn stage_observers(
@@ -506,13 +623,37 @@ impl ObserverFactory for NodeRecorderFactory {
         })();
         let (recorder, _, want_counters) = started.map_err(|e| fail(e.to_string()))?;
         let recorder = Arc::new(recorder);
+        let snapshots = Snapshots::new(&settings).map_err(|e| fail(e.to_string()))?;
+        snapshots.remember(ctx.stage as u32, recorder.shared());
+        self.snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ctx.stage, snapshots);
         Ok(observers(
             Arc::clone(recorder.shared()),
             Some(recorder),
-            settings.payloads,
+            &settings,
             ctx.config.model.layers as u32,
             want_counters,
         ))
+    }
+
+    fn state_observer(
+        &self,
+        ctx: &StageContext<'_>,
+    ) -> std::result::Result<Option<Box<dyn StageStateObserver>>, TransportError> {
+        // The stage's snapshotter owns the writer from here: dropping it with the stage's
+        // observers waits for every queued snapshot to reach the disk.
+        let snapshots = self
+            .snapshots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ctx.stage);
+        Ok(snapshots.and_then(|s| {
+            let observer = s.observer(ctx.stage as u32);
+            drop(s.writer.lock().unwrap_or_else(|p| p.into_inner()).take());
+            observer
+        }))
     }
 }
 
@@ -528,6 +669,13 @@ impl ObserverFactory for RecorderFactory {
                     std::io::Error::other(e.to_string()),
                 )
             })
+    }
+
+    fn state_observer(
+        &self,
+        ctx: &StageContext<'_>,
+    ) -> std::result::Result<Option<Box<dyn StageStateObserver>>, TransportError> {
+        Ok(self.snapshots.observer(ctx.stage as u32))
     }
 }
 

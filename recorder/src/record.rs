@@ -16,6 +16,7 @@ use crate::error::{RecorderError, Result};
 use crate::flight::DEFAULT_RING_RECORDS;
 use crate::observe::{NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings};
 use crate::perf::{PerfConfig, PerfStreams, PerfTarget, current_tid, probe};
+use crate::snapshot::SnapshotStore;
 use crate::topology::host_topology;
 
 /// What to record and where.
@@ -33,10 +34,15 @@ pub struct RecordConfig {
     pub ring_records: usize,
     /// Counts events as endpoints write them (local transport), for a progress display.
     pub progress: Option<Arc<AtomicU64>>,
+    /// Snapshot every stage at step 0 and every K steps (`Some(0)`: step 0 only); `None`: none.
+    pub snapshot_every: Option<u64>,
+    /// Hash every kernel output into its span, so `slug replay --verify kernel` can name it.
+    pub hash_kernels: bool,
 }
 
 impl RecordConfig {
-    /// Defaults: no payloads, `--perf auto` at 1 kHz, 64 Ki-record rings.
+    /// Defaults: no payloads, `--perf auto` at 1 kHz, 64 Ki-record rings, a step-0 snapshot of
+    /// every stage, no kernel hashes.
     pub fn new(out: impl Into<PathBuf>) -> RecordConfig {
         RecordConfig {
             out: out.into(),
@@ -45,6 +51,8 @@ impl RecordConfig {
             perf: PerfConfig::default(),
             ring_records: DEFAULT_RING_RECORDS,
             progress: None,
+            snapshot_every: Some(0),
+            hash_kernels: false,
         }
     }
 }
@@ -244,6 +252,8 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         "pipeline": pipeline,
         "payloads": cfg.payloads.to_string(),
         "perf_freq_hz": cfg.perf.freq_hz,
+        "snapshot_every": cfg.snapshot_every,
+        "hash_kernels": cfg.hash_kernels,
     }));
     manifest.endpoints = (0..pipeline.stages as u32)
         .map(|s| EndpointInfo {
@@ -270,14 +280,21 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         ring_records: cfg.ring_records,
         writer: WriterOptions::default(),
         progress: cfg.progress.clone(),
+        snapshot_every: cfg.snapshot_every,
+        hash_kernels: cfg.hash_kernels,
     };
     let pmus = probe()?;
+    let mut snapshot_warning = None;
     let (report, endpoints, caps) = if pipeline.transport == TransportKind::Local {
         let factory = RecorderFactory::new(settings, pmus)?;
         let report = run(pipeline, &factory);
         // Close every log even when the run failed: what was recorded up to the failure is kept.
+        let snapshots = factory.finish_snapshots();
         let stats = factory.finish();
         let report = report.map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
+        if let Err(e) = snapshots {
+            snapshot_warning = Some(format!("snapshots incomplete: {e}"));
+        }
         // A write failure (disk full, permissions) ends that endpoint's log, not the run: it
         // becomes a warning of its summary.
         let endpoints = stats
@@ -312,6 +329,8 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             perf: cfg.perf.request.to_string(),
             perf_freq_hz: cfg.perf.freq_hz,
             ring_records: cfg.ring_records,
+            snapshot_every: cfg.snapshot_every,
+            hash_kernels: cfg.hash_kernels,
         };
         let mut p = pipeline.clone();
         p.observer_settings = Some(node.to_observer_settings());
@@ -332,16 +351,30 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         captured: true,
         reason: None,
     });
+    let mut warnings: Vec<String> = snapshot_warning.into_iter().collect();
+    let snapshots_written = snapshot_count(&cfg.out).unwrap_or_else(|e| {
+        warnings.push(format!("cannot count the snapshots written: {e}"));
+        0
+    });
     manifest.capabilities.push(slug_schema::Capability {
         name: "snapshots".into(),
-        requested: false,
-        available: false,
-        captured: false,
-        reason: Some(
-            "the pipeline runtime does not expose stage arenas at step boundaries yet".into(),
-        ),
+        requested: cfg.snapshot_every.is_some(),
+        available: true,
+        captured: snapshots_written > 0,
+        reason: match cfg.snapshot_every {
+            None => Some("--no-snapshots: a replay rebuilds stages from the seed".into()),
+            Some(_) if snapshots_written == 0 => Some("no snapshot was written".into()),
+            Some(0) => Some(format!("{snapshots_written} (step 0 of every stage)")),
+            Some(k) => Some(format!("{snapshots_written} (step 0 and every {k} steps)")),
+        },
     });
-    let mut warnings = Vec::new();
+    manifest.capabilities.push(slug_schema::Capability {
+        name: "kernel_hashes".into(),
+        requested: cfg.hash_kernels,
+        available: true,
+        captured: cfg.hash_kernels,
+        reason: None,
+    });
     if let Err(e) = trace.set_manifest(manifest) {
         warnings.push(format!(
             "the manifest keeps its initial content (no capability report): {e}"
@@ -367,4 +400,13 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             .map(|c| c.name.clone())
             .collect(),
     })
+}
+
+/// Snapshots in the trace's store (each stage's every snapshot index).
+fn snapshot_count(dir: &Path) -> Result<usize> {
+    let snapshots = dir.join(slug_schema::SNAPSHOTS_DIR);
+    if !snapshots.exists() {
+        return Ok(0);
+    }
+    Ok(SnapshotStore::open(snapshots)?.snapshots()?.len())
 }

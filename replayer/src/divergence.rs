@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use slug_kernels::KernelCall;
 use slug_schema::Transfer;
 use slug_transport::pipeline::{PipelineConfig, schedule_slot};
-use slug_transport::transfer::Tag;
+use slug_transport::transfer::{Tag, kernel_output_hash};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::recorded::RecordedRun;
@@ -217,7 +217,7 @@ impl Checker {
             self.lock().kernels_unrecorded += 1;
             return;
         };
-        let got = xxh3_128(f32_bytes(output));
+        let got = kernel_output_hash(output);
         let mut t = self.lock();
         t.kernels_checked += 1;
         if got == want {
@@ -303,12 +303,6 @@ fn element_value(b: &[u8], token: bool) -> serde_json::Value {
     } else {
         format!("{:e} (0x{bits:08x})", f32::from_bits(bits)).into()
     }
-}
-
-/// The bytes of an f32 slice, for hashing.
-pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and every byte pattern is a valid u8; same lifetime and size.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 /// Kernel hooks that check every output against the trace (and then nothing else).

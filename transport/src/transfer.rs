@@ -189,3 +189,14 @@ impl Observers {
 pub fn content_hash(bytes: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(bytes)
 }
+
+/// 128-bit hash of a kernel call's output as traces record it (`slug record --hash-kernels`) and
+/// replays check it: [`content_hash`] of the f32s' bytes as they lie in memory (little-endian on
+/// every architecture slug runs on, so the same on every node).
+pub fn kernel_output_hash(output: &[f32]) -> u128 {
+    // SAFETY: f32 has no padding and every byte pattern is a valid u8; same lifetime and size.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(output.as_ptr().cast::<u8>(), std::mem::size_of_val(output))
+    };
+    content_hash(bytes)
+}
