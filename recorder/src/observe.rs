@@ -556,6 +556,11 @@ pub struct NodeSettings {
     /// `--hash-kernels`.
     #[serde(default)]
     pub hash_kernels: bool,
+    /// A run id: record into a scratch directory of the node's own (named by it) instead of
+    /// `trace_dir`, for the coordinator to collect after the stage ends (hosts without a shared
+    /// file system).
+    #[serde(default)]
+    pub scratch_run: Option<String>,
 }
 
 impl NodeSettings {
@@ -564,9 +569,23 @@ impl NodeSettings {
         serde_json::json!({ NODE_SETTINGS_KEY: self })
     }
 
-    fn recorder_settings(&self) -> std::result::Result<RecorderSettings, String> {
+    /// Where stage `stage` records on this node: `trace_dir`, or its scratch directory.
+    fn stage_dir(&self, stage: usize) -> std::result::Result<PathBuf, String> {
+        let Some(run) = &self.scratch_run else {
+            return Ok(self.trace_dir.clone());
+        };
+        // The id names a directory: refuse anything that could step outside the temp dir.
+        if run.is_empty() || !run.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(format!(
+                "run id {run:?} is not made of letters, digits and dashes"
+            ));
+        }
+        Ok(std::env::temp_dir().join(format!("slug-record-{run}-stage-{stage}")))
+    }
+
+    fn recorder_settings(&self, stage: usize) -> std::result::Result<RecorderSettings, String> {
         Ok(RecorderSettings {
-            trace_dir: self.trace_dir.clone(),
+            trace_dir: self.stage_dir(stage)?,
             payloads: self.payloads.parse()?,
             perf: PerfConfig {
                 request: self
@@ -615,7 +634,19 @@ impl ObserverFactory for NodeRecorderFactory {
         };
         let node: NodeSettings = serde_json::from_value(value.clone())
             .map_err(|e| fail(format!("bad recorder settings: {e}")))?;
-        let settings = node.recorder_settings().map_err(fail)?;
+        let settings = node.recorder_settings(ctx.stage).map_err(fail)?;
+        if node.scratch_run.is_some() {
+            // A scratch directory starts empty: a leftover of an earlier failed run with the
+            // same id must not be collected as this run's.
+            let dir = &settings.trace_dir;
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)
+                    .map_err(|e| fail(format!("clear {}: {e}", dir.display())))?;
+            }
+            let endpoints = dir.join(slug_schema::ENDPOINTS_DIR);
+            std::fs::create_dir_all(&endpoints)
+                .map_err(|e| fail(format!("create {}: {e}", endpoints.display())))?;
+        }
         let started = (|| {
             let pmus = crate::perf::probe()?;
             let blobs = blob_store(&settings, &pmus)?;
@@ -654,6 +685,17 @@ impl ObserverFactory for NodeRecorderFactory {
             drop(s.writer.lock().unwrap_or_else(|p| p.into_inner()).take());
             observer
         }))
+    }
+
+    fn collected_files(&self, ctx: &StageContext<'_>) -> Option<PathBuf> {
+        let node: NodeSettings = ctx
+            .config
+            .observer_settings
+            .as_ref()
+            .and_then(|v| v.get(NODE_SETTINGS_KEY))
+            .and_then(|v| serde_json::from_value(v.clone()).ok())?;
+        node.scratch_run.as_ref()?;
+        node.stage_dir(ctx.stage).ok()
     }
 }
 

@@ -8,7 +8,9 @@ use serde::Serialize;
 use slug_schema::{
     EndpointInfo, Event, EventKind, KindSet, Manifest, NodeClock, TimeRange, Trace, WriterOptions,
 };
-use slug_transport::pipeline::{NoObservers, PipelineConfig, run};
+use slug_transport::pipeline::{
+    NoObservers, PipelineConfig, RunReport, run, run_on_nodes_collecting,
+};
 use slug_transport::transfer::TransportKind;
 
 use crate::endpoint::EndpointStats;
@@ -234,15 +236,6 @@ fn summarize_log(trace: &Trace, endpoint: u32) -> Result<EndpointSummary> {
 /// `tcp`: each stage is a launched `slug node` process that records itself
 /// ([`crate::observe::NodeRecorderFactory`]) into the same directory.
 pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSummary> {
-    if !pipeline.hosts.is_empty() {
-        return Err(RecorderError::Pipeline(Box::new(
-            slug_transport::TransportError::Config(
-                "recording stages on --hosts is not supported yet (the nodes would need the trace \
-                 directory on a shared file system); record without --hosts"
-                    .into(),
-            ),
-        )));
-    }
     pipeline
         .validate()
         .map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
@@ -285,6 +278,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
     };
     let pmus = probe()?;
     let mut snapshot_warning = None;
+    let on_hosts = !pipeline.hosts.is_empty();
     let (report, endpoints, caps) = if pipeline.transport == TransportKind::Local {
         let factory = RecorderFactory::new(settings, pmus)?;
         let report = run(pipeline, &factory);
@@ -321,8 +315,9 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             factory.capabilities().unwrap_or_default(),
         )
     } else {
-        // Each stage is a `slug node` process that records itself (NodeRecorderFactory) into
-        // the same directory; the coordinator reads the closed logs afterwards.
+        // Each stage is a `slug node` process that records itself (NodeRecorderFactory): into
+        // the same directory on this machine, or into a scratch directory of its own on --hosts
+        // (no shared file system), collected over the node's control connection at the end.
         let node = NodeSettings {
             trace_dir: std::path::absolute(&cfg.out).map_err(|e| RecorderError::io(&cfg.out, e))?,
             payloads: cfg.payloads.to_string(),
@@ -331,10 +326,17 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             ring_records: cfg.ring_records,
             snapshot_every: cfg.snapshot_every,
             hash_kernels: cfg.hash_kernels,
+            scratch_run: on_hosts.then(run_id),
         };
         let mut p = pipeline.clone();
         p.observer_settings = Some(node.to_observer_settings());
-        let report = run(&p, &NoObservers).map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
+        let report = if on_hosts {
+            slug_transport::auth::ClusterKey::resolve(p.key_file.as_deref())
+                .and_then(|key| run_on_nodes_collecting(&p, &p.hosts, &key, Some(&cfg.out)))
+        } else {
+            run(&p, &NoObservers)
+        }
+        .map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
         let endpoints = (0..pipeline.stages as u32)
             .map(|s| summarize_log(&trace, s))
             .collect::<Result<Vec<_>>>()?;
@@ -343,6 +345,9 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         (report, endpoints, caps)
     };
     let mut manifest = trace.manifest().clone();
+    if on_hosts {
+        place_endpoints(&mut manifest, &report);
+    }
     manifest.capabilities = caps.entries.clone();
     manifest.capabilities.push(slug_schema::Capability {
         name: format!("payloads_{}", cfg.payloads),
@@ -400,6 +405,46 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             .map(|c| c.name.clone())
             .collect(),
     })
+}
+
+/// A run id unique enough to name the nodes' scratch directories (letters, digits, dashes).
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{:x}-{:x}", std::process::id(), nanos)
+}
+
+/// Names each endpoint's real node (`host:port` of its `slug node`) and host, and gives every
+/// node the clock offset measured when the coordinator connected, so that timelines align.
+fn place_endpoints(manifest: &mut Manifest, report: &RunReport) {
+    manifest.clocks.clear();
+    for r in &report.stage_reports {
+        let host = r
+            .host
+            .rsplit_once(':')
+            .map_or(r.host.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']'])
+            .to_string();
+        if let Some(ep) = manifest
+            .endpoints
+            .iter_mut()
+            .find(|e| e.stage == r.stage as u32)
+        {
+            ep.node = r.host.clone();
+            ep.host = host;
+        }
+        if let Some(c) = r.clock {
+            // The measured offset is node minus coordinator; the manifest's is what to add
+            // to the node's clock to get the coordinator's (the reference).
+            manifest.clocks.push(NodeClock {
+                node: r.host.clone(),
+                offset_ns: -c.offset_ns,
+                uncertainty_ns: c.rtt_ns.unsigned_abs() / 2,
+            });
+        }
+    }
 }
 
 /// Snapshots in the trace's store (each stage's every snapshot index).

@@ -37,6 +37,10 @@ impl<F: ObserverFactory> ObserverFactory for NodeReplayFactory<F> {
         self.0.state_observer(ctx)
     }
 
+    fn collected_files(&self, ctx: &StageContext<'_>) -> Option<std::path::PathBuf> {
+        self.0.collected_files(ctx)
+    }
+
     fn initial_state(&self, ctx: &StageContext<'_>) -> Result<Option<StageState>, TransportError> {
         let settings = ctx
             .config

@@ -2,8 +2,10 @@
 //! prove the cluster key, builds the stage it is assigned, connects its data links and runs it,
 //! heartbeating progress and reporting the outcome; strangers are refused and logged.
 
+use std::collections::HashMap;
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,13 +14,13 @@ use crate::auth::{ClusterKey, Role, server_handshake};
 use crate::error::{Result, TransportError};
 use crate::fabric::{Fabric, FabricLayout};
 use crate::link::{LinkReceiver, LinkSender};
-use crate::pipeline::cluster::{Cause, HEARTBEAT, ToCoordinator, ToNode};
+use crate::pipeline::cluster::{Cause, FILE_PIECE, HEARTBEAT, RecordedFile, ToCoordinator, ToNode};
 use crate::pipeline::{
     Observed, ObserverFactory, PipelineConfig, StageContext, StageIo, build_stage, drive_stage,
     link_ends, stage_observers,
 };
 use crate::transfer::TransportKind;
-use crate::wire::{AbortFlag, Conn};
+use crate::wire::{AbortFlag, Conn, kind};
 
 pub use crate::pipeline::cluster::LISTENING_PREFIX;
 
@@ -206,6 +208,7 @@ fn run_assigned(
     };
     let stage = build_stage(cfg, &plan, &pool, factory, &ctx).map_err(startup)?;
     let (obs, digests) = stage_observers(factory, &ctx).map_err(startup)?;
+    let transfers = obs.transfers;
     let state = factory.state_observer(&ctx).map_err(startup)?;
     let fabric = match (cfg.transport, fabric_path) {
         (TransportKind::Shm, Some(path)) => Some(Arc::new(
@@ -259,7 +262,7 @@ fn run_assigned(
     };
     let progress = Arc::new(AtomicU64::new(0));
     let stop = AbortFlag::new();
-    std::thread::scope(|scope| {
+    let files = std::thread::scope(|scope| {
         // Control reader: an abort message or a lost coordinator stops this stage at once.
         let mut reader = conn.try_clone().map_err(startup)?;
         reader.abort = stop.clone();
@@ -296,7 +299,7 @@ fn run_assigned(
         });
         let result = (|| {
             let io = match (&fabric, &listener) {
-                (Some(f), _) => StageIo::over_fabric(cfg, s, f, TransportKind::Shm, &obs.transfers)
+                (Some(f), _) => StageIo::over_fabric(cfg, s, f, TransportKind::Shm, &transfers)
                     .map_err(startup)?,
                 (None, Some(l)) => {
                     let next = next.as_deref().ok_or_else(|| {
@@ -304,8 +307,7 @@ fn run_assigned(
                             "no address for the next stage".into(),
                         ))
                     })?;
-                    tcp_io(cfg, s, l, next, &opts.key, &obs.transfers, abort, log)
-                        .map_err(startup)?
+                    tcp_io(cfg, s, l, next, &opts.key, &transfers, abort, log).map_err(startup)?
                 }
                 (None, None) => StageIo::default(),
             };
@@ -317,20 +319,116 @@ fn run_assigned(
                 progress.store((u64::from(step) << 32) | u64::from(seq), Ordering::Relaxed)
             })?;
             let report = outcome.into_report(&plan, s, host, &digests);
+            // The last reference to the stage's recorder: dropping it closes the endpoint log,
+            // so the files to collect are complete before the coordinator hears of them.
+            drop(transfers);
+            let files = factory.collected_files(&ctx);
             send(
                 writer,
                 &ToCoordinator::Done {
                     report: Box::new(report),
+                    collect: files.is_some(),
                 },
                 timeout,
             )
-            .map_err(|e| ("report".to_string(), e))
+            .map_err(|e| ("report".to_string(), e))?;
+            Ok(files)
         })();
         // The reader and heartbeat threads poll `stop`; the socket stays open for the final
         // Done/Failed message.
         stop.raise();
         result
-    })
+    })?;
+    // The control reader has stopped: the connection is this thread's alone again.
+    match files {
+        Some(dir) => send_recorded_files(conn, &dir, timeout).map_err(|e| (COLLECTING.into(), e)),
+        None => Ok(()),
+    }
+}
+
+/// Where a failing file transfer is reported as having reached.
+const COLLECTING: &str = "sending recorded files";
+
+/// Every file under `dir`, as paths relative to it with `/` separators, sorted.
+fn list_recorded_files(dir: &Path) -> Result<Vec<RecordedFile>> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        let entries = std::fs::read_dir(&d).map_err(|e| {
+            TransportError::io(format!("list recorded files in {}", d.display()), e)
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|e| {
+                TransportError::io(format!("list recorded files in {}", d.display()), e)
+            })?;
+            let path = entry.path();
+            let meta = entry
+                .metadata()
+                .map_err(|e| TransportError::io(format!("stat {}", path.display()), e))?;
+            if meta.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let rel = path.strip_prefix(dir).unwrap_or(&path);
+            let rel: Vec<String> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            files.push(RecordedFile {
+                path: rel.join("/"),
+                len: meta.len(),
+            });
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
+}
+
+/// Lists the stage's recorded files, sends those the coordinator asks for in pieces, and
+/// removes `dir` once the coordinator confirms it has everything.
+fn send_recorded_files(conn: &mut Conn, dir: &Path, timeout: Duration) -> Result<()> {
+    let files = list_recorded_files(dir)?;
+    let lens: HashMap<String, u64> = files.iter().map(|f| (f.path.clone(), f.len)).collect();
+    conn.send_json(&ToCoordinator::Files { files }, timeout)?;
+    let unexpected = |conn: &Conn, got: ToNode| TransportError::Protocol {
+        peer: conn.peer.clone(),
+        detail: format!("expected the coordinator to fetch recorded files, got {got:?}"),
+    };
+    let paths = match conn.recv_json::<ToNode>(timeout)? {
+        ToNode::Fetch { paths } => paths,
+        ToNode::Abort { reason } => return Err(TransportError::Aborted { reason }),
+        other => return Err(unexpected(conn, other)),
+    };
+    let mut buf = vec![0u8; FILE_PIECE];
+    for p in paths {
+        let Some(&len) = lens.get(&p) else {
+            return Err(TransportError::Protocol {
+                peer: conn.peer.clone(),
+                detail: format!("asked for {p:?}, which this node did not list"),
+            });
+        };
+        let path = dir.join(&p);
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| TransportError::io(format!("open {}", path.display()), e))?;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(FILE_PIECE as u64) as usize;
+            file.read_exact(&mut buf[..n])
+                .map_err(|e| TransportError::io(format!("read {}", path.display()), e))?;
+            conn.send_frame(kind::FILE, &buf[..n], timeout)?;
+            left -= n as u64;
+        }
+    }
+    match conn.recv_json::<ToNode>(timeout)? {
+        ToNode::Collected => std::fs::remove_dir_all(dir).map_err(|e| {
+            TransportError::io(
+                format!("remove the collected files in {}", dir.display()),
+                e,
+            )
+        }),
+        ToNode::Abort { reason } => Err(TransportError::Aborted { reason }),
+        other => Err(unexpected(conn, other)),
+    }
 }
 
 fn send(writer: &Arc<Mutex<Conn>>, msg: &ToCoordinator, timeout: Duration) -> Result<()> {

@@ -28,6 +28,8 @@ pub(crate) mod kind {
     pub const PONG: u8 = 7;
     pub const CLOCK: u8 = 8;
     pub const JSON: u8 = 9;
+    /// Raw bytes of a file a node sends its coordinator (recorded files on hosts).
+    pub const FILE: u8 = 10;
 }
 
 /// A shared flag that tells every blocked operation of a process to give up.

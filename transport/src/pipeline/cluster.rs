@@ -2,8 +2,8 @@
 //! `slug node` servers over authenticated control connections, and turning the first failure
 //! anywhere into one error that names the stage, its host and the step it reached.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +26,14 @@ pub(crate) const HEARTBEAT: Duration = Duration::from_millis(250);
 pub(crate) const SILENCE_LIMIT: Duration = Duration::from_secs(5);
 /// How long to keep listening for the root cause once some stage has failed.
 const SETTLE: Duration = Duration::from_millis(500);
+/// Largest piece of a collected file in one frame (well under the wire's frame limit).
+pub(crate) const FILE_PIECE: usize = 4 << 20;
+/// At most this many files are collected from one node (a bound on the listing's size).
+const MAX_COLLECTED_FILES: usize = 1 << 20;
+/// At most this many bytes per collected file.
+const MAX_COLLECTED_FILE: u64 = 1 << 40;
+/// Where a failing collection is reported as having reached.
+const COLLECTING: &str = "collecting recorded files";
 
 /// Coordinator to node.
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +49,19 @@ pub(crate) enum ToNode {
     Start { next: Option<String> },
     /// Stop now: another stage failed.
     Abort { reason: String },
+    /// Send these files of your listing (the coordinator lacks them), in this order.
+    Fetch { paths: Vec<String> },
+    /// Every fetched file arrived: the node may delete its copies.
+    Collected,
+}
+
+/// One file a node recorded for its stage, relative to its scratch directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RecordedFile {
+    /// Relative path with `/` separators, e.g. `endpoints/1.slog`.
+    pub path: String,
+    /// Its length in bytes.
+    pub len: u64,
 }
 
 /// What kind of failure a node reports, so the coordinator can name the root cause.
@@ -79,8 +100,14 @@ pub(crate) enum ToCoordinator {
     },
     /// Heartbeat with the step being worked on.
     Progress { step: u32, seq: u32 },
-    /// Finished.
-    Done { report: Box<StageReport> },
+    /// Finished; with `collect`, a [`ToCoordinator::Files`] listing follows.
+    Done {
+        report: Box<StageReport>,
+        #[serde(default)]
+        collect: bool,
+    },
+    /// The files the node recorded for its stage, for the coordinator to fetch.
+    Files { files: Vec<RecordedFile> },
     /// Failed at `at`.
     Failed {
         at: String,
@@ -255,6 +282,20 @@ fn failed(stage: usize, host: &str, step: &str, detail: impl Into<String>) -> Tr
 /// Runs `cfg` with stage `s` on the `slug node` at `addrs[s]`, authenticating with `key`.
 /// For `shm` every node must be on this machine (the coordinator creates the fabric file).
 pub fn run_on_nodes(cfg: &PipelineConfig, addrs: &[String], key: &ClusterKey) -> Result<RunReport> {
+    run_on_nodes_collecting(cfg, addrs, key, None)
+}
+
+/// [`run_on_nodes`], then (with `collect_into`) fetches the files every node recorded for its
+/// stage into that directory, all nodes at once. A file already there with the same length is
+/// skipped: recorded files are content-addressed (chunks, payloads) or unique per stage (logs,
+/// snapshot indexes). Each file arrives as `NAME.partial` and is renamed when whole, so a node
+/// that dies mid-transfer leaves every file that arrived before it intact.
+pub fn run_on_nodes_collecting(
+    cfg: &PipelineConfig,
+    addrs: &[String],
+    key: &ClusterKey,
+    collect_into: Option<&Path>,
+) -> Result<RunReport> {
     cfg.validate()?;
     if addrs.len() != cfg.stages {
         return Err(TransportError::Config(format!(
@@ -345,6 +386,7 @@ pub fn run_on_nodes(cfg: &PipelineConfig, addrs: &[String], key: &ClusterKey) ->
     }
     drop(tx);
     let mut reports: Vec<Option<StageReport>> = vec![None; addrs.len()];
+    let mut collects = vec![false; addrs.len()];
     let mut at = vec!["startup".to_string(); addrs.len()];
     let mut failures: Vec<(Cause, usize, String, String)> = Vec::new();
     let mut settle_until: Option<Instant> = None;
@@ -360,15 +402,21 @@ pub fn run_on_nodes(cfg: &PipelineConfig, addrs: &[String], key: &ClusterKey) ->
             Ok(ToCoordinator::Progress { step, seq }) => {
                 at[s] = format!("step {step} (sequence {seq})")
             }
-            Ok(ToCoordinator::Done { report }) => reports[s] = Some(*report),
+            Ok(ToCoordinator::Done { report, collect }) => {
+                reports[s] = Some(*report);
+                collects[s] = collect;
+            }
             Ok(ToCoordinator::Failed {
                 at: where_,
                 error,
                 cause,
             }) => failures.push((cause, s, where_, error)),
-            Ok(ToCoordinator::Ready { .. }) => {
-                failures.push((Cause::Stage, s, at[s].clone(), "sent Ready twice".into()))
-            }
+            Ok(ToCoordinator::Ready { .. } | ToCoordinator::Files { .. }) => failures.push((
+                Cause::Stage,
+                s,
+                at[s].clone(),
+                "sent Ready or Files out of turn".into(),
+            )),
             Err(e) if reports[s].is_none() => {
                 let detail = match &e {
                     TransportError::Timeout { .. } => format!(
@@ -402,6 +450,43 @@ pub fn run_on_nodes(cfg: &PipelineConfig, addrs: &[String], key: &ClusterKey) ->
         let e = failed(s, &addrs[s], &at[s], "no report from the node");
         return Err(session.abort(e));
     }
+    if let Some(into) = collect_into {
+        let results: Vec<std::result::Result<(), String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = session
+                .conns
+                .iter_mut()
+                .zip(&collects)
+                .map(|(conn, &collect)| {
+                    scope.spawn(move || {
+                        if !collect {
+                            return Err("the node recorded nothing to collect: serve stages with \
+                                 a recording `slug node` of this version"
+                                .to_string());
+                        }
+                        collect_files(conn, into, timeout)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("the collecting thread panicked".into()))
+                })
+                .collect()
+        });
+        if let Some((s, detail)) = results
+            .into_iter()
+            .enumerate()
+            .find_map(|(s, r)| r.err().map(|d| (s, d)))
+        {
+            let detail = format!(
+                "{detail}; files that arrived whole are kept in {}",
+                into.display()
+            );
+            return Err(session.abort(failed(s, &addrs[s], COLLECTING, detail)));
+        }
+    }
     let reports = reports
         .into_iter()
         .enumerate()
@@ -413,6 +498,108 @@ pub fn run_on_nodes(cfg: &PipelineConfig, addrs: &[String], key: &ClusterKey) ->
         })
         .collect();
     Ok(RunReport::assemble(cfg, reports, wall))
+}
+
+/// A node-supplied relative path, accepted only when it stays inside the trace directory.
+fn safe_relative(path: &str) -> Option<PathBuf> {
+    let p = Path::new(path);
+    let normal = p.components().all(|c| matches!(c, Component::Normal(_)));
+    (!path.is_empty() && normal).then(|| p.to_path_buf())
+}
+
+/// Fetches one node's recorded files into `into` (see [`run_on_nodes_collecting`]).
+fn collect_files(
+    conn: &mut Conn,
+    into: &Path,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
+    let lost = |e: TransportError| format!("{e}; did the node process die?");
+    let files = loop {
+        match conn.recv_json::<ToCoordinator>(timeout).map_err(lost)? {
+            // Heartbeats sent just before the stage's report may still be in flight.
+            ToCoordinator::Progress { .. } => {}
+            ToCoordinator::Files { files } => break files,
+            ToCoordinator::Failed { error, .. } => return Err(error),
+            other => return Err(format!("expected the recorded file list, got {other:?}")),
+        }
+    };
+    if files.len() > MAX_COLLECTED_FILES {
+        return Err(format!(
+            "the node lists {} recorded files, more than the {MAX_COLLECTED_FILES} accepted",
+            files.len()
+        ));
+    }
+    let mut wanted = Vec::new();
+    for f in files {
+        let rel = safe_relative(&f.path).ok_or_else(|| {
+            format!(
+                "the node named a recorded file {:?} outside the trace directory",
+                f.path
+            )
+        })?;
+        if f.len > MAX_COLLECTED_FILE {
+            return Err(format!(
+                "recorded file {} is {} bytes, more than the {MAX_COLLECTED_FILE} accepted",
+                f.path, f.len
+            ));
+        }
+        let dest = into.join(rel);
+        if !std::fs::metadata(&dest).is_ok_and(|m| m.is_file() && m.len() == f.len) {
+            wanted.push((f, dest));
+        }
+    }
+    let paths = wanted.iter().map(|(f, _)| f.path.clone()).collect();
+    conn.send_json(&ToNode::Fetch { paths }, timeout)
+        .map_err(lost)?;
+    for (f, dest) in &wanted {
+        receive_file(conn, f, dest, timeout)?;
+    }
+    conn.send_json(&ToNode::Collected, timeout).map_err(lost)
+}
+
+/// Receives the pieces of `f` into `dest` (through `dest.partial`).
+fn receive_file(
+    conn: &mut Conn,
+    f: &RecordedFile,
+    dest: &Path,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
+    let io = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io("create", parent, e))?;
+    }
+    let mut partial = dest.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let mut out = std::fs::File::create(&partial).map_err(|e| io("create", &partial, e))?;
+    let mut left = f.len;
+    while left > 0 {
+        let (kind, body) = conn.recv_frame(timeout).map_err(|e| {
+            format!(
+                "{e} while receiving {} ({} of {} bytes arrived); did the node process die?",
+                f.path,
+                f.len - left,
+                f.len
+            )
+        })?;
+        if kind == crate::wire::kind::JSON {
+            return Err(match serde_json::from_slice::<ToCoordinator>(&body) {
+                Ok(ToCoordinator::Failed { error, .. }) => error,
+                _ => format!("a control message interrupted the file {}", f.path),
+            });
+        }
+        if kind != crate::wire::kind::FILE || body.is_empty() || body.len() as u64 > left {
+            return Err(format!(
+                "bad piece of {} (frame kind {kind}, {} bytes, {left} expected)",
+                f.path,
+                body.len()
+            ));
+        }
+        out.write_all(&body).map_err(|e| io("write", &partial, e))?;
+        left -= body.len() as u64;
+    }
+    drop(out);
+    std::fs::rename(&partial, dest).map_err(|e| io("rename", &partial, e))
 }
 
 /// The live control connections of a run.

@@ -30,7 +30,7 @@ use crate::fabric::{Fabric, FabricLayout, RingSpec};
 use crate::link::LinkStats;
 use crate::transfer::{Observers, Tag, Transfer, TransferObserver, TransportKind, content_hash};
 
-pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes};
+pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes, run_on_nodes_collecting};
 pub use stage::STAGE_ARENA;
 pub(crate) use stage::{StageIo, drive_stage, link_ends};
 pub use state::{ScheduleSlot, StageState, StageStateObserver, restore_stage, schedule_slot};
@@ -284,6 +284,14 @@ pub trait ObserverFactory: Send + Sync {
         _ctx: &StageContext<'_>,
     ) -> Result<Option<Box<dyn StageStateObserver>>> {
         Ok(None)
+    }
+
+    /// A directory of files this factory wrote for the stage on a node that the coordinator
+    /// must collect (a recording on hosts without a shared file system); `None` (the default):
+    /// nothing to collect. Asked after the stage's observers were dropped, so the files are
+    /// complete; the node removes the directory once the coordinator confirms it has them.
+    fn collected_files(&self, _ctx: &StageContext<'_>) -> Option<std::path::PathBuf> {
+        None
     }
 }
 
