@@ -201,6 +201,14 @@ fn record_on_hosts_and_replay(stages: usize, extra: &[&str], same_chunks: bool, 
         );
     }
 
+    // The nodes' own machine reports became the manifest's topology and capabilities.
+    assert!(!manifest["topology"].as_array().unwrap().is_empty());
+    assert!(manifest["capabilities"].as_array().unwrap().len() >= 4);
+    assert!(
+        !out.join("nodes").exists(),
+        "node reports are merged, then removed"
+    );
+
     let info = ok(&slug(&["info", out.to_str().unwrap()], None), "info");
     assert!(info.contains("127.0.0.1"), "{info}");
     // Exit status 0: every transfer of the replay equals the recorded one, bit for bit.

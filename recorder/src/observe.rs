@@ -604,6 +604,63 @@ impl NodeSettings {
     }
 }
 
+/// Folder of a recording on hosts that carries each node's [`NodeReport`] until the
+/// coordinator merges them into the manifest.
+pub const NODE_REPORTS_DIR: &str = "nodes";
+
+/// What a node recording a stage on `--hosts` tells the coordinator about its machine.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodeReport {
+    /// Perf capabilities: requested, available, captured, with reasons.
+    pub capabilities: Vec<slug_schema::Capability>,
+    /// One line per missing capability, naming its fallback.
+    pub notices: Vec<String>,
+    /// The node's hardware; `None` when /sys could not be read (said in `topology_error`).
+    pub topology: Option<slug_schema::HostTopology>,
+    /// Why `topology` is missing.
+    pub topology_error: Option<String>,
+}
+
+impl NodeReport {
+    fn new(caps: Capabilities) -> NodeReport {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into());
+        let (topology, topology_error) = match crate::topology::host_topology(&host) {
+            Ok(t) => (Some(t), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        NodeReport {
+            capabilities: caps.entries,
+            notices: caps.notices,
+            topology,
+            topology_error,
+        }
+    }
+
+    /// The report's path for `stage` under a trace (or scratch) directory.
+    pub fn path(dir: &std::path::Path, stage: usize) -> PathBuf {
+        dir.join(NODE_REPORTS_DIR).join(format!("{stage}.json"))
+    }
+
+    fn write(&self, dir: &std::path::Path, stage: usize) -> Result<()> {
+        let path = NodeReport::path(dir, stage);
+        let parent = dir.join(NODE_REPORTS_DIR);
+        std::fs::create_dir_all(&parent).map_err(|e| RecorderError::io(&parent, e))?;
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| RecorderError::io(&path, std::io::Error::other(e)))?;
+        std::fs::write(&path, json).map_err(|e| RecorderError::io(&path, e))
+    }
+
+    /// Reads the report of `stage` from a trace directory.
+    pub fn read(dir: &std::path::Path, stage: usize) -> Result<NodeReport> {
+        let path = NodeReport::path(dir, stage);
+        let bytes = std::fs::read(&path).map_err(|e| RecorderError::io(&path, e))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| RecorderError::io(&path, std::io::Error::other(e)))
+    }
+}
+
 /// The factory `slug node` serves stages with: records a stage when the coordinator's
 /// configuration carries [`NodeSettings`], observes nothing otherwise. The stage's log closes
 /// when the runtime drops the stage's observers.
@@ -652,7 +709,14 @@ impl ObserverFactory for NodeRecorderFactory {
             let blobs = blob_store(&settings, &pmus)?;
             start_endpoint(&settings, &pmus, blobs, ctx.stage as u32)
         })();
-        let (recorder, _, want_counters) = started.map_err(|e| fail(e.to_string()))?;
+        let (recorder, caps, want_counters) = started.map_err(|e| fail(e.to_string()))?;
+        if node.scratch_run.is_some() {
+            // The coordinator is another machine: it learns this node's capabilities and
+            // topology from this file, collected with the logs.
+            NodeReport::new(caps)
+                .write(&settings.trace_dir, ctx.stage)
+                .map_err(|e| fail(e.to_string()))?;
+        }
         let recorder = Arc::new(recorder);
         let snapshots = Snapshots::new(&settings).map_err(|e| fail(e.to_string()))?;
         snapshots.remember(ctx.stage as u32, recorder.shared());

@@ -16,8 +16,10 @@ use slug_transport::transfer::TransportKind;
 use crate::endpoint::EndpointStats;
 use crate::error::{RecorderError, Result};
 use crate::flight::DEFAULT_RING_RECORDS;
-use crate::observe::{NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings};
-use crate::perf::{PerfConfig, PerfStreams, PerfTarget, current_tid, probe};
+use crate::observe::{
+    NODE_REPORTS_DIR, NodeReport, NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings,
+};
+use crate::perf::{Capabilities, PerfConfig, PerfStreams, PerfTarget, current_tid, probe};
 use crate::snapshot::SnapshotStore;
 use crate::topology::host_topology;
 
@@ -279,6 +281,9 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
     let pmus = probe()?;
     let mut snapshot_warning = None;
     let on_hosts = !pipeline.hosts.is_empty();
+    // On hosts: the nodes' own topologies (this machine ran no stage) and problems reading them.
+    let mut manifest_topology = None;
+    let mut node_warnings = Vec::new();
     let (report, endpoints, caps) = if pipeline.transport == TransportKind::Local {
         let factory = RecorderFactory::new(settings, pmus)?;
         let report = run(pipeline, &factory);
@@ -340,13 +345,25 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         let endpoints = (0..pipeline.stages as u32)
             .map(|s| summarize_log(&trace, s))
             .collect::<Result<Vec<_>>>()?;
-        // The nodes ran on this host: its streams are what they could open.
-        let (_, caps) = PerfStreams::open(&pmus, &cfg.perf, &PerfTarget::Thread(current_tid()));
+        let caps = if on_hosts {
+            node_reports(
+                &cfg.out,
+                pipeline.stages,
+                &mut manifest_topology,
+                &mut node_warnings,
+            )
+        } else {
+            // The nodes ran on this host: its streams are what they could open.
+            PerfStreams::open(&pmus, &cfg.perf, &PerfTarget::Thread(current_tid())).1
+        };
         (report, endpoints, caps)
     };
     let mut manifest = trace.manifest().clone();
     if on_hosts {
         place_endpoints(&mut manifest, &report);
+        if let Some(t) = manifest_topology {
+            manifest.topology = t;
+        }
     }
     manifest.capabilities = caps.entries.clone();
     manifest.capabilities.push(slug_schema::Capability {
@@ -356,7 +373,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         captured: true,
         reason: None,
     });
-    let mut warnings: Vec<String> = snapshot_warning.into_iter().collect();
+    let mut warnings: Vec<String> = snapshot_warning.into_iter().chain(node_warnings).collect();
     let snapshots_written = snapshot_count(&cfg.out).unwrap_or_else(|e| {
         warnings.push(format!("cannot count the snapshots written: {e}"));
         0
@@ -405,6 +422,64 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             .map(|c| c.name.clone())
             .collect(),
     })
+}
+
+/// Merges the nodes' reports (collected under `out`) into one capability report (a capability
+/// counts as captured only if every node captured it) and their topologies, then removes them.
+fn node_reports(
+    out: &Path,
+    stages: usize,
+    topology: &mut Option<Vec<slug_schema::HostTopology>>,
+    warnings: &mut Vec<String>,
+) -> Capabilities {
+    let mut caps = Capabilities::default();
+    let mut topologies: Vec<slug_schema::HostTopology> = Vec::new();
+    for s in 0..stages {
+        let report = match NodeReport::read(out, s) {
+            Ok(r) => r,
+            Err(e) => {
+                warnings.push(format!(
+                    "stage {s}: no capability report from its node ({e})"
+                ));
+                continue;
+            }
+        };
+        for c in report.capabilities {
+            match caps.entries.iter_mut().find(|e| e.name == c.name) {
+                Some(e) => {
+                    e.available &= c.available;
+                    e.captured &= c.captured;
+                    if e.reason.is_none() {
+                        e.reason = c.reason.map(|r| format!("stage {s}: {r}"));
+                    }
+                }
+                None => caps.entries.push(c),
+            }
+        }
+        for n in report.notices {
+            if !caps.notices.contains(&n) {
+                caps.notices.push(n);
+            }
+        }
+        match (report.topology, report.topology_error) {
+            (Some(t), _) if !topologies.iter().any(|k| k.node == t.node) => topologies.push(t),
+            (Some(_), _) => {}
+            (None, e) => warnings.push(format!(
+                "stage {s}: its node could not read its topology ({})",
+                e.unwrap_or_default()
+            )),
+        }
+    }
+    if !topologies.is_empty() {
+        *topology = Some(topologies);
+    }
+    let dir = out.join(NODE_REPORTS_DIR);
+    if let Err(e) = std::fs::remove_dir_all(&dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warnings.push(format!("cannot remove {}: {e}", dir.display()));
+    }
+    caps
 }
 
 /// A run id unique enough to name the nodes' scratch directories (letters, digits, dashes).

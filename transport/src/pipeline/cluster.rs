@@ -557,7 +557,7 @@ fn collect_files(
     conn.send_json(&ToNode::Collected, timeout).map_err(lost)
 }
 
-/// Receives the pieces of `f` into `dest` (through `dest.partial`).
+/// Receives `f` into `dest` through `dest.partial`, renamed only when whole.
 fn receive_file(
     conn: &mut Conn,
     f: &RecordedFile,
@@ -572,6 +572,24 @@ fn receive_file(
     partial.push(".partial");
     let partial = PathBuf::from(partial);
     let mut out = std::fs::File::create(&partial).map_err(|e| io("create", &partial, e))?;
+    let received = receive_pieces(conn, f, &mut out, &partial, timeout);
+    drop(out);
+    if received.is_err() {
+        // Half a file is no use to a reader and would only look like one.
+        let _ = std::fs::remove_file(&partial);
+    }
+    received?;
+    std::fs::rename(&partial, dest).map_err(|e| io("rename", &partial, e))
+}
+
+/// Receives the pieces of `f` into `out` (the file at `partial`).
+fn receive_pieces(
+    conn: &mut Conn,
+    f: &RecordedFile,
+    out: &mut std::fs::File,
+    partial: &Path,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
     let mut left = f.len;
     while left > 0 {
         let (kind, body) = conn.recv_frame(timeout).map_err(|e| {
@@ -595,11 +613,11 @@ fn receive_file(
                 body.len()
             ));
         }
-        out.write_all(&body).map_err(|e| io("write", &partial, e))?;
+        out.write_all(&body)
+            .map_err(|e| format!("write {}: {e}", partial.display()))?;
         left -= body.len() as u64;
     }
-    drop(out);
-    std::fs::rename(&partial, dest).map_err(|e| io("rename", &partial, e))
+    Ok(())
 }
 
 /// The live control connections of a run.
@@ -625,5 +643,91 @@ impl Session {
             conn.shutdown();
         }
         error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A connected (coordinator, node) pair of control connections over loopback.
+    fn pair() -> (Conn, Conn) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let mut coord = Conn::new(client, "node".into(), AbortFlag::new()).unwrap();
+        let mut node = Conn::new(server, "coordinator".into(), AbortFlag::new()).unwrap();
+        coord.authenticated();
+        node.authenticated();
+        (coord, node)
+    }
+
+    fn file(path: &str, len: u64) -> RecordedFile {
+        RecordedFile {
+            path: path.into(),
+            len,
+        }
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_node_dying_mid_transfer_keeps_the_whole_files_and_names_the_broken_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // Already present with the right length: content-addressed, so not fetched again.
+        std::fs::create_dir_all(dir.path().join("snapshots/chunks/ab")).unwrap();
+        std::fs::write(dir.path().join("snapshots/chunks/ab/abcd.zst"), b"xyz").unwrap();
+        let (mut coord, mut node) = pair();
+        let fake_node = std::thread::spawn(move || {
+            let files = vec![
+                file("endpoints/0.slog", 6),
+                file("snapshots/chunks/ab/abcd.zst", 3),
+                file("snapshots/0-0.idx", 10),
+            ];
+            node.send_json(&ToCoordinator::Files { files }, T).unwrap();
+            let paths = match node.recv_json::<ToNode>(T).unwrap() {
+                ToNode::Fetch { paths } => paths,
+                other => panic!("expected fetch, got {other:?}"),
+            };
+            node.send_frame(crate::wire::kind::FILE, b"abc", T).unwrap();
+            node.send_frame(crate::wire::kind::FILE, b"def", T).unwrap();
+            node.send_frame(crate::wire::kind::FILE, b"0123", T)
+                .unwrap();
+            // Dies with 6 of the index's 10 bytes unsent.
+            node.shutdown();
+            paths
+        });
+        let err = collect_files(&mut coord, dir.path(), T).unwrap_err();
+        let paths = fake_node.join().unwrap();
+        assert_eq!(paths, ["endpoints/0.slog", "snapshots/0-0.idx"]);
+        assert!(
+            err.contains("snapshots/0-0.idx") && err.contains("4 of 10 bytes"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("endpoints/0.slog")).unwrap(),
+            b"abcdef"
+        );
+        assert!(!dir.path().join("snapshots/0-0.idx").exists());
+        assert!(!dir.path().join("snapshots/0-0.idx.partial").exists());
+    }
+
+    #[test]
+    fn a_file_named_outside_the_trace_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut coord, mut node) = pair();
+        for bad in ["../escape", "/etc/passwd", "endpoints/../../x", ""] {
+            let files = vec![file(bad, 1)];
+            node.send_json(&ToCoordinator::Files { files }, T).unwrap();
+            let err = collect_files(&mut coord, dir.path(), T).unwrap_err();
+            assert!(err.contains("outside the trace directory"), "{bad}: {err}");
+        }
+        let files = vec![file("big", MAX_COLLECTED_FILE + 1)];
+        node.send_json(&ToCoordinator::Files { files }, T).unwrap();
+        let err = collect_files(&mut coord, dir.path(), T).unwrap_err();
+        assert!(err.contains("more than"), "{err}");
     }
 }
