@@ -2,10 +2,11 @@
 //! `slug node` servers over authenticated control connections, and turning the first failure
 //! anywhere into one error that names the stage, its host and the step it reached.
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -288,7 +289,8 @@ pub fn run_on_nodes(cfg: &PipelineConfig, addrs: &[String], key: &ClusterKey) ->
 /// [`run_on_nodes`], then (with `collect_into`) fetches the files every node recorded for its
 /// stage into that directory, all nodes at once. A file already there with the same length is
 /// skipped: recorded files are content-addressed (chunks, payloads) or unique per stage (logs,
-/// snapshot indexes). Each file arrives as `NAME.partial` and is renamed when whole, so a node
+/// snapshot indexes), and one that two nodes list (a payload both ends of a link stored) is
+/// fetched once. Each file arrives under a partial name and is renamed when whole, so a node
 /// that dies mid-transfer leaves every file that arrived before it intact.
 pub fn run_on_nodes_collecting(
     cfg: &PipelineConfig,
@@ -451,6 +453,8 @@ pub fn run_on_nodes_collecting(
         return Err(session.abort(e));
     }
     if let Some(into) = collect_into {
+        let claimed = Mutex::new(HashSet::new());
+        let claimed = &claimed;
         let results: Vec<std::result::Result<(), String>> = std::thread::scope(|scope| {
             let handles: Vec<_> = session
                 .conns
@@ -463,7 +467,7 @@ pub fn run_on_nodes_collecting(
                                  a recording `slug node` of this version"
                                 .to_string());
                         }
-                        collect_files(conn, into, timeout)
+                        collect_files(conn, into, &claimed, timeout)
                     })
                 })
                 .collect();
@@ -508,9 +512,12 @@ fn safe_relative(path: &str) -> Option<PathBuf> {
 }
 
 /// Fetches one node's recorded files into `into` (see [`run_on_nodes_collecting`]).
+/// `claimed` holds the files another node's collection already fetches: content-addressed
+/// files (a payload both ends of a link stored) are fetched from one node only.
 fn collect_files(
     conn: &mut Conn,
     into: &Path,
+    claimed: &Mutex<HashSet<PathBuf>>,
     timeout: Duration,
 ) -> std::result::Result<(), String> {
     let lost = |e: TransportError| format!("{e}; did the node process die?");
@@ -544,7 +551,9 @@ fn collect_files(
             ));
         }
         let dest = into.join(rel);
-        if !std::fs::metadata(&dest).is_ok_and(|m| m.is_file() && m.len() == f.len) {
+        let present = std::fs::metadata(&dest).is_ok_and(|m| m.is_file() && m.len() == f.len);
+        let mut claimed = claimed.lock().unwrap_or_else(|p| p.into_inner());
+        if !present && claimed.insert(dest.clone()) {
             wanted.push((f, dest));
         }
     }
@@ -557,7 +566,7 @@ fn collect_files(
     conn.send_json(&ToNode::Collected, timeout).map_err(lost)
 }
 
-/// Receives `f` into `dest` through `dest.partial`, renamed only when whole.
+/// Receives `f` into `dest` through a partial file, renamed only when whole.
 fn receive_file(
     conn: &mut Conn,
     f: &RecordedFile,
@@ -569,7 +578,11 @@ fn receive_file(
         std::fs::create_dir_all(parent).map_err(|e| io("create", parent, e))?;
     }
     let mut partial = dest.as_os_str().to_owned();
-    partial.push(".partial");
+    // Named per connection: no two collections ever write the same partial file.
+    partial.push(format!(
+        ".partial-{}",
+        conn.stream.local_addr().map_or(0, |a| a.port())
+    ));
     let partial = PathBuf::from(partial);
     let mut out = std::fs::File::create(&partial).map_err(|e| io("create", &partial, e))?;
     let received = receive_pieces(conn, f, &mut out, &partial, timeout);
@@ -700,7 +713,7 @@ mod tests {
             node.shutdown();
             paths
         });
-        let err = collect_files(&mut coord, dir.path(), T).unwrap_err();
+        let err = collect_files(&mut coord, dir.path(), &Mutex::default(), T).unwrap_err();
         let paths = fake_node.join().unwrap();
         assert_eq!(paths, ["endpoints/0.slog", "snapshots/0-0.idx"]);
         assert!(
@@ -712,7 +725,10 @@ mod tests {
             b"abcdef"
         );
         assert!(!dir.path().join("snapshots/0-0.idx").exists());
-        assert!(!dir.path().join("snapshots/0-0.idx.partial").exists());
+        let left = std::fs::read_dir(dir.path().join("snapshots"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 1, "only the chunks folder: no partial file is left");
     }
 
     #[test]
@@ -722,12 +738,12 @@ mod tests {
         for bad in ["../escape", "/etc/passwd", "endpoints/../../x", ""] {
             let files = vec![file(bad, 1)];
             node.send_json(&ToCoordinator::Files { files }, T).unwrap();
-            let err = collect_files(&mut coord, dir.path(), T).unwrap_err();
+            let err = collect_files(&mut coord, dir.path(), &Mutex::default(), T).unwrap_err();
             assert!(err.contains("outside the trace directory"), "{bad}: {err}");
         }
         let files = vec![file("big", MAX_COLLECTED_FILE + 1)];
         node.send_json(&ToCoordinator::Files { files }, T).unwrap();
-        let err = collect_files(&mut coord, dir.path(), T).unwrap_err();
+        let err = collect_files(&mut coord, dir.path(), &Mutex::default(), T).unwrap_err();
         assert!(err.contains("more than"), "{err}");
     }
 }
