@@ -467,7 +467,7 @@ pub fn run_on_nodes_collecting(
                                  a recording `slug node` of this version"
                                 .to_string());
                         }
-                        collect_files(conn, into, &claimed, timeout)
+                        collect_files(conn, into, claimed, timeout)
                     })
                 })
                 .collect();
