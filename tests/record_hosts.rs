@@ -293,3 +293,47 @@ fn recording_on_hosts_without_the_key_fails_naming_the_host() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&nodes.addrs[0]), "{err}");
 }
+
+#[test]
+fn a_node_killed_mid_record_fails_the_run_naming_it_and_the_others_keep_their_recording() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let key = ClusterKey::random().expect("key");
+    let tmpdirs: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let d = work.path().join(format!("node{i}-tmp"));
+            std::fs::create_dir(&d).unwrap();
+            d
+        })
+        .collect();
+    let mut nodes = Nodes::launch(&key, &tmpdirs);
+    let out = work.path().join("trace");
+    // A run far longer than the test waits: it only ends by the failure.
+    let record = Command::new(slug_bin())
+        .args(["record", "--out", out.to_str().unwrap(), "--"])
+        .args(["--model", "tiny", "--stages", "2", "--max-seq", "16384"])
+        .args(["--tokens", "16000", "--timeout-ms", "20000"])
+        .args(["--transport", "tcp", "--hosts", &nodes.addrs.join(",")])
+        .env(KEY_ENV, key.as_env_value())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start slug record");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    nodes.children[1].kill().expect("kill node 1");
+    let o = record.wait_with_output().expect("record exits");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("stage 1") && err.contains(&nodes.addrs[1]),
+        "{err}"
+    );
+    // The surviving node was told to stop; what it recorded stays in its scratch directory.
+    let status = nodes.children[0].wait().expect("node 0 exits");
+    assert!(!status.success(), "node 0 reports its failed session");
+    let left = files_under(&tmpdirs[0]);
+    assert!(
+        left.iter()
+            .any(|f| f.contains("slug-record-") && f.contains("endpoints/0.")),
+        "{left:?}"
+    );
+}

@@ -338,6 +338,14 @@ fn run_assigned(
         // Done/Failed message.
         stop.raise();
         result
+    });
+    let files = files.inspect_err(|_| {
+        if let Some(dir) = factory.collected_files(&ctx) {
+            log(&format!(
+                "stage {s} failed; what it recorded stays in {}",
+                dir.display()
+            ));
+        }
     })?;
     // The control reader has stopped: the connection is this thread's alone again.
     match files {
