@@ -236,7 +236,9 @@ fn summarize_log(trace: &Trace, endpoint: u32) -> Result<EndpointSummary> {
 ///
 /// `local`: stages are threads of this process, recorded by a [`RecorderFactory`]. `shm` and
 /// `tcp`: each stage is a launched `slug node` process that records itself
-/// ([`crate::observe::NodeRecorderFactory`]) into the same directory.
+/// ([`crate::observe::NodeRecorderFactory`]) into the same directory. `tcp` on `hosts`: each
+/// node records into a scratch directory of its own, and the coordinator collects the files over
+/// the node connections when the run ends (no shared file system needed).
 pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSummary> {
     pipeline
         .validate()
