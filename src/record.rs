@@ -17,8 +17,19 @@ use slug_transport::pipeline::PipelineConfig;
 
 use crate::pipeline_args::PipelineArgs;
 
+const EXAMPLES: &str = "\
+Examples:
+  slug record --out run1 --payloads all --hash-kernels -- --model small --stages 4 --sequences 4
+      Record four stage threads with every payload and kernel-output hash; then `slug info run1`.
+  slug record --out run2 --snapshot-every 8 -- --stages 4 --transport shm
+      One recording `slug node` process per stage on this machine, snapshots every 8 steps.
+  slug record --out run3 -- --stages 2 --transport tcp --hosts 10.0.0.1:7070,10.0.0.2:7070
+      Each `slug node --listen` records its stage locally; the files are fetched into run3 over
+      the node connections when the run ends (same cluster key in $SLUG_CLUSTER_KEY everywhere).";
+
 /// Arguments of `slug record`.
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct RecordArgs {
     /// Trace directory to create (its parent must exist).
     #[arg(long)]
