@@ -158,6 +158,10 @@ fn record_on_hosts_and_replay(stages: usize, extra: &[&str], same_chunks: bool, 
     );
     for s in 0..stages {
         assert!(out.join(format!("endpoints/{s}.slog")).is_file());
+        // Closed cleanly before it was sent: the node listed its files only after the log's
+        // last owner dropped it.
+        let warnings = &recorded["endpoints"][s]["warnings"];
+        assert_eq!(warnings.as_array().map(Vec::len), Some(0), "{warnings}");
     }
     let snapshots = |dir: &Path| -> Vec<String> {
         files_under(&dir.join("snapshots"))
