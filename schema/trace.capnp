@@ -173,7 +173,9 @@ struct Batch {
   baseNs @2 :UInt64;        # primary timestamp of the first event
   times @3 :Data;           # planes: primary timestamp minus that of the previous event of the same
                             # kind (the first of each kind: minus baseNs); kernel spans may
-                            # instead be relative to the previous span's end (KernelSpanColumns.timeRef)
+                            # instead be relative to the previous span's end (KernelSpanColumns.timeRef),
+                            # transfers too (TransferColumns.flags bit 5); step boundaries always are
+                            # (format version 2; docs/FORMAT.md 5.2)
 
   firstStringId @4 :UInt32; # id of strings[0]; ids are dense and assigned in order of interning
   strings @5 :List(Text);
@@ -201,7 +203,8 @@ struct KernelSpanColumns {
   rowStart @4 :Data;        # uvar
   rowLen @5 :Data;          # svar of rowEnd - rowStart
   thread @6 :Data;          # uvar
-  duration @7 :Data;        # planes: endNs - startNs
+  duration @7 :Data;        # planes: endNs - startNs minus that of the previous span with the same
+                            # (kernel, layer) in the batch (format version 2)
   hasHash @8 :Data;         # u8 0/1
   hashes @9 :Data;          # h128, one per span with hasHash = 1
   timeRef @10 :Data;        # u8 per span: what its startNs in Batch.times is relative to:
@@ -220,8 +223,10 @@ struct TransferColumns {
   dstOffset @6 :Data;       # uvar
   len @7 :Data;             # uvar
   hash @8 :Data;            # h128
-  duration @9 :Data;        # planes: completeNs - postNs
-  flags @10 :Data;          # u8: bits 0-2 transport, bit 3 direction (1 = recv), bit 4 hasPayload
+  duration @9 :Data;        # planes: completeNs - postNs minus that of the previous transfer of the
+                            # same direction in the batch (format version 2)
+  flags @10 :Data;          # u8: bits 0-2 transport, bit 3 direction (1 = recv), bit 4 hasPayload,
+                            # bit 5 postNs relative to groupEnd (format version 2)
   payloads @11 :Data;       # h128, one per transfer with hasPayload
 }
 

@@ -38,7 +38,7 @@ fn table_lists_endpoints_kinds_sizes_and_capabilities() {
     let out = slug(&["info", root.to_str().unwrap()]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("format 1, synthetic"), "{t}");
+    assert!(t.contains("format 2, synthetic"), "{t}");
     assert!(t.contains("4 on 2 nodes"), "{t}");
     let total = written.events.to_string();
     let grouped: String = total

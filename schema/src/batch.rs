@@ -4,6 +4,8 @@
 //! so a regular pipeline stream turns into long runs of near-identical bytes that zstd then
 //! squeezes to a few bits per event. Layout of each column: `trace.capnp` and docs/FORMAT.md.
 
+use std::collections::HashMap;
+
 use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 
 use crate::event::{
@@ -229,6 +231,8 @@ pub(crate) struct Columns {
     span_duration_z: Vec<u64>,
     transfer_duration_z: Vec<u64>,
     span_time_ref: Vec<u8>,
+    /// The current transfer's time predictor (flags bit 5), set by `push` before its group.
+    transfer_time_ref: bool,
     ks: [Vec<u8>; 10],
     tr: [Vec<u8>; 12],
     sb: [Vec<u8>; 2],
@@ -250,6 +254,10 @@ struct Prev {
     /// See [`next_span_end`].
     span_end: u64,
     transfer_id: u64,
+    /// Version 2: previous duration of a span of the same (kernel, layer) in the batch.
+    span_duration: HashMap<(u32, u32), u64>,
+    /// Version 2: previous `completeNs - postNs` of a transfer of each direction (send, recv).
+    transfer_duration: [u64; 2],
     boundary_step: u64,
     ip: u64,
     addr: u64,
@@ -294,6 +302,17 @@ impl Columns {
             self.times_z
                 .push(if use_end { from_end } else { from_start });
             p.span_end = next_span_end(p.span_end, e.end_ns, use_end);
+        } else if let Event::Transfer(_) = event {
+            // A send is posted right after the kernel that produced it (predict from the span
+            // end); a receive is posted early, near the previous transfer.
+            let (from_prev, from_end) = (zigzag(ns, *prev), zigzag(ns, p.span_end));
+            let use_end = from_end < from_prev;
+            self.transfer_time_ref = use_end;
+            self.times_z
+                .push(if use_end { from_end } else { from_prev });
+        } else if let Event::StepBoundary(_) = event {
+            // A step ends when its last kernel does.
+            self.times_z.push(zigzag(ns, p.span_end));
         } else {
             self.times_z.push(zigzag(ns, *prev));
         }
@@ -309,7 +328,12 @@ impl Columns {
                 put_uvar(&mut c[4], e.row_start.into());
                 put_svar(&mut c[5], e.row_end.into(), e.row_start.into());
                 put_uvar(&mut c[6], e.thread.into());
-                self.span_duration_z.push(zigzag(e.end_ns, e.start_ns));
+                let duration = e.end_ns.wrapping_sub(e.start_ns);
+                let predicted = p
+                    .span_duration
+                    .insert((e.kernel, e.layer), duration)
+                    .unwrap_or(0);
+                self.span_duration_z.push(zigzag(duration, predicted));
                 c[8].push(u8::from(e.output_hash.is_some()));
                 if let Some(h) = e.output_hash {
                     put_h128(&mut c[9], h);
@@ -327,11 +351,15 @@ impl Columns {
                 put_uvar(&mut c[6], e.dst_offset);
                 put_uvar(&mut c[7], e.len);
                 put_h128(&mut c[8], e.hash);
+                let duration = e.complete_ns.wrapping_sub(e.post_ns);
+                let dir = e.direction as usize & 1;
                 self.transfer_duration_z
-                    .push(zigzag(e.complete_ns, e.post_ns));
+                    .push(zigzag(duration, p.transfer_duration[dir]));
+                p.transfer_duration[dir] = duration;
                 let flags = e.transport as u8
                     | (e.direction as u8) << 3
-                    | u8::from(e.payload.is_some()) << 4;
+                    | u8::from(e.payload.is_some()) << 4
+                    | u8::from(self.transfer_time_ref) << 5;
                 c[10].push(flags);
                 if let Some(h) = e.payload {
                     put_h128(&mut c[11], h);
@@ -550,6 +578,133 @@ impl Columns {
     }
 }
 
+/// Names of the columns [`column_sizes`] reports, in `Columns` order.
+const COLUMN_NAMES: [(&str, &[&str]); 10] = [
+    (
+        "kernel_span",
+        &[
+            "kernel",
+            "layer",
+            "step",
+            "seq",
+            "row_start",
+            "row_len",
+            "thread",
+            "duration",
+            "has_hash",
+            "hashes",
+        ],
+    ),
+    (
+        "transfer",
+        &[
+            "id",
+            "src_endpoint",
+            "dst_endpoint",
+            "src_arena",
+            "dst_arena",
+            "src_offset",
+            "dst_offset",
+            "len",
+            "hash",
+            "duration",
+            "flags",
+            "payloads",
+        ],
+    ),
+    ("step_boundary", &["step", "seq"]),
+    (
+        "snapshot",
+        &["stage", "step", "id", "bytes", "new_bytes", "chunks"],
+    ),
+    (
+        "perf_sample",
+        &["kind", "ip", "addr", "weight", "data_source", "tid", "cpu"],
+    ),
+    ("pt_chunk", &["cpu", "aux_offset", "size", "payload"]),
+    (
+        "ebpf",
+        &["kind", "pid", "tid", "cpu", "arg0", "arg1", "arg2"],
+    ),
+    ("lost_events", &["count", "reason", "duration"]),
+    ("marker", &["text"]),
+    ("counter", &["name", "value"]),
+];
+
+/// One column of a batch measured on its own: see [`column_sizes`].
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct ColumnSize {
+    /// `group.column`; `times.<kind>` is the share of the `times` column of that kind's events
+    /// (laid out in planes on its own).
+    pub name: String,
+    /// Bytes before compression.
+    pub raw: usize,
+    /// Bytes after zstd at the level asked for, compressing this column alone.
+    pub compressed: usize,
+}
+
+/// A measurement aid, not part of the format: encodes `events` as one batch and compresses each
+/// column on its own, so one can see which columns the bytes of a real log go to. (The frame
+/// compresses the whole message at once; the sum here is close to, not equal to, its size.)
+#[doc(hidden)]
+pub fn column_sizes(events: &[Event], level: i32) -> Vec<ColumnSize> {
+    let mut c = Columns::default();
+    let mut out = Vec::new();
+    c.encode(events.iter().copied(), 0, &[], &mut out);
+    let z = |bytes: &[u8]| -> usize {
+        if bytes.is_empty() {
+            0
+        } else {
+            zstd::bulk::compress(bytes, level).map_or(bytes.len(), |v| v.len())
+        }
+    };
+    let mut sizes = vec![ColumnSize {
+        name: "kinds".into(),
+        raw: c.kinds.len(),
+        compressed: z(&c.kinds),
+    }];
+    for kind in EventKind::ALL {
+        let values: Vec<u64> = c
+            .kinds
+            .iter()
+            .zip(&c.times_z)
+            .filter(|(k, _)| **k == kind as u8)
+            .map(|(_, v)| *v)
+            .collect();
+        if values.is_empty() {
+            continue;
+        }
+        let mut planes = Vec::new();
+        put_planes(&mut planes, &values);
+        sizes.push(ColumnSize {
+            name: format!("times.{}", kind.name()),
+            raw: planes.len(),
+            compressed: z(&planes),
+        });
+    }
+    sizes.push(ColumnSize {
+        name: "kernel_span.time_ref".into(),
+        raw: c.span_time_ref.len(),
+        compressed: z(&c.span_time_ref),
+    });
+    let groups: [&[Vec<u8>]; 10] = [
+        &c.ks, &c.tr, &c.sb, &c.sn, &c.ps, &c.pt, &c.eb, &c.le, &c.mk, &c.ct,
+    ];
+    for ((group, names), cols) in COLUMN_NAMES.iter().zip(groups) {
+        for (name, col) in names.iter().zip(cols) {
+            if !col.is_empty() {
+                sizes.push(ColumnSize {
+                    name: format!("{group}.{name}"),
+                    raw: col.len(),
+                    compressed: z(col),
+                });
+            }
+        }
+    }
+    sizes
+}
+
 /// A decoded batch: its events in append order and the strings it defines.
 #[derive(Debug, Default)]
 pub(crate) struct DecodedBatch {
@@ -563,10 +718,14 @@ pub const MAX_FRAME_EVENTS: u32 = 1 << 20;
 
 /// Decodes a serialized `Batch`. `want(kind)` chooses which events to materialise; columns of
 /// other kinds are still walked so the deltas stay right, but nothing is built for them.
+/// Decodes a batch written by log format `version` (1 or 2; see docs/FORMAT.md 5.2-5.3 for what
+/// version 2 predicts differently).
 pub(crate) fn decode(
     bytes: &[u8],
     want: impl Fn(EventKind) -> bool,
+    version: u32,
 ) -> Result<DecodedBatch, BatchError> {
+    let v2 = version >= 2;
     let mut options = ReaderOptions::new();
     // One word of traversal per 8 bytes, plus slack for the struct headers.
     options.traversal_limit_in_words(Some(bytes.len() / 8 + 1024));
@@ -688,17 +847,24 @@ pub(crate) fn decode(
     for &k in kinds {
         let kind = EventKind::from_u8(k).ok_or(BatchError::Columns("kinds"))?;
         let mut starts_group = false;
-        let predictor = if kind == EventKind::KernelSpan {
-            match span_time_ref.u8()? {
+        // A transfer's flags are read first: in version 2, bit 5 chooses its time predictor.
+        let transfer_flags = if kind == EventKind::Transfer {
+            tr[9].u8()?
+        } else {
+            0
+        };
+        let predictor = match kind {
+            EventKind::KernelSpan => match span_time_ref.u8()? {
                 0 => p.time[kind as usize],
                 1 => {
                     starts_group = true;
                     p.span_end
                 }
                 _ => return Err(BatchError::Columns("kernelSpans.timeRef")),
-            }
-        } else {
-            p.time[kind as usize]
+            },
+            EventKind::Transfer if v2 && transfer_flags & 32 != 0 => p.span_end,
+            EventKind::StepBoundary if v2 => p.span_end,
+            _ => p.time[kind as usize],
         };
         let ns = times.svar(predictor)?;
         p.time[kind as usize] = ns;
@@ -715,7 +881,14 @@ pub(crate) fn decode(
                 let row_end = u32::try_from(row_end)
                     .map_err(|_| BatchError::Columns("kernelSpans.rowLen"))?;
                 let thread = c[6].u32()?;
-                let end_ns = span_duration.svar(ns)?;
+                let end_ns = if v2 {
+                    let predicted = p.span_duration.get(&(kernel, layer)).copied();
+                    let duration = span_duration.svar(predicted.unwrap_or(0))?;
+                    p.span_duration.insert((kernel, layer), duration);
+                    ns.wrapping_add(duration)
+                } else {
+                    span_duration.svar(ns)?
+                };
                 p.span_end = next_span_end(p.span_end, end_ns, starts_group);
                 let output_hash = match c[7].u8()? {
                     0 => None,
@@ -747,12 +920,19 @@ pub(crate) fn decode(
                 let dst_offset = c[6].uvar()?;
                 let len = c[7].uvar()?;
                 let hash = c[8].h128()?;
-                let complete_ns = transfer_duration.svar(ns)?;
-                let flags = c[9].u8()?;
+                let flags = transfer_flags;
                 let bad = || BatchError::Columns("transfers.flags");
-                if flags >> 5 != 0 {
+                if flags >> if v2 { 6 } else { 5 } != 0 {
                     return Err(bad());
                 }
+                let complete_ns = if v2 {
+                    let dir = usize::from(flags >> 3 & 1);
+                    let duration = transfer_duration.svar(p.transfer_duration[dir])?;
+                    p.transfer_duration[dir] = duration;
+                    ns.wrapping_add(duration)
+                } else {
+                    transfer_duration.svar(ns)?
+                };
                 let transport = Transport::from_u8(flags & 7).ok_or_else(bad)?;
                 let direction = if flags & 8 != 0 {
                     Direction::Recv

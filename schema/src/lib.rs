@@ -32,6 +32,8 @@ pub mod trace_capnp {
 }
 
 pub use batch::MAX_FRAME_EVENTS;
+#[doc(hidden)]
+pub use batch::{ColumnSize, column_sizes};
 pub use error::{Result, SchemaError};
 pub use event::{
     Counter, Direction, EbpfEvent, EbpfKind, Event, EventKind, KernelSpan, KindSet, LostEvents,

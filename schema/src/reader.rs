@@ -288,7 +288,9 @@ impl LogReader {
                 info.raw_len
             )));
         }
-        let decoded = batch::decode(bytes, want).map_err(|e| match e {
+        // The file header was validated at open: its version picks the batch predictors.
+        let version = u32::from(crate::frame::u16_at(&self.map, 8));
+        let decoded = batch::decode(bytes, want, version).map_err(|e| match e {
             BatchError::Capnp(e) => corrupt(format!("capnp: {e}")),
             BatchError::Columns(col) => corrupt(format!("column {col} is inconsistent")),
         })?;

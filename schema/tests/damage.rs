@@ -117,7 +117,7 @@ fn wrong_magic_and_newer_version_are_clear_errors() {
             err,
             SchemaError::UnsupportedVersion {
                 found: 9,
-                supported: 1,
+                supported: FORMAT_VERSION,
                 ..
             }
         ),

@@ -1,13 +1,16 @@
-//! A committed version-1 log (`tests/fixtures/v1-every-kind.slog`) must keep decoding to the same
-//! events: this guards readers against accidental format changes. Set SLUG_WRITE_FIXTURE=1 to
-//! (re)write the fixture, only when the format version changes on purpose.
+//! Committed logs of every format version this build reads (`tests/fixtures/v<N>-every-kind.slog`,
+//! the same events written by the writer of version N) must keep decoding to those events: this
+//! guards readers against accidental format changes. Set SLUG_WRITE_FIXTURE=1 to (re)write the
+//! fixture of the current version, only when the format version changes on purpose; older
+//! fixtures are never rewritten (this build cannot write them).
 
 use std::path::PathBuf;
 
 use slug_schema::*;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-every-kind.slog")
+fn fixture(version: u32) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/fixtures/v{version}-every-kind.slog"))
 }
 
 /// One or more events of every kind, with the optional fields both present and absent.
@@ -119,7 +122,13 @@ const STRINGS: [&str; 5] = [
 
 #[test]
 fn committed_v1_log_still_decodes() {
-    let path = fixture();
+    check(fixture(1), 1);
+}
+
+#[test]
+fn committed_v2_log_still_decodes() {
+    assert_eq!(FORMAT_VERSION, 2, "write a fixture for the new version");
+    let path = fixture(2);
     if std::env::var_os("SLUG_WRITE_FIXTURE").is_some() {
         let header = LogHeader {
             endpoint: 1,
@@ -144,6 +153,17 @@ fn committed_v1_log_still_decodes() {
         }
         w.close().unwrap();
     }
+    check(path, 2);
+}
+
+fn check(path: PathBuf, version: u16) {
+    let bytes = std::fs::read(&path).expect("fixture reads");
+    assert_eq!(
+        u16::from_le_bytes([bytes[8], bytes[9]]),
+        version,
+        "{} is a version-{version} log",
+        path.display()
+    );
     let reader = LogReader::open(&path).expect("fixture opens");
     assert!(reader.recovery().is_clean(), "{:?}", reader.recovery());
     assert_eq!(reader.header().endpoint, 1);
