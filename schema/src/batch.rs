@@ -1070,3 +1070,112 @@ pub(crate) fn decode(
         strings,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Steps of 2 layers x 4 kernels with jittered durations; per step one receive posted early,
+    /// one send posted right after the last kernel, and a step boundary.
+    fn stream() -> Vec<Event> {
+        let mut v = Vec::new();
+        let mut t = 5_000_000u64;
+        for step in 0..4u64 {
+            v.push(Event::Transfer(Transfer {
+                id: 100 + step,
+                src_endpoint: 0,
+                dst_endpoint: 1,
+                src_arena: 1,
+                dst_arena: 1,
+                src_offset: 4096,
+                dst_offset: 8192,
+                len: 1536,
+                hash: u128::from(step) * 0x9e37_79b9_7f4a_7c15,
+                post_ns: t.saturating_sub(700_000 + step * 13),
+                complete_ns: t - 90 - step,
+                transport: Transport::Shm,
+                direction: Direction::Recv,
+                payload: None,
+            }));
+            for layer in 2..4u32 {
+                for kernel in 0..4u32 {
+                    let start = t + 50 + u64::from(kernel * 7 + layer) % 31;
+                    let end = start + 1_000 * u64::from(kernel + 1) + (step * 37 + 11) % 97;
+                    v.push(Event::KernelSpan(KernelSpan {
+                        kernel,
+                        layer,
+                        step,
+                        seq: (step % 2) as u32,
+                        row_start: 0,
+                        row_end: 12,
+                        thread: 0,
+                        start_ns: start,
+                        end_ns: end,
+                        output_hash: None,
+                    }));
+                    t = end;
+                }
+            }
+            v.push(Event::StepBoundary(StepBoundary {
+                step,
+                seq: (step % 2) as u32,
+                ns: t + 300,
+            }));
+            v.push(Event::Transfer(Transfer {
+                id: 1 << 40 | step,
+                src_endpoint: 1,
+                dst_endpoint: 2,
+                src_arena: 1,
+                dst_arena: 1,
+                src_offset: 0,
+                dst_offset: 0,
+                len: 1536,
+                hash: u128::MAX - u128::from(step),
+                post_ns: t + 400,
+                // A send may complete "before" it was posted on another clock: wrapping must hold.
+                complete_ns: 3,
+                transport: Transport::Tcp,
+                direction: Direction::Send,
+                payload: Some(7),
+            }));
+            t += 20_000;
+        }
+        v
+    }
+
+    #[test]
+    fn version_2_round_trips_and_version_1_reads_it_differently() {
+        let events = stream();
+        let (mut c, mut out) = (Columns::default(), Vec::new());
+        c.encode(events.iter().copied(), 0, &[], &mut out);
+        let got = decode(&out, |_| true, crate::frame::FORMAT_VERSION)
+            .expect("version 2 decodes")
+            .events;
+        assert_eq!(got, events);
+        // Sends posted after a span end set flags bit 5, which version 1 reserves: the version
+        // in the file header must choose the predictors.
+        assert!(decode(&out, |_| true, 1).is_err());
+    }
+
+    #[test]
+    fn version_2_predictors_shrink_durations_and_step_times() {
+        let events = stream();
+        let mut c = Columns::default();
+        c.encode(events.iter().copied(), 0, &[], &mut Vec::new());
+        // Version 1 would store each span's full duration (>= 1000 ns: 2 bytes); repeated
+        // (kernel, layer) pairs leave only the jitter (< 128 after zigzag: 1 byte).
+        let (spans, bytes): (usize, usize) = c.span_duration_z.iter().fold((0, 0), |(n, b), z| {
+            (n + 1, b + (8 - z.leading_zeros() as usize / 8))
+        });
+        assert!(bytes < 2 * spans, "{bytes} bytes for {spans} spans");
+        // A step boundary 300 ns after its last kernel: zigzag 600, two bytes, not three.
+        let boundary = c
+            .kinds
+            .iter()
+            .zip(&c.times_z)
+            .filter(|(k, _)| **k == EventKind::StepBoundary as u8)
+            .map(|(_, z)| *z)
+            .collect::<Vec<_>>();
+        assert_eq!(boundary, vec![600; 4]);
+    }
+}
