@@ -280,7 +280,7 @@ impl LinkSender {
     ) -> Result<Transfer> {
         let range = check_range(src.arena, src.bytes.len(), src_offset, len)?;
         let post_ns = monotonic_ns();
-        let transfer = Transfer {
+        let mut transfer = Transfer {
             id: TransferId {
                 link: self.ends.id,
                 seq: self.next_seq,
@@ -302,7 +302,6 @@ impl LinkSender {
             transport: self.kind,
         };
         let payload = &src.bytes[range];
-        self.observers.posted(&transfer, payload);
         let header = SlotHeader {
             seq: self.next_seq,
             sequence: tag.sequence,
@@ -358,6 +357,10 @@ impl LinkSender {
         }
         self.next_seq += 1;
         self.stats.add(len, post_ns);
+        // Observed once the bytes have left: the sender's completion time is then known, and a
+        // send that failed (timeout, broken link) is reported by its error, not as a transfer.
+        transfer.complete_ns = monotonic_ns();
+        self.observers.posted(&transfer, payload);
         Ok(transfer)
     }
 

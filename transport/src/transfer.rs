@@ -118,7 +118,9 @@ pub struct Transfer {
     pub len: u64,
     /// Sender's CLOCK_MONOTONIC when the transfer was posted.
     pub post_ns: u64,
-    /// Receiver's CLOCK_MONOTONIC when the bytes were in place; 0 in the `posted` callback.
+    /// When this end was done: in the `posted` callback the sender's CLOCK_MONOTONIC when its
+    /// send returned (the bytes are in the fabric or already in the receiver's arena); in the
+    /// `completed` callback the receiver's when the bytes were in place.
     pub complete_ns: u64,
     /// The backend that moved the bytes.
     pub transport: TransportKind,
@@ -126,11 +128,12 @@ pub struct Transfer {
 
 /// The hook the recorder taps: called by every link for every transfer, on both ends.
 ///
-/// Links call `posted` on the sending endpoint before the bytes leave, with the source bytes,
-/// and `completed` on the receiving endpoint once the bytes are in the destination arena, with
-/// the destination bytes. Implementations must be cheap: they run on the pipeline's hot path.
+/// Links call `posted` on the sending endpoint once its send has returned (post and completion
+/// times both known), with the source bytes, and `completed` on the receiving endpoint once the
+/// bytes are in the destination arena, with the destination bytes. The two may run in either
+/// order. Implementations must be cheap: they run on the pipeline's hot path.
 pub trait TransferObserver: Send + Sync {
-    /// The sender posted `transfer`; `bytes` are the source bytes.
+    /// The sender's send of `transfer` returned; `bytes` are the source bytes.
     fn posted(&self, transfer: &Transfer, bytes: &[u8]);
     /// The receiver holds the bytes; `bytes` are the destination bytes.
     fn completed(&self, transfer: &Transfer, bytes: &[u8]);
