@@ -42,6 +42,10 @@ pub struct FlightRing {
     path: PathBuf,
     map: MmapRaw,
     capacity: u64,
+    /// `capacity - 1`: capacity is a power of two, so a slot index is a mask, not a division
+    /// (a 64-bit divide was a third of the append's cost). Slot `i % capacity` either way, so
+    /// readers of the file need not know.
+    mask: u64,
 }
 
 // SAFETY: the mapping is shared memory; every field the two sides touch is an atomic (head,
@@ -52,7 +56,8 @@ unsafe impl Send for FlightRing {}
 unsafe impl Sync for FlightRing {}
 
 impl FlightRing {
-    /// Creates the ring file at `path` (truncating any old one) holding `capacity` records.
+    /// Creates the ring file at `path` (truncating any old one) holding `capacity` records,
+    /// rounded up to a power of two.
     pub fn create(
         path: impl AsRef<Path>,
         endpoint: u32,
@@ -61,7 +66,7 @@ impl FlightRing {
         capacity: usize,
     ) -> Result<FlightRing> {
         let path = path.as_ref().to_path_buf();
-        let capacity = capacity.max(1);
+        let capacity = capacity.max(1).next_power_of_two();
         let len = SLOTS_AT + capacity * RawRecord::SIZE;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -77,6 +82,7 @@ impl FlightRing {
             path,
             map,
             capacity: capacity as u64,
+            mask: capacity as u64 - 1,
         };
         let mut meta = [0u8; 32];
         meta[..8].copy_from_slice(MAGIC);
@@ -113,16 +119,18 @@ impl FlightRing {
             lost.store(lost.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
             return false;
         }
-        let bytes = record.to_bytes();
-        let slot = SLOTS_AT + (head % self.capacity) as usize * RawRecord::SIZE;
+        let slot = SLOTS_AT + (head & self.mask) as usize * RawRecord::SIZE;
         // SAFETY: the slot is inside the mapping, and it is free: the drainer has released it
-        // (tail > head - capacity) and will not read it before the release store below.
+        // (tail > head - capacity) and will not read it before the release store below. It is
+        // 8-aligned (page-aligned mapping, 256-byte header, 128-byte slots), and `RawRecord` is
+        // `repr(C)` without padding, laid out byte for byte as `RawRecord::to_bytes` writes it,
+        // so one direct store replaces a copy through a byte array.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.map.as_mut_ptr().add(slot),
-                RawRecord::SIZE,
-            );
+            self.map
+                .as_mut_ptr()
+                .add(slot)
+                .cast::<RawRecord>()
+                .write(*record);
         }
         self.word(HEAD_AT).store(head + 1, Ordering::Release);
         true
@@ -149,7 +157,7 @@ impl FlightRing {
         let head = self.word(HEAD_AT).load(Ordering::Acquire);
         let mut bytes = [0u8; RawRecord::SIZE];
         for i in tail..head {
-            let slot = SLOTS_AT + (i % self.capacity) as usize * RawRecord::SIZE;
+            let slot = SLOTS_AT + (i & self.mask) as usize * RawRecord::SIZE;
             // SAFETY: slots tail..head were published by the appender's release store of head
             // (acquired above) and stay untouched until tail moves past them.
             unsafe {
