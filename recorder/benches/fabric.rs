@@ -23,6 +23,9 @@
 //! the pipeline reports it, model build excluded) is compared over interleaved rounds, so a
 //! loaded machine's drift hits the three variants alike. Ratios: `ours / unrecorded`.
 
+#[path = "support/tally.rs"]
+mod tally;
+
 use std::cell::Cell;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -35,6 +38,7 @@ use slug_recorder::perf::{PerfConfig, PerfRequest};
 use slug_recorder::{RecordConfig, record};
 use slug_transport::pipeline::{Launch, NoObservers, PipelineConfig, run};
 use slug_transport::transfer::TransportKind;
+use tally::Tally;
 
 /// The `slug` binary the stage processes run.
 fn slug_binary() -> Option<PathBuf> {
@@ -55,24 +59,6 @@ fn pipeline(model: &str, transport: TransportKind, tokens: usize, node: &Path) -
     p.launch = Launch::Processes;
     p.node_binary = Some(node.to_path_buf());
     p
-}
-
-#[derive(Default)]
-struct Tally {
-    elapsed: Cell<Duration>,
-    iters: Cell<u64>,
-}
-
-impl Tally {
-    fn add(&self, d: Duration, iters: u64) -> Duration {
-        self.elapsed.set(self.elapsed.get() + d);
-        self.iters.set(self.iters.get() + iters);
-        d
-    }
-
-    fn per_iter_ns(&self) -> f64 {
-        self.elapsed.get().as_nanos() as f64 / self.iters.get().max(1) as f64
-    }
 }
 
 /// Mean generation throughput over runs.
@@ -162,7 +148,7 @@ fn bench_one(c: &mut Criterion, model: &str, transport: TransportKind, tokens: u
         });
     }
     g.finish();
-    if plain.iters.get() == 0 {
+    if !plain.ran() {
         // Filtered out on the command line.
         return;
     }

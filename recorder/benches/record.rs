@@ -7,6 +7,9 @@
 //!
 //! Ratios are printed after each group (`ratio = ours / baseline`).
 
+#[path = "support/tally.rs"]
+mod tally;
+
 use std::cell::Cell;
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -22,26 +25,9 @@ use slug_recorder::perf::{PerfConfig, PerfRequest, StreamKind};
 use slug_recorder::{RecordConfig, RecordSummary, record};
 use slug_schema::{Event, KernelSpan, RawRecord, WriterOptions};
 use slug_transport::pipeline::{NoObservers, PipelineConfig, run};
+use tally::Tally;
 
 const BATCH: usize = 16 * 1024;
-
-#[derive(Default)]
-struct Tally {
-    elapsed: Cell<Duration>,
-    iters: Cell<u64>,
-}
-
-impl Tally {
-    fn add(&self, d: Duration, iters: u64) -> Duration {
-        self.elapsed.set(self.elapsed.get() + d);
-        self.iters.set(self.iters.get() + iters);
-        d
-    }
-
-    fn per_iter_ns(&self) -> f64 {
-        self.elapsed.get().as_nanos() as f64 / self.iters.get().max(1) as f64
-    }
-}
 
 fn span(i: u64) -> Event {
     Event::KernelSpan(KernelSpan {
@@ -124,7 +110,7 @@ fn bench_append(c: &mut Criterion) {
     });
     g.finish();
     let stats = recorder.finish().expect("finish");
-    if ours.iters.get() == 0 || base.iters.get() == 0 {
+    if !ours.ran() || !base.ran() {
         // The group was filtered out on the command line: no ratio to print.
         return;
     }
@@ -236,7 +222,7 @@ fn bench_pipeline(c: &mut Criterion) {
         });
     }
     g.finish();
-    if plain.iters.get() == 0 {
+    if !plain.ran() {
         // The group was filtered out on the command line.
         return;
     }
