@@ -61,17 +61,21 @@ fn slug(args: &[&str]) -> std::process::Output {
         .expect("slug runs")
 }
 
-#[test]
-fn perfetto_export_has_a_track_per_endpoint_kernel_slices_and_paired_flows() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("trace");
+/// Writes a small trace under `tmp`, exports it as `format` to `tmp/<file>` and checks the
+/// export succeeded; returns the trace directory, the output path and what `slug` printed.
+fn exported(
+    tmp: &std::path::Path,
+    format: &str,
+    file: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let dir = tmp.join("trace");
     small_trace(&dir);
-    let out = tmp.path().join("t.perfetto-trace");
+    let out = tmp.join(file);
     let run = slug(&[
         "export",
         dir.to_str().unwrap(),
         "--format",
-        "perfetto",
+        format,
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -80,7 +84,14 @@ fn perfetto_export_has_a_track_per_endpoint_kernel_slices_and_paired_flows() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    assert!(String::from_utf8_lossy(&run.stdout).starts_with("wrote "));
+    (dir, out, String::from_utf8_lossy(&run.stdout).into_owned())
+}
+
+#[test]
+fn perfetto_export_has_a_track_per_endpoint_kernel_slices_and_paired_flows() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (dir, out, printed) = exported(tmp.path(), "perfetto", "t.perfetto-trace");
+    assert!(printed.starts_with("wrote "));
 
     let (kernels, transfers) = ground_truth(&dir);
     let data = std::fs::read(&out).expect("export written");
@@ -131,22 +142,7 @@ fn perfetto_export_has_a_track_per_endpoint_kernel_slices_and_paired_flows() {
 #[test]
 fn chrome_export_gzips_and_matches_the_trace() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("trace");
-    small_trace(&dir);
-    let out = tmp.path().join("t.json.gz");
-    let run = slug(&[
-        "export",
-        dir.to_str().unwrap(),
-        "--format",
-        "chrome",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let (dir, out, _) = exported(tmp.path(), "chrome", "t.json.gz");
     let raw = std::fs::read(&out).expect("written");
     assert_eq!(&raw[..2], &[0x1f, 0x8b], "gzip magic");
 
