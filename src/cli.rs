@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{demo, export, info, node, record, replay, run, view};
+use crate::{demo, export, info, node, record, recover, replay, run, view};
 
 /// slug — record and replay for distributed CPU AI pipelines.
 ///
@@ -30,6 +30,8 @@ enum Command {
     View(view::ViewArgs),
     /// Summarise a trace: endpoints, events per kind, sizes, losses, capabilities.
     Info(info::InfoArgs),
+    /// Rebuild the logs of a killed recording and remove leftovers of interrupted writes.
+    Recover(recover::RecoverArgs),
     /// Export a trace for Perfetto (protobuf) or chrome://tracing (JSON).
     Export(export::ExportArgs),
     /// Write a synthetic trace and read it back: a tour of the trace format.
@@ -46,6 +48,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Replay(args) => replay::execute(args),
         Command::View(args) => view::execute(args),
         Command::Info(args) => info::execute(args),
+        Command::Recover(args) => recover::execute(args),
         Command::Export(args) => export::execute(args),
         Command::Demo(args) => demo::execute(args),
         Command::Node(args) => node::execute(args),

@@ -38,6 +38,9 @@ pub fn execute(args: ExportArgs) -> Result<ExitCode> {
         ExportFormat::Chrome => Format::Chrome,
     };
     let source = TraceDirSource::open(&args.trace)?;
+    if let Some(line) = crate::recover::notice(&args.trace) {
+        eprintln!("slug: warning: {line}");
+    }
     // Damaged logs are exported as far as they could be read, and said so.
     for (ep, info) in source.endpoints().iter().enumerate() {
         let health = source.health(ep);

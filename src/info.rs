@@ -33,10 +33,10 @@ pub fn execute(args: InfoArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     // Validates the directory first, so a wrong path gets the trace's own clear error.
-    Trace::open(&args.trace)?;
-    recover_killed_recording(&args.trace);
     let trace = Trace::open(&args.trace)?;
-    let summary = TraceSummary::of(&trace);
+    let preview = rebuild_killed_recording(&args.trace);
+    let logs = preview.as_ref().map(|p| p.logs.clone()).unwrap_or_default();
+    let summary = TraceSummary::of_with_logs(&trace, &logs);
     if args.json {
         let text = serde_json::to_string_pretty(&summary).context("serializing the summary")?;
         println!("{text}");
@@ -364,22 +364,32 @@ fn ratio(raw: u64, disk: u64) -> String {
 }
 
 /// A recording whose process was killed leaves journals and flight rings instead of closed logs:
-/// rebuild those logs first (a no-op on a cleanly closed trace) and say what was saved.
-fn recover_killed_recording(dir: &Path) {
-    match slug_recorder::recover(dir) {
-        Ok(recovered) => {
-            for r in recovered {
-                eprintln!(
-                    "recovered endpoint {} of a killed recording: {} events from its journal, \
-                     {} from its flight rings ({} dropped by full rings before the kill)",
-                    r.endpoint, r.from_log, r.from_rings, r.ring_lost
-                );
-            }
+/// rebuild those logs into a private temporary directory (the trace is never written) and say
+/// so, and that `slug recover` makes it permanent. `None` on a cleanly closed trace.
+fn rebuild_killed_recording(dir: &Path) -> Option<slug_recorder::Preview> {
+    let preview = match slug_recorder::preview(dir) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "warning: {}: cannot rebuild the logs of a killed recording ({e}); summarising \
+                 what is readable",
+                dir.display()
+            );
+            return None;
         }
-        Err(e) => eprintln!(
-            "warning: {}: could not rebuild the logs of a killed recording ({e}); \
-             summarising what is readable",
-            dir.display()
-        ),
+    };
+    if let Some(line) = preview.leftovers.notice(dir) {
+        eprintln!("note: {line}");
     }
+    for r in &preview.endpoints {
+        eprintln!(
+            "note: endpoint {}: shown as rebuilt in memory: {} events from its journal, {} from \
+             its log, {} from its flight rings ({} dropped by full rings before the kill)",
+            r.endpoint, r.from_journal, r.from_log, r.from_rings, r.ring_lost
+        );
+        for d in &r.damage {
+            eprintln!("warning: endpoint {}: {d}", r.endpoint);
+        }
+    }
+    Some(preview)
 }

@@ -7,6 +7,7 @@ mod info;
 mod node;
 mod pipeline_args;
 mod record;
+mod recover;
 mod replay;
 mod run;
 mod view;

@@ -34,7 +34,8 @@ pub struct RecordArgs {
     /// Trace directory to create (its parent must exist).
     #[arg(long)]
     out: PathBuf,
-    /// Replace the contents of a non-empty --out directory.
+    /// Replace the slug trace in a non-empty --out directory (only a trace: anything else, the
+    /// current directory, its ancestors and $HOME are refused).
     #[arg(long)]
     force: bool,
     /// Transfer payloads to store: none, boundary (the tokens sent back to stage 0) or all.

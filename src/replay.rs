@@ -94,6 +94,9 @@ pub struct ReplayArgs {
 
 /// Runs `slug replay`; exit status 0 only when the replay was bit-exact (1 when it diverged).
 pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
+    if let Some(line) = crate::recover::killed(&args.trace) {
+        bail!("{line}; a replay checks against complete logs only");
+    }
     let rec = Arc::new(RecordedRun::open(&args.trace)?);
     let transport = args
         .transport

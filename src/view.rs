@@ -24,6 +24,9 @@ pub struct ViewArgs {
 /// Runs `slug view`.
 pub fn execute(args: ViewArgs) -> Result<ExitCode> {
     let source = TraceDirSource::open(&args.trace)?;
+    if let Some(line) = crate::recover::notice(&args.trace) {
+        eprintln!("slug: warning: {line}");
+    }
     let divergence = args
         .divergence
         .as_deref()

@@ -209,43 +209,70 @@ pub struct RecoveredRing {
     pub lost: u64,
 }
 
+/// The largest ring capacity a ring file may claim (128 MiB of records); the recorder's rings
+/// are far smaller, so a larger claim is damage, not a reason to read or allocate that much.
+pub const MAX_RING_RECORDS: u64 = 1 << 20;
+
 /// Reads the undrained records of a ring file left by a process that ended without draining it.
+/// The file must be a regular file (a link is not followed); memory is bounded by
+/// [`MAX_RING_RECORDS`] records.
 pub fn recover_ring(path: impl AsRef<Path>) -> Result<RecoveredRing> {
+    use std::os::unix::fs::FileExt;
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| RecorderError::io(path, e))?;
-    let bad = |problem: &str| RecorderError::Io {
+    let file = crate::recover::open_regular(path)?;
+    let bad = |problem: String| RecorderError::Io {
         path: path.to_path_buf(),
         source: std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("not a readable flight-recorder ring: {problem}"),
         ),
     };
-    if bytes.len() < SLOTS_AT || &bytes[..8] != MAGIC {
-        return Err(bad("wrong magic or truncated header"));
+    let file_len = file
+        .metadata()
+        .map_err(|e| RecorderError::io(path, e))?
+        .len();
+    let mut header = [0u8; SLOTS_AT];
+    if file_len < SLOTS_AT as u64 || file.read_exact_at(&mut header, 0).is_err() {
+        return Err(bad(format!(
+            "{file_len} bytes, shorter than the {SLOTS_AT}-byte header (killed while creating it)"
+        )));
     }
-    let u32_at = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap_or([0; 4]));
-    let u64_at = |at: usize| u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]));
+    if &header[..8] != MAGIC {
+        return Err(bad("wrong magic".into()));
+    }
+    let u32_at = |at: usize| u32::from_ne_bytes(header[at..at + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |at: usize| u64::from_ne_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
     if u32_at(8) != VERSION {
-        return Err(bad("unknown version"));
+        return Err(bad(format!("unknown version {}", u32_at(8))));
     }
     let (endpoint, capacity, thread) = (u32_at(12), u64_at(16), u32_at(24));
     let (head, lost, tail) = (u64_at(HEAD_AT), u64_at(LOST_AT), u64_at(TAIL_AT));
-    if capacity == 0 || (bytes.len() as u64) < SLOTS_AT as u64 + capacity * RawRecord::SIZE as u64 {
-        return Err(bad("file shorter than its capacity"));
+    if capacity == 0 || capacity > MAX_RING_RECORDS {
+        return Err(bad(format!(
+            "capacity {capacity} records is outside 1..={MAX_RING_RECORDS}"
+        )));
+    }
+    if file_len < SLOTS_AT as u64 + capacity * RawRecord::SIZE as u64 {
+        return Err(bad(format!(
+            "{file_len} bytes, shorter than its capacity of {capacity} records"
+        )));
     }
     if tail > head || head - tail > capacity {
-        return Err(bad("head and tail are inconsistent"));
+        return Err(bad(format!("head {head} and tail {tail} are inconsistent")));
     }
-    let records = (tail..head)
-        .map(|i| {
-            let at = SLOTS_AT + (i % capacity) as usize * RawRecord::SIZE;
-            let mut b = [0u8; RawRecord::SIZE];
-            b.copy_from_slice(&bytes[at..at + RawRecord::SIZE]);
-            RawRecord::from_bytes(&b)
-        })
+    let mut records = Vec::with_capacity((head - tail) as usize);
+    for i in tail..head {
+        let at = SLOTS_AT as u64 + (i % capacity) * RawRecord::SIZE as u64;
+        let mut b = [0u8; RawRecord::SIZE];
+        file.read_exact_at(&mut b, at)
+            .map_err(|e| RecorderError::io(path, e))?;
+        let r = RawRecord::from_bytes(&b);
         // A record with an impossible kind was never written whole; nothing after it is trusted.
-        .take_while(|r| EventKind::from_u8(r.kind_byte()).is_some())
-        .collect();
+        if EventKind::from_u8(r.kind_byte()).is_none() {
+            break;
+        }
+        records.push(r);
+    }
     Ok(RecoveredRing {
         endpoint,
         thread,
@@ -354,6 +381,24 @@ mod tests {
         assert!(recover_ring(dir.path().join("missing.ring")).is_err());
         std::fs::write(dir.path().join("junk.ring"), b"junk").unwrap();
         assert!(recover_ring(dir.path().join("junk.ring")).is_err());
+    }
+
+    #[test]
+    fn a_damaged_ring_header_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.ring");
+        FlightRing::create(&path, 1, 0, 0, 8).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[16..24].copy_from_slice(&(1u64 << 57).to_ne_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let err = recover_ring(&path).unwrap_err().to_string();
+        assert!(err.contains("capacity"), "{err}");
+        std::fs::write(&path, b"").unwrap();
+        let err = recover_ring(&path).unwrap_err().to_string();
+        assert!(err.contains("0 bytes"), "{err}");
+        let link = dir.path().join("link.ring");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(recover_ring(&link).is_err(), "a link is not followed");
     }
 
     /// A child process appends and is killed with SIGKILL; its records are in the file.

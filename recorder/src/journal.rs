@@ -79,23 +79,37 @@ impl Journal {
     }
 }
 
-/// Reads every whole block of the journal at `path`, in order; a torn or damaged tail ends it.
-pub fn read_journal(path: impl AsRef<Path>) -> Result<Vec<RawRecord>> {
+/// The most records one block may claim: a writer drains at most every ring's capacity at
+/// once, far below this; a larger claim is damage, not a reason to allocate.
+const MAX_BLOCK_RECORDS: usize = 1 << 20;
+
+/// Passes every record of every whole block of the journal at `path` to `sink`, in order, and
+/// returns how many; a torn or damaged block ends it. Memory is bounded by one block. The file
+/// must be a regular file (a link is not followed).
+pub fn read_journal(path: impl AsRef<Path>, mut sink: impl FnMut(RawRecord)) -> Result<u64> {
+    use std::io::Read;
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| RecorderError::io(path, e))?;
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at + BLOCK_HEADER <= bytes.len() {
-        let word = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap_or([0; 4]));
-        let (len, count) = (word(at) as usize, word(at + 4) as usize);
-        let sum = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().unwrap_or([0; 8]));
-        let Some(body) = bytes.get(at + BLOCK_HEADER..at + BLOCK_HEADER + len) else {
-            break;
-        };
-        if xxh3_64(body) != sum {
+    let file = crate::recover::open_regular(path)?;
+    let mut file = std::io::BufReader::new(file);
+    let mut n = 0;
+    let mut body = Vec::new();
+    loop {
+        let mut head = [0u8; BLOCK_HEADER];
+        if file.read_exact(&mut head).is_err() {
             break;
         }
-        let Ok(raw) = zstd::bulk::decompress(body, count * RawRecord::SIZE) else {
+        let word = |o: usize| u32::from_le_bytes([head[o], head[o + 1], head[o + 2], head[o + 3]]);
+        let (len, count) = (word(0) as usize, word(4) as usize);
+        let mut sum = [0u8; 8];
+        sum.copy_from_slice(&head[8..16]);
+        if count > MAX_BLOCK_RECORDS || len > count * (RawRecord::SIZE + 1) + 1024 {
+            break;
+        }
+        body.resize(len, 0);
+        if file.read_exact(&mut body).is_err() || xxh3_64(&body) != u64::from_le_bytes(sum) {
+            break;
+        }
+        let Ok(raw) = zstd::bulk::decompress(&body, count * RawRecord::SIZE) else {
             break;
         };
         if raw.len() != count * RawRecord::SIZE {
@@ -104,11 +118,11 @@ pub fn read_journal(path: impl AsRef<Path>) -> Result<Vec<RawRecord>> {
         for chunk in raw.chunks_exact(RawRecord::SIZE) {
             let mut b = [0u8; RawRecord::SIZE];
             b.copy_from_slice(chunk);
-            out.push(RawRecord::from_bytes(&b));
+            sink(RawRecord::from_bytes(&b));
+            n += 1;
         }
-        at += BLOCK_HEADER + len;
     }
-    Ok(out)
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -132,12 +146,13 @@ mod tests {
         j.append(&(0..100).map(rec).collect::<Vec<_>>()).unwrap();
         j.append(&[]).unwrap();
         j.append(&(100..150).map(rec).collect::<Vec<_>>()).unwrap();
-        let all = read_journal(&path).unwrap();
+        let mut all = Vec::new();
+        assert_eq!(read_journal(&path, |r| all.push(r)).unwrap(), 150);
         assert_eq!(all, (0..150).map(rec).collect::<Vec<_>>());
         // Cut the last block short: the first block still reads.
         let len = std::fs::metadata(&path).unwrap().len();
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(len - 3).unwrap();
-        assert_eq!(read_journal(&path).unwrap().len(), 100);
+        assert_eq!(read_journal(&path, |_| {}).unwrap(), 100);
     }
 }

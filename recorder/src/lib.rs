@@ -2,7 +2,8 @@
 //! observers for the pipeline runtime, perf streams, host topology and snapshots.
 //!
 //! - [`record()`]: runs a pipeline with every endpoint recorded into a trace directory.
-//! - [`recover()`]: after a SIGKILL, merges what the flight rings still hold into the logs.
+//! - [`recover()`]: after a SIGKILL, rebuilds the logs from journals and flight rings
+//!   ([`preview()`]: the same into a private temporary directory, for reading commands).
 //! - [`observe`]: the transfer observer, kernel hooks and observer factory the runtime calls.
 //! - [`endpoint`]: one endpoint's rings, perf streams and writer thread.
 //! - [`journal`]: what the writer drained, on disk before the rings release it.
@@ -18,6 +19,7 @@ mod error;
 pub mod flight;
 pub mod journal;
 pub mod observe;
+mod out_dir;
 pub mod perf;
 mod record;
 mod recover;
@@ -26,4 +28,7 @@ pub mod topology;
 
 pub use error::{RecorderError, Result};
 pub use record::{EndpointSummary, RecordConfig, RecordSummary, record};
-pub use recover::{RecoveredEndpoint, recover};
+pub use recover::{
+    EndpointLeftovers, Leftovers, Outcome, Preview, RecoveredEndpoint, RecoveryReport, preview,
+    recover,
+};

@@ -19,6 +19,7 @@ use crate::flight::DEFAULT_RING_RECORDS;
 use crate::observe::{
     NODE_REPORTS_DIR, NodeReport, NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings,
 };
+use crate::out_dir::prepare_out;
 use crate::perf::{Capabilities, PerfConfig, PerfStreams, PerfTarget, current_tid, probe};
 use crate::snapshot::SnapshotStore;
 use crate::topology::host_topology;
@@ -28,7 +29,7 @@ use crate::topology::host_topology;
 pub struct RecordConfig {
     /// The trace directory to create.
     pub out: PathBuf,
-    /// Replace the contents of a non-empty `out`.
+    /// Replace the slug trace in a non-empty `out` (nothing else: see `prepare_out`).
     pub force: bool,
     /// Which payloads to store.
     pub payloads: PayloadPolicy,
@@ -117,52 +118,6 @@ impl RecordSummary {
         let raw: u64 = self.endpoints.iter().map(|e| e.raw_bytes).sum();
         raw as f64 / bytes.max(1) as f64
     }
-}
-
-/// Checks `out` before anything runs: its parent must exist, and it must be absent or empty
-/// unless `force` (which clears it).
-fn prepare_out(out: &Path, force: bool) -> Result<()> {
-    let bad = |problem: String| RecorderError::OutputDir {
-        path: out.to_path_buf(),
-        problem,
-    };
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !parent.is_dir() {
-        return Err(bad(format!(
-            "the parent directory {} does not exist; create it first",
-            parent.display()
-        )));
-    }
-    if out.exists() {
-        if !out.is_dir() {
-            return Err(bad(
-                "exists and is not a directory; choose another --out".into()
-            ));
-        }
-        let mut entries = std::fs::read_dir(out).map_err(|e| RecorderError::io(out, e))?;
-        if entries.next().is_some() {
-            if !force {
-                return Err(bad(
-                    "exists and is not empty; choose another --out or pass --force to replace it"
-                        .into(),
-                ));
-            }
-            std::fs::remove_dir_all(out).map_err(|e| RecorderError::io(out, e))?;
-        }
-    }
-    std::fs::create_dir_all(out).map_err(|e| RecorderError::io(out, e))?;
-    // Writable? Fail now, not after the model is built.
-    let probe_file = out.join(".slug-write-test");
-    std::fs::write(&probe_file, b"").map_err(|e| {
-        bad(format!(
-            "cannot write there ({e}); check permissions or choose another --out"
-        ))
-    })?;
-    let _ = std::fs::remove_file(&probe_file);
-    Ok(())
 }
 
 fn host_name() -> String {

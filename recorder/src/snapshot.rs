@@ -38,7 +38,7 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 const INDEX_MAGIC: &[u8; 8] = b"SLUGSNAP";
 const INDEX_VERSION: u32 = 1;
 const INDEX_HEADER_LEN: usize = 48;
-const CHUNKS_DIR: &str = "chunks";
+pub(crate) const CHUNKS_DIR: &str = "chunks";
 
 /// What one snapshot holds: the arena size, the chunking, the cursor blob and each chunk's hash.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -125,8 +125,17 @@ fn unusable_output_directories_are_refused_before_the_run() {
         force: true,
         ..config(&full)
     };
+    // --force replaces only a slug trace: a directory of other files is refused and kept.
+    let err = record(&forced, &p).unwrap_err();
+    assert!(err.to_string().contains("not a slug trace"), "{err}");
+    assert_eq!(std::fs::read(full.join("keep")).unwrap(), b"x");
+    let trace = dir.path().join("trace");
+    record(&config(&trace), &p).unwrap();
+    let forced = RecordConfig {
+        force: true,
+        ..config(&trace)
+    };
     record(&forced, &p).unwrap();
-    assert!(!full.join("keep").exists());
 }
 
 /// A recording process killed with SIGKILL mid-run: the logs read up to their last whole frame
@@ -188,25 +197,32 @@ fn a_recording_killed_mid_run_is_recovered_from_its_rings() {
         }
     };
 
-    let recovered = slug_recorder::recover(&out).unwrap();
+    let report = slug_recorder::recover(&out).unwrap();
+    assert!(report.succeeded(), "{report:?}");
+    let recovered = report.endpoints;
     assert!(!recovered.is_empty());
-    let total: u64 = recovered.iter().map(|r| r.from_log + r.from_rings).sum();
+    let total: u64 = recovered
+        .iter()
+        .map(|r| r.from_journal + r.from_log + r.from_rings)
+        .sum();
     assert!(total > 500, "only {total} events recovered");
     let trace = Trace::open(&out).unwrap();
     for r in &recovered {
+        assert_eq!(r.outcome, slug_recorder::Outcome::Rebuilt);
         let log = trace.endpoint_log(r.endpoint).unwrap();
         assert!(log.recovery().is_clean(), "{:?}", log.recovery());
         let total: u64 = log.counts().iter().sum();
         assert_eq!(
             total,
-            r.from_log + r.from_rings + u64::from(r.ring_lost > 0)
+            r.from_journal + r.from_log + r.from_rings + u64::from(r.ring_lost > 0)
         );
+        assert_eq!(total, r.events);
     }
     let e1 = recovered.iter().find(|r| r.endpoint == 1).unwrap();
     assert!(
-        e1.from_log >= before,
+        e1.from_journal >= before,
         "the journal holds at least what reached the log ({} < {before})",
-        e1.from_log
+        e1.from_journal
     );
     assert!(
         slug_recorder::endpoint::ring_files(&out.join("endpoints"))
@@ -214,7 +230,10 @@ fn a_recording_killed_mid_run_is_recovered_from_its_rings() {
             .is_empty()
     );
     // Recovering a clean trace changes nothing.
-    assert!(slug_recorder::recover(&out).unwrap().is_empty());
+    assert_eq!(
+        slug_recorder::recover(&out).unwrap(),
+        slug_recorder::RecoveryReport::default()
+    );
 }
 
 #[test]

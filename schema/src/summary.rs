@@ -83,6 +83,13 @@ pub struct TraceSummary {
 impl TraceSummary {
     /// Summarises `trace`. A log that cannot be opened is reported in its endpoint's `error`.
     pub fn of(trace: &Trace) -> TraceSummary {
+        TraceSummary::of_with_logs(trace, &BTreeMap::new())
+    }
+
+    /// [`TraceSummary::of`], reading endpoint `id`'s log from `logs[id]` where given (a log
+    /// rebuilt outside the trace, e.g. of a killed recording); the summary still names the
+    /// trace's own log path.
+    pub fn of_with_logs(trace: &Trace, logs: &BTreeMap<u32, PathBuf>) -> TraceSummary {
         let m = trace.manifest();
         let mut totals = [0u64; EventKind::COUNT];
         let mut span: Option<TimeRange> = None;
@@ -110,7 +117,7 @@ impl TraceSummary {
                 lost_events: 0,
                 undecodable_frames: 0,
             };
-            match LogReader::open(&s.log) {
+            match LogReader::open(logs.get(&ep.id).unwrap_or(&s.log)) {
                 Err(e) => s.error = Some(e.to_string()),
                 Ok(log) => {
                     let l = LogSummary::of(&log);

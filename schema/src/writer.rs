@@ -100,6 +100,17 @@ impl std::fmt::Debug for Chunk {
     }
 }
 
+/// Refuses options no reader could read back, before any file is touched.
+fn check_options(options: WriterOptions) -> Result<()> {
+    if options.events_per_frame == 0 || options.events_per_frame > MAX_FRAME_EVENTS as usize {
+        return Err(SchemaError::Options(format!(
+            "events_per_frame {} is outside 1..={MAX_FRAME_EVENTS}",
+            options.events_per_frame
+        )));
+    }
+    Ok(())
+}
+
 impl LogWriter {
     /// Creates (or truncates) the log at `path` with default options and writes its header.
     pub fn create(path: impl AsRef<Path>, header: LogHeader) -> Result<LogWriter> {
@@ -113,17 +124,39 @@ impl LogWriter {
         options: WriterOptions,
     ) -> Result<LogWriter> {
         let path = path.as_ref().to_path_buf();
-        if options.events_per_frame == 0 || options.events_per_frame > MAX_FRAME_EVENTS as usize {
-            return Err(SchemaError::Options(format!(
-                "events_per_frame {} is outside 1..={MAX_FRAME_EVENTS}",
-                options.events_per_frame
-            )));
-        }
+        check_options(options)?;
+        let file = File::create(&path).map_err(|e| SchemaError::io(&path, e))?;
+        LogWriter::start(path, file, header, options)
+    }
+
+    /// Creates a new log at `path` with `options`, failing if anything exists there (a file,
+    /// or a symbolic link, which is never followed): for writing into a directory slug does
+    /// not trust, such as a trace being recovered.
+    pub fn create_new_with(
+        path: impl AsRef<Path>,
+        header: LogHeader,
+        options: WriterOptions,
+    ) -> Result<LogWriter> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| SchemaError::io(&path, e))?;
+        LogWriter::start(path, file, header, options)
+    }
+
+    fn start(
+        path: PathBuf,
+        file: File,
+        header: LogHeader,
+        options: WriterOptions,
+    ) -> Result<LogWriter> {
+        check_options(options)?;
         let encoder = FrameEncoder::new(options.zstd_level)?;
-        let mut file = BufWriter::with_capacity(
-            1 << 20,
-            File::create(&path).map_err(|e| SchemaError::io(&path, e))?,
-        );
+        let mut file = BufWriter::with_capacity(1 << 20, file);
         file.write_all(&header.to_bytes())
             .map_err(|e| SchemaError::io(&path, e))?;
         let (to_encoder, chunks) = crossbeam_channel::bounded::<Chunk>(2);
