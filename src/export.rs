@@ -37,10 +37,11 @@ pub fn execute(args: ExportArgs) -> Result<ExitCode> {
         ExportFormat::Perfetto => Format::Perfetto,
         ExportFormat::Chrome => Format::Chrome,
     };
-    let source = TraceDirSource::open(&args.trace)?;
+    // Before opening: a killed recording's logs may not open at all.
     if let Some(line) = crate::recover::notice(&args.trace) {
         eprintln!("slug: warning: {line}");
     }
+    let source = TraceDirSource::open(&args.trace)?;
     // Damaged logs are exported as far as they could be read, and said so.
     for (ep, info) in source.endpoints().iter().enumerate() {
         let health = source.health(ep);

@@ -23,10 +23,11 @@ pub struct ViewArgs {
 
 /// Runs `slug view`.
 pub fn execute(args: ViewArgs) -> Result<ExitCode> {
-    let source = TraceDirSource::open(&args.trace)?;
+    // Before opening: a killed recording's logs may not open at all.
     if let Some(line) = crate::recover::notice(&args.trace) {
         eprintln!("slug: warning: {line}");
     }
+    let source = TraceDirSource::open(&args.trace)?;
     let divergence = args
         .divergence
         .as_deref()

@@ -144,3 +144,97 @@ fn records_stage_processes_over_shm_and_tcp() {
         }
     }
 }
+
+fn slug_in(cwd: &std::path::Path, home: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_slug"))
+        .args(args)
+        .current_dir(cwd)
+        .env("HOME", home)
+        .output()
+        .expect("the slug binary runs")
+}
+
+#[test]
+fn force_replaces_only_a_slug_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    fn record(out: &str, force: bool) -> Vec<&str> {
+        let mut args = vec!["record", "--out", out, "--perf", "none", "--tokens", "2"];
+        if force {
+            args.push("--force");
+        }
+        args
+    }
+    let state = |p: &std::path::Path| {
+        let mut names: Vec<_> = walk(p);
+        names.sort();
+        names
+    };
+
+    // A directory of unrelated files survives intact, and the error names it.
+    let mine = root.join("mine");
+    std::fs::create_dir_all(mine.join("sub")).unwrap();
+    std::fs::write(mine.join("a.txt"), b"a").unwrap();
+    std::fs::write(mine.join("sub/b.txt"), b"b").unwrap();
+    let o = slug_in(root, root, &record("mine", true));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("mine") && err.contains("not a slug trace"),
+        "{err}"
+    );
+    assert_eq!(state(&mine), ["a.txt", "sub", "sub/b.txt"]);
+
+    // A trace is replaced by a new one...
+    let o = slug_in(root, root, &record("t", false));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = slug_in(root, root, &record("t", true));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = root.join("t");
+    // ...but never when it is the current directory, an ancestor of it, or $HOME.
+    for (cwd, out, home, why) in [
+        (t.clone(), ".", root, "current directory"),
+        (t.join("endpoints"), "..", root, "current directory"),
+        (root.to_path_buf(), "t", t.as_path(), "home directory"),
+    ] {
+        let before = state(&t);
+        let o = slug_in(&cwd, home, &record(out, true));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(why), "{out}: {err}");
+        assert_eq!(state(&t), before);
+    }
+    // A trace holding something slug never writes is refused, naming it, and kept whole.
+    std::fs::write(t.join("notes.txt"), b"mine").unwrap();
+    let o = slug_in(root, root, &record("t", true));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("notes.txt"), "{err}");
+    assert!(t.join("manifest.json").exists());
+    std::fs::remove_file(t.join("notes.txt")).unwrap();
+    let outside = root.join("precious");
+    std::fs::write(&outside, b"x").unwrap();
+    std::os::unix::fs::symlink(&outside, t.join("endpoints/evil")).unwrap();
+    let o = slug_in(root, root, &record("t", true));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("evil"), "{err}");
+    assert_eq!(std::fs::read(&outside).unwrap(), b"x");
+    assert!(t.join("endpoints/evil").is_symlink());
+
+    // `--out afile/x` where afile is a file: said as such, not "does not exist".
+    std::fs::write(root.join("afile"), b"").unwrap();
+    let o = slug_in(root, root, &record("afile/x", false));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("afile is a file, not a directory"), "{err}");
+}
+
+/// Paths under `dir`, relative to it (links not followed).
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()).into_iter().map(|n| format!("{name}/{n}")));
+        }
+        out.push(name);
+    }
+    out
+}

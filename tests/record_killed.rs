@@ -1,53 +1,50 @@
-//! A recording killed with SIGKILL mid-run keeps what it had appended: `slug info` rebuilds the
-//! logs from the journals and flight rings left behind and summarises them.
+//! A recording killed with SIGKILL mid-run keeps what it had appended: reading commands show it
+//! rebuilt in memory without writing into the trace, `slug recover` makes it permanent, and
+//! what the kill (or a hostile hand) left behind never costs data or a file outside the trace.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+#[path = "support/tree.rs"]
+mod tree;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn slug() -> Command {
     Command::new(env!("CARGO_BIN_EXE_slug"))
 }
 
-/// Bytes in the journals and rings of `dir/endpoints`.
-fn unclosed_bytes(dir: &Path) -> u64 {
+fn run(args: &[&str], trace: &Path) -> Output {
+    slug().args(args).arg(trace).output().unwrap()
+}
+
+/// Bytes in the journals of `dir/endpoints`.
+fn journal_bytes(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir.join("endpoints")) else {
         return 0;
     };
     entries
         .flatten()
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.ends_with(".journal")
-        })
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".journal"))
         .filter_map(|e| e.metadata().ok())
         .map(|m| m.len())
         .sum()
 }
 
-#[test]
-fn info_recovers_a_recording_killed_mid_run() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("trace");
+/// Records into `out` and kills the recorder with SIGKILL once every endpoint has journaled.
+fn killed_recording(out: &Path) {
     // Long enough to be killed mid-run on any machine: thousands of decode steps.
     let mut child = slug()
         .args(["record", "--out"])
-        .arg(&out)
+        .arg(out)
         .args(["--perf", "none", "--stages", "2", "--sequences", "2"])
-        .args([
-            "--max-seq",
-            "4096",
-            "--tokens",
-            "4000",
-            "--prompt",
-            "kill me",
-        ])
+        .args(["--max-seq", "4096", "--tokens", "4000"])
+        .args(["--prompt", "kill me"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while unclosed_bytes(&out) < 64 * 1024 {
+    while journal_bytes(out) < 64 * 1024 || !out.join("endpoints/1.journal").exists() {
         assert!(
             child.try_wait().unwrap().is_none(),
             "the recording ended before it could be killed; make it longer"
@@ -60,23 +57,201 @@ fn info_recovers_a_recording_killed_mid_run() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+}
 
-    let info = slug().args(["info", "--json"]).arg(&out).output().unwrap();
-    let stderr = String::from_utf8_lossy(&info.stderr);
-    assert!(info.status.success(), "{stderr}");
-    assert!(stderr.contains("recovered endpoint"), "{stderr}");
-    let summary: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    let text = summary.to_string();
-    let spans = summary["endpoints"]
+/// Kernel spans per endpoint in `slug info --json` output.
+fn spans(info: &Output) -> Vec<u64> {
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    v["endpoints"]
         .as_array()
         .unwrap()
         .iter()
         .map(|e| e["counts"]["kernel_span"].as_u64().unwrap_or(0))
-        .sum::<u64>();
-    assert!(spans > 100, "kernel spans survived the kill: {text}");
+        .collect()
+}
 
-    // A second look finds a clean trace: nothing left to recover.
-    let again = slug().args(["info"]).arg(&out).output().unwrap();
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn info_shows_a_killed_recording_rebuilt_and_recover_makes_it_permanent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("trace");
+    killed_recording(&out);
+    let before = tree::state(&out);
+
+    let info = run(&["info", "--json"], &out);
+    assert!(info.status.success(), "{}", stderr(&info));
+    assert!(stderr(&info).contains("was killed"), "{}", stderr(&info));
+    assert!(stderr(&info).contains("slug recover"), "{}", stderr(&info));
+    let shown = spans(&info);
+    assert!(
+        shown.iter().all(|&n| n > 100),
+        "kernel spans survived the kill: {shown:?}"
+    );
+    let export = slug()
+        .args(["export", "--format", "chrome", "--out"])
+        .arg(tmp.path().join("t.json"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&export).contains("slug recover"),
+        "{}",
+        stderr(&export)
+    );
+    let replay = run(&["replay"], &out);
+    assert!(!replay.status.success());
+    assert!(
+        stderr(&replay).contains("slug recover"),
+        "{}",
+        stderr(&replay)
+    );
+    assert_eq!(
+        tree::state(&out),
+        before,
+        "reading commands wrote into the trace"
+    );
+
+    let recover = run(&["recover", "--json"], &out);
+    assert!(recover.status.success(), "{}", stderr(&recover));
+    let report: serde_json::Value = serde_json::from_slice(&recover.stdout).unwrap();
+    assert_eq!(report["endpoints"].as_array().unwrap().len(), 2, "{report}");
+    for e in report["endpoints"].as_array().unwrap() {
+        assert_eq!(e["outcome"], "rebuilt", "{report}");
+        assert!(e["from_journal"].as_u64().unwrap() > 0, "{report}");
+    }
+    for name in ["0.journal", "1.journal", "0.t0.ring", "1.t0.ring"] {
+        assert!(!out.join("endpoints").join(name).exists(), "{name} removed");
+    }
+
+    // The recovered trace is clean and holds exactly what info had shown.
+    let again = run(&["info", "--json"], &out);
     assert!(again.status.success());
-    assert!(!String::from_utf8_lossy(&again.stderr).contains("recovered endpoint"));
+    assert!(
+        !stderr(&again).contains("slug recover"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(spans(&again), shown);
+    let v: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    for e in v["endpoints"].as_array().unwrap() {
+        assert_eq!(e["recovery"]["footer"], "valid", "{e}");
+    }
+    let twice = run(&["recover"], &out);
+    assert!(twice.status.success());
+    assert!(String::from_utf8_lossy(&twice.stdout).contains("nothing to recover"));
+}
+
+#[test]
+fn hostile_leftovers_never_cost_data_or_a_file_outside_the_trace() {
+    let tmp = tempfile::tempdir().unwrap();
+    let killed = tmp.path().join("killed");
+    killed_recording(&killed);
+    let copy = |name: &str| -> PathBuf {
+        let to = tmp.path().join(name);
+        copy_tree(&killed, &to);
+        to
+    };
+
+    // A link named like a recovery file, pointing outside the trace, is never written through.
+    let outside = tmp.path().join("precious.txt");
+    std::fs::write(&outside, b"not yours").unwrap();
+    let linked = copy("linked");
+    for name in ["0.slog.recovering", "1.slog.recovering.1"] {
+        std::os::unix::fs::symlink(&outside, linked.join("endpoints").join(name)).unwrap();
+    }
+    let info = run(&["info"], &linked);
+    assert!(info.status.success(), "{}", stderr(&info));
+    assert_eq!(std::fs::read(&outside).unwrap(), b"not yours");
+    let recover = run(&["recover"], &linked);
+    assert!(recover.status.success(), "{}", stderr(&recover));
+    assert_eq!(std::fs::read(&outside).unwrap(), b"not yours");
+    for name in ["0.slog.recovering", "1.slog.recovering.1"] {
+        assert!(
+            linked.join("endpoints").join(name).is_symlink(),
+            "{name} kept"
+        );
+    }
+    assert!(
+        stderr(&recover).contains("1.slog.recovering.1"),
+        "{}",
+        stderr(&recover)
+    );
+
+    // A 0-byte ring (killed while creating it) costs only that ring: the journals are recovered.
+    let zero = copy("zero-ring");
+    std::fs::File::create(zero.join("endpoints/0.t0.ring")).unwrap();
+    let info = run(&["info", "--json"], &zero);
+    assert!(info.status.success(), "{}", stderr(&info));
+    assert!(stderr(&info).contains("0.t0.ring"), "{}", stderr(&info));
+    assert!(spans(&info).iter().all(|&n| n > 100), "{:?}", spans(&info));
+    let recover = run(&["recover"], &zero);
+    assert!(recover.status.success(), "{}", stderr(&recover));
+    assert!(
+        stderr(&recover).contains("0.t0.ring"),
+        "{}",
+        stderr(&recover)
+    );
+    let after = run(&["info", "--json"], &zero);
+    assert_eq!(spans(&after), spans(&info));
+
+    // An empty stray journal next to an intact log never replaces that log.
+    let intact = copy("intact");
+    assert!(run(&["recover"], &intact).status.success());
+    let log = std::fs::read(intact.join("endpoints/1.slog")).unwrap();
+    let clean = spans(&run(&["info", "--json"], &intact));
+    std::fs::File::create(intact.join("endpoints/1.journal")).unwrap();
+    let info = run(&["info", "--json"], &intact);
+    assert!(info.status.success(), "{}", stderr(&info));
+    assert_eq!(spans(&info), clean);
+    assert!(stderr(&info).contains("leftover"), "{}", stderr(&info));
+    let recover = run(&["recover"], &intact);
+    assert!(recover.status.success(), "{}", stderr(&recover));
+    assert_eq!(std::fs::read(intact.join("endpoints/1.slog")).unwrap(), log);
+    assert!(!intact.join("endpoints/1.journal").exists());
+
+    // An empty journal next to a killed log: the log's frames are kept, never replaced by less.
+    let partial = copy("partial");
+    let _ = std::fs::remove_file(partial.join("endpoints/1.slog"));
+    std::fs::copy(
+        intact.join("endpoints/1.slog"),
+        partial.join("endpoints/1.slog"),
+    )
+    .unwrap();
+    chop_footer(&partial.join("endpoints/1.slog"));
+    std::fs::remove_file(partial.join("endpoints/1.t0.ring")).unwrap();
+    std::fs::File::create(partial.join("endpoints/1.journal")).unwrap();
+    let recover = run(&["recover", "--json"], &partial);
+    assert!(recover.status.success(), "{}", stderr(&recover));
+    let report: serde_json::Value = serde_json::from_slice(&recover.stdout).unwrap();
+    let e1 = &report["endpoints"][1];
+    assert_eq!(e1["from_journal"], 0, "{report}");
+    assert!(
+        e1["events"].as_u64().unwrap() >= e1["old_events"].as_u64().unwrap()
+            && e1["from_log"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(spans(&run(&["info", "--json"], &partial))[1], clean[1]);
+}
+
+/// Cuts a closed log's footer (its last bytes after the last frame), as a kill before close would.
+fn chop_footer(log: &Path) {
+    let len = std::fs::metadata(log).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(log).unwrap();
+    f.set_len(len - 8).unwrap();
+}
+
+/// Copies the tree at `from` (regular files and directories) to `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }
