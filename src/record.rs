@@ -147,7 +147,18 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
     } else {
         print_summary(&summary);
     }
-    Ok(ExitCode::SUCCESS)
+    if summary.losses.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // What was recorded stays in the trace, but it is not the complete recording asked for.
+    eprintln!(
+        "slug: error: the recording in {} is incomplete; it lost:",
+        summary.trace.display()
+    );
+    for loss in &summary.losses {
+        eprintln!("  {loss}");
+    }
+    Ok(ExitCode::from(1))
 }
 
 fn print_summary(s: &RecordSummary) {

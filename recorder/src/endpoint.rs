@@ -33,7 +33,8 @@ pub const TASK_CLOCK_NAME: StringId = KernelId::ALL.len() as StringId;
 /// String id of the `page-faults` counter name.
 pub const PAGE_FAULTS_NAME: StringId = TASK_CLOCK_NAME + 1;
 const RING_FULL_REASON: StringId = TASK_CLOCK_NAME + 2;
-const PERF_FULL_REASON: StringId = TASK_CLOCK_NAME + 3;
+/// String id of the reason of a lost-events record for perf samples the kernel dropped.
+pub(crate) const PERF_FULL_REASON: StringId = TASK_CLOCK_NAME + 3;
 const PAYLOAD_FAILED_REASON: StringId = TASK_CLOCK_NAME + 4;
 
 /// Every string an endpoint log interns, in id order: interned first, so records made on the
@@ -88,6 +89,7 @@ pub struct EndpointShared {
     rings: Mutex<Vec<Arc<FlightRing>>>,
     /// Events dropped because a thread's ring could not be created.
     unringed: AtomicU64,
+    ring_error: Mutex<Option<String>>,
     first_error: Mutex<Option<String>>,
     stop: AtomicBool,
     payloads: Option<(Arc<BlobStore>, Sender<Payload>)>,
@@ -141,7 +143,10 @@ impl EndpointShared {
             }
             Err(e) => {
                 self.unringed.fetch_add(1, Ordering::Relaxed);
-                self.note_error(e.to_string());
+                let mut first = self.ring_error.lock().unwrap_or_else(|p| p.into_inner());
+                if first.is_none() {
+                    *first = Some(e.to_string());
+                }
             }
         }
     }
@@ -184,6 +189,21 @@ pub struct EndpointStats {
     pub payload_bytes: u64,
     /// Problems that did not stop the pipeline (disk full, a ring that could not be created).
     pub warnings: Vec<String>,
+    /// Of `ring_lost`: events lost because a thread's ring could not be created.
+    pub unringed: u64,
+    /// Why the first ring could not be created.
+    pub ring_error: Option<String>,
+    /// Events handed to the log writer.
+    pub drained: u64,
+    /// Why the log could not be written to its end (then `log.events` counts the events that
+    /// read back from it).
+    pub log_error: Option<String>,
+    /// Payloads that could not be stored, their bytes, and why the first one failed.
+    pub payload_failures: u64,
+    /// Uncompressed bytes of those payloads.
+    pub payload_failed_bytes: u64,
+    /// Why the first payload could not be stored.
+    pub payload_error: Option<String>,
 }
 
 /// One endpoint's recorder: the shared append side and its writer thread.
@@ -226,6 +246,7 @@ impl EndpointRecorder {
             ring_records: options.ring_records,
             rings: Mutex::new(Vec::new()),
             unringed: AtomicU64::new(0),
+            ring_error: Mutex::new(None),
             first_error: Mutex::new(None),
             stop: AtomicBool::new(false),
             payloads,
@@ -352,11 +373,13 @@ fn writer_loop(
                     }
                     Some(Err(e)) => {
                         failures += 1;
-                        shared.note_error(e.to_string());
+                        stats.payload_failed_bytes += bytes.len() as u64;
+                        stats.payload_error.get_or_insert_with(|| e.to_string());
                     }
                     None => {}
                 }
             }
+            stats.payload_failures += failures;
             if failures > 0 {
                 batch.push(RawRecord::from_event(&Event::LostEvents(LostEvents {
                     count: failures,
@@ -381,6 +404,7 @@ fn writer_loop(
         if let Some(p) = &shared.progress {
             p.fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
+        stats.drained += batch.len() as u64;
         for r in batch.drain(..) {
             log.append_raw(r);
         }
@@ -409,19 +433,31 @@ fn writer_loop(
             to_ns: monotonic_ns(),
         })));
         stats.ring_lost += unringed;
+        stats.unringed = unringed;
     }
+    stats.ring_error = shared
+        .ring_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    stats.drained += batch.len() as u64;
     for r in batch.drain(..) {
         log.append_raw(r);
     }
     // A log that cannot be written (disk full) ends this endpoint's recording, not the run; its
     // journal and rings stay for `recover` (they may hold what the log could not).
+    let log_path = log.path().to_path_buf();
     let closed = match log.close() {
         Ok(l) => {
             stats.log = l;
             true
         }
         Err(e) => {
-            stats.warnings.push(format!("recording stopped: {e}"));
+            // What did reach the file: the loss is what was drained and does not read back.
+            stats.log.events = slug_schema::LogReader::open(&log_path).map_or(0, |r| {
+                r.frames().flatten().map(|f| f.events.len() as u64).sum()
+            });
+            stats.log_error = Some(e.to_string());
             false
         }
     };

@@ -76,7 +76,11 @@ impl FlightRing {
             .open(&path)
             .map_err(|e| RecorderError::io(&path, e))?;
         // Reserve the blocks now, so a full disk fails here and not as SIGBUS on a later append.
-        reserve(&file, len as u64).map_err(|e| RecorderError::io(&path, e))?;
+        if let Err(e) = reserve(&file, len as u64) {
+            // This call created (or truncated) the file: leave no empty ring behind.
+            let _ = std::fs::remove_file(&path);
+            return Err(RecorderError::io(&path, e));
+        }
         let map = MmapRaw::map_raw(&file).map_err(|e| RecorderError::io(&path, e))?;
         let ring = FlightRing {
             path,
@@ -182,6 +186,12 @@ impl FlightRing {
     pub fn remove_file(&self) -> Result<()> {
         std::fs::remove_file(&self.path).map_err(|e| RecorderError::io(&self.path, e))
     }
+}
+
+/// Bytes of a ring file holding `capacity` records (rounded up to a power of two, as
+/// [`FlightRing::create`] does): all preallocated when the ring is created.
+pub fn ring_file_len(capacity: usize) -> u64 {
+    (SLOTS_AT + capacity.max(1).next_power_of_two() * RawRecord::SIZE) as u64
 }
 
 fn reserve(file: &std::fs::File, len: u64) -> std::io::Result<()> {

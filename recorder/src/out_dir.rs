@@ -15,9 +15,21 @@ const WRITE_PROBE: &str = ".slug-write-test";
 /// Directories a trace holds (besides the manifest).
 const TRACE_DIRS: [&str; 4] = [ENDPOINTS_DIR, SNAPSHOTS_DIR, "payloads", NODE_REPORTS_DIR];
 
-/// Checks `out` before anything runs: its parent must be a directory, and `out` must be absent
-/// or empty, or, with `force`, a slug trace (which is then emptied of its own files).
-pub(crate) fn prepare_out(out: &Path, force: bool) -> Result<()> {
+/// Space a recording needs up front: preallocated files (flight rings) and why.
+#[derive(Debug, Clone)]
+pub(crate) struct SpaceNeeded {
+    /// Bytes.
+    pub bytes: u64,
+    /// What they are for, e.g. "2 endpoints × an 8.0 MiB flight ring".
+    pub what: String,
+    /// Room kept for the first writes of the logs and journals besides.
+    pub headroom: u64,
+}
+
+/// Checks `out` before anything runs: its parent must be a directory, `out` must be absent or
+/// empty, or, with `force`, a slug trace (which is then emptied of its own files), and its file
+/// system must have room for what the recording preallocates.
+pub(crate) fn prepare_out(out: &Path, force: bool, space: Option<&SpaceNeeded>) -> Result<()> {
     let bad = |problem: String| RecorderError::OutputDir {
         path: out.to_path_buf(),
         problem,
@@ -59,6 +71,20 @@ pub(crate) fn prepare_out(out: &Path, force: bool) -> Result<()> {
                 ));
             }
             replace_trace(out)?;
+        }
+    }
+    if let Some(space) = space {
+        let at = if out.exists() { out } else { parent.as_path() };
+        let free = free_bytes(at).map_err(|e| RecorderError::io(at, e))?;
+        if free < space.bytes + space.headroom {
+            return Err(bad(format!(
+                "its file system has {} free, but recording needs {} before the run starts \
+                 ({}, preallocated so a full disk shows now and not mid-run) plus room for the \
+                 logs; free some space or choose another --out",
+                mib(free),
+                mib(space.bytes + space.headroom),
+                space.what
+            )));
         }
     }
     std::fs::create_dir_all(out).map_err(|e| RecorderError::io(out, e))?;
@@ -153,4 +179,27 @@ fn check_tree(dir: &Path, refuse: &dyn Fn(String) -> RecorderError) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Bytes an unprivileged process may still write on the file system holding `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a valid NUL-terminated path; `buf` is written by the call before it is read.
+    let mut buf: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut buf) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(buf.f_bavail.saturating_mul(buf.f_frsize))
+}
+
+/// Bytes in KiB or MiB with one decimal.
+pub(crate) fn mib(bytes: u64) -> String {
+    if bytes < 1 << 20 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+    }
 }

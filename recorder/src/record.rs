@@ -13,13 +13,13 @@ use slug_transport::pipeline::{
 };
 use slug_transport::transfer::TransportKind;
 
-use crate::endpoint::EndpointStats;
+use crate::endpoint::{EndpointStats, PERF_FULL_REASON};
 use crate::error::{RecorderError, Result};
-use crate::flight::DEFAULT_RING_RECORDS;
+use crate::flight::{DEFAULT_RING_RECORDS, ring_file_len};
 use crate::observe::{
     NODE_REPORTS_DIR, NodeReport, NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings,
 };
-use crate::out_dir::prepare_out;
+use crate::out_dir::{SpaceNeeded, mib, prepare_out};
 use crate::perf::{Capabilities, PerfConfig, PerfStreams, PerfTarget, current_tid, probe};
 use crate::snapshot::SnapshotStore;
 use crate::topology::host_topology;
@@ -85,6 +85,41 @@ pub struct EndpointSummary {
     pub warnings: Vec<String>,
 }
 
+/// Room each endpoint's log and journal need for their first writes, checked before the run.
+const LOG_HEADROOM: u64 = 64 << 10;
+
+/// Data a recording lost: what, how much and why. A recording with any is not complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Loss {
+    /// The endpoint that lost it (`None`: the trace as a whole, e.g. snapshots).
+    pub endpoint: Option<u32>,
+    /// What was lost, e.g. "events not written to the log".
+    pub what: String,
+    /// How many events (or payloads) were lost.
+    pub count: u64,
+    /// Their bytes (raw 128-byte records for events, uncompressed bytes for payloads; 0 when
+    /// unknown).
+    pub bytes: u64,
+    /// Why, e.g. "No space left on device (os error 28)".
+    pub why: String,
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(e) = self.endpoint {
+            write!(f, "endpoint {e}: ")?;
+        }
+        write!(f, "{}", self.what)?;
+        if self.count > 0 {
+            write!(f, ": {}", self.count)?;
+        }
+        if self.bytes > 0 {
+            write!(f, " ({})", mib(self.bytes))?;
+        }
+        write!(f, ", because {}", self.why)
+    }
+}
+
 /// What `record` did.
 #[derive(Debug, Clone, Serialize)]
 pub struct RecordSummary {
@@ -104,6 +139,9 @@ pub struct RecordSummary {
     pub not_captured: Vec<String>,
     /// Problems of the trace as a whole that did not stop the run.
     pub warnings: Vec<String>,
+    /// Data the recording lost (empty: everything asked for was recorded, except perf samples
+    /// the kernel itself dropped, which are counted in each endpoint's `lost`).
+    pub losses: Vec<Loss>,
 }
 
 impl RecordSummary {
@@ -126,6 +164,56 @@ fn host_name() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// What endpoint `s` lost, and why.
+fn losses_of(s: &EndpointStats) -> Vec<Loss> {
+    let e = Some(s.endpoint);
+    let raw = slug_schema::RawRecord::SIZE as u64;
+    let mut out = Vec::new();
+    if s.unringed > 0 {
+        out.push(Loss {
+            endpoint: e,
+            what: "events lost: no flight ring could be created for a thread".into(),
+            count: s.unringed,
+            bytes: s.unringed * raw,
+            why: s.ring_error.clone().unwrap_or_default(),
+        });
+    }
+    let full = s.ring_lost - s.unringed;
+    if full > 0 {
+        out.push(Loss {
+            endpoint: e,
+            what: "events dropped by full flight rings".into(),
+            count: full,
+            bytes: full * raw,
+            why: "the endpoint's writer fell behind its threads".into(),
+        });
+    }
+    if let Some(why) = &s.log_error {
+        let lost = s.drained.saturating_sub(s.log.events);
+        out.push(Loss {
+            endpoint: e,
+            what: format!(
+                "events not written to its log ({} of {} are in it; its journal and rings were \
+                 kept for `slug recover`)",
+                s.log.events, s.drained
+            ),
+            count: lost,
+            bytes: lost * raw,
+            why: why.clone(),
+        });
+    }
+    if s.payload_failures > 0 {
+        out.push(Loss {
+            endpoint: e,
+            what: "payloads not stored".into(),
+            count: s.payload_failures,
+            bytes: s.payload_failed_bytes,
+            why: s.payload_error.clone().unwrap_or_default(),
+        });
+    }
+    out
+}
+
 fn summarize_stats(s: EndpointStats) -> EndpointSummary {
     EndpointSummary {
         endpoint: s.endpoint,
@@ -145,7 +233,7 @@ fn summarize_stats(s: EndpointStats) -> EndpointSummary {
 }
 
 /// An endpoint's summary read back from its closed log (the node that wrote it is gone).
-fn summarize_log(trace: &Trace, endpoint: u32) -> Result<EndpointSummary> {
+fn summarize_log(trace: &Trace, endpoint: u32, losses: &mut Vec<Loss>) -> Result<EndpointSummary> {
     let log = trace.endpoint_log(endpoint).map_err(|e| RecorderError::OutputDir {
         path: trace.dir().to_path_buf(),
         problem: format!(
@@ -161,13 +249,38 @@ fn summarize_log(trace: &Trace, endpoint: u32) -> Result<EndpointSummary> {
             KindSet::of(&[EventKind::LostEvents]),
         )
         .filter_map(|e| match e {
-            Ok(Event::LostEvents(l)) => Some(l.count),
+            Ok(Event::LostEvents(l)) => Some(l),
             _ => None,
         })
+        .collect::<Vec<_>>();
+    // Perf samples the kernel dropped are sampling, not lost recording.
+    let recording_lost: u64 = lost
+        .iter()
+        .filter(|l| l.reason != PERF_FULL_REASON)
+        .map(|l| l.count)
         .sum();
+    let lost = lost.iter().map(|l| l.count).sum();
     let mut warnings = Vec::new();
     if !log.recovery().is_clean() {
         warnings.push(format!("log was not closed cleanly: {:?}", log.recovery()));
+    }
+    if recording_lost > 0 {
+        losses.push(Loss {
+            endpoint: Some(endpoint),
+            what: "events recorded as lost in its log".into(),
+            count: recording_lost,
+            bytes: 0,
+            why: "its node's flight rings were full or a payload could not be stored".into(),
+        });
+    }
+    if !log.recovery().is_clean() {
+        losses.push(Loss {
+            endpoint: Some(endpoint),
+            what: "its log was not closed cleanly".into(),
+            count: 0,
+            bytes: log.recovery().truncated_bytes + log.recovery().corrupt_bytes,
+            why: "its node's recorder stopped before closing it".into(),
+        });
     }
     Ok(EndpointSummary {
         endpoint,
@@ -198,7 +311,21 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
     pipeline
         .validate()
         .map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
-    prepare_out(&cfg.out, cfg.force)?;
+    let on_hosts = !pipeline.hosts.is_empty();
+    // Every stage recorded on this machine preallocates its first flight ring now-ish: make a
+    // full disk show before the run, not as lost events (nodes on --hosts record remotely).
+    let ring = ring_file_len(cfg.ring_records);
+    let space = (!on_hosts).then(|| SpaceNeeded {
+        bytes: pipeline.stages as u64 * ring,
+        what: format!(
+            "{} endpoint{} × a {} flight ring",
+            pipeline.stages,
+            if pipeline.stages == 1 { "" } else { "s" },
+            mib(ring)
+        ),
+        headroom: pipeline.stages as u64 * LOG_HEADROOM,
+    });
+    prepare_out(&cfg.out, cfg.force, space.as_ref())?;
     let host = host_name();
     let mut manifest = Manifest::new(serde_json::json!({
         "pipeline": pipeline,
@@ -237,7 +364,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
     };
     let pmus = probe()?;
     let mut snapshot_warning = None;
-    let on_hosts = !pipeline.hosts.is_empty();
+    let mut losses = Vec::new();
     // On hosts: the nodes' own topologies (this machine ran no stage) and problems reading them.
     let mut manifest_topology = None;
     let mut node_warnings = Vec::new();
@@ -250,6 +377,13 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         let report = report.map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
         if let Err(e) = snapshots {
             snapshot_warning = Some(format!("snapshots incomplete: {e}"));
+            losses.push(Loss {
+                endpoint: None,
+                what: "snapshots not written".into(),
+                count: 0,
+                bytes: 0,
+                why: e.to_string(),
+            });
         }
         // A write failure (disk full, permissions) ends that endpoint's log, not the run: it
         // becomes a warning of its summary.
@@ -257,18 +391,30 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             .into_iter()
             .enumerate()
             .map(|(i, s)| match s {
-                Ok(s) => summarize_stats(s),
-                Err(e) => EndpointSummary {
-                    endpoint: i as u32,
-                    events: 0,
-                    counts: Vec::new(),
-                    bytes: 0,
-                    raw_bytes: 0,
-                    lost: 0,
-                    payloads: 0,
-                    payload_bytes: 0,
-                    warnings: vec![format!("recording stopped: {e}")],
-                },
+                Ok(s) => {
+                    losses.extend(losses_of(&s));
+                    summarize_stats(s)
+                }
+                Err(e) => {
+                    losses.push(Loss {
+                        endpoint: Some(i as u32),
+                        what: "its whole recording".into(),
+                        count: 0,
+                        bytes: 0,
+                        why: e.to_string(),
+                    });
+                    EndpointSummary {
+                        endpoint: i as u32,
+                        events: 0,
+                        counts: Vec::new(),
+                        bytes: 0,
+                        raw_bytes: 0,
+                        lost: 0,
+                        payloads: 0,
+                        payload_bytes: 0,
+                        warnings: vec![format!("recording stopped: {e}")],
+                    }
+                }
             })
             .collect::<Vec<_>>();
         (
@@ -300,7 +446,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         }
         .map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
         let endpoints = (0..pipeline.stages as u32)
-            .map(|s| summarize_log(&trace, s))
+            .map(|s| summarize_log(&trace, s, &mut losses))
             .collect::<Result<Vec<_>>>()?;
         let caps = if on_hosts {
             node_reports(
@@ -362,6 +508,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
     Ok(RecordSummary {
         trace: cfg.out.clone(),
         warnings,
+        losses,
         tokens: report.tokens,
         tokens_per_s: report.tokens_per_s,
         endpoints,

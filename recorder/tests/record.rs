@@ -275,7 +275,7 @@ impl Drop for Mount {
 }
 
 #[test]
-fn a_full_disk_stops_recording_with_a_warning_and_the_run_finishes() {
+fn a_full_disk_stops_recording_with_named_losses_and_the_run_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("small");
     std::fs::create_dir(&mnt).unwrap();
@@ -305,9 +305,18 @@ fn a_full_disk_stops_recording_with_a_warning_and_the_run_finishes() {
         .flat_map(|e| &e.warnings)
         .chain(&summary.warnings)
         .collect();
-    eprintln!("{warnings:#?}");
+    eprintln!("{warnings:#?}\n{:#?}", summary.losses);
+    // Every loss says which endpoint (or the snapshots), how much and why.
+    assert!(!summary.losses.is_empty());
     assert!(
-        warnings.iter().any(|w| w.contains("No space left")),
-        "{warnings:?}"
+        summary
+            .losses
+            .iter()
+            .any(|l| l.endpoint.is_some() && l.why.contains("No space left")),
+        "{:?}",
+        summary.losses
     );
+    for l in &summary.losses {
+        assert!(!l.why.is_empty(), "{l}");
+    }
 }
