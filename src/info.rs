@@ -382,6 +382,13 @@ fn rebuild_killed_recording(dir: &Path) -> Option<slug_recorder::Preview> {
         eprintln!("note: {line}");
     }
     for r in &preview.endpoints {
+        if let slug_recorder::Outcome::Failed(why) = &r.outcome {
+            eprintln!(
+                "warning: endpoint {}: cannot be rebuilt ({why}); showing its log as it is",
+                r.endpoint
+            );
+            continue;
+        }
         eprintln!(
             "note: endpoint {}: shown as rebuilt in memory: {} events from its journal, {} from \
              its log, {} from its flight rings ({} dropped by full rings before the kill)",

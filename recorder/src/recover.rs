@@ -195,17 +195,19 @@ impl Leftovers {
                 if ids.len() == 1 { "it" } else { "them" },
             ));
         }
-        (!self.is_empty()).then(|| {
+        let files = self.temporary.len()
+            + self
+                .endpoints
+                .values()
+                .map(|e| e.rings.len() + usize::from(e.journal.is_some()))
+                .sum::<usize>();
+        (files > 0).then(|| {
             format!(
-                "{} leftover file{} of an interrupted write (ignored); `slug recover {}` removes them",
-                self.temporary.len()
-                    + self
-                        .endpoints
-                        .values()
-                        .map(|e| e.rings.len() + usize::from(e.journal.is_some()))
-                        .sum::<usize>(),
-                if self.temporary.len() + self.endpoints.len() == 1 { "" } else { "s" },
-                dir.display()
+                "{files} leftover file{} of an interrupted write (ignored); `slug recover {}` \
+                 removes {}",
+                if files == 1 { "" } else { "s" },
+                dir.display(),
+                if files == 1 { "it" } else { "them" },
             )
         })
     }
@@ -353,7 +355,13 @@ pub fn preview(dir: impl AsRef<Path>) -> Result<Preview> {
     let mut endpoints = Vec::new();
     for id in leftovers.killed() {
         let out = tmp.path().join(format!("{id}.slog"));
-        let e = rebuild(dir, id, &leftovers.endpoints[&id], &out)?;
+        // One endpoint that cannot be rebuilt costs only that endpoint.
+        let e = rebuild(dir, id, &leftovers.endpoints[&id], &out).unwrap_or_else(|err| {
+            RecoveredEndpoint {
+                outcome: Outcome::Failed(err.to_string()),
+                ..RecoveredEndpoint::new(id)
+            }
+        });
         if e.outcome == Outcome::Rebuilt {
             logs.insert(id, out);
         }
