@@ -200,8 +200,19 @@ fn reserve(file: &std::fs::File, len: u64) -> std::io::Result<()> {
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
     match rc {
         0 => Ok(()),
-        // Filesystems without fallocate (some tmpfs setups): size the file, blocks come lazily.
-        libc::EOPNOTSUPP | libc::EINVAL => file.set_len(len),
+        // File systems without fallocate: write the zeros, so the blocks exist (and a full
+        // disk fails here) before the file is mapped; a mapping's lazy block would be SIGBUS.
+        libc::EOPNOTSUPP | libc::EINVAL => {
+            use std::os::unix::fs::FileExt;
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = 0;
+            while at < len {
+                let n = (len - at).min(zeros.len() as u64);
+                file.write_all_at(&zeros[..n as usize], at)?;
+                at += n;
+            }
+            Ok(())
+        }
         err => Err(std::io::Error::from_raw_os_error(err)),
     }
 }

@@ -20,7 +20,7 @@ const TRACE_DIRS: [&str; 4] = [ENDPOINTS_DIR, SNAPSHOTS_DIR, "payloads", NODE_RE
 pub(crate) struct SpaceNeeded {
     /// Bytes.
     pub bytes: u64,
-    /// What they are for, e.g. "2 endpoints × an 8.0 MiB flight ring".
+    /// What they are for, e.g. "2 endpoints × a flight ring of 8.0 MiB".
     pub what: String,
     /// Room kept for the first writes of the logs and journals besides.
     pub headroom: u64,
@@ -78,9 +78,9 @@ pub(crate) fn prepare_out(out: &Path, force: bool, space: Option<&SpaceNeeded>) 
         let free = free_bytes(at).map_err(|e| RecorderError::io(at, e))?;
         if free < space.bytes + space.headroom {
             return Err(bad(format!(
-                "its file system has {} free, but recording needs {} before the run starts \
-                 ({}, preallocated so a full disk shows now and not mid-run) plus room for the \
-                 logs; free some space or choose another --out",
+                "its file system has {} free, but recording needs {} before the run starts: {} \
+                 (preallocated, so a full disk shows now and not mid-run) and room for the logs' \
+                 first writes; free some space or choose another --out",
                 mib(free),
                 mib(space.bytes + space.headroom),
                 space.what

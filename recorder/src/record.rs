@@ -318,7 +318,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
     let space = (!on_hosts).then(|| SpaceNeeded {
         bytes: pipeline.stages as u64 * ring,
         what: format!(
-            "{} endpoint{} × a {} flight ring",
+            "{} endpoint{} × a flight ring of {}",
             pipeline.stages,
             if pipeline.stages == 1 { "" } else { "s" },
             mib(ring)
