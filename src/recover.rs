@@ -97,7 +97,8 @@ fn print_report(dir: &Path, r: &RecoveryReport) {
     }
     for p in &r.ignored {
         eprintln!(
-            "slug: warning: {}: named like a leftover but not a regular file; left alone",
+            "slug: warning: {}: not a regular file or a real directory (a link?); left alone, \
+             nothing behind it read or removed",
             p.display()
         );
     }

@@ -180,6 +180,22 @@ fn hostile_leftovers_never_cost_data_or_a_file_outside_the_trace() {
         stderr(&recover)
     );
 
+    // A trace whose endpoints/ is a link to elsewhere: nothing there is read or removed.
+    let elsewhere = tmp.path().join("elsewhere");
+    copy_tree(&killed.join("endpoints"), &elsewhere);
+    let before = tree::state(&elsewhere);
+    let redirected = copy("redirected");
+    std::fs::remove_dir_all(redirected.join("endpoints")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, redirected.join("endpoints")).unwrap();
+    let _ = run(&["info"], &redirected);
+    let recover = run(&["recover"], &redirected);
+    assert!(
+        stderr(&recover).contains("not a regular file"),
+        "{}",
+        stderr(&recover)
+    );
+    assert_eq!(tree::state(&elsewhere), before);
+
     // A 0-byte ring (killed while creating it) costs only that ring: the journals are recovered.
     let zero = copy("zero-ring");
     std::fs::File::create(zero.join("endpoints/0.t0.ring")).unwrap();

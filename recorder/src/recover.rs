@@ -82,7 +82,7 @@ impl Leftovers {
         let dir = dir.as_ref();
         let mut out = Leftovers::default();
         let endpoints = dir.join(ENDPOINTS_DIR);
-        for (path, name, entry) in listing(&endpoints)? {
+        for (path, name, entry) in out.listing_of_subdir(&endpoints)? {
             let kind = if let Some(id) = name.strip_suffix(".journal").and_then(number) {
                 Some((Some(id), true))
             } else if let Some((id, thread)) =
@@ -131,7 +131,7 @@ impl Leftovers {
             }
         }
         let snapshots = dir.join(SNAPSHOTS_DIR);
-        for (sub, name, kind) in listing(&snapshots)? {
+        for (sub, name, kind) in out.listing_of_subdir(&snapshots)? {
             if name == CHUNKS_DIR && kind == Kind::Dir {
                 for (fan, _, kind) in listing(&sub)? {
                     if kind == Kind::Dir {
@@ -144,13 +144,26 @@ impl Leftovers {
                 })?;
             }
         }
-        for (fan, _, kind) in listing(&dir.join(PAYLOADS_DIR))? {
+        for (fan, _, kind) in out.listing_of_subdir(&dir.join(PAYLOADS_DIR))? {
             if kind == Kind::Dir {
                 out.temporary_in(&fan, |n| tmp_of(n, is_hash, 1))?;
             }
         }
         out.temporary.sort();
         Ok(out)
+    }
+
+    /// The entries of a trace's own subdirectory; one that is a link (or not a directory) is
+    /// reported and not listed, so nothing outside the trace is ever read or removed.
+    fn listing_of_subdir(&mut self, dir: &Path) -> Result<Vec<(PathBuf, String, Kind)>> {
+        match std::fs::symlink_metadata(dir) {
+            Ok(m) if m.is_dir() => listing(dir),
+            Ok(_) => {
+                self.ignored.push(dir.to_path_buf());
+                Ok(Vec::new())
+            }
+            Err(_) => Ok(Vec::new()),
+        }
     }
 
     fn temporary_in(&mut self, dir: &Path, matches: impl Fn(&str) -> bool) -> Result<()> {
@@ -173,11 +186,6 @@ impl Leftovers {
             .filter(|(_, e)| !e.log_closed)
             .map(|(id, _)| *id)
             .collect()
-    }
-
-    /// Whether `slug recover` has nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty() && self.temporary.is_empty()
     }
 
     /// One line for a reading command: what was left behind and that `slug recover` fixes it;
