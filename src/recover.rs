@@ -97,8 +97,8 @@ fn print_report(dir: &Path, r: &RecoveryReport) {
     }
     for p in &r.ignored {
         eprintln!(
-            "slug: warning: {}: not a regular file or a real directory (a link?); left alone, \
-             nothing behind it read or removed",
+            "slug: warning: {}: not a regular file or a real directory (a link?), or of no \
+             endpoint in the manifest; left alone, nothing behind it read or removed",
             p.display()
         );
     }

@@ -7,14 +7,14 @@
 //! under a new name created with `O_EXCL | O_NOFOLLOW`, read back and checked before it replaces
 //! anything, and a log is never replaced by one with fewer events.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use slug_schema::{
     Clock, ENDPOINTS_DIR, Event, FooterState, LogHeader, LogReader, LogWriter, LostEvents,
-    MANIFEST_FILE, SNAPSHOTS_DIR, WriterOptions,
+    MANIFEST_FILE, SNAPSHOTS_DIR, Trace, WriterOptions,
 };
 
 use crate::endpoint::fixed_strings;
@@ -71,8 +71,8 @@ pub struct Leftovers {
     /// `payloads/<xx>/<hash>.tmp.<pid>` and `endpoints/<id>.slog.recovering.<pid>`. Readers
     /// never open them.
     pub temporary: Vec<PathBuf>,
-    /// Files named like leftovers that are not regular files (links, FIFOs...): never read,
-    /// never removed.
+    /// Files named like leftovers that are not regular files (links, FIFOs...) or belong to no
+    /// endpoint of the manifest: never read, never removed.
     pub ignored: Vec<PathBuf>,
 }
 
@@ -81,6 +81,11 @@ impl Leftovers {
     pub fn scan(dir: impl AsRef<Path>) -> Result<Leftovers> {
         let dir = dir.as_ref();
         let mut out = Leftovers::default();
+        // Only the manifest's endpoints are recovered: a trace cannot make recovery rebuild
+        // (and allocate for) endpoints it does not have.
+        let known: BTreeSet<u32> = Trace::open(dir)
+            .map(|t| t.manifest().endpoints.iter().map(|e| e.id).collect())
+            .unwrap_or_default();
         let endpoints = dir.join(ENDPOINTS_DIR);
         for (path, name, entry) in out.listing_of_subdir(&endpoints)? {
             let kind = if let Some(id) = name.strip_suffix(".journal").and_then(number) {
@@ -102,7 +107,7 @@ impl Leftovers {
             let Some((id, journal)) = kind else {
                 continue;
             };
-            if entry != Kind::File {
+            if entry != Kind::File || id.is_some_and(|id| !known.contains(&id)) {
                 out.ignored.push(path);
                 continue;
             }
@@ -498,20 +503,6 @@ fn rebuild(dir: &Path, id: u32, left: &EndpointLeftovers, out: &Path) -> Result<
             }
         },
     };
-    let mut rings = Vec::new();
-    for path in &left.rings {
-        match recover_ring(path) {
-            Ok(r) if r.endpoint == id => rings.push(r),
-            Ok(r) => rec.damage.push(format!(
-                "{}: a ring of endpoint {}, not {id}; not used",
-                path.display(),
-                r.endpoint
-            )),
-            Err(e) => rec.damage.push(format!(
-                "{e}; the events its thread had not handed to the writer are lost"
-            )),
-        }
-    }
     let header = old
         .as_ref()
         .map_or_else(|| LogHeader::new(id, Clock::Monotonic, 0), |r| *r.header());
@@ -548,12 +539,25 @@ fn rebuild(dir: &Path, id: u32, left: &EndpointLeftovers, out: &Path) -> Result<
                 }
             }
         }
-        for ring in &rings {
-            for r in &ring.records {
-                w.append_raw(*r);
-                rec.from_rings += 1;
+        // One ring in memory at a time (each is bounded by MAX_RING_RECORDS).
+        for path in &left.rings {
+            match recover_ring(path) {
+                Ok(ring) if ring.endpoint == id => {
+                    for r in &ring.records {
+                        w.append_raw(*r);
+                        rec.from_rings += 1;
+                    }
+                    rec.ring_lost += ring.lost;
+                }
+                Ok(ring) => rec.damage.push(format!(
+                    "{}: a ring of endpoint {}, not {id}; not used",
+                    path.display(),
+                    ring.endpoint
+                )),
+                Err(e) => rec.damage.push(format!(
+                    "{e}; the events its thread had not handed to the writer are lost"
+                )),
             }
-            rec.ring_lost += ring.lost;
         }
         if rec.ring_lost > 0 {
             let reason = w.intern("flight ring full");
