@@ -81,8 +81,8 @@ pub(crate) fn prepare_out(out: &Path, force: bool, space: Option<&SpaceNeeded>) 
                 "its file system has {} free, but recording needs {} before the run starts: {} \
                  (preallocated, so a full disk shows now and not mid-run) and room for the logs' \
                  first writes; free some space or choose another --out",
-                mib(free),
-                mib(space.bytes + space.headroom),
+                human_bytes(free),
+                human_bytes(space.bytes + space.headroom),
                 space.what
             )));
         }
@@ -196,7 +196,7 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
 }
 
 /// Bytes in KiB or MiB with one decimal.
-pub(crate) fn mib(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     if bytes < 1 << 20 {
         format!("{:.1} KiB", bytes as f64 / 1024.0)
     } else {

@@ -19,7 +19,7 @@ use crate::flight::{DEFAULT_RING_RECORDS, ring_file_len};
 use crate::observe::{
     NODE_REPORTS_DIR, NodeReport, NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings,
 };
-use crate::out_dir::{SpaceNeeded, mib, prepare_out};
+use crate::out_dir::{SpaceNeeded, human_bytes, prepare_out};
 use crate::perf::{Capabilities, PerfConfig, PerfStreams, PerfTarget, current_tid, probe};
 use crate::snapshot::SnapshotStore;
 use crate::topology::host_topology;
@@ -114,7 +114,7 @@ impl std::fmt::Display for Loss {
             write!(f, ": {}", self.count)?;
         }
         if self.bytes > 0 {
-            write!(f, " ({})", mib(self.bytes))?;
+            write!(f, " ({})", human_bytes(self.bytes))?;
         }
         write!(f, ", because {}", self.why)
     }
@@ -321,7 +321,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             "{} endpoint{} × a flight ring of {}",
             pipeline.stages,
             if pipeline.stages == 1 { "" } else { "s" },
-            mib(ring)
+            human_bytes(ring)
         ),
         headroom: pipeline.stages as u64 * LOG_HEADROOM,
     });
