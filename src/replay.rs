@@ -92,7 +92,8 @@ pub struct ReplayArgs {
     json: bool,
 }
 
-/// Runs `slug replay`; exit status 0 only when the replay was bit-exact (1 when it diverged).
+/// Runs `slug replay`; exit status 0 only when the replay was bit-exact and complete (1 when
+/// it diverged, 3 when it matched but not every recorded transfer or kernel output was checked).
 pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
     let rec = Arc::new(RecordedRun::open(&args.trace)?);
     let transport = args
@@ -163,6 +164,8 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
     }
     Ok(if report.bit_exact {
         ExitCode::SUCCESS
+    } else if report.first.is_none() && report.incomplete.is_some() {
+        ExitCode::from(3)
     } else {
         ExitCode::from(1)
     })
@@ -184,9 +187,21 @@ fn print_text(r: &ReplayReport) {
         }
     );
     let c = &r.counts;
+    let of = |n: u64| {
+        if n > 0 {
+            format!(" of {n}")
+        } else {
+            String::new()
+        }
+    };
     println!(
-        "  transfers: {} checked, {} differ; kernel outputs: {} checked, {} differ",
-        c.transfers_checked, c.transfers_differing, c.kernels_checked, c.kernels_differing
+        "  transfers: {}{} checked, {} differ; kernel outputs: {}{} checked, {} differ",
+        c.transfers_checked,
+        of(r.transfers_expected),
+        c.transfers_differing,
+        c.kernels_checked,
+        of(r.kernels_expected),
+        c.kernels_differing
     );
     if let Some(rec) = r.recorded_ns.filter(|n| *n > 0 && r.wall_ns > 0) {
         println!(
@@ -199,8 +214,14 @@ fn print_text(r: &ReplayReport) {
     for n in &r.notes {
         println!("  note: {n}");
     }
+    if let Some(why) = &r.incomplete {
+        println!("incomplete: {why}");
+    }
     match &r.first {
         None if r.bit_exact => println!("bit-exact"),
+        None if r.incomplete.is_some() => {
+            println!("not verified: what was checked matched, but not everything was checked");
+        }
         None => println!("nothing to compare: not verified"),
         Some(d) => {
             let mut at = format!("endpoint {} step {}", d.endpoint, d.step);

@@ -42,6 +42,8 @@ pub struct RecordedRun {
     snapshots: Option<SnapshotStore>,
     snapshot_steps: Vec<(u32, u64)>,
     blobs: Option<BlobStore>,
+    damage: Vec<String>,
+    trace_id: Option<String>,
 }
 
 impl RecordedRun {
@@ -87,14 +89,66 @@ impl RecordedRun {
             snapshots: None,
             snapshot_steps: Vec::new(),
             blobs: None,
+            damage: Vec::new(),
+            trace_id: trace.manifest().trace_id.clone(),
         };
         let kinds = KindSet::of(&[
             EventKind::Transfer,
             EventKind::KernelSpan,
             EventKind::StepBoundary,
         ]);
+        let stages = rec.config.stages;
+        let mut seen_stages = vec![false; stages];
         for ep in &trace.manifest().endpoints {
-            let log = trace.endpoint_log(ep.id).map_err(trace_err)?;
+            let who = format!("endpoint {} ({})", ep.id, ep.log.display());
+            if ep.stage as usize >= stages {
+                rec.damage.push(format!(
+                    "{who}: the manifest puts it at stage {}, but the run had stages 0..{stages}; \
+                     its log was not read",
+                    ep.stage
+                ));
+                continue;
+            }
+            if std::mem::replace(&mut seen_stages[ep.stage as usize], true) {
+                rec.damage.push(format!(
+                    "{who}: a second endpoint for stage {}; its log was not read",
+                    ep.stage
+                ));
+                continue;
+            }
+            let log = match trace.log_of(ep) {
+                Ok(log) => log,
+                // A path outside the trace or not a regular file is a crafted trace: refuse.
+                Err(e @ slug_schema::SchemaError::UnsafePath { .. }) => return Err(trace_err(e)),
+                Err(e) => {
+                    rec.damage
+                        .push(format!("{who}: its log cannot be read ({e})"));
+                    continue;
+                }
+            };
+            if log.header().endpoint != ep.id {
+                rec.damage.push(format!(
+                    "{who}: the log belongs to endpoint {}, not to the endpoint the manifest \
+                     lists; it was not read",
+                    log.header().endpoint
+                ));
+                continue;
+            }
+            let r = log.recovery();
+            if r.corrupt_frames > 0 {
+                rec.damage.push(format!(
+                    "{who}: {} corrupt frame{} ({} bytes) skipped",
+                    r.corrupt_frames,
+                    if r.corrupt_frames == 1 { "" } else { "s" },
+                    r.corrupt_bytes
+                ));
+            }
+            if r.truncated_bytes > 0 && r.partial_frames > 0 {
+                rec.damage.push(format!(
+                    "{who}: cut short, {} bytes of a partial frame lost",
+                    r.truncated_bytes
+                ));
+            }
             let names: HashMap<u32, KernelId> = KernelId::ALL
                 .iter()
                 .filter_map(|k| {
@@ -102,10 +156,20 @@ impl RecordedRun {
                     (log.string(id) == Some(k.name())).then_some((id, *k))
                 })
                 .collect();
+            let mut undecodable = 0u64;
+            let mut foreign = 0u64;
             for event in log.events_in(TimeRange::new(0, u64::MAX), kinds) {
-                match event.map_err(trace_err)? {
+                let Ok(event) = event else {
+                    undecodable += 1;
+                    continue;
+                };
+                match event {
                     Event::Transfer(t) if t.direction == Direction::Send => {
                         let link = (t.id >> 40) as u32;
+                        if link != ep.stage {
+                            foreign += 1;
+                            continue;
+                        }
                         let n = (t.id & ((1 << 40) - 1)) as usize;
                         if let Some(tag) = send_tags.get(link as usize).and_then(|v| v.get(n)) {
                             rec.sends.insert((link, *tag), t);
@@ -128,6 +192,23 @@ impl RecordedRun {
                     _ => {}
                 }
             }
+            if undecodable > 0 {
+                rec.damage.push(format!(
+                    "{who}: {undecodable} frame{} passed its checksum but does not decode",
+                    if undecodable == 1 { "" } else { "s" }
+                ));
+            }
+            if foreign > 0 {
+                rec.damage.push(format!(
+                    "{who}: {foreign} sent transfers belong to another stage's link (the \
+                     manifest's stage {} is not the stage that wrote this log); ignored",
+                    ep.stage
+                ));
+            }
+        }
+        if let Some(s) = seen_stages.iter().position(|seen| !seen) {
+            rec.damage
+                .push(format!("stage {s}: the manifest lists no endpoint for it"));
         }
         let snap_dir = dir.join(slug_schema::SNAPSHOTS_DIR);
         if snap_dir.is_dir() {
@@ -147,6 +228,17 @@ impl RecordedRun {
             path: self.dir.clone(),
             cause: Box::new(e),
         }
+    }
+
+    /// What could not be read from the trace's logs (damaged frames, a log that belongs to
+    /// another endpoint, ...), each a sentence naming the endpoint: why checks may be missing.
+    pub fn damage(&self) -> &[String] {
+        &self.damage
+    }
+
+    /// The trace's random id, when it has one (traces from before ids have none).
+    pub fn trace_id(&self) -> Option<&str> {
+        self.trace_id.as_deref()
     }
 
     /// The trace directory.

@@ -101,17 +101,76 @@ pub struct ReplayReport {
     pub wall_ns: u64,
     /// Wall time the recorded run took for the same steps, when the trace has its step times.
     pub recorded_ns: Option<u64>,
+    /// Transfers the run sent in the checked steps, by its configuration: what a complete
+    /// check compares.
+    pub transfers_expected: u64,
+    /// Kernel outputs the replay produced in the checked steps (`--verify kernel`).
+    pub kernels_expected: u64,
+    /// Set when not everything that should have been checked was: "N of M ... checked,
+    /// because ...". Such a replay is never bit-exact.
+    pub incomplete: Option<String>,
     /// Things the user should know (fallbacks, unchecked steps).
     pub notes: Vec<String>,
 }
 
 impl ReplayReport {
-    fn finish(&mut self, checker: &Checker, cfg: &PipelineConfig) {
+    fn finish(
+        &mut self,
+        checker: &Checker,
+        cfg: &PipelineConfig,
+        rec: &RecordedRun,
+        stages: &[u32],
+    ) {
         self.counts = checker.counts();
         self.first = checker.first();
         self.first_place = self.first.as_ref().and_then(|d| place_of(cfg, d.step));
+        let (from, to) = self.checked_steps;
+        let tags = crate::recorded::send_tags(rec.config());
+        let last = cfg.stages.saturating_sub(1) as u32;
+        let pipeline = self.mode == "pipeline";
+        let step_of = |t: Tag| checker.stage_step(t);
+        self.transfers_expected = stages
+            .iter()
+            .filter_map(|&s| tags.get(s as usize).map(|v| (s, v)))
+            .flat_map(|(s, v)| v.iter().map(move |t| (s, *t)))
+            .filter(|&(_, t)| step_of(t).is_some_and(|f| (from..=to).contains(&f)))
+            // A whole pipeline stopped after `to` does not send back the tokens that would
+            // feed steps past it.
+            .filter(|&(s, t)| {
+                let next = Tag {
+                    step: t.step + 1,
+                    ..t
+                };
+                !pipeline || s != last || step_of(next).is_some_and(|f| f <= to)
+            })
+            .count() as u64;
+        let c = &self.counts;
+        if self.verify == Verify::Kernel {
+            self.kernels_expected = c.kernels_checked + c.kernels_unrecorded;
+        }
+        let mut missing = Vec::new();
+        if c.transfers_checked < self.transfers_expected {
+            missing.push(format!(
+                "{} of {} transfers checked",
+                c.transfers_checked, self.transfers_expected
+            ));
+        }
+        if c.kernels_checked < self.kernels_expected {
+            missing.push(format!(
+                "{} of {} kernel outputs checked",
+                c.kernels_checked, self.kernels_expected
+            ));
+        }
+        if !missing.is_empty() {
+            let because = if rec.damage().is_empty() {
+                "the trace has no record of the rest (events lost while recording?)".to_owned()
+            } else {
+                rec.damage().join("; ")
+            };
+            self.incomplete = Some(format!("{}, because {because}", missing.join(" and ")));
+        }
         let checked = self.counts.transfers_checked + self.counts.kernels_checked;
-        self.bit_exact = self.first.is_none() && checked > 0;
+        self.bit_exact = self.first.is_none() && checked > 0 && self.incomplete.is_none();
         if checked == 0 {
             self.notes.push(
                 "nothing was checked: the trace holds no transfers (or kernel hashes) in the \
@@ -119,7 +178,7 @@ impl ReplayReport {
                     .into(),
             );
         }
-        if self.counts.transfers_unrecorded > 0 {
+        if self.counts.transfers_unrecorded > 0 && self.incomplete.is_none() {
             self.notes.push(format!(
                 "{} replayed transfers have no record in the trace (lost events?) and were not checked",
                 self.counts.transfers_unrecorded
@@ -335,9 +394,13 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
         first_place: None,
         wall_ns: report.wall_ns.min(wall_ns),
         recorded_ns,
+        transfers_expected: 0,
+        kernels_expected: 0,
+        incomplete: None,
         notes,
     };
-    out.finish(&checker, &cfg);
+    let stages: Vec<u32> = (0..cfg.stages as u32).collect();
+    out.finish(&checker, &cfg, &rec, &stages);
     Ok(out)
 }
 
@@ -480,9 +543,12 @@ pub fn replay_stage(rec: Arc<RecordedRun>, s: usize, opts: &ReplayOptions) -> Re
         first_place: None,
         wall_ns,
         recorded_ns: rec.recorded_ns(s as u32, from, to),
+        transfers_expected: 0,
+        kernels_expected: 0,
+        incomplete: None,
         notes,
     };
-    report.finish(&checker, &cfg);
+    report.finish(&checker, &cfg, &rec, &[s as u32]);
     if n_stages == 1 {
         report.notes.push(
             "a one-stage pipeline sends no transfers: only kernel outputs can be checked".into(),
