@@ -230,7 +230,11 @@ pub fn recover_ring(path: impl AsRef<Path>) -> Result<RecoveredRing> {
     }
     let (endpoint, capacity, thread) = (u32_at(12), u64_at(16), u32_at(24));
     let (head, lost, tail) = (u64_at(HEAD_AT), u64_at(LOST_AT), u64_at(TAIL_AT));
-    if capacity == 0 || (bytes.len() as u64) < SLOTS_AT as u64 + capacity * RawRecord::SIZE as u64 {
+    // Checked: a crafted header may claim any capacity (2^57 slots overflow a u64 of bytes).
+    let needed = capacity
+        .checked_mul(RawRecord::SIZE as u64)
+        .and_then(|b| b.checked_add(SLOTS_AT as u64));
+    if capacity == 0 || needed.is_none_or(|n| (bytes.len() as u64) < n) {
         return Err(bad("file shorter than its capacity"));
     }
     if tail > head || head - tail > capacity {

@@ -71,6 +71,7 @@ impl RecordedRun {
             .validate()
             .map_err(|e| not(format!("its pipeline configuration is invalid ({e})")))?;
         check_cpu(&config, &dir, slug_kernels::has_hardware_fma())?;
+        check_size(&config, &dir, slug_kernels::mem_available())?;
         let payloads = run
             .get("payloads")
             .and_then(|v| v.as_str())
@@ -211,6 +212,8 @@ impl RecordedRun {
                 .push(format!("stage {s}: the manifest lists no endpoint for it"));
         }
         let snap_dir = dir.join(slug_schema::SNAPSHOTS_DIR);
+        refuse_symlink(&dir, slug_schema::SNAPSHOTS_DIR)?;
+        refuse_symlink(&dir, "payloads")?;
         if snap_dir.is_dir() {
             let store = SnapshotStore::open(&snap_dir).map_err(|e| rec.store_err(e))?;
             rec.snapshot_steps = store.snapshots().map_err(|e| rec.store_err(e))?;
@@ -298,8 +301,26 @@ impl RecordedRun {
 
     /// Payload bytes of a recorded transfer, when they were stored.
     pub fn payload(&self, t: &Transfer) -> Result<Option<Vec<u8>>> {
+        // No transfer of this run can carry more than a whole context of hidden states.
+        let m = &self.config.model;
+        let max = (m.max_seq as u64)
+            .saturating_mul(m.dim as u64)
+            .saturating_mul(4);
+        if t.payload.is_some() && t.len > max {
+            return Err(ReplayError::NotReplayable {
+                path: self.dir.clone(),
+                reason: format!(
+                    "transfer {} claims {} bytes, more than any transfer of its recorded model can \
+                     carry (max_seq {} x dim {} x 4 = {max}); the log is damaged or crafted",
+                    t.id, t.len, m.max_seq, m.dim
+                ),
+            });
+        }
         match (t.payload, &self.blobs) {
-            (Some(hash), Some(blobs)) => blobs.get(hash).map(Some).map_err(|e| self.store_err(e)),
+            (Some(hash), Some(blobs)) => blobs
+                .get(hash, t.len)
+                .map(Some)
+                .map_err(|e| self.store_err(e)),
             _ => Ok(None),
         }
     }
@@ -365,7 +386,20 @@ fn read_snapshot(dir: &Path, store: &SnapshotStore, stage: u32, step: u64) -> Re
         cause: Box::new(e),
     };
     let index = store.read_index(stage, step).map_err(store_err)?;
-    let mut arena = vec![0u8; index.arena_len as usize];
+    // The index is untrusted: never allocate what it claims before checking it can fit.
+    let len = usize::try_from(index.arena_len)
+        .ok()
+        .filter(|_| slug_kernels::check_fits(index.arena_len).is_ok())
+        .ok_or_else(|| ReplayError::NotReplayable {
+            path: store.index_path(stage, step),
+            reason: format!(
+                "its snapshot index claims a {}-byte arena, more than this machine has available \
+                 ({} MiB MemAvailable); the index is damaged or crafted",
+                index.arena_len,
+                slug_kernels::mem_available().unwrap_or(0) >> 20
+            ),
+        })?;
+    let mut arena = vec![0u8; len];
     let cursor = store.restore(stage, step, &mut arena).map_err(store_err)?;
     let cursor: StageCursor =
         serde_json::from_slice(&cursor).map_err(|e| ReplayError::NotReplayable {
@@ -397,6 +431,64 @@ pub fn node_state(dir: &Path, stage: u32, step: u64) -> Result<Option<StageState
         cause: Box::new(e),
     })?;
     read_snapshot(dir, &store, stage, step).map(Some)
+}
+
+/// Refuses `dir/name` when it is a symlink: the stores under it must lie inside the trace.
+fn refuse_symlink(dir: &Path, name: &str) -> Result<()> {
+    let path = dir.join(name);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_symlink() => Err(ReplayError::NotReplayable {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "{} is a symbolic link; a trace's files must lie inside it",
+                path.display()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A lower bound of the bytes the run's stages hold together: every layer's weights and KV
+/// cache plus the embedding, from the configuration alone (before any layout is built).
+fn model_bytes_lower_bound(config: &PipelineConfig) -> u64 {
+    let m = &config.model;
+    let (d, kv, ffn) = (m.dim as u64, m.kv_dim() as u64, m.ffn as u64);
+    let seqs = config.prompts.len() as u64;
+    let per_layer = (2 * d * d)
+        .saturating_add(2 * d * kv)
+        .saturating_add(3 * d * ffn)
+        .saturating_add(
+            (2 * m.max_seq as u64)
+                .saturating_mul(kv)
+                .saturating_mul(seqs),
+        );
+    (m.layers as u64)
+        .saturating_mul(per_layer)
+        .saturating_add((m.vocab as u64).saturating_mul(d))
+        .saturating_mul(4)
+}
+
+/// Refuses a trace whose recorded configuration needs more memory than this machine has
+/// available (`available`, from `MemAvailable`): a crafted `layers: 100000` must fail at once,
+/// not after minutes of laying out and generating weights.
+fn check_size(config: &PipelineConfig, dir: &Path, available: Option<u64>) -> Result<()> {
+    let needed = model_bytes_lower_bound(config);
+    match available {
+        Some(available) if needed > available => Err(ReplayError::NotReplayable {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "its recorded model ({} layers, dim {}, max_seq {}, {} sequences) needs at least \
+                 {} MiB, more than the {} MiB this machine has available (MemAvailable)",
+                config.model.layers,
+                config.model.dim,
+                config.model.max_seq,
+                config.prompts.len(),
+                needed >> 20,
+                available >> 20
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses a run that used FMA on a node without it (`has_fma`): fused and unfused

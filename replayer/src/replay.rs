@@ -260,7 +260,7 @@ fn replay_config(rec: &RecordedRun, opts: &ReplayOptions) -> Result<PipelineConf
                 ))
             })?,
         };
-        cfg.observer_settings = Some(crate::node::node_settings(&dir, 0));
+        cfg.observer_settings = Some(crate::node::node_settings(&dir, 0, rec.trace_id()));
     }
     cfg.validate()?;
     Ok(cfg)

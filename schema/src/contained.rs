@@ -74,7 +74,7 @@ pub fn open_in(dir: &Path, rel: &Path, max_len: u64) -> Result<(File, u64)> {
     let meta = file.metadata().map_err(|e| SchemaError::io(&at, e))?;
     if !meta.is_file() {
         return Err(refuse(format!(
-            "{} is not a regular file (a device, FIFO or socket)",
+            "{} is not a regular file (a directory, device, FIFO or socket?)",
             at.display()
         )));
     }
