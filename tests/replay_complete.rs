@@ -155,3 +155,29 @@ fn a_changed_stage_number_makes_replay_incomplete() {
         "{out}"
     );
 }
+
+#[test]
+fn a_fault_in_the_last_stage_that_keeps_the_token_is_still_a_divergence_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t");
+    record(&t);
+    // The lowest mantissa bit of logit 5: far too small to change the argmax token.
+    let o = run(&[
+        "replay",
+        t.to_str().unwrap(),
+        "--inject",
+        "stage=3,kernel=head,step=3,element=5,bit=0",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["bit_exact"], false);
+    assert_eq!(json["verify"], "transfer");
+    assert_eq!(
+        json["counts"]["transfers_differing"], 0,
+        "the token is unchanged"
+    );
+    assert_eq!(json["first"]["endpoint"], 3);
+    assert_eq!(json["first"]["step"], 3);
+    assert_eq!(json["first"]["kernel"], "head");
+}

@@ -16,6 +16,10 @@ use slug_transport::transfer::TransportKind;
 use crate::endpoint::EndpointStats;
 use crate::error::{RecorderError, Result};
 use crate::flight::DEFAULT_RING_RECORDS;
+
+/// Capability name saying every step's stage output (the last stage's logits, kernel `head`)
+/// carries its hash, so a replay at the default level checks it.
+pub const STAGE_OUTPUT_HASHES: &str = "stage_output_hashes";
 use crate::observe::{
     NODE_REPORTS_DIR, NodeReport, NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings,
 };
@@ -391,6 +395,13 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             Some(0) => Some(format!("{snapshots_written} (step 0 of every stage)")),
             Some(k) => Some(format!("{snapshots_written} (step 0 and every {k} steps)")),
         },
+    });
+    manifest.capabilities.push(slug_schema::Capability {
+        name: STAGE_OUTPUT_HASHES.into(),
+        requested: true,
+        available: true,
+        captured: true,
+        reason: Some("the last stage's logits (kernel head), every step".into()),
     });
     manifest.capabilities.push(slug_schema::Capability {
         name: "kernel_hashes".into(),

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use slug_kernels::KernelCall;
+use slug_kernels::{KernelCall, KernelId};
 use slug_schema::Transfer;
 use slug_transport::pipeline::{PipelineConfig, schedule_slot};
 use slug_transport::transfer::{Tag, kernel_output_hash};
@@ -264,7 +264,13 @@ impl Checker {
         let t = self.lock();
         let transfer = t.first_transfer.clone();
         let later_transfers = |counted: bool| t.transfers_differing - u64::from(counted);
-        match (t.first_kernel.clone(), transfer) {
+        // At the default level only the last stage's logits are kernel-checked: a transfer that
+        // differed earlier in the schedule (an upstream stage) is the first divergence.
+        let kernel = t
+            .first_kernel
+            .clone()
+            .filter(|k| transfer.as_ref().is_none_or(|f| k.order < f.order));
+        match (kernel, transfer) {
             (Some(k), tr) => {
                 let mut d = k.divergence;
                 let same_place = tr
@@ -312,6 +318,7 @@ pub struct KernelCheck {
     stage: u32,
     step: u64,
     index: u32,
+    only: Option<KernelId>,
 }
 
 impl KernelCheck {
@@ -322,6 +329,16 @@ impl KernelCheck {
             stage,
             step: u64::MAX,
             index: 0,
+            only: None,
+        }
+    }
+
+    /// Checks only the outputs of call site `kernel` (the last stage's `head` at the default
+    /// level: its logits are the stage's output activations).
+    pub fn only(checker: Checker, stage: u32, kernel: KernelId) -> KernelCheck {
+        KernelCheck {
+            only: Some(kernel),
+            ..KernelCheck::new(checker, stage)
         }
     }
 }
@@ -336,7 +353,9 @@ impl slug_kernels::Hooks for KernelCheck {
             self.step = call.step;
             self.index = 0;
         }
-        self.checker.kernel(self.stage, call, self.index, output);
+        if self.only.is_none_or(|k| k == call.kernel) {
+            self.checker.kernel(self.stage, call, self.index, output);
+        }
         self.index += 1;
     }
 

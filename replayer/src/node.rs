@@ -27,7 +27,12 @@ pub fn node_settings(trace_dir: &Path, step: u64, trace_id: Option<&str>) -> ser
 /// Refuses, before anything runs, a node copy of the trace at `dir` that is not the trace
 /// with id `want`: replaying another recording would only report a meaningless divergence.
 pub fn check_trace_id(dir: &Path, want: &str) -> Result<(), String> {
-    let trace = slug_schema::Trace::open(dir).map_err(|e| e.to_string())?;
+    let trace = slug_schema::Trace::open(dir).map_err(|e| {
+        format!(
+            "{e} (copy the coordinator's trace to this node, or pass --node-trace with where it \
+             lies here)"
+        )
+    })?;
     match trace.manifest().trace_id.as_deref() {
         Some(have) if have == want => Ok(()),
         have => Err(format!(

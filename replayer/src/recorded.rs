@@ -44,6 +44,8 @@ pub struct RecordedRun {
     blobs: Option<BlobStore>,
     damage: Vec<String>,
     trace_id: Option<String>,
+    stage_output_hashes: bool,
+    all_kernel_hashes: bool,
 }
 
 impl RecordedRun {
@@ -92,6 +94,12 @@ impl RecordedRun {
             blobs: None,
             damage: Vec::new(),
             trace_id: trace.manifest().trace_id.clone(),
+            all_kernel_hashes: false,
+            stage_output_hashes: trace
+                .manifest()
+                .capabilities
+                .iter()
+                .any(|c| c.name == slug_recorder::STAGE_OUTPUT_HASHES && c.captured),
         };
         let kinds = KindSet::of(&[
             EventKind::Transfer,
@@ -183,6 +191,9 @@ impl RecordedRun {
                             *first = (*first).min(k.start_ns);
                         }
                         if let (Some(hash), Some(kernel)) = (k.output_hash, names.get(&k.kernel)) {
+                            // The head's hash is always recorded; the others only with
+                            // `--hash-kernels`.
+                            rec.all_kernel_hashes |= *kernel != KernelId::Head;
                             rec.kernels
                                 .insert((ep.stage, k.step, *kernel, k.layer), hash);
                         }
@@ -239,6 +250,12 @@ impl RecordedRun {
         &self.damage
     }
 
+    /// Whether the recorder hashed every step's stage output (the last stage's logits), so
+    /// the default verification level checks them.
+    pub fn has_stage_output_hashes(&self) -> bool {
+        self.stage_output_hashes
+    }
+
     /// The trace's random id, when it has one (traces from before ids have none).
     pub fn trace_id(&self) -> Option<&str> {
         self.trace_id.as_deref()
@@ -276,7 +293,7 @@ impl RecordedRun {
 
     /// Whether the trace holds per-kernel output hashes (`slug record --hash-kernels`).
     pub fn has_kernel_hashes(&self) -> bool {
-        !self.kernels.is_empty()
+        self.all_kernel_hashes
     }
 
     /// Kernel spans in the trace (with or without hashes).
@@ -562,6 +579,47 @@ mod tests {
         assert!(
             msg.contains("lacks FMA") && msg.contains("/traces/t1"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_index_claiming_a_1_tib_arena_is_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let stage_dir = dir.path().join("snapshots/stage-0");
+        std::fs::create_dir_all(&stage_dir).unwrap();
+        let index = slug_recorder::snapshot::SnapshotIndex {
+            stage: 0,
+            step: 0,
+            arena_len: 1 << 40,
+            chunk_size: 1 << 31,
+            cursor: b"{}".to_vec(),
+            chunks: vec![1; 512],
+        };
+        std::fs::write(stage_dir.join("step-0.idx"), index.encode()).unwrap();
+        let e = node_state(dir.path(), 0, 0).unwrap_err().to_string();
+        assert!(
+            e.contains("claims a 1099511627776-byte arena") && e.contains("MemAvailable"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_model_larger_than_memory_is_refused_from_its_configuration() {
+        let mut cfg = PipelineConfig::new(
+            slug_kernels::ModelConfig::preset("tiny").unwrap(),
+            "a",
+            1,
+            2,
+        );
+        let dir = Path::new("/traces/t1");
+        check_size(&cfg, dir, Some(1 << 30)).unwrap();
+        cfg.model.layers = 100_000;
+        let e = check_size(&cfg, dir, Some(1 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("100000 layers") && e.contains("1024 MiB this machine has available"),
+            "{e}"
         );
     }
 

@@ -145,9 +145,9 @@ impl ReplayReport {
             })
             .count() as u64;
         let c = &self.counts;
-        if self.verify == Verify::Kernel {
-            self.kernels_expected = c.kernels_checked + c.kernels_unrecorded;
-        }
+        // Every kernel call the hooks were asked to check: all of them at `--verify kernel`,
+        // the last stage's `head` at the default level.
+        self.kernels_expected = c.kernels_checked + c.kernels_unrecorded;
         let mut missing = Vec::new();
         if c.transfers_checked < self.transfers_expected {
             missing.push(format!(
@@ -266,6 +266,27 @@ fn replay_config(rec: &RecordedRun, opts: &ReplayOptions) -> Result<PipelineConf
     Ok(cfg)
 }
 
+/// The kernel hooks that check `stage`: every kernel output at `--verify kernel`; at the
+/// default level the last stage's logits (kernel `head`) when the trace hashed them, so a
+/// change that leaves the argmax token alone is still seen.
+fn check_hooks(
+    rec: &RecordedRun,
+    checker: &Checker,
+    verify: Verify,
+    stage: u32,
+) -> Box<dyn Hooks + Send> {
+    let last = stage as usize + 1 == rec.config().stages;
+    match verify {
+        Verify::Kernel => Box::new(KernelCheck::new(checker.clone(), stage)),
+        Verify::Transfer if last && rec.has_stage_output_hashes() => Box::new(KernelCheck::only(
+            checker.clone(),
+            stage,
+            slug_kernels::KernelId::Head,
+        )),
+        Verify::Transfer => Box::new(NoHooks),
+    }
+}
+
 /// Checks what a stage sends, on the sending side.
 struct SendCheck {
     checker: Checker,
@@ -296,10 +317,7 @@ impl ObserverFactory for ReplayFactory {
         ctx: &StageContext<'_>,
     ) -> std::result::Result<StageObservers, TransportError> {
         let stage = ctx.stage as u32;
-        let hooks: Box<dyn Hooks + Send> = match self.verify {
-            Verify::Kernel => Box::new(KernelCheck::new(self.checker.clone(), stage)),
-            Verify::Transfer => Box::new(NoHooks),
-        };
+        let hooks = check_hooks(&self.rec, &self.checker, self.verify, stage);
         Ok(StageObservers {
             transfers: Observers::none().with(Arc::new(SendCheck {
                 checker: self.checker.clone(),
@@ -352,6 +370,19 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
             ));
         }
         sources.push(src);
+    }
+    if opts.verify == Verify::Transfer && !rec.has_stage_output_hashes() {
+        notes.push(
+            "the trace was recorded without stage-output hashes (before slug hashed every step's \
+             logits): the last stage's logits are checked only through the tokens they chose"
+                .into(),
+        );
+    } else if opts.verify == Verify::Transfer && !opts.hosts.is_empty() {
+        notes.push(
+            "with --hosts the last stage runs on a node: its logits are checked only through the \
+             tokens it sends"
+                .into(),
+        );
     }
     if from > start {
         notes.push(format!(
@@ -458,10 +489,7 @@ pub fn replay_stage(rec: Arc<RecordedRun>, s: usize, opts: &ReplayOptions) -> Re
     };
     let inputs = stage_inputs(&rec, &cfg, s, start, to)?;
     let checker = Checker::new(rec.clone(), from, to);
-    let mut hooks: Box<dyn Hooks + Send> = match opts.verify {
-        Verify::Kernel => Box::new(KernelCheck::new(checker.clone(), s as u32)),
-        Verify::Transfer => Box::new(NoHooks),
-    };
+    let mut hooks = check_hooks(&rec, &checker, opts.verify, s as u32);
     if let Some(i) = cfg.inject.as_ref().filter(|i| i.stage == s) {
         hooks = Box::new(FaultInjector::new(i.clone(), hooks));
     }
