@@ -275,3 +275,23 @@ fn an_os_error_is_printed_once() {
     assert_eq!(o.status.code(), Some(2), "{t}");
     assert_eq!(t.matches("(os error").count(), 1, "{t}");
 }
+
+#[test]
+fn view_and_export_refuse_a_log_outside_the_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t");
+    record(&t, "none");
+    edit_manifest(&t, |m| m["endpoints"][0]["log"] = "/dev/zero".into());
+    let out = dir.path().join("x.json");
+    let o = run(&[
+        "export",
+        t.to_str().unwrap(),
+        "--format",
+        "chrome",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    no_panic(&o);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("absolute"), "{}", text(&o));
+}

@@ -199,3 +199,23 @@ proptest! {
         }
     }
 }
+
+/// The ring header of the issue: a capacity of 2^57 slots (2^64 bytes) once overflowed the
+/// size check and indexed past the file.
+#[test]
+fn a_ring_claiming_2_pow_57_slots_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.ring");
+    {
+        let ring = FlightRing::create(&path, 3, 1, 0, 8).unwrap();
+        ring.append(&RawRecord::from_event(&Event::Marker(Marker {
+            text: 1,
+            ns: 1,
+        })));
+    }
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[16..24].copy_from_slice(&(1u64 << 57).to_ne_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let e = recover_ring(&path).unwrap_err().to_string();
+    assert!(e.contains("shorter than its capacity"), "{e}");
+}
