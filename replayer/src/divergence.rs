@@ -209,22 +209,38 @@ impl Checker {
         if !self.in_range(call.step) {
             return;
         }
-        let layer = call.layer.unwrap_or(u32::MAX);
+        let got = kernel_output_hash(output);
+        self.kernel_digest(stage, call.step, call.kernel, call.layer, index, got);
+    }
+
+    /// Checks a kernel output known only by its hash `got` (a remote node's digest, or one
+    /// hashed here): call site `kernel` of `layer` at `step` of `stage`, `index`-th of its step.
+    pub fn kernel_digest(
+        &self,
+        stage: u32,
+        step: u64,
+        kernel: KernelId,
+        layer: Option<u32>,
+        index: u32,
+        got: u128,
+    ) {
+        if !self.in_range(step) {
+            return;
+        }
         let Some(want) = self
             .rec
-            .kernel_hash(&(stage, call.step, call.kernel, layer))
+            .kernel_hash(&(stage, step, kernel, layer.unwrap_or(u32::MAX)))
         else {
             self.lock().kernels_unrecorded += 1;
             return;
         };
-        let got = kernel_output_hash(output);
         let mut t = self.lock();
         t.kernels_checked += 1;
         if got == want {
             return;
         }
         t.kernels_differing += 1;
-        let order = (call.step, stage, index);
+        let order = (step, stage, index);
         if t.first_kernel.as_ref().is_some_and(|f| f.order <= order) {
             return;
         }
@@ -232,9 +248,9 @@ impl Checker {
             order,
             divergence: Divergence {
                 endpoint: stage,
-                step: call.step,
-                layer: call.layer,
-                kernel: Some(call.kernel.name().to_string()),
+                step,
+                layer,
+                kernel: Some(kernel.name().to_string()),
                 transfer_id: None,
                 offset: None,
                 expected: format!("xxh3:{want:032x}").into(),

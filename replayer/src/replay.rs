@@ -10,8 +10,8 @@ use slug_kernels::{Hooks, NoHooks, Stage, ThreadPool};
 use slug_transport::TransportError;
 use slug_transport::inject::{FaultInjector, Injection};
 use slug_transport::pipeline::{
-    Launch, ObserverFactory, PipelineConfig, StageContext, StageObservers, StageState,
-    restore_stage, run, schedule_slot,
+    KernelDigests, Launch, ObserverFactory, PipelineConfig, StageContext, StageObservers,
+    StageState, restore_stage, run, schedule_slot,
 };
 use slug_transport::transfer::{Observers, Tag, Transfer, TransferObserver, TransportKind};
 
@@ -241,16 +241,14 @@ fn replay_config(rec: &RecordedRun, opts: &ReplayOptions) -> Result<PipelineConf
         if opts.transport.is_none() {
             cfg.transport = TransportKind::Tcp;
         }
-        if opts.verify == Verify::Kernel {
-            return Err(ReplayError::Usage(
-                "--verify kernel needs the stages in this process: drop --hosts (or use \
-                 --verify transfer)"
-                    .into(),
-            ));
-        }
-        // Remote nodes report the digest of every transfer they receive; they restore their
-        // stage from their copy of the trace.
+        // Remote nodes report the digest of every transfer they receive, and of the kernel
+        // outputs this level checks; they restore their stage from their copy of the trace.
         cfg.digests = true;
+        cfg.kernel_digests = match opts.verify {
+            Verify::Kernel => KernelDigests::All,
+            Verify::Transfer if rec.has_stage_output_hashes() => KernelDigests::Head,
+            Verify::Transfer => KernelDigests::None,
+        };
         let dir = match &opts.node_trace {
             Some(d) => d.clone(),
             None => std::path::absolute(rec.dir()).map_err(|e| {
@@ -377,12 +375,6 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
              logits): the last stage's logits are checked only through the tokens they chose"
                 .into(),
         );
-    } else if opts.verify == Verify::Transfer && !opts.hosts.is_empty() {
-        notes.push(
-            "with --hosts the last stage runs on a node: its logits are checked only through the \
-             tokens it sends"
-                .into(),
-        );
     }
     if from > start {
         notes.push(format!(
@@ -406,6 +398,15 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
     let wall_ns = started.elapsed().as_nanos() as u64;
     for d in report.digests() {
         checker.transfer_digest(d.src, d.tag, d.len, d.hash.0);
+    }
+    for r in &report.stage_reports {
+        let last = r.stage + 1 == cfg.stages;
+        for d in &r.kernel_digests {
+            // At the default level only the last stage's logits are checked, as locally.
+            if opts.verify == Verify::Kernel || last {
+                checker.kernel_digest(r.stage as u32, d.step, d.kernel, d.layer, d.index, d.hash.0);
+            }
+        }
     }
     let recorded_ns = (0..cfg.stages as u32)
         .filter_map(|s| rec.recorded_ns(s, start, to))

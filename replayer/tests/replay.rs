@@ -239,7 +239,7 @@ fn stages_on_remote_nodes_restore_from_their_own_trace_copy() {
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("trace");
-    record_trace(&out, &pipeline(), PayloadPolicy::None, 0, false);
+    record_trace(&out, &pipeline(), PayloadPolicy::None, 0, true);
     // The node's copy: the coordinator's trace is not where the node looks. The node needs its
     // manifest (the trace id) and snapshots.
     let node_copy = dir.path().join("on-node");
@@ -300,6 +300,25 @@ fn stages_on_remote_nodes_restore_from_their_own_trace_copy() {
     let clean = replay_pipeline(rec.clone(), &remote(None)).expect("remote replay");
     assert!(clean.bit_exact, "{clean:?}");
     assert_eq!(clean.counts.transfers_checked, 22);
+    // The last stage's logits come back as digests: 8 steps, one head call each.
+    assert_eq!(clean.counts.kernels_checked, 8, "{clean:?}");
+    // --verify kernel: every kernel output of every node comes back as a digest.
+    let kernel = |inject| ReplayOptions {
+        verify: Verify::Kernel,
+        ..remote(inject)
+    };
+    let all = replay_pipeline(rec.clone(), &kernel(None)).expect("remote kernel replay");
+    assert!(all.bit_exact, "{all:?}");
+    assert_eq!(all.counts.kernels_checked, all.kernels_expected);
+    assert!(all.counts.kernels_checked > 100, "{all:?}");
+    let faulty = replay_pipeline(rec.clone(), &kernel(inject())).expect("remote kernel replay");
+    let d = faulty.first.expect("divergence");
+    assert_eq!((d.endpoint, d.step), (1, 5), "{d:?}");
+    assert_eq!(
+        (d.kernel.as_deref(), d.layer),
+        (Some("down"), Some(3)),
+        "{d:?}"
+    );
     let faulty = replay_pipeline(rec.clone(), &remote(inject())).expect("remote replay");
     let d = faulty.first.expect("divergence");
     assert_eq!(
