@@ -17,7 +17,9 @@ const EXAMPLES: &str = "\
 Examples:
   slug replay run1/
       Restore every stage from its step-0 snapshot, re-run the pipeline as recorded and check
-      every transfer's content hash; exit status 0 only when bit-exact.
+      every transfer's content hash and the last stage's logits; exit status 0 only when
+      bit-exact and complete, 1 on a divergence, 3 when something the run produced could not
+      be checked (incomplete: N of M checked, because ...).
   slug replay run1/ --from-step 400 --to-step 420
       Resume every stage at its latest snapshot at or before step 400, stop after step 420.
   slug replay run1/ --transport tcp --threads 4 --report div.json
