@@ -26,9 +26,9 @@ pub fn execute(args: InfoArgs) -> Result<ExitCode> {
         let summary = LogSummary::of(&LogReader::open(&args.trace)?);
         if args.json {
             let text = serde_json::to_string_pretty(&summary).context("serializing the summary")?;
-            println!("{text}");
+            emit(&(text + "\n"))?;
         } else {
-            print!("{}", render_log(&summary));
+            emit(&render_log(&summary))?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -39,9 +39,9 @@ pub fn execute(args: InfoArgs) -> Result<ExitCode> {
     let summary = TraceSummary::of_with_logs(&trace, &logs);
     if args.json {
         let text = serde_json::to_string_pretty(&summary).context("serializing the summary")?;
-        println!("{text}");
+        emit(&(text + "\n"))?;
     } else {
-        print!("{}", render(&summary));
+        emit(&render(&summary))?;
     }
     Ok(if summary.all_logs_readable() {
         ExitCode::SUCCESS
@@ -50,12 +50,25 @@ pub fn execute(args: InfoArgs) -> Result<ExitCode> {
     })
 }
 
+/// Writes `text` to stdout. A reader that went away (`slug info T | head`) is not an error:
+/// the rest of the output is simply not wanted.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("writing the summary to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The human-readable summary: a header block, then endpoint, kind and capability tables.
 pub fn render(s: &TraceSummary) -> String {
     let mut out = String::new();
-    let span = s
-        .time_span
-        .map_or("-".to_owned(), |r| duration(r.end_ns - r.start_ns));
+    let span = s.time_span.map_or("-".to_owned(), |r| {
+        duration(r.end_ns.saturating_sub(r.start_ns))
+    });
     let kind = if s.synthetic { ", synthetic" } else { "" };
     let _ = writeln!(
         out,
@@ -106,8 +119,9 @@ pub fn render(s: &TraceSummary) -> String {
             e.node.clone(),
             e.stage.to_string(),
             thousands(e.events),
-            e.time_span
-                .map_or("-".to_owned(), |r| duration(r.end_ns - r.start_ns)),
+            e.time_span.map_or("-".to_owned(), |r| {
+                duration(r.end_ns.saturating_sub(r.start_ns))
+            }),
             bytes(e.bytes),
             per_event(e.bytes, e.events),
             thousands(e.frames),
@@ -143,9 +157,9 @@ pub fn render(s: &TraceSummary) -> String {
 /// The human-readable summary of a single endpoint log.
 fn render_log(s: &LogSummary) -> String {
     let mut out = String::new();
-    let span = s
-        .time_span
-        .map_or("-".to_owned(), |r| duration(r.end_ns - r.start_ns));
+    let span = s.time_span.map_or("-".to_owned(), |r| {
+        duration(r.end_ns.saturating_sub(r.start_ns))
+    });
     let _ = writeln!(out, "log         {}", s.path.display());
     let _ = writeln!(
         out,
@@ -188,8 +202,18 @@ fn damage(e: &EndpointSummary) -> String {
     if let Some(err) = &e.error {
         return format!("UNREADABLE: {err}");
     }
-    e.recovery
-        .map_or("-".into(), |r| damage_of(&r, e.undecodable_frames))
+    let log = e
+        .recovery
+        .map_or("-".into(), |r| damage_of(&r, e.undecodable_frames));
+    if e.problems.is_empty() {
+        return log;
+    }
+    let problems = e.problems.join("; ");
+    if log == "none" {
+        problems
+    } else {
+        format!("{log}; {problems}")
+    }
 }
 
 fn damage_of(r: &Recovery, undecodable_frames: u64) -> String {
@@ -213,18 +237,16 @@ fn damage_of(r: &Recovery, undecodable_frames: u64) -> String {
         parts.push(format!("torn footer: {}", bytes(r.truncated_bytes)));
     }
     if r.corrupt_frames > 0 {
+        let undecodable = if undecodable_frames > 0 {
+            format!(", {undecodable_frames} of them checksum-valid but undecodable")
+        } else {
+            String::new()
+        };
         parts.push(format!(
-            "{} corrupt frame{} ({})",
+            "{} corrupt frame{} ({}{undecodable})",
             r.corrupt_frames,
             plural(r.corrupt_frames),
             bytes(r.corrupt_bytes)
-        ));
-    }
-    if undecodable_frames > 0 {
-        parts.push(format!(
-            "{} undecodable frame{}",
-            undecodable_frames,
-            plural(undecodable_frames)
         ));
     }
     if parts.is_empty() {

@@ -21,8 +21,25 @@ fn main() -> ExitCode {
     match cli::dispatch(args) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("slug: error: {err:#}");
+            eprintln!("slug: error: {}", message(&err));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes joined by ": ", each said once: many errors already include their
+/// source in their own text (`{path}: {source}`), and `{:#}` would print it again.
+fn message(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

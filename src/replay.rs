@@ -17,7 +17,9 @@ const EXAMPLES: &str = "\
 Examples:
   slug replay run1/
       Restore every stage from its step-0 snapshot, re-run the pipeline as recorded and check
-      every transfer's content hash; exit status 0 only when bit-exact.
+      every transfer's content hash and the last stage's logits; exit status 0 only when
+      bit-exact and complete, 1 on a divergence, 3 when something the run produced could not
+      be checked (incomplete: N of M checked, because ...).
   slug replay run1/ --from-step 400 --to-step 420
       Resume every stage at its latest snapshot at or before step 400, stop after step 420.
   slug replay run1/ --transport tcp --threads 4 --report div.json
@@ -92,7 +94,8 @@ pub struct ReplayArgs {
     json: bool,
 }
 
-/// Runs `slug replay`; exit status 0 only when the replay was bit-exact (1 when it diverged).
+/// Runs `slug replay`; exit status 0 only when the replay was bit-exact and complete (1 when
+/// it diverged, 3 when it matched but not every recorded transfer or kernel output was checked).
 pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
     if let Some(line) = crate::recover::killed(&args.trace) {
         bail!("{line}; a replay checks against complete logs only");
@@ -166,6 +169,8 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
     }
     Ok(if report.bit_exact {
         ExitCode::SUCCESS
+    } else if report.first.is_none() && report.incomplete.is_some() {
+        ExitCode::from(3)
     } else {
         ExitCode::from(1)
     })
@@ -187,9 +192,21 @@ fn print_text(r: &ReplayReport) {
         }
     );
     let c = &r.counts;
+    let of = |n: u64| {
+        if n > 0 {
+            format!(" of {n}")
+        } else {
+            String::new()
+        }
+    };
     println!(
-        "  transfers: {} checked, {} differ; kernel outputs: {} checked, {} differ",
-        c.transfers_checked, c.transfers_differing, c.kernels_checked, c.kernels_differing
+        "  transfers: {}{} checked, {} differ; kernel outputs: {}{} checked, {} differ",
+        c.transfers_checked,
+        of(r.transfers_expected),
+        c.transfers_differing,
+        c.kernels_checked,
+        of(r.kernels_expected),
+        c.kernels_differing
     );
     if let Some(rec) = r.recorded_ns.filter(|n| *n > 0 && r.wall_ns > 0) {
         println!(
@@ -202,8 +219,14 @@ fn print_text(r: &ReplayReport) {
     for n in &r.notes {
         println!("  note: {n}");
     }
+    if let Some(why) = &r.incomplete {
+        println!("incomplete: {why}");
+    }
     match &r.first {
         None if r.bit_exact => println!("bit-exact"),
+        None if r.incomplete.is_some() => {
+            println!("not verified: what was checked matched, but not everything was checked");
+        }
         None => println!("nothing to compare: not verified"),
         Some(d) => {
             let mut at = format!("endpoint {} step {}", d.endpoint, d.step);

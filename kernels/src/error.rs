@@ -59,6 +59,19 @@ pub enum Error {
         /// The operating system's error.
         source: std::io::Error,
     },
+    /// More threads were asked for than this machine can sensibly run.
+    #[error(
+        "{asked} threads per stage asked for, more than the limit of {limit} (4 x the {cpus} CPUs \
+         of this machine, at least 64); use --threads {cpus} or fewer"
+    )]
+    ThreadLimit {
+        /// Threads asked for (a flag or a trace's recorded configuration).
+        asked: usize,
+        /// The limit.
+        limit: usize,
+        /// CPUs of this machine.
+        cpus: usize,
+    },
     /// A worker thread of the pool could not be started.
     #[error("cannot start thread pool worker {index}: {source}")]
     ThreadSpawn {

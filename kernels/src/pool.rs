@@ -82,6 +82,15 @@ impl ThreadPool {
     /// are started). `threads = 0` is treated as 1.
     pub fn new(threads: usize) -> Result<ThreadPool, Error> {
         let threads = threads.max(1);
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let limit = (4 * cpus).max(64);
+        if threads > limit {
+            return Err(Error::ThreadLimit {
+                asked: threads,
+                limit,
+                cpus,
+            });
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 generation: 0,

@@ -2,6 +2,7 @@
 //! the xxh3-128 of their bytes, each stored once however often it recurs.
 
 use std::collections::HashSet;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -75,27 +76,47 @@ impl BlobStore {
         Ok(compressed.len() as u64)
     }
 
-    /// Reads blob `hash` back, checking its content hash.
-    pub fn get(&self, hash: u128) -> Result<Vec<u8>> {
+    /// Reads blob `hash` back, checking its content hash. `len` is the size the trace says it
+    /// has (a transfer's length): the compressed file may be at most zstd's bound for that size
+    /// and decompression stops there, so a crafted blob (a zstd bomb) fails fast in bounded
+    /// memory. The file must be a regular file inside the store (no symlink, FIFO or device).
+    pub fn get(&self, hash: u128, len: u64) -> Result<Vec<u8>> {
         let path = self.path(hash);
-        let compressed = match std::fs::read(&path) {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(RecorderError::MissingChunk { path });
-            }
-            Err(e) => return Err(RecorderError::io(&path, e)),
+        let hex = format!("{hash:032x}");
+        let rel = Path::new(&hex[..2]).join(format!("{hex}.zst"));
+        let corrupt = |problem: String| RecorderError::CorruptPayload {
+            path: path.clone(),
+            problem,
         };
-        let bytes = zstd::stream::decode_all(compressed.as_slice()).map_err(|e| {
-            RecorderError::CorruptChunk {
-                path: path.clone(),
-                problem: format!("zstd: {e}"),
+        // zstd's worst case is `len + len / 256` plus a small constant; be generous.
+        let max_compressed = len.saturating_add(len / 128).saturating_add(1024);
+        let compressed = match slug_schema::contained::read_in(&self.dir, &rel, max_compressed) {
+            Ok(c) => c,
+            Err(slug_schema::SchemaError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Err(RecorderError::MissingPayload { path });
             }
-        })?;
+            Err(e) => return Err(corrupt(e.to_string())),
+        };
+        // Streamed, never pre-allocated from `len`: memory grows only with real output, and
+        // stops one byte past what the trace claims.
+        let mut bytes = Vec::new();
+        zstd::stream::read::Decoder::new(compressed.as_slice())
+            .and_then(|d| d.take(len.saturating_add(1)).read_to_end(&mut bytes))
+            .map_err(|e| {
+                corrupt(format!(
+                    "zstd: {e} (the trace says the payload has {len} bytes)"
+                ))
+            })?;
+        if bytes.len() as u64 != len {
+            return Err(corrupt(format!(
+                "decompressed to {} bytes, the trace says {len}",
+                bytes.len()
+            )));
+        }
         if xxh3_128(&bytes) != hash {
-            return Err(RecorderError::CorruptChunk {
-                path,
-                problem: "content hash mismatch".into(),
-            });
+            return Err(corrupt("content hash mismatch".into()));
         }
         Ok(bytes)
     }
@@ -114,9 +135,40 @@ mod tests {
         assert!(s.put(h, &bytes).unwrap() > 0);
         assert_eq!(s.put(h, &bytes).unwrap(), 0, "stored once");
         assert!(s.contains(h));
-        assert_eq!(s.get(h).unwrap(), bytes);
+        assert_eq!(s.get(h, 10_000).unwrap(), bytes);
         std::fs::write(s.path(h), zstd::bulk::compress(b"other", 1).unwrap()).unwrap();
-        assert!(matches!(s.get(h), Err(RecorderError::CorruptChunk { .. })));
-        assert!(matches!(s.get(1), Err(RecorderError::MissingChunk { .. })));
+        assert!(matches!(
+            s.get(h, 10_000),
+            Err(RecorderError::CorruptPayload { .. })
+        ));
+        let missing = s.get(1, 10).unwrap_err();
+        assert!(matches!(missing, RecorderError::MissingPayload { .. }));
+        assert!(missing.to_string().contains("payload"), "{missing}");
+        assert!(!missing.to_string().contains("snapshot"), "{missing}");
+    }
+
+    #[test]
+    fn a_zstd_bomb_stops_at_the_size_the_trace_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path(), 1).unwrap();
+        // 256 MiB of zeros compresses to a few KiB; the trace claims a 4 KiB transfer.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..256 {
+            std::io::Write::write_all(&mut enc, &zeros).unwrap();
+        }
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 200_000, "{}", bomb.len());
+        let h = 0x1234_u128;
+        let p = s.path(h);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, &bomb).unwrap();
+        // Refused by its file size: more than zstd could need for 4 KiB.
+        let e = s.get(h, 4096).unwrap_err();
+        assert!(matches!(e, RecorderError::CorruptPayload { .. }), "{e}");
+        assert!(e.to_string().contains("more than the"), "{e}");
+        // Small enough for a 1 MiB claim, but decompression stops at 1 MiB of output.
+        let e = s.get(h, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("the trace says 1048576"), "{e}");
     }
 }

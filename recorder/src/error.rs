@@ -55,6 +55,22 @@ pub enum RecorderError {
         problem: String,
     },
 
+    /// A transfer's recorded payload is not in the trace's `payloads/`.
+    #[error("{path}: transfer payload is missing; copy the trace's payloads/ directory completely")]
+    MissingPayload {
+        /// The payload file that should exist.
+        path: PathBuf,
+    },
+
+    /// A payload file is not what the trace says (size, hash, not a regular file, a bomb).
+    #[error("{path}: transfer payload is corrupt ({problem})")]
+    CorruptPayload {
+        /// The payload file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+
     /// A snapshot references a chunk that is not in the store.
     #[error("{path}: snapshot chunk is missing; copy the trace's snapshots/ directory completely")]
     MissingChunk {

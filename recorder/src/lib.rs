@@ -27,7 +27,7 @@ pub mod snapshot;
 pub mod topology;
 
 pub use error::{RecorderError, Result};
-pub use record::{EndpointSummary, RecordConfig, RecordSummary, record};
+pub use record::{EndpointSummary, RecordConfig, RecordSummary, STAGE_OUTPUT_HASHES, record};
 pub use recover::{
     EndpointLeftovers, Leftovers, Outcome, Preview, RecoveredEndpoint, RecoveryReport, preview,
     recover,

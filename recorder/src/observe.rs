@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-use slug_kernels::{Hooks, KernelCall, Section, Stage, StageCursor};
+use slug_kernels::{Hooks, KernelCall, KernelId, Section, Stage, StageCursor};
 use slug_schema::{
     Counter, Direction, Event, KernelSpan, SnapshotEvent, StepBoundary, Transfer as TransferEvent,
     Transport, WriterOptions,
@@ -155,7 +155,10 @@ impl Hooks for StageHooks {
             thread: 0,
             start_ns: call.start_ns,
             end_ns: call.end_ns,
-            output_hash: self.hash_kernels.then(|| kernel_output_hash(output)),
+            // The head's logits are the last stage's output activations: always hashed, so a
+            // replay at the default level sees a change that leaves the argmax token alone.
+            output_hash: (self.hash_kernels || call.kernel == KernelId::Head)
+                .then(|| kernel_output_hash(output)),
         }));
     }
 

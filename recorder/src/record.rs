@@ -16,6 +16,7 @@ use slug_transport::transfer::TransportKind;
 use crate::endpoint::{EndpointStats, PERF_FULL_REASON};
 use crate::error::{RecorderError, Result};
 use crate::flight::{DEFAULT_RING_RECORDS, ring_file_len};
+
 use crate::observe::{
     NODE_REPORTS_DIR, NodeReport, NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings,
 };
@@ -23,6 +24,10 @@ use crate::out_dir::{SpaceNeeded, human_bytes, prepare_out};
 use crate::perf::{Capabilities, PerfConfig, PerfStreams, PerfTarget, current_tid, probe};
 use crate::snapshot::SnapshotStore;
 use crate::topology::host_topology;
+
+/// Capability name saying every step's stage output (the last stage's logits, kernel `head`)
+/// carries its hash, so a replay at the default level checks it.
+pub const STAGE_OUTPUT_HASHES: &str = "stage_output_hashes";
 
 /// What to record and where.
 #[derive(Debug, Clone)]
@@ -492,6 +497,13 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             Some(0) => Some(format!("{snapshots_written} (step 0 of every stage)")),
             Some(k) => Some(format!("{snapshots_written} (step 0 and every {k} steps)")),
         },
+    });
+    manifest.capabilities.push(slug_schema::Capability {
+        name: STAGE_OUTPUT_HASHES.into(),
+        requested: true,
+        available: true,
+        captured: true,
+        reason: Some("the last stage's logits (kernel head), every step".into()),
     });
     manifest.capabilities.push(slug_schema::Capability {
         name: "kernel_hashes".into(),

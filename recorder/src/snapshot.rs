@@ -424,7 +424,14 @@ impl SnapshotStore {
     /// Reads and checks the index of `stage`'s snapshot at `step`.
     pub fn read_index(&self, stage: u32, step: u64) -> Result<SnapshotIndex> {
         let path = self.index_path(stage, step);
-        let bytes = std::fs::read(&path).map_err(|e| RecorderError::io(&path, e))?;
+        let rel = path.strip_prefix(&self.dir).unwrap_or(&path);
+        // A regular file inside the store, of a size an index can have (64 MiB indexes 256 TiB).
+        let bytes = slug_schema::contained::read_in(&self.dir, rel, 64 << 20).map_err(|e| {
+            RecorderError::SnapshotIndex {
+                path: path.clone(),
+                problem: format!("unreadable ({e})"),
+            }
+        })?;
         let index = SnapshotIndex::decode(&path, &bytes)?;
         if index.stage != stage || index.step != step {
             return Err(RecorderError::SnapshotIndex {
@@ -490,12 +497,21 @@ impl SnapshotStore {
     /// Decompresses chunk `hash` into `dst` (exactly its size) and checks its content hash.
     pub fn read_chunk_into(&self, hash: u128, dst: &mut [u8]) -> Result<()> {
         let path = self.chunk_path(hash);
-        let compressed = match std::fs::read(&path) {
+        let rel = path.strip_prefix(&self.dir).unwrap_or(&path);
+        let max = zstd::zstd_safe::compress_bound(dst.len()) as u64 + 1024;
+        let compressed = match slug_schema::contained::read_in(&self.dir, rel, max) {
             Ok(c) => c,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
+            Err(slug_schema::SchemaError::Io { source, .. })
+                if source.kind() == ErrorKind::NotFound =>
+            {
                 return Err(RecorderError::MissingChunk { path });
             }
-            Err(e) => return Err(RecorderError::io(&path, e)),
+            Err(e) => {
+                return Err(RecorderError::CorruptChunk {
+                    path,
+                    problem: e.to_string(),
+                });
+            }
         };
         let corrupt = |problem: String| RecorderError::CorruptChunk {
             path: path.clone(),

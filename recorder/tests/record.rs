@@ -101,7 +101,7 @@ fn payloads_all_stores_every_transfer_once_by_content() {
             unreachable!()
         };
         let hash = t.payload.expect("payload recorded");
-        let bytes = store.get(hash).unwrap();
+        let bytes = store.get(hash, t.len).unwrap();
         assert_eq!(bytes.len() as u64, t.len);
         assert_eq!(xxhash_rust::xxh3::xxh3_128(&bytes), t.hash);
     }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use slug_kernels::KernelCall;
+use slug_kernels::{KernelCall, KernelId};
 use slug_schema::Transfer;
 use slug_transport::pipeline::{PipelineConfig, schedule_slot};
 use slug_transport::transfer::{Tag, kernel_output_hash};
@@ -209,22 +209,38 @@ impl Checker {
         if !self.in_range(call.step) {
             return;
         }
-        let layer = call.layer.unwrap_or(u32::MAX);
+        let got = kernel_output_hash(output);
+        self.kernel_digest(stage, call.step, call.kernel, call.layer, index, got);
+    }
+
+    /// Checks a kernel output known only by its hash `got` (a remote node's digest, or one
+    /// hashed here): call site `kernel` of `layer` at `step` of `stage`, `index`-th of its step.
+    pub fn kernel_digest(
+        &self,
+        stage: u32,
+        step: u64,
+        kernel: KernelId,
+        layer: Option<u32>,
+        index: u32,
+        got: u128,
+    ) {
+        if !self.in_range(step) {
+            return;
+        }
         let Some(want) = self
             .rec
-            .kernel_hash(&(stage, call.step, call.kernel, layer))
+            .kernel_hash(&(stage, step, kernel, layer.unwrap_or(u32::MAX)))
         else {
             self.lock().kernels_unrecorded += 1;
             return;
         };
-        let got = kernel_output_hash(output);
         let mut t = self.lock();
         t.kernels_checked += 1;
         if got == want {
             return;
         }
         t.kernels_differing += 1;
-        let order = (call.step, stage, index);
+        let order = (step, stage, index);
         if t.first_kernel.as_ref().is_some_and(|f| f.order <= order) {
             return;
         }
@@ -232,9 +248,9 @@ impl Checker {
             order,
             divergence: Divergence {
                 endpoint: stage,
-                step: call.step,
-                layer: call.layer,
-                kernel: Some(call.kernel.name().to_string()),
+                step,
+                layer,
+                kernel: Some(kernel.name().to_string()),
                 transfer_id: None,
                 offset: None,
                 expected: format!("xxh3:{want:032x}").into(),
@@ -264,7 +280,13 @@ impl Checker {
         let t = self.lock();
         let transfer = t.first_transfer.clone();
         let later_transfers = |counted: bool| t.transfers_differing - u64::from(counted);
-        match (t.first_kernel.clone(), transfer) {
+        // At the default level only the last stage's logits are kernel-checked: a transfer that
+        // differed earlier in the schedule (an upstream stage) is the first divergence.
+        let kernel = t
+            .first_kernel
+            .clone()
+            .filter(|k| transfer.as_ref().is_none_or(|f| k.order < f.order));
+        match (kernel, transfer) {
             (Some(k), tr) => {
                 let mut d = k.divergence;
                 let same_place = tr
@@ -312,6 +334,7 @@ pub struct KernelCheck {
     stage: u32,
     step: u64,
     index: u32,
+    only: Option<KernelId>,
 }
 
 impl KernelCheck {
@@ -322,6 +345,16 @@ impl KernelCheck {
             stage,
             step: u64::MAX,
             index: 0,
+            only: None,
+        }
+    }
+
+    /// Checks only the outputs of call site `kernel` (the last stage's `head` at the default
+    /// level: its logits are the stage's output activations).
+    pub fn only(checker: Checker, stage: u32, kernel: KernelId) -> KernelCheck {
+        KernelCheck {
+            only: Some(kernel),
+            ..KernelCheck::new(checker, stage)
         }
     }
 }
@@ -336,7 +369,9 @@ impl slug_kernels::Hooks for KernelCheck {
             self.step = call.step;
             self.index = 0;
         }
-        self.checker.kernel(self.stage, call, self.index, output);
+        if self.only.is_none_or(|k| k == call.kernel) {
+            self.checker.kernel(self.stage, call, self.index, output);
+        }
         self.index += 1;
     }
 

@@ -14,9 +14,34 @@ use crate::recorded::node_state;
 pub const NODE_SETTINGS_KEY: &str = "slug_replayer";
 
 /// The observer settings that make [`NodeReplayFactory`] nodes restore their stage from its
-/// snapshot at `step` in `trace_dir`.
-pub fn node_settings(trace_dir: &Path, step: u64) -> serde_json::Value {
-    serde_json::json!({ NODE_SETTINGS_KEY: { "trace_dir": trace_dir, "step": step } })
+/// snapshot at `step` in `trace_dir`, after checking that trace is the one with `trace_id`
+/// (when the coordinator's trace has an id).
+pub fn node_settings(trace_dir: &Path, step: u64, trace_id: Option<&str>) -> serde_json::Value {
+    serde_json::json!({ NODE_SETTINGS_KEY: {
+        "trace_dir": trace_dir,
+        "step": step,
+        "trace_id": trace_id,
+    } })
+}
+
+/// Refuses, before anything runs, a node copy of the trace at `dir` that is not the trace
+/// with id `want`: replaying another recording would only report a meaningless divergence.
+pub fn check_trace_id(dir: &Path, want: &str) -> Result<(), String> {
+    let trace = slug_schema::Trace::open(dir).map_err(|e| {
+        format!(
+            "{e} (copy the coordinator's trace to this node, or pass --node-trace with where it \
+             lies here)"
+        )
+    })?;
+    match trace.manifest().trace_id.as_deref() {
+        Some(have) if have == want => Ok(()),
+        have => Err(format!(
+            "wrong trace: {} on this node has trace id {}, the coordinator wants {want}; copy \
+             the coordinator's trace here or pass --node-trace with where it lies",
+            dir.display(),
+            have.unwrap_or("(none: recorded before trace ids)")
+        )),
+    }
 }
 
 /// Wraps a node's factory (e.g. the recorder's): observers come from it; a stage of a replay
@@ -54,6 +79,17 @@ impl<F: ObserverFactory> ObserverFactory for NodeReplayFactory<F> {
             .and_then(|v| v.get("step"))
             .and_then(|v| v.as_u64())
             .unwrap_or(0);
+        let want = settings
+            .and_then(|v| v.get("trace_id"))
+            .and_then(|v| v.as_str());
+        if let (Some(dir), Some(want)) = (dir, want) {
+            check_trace_id(Path::new(dir), want).map_err(|e| {
+                TransportError::Config(format!(
+                    "replay of stage {} on {}: {e}",
+                    ctx.stage, ctx.host
+                ))
+            })?;
+        }
         match dir {
             Some(dir) => node_state(Path::new(dir), ctx.stage as u32, step).map_err(|e| {
                 TransportError::Config(format!(
@@ -64,5 +100,33 @@ impl<F: ObserverFactory> ObserverFactory for NodeReplayFactory<F> {
             }),
             None => self.0.initial_state(ctx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slug_schema::{Manifest, Trace};
+
+    #[test]
+    fn a_node_refuses_another_trace_by_its_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, old) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("old"),
+        );
+        let ta = Trace::create(&a, Manifest::new(serde_json::json!({}))).unwrap();
+        Trace::create(&b, Manifest::new(serde_json::json!({}))).unwrap();
+        let mut m = Manifest::new(serde_json::json!({}));
+        m.trace_id = None;
+        Trace::create(&old, m).unwrap();
+        let id = ta.manifest().trace_id.clone().unwrap();
+        assert_eq!(id.len(), 32);
+        check_trace_id(&a, &id).unwrap();
+        let e = check_trace_id(&b, &id).unwrap_err();
+        assert!(e.starts_with("wrong trace: ") && e.contains(&id), "{e}");
+        let e = check_trace_id(&old, &id).unwrap_err();
+        assert!(e.contains("recorded before trace ids"), "{e}");
     }
 }

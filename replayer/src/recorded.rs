@@ -42,6 +42,10 @@ pub struct RecordedRun {
     snapshots: Option<SnapshotStore>,
     snapshot_steps: Vec<(u32, u64)>,
     blobs: Option<BlobStore>,
+    damage: Vec<String>,
+    trace_id: Option<String>,
+    stage_output_hashes: bool,
+    all_kernel_hashes: bool,
 }
 
 impl RecordedRun {
@@ -69,6 +73,7 @@ impl RecordedRun {
             .validate()
             .map_err(|e| not(format!("its pipeline configuration is invalid ({e})")))?;
         check_cpu(&config, &dir, slug_kernels::has_hardware_fma())?;
+        check_size(&config, &dir, slug_kernels::mem_available())?;
         let payloads = run
             .get("payloads")
             .and_then(|v| v.as_str())
@@ -87,14 +92,72 @@ impl RecordedRun {
             snapshots: None,
             snapshot_steps: Vec::new(),
             blobs: None,
+            damage: Vec::new(),
+            trace_id: trace.manifest().trace_id.clone(),
+            all_kernel_hashes: false,
+            stage_output_hashes: trace
+                .manifest()
+                .capabilities
+                .iter()
+                .any(|c| c.name == slug_recorder::STAGE_OUTPUT_HASHES && c.captured),
         };
         let kinds = KindSet::of(&[
             EventKind::Transfer,
             EventKind::KernelSpan,
             EventKind::StepBoundary,
         ]);
+        let stages = rec.config.stages;
+        let mut seen_stages = vec![false; stages];
         for ep in &trace.manifest().endpoints {
-            let log = trace.endpoint_log(ep.id).map_err(trace_err)?;
+            let who = format!("endpoint {} ({})", ep.id, ep.log.display());
+            if ep.stage as usize >= stages {
+                rec.damage.push(format!(
+                    "{who}: the manifest puts it at stage {}, but the run had stages 0..{stages}; \
+                     its log was not read",
+                    ep.stage
+                ));
+                continue;
+            }
+            if std::mem::replace(&mut seen_stages[ep.stage as usize], true) {
+                rec.damage.push(format!(
+                    "{who}: a second endpoint for stage {}; its log was not read",
+                    ep.stage
+                ));
+                continue;
+            }
+            let log = match trace.log_of(ep) {
+                Ok(log) => log,
+                // A path outside the trace or not a regular file is a crafted trace: refuse.
+                Err(e @ slug_schema::SchemaError::UnsafePath { .. }) => return Err(trace_err(e)),
+                Err(e) => {
+                    rec.damage
+                        .push(format!("{who}: its log cannot be read ({e})"));
+                    continue;
+                }
+            };
+            if log.header().endpoint != ep.id {
+                rec.damage.push(format!(
+                    "{who}: the log belongs to endpoint {}, not to the endpoint the manifest \
+                     lists; it was not read",
+                    log.header().endpoint
+                ));
+                continue;
+            }
+            let r = log.recovery();
+            if r.corrupt_frames > 0 {
+                rec.damage.push(format!(
+                    "{who}: {} corrupt frame{} ({} bytes) skipped",
+                    r.corrupt_frames,
+                    if r.corrupt_frames == 1 { "" } else { "s" },
+                    r.corrupt_bytes
+                ));
+            }
+            if r.truncated_bytes > 0 && r.partial_frames > 0 {
+                rec.damage.push(format!(
+                    "{who}: cut short, {} bytes of a partial frame lost",
+                    r.truncated_bytes
+                ));
+            }
             let names: HashMap<u32, KernelId> = KernelId::ALL
                 .iter()
                 .filter_map(|k| {
@@ -102,10 +165,20 @@ impl RecordedRun {
                     (log.string(id) == Some(k.name())).then_some((id, *k))
                 })
                 .collect();
+            let mut undecodable = 0u64;
+            let mut foreign = 0u64;
             for event in log.events_in(TimeRange::new(0, u64::MAX), kinds) {
-                match event.map_err(trace_err)? {
+                let Ok(event) = event else {
+                    undecodable += 1;
+                    continue;
+                };
+                match event {
                     Event::Transfer(t) if t.direction == Direction::Send => {
                         let link = (t.id >> 40) as u32;
+                        if link != ep.stage {
+                            foreign += 1;
+                            continue;
+                        }
                         let n = (t.id & ((1 << 40) - 1)) as usize;
                         if let Some(tag) = send_tags.get(link as usize).and_then(|v| v.get(n)) {
                             rec.sends.insert((link, *tag), t);
@@ -118,6 +191,9 @@ impl RecordedRun {
                             *first = (*first).min(k.start_ns);
                         }
                         if let (Some(hash), Some(kernel)) = (k.output_hash, names.get(&k.kernel)) {
+                            // The head's hash is always recorded; the others only with
+                            // `--hash-kernels`.
+                            rec.all_kernel_hashes |= *kernel != KernelId::Head;
                             rec.kernels
                                 .insert((ep.stage, k.step, *kernel, k.layer), hash);
                         }
@@ -128,8 +204,27 @@ impl RecordedRun {
                     _ => {}
                 }
             }
+            if undecodable > 0 {
+                rec.damage.push(format!(
+                    "{who}: {undecodable} frame{} passed its checksum but does not decode",
+                    if undecodable == 1 { "" } else { "s" }
+                ));
+            }
+            if foreign > 0 {
+                rec.damage.push(format!(
+                    "{who}: {foreign} sent transfers belong to another stage's link (the \
+                     manifest's stage {} is not the stage that wrote this log); ignored",
+                    ep.stage
+                ));
+            }
+        }
+        if let Some(s) = seen_stages.iter().position(|seen| !seen) {
+            rec.damage
+                .push(format!("stage {s}: the manifest lists no endpoint for it"));
         }
         let snap_dir = dir.join(slug_schema::SNAPSHOTS_DIR);
+        refuse_symlink(&dir, slug_schema::SNAPSHOTS_DIR)?;
+        refuse_symlink(&dir, "payloads")?;
         if snap_dir.is_dir() {
             let store = SnapshotStore::open(&snap_dir).map_err(|e| rec.store_err(e))?;
             rec.snapshot_steps = store.snapshots().map_err(|e| rec.store_err(e))?;
@@ -147,6 +242,23 @@ impl RecordedRun {
             path: self.dir.clone(),
             cause: Box::new(e),
         }
+    }
+
+    /// What could not be read from the trace's logs (damaged frames, a log that belongs to
+    /// another endpoint, ...), each a sentence naming the endpoint: why checks may be missing.
+    pub fn damage(&self) -> &[String] {
+        &self.damage
+    }
+
+    /// Whether the recorder hashed every step's stage output (the last stage's logits), so
+    /// the default verification level checks them.
+    pub fn has_stage_output_hashes(&self) -> bool {
+        self.stage_output_hashes
+    }
+
+    /// The trace's random id, when it has one (traces from before ids have none).
+    pub fn trace_id(&self) -> Option<&str> {
+        self.trace_id.as_deref()
     }
 
     /// The trace directory.
@@ -181,7 +293,7 @@ impl RecordedRun {
 
     /// Whether the trace holds per-kernel output hashes (`slug record --hash-kernels`).
     pub fn has_kernel_hashes(&self) -> bool {
-        !self.kernels.is_empty()
+        self.all_kernel_hashes
     }
 
     /// Kernel spans in the trace (with or without hashes).
@@ -206,8 +318,26 @@ impl RecordedRun {
 
     /// Payload bytes of a recorded transfer, when they were stored.
     pub fn payload(&self, t: &Transfer) -> Result<Option<Vec<u8>>> {
+        // No transfer of this run can carry more than a whole context of hidden states.
+        let m = &self.config.model;
+        let max = (m.max_seq as u64)
+            .saturating_mul(m.dim as u64)
+            .saturating_mul(4);
+        if t.payload.is_some() && t.len > max {
+            return Err(ReplayError::NotReplayable {
+                path: self.dir.clone(),
+                reason: format!(
+                    "transfer {} claims {} bytes, more than any transfer of its recorded model can \
+                     carry (max_seq {} x dim {} x 4 = {max}); the log is damaged or crafted",
+                    t.id, t.len, m.max_seq, m.dim
+                ),
+            });
+        }
         match (t.payload, &self.blobs) {
-            (Some(hash), Some(blobs)) => blobs.get(hash).map(Some).map_err(|e| self.store_err(e)),
+            (Some(hash), Some(blobs)) => blobs
+                .get(hash, t.len)
+                .map(Some)
+                .map_err(|e| self.store_err(e)),
             _ => Ok(None),
         }
     }
@@ -273,7 +403,20 @@ fn read_snapshot(dir: &Path, store: &SnapshotStore, stage: u32, step: u64) -> Re
         cause: Box::new(e),
     };
     let index = store.read_index(stage, step).map_err(store_err)?;
-    let mut arena = vec![0u8; index.arena_len as usize];
+    // The index is untrusted: never allocate what it claims before checking it can fit.
+    let len = usize::try_from(index.arena_len)
+        .ok()
+        .filter(|_| slug_kernels::check_fits(index.arena_len).is_ok())
+        .ok_or_else(|| ReplayError::NotReplayable {
+            path: store.index_path(stage, step),
+            reason: format!(
+                "its snapshot index claims a {}-byte arena, more than this machine has available \
+                 ({} MiB MemAvailable); the index is damaged or crafted",
+                index.arena_len,
+                slug_kernels::mem_available().unwrap_or(0) >> 20
+            ),
+        })?;
+    let mut arena = vec![0u8; len];
     let cursor = store.restore(stage, step, &mut arena).map_err(store_err)?;
     let cursor: StageCursor =
         serde_json::from_slice(&cursor).map_err(|e| ReplayError::NotReplayable {
@@ -305,6 +448,64 @@ pub fn node_state(dir: &Path, stage: u32, step: u64) -> Result<Option<StageState
         cause: Box::new(e),
     })?;
     read_snapshot(dir, &store, stage, step).map(Some)
+}
+
+/// Refuses `dir/name` when it is a symlink: the stores under it must lie inside the trace.
+fn refuse_symlink(dir: &Path, name: &str) -> Result<()> {
+    let path = dir.join(name);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.file_type().is_symlink() => Err(ReplayError::NotReplayable {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "{} is a symbolic link; a trace's files must lie inside it",
+                path.display()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A lower bound of the bytes the run's stages hold together: every layer's weights and KV
+/// cache plus the embedding, from the configuration alone (before any layout is built).
+fn model_bytes_lower_bound(config: &PipelineConfig) -> u64 {
+    let m = &config.model;
+    let (d, kv, ffn) = (m.dim as u64, m.kv_dim() as u64, m.ffn as u64);
+    let seqs = config.prompts.len() as u64;
+    let per_layer = (2 * d * d)
+        .saturating_add(2 * d * kv)
+        .saturating_add(3 * d * ffn)
+        .saturating_add(
+            (2 * m.max_seq as u64)
+                .saturating_mul(kv)
+                .saturating_mul(seqs),
+        );
+    (m.layers as u64)
+        .saturating_mul(per_layer)
+        .saturating_add((m.vocab as u64).saturating_mul(d))
+        .saturating_mul(4)
+}
+
+/// Refuses a trace whose recorded configuration needs more memory than this machine has
+/// available (`available`, from `MemAvailable`): a crafted `layers: 100000` must fail at once,
+/// not after minutes of laying out and generating weights.
+fn check_size(config: &PipelineConfig, dir: &Path, available: Option<u64>) -> Result<()> {
+    let needed = model_bytes_lower_bound(config);
+    match available {
+        Some(available) if needed > available => Err(ReplayError::NotReplayable {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "its recorded model ({} layers, dim {}, max_seq {}, {} sequences) needs at least \
+                 {} MiB, more than the {} MiB this machine has available (MemAvailable)",
+                config.model.layers,
+                config.model.dim,
+                config.model.max_seq,
+                config.prompts.len(),
+                needed >> 20,
+                available >> 20
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses a run that used FMA on a node without it (`has_fma`): fused and unfused
@@ -378,6 +579,47 @@ mod tests {
         assert!(
             msg.contains("lacks FMA") && msg.contains("/traces/t1"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_index_claiming_a_1_tib_arena_is_refused_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let stage_dir = dir.path().join("snapshots/stage-0");
+        std::fs::create_dir_all(&stage_dir).unwrap();
+        let index = slug_recorder::snapshot::SnapshotIndex {
+            stage: 0,
+            step: 0,
+            arena_len: 1 << 40,
+            chunk_size: 1 << 31,
+            cursor: b"{}".to_vec(),
+            chunks: vec![1; 512],
+        };
+        std::fs::write(stage_dir.join("step-0.idx"), index.encode()).unwrap();
+        let e = node_state(dir.path(), 0, 0).unwrap_err().to_string();
+        assert!(
+            e.contains("claims a 1099511627776-byte arena") && e.contains("MemAvailable"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_model_larger_than_memory_is_refused_from_its_configuration() {
+        let mut cfg = PipelineConfig::new(
+            slug_kernels::ModelConfig::preset("tiny").unwrap(),
+            "a",
+            1,
+            2,
+        );
+        let dir = Path::new("/traces/t1");
+        check_size(&cfg, dir, Some(1 << 30)).unwrap();
+        cfg.model.layers = 100_000;
+        let e = check_size(&cfg, dir, Some(1 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("100000 layers") && e.contains("1024 MiB this machine has available"),
+            "{e}"
         );
     }
 

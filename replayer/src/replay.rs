@@ -10,8 +10,8 @@ use slug_kernels::{Hooks, NoHooks, Stage, ThreadPool};
 use slug_transport::TransportError;
 use slug_transport::inject::{FaultInjector, Injection};
 use slug_transport::pipeline::{
-    Launch, ObserverFactory, PipelineConfig, StageContext, StageObservers, StageState,
-    restore_stage, run, schedule_slot,
+    KernelDigests, Launch, ObserverFactory, PipelineConfig, StageContext, StageObservers,
+    StageState, restore_stage, run, schedule_slot,
 };
 use slug_transport::transfer::{Observers, Tag, Transfer, TransferObserver, TransportKind};
 
@@ -101,17 +101,76 @@ pub struct ReplayReport {
     pub wall_ns: u64,
     /// Wall time the recorded run took for the same steps, when the trace has its step times.
     pub recorded_ns: Option<u64>,
+    /// Transfers the run sent in the checked steps, by its configuration: what a complete
+    /// check compares.
+    pub transfers_expected: u64,
+    /// Kernel outputs the replay produced in the checked steps (`--verify kernel`).
+    pub kernels_expected: u64,
+    /// Set when not everything that should have been checked was: "N of M ... checked,
+    /// because ...". Such a replay is never bit-exact.
+    pub incomplete: Option<String>,
     /// Things the user should know (fallbacks, unchecked steps).
     pub notes: Vec<String>,
 }
 
 impl ReplayReport {
-    fn finish(&mut self, checker: &Checker, cfg: &PipelineConfig) {
+    fn finish(
+        &mut self,
+        checker: &Checker,
+        cfg: &PipelineConfig,
+        rec: &RecordedRun,
+        stages: &[u32],
+    ) {
         self.counts = checker.counts();
         self.first = checker.first();
         self.first_place = self.first.as_ref().and_then(|d| place_of(cfg, d.step));
+        let (from, to) = self.checked_steps;
+        let tags = crate::recorded::send_tags(rec.config());
+        let last = cfg.stages.saturating_sub(1) as u32;
+        let pipeline = self.mode == "pipeline";
+        let step_of = |t: Tag| checker.stage_step(t);
+        self.transfers_expected = stages
+            .iter()
+            .filter_map(|&s| tags.get(s as usize).map(|v| (s, v)))
+            .flat_map(|(s, v)| v.iter().map(move |t| (s, *t)))
+            .filter(|&(_, t)| step_of(t).is_some_and(|f| (from..=to).contains(&f)))
+            // A whole pipeline stopped after `to` does not send back the tokens that would
+            // feed steps past it.
+            .filter(|&(s, t)| {
+                let next = Tag {
+                    step: t.step + 1,
+                    ..t
+                };
+                !pipeline || s != last || step_of(next).is_some_and(|f| f <= to)
+            })
+            .count() as u64;
+        let c = &self.counts;
+        // Every kernel call the hooks were asked to check: all of them at `--verify kernel`,
+        // the last stage's `head` at the default level.
+        self.kernels_expected = c.kernels_checked + c.kernels_unrecorded;
+        let mut missing = Vec::new();
+        if c.transfers_checked < self.transfers_expected {
+            missing.push(format!(
+                "{} of {} transfers checked",
+                c.transfers_checked, self.transfers_expected
+            ));
+        }
+        if c.kernels_checked < self.kernels_expected {
+            missing.push(format!(
+                "{} of {} kernel outputs checked",
+                c.kernels_checked, self.kernels_expected
+            ));
+        }
+        if !missing.is_empty() {
+            let because = if rec.damage().is_empty() {
+                "the trace has no record of the rest (events lost while recording?)".to_owned()
+            } else {
+                rec.damage().join("; ")
+            };
+            self.incomplete = Some(format!("{}, because {because}", missing.join(" and ")));
+        }
         let checked = self.counts.transfers_checked + self.counts.kernels_checked;
-        self.bit_exact = self.first.is_none() && checked > 0;
+        self.bit_exact = self.first.is_none() && checked > 0 && self.incomplete.is_none();
         if checked == 0 {
             self.notes.push(
                 "nothing was checked: the trace holds no transfers (or kernel hashes) in the \
@@ -119,7 +178,7 @@ impl ReplayReport {
                     .into(),
             );
         }
-        if self.counts.transfers_unrecorded > 0 {
+        if self.counts.transfers_unrecorded > 0 && self.incomplete.is_none() {
             self.notes.push(format!(
                 "{} replayed transfers have no record in the trace (lost events?) and were not checked",
                 self.counts.transfers_unrecorded
@@ -182,16 +241,14 @@ fn replay_config(rec: &RecordedRun, opts: &ReplayOptions) -> Result<PipelineConf
         if opts.transport.is_none() {
             cfg.transport = TransportKind::Tcp;
         }
-        if opts.verify == Verify::Kernel {
-            return Err(ReplayError::Usage(
-                "--verify kernel needs the stages in this process: drop --hosts (or use \
-                 --verify transfer)"
-                    .into(),
-            ));
-        }
-        // Remote nodes report the digest of every transfer they receive; they restore their
-        // stage from their copy of the trace.
+        // Remote nodes report the digest of every transfer they receive, and of the kernel
+        // outputs this level checks; they restore their stage from their copy of the trace.
         cfg.digests = true;
+        cfg.kernel_digests = match opts.verify {
+            Verify::Kernel => KernelDigests::All,
+            Verify::Transfer if rec.has_stage_output_hashes() => KernelDigests::Head,
+            Verify::Transfer => KernelDigests::None,
+        };
         let dir = match &opts.node_trace {
             Some(d) => d.clone(),
             None => std::path::absolute(rec.dir()).map_err(|e| {
@@ -201,10 +258,31 @@ fn replay_config(rec: &RecordedRun, opts: &ReplayOptions) -> Result<PipelineConf
                 ))
             })?,
         };
-        cfg.observer_settings = Some(crate::node::node_settings(&dir, 0));
+        cfg.observer_settings = Some(crate::node::node_settings(&dir, 0, rec.trace_id()));
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The kernel hooks that check `stage`: every kernel output at `--verify kernel`; at the
+/// default level the last stage's logits (kernel `head`) when the trace hashed them, so a
+/// change that leaves the argmax token alone is still seen.
+fn check_hooks(
+    rec: &RecordedRun,
+    checker: &Checker,
+    verify: Verify,
+    stage: u32,
+) -> Box<dyn Hooks + Send> {
+    let last = stage as usize + 1 == rec.config().stages;
+    match verify {
+        Verify::Kernel => Box::new(KernelCheck::new(checker.clone(), stage)),
+        Verify::Transfer if last && rec.has_stage_output_hashes() => Box::new(KernelCheck::only(
+            checker.clone(),
+            stage,
+            slug_kernels::KernelId::Head,
+        )),
+        Verify::Transfer => Box::new(NoHooks),
+    }
 }
 
 /// Checks what a stage sends, on the sending side.
@@ -237,10 +315,7 @@ impl ObserverFactory for ReplayFactory {
         ctx: &StageContext<'_>,
     ) -> std::result::Result<StageObservers, TransportError> {
         let stage = ctx.stage as u32;
-        let hooks: Box<dyn Hooks + Send> = match self.verify {
-            Verify::Kernel => Box::new(KernelCheck::new(self.checker.clone(), stage)),
-            Verify::Transfer => Box::new(NoHooks),
-        };
+        let hooks = check_hooks(&self.rec, &self.checker, self.verify, stage);
         Ok(StageObservers {
             transfers: Observers::none().with(Arc::new(SendCheck {
                 checker: self.checker.clone(),
@@ -294,6 +369,13 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
         }
         sources.push(src);
     }
+    if opts.verify == Verify::Transfer && !rec.has_stage_output_hashes() {
+        notes.push(
+            "the trace was recorded without stage-output hashes (before slug hashed every step's \
+             logits): the last stage's logits are checked only through the tokens they chose"
+                .into(),
+        );
+    }
     if from > start {
         notes.push(format!(
             "every stage resumed at step {start} (the latest step all stages have a snapshot \
@@ -317,6 +399,15 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
     for d in report.digests() {
         checker.transfer_digest(d.src, d.tag, d.len, d.hash.0);
     }
+    for r in &report.stage_reports {
+        let last = r.stage + 1 == cfg.stages;
+        for d in &r.kernel_digests {
+            // At the default level only the last stage's logits are checked, as locally.
+            if opts.verify == Verify::Kernel || last {
+                checker.kernel_digest(r.stage as u32, d.step, d.kernel, d.layer, d.index, d.hash.0);
+            }
+        }
+    }
     let recorded_ns = (0..cfg.stages as u32)
         .filter_map(|s| rec.recorded_ns(s, start, to))
         .max();
@@ -335,9 +426,13 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
         first_place: None,
         wall_ns: report.wall_ns.min(wall_ns),
         recorded_ns,
+        transfers_expected: 0,
+        kernels_expected: 0,
+        incomplete: None,
         notes,
     };
-    out.finish(&checker, &cfg);
+    let stages: Vec<u32> = (0..cfg.stages as u32).collect();
+    out.finish(&checker, &cfg, &rec, &stages);
     Ok(out)
 }
 
@@ -395,10 +490,7 @@ pub fn replay_stage(rec: Arc<RecordedRun>, s: usize, opts: &ReplayOptions) -> Re
     };
     let inputs = stage_inputs(&rec, &cfg, s, start, to)?;
     let checker = Checker::new(rec.clone(), from, to);
-    let mut hooks: Box<dyn Hooks + Send> = match opts.verify {
-        Verify::Kernel => Box::new(KernelCheck::new(checker.clone(), s as u32)),
-        Verify::Transfer => Box::new(NoHooks),
-    };
+    let mut hooks = check_hooks(&rec, &checker, opts.verify, s as u32);
     if let Some(i) = cfg.inject.as_ref().filter(|i| i.stage == s) {
         hooks = Box::new(FaultInjector::new(i.clone(), hooks));
     }
@@ -480,9 +572,12 @@ pub fn replay_stage(rec: Arc<RecordedRun>, s: usize, opts: &ReplayOptions) -> Re
         first_place: None,
         wall_ns,
         recorded_ns: rec.recorded_ns(s as u32, from, to),
+        transfers_expected: 0,
+        kernels_expected: 0,
+        incomplete: None,
         notes,
     };
-    report.finish(&checker, &cfg);
+    report.finish(&checker, &cfg, &rec, &[s as u32]);
     if n_stages == 1 {
         report.notes.push(
             "a one-stage pipeline sends no transfers: only kernel outputs can be checked".into(),

@@ -239,8 +239,9 @@ fn stages_on_remote_nodes_restore_from_their_own_trace_copy() {
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("trace");
-    record_trace(&out, &pipeline(), PayloadPolicy::None, 0, false);
-    // The node's copy: the coordinator's trace is not where the node looks.
+    record_trace(&out, &pipeline(), PayloadPolicy::None, 0, true);
+    // The node's copy: the coordinator's trace is not where the node looks. The node needs its
+    // manifest (the trace id) and snapshots.
     let node_copy = dir.path().join("on-node");
     std::fs::create_dir_all(&node_copy).unwrap();
     let status = std::process::Command::new("cp")
@@ -250,6 +251,20 @@ fn stages_on_remote_nodes_restore_from_their_own_trace_copy() {
         .status()
         .expect("cp");
     assert!(status.success());
+    std::fs::copy(out.join("manifest.json"), node_copy.join("manifest.json")).unwrap();
+    // Another recording: the same files under another trace id.
+    let other = dir.path().join("other");
+    let status = std::process::Command::new("cp")
+        .args(["-r"])
+        .arg(&node_copy)
+        .arg(&other)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    let text = std::fs::read_to_string(other.join("manifest.json")).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    m["trace_id"] = "00000000000000000000000000000000".into();
+    std::fs::write(other.join("manifest.json"), m.to_string()).unwrap();
     let secret = b"replay-test-cluster-key-0123456789";
     let key_file = dir.path().join("key");
     std::fs::write(&key_file, secret).unwrap();
@@ -285,11 +300,40 @@ fn stages_on_remote_nodes_restore_from_their_own_trace_copy() {
     let clean = replay_pipeline(rec.clone(), &remote(None)).expect("remote replay");
     assert!(clean.bit_exact, "{clean:?}");
     assert_eq!(clean.counts.transfers_checked, 22);
+    // The last stage's logits come back as digests: 8 steps, one head call each.
+    assert_eq!(clean.counts.kernels_checked, 8, "{clean:?}");
+    // --verify kernel: every kernel output of every node comes back as a digest.
+    let kernel = |inject| ReplayOptions {
+        verify: Verify::Kernel,
+        ..remote(inject)
+    };
+    let all = replay_pipeline(rec.clone(), &kernel(None)).expect("remote kernel replay");
+    assert!(all.bit_exact, "{all:?}");
+    assert_eq!(all.counts.kernels_checked, all.kernels_expected);
+    assert!(all.counts.kernels_checked > 100, "{all:?}");
+    let faulty = replay_pipeline(rec.clone(), &kernel(inject())).expect("remote kernel replay");
+    let d = faulty.first.expect("divergence");
+    assert_eq!((d.endpoint, d.step), (1, 5), "{d:?}");
+    assert_eq!(
+        (d.kernel.as_deref(), d.layer),
+        (Some("down"), Some(3)),
+        "{d:?}"
+    );
     let faulty = replay_pipeline(rec.clone(), &remote(inject())).expect("remote replay");
     let d = faulty.first.expect("divergence");
     assert_eq!(
         (d.endpoint, d.step, d.transfer_id),
         (1, 5, Some(stage1_step5_id()))
+    );
+    // A node with another trace refuses it before running.
+    let mut wrong = remote(None);
+    wrong.node_trace = Some(other.clone());
+    let msg = replay_pipeline(rec.clone(), &wrong)
+        .expect_err("another trace")
+        .to_string();
+    assert!(
+        msg.contains("wrong trace") && msg.contains("00000000000000000000000000000000"),
+        "{msg}"
     );
     // A node without the trace says where it looked.
     let mut lost = remote(None);

@@ -141,6 +141,28 @@ pub enum SchemaError {
         id: u32,
     },
 
+    /// A path the trace names leaves the trace directory, is not a regular file or is too big.
+    #[error(
+        "{dir}: refused to open {path}, which the trace names: {reason}; the trace is damaged or crafted"
+    )]
+    UnsafePath {
+        /// The trace (or store) directory.
+        dir: PathBuf,
+        /// The path as the trace names it.
+        path: PathBuf,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// The trace claims more of something than this reader accepts.
+    #[error("{path}: {what}; the trace is damaged or crafted")]
+    Limit {
+        /// The file making the claim.
+        path: PathBuf,
+        /// What it claims and the limit (with where the limit comes from).
+        what: String,
+    },
+
     /// Synthetic trace parameters out of range.
     #[error("invalid synthetic trace config: {0}")]
     Synth(String),

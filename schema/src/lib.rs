@@ -9,6 +9,7 @@
 //! The byte-level format is in docs/FORMAT.md.
 
 mod batch;
+pub mod contained;
 mod error;
 mod event;
 mod frame;

@@ -110,18 +110,29 @@ impl LogReader {
     pub fn open(path: impl AsRef<Path>) -> Result<LogReader> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|e| SchemaError::io(&path, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| SchemaError::io(&path, e))?
-            .len();
+        LogReader::from_file(path, &file)
+    }
+
+    /// [`LogReader::open`] on a file already opened (as `path`); it must be a regular file.
+    pub fn from_file(path: PathBuf, file: &File) -> Result<LogReader> {
+        let meta = file.metadata().map_err(|e| SchemaError::io(&path, e))?;
+        if !meta.is_file() {
+            return Err(SchemaError::NotALog { path });
+        }
+        let len = meta.len();
         if len < FILE_HEADER_LEN as u64 {
-            let bytes = std::fs::read(&path).map_err(|e| SchemaError::io(&path, e))?;
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(file, FILE_HEADER_LEN as u64),
+                &mut bytes,
+            )
+            .map_err(|e| SchemaError::io(&path, e))?;
             LogHeader::parse(&bytes, &path)?;
         }
         // SAFETY: the map is read-only and every access is bounds-checked against its length.
         // A log is only appended to while mapped (a live writer), which leaves mapped bytes intact;
         // truncating a log that another process is reading is outside what slug supports.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| SchemaError::io(&path, e))?;
+        let map = unsafe { Mmap::map(file) }.map_err(|e| SchemaError::io(&path, e))?;
         let header = LogHeader::parse(&map, &path)?;
         let (index, recovery) = match read_footer(&map) {
             Some(Ok(entries)) => from_footer(&map, &entries),

@@ -1,4 +1,6 @@
-//! `TraceSummary`: what `slug info` reports about a trace, computed from indexes (not event data).
+//! `TraceSummary`: what `slug info` reports about a trace. Every count comes from decoded
+//! events, never from frame headers alone: a frame whose checksum passes but whose batch does
+//! not decode counts as corrupt, and its header's counts are not reported.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -6,7 +8,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::Event;
-use crate::event::{EventKind, KindSet};
+use crate::event::EventKind;
 use crate::frame::Clock;
 use crate::raw::RawRecord;
 use crate::reader::{LogReader, Recovery, TimeRange};
@@ -43,9 +45,16 @@ pub struct EndpointSummary {
     pub recovery: Option<Recovery>,
     /// Events the recorder itself reported lost (sum of lost-events records).
     pub lost_events: u64,
-    /// Frames that passed their checksum but failed to decode.
+    /// Frames that passed their checksum but failed to decode (also in `recovery.corrupt_frames`).
     pub undecodable_frames: u64,
+    /// Inconsistencies between the manifest and the log (wrong endpoint id, implausible clock
+    /// offset), each a sentence.
+    pub problems: Vec<String>,
 }
+
+/// Largest clock offset between two nodes believed: CLOCK_MONOTONIC counts from boot, and no
+/// node has been up for ten years. Beyond it an offset is reported as damage and not applied.
+pub const MAX_CLOCK_OFFSET_NS: u64 = 10 * 365 * 24 * 3600 * 1_000_000_000;
 
 /// Summary of a whole trace directory.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -100,6 +109,17 @@ impl TraceSummary {
                 .iter()
                 .find(|c| c.node == ep.node)
                 .map_or(0, |c| c.offset_ns);
+            let mut problems = Vec::new();
+            let offset = if offset.unsigned_abs() > MAX_CLOCK_OFFSET_NS {
+                problems.push(format!(
+                    "clock offset of node {} is implausible ({offset} ns, more than ten years); \
+                     not applied",
+                    ep.node
+                ));
+                None
+            } else {
+                Some(offset)
+            };
             let mut s = EndpointSummary {
                 id: ep.id,
                 node: ep.node.clone(),
@@ -116,12 +136,25 @@ impl TraceSummary {
                 recovery: None,
                 lost_events: 0,
                 undecodable_frames: 0,
+                problems,
             };
-            match LogReader::open(logs.get(&ep.id).unwrap_or(&s.log)) {
+            let opened = match logs.get(&ep.id) {
+                // A log rebuilt in memory by a reader of a killed recording, outside the trace.
+                Some(rebuilt) => LogReader::open(rebuilt),
+                None => trace.log_of(ep),
+            };
+            match opened {
                 Err(e) => s.error = Some(e.to_string()),
                 Ok(log) => {
                     let l = LogSummary::of(&log);
-                    for (t, c) in totals.iter_mut().zip(log.counts()) {
+                    if l.endpoint != ep.id {
+                        s.problems.push(format!(
+                            "the log belongs to endpoint {} but the manifest lists it as \
+                             endpoint {}",
+                            l.endpoint, ep.id
+                        ));
+                    }
+                    for (t, c) in totals.iter_mut().zip(&l.by_kind) {
                         *t += c;
                     }
                     s.counts = l.counts;
@@ -133,12 +166,24 @@ impl TraceSummary {
                     s.recovery = Some(l.recovery);
                     s.lost_events = l.lost_events;
                     s.undecodable_frames = l.undecodable_frames;
-                    if let Some(r) = s.time_span {
-                        let shift = |ns: u64| ns.saturating_add_signed(offset);
-                        let r = TimeRange::new(shift(r.start_ns), shift(r.end_ns));
-                        span = Some(span.map_or(r, |a| {
-                            TimeRange::new(a.start_ns.min(r.start_ns), a.end_ns.max(r.end_ns))
-                        }));
+                    if let (Some(r), Some(offset)) = (s.time_span, offset) {
+                        let shifted = r
+                            .start_ns
+                            .checked_add_signed(offset)
+                            .zip(r.end_ns.checked_add_signed(offset));
+                        match shifted {
+                            Some((a, b)) => {
+                                let r = TimeRange::new(a, b);
+                                span = Some(span.map_or(r, |x| {
+                                    TimeRange::new(x.start_ns.min(a), x.end_ns.max(b))
+                                }));
+                            }
+                            None => s.problems.push(format!(
+                                "clock offset of node {} ({offset} ns) moves its times out of \
+                                 range; not applied",
+                                ep.node
+                            )),
+                        }
                     }
                 }
             }
@@ -205,24 +250,47 @@ pub struct LogSummary {
     pub recovery: Recovery,
     /// Events the recorder itself reported lost (sum of lost-events records).
     pub lost_events: u64,
-    /// Frames that passed their checksum but failed to decode.
+    /// Frames that passed their checksum but failed to decode (also in `recovery.corrupt_frames`).
     pub undecodable_frames: u64,
+    #[serde(skip)]
+    by_kind: [u64; EventKind::COUNT],
 }
 
 impl LogSummary {
-    /// Summarises an open log (decodes only frames holding lost-events records).
+    /// Summarises an open log, decoding every frame: counts and times are those of events that
+    /// decode; a frame that does not decode is counted corrupt.
     pub fn of(log: &LogReader) -> LogSummary {
-        let counts = log.counts();
-        let events = counts.iter().sum();
-        let mut lost_events = 0;
-        let mut undecodable_frames = 0;
-        for e in log.events_in(TimeRange::ALL, KindSet::of(&[EventKind::LostEvents])) {
-            match e {
-                Ok(Event::LostEvents(l)) => lost_events += l.count,
-                Ok(_) => {}
-                Err(_) => undecodable_frames += 1,
+        let mut counts = [0u64; EventKind::COUNT];
+        let mut lost_events = 0u64;
+        let mut undecodable_frames = 0u64;
+        let mut frames = 0u64;
+        let mut span: Option<TimeRange> = None;
+        let mut recovery = *log.recovery();
+        for info in log.index() {
+            if info.is_empty() {
+                frames += 1;
+                continue;
+            }
+            let Ok(frame) = log.decode_frame(info) else {
+                undecodable_frames += 1;
+                recovery.corrupt_frames += 1;
+                recovery.corrupt_bytes += info.len();
+                recovery.frames = recovery.frames.saturating_sub(1);
+                continue;
+            };
+            frames += 1;
+            for e in &frame.events {
+                counts[e.kind() as usize] += 1;
+                if let Event::LostEvents(l) = e {
+                    lost_events = lost_events.saturating_add(l.count);
+                }
+                let (a, b) = (e.ns(), e.end_ns().max(e.ns()));
+                span = Some(span.map_or(TimeRange::new(a, b), |r| {
+                    TimeRange::new(r.start_ns.min(a), r.end_ns.max(b))
+                }));
             }
         }
+        let events = counts.iter().sum();
         LogSummary {
             path: log.path().to_path_buf(),
             endpoint: log.header().endpoint,
@@ -230,14 +298,15 @@ impl LogSummary {
             created_unix_ns: log.header().created_unix_ns,
             events,
             counts: named(&counts),
-            time_span: log.time_span(),
+            time_span: span,
             bytes: log.file_len(),
             raw_bytes: events * RawRecord::SIZE as u64,
-            frames: log.index().len() as u64,
+            frames,
             strings: log.string_count() as u64,
-            recovery: *log.recovery(),
+            recovery,
             lost_events,
             undecodable_frames,
+            by_kind: counts,
         }
     }
 }

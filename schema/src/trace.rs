@@ -18,11 +18,19 @@ pub const ENDPOINTS_DIR: &str = "endpoints";
 /// Directory of snapshot chunks and indexes.
 pub const SNAPSHOTS_DIR: &str = "snapshots";
 
+/// Most endpoints a trace may list: far above any real pipeline, low enough that a crafted
+/// manifest cannot make a reader open millions of logs.
+pub const MAX_ENDPOINTS: usize = 4096;
+
 /// `manifest.json`: everything about a trace that is not an event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     /// Trace format version ([`TRACE_FORMAT_VERSION`]).
     pub format_version: u32,
+    /// Random id of this recording (32 hex digits), so a node can tell one trace from another.
+    /// Traces written before it existed have none and still read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// Wall-clock time the trace was created (Unix ns).
     pub created_unix_ns: u64,
     /// The run's configuration (model, placement, transports, flags) as the recorder saw it.
@@ -45,6 +53,7 @@ impl Manifest {
             .map_or(0, |d| d.as_nanos() as u64);
         Manifest {
             format_version: TRACE_FORMAT_VERSION,
+            trace_id: Some(new_trace_id(created_unix_ns)),
             created_unix_ns,
             run,
             endpoints: Vec::new(),
@@ -53,6 +62,24 @@ impl Manifest {
             capabilities: Vec::new(),
         }
     }
+}
+
+/// 128 random bits from the kernel as 32 hex digits (time and pid mixed in if `getrandom` fails).
+fn new_trace_id(now_ns: u64) -> String {
+    let mut b = [0u8; 16];
+    // SAFETY: `b` is a valid writable buffer of `b.len()` bytes.
+    let got = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if got != b.len() as isize {
+        let mix = xxhash_rust::xxh3::xxh3_128(
+            &[
+                now_ns.to_le_bytes(),
+                u64::from(std::process::id()).to_le_bytes(),
+            ]
+            .concat(),
+        );
+        b = mix.to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// One endpoint: a pipeline stage on a node.
@@ -192,9 +219,13 @@ impl Trace {
         if !path.exists() {
             return Err(SchemaError::NotATrace { path: dir });
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| SchemaError::io(&path, e))?;
+        let text = crate::contained::read_in(
+            &dir,
+            Path::new(MANIFEST_FILE),
+            crate::contained::MAX_MANIFEST_BYTES,
+        )?;
         let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| SchemaError::Manifest {
+            serde_json::from_slice(&text).map_err(|e| SchemaError::Manifest {
                 path: path.clone(),
                 reason: format!("not valid JSON ({e}); the trace is damaged"),
             })?;
@@ -216,6 +247,15 @@ impl Trace {
                     "not a slug manifest ({e}); the trace is damaged or from another tool"
                 ),
             })?;
+        if manifest.endpoints.len() > MAX_ENDPOINTS {
+            return Err(SchemaError::Limit {
+                path,
+                what: format!(
+                    "it lists {} endpoints, more than the {MAX_ENDPOINTS} a slug trace may hold",
+                    manifest.endpoints.len()
+                ),
+            });
+        }
         Ok(Trace { dir, manifest })
     }
 
@@ -264,14 +304,21 @@ impl Trace {
             })
     }
 
-    /// Absolute path of endpoint `id`'s log.
+    /// Path of endpoint `id`'s log; refused when the manifest names one outside the trace.
     pub fn endpoint_log_path(&self, id: u32) -> Result<PathBuf> {
-        Ok(self.dir.join(&self.endpoint(id)?.log))
+        crate::contained::join_in(&self.dir, &self.endpoint(id)?.log)
     }
 
-    /// Opens endpoint `id`'s log for reading.
+    /// Opens endpoint `id`'s log for reading: it must be a regular file inside the trace
+    /// (see [`crate::contained::open_in`]).
     pub fn endpoint_log(&self, id: u32) -> Result<LogReader> {
-        LogReader::open(self.endpoint_log_path(id)?)
+        self.log_of(self.endpoint(id)?)
+    }
+
+    /// Opens the log of manifest entry `ep` under the rules of [`Trace::endpoint_log`].
+    pub fn log_of(&self, ep: &EndpointInfo) -> Result<LogReader> {
+        let (file, _) = crate::contained::open_in(&self.dir, &ep.log, u64::MAX)?;
+        LogReader::from_file(self.dir.join(&ep.log), &file)
     }
 
     /// Creates endpoint `id`'s log (the endpoint must be in the manifest).

@@ -213,3 +213,47 @@ proptest! {
         let _ = common::read_everything(&path);
     }
 }
+
+/// Rewrites frame `victim`'s payload with garbage of the same length and fixes both checksums,
+/// so the frame passes every checksum but its batch does not decode.
+fn garbage_frame(bytes: &mut [u8], victim: FrameInfo) {
+    use xxhash_rust::xxh3::xxh3_64;
+    let start = victim.offset as usize;
+    let payload = start + FRAME_HEADER_LEN..start + victim.len() as usize;
+    for (i, b) in bytes[payload.clone()].iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(31).wrapping_add(7);
+    }
+    let sum = xxh3_64(&bytes[payload]);
+    bytes[start + 104..start + 112].copy_from_slice(&sum.to_le_bytes());
+    let head = xxh3_64(&bytes[start..start + 112]);
+    bytes[start + 112..start + 120].copy_from_slice(&head.to_le_bytes());
+}
+
+#[test]
+fn a_checksum_valid_frame_that_does_not_decode_counts_as_corrupt_not_as_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, events, mut bytes) = small_log(dir.path());
+    let reader = LogReader::open(&path).unwrap();
+    let victim = *reader.index().iter().rfind(|f| !f.is_empty()).unwrap();
+    drop(reader);
+    garbage_frame(&mut bytes, victim);
+    std::fs::write(&path, &bytes).unwrap();
+    let reader = LogReader::open(&path).unwrap();
+    assert_eq!(reader.recovery().corrupt_frames, 0, "checksums pass");
+    let s = LogSummary::of(&reader);
+    let survivors = events.len() as u64 - u64::from(victim.events);
+    assert_eq!(
+        s.events, survivors,
+        "counts come from decoded events: {s:?}"
+    );
+    assert_eq!(s.counts.values().sum::<u64>(), survivors);
+    assert_eq!(s.undecodable_frames, 1);
+    assert_eq!(s.recovery.corrupt_frames, 1, "{s:?}");
+    assert_eq!(s.recovery.corrupt_bytes, victim.len());
+    let last = events[..survivors as usize].last().unwrap().ns();
+    assert_eq!(
+        s.time_span.unwrap().end_ns,
+        last,
+        "times from decoded events"
+    );
+}

@@ -105,7 +105,8 @@ impl TraceDirSource {
         let mut index_of = HashMap::new();
         for (i, ep) in manifest.endpoints.iter().enumerate() {
             let path = dir.join(&ep.log);
-            let reader = LogReader::open(&path).map_err(|e| unreadable(&path, e))?;
+            // Through the trace: the path must stay inside it and be a regular file.
+            let reader = trace.log_of(ep).map_err(|e| unreadable(&path, e))?;
             let offset_ns = clock_of.get(ep.node.as_str()).copied().unwrap_or(0);
             let infos: Vec<FrameInfo> = reader
                 .index()

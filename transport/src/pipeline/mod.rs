@@ -58,6 +58,9 @@ pub struct PipelineConfig {
     pub timeout_ms: u64,
     /// Put the xxh3-128 digest of every received transfer into the report.
     pub digests: bool,
+    /// Put the hash of these kernel outputs into the report (a `--hosts` replay checks them).
+    #[serde(default)]
+    pub kernel_digests: KernelDigests,
     /// Opaque settings for the node-side [`ObserverFactory`] (e.g. where to record).
     pub observer_settings: Option<serde_json::Value>,
     /// How `shm` / `tcp` runs without hosts start their nodes.
@@ -109,6 +112,7 @@ impl PipelineConfig {
             hosts: Vec::new(),
             timeout_ms: 60_000,
             digests: false,
+            kernel_digests: KernelDigests::None,
             observer_settings: None,
             launch: Launch::Processes,
             inject: None,
@@ -339,9 +343,81 @@ impl<'de> Deserialize<'de> for HexHash {
     }
 }
 
-/// Collects a [`TransferDigest`] of every transfer a stage receives.
+/// Which kernel outputs a stage reports the hash of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelDigests {
+    /// None (default).
+    #[default]
+    None,
+    /// Only the output head's logits (the last stage's output activations).
+    Head,
+    /// Every kernel call.
+    All,
+}
+
+/// Hash of one kernel output of a stage, as a node reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelDigest {
+    /// The stage's step counter.
+    pub step: u64,
+    /// Call site.
+    pub kernel: slug_kernels::KernelId,
+    /// Decoder layer (`None` outside layers).
+    pub layer: Option<u32>,
+    /// Position of the call within its step.
+    pub index: u32,
+    /// [`crate::transfer::kernel_output_hash`] of the output, as 32 hex digits.
+    pub hash: HexHash,
+}
+
+/// Collects a [`TransferDigest`] of every transfer a stage receives and, through
+/// [`DigestHooks`], a [`KernelDigest`] of the kernel outputs asked for.
 #[derive(Debug, Default)]
-pub(crate) struct DigestObserver(Mutex<Vec<TransferDigest>>);
+pub(crate) struct DigestObserver(Mutex<Vec<TransferDigest>>, Mutex<Vec<KernelDigest>>);
+
+/// Kernel hooks that record a [`KernelDigest`] of each selected output, then call the stage's
+/// own hooks. They sit inside the fault injector, so they see what the next kernel reads.
+struct DigestHooks {
+    inner: Box<dyn Hooks + Send>,
+    sink: Arc<DigestObserver>,
+    which: KernelDigests,
+    step: u64,
+    index: u32,
+}
+
+impl Hooks for DigestHooks {
+    fn timing(&self) -> bool {
+        self.inner.timing()
+    }
+
+    fn kernel(&mut self, call: &slug_kernels::KernelCall, output: &mut [f32]) {
+        if call.step != self.step {
+            self.step = call.step;
+            self.index = 0;
+        }
+        let wanted = match self.which {
+            KernelDigests::None => false,
+            KernelDigests::Head => call.kernel == slug_kernels::KernelId::Head,
+            KernelDigests::All => true,
+        };
+        if wanted && let Ok(mut v) = self.sink.1.lock() {
+            v.push(KernelDigest {
+                step: call.step,
+                kernel: call.kernel,
+                layer: call.layer,
+                index: self.index,
+                hash: HexHash(crate::transfer::kernel_output_hash(output)),
+            });
+        }
+        self.index += 1;
+        self.inner.kernel(call, output);
+    }
+
+    fn step_boundary(&mut self, step: u64, seq: u32) {
+        self.inner.step_boundary(step, seq);
+    }
+}
 
 impl TransferObserver for DigestObserver {
     fn posted(&self, _transfer: &Transfer, _bytes: &[u8]) {}
@@ -363,6 +439,13 @@ impl TransferObserver for DigestObserver {
 impl DigestObserver {
     pub(crate) fn take(&self) -> Vec<TransferDigest> {
         self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn take_kernels(&self) -> Vec<KernelDigest> {
+        self.1
             .lock()
             .map(|mut v| std::mem::take(&mut *v))
             .unwrap_or_default()
@@ -394,6 +477,9 @@ pub struct StageReport {
     pub inbound_clock: Option<ClockOffset>,
     /// Digests of received transfers, when the config asked for them.
     pub digests: Vec<TransferDigest>,
+    /// Digests of kernel outputs, when the config asked for them.
+    #[serde(default)]
+    pub kernel_digests: Vec<KernelDigest>,
     /// Generated tokens per sequence (last stage only).
     pub tokens: Vec<Vec<u32>>,
 }
@@ -694,13 +780,23 @@ pub(crate) fn stage_observers(
     ctx: &StageContext<'_>,
 ) -> Result<(StageObservers, Option<Arc<DigestObserver>>)> {
     let mut obs = factory.stage_observers(ctx)?;
+    let which = ctx.config.kernel_digests;
+    let sink = (ctx.config.digests || which != KernelDigests::None)
+        .then(|| Arc::new(DigestObserver::default()));
+    if let Some(sink) = sink.as_ref().filter(|_| which != KernelDigests::None) {
+        obs.hooks = Box::new(DigestHooks {
+            inner: obs.hooks,
+            sink: sink.clone(),
+            which,
+            step: u64::MAX,
+            index: 0,
+        });
+    }
     if let Some(inject) = ctx.config.inject.as_ref().filter(|i| i.stage == ctx.stage) {
         obs.hooks = Box::new(crate::inject::FaultInjector::new(inject.clone(), obs.hooks));
     }
-    if !ctx.config.digests {
-        return Ok((obs, None));
+    if let Some(sink) = sink.as_ref().filter(|_| ctx.config.digests) {
+        obs.transfers = obs.transfers.with(sink.clone());
     }
-    let digests = Arc::new(DigestObserver::default());
-    obs.transfers = obs.transfers.with(digests.clone());
-    Ok((obs, Some(digests)))
+    Ok((obs, sink))
 }

@@ -99,6 +99,10 @@ impl StageOutcome {
             clock: None,
             inbound_clock: self.inbound_clock,
             digests: digests.as_ref().map(|d| d.take()).unwrap_or_default(),
+            kernel_digests: digests
+                .as_ref()
+                .map(|d| d.take_kernels())
+                .unwrap_or_default(),
             tokens: self.tokens,
         }
     }
