@@ -54,6 +54,7 @@ fn bench_append(c: &mut Criterion) {
         ring_records: 1 << 18,
         writer: WriterOptions::default(),
         progress: Some(Arc::clone(&drained)),
+        ebpf: None,
     };
     let recorder = EndpointRecorder::start(&options, None, None).expect("recorder");
     let shared = recorder.shared().clone();

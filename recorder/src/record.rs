@@ -13,13 +13,14 @@ use slug_transport::pipeline::{
 };
 use slug_transport::transfer::TransportKind;
 
+use crate::ebpf::EbpfRequest;
 use crate::endpoint::EndpointStats;
 use crate::error::{RecorderError, Result};
 use crate::flight::DEFAULT_RING_RECORDS;
 use crate::observe::{
     NODE_REPORTS_DIR, NodeReport, NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings,
 };
-use crate::perf::{Capabilities, PerfConfig, PerfStreams, PerfTarget, current_tid, probe};
+use crate::perf::{Capabilities, PerfConfig, probe};
 use crate::snapshot::SnapshotStore;
 use crate::topology::host_topology;
 
@@ -42,6 +43,8 @@ pub struct RecordConfig {
     pub snapshot_every: Option<u64>,
     /// Hash every kernel output into its span, so `slug replay --verify kernel` can name it.
     pub hash_kernels: bool,
+    /// eBPF endpoint probes.
+    pub ebpf: EbpfRequest,
 }
 
 impl RecordConfig {
@@ -57,6 +60,7 @@ impl RecordConfig {
             progress: None,
             snapshot_every: Some(0),
             hash_kernels: false,
+            ebpf: EbpfRequest::Auto,
         }
     }
 }
@@ -182,7 +186,7 @@ fn summarize_stats(s: EndpointStats) -> EndpointSummary {
             .collect(),
         bytes: s.log.bytes,
         raw_bytes: s.log.raw_bytes,
-        lost: s.ring_lost + s.perf_lost,
+        lost: s.ring_lost + s.perf_lost + s.ebpf_lost,
         payloads: s.payloads,
         payload_bytes: s.payload_bytes,
         warnings: s.warnings,
@@ -279,6 +283,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         progress: cfg.progress.clone(),
         snapshot_every: cfg.snapshot_every,
         hash_kernels: cfg.hash_kernels,
+        ebpf: cfg.ebpf.clone(),
     };
     let pmus = probe()?;
     let mut snapshot_warning = None;
@@ -333,6 +338,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             ring_records: cfg.ring_records,
             snapshot_every: cfg.snapshot_every,
             hash_kernels: cfg.hash_kernels,
+            ebpf: cfg.ebpf.to_string(),
             scratch_run: on_hosts.then(run_id),
         };
         let mut p = pipeline.clone();
@@ -347,17 +353,12 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         let endpoints = (0..pipeline.stages as u32)
             .map(|s| summarize_log(&trace, s))
             .collect::<Result<Vec<_>>>()?;
-        let caps = if on_hosts {
-            node_reports(
-                &cfg.out,
-                pipeline.stages,
-                &mut manifest_topology,
-                &mut node_warnings,
-            )
-        } else {
-            // The nodes ran on this host: its streams are what they could open.
-            PerfStreams::open(&pmus, &cfg.perf, &PerfTarget::Thread(current_tid())).1
-        };
+        // Every node reports what it could record (on --hosts, its topology too).
+        let mut topology = None;
+        let caps = node_reports(&cfg.out, pipeline.stages, &mut topology, &mut node_warnings);
+        if on_hosts {
+            manifest_topology = topology;
+        }
         (report, endpoints, caps)
     };
     let mut manifest = trace.manifest().clone();

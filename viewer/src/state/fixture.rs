@@ -7,7 +7,7 @@ use crate::error::{Result, ViewerError};
 use crate::state::event::EndpointIx;
 use crate::state::event::{
     KernelSpan, LostEvents, Nanos, PerfSample, SnapshotMark, StepBoundary, SystemEvent, SystemKind,
-    TraceEvent, Transfer,
+    SystemSource, TraceEvent, Transfer,
 };
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, MemorySource, TraceSource};
 
@@ -91,6 +91,7 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
                 per_ep[s].push(TraceEvent::System(SystemEvent {
                     t: t - 1_000,
                     kind: SystemKind::PageFault,
+                    source: SystemSource::Ebpf,
                     args: [0x7f00_0000, 0x1000, 2],
                     pid: 1,
                     tid: 7,

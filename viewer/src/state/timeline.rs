@@ -723,7 +723,9 @@ fn overview_track(ep: EndpointIx, grid: &Grid, frames: &[FrameSummary]) -> Track
             let share = if instant { 1.0 } else { ov as f64 / len };
             kernels[c] += f.counts.get(EventKind::Kernel) as f64 * share;
             t.samples[c] += f.counts.get(EventKind::PerfSample) as f64 * share;
-            t.faults[c] += f.counts.get(EventKind::System) as f64 * share;
+            t.faults[c] += (f.counts.get(EventKind::Ebpf) + f.counts.get(EventKind::PerfSoftware))
+                as f64
+                * share;
             t.pt[c] += f.counts.get(EventKind::PtChunk) as f64 * share;
         });
         let at = grid.of(f.range.start.max(range.start));

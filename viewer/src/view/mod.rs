@@ -105,7 +105,7 @@ fn body_panels(app: &mut App, window: &Window, area: Rect, buf: &mut Buffer) {
     let totals = app.timeline.source().total_counts();
     let lanes = lanes::LaneSet {
         samples: totals.get(EventKind::PerfSample) > 0,
-        faults: totals.get(EventKind::System) > 0,
+        faults: totals.get(EventKind::Ebpf) + totals.get(EventKind::PerfSoftware) > 0,
         pt: totals.get(EventKind::PtChunk) > 0,
     };
     let timeline_rows = 1 + 2 * window.tracks.len() as u16;
