@@ -386,7 +386,7 @@ impl SystemEvent {
     }
 
     /// The arguments by meaning, for the detail pane.
-    fn describe(&self, out: &mut Vec<(&'static str, String)>) {
+    pub fn describe(&self, out: &mut Vec<(&'static str, String)>) {
         let a = self.args;
         match self.kind {
             SystemKind::OffCpu => {

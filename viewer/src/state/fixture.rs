@@ -37,6 +37,9 @@ pub fn endpoints(stages: usize) -> Vec<EndpointInfo> {
         .collect()
 }
 
+/// How long the stage thread of every stage is off the CPU (in futex) after its kernels.
+pub const OFF_CPU_NS: Nanos = 30_000;
+
 /// Events per endpoint for `stages` stages and `steps` steps.
 pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
     let names: Vec<Arc<str>> = KERNELS.iter().map(|(k, _)| Arc::from(*k)).collect();
@@ -96,6 +99,27 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
                     pid: 1,
                     tid: 7,
                     cpu: s as u32,
+                }));
+            }
+            // After its kernels the stage thread blocks in futex for 30us, woken by tid 8.
+            per_ep[s].push(TraceEvent::System(SystemEvent {
+                t,
+                kind: SystemKind::OffCpu,
+                source: SystemSource::Ebpf,
+                args: [OFF_CPU_NS, (203 << 32) | 1, 8],
+                pid: 1,
+                tid: 7,
+                cpu: s as u32,
+            }));
+            if step == 1 && s == 0 {
+                per_ep[s].push(TraceEvent::System(SystemEvent {
+                    t: t + OFF_CPU_NS,
+                    kind: SystemKind::Migration,
+                    source: SystemSource::Ebpf,
+                    args: [0, 3, 1],
+                    pid: 1,
+                    tid: 7,
+                    cpu: 3,
                 }));
             }
             if s + 1 < stages {
