@@ -63,6 +63,8 @@ enum EbpfKind {
   pageFault @2;       # arg0 = address, arg1 = ip, arg2 = error code
   migration @3;       # arg0 = from cpu, arg1 = to cpu, arg2 = 1 if the NUMA node changed
   syscallHistogram @4; # arg0 = syscall nr, arg1 = log2 ns bucket, arg2 = count since the last one
+  tcpRetransmit @5;   # tid = the stage thread using the socket; arg0 = local port << 16 | remote port
+  tcpDrop @6;         # as tcpRetransmit, arg1 = skb_drop_reason
 }
 
 

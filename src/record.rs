@@ -59,7 +59,7 @@ pub struct RecordArgs {
     #[arg(long, default_value_t = 1000)]
     perf_freq: u64,
     /// eBPF endpoint probes (need root or CAP_BPF + CAP_PERFMON): auto, none, or a list of
-    /// off-cpu, syscalls, page-faults, migrations.
+    /// off-cpu, syscalls, page-faults, migrations, tcp.
     #[arg(long, default_value = "auto")]
     ebpf: String,
     /// Print the summary as one JSON object.

@@ -199,6 +199,12 @@ pub enum EbpfKind {
     /// same thread and syscall: arg0 = syscall nr, arg1 = log2 bucket (durations in
     /// `[2^arg1, 2^(arg1+1))` ns), arg2 = count; `ns` = when the counts were read.
     SyscallHistogram = 4,
+    /// TCP retransmitted a segment of a socket a thread of the stage sends or receives on:
+    /// `tid` = that thread, arg0 = local port << 16 | remote port.
+    TcpRetransmit = 5,
+    /// The kernel dropped a packet of such a socket: `tid` and arg0 as for retransmits, arg1 =
+    /// the kernel's `skb_drop_reason`.
+    TcpDrop = 6,
 }
 
 impl EbpfKind {
@@ -210,6 +216,8 @@ impl EbpfKind {
             Self::PageFault,
             Self::Migration,
             Self::SyscallHistogram,
+            Self::TcpRetransmit,
+            Self::TcpDrop,
         ]
         .get(usize::from(value))
         .copied()

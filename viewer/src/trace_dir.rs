@@ -254,6 +254,8 @@ impl TraceDirSource {
                     EbpfKind::PageFault => SystemKind::PageFault,
                     EbpfKind::Migration => SystemKind::Migration,
                     EbpfKind::SyscallHistogram => SystemKind::SyscallHistogram,
+                    EbpfKind::TcpRetransmit => SystemKind::TcpRetransmit,
+                    EbpfKind::TcpDrop => SystemKind::TcpDrop,
                 },
                 source: SystemSource::Ebpf,
                 args: [b.arg0, b.arg1, b.arg2],

@@ -50,15 +50,19 @@ pub enum Probe {
     PageFaults,
     /// sched_migrate_task: CPU and NUMA-node moves.
     Migrations,
+    /// tcp_retransmit_skb / kfree_skb on the sockets the process sends or receives on
+    /// (sock_send_length / sock_recv_length).
+    Tcp,
 }
 
 impl Probe {
     /// Every probe group.
-    pub const ALL: [Probe; 4] = [
+    pub const ALL: [Probe; 5] = [
         Probe::OffCpu,
         Probe::Syscalls,
         Probe::PageFaults,
         Probe::Migrations,
+        Probe::Tcp,
     ];
 
     /// The name `--ebpf` accepts.
@@ -68,6 +72,7 @@ impl Probe {
             Probe::Syscalls => "syscalls",
             Probe::PageFaults => "page-faults",
             Probe::Migrations => "migrations",
+            Probe::Tcp => "tcp",
         }
     }
 
@@ -78,6 +83,18 @@ impl Probe {
             Probe::Syscalls => "ebpf_syscalls",
             Probe::PageFaults => "ebpf_page_faults",
             Probe::Migrations => "ebpf_migrations",
+            Probe::Tcp => "ebpf_tcp",
+        }
+    }
+
+    /// What stands in for the probe when the kernel refuses it.
+    fn fallback(self) -> &'static str {
+        match self {
+            Probe::OffCpu => "perf's context switches (--perf) without wait reasons",
+            Probe::Syscalls => "no syscall latencies",
+            Probe::PageFaults => "perf's page-fault samples (--perf)",
+            Probe::Migrations => "no CPU migrations",
+            Probe::Tcp => "no TCP retransmits or drops",
         }
     }
 
@@ -94,6 +111,12 @@ impl Probe {
             ],
             Probe::PageFaults => &[("slug_page_fault_user", "page_fault_user")],
             Probe::Migrations => &[("slug_sched_migrate_task", "sched_migrate_task")],
+            Probe::Tcp => &[
+                ("slug_sock_send_length", "sock_send_length"),
+                ("slug_sock_recv_length", "sock_recv_length"),
+                ("slug_tcp_retransmit_skb", "tcp_retransmit_skb"),
+                ("slug_kfree_skb", "kfree_skb"),
+            ],
         }
     }
 }
@@ -274,8 +297,11 @@ impl EbpfSession {
                     });
                 }
                 Err(why) => {
-                    caps.notices
-                        .push(format!("no eBPF {} probe: {why}", p.name()));
+                    caps.notices.push(format!(
+                        "no eBPF {} probe: {why}; recording {} instead",
+                        p.name(),
+                        p.fallback()
+                    ));
                     caps.entries.push(Capability {
                         name: p.capability().into(),
                         requested: true,

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0 OR GPL-2.0
 // slug's eBPF endpoint probes: off-CPU intervals (why and who woke), syscall latency (exact
-// records above a threshold, log2 histograms below), user page faults with their address, and
-// task migrations, all for the threads of one process (`target_tgid`), sent to user space
-// through one ring buffer. Timestamps are bpf_ktime_get_ns(), i.e. CLOCK_MONOTONIC.
+// records above a threshold, log2 histograms below), user page faults with their address, task
+// migrations, and TCP retransmits and drops on the sockets they use, all for the threads of one
+// process (`target_tgid`), sent to user space through one ring buffer. Timestamps are bpf_ktime_get_ns(), i.e. CLOCK_MONOTONIC.
 //
 // Built by recorder/tests/ebpf_bootstrap.rs (see recorder/src/ebpf/README.md):
 //   clang -target bpf -O2 -g -c probes.bpf.c -o probes.bpf.o && llvm-strip -g probes.bpf.o
@@ -27,6 +27,19 @@ struct task_struct {
 	int tgid;
 } __attribute__((preserve_access_index));
 
+struct sock_common {
+	unsigned short skc_dport; // network byte order
+	unsigned short skc_num;   // host byte order
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_common __sk_common;
+} __attribute__((preserve_access_index));
+
+struct sk_buff {
+	struct sock *sk;
+} __attribute__((preserve_access_index));
+
 struct pt_regs {
 	unsigned long ip;
 } __attribute__((preserve_access_index));
@@ -36,6 +49,8 @@ struct pt_regs {
 #define KIND_OFF_CPU 1
 #define KIND_PAGE_FAULT 2
 #define KIND_MIGRATION 3
+#define KIND_TCP_RETRANSMIT 5
+#define KIND_TCP_DROP 6
 
 // One ring-buffer record (recorder/src/ebpf/record.rs has the same layout).
 struct record {
@@ -106,6 +121,15 @@ struct {
 	__type(key, struct hist_key);
 	__type(value, __u64);
 } syscall_hist SEC(".maps");
+
+// Socket -> tid of the stage thread that last sent or received on it (retransmits and drops
+// happen in softirq context, where the current task says nothing about whose socket it is).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u32);
+} stage_sockets SEC(".maps");
 
 static __always_inline void count_lost(__u32 index)
 {
@@ -268,5 +292,65 @@ int slug_sched_migrate_task(struct bpf_raw_tracepoint_args *ctx)
 		from = BPF_CORE_READ(p, thread_info.cpu);
 	emit(KIND_MIGRATION, BPF_CORE_READ(p, pid), bpf_ktime_get_ns(), from, (__u32)ctx->args[1],
 	     0);
+	return 0;
+}
+
+static __always_inline int remember_socket(struct bpf_raw_tracepoint_args *ctx)
+{
+	__u32 tid;
+	if (!current_is_target(&tid))
+		return 0;
+	__u64 sk = ctx->args[0];
+	__u32 *seen = bpf_map_lookup_elem(&stage_sockets, &sk);
+	if (!seen || *seen != tid)
+		bpf_map_update_elem(&stage_sockets, &sk, &tid, BPF_ANY);
+	return 0;
+}
+
+// sock_send_length(struct sock *sk, int ret, int flags), in the sender's context
+SEC("raw_tracepoint/sock_send_length")
+int slug_sock_send_length(struct bpf_raw_tracepoint_args *ctx)
+{
+	return remember_socket(ctx);
+}
+
+// sock_recv_length(struct sock *sk, int ret, int flags), in the receiver's context
+SEC("raw_tracepoint/sock_recv_length")
+int slug_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
+{
+	return remember_socket(ctx);
+}
+
+static __always_inline __u64 ports(struct sock *sk)
+{
+	__u16 dport = BPF_CORE_READ(sk, __sk_common.skc_dport);
+	__u16 sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	return ((__u64)sport << 16) | (__u16)((dport >> 8) | (dport << 8));
+}
+
+// tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb, ...)
+SEC("raw_tracepoint/tcp_retransmit_skb")
+int slug_tcp_retransmit_skb(struct bpf_raw_tracepoint_args *ctx)
+{
+	__u64 sk = ctx->args[0];
+	__u32 *tid = bpf_map_lookup_elem(&stage_sockets, &sk);
+	if (!tid)
+		return 0;
+	emit(KIND_TCP_RETRANSMIT, *tid, bpf_ktime_get_ns(), ports((struct sock *)sk), 0, 0);
+	return 0;
+}
+
+// kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
+SEC("raw_tracepoint/kfree_skb")
+int slug_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct sk_buff *skb = (struct sk_buff *)ctx->args[0];
+	__u64 sk = (__u64)BPF_CORE_READ(skb, sk);
+	if (!sk)
+		return 0;
+	__u32 *tid = bpf_map_lookup_elem(&stage_sockets, &sk);
+	if (!tid)
+		return 0;
+	emit(KIND_TCP_DROP, *tid, bpf_ktime_get_ns(), ports((struct sock *)sk), ctx->args[2], 0);
 	return 0;
 }

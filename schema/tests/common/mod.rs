@@ -101,9 +101,9 @@ pub fn event() -> impl Strategy<Value = Event> {
                 ns: b[3],
             })
         }),
-        (0u8..5, any::<[u32; 3]>(), any::<[u64; 4]>()).prop_map(|(k, a, b)| {
+        (0u8..7, any::<[u32; 3]>(), any::<[u64; 4]>()).prop_map(|(k, a, b)| {
             Event::Ebpf(EbpfEvent {
-                kind: EbpfKind::from_u8(k).expect("0..5 are probe kinds"),
+                kind: EbpfKind::from_u8(k).expect("0..7 are probe kinds"),
                 pid: a[0],
                 tid: a[1],
                 cpu: a[2],

@@ -103,6 +103,7 @@ impl Writer<'_> {
                         SystemKind::OffCpu => ("off_cpu", false),
                         SystemKind::Syscall => ("syscall", false),
                         SystemKind::Migration => ("migration", true),
+                        SystemKind::TcpRetransmit | SystemKind::TcpDrop => ("tcp", true),
                         _ => return Ok(()),
                     };
                     self.thread(ep, tid, format!("thread {} (eBPF)", s.tid))?;

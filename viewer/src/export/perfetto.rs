@@ -300,11 +300,15 @@ impl Writer<'_> {
                         SystemKind::OffCpu => "off_cpu",
                         SystemKind::Syscall => "syscall",
                         SystemKind::Migration => "migration",
+                        SystemKind::TcpRetransmit | SystemKind::TcpDrop => "tcp",
                         _ => return Ok(()),
                     };
                     let uuid = self.track(ep, TrackKind::OsThread(s.tid))?;
                     let name = e.label();
-                    if s.kind == SystemKind::Migration {
+                    if matches!(
+                        s.kind,
+                        SystemKind::Migration | SystemKind::TcpRetransmit | SystemKind::TcpDrop
+                    ) {
                         self.summary.instants += 1;
                         return self.emit(s.t, |ev| {
                             ev.varint(event::TYPE, event::TYPE_INSTANT)

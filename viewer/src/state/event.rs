@@ -284,6 +284,10 @@ pub enum SystemKind {
     PageFault,
     /// A thread migrated between CPUs (eBPF): args = from cpu, to cpu, 1 if the NUMA node changed.
     Migration,
+    /// TCP retransmitted on a socket of the thread (eBPF): args = ports, 0, 0.
+    TcpRetransmit,
+    /// The kernel dropped a packet of a socket of the thread (eBPF): args = ports, reason, 0.
+    TcpDrop,
 }
 
 impl SystemKind {
@@ -296,6 +300,8 @@ impl SystemKind {
             SystemKind::ContextSwitch => "context-switch",
             SystemKind::PageFault => "page-fault",
             SystemKind::Migration => "migration",
+            SystemKind::TcpRetransmit => "tcp-retransmit",
+            SystemKind::TcpDrop => "tcp-drop",
         }
     }
 }
@@ -428,6 +434,13 @@ impl SystemEvent {
                 out.push(("address", format!("{:#x}", a[0])));
                 out.push(("ip", format!("{:#x}", a[1])));
                 out.push(("error code", format!("{:#x}", a[2])));
+            }
+            SystemKind::TcpRetransmit | SystemKind::TcpDrop => {
+                out.push(("local port", (a[0] >> 16).to_string()));
+                out.push(("remote port", (a[0] & 0xffff).to_string()));
+                if self.kind == SystemKind::TcpDrop {
+                    out.push(("drop reason", a[1].to_string()));
+                }
             }
             SystemKind::Migration => {
                 out.push(("from cpu", a[0].to_string()));

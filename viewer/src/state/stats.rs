@@ -37,6 +37,10 @@ pub struct EndpointStats {
     pub migrations: u64,
     /// Of those, moves to another NUMA node.
     pub numa_migrations: u64,
+    /// TCP retransmits on its threads' sockets (eBPF).
+    pub tcp_retransmits: u64,
+    /// Packets of its threads' sockets the kernel dropped (eBPF).
+    pub tcp_drops: u64,
 }
 
 /// Off-CPU time of one endpoint's threads for one reason.
@@ -231,6 +235,8 @@ impl TraceStats {
                                 let mid = 3u64 << s.args[1].min(61) >> 1;
                                 c.1 = c.1.saturating_add(s.args[2].saturating_mul(mid));
                             }
+                            SystemKind::TcpRetransmit => st.tcp_retransmits += 1,
+                            SystemKind::TcpDrop => st.tcp_drops += 1,
                             SystemKind::Migration => {
                                 st.migrations += 1;
                                 st.numa_migrations += u64::from(s.args[2] == 1);

@@ -112,10 +112,11 @@ impl StatsView<'_> {
     /// and its migrations.
     fn wait_lines(&self) -> Vec<Line<'static>> {
         let s = self.stats;
-        let any = s
-            .endpoints
-            .iter()
-            .any(|e| !e.waits.is_empty() || !e.syscalls.is_empty() || e.migrations > 0);
+        let any = s.endpoints.iter().any(|e| {
+            !e.waits.is_empty()
+                || !e.syscalls.is_empty()
+                || e.migrations + e.tcp_retransmits + e.tcp_drops > 0
+        });
         if !any {
             return vec![Line::raw(
                 "where stages waited: no eBPF events in this trace (record as root with --ebpf auto)",
@@ -159,6 +160,12 @@ impl StatsView<'_> {
                     "{:<14} syscalls: {}",
                     "",
                     calls.join(", ")
+                )));
+            }
+            if e.tcp_retransmits + e.tcp_drops > 0 {
+                out.push(Line::raw(format!(
+                    "{:<14} tcp: {} retransmits, {} drops",
+                    "", e.tcp_retransmits, e.tcp_drops
                 )));
             }
             if e.migrations > 0 {
