@@ -533,8 +533,10 @@ fn drain_loop(shared: &SessionShared, ebpf: Ebpf, mut maps: DrainMaps) {
     loop {
         let stopping = shared.stop.load(Ordering::Acquire);
         while let Some(item) = maps.ring.next() {
-            if let Some(r) = ProbeRecord::parse(&item) {
-                batch.push((r.tid, r.to_event(shared.tgid, &shared.cpu_node)));
+            if let Some(r) = ProbeRecord::parse(&item)
+                && let Some(e) = r.to_event(shared.tgid, &shared.cpu_node)
+            {
+                batch.push((r.tid, e));
             }
         }
         if stopping || last_hist.elapsed() >= HISTOGRAM_EVERY {

@@ -41,13 +41,10 @@ impl ProbeRecord {
         })
     }
 
-    /// The trace event; migrations get arg2 = 1 when the two CPUs are on different NUMA nodes
-    /// of `cpu_node` (index: CPU).
-    pub fn to_event(&self, tgid: u32, cpu_node: &[Option<u32>]) -> Event {
-        let kind = u8::try_from(self.kind)
-            .ok()
-            .and_then(EbpfKind::from_u8)
-            .unwrap_or(EbpfKind::Syscall);
+    /// The trace event (`None` for a kind this build does not know); migrations get arg2 = 1
+    /// when the two CPUs are on different NUMA nodes of `cpu_node` (index: CPU).
+    pub fn to_event(&self, tgid: u32, cpu_node: &[Option<u32>]) -> Option<Event> {
+        let kind = u8::try_from(self.kind).ok().and_then(EbpfKind::from_u8)?;
         let node = |cpu: u64| {
             usize::try_from(cpu)
                 .ok()
@@ -61,7 +58,7 @@ impl ProbeRecord {
         } else {
             self.arg2
         };
-        Event::Ebpf(EbpfEvent {
+        Some(Event::Ebpf(EbpfEvent {
             kind,
             pid: tgid,
             tid: self.tid,
@@ -70,6 +67,47 @@ impl ProbeRecord {
             arg1: self.arg1,
             arg2,
             ns: self.ns,
-        })
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(kind: u32, arg0: u64, arg1: u64) -> Vec<u8> {
+        let mut b = Vec::new();
+        for v in [5_000u64, arg0, arg1, 7] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [kind, 42, 3, 0] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn records_parse_and_migrations_say_whether_the_numa_node_changed() {
+        let nodes = [Some(0), Some(0), Some(1), Some(1)];
+        let across = ProbeRecord::parse(&bytes(3, 1, 2)).unwrap();
+        assert_eq!((across.ns, across.tid, across.cpu), (5_000, 42, 3));
+        let Some(Event::Ebpf(e)) = across.to_event(9, &nodes) else {
+            panic!("a migration event");
+        };
+        assert_eq!(
+            (e.kind, e.pid, e.arg0, e.arg1, e.arg2),
+            (EbpfKind::Migration, 9, 1, 2, 1)
+        );
+        let within = ProbeRecord::parse(&bytes(3, 2, 3)).unwrap();
+        assert!(matches!(within.to_event(9, &nodes), Some(Event::Ebpf(e)) if e.arg2 == 0));
+        let off_cpu = ProbeRecord::parse(&bytes(1, 100, 203 << 32)).unwrap();
+        assert!(matches!(off_cpu.to_event(9, &nodes), Some(Event::Ebpf(e)) if e.arg2 == 7));
+    }
+
+    #[test]
+    fn short_records_and_unknown_kinds_are_dropped() {
+        assert_eq!(ProbeRecord::parse(&bytes(1, 0, 0)[..47]), None);
+        let unknown = ProbeRecord::parse(&bytes(99, 0, 0)).unwrap();
+        assert_eq!(unknown.to_event(9, &[]), None);
     }
 }

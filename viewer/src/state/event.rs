@@ -420,7 +420,7 @@ impl SystemEvent {
                     format!(
                         "{} to {}",
                         format_duration(1u64 << a[1].min(63)),
-                        format_duration(1u64 << (a[1] + 1).min(63))
+                        format_duration(1u64 << a[1].saturating_add(1).min(63))
                     ),
                 ));
                 out.push(("calls", a[2].to_string()));

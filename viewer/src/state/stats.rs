@@ -222,16 +222,16 @@ impl TraceStats {
                                     .entry(s.waited_on().unwrap_or_default())
                                     .or_default();
                                 w.0 += 1;
-                                w.1 += s.args[0];
+                                w.1 = w.1.saturating_add(s.args[0]);
                             }
                             SystemKind::Syscall => {
                                 let c = calls_by.entry(syscall_name(s.args[0])).or_default();
                                 c.0 += 1;
-                                c.1 += s.args[2];
+                                c.1 = c.1.saturating_add(s.args[2]);
                             }
                             SystemKind::SyscallHistogram => {
                                 let c = calls_by.entry(syscall_name(s.args[0])).or_default();
-                                c.0 += s.args[2];
+                                c.0 = c.0.saturating_add(s.args[2]);
                                 let mid = 3u64 << s.args[1].min(61) >> 1;
                                 c.1 = c.1.saturating_add(s.args[2].saturating_mul(mid));
                             }
