@@ -247,7 +247,7 @@ impl EbpfSession {
                     requested: false,
                     available: false,
                     captured: false,
-                    reason: Some("--ebpf none".into()),
+                    reason: Some("--ebpf none (not loaded, so availability is unknown)".into()),
                 });
             }
             return (None, caps);
