@@ -165,14 +165,6 @@ impl EndpointShared {
         }
     }
 
-    /// Tells the eBPF probes a step boundary passed, so they cut their syscall histograms there.
-    #[inline]
-    pub fn step_boundary_passed(&self) {
-        if let Some(e) = &self.ebpf {
-            e.step_boundary_passed();
-        }
-    }
-
     /// Stores a payload in the trace (on the writer thread) unless it is already stored.
     /// `false` when this endpoint does not record payloads.
     pub fn store_payload(&self, hash: u128, bytes: &[u8]) -> bool {

@@ -34,8 +34,7 @@ pub const SLOW_SYSCALL_NS: u64 = 1_000_000;
 
 /// How often the session drains the ring buffer.
 const POLL_EVERY: Duration = Duration::from_millis(10);
-/// The syscall histograms and lost counters are read at the first poll after a step boundary,
-/// and at least this often.
+/// How often it reads the syscall histograms and lost counters.
 const HISTOGRAM_EVERY: Duration = Duration::from_millis(100);
 /// Events an endpoint's outbox holds before further ones are dropped (and counted).
 const OUTBOX_LIMIT: usize = 1 << 20;
@@ -218,8 +217,6 @@ struct SessionShared {
     stop: AtomicBool,
     /// Records of threads no endpoint claimed (the recorder's own threads, mostly).
     unrouted: AtomicU64,
-    /// Step boundaries passed (any endpoint of the process).
-    steps: AtomicU64,
     /// NUMA node of each CPU (index), when the host says.
     cpu_node: Vec<Option<u32>>,
 }
@@ -336,7 +333,6 @@ impl EbpfSession {
             outboxes: Mutex::new(BTreeMap::new()),
             stop: AtomicBool::new(false),
             unrouted: AtomicU64::new(0),
-            steps: AtomicU64::new(0),
             cpu_node: cpu_nodes(),
         });
         let worker = Arc::clone(&shared);
@@ -392,12 +388,6 @@ impl EbpfSession {
                 b.dropped = 0;
             }
         }
-    }
-
-    /// A stage crossed a step boundary: the next poll cuts the syscall histograms there.
-    #[inline]
-    pub fn step_boundary_passed(&self) {
-        self.shared.steps.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records seen from threads no endpoint claimed.
@@ -538,7 +528,6 @@ fn drain_loop(shared: &SessionShared, ebpf: Ebpf, mut maps: DrainMaps) {
     let mut hist_seen: HashMap<u64, u64> = HashMap::new();
     let mut lost_seen = [0u64; 2];
     let mut last_hist = Instant::now();
-    let mut steps_seen = 0;
     let mut last_ns = monotonic_ns();
     let mut batch: Vec<(u32, Event)> = Vec::new();
     loop {
@@ -550,9 +539,7 @@ fn drain_loop(shared: &SessionShared, ebpf: Ebpf, mut maps: DrainMaps) {
                 batch.push((r.tid, e));
             }
         }
-        let steps = shared.steps.load(Ordering::Relaxed);
-        if stopping || steps != steps_seen || last_hist.elapsed() >= HISTOGRAM_EVERY {
-            steps_seen = steps;
+        if stopping || last_hist.elapsed() >= HISTOGRAM_EVERY {
             let now = monotonic_ns();
             for (key, count) in maps.hist.iter().flatten() {
                 let seen = hist_seen.entry(key).or_insert(0);
