@@ -5,7 +5,7 @@
 //!   user and system apart (a probe runs in the kernel, in the context of the traced thread, so
 //!   its cost lands in system time);
 //! - callgrind (when valgrind is installed): user-space instructions per generated token of a
-//!   `tiny` recording. Callgrind counts no kernel instructions, so this is the recorder's side of
+//!   `tiny` 2-stage recording. Callgrind counts no kernel instructions, so this is the recorder's side of
 //!   the probes (loading, draining the ring buffer, writing the events), not the probes' own.
 //!
 //! Without root (no probes load) it says so and measures nothing.
@@ -29,10 +29,10 @@ use tally::Tally;
 /// Set in the environment of the bench re-run under callgrind: record once and exit.
 const CALLGRIND_CHILD: &str = "SLUG_EBPF_BENCH_CALLGRIND_CHILD";
 
-fn pipeline(model: &str, tokens: usize) -> PipelineConfig {
+fn pipeline(model: &str, stages: usize, tokens: usize) -> PipelineConfig {
     let model = ModelConfig::preset(model).expect("preset");
     let mut p = PipelineConfig::new(model, "benchmark", 4, tokens);
-    p.stages = 4;
+    p.stages = stages;
     p
 }
 
@@ -90,14 +90,14 @@ fn bench_ebpf(c: &mut Criterion) {
             EbpfRequest::None
         };
         let dir = tempfile::tempdir().expect("temp dir");
-        let s = record_once(&pipeline("tiny", 16), &dir.path().join("t"), ebpf);
+        let s = record_once(&pipeline("tiny", 2, 16), &dir.path().join("t"), ebpf);
         black_box(s);
         std::process::exit(0);
     }
     if !probes_load() {
         return;
     }
-    let p = pipeline("small", 24);
+    let p = pipeline("small", 4, 24);
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("t");
     let (none, auto) = (Tally::default(), Tally::default());
@@ -192,6 +192,16 @@ fn callgrind() {
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         });
         match (status, total) {
+            (Ok(o), _) if !o.status.success() => {
+                eprintln!(
+                    "callgrind --ebpf {mode}: the recording failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                );
+                return;
+            }
             (Ok(_), Some(n)) => ir[i] = n,
             (Ok(o), None) => {
                 eprintln!(
@@ -209,10 +219,10 @@ fn callgrind() {
             }
         }
     }
-    // tiny, 4 stages, 4 sequences x 16 tokens.
+    // tiny, 2 stages, 4 sequences x 16 tokens.
     let tokens = 4.0 * 16.0;
     eprintln!(
-        "callgrind (tiny, 4 local stages, 4 x 16 tokens, user-space instructions incl. model build): \
+        "callgrind (tiny, 2 local stages, 4 x 16 tokens, user-space instructions incl. model build): \
          --ebpf auto {:.0} vs none {:.0} per token: ratio {:.4}",
         ir[1] as f64 / tokens,
         ir[0] as f64 / tokens,

@@ -73,7 +73,8 @@ struct {
 	__uint(max_entries, 1 << 22);
 } events SEC(".maps");
 
-// Records that did not fit in the ring (index 0) and map updates that failed (index 1).
+// Records that did not fit in the ring (index 0) and histogram counts that found the map full
+// (index 1).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 2);
@@ -81,15 +82,22 @@ struct {
 	__type(value, __u64);
 } lost SEC(".maps");
 
+// Per-thread state lives in arrays indexed by the tid's low bits (a hash map update on every
+// syscall cost several times more). A slot remembers whose it is: a thread whose slot another
+// thread of the process took over (tids 65536 apart) just loses that record.
+#define THREAD_SLOTS 65536
+#define SLOT(tid) ((tid) & (THREAD_SLOTS - 1))
+
 struct syscall_start {
 	__u64 ns;
-	__u64 nr;
+	__u32 nr;
+	__u32 tid; // 0: free
 };
 
-// Thread id -> the syscall it is in.
+// Thread slot -> the syscall it is in.
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, THREAD_SLOTS);
 	__type(key, __u32);
 	__type(value, struct syscall_start);
 } in_syscall SEC(".maps");
@@ -97,13 +105,14 @@ struct {
 struct off_cpu {
 	__u64 ns;
 	__u64 reason; // bits 0-31: prev_state (0 = preempted, still runnable); 32-63: syscall nr + 1
-	__u64 waker;  // tid of the thread that woke it, 0 if none seen
+	__u32 waker;  // tid of the thread that woke it, 0 if none seen
+	__u32 tid;    // 0: free
 };
 
-// Thread id -> when and why it left the CPU.
+// Thread slot -> when and why it left the CPU.
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, THREAD_SLOTS);
 	__type(key, __u32);
 	__type(value, struct off_cpu);
 } switched_out SEC(".maps");
@@ -185,20 +194,26 @@ int slug_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 	__u64 now = bpf_ktime_get_ns();
 	if ((__u32)BPF_CORE_READ(prev, tgid) == target_tgid) {
 		__u32 tid = BPF_CORE_READ(prev, pid);
-		__u64 state = ctx->args[0] ? 0 : (__u32)ctx->args[3];
-		struct off_cpu out = { .ns = now, .reason = state, .waker = 0 };
-		struct syscall_start *sc = bpf_map_lookup_elem(&in_syscall, &tid);
-		if (sc)
-			out.reason |= (sc->nr + 1) << 32;
-		if (bpf_map_update_elem(&switched_out, &tid, &out, BPF_ANY))
-			count_lost(1);
+		__u32 slot = SLOT(tid);
+		struct off_cpu *out = bpf_map_lookup_elem(&switched_out, &slot);
+		if (out) {
+			__u64 reason = ctx->args[0] ? 0 : (__u32)ctx->args[3];
+			struct syscall_start *sc = bpf_map_lookup_elem(&in_syscall, &slot);
+			if (sc && sc->tid == tid)
+				reason |= ((__u64)sc->nr + 1) << 32;
+			out->ns = now;
+			out->reason = reason;
+			out->waker = 0;
+			out->tid = tid;
+		}
 	}
 	if ((__u32)BPF_CORE_READ(next, tgid) == target_tgid) {
 		__u32 tid = BPF_CORE_READ(next, pid);
-		struct off_cpu *out = bpf_map_lookup_elem(&switched_out, &tid);
-		if (out) {
+		__u32 slot = SLOT(tid);
+		struct off_cpu *out = bpf_map_lookup_elem(&switched_out, &slot);
+		if (out && out->tid == tid) {
 			emit(KIND_OFF_CPU, tid, out->ns, now - out->ns, out->reason, out->waker);
-			bpf_map_delete_elem(&switched_out, &tid);
+			out->tid = 0;
 		}
 	}
 	return 0;
@@ -212,8 +227,9 @@ int slug_sched_waking(struct bpf_raw_tracepoint_args *ctx)
 	if ((__u32)BPF_CORE_READ(p, tgid) != target_tgid)
 		return 0;
 	__u32 tid = BPF_CORE_READ(p, pid);
-	struct off_cpu *out = bpf_map_lookup_elem(&switched_out, &tid);
-	if (out && !out->waker)
+	__u32 slot = SLOT(tid);
+	struct off_cpu *out = bpf_map_lookup_elem(&switched_out, &slot);
+	if (out && out->tid == tid && !out->waker)
 		out->waker = (__u32)bpf_get_current_pid_tgid();
 	return 0;
 }
@@ -225,9 +241,13 @@ int slug_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 	__u32 tid;
 	if (!current_is_target(&tid))
 		return 0;
-	struct syscall_start s = { .ns = bpf_ktime_get_ns(), .nr = ctx->args[1] };
-	if (bpf_map_update_elem(&in_syscall, &tid, &s, BPF_ANY))
-		count_lost(1);
+	__u32 slot = SLOT(tid);
+	struct syscall_start *s = bpf_map_lookup_elem(&in_syscall, &slot);
+	if (s) {
+		s->ns = bpf_ktime_get_ns();
+		s->nr = ctx->args[1];
+		s->tid = tid;
+	}
 	return 0;
 }
 
@@ -238,11 +258,12 @@ int slug_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 	__u32 tid;
 	if (!current_is_target(&tid))
 		return 0;
-	struct syscall_start *s = bpf_map_lookup_elem(&in_syscall, &tid);
-	if (!s)
+	__u32 slot = SLOT(tid);
+	struct syscall_start *s = bpf_map_lookup_elem(&in_syscall, &slot);
+	if (!s || s->tid != tid)
 		return 0;
 	__u64 start = s->ns, nr = s->nr;
-	bpf_map_delete_elem(&in_syscall, &tid);
+	s->tid = 0;
 	__u64 dur = bpf_ktime_get_ns() - start;
 	if (dur >= slow_syscall_ns) {
 		emit(KIND_SYSCALL, tid, start, nr, ctx->args[1], dur);
