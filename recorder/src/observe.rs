@@ -416,8 +416,12 @@ fn start_endpoint(
     stage: u32,
     ebpf: &(Option<Arc<EbpfSession>>, Capabilities),
 ) -> Result<(EndpointRecorder, Capabilities, bool)> {
+    let mut perf_config = settings.perf.clone();
+    if let Some(session) = &ebpf.0 {
+        perf_config.covered_by_ebpf = session.covered_perf_streams();
+    }
     let (perf, mut caps) =
-        PerfStreams::open(pmus, &settings.perf, &PerfTarget::Thread(current_tid()));
+        PerfStreams::open(pmus, &perf_config, &PerfTarget::Thread(current_tid()));
     caps.entries.extend(ebpf.1.entries.iter().cloned());
     caps.notices.extend(ebpf.1.notices.iter().cloned());
     let want_counters = perf.kinds().contains(&StreamKind::StepCounters);

@@ -22,7 +22,7 @@ use aya::{Ebpf, EbpfLoader};
 use slug_schema::{Capability, EbpfEvent, EbpfKind, Event, LostEvents, StringId};
 
 use crate::error::{RecorderError, Result};
-use crate::perf::{Capabilities, monotonic_ns};
+use crate::perf::{Capabilities, StreamKind, monotonic_ns};
 pub use record::ProbeRecord;
 
 /// The compiled probes (`clang -target bpf`, see `recorder/tests/ebpf_bootstrap.rs`).
@@ -363,6 +363,20 @@ impl EbpfSession {
     /// The probe groups attached.
     pub fn probes(&self) -> &[Probe] {
         &self.probes
+    }
+
+    /// The perf streams whose events attached probes record too (with more about each): perf
+    /// context switches (off-CPU intervals) and page-fault samples (page faults with ip and
+    /// error code). The recorder does not open them, so nothing is recorded twice.
+    pub fn covered_perf_streams(&self) -> Vec<(StreamKind, &'static str)> {
+        let mut out = Vec::new();
+        if self.probes.contains(&Probe::OffCpu) {
+            out.push((StreamKind::ContextSwitches, Probe::OffCpu.name()));
+        }
+        if self.probes.contains(&Probe::PageFaults) {
+            out.push((StreamKind::PageFaults, Probe::PageFaults.name()));
+        }
+        out
     }
 
     /// Sends the records of thread `tid` to `endpoint`'s outbox from now on.
