@@ -11,7 +11,7 @@ mod record;
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -215,8 +215,6 @@ struct SessionShared {
     routes: Mutex<HashMap<u32, u32>>,
     outboxes: Mutex<BTreeMap<u32, Outbox>>,
     stop: AtomicBool,
-    /// Records of threads no endpoint claimed (the recorder's own threads, mostly).
-    unrouted: AtomicU64,
     /// NUMA node of each CPU (index), when the host says.
     cpu_node: Vec<Option<u32>>,
 }
@@ -332,7 +330,6 @@ impl EbpfSession {
             routes: Mutex::new(HashMap::new()),
             outboxes: Mutex::new(BTreeMap::new()),
             stop: AtomicBool::new(false),
-            unrouted: AtomicU64::new(0),
             cpu_node: cpu_nodes(),
         });
         let worker = Arc::clone(&shared);
@@ -358,11 +355,6 @@ impl EbpfSession {
                 (None, caps)
             }
         }
-    }
-
-    /// The probe groups attached.
-    pub fn probes(&self) -> &[Probe] {
-        &self.probes
     }
 
     /// The perf streams whose events attached probes record too (with more about each): perf
@@ -402,11 +394,6 @@ impl EbpfSession {
                 b.dropped = 0;
             }
         }
-    }
-
-    /// Records seen from threads no endpoint claimed.
-    pub fn unrouted(&self) -> u64 {
-        self.shared.unrouted.load(Ordering::Relaxed)
     }
 
     /// Detaches the probes after a last drain of the ring buffer and histograms into the
@@ -623,9 +610,8 @@ fn deliver(shared: &SessionShared, batch: &mut Vec<(u32, Event)>) {
         match endpoint.and_then(|e| boxes.get_mut(&e)) {
             Some(b) if b.events.len() < OUTBOX_LIMIT => b.events.push(event),
             Some(b) => b.dropped += 1,
-            None => {
-                shared.unrouted.fetch_add(1, Ordering::Relaxed);
-            }
+            // A thread no endpoint claimed: the recorder's own, whose waits are not the stage's.
+            None => {}
         }
     }
 }
