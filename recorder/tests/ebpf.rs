@@ -128,6 +128,7 @@ fn off_cpu_intervals_agree_with_perf_context_switches() {
         .iter()
         .filter(|e| matches!(e, Event::Ebpf(b) if b.kind == EbpfKind::OffCpu && b.tid == tid))
         .count();
+    println!("200 sleeps: perf saw {perf_outs} switch-outs, eBPF {ebpf_outs} off-CPU intervals");
     assert!(
         perf_outs >= 200,
         "perf saw {perf_outs} switch-outs of 200 sleeps"
