@@ -72,7 +72,9 @@ fn as_root_the_probes_record_off_cpu_intervals_apart_from_perf_records() {
         let ebpf_events = kind_count(&info, "ebpf");
         if expect {
             assert!(ebpf_events > 0, "no ebpf events: {info}");
-            assert!(!stderr.contains("no eBPF"), "{stderr}");
+            // A single probe the kernel lacks (page_fault_user is x86-only) may be named; the
+            // probes as a whole must load.
+            assert!(!stderr.contains("no eBPF probes:"), "{stderr}");
         } else {
             assert_eq!(ebpf_events, 0, "--ebpf none recorded eBPF events: {info}");
         }
