@@ -29,6 +29,7 @@ enum EventKind {
   lostEvents @7;
   marker @8;
   counter @9;
+  perfSoftware @10;   # format version 3; versions 1-2 stored these as ebpf
 }
 
 enum Transport {
@@ -56,11 +57,16 @@ enum PerfSampleKind {
 }
 
 enum EbpfKind {
-  syscall @0;         # arg0 = syscall nr, arg1 = return value, arg2 = duration ns
-  sched @1;           # arg0 = prev tid, arg1 = next tid, arg2 = prev state
+  syscall @0;         # ns = entry; arg0 = syscall nr, arg1 = return value, arg2 = duration ns
+  offCpu @1;          # ns = switched out; arg0 = duration ns, arg1 = reason (bits 0-31 task
+                      # state, 0 = preempted; bits 32-63 syscall nr + 1, 0 = none), arg2 = waker tid
   pageFault @2;       # arg0 = address, arg1 = ip, arg2 = error code
-  migration @3;       # arg0 = from cpu, arg1 = to cpu, arg2 = 0
+  migration @3;       # arg0 = from cpu, arg1 = to cpu, arg2 = 1 if the NUMA node changed
+  syscallHistogram @4; # arg0 = syscall nr, arg1 = log2 ns bucket, arg2 = count since the last one
+  tcpRetransmit @5;   # tid = the stage thread using the socket; arg0 = local port << 16 | remote port
+  tcpDrop @6;         # as tcpRetransmit, arg1 = skb_drop_reason
 }
+
 
 struct Hash128 {
   lo @0 :UInt64;
@@ -147,6 +153,19 @@ struct EbpfEvent {
   ns @7 :UInt64;
 }
 
+struct SoftwareRecord {   # a perf software record (format version 3)
+  kind @0 :UInt8;           # 1 = context switch (arg0 = tid out, arg1 = tid in, arg2 = 1 if it
+                            # blocked), 2 = page fault (arg0 = data address, arg1 = ip): the values
+                            # versions 1-2 stored under ebpf
+  pid @1 :UInt32;
+  tid @2 :UInt32;
+  cpu @3 :UInt32;
+  arg0 @4 :UInt64;
+  arg1 @5 :UInt64;
+  arg2 @6 :UInt64;
+  ns @7 :UInt64;
+}
+
 struct LostEvents {
   count @0 :UInt64;
   reason @1 :UInt32;        # interned string id
@@ -190,6 +209,8 @@ struct Batch {
   lostEvents @13 :LostEventsColumns;
   markers @14 :MarkerColumns;
   counters @15 :CounterColumns;
+  perfSoftware @16 :EbpfColumns; # perf software records (format version 3): the same columns,
+                                 # kind holds the SoftwareRecord kind byte
 }
 
 # Primary timestamps (startNs, postNs, ns, fromNs) live in Batch.times; each column group holds the

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use slug_recorder::ebpf::EbpfRequest;
 use slug_recorder::observe::PayloadPolicy;
 use slug_recorder::perf::{PerfConfig, PerfRequest};
 use slug_recorder::{RecordConfig, RecordSummary, record};
@@ -58,6 +59,10 @@ pub struct RecordArgs {
     /// Sampling frequency of cpu-clock and memory samples, Hz.
     #[arg(long, default_value_t = 1000)]
     perf_freq: u64,
+    /// eBPF endpoint probes (need root or CAP_BPF + CAP_PERFMON): auto, none, or a list of
+    /// off-cpu, syscalls, page-faults, migrations, tcp.
+    #[arg(long, default_value = "auto")]
+    ebpf: String,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -98,6 +103,7 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--payloads: {e}"))?;
     let request: PerfRequest = args.perf.parse().context("--perf")?;
+    let ebpf: EbpfRequest = args.ebpf.parse().context("--ebpf")?;
     if args.perf_freq == 0 {
         bail!("--perf-freq 0: give a sampling frequency in Hz, e.g. 1000");
     }
@@ -115,6 +121,7 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
             Some(args.snapshot_every.unwrap_or(0))
         },
         hash_kernels: args.hash_kernels,
+        ebpf,
         ..RecordConfig::new(&args.out)
     };
     let pipeline = args.pipeline()?;

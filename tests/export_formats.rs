@@ -113,14 +113,25 @@ fn perfetto_export_has_a_track_per_endpoint_kernel_slices_and_paired_flows() {
         endpoint_tracks,
         kernels.keys().cloned().collect::<BTreeSet<_>>()
     );
-    // Kernel slices sit on worker thread tracks named after their endpoint.
+    // Kernel slices sit on worker thread tracks named after their endpoint; the other slices are
+    // off-CPU intervals on eBPF thread tracks.
     let mut slices_per_endpoint: HashMap<String, u64> = HashMap::new();
+    let mut off_cpu_slices = 0;
     for (uuid, n) in &c.slices {
         let name = track_name(*uuid);
-        let ep = name.split(" worker").next().unwrap_or_default().to_string();
-        *slices_per_endpoint.entry(ep).or_default() += n;
+        match name.split_once(" worker") {
+            Some((ep, _)) => *slices_per_endpoint.entry(ep.to_string()).or_default() += n,
+            None => {
+                assert!(name.ends_with("(eBPF)"), "a slice on track {name}");
+                off_cpu_slices += n;
+            }
+        }
     }
     assert_eq!(slices_per_endpoint, kernels);
+    assert!(
+        off_cpu_slices > 0,
+        "the synthetic trace's off-CPU intervals are exported"
+    );
     // Every transfer is one flow from the sender's transfers track to the receiver's.
     let endpoint_of = |track: u64| track_name(c.tracks[&track].parent);
     let starts: BTreeSet<Flow> = c

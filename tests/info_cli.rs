@@ -38,7 +38,8 @@ fn table_lists_endpoints_kinds_sizes_and_capabilities() {
     let out = slug(&["info", root.to_str().unwrap()]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("format 2, synthetic"), "{t}");
+    let format = format!("format {}, synthetic", slug_schema::TRACE_FORMAT_VERSION);
+    assert!(t.contains(&format), "{t}");
     assert!(t.contains("4 on 2 nodes"), "{t}");
     let total = written.events.to_string();
     let grouped: String = total

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use slug_kernels::ModelConfig;
+use slug_recorder::ebpf::EbpfRequest;
 use slug_recorder::endpoint::{EndpointOptions, EndpointRecorder};
 use slug_recorder::observe::PayloadPolicy;
 use slug_recorder::perf::{PerfConfig, PerfRequest, StreamKind};
@@ -54,6 +55,7 @@ fn bench_append(c: &mut Criterion) {
         ring_records: 1 << 18,
         writer: WriterOptions::default(),
         progress: Some(Arc::clone(&drained)),
+        ebpf: None,
     };
     let recorder = EndpointRecorder::start(&options, None, None).expect("recorder");
     let shared = recorder.shared().clone();
@@ -170,6 +172,8 @@ fn record_once(
     let cfg = RecordConfig {
         payloads,
         perf,
+        // What this bench measures is the recorder's own cost; benches/ebpf.rs measures probes.
+        ebpf: EbpfRequest::None,
         ..RecordConfig::new(&out)
     };
     let s = record(&cfg, p).expect("record");

@@ -17,12 +17,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use slug_kernels::KernelId;
 use slug_schema::{
-    Clock, EbpfEvent, EbpfKind, Event, LogHeader, LogStats, LogWriter, LostEvents, PerfSample,
-    PerfSampleKind, PtChunk, RawRecord, StringId, WriterOptions,
+    Clock, Event, LogHeader, LogStats, LogWriter, LostEvents, PerfSample, PerfSampleKind, PtChunk,
+    RawRecord, SoftwareKind, SoftwareRecord, StringId, WriterOptions,
 };
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::blob::BlobStore;
+use crate::ebpf::{EbpfSession, LostReasons};
 use crate::error::{RecorderError, Result};
 use crate::flight::FlightRing;
 use crate::journal::Journal;
@@ -46,8 +47,18 @@ pub fn fixed_strings() -> impl Iterator<Item = &'static str> {
         "flight ring full",
         "perf ring full",
         "payload write failed",
+        "ebpf ring buffer full",
+        "ebpf map full",
+        "ebpf outbox full",
     ])
 }
+
+/// The interned reasons of the eBPF session's lost records (fixed ids after the ones above).
+pub const EBPF_LOST_REASONS: LostReasons = LostReasons {
+    ring_full: TASK_CLOCK_NAME + 5,
+    map_full: TASK_CLOCK_NAME + 6,
+    outbox_full: TASK_CLOCK_NAME + 7,
+};
 
 /// How often the writer drains rings and perf streams.
 const DRAIN_EVERY: Duration = Duration::from_millis(2);
@@ -77,6 +88,8 @@ pub struct EndpointOptions {
     pub writer: WriterOptions,
     /// Incremented by the number of events written, for a progress display.
     pub progress: Option<Arc<AtomicU64>>,
+    /// The process's eBPF probes, whose events of this endpoint's threads go to its log.
+    pub ebpf: Option<Arc<EbpfSession>>,
 }
 
 /// The part of an endpoint recorder the pipeline's threads share.
@@ -93,6 +106,7 @@ pub struct EndpointShared {
     first_error: Mutex<Option<String>>,
     stop: AtomicBool,
     payloads: Option<(Arc<BlobStore>, Sender<Payload>)>,
+    ebpf: Option<Arc<EbpfSession>>,
     progress: Option<Arc<AtomicU64>>,
 }
 
@@ -128,13 +142,11 @@ impl EndpointShared {
         let path = self
             .endpoints_dir
             .join(format!("{}.t{thread}.ring", self.endpoint));
-        match FlightRing::create(
-            &path,
-            self.endpoint,
-            thread,
-            crate::perf::current_tid(),
-            self.ring_records,
-        ) {
+        let tid = crate::perf::current_tid();
+        if let Some(ebpf) = &self.ebpf {
+            ebpf.route(tid, self.endpoint);
+        }
+        match FlightRing::create(&path, self.endpoint, thread, tid, self.ring_records) {
             Ok(ring) => {
                 let ring = Arc::new(ring);
                 ring.append(record);
@@ -183,6 +195,8 @@ pub struct EndpointStats {
     pub ring_lost: u64,
     /// Records the kernel dropped from perf rings.
     pub perf_lost: u64,
+    /// eBPF records lost (ring buffer, probe maps or this endpoint's outbox full).
+    pub ebpf_lost: u64,
     /// Payload blobs written and their compressed bytes.
     pub payloads: u64,
     /// Compressed payload bytes written.
@@ -251,6 +265,7 @@ impl EndpointRecorder {
             stop: AtomicBool::new(false),
             payloads,
             progress: options.progress.clone(),
+            ebpf: options.ebpf.clone(),
         });
         if let Some(p) = &perf {
             p.enable()?;
@@ -273,6 +288,10 @@ impl EndpointRecorder {
 
     /// Stops the writer after a last drain, closes the log and removes the drained rings.
     pub fn finish(mut self) -> Result<EndpointStats> {
+        // The probes' last records reach the outboxes before the writer's last drain.
+        if let Some(e) = &self.shared.ebpf {
+            e.stop();
+        }
         self.shared.stop.store(true, Ordering::Release);
         let handle = self.writer.take();
         match handle.map(JoinHandle::join) {
@@ -291,6 +310,9 @@ impl EndpointRecorder {
 
 impl Drop for EndpointRecorder {
     fn drop(&mut self) {
+        if let Some(e) = &self.shared.ebpf {
+            e.stop();
+        }
         self.shared.stop.store(true, Ordering::Release);
         if let Some(h) = self.writer.take() {
             let _ = h.join();
@@ -322,6 +344,7 @@ fn writer_loop(
     };
     let mut lost_seen: Vec<u64> = Vec::new();
     let mut perf_buf = Vec::new();
+    let mut ebpf_buf = Vec::new();
     let mut batch: Vec<RawRecord> = Vec::new();
     let mut release: Vec<(Arc<FlightRing>, u64)> = Vec::new();
     let mut last_drain_ns = monotonic_ns();
@@ -362,6 +385,15 @@ fn writer_loop(
         }
         for rec in perf_buf.drain(..) {
             write_perf(&mut batch, rec, &mut sink, &mut stats);
+        }
+        if let Some(ebpf) = &shared.ebpf {
+            ebpf.take(shared.endpoint, &mut ebpf_buf);
+            for e in ebpf_buf.drain(..) {
+                if let Event::LostEvents(l) = &e {
+                    stats.ebpf_lost += l.count;
+                }
+                batch.push(RawRecord::from_event(&e));
+            }
         }
         if let Some(rx) = &payload_rx {
             let mut failures = 0u64;
@@ -496,10 +528,9 @@ fn writer_loop(
 
 /// Writes one perf record as the trace's event (or payload) for it.
 ///
-/// Page faults and context switches have no perf-sample kind in the trace format; they are
-/// stored as the format's page-fault and sched events (the same fields, from perf instead of
-/// eBPF): page fault arg0 = data address, arg1 = ip; sched arg0 = tid switched out (else 0),
-/// arg1 = tid switched in (else 0), arg2 = 0 if preempted (still runnable), 1 if it blocked.
+/// Page faults and context switches are `perf_software` records: page fault arg0 = data
+/// address, arg1 = ip; context switch arg0 = tid switched out (else 0), arg1 = tid switched in
+/// (else 0), arg2 = 0 if preempted (still runnable), 1 if it blocked.
 /// Where perf data that is not an event goes: PT bytes as blobs, PT sideband as one file.
 struct PerfSink {
     blobs: Option<Arc<BlobStore>>,
@@ -517,16 +548,18 @@ fn write_perf(
         PerfRecord::Sample(s) => {
             let kind = match s.stream {
                 StreamKind::PageFaults => {
-                    batch.push(RawRecord::from_event(&Event::Ebpf(EbpfEvent {
-                        kind: EbpfKind::PageFault,
-                        pid: s.pid,
-                        tid: s.tid,
-                        cpu: s.cpu,
-                        arg0: s.addr,
-                        arg1: s.ip,
-                        arg2: 0,
-                        ns: s.ns,
-                    })));
+                    batch.push(RawRecord::from_event(&Event::PerfSoftware(
+                        SoftwareRecord {
+                            kind: SoftwareKind::PageFault,
+                            pid: s.pid,
+                            tid: s.tid,
+                            cpu: s.cpu,
+                            arg0: s.addr,
+                            arg1: s.ip,
+                            arg2: 0,
+                            ns: s.ns,
+                        },
+                    )));
                     return;
                 }
                 StreamKind::MemLoads | StreamKind::IbsOp => PerfSampleKind::MemLoad,
@@ -556,8 +589,8 @@ fn write_perf(
             ns,
             out,
             preempted,
-        } => Event::Ebpf(EbpfEvent {
-            kind: EbpfKind::Sched,
+        } => Event::PerfSoftware(SoftwareRecord {
+            kind: SoftwareKind::ContextSwitch,
             pid,
             tid,
             cpu,

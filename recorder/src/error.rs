@@ -35,6 +35,15 @@ pub enum RecorderError {
         known: String,
     },
 
+    /// An `--ebpf` list named a probe this recorder does not have.
+    #[error("unknown eBPF probe `{name}`; use auto, none, or a comma-separated list of: {known}")]
+    UnknownEbpfProbe {
+        /// The name given.
+        name: String,
+        /// The names that are accepted.
+        known: String,
+    },
+
     /// A sysfs file exists but does not hold what the kernel documents.
     #[error("{path}: unexpected content `{content}`; expected {expected}")]
     Sysfs {

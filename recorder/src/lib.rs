@@ -14,6 +14,7 @@
 //! - [`snapshot`]: a stage's arena and cursor as deduplicated zstd chunks under `<trace>/snapshots/`.
 
 pub mod blob;
+pub mod ebpf;
 pub mod endpoint;
 mod error;
 pub mod flight;

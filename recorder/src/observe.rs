@@ -19,9 +19,10 @@ use slug_transport::transfer::{
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::blob::BlobStore;
+use crate::ebpf::{EbpfRequest, EbpfSession};
 use crate::endpoint::{
-    EndpointOptions, EndpointRecorder, EndpointShared, EndpointStats, PAGE_FAULTS_NAME,
-    TASK_CLOCK_NAME,
+    EBPF_LOST_REASONS, EndpointOptions, EndpointRecorder, EndpointShared, EndpointStats,
+    PAGE_FAULTS_NAME, TASK_CLOCK_NAME,
 };
 use crate::error::{RecorderError, Result};
 use crate::perf::{
@@ -316,6 +317,8 @@ pub struct RecorderSettings {
     pub snapshot_every: Option<u64>,
     /// Hash every kernel output into its span (`--hash-kernels`).
     pub hash_kernels: bool,
+    /// eBPF probes (`--ebpf`).
+    pub ebpf: EbpfRequest,
 }
 
 /// Builds each stage's recorder and observers; collects their results at the end.
@@ -323,6 +326,8 @@ pub struct RecorderSettings {
 pub struct RecorderFactory {
     settings: RecorderSettings,
     pmus: HostPmus,
+    /// The process's probes (every stage is a thread of it) and their capability report.
+    ebpf: (Option<Arc<EbpfSession>>, Capabilities),
     blobs: Option<Arc<BlobStore>>,
     endpoints: Mutex<Vec<EndpointRecorder>>,
     capabilities: Mutex<Option<Capabilities>>,
@@ -334,9 +339,11 @@ impl RecorderFactory {
     pub fn new(settings: RecorderSettings, pmus: HostPmus) -> Result<RecorderFactory> {
         let blobs = blob_store(&settings, &pmus)?;
         let snapshots = Snapshots::new(&settings)?;
+        let ebpf = EbpfSession::open(&settings.ebpf, EBPF_LOST_REASONS);
         Ok(RecorderFactory {
             settings,
             pmus,
+            ebpf,
             blobs,
             endpoints: Mutex::new(Vec::new()),
             capabilities: Mutex::new(None),
@@ -345,8 +352,13 @@ impl RecorderFactory {
     }
 
     fn start_stage(&self, stage: u32, layers: u32) -> Result<StageObservers> {
-        let (recorder, caps, want_counters) =
-            start_endpoint(&self.settings, &self.pmus, self.blobs.clone(), stage)?;
+        let (recorder, caps, want_counters) = start_endpoint(
+            &self.settings,
+            &self.pmus,
+            self.blobs.clone(),
+            stage,
+            &self.ebpf,
+        )?;
         {
             // Every stage sees the same host: keep the first stage's report for the manifest.
             let mut c = self.capabilities.lock().unwrap_or_else(|p| p.into_inner());
@@ -391,18 +403,30 @@ impl RecorderFactory {
             .drain(..)
             .collect();
         all.sort_by_key(|e| e.shared().endpoint());
+        if let Some(e) = &self.ebpf.0 {
+            e.stop();
+        }
         all.into_iter().map(EndpointRecorder::finish).collect()
     }
 }
 
-/// Opens the perf streams on the calling (stage) thread and starts the endpoint's recorder.
+/// Opens the perf streams on the calling (stage) thread and starts the endpoint's recorder,
+/// fed the events of its threads by the process's eBPF probes (`ebpf`, with their report).
 fn start_endpoint(
     settings: &RecorderSettings,
     pmus: &HostPmus,
     blobs: Option<Arc<BlobStore>>,
     stage: u32,
+    ebpf: &(Option<Arc<EbpfSession>>, Capabilities),
 ) -> Result<(EndpointRecorder, Capabilities, bool)> {
-    let (perf, caps) = PerfStreams::open(pmus, &settings.perf, &PerfTarget::Thread(current_tid()));
+    let mut perf_config = settings.perf.clone();
+    if let Some(session) = &ebpf.0 {
+        perf_config.covered_by_ebpf = session.covered_perf_streams();
+    }
+    let (perf, mut caps) =
+        PerfStreams::open(pmus, &perf_config, &PerfTarget::Thread(current_tid()));
+    caps.entries.extend(ebpf.1.entries.iter().cloned());
+    caps.notices.extend(ebpf.1.notices.iter().cloned());
     let want_counters = perf.kinds().contains(&StreamKind::StepCounters);
     let options = EndpointOptions {
         endpoint: stage,
@@ -410,6 +434,7 @@ fn start_endpoint(
         ring_records: settings.ring_records,
         writer: settings.writer,
         progress: settings.progress.clone(),
+        ebpf: ebpf.0.clone(),
     };
     let recorder = EndpointRecorder::start(&options, Some(perf), blobs)?;
     Ok((recorder, caps, want_counters))
@@ -559,6 +584,9 @@ pub struct NodeSettings {
     /// `--hash-kernels`.
     #[serde(default)]
     pub hash_kernels: bool,
+    /// `--ebpf` (empty, from a coordinator that predates it: none).
+    #[serde(default)]
+    pub ebpf: String,
     /// A run id: record into a scratch directory of the node's own (named by it) instead of
     /// `trace_dir`, for the coordinator to collect after the stage ends (hosts without a shared
     /// file system).
@@ -603,6 +631,13 @@ impl NodeSettings {
             progress: None,
             snapshot_every: self.snapshot_every,
             hash_kernels: self.hash_kernels,
+            ebpf: if self.ebpf.is_empty() {
+                EbpfRequest::None
+            } else {
+                self.ebpf
+                    .parse()
+                    .map_err(|e: RecorderError| e.to_string())?
+            },
         })
     }
 }
@@ -710,16 +745,15 @@ impl ObserverFactory for NodeRecorderFactory {
         let started = (|| {
             let pmus = crate::perf::probe()?;
             let blobs = blob_store(&settings, &pmus)?;
-            start_endpoint(&settings, &pmus, blobs, ctx.stage as u32)
+            let ebpf = EbpfSession::open(&settings.ebpf, EBPF_LOST_REASONS);
+            start_endpoint(&settings, &pmus, blobs, ctx.stage as u32, &ebpf)
         })();
         let (recorder, caps, want_counters) = started.map_err(|e| fail(e.to_string()))?;
-        if node.scratch_run.is_some() {
-            // The coordinator is another machine: it learns this node's capabilities and
-            // topology from this file, collected with the logs.
-            NodeReport::new(caps)
-                .write(&settings.trace_dir, ctx.stage)
-                .map_err(|e| fail(e.to_string()))?;
-        }
+        // The coordinator learns this node's capabilities (and, on another machine, its
+        // topology) from this file, collected with the logs.
+        NodeReport::new(caps)
+            .write(&settings.trace_dir, ctx.stage)
+            .map_err(|e| fail(e.to_string()))?;
         let recorder = Arc::new(recorder);
         let snapshots = Snapshots::new(&settings).map_err(|e| fail(e.to_string()))?;
         snapshots.remember(ctx.stage as u32, recorder.shared());
@@ -805,6 +839,7 @@ mod tests {
                 ring_records: 1024,
                 writer: WriterOptions::default(),
                 progress: None,
+                ebpf: None,
             },
             None,
             None,

@@ -13,6 +13,7 @@ use slug_transport::pipeline::{
 };
 use slug_transport::transfer::TransportKind;
 
+use crate::ebpf::EbpfRequest;
 use crate::endpoint::{EndpointStats, PERF_FULL_REASON};
 use crate::error::{RecorderError, Result};
 use crate::flight::{DEFAULT_RING_RECORDS, ring_file_len};
@@ -21,7 +22,7 @@ use crate::observe::{
     NODE_REPORTS_DIR, NodeReport, NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings,
 };
 use crate::out_dir::{SpaceNeeded, human_bytes, prepare_out};
-use crate::perf::{Capabilities, PerfConfig, PerfStreams, PerfTarget, current_tid, probe};
+use crate::perf::{Capabilities, PerfConfig, probe};
 use crate::snapshot::SnapshotStore;
 use crate::topology::host_topology;
 
@@ -48,6 +49,8 @@ pub struct RecordConfig {
     pub snapshot_every: Option<u64>,
     /// Hash every kernel output into its span, so `slug replay --verify kernel` can name it.
     pub hash_kernels: bool,
+    /// eBPF endpoint probes.
+    pub ebpf: EbpfRequest,
 }
 
 impl RecordConfig {
@@ -63,6 +66,7 @@ impl RecordConfig {
             progress: None,
             snapshot_every: Some(0),
             hash_kernels: false,
+            ebpf: EbpfRequest::Auto,
         }
     }
 }
@@ -230,7 +234,7 @@ fn summarize_stats(s: EndpointStats) -> EndpointSummary {
             .collect(),
         bytes: s.log.bytes,
         raw_bytes: s.log.raw_bytes,
-        lost: s.ring_lost + s.perf_lost,
+        lost: s.ring_lost + s.perf_lost + s.ebpf_lost,
         payloads: s.payloads,
         payload_bytes: s.payload_bytes,
         warnings: s.warnings,
@@ -366,6 +370,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         progress: cfg.progress.clone(),
         snapshot_every: cfg.snapshot_every,
         hash_kernels: cfg.hash_kernels,
+        ebpf: cfg.ebpf.clone(),
     };
     let pmus = probe()?;
     let mut snapshot_warning = None;
@@ -439,6 +444,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             ring_records: cfg.ring_records,
             snapshot_every: cfg.snapshot_every,
             hash_kernels: cfg.hash_kernels,
+            ebpf: cfg.ebpf.to_string(),
             scratch_run: on_hosts.then(run_id),
         };
         let mut p = pipeline.clone();
@@ -453,17 +459,12 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         let endpoints = (0..pipeline.stages as u32)
             .map(|s| summarize_log(&trace, s, &mut losses))
             .collect::<Result<Vec<_>>>()?;
-        let caps = if on_hosts {
-            node_reports(
-                &cfg.out,
-                pipeline.stages,
-                &mut manifest_topology,
-                &mut node_warnings,
-            )
-        } else {
-            // The nodes ran on this host: its streams are what they could open.
-            PerfStreams::open(&pmus, &cfg.perf, &PerfTarget::Thread(current_tid())).1
-        };
+        // Every node reports what it could record (on --hosts, its topology too).
+        let mut topology = None;
+        let caps = node_reports(&cfg.out, pipeline.stages, &mut topology, &mut node_warnings);
+        if on_hosts {
+            manifest_topology = topology;
+        }
         (report, endpoints, caps)
     };
     let mut manifest = trace.manifest().clone();

@@ -10,7 +10,8 @@ use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 
 use crate::event::{
     Counter, Direction, EbpfEvent, EbpfKind, Event, EventKind, KernelSpan, LostEvents, Marker,
-    PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, StepBoundary, Transfer, Transport,
+    PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, SoftwareRecord, StepBoundary,
+    Transfer, Transport,
 };
 use crate::trace_capnp::batch;
 
@@ -240,6 +241,7 @@ pub(crate) struct Columns {
     ps: [Vec<u8>; 7],
     pt: [Vec<u8>; 4],
     eb: [Vec<u8>; 7],
+    sw: [Vec<u8>; 7],
     le: [Vec<u8>; 3],
     mk: [Vec<u8>; 1],
     ct: [Vec<u8>; 2],
@@ -281,6 +283,7 @@ impl Columns {
             .chain(&mut self.ps)
             .chain(&mut self.pt)
             .chain(&mut self.eb)
+            .chain(&mut self.sw)
             .chain(&mut self.le)
             .chain(&mut self.mk)
             .chain(&mut self.ct)
@@ -409,6 +412,16 @@ impl Columns {
                 put_uvar(&mut c[5], e.arg1);
                 put_uvar(&mut c[6], e.arg2);
             }
+            Event::PerfSoftware(e) => {
+                let c = &mut self.sw;
+                c[0].push(e.kind as u8);
+                put_uvar(&mut c[1], e.pid.into());
+                put_uvar(&mut c[2], e.tid.into());
+                put_uvar(&mut c[3], e.cpu.into());
+                put_uvar(&mut c[4], e.arg0);
+                put_uvar(&mut c[5], e.arg1);
+                put_uvar(&mut c[6], e.arg2);
+            }
             Event::LostEvents(e) => {
                 put_uvar(&mut self.le[0], e.count);
                 put_uvar(&mut self.le[1], e.reason.into());
@@ -477,6 +490,7 @@ impl Columns {
             .chain(&self.ps)
             .chain(&self.pt)
             .chain(&self.eb)
+            .chain(&self.sw)
             .chain(&self.le)
             .chain(&self.mk)
             .chain(&self.ct)
@@ -561,6 +575,17 @@ impl Columns {
             g.set_arg1(&c[5]);
             g.set_arg2(&c[6]);
         }
+        if !self.sw[0].is_empty() {
+            let c = &self.sw;
+            let mut g = b.reborrow().init_perf_software();
+            g.set_kind(&c[0]);
+            g.set_pid(&c[1]);
+            g.set_tid(&c[2]);
+            g.set_cpu(&c[3]);
+            g.set_arg0(&c[4]);
+            g.set_arg1(&c[5]);
+            g.set_arg2(&c[6]);
+        }
         if !self.le[0].is_empty() {
             let mut g = b.reborrow().init_lost_events();
             g.set_count(&self.le[0]);
@@ -579,7 +604,7 @@ impl Columns {
 }
 
 /// Names of the columns [`column_sizes`] reports, in `Columns` order.
-const COLUMN_NAMES: [(&str, &[&str]); 10] = [
+const COLUMN_NAMES: [(&str, &[&str]); 11] = [
     (
         "kernel_span",
         &[
@@ -629,6 +654,10 @@ const COLUMN_NAMES: [(&str, &[&str]); 10] = [
     ("lost_events", &["count", "reason", "duration"]),
     ("marker", &["text"]),
     ("counter", &["name", "value"]),
+    (
+        "perf_software",
+        &["kind", "pid", "tid", "cpu", "arg0", "arg1", "arg2"],
+    ),
 ];
 
 /// One column of a batch measured on its own: see [`column_sizes`].
@@ -688,8 +717,8 @@ pub fn column_sizes(events: &[Event], level: i32) -> Vec<ColumnSize> {
         raw: c.span_time_ref.len(),
         compressed: z(&c.span_time_ref),
     });
-    let groups: [&[Vec<u8>]; 10] = [
-        &c.ks, &c.tr, &c.sb, &c.sn, &c.ps, &c.pt, &c.eb, &c.le, &c.mk, &c.ct,
+    let groups: [&[Vec<u8>]; 11] = [
+        &c.ks, &c.tr, &c.sb, &c.sn, &c.ps, &c.pt, &c.eb, &c.le, &c.mk, &c.ct, &c.sw,
     ];
     for ((group, names), cols) in COLUMN_NAMES.iter().zip(groups) {
         for (name, col) in names.iter().zip(cols) {
@@ -718,14 +747,16 @@ pub const MAX_FRAME_EVENTS: u32 = 1 << 20;
 
 /// Decodes a serialized `Batch`. `want(kind)` chooses which events to materialise; columns of
 /// other kinds are still walked so the deltas stay right, but nothing is built for them.
-/// Decodes a batch written by log format `version` (1 or 2; see docs/FORMAT.md 5.2-5.3 for what
-/// version 2 predicts differently).
+/// Decodes a batch written by log format `version` (1 to 3; see docs/FORMAT.md 5.2-5.3 for what
+/// version 2 predicts differently; versions 1-2 stored perf software records under `ebpf`, which
+/// this returns as [`Event::PerfSoftware`]).
 pub(crate) fn decode(
     bytes: &[u8],
     want: impl Fn(EventKind) -> bool,
     version: u32,
 ) -> Result<DecodedBatch, BatchError> {
     let v2 = version >= 2;
+    let v3 = version >= 3;
     let mut options = ReaderOptions::new();
     // One word of traversal per 8 bytes, plus slack for the struct headers.
     options.traversal_limit_in_words(Some(bytes.len() / 8 + 1024));
@@ -757,6 +788,7 @@ pub(crate) fn decode(
     let ps_r = b.get_perf_samples()?;
     let pt_r = b.get_pt_chunks()?;
     let eb_r = b.get_ebpf_events()?;
+    let sw_r = b.get_perf_software()?;
     let le_r = b.get_lost_events()?;
     let mk_r = b.get_markers()?;
     let ct_r = b.get_counters()?;
@@ -825,6 +857,15 @@ pub(crate) fn decode(
         Col::new(eb_r.get_arg0()?, "ebpfEvents.arg0"),
         Col::new(eb_r.get_arg1()?, "ebpfEvents.arg1"),
         Col::new(eb_r.get_arg2()?, "ebpfEvents.arg2"),
+    ];
+    let mut sw = [
+        Col::new(sw_r.get_kind()?, "perfSoftware.kind"),
+        Col::new(sw_r.get_pid()?, "perfSoftware.pid"),
+        Col::new(sw_r.get_tid()?, "perfSoftware.tid"),
+        Col::new(sw_r.get_cpu()?, "perfSoftware.cpu"),
+        Col::new(sw_r.get_arg0()?, "perfSoftware.arg0"),
+        Col::new(sw_r.get_arg1()?, "perfSoftware.arg1"),
+        Col::new(sw_r.get_arg2()?, "perfSoftware.arg2"),
     ];
     let mut le = [
         Col::new(le_r.get_count()?, "lostEvents.count"),
@@ -1016,10 +1057,39 @@ pub(crate) fn decode(
             }
             EventKind::Ebpf => {
                 let c = &mut eb;
-                let kind =
-                    EbpfKind::from_u8(c[0].u8()?).ok_or(BatchError::Columns("ebpfEvents.kind"))?;
-                Event::Ebpf(EbpfEvent {
-                    kind,
+                let byte = c[0].u8()?;
+                let (pid, tid, cpu) = (c[1].u32()?, c[2].u32()?, c[3].u32()?);
+                let (arg0, arg1, arg2) = (c[4].uvar()?, c[5].uvar()?, c[6].uvar()?);
+                // Before version 3 no eBPF probe existed: what `ebpf` held came from perf.
+                match SoftwareKind::from_u8(byte).filter(|_| !v3) {
+                    Some(kind) => Event::PerfSoftware(SoftwareRecord {
+                        kind,
+                        pid,
+                        tid,
+                        cpu,
+                        arg0,
+                        arg1,
+                        arg2,
+                        ns,
+                    }),
+                    None => Event::Ebpf(EbpfEvent {
+                        kind: EbpfKind::from_u8(byte)
+                            .ok_or(BatchError::Columns("ebpfEvents.kind"))?,
+                        pid,
+                        tid,
+                        cpu,
+                        arg0,
+                        arg1,
+                        arg2,
+                        ns,
+                    }),
+                }
+            }
+            EventKind::PerfSoftware => {
+                let c = &mut sw;
+                Event::PerfSoftware(SoftwareRecord {
+                    kind: SoftwareKind::from_u8(c[0].u8()?)
+                        .ok_or(BatchError::Columns("perfSoftware.kind"))?,
                     pid: c[1].u32()?,
                     tid: c[2].u32()?,
                     cpu: c[3].u32()?,
@@ -1045,7 +1115,7 @@ pub(crate) fn decode(
                 ns,
             }),
         };
-        if want(kind) {
+        if want(event.kind()) {
             events.push(event);
         }
     }
@@ -1059,6 +1129,7 @@ pub(crate) fn decode(
         .chain(&ps)
         .chain(&pt)
         .chain(&eb)
+        .chain(&sw)
         .chain(&le)
         .chain(&ct)
     {

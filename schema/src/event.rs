@@ -18,11 +18,11 @@ pub enum EventKind {
     StepBoundary = 2,
     /// A snapshot of a stage's state was taken.
     Snapshot = 3,
-    /// A hardware or software perf sample.
+    /// A hardware or software perf sample (perf_event_open sampling).
     PerfSample = 4,
     /// A chunk of Intel PT AUX data was stored.
     PtChunk = 5,
-    /// An event from an eBPF endpoint probe.
+    /// An event from an eBPF endpoint probe (and nothing else: see [`EventKind::PerfSoftware`]).
     Ebpf = 6,
     /// The recorder lost events (ring overflow, perf lost records).
     LostEvents = 7,
@@ -30,11 +30,14 @@ pub enum EventKind {
     Marker = 8,
     /// A counter reading (task-clock, page faults, ...).
     Counter = 9,
+    /// A perf software record: a context switch or a page fault (format version 3; versions 1
+    /// and 2 stored these under [`EventKind::Ebpf`]).
+    PerfSoftware = 10,
 }
 
 impl EventKind {
     /// Number of event kinds.
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
 
     /// Every kind, in `u8` order.
     pub const ALL: [EventKind; Self::COUNT] = [
@@ -48,6 +51,7 @@ impl EventKind {
         EventKind::LostEvents,
         EventKind::Marker,
         EventKind::Counter,
+        EventKind::PerfSoftware,
     ];
 
     /// The kind stored as `value`, or `None` for a value no kind has.
@@ -68,6 +72,7 @@ impl EventKind {
             EventKind::LostEvents => "lost_events",
             EventKind::Marker => "marker",
             EventKind::Counter => "counter",
+            EventKind::PerfSoftware => "perf_software",
         }
     }
 }
@@ -177,22 +182,67 @@ impl PerfSampleKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum EbpfKind {
-    /// Syscall exit: nr, return value, duration.
+    /// A syscall that took at least the recorder's threshold: `ns` = entry, arg0 = syscall nr,
+    /// arg1 = return value, arg2 = duration ns.
     Syscall = 0,
-    /// Context switch: prev tid, next tid, prev state.
-    Sched = 1,
-    /// Page fault: address, ip, error code.
+    /// A thread was off the CPU: `ns` = when it left, arg0 = duration ns, arg1 = reason (bits
+    /// 0-31: the task state it left in, 0 = preempted while runnable, else blocked; bits 32-63:
+    /// the syscall it was in plus one, 0 = none), arg2 = tid of the thread that woke it (0 = not
+    /// seen).
+    OffCpu = 1,
+    /// A user page fault: arg0 = address, arg1 = ip, arg2 = error code.
     PageFault = 2,
-    /// Task migration: from cpu, to cpu.
+    /// The scheduler moved a thread: arg0 = from cpu, arg1 = to cpu, arg2 = 1 if the two CPUs are
+    /// on different NUMA nodes.
     Migration = 3,
+    /// Syscalls shorter than the threshold, counted since the previous histogram event of the
+    /// same thread and syscall: arg0 = syscall nr, arg1 = log2 bucket (durations in
+    /// `[2^arg1, 2^(arg1+1))` ns), arg2 = count; `ns` = when the counts were read.
+    SyscallHistogram = 4,
+    /// TCP retransmitted a segment of a socket a thread of the stage sends or receives on:
+    /// `tid` = that thread, arg0 = local port << 16 | remote port.
+    TcpRetransmit = 5,
+    /// The kernel dropped a packet of such a socket: `tid` and arg0 as for retransmits, arg1 =
+    /// the kernel's `skb_drop_reason`.
+    TcpDrop = 6,
 }
 
 impl EbpfKind {
     /// The probe kind stored as `value`.
     pub fn from_u8(value: u8) -> Option<EbpfKind> {
-        [Self::Syscall, Self::Sched, Self::PageFault, Self::Migration]
-            .get(usize::from(value))
-            .copied()
+        [
+            Self::Syscall,
+            Self::OffCpu,
+            Self::PageFault,
+            Self::Migration,
+            Self::SyscallHistogram,
+            Self::TcpRetransmit,
+            Self::TcpDrop,
+        ]
+        .get(usize::from(value))
+        .copied()
+    }
+}
+
+/// What a perf software record is (the meaning of `arg0..arg2` depends on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum SoftwareKind {
+    /// A context switch: arg0 = tid switched out (else 0), arg1 = tid switched in (else 0),
+    /// arg2 = 0 if the thread switched out was preempted (still runnable), 1 if it blocked.
+    ContextSwitch = 1,
+    /// A page-fault sample: arg0 = data address, arg1 = ip, arg2 = 0.
+    PageFault = 2,
+}
+
+impl SoftwareKind {
+    /// The record kind stored as `value` (the same values the version 1-2 `ebpf` kind used).
+    pub fn from_u8(value: u8) -> Option<SoftwareKind> {
+        match value {
+            1 => Some(SoftwareKind::ContextSwitch),
+            2 => Some(SoftwareKind::PageFault),
+            _ => None,
+        }
     }
 }
 
@@ -341,6 +391,27 @@ pub struct EbpfEvent {
     pub ns: u64,
 }
 
+/// A perf software record (context switch or page-fault sample), from perf_event_open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SoftwareRecord {
+    /// What was recorded.
+    pub kind: SoftwareKind,
+    /// Process id.
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// CPU.
+    pub cpu: u32,
+    /// First argument.
+    pub arg0: u64,
+    /// Second argument.
+    pub arg1: u64,
+    /// Third argument.
+    pub arg2: u64,
+    /// When.
+    pub ns: u64,
+}
+
 /// The recorder lost `count` events between `from_ns` and `to_ns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LostEvents {
@@ -397,6 +468,8 @@ pub enum Event {
     Marker(Marker),
     /// See [`Counter`].
     Counter(Counter),
+    /// See [`SoftwareRecord`].
+    PerfSoftware(SoftwareRecord),
 }
 
 impl Event {
@@ -413,6 +486,7 @@ impl Event {
             Event::LostEvents(_) => EventKind::LostEvents,
             Event::Marker(_) => EventKind::Marker,
             Event::Counter(_) => EventKind::Counter,
+            Event::PerfSoftware(_) => EventKind::PerfSoftware,
         }
     }
 
@@ -429,15 +503,19 @@ impl Event {
             Event::LostEvents(e) => e.from_ns,
             Event::Marker(e) => e.ns,
             Event::Counter(e) => e.ns,
+            Event::PerfSoftware(e) => e.ns,
         }
     }
 
-    /// The time the event ends: a span's end, a transfer's completion, a gap's end, else `ns`.
+    /// The time the event ends: a span's end, a transfer's completion, a gap's end, an off-CPU
+    /// interval's or slow syscall's end, else `ns`.
     pub fn end_ns(&self) -> u64 {
         match self {
             Event::KernelSpan(e) => e.end_ns,
             Event::Transfer(e) => e.complete_ns,
             Event::LostEvents(e) => e.to_ns,
+            Event::Ebpf(e) if e.kind == EbpfKind::OffCpu => e.ns.saturating_add(e.arg0),
+            Event::Ebpf(e) if e.kind == EbpfKind::Syscall => e.ns.saturating_add(e.arg2),
             other => other.ns(),
         }
     }

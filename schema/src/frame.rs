@@ -13,7 +13,7 @@ use crate::raw::RawRecord;
 /// Magic at byte 0 of every log.
 pub const LOG_MAGIC: [u8; 8] = *b"SLUGLOG\0";
 /// Newest log format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Bytes in the file header.
 pub const FILE_HEADER_LEN: usize = 64;
 /// Magic at byte 0 of every frame.
@@ -200,6 +200,13 @@ pub struct FrameInfo {
 }
 
 impl FrameInfo {
+    /// Moves the `ebpf` count of a version 1-2 frame to `perf_software`: before version 3 no
+    /// eBPF probe existed and that kind held perf software records (see `batch::decode`).
+    pub(crate) fn count_ebpf_as_perf_software(&mut self) {
+        let ebpf = std::mem::take(&mut self.counts[EventKind::Ebpf as usize]);
+        self.counts[EventKind::PerfSoftware as usize] += ebpf;
+    }
+
     /// Events of `kind` in the frame.
     pub fn count(&self, kind: EventKind) -> u32 {
         self.counts[kind as usize]

@@ -38,8 +38,8 @@ pub use batch::{ColumnSize, column_sizes};
 pub use error::{Result, SchemaError};
 pub use event::{
     Counter, Direction, EbpfEvent, EbpfKind, Event, EventKind, KernelSpan, KindSet, LostEvents,
-    Marker, PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, StepBoundary, StringId, Transfer,
-    Transport,
+    Marker, PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, SoftwareRecord,
+    StepBoundary, StringId, Transfer, Transport,
 };
 pub use frame::{
     Clock, FILE_HEADER_LEN, FORMAT_VERSION, FRAME_HEADER_LEN, FrameEncoder, FrameInfo, LogHeader,

@@ -7,7 +7,8 @@
 
 use crate::event::{
     Counter, Direction, EbpfEvent, EbpfKind, Event, EventKind, KernelSpan, LostEvents, Marker,
-    PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, StepBoundary, Transfer, Transport,
+    PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, SoftwareRecord, StepBoundary,
+    Transfer, Transport,
 };
 
 /// Words of payload in a record.
@@ -165,6 +166,15 @@ impl RawRecord {
                 (w[3], w[4]) = lo_hi(e.payload);
                 w[5] = e.ns;
             }
+            Event::PerfSoftware(e) => {
+                r.small[0] = e.kind as u8;
+                w[0] = u64::from(e.pid);
+                w[1] = pack(e.tid, e.cpu);
+                w[2] = e.arg0;
+                w[3] = e.arg1;
+                w[4] = e.arg2;
+                w[5] = e.ns;
+            }
             Event::Ebpf(e) => {
                 r.small[0] = e.kind as u8;
                 w[0] = u64::from(e.pid);
@@ -263,6 +273,16 @@ impl RawRecord {
             }),
             EventKind::Ebpf => Event::Ebpf(EbpfEvent {
                 kind: EbpfKind::from_u8(self.small[0])?,
+                pid: w[0] as u32,
+                tid: lo32(w[1]),
+                cpu: hi32(w[1]),
+                arg0: w[2],
+                arg1: w[3],
+                arg2: w[4],
+                ns: w[5],
+            }),
+            EventKind::PerfSoftware => Event::PerfSoftware(SoftwareRecord {
+                kind: SoftwareKind::from_u8(self.small[0])?,
                 pid: w[0] as u32,
                 tid: lo32(w[1]),
                 cpu: hi32(w[1]),

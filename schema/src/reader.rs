@@ -134,11 +134,16 @@ impl LogReader {
         // truncating a log that another process is reading is outside what slug supports.
         let map = unsafe { Mmap::map(file) }.map_err(|e| SchemaError::io(&path, e))?;
         let header = LogHeader::parse(&map, &path)?;
-        let (index, recovery) = match read_footer(&map) {
+        let (mut index, recovery) = match read_footer(&map) {
             Some(Ok(entries)) => from_footer(&map, &entries),
             Some(Err(())) => scan(&map, FooterState::Corrupt),
             None => scan(&map, FooterState::Missing),
         };
+        if crate::frame::u16_at(&map, 8) < 3 {
+            index
+                .iter_mut()
+                .for_each(FrameInfo::count_ebpf_as_perf_software);
+        }
         let mut reader = LogReader {
             path,
             map,
@@ -276,7 +281,13 @@ impl LogReader {
             reason,
         };
         let h = parse_frame_header(&self.map, info.offset as usize)
-            .filter(|h| h.info == *info)
+            .filter(|h| {
+                let mut i = h.info;
+                if crate::frame::u16_at(&self.map, 8) < 3 {
+                    i.count_ebpf_as_perf_software();
+                }
+                i == *info
+            })
             .ok_or_else(|| corrupt("frame header does not match the index".into()))?;
         let start = info.offset as usize + FRAME_HEADER_LEN;
         let payload = self

@@ -15,7 +15,8 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::error::{Result, SchemaError};
 use crate::event::{
     Counter, Direction, EbpfEvent, EbpfKind, Event, KernelSpan, LostEvents, Marker, PerfSample,
-    PerfSampleKind, PtChunk, SnapshotEvent, StepBoundary, StringId, Transfer, Transport,
+    PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, SoftwareRecord, StepBoundary, StringId,
+    Transfer, Transport,
 };
 use crate::frame::{Clock, LogHeader};
 use crate::trace::{Capability, EndpointInfo, HostTopology, Manifest, NodeClock, NumaNode, Trace};
@@ -224,7 +225,8 @@ pub fn write_trace(dir: impl AsRef<Path>, cfg: &SynthConfig) -> Result<SynthSumm
         synthetic("kernel_spans", true),
         synthetic("transfer_hashes", true),
         synthetic("software_samples", true),
-        synthetic("ebpf_sched", true),
+        synthetic("context_switches", true),
+        synthetic("ebpf_off_cpu", true),
         synthetic("intel_pt", false),
         synthetic("payloads", false),
     ];
@@ -530,8 +532,8 @@ impl EndpointStream {
             value: self.rng.below(4),
             ns: step_end,
         }));
-        out.push(Event::Ebpf(EbpfEvent {
-            kind: EbpfKind::Sched,
+        out.push(Event::PerfSoftware(SoftwareRecord {
+            kind: SoftwareKind::ContextSwitch,
             pid: 4242 + stage,
             tid: 1000 + stage * 64,
             cpu: cpu_base,
@@ -540,9 +542,19 @@ impl EndpointStream {
             arg2: 1,
             ns: step_end + 500,
         }));
+        out.push(Event::Ebpf(EbpfEvent {
+            kind: EbpfKind::OffCpu,
+            pid: 4242 + stage,
+            tid: 1000 + stage * 64,
+            cpu: cpu_base,
+            arg0: 20_000 + self.rng.below(5_000),
+            arg1: (203 << 32) | 1,
+            arg2: u64::from(1001 + stage * 64),
+            ns: step_end + 600,
+        }));
         if step % 7 == 3 {
-            out.push(Event::Ebpf(EbpfEvent {
-                kind: EbpfKind::PageFault,
+            out.push(Event::PerfSoftware(SoftwareRecord {
+                kind: SoftwareKind::PageFault,
                 pid: 4242 + stage,
                 tid: 1001 + stage * 64,
                 cpu: cpu_base + 1,

@@ -10,7 +10,7 @@ use crate::reader::LogReader;
 use crate::writer::{LogWriter, WriterOptions};
 
 /// Newest trace directory (manifest) version this build writes and reads.
-pub const TRACE_FORMAT_VERSION: u32 = 2;
+pub const TRACE_FORMAT_VERSION: u32 = 3;
 /// Name of the manifest file in a trace directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Directory of endpoint logs.

@@ -13,8 +13,10 @@ fn fixture(version: u32) -> PathBuf {
         .join(format!("tests/fixtures/v{version}-every-kind.slog"))
 }
 
-/// One or more events of every kind, with the optional fields both present and absent.
-fn events() -> Vec<Event> {
+/// One or more events of every kind, with the optional fields both present and absent, as a
+/// reader of format `version` returns them. Versions 1-2 wrote the context switch below under
+/// `ebpf` (no probe existed yet) and read back as `perf_software`; version 3 adds real eBPF events.
+fn events(version: u32) -> Vec<Event> {
     let mut v = Vec::new();
     for i in 0..6u64 {
         let t = 1_000_000 + i * 10_000;
@@ -84,8 +86,8 @@ fn events() -> Vec<Event> {
         payload: 5,
         ns: 1_004_000,
     }));
-    v.push(Event::Ebpf(EbpfEvent {
-        kind: EbpfKind::Sched,
+    v.push(Event::PerfSoftware(SoftwareRecord {
+        kind: SoftwareKind::ContextSwitch,
         pid: 42,
         tid: 1001,
         cpu: 3,
@@ -94,6 +96,28 @@ fn events() -> Vec<Event> {
         arg2: 1,
         ns: 1_005_000,
     }));
+    if version >= 3 {
+        v.push(Event::Ebpf(EbpfEvent {
+            kind: EbpfKind::OffCpu,
+            pid: 42,
+            tid: 1001,
+            cpu: 3,
+            arg0: 250_000,
+            arg1: (203 << 32) | 1,
+            arg2: 1002,
+            ns: 1_005_100,
+        }));
+        v.push(Event::Ebpf(EbpfEvent {
+            kind: EbpfKind::SyscallHistogram,
+            pid: 42,
+            tid: 1001,
+            cpu: 0,
+            arg0: 202,
+            arg1: 12,
+            arg2: 31,
+            ns: 1_005_200,
+        }));
+    }
     v.push(Event::LostEvents(LostEvents {
         count: 17,
         reason: 2,
@@ -127,8 +151,13 @@ fn committed_v1_log_still_decodes() {
 
 #[test]
 fn committed_v2_log_still_decodes() {
-    assert_eq!(FORMAT_VERSION, 2, "write a fixture for the new version");
-    let path = fixture(2);
+    check(fixture(2), 2);
+}
+
+#[test]
+fn committed_v3_log_still_decodes() {
+    assert_eq!(FORMAT_VERSION, 3, "write a fixture for the new version");
+    let path = fixture(3);
     if std::env::var_os("SLUG_WRITE_FIXTURE").is_some() {
         let header = LogHeader {
             endpoint: 1,
@@ -148,12 +177,12 @@ fn committed_v2_log_still_decodes() {
         for s in STRINGS {
             w.intern(s);
         }
-        for e in events() {
+        for e in events(3) {
             w.append(&e);
         }
         w.close().unwrap();
     }
-    check(path, 2);
+    check(path, 3);
 }
 
 fn check(path: PathBuf, version: u16) {
@@ -176,8 +205,16 @@ fn check(path: PathBuf, version: u16) {
         .frames()
         .flat_map(|f| f.expect("frame decodes").events)
         .collect();
-    assert_eq!(got, events());
+    assert_eq!(got, events(version.into()));
     for kind in EventKind::ALL {
+        if version < 3 && kind == EventKind::Ebpf {
+            assert_eq!(
+                reader.counts()[kind as usize],
+                0,
+                "no eBPF before version 3"
+            );
+            continue;
+        }
         assert!(
             reader.counts()[kind as usize] > 0,
             "fixture lacks {}",

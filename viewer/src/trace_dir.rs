@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use slug_schema::{
     Direction, EbpfKind, Event, EventKind as SchemaKind, FooterState, FrameInfo, LogReader,
-    PerfSampleKind, StringId, Trace, Transport,
+    PerfSampleKind, SoftwareKind, StringId, Trace, Transport,
 };
 
 use crate::error::{Result, ViewerError};
 use crate::state::event::{
     CounterReading, EndpointIx, EventKind, KernelSpan, KindCounts, LostEvents, Nanos, PerfSample,
-    PtChunk, SnapshotMark, StepBoundary, SystemEvent, SystemKind, TimeRange, TraceEvent, Transfer,
-    UserMarker,
+    PtChunk, SnapshotMark, StepBoundary, SystemEvent, SystemKind, SystemSource, TimeRange,
+    TraceEvent, Transfer, UserMarker,
 };
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, TraceSource};
 
@@ -27,7 +27,8 @@ fn kind_of(kind: SchemaKind) -> EventKind {
         SchemaKind::Snapshot => EventKind::Snapshot,
         SchemaKind::PerfSample => EventKind::PerfSample,
         SchemaKind::PtChunk => EventKind::PtChunk,
-        SchemaKind::Ebpf => EventKind::System,
+        SchemaKind::Ebpf => EventKind::Ebpf,
+        SchemaKind::PerfSoftware => EventKind::PerfSoftware,
         SchemaKind::LostEvents => EventKind::Lost,
         SchemaKind::Marker => EventKind::Marker,
         SchemaKind::Counter => EventKind::Counter,
@@ -250,10 +251,26 @@ impl TraceDirSource {
                 t: t(b.ns),
                 kind: match b.kind {
                     EbpfKind::Syscall => SystemKind::Syscall,
-                    EbpfKind::Sched => SystemKind::Sched,
+                    EbpfKind::OffCpu => SystemKind::OffCpu,
                     EbpfKind::PageFault => SystemKind::PageFault,
                     EbpfKind::Migration => SystemKind::Migration,
+                    EbpfKind::SyscallHistogram => SystemKind::SyscallHistogram,
+                    EbpfKind::TcpRetransmit => SystemKind::TcpRetransmit,
+                    EbpfKind::TcpDrop => SystemKind::TcpDrop,
                 },
+                source: SystemSource::Ebpf,
+                args: [b.arg0, b.arg1, b.arg2],
+                pid: b.pid,
+                tid: b.tid,
+                cpu: b.cpu,
+            }),
+            Event::PerfSoftware(b) => TraceEvent::System(SystemEvent {
+                t: t(b.ns),
+                kind: match b.kind {
+                    SoftwareKind::ContextSwitch => SystemKind::ContextSwitch,
+                    SoftwareKind::PageFault => SystemKind::PageFault,
+                },
+                source: SystemSource::Perf,
                 args: [b.arg0, b.arg1, b.arg2],
                 pid: b.pid,
                 tid: b.tid,

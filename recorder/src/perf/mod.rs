@@ -165,6 +165,9 @@ pub struct PerfConfig {
     pub ring_pages_exp: u8,
     /// The Intel PT AUX area holds 2^n pages.
     pub aux_pages_exp: u8,
+    /// Streams the recording's eBPF probes already record (the same events, with more said
+    /// about them), with the probe's name: not opened, so nothing is recorded twice.
+    pub covered_by_ebpf: Vec<(StreamKind, &'static str)>,
 }
 
 impl Default for PerfConfig {
@@ -175,6 +178,7 @@ impl Default for PerfConfig {
             page_fault_period: 1,
             ring_pages_exp: 5,
             aux_pages_exp: 9,
+            covered_by_ebpf: Vec::new(),
         }
     }
 }
@@ -371,6 +375,14 @@ impl PerfStreams {
             let kind = queue[i];
             i += 1;
             if streams.kinds.contains(&kind) {
+                continue;
+            }
+            if let Some((_, probe)) = config.covered_by_ebpf.iter().find(|(k, _)| *k == kind) {
+                let entry = caps.entry(kind);
+                entry.requested = false;
+                entry.reason = Some(format!(
+                    "the eBPF {probe} probe records these events instead, with more about each"
+                ));
                 continue;
             }
             let probed = pmu_for(pmus, kind);

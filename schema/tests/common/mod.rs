@@ -89,9 +89,21 @@ pub fn event() -> impl Strategy<Value = Event> {
                 ns: b[2],
             })
         }),
-        (0u8..4, any::<[u32; 3]>(), any::<[u64; 4]>()).prop_map(|(k, a, b)| {
+        (1u8..3, any::<[u32; 3]>(), any::<[u64; 4]>()).prop_map(|(k, a, b)| {
+            Event::PerfSoftware(SoftwareRecord {
+                kind: SoftwareKind::from_u8(k).expect("1..3 are software record kinds"),
+                pid: a[0],
+                tid: a[1],
+                cpu: a[2],
+                arg0: b[0],
+                arg1: b[1],
+                arg2: b[2],
+                ns: b[3],
+            })
+        }),
+        (0u8..7, any::<[u32; 3]>(), any::<[u64; 4]>()).prop_map(|(k, a, b)| {
             Event::Ebpf(EbpfEvent {
-                kind: EbpfKind::from_u8(k).expect("0..4 are probe kinds"),
+                kind: EbpfKind::from_u8(k).expect("0..7 are probe kinds"),
                 pid: a[0],
                 tid: a[1],
                 cpu: a[2],

@@ -1,6 +1,8 @@
 //! Chrome JSON trace export (`{"traceEvents": [...]}`): one process per endpoint, one thread per
 //! worker (kernel slices as complete events), a transfers thread per endpoint carrying flow
-//! start/end events, counters for the perf lanes, instants for steps, snapshots, losses, markers.
+//! start/end events, counters for the perf lanes, instants for steps, snapshots, losses, markers,
+//! and per OS thread with eBPF events a thread (tid `OS_TID_BASE + tid`) holding its off-CPU
+//! intervals and slow syscalls as slices and its migrations as instants.
 //! Times are microseconds, as the format requires.
 
 use std::io::{Read, Write};
@@ -11,11 +13,15 @@ use serde_json::{Value, json};
 use crate::error::{Result, ViewerError};
 use crate::export::ExportSummary;
 use crate::export::walk::{Item, walk};
-use crate::state::event::{EndpointIx, Nanos, TraceEvent, Transfer, format_bytes};
+use crate::state::event::{
+    EndpointIx, Nanos, SystemKind, SystemSource, TraceEvent, Transfer, format_bytes,
+};
 use crate::state::source::TraceSource;
 
 /// Thread id of the transfers pseudo-thread of each endpoint (workers are numbered from 1).
 pub const TRANSFERS_TID: u64 = 0;
+/// Added to an OS thread id to make the Chrome tid of its eBPF thread-state track.
+pub const OS_TID_BASE: u64 = 1 << 32;
 
 fn us(t: Nanos) -> f64 {
     t as f64 / 1_000.0
@@ -90,6 +96,32 @@ impl Writer<'_> {
                 TraceEvent::Counter(c) => {
                     self.summary.counters += 1;
                     self.emit(&json!({"ph": "C", "name": &*c.name, "pid": pid(ep), "ts": us(c.t), "args": {"value": c.value}}))
+                }
+                TraceEvent::System(s) if s.source == SystemSource::Ebpf => {
+                    let tid = OS_TID_BASE + u64::from(s.tid);
+                    let (cat, instant) = match s.kind {
+                        SystemKind::OffCpu => ("off_cpu", false),
+                        SystemKind::Syscall => ("syscall", false),
+                        SystemKind::Migration => ("migration", true),
+                        SystemKind::TcpRetransmit | SystemKind::TcpDrop => ("tcp", true),
+                        _ => return Ok(()),
+                    };
+                    self.thread(ep, tid, format!("thread {} (eBPF)", s.tid))?;
+                    let mut args = serde_json::Map::new();
+                    let mut fields = Vec::new();
+                    s.describe(&mut fields);
+                    for (k, v) in fields {
+                        args.insert(k.to_string(), Value::String(v));
+                    }
+                    if instant {
+                        self.summary.instants += 1;
+                        self.emit(&json!({"ph": "i", "s": "t", "name": e.label(), "cat": cat,
+                            "pid": pid(ep), "tid": tid, "ts": us(s.t), "args": args}))
+                    } else {
+                        self.summary.slices += 1;
+                        self.emit(&json!({"ph": "X", "name": e.label(), "cat": cat, "pid": pid(ep),
+                            "tid": tid, "ts": us(s.t), "dur": us(s.end().saturating_sub(s.t)), "args": args}))
+                    }
                 }
                 TraceEvent::Perf(_)
                 | TraceEvent::Pt(_)

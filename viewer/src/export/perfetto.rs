@@ -1,6 +1,8 @@
 //! Perfetto protobuf export: a `Trace` of `TracePacket`s with one process track per endpoint, a
 //! thread track per worker thread (kernel slices), a transfers track per endpoint (flow ends),
-//! and counter tracks for the perf lanes and recorded counters.
+//! counter tracks for the perf lanes and recorded counters, and per OS thread with eBPF events a
+//! thread track holding its off-CPU intervals and slow syscalls as slices and its migrations as
+//! instants.
 //!
 //! Field numbers are Perfetto's (protos/perfetto/trace/trace.proto, trace_packet.proto,
 //! track_event/track_event.proto, track_descriptor.proto, process_descriptor.proto,
@@ -14,7 +16,9 @@ use crate::error::{Result, ViewerError};
 use crate::export::ExportSummary;
 use crate::export::proto::{Message, Value, decode};
 use crate::export::walk::{Item, walk};
-use crate::state::event::{EndpointIx, TraceEvent, Transfer, format_bytes};
+use crate::state::event::{
+    EndpointIx, SystemKind, SystemSource, TraceEvent, Transfer, format_bytes,
+};
 use crate::state::source::TraceSource;
 
 /// `Trace.packet`.
@@ -69,6 +73,8 @@ mod event {
 const SEQUENCE_ID: u64 = 1;
 const TRANSFERS_TRACK: u64 = 0xffff_0000;
 const COUNTER_TRACK: u64 = 0xfffe_0000;
+/// OS thread tracks: this bit plus the tid (below 2^30, Linux's pid limit is 2^22).
+const OS_THREAD_TRACK: u64 = 0x4000_0000;
 
 fn endpoint_uuid(ep: EndpointIx) -> u64 {
     (ep as u64 + 1) << 32
@@ -82,6 +88,7 @@ fn pid(ep: EndpointIx) -> u64 {
 enum TrackKind {
     Endpoint,
     Thread(u32),
+    OsThread(u32),
     Transfers,
     Counter(String),
 }
@@ -147,6 +154,7 @@ impl Writer<'_> {
         let uuid = match &kind {
             TrackKind::Endpoint => base,
             TrackKind::Thread(t) => base | (u64::from(*t) + 1),
+            TrackKind::OsThread(tid) => base | OS_THREAD_TRACK | u64::from(*tid & 0x3fff_ffff),
             TrackKind::Transfers => base | TRANSFERS_TRACK,
             TrackKind::Counter(name) => {
                 let next = self.counter_ids.len() as u64;
@@ -175,6 +183,17 @@ impl Writer<'_> {
                 th.varint(track::THREAD_PID, pid(ep))
                     .varint(track::THREAD_TID, pid(ep) * 1000 + u64::from(t) + 1)
                     .string(track::THREAD_NAME, &format!("{} worker {t}", self.name(ep)));
+                d.varint(track::PARENT_UUID, base)
+                    .message(track::THREAD, &th);
+            }
+            TrackKind::OsThread(tid) => {
+                let mut th = Message::new();
+                th.varint(track::THREAD_PID, pid(ep))
+                    .varint(track::THREAD_TID, u64::from(tid))
+                    .string(
+                        track::THREAD_NAME,
+                        &format!("{} thread {tid} (eBPF)", self.name(ep)),
+                    );
                 d.varint(track::PARENT_UUID, base)
                     .message(track::THREAD, &th);
             }
@@ -276,6 +295,43 @@ impl Writer<'_> {
                     })
                 }
                 TraceEvent::Counter(c) => self.counter(ep, &c.name, c.t, c.value as f64),
+                TraceEvent::System(s) if s.source == SystemSource::Ebpf => {
+                    let cat = match s.kind {
+                        SystemKind::OffCpu => "off_cpu",
+                        SystemKind::Syscall => "syscall",
+                        SystemKind::Migration => "migration",
+                        SystemKind::TcpRetransmit | SystemKind::TcpDrop => "tcp",
+                        _ => return Ok(()),
+                    };
+                    let uuid = self.track(ep, TrackKind::OsThread(s.tid))?;
+                    let name = e.label();
+                    if matches!(
+                        s.kind,
+                        SystemKind::Migration | SystemKind::TcpRetransmit | SystemKind::TcpDrop
+                    ) {
+                        self.summary.instants += 1;
+                        return self.emit(s.t, |ev| {
+                            ev.varint(event::TYPE, event::TYPE_INSTANT)
+                                .varint(event::TRACK_UUID, uuid)
+                                .string(event::CATEGORIES, cat)
+                                .string(event::NAME, &name);
+                        });
+                    }
+                    self.summary.slices += 1;
+                    self.emit(s.t, |ev| {
+                        ev.varint(event::TYPE, event::TYPE_SLICE_BEGIN)
+                            .varint(event::TRACK_UUID, uuid)
+                            .string(event::CATEGORIES, cat)
+                            .string(event::NAME, &name);
+                        if s.kind == SystemKind::OffCpu {
+                            annotate(ev, "waker_tid", s.args[2]);
+                        }
+                    })?;
+                    self.emit(s.end(), |ev| {
+                        ev.varint(event::TYPE, event::TYPE_SLICE_END)
+                            .varint(event::TRACK_UUID, uuid);
+                    })
+                }
                 // Lanes already carry samples, faults and PT volume as counters.
                 TraceEvent::Perf(_)
                 | TraceEvent::Pt(_)

@@ -15,10 +15,17 @@ fn perfetto_fixture_round_trip() {
     let summary = export(&src, Format::Perfetto, &mut out).expect("exports");
     let c = super::perfetto::read(&out).expect("decodes");
     assert!(c.well_formed);
-    // 3 stages x 4 steps x 4 kernels.
-    assert_eq!(summary.slices, 48);
-    assert_eq!(c.slices.values().sum::<u64>(), 48);
+    // 3 stages x 4 steps x (4 kernels + 1 eBPF off-CPU interval of the stage thread).
+    assert_eq!(summary.slices, 60);
+    assert_eq!(c.slices.values().sum::<u64>(), 60);
     assert_eq!(c.slice_names["gemm"], 12);
+    assert_eq!(c.slice_names["off-cpu futex 30.0us"], 12);
+    let thread_tracks = c
+        .tracks
+        .values()
+        .filter(|t| t.name.ends_with("thread 7 (eBPF)"))
+        .count();
+    assert_eq!(thread_tracks, 3, "one eBPF thread track per stage");
     let roots: BTreeSet<&str> = c
         .tracks
         .values()
@@ -38,8 +45,8 @@ fn perfetto_fixture_round_trip() {
         assert_eq!(parent(*start), name(src_ep));
         assert_eq!(parent(c.flow_ends[id]), name(src_ep + 1));
     }
-    // Steps, snapshots and the one loss are instants.
-    assert_eq!(c.instants, 3 * 4 + 3 + 1);
+    // Steps, snapshots, the one loss and the one NUMA migration are instants.
+    assert_eq!(c.instants, 3 * 4 + 3 + 1 + 1);
     assert!(c.counters.values().sum::<u64>() > 0);
 }
 
@@ -58,7 +65,15 @@ fn chrome_fixture_round_trip() {
             .count(),
         24
     );
-    assert_eq!(summary.slices, 24);
+    let off_cpu: Vec<_> = events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["cat"] == "off_cpu")
+        .collect();
+    assert_eq!(off_cpu.len(), 6, "2 stages x 3 steps");
+    assert_eq!(off_cpu[0]["dur"], 30.0, "microseconds");
+    assert_eq!(off_cpu[0]["args"]["waited on"], "futex");
+    assert_eq!(off_cpu[0]["args"]["woken by tid"], "8");
+    assert_eq!(summary.slices, 30);
     assert_eq!(count("s"), 3);
     assert_eq!(count("f"), 3);
     let gemm = events
@@ -120,6 +135,6 @@ fn exports_skip_an_undecodable_frame_and_count_it() {
     for format in [Format::Perfetto, Format::Chrome] {
         let summary = export(&src, format, &mut std::io::sink()).expect("exports the rest");
         assert_eq!(summary.unreadable_frames, 1);
-        assert!(summary.slices > 0 && summary.slices < 32, "{summary:?}");
+        assert!(summary.slices > 0 && summary.slices < 40, "{summary:?}");
     }
 }

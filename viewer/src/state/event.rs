@@ -67,29 +67,33 @@ pub enum EventKind {
     PerfSample,
     /// A chunk of Intel PT data.
     PtChunk,
-    /// An eBPF probe event (syscall, scheduling, page fault, migration).
-    System,
+    /// An eBPF probe event (off-CPU interval, slow syscall, syscall histogram, page fault,
+    /// migration).
+    Ebpf,
     /// Events the recorder had to drop.
     Lost,
     /// A user-placed marker.
     Marker,
     /// A counter reading (task-clock, page faults, ...).
     Counter,
+    /// A perf software record (context switch, page-fault sample).
+    PerfSoftware,
 }
 
 impl EventKind {
     /// Every kind, in display order.
-    pub const ALL: [EventKind; 10] = [
+    pub const ALL: [EventKind; 11] = [
         EventKind::Kernel,
         EventKind::Transfer,
         EventKind::Step,
         EventKind::Snapshot,
         EventKind::PerfSample,
         EventKind::PtChunk,
-        EventKind::System,
+        EventKind::Ebpf,
         EventKind::Lost,
         EventKind::Marker,
         EventKind::Counter,
+        EventKind::PerfSoftware,
     ];
 
     /// Short lowercase name used in filters, help and exports.
@@ -101,10 +105,11 @@ impl EventKind {
             EventKind::Snapshot => "snapshot",
             EventKind::PerfSample => "sample",
             EventKind::PtChunk => "pt",
-            EventKind::System => "system",
+            EventKind::Ebpf => "ebpf",
             EventKind::Lost => "lost",
             EventKind::Marker => "marker",
             EventKind::Counter => "counter",
+            EventKind::PerfSoftware => "perf-sw",
         }
     }
 
@@ -266,14 +271,23 @@ pub struct PtChunk {
 /// What an eBPF probe saw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SystemKind {
-    /// A system call.
+    /// A slow system call (eBPF): args = nr, return value, duration ns.
     Syscall,
-    /// A scheduler switch.
-    Sched,
-    /// A page fault (first touch).
+    /// A thread off the CPU (eBPF): args = duration ns, reason (bits 0-31 task state, 0 =
+    /// preempted; bits 32-63 syscall nr + 1), waker tid.
+    OffCpu,
+    /// Counts of shorter syscalls (eBPF): args = nr, log2 ns bucket, count.
+    SyscallHistogram,
+    /// A context switch (perf): args = tid out, tid in, 1 if it blocked.
+    ContextSwitch,
+    /// A page fault: args = address, ip, error code (eBPF) or 0 (perf).
     PageFault,
-    /// A thread migrated between CPUs.
+    /// A thread migrated between CPUs (eBPF): args = from cpu, to cpu, 1 if the NUMA node changed.
     Migration,
+    /// TCP retransmitted on a socket of the thread (eBPF): args = ports, 0, 0.
+    TcpRetransmit,
+    /// The kernel dropped a packet of a socket of the thread (eBPF): args = ports, reason, 0.
+    TcpDrop,
 }
 
 impl SystemKind {
@@ -281,21 +295,36 @@ impl SystemKind {
     pub fn name(self) -> &'static str {
         match self {
             SystemKind::Syscall => "syscall",
-            SystemKind::Sched => "sched",
+            SystemKind::OffCpu => "off-cpu",
+            SystemKind::SyscallHistogram => "syscall-histogram",
+            SystemKind::ContextSwitch => "context-switch",
             SystemKind::PageFault => "page-fault",
             SystemKind::Migration => "migration",
+            SystemKind::TcpRetransmit => "tcp-retransmit",
+            SystemKind::TcpDrop => "tcp-drop",
         }
     }
 }
 
-/// One eBPF probe event.
+/// Who produced a [`SystemEvent`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SystemSource {
+    /// An eBPF endpoint probe.
+    Ebpf,
+    /// A perf software record.
+    Perf,
+}
+
+/// One eBPF probe event or perf software record.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SystemEvent {
-    /// Event time.
+    /// Event time (an interval's or syscall's start).
     pub t: Nanos,
     /// What happened.
     pub kind: SystemKind,
-    /// Probe arguments (syscall: nr, ret, duration; page fault: address, ip, error code; ...).
+    /// Who recorded it.
+    pub source: SystemSource,
+    /// Arguments, as [`SystemKind`] says.
     pub args: [u64; 3],
     /// Process id.
     pub pid: u32,
@@ -303,6 +332,154 @@ pub struct SystemEvent {
     pub tid: u32,
     /// CPU.
     pub cpu: u32,
+}
+
+impl SystemEvent {
+    /// When it ends: an off-CPU interval's or slow syscall's end, else its time.
+    pub fn end(&self) -> Nanos {
+        match self.kind {
+            SystemKind::OffCpu => self.t.saturating_add(self.args[0]),
+            SystemKind::Syscall => self.t.saturating_add(self.args[2]),
+            _ => self.t,
+        }
+    }
+
+    /// For an off-CPU interval: what the thread waited on (`futex`, `preempted`, `blocked`).
+    pub fn waited_on(&self) -> Option<String> {
+        if self.kind != SystemKind::OffCpu {
+            return None;
+        }
+        let state = self.args[1] as u32;
+        let syscall = self.args[1] >> 32;
+        Some(match (state, syscall) {
+            (0, _) => "preempted".to_string(),
+            (_, 0) => "blocked".to_string(),
+            (_, nr) => syscall_name(nr - 1),
+        })
+    }
+
+    /// A short label: `off-cpu futex 1.2ms`, `syscall write 3ms`, `migration cpu 1->3 (NUMA)`.
+    pub fn label(&self) -> String {
+        match self.kind {
+            SystemKind::OffCpu => format!(
+                "off-cpu {} {}",
+                self.waited_on().unwrap_or_default(),
+                format_duration(self.args[0])
+            ),
+            SystemKind::Syscall => format!(
+                "{} {}",
+                syscall_name(self.args[0]),
+                format_duration(self.args[2])
+            ),
+            SystemKind::SyscallHistogram => format!(
+                "{} x{} ~{}",
+                syscall_name(self.args[0]),
+                self.args[2],
+                format_duration(1u64 << self.args[1].min(63))
+            ),
+            SystemKind::Migration => format!(
+                "migration cpu {}->{}{}",
+                self.args[0],
+                self.args[1],
+                if self.args[2] == 1 {
+                    " (NUMA node)"
+                } else {
+                    ""
+                }
+            ),
+            other => other.name().to_string(),
+        }
+    }
+
+    /// The arguments by meaning, for the detail pane.
+    pub fn describe(&self, out: &mut Vec<(&'static str, String)>) {
+        let a = self.args;
+        match self.kind {
+            SystemKind::OffCpu => {
+                out.push(("off cpu for", format_duration(a[0])));
+                out.push(("waited on", self.waited_on().unwrap_or_default()));
+                out.push(("task state", format!("{:#x}", a[1] as u32)));
+                out.push((
+                    "woken by tid",
+                    if a[2] == 0 {
+                        "not seen".into()
+                    } else {
+                        a[2].to_string()
+                    },
+                ));
+            }
+            SystemKind::Syscall => {
+                out.push(("syscall", syscall_name(a[0])));
+                out.push(("returned", (a[1] as i64).to_string()));
+                out.push(("took", format_duration(a[2])));
+            }
+            SystemKind::SyscallHistogram => {
+                out.push(("syscall", syscall_name(a[0])));
+                out.push((
+                    "took",
+                    format!(
+                        "{} to {}",
+                        format_duration(1u64 << a[1].min(63)),
+                        format_duration(1u64 << a[1].saturating_add(1).min(63))
+                    ),
+                ));
+                out.push(("calls", a[2].to_string()));
+            }
+            SystemKind::ContextSwitch => {
+                out.push(("tid out", a[0].to_string()));
+                out.push(("tid in", a[1].to_string()));
+                out.push(("blocked", (a[2] == 1).to_string()));
+            }
+            SystemKind::PageFault => {
+                out.push(("address", format!("{:#x}", a[0])));
+                out.push(("ip", format!("{:#x}", a[1])));
+                out.push(("error code", format!("{:#x}", a[2])));
+            }
+            SystemKind::TcpRetransmit | SystemKind::TcpDrop => {
+                out.push(("local port", (a[0] >> 16).to_string()));
+                out.push(("remote port", (a[0] & 0xffff).to_string()));
+                if self.kind == SystemKind::TcpDrop {
+                    out.push(("drop reason", a[1].to_string()));
+                }
+            }
+            SystemKind::Migration => {
+                out.push(("from cpu", a[0].to_string()));
+                out.push(("to cpu", a[1].to_string()));
+                out.push(("NUMA node changed", (a[2] == 1).to_string()));
+            }
+        }
+    }
+}
+
+/// The name of x86-64 syscall `nr` for the ones a pipeline stage makes, else `syscall N`.
+pub fn syscall_name(nr: u64) -> String {
+    let name = match nr {
+        0 => "read",
+        1 => "write",
+        7 => "poll",
+        9 => "mmap",
+        10 => "mprotect",
+        11 => "munmap",
+        20 => "writev",
+        23 => "select",
+        24 => "sched_yield",
+        28 => "madvise",
+        35 => "nanosleep",
+        44 => "sendto",
+        45 => "recvfrom",
+        46 => "sendmsg",
+        47 => "recvmsg",
+        202 => "futex",
+        230 => "clock_nanosleep",
+        232 => "epoll_wait",
+        270 => "pselect6",
+        271 => "ppoll",
+        281 => "epoll_pwait",
+        310 => "process_vm_readv",
+        311 => "process_vm_writev",
+        _ => return format!("syscall {nr}"),
+    };
+    name.to_string()
 }
 
 /// A record of events the recorder dropped.
@@ -376,7 +553,8 @@ impl TraceEvent {
             TraceEvent::Snapshot(_) => EventKind::Snapshot,
             TraceEvent::Perf(_) => EventKind::PerfSample,
             TraceEvent::Pt(_) => EventKind::PtChunk,
-            TraceEvent::System(_) => EventKind::System,
+            TraceEvent::System(s) if s.source == SystemSource::Perf => EventKind::PerfSoftware,
+            TraceEvent::System(_) => EventKind::Ebpf,
             TraceEvent::Lost(_) => EventKind::Lost,
             TraceEvent::Marker(_) => EventKind::Marker,
             TraceEvent::Counter(_) => EventKind::Counter,
@@ -405,6 +583,7 @@ impl TraceEvent {
             TraceEvent::Kernel(k) => k.end.max(k.start),
             TraceEvent::Transfer(x) => x.complete.max(x.post),
             TraceEvent::Lost(l) => l.to.max(l.t),
+            TraceEvent::System(s) => s.end(),
             other => other.start(),
         }
     }
@@ -418,7 +597,7 @@ impl TraceEvent {
             TraceEvent::Snapshot(s) => format!("snapshot step {}", s.step),
             TraceEvent::Perf(p) => format!("{} sample", p.kind),
             TraceEvent::Pt(p) => format!("PT {}", format_bytes(p.bytes)),
-            TraceEvent::System(s) => s.kind.name().to_string(),
+            TraceEvent::System(s) => s.label(),
             TraceEvent::Lost(l) => format!("lost {} ({})", l.count, l.reason),
             TraceEvent::Marker(m) => m.text.to_string(),
             TraceEvent::Counter(c) => format!("{} = {}", c.name, c.value),
@@ -519,10 +698,16 @@ impl TraceEvent {
             }
             TraceEvent::System(s) => {
                 out.push(("time", format_time(s.t)));
-                out.push(("probe", s.kind.name().to_string()));
-                for (name, v) in ["arg0", "arg1", "arg2"].into_iter().zip(s.args) {
-                    out.push((name, format!("{v:#x}")));
-                }
+                out.push((
+                    "source",
+                    match s.source {
+                        SystemSource::Ebpf => "eBPF probe",
+                        SystemSource::Perf => "perf software record",
+                    }
+                    .to_string(),
+                ));
+                out.push(("what", s.kind.name().to_string()));
+                s.describe(&mut out);
                 out.push(("pid", s.pid.to_string()));
                 out.push(("tid", s.tid.to_string()));
                 out.push(("cpu", s.cpu.to_string()));

@@ -7,7 +7,7 @@ use crate::error::{Result, ViewerError};
 use crate::state::event::EndpointIx;
 use crate::state::event::{
     KernelSpan, LostEvents, Nanos, PerfSample, SnapshotMark, StepBoundary, SystemEvent, SystemKind,
-    TraceEvent, Transfer,
+    SystemSource, TraceEvent, Transfer,
 };
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, MemorySource, TraceSource};
 
@@ -36,6 +36,9 @@ pub fn endpoints(stages: usize) -> Vec<EndpointInfo> {
         })
         .collect()
 }
+
+/// How long the stage thread of every stage is off the CPU (in futex) after its kernels.
+pub const OFF_CPU_NS: Nanos = 30_000;
 
 /// Events per endpoint for `stages` stages and `steps` steps.
 pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
@@ -91,10 +94,32 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
                 per_ep[s].push(TraceEvent::System(SystemEvent {
                     t: t - 1_000,
                     kind: SystemKind::PageFault,
+                    source: SystemSource::Ebpf,
                     args: [0x7f00_0000, 0x1000, 2],
                     pid: 1,
                     tid: 7,
                     cpu: s as u32,
+                }));
+            }
+            // After its kernels the stage thread blocks in futex for 30us, woken by tid 8.
+            per_ep[s].push(TraceEvent::System(SystemEvent {
+                t,
+                kind: SystemKind::OffCpu,
+                source: SystemSource::Ebpf,
+                args: [OFF_CPU_NS, (203 << 32) | 1, 8],
+                pid: 1,
+                tid: 7,
+                cpu: s as u32,
+            }));
+            if step == 1 && s == 0 {
+                per_ep[s].push(TraceEvent::System(SystemEvent {
+                    t: t + OFF_CPU_NS,
+                    kind: SystemKind::Migration,
+                    source: SystemSource::Ebpf,
+                    args: [0, 3, 1],
+                    pid: 1,
+                    tid: 7,
+                    cpu: 3,
                 }));
             }
             if s + 1 < stages {

@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::error::Result;
-use crate::state::event::{EndpointIx, EventKind, Nanos, TraceEvent};
+use crate::state::event::{
+    EndpointIx, EventKind, Nanos, SystemKind, SystemSource, TraceEvent, syscall_name,
+};
 use crate::state::source::TraceSource;
 
 /// Where one endpoint's time went between its first and last event.
@@ -27,6 +29,40 @@ pub struct EndpointStats {
     pub kernels: u64,
     /// Step boundaries seen.
     pub steps: u64,
+    /// What its threads waited on off the CPU (eBPF), most time first.
+    pub waits: Vec<WaitTotal>,
+    /// Its threads' syscalls by name (eBPF), most time first.
+    pub syscalls: Vec<SyscallTotal>,
+    /// Times a thread of it moved CPU (eBPF).
+    pub migrations: u64,
+    /// Of those, moves to another NUMA node.
+    pub numa_migrations: u64,
+    /// TCP retransmits on its threads' sockets (eBPF).
+    pub tcp_retransmits: u64,
+    /// Packets of its threads' sockets the kernel dropped (eBPF).
+    pub tcp_drops: u64,
+}
+
+/// Off-CPU time of one endpoint's threads for one reason.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WaitTotal {
+    /// `preempted`, `blocked`, or the syscall it blocked in (`futex`, `recvmsg`, ...).
+    pub on: String,
+    /// Off-CPU intervals.
+    pub intervals: u64,
+    /// Their total length.
+    pub total: Nanos,
+}
+
+/// One syscall's calls by an endpoint's threads.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SyscallTotal {
+    /// Syscall name.
+    pub name: String,
+    /// Calls (exact above the recorder's threshold, histogram counts below it).
+    pub calls: u64,
+    /// Time in it: exact for slow calls, the log2 bucket's midpoint for histogram counts.
+    pub approx_total: Nanos,
 }
 
 impl EndpointStats {
@@ -127,12 +163,19 @@ impl TraceStats {
                 endpoint: ep,
                 ..EndpointStats::default()
             };
+            let mut waits_by: HashMap<String, (u64, Nanos)> = HashMap::new();
+            let mut calls_by: HashMap<String, (u64, Nanos)> = HashMap::new();
             let frames = source.frames(ep);
             let first = frames.iter().map(|f| f.range.start).min().unwrap_or(0);
             let last = frames.iter().map(|f| f.range.end).max().unwrap_or(0);
             st.active = last.saturating_sub(first);
             for (i, f) in frames.iter().enumerate() {
-                let wanted = [EventKind::Kernel, EventKind::Transfer, EventKind::Step];
+                let wanted = [
+                    EventKind::Kernel,
+                    EventKind::Transfer,
+                    EventKind::Step,
+                    EventKind::Ebpf,
+                ];
                 if wanted.iter().all(|k| f.counts.get(*k) == 0) {
                     continue;
                 }
@@ -173,6 +216,33 @@ impl TraceStats {
                                 link_busy.entry((x.src, x.dst)).or_default().push(a, b);
                             }
                         }
+                        TraceEvent::System(s) if s.source == SystemSource::Ebpf => match s.kind {
+                            SystemKind::OffCpu => {
+                                let w = waits_by
+                                    .entry(s.waited_on().unwrap_or_default())
+                                    .or_default();
+                                w.0 += 1;
+                                w.1 = w.1.saturating_add(s.args[0]);
+                            }
+                            SystemKind::Syscall => {
+                                let c = calls_by.entry(syscall_name(s.args[0])).or_default();
+                                c.0 += 1;
+                                c.1 = c.1.saturating_add(s.args[2]);
+                            }
+                            SystemKind::SyscallHistogram => {
+                                let c = calls_by.entry(syscall_name(s.args[0])).or_default();
+                                c.0 = c.0.saturating_add(s.args[2]);
+                                let mid = 3u64 << s.args[1].min(61) >> 1;
+                                c.1 = c.1.saturating_add(s.args[2].saturating_mul(mid));
+                            }
+                            SystemKind::TcpRetransmit => st.tcp_retransmits += 1,
+                            SystemKind::TcpDrop => st.tcp_drops += 1,
+                            SystemKind::Migration => {
+                                st.migrations += 1;
+                                st.numa_migrations += u64::from(s.args[2] == 1);
+                            }
+                            _ => {}
+                        },
                         _ => {}
                     }
                 }
@@ -181,6 +251,29 @@ impl TraceStats {
                 waits.iter_mut().for_each(IntervalSet::flush);
                 link_busy.values_mut().for_each(IntervalSet::flush);
             }
+            st.waits = waits_by
+                .into_iter()
+                .map(|(on, (intervals, total))| WaitTotal {
+                    on,
+                    intervals,
+                    total,
+                })
+                .collect();
+            st.waits
+                .sort_by(|a, b| b.total.cmp(&a.total).then_with(|| a.on.cmp(&b.on)));
+            st.syscalls = calls_by
+                .into_iter()
+                .map(|(name, (calls, approx_total))| SyscallTotal {
+                    name,
+                    calls,
+                    approx_total,
+                })
+                .collect();
+            st.syscalls.sort_by(|a, b| {
+                b.approx_total
+                    .cmp(&a.approx_total)
+                    .then_with(|| a.name.cmp(&b.name))
+            });
             out.endpoints.push(st);
         }
         for (st, (compute, wait)) in out

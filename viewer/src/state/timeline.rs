@@ -51,6 +51,10 @@ pub enum Mark {
     FlowIn,
     /// A transfer left for another endpoint.
     FlowOut,
+    /// A syscall that took at least the recorder's threshold (eBPF).
+    SlowSyscall,
+    /// A thread moved to a CPU on another NUMA node (eBPF).
+    NumaMigration,
     /// A step boundary.
     Step,
     /// A snapshot.
@@ -119,6 +123,9 @@ pub struct TrackBins {
     pub faults: Vec<f64>,
     /// PT bytes per column (overview: PT chunks).
     pub pt: Vec<f64>,
+    /// Per thread with eBPF off-CPU intervals in view (by tid), per column the reason it spent
+    /// most of that column waiting on, if any (empty in overview).
+    pub off_cpu: Vec<(u32, Vec<Option<WaitClass>>)>,
     /// Decoded, filtered events in view, in log order (empty in overview).
     pub events: TrackEvents,
 }
@@ -638,7 +645,57 @@ fn empty_track(ep: EndpointIx, columns: usize) -> TrackBins {
         samples: vec![0.0; columns],
         faults: vec![0.0; columns],
         pt: vec![0.0; columns],
+        off_cpu: Vec::new(),
         events: TrackEvents::default(),
+    }
+}
+
+/// Why a thread was off the CPU, in the classes the off-CPU lane draws.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WaitClass {
+    /// Preempted while runnable: it wanted the CPU.
+    Preempted,
+    /// Blocked in futex (a lock, a condition, a pool barrier).
+    Futex,
+    /// Blocked in a socket or pipe syscall (read, write, send, recv, poll, ...).
+    Io,
+    /// Sleeping (nanosleep, clock_nanosleep).
+    Sleep,
+    /// Blocked in another syscall.
+    OtherSyscall,
+    /// Blocked outside any syscall (a page fault, ...).
+    Blocked,
+}
+
+impl WaitClass {
+    /// The class of an off-CPU interval (`reason` as `EbpfKind::OffCpu` arg1 stores it).
+    pub fn of(reason: u64) -> WaitClass {
+        if reason as u32 == 0 {
+            return WaitClass::Preempted;
+        }
+        match reason >> 32 {
+            0 => WaitClass::Blocked,
+            n => match n - 1 {
+                202 => WaitClass::Futex,
+                35 | 230 => WaitClass::Sleep,
+                0 | 1 | 7 | 19 | 20 | 23 | 44..=47 | 232 | 270 | 271 | 281 | 310 | 311 => {
+                    WaitClass::Io
+                }
+                _ => WaitClass::OtherSyscall,
+            },
+        }
+    }
+
+    /// One letter for the lane.
+    pub fn letter(self) -> char {
+        match self {
+            WaitClass::Preempted => 'p',
+            WaitClass::Futex => 'f',
+            WaitClass::Io => 'i',
+            WaitClass::Sleep => 's',
+            WaitClass::OtherSyscall => 'y',
+            WaitClass::Blocked => 'b',
+        }
     }
 }
 
@@ -657,6 +714,8 @@ fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents) -> TrackBins {
     // busy time.
     let mut best: Vec<(Nanos, Option<usize>)> = vec![(0, None); columns];
     let mut busy: Vec<Nanos> = vec![0; columns];
+    // Per thread, per column: nanoseconds off the CPU per wait class.
+    let mut waits: std::collections::BTreeMap<u32, Vec<[Nanos; 6]>> = Default::default();
     for (i, e) in events.iter().enumerate() {
         match e {
             TraceEvent::Kernel(k) => grid.each(k.start, k.end, |c, ov| {
@@ -674,11 +733,23 @@ fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents) -> TrackBins {
                     t.samples[grid.of(p.t)] += 1.0;
                 }
             }
-            TraceEvent::System(s) => {
-                if s.kind == SystemKind::PageFault && range.touches(s.t, s.t) {
+            TraceEvent::System(s) => match s.kind {
+                SystemKind::PageFault if range.touches(s.t, s.t) => {
                     t.faults[grid.of(s.t)] += 1.0;
                 }
-            }
+                SystemKind::OffCpu => {
+                    let class = WaitClass::of(s.args[1]) as usize;
+                    let row = waits.entry(s.tid).or_insert_with(|| vec![[0; 6]; columns]);
+                    grid.each(s.t, s.end(), |c, ov| row[c][class] += ov);
+                }
+                SystemKind::Syscall if range.touches(s.t, s.t) => {
+                    put_mark(&mut t.marks, grid.of(s.t), Mark::SlowSyscall);
+                }
+                SystemKind::Migration if s.args[2] == 1 && range.touches(s.t, s.t) => {
+                    put_mark(&mut t.marks, grid.of(s.t), Mark::NumaMigration);
+                }
+                _ => {}
+            },
             TraceEvent::Pt(p) => {
                 if range.touches(p.t, p.t) {
                     t.pt[grid.of(p.t)] += p.bytes as f64;
@@ -705,6 +776,27 @@ fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents) -> TrackBins {
             };
         }
     }
+    const CLASSES: [WaitClass; 6] = [
+        WaitClass::Preempted,
+        WaitClass::Futex,
+        WaitClass::Io,
+        WaitClass::Sleep,
+        WaitClass::OtherSyscall,
+        WaitClass::Blocked,
+    ];
+    t.off_cpu = waits
+        .into_iter()
+        .map(|(tid, row)| {
+            let cells = row
+                .iter()
+                .map(|w| {
+                    let (i, ns) = w.iter().enumerate().max_by_key(|(_, ns)| **ns)?;
+                    (*ns > 0).then_some(CLASSES[i])
+                })
+                .collect();
+            (tid, cells)
+        })
+        .collect();
     t.events = events;
     t
 }
@@ -723,7 +815,9 @@ fn overview_track(ep: EndpointIx, grid: &Grid, frames: &[FrameSummary]) -> Track
             let share = if instant { 1.0 } else { ov as f64 / len };
             kernels[c] += f.counts.get(EventKind::Kernel) as f64 * share;
             t.samples[c] += f.counts.get(EventKind::PerfSample) as f64 * share;
-            t.faults[c] += f.counts.get(EventKind::System) as f64 * share;
+            t.faults[c] += (f.counts.get(EventKind::Ebpf) + f.counts.get(EventKind::PerfSoftware))
+                as f64
+                * share;
             t.pt[c] += f.counts.get(EventKind::PtChunk) as f64 * share;
         });
         let at = grid.of(f.range.start.max(range.start));

@@ -1,5 +1,6 @@
 //! The perf lanes: per endpoint, sample density, page-fault (first-touch) activity and PT volume,
-//! each only when the trace holds that kind of event.
+//! each only when the trace holds that kind of event; then, in detail, one off-CPU lane per
+//! thread with eBPF off-CPU intervals, a letter per column saying what it waited on most.
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::Rect;
@@ -7,7 +8,7 @@ use ratatui::style::{Color, Style};
 use ratatui::widgets::Widget;
 
 use crate::state::source::EndpointInfo;
-use crate::state::timeline::{TrackBins, Window};
+use crate::state::timeline::{TrackBins, WaitClass, Window};
 use crate::view::links::stage_name;
 use crate::view::{LABEL_WIDTH, style};
 
@@ -23,12 +24,25 @@ pub struct LaneSet {
     pub faults: bool,
     /// Intel PT.
     pub pt: bool,
+    /// eBPF off-CPU lanes (one per thread, in detail).
+    pub off_cpu: bool,
 }
 
 impl LaneSet {
-    /// Number of lanes per endpoint.
+    /// Number of density lanes per endpoint.
     pub fn count(self) -> usize {
         usize::from(self.samples) + usize::from(self.faults) + usize::from(self.pt)
+    }
+
+    /// Rows the lanes take for `window`, with their title row.
+    pub fn rows(self, window: &Window) -> usize {
+        let threads: usize = if self.off_cpu {
+            window.tracks.iter().map(|t| t.off_cpu.len()).sum()
+        } else {
+            0
+        };
+        let rows = self.count() * window.tracks.len() + threads;
+        if rows == 0 { 0 } else { rows + 1 }
     }
 
     fn lanes(self) -> Vec<Lane> {
@@ -59,13 +73,13 @@ pub struct LanesView<'a> {
 
 impl Widget for &LanesView<'_> {
     fn render(self, area: Rect, buf: &mut Buffer) {
-        if area.height == 0 || self.lanes.count() == 0 {
+        if area.height == 0 || self.lanes.rows(self.window) == 0 {
             return;
         }
         buf.set_stringn(
             area.x,
             area.y,
-            "perf lanes: density per column",
+            "lanes: density per column; off-cpu p preempted f futex i io s sleep y syscall b blocked",
             usize::from(area.width),
             style::DIM,
         );
@@ -97,5 +111,36 @@ impl Widget for &LanesView<'_> {
                 y += 1;
             }
         }
+        if !self.lanes.off_cpu {
+            return;
+        }
+        for track in &self.window.tracks {
+            for (tid, cells) in &track.off_cpu {
+                if y >= area.bottom() {
+                    return;
+                }
+                let label = format!("{} t{tid}", stage_name(self.endpoints, track.endpoint));
+                buf.set_stringn(area.x, y, label, usize::from(LABEL_WIDTH) - 1, Style::new());
+                for (c, cell) in cells.iter().take(columns).enumerate() {
+                    if let Some(class) = cell {
+                        buf[(x0 + c as u16, y)]
+                            .set_char(class.letter())
+                            .set_style(Style::new().fg(wait_color(*class)));
+                    }
+                }
+                y += 1;
+            }
+        }
+    }
+}
+
+fn wait_color(class: WaitClass) -> Color {
+    match class {
+        WaitClass::Preempted => Color::LightYellow,
+        WaitClass::Futex => Color::LightRed,
+        WaitClass::Io => Color::LightBlue,
+        WaitClass::Sleep => Color::Gray,
+        WaitClass::OtherSyscall => Color::LightMagenta,
+        WaitClass::Blocked => Color::White,
     }
 }

@@ -105,8 +105,9 @@ fn body_panels(app: &mut App, window: &Window, area: Rect, buf: &mut Buffer) {
     let totals = app.timeline.source().total_counts();
     let lanes = lanes::LaneSet {
         samples: totals.get(EventKind::PerfSample) > 0,
-        faults: totals.get(EventKind::System) > 0,
+        faults: totals.get(EventKind::Ebpf) + totals.get(EventKind::PerfSoftware) > 0,
         pt: totals.get(EventKind::PtChunk) > 0,
+        off_cpu: totals.get(EventKind::Ebpf) > 0,
     };
     let timeline_rows = 1 + 2 * window.tracks.len() as u16;
     let link_rows = if window.detail {
@@ -114,11 +115,7 @@ fn body_panels(app: &mut App, window: &Window, area: Rect, buf: &mut Buffer) {
     } else {
         1
     };
-    let lane_rows = if lanes.count() == 0 {
-        0
-    } else {
-        1 + (lanes.count() * window.tracks.len()) as u16
-    };
+    let lane_rows = lanes.rows(window) as u16;
     let [t_area, l_area, p_area] = Layout::vertical([
         Constraint::Length(timeline_rows),
         Constraint::Length(link_rows),

@@ -47,6 +47,8 @@ impl<'a> StatsView<'a> {
             )));
         }
         out.push(Line::raw(""));
+        out.extend(self.wait_lines());
+        out.push(Line::raw(""));
         out.push(Line::styled(
             "link            transfers      bytes   achieved  mean latency",
             style::DIM,
@@ -100,6 +102,78 @@ impl<'a> StatsView<'a> {
                 ),
                 style::MESSAGE,
             ));
+        }
+        out
+    }
+}
+
+impl StatsView<'_> {
+    /// Where each endpoint waited and on what (eBPF off-CPU intervals), its busiest syscalls
+    /// and its migrations.
+    fn wait_lines(&self) -> Vec<Line<'static>> {
+        let s = self.stats;
+        let any = s.endpoints.iter().any(|e| {
+            !e.waits.is_empty()
+                || !e.syscalls.is_empty()
+                || e.migrations + e.tcp_retransmits + e.tcp_drops > 0
+        });
+        if !any {
+            return vec![Line::raw(
+                "where stages waited: no eBPF events in this trace (record as root with --ebpf auto)",
+            )];
+        }
+        let mut out = vec![Line::styled(
+            "where each stage waited, off the CPU (eBPF), most time first",
+            style::DIM,
+        )];
+        for e in &s.endpoints {
+            let waits: Vec<String> = e
+                .waits
+                .iter()
+                .take(4)
+                .map(|w| format!("{} {} ({}x)", w.on, format_duration(w.total), w.intervals))
+                .collect();
+            out.push(Line::raw(format!(
+                "{:<14} {}",
+                self.name(e.endpoint),
+                if waits.is_empty() {
+                    "-".to_string()
+                } else {
+                    waits.join(", ")
+                }
+            )));
+            if !e.syscalls.is_empty() {
+                let calls: Vec<String> = e
+                    .syscalls
+                    .iter()
+                    .take(4)
+                    .map(|c| {
+                        format!(
+                            "{} {}x ~{}",
+                            c.name,
+                            c.calls,
+                            format_duration(c.approx_total)
+                        )
+                    })
+                    .collect();
+                out.push(Line::raw(format!(
+                    "{:<14} syscalls: {}",
+                    "",
+                    calls.join(", ")
+                )));
+            }
+            if e.tcp_retransmits + e.tcp_drops > 0 {
+                out.push(Line::raw(format!(
+                    "{:<14} tcp: {} retransmits, {} drops",
+                    "", e.tcp_retransmits, e.tcp_drops
+                )));
+            }
+            if e.migrations > 0 {
+                out.push(Line::raw(format!(
+                    "{:<14} migrations: {} ({} to another NUMA node)",
+                    "", e.migrations, e.numa_migrations
+                )));
+            }
         }
         out
     }

@@ -73,6 +73,8 @@ pub fn mark_glyph(mark: Mark) -> (char, Style) {
         Mark::FlowIn => ('^', Style::new().fg(Color::LightBlue)),
         Mark::FlowOut => ('v', Style::new().fg(Color::LightBlue)),
         Mark::Step => ('│', Style::new().fg(Color::Gray)),
+        Mark::SlowSyscall => ('y', Style::new().fg(Color::LightRed)),
+        Mark::NumaMigration => ('n', Style::new().fg(Color::LightRed)),
         Mark::Snapshot => (
             'S',
             Style::new()

@@ -59,27 +59,27 @@ fn type_text(app: &mut App, s: &str) {
 fn whole_screen_of_the_fixture() {
     let mut a = app(3, 4);
     let expected = Buffer::with_lines([
-        " slug view  fixture  0.000000s..0.003800s (3.80ms)  events: 131 in view         ",
-        "time            |0ns          |831.2us      |1.66ms       |2.49ms       |3.33ms ",
-        ">n0/s0          ███▒            ░███░            ▒███░            ▒███          ",
-        "                S  v4.0KiB      │   v4.0KiB      │   v4.0KiB      │  v4.0KiB    ",
-        " n0/s1               ████▒           ░████░           ▒████            ▒████    ",
-        "                   ^ S   v4.0KiB    ^│    v4.0KiB    ^│   v     X     ^│   v    ",
-        " n1/s2                    ███▒            ░███▒            ░███░            ▒███",
-        "                         ^S               │                │                │   ",
+        " slug view  fixture  0.000000s..0.003830s (3.83ms)  events: 144 in view         ",
+        "time            |0ns          |837.8us      |1.68ms       |2.51ms       |3.35ms ",
+        ">n0/s0          ███▒            ▒███░            ▓███             ███▒          ",
+        "                S  v4.0KiB      │   n            │  v4.0KiB       │  v4.0KiB    ",
+        " n0/s1               ████░           ▒████            ▓███▓            ████▒    ",
+        "                   ^ S   v4.0KiB    ^│   v4.0KiB     ^│   v     X    ^ │   v    ",
+        " n1/s2                    ███▒            ▒███░            ▓███             ███▒",
+        "                         ^S               │               ^│               ^│   ",
         "links: bandwidth over time, achieved while busy                                 ",
-        "s0>s1 204.8MB/s    █                █                █               ▃▆         ",
-        "s1>s2 204.8MB/s          █                █               ▂▇               ▅▃   ",
-        "perf lanes: density per column                                                  ",
-        "s0 samples      ▄▄▄▄             ▄▄█             ▄▄ █             ▄▄▄▄          ",
-        "s1 samples           ▄▄ ▄▄            ▄▄ █            ▄ ▄ █            ▄ ▄▄▄    ",
-        "s2 samples                ▄▄▄▄             ▄▄▄▄            ▄▄ █             ▄▄ █",
+        "s0>s1 204.8MB/s    █                █               ▆▃               █          ",
+        "s1>s2 204.8MB/s          █               ▃▆               █                █    ",
+        "lanes: density per column; off-cpu p preempted f futex i io s sleep y syscall b ",
+        "s0 samples      ▄▄▄▄            ▄▄ █             ▄▄▄▄             ▄▄▄▄          ",
+        "s1 samples           ▄▄ █            ▄ ▄▄▄            ▄ ▄▄▄            ▄▄ ▄▄    ",
+        "s2 samples                ▄▄▄▄            ▄▄ █             ▄▄▄▄             ▄▄▄▄",
         "s0 faults          █                                                            ",
         "s1 faults                █                                                      ",
         "s2 faults                    █                                                  ",
-        "                                                                                ",
-        "                                                                                ",
-        "                                                                                ",
+        "s0 t7              f                f               ff               f          ",
+        "s1 t7                    f               ff               ff               f    ",
+        "s2 t7                        f                f               ff               f",
         "                                                                                ",
         "                                                                                ",
         "q quit  ? help  w/s zoom  a/d pan  up/down track  n/p event  / filter  g time  :",
@@ -352,7 +352,7 @@ fn stats_view_answers_where_time_went() {
     assert_eq!(a.mode, Mode::Stats);
     let lines = text(&screen(&mut a, 80, 24));
     assert!(
-        lines[1].starts_with("computing statistics: reading all 162 events"),
+        lines[1].starts_with("computing statistics: reading all 178 events"),
         "{}",
         lines[1]
     );
@@ -376,6 +376,13 @@ fn stats_view_answers_where_time_went() {
     );
     assert!(
         lines.iter().any(|l| l.starts_with("bottleneck: n0/s1")),
+        "{lines:?}"
+    );
+    // Where each stage waited, from the eBPF off-CPU intervals: 5 steps of 30us in futex.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("n0/s1          futex 150.0us (5x)")),
         "{lines:?}"
     );
     press(&mut a, KeyCode::Char('t'));

@@ -1,0 +1,240 @@
+//! What the eBPF probes cost a recorded pipeline, against the same recording with `--ebpf none`
+//! measured in the same run (`ratio = with probes / without`):
+//! - criterion: wall time of whole recorded runs (`small`, 4 local stages, 4 x 24 tokens);
+//! - interleaved rounds: generation throughput (tokens/s) and the process's CPU time per token,
+//!   user and system apart (a probe runs in the kernel, in the context of the traced thread, so
+//!   its cost lands in system time);
+//! - callgrind (when valgrind is installed): user-space instructions per generated token of a
+//!   `tiny` 2-stage recording (from the difference between a 48- and a 16-token run), and the
+//!   one-off cost of loading the probes. Callgrind counts no kernel instructions, so this is the
+//!   recorder's side of the probes (draining the ring buffer, writing the events), not the
+//!   probes' own: that shows in the system CPU time above.
+//!
+//! Without root (no probes load) it says so and measures nothing.
+
+#[path = "support/tally.rs"]
+mod tally;
+
+use std::hint::black_box;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use slug_kernels::ModelConfig;
+use slug_recorder::ebpf::EbpfRequest;
+use slug_recorder::perf::{PerfConfig, PerfRequest, StreamKind};
+use slug_recorder::{RecordConfig, RecordSummary, record};
+use slug_transport::pipeline::PipelineConfig;
+use tally::Tally;
+
+/// Set in the environment of the bench re-run under callgrind: record once and exit.
+const CALLGRIND_CHILD: &str = "SLUG_EBPF_BENCH_CALLGRIND_CHILD";
+
+fn pipeline(model: &str, stages: usize, tokens: usize) -> PipelineConfig {
+    let model = ModelConfig::preset(model).expect("preset");
+    let mut p = PipelineConfig::new(model, "benchmark", 4, tokens);
+    p.stages = stages;
+    p
+}
+
+fn record_once(p: &PipelineConfig, out: &Path, ebpf: EbpfRequest) -> RecordSummary {
+    let cfg = RecordConfig {
+        perf: PerfConfig {
+            request: PerfRequest::List(vec![
+                StreamKind::CpuClock,
+                StreamKind::ContextSwitches,
+                StreamKind::StepCounters,
+            ]),
+            ..PerfConfig::default()
+        },
+        ebpf,
+        ..RecordConfig::new(out)
+    };
+    let s = record(&cfg, p).expect("record");
+    let _ = std::fs::remove_dir_all(out);
+    s
+}
+
+/// User and system CPU time of this process so far, ns.
+fn cpu_ns() -> (u64, u64) {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `u` is a valid rusage to write; RUSAGE_SELF always exists.
+    let u = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr());
+        u.assume_init()
+    };
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
+    (ns(u.ru_utime), ns(u.ru_stime))
+}
+
+fn probes_load() -> bool {
+    let (session, caps) = slug_recorder::ebpf::EbpfSession::open(
+        &EbpfRequest::Auto,
+        slug_recorder::endpoint::EBPF_LOST_REASONS,
+    );
+    if session.is_none() {
+        eprintln!(
+            "ebpf bench: no probes load here ({:?}); nothing to measure",
+            caps.notices
+        );
+    }
+    session.is_some()
+}
+
+const ROUNDS: usize = 5;
+
+fn bench_ebpf(c: &mut Criterion) {
+    if let Ok(child) = std::env::var(CALLGRIND_CHILD) {
+        let (mode, tokens) = child.split_once(':').expect("MODE:TOKENS");
+        let ebpf = if mode == "auto" {
+            EbpfRequest::Auto
+        } else {
+            EbpfRequest::None
+        };
+        let tokens = tokens.parse().expect("a token count");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let s = record_once(&pipeline("tiny", 2, tokens), &dir.path().join("t"), ebpf);
+        black_box(s);
+        std::process::exit(0);
+    }
+    if !probes_load() {
+        return;
+    }
+    let p = pipeline("small", 4, 24);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("t");
+    let (none, auto) = (Tally::default(), Tally::default());
+    let mut g = c.benchmark_group("pipeline_small_4_stages_ebpf");
+    g.sample_size(10);
+    for (name, req, tally) in [
+        ("baseline_ebpf_none", EbpfRequest::None, &none),
+        ("ebpf_auto", EbpfRequest::Auto, &auto),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    black_box(record_once(&p, &out, req.clone()));
+                }
+                tally.add(t.elapsed(), iters)
+            })
+        });
+    }
+    g.finish();
+    if !none.ran() || !auto.ran() {
+        return;
+    }
+    eprintln!(
+        "recorded run wall time incl. model build, --ebpf auto vs none: {:.0} vs {:.0} ms: ratio {:.3}",
+        auto.per_iter_ns() / 1e6,
+        none.per_iter_ns() / 1e6,
+        auto.per_iter_ns() / none.per_iter_ns().max(1.0)
+    );
+    // Interleaved, so the machine's changing load hits both alike.
+    let mut rate = [0.0f64; 2];
+    let mut cpu = [(0u64, 0u64); 2];
+    let mut tokens = [0u64; 2];
+    let mut events = [0u64; 2];
+    for _ in 0..ROUNDS {
+        for (i, req) in [EbpfRequest::None, EbpfRequest::Auto]
+            .into_iter()
+            .enumerate()
+        {
+            let before = cpu_ns();
+            let s = record_once(&p, &out, req);
+            let after = cpu_ns();
+            rate[i] += s.tokens_per_s / ROUNDS as f64;
+            cpu[i].0 += after.0 - before.0;
+            cpu[i].1 += after.1 - before.1;
+            tokens[i] += s.tokens.iter().map(|t| t.len() as u64).sum::<u64>();
+            events[i] += s.events();
+        }
+    }
+    let per_token = |i: usize, t: u64| t as f64 / tokens[i].max(1) as f64 / 1e3;
+    eprintln!(
+        "--ebpf auto vs none (small, 4 local stages, {ROUNDS} interleaved rounds):\n  \
+         tokens/s {:.1} vs {:.1}: ratio {:.3}\n  \
+         CPU per token: user {:.1} vs {:.1} us (ratio {:.3}), system {:.1} vs {:.1} us (ratio {:.3})\n  \
+         events per run {} vs {}",
+        rate[1],
+        rate[0],
+        rate[1] / rate[0],
+        per_token(1, cpu[1].0),
+        per_token(0, cpu[0].0),
+        cpu[1].0 as f64 / cpu[0].0.max(1) as f64,
+        per_token(1, cpu[1].1),
+        per_token(0, cpu[0].1),
+        cpu[1].1 as f64 / cpu[0].1.max(1) as f64,
+        events[1] / ROUNDS as u64,
+        events[0] / ROUNDS as u64,
+    );
+    callgrind();
+}
+
+/// User-space instructions of `tiny` 2-stage recordings with and without probes, under callgrind,
+/// at two lengths: the difference per generated token is the steady cost, the rest is one-off
+/// (loading the probes parses the kernel's BTF in user space).
+fn callgrind() {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        eprintln!("callgrind: valgrind is not installed; no instruction counts");
+        return;
+    }
+    let exe = std::env::current_exe().expect("the bench executable");
+    let dir = tempfile::tempdir().expect("temp dir");
+    const SHORT: usize = 16;
+    const LONG: usize = 48;
+    let mut ir = [[0u64; 2]; 2];
+    for (i, mode) in ["none", "auto"].into_iter().enumerate() {
+        for (j, tokens) in [SHORT, LONG].into_iter().enumerate() {
+            let out = dir.path().join(format!("callgrind.{mode}.{tokens}"));
+            let status = Command::new("valgrind")
+                .arg("--tool=callgrind")
+                .arg(format!("--callgrind-out-file={}", out.display()))
+                .arg(&exe)
+                .arg("--bench")
+                .env(CALLGRIND_CHILD, format!("{mode}:{tokens}"))
+                .output();
+            let total = std::fs::read_to_string(&out).ok().and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("summary: ").or(l.strip_prefix("totals: ")))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            });
+            match (status, total) {
+                (Ok(o), _) if !o.status.success() => {
+                    eprintln!(
+                        "callgrind --ebpf {mode}: the recording failed: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                            .lines()
+                            .last()
+                            .unwrap_or("")
+                    );
+                    return;
+                }
+                (Ok(_), Some(n)) => ir[i][j] = n,
+                (Ok(_), None) => {
+                    eprintln!("callgrind --ebpf {mode}: no instruction count in its output");
+                    return;
+                }
+                (Err(e), _) => {
+                    eprintln!("callgrind: cannot run valgrind: {e}");
+                    return;
+                }
+            }
+        }
+    }
+    // 4 sequences each.
+    let per_token = |m: [u64; 2]| m[1].saturating_sub(m[0]) as f64 / (4 * (LONG - SHORT)) as f64;
+    let (none, auto) = (per_token(ir[0]), per_token(ir[1]));
+    let one_off = ir[1][0] as f64 - ir[0][0] as f64 - (auto - none) * (4 * SHORT) as f64;
+    eprintln!(
+        "callgrind (tiny, 2 local stages, 4 sequences; user-space instructions, the kernel's not counted):\n  \
+         per generated token (48 vs 16 tokens): --ebpf auto {auto:.0} vs none {none:.0}: ratio {:.4}\n  \
+         one-off with probes (load, BTF parse, attach, detach): {:.1} M instructions",
+        auto / none.max(1.0),
+        one_off / 1e6
+    );
+}
+
+criterion_group!(benches, bench_ebpf);
+criterion_main!(benches);

@@ -1,0 +1,617 @@
+//! eBPF endpoint probes: loads the committed probe object (`probes.bpf.o`, built from
+//! `probes.bpf.c`) with aya, filtered in the kernel to this process's threads, and turns its
+//! ring-buffer records and syscall histograms into `ebpf` trace events, each routed to the
+//! endpoint whose thread it concerns.
+//!
+//! One [`EbpfSession`] serves every endpoint of a process (the stages of a `local` run, or the
+//! one stage of a `slug node`). Threads are routed to an endpoint when they first record an
+//! event ([`EbpfSession::route`]); records of other threads (the recorder's own) are dropped.
+
+mod record;
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
+use aya::programs::RawTracePoint;
+use aya::{Ebpf, EbpfLoader};
+use slug_schema::{Capability, EbpfEvent, EbpfKind, Event, LostEvents, StringId};
+
+use crate::error::{RecorderError, Result};
+use crate::perf::{Capabilities, StreamKind, monotonic_ns};
+pub use record::ProbeRecord;
+
+/// The compiled probes (`clang -target bpf`, see `recorder/tests/ebpf_bootstrap.rs`).
+static PROBES: &[u8] = aya::include_bytes_aligned!("probes.bpf.o");
+
+/// Syscalls that take at least this long are recorded one by one; shorter ones only count in
+/// the per-thread log2 latency histograms.
+pub const SLOW_SYSCALL_NS: u64 = 1_000_000;
+
+/// How often the session drains the ring buffer.
+const POLL_EVERY: Duration = Duration::from_millis(10);
+/// How often it reads the syscall histograms and lost counters.
+const HISTOGRAM_EVERY: Duration = Duration::from_millis(100);
+/// Events an endpoint's outbox holds before further ones are dropped (and counted).
+const OUTBOX_LIMIT: usize = 1 << 20;
+
+/// One probe group, as `--ebpf` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Probe {
+    /// sched_switch / sched_waking: off-CPU intervals with reason, syscall and waker.
+    OffCpu,
+    /// sys_enter / sys_exit: latency histograms, exact events above [`SLOW_SYSCALL_NS`].
+    Syscalls,
+    /// page_fault_user: user page faults with address, ip and error code (x86).
+    PageFaults,
+    /// sched_migrate_task: CPU and NUMA-node moves.
+    Migrations,
+    /// tcp_retransmit_skb / kfree_skb on the sockets the process sends or receives on
+    /// (sock_send_length / sock_recv_length).
+    Tcp,
+}
+
+impl Probe {
+    /// Every probe group.
+    pub const ALL: [Probe; 5] = [
+        Probe::OffCpu,
+        Probe::Syscalls,
+        Probe::PageFaults,
+        Probe::Migrations,
+        Probe::Tcp,
+    ];
+
+    /// The name `--ebpf` accepts.
+    pub fn name(self) -> &'static str {
+        match self {
+            Probe::OffCpu => "off-cpu",
+            Probe::Syscalls => "syscalls",
+            Probe::PageFaults => "page-faults",
+            Probe::Migrations => "migrations",
+            Probe::Tcp => "tcp",
+        }
+    }
+
+    /// The capability name in the manifest.
+    pub fn capability(self) -> &'static str {
+        match self {
+            Probe::OffCpu => "ebpf_off_cpu",
+            Probe::Syscalls => "ebpf_syscalls",
+            Probe::PageFaults => "ebpf_page_faults",
+            Probe::Migrations => "ebpf_migrations",
+            Probe::Tcp => "ebpf_tcp",
+        }
+    }
+
+    /// What stands in for the probe when the kernel refuses it.
+    fn fallback(self) -> &'static str {
+        match self {
+            Probe::OffCpu => "perf's context switches (--perf) without wait reasons",
+            Probe::Syscalls => "no syscall latencies",
+            Probe::PageFaults => "perf's page-fault samples (--perf)",
+            Probe::Migrations => "no CPU migrations",
+            Probe::Tcp => "no TCP retransmits or drops",
+        }
+    }
+
+    /// (program in the object, raw tracepoint it attaches to).
+    fn programs(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Probe::OffCpu => &[
+                ("slug_sched_switch", "sched_switch"),
+                ("slug_sched_waking", "sched_waking"),
+            ],
+            Probe::Syscalls => &[
+                ("slug_sys_enter", "sys_enter"),
+                ("slug_sys_exit", "sys_exit"),
+            ],
+            Probe::PageFaults => &[("slug_page_fault_user", "page_fault_user")],
+            Probe::Migrations => &[("slug_sched_migrate_task", "sched_migrate_task")],
+            Probe::Tcp => &[
+                ("slug_sock_send_length", "sock_send_length"),
+                ("slug_sock_recv_length", "sock_recv_length"),
+                ("slug_tcp_retransmit_skb", "tcp_retransmit_skb"),
+                ("slug_kfree_skb", "kfree_skb"),
+            ],
+        }
+    }
+}
+
+/// What `--ebpf` asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum EbpfRequest {
+    /// Every probe the kernel accepts; none (said in one line) without root or CAP_BPF.
+    #[default]
+    Auto,
+    /// No probes.
+    None,
+    /// Exactly these probe groups.
+    List(Vec<Probe>),
+}
+
+impl EbpfRequest {
+    /// The probe groups asked for.
+    pub fn probes(&self) -> Vec<Probe> {
+        match self {
+            EbpfRequest::Auto => Probe::ALL.to_vec(),
+            EbpfRequest::None => Vec::new(),
+            EbpfRequest::List(l) => l.clone(),
+        }
+    }
+}
+
+impl FromStr for EbpfRequest {
+    type Err = RecorderError;
+
+    fn from_str(s: &str) -> Result<EbpfRequest> {
+        match s.trim() {
+            "auto" => Ok(EbpfRequest::Auto),
+            "none" => Ok(EbpfRequest::None),
+            list => {
+                let mut probes = Vec::new();
+                for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    let probe = Probe::ALL
+                        .into_iter()
+                        .find(|p| p.name() == name)
+                        .ok_or_else(|| RecorderError::UnknownEbpfProbe {
+                            name: name.into(),
+                            known: Probe::ALL.map(Probe::name).join(", "),
+                        })?;
+                    if !probes.contains(&probe) {
+                        probes.push(probe);
+                    }
+                }
+                if probes.is_empty() {
+                    return Err(RecorderError::UnknownEbpfProbe {
+                        name: s.into(),
+                        known: Probe::ALL.map(Probe::name).join(", "),
+                    });
+                }
+                Ok(EbpfRequest::List(probes))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for EbpfRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EbpfRequest::Auto => f.write_str("auto"),
+            EbpfRequest::None => f.write_str("none"),
+            EbpfRequest::List(l) => {
+                f.write_str(&l.iter().map(|p| p.name()).collect::<Vec<_>>().join(","))
+            }
+        }
+    }
+}
+
+/// The interned reasons an endpoint log uses for the session's lost records.
+#[derive(Debug, Clone, Copy)]
+pub struct LostReasons {
+    /// The ring buffer was full.
+    pub ring_full: StringId,
+    /// A probe's map was full (an off-CPU interval or histogram count was dropped).
+    pub map_full: StringId,
+    /// The endpoint's outbox was full (its writer fell behind).
+    pub outbox_full: StringId,
+}
+
+/// The probes of one process, their drain thread and the per-endpoint outboxes.
+#[derive(Debug)]
+pub struct EbpfSession {
+    shared: Arc<SessionShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    probes: Vec<Probe>,
+}
+
+#[derive(Debug)]
+struct SessionShared {
+    tgid: u32,
+    reasons: LostReasons,
+    routes: Mutex<HashMap<u32, u32>>,
+    outboxes: Mutex<BTreeMap<u32, Outbox>>,
+    stop: AtomicBool,
+    /// NUMA node of each CPU (index), when the host says.
+    cpu_node: Vec<Option<u32>>,
+}
+
+#[derive(Debug, Default)]
+struct Outbox {
+    events: Vec<Event>,
+    dropped: u64,
+}
+
+impl EbpfSession {
+    /// Loads and attaches the probes `request` asks for, filtered to this process. Returns the
+    /// session (if any probe attached) and the capability report with one notice per probe that
+    /// is missing and why.
+    pub fn open(
+        request: &EbpfRequest,
+        reasons: LostReasons,
+    ) -> (Option<Arc<EbpfSession>>, Capabilities) {
+        let asked = request.probes();
+        let mut caps = Capabilities::default();
+        if asked.is_empty() {
+            for p in Probe::ALL {
+                caps.entries.push(Capability {
+                    name: p.capability().into(),
+                    requested: false,
+                    available: false,
+                    captured: false,
+                    reason: Some("--ebpf none (not loaded, so availability is unknown)".into()),
+                });
+            }
+            return (None, caps);
+        }
+        let tgid = std::process::id();
+        let loaded = EbpfLoader::new()
+            .override_global("target_tgid", &tgid, true)
+            .override_global("slow_syscall_ns", &SLOW_SYSCALL_NS, true)
+            .load(PROBES);
+        let mut ebpf = match loaded {
+            Ok(e) => e,
+            Err(e) => {
+                let why = load_failure(&e.to_string());
+                caps.notices.push(format!(
+                    "no eBPF probes: {why}; recording perf's software context switches and page faults (--perf) instead"
+                ));
+                for p in Probe::ALL {
+                    caps.entries.push(Capability {
+                        name: p.capability().into(),
+                        requested: asked.contains(&p),
+                        available: false,
+                        captured: false,
+                        reason: Some(why.clone()),
+                    });
+                }
+                return (None, caps);
+            }
+        };
+        let mut attached = Vec::new();
+        for p in Probe::ALL {
+            if !asked.contains(&p) {
+                caps.entries.push(Capability {
+                    name: p.capability().into(),
+                    requested: false,
+                    available: true,
+                    captured: false,
+                    reason: Some(format!("--ebpf {request} leaves it out")),
+                });
+                continue;
+            }
+            match attach(&mut ebpf, p) {
+                Ok(()) => {
+                    attached.push(p);
+                    caps.entries.push(Capability {
+                        name: p.capability().into(),
+                        requested: true,
+                        available: true,
+                        captured: true,
+                        reason: None,
+                    });
+                }
+                Err(why) => {
+                    caps.notices.push(format!(
+                        "no eBPF {} probe: {why}; recording {} instead",
+                        p.name(),
+                        p.fallback()
+                    ));
+                    caps.entries.push(Capability {
+                        name: p.capability().into(),
+                        requested: true,
+                        available: false,
+                        captured: false,
+                        reason: Some(why),
+                    });
+                }
+            }
+        }
+        if attached.is_empty() {
+            return (None, caps);
+        }
+        let maps = match DrainMaps::take(&mut ebpf) {
+            Ok(m) => m,
+            Err(why) => {
+                caps.notices.push(format!("no eBPF probes: {why}"));
+                for c in &mut caps.entries {
+                    c.captured = false;
+                    c.reason = Some(why.clone());
+                }
+                return (None, caps);
+            }
+        };
+        let shared = Arc::new(SessionShared {
+            tgid,
+            reasons,
+            routes: Mutex::new(HashMap::new()),
+            outboxes: Mutex::new(BTreeMap::new()),
+            stop: AtomicBool::new(false),
+            cpu_node: cpu_nodes(),
+        });
+        let worker = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("slug-ebpf".into())
+            .spawn(move || drain_loop(&worker, ebpf, maps));
+        match thread {
+            Ok(t) => (
+                Some(Arc::new(EbpfSession {
+                    shared,
+                    thread: Mutex::new(Some(t)),
+                    probes: attached,
+                })),
+                caps,
+            ),
+            Err(e) => {
+                caps.notices.push(format!(
+                    "no eBPF probes: cannot start their drain thread: {e}"
+                ));
+                for c in &mut caps.entries {
+                    c.captured = false;
+                }
+                (None, caps)
+            }
+        }
+    }
+
+    /// The perf streams whose events attached probes record too (with more about each): perf
+    /// context switches (off-CPU intervals) and page-fault samples (page faults with ip and
+    /// error code). The recorder does not open them, so nothing is recorded twice.
+    pub fn covered_perf_streams(&self) -> Vec<(StreamKind, &'static str)> {
+        let mut out = Vec::new();
+        if self.probes.contains(&Probe::OffCpu) {
+            out.push((StreamKind::ContextSwitches, Probe::OffCpu.name()));
+        }
+        if self.probes.contains(&Probe::PageFaults) {
+            out.push((StreamKind::PageFaults, Probe::PageFaults.name()));
+        }
+        out
+    }
+
+    /// Sends the records of thread `tid` to `endpoint`'s outbox from now on.
+    pub fn route(&self, tid: u32, endpoint: u32) {
+        lock(&self.shared.routes).insert(tid, endpoint);
+        lock(&self.shared.outboxes).entry(endpoint).or_default();
+    }
+
+    /// Moves `endpoint`'s pending events into `out` (with a lost-events record for what its
+    /// outbox had to drop).
+    pub fn take(&self, endpoint: u32, out: &mut Vec<Event>) {
+        let mut boxes = lock(&self.shared.outboxes);
+        if let Some(b) = boxes.get_mut(&endpoint) {
+            out.append(&mut b.events);
+            if b.dropped > 0 {
+                let now = monotonic_ns();
+                out.push(Event::LostEvents(LostEvents {
+                    count: b.dropped,
+                    reason: self.shared.reasons.outbox_full,
+                    from_ns: now,
+                    to_ns: now,
+                }));
+                b.dropped = 0;
+            }
+        }
+    }
+
+    /// Detaches the probes after a last drain of the ring buffer and histograms into the
+    /// outboxes; call before the endpoints' writers take their last events.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for EbpfSession {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Says why loading failed in terms of what to do.
+fn load_failure(error: &str) -> String {
+    let euid = effective_uid();
+    if euid != 0 {
+        format!(
+            "loading eBPF programs needs root or CAP_BPF and CAP_PERFMON (running as uid {euid}): {error}"
+        )
+    } else {
+        format!("the kernel refused the probe object: {error}")
+    }
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+fn attach(ebpf: &mut Ebpf, probe: Probe) -> std::result::Result<(), String> {
+    for (program, tracepoint) in probe.programs() {
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut(program)
+            .ok_or_else(|| format!("the probe object has no program {program}"))?
+            .try_into()
+            .map_err(|e| format!("{program}: {e}"))?;
+        prog.load()
+            .map_err(|e| format!("the kernel refused {program}: {}", error_chain(&e)))?;
+        prog.attach(tracepoint).map_err(|e| {
+            format!(
+                "cannot attach {program} to raw tracepoint {tracepoint}: {}",
+                error_chain(&e)
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    // The verifier log can be long; its first line says enough for a notice.
+    // SLUG_EBPF_VERIFIER_LOG=1 keeps the whole verifier log, to debug a probe.
+    if std::env::var_os("SLUG_EBPF_VERIFIER_LOG").is_some() {
+        return s;
+    }
+    s.lines().next().unwrap_or_default().to_string()
+}
+
+/// The maps the drain thread reads.
+struct DrainMaps {
+    ring: RingBuf<MapData>,
+    hist: BpfHashMap<MapData, u64, u64>,
+    lost: Array<MapData, u64>,
+}
+
+impl DrainMaps {
+    fn take(ebpf: &mut Ebpf) -> std::result::Result<DrainMaps, String> {
+        let mut map = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| format!("the probe object has no map {name}"))
+        };
+        Ok(DrainMaps {
+            ring: RingBuf::try_from(map("events")?).map_err(|e| format!("events: {e}"))?,
+            hist: BpfHashMap::try_from(map("syscall_hist")?)
+                .map_err(|e| format!("syscall_hist: {e}"))?,
+            lost: Array::try_from(map("lost")?).map_err(|e| format!("lost: {e}"))?,
+        })
+    }
+}
+
+/// NUMA node of every CPU, from `/sys/devices/system/node/node*/cpulist`.
+fn cpu_nodes() -> Vec<Option<u32>> {
+    let mut map = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/sys/devices/system/node") else {
+        return map;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(node) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("node"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path().join("cpulist");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let Ok(cpus) = crate::topology::parse_cpu_list(&path, text.trim()) else {
+            continue;
+        };
+        for cpu in cpus {
+            let i = cpu as usize;
+            if i < 65536 {
+                if map.len() <= i {
+                    map.resize(i + 1, None);
+                }
+                map[i] = Some(node);
+            }
+        }
+    }
+    map
+}
+
+fn drain_loop(shared: &SessionShared, ebpf: Ebpf, mut maps: DrainMaps) {
+    let mut hist_seen: HashMap<u64, u64> = HashMap::new();
+    let mut lost_seen = [0u64; 2];
+    let mut last_hist = Instant::now();
+    let mut last_ns = monotonic_ns();
+    let mut batch: Vec<(u32, Event)> = Vec::new();
+    loop {
+        let stopping = shared.stop.load(Ordering::Acquire);
+        while let Some(item) = maps.ring.next() {
+            if let Some(r) = ProbeRecord::parse(&item)
+                && let Some(e) = r.to_event(shared.tgid, &shared.cpu_node)
+            {
+                batch.push((r.tid, e));
+            }
+        }
+        if stopping || last_hist.elapsed() >= HISTOGRAM_EVERY {
+            let now = monotonic_ns();
+            for (key, count) in maps.hist.iter().flatten() {
+                let seen = hist_seen.entry(key).or_insert(0);
+                if count > *seen {
+                    let tid = key as u32;
+                    batch.push((
+                        tid,
+                        Event::Ebpf(EbpfEvent {
+                            kind: EbpfKind::SyscallHistogram,
+                            pid: shared.tgid,
+                            tid,
+                            cpu: 0,
+                            arg0: (key >> 32) & 0xffff,
+                            arg1: key >> 48,
+                            arg2: count - *seen,
+                            ns: now,
+                        }),
+                    ));
+                    *seen = count;
+                }
+            }
+            let reasons = [shared.reasons.ring_full, shared.reasons.map_full];
+            for (i, seen) in lost_seen.iter_mut().enumerate() {
+                let n = maps.lost.get(&(i as u32), 0).unwrap_or(*seen);
+                if n > *seen {
+                    // Process-wide: charged to the first endpoint, so it is counted once.
+                    batch.push((
+                        u32::MAX,
+                        Event::LostEvents(LostEvents {
+                            count: n - *seen,
+                            reason: reasons[i],
+                            from_ns: last_ns,
+                            to_ns: now,
+                        }),
+                    ));
+                    *seen = n;
+                }
+            }
+            last_ns = now;
+            last_hist = Instant::now();
+        }
+        deliver(shared, &mut batch);
+        if stopping {
+            break;
+        }
+        std::thread::sleep(POLL_EVERY);
+    }
+    // Dropping the object detaches every probe.
+    drop(maps);
+    drop(ebpf);
+}
+
+/// Moves `batch` into the outboxes of the endpoints its threads are routed to.
+fn deliver(shared: &SessionShared, batch: &mut Vec<(u32, Event)>) {
+    if batch.is_empty() {
+        return;
+    }
+    let routes = lock(&shared.routes);
+    let mut boxes = lock(&shared.outboxes);
+    let first = boxes.keys().next().copied();
+    for (tid, event) in batch.drain(..) {
+        let endpoint = if tid == u32::MAX {
+            first
+        } else {
+            routes.get(&tid).copied()
+        };
+        match endpoint.and_then(|e| boxes.get_mut(&e)) {
+            Some(b) if b.events.len() < OUTBOX_LIMIT => b.events.push(event),
+            Some(b) => b.dropped += 1,
+            // A thread no endpoint claimed: the recorder's own, whose waits are not the stage's.
+            None => {}
+        }
+    }
+}
