@@ -43,6 +43,12 @@ fn three_namespaces_record_one_trace_that_replays_bit_for_bit() {
     let key = ClusterKey::random().expect("cluster key");
     let key_file = work.path().join("cluster.key");
     std::fs::write(&key_file, key.as_env_value()).expect("write key file");
+    // Key files must be private: a node refuses one other users can read.
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod key file");
     let tmps: Vec<PathBuf> = (0..NODES)
         .map(|i| {
             let d = work.path().join(format!("node{i}-tmp"));

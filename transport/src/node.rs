@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,8 +26,9 @@ pub use crate::pipeline::cluster::LISTENING_PREFIX;
 
 /// How long a caller may take to finish the handshake and a coordinator to send its assignment.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most callers in their handshake at once: more are closed unheard (and logged), so strangers
-/// holding idle connections cost a bounded number of threads and sockets.
+/// Most callers in their handshake at once: a newcomer beyond it drops the one waiting longest
+/// (logged), so strangers holding idle connections cost a bounded number of threads and
+/// sockets and cannot keep a real coordinator, whose handshake takes a round trip, out.
 pub const MAX_PENDING_HANDSHAKES: usize = 32;
 /// Longest log line a node prints (peer-supplied parts are escaped and cut before this).
 const LOG_LINE: usize = 2000;
@@ -46,9 +47,10 @@ pub struct NodeOptions {
 }
 
 /// Listens and serves coordinator sessions, each on its own thread; callers are handshaken side
-/// by side (at most [`MAX_PENDING_HANDSHAKES`] at once, each for at most 10 s), so strangers
-/// holding connections neither block nor starve a real coordinator, and a thread that cannot be
-/// started refuses its caller instead of failing the node.
+/// by side (at most [`MAX_PENDING_HANDSHAKES`] at once, the longest-waiting dropped for a
+/// newcomer, each for at most 10 s), so strangers holding connections neither block nor starve
+/// a real coordinator, and a thread that cannot be started refuses its caller instead of
+/// failing the node.
 /// `on_listening` gets the bound address (print it: launchers read [`LISTENING_PREFIX`] lines),
 /// `log` every refusal and session end, one line each with peer-supplied text escaped. Returns
 /// after one admitted session with `once` (its error, if it failed), otherwise when `opts.stop`
@@ -69,9 +71,8 @@ pub fn serve(
         .map_err(|e| TransportError::io(format!("make {addr} non-blocking"), e))?;
     on_listening(addr);
     let log = &|msg: &str| log(&printable(msg, LOG_LINE));
-    // Raised when serve returns: handshakes still running give up at once.
-    let quit = AbortFlag::new();
-    let pending = AtomicUsize::new(0);
+    // Callers in their handshake, oldest first, each with the flag that makes it give up.
+    let pending = Mutex::new(Pending::default());
     let admitted = AtomicBool::new(false);
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Result<()>>();
     let result = std::thread::scope(|scope| {
@@ -96,24 +97,50 @@ pub fn serve(
                 ));
                 continue;
             }
-            if pending.load(Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
-                log(&format!(
-                    "refused {peer}: {MAX_PENDING_HANDSHAKES} callers are already in their \
-                     handshake; closed unheard"
-                ));
-                continue;
-            }
+            let (id, flag) = {
+                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                if p.live >= 2 * MAX_PENDING_HANDSHAKES {
+                    drop(p);
+                    log(&format!(
+                        "refused {peer}: too many callers in their handshake; closed unheard"
+                    ));
+                    continue;
+                }
+                if p.waiting.len() >= MAX_PENDING_HANDSHAKES {
+                    // Full: the caller waiting longest goes (a real coordinator finishes its
+                    // handshake in a round trip or two, so it is never the oldest for long).
+                    if let Some((_, oldest, who)) = p.waiting.pop_front() {
+                        oldest.raise();
+                        drop(p);
+                        log(&format!(
+                            "dropped {who}: {MAX_PENDING_HANDSHAKES} callers were in their \
+                             handshake and it had waited longest; closed unheard"
+                        ));
+                        p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+                p.next += 1;
+                p.live += 1;
+                let (id, flag) = (p.next, AbortFlag::new());
+                p.waiting.push_back((id, flag.clone(), peer));
+                (id, flag)
+            };
+            let finished = move |pending: &Mutex<Pending>| {
+                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                p.live -= 1;
+                p.waiting.retain(|w| w.0 != id);
+            };
             if let Err(e) = stream.set_nonblocking(false) {
+                finished(&pending);
                 log(&format!("refused {peer}: cannot configure its socket: {e}"));
                 continue;
             }
-            pending.fetch_add(1, Ordering::SeqCst);
-            let (pending, admitted, quit, done_tx) = (&pending, &admitted, &quit, done_tx.clone());
+            let (pending, admitted, done_tx) = (&pending, &admitted, done_tx.clone());
             let spawned = std::thread::Builder::new()
                 .name("slug-node-session".into())
                 .spawn_scoped(scope, move || {
-                    let hs = handshake(stream, peer, opts, quit.clone());
-                    pending.fetch_sub(1, Ordering::SeqCst);
+                    let hs = handshake(stream, peer, opts, flag);
+                    finished(pending);
                     let hs = match hs {
                         Ok(hs) => hs,
                         Err(e) => return log(&format!("refused {peer}: {e}")),
@@ -136,7 +163,7 @@ pub fn serve(
                     }
                 });
             if let Err(e) = spawned {
-                pending.fetch_sub(1, Ordering::SeqCst);
+                finished(pending);
                 log(&format!(
                     "refused {peer}: no thread to serve it ({e}); closed"
                 ));
@@ -147,8 +174,21 @@ pub fn serve(
             }
         }
     });
-    quit.raise();
+    // Handshakes still running give up at once.
+    for (_, flag, _) in &pending.lock().unwrap_or_else(|e| e.into_inner()).waiting {
+        flag.raise();
+    }
     result
+}
+
+/// Callers in their handshake.
+#[derive(Default)]
+struct Pending {
+    /// Oldest first: id, the flag that ends its handshake, its address.
+    waiting: std::collections::VecDeque<(u64, AbortFlag, SocketAddr)>,
+    /// Handshake threads not yet ended (a dropped caller's thread ends within 50 ms).
+    live: usize,
+    next: u64,
 }
 
 /// The handshake of one caller: only coordinators (control connections) are admitted here.
@@ -183,24 +223,37 @@ fn session(
     let abort = AbortFlag::new();
     let mut conn = hs.conn;
     conn.abort = abort.clone();
-    let assignment = conn.recv_json::<ToNode>(HANDSHAKE_TIMEOUT)?;
-    let (stage, cfg, fabric, link_key) = match assignment {
-        ToNode::Assign {
-            stage,
-            config,
-            fabric,
-            link_secret,
-        } => (
-            stage,
-            *config,
-            fabric,
-            ClusterKey::from_bytes(link_secret.as_bytes())?,
-        ),
-        other => {
-            return Err(TransportError::Protocol {
+    let assignment = conn
+        .recv_json::<ToNode>(HANDSHAKE_TIMEOUT)
+        .and_then(|a| match a {
+            ToNode::Assign {
+                stage,
+                config,
+                fabric,
+                link_secret,
+            } => Ok((
+                stage,
+                *config,
+                fabric,
+                ClusterKey::from_bytes(link_secret.as_bytes())?,
+            )),
+            other => Err(TransportError::Protocol {
                 peer: conn.peer.clone(),
                 detail: format!("expected an assignment, got {other:?}"),
-            });
+            }),
+        });
+    let (stage, cfg, fabric, link_key) = match assignment {
+        Ok(a) => a,
+        Err(e) => {
+            // Tell the coordinator why (a sealed frame that failed to open, say), so its error
+            // names the cause rather than a closed connection.
+            let msg = ToCoordinator::Failed {
+                at: "startup".into(),
+                error: format!("the node refused its assignment: {e}"),
+                cause: Cause::Stage,
+            };
+            let _ = conn.send_json(&msg, Duration::from_secs(2));
+            return Err(e);
         }
     };
     let host = conn

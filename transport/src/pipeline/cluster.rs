@@ -539,7 +539,7 @@ fn is_hex(name: &str, len: usize) -> bool {
 }
 
 /// Whether `path` is a file the recording of `stage` produces, and so one the coordinator
-/// accepts from that stage's node: its endpoint log, its snapshot indexes, and
+/// accepts from that stage's node: its endpoint log, its node report, its snapshot indexes, and
 /// content-addressed snapshot chunks and payloads (`true` in the second place: a file two
 /// nodes may both hold). Anything else (another stage's log, a journal, a ring, a stray
 /// file, any path that could leave the trace directory) is refused.
@@ -547,6 +547,8 @@ fn expected_file(stage: usize, path: &str) -> Option<(PathBuf, bool)> {
     let parts: Vec<&str> = path.split('/').collect();
     let shared = match parts.as_slice() {
         ["endpoints", log] => *log == format!("{stage}.slog"),
+        // The node's capabilities and topology, merged into the manifest by the coordinator.
+        ["nodes", report] => *report == format!("{stage}.json"),
         ["snapshots", dir, idx] => {
             *dir == format!("stage-{stage}")
                 && idx
@@ -889,6 +891,7 @@ mod tests {
             "endpoints/0.journal",
             "endpoints/0.t0.ring",
             "endpoints/1.slog",
+            "nodes/1.json",
             "snapshots/stage-1/step-0.idx",
             "snapshots/chunks/ab/zz.zst",
             "snapshots/chunks/cd/abcd0123456789abcdef0123456789ab.zst",
