@@ -110,6 +110,10 @@ fn transfer_mac(key: &[u8; 32], head: &[u8], payload: &[u8]) -> blake3::Hash {
     h.finalize()
 }
 
+/// Large payloads are hashed piece by piece right after each piece is written or read, while
+/// its bytes are still in cache.
+const MAC_PIECE: usize = 128 << 10;
+
 /// Who a link connects and how long its blocking calls may wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkEnds {
@@ -419,18 +423,25 @@ impl LinkSender {
             }
             SendPath::Tcp { conn, frame, mac } => {
                 let head = header.encode();
-                let tag = mac.as_ref().map(|k| transfer_mac(k, &head, payload));
-                let tag = tag.as_ref().map_or(&[][..], |t| t.as_bytes());
                 if payload.len() <= COALESCE {
+                    let tag = mac.as_ref().map(|k| transfer_mac(k, &head, payload));
                     frame.clear();
                     frame.extend_from_slice(&head);
                     frame.extend_from_slice(payload);
-                    frame.extend_from_slice(tag);
+                    frame.extend_from_slice(tag.as_ref().map_or(&[][..], |t| t.as_bytes()));
                     conn.write_full(frame, self.ends.timeout)?;
+                } else if let Some(key) = mac {
+                    let mut h = blake3::Hasher::new_keyed(key);
+                    h.update(&head);
+                    conn.write_full(&head, self.ends.timeout)?;
+                    for piece in payload.chunks(MAC_PIECE) {
+                        conn.write_full(piece, self.ends.timeout)?;
+                        h.update(piece);
+                    }
+                    conn.write_full(h.finalize().as_bytes(), self.ends.timeout)?;
                 } else {
                     conn.write_full(&head, self.ends.timeout)?;
                     conn.write_full(payload, self.ends.timeout)?;
-                    conn.write_full(tag, self.ends.timeout)?;
                 }
             }
         }
@@ -662,14 +673,25 @@ impl LinkReceiver {
                 let r = check_range(dst.arena, dst.bytes.len(), h.dst_off, h.len)?;
                 let out = &mut dst.bytes[r];
                 let have = pending.drain_into(out);
+                let mut hasher = mac.as_ref().map(|k| {
+                    let mut h = blake3::Hasher::new_keyed(k);
+                    h.update(&raw);
+                    h.update(&out[..have]);
+                    h
+                });
                 // The rest of a large payload goes straight from the socket into the arena.
-                conn.read_full(&mut out[have..], self.ends.timeout)?;
-                if let Some(key) = mac {
+                for piece in out[have..].chunks_mut(MAC_PIECE) {
+                    conn.read_full(piece, self.ends.timeout)?;
+                    if let Some(h) = hasher.as_mut() {
+                        h.update(piece);
+                    }
+                }
+                if let Some(mac) = hasher {
                     pending.fill(conn, MAC_LEN, self.ends.timeout)?;
                     let mut tag = [0u8; MAC_LEN];
                     pending.drain_into(&mut tag);
                     // blake3::Hash compares in constant time.
-                    if transfer_mac(key, &raw, out) != tag {
+                    if mac.finalize() != tag {
                         return Err(TransportError::Protocol {
                             peer: self.ends.name(),
                             detail: format!(
