@@ -20,7 +20,7 @@ use crate::pipeline::{
     link_ends, stage_observers,
 };
 use crate::transfer::TransportKind;
-use crate::wire::{AbortFlag, Conn, kind, printable};
+use crate::wire::{AbortFlag, Conn, kind, printable, shown};
 
 pub use crate::pipeline::cluster::LISTENING_PREFIX;
 
@@ -239,7 +239,7 @@ fn session(
             )),
             other => Err(TransportError::Protocol {
                 peer: conn.peer.clone(),
-                detail: format!("expected an assignment, got {other:?}"),
+                detail: format!("expected an assignment, got {}", shown(&other)),
             }),
         });
     let (stage, cfg, fabric, link_key) = match assignment {
@@ -364,7 +364,7 @@ fn run_assigned(
         other => {
             return Err(startup(TransportError::Protocol {
                 peer: conn.peer.clone(),
-                detail: format!("expected start, got {other:?}"),
+                detail: format!("expected start, got {}", shown(&other)),
             }));
         }
     };
@@ -531,7 +531,10 @@ fn send_recorded_files(conn: &mut Conn, dir: &Path, timeout: Duration) -> Result
     conn.send_json(&ToCoordinator::Files { files }, timeout)?;
     let unexpected = |conn: &Conn, got: ToNode| TransportError::Protocol {
         peer: conn.peer.clone(),
-        detail: format!("expected the coordinator to fetch recorded files, got {got:?}"),
+        detail: format!(
+            "expected the coordinator to fetch recorded files, got {}",
+            shown(&got)
+        ),
     };
     let paths = match conn.recv_json::<ToNode>(timeout)? {
         ToNode::Fetch { paths } => paths,

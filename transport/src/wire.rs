@@ -80,6 +80,11 @@ pub fn printable(text: &str, max: usize) -> String {
 /// Longest peer-supplied text printed in a log line or error.
 pub(crate) const PEER_TEXT: usize = 400;
 
+/// A peer's message, as it may appear in an error: its `Debug` form, escaped and bounded.
+pub(crate) fn shown<T: std::fmt::Debug>(message: &T) -> String {
+    printable(&format!("{message:?}"), PEER_TEXT)
+}
+
 /// A shared flag that tells every blocked operation of a process to give up.
 #[derive(Debug, Clone, Default)]
 pub struct AbortFlag(Arc<AtomicBool>);
@@ -390,7 +395,10 @@ impl Conn {
         let body = self.expect_frame(kind::JSON, timeout)?;
         serde_json::from_slice(&body).map_err(|e| TransportError::Protocol {
             peer: self.peer.clone(),
-            detail: format!("bad control message: {e}"),
+            detail: format!(
+                "bad control message: {}",
+                printable(&e.to_string(), PEER_TEXT)
+            ),
         })
     }
 
@@ -444,5 +452,21 @@ pub(crate) fn connect(addr: &str, timeout: Duration, abort: &AbortFlag) -> Resul
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_control_characters_and_bounds_length() {
+        let evil = "ok\nslug node: forged\r\x1b[2J\x07\u{202e}";
+        let shown = printable(evil, 100);
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown:?}");
+        assert!(shown.contains("\\n") && shown.contains("\\u{1b}"), "{shown}");
+        assert!(!shown.contains('\u{202e}'), "bidi override shown raw");
+        let long = "a".repeat(10_000);
+        assert_eq!(printable(&long, 400).chars().count(), 400 + "...(cut)".len());
     }
 }

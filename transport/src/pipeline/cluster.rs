@@ -15,7 +15,7 @@ use crate::auth::{COORDINATOR, ClusterKey, Hello, Role, client_handshake};
 use crate::error::{Result, TransportError};
 use crate::fabric::{Fabric, FabricLayout};
 use crate::transfer::TransportKind;
-use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable};
+use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable, shown};
 
 use super::{PipelineConfig, RunReport, StageReport};
 
@@ -373,7 +373,12 @@ pub fn run_on_nodes_collecting(
                 return Err(session.abort(failed(s, addr, &at, error)));
             }
             Ok(other) => {
-                let e = failed(s, addr, "startup", format!("unexpected message {other:?}"));
+                let e = failed(
+                    s,
+                    addr,
+                    "startup",
+                    format!("unexpected message {}", shown(&other)),
+                );
                 return Err(session.abort(e));
             }
             Err(e) => return Err(session.abort(failed(s, addr, "startup", e.to_string()))),
@@ -589,7 +594,12 @@ fn collect_files(
             ToCoordinator::Progress { .. } => {}
             ToCoordinator::Files { files } => break files,
             ToCoordinator::Failed { error, .. } => return Err(printable(&error, PEER_TEXT)),
-            other => return Err(format!("expected the recorded file list, got {other:?}")),
+            other => {
+                return Err(format!(
+                    "expected the recorded file list, got {}",
+                    shown(&other)
+                ));
+            }
         }
     };
     if files.len() > MAX_COLLECTED_FILES {
@@ -651,7 +661,8 @@ fn collect_files(
             printable(&error, PEER_TEXT)
         )),
         other => Err(format!(
-            "expected the node to confirm it removed its scratch copy, got {other:?}"
+            "expected the node to confirm it removed its scratch copy, got {}",
+            shown(&other)
         )),
     }
 }
