@@ -509,8 +509,8 @@ impl LinkReceiver {
 
     /// Waits on `listener` for the sending stage of `ends`, refusing any caller that does not
     /// prove `key` (the run's link secret), is not that stage or protects transfers otherwise
-    /// than `integrity`. Callers are handshaken side by side (at most [`MAX_PENDING_LINKS`] at
-    /// once, each for at most [`HANDSHAKE_WAIT`]), so a stranger that connects first, resets or
+    /// than `integrity`. Callers are handshaken side by side (at most 16 at once, each for at
+    /// most 10 s), so a stranger that connects first, resets or
     /// holds its socket silent cannot delay or break the link; each refusal is reported through
     /// `on_refused` and the wait goes on until `ends.timeout`.
     pub fn accept_tcp(

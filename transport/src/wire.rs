@@ -464,9 +464,15 @@ mod tests {
         let evil = "ok\nslug node: forged\r\x1b[2J\x07\u{202e}";
         let shown = printable(evil, 100);
         assert!(!shown.chars().any(|c| c.is_control()), "{shown:?}");
-        assert!(shown.contains("\\n") && shown.contains("\\u{1b}"), "{shown}");
+        assert!(
+            shown.contains("\\n") && shown.contains("\\u{1b}"),
+            "{shown}"
+        );
         assert!(!shown.contains('\u{202e}'), "bidi override shown raw");
         let long = "a".repeat(10_000);
-        assert_eq!(printable(&long, 400).chars().count(), 400 + "...(cut)".len());
+        assert_eq!(
+            printable(&long, 400).chars().count(),
+            400 + "...(cut)".len()
+        );
     }
 }
