@@ -102,6 +102,7 @@ fn three_namespaces_record_one_trace_that_replays_bit_for_bit() {
         assert!(out.join(format!("endpoints/{s}.slog")).is_file());
     }
     assert_eq!(manifest["clocks"].as_array().unwrap().len(), NODES);
+    // No wait needed: record succeeds only once every node confirmed it removed its scratch.
     for (i, tmp) in tmps.iter().enumerate() {
         let left: Vec<_> = std::fs::read_dir(tmp).unwrap().collect();
         assert!(left.is_empty(), "node {i} left its scratch: {left:?}");

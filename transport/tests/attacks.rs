@@ -290,6 +290,19 @@ fn strangers_at_a_link_port_are_refused_and_the_link_still_pairs() {
         matches!(wrong, Err(TransportError::Refused { .. })),
         "{wrong:?}"
     );
+    // The receiver logs the refusal once its handshake thread reports back; wait for that
+    // (the link pairs with the first admitted caller, and later reports are not read).
+    let logged = || {
+        refusals
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|r| r.contains("cluster key proof failed"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !logged() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut tx = LinkSender::connect_tcp(
         &addr,
         &secret,
@@ -323,13 +336,7 @@ fn strangers_at_a_link_port_are_refused_and_the_link_still_pairs() {
     })
     .expect("recv");
     assert_eq!(src, dst);
-    let refusals = refusals.lock().expect("lock");
-    assert!(
-        refusals
-            .iter()
-            .any(|r| r.contains("cluster key proof failed")),
-        "{refusals:?}"
-    );
+    assert!(logged(), "{:?}", refusals.lock().expect("lock"));
 }
 
 /// Makes closing `s` send a reset instead of a FIN, as a crashed or hostile peer might.
