@@ -77,6 +77,7 @@ pub fn serve(
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<Result<()>>();
     let result = std::thread::scope(|scope| {
         loop {
+            // Only a `once` node returns with a session's outcome; others serve on.
             if let Ok(outcome) = done_rx.try_recv() {
                 return outcome;
             }
@@ -151,15 +152,13 @@ pub fn serve(
                             "refused {peer}: this node serves one session and has it"
                         ));
                     }
-                    match session(hs, factory, log) {
-                        Ok(stage) => {
-                            log(&format!("stage {stage} for coordinator {peer} finished"));
-                            let _ = done_tx.send(Ok(()));
-                        }
-                        Err(e) => {
-                            log(&format!("session with coordinator {peer} failed: {e}"));
-                            let _ = done_tx.send(Err(e));
-                        }
+                    let outcome = session(hs, factory, log);
+                    match &outcome {
+                        Ok(stage) => log(&format!("stage {stage} for coordinator {peer} finished")),
+                        Err(e) => log(&format!("session with coordinator {peer} failed: {e}")),
+                    }
+                    if opts.once {
+                        let _ = done_tx.send(outcome.map(|_| ()));
                     }
                 });
             if let Err(e) = spawned {
@@ -167,10 +166,6 @@ pub fn serve(
                 log(&format!(
                     "refused {peer}: no thread to serve it ({e}); closed"
                 ));
-            }
-            if !opts.once {
-                // Sessions run side by side; only `once` nodes return with a session's outcome.
-                while done_rx.try_recv().is_ok() {}
             }
         }
     });

@@ -1,6 +1,6 @@
 //! Attacks by someone on the network (issue 11), each played by a small relay or stranger on
 //! loopback: tampering with, dropping or replaying control messages after the handshake,
-//! strangers at a data-link port, and bytes flipped on a data link.
+//! strangers at a data-link port, bytes flipped on a data link; and a node planting files.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -13,7 +13,8 @@ use slug_transport::auth::ClusterKey;
 use slug_transport::link::{LinkEnds, LinkIntegrity, LinkReceiver, LinkSender, Region, RegionMut};
 use slug_transport::node::{NodeOptions, serve};
 use slug_transport::pipeline::{
-    NoObservers, PipelineConfig, RunReport, prompt_tokens, run_on_nodes,
+    NoObservers, ObserverFactory, PipelineConfig, RunReport, StageContext, StageObservers,
+    prompt_tokens, run_on_nodes, run_on_nodes_collecting,
 };
 use slug_transport::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
 use slug_transport::{AbortFlag, TransportError};
@@ -460,4 +461,52 @@ fn a_byte_flipped_on_a_data_link_is_caught_by_the_mac() {
             }
         }
     }
+}
+
+/// A node that lists files its stage's recording never makes, as a malicious node (or one a
+/// relay tampered with, on a channel that was not sealed) would.
+struct PlantingNode(std::path::PathBuf);
+
+impl ObserverFactory for PlantingNode {
+    fn stage_observers(&self, _: &StageContext<'_>) -> Result<StageObservers, TransportError> {
+        Ok(StageObservers::none())
+    }
+
+    fn collected_files(&self, _: &StageContext<'_>) -> Option<std::path::PathBuf> {
+        Some(self.0.clone())
+    }
+}
+
+#[test]
+fn a_node_cannot_plant_files_its_stage_does_not_record() {
+    let scratch = tempfile::tempdir().expect("scratch");
+    std::fs::create_dir_all(scratch.path().join("endpoints")).expect("endpoints");
+    std::fs::write(scratch.path().join("endpoints/0.slog"), b"log").expect("log");
+    std::fs::write(scratch.path().join("endpoints/0.journal"), b"planted").expect("journal");
+    std::fs::write(scratch.path().join("extra.txt"), b"planted").expect("extra");
+    let (tx, rx) = mpsc::channel();
+    let factory = PlantingNode(scratch.path().to_path_buf());
+    std::thread::spawn(move || {
+        let opts = NodeOptions {
+            listen: "127.0.0.1:0".into(),
+            key: key(),
+            once: true,
+            stop: AbortFlag::new(),
+        };
+        let announce = |addr: SocketAddr| {
+            let _ = tx.send(addr.to_string());
+        };
+        let _ = serve(&opts, &factory, &announce, &|_| {});
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("node address");
+    let trace = tempfile::tempdir().expect("trace");
+    let got = run_on_nodes_collecting(&config(), &[addr], &key(), Some(trace.path()));
+    match got {
+        Err(e) => assert!(e.to_string().contains("does not produce"), "{e}"),
+        Ok(_) => panic!("the coordinator accepted a node's planted files"),
+    }
+    assert!(!trace.path().join("endpoints/0.journal").exists());
+    assert!(!trace.path().join("extra.txt").exists());
 }
