@@ -4,9 +4,9 @@
 //! to the endpoint's [`Observers`] on both ends. The backends (fabric rings for `local` and `shm`,
 //! sockets for `tcp`) are private, so no code path can move bytes without passing the hook.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -509,8 +509,8 @@ impl LinkReceiver {
 
     /// Waits on `listener` for the sending stage of `ends`, refusing any caller that does not
     /// prove `key` (the run's link secret), is not that stage or protects transfers otherwise
-    /// than `integrity`. Callers are handshaken side by side (at most 16 at once, each for at
-    /// most 10 s), so a stranger that connects first, resets or
+    /// than `integrity`. Callers are handshaken side by side (at most 16 at once, the one
+    /// waiting longest dropped for a newcomer, each for at most 10 s), so a stranger that connects first, resets or
     /// holds its socket silent cannot delay or break the link; each refusal is reported through
     /// `on_refused` and the wait goes on until `ends.timeout`.
     pub fn accept_tcp(
@@ -526,8 +526,9 @@ impl LinkReceiver {
             .set_nonblocking(true)
             .map_err(|e| TransportError::io("make listener non-blocking", e))?;
         let start = Instant::now();
-        // Raised once this wait is over: every handshake still running gives up.
-        let over = AbortFlag::new();
+        // Handshakes in progress, oldest first: the flag that ends each, and whether it ended.
+        let mut waiting: std::collections::VecDeque<(AbortFlag, Arc<AtomicBool>, SocketAddr)> =
+            std::collections::VecDeque::new();
         let pending = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = crossbeam_channel::unbounded();
         let outcome = loop {
@@ -538,6 +539,8 @@ impl LinkReceiver {
                         admitted = Some(done);
                         break;
                     }
+                    // A dropped caller, already reported when it was dropped.
+                    Err(TransportError::Aborted { .. }) => {}
                     Err(e) => on_refused(&e),
                 }
             }
@@ -559,6 +562,12 @@ impl LinkReceiver {
                     waited_ms: start.elapsed().as_millis() as u64,
                 });
             }
+            if pending.load(Ordering::SeqCst) >= 2 * MAX_PENDING_LINKS {
+                // Dropped callers' threads end within 50 ms; until then newcomers wait in the
+                // listen backlog rather than being turned away.
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
             let (stream, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -576,11 +585,20 @@ impl LinkReceiver {
                 peer: peer.to_string(),
                 reason: reason.to_string(),
             };
-            if pending.load(Ordering::SeqCst) >= MAX_PENDING_LINKS {
-                on_refused(&refused(
-                    "too many callers in their handshake at once; closed unheard",
-                ));
-                continue;
+            waiting.retain(|(_, ended, _)| !ended.load(Ordering::SeqCst));
+            if waiting.len() >= MAX_PENDING_LINKS
+                && let Some((oldest, _, who)) = waiting.pop_front()
+            {
+                // The caller waiting longest goes: the real upstream stage finishes its
+                // handshake in a few round trips, so strangers cannot keep it out.
+                oldest.raise();
+                on_refused(&TransportError::Refused {
+                    peer: who.to_string(),
+                    reason: format!(
+                        "dropped: {MAX_PENDING_LINKS} callers were in their handshake and it \
+                         had waited longest"
+                    ),
+                });
             }
             if let Err(e) = stream.set_nonblocking(false) {
                 on_refused(&TransportError::io(
@@ -590,22 +608,28 @@ impl LinkReceiver {
                 continue;
             }
             pending.fetch_add(1, Ordering::SeqCst);
-            let (key, over2, pending2, tx) =
-                (key.clone(), over.clone(), pending.clone(), tx.clone());
+            let (flag, ended) = (AbortFlag::new(), Arc::new(AtomicBool::new(false)));
+            waiting.push_back((flag.clone(), ended.clone(), peer));
+            let (key, pending2, tx) = (key.clone(), pending.clone(), tx.clone());
             let wait = ends.timeout.min(HANDSHAKE_WAIT);
             let spawned = std::thread::Builder::new()
                 .name("slug-link-handshake".into())
                 .spawn(move || {
-                    let done = link_handshake(stream, peer, &key, integrity, ends, over2, wait);
+                    let done = link_handshake(stream, peer, &key, integrity, ends, flag, wait);
                     pending2.fetch_sub(1, Ordering::SeqCst);
+                    ended.store(true, Ordering::SeqCst);
                     let _ = tx.send(done);
                 });
             if let Err(e) = spawned {
                 pending.fetch_sub(1, Ordering::SeqCst);
+                waiting.pop_back();
                 on_refused(&refused(&format!("no thread to handshake it: {e}")));
             }
         };
-        over.raise();
+        // This wait is over: every handshake still running gives up.
+        for (flag, _, _) in &waiting {
+            flag.raise();
+        }
         let mut done = outcome?;
         done.conn.abort = abort.clone();
         Ok(Self {

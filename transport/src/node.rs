@@ -81,6 +81,16 @@ pub fn serve(
             if let Ok(outcome) = done_rx.try_recv() {
                 return outcome;
             }
+            if pending.lock().unwrap_or_else(|e| e.into_inner()).live >= 2 * MAX_PENDING_HANDSHAKES
+            {
+                // Dropped callers' threads end within 50 ms; until then newcomers wait in the
+                // listen backlog rather than being turned away.
+                if opts.stop.raised() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
             let (stream, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -100,13 +110,6 @@ pub fn serve(
             }
             let (id, flag) = {
                 let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                if p.live >= 2 * MAX_PENDING_HANDSHAKES {
-                    drop(p);
-                    log(&format!(
-                        "refused {peer}: too many callers in their handshake; closed unheard"
-                    ));
-                    continue;
-                }
                 if p.waiting.len() >= MAX_PENDING_HANDSHAKES {
                     // Full: the caller waiting longest goes (a real coordinator finishes its
                     // handshake in a round trip or two, so it is never the oldest for long).

@@ -304,6 +304,11 @@ fn strangers_at_a_link_port_are_refused_and_the_link_still_pairs() {
     while !logged() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
+    // More silent strangers than the port handshakes at once: the oldest are dropped for
+    // newcomers, so the real sender still gets its turn.
+    let _crowd: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(&addr).expect("silent stranger"))
+        .collect();
     let mut tx = LinkSender::connect_tcp(
         &addr,
         &secret,
