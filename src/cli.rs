@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{demo, export, info, node, record, recover, replay, run, view};
+use crate::{demo, export, info, keygen, node, record, recover, replay, run, view};
 
 /// slug — record and replay for distributed CPU AI pipelines.
 ///
@@ -38,6 +38,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Serve pipeline stages to a remote `slug run --hosts` coordinator.
     Node(node::NodeArgs),
+    /// Write a new random cluster key file (mode 0600) for `slug node` and `--hosts` runs.
+    Keygen(keygen::KeygenArgs),
 }
 
 /// Runs the chosen subcommand and returns the process exit code.
@@ -52,5 +54,6 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Export(args) => export::execute(args),
         Command::Demo(args) => demo::execute(args),
         Command::Node(args) => node::execute(args),
+        Command::Keygen(args) => keygen::execute(args),
     }
 }

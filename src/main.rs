@@ -4,6 +4,7 @@ mod cli;
 mod demo;
 mod export;
 mod info;
+mod keygen;
 mod node;
 mod pipeline_args;
 mod record;

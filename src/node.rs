@@ -1,7 +1,7 @@
 //! `slug node`: serve pipeline stages to a remote `slug run --hosts` coordinator.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -15,13 +15,24 @@ use slug_transport::node::{LISTENING_PREFIX, NodeOptions, serve};
 /// Arguments of `slug node`.
 ///
 /// The node serves only coordinators that prove the shared cluster key (from `--key-file` or
-/// the `SLUG_CLUSTER_KEY` environment variable); everyone else is refused and logged.
+/// the `SLUG_CLUSTER_KEY` environment variable); everyone else is refused and logged. Every
+/// control message is sealed with keys fresh for the session (Noise NNpsk0 with the cluster
+/// key as pre-shared key), and data links prove a per-run secret.
+///
+/// Make a key with `slug keygen PATH` (a 0600 file); the node refuses a key file other users
+/// can read (`chmod 600 PATH` fixes it). Prefer --key-file to SLUG_CLUSTER_KEY: a process's
+/// environment is visible to `ps e` and /proc.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  slug keygen cluster.key   # once; copy it to every host\n  \
+    slug node --listen 0.0.0.0:7070 --key-file cluster.key"
+)]
 pub struct NodeArgs {
     /// Address to listen on for coordinators, e.g. `0.0.0.0:7070` (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
-    /// File holding the cluster key (default: the SLUG_CLUSTER_KEY environment variable).
+    /// File holding the cluster key, mode 0600 (`slug keygen PATH` makes one; `-` reads it
+    /// from stdin). Default: the SLUG_CLUSTER_KEY environment variable.
     #[arg(long, value_name = "PATH")]
     pub key_file: Option<PathBuf>,
     /// Serve a single coordinator session, then exit (used when `slug run` launches stages).
@@ -31,6 +42,7 @@ pub struct NodeArgs {
 
 /// Runs `slug node`.
 pub fn execute(args: NodeArgs) -> Result<ExitCode> {
+    warn_if_key_in_env(args.key_file.as_deref());
     let key =
         ClusterKey::resolve(args.key_file.as_deref()).context("slug node needs a cluster key")?;
     let opts = NodeOptions {
@@ -46,10 +58,22 @@ pub fn execute(args: NodeArgs) -> Result<ExitCode> {
         let _ = writeln!(out, "{LISTENING_PREFIX}{addr}");
         let _ = out.flush();
     };
+    // serve() escapes peer-supplied text and keeps each message on one line.
     let log = |msg: &str| eprintln!("slug node: {msg}");
     // Records its stage when a `slug record` coordinator asks, restores it from a trace copy
     // when a `slug replay --hosts` coordinator asks, and otherwise just runs it.
     let factory = NodeReplayFactory(NodeRecorderFactory::default());
     serve(&opts, &factory, &on_listening, &log)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Warns (one line) when the cluster key comes from the environment, where `ps e` shows it.
+pub fn warn_if_key_in_env(key_file: Option<&Path>) {
+    if key_file.is_none() && std::env::var_os(slug_transport::auth::KEY_ENV).is_some() {
+        eprintln!(
+            "slug: warning: the cluster key comes from {}, which other users may read with `ps e` \
+             or /proc; prefer --key-file (make one with `slug keygen PATH`)",
+            slug_transport::auth::KEY_ENV
+        );
+    }
 }

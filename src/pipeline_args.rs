@@ -26,6 +26,10 @@ pub struct PipelineArgs {
     /// Cluster key file shared with the `slug node`s of --hosts (default: $SLUG_CLUSTER_KEY).
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
+    /// How tcp data links protect activation bytes: mac (a keyed BLAKE3 MAC on every
+    /// transfer, fresh key per connection) or none (only on a fabric you trust).
+    #[arg(long, default_value = "mac", value_parser = ["mac", "none"])]
+    pub link_integrity: String,
     /// Threads of each stage's pool splitting every kernel call (default: all cores / stages).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -170,6 +174,7 @@ impl PipelineArgs {
             if transport != TransportKind::Tcp {
                 bail!("--hosts runs stages on remote nodes over tcp: add --transport tcp");
             }
+            crate::node::warn_if_key_in_env(self.key_file.as_deref());
             if self.hosts.len() != self.stages {
                 bail!(
                     "--hosts names {} node(s) but --stages is {}: give one `slug node --listen` \
@@ -200,6 +205,10 @@ impl PipelineArgs {
         };
         cfg.hosts = self.hosts.clone();
         cfg.key_file = self.key_file.clone();
+        cfg.link_integrity = self
+            .link_integrity
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--link-integrity {}: {e}", self.link_integrity))?;
         cfg.timeout_ms = self.timeout_ms;
         cfg.isa = self.isa.clone();
         cfg.inject = match &self.inject {

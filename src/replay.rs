@@ -111,6 +111,9 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
         .as_deref()
         .map(str::parse::<Injection>)
         .transpose()?;
+    if !args.hosts.is_empty() {
+        crate::node::warn_if_key_in_env(args.key_file.as_deref());
+    }
     let opts = ReplayOptions {
         transport,
         threads: args.threads,

@@ -59,6 +59,12 @@ fn four_namespaces_run_the_same_tokens_as_one_process() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key_file = dir.path().join("cluster.key");
     std::fs::write(&key_file, key.as_env_value()).expect("write key file");
+    // Key files must be private: a node refuses one other users can read.
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod key file");
     cfg.key_file = Some(key_file);
     let distributed = run(&cfg, &NoObservers).expect("four-namespace run");
     assert_eq!(distributed.tokens, single.tokens);

@@ -43,6 +43,12 @@ fn three_namespaces_record_one_trace_that_replays_bit_for_bit() {
     let key = ClusterKey::random().expect("cluster key");
     let key_file = work.path().join("cluster.key");
     std::fs::write(&key_file, key.as_env_value()).expect("write key file");
+    // Key files must be private: a node refuses one other users can read.
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod key file");
     let tmps: Vec<PathBuf> = (0..NODES)
         .map(|i| {
             let d = work.path().join(format!("node{i}-tmp"));
@@ -96,6 +102,7 @@ fn three_namespaces_record_one_trace_that_replays_bit_for_bit() {
         assert!(out.join(format!("endpoints/{s}.slog")).is_file());
     }
     assert_eq!(manifest["clocks"].as_array().unwrap().len(), NODES);
+    // No wait needed: record succeeds only once every node confirmed it removed its scratch.
     for (i, tmp) in tmps.iter().enumerate() {
         let left: Vec<_> = std::fs::read_dir(tmp).unwrap().collect();
         assert!(left.is_empty(), "node {i} left its scratch: {left:?}");

@@ -268,6 +268,12 @@ fn stages_on_remote_nodes_restore_from_their_own_trace_copy() {
     let secret = b"replay-test-cluster-key-0123456789";
     let key_file = dir.path().join("key");
     std::fs::write(&key_file, secret).unwrap();
+    // Key files must be private: they are refused when other users can read them.
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let stop = slug_transport::AbortFlag::new();
     let opts = NodeOptions {
         listen: "127.0.0.1:0".into(),

@@ -21,8 +21,11 @@
 //! `process_vm_writev` between processes); otherwise, or where the kernel refuses cross-process
 //! copies, the bytes queue in slots (two copies) in pieces of at most 64 KiB.
 //! - `tcp`: stages are processes on any hosts; every connection starts with a handshake
-//!   ([`auth`]): protocol version, stage ids, an HMAC-SHA256 proof of the shared cluster key in
-//!   both directions (the key never crosses the wire), and an NTP-style clock-offset estimate.
+//!   ([`auth`]): protocol version and stage ids in a clear hello, then a Noise `NNpsk0` handshake
+//!   (the cluster key, or for data links the run's secret, as pre-shared key; the key never
+//!   crosses the wire) and an NTP-style clock-offset estimate. Control frames are sealed
+//!   afterwards; data links carry a keyed BLAKE3 MAC per transfer unless
+//!   [`link::LinkIntegrity::None`] is chosen.
 //!
 //! # Running the pipeline
 //! [`pipeline::run`] runs a [`pipeline::PipelineConfig`] (model, stages, transport, threads,

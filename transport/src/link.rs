@@ -4,9 +4,10 @@
 //! to the endpoint's [`Observers`] on both ends. The backends (fabric rings for `local` and `shm`,
 //! sockets for `tcp`) are private, so no code path can move bytes without passing the hook.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +56,64 @@ fn check_range(
     }
 }
 
+/// How the bytes of a TCP data link are protected against tampering on the way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkIntegrity {
+    /// Every transfer (header and payload) carries a keyed BLAKE3 MAC under a key fresh for
+    /// the connection; a transfer that fails it ends the run.
+    #[default]
+    Mac,
+    /// No MAC: only for fabrics the user trusts (the link still proves it belongs to the run).
+    None,
+}
+
+impl LinkIntegrity {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mac => "mac",
+            Self::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for LinkIntegrity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for LinkIntegrity {
+    type Err = TransportError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mac" => Ok(Self::Mac),
+            "none" => Ok(Self::None),
+            other => Err(TransportError::Config(format!(
+                "unknown link integrity {other:?}: use mac (default) or none"
+            ))),
+        }
+    }
+}
+
+/// Length of the MAC that follows every transfer of a [`LinkIntegrity::Mac`] TCP link.
+const MAC_LEN: usize = 32;
+
+/// The keyed MAC of one transfer: its header (which holds its sequence number, so nothing can
+/// be replayed or reordered) and its payload.
+fn transfer_mac(key: &[u8; 32], head: &[u8], payload: &[u8]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(key);
+    h.update(head);
+    h.update(payload);
+    h.finalize()
+}
+
+/// Large payloads are hashed piece by piece right after each piece is written or read, while
+/// its bytes are still in cache.
+const MAC_PIECE: usize = 128 << 10;
+
 /// Who a link connects and how long its blocking calls may wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkEnds {
@@ -100,13 +159,27 @@ impl LinkStats {
 }
 
 enum SendPath {
-    Ring { fabric: Arc<Fabric>, ring: usize },
-    Tcp { conn: Conn, frame: Vec<u8> },
+    Ring {
+        fabric: Arc<Fabric>,
+        ring: usize,
+    },
+    Tcp {
+        conn: Conn,
+        frame: Vec<u8>,
+        mac: Option<[u8; 32]>,
+    },
 }
 
 enum RecvPath {
-    Ring { fabric: Arc<Fabric>, ring: usize },
-    Tcp { conn: Conn, pending: ReadAhead },
+    Ring {
+        fabric: Arc<Fabric>,
+        ring: usize,
+    },
+    Tcp {
+        conn: Conn,
+        pending: ReadAhead,
+        mac: Option<[u8; 32]>,
+    },
 }
 
 /// Bytes read from a socket ahead of the transfer they belong to: one read usually returns a
@@ -150,6 +223,8 @@ impl ReadAhead {
 
 /// Longest an accepted data-link caller may take to complete the handshake.
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+/// Most data-link callers in their handshake at once; more are closed at once (and logged).
+const MAX_PENDING_LINKS: usize = 16;
 
 /// Frames up to this size go out as one write (header and payload together).
 const COALESCE: usize = 64 << 10;
@@ -233,17 +308,20 @@ impl LinkSender {
         })
     }
 
-    /// Connects to the receiving stage listening at `addr`, proving `key`; the node checks that
-    /// this is the stage it expects to hear from.
+    /// Connects to the receiving stage listening at `addr`, proving `key` (the run's link
+    /// secret); the node checks that this is the stage it expects to hear from and that both
+    /// ends protect transfers the same way (`integrity`).
     pub fn connect_tcp(
         addr: &str,
         key: &ClusterKey,
+        integrity: LinkIntegrity,
         ends: LinkEnds,
         observers: Observers,
         abort: &AbortFlag,
     ) -> Result<Self> {
         let stream = crate::wire::connect(addr, ends.timeout, abort)?;
-        let hello = Hello::new(Role::Data, ends.src.0, ends.dst.0)?;
+        let mut hello = Hello::new(Role::Data, ends.src.0, ends.dst.0)?;
+        hello.link_mac = integrity == LinkIntegrity::Mac;
         let done = client_handshake(
             stream,
             format!("stage {} at {addr}", ends.dst.0),
@@ -258,7 +336,8 @@ impl LinkSender {
             direct: false,
             path: SendPath::Tcp {
                 conn: done.conn,
-                frame: Vec::with_capacity(COALESCE + HEADER_LEN),
+                frame: Vec::with_capacity(COALESCE + HEADER_LEN + MAC_LEN),
+                mac: (integrity == LinkIntegrity::Mac).then_some(done.mac_key),
             },
             observers,
             next_seq: 0,
@@ -342,13 +421,24 @@ impl LinkSender {
                     .map_err(|f| wait_error(&self.ends, f, "a free slot"))?;
                 }
             }
-            SendPath::Tcp { conn, frame } => {
+            SendPath::Tcp { conn, frame, mac } => {
                 let head = header.encode();
                 if payload.len() <= COALESCE {
+                    let tag = mac.as_ref().map(|k| transfer_mac(k, &head, payload));
                     frame.clear();
                     frame.extend_from_slice(&head);
                     frame.extend_from_slice(payload);
+                    frame.extend_from_slice(tag.as_ref().map_or(&[][..], |t| t.as_bytes()));
                     conn.write_full(frame, self.ends.timeout)?;
+                } else if let Some(key) = mac {
+                    let mut h = blake3::Hasher::new_keyed(key);
+                    h.update(&head);
+                    conn.write_full(&head, self.ends.timeout)?;
+                    for piece in payload.chunks(MAC_PIECE) {
+                        conn.write_full(piece, self.ends.timeout)?;
+                        h.update(piece);
+                    }
+                    conn.write_full(h.finalize().as_bytes(), self.ends.timeout)?;
                 } else {
                     conn.write_full(&head, self.ends.timeout)?;
                     conn.write_full(payload, self.ends.timeout)?;
@@ -418,62 +508,143 @@ impl LinkReceiver {
     }
 
     /// Waits on `listener` for the sending stage of `ends`, refusing any caller that does not
-    /// prove `key` or is not that stage (each refusal is reported through `on_refused` and the
-    /// wait goes on until `ends.timeout`).
+    /// prove `key` (the run's link secret), is not that stage or protects transfers otherwise
+    /// than `integrity`. Callers are handshaken side by side (at most 16 at once, the one
+    /// waiting longest dropped for a newcomer, each for at most 10 s), so a stranger that connects first, resets or
+    /// holds its socket silent cannot delay or break the link; each refusal is reported through
+    /// `on_refused` and the wait goes on until `ends.timeout`.
     pub fn accept_tcp(
         listener: &TcpListener,
         key: &ClusterKey,
+        integrity: LinkIntegrity,
         ends: LinkEnds,
         observers: Observers,
         abort: &AbortFlag,
         on_refused: &dyn Fn(&TransportError),
     ) -> Result<Self> {
-        let stream = accept_until(listener, ends.timeout, abort, &ends.name())?;
-        let peer = stream
-            .0
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "unknown peer".into());
-        let expect = (ends.src.0, ends.dst.0);
-        let done = server_handshake(
-            stream.0,
-            format!("stage {} from {peer}", ends.src.0),
-            key,
-            abort.clone(),
-            // A caller that stalls mid-handshake must not hold the port for the whole link timeout.
-            ends.timeout.min(HANDSHAKE_WAIT),
-            |hello| {
-                if hello.role != Role::Data {
-                    return Err("this port serves stage-to-stage data links only".into());
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| TransportError::io("make listener non-blocking", e))?;
+        let start = Instant::now();
+        // Handshakes in progress, oldest first: the flag that ends each, and whether it ended.
+        let mut waiting: std::collections::VecDeque<(AbortFlag, Arc<AtomicBool>, SocketAddr)> =
+            std::collections::VecDeque::new();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let outcome = loop {
+            let mut admitted = None;
+            while let Ok(done) = rx.try_recv() {
+                match done {
+                    Ok(done) => {
+                        admitted = Some(done);
+                        break;
+                    }
+                    // A dropped caller, already reported when it was dropped.
+                    Err(TransportError::Aborted { .. }) => {}
+                    Err(e) => on_refused(&e),
                 }
-                if (hello.from, hello.to) != expect {
-                    return Err(format!(
-                        "wrong stage: this link carries stage {} -> stage {}, the caller is stage {} -> stage {}",
-                        expect.0, expect.1, hello.from, hello.to
+            }
+            if let Some(done) = admitted {
+                break Ok(done);
+            }
+            if abort.raised() {
+                break Err(TransportError::Aborted {
+                    reason: format!(
+                        "run aborted while waiting for link {} to connect",
+                        ends.name()
+                    ),
+                });
+            }
+            if start.elapsed() >= ends.timeout {
+                break Err(TransportError::Timeout {
+                    link: ends.name(),
+                    what: "connected",
+                    waited_ms: start.elapsed().as_millis() as u64,
+                });
+            }
+            if pending.load(Ordering::SeqCst) >= 2 * MAX_PENDING_LINKS {
+                // Dropped callers' threads end within 50 ms; until then newcomers wait in the
+                // listen backlog rather than being turned away.
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let (stream, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(e) => {
+                    break Err(TransportError::io(
+                        format!("accept a connection for link {}", ends.name()),
+                        e,
                     ));
                 }
-                Ok(())
-            },
-        );
-        match done {
-            Ok(done) => Ok(Self {
-                ends,
-                kind: TransportKind::Tcp,
-                path: RecvPath::Tcp {
-                    conn: done.conn,
-                    pending: ReadAhead::new(),
-                },
-                observers,
-                next_seq: 0,
-                stats: LinkStats::default(),
-                clock: Some(done.clock),
-            }),
-            Err(e @ TransportError::Refused { .. }) | Err(e @ TransportError::Protocol { .. }) => {
-                on_refused(&e);
-                Self::accept_tcp(listener, key, ends, observers, abort, on_refused)
+            };
+            let refused = |reason: &str| TransportError::Refused {
+                peer: peer.to_string(),
+                reason: reason.to_string(),
+            };
+            waiting.retain(|(_, ended, _)| !ended.load(Ordering::SeqCst));
+            if waiting.len() >= MAX_PENDING_LINKS
+                && let Some((oldest, _, who)) = waiting.pop_front()
+            {
+                // The caller waiting longest goes: the real upstream stage finishes its
+                // handshake in a few round trips, so strangers cannot keep it out.
+                oldest.raise();
+                on_refused(&TransportError::Refused {
+                    peer: who.to_string(),
+                    reason: format!(
+                        "dropped: {MAX_PENDING_LINKS} callers were in their handshake and it \
+                         had waited longest"
+                    ),
+                });
             }
-            Err(e) => Err(e),
+            if let Err(e) = stream.set_nonblocking(false) {
+                on_refused(&TransportError::io(
+                    format!("configure connection from {peer}"),
+                    e,
+                ));
+                continue;
+            }
+            pending.fetch_add(1, Ordering::SeqCst);
+            let (flag, ended) = (AbortFlag::new(), Arc::new(AtomicBool::new(false)));
+            waiting.push_back((flag.clone(), ended.clone(), peer));
+            let (key, pending2, tx) = (key.clone(), pending.clone(), tx.clone());
+            let wait = ends.timeout.min(HANDSHAKE_WAIT);
+            let spawned = std::thread::Builder::new()
+                .name("slug-link-handshake".into())
+                .spawn(move || {
+                    let done = link_handshake(stream, peer, &key, integrity, ends, flag, wait);
+                    pending2.fetch_sub(1, Ordering::SeqCst);
+                    ended.store(true, Ordering::SeqCst);
+                    let _ = tx.send(done);
+                });
+            if let Err(e) = spawned {
+                pending.fetch_sub(1, Ordering::SeqCst);
+                waiting.pop_back();
+                on_refused(&refused(&format!("no thread to handshake it: {e}")));
+            }
+        };
+        // This wait is over: every handshake still running gives up.
+        for (flag, _, _) in &waiting {
+            flag.raise();
         }
+        let mut done = outcome?;
+        done.conn.abort = abort.clone();
+        Ok(Self {
+            ends,
+            kind: TransportKind::Tcp,
+            path: RecvPath::Tcp {
+                conn: done.conn,
+                pending: ReadAhead::new(),
+                mac: (integrity == LinkIntegrity::Mac).then_some(done.mac_key),
+            },
+            observers,
+            next_seq: 0,
+            stats: LinkStats::default(),
+            clock: Some(done.clock),
+        })
     }
 
     /// Waits for the next transfer and places its bytes in `dst`, which must be the arena the
@@ -517,7 +688,7 @@ impl LinkReceiver {
                     first
                 }
             }
-            RecvPath::Tcp { conn, pending } => {
+            RecvPath::Tcp { conn, pending, mac } => {
                 pending.fill(conn, HEADER_LEN, self.ends.timeout)?;
                 let mut raw = [0u8; HEADER_LEN];
                 pending.drain_into(&mut raw);
@@ -526,8 +697,35 @@ impl LinkReceiver {
                 let r = check_range(dst.arena, dst.bytes.len(), h.dst_off, h.len)?;
                 let out = &mut dst.bytes[r];
                 let have = pending.drain_into(out);
+                let mut hasher = mac.as_ref().map(|k| {
+                    let mut h = blake3::Hasher::new_keyed(k);
+                    h.update(&raw);
+                    h.update(&out[..have]);
+                    h
+                });
                 // The rest of a large payload goes straight from the socket into the arena.
-                conn.read_full(&mut out[have..], self.ends.timeout)?;
+                for piece in out[have..].chunks_mut(MAC_PIECE) {
+                    conn.read_full(piece, self.ends.timeout)?;
+                    if let Some(h) = hasher.as_mut() {
+                        h.update(piece);
+                    }
+                }
+                if let Some(mac) = hasher {
+                    pending.fill(conn, MAC_LEN, self.ends.timeout)?;
+                    let mut tag = [0u8; MAC_LEN];
+                    pending.drain_into(&mut tag);
+                    // blake3::Hash compares in constant time.
+                    if mac.finalize() != tag {
+                        return Err(TransportError::Protocol {
+                            peer: self.ends.name(),
+                            detail: format!(
+                                "transfer {} failed its integrity check (keyed MAC): its bytes \
+                                 were altered on the way; the run stops rather than use them",
+                                h.seq
+                            ),
+                        });
+                    }
+                }
                 h
             }
         };
@@ -623,47 +821,42 @@ fn place(ends: &LinkEnds, arena: ArenaId, size: usize, h: &SlotHeader) -> Result
     check_range(arena, size, h.dst_off, h.len).map(|_| ())
 }
 
-/// Accepts one connection, waking regularly to honour the abort flag and the deadline.
-pub(crate) fn accept_until(
-    listener: &TcpListener,
-    timeout: Duration,
-    abort: &AbortFlag,
-    what: &str,
-) -> Result<(TcpStream, std::net::SocketAddr)> {
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| TransportError::io("make listener non-blocking", e))?;
-    let start = std::time::Instant::now();
-    loop {
-        match listener.accept() {
-            Ok((s, a)) => {
-                s.set_nonblocking(false)
-                    .map_err(|e| TransportError::io(format!("configure connection from {a}"), e))?;
-                return Ok((s, a));
+/// One data-link caller's handshake (run on its own thread by [`LinkReceiver::accept_tcp`]).
+fn link_handshake(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    key: &ClusterKey,
+    integrity: LinkIntegrity,
+    ends: LinkEnds,
+    over: AbortFlag,
+    wait: Duration,
+) -> Result<crate::auth::Handshaken> {
+    let expect = (ends.src.0, ends.dst.0);
+    server_handshake(
+        stream,
+        format!("stage {} from {peer}", ends.src.0),
+        key,
+        over,
+        wait,
+        |hello| {
+            if hello.role != Role::Data {
+                return Err("this port serves stage-to-stage data links only".into());
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if abort.raised() {
-                    return Err(TransportError::Aborted {
-                        reason: format!("run aborted while waiting for {what} to connect"),
-                    });
-                }
-                if start.elapsed() >= timeout {
-                    return Err(TransportError::Timeout {
-                        link: what.to_string(),
-                        what: "connected",
-                        waited_ms: start.elapsed().as_millis() as u64,
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => {
-                return Err(TransportError::io(
-                    format!("accept a connection for {what}"),
-                    e,
+            if (hello.from, hello.to) != expect {
+                return Err(format!(
+                    "wrong stage: this link carries stage {} -> stage {}, the caller is stage {} -> stage {}",
+                    expect.0, expect.1, hello.from, hello.to
                 ));
             }
-        }
-    }
+            if hello.link_mac != (integrity == LinkIntegrity::Mac) {
+                return Err(format!(
+                    "link integrity mismatch: this end uses --link-integrity {integrity}, the \
+                     caller the other; run every stage with the same setting"
+                ));
+            }
+            Ok(())
+        },
+    )
 }
 
 #[cfg(test)]
@@ -921,32 +1114,55 @@ mod tests {
     }
 
     #[test]
-    fn tcp_link_moves_bytes_and_refuses_the_wrong_stage() {
-        let key = ClusterKey::from_bytes(b"tcp-link-test-key-0123").expect("key");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let abort = AbortFlag::new();
-        let refusals = Arc::new(Mutex::new(Vec::new()));
-        let (k2, a2, r2) = (key.clone(), abort.clone(), refusals.clone());
-        let server = std::thread::spawn(move || {
-            LinkReceiver::accept_tcp(&listener, &k2, ends(), Observers::none(), &a2, &|e| {
-                r2.lock().expect("lock").push(e.to_string())
-            })
-        });
-        let mut wrong = ends();
-        wrong.src = EndpointId(3);
-        let refused = LinkSender::connect_tcp(&addr, &key, wrong, Observers::none(), &abort);
-        match refused {
-            Err(TransportError::Refused { reason, .. }) => {
-                assert!(reason.contains("wrong stage"), "{reason}")
+    fn tcp_link_moves_bytes_and_refuses_the_wrong_stage_and_integrity() {
+        for integrity in [LinkIntegrity::Mac, LinkIntegrity::None] {
+            let key = ClusterKey::from_bytes(b"tcp-link-test-key-0123").expect("key");
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr").to_string();
+            let abort = AbortFlag::new();
+            let refusals = Arc::new(Mutex::new(Vec::new()));
+            let (k2, a2, r2) = (key.clone(), abort.clone(), refusals.clone());
+            let server = std::thread::spawn(move || {
+                let log = |e: &TransportError| r2.lock().expect("lock").push(e.to_string());
+                LinkReceiver::accept_tcp(
+                    &listener,
+                    &k2,
+                    integrity,
+                    ends(),
+                    Observers::none(),
+                    &a2,
+                    &log,
+                )
+            });
+            let mut wrong = ends();
+            wrong.src = EndpointId(3);
+            let refused =
+                LinkSender::connect_tcp(&addr, &key, integrity, wrong, Observers::none(), &abort);
+            match refused {
+                Err(TransportError::Refused { reason, .. }) => {
+                    assert!(reason.contains("wrong stage"), "{reason}")
+                }
+                other => panic!("expected refusal, got {other:?}"),
             }
-            other => panic!("expected refusal, got {other:?}"),
+            let other = match integrity {
+                LinkIntegrity::Mac => LinkIntegrity::None,
+                LinkIntegrity::None => LinkIntegrity::Mac,
+            };
+            let refused =
+                LinkSender::connect_tcp(&addr, &key, other, ends(), Observers::none(), &abort);
+            match refused {
+                Err(TransportError::Refused { reason, .. }) => {
+                    assert!(reason.contains("integrity mismatch"), "{reason}")
+                }
+                other => panic!("expected refusal, got {other:?}"),
+            }
+            let tx =
+                LinkSender::connect_tcp(&addr, &key, integrity, ends(), Observers::none(), &abort)
+                    .expect("tx");
+            let rx = server.join().expect("server").expect("rx");
+            assert_eq!(refusals.lock().expect("lock").len(), 2);
+            assert!(tx.clock().is_some() && rx.clock().is_some());
+            exchange(tx, rx);
         }
-        let tx =
-            LinkSender::connect_tcp(&addr, &key, ends(), Observers::none(), &abort).expect("tx");
-        let rx = server.join().expect("server").expect("rx");
-        assert_eq!(refusals.lock().expect("lock").len(), 1);
-        assert!(tx.clock().is_some() && rx.clock().is_some());
-        exchange(tx, rx);
     }
 }

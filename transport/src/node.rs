@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,12 +20,18 @@ use crate::pipeline::{
     link_ends, stage_observers,
 };
 use crate::transfer::TransportKind;
-use crate::wire::{AbortFlag, Conn, kind};
+use crate::wire::{AbortFlag, Conn, kind, printable, shown};
 
 pub use crate::pipeline::cluster::LISTENING_PREFIX;
 
-/// How long a coordinator may take to finish the handshake and send its assignment.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a caller may take to finish the handshake and a coordinator to send its assignment.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most callers in their handshake at once: a newcomer beyond it drops the one waiting longest
+/// (logged), so strangers holding idle connections cost a bounded number of threads and
+/// sockets and cannot keep a real coordinator, whose handshake takes a round trip, out.
+pub const MAX_PENDING_HANDSHAKES: usize = 32;
+/// Longest log line a node prints (peer-supplied parts are escaped and cut before this).
+const LOG_LINE: usize = 2000;
 
 /// How a node serves.
 #[derive(Debug, Clone)]
@@ -40,10 +46,15 @@ pub struct NodeOptions {
     pub stop: AbortFlag,
 }
 
-/// Listens and serves coordinator sessions, each in its own thread unless `once`.
+/// Listens and serves coordinator sessions, each on its own thread; callers are handshaken side
+/// by side (at most [`MAX_PENDING_HANDSHAKES`] at once, the longest-waiting dropped for a
+/// newcomer, each for at most 10 s), so strangers holding connections neither block nor starve
+/// a real coordinator, and a thread that cannot be started refuses its caller instead of
+/// failing the node.
 /// `on_listening` gets the bound address (print it: launchers read [`LISTENING_PREFIX`] lines),
-/// `log` every refusal and session end. Returns after one session with `once` (its error, if it
-/// failed), otherwise when `opts.stop` is raised (after running sessions end) or the listener fails.
+/// `log` every refusal and session end, one line each with peer-supplied text escaped. Returns
+/// after one admitted session with `once` (its error, if it failed), otherwise when `opts.stop`
+/// is raised (after running sessions end) or the listener fails.
 pub fn serve(
     opts: &NodeOptions,
     factory: &dyn ObserverFactory,
@@ -59,8 +70,27 @@ pub fn serve(
         .set_nonblocking(true)
         .map_err(|e| TransportError::io(format!("make {addr} non-blocking"), e))?;
     on_listening(addr);
-    std::thread::scope(|scope| {
+    let log = &|msg: &str| log(&printable(msg, LOG_LINE));
+    // Callers in their handshake, oldest first, each with the flag that makes it give up.
+    let pending = Mutex::new(Pending::default());
+    let admitted = AtomicBool::new(false);
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<Result<()>>();
+    let result = std::thread::scope(|scope| {
         loop {
+            // Only a `once` node returns with a session's outcome; others serve on.
+            if let Ok(outcome) = done_rx.try_recv() {
+                return outcome;
+            }
+            if pending.lock().unwrap_or_else(|e| e.into_inner()).live >= 2 * MAX_PENDING_HANDSHAKES
+            {
+                // Dropped callers' threads end within 50 ms; until then newcomers wait in the
+                // listen backlog rather than being turned away.
+                if opts.stop.raised() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
             let (stream, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -72,55 +102,105 @@ pub fn serve(
                 }
                 Err(e) => return Err(TransportError::io(format!("accept on {addr}"), e)),
             };
-            stream
-                .set_nonblocking(false)
-                .map_err(|e| TransportError::io(format!("configure connection from {peer}"), e))?;
-            if !opts.once {
-                // Sessions run side by side: one node may serve several stages or coordinators.
-                scope.spawn(move || match session(stream, peer, opts, factory, log) {
-                    Err(Session::NotAdmitted(e)) => log(&format!("refused {peer}: {e}")),
-                    Ok(stage) => log(&format!("stage {stage} for coordinator {peer} finished")),
-                    Err(Session::Failed(e)) => {
-                        log(&format!("session with coordinator {peer} failed: {e}"))
-                    }
-                });
+            if opts.once && admitted.load(Ordering::SeqCst) {
+                log(&format!(
+                    "refused {peer}: this node serves one session and has it"
+                ));
                 continue;
             }
-            match session(stream, peer, opts, factory, log) {
-                Err(Session::NotAdmitted(e)) => log(&format!("refused {peer}: {e}")),
-                // A one-session node was launched by a coordinator that reports the run itself.
-                Ok(_) => return Ok(()),
-                Err(Session::Failed(e)) => {
-                    log(&format!("session with coordinator {peer} failed: {e}"));
-                    return Err(e);
+            let (id, flag) = {
+                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                if p.waiting.len() >= MAX_PENDING_HANDSHAKES {
+                    // Full: the caller waiting longest goes (a real coordinator finishes its
+                    // handshake in a round trip or two, so it is never the oldest for long).
+                    if let Some((_, oldest, who)) = p.waiting.pop_front() {
+                        oldest.raise();
+                        drop(p);
+                        log(&format!(
+                            "dropped {who}: {MAX_PENDING_HANDSHAKES} callers were in their \
+                             handshake and it had waited longest; closed unheard"
+                        ));
+                        p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    }
                 }
+                p.next += 1;
+                p.live += 1;
+                let (id, flag) = (p.next, AbortFlag::new());
+                p.waiting.push_back((id, flag.clone(), peer));
+                (id, flag)
+            };
+            let finished = move |pending: &Mutex<Pending>| {
+                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                p.live -= 1;
+                p.waiting.retain(|w| w.0 != id);
+            };
+            if let Err(e) = stream.set_nonblocking(false) {
+                finished(&pending);
+                log(&format!("refused {peer}: cannot configure its socket: {e}"));
+                continue;
+            }
+            let (pending, admitted, done_tx) = (&pending, &admitted, done_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name("slug-node-session".into())
+                .spawn_scoped(scope, move || {
+                    let hs = handshake(stream, peer, opts, flag);
+                    finished(pending);
+                    let hs = match hs {
+                        Ok(hs) => hs,
+                        Err(e) => return log(&format!("refused {peer}: {e}")),
+                    };
+                    if opts.once && admitted.swap(true, Ordering::SeqCst) {
+                        hs.conn.shutdown();
+                        return log(&format!(
+                            "refused {peer}: this node serves one session and has it"
+                        ));
+                    }
+                    let outcome = session(hs, factory, log);
+                    match &outcome {
+                        Ok(stage) => log(&format!("stage {stage} for coordinator {peer} finished")),
+                        Err(e) => log(&format!("session with coordinator {peer} failed: {e}")),
+                    }
+                    if opts.once {
+                        let _ = done_tx.send(outcome.map(|_| ()));
+                    }
+                });
+            if let Err(e) = spawned {
+                finished(pending);
+                log(&format!(
+                    "refused {peer}: no thread to serve it ({e}); closed"
+                ));
             }
         }
-    })
+    });
+    // Handshakes still running give up at once.
+    for (_, flag, _) in &pending.lock().unwrap_or_else(|e| e.into_inner()).waiting {
+        flag.raise();
+    }
+    result
 }
 
-/// How a session that did not finish ended.
-enum Session {
-    /// The caller never got past the handshake (wrong key, wrong version, not slug, gone).
-    NotAdmitted(TransportError),
-    /// An admitted coordinator's run failed.
-    Failed(TransportError),
+/// Callers in their handshake.
+#[derive(Default)]
+struct Pending {
+    /// Oldest first: id, the flag that ends its handshake, its address.
+    waiting: std::collections::VecDeque<(u64, AbortFlag, SocketAddr)>,
+    /// Handshake threads not yet ended (a dropped caller's thread ends within 50 ms).
+    live: usize,
+    next: u64,
 }
 
-/// One coordinator session; returns the stage it ran.
-fn session(
+/// The handshake of one caller: only coordinators (control connections) are admitted here.
+fn handshake(
     stream: TcpStream,
     peer: SocketAddr,
     opts: &NodeOptions,
-    factory: &dyn ObserverFactory,
-    log: &(dyn Fn(&str) + Sync),
-) -> std::result::Result<usize, Session> {
-    let abort = AbortFlag::new();
-    let hs = server_handshake(
+    quit: AbortFlag,
+) -> Result<crate::auth::Handshaken> {
+    server_handshake(
         stream,
         format!("coordinator {peer}"),
         &opts.key,
-        abort.clone(),
+        quit,
         HANDSHAKE_TIMEOUT,
         |hello| match hello.role {
             Role::Control => Ok(()),
@@ -130,22 +210,48 @@ fn session(
             ),
         },
     )
-    .map_err(Session::NotAdmitted)?;
+}
+
+/// One admitted coordinator session; returns the stage it ran.
+fn session(
+    hs: crate::auth::Handshaken,
+    factory: &dyn ObserverFactory,
+    log: &(dyn Fn(&str) + Sync),
+) -> Result<usize> {
+    let abort = AbortFlag::new();
     let mut conn = hs.conn;
+    conn.abort = abort.clone();
     let assignment = conn
         .recv_json::<ToNode>(HANDSHAKE_TIMEOUT)
-        .map_err(Session::Failed)?;
-    let (stage, cfg, fabric) = match assignment {
-        ToNode::Assign {
-            stage,
-            config,
-            fabric,
-        } => (stage, *config, fabric),
-        other => {
-            return Err(Session::Failed(TransportError::Protocol {
+        .and_then(|a| match a {
+            ToNode::Assign {
+                stage,
+                config,
+                fabric,
+                link_secret,
+            } => Ok((
+                stage,
+                *config,
+                fabric,
+                ClusterKey::from_bytes(link_secret.as_bytes())?,
+            )),
+            other => Err(TransportError::Protocol {
                 peer: conn.peer.clone(),
-                detail: format!("expected an assignment, got {other:?}"),
-            }));
+                detail: format!("expected an assignment, got {}", shown(&other)),
+            }),
+        });
+    let (stage, cfg, fabric, link_key) = match assignment {
+        Ok(a) => a,
+        Err(e) => {
+            // Tell the coordinator why (a sealed frame that failed to open, say), so its error
+            // names the cause rather than a closed connection.
+            let msg = ToCoordinator::Failed {
+                at: "startup".into(),
+                error: format!("the node refused its assignment: {e}"),
+                cause: Cause::Stage,
+            };
+            let _ = conn.send_json(&msg, Duration::from_secs(2));
+            return Err(e);
         }
     };
     let host = conn
@@ -153,9 +259,9 @@ fn session(
         .local_addr()
         .map(|a| a.ip().to_string())
         .unwrap_or_else(|_| "unknown".into());
-    let writer = Arc::new(Mutex::new(conn.try_clone().map_err(Session::Failed)?));
+    let writer = Arc::new(Mutex::new(conn.try_clone()?));
     let outcome = run_assigned(
-        &mut conn, &writer, stage, &cfg, fabric, &host, opts, factory, &abort, log,
+        &mut conn, &writer, stage, &cfg, fabric, &host, &link_key, factory, &abort, log,
     );
     match outcome {
         Ok(()) => Ok(stage),
@@ -168,12 +274,12 @@ fn session(
             if let Ok(mut w) = writer.lock() {
                 let _ = w.send_json(&msg, Duration::from_secs(2));
             }
-            Err(Session::Failed(TransportError::StageFailed {
+            Err(TransportError::StageFailed {
                 stage,
                 host,
                 step: at,
                 detail: e.to_string(),
-            }))
+            })
         }
     }
 }
@@ -186,7 +292,7 @@ fn run_assigned(
     cfg: &PipelineConfig,
     fabric_path: Option<PathBuf>,
     host: &str,
-    opts: &NodeOptions,
+    link_key: &ClusterKey,
     factory: &dyn ObserverFactory,
     abort: &AbortFlag,
     log: &(dyn Fn(&str) + Sync),
@@ -256,7 +362,7 @@ fn run_assigned(
         other => {
             return Err(startup(TransportError::Protocol {
                 peer: conn.peer.clone(),
-                detail: format!("expected start, got {other:?}"),
+                detail: format!("expected start, got {}", shown(&other)),
             }));
         }
     };
@@ -267,36 +373,47 @@ fn run_assigned(
         let mut reader = conn.try_clone().map_err(startup)?;
         reader.abort = stop.clone();
         let (abort2, fabric2, stop2) = (abort.clone(), fabric.clone(), stop.clone());
-        scope.spawn(move || {
-            loop {
-                match reader.recv_json::<ToNode>(Duration::from_secs(24 * 3600)) {
-                    Ok(ToNode::Abort { .. }) | Err(_) => {
-                        if !stop2.raised() {
-                            abort2.raise();
-                            if let Some(f) = &fabric2 {
-                                f.abort();
+        let no_thread =
+            |e: std::io::Error| startup(TransportError::io("start a control thread", e));
+        std::thread::Builder::new()
+            .name("slug-node-control".into())
+            .spawn_scoped(scope, move || {
+                loop {
+                    match reader.recv_json::<ToNode>(Duration::from_secs(24 * 3600)) {
+                        Ok(ToNode::Abort { .. }) | Err(_) => {
+                            if !stop2.raised() {
+                                abort2.raise();
+                                if let Some(f) = &fabric2 {
+                                    f.abort();
+                                }
                             }
+                            return;
                         }
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .map_err(no_thread)?;
+        let (writer2, progress2, stop3) = (writer.clone(), progress.clone(), stop.clone());
+        let heartbeat = std::thread::Builder::new()
+            .name("slug-node-heartbeat".into())
+            .spawn_scoped(scope, move || {
+                while !stop3.raised() {
+                    let p = progress2.load(Ordering::Relaxed);
+                    let msg = ToCoordinator::Progress {
+                        step: (p >> 32) as u32,
+                        seq: p as u32,
+                    };
+                    if send(&writer2, &msg, HEARTBEAT * 4).is_err() {
                         return;
                     }
-                    Ok(_) => {}
+                    std::thread::sleep(HEARTBEAT);
                 }
-            }
-        });
-        let (writer2, progress2, stop3) = (writer.clone(), progress.clone(), stop.clone());
-        scope.spawn(move || {
-            while !stop3.raised() {
-                let p = progress2.load(Ordering::Relaxed);
-                let msg = ToCoordinator::Progress {
-                    step: (p >> 32) as u32,
-                    seq: p as u32,
-                };
-                if send(&writer2, &msg, HEARTBEAT * 4).is_err() {
-                    return;
-                }
-                std::thread::sleep(HEARTBEAT);
-            }
-        });
+            });
+        if let Err(e) = heartbeat {
+            stop.raise();
+            return Err(no_thread(e));
+        }
         let result = (|| {
             let io = match (&fabric, &listener) {
                 (Some(f), _) => StageIo::over_fabric(cfg, s, f, TransportKind::Shm, &transfers)
@@ -307,7 +424,7 @@ fn run_assigned(
                             "no address for the next stage".into(),
                         ))
                     })?;
-                    tcp_io(cfg, s, l, next, &opts.key, &transfers, abort, log).map_err(startup)?
+                    tcp_io(cfg, s, l, next, link_key, &transfers, abort, log).map_err(startup)?
                 }
                 (None, None) => StageIo::default(),
             };
@@ -385,6 +502,7 @@ fn list_recorded_files(dir: &Path) -> Result<Vec<RecordedFile>> {
             files.push(RecordedFile {
                 path: rel.join("/"),
                 len: meta.len(),
+                digest: file_digest(&path)?,
             });
         }
     }
@@ -392,15 +510,29 @@ fn list_recorded_files(dir: &Path) -> Result<Vec<RecordedFile>> {
     Ok(files)
 }
 
-/// Lists the stage's recorded files, sends those the coordinator asks for in pieces, and
-/// removes `dir` once the coordinator confirms it has everything.
+/// BLAKE3 of a recorded file, hex: the coordinator checks every fetched file against it.
+fn file_digest(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| TransportError::io(format!("open {}", path.display()), e))?;
+    let mut hasher = blake3::Hasher::new();
+    std::io::copy(&mut file, &mut hasher)
+        .map_err(|e| TransportError::io(format!("read {}", path.display()), e))?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// Lists the stage's recorded files, sends those the coordinator asks for in pieces, removes
+/// `dir` once the coordinator confirms it has everything, and confirms the removal (so the
+/// coordinator's success means no scratch is left behind).
 fn send_recorded_files(conn: &mut Conn, dir: &Path, timeout: Duration) -> Result<()> {
     let files = list_recorded_files(dir)?;
     let lens: HashMap<String, u64> = files.iter().map(|f| (f.path.clone(), f.len)).collect();
     conn.send_json(&ToCoordinator::Files { files }, timeout)?;
     let unexpected = |conn: &Conn, got: ToNode| TransportError::Protocol {
         peer: conn.peer.clone(),
-        detail: format!("expected the coordinator to fetch recorded files, got {got:?}"),
+        detail: format!(
+            "expected the coordinator to fetch recorded files, got {}",
+            shown(&got)
+        ),
     };
     let paths = match conn.recv_json::<ToNode>(timeout)? {
         ToNode::Fetch { paths } => paths,
@@ -428,12 +560,15 @@ fn send_recorded_files(conn: &mut Conn, dir: &Path, timeout: Duration) -> Result
         }
     }
     match conn.recv_json::<ToNode>(timeout)? {
-        ToNode::Collected => std::fs::remove_dir_all(dir).map_err(|e| {
-            TransportError::io(
-                format!("remove the collected files in {}", dir.display()),
-                e,
-            )
-        }),
+        ToNode::Collected => {
+            std::fs::remove_dir_all(dir).map_err(|e| {
+                TransportError::io(
+                    format!("remove the collected files in {}", dir.display()),
+                    e,
+                )
+            })?;
+            conn.send_json(&ToCoordinator::Cleaned, timeout)
+        }
         ToNode::Abort { reason } => Err(TransportError::Aborted { reason }),
         other => Err(unexpected(conn, other)),
     }
@@ -464,17 +599,28 @@ fn tcp_io(
     let inbound_ends = link_ends(n, up, cfg.timeout());
     let outbound_ends = link_ends(n, s, cfg.timeout());
     std::thread::scope(|scope| {
-        let inbound = scope.spawn(|| {
-            LinkReceiver::accept_tcp(
-                listener,
-                key,
-                inbound_ends,
-                observers.clone(),
-                abort,
-                &|e| log(&format!("refused a data-link caller: {e}")),
-            )
-        });
-        let outbound = LinkSender::connect_tcp(next, key, outbound_ends, observers.clone(), abort);
+        let inbound = std::thread::Builder::new()
+            .name("slug-link-accept".into())
+            .spawn_scoped(scope, || {
+                LinkReceiver::accept_tcp(
+                    listener,
+                    key,
+                    cfg.link_integrity,
+                    inbound_ends,
+                    observers.clone(),
+                    abort,
+                    &|e| log(&format!("refused a data-link caller: {e}")),
+                )
+            })
+            .map_err(|e| TransportError::io("start the data-link acceptor", e))?;
+        let outbound = LinkSender::connect_tcp(
+            next,
+            key,
+            cfg.link_integrity,
+            outbound_ends,
+            observers.clone(),
+            abort,
+        );
         if outbound.is_err() {
             abort.raise();
         }

@@ -1,10 +1,12 @@
 //! Framed messages over TCP with bounded, abortable blocking: the byte level under handshakes,
-//! control messages and TCP data links.
+//! control messages and TCP data links. After the handshake every frame is sealed: split into
+//! Noise transport messages (ChaCha20-Poly1305 under per-direction counter nonces), so a frame
+//! that was altered, replayed, dropped or reordered fails to open and ends the connection.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, TransportError};
@@ -20,9 +22,7 @@ const HANDSHAKE_FRAME: usize = 4 << 10;
 /// Frame kinds.
 pub(crate) mod kind {
     pub const HELLO: u8 = 1;
-    pub const CHALLENGE: u8 = 2;
-    pub const PROOF: u8 = 3;
-    pub const ACCEPT: u8 = 4;
+    // 2..=4 were the challenge, proof and accept of protocol version 1.
     pub const REFUSE: u8 = 5;
     pub const PING: u8 = 6;
     pub const PONG: u8 = 7;
@@ -30,6 +30,59 @@ pub(crate) mod kind {
     pub const JSON: u8 = 9;
     /// Raw bytes of a file a node sends its coordinator (recorded files on hosts).
     pub const FILE: u8 = 10;
+    /// A Noise handshake message.
+    pub const NOISE: u8 = 11;
+}
+
+/// Largest Noise message (the protocol's limit) and its authentication tag.
+const NOISE_MAX: usize = 65535;
+const NOISE_TAG: usize = 16;
+/// Header of a sealed frame's first message: kind byte and body length.
+const SEALED_HEAD: usize = 5;
+
+/// The keys of a sealed connection and the next nonce of each direction, shared by every clone
+/// of the connection (one thread reads, one writes, at any time).
+struct Seal {
+    keys: snow::StatelessTransportState,
+    send: AtomicU64,
+    recv: AtomicU64,
+}
+
+impl std::fmt::Debug for Seal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seal")
+            .field("sent", &self.send.load(Ordering::Relaxed))
+            .field("received", &self.recv.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Peer-supplied text made safe to print on one line: control characters (newlines, terminal
+/// escapes) are shown escaped and the text is cut to `max` characters.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 8);
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push_str("...(cut)");
+            break;
+        }
+        if c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Longest peer-supplied text printed in a log line or error.
+pub(crate) const PEER_TEXT: usize = 400;
+
+/// A peer's message, as it may appear in an error: its `Debug` form, escaped and bounded.
+pub(crate) fn shown<T: std::fmt::Debug>(message: &T) -> String {
+    printable(&format!("{message:?}"), PEER_TEXT)
 }
 
 /// A shared flag that tells every blocked operation of a process to give up.
@@ -66,6 +119,7 @@ pub(crate) struct Conn {
     pub peer: String,
     pub abort: AbortFlag,
     max_frame: usize,
+    seal: Option<Arc<Seal>>,
 }
 
 impl Conn {
@@ -80,11 +134,18 @@ impl Conn {
             peer,
             abort,
             max_frame: HANDSHAKE_FRAME,
+            seal: None,
         })
     }
 
-    /// The peer proved the cluster key: accept full-size control frames from now on.
-    pub fn authenticated(&mut self) {
+    /// The handshake finished: seal every frame from now on and accept full-size control frames
+    /// (the peer proved the cluster key).
+    pub fn seal(&mut self, keys: snow::StatelessTransportState) {
+        self.seal = Some(Arc::new(Seal {
+            keys,
+            send: AtomicU64::new(0),
+            recv: AtomicU64::new(0),
+        }));
         self.max_frame = MAX_FRAME;
     }
 
@@ -163,8 +224,12 @@ impl Conn {
         Ok(())
     }
 
-    /// Sends one frame: length (u32 LE, kind byte + body), kind, body.
+    /// Sends one frame: length (u32 LE, kind byte + body), kind, body; sealed once the
+    /// handshake is done.
     pub fn send_frame(&mut self, kind: u8, body: &[u8], timeout: Duration) -> Result<()> {
+        if let Some(seal) = self.seal.clone() {
+            return self.send_sealed(&seal, kind, body, timeout);
+        }
         let mut buf = Vec::with_capacity(5 + body.len());
         buf.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
         buf.push(kind);
@@ -172,8 +237,113 @@ impl Conn {
         self.write_full(&buf, timeout)
     }
 
+    /// A sealed frame: Noise messages, each preceded by its length (u32 LE); the first carries
+    /// the kind and the body's length, then as much body as fits, the rest follow.
+    fn send_sealed(&mut self, seal: &Seal, kind: u8, body: &[u8], timeout: Duration) -> Result<()> {
+        let room = NOISE_MAX - NOISE_TAG;
+        let mut plain = Vec::with_capacity(room.min(SEALED_HEAD + body.len()));
+        plain.push(kind);
+        plain.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        let first = body.len().min(room - SEALED_HEAD);
+        plain.extend_from_slice(&body[..first]);
+        let mut rest = &body[first..];
+        let mut wire = Vec::with_capacity(4 + NOISE_MAX);
+        loop {
+            let nonce = seal.send.fetch_add(1, Ordering::SeqCst);
+            wire.clear();
+            wire.resize(4 + plain.len() + NOISE_TAG, 0);
+            let n = seal
+                .keys
+                .write_message(nonce, &plain, &mut wire[4..])
+                .map_err(|e| self.broken(format!("cannot seal a frame: {e}")))?;
+            wire[..4].copy_from_slice(&(n as u32).to_le_bytes());
+            wire.truncate(4 + n);
+            self.write_full(&wire, timeout)?;
+            if rest.is_empty() {
+                return Ok(());
+            }
+            let take = rest.len().min(room);
+            plain.clear();
+            plain.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+        }
+    }
+
+    /// Reads and opens one sealed Noise message into `plain`.
+    fn open_message(
+        &mut self,
+        seal: &Seal,
+        wire: &mut Vec<u8>,
+        plain: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> Result<()> {
+        let mut len = [0u8; 4];
+        self.read_full(&mut len, timeout)?;
+        let len = u32::from_le_bytes(len) as usize;
+        if !(NOISE_TAG..=NOISE_MAX).contains(&len) {
+            return Err(TransportError::Protocol {
+                peer: self.peer.clone(),
+                detail: format!("sealed message length {len} outside {NOISE_TAG}..={NOISE_MAX}"),
+            });
+        }
+        wire.resize(len, 0);
+        self.read_full(wire, timeout)?;
+        plain.resize(len, 0);
+        let nonce = seal.recv.fetch_add(1, Ordering::SeqCst);
+        let n =
+            seal.keys
+                .read_message(nonce, wire, plain)
+                .map_err(|_| TransportError::Protocol {
+                    peer: self.peer.clone(),
+                    detail: "a sealed frame failed its integrity check: it was altered, replayed, \
+                         dropped or reordered on the way (is something between us and the peer?)"
+                        .into(),
+                })?;
+        plain.truncate(n);
+        Ok(())
+    }
+
+    fn recv_sealed(&mut self, seal: &Seal, timeout: Duration) -> Result<(u8, Vec<u8>)> {
+        let mut wire = Vec::new();
+        let mut plain = Vec::new();
+        self.open_message(seal, &mut wire, &mut plain, timeout)?;
+        if plain.len() < SEALED_HEAD {
+            return Err(TransportError::Protocol {
+                peer: self.peer.clone(),
+                detail: "sealed frame too short for its header".into(),
+            });
+        }
+        let kind = plain[0];
+        let len = u32::from_le_bytes([plain[1], plain[2], plain[3], plain[4]]) as usize;
+        if len > self.max_frame || plain.len() - SEALED_HEAD > len {
+            return Err(TransportError::Protocol {
+                peer: self.peer.clone(),
+                detail: format!(
+                    "sealed frame length {len} over the {} limit",
+                    self.max_frame
+                ),
+            });
+        }
+        let mut body = Vec::with_capacity(len);
+        body.extend_from_slice(&plain[SEALED_HEAD..]);
+        while body.len() < len {
+            self.open_message(seal, &mut wire, &mut plain, timeout)?;
+            if plain.is_empty() || body.len() + plain.len() > len {
+                return Err(TransportError::Protocol {
+                    peer: self.peer.clone(),
+                    detail: "a sealed frame's pieces do not add up to its length".into(),
+                });
+            }
+            body.extend_from_slice(&plain);
+        }
+        Ok((kind, body))
+    }
+
     /// Receives one frame and returns its kind and body.
     pub fn recv_frame(&mut self, timeout: Duration) -> Result<(u8, Vec<u8>)> {
+        if let Some(seal) = self.seal.clone() {
+            return self.recv_sealed(&seal, timeout);
+        }
         let mut len = [0u8; 4];
         self.read_full(&mut len, timeout)?;
         let len = u32::from_le_bytes(len) as usize;
@@ -199,9 +369,10 @@ impl Conn {
             return Ok(body);
         }
         if kind == kind::REFUSE {
+            // Said by a peer that may not have proven anything yet: escaped and bounded.
             return Err(TransportError::Refused {
                 peer: self.peer.clone(),
-                reason: String::from_utf8_lossy(&body).into_owned(),
+                reason: printable(&String::from_utf8_lossy(&body), PEER_TEXT),
             });
         }
         Err(TransportError::Protocol {
@@ -224,7 +395,10 @@ impl Conn {
         let body = self.expect_frame(kind::JSON, timeout)?;
         serde_json::from_slice(&body).map_err(|e| TransportError::Protocol {
             peer: self.peer.clone(),
-            detail: format!("bad control message: {e}"),
+            detail: format!(
+                "bad control message: {}",
+                printable(&e.to_string(), PEER_TEXT)
+            ),
         })
     }
 
@@ -243,6 +417,7 @@ impl Conn {
             peer: self.peer.clone(),
             abort: self.abort.clone(),
             max_frame: self.max_frame,
+            seal: self.seal.clone(),
         })
     }
 }
@@ -277,5 +452,27 @@ pub(crate) fn connect(addr: &str, timeout: Duration, abort: &AbortFlag) -> Resul
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_control_characters_and_bounds_length() {
+        let evil = "ok\nslug node: forged\r\x1b[2J\x07\u{202e}";
+        let shown = printable(evil, 100);
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown:?}");
+        assert!(
+            shown.contains("\\n") && shown.contains("\\u{1b}"),
+            "{shown}"
+        );
+        assert!(!shown.contains('\u{202e}'), "bidi override shown raw");
+        let long = "a".repeat(10_000);
+        assert_eq!(
+            printable(&long, 400).chars().count(),
+            400 + "...(cut)".len()
+        );
     }
 }

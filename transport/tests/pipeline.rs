@@ -182,7 +182,10 @@ fn a_coordinator_with_the_wrong_key_is_refused() {
     let start = Instant::now();
     match run_on_nodes(&cfg, &addrs, &stranger) {
         Err(TransportError::StageFailed { detail, .. }) => {
-            assert!(detail.contains("could not prove"), "{detail}")
+            assert!(
+                detail.contains("does not hold this node's cluster key"),
+                "{detail}"
+            )
         }
         other => panic!("expected a refusal, got {other:?}"),
     }

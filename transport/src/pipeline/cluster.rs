@@ -4,18 +4,18 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{COORDINATOR, ClusterKey, Hello, KEY_ENV, Role, client_handshake};
+use crate::auth::{COORDINATOR, ClusterKey, Hello, Role, client_handshake};
 use crate::error::{Result, TransportError};
 use crate::fabric::{Fabric, FabricLayout};
 use crate::transfer::TransportKind;
-use crate::wire::{AbortFlag, Conn, connect};
+use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable, shown};
 
 use super::{PipelineConfig, RunReport, StageReport};
 
@@ -40,11 +40,13 @@ const COLLECTING: &str = "collecting recorded files";
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum ToNode {
-    /// Build stage `stage` of `config` (and map the shm fabric at `fabric`).
+    /// Build stage `stage` of `config` (and map the shm fabric at `fabric`); data links of
+    /// this run prove `link_secret`, fresh for every run and only ever sent sealed.
     Assign {
         stage: usize,
         config: Box<PipelineConfig>,
         fabric: Option<PathBuf>,
+        link_secret: String,
     },
     /// Connect the outbound data link to `next` (tcp) and run.
     Start { next: Option<String> },
@@ -63,6 +65,8 @@ pub(crate) struct RecordedFile {
     pub path: String,
     /// Its length in bytes.
     pub len: u64,
+    /// BLAKE3 of its bytes, hex; the coordinator keeps the file only if what arrived matches.
+    pub digest: String,
 }
 
 /// What kind of failure a node reports, so the coordinator can name the root cause.
@@ -115,6 +119,8 @@ pub(crate) enum ToCoordinator {
         error: String,
         cause: Cause,
     },
+    /// The node removed its copies of the collected files (its scratch directory).
+    Cleaned,
 }
 
 /// Stage processes this coordinator started on this machine; killed on drop.
@@ -184,16 +190,28 @@ pub fn launch_local_nodes(
     };
     let mut lines = Vec::with_capacity(count);
     for i in 0..count {
+        // The key goes in on stdin: the environment of a process is readable with `ps e`.
         let mut child = Command::new(binary)
-            .args(["node", "--listen", "127.0.0.1:0", "--once"])
-            .env(KEY_ENV, key.as_env_value())
-            .stdin(Stdio::null())
+            .args([
+                "node",
+                "--listen",
+                "127.0.0.1:0",
+                "--once",
+                "--key-file",
+                "-",
+            ])
+            .env_remove(crate::auth::KEY_ENV)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| {
                 TransportError::io(format!("start stage process {i} ({})", binary.display()), e)
             })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // Dropping stdin closes it, so the node's read ends.
+            let _ = writeln!(stdin, "{}", key.as_env_value());
+        }
         let stdout = child.stdout.take();
         nodes.children.push(child);
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -308,6 +326,7 @@ pub fn run_on_nodes_collecting(
     }
     let timeout = cfg.timeout();
     let abort = AbortFlag::new();
+    let link_secret = ClusterKey::random()?.as_env_value();
     let fabric = match cfg.transport {
         TransportKind::Shm => Some(FabricFile::create(cfg)?),
         _ => None,
@@ -340,6 +359,7 @@ pub fn run_on_nodes_collecting(
             stage: s,
             config: Box::new(cfg.clone()),
             fabric: fabric.as_ref().map(|f| f.path.clone()),
+            link_secret: link_secret.clone(),
         };
         conn.send_json(&assign, timeout)
             .map_err(|e| failed(s, &addrs[s], "startup", e.to_string()))?;
@@ -349,10 +369,16 @@ pub fn run_on_nodes_collecting(
         match session.conns[s].recv_json::<ToCoordinator>(timeout) {
             Ok(ToCoordinator::Ready { data_addr, .. }) => data_addrs.push(data_addr),
             Ok(ToCoordinator::Failed { at, error, .. }) => {
+                let (at, error) = (printable(&at, PEER_TEXT), printable(&error, PEER_TEXT));
                 return Err(session.abort(failed(s, addr, &at, error)));
             }
             Ok(other) => {
-                let e = failed(s, addr, "startup", format!("unexpected message {other:?}"));
+                let e = failed(
+                    s,
+                    addr,
+                    "startup",
+                    format!("unexpected message {}", shown(&other)),
+                );
                 return Err(session.abort(e));
             }
             Err(e) => return Err(session.abort(failed(s, addr, "startup", e.to_string()))),
@@ -412,12 +438,19 @@ pub fn run_on_nodes_collecting(
                 at: where_,
                 error,
                 cause,
-            }) => failures.push((cause, s, where_, error)),
-            Ok(ToCoordinator::Ready { .. } | ToCoordinator::Files { .. }) => failures.push((
+            }) => failures.push((
+                cause,
+                s,
+                printable(&where_, PEER_TEXT),
+                printable(&error, PEER_TEXT),
+            )),
+            Ok(
+                ToCoordinator::Ready { .. } | ToCoordinator::Files { .. } | ToCoordinator::Cleaned,
+            ) => failures.push((
                 Cause::Stage,
                 s,
                 at[s].clone(),
-                "sent Ready or Files out of turn".into(),
+                "sent Ready, Files or Cleaned out of turn".into(),
             )),
             Err(e) if reports[s].is_none() => {
                 let detail = match &e {
@@ -460,14 +493,15 @@ pub fn run_on_nodes_collecting(
                 .conns
                 .iter_mut()
                 .zip(&collects)
-                .map(|(conn, &collect)| {
+                .enumerate()
+                .map(|(stage, (conn, &collect))| {
                     scope.spawn(move || {
                         if !collect {
                             return Err("the node recorded nothing to collect: serve stages with \
                                  a recording `slug node` of this version"
                                 .to_string());
                         }
-                        collect_files(conn, into, claimed, timeout)
+                        collect_files(conn, stage, into, claimed, timeout)
                     })
                 })
                 .collect();
@@ -504,18 +538,51 @@ pub fn run_on_nodes_collecting(
     Ok(RunReport::assemble(cfg, reports, wall))
 }
 
-/// A node-supplied relative path, accepted only when it stays inside the trace directory.
-fn safe_relative(path: &str) -> Option<PathBuf> {
-    let p = Path::new(path);
-    let normal = p.components().all(|c| matches!(c, Component::Normal(_)));
-    (!path.is_empty() && normal).then(|| p.to_path_buf())
+/// Whether a name is `len` lowercase hex digits.
+fn is_hex(name: &str, len: usize) -> bool {
+    name.len() == len && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// Fetches one node's recorded files into `into` (see [`run_on_nodes_collecting`]).
+/// Whether `path` is a file the recording of `stage` produces, and so one the coordinator
+/// accepts from that stage's node: its endpoint log, its node report, its snapshot indexes, and
+/// content-addressed snapshot chunks and payloads (`true` in the second place: a file two
+/// nodes may both hold). Anything else (another stage's log, a journal, a ring, a stray
+/// file, any path that could leave the trace directory) is refused.
+fn expected_file(stage: usize, path: &str) -> Option<(PathBuf, bool)> {
+    let parts: Vec<&str> = path.split('/').collect();
+    let shared = match parts.as_slice() {
+        ["endpoints", log] => *log == format!("{stage}.slog"),
+        // The node's capabilities and topology, merged into the manifest by the coordinator.
+        ["nodes", report] => *report == format!("{stage}.json"),
+        ["snapshots", dir, idx] => {
+            *dir == format!("stage-{stage}")
+                && idx
+                    .strip_prefix("step-")
+                    .and_then(|r| r.strip_suffix(".idx"))
+                    .is_some_and(|n| {
+                        !n.is_empty() && n.len() <= 20 && n.bytes().all(|b| b.is_ascii_digit())
+                    })
+        }
+        ["snapshots", "chunks", fan, name] | ["payloads", fan, name] => {
+            let ok = is_hex(fan, 2)
+                && name
+                    .strip_suffix(".zst")
+                    .is_some_and(|h| is_hex(h, 32) && h.starts_with(fan));
+            return ok.then(|| (PathBuf::from(path), true));
+        }
+        _ => false,
+    };
+    shared.then(|| (PathBuf::from(path), false))
+}
+
+/// Fetches one node's recorded files into `into` (see [`run_on_nodes_collecting`]), accepting
+/// only the files `stage`'s recording produces, each checked against the digest the node sent,
+/// then waits for the node to confirm it removed its copies.
 /// `claimed` holds the files another node's collection already fetches: content-addressed
 /// files (a payload both ends of a link stored) are fetched from one node only.
 fn collect_files(
     conn: &mut Conn,
+    stage: usize,
     into: &Path,
     claimed: &Mutex<HashSet<PathBuf>>,
     timeout: Duration,
@@ -526,8 +593,13 @@ fn collect_files(
             // Heartbeats sent just before the stage's report may still be in flight.
             ToCoordinator::Progress { .. } => {}
             ToCoordinator::Files { files } => break files,
-            ToCoordinator::Failed { error, .. } => return Err(error),
-            other => return Err(format!("expected the recorded file list, got {other:?}")),
+            ToCoordinator::Failed { error, .. } => return Err(printable(&error, PEER_TEXT)),
+            other => {
+                return Err(format!(
+                    "expected the recorded file list, got {}",
+                    shown(&other)
+                ));
+            }
         }
     };
     if files.len() > MAX_COLLECTED_FILES {
@@ -537,25 +609,43 @@ fn collect_files(
         ));
     }
     let mut wanted = Vec::new();
+    let mut listed = HashSet::new();
+    let mut has_log = false;
     for f in files {
-        let rel = safe_relative(&f.path).ok_or_else(|| {
+        let shown = printable(&f.path, PEER_TEXT);
+        let (rel, content_addressed) = expected_file(stage, &f.path).ok_or_else(|| {
             format!(
-                "the node named a recorded file {:?} outside the trace directory",
-                f.path
+                "the node listed {shown:?}, which the recording of stage {stage} does not \
+                 produce; nothing of it was accepted"
             )
         })?;
+        if !listed.insert(rel.clone()) {
+            return Err(format!("the node listed {shown:?} twice"));
+        }
         if f.len > MAX_COLLECTED_FILE {
             return Err(format!(
-                "recorded file {} is {} bytes, more than the {MAX_COLLECTED_FILE} accepted",
-                f.path, f.len
+                "recorded file {shown} is {} bytes, more than the {MAX_COLLECTED_FILE} accepted",
+                f.len
             ));
         }
+        if !is_hex(&f.digest, 64) {
+            return Err(format!(
+                "recorded file {shown} comes without a BLAKE3 digest"
+            ));
+        }
+        has_log |= !content_addressed && f.path.starts_with("endpoints/");
         let dest = into.join(rel);
-        let present = std::fs::metadata(&dest).is_ok_and(|m| m.is_file() && m.len() == f.len);
+        let present = content_addressed
+            && std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_file() && m.len() == f.len);
         let mut claimed = claimed.lock().unwrap_or_else(|p| p.into_inner());
         if !present && claimed.insert(dest.clone()) {
             wanted.push((f, dest));
         }
+    }
+    if !has_log {
+        return Err(format!(
+            "the node did not list endpoints/{stage}.slog, the log of the stage it ran"
+        ));
     }
     let paths = wanted.iter().map(|(f, _)| f.path.clone()).collect();
     conn.send_json(&ToNode::Fetch { paths }, timeout)
@@ -563,7 +653,18 @@ fn collect_files(
     for (f, dest) in &wanted {
         receive_file(conn, f, dest, timeout)?;
     }
-    conn.send_json(&ToNode::Collected, timeout).map_err(lost)
+    conn.send_json(&ToNode::Collected, timeout).map_err(lost)?;
+    match conn.recv_json::<ToCoordinator>(timeout).map_err(lost)? {
+        ToCoordinator::Cleaned => Ok(()),
+        ToCoordinator::Failed { error, .. } => Err(format!(
+            "the node could not remove its scratch copy: {}",
+            printable(&error, PEER_TEXT)
+        )),
+        other => Err(format!(
+            "expected the node to confirm it removed its scratch copy, got {}",
+            shown(&other)
+        )),
+    }
 }
 
 /// Receives `f` into `dest` through a partial file, renamed only when whole.
@@ -584,7 +685,12 @@ fn receive_file(
         conn.stream.local_addr().map_or(0, |a| a.port())
     ));
     let partial = PathBuf::from(partial);
-    let mut out = std::fs::File::create(&partial).map_err(|e| io("create", &partial, e))?;
+    // A new file, never through a link or over something already there.
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .map_err(|e| io("create", &partial, e))?;
     let received = receive_pieces(conn, f, &mut out, &partial, timeout);
     drop(out);
     if received.is_err() {
@@ -604,6 +710,7 @@ fn receive_pieces(
     timeout: Duration,
 ) -> std::result::Result<(), String> {
     let mut left = f.len;
+    let mut hasher = blake3::Hasher::new();
     while left > 0 {
         let (kind, body) = conn.recv_frame(timeout).map_err(|e| {
             format!(
@@ -615,7 +722,7 @@ fn receive_pieces(
         })?;
         if kind == crate::wire::kind::JSON {
             return Err(match serde_json::from_slice::<ToCoordinator>(&body) {
-                Ok(ToCoordinator::Failed { error, .. }) => error,
+                Ok(ToCoordinator::Failed { error, .. }) => printable(&error, PEER_TEXT),
                 _ => format!("a control message interrupted the file {}", f.path),
             });
         }
@@ -626,9 +733,16 @@ fn receive_pieces(
                 body.len()
             ));
         }
+        hasher.update(&body);
         out.write_all(&body)
             .map_err(|e| format!("write {}: {e}", partial.display()))?;
         left -= body.len() as u64;
+    }
+    if hasher.finalize().to_hex().as_str() != f.digest {
+        return Err(format!(
+            "{} does not match the digest the node sent for it; not kept",
+            f.path
+        ));
     }
     Ok(())
 }
@@ -664,41 +778,58 @@ mod tests {
     use std::net::TcpListener;
 
     use super::*;
+    use crate::auth::server_handshake;
 
-    /// A connected (coordinator, node) pair of control connections over loopback.
+    /// A connected (coordinator, node) pair of sealed control connections over loopback.
     fn pair() -> (Conn, Conn) {
+        let key = ClusterKey::from_bytes(b"cluster-test-key-0123456789").unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
+        let k2 = key.clone();
+        let node = std::thread::spawn(move || {
+            let (server, _) = listener.accept().unwrap();
+            server_handshake(
+                server,
+                "coordinator".into(),
+                &k2,
+                AbortFlag::new(),
+                T,
+                |_| Ok(()),
+            )
+            .unwrap()
+            .conn
+        });
         let client = std::net::TcpStream::connect(addr).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        let mut coord = Conn::new(client, "node".into(), AbortFlag::new()).unwrap();
-        let mut node = Conn::new(server, "coordinator".into(), AbortFlag::new()).unwrap();
-        coord.authenticated();
-        node.authenticated();
-        (coord, node)
+        let hello = Hello::new(Role::Control, COORDINATOR, 0).unwrap();
+        let coord = client_handshake(client, "node".into(), &key, hello, AbortFlag::new(), T)
+            .unwrap()
+            .conn;
+        (coord, node.join().unwrap())
     }
 
-    fn file(path: &str, len: u64) -> RecordedFile {
+    fn file(path: &str, bytes: &[u8]) -> RecordedFile {
         RecordedFile {
             path: path.into(),
-            len,
+            len: bytes.len() as u64,
+            digest: blake3::hash(bytes).to_hex().to_string(),
         }
     }
 
     const T: Duration = Duration::from_secs(5);
+    const CHUNK: &str = "snapshots/chunks/ab/abcd0123456789abcdef0123456789ab.zst";
 
     #[test]
     fn a_node_dying_mid_transfer_keeps_the_whole_files_and_names_the_broken_one() {
         let dir = tempfile::tempdir().unwrap();
         // Already present with the right length: content-addressed, so not fetched again.
         std::fs::create_dir_all(dir.path().join("snapshots/chunks/ab")).unwrap();
-        std::fs::write(dir.path().join("snapshots/chunks/ab/abcd.zst"), b"xyz").unwrap();
+        std::fs::write(dir.path().join(CHUNK), b"xyz").unwrap();
         let (mut coord, mut node) = pair();
         let fake_node = std::thread::spawn(move || {
             let files = vec![
-                file("endpoints/0.slog", 6),
-                file("snapshots/chunks/ab/abcd.zst", 3),
-                file("snapshots/0-0.idx", 10),
+                file("endpoints/0.slog", b"abcdef"),
+                file(CHUNK, b"xyz"),
+                file("snapshots/stage-0/step-0.idx", b"0123456789"),
             ];
             node.send_json(&ToCoordinator::Files { files }, T).unwrap();
             let paths = match node.recv_json::<ToNode>(T).unwrap() {
@@ -713,37 +844,101 @@ mod tests {
             node.shutdown();
             paths
         });
-        let err = collect_files(&mut coord, dir.path(), &Mutex::default(), T).unwrap_err();
+        let err = collect_files(&mut coord, 0, dir.path(), &Mutex::default(), T).unwrap_err();
         let paths = fake_node.join().unwrap();
-        assert_eq!(paths, ["endpoints/0.slog", "snapshots/0-0.idx"]);
+        assert_eq!(paths, ["endpoints/0.slog", "snapshots/stage-0/step-0.idx"]);
         assert!(
-            err.contains("snapshots/0-0.idx") && err.contains("4 of 10 bytes"),
+            err.contains("snapshots/stage-0/step-0.idx") && err.contains("4 of 10 bytes"),
             "{err}"
         );
         assert_eq!(
             std::fs::read(dir.path().join("endpoints/0.slog")).unwrap(),
             b"abcdef"
         );
-        assert!(!dir.path().join("snapshots/0-0.idx").exists());
-        let left = std::fs::read_dir(dir.path().join("snapshots"))
+        let left = std::fs::read_dir(dir.path().join("snapshots/stage-0"))
             .unwrap()
             .count();
-        assert_eq!(left, 1, "only the chunks folder: no partial file is left");
+        assert_eq!(left, 0, "no partial file is left");
     }
 
     #[test]
-    fn a_file_named_outside_the_trace_directory_is_refused() {
+    fn success_waits_for_the_node_to_confirm_its_scratch_is_gone() {
         let dir = tempfile::tempdir().unwrap();
         let (mut coord, mut node) = pair();
-        for bad in ["../escape", "/etc/passwd", "endpoints/../../x", ""] {
-            let files = vec![file(bad, 1)];
+        let fake_node = std::thread::spawn(move || {
+            let files = vec![file("endpoints/1.slog", b"log")];
             node.send_json(&ToCoordinator::Files { files }, T).unwrap();
-            let err = collect_files(&mut coord, dir.path(), &Mutex::default(), T).unwrap_err();
-            assert!(err.contains("outside the trace directory"), "{bad}: {err}");
+            assert!(matches!(
+                node.recv_json::<ToNode>(T).unwrap(),
+                ToNode::Fetch { .. }
+            ));
+            node.send_frame(crate::wire::kind::FILE, b"log", T).unwrap();
+            assert!(matches!(
+                node.recv_json::<ToNode>(T).unwrap(),
+                ToNode::Collected
+            ));
+            // The node could not remove its scratch directory.
+            let failed = ToCoordinator::Failed {
+                at: "cleanup".into(),
+                error: "remove /tmp/x: busy".into(),
+                cause: Cause::Stage,
+            };
+            node.send_json(&failed, T).unwrap();
+        });
+        let err = collect_files(&mut coord, 1, dir.path(), &Mutex::default(), T).unwrap_err();
+        fake_node.join().unwrap();
+        assert!(err.contains("could not remove its scratch"), "{err}");
+    }
+
+    #[test]
+    fn files_the_stage_does_not_produce_or_that_fail_their_digest_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut coord, mut node) = pair();
+        for bad in [
+            "../escape",
+            "/etc/passwd",
+            "endpoints/../../x",
+            "",
+            "endpoints/0.journal",
+            "endpoints/0.t0.ring",
+            "endpoints/1.slog",
+            "nodes/1.json",
+            "snapshots/stage-1/step-0.idx",
+            "snapshots/chunks/ab/zz.zst",
+            "snapshots/chunks/cd/abcd0123456789abcdef0123456789ab.zst",
+            "extra.txt",
+        ] {
+            let files = vec![file("endpoints/0.slog", b"x"), file(bad, b"x")];
+            node.send_json(&ToCoordinator::Files { files }, T).unwrap();
+            let err = collect_files(&mut coord, 0, dir.path(), &Mutex::default(), T).unwrap_err();
+            assert!(err.contains("does not produce"), "{bad}: {err}");
         }
-        let files = vec![file("big", MAX_COLLECTED_FILE + 1)];
-        node.send_json(&ToCoordinator::Files { files }, T).unwrap();
-        let err = collect_files(&mut coord, dir.path(), &Mutex::default(), T).unwrap_err();
+        let mut big = file("endpoints/0.slog", b"x");
+        big.len = MAX_COLLECTED_FILE + 1;
+        node.send_json(&ToCoordinator::Files { files: vec![big] }, T)
+            .unwrap();
+        let err = collect_files(&mut coord, 0, dir.path(), &Mutex::default(), T).unwrap_err();
         assert!(err.contains("more than"), "{err}");
+        // The bytes that arrive differ from what the node's digest says.
+        let fake_node = std::thread::spawn(move || {
+            let files = vec![file("endpoints/0.slog", b"good")];
+            node.send_json(&ToCoordinator::Files { files }, T).unwrap();
+            assert!(matches!(
+                node.recv_json::<ToNode>(T).unwrap(),
+                ToNode::Fetch { .. }
+            ));
+            node.send_frame(crate::wire::kind::FILE, b"evil", T)
+                .unwrap();
+        });
+        let err = collect_files(&mut coord, 0, dir.path(), &Mutex::default(), T).unwrap_err();
+        fake_node.join().unwrap();
+        assert!(err.contains("does not match the digest"), "{err}");
+        assert!(!dir.path().join("endpoints/0.slog").exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("endpoints"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }

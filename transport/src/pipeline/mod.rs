@@ -77,6 +77,10 @@ pub struct PipelineConfig {
     /// the best the node's CPU has. Results are identical for every choice.
     #[serde(default)]
     pub isa: Option<String>,
+    /// How TCP data links protect activation bytes: a keyed MAC per transfer (default) or
+    /// nothing (`--link-integrity none`, for fabrics the user trusts).
+    #[serde(default)]
+    pub link_integrity: crate::link::LinkIntegrity,
     /// The `slug` binary to launch stage processes with; default: the current executable.
     #[serde(skip)]
     pub node_binary: Option<PathBuf>,
@@ -117,6 +121,7 @@ impl PipelineConfig {
             launch: Launch::Processes,
             inject: None,
             isa: None,
+            link_integrity: crate::link::LinkIntegrity::Mac,
             stop_after: None,
             node_binary: None,
             key_file: None,
