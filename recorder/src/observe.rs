@@ -6,10 +6,12 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
-use slug_kernels::{Hooks, KernelCall, KernelId, Section, Stage, StageCursor};
+use slug_kernels::{Hooks, KernelCall, KernelId, Section, Stage};
+use slug_schema::blob::BlobStore;
+use slug_schema::snapshot::{SnapshotInfo, SnapshotStore, SnapshotWriter};
 use slug_schema::{
     Counter, Direction, Event, KernelSpan, SnapshotEvent, StepBoundary, Transfer as TransferEvent,
-    Transport, WriterOptions,
+    TransferKey, Transport, WriterOptions,
 };
 use slug_transport::TransportError;
 use slug_transport::pipeline::{ObserverFactory, StageContext, StageObservers, StageStateObserver};
@@ -18,7 +20,6 @@ use slug_transport::transfer::{
 };
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::blob::BlobStore;
 use crate::ebpf::{EbpfRequest, EbpfSession};
 use crate::endpoint::{
     EBPF_LOST_REASONS, EndpointOptions, EndpointRecorder, EndpointShared, EndpointStats,
@@ -29,7 +30,6 @@ use crate::perf::{
     Capabilities, HostPmus, PerfConfig, PerfStreams, PerfTarget, StepCounters, StreamKind,
     current_tid, monotonic_ns,
 };
-use crate::snapshot::{SnapshotInfo, SnapshotStore, SnapshotWriter};
 
 /// Which transfer payloads a recording stores (hashes are always recorded).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -69,9 +69,13 @@ impl std::fmt::Display for PayloadPolicy {
     }
 }
 
-/// The transfer id the trace stores: the link in the top 24 bits, its sequence number below.
-pub fn trace_transfer_id(t: &Transfer) -> u64 {
-    u64::from(t.id.link.0) << 40 | (t.id.seq & ((1 << 40) - 1))
+/// The transfer id the trace stores for `t` ([`TransferKey::pack`]).
+fn trace_transfer_id(t: &Transfer) -> u64 {
+    TransferKey {
+        link: t.id.link.0,
+        seq: t.id.seq,
+    }
+    .pack()
 }
 
 fn transport(kind: TransportKind) -> Transport {
@@ -276,25 +280,6 @@ impl StageSnapshotter {
         }));
         Ok(Some(info))
     }
-}
-
-/// Restores `stage` from its snapshot at `step` in `store` (arena bytes verified chunk by chunk).
-pub fn restore_stage(store: &SnapshotStore, stage: &mut Stage, step: u64) -> Result<()> {
-    let index = stage.index() as u32;
-    let mut bytes = vec![0u8; stage.arena().len()];
-    let cursor = store.restore(index, step, &mut bytes)?;
-    let path = store.index_path(index, step);
-    let cursor: StageCursor =
-        serde_json::from_slice(&cursor).map_err(|e| RecorderError::SnapshotIndex {
-            path: path.clone(),
-            problem: format!("cursor is not a stage cursor ({e})"),
-        })?;
-    stage
-        .restore(&bytes, cursor)
-        .map_err(|e| RecorderError::SnapshotIndex {
-            path,
-            problem: format!("does not fit this stage ({e})"),
-        })
 }
 
 /// Settings shared by every endpoint of a recording.
@@ -557,7 +542,7 @@ fn blob_store(settings: &RecorderSettings, pmus: &HostPmus) -> Result<Option<Arc
         return Ok(None);
     }
     Ok(Some(Arc::new(BlobStore::open(
-        settings.trace_dir.join("payloads"),
+        settings.trace_dir.join(slug_schema::PAYLOADS_DIR),
         settings.writer.zstd_level,
     )?)))
 }
@@ -826,6 +811,7 @@ impl ObserverFactory for RecorderFactory {
 mod tests {
     use super::*;
     use slug_kernels::{LayerPlan, ModelConfig, ThreadPool};
+    use slug_transport::pipeline::StageState;
 
     #[test]
     fn a_stage_snapshot_restores_into_a_fresh_stage() {
@@ -882,7 +868,13 @@ mod tests {
         let infos = writer.finish().unwrap();
         assert_eq!(infos.len(), 2);
         // The later snapshot (same step, so same index file) restores the changed stage.
-        restore_stage(&store, &mut other, 0).unwrap();
+        let mut arena = vec![0u8; other.arena().len()];
+        let cursor = store.restore(0, 0, &mut arena).unwrap();
+        let state = StageState {
+            arena,
+            cursor: serde_json::from_slice(&cursor).unwrap(),
+        };
+        slug_transport::pipeline::restore_stage(&mut other, &state).unwrap();
         assert!(
             other.arena().bytes() == stage.arena().bytes(),
             "restored arena differs"

@@ -23,12 +23,8 @@ use crate::observe::{
 };
 use crate::out_dir::{SpaceNeeded, human_bytes, prepare_out};
 use crate::perf::{Capabilities, PerfConfig, probe};
-use crate::snapshot::SnapshotStore;
 use crate::topology::host_topology;
-
-/// Capability name saying every step's stage output (the last stage's logits, kernel `head`)
-/// carries its hash, so a replay at the default level checks it.
-pub const STAGE_OUTPUT_HASHES: &str = "stage_output_hashes";
+use slug_schema::snapshot::SnapshotStore;
 
 /// What to record and where.
 #[derive(Debug, Clone)]
@@ -500,7 +496,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         },
     });
     manifest.capabilities.push(slug_schema::Capability {
-        name: STAGE_OUTPUT_HASHES.into(),
+        name: slug_schema::STAGE_OUTPUT_HASHES.into(),
         requested: true,
         available: true,
         captured: true,
