@@ -646,9 +646,7 @@ pub struct NodeReport {
 
 impl NodeReport {
     fn new(caps: Capabilities) -> NodeReport {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown".into());
+        let host = crate::topology::host_name();
         let (topology, topology_error) = match crate::topology::host_topology(&host) {
             Ok(t) => (Some(t), None),
             Err(e) => (None, Some(e.to_string())),

@@ -163,12 +163,6 @@ impl RecordSummary {
     }
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
-}
-
 /// What endpoint `s` lost, and why.
 fn losses_of(s: &EndpointStats) -> Vec<Loss> {
     let e = Some(s.endpoint);
@@ -331,7 +325,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         headroom: pipeline.stages as u64 * LOG_HEADROOM,
     });
     prepare_out(&cfg.out, cfg.force, space.as_ref())?;
-    let host = host_name();
+    let host = crate::topology::host_name();
     let mut manifest = Manifest::new(serde_json::json!({
         "pipeline": pipeline,
         "payloads": cfg.payloads.to_string(),

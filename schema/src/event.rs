@@ -14,7 +14,7 @@ pub enum EventKind {
     KernelSpan = 0,
     /// Bytes moved between two endpoints (logged by both ends under the same id).
     Transfer = 1,
-    /// A pipeline step (or microbatch within it) began.
+    /// A stage finished a pipeline step of one sequence (microbatch).
     StepBoundary = 2,
     /// A snapshot of a stage's state was taken.
     Snapshot = 3,
@@ -304,14 +304,15 @@ pub struct Transfer {
     pub payload: Option<u128>,
 }
 
-/// A pipeline step (or microbatch `seq` within it) began.
+/// A stage finished step `step` of sequence `seq`: the event is logged after the step's last
+/// kernel, when the arena and cursor are consistent (where a snapshot may be taken).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StepBoundary {
-    /// Step.
+    /// The stage's step that just ended (its cursor step before it moved on).
     pub step: u64,
-    /// Microbatch.
+    /// Sequence (microbatch) the step ran.
     pub seq: u32,
-    /// When.
+    /// When the step ended.
     pub ns: u64,
 }
 
