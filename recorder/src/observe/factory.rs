@@ -1,50 +1,23 @@
 //! The observer factory of a local recording: per stage, its endpoint recorder, transfer
 //! observers, kernel hooks and snapshotter.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use slug_schema::WriterOptions;
 use slug_schema::blob::BlobStore;
 use slug_transport::TransportError;
 use slug_transport::pipeline::{ObserverFactory, StageContext, StageObservers, StageStateObserver};
 use slug_transport::transfer::Observers;
 
 use super::hooks::StageHooks;
+use super::settings::RecorderSettings;
 use super::snapshots::Snapshots;
 use super::transfers::{PayloadPolicy, TransferRecorder};
-use crate::ebpf::{EbpfRequest, EbpfSession};
+use crate::ebpf::EbpfSession;
 use crate::endpoint::{
     EBPF_LOST_REASONS, EndpointOptions, EndpointRecorder, EndpointShared, EndpointStats,
 };
 use crate::error::{RecorderError, Result};
-use crate::perf::{
-    Capabilities, HostPmus, PerfConfig, PerfStreams, PerfTarget, StreamKind, current_tid,
-};
-
-/// Settings shared by every endpoint of a recording.
-#[derive(Debug, Clone)]
-pub struct RecorderSettings {
-    /// The trace directory.
-    pub trace_dir: PathBuf,
-    /// Payload policy.
-    pub payloads: PayloadPolicy,
-    /// Perf streams.
-    pub perf: PerfConfig,
-    /// Records per thread ring.
-    pub ring_records: usize,
-    /// Log frame size and zstd level.
-    pub writer: WriterOptions,
-    /// Counts events written by every endpoint, for a progress display.
-    pub progress: Option<Arc<std::sync::atomic::AtomicU64>>,
-    /// Snapshots of every stage at step 0 and every K steps (`Some(0)`: step 0 only); `None`:
-    /// none (a replay then rebuilds stages from the seed).
-    pub snapshot_every: Option<u64>,
-    /// Hash every kernel output into its span (`--hash-kernels`).
-    pub hash_kernels: bool,
-    /// eBPF probes (`--ebpf`).
-    pub ebpf: EbpfRequest,
-}
+use crate::perf::{Capabilities, HostPmus, PerfStreams, PerfTarget, StreamKind, current_tid};
 
 /// Builds each stage's recorder and observers; collects their results at the end.
 #[derive(Debug)]

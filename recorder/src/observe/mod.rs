@@ -4,19 +4,22 @@
 //! - [`transfers`]: the payload policy and the transfer observer.
 //! - [`hooks`]: kernel spans, step boundaries and per-step counters.
 //! - [`snapshots`]: snapshots at step boundaries.
+//! - [`settings`]: what every endpoint of a recording shares.
 //! - [`factory`]: the observer factory of a local recording.
 //! - [`node`]: recording on a `slug node` (settings, capability report, factory).
 
 mod factory;
 mod hooks;
 mod node;
+mod settings;
 mod snapshots;
 mod transfers;
 
-pub use factory::{RecorderFactory, RecorderSettings};
+pub use factory::RecorderFactory;
 pub use hooks::StageHooks;
 pub use node::{
     NODE_REPORTS_DIR, NODE_SETTINGS_KEY, NodeRecorderFactory, NodeReport, NodeSettings,
 };
+pub use settings::RecorderSettings;
 pub use snapshots::StageSnapshotter;
 pub use transfers::{PayloadPolicy, TransferRecorder};

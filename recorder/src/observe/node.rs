@@ -9,7 +9,8 @@ use slug_schema::WriterOptions;
 use slug_transport::TransportError;
 use slug_transport::pipeline::{ObserverFactory, StageContext, StageObservers, StageStateObserver};
 
-use super::factory::{RecorderSettings, blob_store, observers, start_endpoint};
+use super::factory::{blob_store, observers, start_endpoint};
+use super::settings::RecorderSettings;
 use super::snapshots::Snapshots;
 use crate::ebpf::{EbpfRequest, EbpfSession};
 use crate::endpoint::EBPF_LOST_REASONS;

@@ -10,7 +10,7 @@ use slug_schema::{Event, SnapshotEvent};
 use slug_transport::TransportError;
 use slug_transport::pipeline::StageStateObserver;
 
-use super::factory::RecorderSettings;
+use super::settings::RecorderSettings;
 use crate::endpoint::EndpointShared;
 use crate::error::{RecorderError, Result};
 use crate::perf::monotonic_ns;
