@@ -247,9 +247,8 @@ fn print_text(r: &ReplayReport) {
             }
             if let Some(t) = d.transfer_id {
                 at.push_str(&format!(
-                    " transfer {t} (link {} #{})",
-                    t >> 40,
-                    t & ((1 << 40) - 1)
+                    " transfer {t} ({})",
+                    slug_schema::TransferKey::unpack(t)
                 ));
             }
             if let Some(o) = d.offset {

@@ -15,7 +15,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use slug_recorder::snapshot::{DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, SnapshotStore};
+use slug_schema::snapshot::{DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL, SnapshotStore};
 use tally::Tally;
 
 /// A stage-like arena: pseudo-random "weights" followed by a zeroed KV cache.

@@ -22,12 +22,12 @@ use slug_schema::{
 };
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::blob::BlobStore;
 use crate::ebpf::{EbpfSession, LostReasons};
 use crate::error::{RecorderError, Result};
 use crate::flight::FlightRing;
 use crate::journal::Journal;
 use crate::perf::{PerfRecord, PerfStreams, StreamKind, monotonic_ns};
+use slug_schema::blob::BlobStore;
 
 /// String id of the `task-clock` counter name (kernel names take ids `0..KernelId::ALL.len()`).
 pub const TASK_CLOCK_NAME: StringId = KernelId::ALL.len() as StringId;

@@ -180,12 +180,6 @@ impl FlightRing {
     pub fn lost(&self) -> u64 {
         self.word(LOST_AT).load(Ordering::Relaxed)
     }
-
-    /// Deletes the ring file (after a clean close: everything is in the endpoint log). The
-    /// mapping stays valid until the ring is dropped, so a late append is harmless.
-    pub fn remove_file(&self) -> Result<()> {
-        std::fs::remove_file(&self.path).map_err(|e| RecorderError::io(&self.path, e))
-    }
 }
 
 /// Bytes of a ring file holding `capacity` records (rounded up to a power of two, as

@@ -11,9 +11,10 @@
 //! - [`perf`]: perf streams (Intel PT, PEBS / IBS memory samples, software fallbacks) with a
 //!   capability report.
 //! - [`topology`]: CPUs, NUMA nodes, caches and huge pages of the host, for the manifest.
-//! - [`snapshot`]: a stage's arena and cursor as deduplicated zstd chunks under `<trace>/snapshots/`.
+//!
+//! The snapshot and payload stores the recorder writes into belong to the trace directory:
+//! `slug_schema::snapshot` and `slug_schema::blob`.
 
-pub mod blob;
 pub mod ebpf;
 pub mod endpoint;
 mod error;
@@ -24,11 +25,10 @@ mod out_dir;
 pub mod perf;
 mod record;
 mod recover;
-pub mod snapshot;
 pub mod topology;
 
 pub use error::{RecorderError, Result};
-pub use record::{EndpointSummary, RecordConfig, RecordSummary, STAGE_OUTPUT_HASHES, record};
+pub use record::{EndpointSummary, RecordConfig, RecordSummary, record};
 pub use recover::{
     EndpointLeftovers, Leftovers, Outcome, Preview, RecoveredEndpoint, RecoveryReport, preview,
     recover,

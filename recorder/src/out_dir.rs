@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use slug_schema::{ENDPOINTS_DIR, MANIFEST_FILE, SNAPSHOTS_DIR, Trace};
+use slug_schema::{ENDPOINTS_DIR, MANIFEST_FILE, PAYLOADS_DIR, SNAPSHOTS_DIR, Trace};
 
 use crate::error::{RecorderError, Result};
 use crate::observe::NODE_REPORTS_DIR;
@@ -13,7 +13,7 @@ use crate::observe::NODE_REPORTS_DIR;
 const WRITE_PROBE: &str = ".slug-write-test";
 
 /// Directories a trace holds (besides the manifest).
-const TRACE_DIRS: [&str; 4] = [ENDPOINTS_DIR, SNAPSHOTS_DIR, "payloads", NODE_REPORTS_DIR];
+const TRACE_DIRS: [&str; 4] = [ENDPOINTS_DIR, SNAPSHOTS_DIR, PAYLOADS_DIR, NODE_REPORTS_DIR];
 
 /// Space a recording needs up front: preallocated files (flight rings) and why.
 #[derive(Debug, Clone)]

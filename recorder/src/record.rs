@@ -23,12 +23,8 @@ use crate::observe::{
 };
 use crate::out_dir::{SpaceNeeded, human_bytes, prepare_out};
 use crate::perf::{Capabilities, PerfConfig, probe};
-use crate::snapshot::SnapshotStore;
 use crate::topology::host_topology;
-
-/// Capability name saying every step's stage output (the last stage's logits, kernel `head`)
-/// carries its hash, so a replay at the default level checks it.
-pub const STAGE_OUTPUT_HASHES: &str = "stage_output_hashes";
+use slug_schema::snapshot::SnapshotStore;
 
 /// What to record and where.
 #[derive(Debug, Clone)]
@@ -165,12 +161,6 @@ impl RecordSummary {
         let raw: u64 = self.endpoints.iter().map(|e| e.raw_bytes).sum();
         raw as f64 / bytes.max(1) as f64
     }
-}
-
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
 }
 
 /// What endpoint `s` lost, and why.
@@ -335,7 +325,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         headroom: pipeline.stages as u64 * LOG_HEADROOM,
     });
     prepare_out(&cfg.out, cfg.force, space.as_ref())?;
-    let host = host_name();
+    let host = crate::topology::host_name();
     let mut manifest = Manifest::new(serde_json::json!({
         "pipeline": pipeline,
         "payloads": cfg.payloads.to_string(),
@@ -500,7 +490,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         },
     });
     manifest.capabilities.push(slug_schema::Capability {
-        name: STAGE_OUTPUT_HASHES.into(),
+        name: slug_schema::STAGE_OUTPUT_HASHES.into(),
         requested: true,
         available: true,
         captured: true,

@@ -14,17 +14,14 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use slug_schema::{
     Clock, ENDPOINTS_DIR, Event, FooterState, LogHeader, LogReader, LogWriter, LostEvents,
-    MANIFEST_FILE, SNAPSHOTS_DIR, Trace, WriterOptions,
+    MANIFEST_FILE, PAYLOADS_DIR, SNAPSHOTS_DIR, Trace, WriterOptions,
 };
 
 use crate::endpoint::fixed_strings;
 use crate::error::{RecorderError, Result};
 use crate::flight::recover_ring;
 use crate::journal::read_journal;
-use crate::snapshot::CHUNKS_DIR;
-
-/// The payload store's directory inside a trace.
-const PAYLOADS_DIR: &str = "payloads";
+use slug_schema::snapshot::CHUNKS_DIR;
 
 /// Opens `path` for reading only if it is a regular file: a symbolic link is not followed and a
 /// FIFO or device is refused without blocking.

@@ -9,6 +9,16 @@ use slug_schema::{Cache, HostTopology, HugePages, NumaNode};
 
 use crate::error::{RecorderError, Result};
 
+/// This host's name as the kernel reports it (`/proc/sys/kernel/hostname`), `unknown` when
+/// it cannot be read: the label of the node in the manifest and in node reports.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Reads the topology of this host from `/sys`, labelled `node`.
 pub fn host_topology(node: &str) -> Result<HostTopology> {
     read_topology(Path::new("/sys"), node)

@@ -6,10 +6,10 @@
 use std::path::Path;
 
 use proptest::prelude::*;
-use slug_recorder::blob::BlobStore;
 use slug_recorder::flight::{FlightRing, recover_ring};
 use slug_recorder::journal::{Journal, read_journal};
-use slug_recorder::snapshot::SnapshotIndex;
+use slug_schema::blob::BlobStore;
+use slug_schema::snapshot::SnapshotIndex;
 use slug_schema::synth::{SynthConfig, write_trace};
 use slug_schema::{Event, LogReader, LogSummary, Marker, RawRecord, Trace, TraceSummary};
 

@@ -93,7 +93,7 @@ fn payloads_all_stores_every_transfer_once_by_content() {
     };
     record(&cfg, &pipeline(2, 3)).unwrap();
     let trace = Trace::open(&out).unwrap();
-    let store = slug_recorder::blob::BlobStore::open(out.join("payloads"), 1).unwrap();
+    let store = slug_schema::blob::BlobStore::open(out.join(slug_schema::PAYLOADS_DIR), 1).unwrap();
     let recv = events(&trace, 1, EventKind::Transfer);
     assert!(!recv.is_empty());
     for e in recv {

@@ -28,7 +28,7 @@ pub enum ReplayError {
         /// The trace directory.
         path: PathBuf,
         /// What the snapshot or payload store said (it names the file).
-        cause: Box<slug_recorder::RecorderError>,
+        cause: Box<slug_schema::SchemaError>,
     },
     /// This machine cannot reproduce the trace bit for bit.
     #[error(

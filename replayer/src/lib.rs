@@ -16,6 +16,9 @@
 //! Steps are a stage's step counter (one forward pass of one sequence), as everywhere in a
 //! trace; [`place_of`] names the decode step and sequence of one.
 
+// Replay touches no raw memory: the arena, links and kernels it drives keep their own `unsafe`.
+#![forbid(unsafe_code)]
+
 mod divergence;
 mod error;
 mod node;

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use slug_kernels::{KernelId, StageCursor};
-use slug_recorder::blob::BlobStore;
-use slug_recorder::snapshot::SnapshotStore;
-use slug_schema::{Direction, Event, EventKind, KindSet, TimeRange, Trace, Transfer};
+use slug_schema::blob::BlobStore;
+use slug_schema::snapshot::SnapshotStore;
+use slug_schema::{Direction, Event, EventKind, KindSet, TimeRange, Trace, Transfer, TransferKey};
 use slug_transport::pipeline::{PipelineConfig, StageState, schedule_slot};
 use slug_transport::transfer::Tag;
 
@@ -99,7 +99,7 @@ impl RecordedRun {
                 .manifest()
                 .capabilities
                 .iter()
-                .any(|c| c.name == slug_recorder::STAGE_OUTPUT_HASHES && c.captured),
+                .any(|c| c.name == slug_schema::STAGE_OUTPUT_HASHES && c.captured),
         };
         let kinds = KindSet::of(&[
             EventKind::Transfer,
@@ -174,13 +174,15 @@ impl RecordedRun {
                 };
                 match event {
                     Event::Transfer(t) if t.direction == Direction::Send => {
-                        let link = (t.id >> 40) as u32;
+                        let TransferKey { link, seq } = TransferKey::unpack(t.id);
                         if link != ep.stage {
                             foreign += 1;
                             continue;
                         }
-                        let n = (t.id & ((1 << 40) - 1)) as usize;
-                        if let Some(tag) = send_tags.get(link as usize).and_then(|v| v.get(n)) {
+                        let tag = usize::try_from(seq)
+                            .ok()
+                            .and_then(|n| send_tags.get(link as usize)?.get(n));
+                        if let Some(tag) = tag {
                             rec.sends.insert((link, *tag), t);
                         }
                     }
@@ -224,20 +226,20 @@ impl RecordedRun {
         }
         let snap_dir = dir.join(slug_schema::SNAPSHOTS_DIR);
         refuse_symlink(&dir, slug_schema::SNAPSHOTS_DIR)?;
-        refuse_symlink(&dir, "payloads")?;
+        refuse_symlink(&dir, slug_schema::PAYLOADS_DIR)?;
         if snap_dir.is_dir() {
             let store = SnapshotStore::open(&snap_dir).map_err(|e| rec.store_err(e))?;
             rec.snapshot_steps = store.snapshots().map_err(|e| rec.store_err(e))?;
             rec.snapshots = Some(store);
         }
-        let blob_dir = dir.join("payloads");
+        let blob_dir = dir.join(slug_schema::PAYLOADS_DIR);
         if blob_dir.is_dir() {
             rec.blobs = Some(BlobStore::open(&blob_dir, 1).map_err(|e| rec.store_err(e))?);
         }
         Ok(rec)
     }
 
-    fn store_err(&self, e: slug_recorder::RecorderError) -> ReplayError {
+    fn store_err(&self, e: slug_schema::SchemaError) -> ReplayError {
         ReplayError::Store {
             path: self.dir.clone(),
             cause: Box::new(e),
@@ -437,9 +439,7 @@ pub fn node_state(dir: &Path, stage: u32, step: u64) -> Result<Option<StageState
         });
     }
     let snap_dir = dir.join(slug_schema::SNAPSHOTS_DIR);
-    let index = snap_dir
-        .join(format!("stage-{stage}"))
-        .join(format!("step-{step}.idx"));
+    let index = slug_schema::snapshot::index_path(&snap_dir, stage, step);
     if step == 0 && !index.is_file() {
         return Ok(None);
     }
@@ -587,7 +587,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let stage_dir = dir.path().join("snapshots/stage-0");
         std::fs::create_dir_all(&stage_dir).unwrap();
-        let index = slug_recorder::snapshot::SnapshotIndex {
+        let index = slug_schema::snapshot::SnapshotIndex {
             stage: 0,
             step: 0,
             arena_len: 1 << 40,

@@ -166,6 +166,73 @@ pub enum SchemaError {
     /// Synthetic trace parameters out of range.
     #[error("invalid synthetic trace config: {0}")]
     Synth(String),
+
+    /// A snapshot index file is damaged or not a snapshot index.
+    #[error("{path}: snapshot index is {problem}; the snapshot cannot be restored")]
+    SnapshotIndex {
+        /// The index file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+
+    /// A transfer's recorded payload is not in the trace's `payloads/`.
+    #[error("{path}: transfer payload is missing; copy the trace's payloads/ directory completely")]
+    MissingPayload {
+        /// The payload file that should exist.
+        path: PathBuf,
+    },
+
+    /// A payload file is not what the trace says (size, hash, not a regular file, a bomb).
+    #[error("{path}: transfer payload is corrupt ({problem})")]
+    CorruptPayload {
+        /// The payload file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+
+    /// A snapshot references a chunk that is not in the store.
+    #[error("{path}: snapshot chunk is missing; copy the trace's snapshots/ directory completely")]
+    MissingChunk {
+        /// The chunk file that should exist.
+        path: PathBuf,
+    },
+
+    /// A chunk file does not decompress to bytes with the hash that names it.
+    #[error("{path}: snapshot chunk is corrupt ({problem}); the snapshot cannot be restored")]
+    CorruptChunk {
+        /// The chunk file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+
+    /// The arena to restore into is not the size that was snapshotted.
+    #[error(
+        "snapshot of stage {stage} at step {step} holds {expected} arena bytes but the target arena has {got}; restore into an arena of the recorded model and stage layout"
+    )]
+    ArenaSize {
+        /// Stage.
+        stage: u32,
+        /// Step.
+        step: u64,
+        /// Bytes in the snapshot.
+        expected: u64,
+        /// Bytes in the target arena.
+        got: u64,
+    },
+
+    /// An earlier background write failed, so the store no longer accepts snapshots.
+    #[error(
+        "snapshot store {path} stopped after an earlier write failure ({first_error}); free disk space or fix permissions and record again"
+    )]
+    StoreFailed {
+        /// The store directory.
+        path: PathBuf,
+        /// The first failure.
+        first_error: String,
+    },
 }
 
 impl SchemaError {

@@ -6,15 +6,30 @@
 /// resolve them with [`crate::LogReader::string`].
 pub type StringId = u32;
 
-/// The kind of an [`Event`]; the `u8` value is what the log stores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The kind of an [`Event`]; the `u8` value is what the log stores. Its table (every kind,
+/// from a stored value, the name) is derived from the variants.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    strum::EnumCount,
+    strum::FromRepr,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+)]
+#[strum(serialize_all = "snake_case")]
 #[repr(u8)]
 pub enum EventKind {
     /// A kernel ran on one thread over a range of rows.
     KernelSpan = 0,
     /// Bytes moved between two endpoints (logged by both ends under the same id).
     Transfer = 1,
-    /// A pipeline step (or microbatch within it) began.
+    /// A stage finished a pipeline step of one sequence (microbatch).
     StepBoundary = 2,
     /// A snapshot of a stage's state was taken.
     Snapshot = 3,
@@ -37,43 +52,28 @@ pub enum EventKind {
 
 impl EventKind {
     /// Number of event kinds.
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = <Self as strum::EnumCount>::COUNT;
 
     /// Every kind, in `u8` order.
-    pub const ALL: [EventKind; Self::COUNT] = [
-        EventKind::KernelSpan,
-        EventKind::Transfer,
-        EventKind::StepBoundary,
-        EventKind::Snapshot,
-        EventKind::PerfSample,
-        EventKind::PtChunk,
-        EventKind::Ebpf,
-        EventKind::LostEvents,
-        EventKind::Marker,
-        EventKind::Counter,
-        EventKind::PerfSoftware,
-    ];
+    pub const ALL: [EventKind; Self::COUNT] = {
+        let variants = <Self as strum::VariantArray>::VARIANTS;
+        let mut all = [EventKind::KernelSpan; Self::COUNT];
+        let mut i = 0;
+        while i < Self::COUNT {
+            all[i] = variants[i];
+            i += 1;
+        }
+        all
+    };
 
     /// The kind stored as `value`, or `None` for a value no kind has.
     pub fn from_u8(value: u8) -> Option<EventKind> {
-        Self::ALL.get(usize::from(value)).copied()
+        Self::from_repr(value)
     }
 
     /// A short lowercase name, as `slug info` prints it (`kernel_span`, `transfer`, ...).
     pub fn name(self) -> &'static str {
-        match self {
-            EventKind::KernelSpan => "kernel_span",
-            EventKind::Transfer => "transfer",
-            EventKind::StepBoundary => "step_boundary",
-            EventKind::Snapshot => "snapshot",
-            EventKind::PerfSample => "perf_sample",
-            EventKind::PtChunk => "pt_chunk",
-            EventKind::Ebpf => "ebpf",
-            EventKind::LostEvents => "lost_events",
-            EventKind::Marker => "marker",
-            EventKind::Counter => "counter",
-            EventKind::PerfSoftware => "perf_software",
-        }
+        self.into()
     }
 }
 
@@ -104,7 +104,7 @@ impl KindSet {
 }
 
 /// How a transfer moved its bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr)]
 #[repr(u8)]
 pub enum Transport {
     /// Same process.
@@ -122,9 +122,7 @@ pub enum Transport {
 impl Transport {
     /// The transport stored as `value`.
     pub fn from_u8(value: u8) -> Option<Transport> {
-        [Self::Local, Self::Shm, Self::Tcp, Self::Mpi, Self::Rdma]
-            .get(usize::from(value))
-            .copied()
+        Self::from_repr(value)
     }
 }
 
@@ -139,7 +137,7 @@ pub enum Direction {
 }
 
 /// What a perf sample measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr)]
 #[repr(u8)]
 pub enum PerfSampleKind {
     /// Software cpu-clock timer.
@@ -163,23 +161,12 @@ pub enum PerfSampleKind {
 impl PerfSampleKind {
     /// The sample kind stored as `value`.
     pub fn from_u8(value: u8) -> Option<PerfSampleKind> {
-        [
-            Self::CpuClock,
-            Self::TaskClock,
-            Self::Cycles,
-            Self::Instructions,
-            Self::MemLoad,
-            Self::MemStore,
-            Self::BranchMiss,
-            Self::CacheMiss,
-        ]
-        .get(usize::from(value))
-        .copied()
+        Self::from_repr(value)
     }
 }
 
 /// Which probe produced an eBPF event (the meaning of `arg0..arg2` depends on it; see trace.capnp).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr)]
 #[repr(u8)]
 pub enum EbpfKind {
     /// A syscall that took at least the recorder's threshold: `ns` = entry, arg0 = syscall nr,
@@ -210,22 +197,12 @@ pub enum EbpfKind {
 impl EbpfKind {
     /// The probe kind stored as `value`.
     pub fn from_u8(value: u8) -> Option<EbpfKind> {
-        [
-            Self::Syscall,
-            Self::OffCpu,
-            Self::PageFault,
-            Self::Migration,
-            Self::SyscallHistogram,
-            Self::TcpRetransmit,
-            Self::TcpDrop,
-        ]
-        .get(usize::from(value))
-        .copied()
+        Self::from_repr(value)
     }
 }
 
 /// What a perf software record is (the meaning of `arg0..arg2` depends on it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr)]
 #[repr(u8)]
 pub enum SoftwareKind {
     /// A context switch: arg0 = tid switched out (else 0), arg1 = tid switched in (else 0),
@@ -238,11 +215,7 @@ pub enum SoftwareKind {
 impl SoftwareKind {
     /// The record kind stored as `value` (the same values the version 1-2 `ebpf` kind used).
     pub fn from_u8(value: u8) -> Option<SoftwareKind> {
-        match value {
-            1 => Some(SoftwareKind::ContextSwitch),
-            2 => Some(SoftwareKind::PageFault),
-            _ => None,
-        }
+        Self::from_repr(value)
     }
 }
 
@@ -304,14 +277,15 @@ pub struct Transfer {
     pub payload: Option<u128>,
 }
 
-/// A pipeline step (or microbatch `seq` within it) began.
+/// A stage finished step `step` of sequence `seq`: the event is logged after the step's last
+/// kernel, when the arena and cursor are consistent (where a snapshot may be taken).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StepBoundary {
-    /// Step.
+    /// The stage's step that just ended (its cursor step before it moved on).
     pub step: u64,
-    /// Microbatch.
+    /// Sequence (microbatch) the step ran.
     pub seq: u32,
-    /// When.
+    /// When the step ended.
     pub ns: u64,
 }
 

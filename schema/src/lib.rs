@@ -3,21 +3,26 @@
 //! - [`Event`] and its kinds are what endpoints record; [`RawRecord`] is their fixed-size hot-path form.
 //! - [`LogWriter`] appends to a `.slog` (one per endpoint), encoding on a worker thread with
 //!   [`FrameEncoder`]; [`LogReader`] maps one, indexes it, recovers damage and decodes lazily.
-//! - [`Trace`] is the directory: [`Manifest`], `endpoints/<id>.slog`, `snapshots/`.
+//! - [`Trace`] is the directory: [`Manifest`], `endpoints/<id>.slog`, `snapshots/`, `payloads/`;
+//!   [`snapshot`] is the content-addressed snapshot store, [`blob`] the payload store, and
+//!   [`TransferKey`] packs a transfer id (link, sequence) into the one `u64` logs hold.
 //! - [`synth`] writes labelled synthetic pipeline traces for demos, tests and benchmarks.
 //!
 //! The byte-level format is in docs/FORMAT.md.
 
 mod batch;
+pub mod blob;
 pub mod contained;
 mod error;
 mod event;
 mod frame;
 mod raw;
 mod reader;
+pub mod snapshot;
 mod summary;
 pub mod synth;
 mod trace;
+mod transfer_id;
 mod writer;
 
 /// Rust bindings generated from `trace.capnp` by build.rs (from the committed `trace.capnp.bin`).
@@ -50,6 +55,8 @@ pub use reader::{DecodedFrame, EventsIn, FooterState, LogReader, Recovery, TimeR
 pub use summary::{EndpointSummary, LogSummary, TraceSummary};
 pub use trace::{
     Cache, Capability, ENDPOINTS_DIR, EndpointInfo, HostTopology, HugePages, MANIFEST_FILE,
-    Manifest, NodeClock, NumaNode, SNAPSHOTS_DIR, TRACE_FORMAT_VERSION, Trace,
+    Manifest, NodeClock, NumaNode, PAYLOADS_DIR, SNAPSHOTS_DIR, STAGE_OUTPUT_HASHES,
+    TRACE_FORMAT_VERSION, Trace,
 };
+pub use transfer_id::TransferKey;
 pub use writer::{LogStats, LogWriter, WriterOptions};

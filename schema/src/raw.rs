@@ -17,8 +17,9 @@ const WORDS: usize = 15;
 /// Flag bit: a kernel span's output hash / a transfer's payload is present.
 const FLAG_OPTION: u8 = 1;
 
-/// One event as a fixed-size 128-byte record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One event as a fixed-size 128-byte record: plain old data (no padding, any bit pattern is a
+/// record), so it converts to and from bytes as one copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C, align(8))]
 pub struct RawRecord {
     kind: u8,
@@ -68,32 +69,13 @@ impl RawRecord {
 
     /// The record's bytes (native endianness: records never leave the machine that made them).
     pub fn to_bytes(&self) -> [u8; Self::SIZE] {
-        let mut out = [0u8; Self::SIZE];
-        out[0] = self.kind;
-        out[1] = self.flags;
-        out[2..8].copy_from_slice(&self.small);
-        for (i, w) in self.words.iter().enumerate() {
-            out[8 + i * 8..16 + i * 8].copy_from_slice(&w.to_ne_bytes());
-        }
-        out
+        bytemuck::cast(*self)
     }
 
     /// A record from bytes made by [`RawRecord::to_bytes`]; [`RawRecord::to_event`] validates it.
     pub fn from_bytes(bytes: &[u8; Self::SIZE]) -> RawRecord {
-        let mut words = [0u64; WORDS];
-        for (i, w) in words.iter_mut().enumerate() {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&bytes[8 + i * 8..16 + i * 8]);
-            *w = u64::from_ne_bytes(b);
-        }
-        let mut small = [0u8; 6];
-        small.copy_from_slice(&bytes[2..8]);
-        RawRecord {
-            kind: bytes[0],
-            flags: bytes[1],
-            small,
-            words,
-        }
+        // The byte array has no alignment promise; an unaligned read copies it out.
+        bytemuck::pod_read_unaligned(bytes)
     }
 
     /// Packs an event. Inlined: this is the hot path's only work besides the buffer push.

@@ -17,6 +17,12 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub const ENDPOINTS_DIR: &str = "endpoints";
 /// Directory of snapshot chunks and indexes.
 pub const SNAPSHOTS_DIR: &str = "snapshots";
+/// Directory of recorded transfer payloads and PT chunks ([`crate::blob::BlobStore`]).
+pub const PAYLOADS_DIR: &str = "payloads";
+
+/// Capability name saying every step's stage output (the last stage's logits, kernel `head`)
+/// carries its hash, so a replay at the default level checks it.
+pub const STAGE_OUTPUT_HASHES: &str = "stage_output_hashes";
 
 /// Most endpoints a trace may list: far above any real pipeline, low enough that a crafted
 /// manifest cannot make a reader open millions of logs.

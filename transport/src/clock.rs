@@ -3,15 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Nanoseconds of this node's CLOCK_MONOTONIC, the time base of every post/complete time.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is always available on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use slug_kernels::monotonic_ns;
 
 /// One ping-pong: client send (t0), server receive (t1), server send (t2), client receive (t3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

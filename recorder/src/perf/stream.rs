@@ -40,15 +40,7 @@ pub fn current_tid() -> u32 {
 }
 
 /// CLOCK_MONOTONIC now, in ns: the clock perf timestamps are requested in.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use slug_kernels::monotonic_ns;
 
 /// Kernel samples need `perf_event_paranoid` ≤ 1 unless we are root; else exclude the kernel.
 fn privilege_filter() -> Priv {

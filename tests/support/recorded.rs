@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use slug_kernels::{Hooks, KernelCall, ModelConfig, Stage};
 use slug_recorder::observe::PayloadPolicy;
 use slug_recorder::perf::{PerfConfig, PerfRequest};
-use slug_recorder::snapshot::SnapshotStore;
 use slug_recorder::{RecordConfig, record};
+use slug_schema::snapshot::SnapshotStore;
 use slug_schema::{Event, EventKind, KindSet, LogHeader, LogWriter, TimeRange, Trace};
 use slug_transport::TransportError;
 use slug_transport::pipeline::{

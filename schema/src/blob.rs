@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use xxhash_rust::xxh3::xxh3_128;
 
-use crate::error::{RecorderError, Result};
+use crate::error::{Result, SchemaError};
 
 /// A directory of `<h2>/<h32>.zst` blobs (`<trace>/payloads/`).
 #[derive(Debug)]
@@ -22,7 +22,7 @@ impl BlobStore {
     /// Creates the store directory if needed.
     pub fn open(dir: impl AsRef<Path>, zstd_level: i32) -> Result<BlobStore> {
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| RecorderError::io(&dir, e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| SchemaError::io(&dir, e))?;
         Ok(BlobStore {
             dir,
             zstd_level,
@@ -58,10 +58,10 @@ impl BlobStore {
         if path.exists() {
             return Ok(0);
         }
-        let compressed = zstd::bulk::compress(bytes, self.zstd_level)
-            .map_err(|e| RecorderError::io(&path, e))?;
+        let compressed =
+            zstd::bulk::compress(bytes, self.zstd_level).map_err(|e| SchemaError::io(&path, e))?;
         let parent = path.parent().unwrap_or(&self.dir);
-        std::fs::create_dir_all(parent).map_err(|e| RecorderError::io(parent, e))?;
+        std::fs::create_dir_all(parent).map_err(|e| SchemaError::io(parent, e))?;
         // Temporary name + rename: a crash never leaves a partial file under a content name.
         let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
         let written = std::fs::write(&tmp, &compressed).and_then(|()| std::fs::rename(&tmp, &path));
@@ -71,7 +71,7 @@ impl BlobStore {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&hash);
-            return Err(RecorderError::io(&path, e));
+            return Err(SchemaError::io(&path, e));
         }
         Ok(compressed.len() as u64)
     }
@@ -84,18 +84,18 @@ impl BlobStore {
         let path = self.path(hash);
         let hex = format!("{hash:032x}");
         let rel = Path::new(&hex[..2]).join(format!("{hex}.zst"));
-        let corrupt = |problem: String| RecorderError::CorruptPayload {
+        let corrupt = |problem: String| SchemaError::CorruptPayload {
             path: path.clone(),
             problem,
         };
         // zstd's worst case is `len + len / 256` plus a small constant; be generous.
         let max_compressed = len.saturating_add(len / 128).saturating_add(1024);
-        let compressed = match slug_schema::contained::read_in(&self.dir, &rel, max_compressed) {
+        let compressed = match crate::contained::read_in(&self.dir, &rel, max_compressed) {
             Ok(c) => c,
-            Err(slug_schema::SchemaError::Io { source, .. })
+            Err(SchemaError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                return Err(RecorderError::MissingPayload { path });
+                return Err(SchemaError::MissingPayload { path });
             }
             Err(e) => return Err(corrupt(e.to_string())),
         };
@@ -139,10 +139,10 @@ mod tests {
         std::fs::write(s.path(h), zstd::bulk::compress(b"other", 1).unwrap()).unwrap();
         assert!(matches!(
             s.get(h, 10_000),
-            Err(RecorderError::CorruptPayload { .. })
+            Err(SchemaError::CorruptPayload { .. })
         ));
         let missing = s.get(1, 10).unwrap_err();
-        assert!(matches!(missing, RecorderError::MissingPayload { .. }));
+        assert!(matches!(missing, SchemaError::MissingPayload { .. }));
         assert!(missing.to_string().contains("payload"), "{missing}");
         assert!(!missing.to_string().contains("snapshot"), "{missing}");
     }
@@ -165,7 +165,7 @@ mod tests {
         std::fs::write(&p, &bomb).unwrap();
         // Refused by its file size: more than zstd could need for 4 KiB.
         let e = s.get(h, 4096).unwrap_err();
-        assert!(matches!(e, RecorderError::CorruptPayload { .. }), "{e}");
+        assert!(matches!(e, SchemaError::CorruptPayload { .. }), "{e}");
         assert!(e.to_string().contains("more than the"), "{e}");
         // Small enough for a 1 MiB claim, but decompression stops at 1 MiB of output.
         let e = s.get(h, 1 << 20).unwrap_err();

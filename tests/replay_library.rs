@@ -2,7 +2,8 @@
 //! from snapshots and recorded payloads, and divergence reports that point at exactly the
 //! injected fault — whether the fault is in the replay or in the recording.
 
-mod support;
+#[path = "support/recorded.rs"]
+mod recorded;
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use slug_replayer::{
 use slug_transport::inject::Injection;
 use slug_transport::transfer::TransportKind;
 
-use support::{pipeline, record_trace};
+use recorded::{pipeline, record_trace};
 
 const FAULT: &str = "stage=1,layer=3,kernel=down,step=5,element=7";
 
@@ -35,7 +36,7 @@ fn stage1_step5_id() -> u64 {
         .position(|t| t.step == 2 && t.sequence == 1)
         .expect("tag") as u64;
     assert_eq!(n, 5);
-    (1u64 << 40) | n
+    slug_schema::TransferKey { link: 1, seq: n }.pack()
 }
 
 #[test]

@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_128};
 
-use crate::error::{RecorderError, Result};
+use crate::error::{Result, SchemaError};
 
 /// Default chunk size: large enough that an index stays small (4 KiB per GiB of arena) and zstd
 /// has context, small enough that a changed KV-cache row re-stores little.
@@ -38,7 +38,15 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 const INDEX_MAGIC: &[u8; 8] = b"SLUGSNAP";
 const INDEX_VERSION: u32 = 1;
 const INDEX_HEADER_LEN: usize = 48;
-pub(crate) const CHUNKS_DIR: &str = "chunks";
+/// Directory of chunk files inside the store.
+pub const CHUNKS_DIR: &str = "chunks";
+
+/// Path of the index of `stage`'s snapshot at `step` in the store at `dir` (a trace's
+/// `snapshots/`): `stage-<S>/step-<N>.idx`.
+pub fn index_path(dir: &Path, stage: u32, step: u64) -> PathBuf {
+    dir.join(format!("stage-{stage}"))
+        .join(format!("step-{step}.idx"))
+}
 
 /// What one snapshot holds: the arena size, the chunking, the cursor blob and each chunk's hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +90,7 @@ impl SnapshotIndex {
 
     /// Parses index bytes read from `path` (named in errors), checking every length and the checksum.
     pub fn decode(path: &Path, bytes: &[u8]) -> Result<SnapshotIndex> {
-        let bad = |problem: String| RecorderError::SnapshotIndex {
+        let bad = |problem: String| SchemaError::SnapshotIndex {
             path: path.to_path_buf(),
             problem,
         };
@@ -225,15 +233,15 @@ impl SnapshotStore {
     ) -> Result<SnapshotStore> {
         let dir = dir.as_ref().to_path_buf();
         let chunks = dir.join(CHUNKS_DIR);
-        std::fs::create_dir_all(&chunks).map_err(|e| RecorderError::io(&chunks, e))?;
+        std::fs::create_dir_all(&chunks).map_err(|e| SchemaError::io(&chunks, e))?;
         let mut known = HashSet::new();
-        for fan in std::fs::read_dir(&chunks).map_err(|e| RecorderError::io(&chunks, e))? {
-            let fan = fan.map_err(|e| RecorderError::io(&chunks, e))?.path();
+        for fan in std::fs::read_dir(&chunks).map_err(|e| SchemaError::io(&chunks, e))? {
+            let fan = fan.map_err(|e| SchemaError::io(&chunks, e))?.path();
             if !fan.is_dir() {
                 continue;
             }
-            for entry in std::fs::read_dir(&fan).map_err(|e| RecorderError::io(&fan, e))? {
-                let name = entry.map_err(|e| RecorderError::io(&fan, e))?.file_name();
+            for entry in std::fs::read_dir(&fan).map_err(|e| SchemaError::io(&fan, e))? {
+                let name = entry.map_err(|e| SchemaError::io(&fan, e))?.file_name();
                 let hash = name
                     .to_str()
                     .and_then(|n| n.strip_suffix(".zst"))
@@ -277,9 +285,7 @@ impl SnapshotStore {
 
     /// Path of the index of `stage`'s snapshot at `step`.
     pub fn index_path(&self, stage: u32, step: u64) -> PathBuf {
-        self.dir
-            .join(format!("stage-{stage}"))
-            .join(format!("step-{step}.idx"))
+        index_path(&self.dir, stage, step)
     }
 
     /// Whether the store holds (or has captured for writing) the chunk `hash`.
@@ -295,7 +301,7 @@ impl SnapshotStore {
 
     fn check_healthy(&self, state: &StoreState) -> Result<()> {
         match &state.failed {
-            Some(first_error) => Err(RecorderError::StoreFailed {
+            Some(first_error) => Err(SchemaError::StoreFailed {
                 path: self.dir.clone(),
                 first_error: first_error.clone(),
             }),
@@ -399,8 +405,8 @@ impl SnapshotStore {
         if path.exists() {
             return Ok(0);
         }
-        let compressed = zstd::bulk::compress(bytes, self.zstd_level)
-            .map_err(|e| RecorderError::io(&path, e))?;
+        let compressed =
+            zstd::bulk::compress(bytes, self.zstd_level).map_err(|e| SchemaError::io(&path, e))?;
         self.write_atomic(&path, &compressed)?;
         Ok(compressed.len() as u64)
     }
@@ -409,16 +415,16 @@ impl SnapshotStore {
     /// under a name that claims a content hash.
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| RecorderError::io(parent, e))?;
+            std::fs::create_dir_all(parent).map_err(|e| SchemaError::io(parent, e))?;
         }
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
         if let Err(e) = std::fs::write(&tmp, bytes) {
             // Best effort: a partial temporary file is not a chunk, but do not leave it behind.
             let _ = std::fs::remove_file(&tmp);
-            return Err(RecorderError::io(&tmp, e));
+            return Err(SchemaError::io(&tmp, e));
         }
-        std::fs::rename(&tmp, path).map_err(|e| RecorderError::io(path, e))
+        std::fs::rename(&tmp, path).map_err(|e| SchemaError::io(path, e))
     }
 
     /// Reads and checks the index of `stage`'s snapshot at `step`.
@@ -426,15 +432,15 @@ impl SnapshotStore {
         let path = self.index_path(stage, step);
         let rel = path.strip_prefix(&self.dir).unwrap_or(&path);
         // A regular file inside the store, of a size an index can have (64 MiB indexes 256 TiB).
-        let bytes = slug_schema::contained::read_in(&self.dir, rel, 64 << 20).map_err(|e| {
-            RecorderError::SnapshotIndex {
+        let bytes = crate::contained::read_in(&self.dir, rel, 64 << 20).map_err(|e| {
+            SchemaError::SnapshotIndex {
                 path: path.clone(),
                 problem: format!("unreadable ({e})"),
             }
         })?;
         let index = SnapshotIndex::decode(&path, &bytes)?;
         if index.stage != stage || index.step != step {
-            return Err(RecorderError::SnapshotIndex {
+            return Err(SchemaError::SnapshotIndex {
                 path,
                 problem: format!(
                     "for stage {} step {} but stored as stage {stage} step {step}",
@@ -448,8 +454,8 @@ impl SnapshotStore {
     /// Every `(stage, step)` with an index in the store, sorted.
     pub fn snapshots(&self) -> Result<Vec<(u32, u64)>> {
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(&self.dir).map_err(|e| RecorderError::io(&self.dir, e))? {
-            let entry = entry.map_err(|e| RecorderError::io(&self.dir, e))?;
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| SchemaError::io(&self.dir, e))? {
+            let entry = entry.map_err(|e| SchemaError::io(&self.dir, e))?;
             let name = entry.file_name();
             let Some(stage) = name
                 .to_str()
@@ -459,8 +465,8 @@ impl SnapshotStore {
                 continue;
             };
             let sdir = entry.path();
-            for e in std::fs::read_dir(&sdir).map_err(|e| RecorderError::io(&sdir, e))? {
-                let file = e.map_err(|e| RecorderError::io(&sdir, e))?.file_name();
+            for e in std::fs::read_dir(&sdir).map_err(|e| SchemaError::io(&sdir, e))? {
+                let file = e.map_err(|e| SchemaError::io(&sdir, e))?.file_name();
                 let step = file
                     .to_str()
                     .and_then(|n| n.strip_prefix("step-"))
@@ -480,7 +486,7 @@ impl SnapshotStore {
     pub fn restore(&self, stage: u32, step: u64, arena: &mut [u8]) -> Result<Vec<u8>> {
         let index = self.read_index(stage, step)?;
         if index.arena_len != arena.len() as u64 {
-            return Err(RecorderError::ArenaSize {
+            return Err(SchemaError::ArenaSize {
                 stage,
                 step,
                 expected: index.arena_len,
@@ -499,21 +505,19 @@ impl SnapshotStore {
         let path = self.chunk_path(hash);
         let rel = path.strip_prefix(&self.dir).unwrap_or(&path);
         let max = zstd::zstd_safe::compress_bound(dst.len()) as u64 + 1024;
-        let compressed = match slug_schema::contained::read_in(&self.dir, rel, max) {
+        let compressed = match crate::contained::read_in(&self.dir, rel, max) {
             Ok(c) => c,
-            Err(slug_schema::SchemaError::Io { source, .. })
-                if source.kind() == ErrorKind::NotFound =>
-            {
-                return Err(RecorderError::MissingChunk { path });
+            Err(SchemaError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                return Err(SchemaError::MissingChunk { path });
             }
             Err(e) => {
-                return Err(RecorderError::CorruptChunk {
+                return Err(SchemaError::CorruptChunk {
                     path,
                     problem: e.to_string(),
                 });
             }
         };
-        let corrupt = |problem: String| RecorderError::CorruptChunk {
+        let corrupt = |problem: String| SchemaError::CorruptChunk {
             path: path.clone(),
             problem,
         };
@@ -549,7 +553,7 @@ impl SnapshotWriter {
         let handle = std::thread::Builder::new()
             .name("slug-snapshots".into())
             .spawn(move || rx.iter().map(|p| worker_store.persist(p)).collect())
-            .map_err(|e| RecorderError::io(store.dir(), e))?;
+            .map_err(|e| SchemaError::io(store.dir(), e))?;
         Ok(SnapshotWriter {
             tx: Some(tx),
             handle: Some(handle),
@@ -576,7 +580,7 @@ impl SnapshotWriter {
         let results = match self.handle.take().map(JoinHandle::join) {
             Some(Ok(results)) => results,
             Some(Err(_)) => {
-                return Err(RecorderError::StoreFailed {
+                return Err(SchemaError::StoreFailed {
                     path: self.store.dir().to_path_buf(),
                     first_error: "the snapshot writer thread panicked".into(),
                 });
@@ -723,7 +727,7 @@ mod tests {
         let victim = s.chunk_path(xxh3_128(&a[CHUNK..]));
         std::fs::remove_file(&victim).unwrap();
         let err = s.restore(0, 0, &mut vec![0; a.len()]).unwrap_err();
-        assert!(matches!(err, RecorderError::MissingChunk { ref path } if *path == victim));
+        assert!(matches!(err, SchemaError::MissingChunk { ref path } if *path == victim));
         assert!(err.to_string().contains(&victim.display().to_string()));
     }
 
@@ -738,11 +742,11 @@ mod tests {
         let wrong = zstd::bulk::compress(&a[CHUNK..], 1).unwrap();
         std::fs::write(&victim, wrong).unwrap();
         let err = s.restore(0, 0, &mut vec![0; a.len()]).unwrap_err();
-        assert!(matches!(err, RecorderError::CorruptChunk { ref path, .. } if *path == victim));
+        assert!(matches!(err, SchemaError::CorruptChunk { ref path, .. } if *path == victim));
         // Garbage that is not zstd at all.
         std::fs::write(&victim, b"not zstd").unwrap();
         let err = s.restore(0, 0, &mut vec![0; a.len()]).unwrap_err();
-        assert!(matches!(err, RecorderError::CorruptChunk { .. }));
+        assert!(matches!(err, SchemaError::CorruptChunk { .. }));
     }
 
     #[test]
@@ -753,7 +757,7 @@ mod tests {
         s.persist(s.capture(0, 0, &a, b"c").unwrap()).unwrap();
         let err = s.restore(0, 0, &mut vec![0; CHUNK + 1]).unwrap_err();
         assert!(
-            matches!(err, RecorderError::ArenaSize { expected, got: g, .. } if expected == CHUNK as u64 && g == CHUNK as u64 + 1)
+            matches!(err, SchemaError::ArenaSize { expected, got: g, .. } if expected == CHUNK as u64 && g == CHUNK as u64 + 1)
         );
         let path = s.index_path(0, 0);
         let mut bytes = std::fs::read(&path).unwrap();
@@ -761,7 +765,7 @@ mod tests {
         bytes[last] ^= 0xFF;
         std::fs::write(&path, &bytes).unwrap();
         let err = s.restore(0, 0, &mut vec![0; CHUNK]).unwrap_err();
-        assert!(matches!(err, RecorderError::SnapshotIndex { .. }), "{err}");
+        assert!(matches!(err, SchemaError::SnapshotIndex { .. }), "{err}");
         std::fs::write(&path, b"short").unwrap();
         assert!(s.read_index(0, 0).is_err());
     }
@@ -811,8 +815,8 @@ mod tests {
         let p = s.capture(0, 0, &a, &[]).unwrap();
         // A file where the stage directory must go makes the index write fail.
         std::fs::write(dir.path().join("stage-0"), b"in the way").unwrap();
-        assert!(matches!(s.persist(p), Err(RecorderError::Io { .. })));
+        assert!(matches!(s.persist(p), Err(SchemaError::Io { .. })));
         let err = s.capture(0, 1, &a, &[]).unwrap_err();
-        assert!(matches!(err, RecorderError::StoreFailed { .. }), "{err}");
+        assert!(matches!(err, SchemaError::StoreFailed { .. }), "{err}");
     }
 }

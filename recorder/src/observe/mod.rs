@@ -1,0 +1,25 @@
+//! The recorder's taps into the pipeline runtime: a transfer observer, kernel/step hooks, and
+//! the factory that builds both (plus the endpoint's recorder) for every stage.
+//!
+//! - [`transfers`]: the payload policy and the transfer observer.
+//! - [`hooks`]: kernel spans, step boundaries and per-step counters.
+//! - [`snapshots`]: snapshots at step boundaries.
+//! - [`settings`]: what every endpoint of a recording shares.
+//! - [`factory`]: the observer factory of a local recording.
+//! - [`node`]: recording on a `slug node` (settings, capability report, factory).
+
+mod factory;
+mod hooks;
+mod node;
+mod settings;
+mod snapshots;
+mod transfers;
+
+pub use factory::RecorderFactory;
+pub use hooks::StageHooks;
+pub use node::{
+    NODE_REPORTS_DIR, NODE_SETTINGS_KEY, NodeRecorderFactory, NodeReport, NodeSettings,
+};
+pub use settings::RecorderSettings;
+pub use snapshots::StageSnapshotter;
+pub use transfers::{PayloadPolicy, TransferRecorder};
