@@ -11,7 +11,7 @@ use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use crate::event::{
     Counter, Direction, EbpfEvent, EbpfKind, Event, EventKind, KernelSpan, LostEvents, Marker,
     PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, SoftwareRecord, StepBoundary,
-    Transfer, Transport,
+    Transfer, Transport, layer_wire,
 };
 use crate::trace_capnp::batch;
 
@@ -324,7 +324,8 @@ impl Columns {
             Event::KernelSpan(e) => {
                 let c = &mut self.ks;
                 put_uvar(&mut c[0], e.kernel.into());
-                put_uvar(&mut c[1], e.layer.into());
+                let layer = layer_wire::encode(e.layer);
+                put_uvar(&mut c[1], layer.into());
                 put_svar(&mut c[2], e.step, p.span_step);
                 p.span_step = e.step;
                 put_uvar(&mut c[3], e.seq.into());
@@ -334,7 +335,7 @@ impl Columns {
                 let duration = e.end_ns.wrapping_sub(e.start_ns);
                 let predicted = p
                     .span_duration
-                    .insert((e.kernel, e.layer), duration)
+                    .insert((e.kernel, layer), duration)
                     .unwrap_or(0);
                 self.span_duration_z.push(zigzag(duration, predicted));
                 c[8].push(u8::from(e.output_hash.is_some()));
@@ -938,7 +939,7 @@ pub(crate) fn decode(
                 };
                 Event::KernelSpan(KernelSpan {
                     kernel,
-                    layer,
+                    layer: layer_wire::decode(layer),
                     step,
                     seq,
                     row_start,
@@ -1174,7 +1175,7 @@ mod tests {
                     let end = start + 1_000 * u64::from(kernel + 1) + (step * 37 + 11) % 97;
                     v.push(Event::KernelSpan(KernelSpan {
                         kernel,
-                        layer,
+                        layer: Some(layer),
                         step,
                         seq: (step % 2) as u32,
                         row_start: 0,

@@ -59,7 +59,8 @@ impl EventKind {
         Self::ALL.get(usize::from(value)).copied()
     }
 
-    /// A short lowercase name, as `slug info` prints it (`kernel_span`, `transfer`, ...).
+    /// The kind's one name, used by `slug info`, the viewer's `/kind:` filter, exports and the
+    /// docs alike (`kernel_span`, `transfer`, ...).
     pub fn name(self) -> &'static str {
         match self {
             EventKind::KernelSpan => "kernel_span",
@@ -74,6 +75,13 @@ impl EventKind {
             EventKind::Counter => "counter",
             EventKind::PerfSoftware => "perf_software",
         }
+    }
+}
+
+impl EventKind {
+    /// The kind whose [`EventKind::name`] is `name`.
+    pub fn from_name(name: &str) -> Option<EventKind> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
     }
 }
 
@@ -251,8 +259,9 @@ impl SoftwareKind {
 pub struct KernelSpan {
     /// Interned kernel name.
     pub kernel: StringId,
-    /// Model layer.
-    pub layer: u32,
+    /// Model layer; `None` for a kernel outside every layer (embedding, final norm, output
+    /// head, argmax). The log cannot hold `Some(u32::MAX)`: it reads back as `None`.
+    pub layer: Option<u32>,
     /// Pipeline step (token position).
     pub step: u64,
     /// Microbatch (sequence) in flight.
@@ -269,6 +278,22 @@ pub struct KernelSpan {
     pub end_ns: u64,
     /// xxh3-128 of the output rows, when kernel verification was recorded.
     pub output_hash: Option<u128>,
+}
+
+/// How the log stores [`KernelSpan::layer`]: `None` travels as `u32::MAX`, a value no real
+/// layer has. The sentinel is a wire detail; only the encoders and decoders see it.
+pub(crate) mod layer_wire {
+    const NONE: u32 = u32::MAX;
+
+    /// The stored value of a layer.
+    pub(crate) fn encode(layer: Option<u32>) -> u32 {
+        layer.unwrap_or(NONE)
+    }
+
+    /// The layer a stored value means.
+    pub(crate) fn decode(stored: u32) -> Option<u32> {
+        (stored != NONE).then_some(stored)
+    }
 }
 
 /// Bytes moved between two endpoints; both ends log it under the same `id`.

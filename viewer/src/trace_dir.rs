@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use slug_schema::{
-    Direction, EbpfKind, Event, EventKind as SchemaKind, FooterState, FrameInfo, LogReader,
-    PerfSampleKind, SoftwareKind, StringId, Trace, Transport,
+    Direction, EbpfKind, Event, FooterState, FrameInfo, LogReader, PerfSampleKind, SoftwareKind,
+    StringId, Trace, Transport,
 };
 
 use crate::error::{Result, ViewerError};
@@ -17,23 +17,6 @@ use crate::state::event::{
     TraceEvent, Transfer, UserMarker,
 };
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, TraceSource};
-
-/// The viewer's kind for a schema kind.
-fn kind_of(kind: SchemaKind) -> EventKind {
-    match kind {
-        SchemaKind::KernelSpan => EventKind::Kernel,
-        SchemaKind::Transfer => EventKind::Transfer,
-        SchemaKind::StepBoundary => EventKind::Step,
-        SchemaKind::Snapshot => EventKind::Snapshot,
-        SchemaKind::PerfSample => EventKind::PerfSample,
-        SchemaKind::PtChunk => EventKind::PtChunk,
-        SchemaKind::Ebpf => EventKind::Ebpf,
-        SchemaKind::PerfSoftware => EventKind::PerfSoftware,
-        SchemaKind::LostEvents => EventKind::Lost,
-        SchemaKind::Marker => EventKind::Marker,
-        SchemaKind::Counter => EventKind::Counter,
-    }
-}
 
 fn perf_kind_name(kind: PerfSampleKind) -> &'static str {
     match kind {
@@ -119,8 +102,8 @@ impl TraceDirSource {
                 .iter()
                 .map(|f| {
                     let mut counts = KindCounts::default();
-                    for kind in SchemaKind::ALL {
-                        counts.add(kind_of(kind), u64::from(f.count(kind)));
+                    for kind in EventKind::ALL {
+                        counts.add(kind, u64::from(f.count(kind)));
                     }
                     FrameSummary {
                         range: TimeRange::new(shift(f.t_min, offset_ns), shift(f.t_max, offset_ns)),
@@ -194,7 +177,7 @@ impl TraceDirSource {
                 end: t(k.end_ns),
                 kernel: string(k.kernel),
                 step: k.step,
-                layer: Some(k.layer),
+                layer: k.layer,
                 thread: k.thread,
                 seq: k.seq,
                 rows: (k.row_start, k.row_end),

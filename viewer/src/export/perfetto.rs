@@ -17,7 +17,7 @@ use crate::export::ExportSummary;
 use crate::export::proto::{Message, Value, decode};
 use crate::export::walk::{Item, walk};
 use crate::state::event::{
-    EndpointIx, SystemKind, SystemSource, TraceEvent, Transfer, format_bytes,
+    EndpointIx, EventKind, SystemKind, SystemSource, TraceEvent, Transfer, format_bytes,
 };
 use crate::state::source::TraceSource;
 
@@ -263,7 +263,7 @@ impl Writer<'_> {
         self.emit(ts, |ev| {
             ev.varint(event::TYPE, event::TYPE_INSTANT)
                 .varint(event::TRACK_UUID, uuid)
-                .string(event::CATEGORIES, "transfer")
+                .string(event::CATEGORIES, EventKind::Transfer.name())
                 .string(event::NAME, &name);
             annotate(ev, "bytes", x.bytes);
             ev.fixed64(field, x.id + 1);
@@ -282,7 +282,7 @@ impl Writer<'_> {
                     self.emit(k.start, |ev| {
                         ev.varint(event::TYPE, event::TYPE_SLICE_BEGIN)
                             .varint(event::TRACK_UUID, uuid)
-                            .string(event::CATEGORIES, "kernel")
+                            .string(event::CATEGORIES, EventKind::KernelSpan.name())
                             .string(event::NAME, &k.kernel);
                         annotate(ev, "step", k.step);
                         if let Some(layer) = k.layer {

@@ -61,7 +61,7 @@ fn chrome_fixture_round_trip() {
     assert_eq!(
         events
             .iter()
-            .filter(|e| e["ph"] == "X" && e["cat"] == "kernel")
+            .filter(|e| e["ph"] == "X" && e["cat"] == "kernel_span")
             .count(),
         24
     );

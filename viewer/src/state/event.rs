@@ -52,91 +52,23 @@ impl TimeRange {
 /// Index of an endpoint in the trace's endpoint list.
 pub type EndpointIx = usize;
 
-/// The kinds of events a trace holds, in the order the UI lists them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum EventKind {
-    /// A kernel ran on the endpoint.
-    Kernel,
-    /// Bytes crossed a link between two endpoints.
-    Transfer,
-    /// The endpoint crossed a step boundary.
-    Step,
-    /// A snapshot of the endpoint's state was taken.
-    Snapshot,
-    /// A hardware or software perf sample.
-    PerfSample,
-    /// A chunk of Intel PT data.
-    PtChunk,
-    /// An eBPF probe event (off-CPU interval, slow syscall, syscall histogram, page fault,
-    /// migration).
-    Ebpf,
-    /// Events the recorder had to drop.
-    Lost,
-    /// A user-placed marker.
-    Marker,
-    /// A counter reading (task-clock, page faults, ...).
-    Counter,
-    /// A perf software record (context switch, page-fault sample).
-    PerfSoftware,
-}
-
-impl EventKind {
-    /// Every kind, in display order.
-    pub const ALL: [EventKind; 11] = [
-        EventKind::Kernel,
-        EventKind::Transfer,
-        EventKind::Step,
-        EventKind::Snapshot,
-        EventKind::PerfSample,
-        EventKind::PtChunk,
-        EventKind::Ebpf,
-        EventKind::Lost,
-        EventKind::Marker,
-        EventKind::Counter,
-        EventKind::PerfSoftware,
-    ];
-
-    /// Short lowercase name used in filters, help and exports.
-    pub fn name(self) -> &'static str {
-        match self {
-            EventKind::Kernel => "kernel",
-            EventKind::Transfer => "transfer",
-            EventKind::Step => "step",
-            EventKind::Snapshot => "snapshot",
-            EventKind::PerfSample => "sample",
-            EventKind::PtChunk => "pt",
-            EventKind::Ebpf => "ebpf",
-            EventKind::Lost => "lost",
-            EventKind::Marker => "marker",
-            EventKind::Counter => "counter",
-            EventKind::PerfSoftware => "perf-sw",
-        }
-    }
-
-    /// Parses a kind name as [`EventKind::name`] writes it.
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == name)
-    }
-
-    /// Position of the kind in [`EventKind::ALL`], used to index per-kind counters.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
+/// The kinds of events a trace holds: the schema's, with the schema's names (the UI lists
+/// them in [`EventKind::ALL`] order).
+pub use slug_schema::EventKind;
 
 /// Counts of events per kind (one slot per [`EventKind::ALL`] entry).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KindCounts(pub [u64; EventKind::ALL.len()]);
+pub struct KindCounts(pub [u64; EventKind::COUNT]);
 
 impl KindCounts {
     /// The count of one kind.
     pub fn get(&self, kind: EventKind) -> u64 {
-        self.0[kind.index()]
+        self.0[kind as usize]
     }
 
     /// Adds `n` to one kind.
     pub fn add(&mut self, kind: EventKind, n: u64) {
-        self.0[kind.index()] += n;
+        self.0[kind as usize] += n;
     }
 
     /// Sum over all kinds.
@@ -547,15 +479,15 @@ impl TraceEvent {
     /// The event's kind.
     pub fn kind(&self) -> EventKind {
         match self {
-            TraceEvent::Kernel(_) => EventKind::Kernel,
+            TraceEvent::Kernel(_) => EventKind::KernelSpan,
             TraceEvent::Transfer(_) => EventKind::Transfer,
-            TraceEvent::Step(_) => EventKind::Step,
+            TraceEvent::Step(_) => EventKind::StepBoundary,
             TraceEvent::Snapshot(_) => EventKind::Snapshot,
             TraceEvent::Perf(_) => EventKind::PerfSample,
             TraceEvent::Pt(_) => EventKind::PtChunk,
             TraceEvent::System(s) if s.source == SystemSource::Perf => EventKind::PerfSoftware,
             TraceEvent::System(_) => EventKind::Ebpf,
-            TraceEvent::Lost(_) => EventKind::Lost,
+            TraceEvent::Lost(_) => EventKind::LostEvents,
             TraceEvent::Marker(_) => EventKind::Marker,
             TraceEvent::Counter(_) => EventKind::Counter,
         }

@@ -171,9 +171,9 @@ impl TraceStats {
             st.active = last.saturating_sub(first);
             for (i, f) in frames.iter().enumerate() {
                 let wanted = [
-                    EventKind::Kernel,
+                    EventKind::KernelSpan,
                     EventKind::Transfer,
-                    EventKind::Step,
+                    EventKind::StepBoundary,
                     EventKind::Ebpf,
                 ];
                 if wanted.iter().all(|k| f.counts.get(*k) == 0) {

@@ -533,7 +533,7 @@ impl Timeline {
             .frames(ep)
             .iter()
             .enumerate()
-            .filter(|(_, f)| f.counts.get(EventKind::Step) > 0)
+            .filter(|(_, f)| f.counts.get(EventKind::StepBoundary) > 0)
             .map(|(i, _)| i)
             .collect();
         let steps_of = |events: &[TraceEvent]| {
@@ -813,7 +813,7 @@ fn overview_track(ep: EndpointIx, grid: &Grid, frames: &[FrameSummary]) -> Track
         let instant = f.range.is_empty();
         grid.each(f.range.start, f.range.end, |c, ov| {
             let share = if instant { 1.0 } else { ov as f64 / len };
-            kernels[c] += f.counts.get(EventKind::Kernel) as f64 * share;
+            kernels[c] += f.counts.get(EventKind::KernelSpan) as f64 * share;
             t.samples[c] += f.counts.get(EventKind::PerfSample) as f64 * share;
             t.faults[c] += (f.counts.get(EventKind::Ebpf) + f.counts.get(EventKind::PerfSoftware))
                 as f64
@@ -824,7 +824,7 @@ fn overview_track(ep: EndpointIx, grid: &Grid, frames: &[FrameSummary]) -> Track
         if f.counts.get(EventKind::Snapshot) > 0 {
             put_mark(&mut t.marks, at, Mark::Snapshot);
         }
-        if f.counts.get(EventKind::Lost) > 0 {
+        if f.counts.get(EventKind::LostEvents) > 0 {
             put_mark(&mut t.marks, at, Mark::Lost);
         }
     }
