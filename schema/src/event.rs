@@ -128,6 +128,17 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// The transport's name (`local`, `shm`, `tcp`, `mpi`, `rdma`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Local => "local",
+            Transport::Shm => "shm",
+            Transport::Tcp => "tcp",
+            Transport::Mpi => "mpi",
+            Transport::Rdma => "rdma",
+        }
+    }
+
     /// The transport stored as `value`.
     pub fn from_u8(value: u8) -> Option<Transport> {
         [Self::Local, Self::Shm, Self::Tcp, Self::Mpi, Self::Rdma]
@@ -169,6 +180,20 @@ pub enum PerfSampleKind {
 }
 
 impl PerfSampleKind {
+    /// The sample kind's name, as the viewer and exports show it (`cpu-clock`, `mem-load`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            PerfSampleKind::CpuClock => "cpu-clock",
+            PerfSampleKind::TaskClock => "task-clock",
+            PerfSampleKind::Cycles => "cycles",
+            PerfSampleKind::Instructions => "instructions",
+            PerfSampleKind::MemLoad => "mem-load",
+            PerfSampleKind::MemStore => "mem-store",
+            PerfSampleKind::BranchMiss => "branch-miss",
+            PerfSampleKind::CacheMiss => "cache-miss",
+        }
+    }
+
     /// The sample kind stored as `value`.
     pub fn from_u8(value: u8) -> Option<PerfSampleKind> {
         [

@@ -6,40 +6,17 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use slug_schema::{
-    Direction, EbpfKind, Event, FooterState, FrameInfo, LogReader, PerfSampleKind, SoftwareKind,
-    StringId, Trace, Transport,
+    Direction, EbpfKind, Event, FooterState, FrameInfo, LogReader, SoftwareKind, StringId, Trace,
+    Transport,
 };
 
 use crate::error::{Result, ViewerError};
 use crate::state::event::{
     CounterReading, EndpointIx, EventKind, KernelSpan, KindCounts, LostEvents, Nanos, PerfSample,
-    PtChunk, SnapshotMark, StepBoundary, SystemEvent, SystemKind, SystemSource, TimeRange,
+    PtChunk, SnapshotEvent, StepBoundary, SystemEvent, SystemKind, SystemSource, TimeRange,
     TraceEvent, Transfer, UserMarker,
 };
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, TraceSource};
-
-fn perf_kind_name(kind: PerfSampleKind) -> &'static str {
-    match kind {
-        PerfSampleKind::CpuClock => "cpu-clock",
-        PerfSampleKind::TaskClock => "task-clock",
-        PerfSampleKind::Cycles => "cycles",
-        PerfSampleKind::Instructions => "instructions",
-        PerfSampleKind::MemLoad => "mem-load",
-        PerfSampleKind::MemStore => "mem-store",
-        PerfSampleKind::BranchMiss => "branch-miss",
-        PerfSampleKind::CacheMiss => "cache-miss",
-    }
-}
-
-fn transport_name(t: Transport) -> &'static str {
-    match t {
-        Transport::Local => "local",
-        Transport::Shm => "shm",
-        Transport::Tcp => "tcp",
-        Transport::Mpi => "mpi",
-        Transport::Rdma => "rdma",
-    }
-}
 
 /// One endpoint log, opened.
 #[derive(Debug)]
@@ -61,7 +38,7 @@ pub struct TraceDirSource {
     logs: Vec<EndpointLog>,
     /// Endpoint id (as in transfers) → index in `endpoints`.
     index_of: HashMap<u32, EndpointIx>,
-    /// Shared names of perf sample kinds and transports, so decoding does not allocate them.
+    /// Shared names of transports, so decoding does not allocate them.
     names: HashMap<&'static str, Arc<str>>,
 }
 
@@ -128,11 +105,8 @@ impl TraceDirSource {
             });
         }
         let mut names = HashMap::new();
-        for kind in (0..=u8::MAX).map_while(PerfSampleKind::from_u8) {
-            names.insert(perf_kind_name(kind), Arc::from(perf_kind_name(kind)));
-        }
         for t in (0..=u8::MAX).map_while(Transport::from_u8) {
-            names.insert(transport_name(t), Arc::from(transport_name(t)));
+            names.insert(t.name(), Arc::from(t.name()));
         }
         Ok(Self {
             endpoints,
@@ -195,41 +169,16 @@ impl TraceDirSource {
                 src_offset: x.src_offset,
                 dst_offset: x.dst_offset,
                 hash: x.hash,
-                transport: self.name(transport_name(x.transport)),
+                transport: self.name(x.transport.name()),
                 payload: x.payload,
                 logged_by_receiver: x.direction == Direction::Recv,
             })),
-            Event::StepBoundary(s) => TraceEvent::Step(StepBoundary {
-                t: t(s.ns),
-                step: s.step,
-                seq: s.seq,
-            }),
-            Event::Snapshot(s) => TraceEvent::Snapshot(Box::new(SnapshotMark {
-                t: t(s.ns),
-                step: s.step,
-                stage: s.stage,
-                bytes: s.bytes,
-                new_bytes: s.new_bytes,
-                chunks: s.chunks,
-                id: s.id,
-            })),
-            Event::PerfSample(p) => TraceEvent::Perf(PerfSample {
-                t: t(p.ns),
-                kind: self.name(perf_kind_name(p.kind)),
-                ip: p.ip,
-                addr: p.addr,
-                weight: p.weight,
-                data_source: p.data_source,
-                tid: p.tid,
-                cpu: p.cpu,
-            }),
-            Event::PtChunk(p) => TraceEvent::Pt(Box::new(PtChunk {
-                t: t(p.ns),
-                bytes: p.size,
-                cpu: p.cpu,
-                aux_offset: p.aux_offset,
-                payload: p.payload,
-            })),
+            Event::StepBoundary(s) => TraceEvent::Step(StepBoundary { ns: t(s.ns), ..*s }),
+            Event::Snapshot(s) => {
+                TraceEvent::Snapshot(Box::new(SnapshotEvent { ns: t(s.ns), ..*s }))
+            }
+            Event::PerfSample(p) => TraceEvent::Perf(PerfSample { ns: t(p.ns), ..*p }),
+            Event::PtChunk(p) => TraceEvent::Pt(Box::new(PtChunk { ns: t(p.ns), ..*p })),
             Event::Ebpf(b) => TraceEvent::System(SystemEvent {
                 t: t(b.ns),
                 kind: match b.kind {

@@ -51,9 +51,9 @@ pub fn walk(source: &dyn TraceSource, mut f: impl FnMut(Item<'_>) -> Result<()>)
             };
             for e in events {
                 let lane = match &e {
-                    TraceEvent::Perf(p) => Some((0, p.t, 1.0)),
+                    TraceEvent::Perf(p) => Some((0, p.ns, 1.0)),
                     TraceEvent::System(s) if s.kind == SystemKind::PageFault => Some((1, s.t, 1.0)),
-                    TraceEvent::Pt(p) => Some((2, p.t, p.bytes as f64)),
+                    TraceEvent::Pt(p) => Some((2, p.ns, p.size as f64)),
                     _ => None,
                 };
                 if let Some((i, t, v)) = lane {

@@ -52,6 +52,10 @@ impl TimeRange {
 /// Index of an endpoint in the trace's endpoint list.
 pub type EndpointIx = usize;
 
+/// Step boundaries, snapshots, perf samples and PT chunks are the schema's own records, with
+/// their `ns` moved to the trace-global clock when the viewer loads them.
+pub use slug_schema::{PerfSample, PtChunk, SnapshotEvent, StepBoundary};
+
 /// The kinds of events a trace holds: the schema's, with the schema's names (the UI lists
 /// them in [`EventKind::ALL`] order).
 pub use slug_schema::EventKind;
@@ -132,72 +136,6 @@ pub struct Transfer {
     pub payload: Option<u128>,
     /// Whether the receiving end logged this record (else the sender did).
     pub logged_by_receiver: bool,
-}
-
-/// A step boundary on one endpoint.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepBoundary {
-    /// When the step began.
-    pub t: Nanos,
-    /// The step number.
-    pub step: u64,
-    /// Microbatch within the step.
-    pub seq: u32,
-}
-
-/// A snapshot of one endpoint's state.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SnapshotMark {
-    /// When it was taken.
-    pub t: Nanos,
-    /// Step boundary it belongs to.
-    pub step: u64,
-    /// Stage snapshotted.
-    pub stage: u32,
-    /// Bytes of state it holds.
-    pub bytes: u64,
-    /// Bytes in chunks not stored before.
-    pub new_bytes: u64,
-    /// Number of chunks.
-    pub chunks: u32,
-    /// Snapshot id (content hash of its index).
-    pub id: u128,
-}
-
-/// One perf sample.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PerfSample {
-    /// Sample time.
-    pub t: Nanos,
-    /// Sampling source (`cycles`, `mem-load`, `cpu-clock`, ...).
-    pub kind: Arc<str>,
-    /// Instruction pointer.
-    pub ip: u64,
-    /// Data address, 0 when the source has none.
-    pub addr: u64,
-    /// Weight (latency in cycles for memory samples).
-    pub weight: u64,
-    /// Data source (cache level) code, 0 when unknown.
-    pub data_source: u64,
-    /// Thread id.
-    pub tid: u32,
-    /// CPU number.
-    pub cpu: u32,
-}
-
-/// One chunk of Intel PT trace data.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PtChunk {
-    /// When the chunk was drained.
-    pub t: Nanos,
-    /// Its size in bytes.
-    pub bytes: u64,
-    /// CPU it came from.
-    pub cpu: u32,
-    /// Offset in the AUX stream.
-    pub aux_offset: u64,
-    /// Content hash of the stored bytes.
-    pub payload: u128,
 }
 
 /// What an eBPF probe saw.
@@ -460,7 +398,7 @@ pub enum TraceEvent {
     /// A step boundary.
     Step(StepBoundary),
     /// A snapshot marker.
-    Snapshot(Box<SnapshotMark>),
+    Snapshot(Box<SnapshotEvent>),
     /// A perf sample.
     Perf(PerfSample),
     /// A PT chunk.
@@ -498,10 +436,10 @@ impl TraceEvent {
         match self {
             TraceEvent::Kernel(k) => k.start,
             TraceEvent::Transfer(x) => x.post,
-            TraceEvent::Step(s) => s.t,
-            TraceEvent::Snapshot(s) => s.t,
-            TraceEvent::Perf(p) => p.t,
-            TraceEvent::Pt(p) => p.t,
+            TraceEvent::Step(s) => s.ns,
+            TraceEvent::Snapshot(s) => s.ns,
+            TraceEvent::Perf(p) => p.ns,
+            TraceEvent::Pt(p) => p.ns,
             TraceEvent::System(s) => s.t,
             TraceEvent::Lost(l) => l.t,
             TraceEvent::Marker(m) => m.t,
@@ -527,8 +465,8 @@ impl TraceEvent {
             TraceEvent::Transfer(x) => format!("#{} {}", x.id, format_bytes(x.bytes)),
             TraceEvent::Step(s) => format!("step {}", s.step),
             TraceEvent::Snapshot(s) => format!("snapshot step {}", s.step),
-            TraceEvent::Perf(p) => format!("{} sample", p.kind),
-            TraceEvent::Pt(p) => format!("PT {}", format_bytes(p.bytes)),
+            TraceEvent::Perf(p) => format!("{} sample", p.kind.name()),
+            TraceEvent::Pt(p) => format!("PT {}", format_bytes(p.size)),
             TraceEvent::System(s) => s.label(),
             TraceEvent::Lost(l) => format!("lost {} ({})", l.count, l.reason),
             TraceEvent::Marker(m) => m.text.to_string(),
@@ -598,12 +536,12 @@ impl TraceEvent {
                 ));
             }
             TraceEvent::Step(s) => {
-                out.push(("time", format_time(s.t)));
+                out.push(("time", format_time(s.ns)));
                 out.push(("step", s.step.to_string()));
                 out.push(("seq", s.seq.to_string()));
             }
             TraceEvent::Snapshot(s) => {
-                out.push(("time", format_time(s.t)));
+                out.push(("time", format_time(s.ns)));
                 out.push(("stage", s.stage.to_string()));
                 out.push(("step", s.step.to_string()));
                 out.push(("bytes", format_bytes(s.bytes)));
@@ -612,8 +550,8 @@ impl TraceEvent {
                 out.push(("id", format!("{:032x}", s.id)));
             }
             TraceEvent::Perf(p) => {
-                out.push(("time", format_time(p.t)));
-                out.push(("source", p.kind.to_string()));
+                out.push(("time", format_time(p.ns)));
+                out.push(("source", p.kind.name().to_string()));
                 out.push(("ip", format!("{:#x}", p.ip)));
                 out.push(("addr", format!("{:#x}", p.addr)));
                 out.push(("weight", p.weight.to_string()));
@@ -622,8 +560,8 @@ impl TraceEvent {
                 out.push(("cpu", p.cpu.to_string()));
             }
             TraceEvent::Pt(p) => {
-                out.push(("time", format_time(p.t)));
-                out.push(("bytes", format_bytes(p.bytes)));
+                out.push(("time", format_time(p.ns)));
+                out.push(("bytes", format_bytes(p.size)));
                 out.push(("cpu", p.cpu.to_string()));
                 out.push(("aux offset", p.aux_offset.to_string()));
                 out.push(("payload", format!("{:032x}", p.payload)));

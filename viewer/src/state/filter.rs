@@ -140,7 +140,7 @@ mod tests {
         assert!(!f.shows_event(
             &ep("n0/s1"),
             &TraceEvent::Step(StepBoundary {
-                t: 0,
+                ns: 0,
                 step: 1,
                 seq: 0
             })

@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
+use slug_schema::PerfSampleKind;
+
 use crate::error::{Result, ViewerError};
 use crate::state::event::EndpointIx;
 use crate::state::event::{
-    KernelSpan, LostEvents, Nanos, PerfSample, SnapshotMark, StepBoundary, SystemEvent, SystemKind,
-    SystemSource, TraceEvent, Transfer,
+    KernelSpan, LostEvents, Nanos, PerfSample, SnapshotEvent, StepBoundary, SystemEvent,
+    SystemKind, SystemSource, TraceEvent, Transfer,
 };
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, MemorySource, TraceSource};
 
@@ -48,10 +50,14 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
     for step in 0..steps {
         for s in 0..stages {
             let mut t = step * STEP_NS + s as Nanos * STAGE_NS;
-            per_ep[s].push(TraceEvent::Step(StepBoundary { t, step, seq: 0 }));
+            per_ep[s].push(TraceEvent::Step(StepBoundary {
+                ns: t,
+                step,
+                seq: 0,
+            }));
             if step == 0 {
-                per_ep[s].push(TraceEvent::Snapshot(Box::new(SnapshotMark {
-                    t,
+                per_ep[s].push(TraceEvent::Snapshot(Box::new(SnapshotEvent {
+                    ns: t,
                     step,
                     stage: s as u32,
                     bytes: 1 << 20,
@@ -79,8 +85,8 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
                     output_hash: None,
                 }));
                 per_ep[s].push(TraceEvent::Perf(PerfSample {
-                    t: t + dur / 2,
-                    kind: Arc::from("cpu-clock"),
+                    ns: t + dur / 2,
+                    kind: PerfSampleKind::CpuClock,
                     ip: 0x1000 + i as u64,
                     addr: 0,
                     weight: 1,

@@ -191,8 +191,8 @@ impl TraceStats {
                         }
                         TraceEvent::Step(s) => {
                             st.steps += 1;
-                            let slot = step_starts.entry(s.step).or_insert(s.t);
-                            *slot = (*slot).min(s.t);
+                            let slot = step_starts.entry(s.step).or_insert(s.ns);
+                            *slot = (*slot).min(s.ns);
                         }
                         TraceEvent::Transfer(x) => {
                             let (a, b) = (x.post, x.complete.max(x.post));

@@ -540,7 +540,7 @@ impl Timeline {
             events
                 .iter()
                 .filter_map(|e| match e {
-                    TraceEvent::Step(s) => Some((s.step, s.t)),
+                    TraceEvent::Step(s) => Some((s.step, s.ns)),
                     _ => None,
                 })
                 .collect::<Vec<_>>()
@@ -724,13 +724,13 @@ fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents) -> TrackBins {
                     best[c] = (ov, Some(i));
                 }
             }),
-            TraceEvent::Step(s) => put_mark(&mut t.marks, grid.of(s.t), Mark::Step),
-            TraceEvent::Snapshot(s) => put_mark(&mut t.marks, grid.of(s.t), Mark::Snapshot),
+            TraceEvent::Step(s) => put_mark(&mut t.marks, grid.of(s.ns), Mark::Step),
+            TraceEvent::Snapshot(s) => put_mark(&mut t.marks, grid.of(s.ns), Mark::Snapshot),
             TraceEvent::Lost(l) => put_mark(&mut t.marks, grid.of(l.t), Mark::Lost),
             TraceEvent::Marker(m) => put_mark(&mut t.marks, grid.of(m.t), Mark::Marker),
             TraceEvent::Perf(p) => {
-                if range.touches(p.t, p.t) {
-                    t.samples[grid.of(p.t)] += 1.0;
+                if range.touches(p.ns, p.ns) {
+                    t.samples[grid.of(p.ns)] += 1.0;
                 }
             }
             TraceEvent::System(s) => match s.kind {
@@ -751,8 +751,8 @@ fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents) -> TrackBins {
                 _ => {}
             },
             TraceEvent::Pt(p) => {
-                if range.touches(p.t, p.t) {
-                    t.pt[grid.of(p.t)] += p.bytes as f64;
+                if range.touches(p.ns, p.ns) {
+                    t.pt[grid.of(p.ns)] += p.size as f64;
                 }
             }
             // Transfers are drawn once for the whole window, from both endpoints' logs; counters
