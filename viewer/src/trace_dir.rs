@@ -6,8 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use slug_schema::{
-    Direction, EbpfKind, Event, FooterState, FrameInfo, LogReader, SoftwareKind, StringId, Trace,
-    Transport,
+    EbpfKind, Event, FooterState, FrameInfo, LogReader, SoftwareKind, StringId, Trace,
 };
 
 use crate::error::{Result, ViewerError};
@@ -38,8 +37,6 @@ pub struct TraceDirSource {
     logs: Vec<EndpointLog>,
     /// Endpoint id (as in transfers) → index in `endpoints`.
     index_of: HashMap<u32, EndpointIx>,
-    /// Shared names of transports, so decoding does not allocate them.
-    names: HashMap<&'static str, Arc<str>>,
 }
 
 impl TraceDirSource {
@@ -104,15 +101,10 @@ impl TraceDirSource {
                 strings: Mutex::new(HashMap::new()),
             });
         }
-        let mut names = HashMap::new();
-        for t in (0..=u8::MAX).map_while(Transport::from_u8) {
-            names.insert(t.name(), Arc::from(t.name()));
-        }
         Ok(Self {
             endpoints,
             logs,
             index_of,
-            names,
         })
     }
 
@@ -123,13 +115,6 @@ impl TraceDirSource {
             .get(&id)
             .copied()
             .unwrap_or(self.endpoints.len() + id as usize)
-    }
-
-    fn name(&self, static_name: &'static str) -> Arc<str> {
-        self.names
-            .get(static_name)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(static_name))
     }
 
     fn convert(&self, log: &EndpointLog, e: &Event) -> TraceEvent {
@@ -158,20 +143,13 @@ impl TraceDirSource {
                 output_hash: k.output_hash.map(Box::new),
             }),
             Event::Transfer(x) => TraceEvent::Transfer(Box::new(Transfer {
-                id: x.id,
+                record: slug_schema::Transfer {
+                    post_ns: t(x.post_ns),
+                    complete_ns: t(x.complete_ns),
+                    ..*x
+                },
                 src: self.endpoint_ix(x.src_endpoint),
                 dst: self.endpoint_ix(x.dst_endpoint),
-                bytes: x.len,
-                post: t(x.post_ns),
-                complete: t(x.complete_ns),
-                src_arena: x.src_arena,
-                dst_arena: x.dst_arena,
-                src_offset: x.src_offset,
-                dst_offset: x.dst_offset,
-                hash: x.hash,
-                transport: self.name(x.transport.name()),
-                payload: x.payload,
-                logged_by_receiver: x.direction == Direction::Recv,
             })),
             Event::StepBoundary(s) => TraceEvent::Step(StepBoundary { ns: t(s.ns), ..*s }),
             Event::Snapshot(s) => {

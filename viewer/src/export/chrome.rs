@@ -57,16 +57,16 @@ impl Writer<'_> {
 
     fn flow(&mut self, x: &Transfer, start: bool) -> Result<()> {
         let (ep, t, ph, verb) = if start {
-            (x.src, x.post, "s", "send")
+            (x.src, x.post(), "s", "send")
         } else {
-            (x.dst, x.complete.max(x.post), "f", "recv")
+            (x.dst, x.complete().max(x.post()), "f", "recv")
         };
         self.thread(ep, TRANSFERS_TID, "transfers".to_string())?;
-        let name = format!("{verb} #{} {}", x.id, format_bytes(x.bytes));
+        let name = format!("{verb} #{} {}", x.id(), format_bytes(x.bytes()));
         // The flow binds to the instant slice on the same thread at the same time.
         self.emit(&json!({"ph": "X", "name": name, "cat": EventKind::Transfer.name(), "pid": pid(ep), "tid": TRANSFERS_TID,
-            "ts": us(t), "dur": 0, "args": {"id": x.id, "bytes": x.bytes}}))?;
-        let mut flow = json!({"ph": ph, "name": "transfer", "cat": EventKind::Transfer.name(), "id": x.id, "pid": pid(ep),
+            "ts": us(t), "dur": 0, "args": {"id": x.id(), "bytes": x.bytes()}}))?;
+        let mut flow = json!({"ph": ph, "name": "transfer", "cat": EventKind::Transfer.name(), "id": x.id(), "pid": pid(ep),
             "tid": TRANSFERS_TID, "ts": us(t)});
         if !start {
             flow["bp"] = json!("e");

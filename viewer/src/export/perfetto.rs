@@ -246,11 +246,11 @@ impl Writer<'_> {
 
     fn flow_end(&mut self, x: &Transfer, start: bool) -> Result<()> {
         let (ep, ts, verb, field) = if start {
-            (x.src, x.post, "send", event::FLOW_IDS)
+            (x.src, x.post(), "send", event::FLOW_IDS)
         } else {
             (
                 x.dst,
-                x.complete.max(x.post),
+                x.complete().max(x.post()),
                 "recv",
                 event::TERMINATING_FLOW_IDS,
             )
@@ -259,14 +259,14 @@ impl Writer<'_> {
         if start {
             self.summary.flows += 1;
         }
-        let name = format!("{verb} #{} {}", x.id, format_bytes(x.bytes));
+        let name = format!("{verb} #{} {}", x.id(), format_bytes(x.bytes()));
         self.emit(ts, |ev| {
             ev.varint(event::TYPE, event::TYPE_INSTANT)
                 .varint(event::TRACK_UUID, uuid)
                 .string(event::CATEGORIES, EventKind::Transfer.name())
                 .string(event::NAME, &name);
-            annotate(ev, "bytes", x.bytes);
-            ev.fixed64(field, x.id + 1);
+            annotate(ev, "bytes", x.bytes());
+            ev.fixed64(field, x.id() + 1);
         })
     }
 

@@ -105,37 +105,43 @@ pub struct KernelSpan {
     pub output_hash: Option<Box<u128>>,
 }
 
-/// One transfer between two endpoints.
+/// One transfer between two endpoints: the schema's record, its times moved to the
+/// trace-global clock, plus what the viewer derives from it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transfer {
-    /// Transfer id, unique in the trace; it orders events across endpoints.
-    pub id: u64,
-    /// Sending endpoint.
+    /// The record as the endpoint logged it (`post_ns` and `complete_ns` on the global clock).
+    pub record: slug_schema::Transfer,
+    /// Sending endpoint, as an index in the trace's endpoint list.
     pub src: EndpointIx,
-    /// Receiving endpoint.
+    /// Receiving endpoint, as an index in the trace's endpoint list.
     pub dst: EndpointIx,
+}
+
+impl Transfer {
+    /// Transfer id, unique in the trace; it orders events across endpoints.
+    pub fn id(&self) -> u64 {
+        self.record.id
+    }
+
     /// Payload length in bytes.
-    pub bytes: u64,
+    pub fn bytes(&self) -> u64 {
+        self.record.len
+    }
+
     /// When the sender posted it.
-    pub post: Nanos,
-    /// When the receiver saw it complete.
-    pub complete: Nanos,
-    /// Arena the bytes came from on the sender.
-    pub src_arena: u32,
-    /// Arena the bytes went to on the receiver.
-    pub dst_arena: u32,
-    /// Offset in the sender's arena.
-    pub src_offset: u64,
-    /// Offset in the receiver's arena.
-    pub dst_offset: u64,
-    /// 128-bit content hash.
-    pub hash: u128,
-    /// Transport that carried it (`inproc`, `shm`, `tcp`, ...).
-    pub transport: Arc<str>,
-    /// Hash of the stored payload, when payloads were recorded.
-    pub payload: Option<u128>,
+    pub fn post(&self) -> Nanos {
+        self.record.post_ns
+    }
+
+    /// When this end saw it complete.
+    pub fn complete(&self) -> Nanos {
+        self.record.complete_ns
+    }
+
     /// Whether the receiving end logged this record (else the sender did).
-    pub logged_by_receiver: bool,
+    pub fn logged_by_receiver(&self) -> bool {
+        self.record.direction == slug_schema::Direction::Recv
+    }
 }
 
 /// What an eBPF probe saw.
@@ -435,7 +441,7 @@ impl TraceEvent {
     pub fn start(&self) -> Nanos {
         match self {
             TraceEvent::Kernel(k) => k.start,
-            TraceEvent::Transfer(x) => x.post,
+            TraceEvent::Transfer(x) => x.post(),
             TraceEvent::Step(s) => s.ns,
             TraceEvent::Snapshot(s) => s.ns,
             TraceEvent::Perf(p) => p.ns,
@@ -451,7 +457,7 @@ impl TraceEvent {
     pub fn end(&self) -> Nanos {
         match self {
             TraceEvent::Kernel(k) => k.end.max(k.start),
-            TraceEvent::Transfer(x) => x.complete.max(x.post),
+            TraceEvent::Transfer(x) => x.complete().max(x.post()),
             TraceEvent::Lost(l) => l.to.max(l.t),
             TraceEvent::System(s) => s.end(),
             other => other.start(),
@@ -462,7 +468,7 @@ impl TraceEvent {
     pub fn label(&self) -> String {
         match self {
             TraceEvent::Kernel(k) => k.kernel.to_string(),
-            TraceEvent::Transfer(x) => format!("#{} {}", x.id, format_bytes(x.bytes)),
+            TraceEvent::Transfer(x) => format!("#{} {}", x.id(), format_bytes(x.bytes())),
             TraceEvent::Step(s) => format!("step {}", s.step),
             TraceEvent::Snapshot(s) => format!("snapshot step {}", s.step),
             TraceEvent::Perf(p) => format!("{} sample", p.kind.name()),
@@ -505,29 +511,33 @@ impl TraceEvent {
                 ));
             }
             TraceEvent::Transfer(x) => {
-                out.push(("id", x.id.to_string()));
+                out.push(("id", x.id().to_string()));
                 out.push(("src", endpoint_name(x.src)));
                 out.push(("dst", endpoint_name(x.dst)));
-                out.push(("bytes", format!("{} ({})", x.bytes, format_bytes(x.bytes))));
-                out.push(("post", format_time(x.post)));
-                out.push(("complete", format_time(x.complete)));
-                let took = x.complete.saturating_sub(x.post);
+                out.push((
+                    "bytes",
+                    format!("{} ({})", x.bytes(), format_bytes(x.bytes())),
+                ));
+                out.push(("post", format_time(x.post())));
+                out.push(("complete", format_time(x.complete())));
+                let took = x.complete().saturating_sub(x.post());
                 out.push(("latency", format_duration(took)));
-                out.push(("bandwidth", format_bandwidth(x.bytes, took)));
-                out.push(("src arena", x.src_arena.to_string()));
-                out.push(("dst arena", x.dst_arena.to_string()));
-                out.push(("src offset", x.src_offset.to_string()));
-                out.push(("dst offset", x.dst_offset.to_string()));
-                out.push(("hash", format!("{:032x}", x.hash)));
-                out.push(("transport", x.transport.to_string()));
+                out.push(("bandwidth", format_bandwidth(x.bytes(), took)));
+                out.push(("src arena", x.record.src_arena.to_string()));
+                out.push(("dst arena", x.record.dst_arena.to_string()));
+                out.push(("src offset", x.record.src_offset.to_string()));
+                out.push(("dst offset", x.record.dst_offset.to_string()));
+                out.push(("hash", format!("{:032x}", x.record.hash)));
+                out.push(("transport", x.record.transport.name().to_string()));
                 out.push((
                     "payload",
-                    x.payload
+                    x.record
+                        .payload
                         .map_or_else(|| "hash only".to_string(), |h| format!("{h:032x}")),
                 ));
                 out.push((
                     "logged by",
-                    if x.logged_by_receiver {
+                    if x.logged_by_receiver() {
                         "receiver"
                     } else {
                         "sender"

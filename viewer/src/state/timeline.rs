@@ -610,9 +610,9 @@ impl Timeline {
                 for e in events.iter() {
                     if let TraceEvent::Transfer(x) = e {
                         // Both ends log a transfer; the receiver's completion is the arrival.
-                        let merged = transfers.entry(x.id).or_insert_with(|| (**x).clone());
-                        merged.post = merged.post.min(x.post);
-                        merged.complete = merged.complete.max(x.complete);
+                        let merged = transfers.entry(x.id()).or_insert_with(|| (**x).clone());
+                        merged.record.post_ns = merged.post().min(x.post());
+                        merged.record.complete_ns = merged.complete().max(x.complete());
                     }
                 }
                 detail_track(ep, &grid, events)
@@ -838,22 +838,22 @@ fn overview_track(ep: EndpointIx, grid: &Grid, frames: &[FrameSummary]) -> Track
 }
 
 fn add_flows(window: &mut Window, grid: &Grid, mut transfers: Vec<Transfer>) {
-    transfers.sort_by_key(|x| (x.post, x.id));
+    transfers.sort_by_key(|x| (x.post(), x.id()));
     let (range, columns) = (grid.range, grid.columns());
     let mut links: HashMap<(EndpointIx, EndpointIx), (LinkBins, Nanos)> = HashMap::new();
     for x in &transfers {
         if let Some(src) = window.tracks.iter_mut().find(|t| t.endpoint == x.src)
-            && range.touches(x.post, x.post)
+            && range.touches(x.post(), x.post())
         {
-            let c = grid.of(x.post);
+            let c = grid.of(x.post());
             put_mark(&mut src.marks, c, Mark::FlowOut);
-            src.flow_bytes[c] += x.bytes;
+            src.flow_bytes[c] += x.bytes();
             window.flows.push((x.src, x.dst, c));
         }
         if let Some(dst) = window.tracks.iter_mut().find(|t| t.endpoint == x.dst)
-            && range.touches(x.complete, x.complete)
+            && range.touches(x.complete(), x.complete())
         {
-            put_mark(&mut dst.marks, grid.of(x.complete), Mark::FlowIn);
+            put_mark(&mut dst.marks, grid.of(x.complete()), Mark::FlowIn);
         }
         let (link, covered_to) = links.entry((x.src, x.dst)).or_insert_with(|| {
             (
@@ -869,12 +869,12 @@ fn add_flows(window: &mut Window, grid: &Grid, mut transfers: Vec<Transfer>) {
             )
         });
         link.transfers += 1;
-        link.total_bytes += x.bytes;
-        let (start, end) = (x.post, x.complete.max(x.post));
+        link.total_bytes += x.bytes();
+        let (start, end) = (x.post(), x.complete().max(x.post()));
         let len = (end - start).max(1) as f64;
         grid.each(start, end, |c, ov| {
             let share = if end == start { 1.0 } else { ov as f64 / len };
-            link.bytes[c] += x.bytes as f64 * share;
+            link.bytes[c] += x.bytes() as f64 * share;
         });
         // Busy time is the union of in-flight intervals; transfers are sorted by post time.
         let s = start.max(*covered_to).max(range.start);
