@@ -34,7 +34,8 @@ enum Command {
     Recover(recover::RecoverArgs),
     /// Export a trace for Perfetto (protobuf) or chrome://tracing (JSON).
     Export(export::ExportArgs),
-    /// Write a synthetic trace and read it back: a tour of the trace format.
+    /// Record a 4-stage pipeline, replay it bit for bit, and find an injected fault
+    /// (`--synthetic`: tour the trace format instead).
     Demo(demo::DemoArgs),
     /// Serve pipeline stages to a remote `slug run --hosts` coordinator.
     Node(node::NodeArgs),

@@ -3,20 +3,32 @@
 //! injected fault, and summarise the trace. `--synthetic` instead tours the trace format on a
 //! labelled synthetic trace of any size.
 //!
-//! The recorded demo drives the real subcommands through the same argument parser a user's
-//! command line goes through, so what it shows is exactly what `slug record` / `slug replay` do.
+//! The recorded demo calls the libraries `slug record` and `slug replay` call (`slug_recorder::
+//! record`, `slug_replayer::replay_pipeline` / `replay_stage`) and prints their results with the
+//! same printers those commands use.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result, bail, ensure};
-use clap::{Args, Parser};
+use clap::Args;
+use slug_kernels::{LayerPlan, ModelConfig};
+use slug_recorder::observe::PayloadPolicy;
+use slug_recorder::{RecordConfig, record};
+use slug_replayer::{RecordedRun, ReplayOptions, Verify, replay_pipeline, replay_stage};
 use slug_schema::synth::{self, EndpointStream, SynthConfig};
 use slug_schema::{EventKind, KindSet, TimeRange, Trace, TraceSummary};
+use slug_transport::inject::Injection;
+use slug_transport::pipeline::PipelineConfig;
+use slug_transport::transfer::TransportKind;
 
-use crate::cli::{Cli, dispatch};
+use crate::choices::{Model, Transport};
 use crate::info::{bytes, duration, render, thousands};
+use crate::record::print_summary as print_record_summary;
+use crate::replay::print_text as print_replay_report;
 
 /// Arguments of `slug demo`.
 #[derive(Debug, Args)]
@@ -34,15 +46,15 @@ pub struct DemoArgs {
     /// under the system temp dir, printed and kept].
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// Model preset of the recorded demo: tiny, small or base.
-    #[arg(long, default_value = "small", value_parser = ["tiny", "small", "base"])]
-    pub model: String,
+    /// Model preset of the recorded demo.
+    #[arg(long, value_enum, default_value_t = Model::Small)]
+    pub model: Model,
     /// Decoder layers (default: the preset's; at least 4 for the 4 stages).
     #[arg(long)]
     pub layers: Option<usize>,
-    /// Transport the demo records on: local, shm or tcp (the replay uses another one).
-    #[arg(long, default_value = "local", value_parser = ["local", "shm", "tcp"])]
-    pub transport: String,
+    /// Transport the demo records on (the replay uses another one).
+    #[arg(long, value_enum, default_value_t = Transport::Local)]
+    pub transport: Transport,
     /// Tokens generated per sequence.
     #[arg(long, default_value_t = 24)]
     pub tokens: usize,
@@ -72,105 +84,119 @@ pub fn execute(args: DemoArgs) -> Result<ExitCode> {
     }
 }
 
-/// Runs one `slug` subcommand as if typed (`words` after `slug`), returning its exit code.
-fn slug(words: &[&str]) -> Result<ExitCode> {
-    println!("\n$ slug {}", words.join(" "));
-    let cli = Cli::try_parse_from(std::iter::once("slug").chain(words.iter().copied()))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    dispatch(cli)
-}
-
 /// Record, replay, replay one stage, find an injected fault, summarise.
 fn recorded_demo(dir: &Path, args: &DemoArgs) -> Result<ExitCode> {
-    let out = dir
-        .to_str()
-        .with_context(|| format!("{}: the demo needs a UTF-8 path; pass --out", dir.display()))?;
-    let replay_transport = if args.transport == "tcp" {
-        "local"
-    } else {
-        "tcp"
+    let replay_transport = match args.transport {
+        Transport::Tcp => TransportKind::Local,
+        Transport::Local | Transport::Shm => TransportKind::Tcp,
     };
-    let tokens = args.tokens.to_string();
-    let mut pipeline = vec!["--model", args.model.as_str()];
-    let layers = args.layers.map(|l| l.to_string());
-    if let Some(l) = &layers {
-        pipeline.extend(["--layers", l]);
+    let mut model = ModelConfig::preset(args.model.name())?;
+    if let Some(layers) = args.layers {
+        model.layers = layers;
+        model.name = format!("{}-custom", args.model.name());
     }
-    pipeline.extend(["--stages", "4", "--sequences", "4", "--microbatches", "2"]);
-    pipeline.extend(["--tokens", &tokens, "--transport", &args.transport]);
-    pipeline.extend(["--prompt", "The quick brown fox"]);
+    model.validate()?;
+    let layers = model.layers;
+    let mut pipeline = PipelineConfig::new(model, "The quick brown fox", 4, args.tokens);
+    pipeline.stages = 4;
+    pipeline.microbatches = 2;
+    pipeline.transport = args.transport.into();
+    pipeline.threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / 4).max(1);
 
     println!(
         "slug demo: record a 4-stage `{}` pipeline on {}, replay it on {replay_transport}, replay \
          stage 2 alone, and find an injected fault",
-        args.model, args.transport
+        args.model.name(),
+        pipeline.transport
     );
-    let mut record = vec![
-        "record",
-        "--out",
-        out,
-        "--payloads",
-        "all",
-        "--hash-kernels",
-    ];
-    record.push("--");
-    record.extend(pipeline.iter().copied());
-    ensure!(slug(&record)? == ExitCode::SUCCESS, "recording failed");
-
-    let whole = [
-        "replay",
-        out,
-        "--transport",
-        replay_transport,
-        "--threads",
-        "1",
-    ];
+    println!(
+        "\n# record (every payload, every kernel output's hash) into {}",
+        dir.display()
+    );
+    let config = RecordConfig {
+        payloads: PayloadPolicy::All,
+        hash_kernels: true,
+        ..RecordConfig::new(dir)
+    };
+    let recorded = record(&config, &pipeline)?;
+    print_record_summary(&recorded);
     ensure!(
-        slug(&whole)? == ExitCode::SUCCESS,
+        recorded.losses.is_empty(),
+        "the recording is incomplete; it lost: {}",
+        recorded
+            .losses
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+
+    let rec = Arc::new(RecordedRun::open(dir)?);
+    println!("\n# replay the whole pipeline on {replay_transport}, one thread per stage");
+    let whole = ReplayOptions {
+        transport: Some(replay_transport),
+        threads: Some(1),
+        ..ReplayOptions::default()
+    };
+    let report = replay_pipeline(Arc::clone(&rec), &whole)?;
+    print_replay_report(&report);
+    ensure!(
+        report.bit_exact,
         "the whole-pipeline replay was not bit-exact (see above)"
     );
-    let stage = ["replay", out, "--stage", "2", "--verify", "kernel"];
+
+    println!("\n# replay stage 2 alone from its recorded inputs, checking every kernel output");
+    let kernel_level = ReplayOptions {
+        verify: Verify::Kernel,
+        ..ReplayOptions::default()
+    };
+    let report = replay_stage(Arc::clone(&rec), 2, &kernel_level)?.report;
+    print_replay_report(&report);
     ensure!(
-        slug(&stage)? == ExitCode::SUCCESS,
+        report.bit_exact,
         "the single-stage replay was not bit-exact (see above)"
     );
 
     // A one-bit fault in stage 1's first layer at stage step 5: the replay must name that place.
-    let preset = slug_kernels::ModelConfig::preset(&args.model)?;
-    let plan = slug_kernels::LayerPlan::even(args.layers.unwrap_or(preset.layers), 4)?;
-    let layer = plan.layers_of(1).start;
+    let layer = LayerPlan::even(layers, 4)?.layers_of(1).start;
     let fault = format!("stage=1,layer={layer},kernel=down,step=5");
-    let report = dir.join("demo-divergence.json");
-    let report_arg = report.to_str().context("report path is not UTF-8")?;
-    let injected = [
-        "replay", out, "--verify", "kernel", "--inject", &fault, "--report", report_arg,
-    ];
+    println!("\n# replay with one bit flipped ({fault}): the report must point there");
+    let injected = ReplayOptions {
+        inject: Some(fault.parse::<Injection>()?),
+        ..kernel_level
+    };
+    let report = replay_pipeline(rec, &injected)?;
+    print_replay_report(&report);
+    let Some(found) = &report.first else {
+        bail!("the injected fault went unnoticed: the replay found no divergence");
+    };
+    let report_path = dir.join("demo-divergence.json");
+    std::fs::write(&report_path, serde_json::to_string_pretty(found)? + "\n")
+        .with_context(|| format!("writing {}", report_path.display()))?;
+    let kernel = found.kernel.as_deref().unwrap_or("-");
     ensure!(
-        slug(&injected)? != ExitCode::SUCCESS,
-        "the injected fault went unnoticed: the replay claimed to be bit-exact"
-    );
-    let found: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&report).with_context(|| format!("reading {}", report.display()))?,
-    )?;
-    let (endpoint, step) = (&found["endpoint"], &found["step"]);
-    let (at_layer, kernel) = (&found["layer"], &found["kernel"]);
-    ensure!(
-        endpoint == 1 && step == 5 && at_layer == layer && kernel == "down",
-        "the report points at endpoint {endpoint}, step {step}, layer {at_layer}, kernel \
-         {kernel}; the fault was injected at stage 1, step 5, layer {layer}, kernel down"
+        found.endpoint == 1
+            && found.step == 5
+            && found.layer == Some(layer as u32)
+            && kernel == "down",
+        "the report points at endpoint {}, step {}, layer {:?}, kernel {kernel}; the fault was \
+         injected at stage 1, step 5, layer {layer}, kernel down",
+        found.endpoint,
+        found.step,
+        found.layer
     );
     println!(
-        "\nthe report points at the injected fault: endpoint {endpoint}, step {step}, layer \
-         {at_layer}, kernel {}",
-        kernel.as_str().unwrap_or_default()
+        "\nthe report points at the injected fault: endpoint {}, step {}, layer {layer}, kernel \
+         {kernel}",
+        found.endpoint, found.step
     );
 
-    ensure!(
-        slug(&["info", out])? == ExitCode::SUCCESS,
-        "slug info failed"
-    );
+    println!();
+    print!("{}", render(&TraceSummary::of(&Trace::open(dir)?)));
     println!(
-        "\ntrace kept in {out}; look at it with `slug view {out}` or `slug view {out} --divergence {report_arg}`"
+        "\ntrace kept in {0}; look at it with `slug view {0}` or `slug view {0} --divergence {1}`",
+        dir.display(),
+        report_path.display()
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,8 @@
 //! The `slug` command line: record, replay, inspect and move CPU AI pipelines.
 
+#![forbid(unsafe_code)]
+
+mod choices;
 mod cli;
 mod demo;
 mod export;

@@ -9,6 +9,8 @@ use slug_transport::inject::Injection;
 use slug_transport::pipeline::{PipelineConfig, prompt_tokens};
 use slug_transport::transfer::TransportKind;
 
+use crate::choices::{Model, Transport};
+
 /// The pipeline to run: model, placement, transport, sequences.
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Pipeline")]
@@ -16,10 +18,9 @@ pub struct PipelineArgs {
     /// Pipeline stages the layers are split into (at most the number of layers).
     #[arg(long, default_value_t = 1)]
     pub stages: usize,
-    /// How stages exchange activations: local (threads of this process), shm (one process per
-    /// stage over a shared-memory fabric file) or tcp (one process per stage over sockets).
-    #[arg(long, default_value = "local", value_parser = ["local", "shm", "tcp"])]
-    pub transport: String,
+    /// How stages exchange activations.
+    #[arg(long, value_enum, default_value_t = Transport::Local)]
+    pub transport: Transport,
     /// Run stage s on the `slug node --listen` at the s-th address (tcp; one per stage).
     #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...")]
     pub hosts: Vec<String>,
@@ -65,8 +66,8 @@ pub struct PipelineArgs {
 #[command(next_help_heading = "Model")]
 pub struct ModelArgs {
     /// Model preset: tiny (tests), small (~10M parameters) or base (~115M parameters).
-    #[arg(long, default_value = "tiny", value_parser = ["tiny", "small", "base"])]
-    pub model: String,
+    #[arg(long, value_enum, default_value_t = Model::Tiny)]
+    pub model: Model,
     /// Seed the weights are generated from.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
@@ -99,7 +100,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The preset with overrides applied, validated.
     pub fn config(&self) -> Result<ModelConfig> {
-        let mut c = ModelConfig::preset(&self.model)?;
+        let mut c = ModelConfig::preset(self.model.name())?;
         let overrides = [
             (&mut c.layers, self.layers),
             (&mut c.dim, self.dim),
@@ -116,7 +117,7 @@ impl ModelArgs {
             }
         }
         if custom {
-            c.name = format!("{}-custom", self.model);
+            c.name = format!("{}-custom", self.model.name());
         }
         c.seed = self.seed;
         c.fma = self.fma;
@@ -166,10 +167,7 @@ impl PipelineArgs {
                 model.max_seq
             );
         }
-        let transport: TransportKind = self
-            .transport
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--transport {}: {e}", self.transport))?;
+        let transport = TransportKind::from(self.transport);
         if !self.hosts.is_empty() {
             if transport != TransportKind::Tcp {
                 bail!("--hosts runs stages on remote nodes over tcp: add --transport tcp");

@@ -16,6 +16,7 @@ use slug_recorder::perf::{PerfConfig, PerfRequest};
 use slug_recorder::{RecordConfig, RecordSummary, record};
 use slug_transport::pipeline::PipelineConfig;
 
+use crate::choices::Payloads;
 use crate::pipeline_args::PipelineArgs;
 
 const EXAMPLES: &str = "\
@@ -39,9 +40,9 @@ pub struct RecordArgs {
     /// current directory, its ancestors and $HOME are refused).
     #[arg(long)]
     force: bool,
-    /// Transfer payloads to store: none, boundary (the tokens sent back to stage 0) or all.
-    #[arg(long, default_value = "none")]
-    payloads: String,
+    /// Transfer payloads to store (content hashes are always stored).
+    #[arg(long, value_enum, default_value_t = Payloads::None)]
+    payloads: Payloads,
     /// Snapshot every stage's arena and cursor every K stage steps, besides step 0 (default: step
     /// 0 only). Chunks are content-addressed: unchanged weights are stored once.
     #[arg(long, value_name = "K", conflicts_with = "no_snapshots")]
@@ -98,10 +99,7 @@ impl RecordArgs {
 
 /// Runs `slug record`.
 pub fn execute(args: RecordArgs) -> Result<ExitCode> {
-    let payloads: PayloadPolicy = args
-        .payloads
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--payloads: {e}"))?;
+    let payloads = PayloadPolicy::from(args.payloads);
     let request: PerfRequest = args.perf.parse().context("--perf")?;
     let ebpf: EbpfRequest = args.ebpf.parse().context("--ebpf")?;
     if args.perf_freq == 0 {
@@ -168,7 +166,7 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(1))
 }
 
-fn print_summary(s: &RecordSummary) {
+pub(crate) fn print_summary(s: &RecordSummary) {
     for line in &s.notices {
         eprintln!("slug: {line}");
     }

@@ -13,6 +13,8 @@ use slug_replayer::{
 use slug_transport::inject::Injection;
 use slug_transport::transfer::TransportKind;
 
+use crate::choices::{Transport, VerifyDepth};
+
 const EXAMPLES: &str = "\
 Examples:
   slug replay run1/
@@ -46,9 +48,9 @@ boundaries and kernel spans; the report also names the decode step and sequence.
 pub struct ReplayArgs {
     /// The trace directory (as written by `slug record --out`).
     trace: PathBuf,
-    /// Transport of the replay: local, shm or tcp (default: the recorded one).
-    #[arg(long)]
-    transport: Option<String>,
+    /// Transport of the replay (default: the recorded one).
+    #[arg(long, value_enum)]
+    transport: Option<Transport>,
     /// Threads per stage (default: the recorded count).
     #[arg(long)]
     threads: Option<usize>,
@@ -61,9 +63,9 @@ pub struct ReplayArgs {
     /// Last step to check; every replayed stage stops after it.
     #[arg(long)]
     to_step: Option<u64>,
-    /// Verification level: transfer (content hashes) or kernel (every kernel output).
-    #[arg(long, default_value = "transfer")]
-    verify: String,
+    /// Verification level.
+    #[arg(long, value_enum, default_value_t = VerifyDepth::Transfer)]
+    verify: VerifyDepth,
     /// Flip one bit of one kernel output: stage=S,layer=L,kernel=K,step=N[,element=E][,bit=B].
     #[arg(long)]
     inject: Option<String>,
@@ -101,11 +103,7 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
         bail!("{line}; a replay checks against complete logs only");
     }
     let rec = Arc::new(RecordedRun::open(&args.trace)?);
-    let transport = args
-        .transport
-        .as_deref()
-        .map(str::parse::<TransportKind>)
-        .transpose()?;
+    let transport = args.transport.map(TransportKind::from);
     let inject = args
         .inject
         .as_deref()
@@ -119,7 +117,7 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
         threads: args.threads,
         from_step: args.from_step,
         to_step: args.to_step,
-        verify: args.verify.parse::<Verify>()?,
+        verify: args.verify.into(),
         inject,
         timeout_ms: args.timeout_ms,
         hosts: args.hosts.clone(),
@@ -179,7 +177,7 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
     })
 }
 
-fn print_text(r: &ReplayReport) {
+pub(crate) fn print_text(r: &ReplayReport) {
     let what = match r.stage {
         Some(s) => format!("stage {s} alone"),
         None => format!("{} on {}", "pipeline", r.transport),

@@ -100,3 +100,19 @@ fn recorded_demo_replays_bit_exact_and_finds_the_injected_fault() {
             .unwrap();
     assert_eq!(report["kernel"], "down");
 }
+
+#[test]
+fn demo_help_describes_the_recorded_demo_first() {
+    let out = Command::new(env!("CARGO_BIN_EXE_slug"))
+        .args(["demo", "--help"])
+        .output()
+        .expect("run slug demo --help");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let first = text.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("Record a 4-stage pipeline, replay it bit for bit"),
+        "{text}"
+    );
+    assert!(text.contains("--synthetic"), "{text}");
+}

@@ -174,7 +174,7 @@ fn chrome_export_gzips_and_matches_the_trace() {
     for e in &events {
         let pid = e["pid"].as_u64().unwrap_or(0);
         match e["ph"].as_str() {
-            Some("X") if e["cat"] == "kernel" => {
+            Some("X") if e["cat"] == "kernel_span" => {
                 *slices.entry(process_names[&pid].clone()).or_default() += 1
             }
             Some("s") => {
@@ -256,7 +256,79 @@ fn export_of_a_cut_short_log_warns_and_keeps_what_survived() {
     );
     let events = slug_viewer::export::chrome::read_events(&out).expect("valid JSON");
     assert!(
-        events.iter().any(|e| e["cat"] == "kernel" && e["pid"] == 2),
+        events
+            .iter()
+            .any(|e| e["cat"] == "kernel_span" && e["pid"] == 2),
         "node0/s1 kept its surviving spans"
+    );
+}
+
+/// A recorded run has kernels outside every layer (embedding, final norm, head, argmax): the
+/// exports leave their `layer` out instead of printing the log's `u32::MAX` sentinel.
+#[test]
+fn exports_of_a_recorded_run_never_carry_the_no_layer_sentinel() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("trace");
+    let rec = slug(&[
+        "record",
+        "--out",
+        dir.to_str().unwrap(),
+        "--stages",
+        "2",
+        "--tokens",
+        "3",
+    ]);
+    assert!(
+        rec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rec.stderr)
+    );
+    let json = tmp.path().join("t.json");
+    let pftrace = tmp.path().join("t.pftrace");
+    for (format, out) in [("chrome", &json), ("perfetto", &pftrace)] {
+        let run = slug(&[
+            "export",
+            dir.to_str().unwrap(),
+            "--format",
+            format,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+    }
+    let text = std::fs::read_to_string(&json).unwrap();
+    assert!(
+        !text.contains("4294967295"),
+        "the sentinel leaked into the Chrome export"
+    );
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let kernels: Vec<_> = doc["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["cat"] == "kernel_span")
+        .collect();
+    assert!(kernels.iter().any(|k| k["args"]["layer"].is_u64()));
+    assert!(
+        kernels.iter().any(|k| k["args"].get("layer").is_none()),
+        "the embedding and head kernels have no layer"
+    );
+    let bytes = std::fs::read(&pftrace).unwrap();
+    let sentinel = u64::from(u32::MAX);
+    // Perfetto's debug annotations are varints: u32::MAX encodes as ff ff ff ff 0f.
+    let mut varint = Vec::new();
+    let mut v = sentinel;
+    while v >= 0x80 {
+        varint.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    varint.push(v as u8);
+    assert!(
+        !bytes.windows(varint.len()).any(|w| w == varint.as_slice()),
+        "the sentinel leaked into the Perfetto export"
     );
 }

@@ -102,7 +102,7 @@ fn unusable_arguments_are_refused_before_the_run() {
         "--payloads",
         "some",
     ]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("none, boundary or all"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("[possible values: none, boundary, all]"));
     assert!(!out.exists(), "nothing is created for refused arguments");
 }
 

@@ -172,3 +172,34 @@ fn help_teaches_with_examples() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Examples:") && text.contains("--layout") && text.contains("--kv-heads"));
 }
+
+/// `--transport`, `--model`, `--payloads` and `--verify` take a closed set of values: a
+/// misspelling is refused before any work starts, naming the flag and the values it takes.
+#[test]
+fn closed_value_flags_list_their_values_when_misspelled() {
+    for (args, values) in [
+        (&["run", "--transport", "bogus"][..], "local, shm, tcp"),
+        (&["run", "--model", "huge"][..], "tiny, small, base"),
+        (
+            &["record", "--out", "unused", "--payloads", "some"][..],
+            "none, boundary, all",
+        ),
+        (
+            &["replay", "unused", "--verify", "deep"][..],
+            "transfer, kernel",
+        ),
+        (
+            &["demo", "--transport", "carrier-pigeon"][..],
+            "local, shm, tcp",
+        ),
+    ] {
+        let out = slug(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("[possible values: {values}]")),
+            "{args:?}: {err}"
+        );
+        assert!(!std::path::Path::new("unused").exists());
+    }
+}

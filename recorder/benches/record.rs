@@ -33,7 +33,7 @@ const BATCH: usize = 16 * 1024;
 fn span(i: u64) -> Event {
     Event::KernelSpan(KernelSpan {
         kernel: (i % 16) as u32,
-        layer: (i / 16 % 6) as u32,
+        layer: Some((i / 16 % 6) as u32),
         step: i / 96,
         seq: 0,
         row_start: 0,

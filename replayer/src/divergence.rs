@@ -227,10 +227,7 @@ impl Checker {
         if !self.in_range(step) {
             return;
         }
-        let Some(want) = self
-            .rec
-            .kernel_hash(&(stage, step, kernel, layer.unwrap_or(u32::MAX)))
-        else {
+        let Some(want) = self.rec.kernel_hash(&(stage, step, kernel, layer)) else {
             self.lock().kernels_unrecorded += 1;
             return;
         };

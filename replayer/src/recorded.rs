@@ -14,8 +14,8 @@ use slug_transport::transfer::Tag;
 
 use crate::error::{ReplayError, Result};
 
-/// A kernel call of a stage: (stage, stage step, kernel, layer or `u32::MAX`).
-pub type KernelKey = (u32, u64, KernelId, u32);
+/// A kernel call of a stage: (stage, stage step, kernel, layer if the kernel has one).
+pub type KernelKey = (u32, u64, KernelId, Option<u32>);
 
 /// Where a stage's starting state comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -71,9 +71,17 @@ impl EventKind {
         Self::from_repr(value)
     }
 
-    /// A short lowercase name, as `slug info` prints it (`kernel_span`, `transfer`, ...).
+    /// The kind's one name, used by `slug info`, the viewer's `/kind:` filter, exports and the
+    /// docs alike (`kernel_span`, `transfer`, ...).
     pub fn name(self) -> &'static str {
         self.into()
+    }
+}
+
+impl EventKind {
+    /// The kind whose [`EventKind::name`] is `name`.
+    pub fn from_name(name: &str) -> Option<EventKind> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
     }
 }
 
@@ -120,6 +128,17 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// The transport's name (`local`, `shm`, `tcp`, `mpi`, `rdma`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Local => "local",
+            Transport::Shm => "shm",
+            Transport::Tcp => "tcp",
+            Transport::Mpi => "mpi",
+            Transport::Rdma => "rdma",
+        }
+    }
+
     /// The transport stored as `value`.
     pub fn from_u8(value: u8) -> Option<Transport> {
         Self::from_repr(value)
@@ -159,6 +178,20 @@ pub enum PerfSampleKind {
 }
 
 impl PerfSampleKind {
+    /// The sample kind's name, as the viewer and exports show it (`cpu-clock`, `mem-load`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            PerfSampleKind::CpuClock => "cpu-clock",
+            PerfSampleKind::TaskClock => "task-clock",
+            PerfSampleKind::Cycles => "cycles",
+            PerfSampleKind::Instructions => "instructions",
+            PerfSampleKind::MemLoad => "mem-load",
+            PerfSampleKind::MemStore => "mem-store",
+            PerfSampleKind::BranchMiss => "branch-miss",
+            PerfSampleKind::CacheMiss => "cache-miss",
+        }
+    }
+
     /// The sample kind stored as `value`.
     pub fn from_u8(value: u8) -> Option<PerfSampleKind> {
         Self::from_repr(value)
@@ -224,8 +257,9 @@ impl SoftwareKind {
 pub struct KernelSpan {
     /// Interned kernel name.
     pub kernel: StringId,
-    /// Model layer.
-    pub layer: u32,
+    /// Model layer; `None` for a kernel outside every layer (embedding, final norm, output
+    /// head, argmax). The log cannot hold `Some(u32::MAX)`: it reads back as `None`.
+    pub layer: Option<u32>,
     /// Pipeline step (token position).
     pub step: u64,
     /// Microbatch (sequence) in flight.
@@ -242,6 +276,22 @@ pub struct KernelSpan {
     pub end_ns: u64,
     /// xxh3-128 of the output rows, when kernel verification was recorded.
     pub output_hash: Option<u128>,
+}
+
+/// How the log stores [`KernelSpan::layer`]: `None` travels as `u32::MAX`, a value no real
+/// layer has. The sentinel is a wire detail; only the encoders and decoders see it.
+pub(crate) mod layer_wire {
+    const NONE: u32 = u32::MAX;
+
+    /// The stored value of a layer.
+    pub(crate) fn encode(layer: Option<u32>) -> u32 {
+        layer.unwrap_or(NONE)
+    }
+
+    /// The layer a stored value means.
+    pub(crate) fn decode(stored: u32) -> Option<u32> {
+        (stored != NONE).then_some(stored)
+    }
 }
 
 /// Bytes moved between two endpoints; both ends log it under the same `id`.

@@ -90,7 +90,7 @@ impl RawRecord {
         let w = &mut r.words;
         match *event {
             Event::KernelSpan(e) => {
-                w[0] = pack(e.kernel, e.layer);
+                w[0] = pack(e.kernel, crate::event::layer_wire::encode(e.layer));
                 w[1] = e.step;
                 w[2] = pack(e.seq, e.thread);
                 w[3] = pack(e.row_start, e.row_end);
@@ -192,7 +192,7 @@ impl RawRecord {
         Some(match EventKind::from_u8(self.kind)? {
             EventKind::KernelSpan => Event::KernelSpan(KernelSpan {
                 kernel: lo32(w[0]),
-                layer: hi32(w[0]),
+                layer: crate::event::layer_wire::decode(hi32(w[0])),
                 step: w[1],
                 seq: lo32(w[2]),
                 thread: hi32(w[2]),

@@ -470,7 +470,7 @@ impl EndpointStream {
                         let rows = cfg.hidden / threads;
                         out.push(Event::KernelSpan(KernelSpan {
                             kernel: kernel_id(name),
-                            layer: global_layer,
+                            layer: Some(global_layer),
                             step,
                             seq,
                             row_start: th * rows,

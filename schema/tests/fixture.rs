@@ -28,7 +28,7 @@ fn events(version: u32) -> Vec<Event> {
         for thread in 0..2u32 {
             v.push(Event::KernelSpan(KernelSpan {
                 kernel: (i % 2) as u32,
-                layer: 3,
+                layer: Some(3),
                 step: i,
                 seq: 1,
                 row_start: thread * 64,

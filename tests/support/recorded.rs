@@ -163,7 +163,7 @@ fn add_kernel_hashes(out: &Path, hashes: &HashMap<(u32, u64, u8, Option<u32>), u
         }
         for mut e in events {
             if let Event::KernelSpan(k) = &mut e {
-                let layer = (k.layer != u32::MAX).then_some(k.layer);
+                let layer = k.layer;
                 k.output_hash = hashes
                     .get(&(ep.stage, k.step, k.kernel as u8, layer))
                     .copied();

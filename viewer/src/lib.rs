@@ -4,6 +4,8 @@
 //! `state` holds the model (events, sources, timeline windows, statistics, app state) and `view`
 //! draws it; `run` drives the terminal loop; `export` writes the two exchange formats.
 
+#![forbid(unsafe_code)]
+
 pub mod error;
 pub mod export;
 pub mod run;

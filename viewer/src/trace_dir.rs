@@ -6,57 +6,16 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use slug_schema::{
-    Direction, EbpfKind, Event, EventKind as SchemaKind, FooterState, FrameInfo, LogReader,
-    PerfSampleKind, SoftwareKind, StringId, Trace, Transport,
+    EbpfKind, Event, FooterState, FrameInfo, LogReader, SoftwareKind, StringId, Trace,
 };
 
 use crate::error::{Result, ViewerError};
 use crate::state::event::{
     CounterReading, EndpointIx, EventKind, KernelSpan, KindCounts, LostEvents, Nanos, PerfSample,
-    PtChunk, SnapshotMark, StepBoundary, SystemEvent, SystemKind, SystemSource, TimeRange,
+    PtChunk, SnapshotEvent, StepBoundary, SystemEvent, SystemKind, SystemSource, TimeRange,
     TraceEvent, Transfer, UserMarker,
 };
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, TraceSource};
-
-/// The viewer's kind for a schema kind.
-fn kind_of(kind: SchemaKind) -> EventKind {
-    match kind {
-        SchemaKind::KernelSpan => EventKind::Kernel,
-        SchemaKind::Transfer => EventKind::Transfer,
-        SchemaKind::StepBoundary => EventKind::Step,
-        SchemaKind::Snapshot => EventKind::Snapshot,
-        SchemaKind::PerfSample => EventKind::PerfSample,
-        SchemaKind::PtChunk => EventKind::PtChunk,
-        SchemaKind::Ebpf => EventKind::Ebpf,
-        SchemaKind::PerfSoftware => EventKind::PerfSoftware,
-        SchemaKind::LostEvents => EventKind::Lost,
-        SchemaKind::Marker => EventKind::Marker,
-        SchemaKind::Counter => EventKind::Counter,
-    }
-}
-
-fn perf_kind_name(kind: PerfSampleKind) -> &'static str {
-    match kind {
-        PerfSampleKind::CpuClock => "cpu-clock",
-        PerfSampleKind::TaskClock => "task-clock",
-        PerfSampleKind::Cycles => "cycles",
-        PerfSampleKind::Instructions => "instructions",
-        PerfSampleKind::MemLoad => "mem-load",
-        PerfSampleKind::MemStore => "mem-store",
-        PerfSampleKind::BranchMiss => "branch-miss",
-        PerfSampleKind::CacheMiss => "cache-miss",
-    }
-}
-
-fn transport_name(t: Transport) -> &'static str {
-    match t {
-        Transport::Local => "local",
-        Transport::Shm => "shm",
-        Transport::Tcp => "tcp",
-        Transport::Mpi => "mpi",
-        Transport::Rdma => "rdma",
-    }
-}
 
 /// One endpoint log, opened.
 #[derive(Debug)]
@@ -78,8 +37,6 @@ pub struct TraceDirSource {
     logs: Vec<EndpointLog>,
     /// Endpoint id (as in transfers) → index in `endpoints`.
     index_of: HashMap<u32, EndpointIx>,
-    /// Shared names of perf sample kinds and transports, so decoding does not allocate them.
-    names: HashMap<&'static str, Arc<str>>,
 }
 
 impl TraceDirSource {
@@ -119,8 +76,8 @@ impl TraceDirSource {
                 .iter()
                 .map(|f| {
                     let mut counts = KindCounts::default();
-                    for kind in SchemaKind::ALL {
-                        counts.add(kind_of(kind), u64::from(f.count(kind)));
+                    for kind in EventKind::ALL {
+                        counts.add(kind, u64::from(f.count(kind)));
                     }
                     FrameSummary {
                         range: TimeRange::new(shift(f.t_min, offset_ns), shift(f.t_max, offset_ns)),
@@ -144,18 +101,10 @@ impl TraceDirSource {
                 strings: Mutex::new(HashMap::new()),
             });
         }
-        let mut names = HashMap::new();
-        for kind in (0..=u8::MAX).map_while(PerfSampleKind::from_u8) {
-            names.insert(perf_kind_name(kind), Arc::from(perf_kind_name(kind)));
-        }
-        for t in (0..=u8::MAX).map_while(Transport::from_u8) {
-            names.insert(transport_name(t), Arc::from(transport_name(t)));
-        }
         Ok(Self {
             endpoints,
             logs,
             index_of,
-            names,
         })
     }
 
@@ -166,13 +115,6 @@ impl TraceDirSource {
             .get(&id)
             .copied()
             .unwrap_or(self.endpoints.len() + id as usize)
-    }
-
-    fn name(&self, static_name: &'static str) -> Arc<str> {
-        self.names
-            .get(static_name)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(static_name))
     }
 
     fn convert(&self, log: &EndpointLog, e: &Event) -> TraceEvent {
@@ -194,59 +136,27 @@ impl TraceDirSource {
                 end: t(k.end_ns),
                 kernel: string(k.kernel),
                 step: k.step,
-                layer: Some(k.layer),
+                layer: k.layer,
                 thread: k.thread,
                 seq: k.seq,
                 rows: (k.row_start, k.row_end),
                 output_hash: k.output_hash.map(Box::new),
             }),
             Event::Transfer(x) => TraceEvent::Transfer(Box::new(Transfer {
-                id: x.id,
+                record: slug_schema::Transfer {
+                    post_ns: t(x.post_ns),
+                    complete_ns: t(x.complete_ns),
+                    ..*x
+                },
                 src: self.endpoint_ix(x.src_endpoint),
                 dst: self.endpoint_ix(x.dst_endpoint),
-                bytes: x.len,
-                post: t(x.post_ns),
-                complete: t(x.complete_ns),
-                src_arena: x.src_arena,
-                dst_arena: x.dst_arena,
-                src_offset: x.src_offset,
-                dst_offset: x.dst_offset,
-                hash: x.hash,
-                transport: self.name(transport_name(x.transport)),
-                payload: x.payload,
-                logged_by_receiver: x.direction == Direction::Recv,
             })),
-            Event::StepBoundary(s) => TraceEvent::Step(StepBoundary {
-                t: t(s.ns),
-                step: s.step,
-                seq: s.seq,
-            }),
-            Event::Snapshot(s) => TraceEvent::Snapshot(Box::new(SnapshotMark {
-                t: t(s.ns),
-                step: s.step,
-                stage: s.stage,
-                bytes: s.bytes,
-                new_bytes: s.new_bytes,
-                chunks: s.chunks,
-                id: s.id,
-            })),
-            Event::PerfSample(p) => TraceEvent::Perf(PerfSample {
-                t: t(p.ns),
-                kind: self.name(perf_kind_name(p.kind)),
-                ip: p.ip,
-                addr: p.addr,
-                weight: p.weight,
-                data_source: p.data_source,
-                tid: p.tid,
-                cpu: p.cpu,
-            }),
-            Event::PtChunk(p) => TraceEvent::Pt(Box::new(PtChunk {
-                t: t(p.ns),
-                bytes: p.size,
-                cpu: p.cpu,
-                aux_offset: p.aux_offset,
-                payload: p.payload,
-            })),
+            Event::StepBoundary(s) => TraceEvent::Step(StepBoundary { ns: t(s.ns), ..*s }),
+            Event::Snapshot(s) => {
+                TraceEvent::Snapshot(Box::new(SnapshotEvent { ns: t(s.ns), ..*s }))
+            }
+            Event::PerfSample(p) => TraceEvent::Perf(PerfSample { ns: t(p.ns), ..*p }),
+            Event::PtChunk(p) => TraceEvent::Pt(Box::new(PtChunk { ns: t(p.ns), ..*p })),
             Event::Ebpf(b) => TraceEvent::System(SystemEvent {
                 t: t(b.ns),
                 kind: match b.kind {

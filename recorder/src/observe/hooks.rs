@@ -27,7 +27,7 @@ impl Hooks for StageHooks {
     fn kernel(&mut self, call: &KernelCall, output: &mut [f32]) {
         self.shared.append(&Event::KernelSpan(KernelSpan {
             kernel: u32::from(call.kernel.index()),
-            layer: call.layer.unwrap_or(u32::MAX),
+            layer: call.layer,
             step: call.step,
             seq: call.seq,
             row_start: 0,

@@ -3,7 +3,7 @@
 use super::{
     BatchError, Col, Planes, Prev, next_span_end, put_h128, put_planes, put_svar, put_uvar, zigzag,
 };
-use crate::event::KernelSpan;
+use crate::event::{KernelSpan, layer_wire};
 use crate::trace_capnp::kernel_span_columns;
 
 super::columns!(
@@ -32,7 +32,8 @@ impl KernelSpanColumns {
     pub(super) fn push(&mut self, e: &KernelSpan, use_end: bool, p: &mut Prev) {
         self.time_ref.push(u8::from(use_end));
         put_uvar(&mut self.kernel, e.kernel.into());
-        put_uvar(&mut self.layer, e.layer.into());
+        let layer = layer_wire::encode(e.layer);
+        put_uvar(&mut self.layer, layer.into());
         put_svar(&mut self.step, e.step, p.span_step);
         p.span_step = e.step;
         put_uvar(&mut self.seq, e.seq.into());
@@ -42,7 +43,7 @@ impl KernelSpanColumns {
         let duration = e.end_ns.wrapping_sub(e.start_ns);
         let predicted = p
             .span_duration
-            .insert((e.kernel, e.layer), duration)
+            .insert((e.kernel, layer), duration)
             .unwrap_or(0);
         self.duration_z.push(zigzag(duration, predicted));
         self.has_hash.push(u8::from(e.output_hash.is_some()));
@@ -144,7 +145,7 @@ impl<'a> KernelSpanReader<'a> {
         };
         Ok(KernelSpan {
             kernel,
-            layer,
+            layer: layer_wire::decode(layer),
             step,
             seq,
             row_start,

@@ -744,7 +744,7 @@ mod tests {
                     let end = start + 1_000 * u64::from(kernel + 1) + (step * 37 + 11) % 97;
                     v.push(Event::KernelSpan(KernelSpan {
                         kernel,
-                        layer,
+                        layer: Some(layer),
                         step,
                         seq: (step % 2) as u32,
                         row_start: 0,

@@ -14,7 +14,7 @@ pub fn event() -> impl Strategy<Value = Event> {
         (any::<[u32; 6]>(), any::<[u64; 3]>(), any::<Option<u128>>()).prop_map(|(a, b, h)| {
             Event::KernelSpan(KernelSpan {
                 kernel: a[0],
-                layer: a[1],
+                layer: a[1].checked_sub(1), // never u32::MAX: the wire keeps that value for no layer
                 step: b[0],
                 seq: a[2],
                 row_start: a[3],

@@ -14,7 +14,7 @@ use crate::error::{Result, ViewerError};
 use crate::export::ExportSummary;
 use crate::export::walk::{Item, walk};
 use crate::state::event::{
-    EndpointIx, Nanos, SystemKind, SystemSource, TraceEvent, Transfer, format_bytes,
+    EndpointIx, EventKind, Nanos, SystemKind, SystemSource, TraceEvent, Transfer, format_bytes,
 };
 use crate::state::source::TraceSource;
 
@@ -57,16 +57,16 @@ impl Writer<'_> {
 
     fn flow(&mut self, x: &Transfer, start: bool) -> Result<()> {
         let (ep, t, ph, verb) = if start {
-            (x.src, x.post, "s", "send")
+            (x.src, x.post(), "s", "send")
         } else {
-            (x.dst, x.complete.max(x.post), "f", "recv")
+            (x.dst, x.complete().max(x.post()), "f", "recv")
         };
         self.thread(ep, TRANSFERS_TID, "transfers".to_string())?;
-        let name = format!("{verb} #{} {}", x.id, format_bytes(x.bytes));
+        let name = format!("{verb} #{} {}", x.id(), format_bytes(x.bytes()));
         // The flow binds to the instant slice on the same thread at the same time.
-        self.emit(&json!({"ph": "X", "name": name, "cat": "transfer", "pid": pid(ep), "tid": TRANSFERS_TID,
-            "ts": us(t), "dur": 0, "args": {"id": x.id, "bytes": x.bytes}}))?;
-        let mut flow = json!({"ph": ph, "name": "transfer", "cat": "transfer", "id": x.id, "pid": pid(ep),
+        self.emit(&json!({"ph": "X", "name": name, "cat": EventKind::Transfer.name(), "pid": pid(ep), "tid": TRANSFERS_TID,
+            "ts": us(t), "dur": 0, "args": {"id": x.id(), "bytes": x.bytes()}}))?;
+        let mut flow = json!({"ph": ph, "name": "transfer", "cat": EventKind::Transfer.name(), "id": x.id(), "pid": pid(ep),
             "tid": TRANSFERS_TID, "ts": us(t)});
         if !start {
             flow["bp"] = json!("e");
@@ -89,9 +89,14 @@ impl Writer<'_> {
                     let tid = u64::from(k.thread) + 1;
                     self.thread(ep, tid, format!("worker {}", k.thread))?;
                     self.summary.slices += 1;
-                    self.emit(&json!({"ph": "X", "name": &*k.kernel, "cat": "kernel", "pid": pid(ep), "tid": tid,
-                        "ts": us(k.start), "dur": us(k.end.saturating_sub(k.start)),
-                        "args": {"step": k.step, "layer": k.layer, "seq": k.seq}}))
+                    let mut args = json!({"step": k.step, "seq": k.seq});
+                    // A kernel outside every layer (embedding, head, argmax) has no `layer`.
+                    if let Some(layer) = k.layer {
+                        args["layer"] = json!(layer);
+                    }
+                    self.emit(&json!({"ph": "X", "name": &*k.kernel, "cat": EventKind::KernelSpan.name(),
+                        "pid": pid(ep), "tid": tid, "ts": us(k.start), "dur": us(k.end.saturating_sub(k.start)),
+                        "args": args}))
                 }
                 TraceEvent::Counter(c) => {
                     self.summary.counters += 1;

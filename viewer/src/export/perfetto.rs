@@ -17,7 +17,7 @@ use crate::export::ExportSummary;
 use crate::export::proto::{Message, Value, decode};
 use crate::export::walk::{Item, walk};
 use crate::state::event::{
-    EndpointIx, SystemKind, SystemSource, TraceEvent, Transfer, format_bytes,
+    EndpointIx, EventKind, SystemKind, SystemSource, TraceEvent, Transfer, format_bytes,
 };
 use crate::state::source::TraceSource;
 
@@ -246,11 +246,11 @@ impl Writer<'_> {
 
     fn flow_end(&mut self, x: &Transfer, start: bool) -> Result<()> {
         let (ep, ts, verb, field) = if start {
-            (x.src, x.post, "send", event::FLOW_IDS)
+            (x.src, x.post(), "send", event::FLOW_IDS)
         } else {
             (
                 x.dst,
-                x.complete.max(x.post),
+                x.complete().max(x.post()),
                 "recv",
                 event::TERMINATING_FLOW_IDS,
             )
@@ -259,14 +259,14 @@ impl Writer<'_> {
         if start {
             self.summary.flows += 1;
         }
-        let name = format!("{verb} #{} {}", x.id, format_bytes(x.bytes));
+        let name = format!("{verb} #{} {}", x.id(), format_bytes(x.bytes()));
         self.emit(ts, |ev| {
             ev.varint(event::TYPE, event::TYPE_INSTANT)
                 .varint(event::TRACK_UUID, uuid)
-                .string(event::CATEGORIES, "transfer")
+                .string(event::CATEGORIES, EventKind::Transfer.name())
                 .string(event::NAME, &name);
-            annotate(ev, "bytes", x.bytes);
-            ev.fixed64(field, x.id + 1);
+            annotate(ev, "bytes", x.bytes());
+            ev.fixed64(field, x.id() + 1);
         })
     }
 
@@ -282,7 +282,7 @@ impl Writer<'_> {
                     self.emit(k.start, |ev| {
                         ev.varint(event::TYPE, event::TYPE_SLICE_BEGIN)
                             .varint(event::TRACK_UUID, uuid)
-                            .string(event::CATEGORIES, "kernel")
+                            .string(event::CATEGORIES, EventKind::KernelSpan.name())
                             .string(event::NAME, &k.kernel);
                         annotate(ev, "step", k.step);
                         if let Some(layer) = k.layer {

@@ -1,10 +1,11 @@
 //! Exports of the in-memory fixture decoded back: tracks, slice counts and flow pairs.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 
 use crate::export::{Format, export};
-use crate::state::event::{TraceEvent, Transfer};
+use slug_schema::Direction;
+
+use crate::state::event::TraceEvent;
 use crate::state::fixture;
 use crate::state::source::MemorySource;
 
@@ -61,7 +62,7 @@ fn chrome_fixture_round_trip() {
     assert_eq!(
         events
             .iter()
-            .filter(|e| e["ph"] == "X" && e["cat"] == "kernel")
+            .filter(|e| e["ph"] == "X" && e["cat"] == "kernel_span")
             .count(),
         24
     );
@@ -85,22 +86,7 @@ fn chrome_fixture_round_trip() {
 
 #[test]
 fn a_transfer_only_the_sender_logged_still_gets_both_ends() {
-    let x = Transfer {
-        id: 41,
-        src: 0,
-        dst: 1,
-        bytes: 64,
-        post: 1_000,
-        complete: 3_000,
-        src_arena: 0,
-        dst_arena: 0,
-        src_offset: 0,
-        dst_offset: 0,
-        hash: 1,
-        transport: Arc::from("tcp"),
-        payload: None,
-        logged_by_receiver: false,
-    };
+    let x = fixture::transfer(41, (0, 1), 64, (1_000, 3_000), Direction::Send);
     let src = MemorySource::new(
         fixture::endpoints(2),
         vec![vec![TraceEvent::Transfer(Box::new(x))], vec![]],

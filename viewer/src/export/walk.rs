@@ -51,9 +51,9 @@ pub fn walk(source: &dyn TraceSource, mut f: impl FnMut(Item<'_>) -> Result<()>)
             };
             for e in events {
                 let lane = match &e {
-                    TraceEvent::Perf(p) => Some((0, p.t, 1.0)),
+                    TraceEvent::Perf(p) => Some((0, p.ns, 1.0)),
                     TraceEvent::System(s) if s.kind == SystemKind::PageFault => Some((1, s.t, 1.0)),
-                    TraceEvent::Pt(p) => Some((2, p.t, p.bytes as f64)),
+                    TraceEvent::Pt(p) => Some((2, p.ns, p.size as f64)),
                     _ => None,
                 };
                 if let Some((i, t, v)) = lane {
@@ -68,19 +68,19 @@ pub fn walk(source: &dyn TraceSource, mut f: impl FnMut(Item<'_>) -> Result<()>)
                     f(Item::Event(ep, &e))?;
                     continue;
                 };
-                let p = pending.entry(x.id).or_default();
+                let p = pending.entry(x.id()).or_default();
                 // Each end is taken from the log of the endpoint it happened on when that log has
                 // it; a record from the other end only fills in at the end of the walk.
-                if !p.started && !x.logged_by_receiver {
+                if !p.started && !x.logged_by_receiver() {
                     p.started = true;
                     f(Item::FlowStart(x))?;
                 }
-                if !p.ended && x.logged_by_receiver {
+                if !p.ended && x.logged_by_receiver() {
                     p.ended = true;
                     f(Item::FlowEnd(x))?;
                 }
                 if p.started && p.ended {
-                    pending.remove(&x.id);
+                    pending.remove(&x.id());
                 } else if p.transfer.is_none() {
                     p.transfer = Some((**x).clone());
                 }

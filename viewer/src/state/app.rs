@@ -171,7 +171,7 @@ impl App {
                         .timeline
                         .events_in(ep, step_range, &Filter::default())?
                         .into_iter()
-                        .find(|e| matches!(e, TraceEvent::Transfer(x) if x.id == id));
+                        .find(|e| matches!(e, TraceEvent::Transfer(x) if x.id() == id));
                     if let Some(event) = hit {
                         at = Some((ep, event.start()));
                         self.selection = Some(Selection {

@@ -52,91 +52,27 @@ impl TimeRange {
 /// Index of an endpoint in the trace's endpoint list.
 pub type EndpointIx = usize;
 
-/// The kinds of events a trace holds, in the order the UI lists them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum EventKind {
-    /// A kernel ran on the endpoint.
-    Kernel,
-    /// Bytes crossed a link between two endpoints.
-    Transfer,
-    /// The endpoint crossed a step boundary.
-    Step,
-    /// A snapshot of the endpoint's state was taken.
-    Snapshot,
-    /// A hardware or software perf sample.
-    PerfSample,
-    /// A chunk of Intel PT data.
-    PtChunk,
-    /// An eBPF probe event (off-CPU interval, slow syscall, syscall histogram, page fault,
-    /// migration).
-    Ebpf,
-    /// Events the recorder had to drop.
-    Lost,
-    /// A user-placed marker.
-    Marker,
-    /// A counter reading (task-clock, page faults, ...).
-    Counter,
-    /// A perf software record (context switch, page-fault sample).
-    PerfSoftware,
-}
+/// Step boundaries, snapshots, perf samples and PT chunks are the schema's own records, with
+/// their `ns` moved to the trace-global clock when the viewer loads them.
+pub use slug_schema::{PerfSample, PtChunk, SnapshotEvent, StepBoundary};
 
-impl EventKind {
-    /// Every kind, in display order.
-    pub const ALL: [EventKind; 11] = [
-        EventKind::Kernel,
-        EventKind::Transfer,
-        EventKind::Step,
-        EventKind::Snapshot,
-        EventKind::PerfSample,
-        EventKind::PtChunk,
-        EventKind::Ebpf,
-        EventKind::Lost,
-        EventKind::Marker,
-        EventKind::Counter,
-        EventKind::PerfSoftware,
-    ];
-
-    /// Short lowercase name used in filters, help and exports.
-    pub fn name(self) -> &'static str {
-        match self {
-            EventKind::Kernel => "kernel",
-            EventKind::Transfer => "transfer",
-            EventKind::Step => "step",
-            EventKind::Snapshot => "snapshot",
-            EventKind::PerfSample => "sample",
-            EventKind::PtChunk => "pt",
-            EventKind::Ebpf => "ebpf",
-            EventKind::Lost => "lost",
-            EventKind::Marker => "marker",
-            EventKind::Counter => "counter",
-            EventKind::PerfSoftware => "perf-sw",
-        }
-    }
-
-    /// Parses a kind name as [`EventKind::name`] writes it.
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == name)
-    }
-
-    /// Position of the kind in [`EventKind::ALL`], used to index per-kind counters.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
+/// The kinds of events a trace holds: the schema's, with the schema's names (the UI lists
+/// them in [`EventKind::ALL`] order).
+pub use slug_schema::EventKind;
 
 /// Counts of events per kind (one slot per [`EventKind::ALL`] entry).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KindCounts(pub [u64; EventKind::ALL.len()]);
+pub struct KindCounts(pub [u64; EventKind::COUNT]);
 
 impl KindCounts {
     /// The count of one kind.
     pub fn get(&self, kind: EventKind) -> u64 {
-        self.0[kind.index()]
+        self.0[kind as usize]
     }
 
     /// Adds `n` to one kind.
     pub fn add(&mut self, kind: EventKind, n: u64) {
-        self.0[kind.index()] += n;
+        self.0[kind as usize] += n;
     }
 
     /// Sum over all kinds.
@@ -169,103 +105,43 @@ pub struct KernelSpan {
     pub output_hash: Option<Box<u128>>,
 }
 
-/// One transfer between two endpoints.
+/// One transfer between two endpoints: the schema's record, its times moved to the
+/// trace-global clock, plus what the viewer derives from it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Transfer {
-    /// Transfer id, unique in the trace; it orders events across endpoints.
-    pub id: u64,
-    /// Sending endpoint.
+    /// The record as the endpoint logged it (`post_ns` and `complete_ns` on the global clock).
+    pub record: slug_schema::Transfer,
+    /// Sending endpoint, as an index in the trace's endpoint list.
     pub src: EndpointIx,
-    /// Receiving endpoint.
+    /// Receiving endpoint, as an index in the trace's endpoint list.
     pub dst: EndpointIx,
+}
+
+impl Transfer {
+    /// Transfer id, unique in the trace; it orders events across endpoints.
+    pub fn id(&self) -> u64 {
+        self.record.id
+    }
+
     /// Payload length in bytes.
-    pub bytes: u64,
+    pub fn bytes(&self) -> u64 {
+        self.record.len
+    }
+
     /// When the sender posted it.
-    pub post: Nanos,
-    /// When the receiver saw it complete.
-    pub complete: Nanos,
-    /// Arena the bytes came from on the sender.
-    pub src_arena: u32,
-    /// Arena the bytes went to on the receiver.
-    pub dst_arena: u32,
-    /// Offset in the sender's arena.
-    pub src_offset: u64,
-    /// Offset in the receiver's arena.
-    pub dst_offset: u64,
-    /// 128-bit content hash.
-    pub hash: u128,
-    /// Transport that carried it (`inproc`, `shm`, `tcp`, ...).
-    pub transport: Arc<str>,
-    /// Hash of the stored payload, when payloads were recorded.
-    pub payload: Option<u128>,
+    pub fn post(&self) -> Nanos {
+        self.record.post_ns
+    }
+
+    /// When this end saw it complete.
+    pub fn complete(&self) -> Nanos {
+        self.record.complete_ns
+    }
+
     /// Whether the receiving end logged this record (else the sender did).
-    pub logged_by_receiver: bool,
-}
-
-/// A step boundary on one endpoint.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepBoundary {
-    /// When the step began.
-    pub t: Nanos,
-    /// The step number.
-    pub step: u64,
-    /// Microbatch within the step.
-    pub seq: u32,
-}
-
-/// A snapshot of one endpoint's state.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SnapshotMark {
-    /// When it was taken.
-    pub t: Nanos,
-    /// Step boundary it belongs to.
-    pub step: u64,
-    /// Stage snapshotted.
-    pub stage: u32,
-    /// Bytes of state it holds.
-    pub bytes: u64,
-    /// Bytes in chunks not stored before.
-    pub new_bytes: u64,
-    /// Number of chunks.
-    pub chunks: u32,
-    /// Snapshot id (content hash of its index).
-    pub id: u128,
-}
-
-/// One perf sample.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PerfSample {
-    /// Sample time.
-    pub t: Nanos,
-    /// Sampling source (`cycles`, `mem-load`, `cpu-clock`, ...).
-    pub kind: Arc<str>,
-    /// Instruction pointer.
-    pub ip: u64,
-    /// Data address, 0 when the source has none.
-    pub addr: u64,
-    /// Weight (latency in cycles for memory samples).
-    pub weight: u64,
-    /// Data source (cache level) code, 0 when unknown.
-    pub data_source: u64,
-    /// Thread id.
-    pub tid: u32,
-    /// CPU number.
-    pub cpu: u32,
-}
-
-/// One chunk of Intel PT trace data.
-#[derive(Clone, Debug, PartialEq)]
-pub struct PtChunk {
-    /// When the chunk was drained.
-    pub t: Nanos,
-    /// Its size in bytes.
-    pub bytes: u64,
-    /// CPU it came from.
-    pub cpu: u32,
-    /// Offset in the AUX stream.
-    pub aux_offset: u64,
-    /// Content hash of the stored bytes.
-    pub payload: u128,
+    pub fn logged_by_receiver(&self) -> bool {
+        self.record.direction == slug_schema::Direction::Recv
+    }
 }
 
 /// What an eBPF probe saw.
@@ -528,7 +404,7 @@ pub enum TraceEvent {
     /// A step boundary.
     Step(StepBoundary),
     /// A snapshot marker.
-    Snapshot(Box<SnapshotMark>),
+    Snapshot(Box<SnapshotEvent>),
     /// A perf sample.
     Perf(PerfSample),
     /// A PT chunk.
@@ -547,15 +423,15 @@ impl TraceEvent {
     /// The event's kind.
     pub fn kind(&self) -> EventKind {
         match self {
-            TraceEvent::Kernel(_) => EventKind::Kernel,
+            TraceEvent::Kernel(_) => EventKind::KernelSpan,
             TraceEvent::Transfer(_) => EventKind::Transfer,
-            TraceEvent::Step(_) => EventKind::Step,
+            TraceEvent::Step(_) => EventKind::StepBoundary,
             TraceEvent::Snapshot(_) => EventKind::Snapshot,
             TraceEvent::Perf(_) => EventKind::PerfSample,
             TraceEvent::Pt(_) => EventKind::PtChunk,
             TraceEvent::System(s) if s.source == SystemSource::Perf => EventKind::PerfSoftware,
             TraceEvent::System(_) => EventKind::Ebpf,
-            TraceEvent::Lost(_) => EventKind::Lost,
+            TraceEvent::Lost(_) => EventKind::LostEvents,
             TraceEvent::Marker(_) => EventKind::Marker,
             TraceEvent::Counter(_) => EventKind::Counter,
         }
@@ -565,11 +441,11 @@ impl TraceEvent {
     pub fn start(&self) -> Nanos {
         match self {
             TraceEvent::Kernel(k) => k.start,
-            TraceEvent::Transfer(x) => x.post,
-            TraceEvent::Step(s) => s.t,
-            TraceEvent::Snapshot(s) => s.t,
-            TraceEvent::Perf(p) => p.t,
-            TraceEvent::Pt(p) => p.t,
+            TraceEvent::Transfer(x) => x.post(),
+            TraceEvent::Step(s) => s.ns,
+            TraceEvent::Snapshot(s) => s.ns,
+            TraceEvent::Perf(p) => p.ns,
+            TraceEvent::Pt(p) => p.ns,
             TraceEvent::System(s) => s.t,
             TraceEvent::Lost(l) => l.t,
             TraceEvent::Marker(m) => m.t,
@@ -581,7 +457,7 @@ impl TraceEvent {
     pub fn end(&self) -> Nanos {
         match self {
             TraceEvent::Kernel(k) => k.end.max(k.start),
-            TraceEvent::Transfer(x) => x.complete.max(x.post),
+            TraceEvent::Transfer(x) => x.complete().max(x.post()),
             TraceEvent::Lost(l) => l.to.max(l.t),
             TraceEvent::System(s) => s.end(),
             other => other.start(),
@@ -592,11 +468,11 @@ impl TraceEvent {
     pub fn label(&self) -> String {
         match self {
             TraceEvent::Kernel(k) => k.kernel.to_string(),
-            TraceEvent::Transfer(x) => format!("#{} {}", x.id, format_bytes(x.bytes)),
+            TraceEvent::Transfer(x) => format!("#{} {}", x.id(), format_bytes(x.bytes())),
             TraceEvent::Step(s) => format!("step {}", s.step),
             TraceEvent::Snapshot(s) => format!("snapshot step {}", s.step),
-            TraceEvent::Perf(p) => format!("{} sample", p.kind),
-            TraceEvent::Pt(p) => format!("PT {}", format_bytes(p.bytes)),
+            TraceEvent::Perf(p) => format!("{} sample", p.kind.name()),
+            TraceEvent::Pt(p) => format!("PT {}", format_bytes(p.size)),
             TraceEvent::System(s) => s.label(),
             TraceEvent::Lost(l) => format!("lost {} ({})", l.count, l.reason),
             TraceEvent::Marker(m) => m.text.to_string(),
@@ -635,29 +511,33 @@ impl TraceEvent {
                 ));
             }
             TraceEvent::Transfer(x) => {
-                out.push(("id", x.id.to_string()));
+                out.push(("id", x.id().to_string()));
                 out.push(("src", endpoint_name(x.src)));
                 out.push(("dst", endpoint_name(x.dst)));
-                out.push(("bytes", format!("{} ({})", x.bytes, format_bytes(x.bytes))));
-                out.push(("post", format_time(x.post)));
-                out.push(("complete", format_time(x.complete)));
-                let took = x.complete.saturating_sub(x.post);
+                out.push((
+                    "bytes",
+                    format!("{} ({})", x.bytes(), format_bytes(x.bytes())),
+                ));
+                out.push(("post", format_time(x.post())));
+                out.push(("complete", format_time(x.complete())));
+                let took = x.complete().saturating_sub(x.post());
                 out.push(("latency", format_duration(took)));
-                out.push(("bandwidth", format_bandwidth(x.bytes, took)));
-                out.push(("src arena", x.src_arena.to_string()));
-                out.push(("dst arena", x.dst_arena.to_string()));
-                out.push(("src offset", x.src_offset.to_string()));
-                out.push(("dst offset", x.dst_offset.to_string()));
-                out.push(("hash", format!("{:032x}", x.hash)));
-                out.push(("transport", x.transport.to_string()));
+                out.push(("bandwidth", format_bandwidth(x.bytes(), took)));
+                out.push(("src arena", x.record.src_arena.to_string()));
+                out.push(("dst arena", x.record.dst_arena.to_string()));
+                out.push(("src offset", x.record.src_offset.to_string()));
+                out.push(("dst offset", x.record.dst_offset.to_string()));
+                out.push(("hash", format!("{:032x}", x.record.hash)));
+                out.push(("transport", x.record.transport.name().to_string()));
                 out.push((
                     "payload",
-                    x.payload
+                    x.record
+                        .payload
                         .map_or_else(|| "hash only".to_string(), |h| format!("{h:032x}")),
                 ));
                 out.push((
                     "logged by",
-                    if x.logged_by_receiver {
+                    if x.logged_by_receiver() {
                         "receiver"
                     } else {
                         "sender"
@@ -666,12 +546,12 @@ impl TraceEvent {
                 ));
             }
             TraceEvent::Step(s) => {
-                out.push(("time", format_time(s.t)));
+                out.push(("time", format_time(s.ns)));
                 out.push(("step", s.step.to_string()));
                 out.push(("seq", s.seq.to_string()));
             }
             TraceEvent::Snapshot(s) => {
-                out.push(("time", format_time(s.t)));
+                out.push(("time", format_time(s.ns)));
                 out.push(("stage", s.stage.to_string()));
                 out.push(("step", s.step.to_string()));
                 out.push(("bytes", format_bytes(s.bytes)));
@@ -680,8 +560,8 @@ impl TraceEvent {
                 out.push(("id", format!("{:032x}", s.id)));
             }
             TraceEvent::Perf(p) => {
-                out.push(("time", format_time(p.t)));
-                out.push(("source", p.kind.to_string()));
+                out.push(("time", format_time(p.ns)));
+                out.push(("source", p.kind.name().to_string()));
                 out.push(("ip", format!("{:#x}", p.ip)));
                 out.push(("addr", format!("{:#x}", p.addr)));
                 out.push(("weight", p.weight.to_string()));
@@ -690,8 +570,8 @@ impl TraceEvent {
                 out.push(("cpu", p.cpu.to_string()));
             }
             TraceEvent::Pt(p) => {
-                out.push(("time", format_time(p.t)));
-                out.push(("bytes", format_bytes(p.bytes)));
+                out.push(("time", format_time(p.ns)));
+                out.push(("bytes", format_bytes(p.size)));
                 out.push(("cpu", p.cpu.to_string()));
                 out.push(("aux offset", p.aux_offset.to_string()));
                 out.push(("payload", format!("{:032x}", p.payload)));

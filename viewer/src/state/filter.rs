@@ -24,7 +24,7 @@ impl Filter {
         for term in text.split_whitespace() {
             let lower = term.to_lowercase();
             if let Some(kind) = lower.strip_prefix("kind:") {
-                let parsed = EventKind::parse(kind).ok_or_else(|| {
+                let parsed = EventKind::from_name(kind).ok_or_else(|| {
                     let names: Vec<_> = EventKind::ALL.iter().map(|k| k.name()).collect();
                     format!("unknown kind `{kind}`; kinds are {}", names.join(", "))
                 })?;
@@ -128,10 +128,10 @@ mod tests {
 
     #[test]
     fn terms_combine() {
-        let f = Filter::parse("kind:kernel kernel:gemm").expect("valid filter");
+        let f = Filter::parse("kind:kernel_span kernel:gemm").expect("valid filter");
         assert!(f.needs_events());
         assert!(
-            !Filter::parse("kind:step ep:s1")
+            !Filter::parse("kind:step_boundary ep:s1")
                 .expect("valid")
                 .needs_events()
         );
@@ -140,7 +140,7 @@ mod tests {
         assert!(!f.shows_event(
             &ep("n0/s1"),
             &TraceEvent::Step(StepBoundary {
-                t: 0,
+                ns: 0,
                 step: 1,
                 seq: 0
             })
@@ -157,6 +157,11 @@ mod tests {
     #[test]
     fn unknown_kind_is_an_error_that_lists_kinds() {
         let err = Filter::parse("kind:bogus").expect_err("bogus kind");
-        assert!(err.contains("kernel, transfer"), "{err}");
+        assert!(err.contains("kernel_span, transfer"), "{err}");
+        // The viewer takes exactly the names `slug info` prints: no second spelling.
+        assert!(Filter::parse("kind:kernel").is_err());
+        for kind in slug_schema::EventKind::ALL {
+            assert!(Filter::parse(&format!("kind:{}", kind.name())).is_ok());
+        }
     }
 }

@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
+use slug_schema::{Direction, PerfSampleKind, Transport};
+
 use crate::error::{Result, ViewerError};
 use crate::state::event::EndpointIx;
 use crate::state::event::{
-    KernelSpan, LostEvents, Nanos, PerfSample, SnapshotMark, StepBoundary, SystemEvent, SystemKind,
-    SystemSource, TraceEvent, Transfer,
+    KernelSpan, LostEvents, Nanos, PerfSample, SnapshotEvent, StepBoundary, SystemEvent,
+    SystemKind, SystemSource, TraceEvent, Transfer,
 };
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, MemorySource, TraceSource};
 
@@ -43,15 +45,18 @@ pub const OFF_CPU_NS: Nanos = 30_000;
 /// Events per endpoint for `stages` stages and `steps` steps.
 pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
     let names: Vec<Arc<str>> = KERNELS.iter().map(|(k, _)| Arc::from(*k)).collect();
-    let transport: Arc<str> = Arc::from("shm");
     let mut per_ep: Vec<Vec<TraceEvent>> = vec![Vec::new(); stages];
     for step in 0..steps {
         for s in 0..stages {
             let mut t = step * STEP_NS + s as Nanos * STAGE_NS;
-            per_ep[s].push(TraceEvent::Step(StepBoundary { t, step, seq: 0 }));
+            per_ep[s].push(TraceEvent::Step(StepBoundary {
+                ns: t,
+                step,
+                seq: 0,
+            }));
             if step == 0 {
-                per_ep[s].push(TraceEvent::Snapshot(Box::new(SnapshotMark {
-                    t,
+                per_ep[s].push(TraceEvent::Snapshot(Box::new(SnapshotEvent {
+                    ns: t,
                     step,
                     stage: s as u32,
                     bytes: 1 << 20,
@@ -79,8 +84,8 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
                     output_hash: None,
                 }));
                 per_ep[s].push(TraceEvent::Perf(PerfSample {
-                    t: t + dur / 2,
-                    kind: Arc::from("cpu-clock"),
+                    ns: t + dur / 2,
+                    kind: PerfSampleKind::CpuClock,
                     ip: 0x1000 + i as u64,
                     addr: 0,
                     weight: 1,
@@ -123,26 +128,19 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
                 }));
             }
             if s + 1 < stages {
-                let x = Transfer {
-                    id: step * stages as u64 + s as u64,
-                    src: s,
-                    dst: s + 1,
-                    bytes: XFER_BYTES,
-                    post: t,
-                    complete: t + 20_000,
-                    src_arena: 0,
-                    dst_arena: 0,
-                    src_offset: 0,
-                    dst_offset: 4096,
-                    hash: 0x1234,
-                    transport: Arc::clone(&transport),
-                    payload: None,
-                    logged_by_receiver: false,
-                };
-                per_ep[s + 1].push(TraceEvent::Transfer(Box::new(Transfer {
-                    logged_by_receiver: true,
-                    ..x.clone()
-                })));
+                let mut x = transfer(
+                    step * stages as u64 + s as u64,
+                    (s, s + 1),
+                    XFER_BYTES,
+                    (t, t + 20_000),
+                    Direction::Send,
+                );
+                x.record.transport = Transport::Shm;
+                x.record.dst_offset = 4096;
+                x.record.hash = 0x1234;
+                let mut received = x.clone();
+                received.record.direction = Direction::Recv;
+                per_ep[s + 1].push(TraceEvent::Transfer(Box::new(received)));
                 per_ep[s].push(TraceEvent::Transfer(Box::new(x)));
             }
         }
@@ -156,6 +154,37 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
         }));
     }
     per_ep
+}
+
+/// A hash-only tcp transfer record from endpoint index `src` to `dst` (their ids equal to the
+/// indexes), logged by the end `direction` names.
+pub fn transfer(
+    id: u64,
+    (src, dst): (EndpointIx, EndpointIx),
+    bytes: u64,
+    (post, complete): (Nanos, Nanos),
+    direction: Direction,
+) -> Transfer {
+    Transfer {
+        record: slug_schema::Transfer {
+            id,
+            src_endpoint: src as u32,
+            dst_endpoint: dst as u32,
+            src_arena: 0,
+            dst_arena: 0,
+            src_offset: 0,
+            dst_offset: 0,
+            len: bytes,
+            hash: 0,
+            post_ns: post,
+            complete_ns: complete,
+            transport: Transport::Tcp,
+            direction,
+            payload: None,
+        },
+        src,
+        dst,
+    }
 }
 
 /// The fixture as a source with frames of `frame_len` events.

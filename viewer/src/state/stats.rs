@@ -171,9 +171,9 @@ impl TraceStats {
             st.active = last.saturating_sub(first);
             for (i, f) in frames.iter().enumerate() {
                 let wanted = [
-                    EventKind::Kernel,
+                    EventKind::KernelSpan,
                     EventKind::Transfer,
-                    EventKind::Step,
+                    EventKind::StepBoundary,
                     EventKind::Ebpf,
                 ];
                 if wanted.iter().all(|k| f.counts.get(*k) == 0) {
@@ -191,17 +191,17 @@ impl TraceStats {
                         }
                         TraceEvent::Step(s) => {
                             st.steps += 1;
-                            let slot = step_starts.entry(s.step).or_insert(s.t);
-                            *slot = (*slot).min(s.t);
+                            let slot = step_starts.entry(s.step).or_insert(s.ns);
+                            *slot = (*slot).min(s.ns);
                         }
                         TraceEvent::Transfer(x) => {
-                            let (a, b) = (x.post, x.complete.max(x.post));
+                            let (a, b) = (x.post(), x.complete().max(x.post()));
                             for side in [x.src, x.dst] {
                                 if let Some(w) = waits.get_mut(side) {
                                     w.push(a, b);
                                 }
                             }
-                            if seen_transfers.insert(x.id) {
+                            if seen_transfers.insert(x.id()) {
                                 let l =
                                     link_stats
                                         .entry((x.src, x.dst))
@@ -211,7 +211,7 @@ impl TraceStats {
                                             ..LinkStats::default()
                                         });
                                 l.transfers += 1;
-                                l.bytes += x.bytes;
+                                l.bytes += x.bytes();
                                 l.latency_sum += b - a;
                                 link_busy.entry((x.src, x.dst)).or_default().push(a, b);
                             }

@@ -533,14 +533,14 @@ impl Timeline {
             .frames(ep)
             .iter()
             .enumerate()
-            .filter(|(_, f)| f.counts.get(EventKind::Step) > 0)
+            .filter(|(_, f)| f.counts.get(EventKind::StepBoundary) > 0)
             .map(|(i, _)| i)
             .collect();
         let steps_of = |events: &[TraceEvent]| {
             events
                 .iter()
                 .filter_map(|e| match e {
-                    TraceEvent::Step(s) => Some((s.step, s.t)),
+                    TraceEvent::Step(s) => Some((s.step, s.ns)),
                     _ => None,
                 })
                 .collect::<Vec<_>>()
@@ -610,9 +610,9 @@ impl Timeline {
                 for e in events.iter() {
                     if let TraceEvent::Transfer(x) = e {
                         // Both ends log a transfer; the receiver's completion is the arrival.
-                        let merged = transfers.entry(x.id).or_insert_with(|| (**x).clone());
-                        merged.post = merged.post.min(x.post);
-                        merged.complete = merged.complete.max(x.complete);
+                        let merged = transfers.entry(x.id()).or_insert_with(|| (**x).clone());
+                        merged.record.post_ns = merged.post().min(x.post());
+                        merged.record.complete_ns = merged.complete().max(x.complete());
                     }
                 }
                 detail_track(ep, &grid, events)
@@ -724,13 +724,13 @@ fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents) -> TrackBins {
                     best[c] = (ov, Some(i));
                 }
             }),
-            TraceEvent::Step(s) => put_mark(&mut t.marks, grid.of(s.t), Mark::Step),
-            TraceEvent::Snapshot(s) => put_mark(&mut t.marks, grid.of(s.t), Mark::Snapshot),
+            TraceEvent::Step(s) => put_mark(&mut t.marks, grid.of(s.ns), Mark::Step),
+            TraceEvent::Snapshot(s) => put_mark(&mut t.marks, grid.of(s.ns), Mark::Snapshot),
             TraceEvent::Lost(l) => put_mark(&mut t.marks, grid.of(l.t), Mark::Lost),
             TraceEvent::Marker(m) => put_mark(&mut t.marks, grid.of(m.t), Mark::Marker),
             TraceEvent::Perf(p) => {
-                if range.touches(p.t, p.t) {
-                    t.samples[grid.of(p.t)] += 1.0;
+                if range.touches(p.ns, p.ns) {
+                    t.samples[grid.of(p.ns)] += 1.0;
                 }
             }
             TraceEvent::System(s) => match s.kind {
@@ -751,8 +751,8 @@ fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents) -> TrackBins {
                 _ => {}
             },
             TraceEvent::Pt(p) => {
-                if range.touches(p.t, p.t) {
-                    t.pt[grid.of(p.t)] += p.bytes as f64;
+                if range.touches(p.ns, p.ns) {
+                    t.pt[grid.of(p.ns)] += p.size as f64;
                 }
             }
             // Transfers are drawn once for the whole window, from both endpoints' logs; counters
@@ -813,7 +813,7 @@ fn overview_track(ep: EndpointIx, grid: &Grid, frames: &[FrameSummary]) -> Track
         let instant = f.range.is_empty();
         grid.each(f.range.start, f.range.end, |c, ov| {
             let share = if instant { 1.0 } else { ov as f64 / len };
-            kernels[c] += f.counts.get(EventKind::Kernel) as f64 * share;
+            kernels[c] += f.counts.get(EventKind::KernelSpan) as f64 * share;
             t.samples[c] += f.counts.get(EventKind::PerfSample) as f64 * share;
             t.faults[c] += (f.counts.get(EventKind::Ebpf) + f.counts.get(EventKind::PerfSoftware))
                 as f64
@@ -824,7 +824,7 @@ fn overview_track(ep: EndpointIx, grid: &Grid, frames: &[FrameSummary]) -> Track
         if f.counts.get(EventKind::Snapshot) > 0 {
             put_mark(&mut t.marks, at, Mark::Snapshot);
         }
-        if f.counts.get(EventKind::Lost) > 0 {
+        if f.counts.get(EventKind::LostEvents) > 0 {
             put_mark(&mut t.marks, at, Mark::Lost);
         }
     }
@@ -838,22 +838,22 @@ fn overview_track(ep: EndpointIx, grid: &Grid, frames: &[FrameSummary]) -> Track
 }
 
 fn add_flows(window: &mut Window, grid: &Grid, mut transfers: Vec<Transfer>) {
-    transfers.sort_by_key(|x| (x.post, x.id));
+    transfers.sort_by_key(|x| (x.post(), x.id()));
     let (range, columns) = (grid.range, grid.columns());
     let mut links: HashMap<(EndpointIx, EndpointIx), (LinkBins, Nanos)> = HashMap::new();
     for x in &transfers {
         if let Some(src) = window.tracks.iter_mut().find(|t| t.endpoint == x.src)
-            && range.touches(x.post, x.post)
+            && range.touches(x.post(), x.post())
         {
-            let c = grid.of(x.post);
+            let c = grid.of(x.post());
             put_mark(&mut src.marks, c, Mark::FlowOut);
-            src.flow_bytes[c] += x.bytes;
+            src.flow_bytes[c] += x.bytes();
             window.flows.push((x.src, x.dst, c));
         }
         if let Some(dst) = window.tracks.iter_mut().find(|t| t.endpoint == x.dst)
-            && range.touches(x.complete, x.complete)
+            && range.touches(x.complete(), x.complete())
         {
-            put_mark(&mut dst.marks, grid.of(x.complete), Mark::FlowIn);
+            put_mark(&mut dst.marks, grid.of(x.complete()), Mark::FlowIn);
         }
         let (link, covered_to) = links.entry((x.src, x.dst)).or_insert_with(|| {
             (
@@ -869,12 +869,12 @@ fn add_flows(window: &mut Window, grid: &Grid, mut transfers: Vec<Transfer>) {
             )
         });
         link.transfers += 1;
-        link.total_bytes += x.bytes;
-        let (start, end) = (x.post, x.complete.max(x.post));
+        link.total_bytes += x.bytes();
+        let (start, end) = (x.post(), x.complete().max(x.post()));
         let len = (end - start).max(1) as f64;
         grid.each(start, end, |c, ov| {
             let share = if end == start { 1.0 } else { ov as f64 / len };
-            link.bytes[c] += x.bytes as f64 * share;
+            link.bytes[c] += x.bytes() as f64 * share;
         });
         // Busy time is the union of in-flight intervals; transfers are sorted by post time.
         let s = start.max(*covered_to).max(range.start);

@@ -1,7 +1,5 @@
 //! Screens and widgets rendered into ratatui's `TestBackend` and compared with expected buffers.
 
-use std::sync::Arc;
-
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
 use ratatui::buffer::Buffer;
@@ -11,10 +9,11 @@ use ratatui::crossterm::event::{
 use ratatui::layout::Rect;
 use ratatui::style::Style;
 use ratatui::widgets::Widget;
+use slug_schema::Direction;
 
 use crate::run::draw_frame;
 use crate::state::app::{App, Mode, Selection};
-use crate::state::event::{TraceEvent, Transfer};
+use crate::state::event::TraceEvent;
 use crate::state::fixture;
 use crate::state::timeline::{LinkBins, Timeline, Window};
 use crate::view::{detail, help, links};
@@ -154,22 +153,13 @@ fn help_overlay_lists_keys_and_any_key_closes_it() {
 }
 
 fn transfer() -> TraceEvent {
-    TraceEvent::Transfer(Box::new(Transfer {
-        id: 7,
-        src: 0,
-        dst: 1,
-        bytes: 4096,
-        post: 1_000_000,
-        complete: 1_020_000,
-        src_arena: 1,
-        dst_arena: 2,
-        src_offset: 64,
-        dst_offset: 128,
-        hash: 0xab,
-        transport: Arc::from("tcp"),
-        payload: None,
-        logged_by_receiver: true,
-    }))
+    let mut x = fixture::transfer(7, (0, 1), 4096, (1_000_000, 1_020_000), Direction::Recv);
+    x.record.src_arena = 1;
+    x.record.dst_arena = 2;
+    x.record.src_offset = 64;
+    x.record.dst_offset = 128;
+    x.record.hash = 0xab;
+    TraceEvent::Transfer(Box::new(x))
 }
 
 #[test]
@@ -402,7 +392,7 @@ fn divergence_report_is_highlighted_and_selected() {
         .selection
         .clone()
         .expect("the differing transfer is selected");
-    assert!(matches!(&sel.event, TraceEvent::Transfer(x) if x.id == 7));
+    assert!(matches!(&sel.event, TraceEvent::Transfer(x) if x.id() == 7));
     let lines = text(&screen(&mut a, 100, 24));
     assert!(
         lines[1].starts_with("first divergence: n0/s1 step 2 layer 1 kernel gemm transfer #7 @12"),
@@ -549,22 +539,7 @@ fn next_match_is_found_beyond_the_view() {
 
 #[test]
 fn transfers_between_distant_tracks_are_drawn_through_the_tracks_between() {
-    let x = Transfer {
-        id: 9,
-        src: 2,
-        dst: 0,
-        bytes: 8,
-        post: 500_000,
-        complete: 520_000,
-        src_arena: 0,
-        dst_arena: 0,
-        src_offset: 0,
-        dst_offset: 0,
-        hash: 0,
-        transport: Arc::from("tcp"),
-        payload: None,
-        logged_by_receiver: false,
-    };
+    let x = fixture::transfer(9, (2, 0), 8, (500_000, 520_000), Direction::Send);
     let mut events = fixture::pipeline_events(3, 1);
     events[2].push(TraceEvent::Transfer(Box::new(x)));
     let src = crate::state::source::MemorySource::new(fixture::endpoints(3), events, 64);
