@@ -1,11 +1,12 @@
-//! The coordinator side of process transports: launching local stage processes, driving
+//! The coordinator side of process transports: starting local stage processes (with the
+//! caller's [`NodeLauncher`]), driving
 //! `slug node` servers over authenticated control connections, and turning the first failure
 //! anywhere into one error that names the stage, its host and the step it reached.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use crate::fabric::{Fabric, FabricLayout};
 use crate::transfer::TransportKind;
 use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable, shown};
 
+use super::launch::NodeLauncher;
 use super::{PipelineConfig, RunReport, StageReport};
 
 /// First line a `slug node` prints on stdout, followed by the address it listens on.
@@ -176,10 +178,10 @@ impl Drop for LocalNodes {
     }
 }
 
-/// Starts `count` `slug node --listen 127.0.0.1:0 --once` processes of `binary`, handing them
-/// `key` through the environment, and waits (at most `timeout`) for each to say where it listens.
+/// Starts `count` stage processes with `launcher`, handing them `key` on stdin, and waits (at
+/// most `timeout`) for each to say where it listens.
 pub fn launch_local_nodes(
-    binary: &Path,
+    launcher: &dyn NodeLauncher,
     count: usize,
     key: &ClusterKey,
     timeout: Duration,
@@ -190,23 +192,22 @@ pub fn launch_local_nodes(
     };
     let mut lines = Vec::with_capacity(count);
     for i in 0..count {
+        let mut cmd = launcher.node_command(i);
         // The key goes in on stdin: the environment of a process is readable with `ps e`.
-        let mut child = Command::new(binary)
-            .args([
-                "node",
-                "--listen",
-                "127.0.0.1:0",
-                "--once",
-                "--key-file",
-                "-",
-            ])
+        let mut child = cmd
             .env_remove(crate::auth::KEY_ENV)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| {
-                TransportError::io(format!("start stage process {i} ({})", binary.display()), e)
+                TransportError::io(
+                    format!(
+                        "start stage process {i} ({})",
+                        Path::new(cmd.get_program()).display()
+                    ),
+                    e,
+                )
             })?;
         if let Some(mut stdin) = child.stdin.take() {
             // Dropping stdin closes it, so the node's read ends.

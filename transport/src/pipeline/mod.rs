@@ -3,8 +3,9 @@
 //!
 //! [`run`] is the one entry point for `slug run`, the recorder and the replayer:
 //! - `local`: every stage is a thread of this process; links are rings in process memory.
-//! - `shm` / `tcp` without hosts: this process launches one `slug node --listen 127.0.0.1:0
-//!   --once` child per stage, then coordinates them like remote nodes; `shm` links are rings in
+//! - `shm` / `tcp` without hosts: this process starts one node process per stage with the
+//!   [`PipelineConfig::launcher`] its program handed it (the `slug` binary's runs `slug node
+//!   --once` on a loopback port), then coordinates them like remote nodes; `shm` links are rings in
 //!   a shared memory-mapped fabric file, `tcp` links are sockets.
 //! - `tcp` with [`PipelineConfig::hosts`]: stage `s` runs on the `slug node --listen` at
 //!   `hosts[s]`; the coordinator sends the configuration (weights regenerate from the seed).
@@ -14,6 +15,7 @@
 //! [`crate::node::serve`] (the config's `observer_settings` travels to the nodes for that).
 
 pub(crate) mod cluster;
+mod launch;
 mod stage;
 mod state;
 
@@ -31,6 +33,7 @@ use crate::link::LinkStats;
 use crate::transfer::{Observers, Tag, Transfer, TransferObserver, TransportKind, content_hash};
 
 pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes, run_on_nodes_collecting};
+pub use launch::{NodeCommand, NodeLauncher};
 pub use stage::STAGE_ARENA;
 pub(crate) use stage::{StageIo, drive_stage, link_ends};
 pub use state::{ScheduleSlot, StageState, StageStateObserver, restore_stage, schedule_slot};
@@ -81,9 +84,10 @@ pub struct PipelineConfig {
     /// nothing (`--link-integrity none`, for fabrics the user trusts).
     #[serde(default)]
     pub link_integrity: crate::link::LinkIntegrity,
-    /// The `slug` binary to launch stage processes with; default: the current executable.
+    /// Starts this machine's stage processes when `launch` is [`Launch::Processes`] and there
+    /// are no hosts; the program that links this library supplies it.
     #[serde(skip)]
-    pub node_binary: Option<PathBuf>,
+    pub launcher: Option<Arc<dyn NodeLauncher>>,
     /// Cluster key file for `hosts` runs; default: the `SLUG_CLUSTER_KEY` environment variable.
     #[serde(skip)]
     pub key_file: Option<PathBuf>,
@@ -123,7 +127,7 @@ impl PipelineConfig {
             isa: None,
             link_integrity: crate::link::LinkIntegrity::Mac,
             stop_after: None,
-            node_binary: None,
+            launcher: None,
             key_file: None,
         }
     }
@@ -563,12 +567,14 @@ pub fn run(cfg: &PipelineConfig, observers: &dyn ObserverFactory) -> Result<RunR
         }
         TransportKind::Shm | TransportKind::Tcp => {
             let key = crate::auth::ClusterKey::random()?;
-            let binary = match &cfg.node_binary {
-                Some(b) => b.clone(),
-                None => std::env::current_exe()
-                    .map_err(|e| TransportError::io("find the slug binary to launch stages", e))?,
-            };
-            let nodes = launch_local_nodes(&binary, cfg.stages, &key, cfg.timeout())?;
+            let launcher = cfg.launcher.as_deref().ok_or_else(|| {
+                TransportError::Config(format!(
+                    "a {} run without hosts starts one process per stage, but no launcher was \
+                     given: set PipelineConfig::launcher, or launch = threads",
+                    cfg.transport
+                ))
+            })?;
+            let nodes = launch_local_nodes(launcher, cfg.stages, &key, cfg.timeout())?;
             let result = run_on_nodes(cfg, &nodes.addrs(), &key);
             nodes.finish(Duration::from_secs(5));
             result
