@@ -18,8 +18,9 @@ use crate::fabric::{Fabric, FabricLayout};
 use crate::transfer::TransportKind;
 use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable, shown};
 
+use super::config::PipelineConfig;
 use super::launch::NodeLauncher;
-use super::{PipelineConfig, RunReport, StageReport};
+use super::report::{RunReport, StageReport};
 
 /// First line a `slug node` prints on stdout, followed by the address it listens on.
 pub const LISTENING_PREFIX: &str = "slug node: listening on ";
