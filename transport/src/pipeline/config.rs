@@ -40,7 +40,7 @@ pub struct PipelineConfig {
     /// Put the hash of these kernel outputs into the report (a `--hosts` replay checks them).
     #[serde(default)]
     pub kernel_digests: KernelDigests,
-    /// Opaque settings for the node-side [`ObserverFactory`] (e.g. where to record).
+    /// Opaque settings for the node-side [`super::ObserverFactory`] (e.g. where to record).
     pub observer_settings: Option<serde_json::Value>,
     /// How `shm` / `tcp` runs without hosts start their nodes.
     #[serde(default)]
@@ -77,7 +77,7 @@ pub enum Launch {
     #[default]
     Processes,
     /// One node per stage served from a thread of this process: the same sockets, fabric file
-    /// and protocol, and the [`ObserverFactory`] given to [`run`] observes every stage.
+    /// and protocol, and the [`super::ObserverFactory`] given to [`super::run`] observes every stage.
     Threads,
 }
 

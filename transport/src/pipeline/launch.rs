@@ -8,7 +8,7 @@ use std::process::Command;
 /// Starts one local node process for a run that launches its own stages.
 ///
 /// The process the command starts must serve a single coordinator session on a loopback port,
-/// read the cluster key as one line of hex on stdin, and print [`super::LISTENING_PREFIX`] and
+/// read the cluster key as one line of hex on stdin, and print [`super::node::LISTENING_PREFIX`] and
 /// the address it listens on as the first line of its stdout (what [`crate::node::serve`] does
 /// when its caller prints the announced address). The library sets stdin, stdout and the
 /// environment; the launcher decides the program and its arguments.
