@@ -101,6 +101,10 @@ fn recorded_demo(dir: &Path, args: &DemoArgs) -> Result<ExitCode> {
     pipeline.stages = 4;
     pipeline.microbatches = 2;
     pipeline.transport = args.transport.into();
+    if pipeline.transport != TransportKind::Local {
+        // shm and tcp run one `slug node` process per stage, started by this binary.
+        pipeline.launcher = Some(crate::node::launcher()?);
+    }
     pipeline.threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / 4).max(1);
 
     println!(

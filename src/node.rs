@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -11,6 +12,7 @@ use slug_replayer::NodeReplayFactory;
 use slug_transport::AbortFlag;
 use slug_transport::auth::ClusterKey;
 use slug_transport::node::{LISTENING_PREFIX, NodeOptions, serve};
+use slug_transport::pipeline::{NodeCommand, NodeLauncher};
 
 /// Arguments of `slug node`.
 ///
@@ -65,6 +67,23 @@ pub fn execute(args: NodeArgs) -> Result<ExitCode> {
     let factory = NodeReplayFactory(NodeRecorderFactory::default());
     serve(&opts, &factory, &on_listening, &log)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How `slug run` / `slug record` start this machine's stage processes: this executable as
+/// `slug node --listen 127.0.0.1:0 --once --key-file -` (the key arrives on stdin).
+pub fn launcher() -> Result<Arc<dyn NodeLauncher>> {
+    let exe = std::env::current_exe().context("find the slug binary to launch stages")?;
+    Ok(Arc::new(NodeCommand::new(
+        exe,
+        [
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--once",
+            "--key-file",
+            "-",
+        ],
+    )))
 }
 
 /// Warns (one line) when the cluster key comes from the environment, where `ps e` shows it.

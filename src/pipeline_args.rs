@@ -202,6 +202,9 @@ impl PipelineArgs {
             None => self.sequences,
         };
         cfg.hosts = self.hosts.clone();
+        if self.hosts.is_empty() && transport != TransportKind::Local {
+            cfg.launcher = Some(crate::node::launcher()?);
+        }
         cfg.key_file = self.key_file.clone();
         cfg.link_integrity = self
             .link_integrity

@@ -116,3 +116,32 @@ fn demo_help_describes_the_recorded_demo_first() {
     );
     assert!(text.contains("--synthetic"), "{text}");
 }
+
+/// `slug demo --transport shm` (README) records with one `slug node` process per stage, which the
+/// binary launches itself: the demo must hand the runtime its launcher.
+#[test]
+fn recorded_demo_on_shm_launches_its_stage_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_slug"))
+        .args([
+            "demo",
+            "--transport",
+            "shm",
+            "--model",
+            "tiny",
+            "--layers",
+            "4",
+        ])
+        .args(["--tokens", "8", "--out"])
+        .arg(dir.path().join("run"))
+        .output()
+        .expect("run slug demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("pipeline on shm"), "{text}");
+    assert_eq!(text.matches("\nbit-exact\n").count(), 2, "{text}");
+}

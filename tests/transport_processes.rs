@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use slug_kernels::ModelConfig;
@@ -12,12 +13,27 @@ use slug_transport::TransportError;
 use slug_transport::auth::{ClusterKey, KEY_ENV};
 use slug_transport::node::LISTENING_PREFIX;
 use slug_transport::pipeline::{
-    NoObservers, PipelineConfig, launch_local_nodes, prompt_tokens, run, run_on_nodes,
+    NoObservers, NodeCommand, PipelineConfig, launch_local_nodes, prompt_tokens, run, run_on_nodes,
 };
 use slug_transport::transfer::TransportKind;
 
 fn slug() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_slug"))
+}
+
+/// Starts stage nodes the way the `slug` binary does.
+fn launcher() -> NodeCommand {
+    NodeCommand::new(
+        slug(),
+        [
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--once",
+            "--key-file",
+            "-",
+        ],
+    )
 }
 
 fn config(
@@ -40,7 +56,7 @@ fn config(
     cfg.microbatches = microbatches;
     cfg.digests = true;
     cfg.timeout_ms = 20_000;
-    cfg.node_binary = Some(slug());
+    cfg.launcher = Some(Arc::new(launcher()));
     cfg
 }
 
@@ -86,7 +102,7 @@ fn killing_a_stage_process_mid_run_fails_fast_and_names_it() {
         cfg.model.max_seq = 16_384;
         cfg.tokens = 16_000;
         let mut nodes =
-            launch_local_nodes(&slug(), 4, &key, Duration::from_secs(20)).expect("nodes");
+            launch_local_nodes(&launcher(), 4, &key, Duration::from_secs(20)).expect("nodes");
         let addrs = nodes.addrs();
         let runner = {
             let (cfg, addrs, key) = (cfg.clone(), addrs.clone(), key.clone());

@@ -29,6 +29,7 @@ mod tally;
 use std::cell::Cell;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -36,7 +37,7 @@ use slug_kernels::ModelConfig;
 use slug_recorder::observe::PayloadPolicy;
 use slug_recorder::perf::{PerfConfig, PerfRequest};
 use slug_recorder::{RecordConfig, record};
-use slug_transport::pipeline::{Launch, NoObservers, PipelineConfig, run};
+use slug_transport::pipeline::{Launch, NoObservers, NodeCommand, PipelineConfig, run};
 use slug_transport::transfer::TransportKind;
 use tally::Tally;
 
@@ -57,7 +58,17 @@ fn pipeline(model: &str, transport: TransportKind, tokens: usize, node: &Path) -
     p.stages = 4;
     p.transport = transport;
     p.launch = Launch::Processes;
-    p.node_binary = Some(node.to_path_buf());
+    p.launcher = Some(Arc::new(NodeCommand::new(
+        node,
+        [
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--once",
+            "--key-file",
+            "-",
+        ],
+    )));
     p
 }
 

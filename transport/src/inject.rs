@@ -9,10 +9,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-use slug_kernels::{Hooks, KernelCall, KernelId};
+use slug_kernels::{Hooks, KernelCall, KernelId, LayerPlan};
 
 use crate::error::{Result, TransportError};
-use crate::pipeline::PipelineConfig;
 
 /// Which bit of which kernel output to flip, once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,21 +118,19 @@ impl fmt::Display for Injection {
 }
 
 impl Injection {
-    /// Refuses an injection that could never fire in `cfg`, naming what is out of range.
-    pub fn validate(&self, cfg: &PipelineConfig) -> Result<()> {
+    /// Refuses an injection that could never fire in a run with the layer `plan` and `sequences`
+    /// sequences of `tokens` tokens each, naming what is out of range.
+    pub fn validate(&self, plan: &LayerPlan, sequences: usize, tokens: usize) -> Result<()> {
         let bad = |m: String| Err(TransportError::Config(format!("--inject {self}: {m}")));
-        if self.stage >= cfg.stages {
-            return bad(format!("the pipeline has {} stages", cfg.stages));
+        if self.stage >= plan.stages() {
+            return bad(format!("the pipeline has {} stages", plan.stages()));
         }
-        let steps = (cfg.tokens * cfg.prompts.len()) as u64;
+        let steps = (tokens * sequences) as u64;
         if self.step >= steps {
             return bad(format!(
-                "a stage runs steps 0..{steps} ({} tokens x {} sequences)",
-                cfg.tokens,
-                cfg.prompts.len()
+                "a stage runs steps 0..{steps} ({tokens} tokens x {sequences} sequences)"
             ));
         }
-        let plan = cfg.plan()?;
         let owned = plan.layers_of(self.stage);
         let in_layer = |k: &KernelId| {
             !matches!(
@@ -228,14 +225,11 @@ impl Hooks for FaultInjector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use slug_kernels::{ModelConfig, NoHooks};
+    use slug_kernels::NoHooks;
 
-    fn cfg() -> PipelineConfig {
-        let mut m = ModelConfig::preset("tiny").unwrap();
-        m.layers = 4;
-        let mut c = PipelineConfig::new(m, "ab", 2, 4);
-        c.stages = 2;
-        c
+    /// Two stages of two layers each, 2 sequences of 4 tokens.
+    fn check(i: &Injection) -> Result<()> {
+        i.validate(&LayerPlan::even(4, 2).unwrap(), 2, 4)
     }
 
     #[test]
@@ -243,7 +237,7 @@ mod tests {
         let i: Injection = "stage=1,layer=3,kernel=gemm,step=2".parse().unwrap();
         assert_eq!(i.calls[0], KernelId::QProj);
         assert_eq!(i.bit, DEFAULT_BIT);
-        i.validate(&cfg()).unwrap();
+        check(&i).unwrap();
         assert_eq!(i.to_string().parse::<Injection>().unwrap(), i);
         for (spec, needle) in [
             ("stage=1,layer=1,kernel=down,step=2", "owns layers 2..4"),
@@ -252,11 +246,7 @@ mod tests {
             ("stage=1,kernel=down,step=0", "give layer="),
             ("stage=1,layer=3,kernel=argmax,step=0", "leave out layer="),
         ] {
-            let e = spec
-                .parse::<Injection>()
-                .unwrap()
-                .validate(&cfg())
-                .unwrap_err();
+            let e = check(&spec.parse::<Injection>().unwrap()).unwrap_err();
             assert!(e.to_string().contains(needle), "{spec}: {e}");
         }
         for (spec, needle) in [
@@ -272,11 +262,10 @@ mod tests {
 
     #[test]
     fn flips_exactly_one_bit_of_the_first_matching_call() {
-        let c = cfg();
         let i: Injection = "stage=1,layer=2,kernel=gemm,step=3,element=3,bit=0"
             .parse()
             .unwrap();
-        i.validate(&c).unwrap();
+        check(&i).unwrap();
         let mut hooks = FaultInjector::new(i, Box::new(NoHooks));
         let call = |kernel, step| KernelCall {
             kernel,

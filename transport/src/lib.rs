@@ -45,10 +45,10 @@ pub mod error;
 pub mod fabric;
 pub mod inject;
 pub mod link;
-pub mod node;
 pub mod pipeline;
 pub mod transfer;
 mod wire;
 
 pub use error::{Result, TransportError};
+pub use pipeline::node;
 pub use wire::AbortFlag;

@@ -347,7 +347,9 @@ impl LinkSender {
     }
 
     /// Moves `len` bytes at `src_offset` of `src` to `dst_offset` of arena `dst_arena` on the
-    /// receiving endpoint. Observers see the transfer before the bytes leave.
+    /// receiving endpoint. Observers see the transfer after its bytes have left (queued in the
+    /// ring, copied into the receiver's arena or written to the socket), with the time the send
+    /// began as its post time; a send that fails is not observed.
     pub fn send(
         &mut self,
         src: Region<'_>,

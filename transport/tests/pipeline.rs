@@ -14,8 +14,8 @@ use slug_transport::TransportError;
 use slug_transport::auth::ClusterKey;
 use slug_transport::node::{NodeOptions, serve};
 use slug_transport::pipeline::{
-    Launch, NoObservers, ObserverFactory, PipelineConfig, RunReport, StageContext, StageObservers,
-    TransferDigest, prompt_tokens, run, run_on_nodes,
+    Launch, NoObservers, NodeCommand, ObserverFactory, PipelineConfig, RunReport, StageContext,
+    StageObservers, TransferDigest, prompt_tokens, run, run_on_nodes,
 };
 use slug_transport::transfer::{Observers, Tag, Transfer, TransferObserver, TransportKind};
 
@@ -214,6 +214,31 @@ fn bad_configurations_are_refused_before_running() {
         run(&cfg, &NoObservers),
         Err(TransportError::Config(_))
     ));
+}
+
+#[test]
+fn launched_stage_processes_come_from_the_callers_launcher() {
+    for transport in [TransportKind::Shm, TransportKind::Tcp] {
+        let mut cfg = config(transport, 2, 1, 1);
+        cfg.launch = Launch::Processes;
+        let e = run(&cfg, &NoObservers)
+            .expect_err("no launcher")
+            .to_string();
+        assert!(e.contains("no launcher"), "{transport}: {e}");
+        assert!(e.contains("PipelineConfig::launcher"), "{transport}: {e}");
+        // The library runs exactly the command the launcher gives, nothing of its own.
+        cfg.launcher = Some(Arc::new(NodeCommand::new(
+            "/nonexistent/slug-test-node",
+            ["--serve-once"],
+        )));
+        let e = run(&cfg, &NoObservers)
+            .expect_err("missing program")
+            .to_string();
+        assert!(
+            e.contains("start stage process 0 (/nonexistent/slug-test-node)"),
+            "{transport}: {e}"
+        );
+    }
 }
 
 /// Counts what the hooks see, per stage.

@@ -1,23 +1,27 @@
-//! The coordinator side of process transports: launching local stage processes, driving
+//! The coordinator side of process transports: starting local stage processes (with the
+//! caller's [`NodeLauncher`]), driving
 //! `slug node` servers over authenticated control connections, and turning the first failure
 //! anywhere into one error that names the stage, its host and the step it reached.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{COORDINATOR, ClusterKey, Hello, Role, client_handshake};
+use crate::clock::ClockOffset;
 use crate::error::{Result, TransportError};
 use crate::fabric::{Fabric, FabricLayout};
 use crate::transfer::TransportKind;
 use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable, shown};
 
-use super::{PipelineConfig, RunReport, StageReport};
+use super::config::PipelineConfig;
+use super::launch::NodeLauncher;
+use super::report::{RunReport, StageReport};
 
 /// First line a `slug node` prints on stdout, followed by the address it listens on.
 pub const LISTENING_PREFIX: &str = "slug node: listening on ";
@@ -176,10 +180,10 @@ impl Drop for LocalNodes {
     }
 }
 
-/// Starts `count` `slug node --listen 127.0.0.1:0 --once` processes of `binary`, handing them
-/// `key` through the environment, and waits (at most `timeout`) for each to say where it listens.
+/// Starts `count` stage processes with `launcher`, handing them `key` on stdin, and waits (at
+/// most `timeout`) for each to say where it listens.
 pub fn launch_local_nodes(
-    binary: &Path,
+    launcher: &dyn NodeLauncher,
     count: usize,
     key: &ClusterKey,
     timeout: Duration,
@@ -190,23 +194,22 @@ pub fn launch_local_nodes(
     };
     let mut lines = Vec::with_capacity(count);
     for i in 0..count {
+        let mut cmd = launcher.node_command(i);
         // The key goes in on stdin: the environment of a process is readable with `ps e`.
-        let mut child = Command::new(binary)
-            .args([
-                "node",
-                "--listen",
-                "127.0.0.1:0",
-                "--once",
-                "--key-file",
-                "-",
-            ])
+        let mut child = cmd
             .env_remove(crate::auth::KEY_ENV)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| {
-                TransportError::io(format!("start stage process {i} ({})", binary.display()), e)
+                TransportError::io(
+                    format!(
+                        "start stage process {i} ({})",
+                        Path::new(cmd.get_program()).display()
+                    ),
+                    e,
+                )
             })?;
         if let Some(mut stdin) = child.stdin.take() {
             // Dropping stdin closes it, so the node's read ends.
@@ -325,13 +328,53 @@ pub fn run_on_nodes_collecting(
         )));
     }
     let timeout = cfg.timeout();
-    let abort = AbortFlag::new();
-    let link_secret = ClusterKey::random()?.as_env_value();
     let fabric = match cfg.transport {
         TransportKind::Shm => Some(FabricFile::create(cfg)?),
         _ => None,
     };
-    let mut conns: Vec<Conn> = Vec::with_capacity(addrs.len());
+    let (conns, clocks) = connect_nodes(addrs, key, timeout)?;
+    let mut session = Session {
+        conns,
+        fabric: fabric.as_ref().map(|f| f.fabric.clone()),
+    };
+    let data_addrs = session.assign(cfg, addrs, fabric.as_ref().map(|f| f.path.clone()))?;
+    if let Some(f) = &fabric {
+        // Every node has mapped the fabric: unlink it now so that nothing is left in /dev/shm
+        // even if this process is killed.
+        let _ = std::fs::remove_file(&f.path);
+    }
+    session.start(addrs, &data_addrs, timeout)?;
+    let start = Instant::now();
+    let watched = session.watch()?;
+    let wall = start.elapsed();
+    let (reports, collects) = match watched.outcome(addrs) {
+        Ok(done) => done,
+        Err(e) => return Err(session.abort(e)),
+    };
+    if let Some(into) = collect_into {
+        session.collect(addrs, &collects, into, timeout)?;
+    }
+    let reports = reports
+        .into_iter()
+        .enumerate()
+        .map(|(s, mut r)| {
+            r.host = addrs[s].clone();
+            r.clock = Some(clocks[s]);
+            r
+        })
+        .collect();
+    Ok(RunReport::assemble(cfg, reports, wall))
+}
+
+/// Opens an authenticated control connection to every node, in stage order, with the clock
+/// offset each handshake estimated.
+fn connect_nodes(
+    addrs: &[String],
+    key: &ClusterKey,
+    timeout: Duration,
+) -> Result<(Vec<Conn>, Vec<ClockOffset>)> {
+    let abort = AbortFlag::new();
+    let mut conns = Vec::with_capacity(addrs.len());
     let mut clocks = Vec::with_capacity(addrs.len());
     for (s, addr) in addrs.iter().enumerate() {
         let hs = connect(addr, timeout, &abort)
@@ -350,95 +393,44 @@ pub fn run_on_nodes_collecting(
         conns.push(hs.conn);
         clocks.push(hs.clock);
     }
-    let mut session = Session {
-        conns,
-        fabric: fabric.as_ref().map(|f| f.fabric.clone()),
-    };
-    for (s, conn) in session.conns.iter_mut().enumerate() {
-        let assign = ToNode::Assign {
-            stage: s,
-            config: Box::new(cfg.clone()),
-            fabric: fabric.as_ref().map(|f| f.path.clone()),
-            link_secret: link_secret.clone(),
-        };
-        conn.send_json(&assign, timeout)
-            .map_err(|e| failed(s, &addrs[s], "startup", e.to_string()))?;
-    }
-    let mut data_addrs = Vec::with_capacity(addrs.len());
-    for (s, addr) in addrs.iter().enumerate() {
-        match session.conns[s].recv_json::<ToCoordinator>(timeout) {
-            Ok(ToCoordinator::Ready { data_addr, .. }) => data_addrs.push(data_addr),
-            Ok(ToCoordinator::Failed { at, error, .. }) => {
-                let (at, error) = (printable(&at, PEER_TEXT), printable(&error, PEER_TEXT));
-                return Err(session.abort(failed(s, addr, &at, error)));
-            }
-            Ok(other) => {
-                let e = failed(
-                    s,
-                    addr,
-                    "startup",
-                    format!("unexpected message {}", shown(&other)),
-                );
-                return Err(session.abort(e));
-            }
-            Err(e) => return Err(session.abort(failed(s, addr, "startup", e.to_string()))),
+    Ok((conns, clocks))
+}
+
+/// What the nodes said while the run went on: the reports that arrived and every failure.
+struct Watched {
+    reports: Vec<Option<StageReport>>,
+    /// Whether each node has recorded files to collect.
+    collects: Vec<bool>,
+    /// Where each stage last said it was.
+    at: Vec<String>,
+    failures: Vec<(Cause, usize, String, String)>,
+}
+
+impl Watched {
+    fn new(stages: usize) -> Self {
+        Self {
+            reports: vec![None; stages],
+            collects: vec![false; stages],
+            at: vec!["startup".to_string(); stages],
+            failures: Vec::new(),
         }
     }
-    if let Some(f) = &fabric {
-        // Every node has mapped the fabric: unlink it now so that nothing is left in /dev/shm
-        // even if this process is killed.
-        let _ = std::fs::remove_file(&f.path);
-    }
-    for s in 0..addrs.len() {
-        let next = data_addrs[(s + 1) % addrs.len()].clone();
-        if let Err(e) = session.conns[s].send_json(&ToNode::Start { next }, timeout) {
-            return Err(session.abort(failed(s, &addrs[s], "startup", e.to_string())));
-        }
-    }
-    let start = Instant::now();
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let stop_readers = AbortFlag::new();
-    for (s, conn) in session.conns.iter().enumerate() {
-        let mut reader = conn.try_clone()?;
-        reader.abort = stop_readers.clone();
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            loop {
-                let msg = reader.recv_json::<ToCoordinator>(SILENCE_LIMIT);
-                let last = !matches!(msg, Ok(ToCoordinator::Progress { .. }));
-                if tx.send((s, msg)).is_err() || last {
-                    break;
-                }
-            }
-        });
-    }
-    drop(tx);
-    let mut reports: Vec<Option<StageReport>> = vec![None; addrs.len()];
-    let mut collects = vec![false; addrs.len()];
-    let mut at = vec!["startup".to_string(); addrs.len()];
-    let mut failures: Vec<(Cause, usize, String, String)> = Vec::new();
-    let mut settle_until: Option<Instant> = None;
-    while reports.iter().any(Option::is_none) {
-        let wait = match settle_until {
-            Some(t) => t.saturating_duration_since(Instant::now()),
-            None => SILENCE_LIMIT * 2,
-        };
-        let Ok((s, msg)) = rx.recv_timeout(wait) else {
-            break;
-        };
+
+    /// Takes in one message (or read failure) from stage `s`'s control connection.
+    fn note(&mut self, s: usize, msg: Result<ToCoordinator>) {
         match msg {
             Ok(ToCoordinator::Progress { step, seq }) => {
-                at[s] = format!("step {step} (sequence {seq})")
+                self.at[s] = format!("step {step} (sequence {seq})");
             }
             Ok(ToCoordinator::Done { report, collect }) => {
-                reports[s] = Some(*report);
-                collects[s] = collect;
+                self.reports[s] = Some(*report);
+                self.collects[s] = collect;
             }
             Ok(ToCoordinator::Failed {
                 at: where_,
                 error,
                 cause,
-            }) => failures.push((
+            }) => self.failures.push((
                 cause,
                 s,
                 printable(&where_, PEER_TEXT),
@@ -446,13 +438,13 @@ pub fn run_on_nodes_collecting(
             )),
             Ok(
                 ToCoordinator::Ready { .. } | ToCoordinator::Files { .. } | ToCoordinator::Cleaned,
-            ) => failures.push((
+            ) => self.failures.push((
                 Cause::Stage,
                 s,
-                at[s].clone(),
+                self.at[s].clone(),
                 "sent Ready, Files or Cleaned out of turn".into(),
             )),
-            Err(e) if reports[s].is_none() => {
+            Err(e) if self.reports[s].is_none() => {
                 let detail = match &e {
                     TransportError::Timeout { .. } => format!(
                         "node stopped responding (no heartbeat for {} ms)",
@@ -462,80 +454,28 @@ pub fn run_on_nodes_collecting(
                         "lost the node's control connection ({other}); did the stage process die?"
                     ),
                 };
-                failures.push((Cause::Lost, s, at[s].clone(), detail));
+                self.failures
+                    .push((Cause::Lost, s, self.at[s].clone(), detail));
             }
             Err(_) => {}
         }
-        if !failures.is_empty() && settle_until.is_none() {
-            settle_until = Some(Instant::now() + SETTLE);
-        }
-        if settle_until.is_some_and(|t| Instant::now() >= t) {
-            break;
-        }
     }
-    stop_readers.raise();
-    let wall = start.elapsed();
-    if let Some((_, s, where_, error)) = failures
-        .into_iter()
-        .max_by_key(|f| (f.0, std::cmp::Reverse(f.1)))
-    {
-        return Err(session.abort(failed(s, &addrs[s], &where_, error)));
-    }
-    if let Some(s) = reports.iter().position(Option::is_none) {
-        let e = failed(s, &addrs[s], &at[s], "no report from the node");
-        return Err(session.abort(e));
-    }
-    if let Some(into) = collect_into {
-        let claimed = Mutex::new(HashSet::new());
-        let claimed = &claimed;
-        let results: Vec<std::result::Result<(), String>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = session
-                .conns
-                .iter_mut()
-                .zip(&collects)
-                .enumerate()
-                .map(|(stage, (conn, &collect))| {
-                    scope.spawn(move || {
-                        if !collect {
-                            return Err("the node recorded nothing to collect: serve stages with \
-                                 a recording `slug node` of this version"
-                                .to_string());
-                        }
-                        collect_files(conn, stage, into, claimed, timeout)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("the collecting thread panicked".into()))
-                })
-                .collect()
-        });
-        if let Some((s, detail)) = results
+
+    /// Every stage's report and whether it has files to collect, or the failure that names
+    /// the root cause (the most telling cause; among equals, the lowest stage).
+    fn outcome(self, addrs: &[String]) -> Result<(Vec<StageReport>, Vec<bool>)> {
+        if let Some((_, s, where_, error)) = self
+            .failures
             .into_iter()
-            .enumerate()
-            .find_map(|(s, r)| r.err().map(|d| (s, d)))
+            .max_by_key(|f| (f.0, std::cmp::Reverse(f.1)))
         {
-            let detail = format!(
-                "{detail}; files that arrived whole are kept in {}",
-                into.display()
-            );
-            return Err(session.abort(failed(s, &addrs[s], COLLECTING, detail)));
+            return Err(failed(s, &addrs[s], &where_, error));
         }
+        if let Some(s) = self.reports.iter().position(Option::is_none) {
+            return Err(failed(s, &addrs[s], &self.at[s], "no report from the node"));
+        }
+        Ok((self.reports.into_iter().flatten().collect(), self.collects))
     }
-    let reports = reports
-        .into_iter()
-        .enumerate()
-        .map(|(s, r)| {
-            let mut r = r.unwrap_or_default();
-            r.host = addrs[s].clone();
-            r.clock = Some(clocks[s]);
-            r
-        })
-        .collect();
-    Ok(RunReport::assemble(cfg, reports, wall))
 }
 
 /// Whether a name is `len` lowercase hex digits.
@@ -754,6 +694,157 @@ struct Session {
 }
 
 impl Session {
+    /// Sends every node its stage, the configuration, the fabric file and the run's link
+    /// secret; returns the data address each node then listens on (if its links need one).
+    fn assign(
+        &mut self,
+        cfg: &PipelineConfig,
+        addrs: &[String],
+        fabric: Option<PathBuf>,
+    ) -> Result<Vec<Option<String>>> {
+        let timeout = cfg.timeout();
+        let link_secret = ClusterKey::random()?.as_env_value();
+        for (s, conn) in self.conns.iter_mut().enumerate() {
+            let assign = ToNode::Assign {
+                stage: s,
+                config: Box::new(cfg.clone()),
+                fabric: fabric.clone(),
+                link_secret: link_secret.clone(),
+            };
+            conn.send_json(&assign, timeout)
+                .map_err(|e| failed(s, &addrs[s], "startup", e.to_string()))?;
+        }
+        let mut data_addrs = Vec::with_capacity(addrs.len());
+        for (s, addr) in addrs.iter().enumerate() {
+            match self.conns[s].recv_json::<ToCoordinator>(timeout) {
+                Ok(ToCoordinator::Ready { data_addr, .. }) => data_addrs.push(data_addr),
+                Ok(ToCoordinator::Failed { at, error, .. }) => {
+                    let (at, error) = (printable(&at, PEER_TEXT), printable(&error, PEER_TEXT));
+                    return Err(self.abort(failed(s, addr, &at, error)));
+                }
+                Ok(other) => {
+                    let e = failed(
+                        s,
+                        addr,
+                        "startup",
+                        format!("unexpected message {}", shown(&other)),
+                    );
+                    return Err(self.abort(e));
+                }
+                Err(e) => return Err(self.abort(failed(s, addr, "startup", e.to_string()))),
+            }
+        }
+        Ok(data_addrs)
+    }
+
+    /// Tells every node where its downstream stage listens, which starts the run.
+    fn start(
+        &mut self,
+        addrs: &[String],
+        data_addrs: &[Option<String>],
+        timeout: Duration,
+    ) -> Result<()> {
+        for s in 0..addrs.len() {
+            let next = data_addrs[(s + 1) % addrs.len()].clone();
+            if let Err(e) = self.conns[s].send_json(&ToNode::Start { next }, timeout) {
+                return Err(self.abort(failed(s, &addrs[s], "startup", e.to_string())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Listens to every node (one reader thread each) until all have reported, or, once one
+    /// has failed, for [`SETTLE`] more to hear the root cause.
+    fn watch(&self) -> Result<Watched> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let stop_readers = AbortFlag::new();
+        for (s, conn) in self.conns.iter().enumerate() {
+            let mut reader = conn.try_clone()?;
+            reader.abort = stop_readers.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                loop {
+                    let msg = reader.recv_json::<ToCoordinator>(SILENCE_LIMIT);
+                    let last = !matches!(msg, Ok(ToCoordinator::Progress { .. }));
+                    if tx.send((s, msg)).is_err() || last {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut watched = Watched::new(self.conns.len());
+        let mut settle_until: Option<Instant> = None;
+        while watched.reports.iter().any(Option::is_none) {
+            let wait = match settle_until {
+                Some(t) => t.saturating_duration_since(Instant::now()),
+                None => SILENCE_LIMIT * 2,
+            };
+            let Ok((s, msg)) = rx.recv_timeout(wait) else {
+                break;
+            };
+            watched.note(s, msg);
+            if !watched.failures.is_empty() && settle_until.is_none() {
+                settle_until = Some(Instant::now() + SETTLE);
+            }
+            if settle_until.is_some_and(|t| Instant::now() >= t) {
+                break;
+            }
+        }
+        stop_readers.raise();
+        Ok(watched)
+    }
+
+    /// Fetches every node's recorded files into `into`, all nodes at once; the first node
+    /// whose collection fails ends the run with what it said.
+    fn collect(
+        &mut self,
+        addrs: &[String],
+        collects: &[bool],
+        into: &Path,
+        timeout: Duration,
+    ) -> Result<()> {
+        let claimed = Mutex::new(HashSet::new());
+        let claimed = &claimed;
+        let results: Vec<std::result::Result<(), String>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .conns
+                .iter_mut()
+                .zip(collects)
+                .enumerate()
+                .map(|(stage, (conn, &collect))| {
+                    scope.spawn(move || {
+                        if !collect {
+                            return Err("the node recorded nothing to collect: serve stages with \
+                                 a recording `slug node` of this version"
+                                .to_string());
+                        }
+                        collect_files(conn, stage, into, claimed, timeout)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("the collecting thread panicked".into()))
+                })
+                .collect()
+        });
+        if let Some((s, detail)) = results
+            .into_iter()
+            .enumerate()
+            .find_map(|(s, r)| r.err().map(|d| (s, d)))
+        {
+            let detail = format!(
+                "{detail}; files that arrived whole are kept in {}",
+                into.display()
+            );
+            return Err(self.abort(failed(s, &addrs[s], COLLECTING, detail)));
+        }
+        Ok(())
+    }
+
     /// Tells every node to stop, wakes shm waiters, and returns `error` for the caller.
     fn abort(&mut self, error: TransportError) -> TransportError {
         if let Some(f) = &self.fabric {

@@ -11,8 +11,11 @@ use crate::fabric::Fabric;
 use crate::link::{LinkEnds, LinkReceiver, LinkSender, LinkStats, Region, RegionMut};
 use crate::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
 
+use super::config::PipelineConfig;
+use super::observe::{DigestObserver, Observed, ObserverFactory, StageContext};
+use super::report::StageReport;
 use super::state::{consumed_at, resume_links};
-use super::{DigestObserver, Observed, PipelineConfig, StageReport, schedule_slot};
+use super::state::{restore_stage, schedule_slot};
 
 /// Every stage registers its whole [`slug_kernels::StageArena`] as this arena.
 pub const STAGE_ARENA: ArenaId = ArenaId(0);
@@ -336,4 +339,31 @@ fn take_input(
             ),
         })
     }
+}
+
+/// Builds stage `ctx.stage` and, when the factory has a state for it, restores that state.
+pub(crate) fn build_stage(
+    cfg: &PipelineConfig,
+    plan: &LayerPlan,
+    pool: &slug_kernels::ThreadPool,
+    factory: &dyn ObserverFactory,
+    ctx: &StageContext<'_>,
+) -> Result<slug_kernels::Stage> {
+    let sequences = cfg.prompts.len();
+    let mut stage = match &cfg.isa {
+        None => slug_kernels::Stage::new(&cfg.model, plan, ctx.stage, sequences, pool)?,
+        Some(name) => {
+            let isa = slug_kernels::Isa::from_name(name).ok_or_else(|| {
+                TransportError::Config(format!(
+                    "isa {name}: unknown instruction set; use scalar, avx2, avx512 or neon"
+                ))
+            })?;
+            let arith = slug_kernels::Arith::new(isa, cfg.model.fma)?;
+            slug_kernels::Stage::with_arith(&cfg.model, plan, ctx.stage, sequences, pool, arith)?
+        }
+    };
+    if let Some(state) = factory.initial_state(ctx)? {
+        restore_stage(&mut stage, &state)?;
+    }
+    Ok(stage)
 }

@@ -6,7 +6,7 @@ use slug_kernels::{Section, Stage, StageCursor};
 
 use crate::error::{Result, TransportError};
 
-use super::PipelineConfig;
+use super::config::PipelineConfig;
 
 /// The whole state of one stage: its arena bytes and cursor (what a snapshot holds).
 #[derive(Debug, Clone, PartialEq, Eq)]

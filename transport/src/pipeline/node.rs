@@ -10,19 +10,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::cluster::{Cause, FILE_PIECE, HEARTBEAT, RecordedFile, ToCoordinator, ToNode};
+use super::config::PipelineConfig;
+use super::observe::{Observed, ObserverFactory, StageContext, stage_observers};
+use super::stage::{StageIo, build_stage, drive_stage, link_ends};
 use crate::auth::{ClusterKey, Role, server_handshake};
 use crate::error::{Result, TransportError};
 use crate::fabric::{Fabric, FabricLayout};
 use crate::link::{LinkReceiver, LinkSender};
-use crate::pipeline::cluster::{Cause, FILE_PIECE, HEARTBEAT, RecordedFile, ToCoordinator, ToNode};
-use crate::pipeline::{
-    Observed, ObserverFactory, PipelineConfig, StageContext, StageIo, build_stage, drive_stage,
-    link_ends, stage_observers,
-};
 use crate::transfer::TransportKind;
 use crate::wire::{AbortFlag, Conn, kind, printable, shown};
 
-pub use crate::pipeline::cluster::LISTENING_PREFIX;
+pub use super::cluster::LISTENING_PREFIX;
 
 /// How long a caller may take to finish the handshake and a coordinator to send its assignment.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
