@@ -150,3 +150,61 @@ fn without_root_the_recording_says_which_probes_are_missing() {
         assert!(c["reason"].as_str().unwrap().contains("CAP_BPF"), "{c}");
     }
 }
+
+#[test]
+fn as_root_a_recording_holds_syscall_histograms_per_step() {
+    use slug_schema::{EbpfKind, Event, EventKind, KindSet, TimeRange, Trace};
+    if !is_root() {
+        println!("skipped: eBPF probes need root (or CAP_BPF + CAP_PERFMON)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("trace");
+    let o = slug(&[
+        "record",
+        "--out",
+        out.to_str().unwrap(),
+        "--ebpf",
+        "syscalls",
+        "--",
+        "--stages",
+        "2",
+        "--tokens",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let manifest = json(&out.join("manifest.json"));
+    if capability(&manifest, "ebpf_syscalls")["captured"] != true {
+        println!("skipped: the syscall probes did not attach here: {manifest}");
+        return;
+    }
+    let trace = Trace::open(&out).unwrap();
+    let mut per_step = 0;
+    for endpoint in 0..2 {
+        let log = trace.endpoint_log(endpoint).unwrap();
+        let kinds = KindSet::of(&[EventKind::StepBoundary, EventKind::Ebpf]);
+        let mut steps = std::collections::BTreeSet::new();
+        let mut histogram_steps = std::collections::BTreeSet::new();
+        for e in log.events_in(TimeRange::new(0, u64::MAX), kinds) {
+            match e.unwrap() {
+                Event::StepBoundary(b) => {
+                    steps.insert(b.step);
+                }
+                Event::Ebpf(b) if b.kind == EbpfKind::SyscallHistogram && b.arg1 >> 8 != 0 => {
+                    assert_eq!(b.tid, 0, "a per-step histogram covers the stage: {b:?}");
+                    assert!(b.arg2 > 0, "an empty histogram bucket was written: {b:?}");
+                    histogram_steps.insert((b.arg1 >> 8) - 1);
+                    per_step += 1;
+                }
+                _ => {}
+            }
+        }
+        // Syscalls before the first step boundary count in step 0.
+        steps.insert(0);
+        assert!(
+            histogram_steps.is_subset(&steps),
+            "endpoint {endpoint}: histograms of steps {histogram_steps:?}, steps {steps:?}"
+        );
+    }
+    assert!(per_step > 0, "no per-step syscall histogram in the trace");
+}

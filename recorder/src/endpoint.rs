@@ -50,6 +50,7 @@ pub fn fixed_strings() -> impl Iterator<Item = &'static str> {
         "ebpf ring buffer full",
         "ebpf map full",
         "ebpf outbox full",
+        "ebpf step histogram overwritten before it was read",
     ])
 }
 
@@ -58,6 +59,7 @@ pub const EBPF_LOST_REASONS: LostReasons = LostReasons {
     ring_full: TASK_CLOCK_NAME + 5,
     map_full: TASK_CLOCK_NAME + 6,
     outbox_full: TASK_CLOCK_NAME + 7,
+    step_behind: TASK_CLOCK_NAME + 8,
 };
 
 /// How often the writer drains rings and perf streams.
@@ -107,6 +109,9 @@ pub struct EndpointShared {
     stop: AtomicBool,
     payloads: Option<(Arc<BlobStore>, Sender<Payload>)>,
     ebpf: Option<Arc<EbpfSession>>,
+    /// The step the eBPF probes count this endpoint's syscalls in (see
+    /// [`EbpfSession::step_counter`]).
+    ebpf_step: Option<Arc<AtomicU64>>,
     progress: Option<Arc<AtomicU64>>,
 }
 
@@ -117,6 +122,14 @@ impl EndpointShared {
     /// The endpoint id.
     pub fn endpoint(&self) -> u32 {
         self.endpoint
+    }
+
+    /// Tells the eBPF probes that this endpoint's threads are in `step` now (one atomic store).
+    #[inline]
+    pub fn mark_step(&self, step: u64) {
+        if let Some(s) = &self.ebpf_step {
+            s.store(step, Ordering::Release);
+        }
     }
 
     /// Appends `event` to the calling thread's ring (the hot path).
@@ -266,6 +279,10 @@ impl EndpointRecorder {
             payloads,
             progress: options.progress.clone(),
             ebpf: options.ebpf.clone(),
+            ebpf_step: options
+                .ebpf
+                .as_ref()
+                .and_then(|e| e.step_counter(options.endpoint)),
         });
         if let Some(p) = &perf {
             p.enable()?;

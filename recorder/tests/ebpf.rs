@@ -19,6 +19,7 @@ const REASONS: LostReasons = LostReasons {
     ring_full: 1,
     map_full: 2,
     outbox_full: 3,
+    step_behind: 4,
 };
 
 fn session(request: &str) -> Option<std::sync::Arc<EbpfSession>> {
@@ -138,5 +139,63 @@ fn off_cpu_intervals_agree_with_perf_context_switches() {
         diff <= 0.10,
         "eBPF saw {ebpf_outs} off-CPU intervals, perf {perf_outs} switch-outs ({:.1}% apart)",
         diff * 100.0
+    );
+}
+
+/// x86-64 `write`, one of the syscalls counted per step.
+#[cfg(target_arch = "x86_64")]
+const WRITE: u64 = 1;
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn syscalls_are_counted_per_step_in_the_kernel() {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+
+    let Some(s) = session("syscalls") else {
+        return;
+    };
+    let step = s
+        .step_counter(0)
+        .expect("the first endpoint of a session gets a step counter");
+    let tid = current_tid();
+    s.route(tid, 0);
+    let mut null = std::fs::File::create("/dev/null").unwrap();
+    // Step k makes 3k + 1 writes; step 2 is long enough that the drain thread reads earlier
+    // steps while later ones run.
+    let steps = 6u64;
+    for k in 0..steps {
+        step.store(k, Ordering::Release);
+        for _ in 0..3 * k + 1 {
+            null.write_all(b"x").unwrap();
+        }
+        if k == 2 {
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+    s.stop();
+    let mut events = Vec::new();
+    s.take(0, &mut events);
+    let mut writes = vec![0u64; steps as usize];
+    for e in &events {
+        if let Event::Ebpf(b) = e
+            && b.kind == EbpfKind::SyscallHistogram
+            && b.arg1 >> 8 != 0
+        {
+            assert_eq!(b.tid, 0, "a per-step histogram covers the stage: {b:?}");
+            let k = (b.arg1 >> 8) - 1;
+            assert!(
+                k < steps,
+                "a histogram of step {k}, only 0..{steps} ran: {b:?}"
+            );
+            if b.arg0 == WRITE {
+                writes[k as usize] += b.arg2;
+            }
+        }
+    }
+    let expected: Vec<u64> = (0..steps).map(|k| 3 * k + 1).collect();
+    assert_eq!(
+        writes, expected,
+        "write calls per step, counted in the kernel"
     );
 }

@@ -11,7 +11,7 @@ mod record;
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,6 +36,27 @@ pub const SLOW_SYSCALL_NS: u64 = 1_000_000;
 const POLL_EVERY: Duration = Duration::from_millis(10);
 /// How often it reads the syscall histograms and lost counters.
 const HISTOGRAM_EVERY: Duration = Duration::from_millis(100);
+/// Stages (endpoints of one process) whose syscalls are counted per step; `probes.bpf.c` has the
+/// same numbers.
+const STAGES: u32 = 8;
+/// Steps of one stage whose histograms the kernel holds at once (the drain reads completed
+/// ones every [`POLL_EVERY`]).
+const STEP_SLOTS: u64 = 64;
+const STEP_CLASSES: usize = 8;
+const STEP_BUCKETS: usize = 32;
+/// One step slot of `step_hist`: the step it is armed for (two u32, little-endian), then counts
+/// per syscall class and log2 bucket.
+type StepSlot = [u32; 2 + STEP_CLASSES * STEP_BUCKETS];
+const THREAD_SLOTS: u32 = 65536;
+
+/// The syscalls counted per step (class `i + 1` is `PER_STEP_SYSCALLS[i]`): the ones a stage
+/// makes on its hot path (futex, sendmsg, recvmsg, writev, process_vm_writev, mmap, write).
+/// Others are counted in the per-thread window histograms.
+#[cfg(target_arch = "x86_64")]
+const PER_STEP_SYSCALLS: &[u64] = &[202, 46, 47, 20, 311, 9, 1];
+#[cfg(not(target_arch = "x86_64"))]
+const PER_STEP_SYSCALLS: &[u64] = &[];
+
 /// Events an endpoint's outbox holds before further ones are dropped (and counted).
 const OUTBOX_LIMIT: usize = 1 << 20;
 
@@ -198,6 +219,9 @@ pub struct LostReasons {
     pub map_full: StringId,
     /// The endpoint's outbox was full (its writer fell behind).
     pub outbox_full: StringId,
+    /// A stage ran [`STEP_SLOTS`] steps ahead of the drain thread: syscalls of a step whose
+    /// histogram slot was not read and re-armed yet were dropped.
+    pub step_behind: StringId,
 }
 
 /// The probes of one process, their drain thread and the per-endpoint outboxes.
@@ -217,6 +241,43 @@ struct SessionShared {
     stop: AtomicBool,
     /// NUMA node of each CPU (index), when the host says.
     cpu_node: Vec<Option<u32>>,
+    steps: Mutex<StepRegistry>,
+}
+
+/// The stages whose syscalls the probes count per step, and the maps that say so.
+struct StepRegistry {
+    thread_stage: Array<MapData, [u32; 2]>,
+    stage_step: Array<MapData, u64>,
+    step_hist: Array<MapData, StepSlot>,
+    syscall_class: Array<MapData, u32>,
+    stages: BTreeMap<u32, StageSteps>,
+}
+
+impl std::fmt::Debug for StepRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepRegistry")
+            .field("stages", &self.stages)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One stage's step counter (read by the probes at its address) and the next step to collect.
+#[derive(Debug)]
+struct StageSteps {
+    index: u32,
+    step: Arc<AtomicU64>,
+    next: u64,
+}
+
+/// Where a drained event goes.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    /// The endpoint the thread is routed to.
+    Thread(u32),
+    /// This endpoint.
+    Endpoint(u32),
+    /// The first endpoint (process-wide counts, charged once).
+    First,
 }
 
 #[derive(Debug, Default)]
@@ -313,7 +374,9 @@ impl EbpfSession {
         if attached.is_empty() {
             return (None, caps);
         }
-        let maps = match DrainMaps::take(&mut ebpf) {
+        let taken =
+            DrainMaps::take(&mut ebpf).and_then(|m| Ok((m, StepRegistry::take(&mut ebpf)?)));
+        let (maps, steps) = match taken {
             Ok(m) => m,
             Err(why) => {
                 caps.notices.push(format!("no eBPF probes: {why}"));
@@ -331,6 +394,7 @@ impl EbpfSession {
             outboxes: Mutex::new(BTreeMap::new()),
             stop: AtomicBool::new(false),
             cpu_node: cpu_nodes(),
+            steps: Mutex::new(steps),
         });
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -371,10 +435,58 @@ impl EbpfSession {
         out
     }
 
-    /// Sends the records of thread `tid` to `endpoint`'s outbox from now on.
+    /// Sends the records of thread `tid` to `endpoint`'s outbox from now on, and counts its
+    /// syscalls in the endpoint's per-step histograms if [`EbpfSession::step_counter`] gave
+    /// the endpoint one.
     pub fn route(&self, tid: u32, endpoint: u32) {
         lock(&self.shared.routes).insert(tid, endpoint);
         lock(&self.shared.outboxes).entry(endpoint).or_default();
+        let mut steps = lock(&self.shared.steps);
+        if let Some(index) = steps.stages.get(&endpoint).map(|s| s.index) {
+            // A failed update leaves the thread in the window histograms only.
+            let _ = steps.thread_stage.set(tid % THREAD_SLOTS, [tid, index], 0);
+        }
+    }
+
+    /// The counter whose value the probes take as `endpoint`'s current step: the stage stores
+    /// each step it starts there, and its threads' syscalls (the ones in `PER_STEP_SYSCALLS`)
+    /// are counted per step in the kernel, read by the drain thread with one map lookup per
+    /// completed step. `None` (the stage's syscalls stay in the window histograms) when
+    /// [`STAGES`] endpoints have one already or the maps refuse the registration.
+    pub fn step_counter(&self, endpoint: u32) -> Option<Arc<AtomicU64>> {
+        let mut steps = lock(&self.shared.steps);
+        if let Some(s) = steps.stages.get(&endpoint) {
+            return Some(Arc::clone(&s.step));
+        }
+        let index = u32::try_from(steps.stages.len())
+            .ok()
+            .filter(|i| *i < STAGES)?;
+        for k in 0..STEP_SLOTS {
+            steps
+                .step_hist
+                .set(index * STEP_SLOTS as u32 + k as u32, armed_slot(k), 0)
+                .ok()?;
+        }
+        for (i, nr) in PER_STEP_SYSCALLS.iter().enumerate() {
+            steps
+                .syscall_class
+                .set(u32::try_from(*nr).ok()?, i as u32 + 1, 0)
+                .ok()?;
+        }
+        let step = Arc::new(AtomicU64::new(0));
+        // The probes read the counter at this address, in this process, for as long as the
+        // session (which holds the Arc) lives.
+        let address = Arc::as_ptr(&step) as u64;
+        steps.stage_step.set(index, address, 0).ok()?;
+        steps.stages.insert(
+            endpoint,
+            StageSteps {
+                index,
+                step: Arc::clone(&step),
+                next: 0,
+            },
+        );
+        Some(step)
     }
 
     /// Moves `endpoint`'s pending events into `out` (with a lost-events record for what its
@@ -468,6 +580,87 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s.lines().next().unwrap_or_default().to_string()
 }
 
+impl StepRegistry {
+    fn take(ebpf: &mut Ebpf) -> std::result::Result<StepRegistry, String> {
+        let mut map = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| format!("the probe object has no map {name}"))
+        };
+        Ok(StepRegistry {
+            thread_stage: Array::try_from(map("thread_stage")?)
+                .map_err(|e| format!("thread_stage: {e}"))?,
+            stage_step: Array::try_from(map("stage_step")?)
+                .map_err(|e| format!("stage_step: {e}"))?,
+            step_hist: Array::try_from(map("step_hist")?).map_err(|e| format!("step_hist: {e}"))?,
+            syscall_class: Array::try_from(map("syscall_class")?)
+                .map_err(|e| format!("syscall_class: {e}"))?,
+            stages: BTreeMap::new(),
+        })
+    }
+
+    /// Moves the histograms of every completed step (and, when `stopping`, of the current one)
+    /// into `out` and re-arms their slots for the step `STEP_SLOTS` later: one lookup and one
+    /// update per step.
+    fn collect(&mut self, tgid: u32, stopping: bool, out: &mut Vec<(Route, Event)>) {
+        let now = monotonic_ns();
+        for (endpoint, stage) in &mut self.stages {
+            let current = stage.step.load(Ordering::Acquire);
+            let end = if stopping {
+                current.saturating_add(1)
+            } else {
+                current
+            };
+            // Steps more than STEP_SLOTS behind were overwritten; the probes counted what
+            // found their slot not re-armed as lost.
+            let from = stage.next.max(end.saturating_sub(STEP_SLOTS));
+            for step in from..end {
+                let key = stage.index * STEP_SLOTS as u32 + (step % STEP_SLOTS) as u32;
+                if let Ok(slot) = self.step_hist.get(&key, 0)
+                    && slot_step(&slot) == step
+                {
+                    for (i, count) in slot[2..].iter().enumerate() {
+                        let class = i / STEP_BUCKETS;
+                        if *count == 0 || class == 0 {
+                            continue;
+                        }
+                        let Some(nr) = PER_STEP_SYSCALLS.get(class - 1) else {
+                            continue;
+                        };
+                        let bucket = (i % STEP_BUCKETS) as u64;
+                        out.push((
+                            Route::Endpoint(*endpoint),
+                            Event::Ebpf(EbpfEvent {
+                                kind: EbpfKind::SyscallHistogram,
+                                pid: tgid,
+                                tid: 0,
+                                cpu: 0,
+                                arg0: *nr,
+                                arg1: bucket | (step + 1) << 8,
+                                arg2: u64::from(*count),
+                                ns: now,
+                            }),
+                        ));
+                    }
+                }
+                let _ = self.step_hist.set(key, armed_slot(step + STEP_SLOTS), 0);
+            }
+            stage.next = stage.next.max(end);
+        }
+    }
+}
+
+/// An empty step slot armed for `step`.
+fn armed_slot(step: u64) -> StepSlot {
+    let mut slot = [0u32; 2 + STEP_CLASSES * STEP_BUCKETS];
+    slot[0] = step as u32;
+    slot[1] = (step >> 32) as u32;
+    slot
+}
+
+fn slot_step(slot: &StepSlot) -> u64 {
+    u64::from(slot[0]) | u64::from(slot[1]) << 32
+}
+
 /// The maps the drain thread reads.
 struct DrainMaps {
     ring: RingBuf<MapData>,
@@ -527,19 +720,20 @@ fn cpu_nodes() -> Vec<Option<u32>> {
 
 fn drain_loop(shared: &SessionShared, ebpf: Ebpf, mut maps: DrainMaps) {
     let mut hist_seen: HashMap<u64, u64> = HashMap::new();
-    let mut lost_seen = [0u64; 2];
+    let mut lost_seen = [0u64; 3];
     let mut last_hist = Instant::now();
     let mut last_ns = monotonic_ns();
-    let mut batch: Vec<(u32, Event)> = Vec::new();
+    let mut batch: Vec<(Route, Event)> = Vec::new();
     loop {
         let stopping = shared.stop.load(Ordering::Acquire);
         while let Some(item) = maps.ring.next() {
             if let Some(r) = ProbeRecord::parse(&item)
                 && let Some(e) = r.to_event(shared.tgid, &shared.cpu_node)
             {
-                batch.push((r.tid, e));
+                batch.push((Route::Thread(r.tid), e));
             }
         }
+        lock(&shared.steps).collect(shared.tgid, stopping, &mut batch);
         if stopping || last_hist.elapsed() >= HISTOGRAM_EVERY {
             let now = monotonic_ns();
             for (key, count) in maps.hist.iter().flatten() {
@@ -547,7 +741,7 @@ fn drain_loop(shared: &SessionShared, ebpf: Ebpf, mut maps: DrainMaps) {
                 if count > *seen {
                     let tid = key as u32;
                     batch.push((
-                        tid,
+                        Route::Thread(tid),
                         Event::Ebpf(EbpfEvent {
                             kind: EbpfKind::SyscallHistogram,
                             pid: shared.tgid,
@@ -562,13 +756,17 @@ fn drain_loop(shared: &SessionShared, ebpf: Ebpf, mut maps: DrainMaps) {
                     *seen = count;
                 }
             }
-            let reasons = [shared.reasons.ring_full, shared.reasons.map_full];
+            let reasons = [
+                shared.reasons.ring_full,
+                shared.reasons.map_full,
+                shared.reasons.step_behind,
+            ];
             for (i, seen) in lost_seen.iter_mut().enumerate() {
                 let n = maps.lost.get(&(i as u32), 0).unwrap_or(*seen);
                 if n > *seen {
                     // Process-wide: charged to the first endpoint, so it is counted once.
                     batch.push((
-                        u32::MAX,
+                        Route::First,
                         Event::LostEvents(LostEvents {
                             count: n - *seen,
                             reason: reasons[i],
@@ -594,18 +792,18 @@ fn drain_loop(shared: &SessionShared, ebpf: Ebpf, mut maps: DrainMaps) {
 }
 
 /// Moves `batch` into the outboxes of the endpoints its threads are routed to.
-fn deliver(shared: &SessionShared, batch: &mut Vec<(u32, Event)>) {
+fn deliver(shared: &SessionShared, batch: &mut Vec<(Route, Event)>) {
     if batch.is_empty() {
         return;
     }
     let routes = lock(&shared.routes);
     let mut boxes = lock(&shared.outboxes);
     let first = boxes.keys().next().copied();
-    for (tid, event) in batch.drain(..) {
-        let endpoint = if tid == u32::MAX {
-            first
-        } else {
-            routes.get(&tid).copied()
+    for (route, event) in batch.drain(..) {
+        let endpoint = match route {
+            Route::Thread(tid) => routes.get(&tid).copied(),
+            Route::Endpoint(e) => Some(e),
+            Route::First => first,
         };
         match endpoint.and_then(|e| boxes.get_mut(&e)) {
             Some(b) if b.events.len() < OUTBOX_LIMIT => b.events.push(event),

@@ -73,11 +73,12 @@ struct {
 	__uint(max_entries, 1 << 22);
 } events SEC(".maps");
 
-// Records that did not fit in the ring (index 0) and histogram counts that found the map full
-// (index 1).
+// Records that did not fit in the ring (index 0), histogram counts that found the map full
+// (index 1) and per-step histogram counts whose step slot user space had not collected yet
+// (index 2).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 3);
 	__type(key, __u32);
 	__type(value, __u64);
 } lost SEC(".maps");
@@ -130,6 +131,59 @@ struct {
 	__type(key, struct hist_key);
 	__type(value, __u64);
 } syscall_hist SEC(".maps");
+
+// Per-step histograms. User space registers, once per stage, the address of the stage's
+// "current step" u64 in this process's memory (stage_step) and, once per thread, the thread's
+// stage (thread_stage); the probe reads the step with bpf_probe_read_user (the tgid filter
+// guarantees the address is ours) and counts into the step's slot of step_hist, so that user
+// space reads a completed step with one lookup and re-arms its slot with one update.
+#define STAGES 8
+#define STEP_SLOTS 64
+#define STEP_CLASSES 8 // class 0: not counted per step (the syscall_hist window histogram)
+#define STEP_BUCKETS 32
+#define SYSCALL_NRS 512
+
+struct thread_stage {
+	__u32 tid; // 0: free
+	__u32 stage;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, THREAD_SLOTS);
+	__type(key, __u32);
+	__type(value, struct thread_stage);
+} thread_stage SEC(".maps");
+
+// Stage -> address of its current step (0: not registered).
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, STAGES);
+	__type(key, __u32);
+	__type(value, __u64);
+} stage_step SEC(".maps");
+
+// Syscall nr -> class counted per step (0: none), filled by user space.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SYSCALL_NRS);
+	__type(key, __u32);
+	__type(value, __u32);
+} syscall_class SEC(".maps");
+
+// One step of one stage: the step it is armed for, then counts per class and log2 bucket.
+struct step_hist {
+	__u64 step;
+	__u32 counts[STEP_CLASSES * STEP_BUCKETS];
+};
+
+// stage * STEP_SLOTS + step % STEP_SLOTS -> that step's histogram.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, STAGES * STEP_SLOTS);
+	__type(key, __u32);
+	__type(value, struct step_hist);
+} step_hist SEC(".maps");
 
 // Socket -> tid of the stage thread that last sent or received on it (retransmits and drops
 // happen in softirq context, where the current task says nothing about whose socket it is).
@@ -234,6 +288,39 @@ int slug_sched_waking(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
+// Counts a syscall of a registered stage thread in its stage's current step; 0 when the
+// syscall or the thread is not counted per step.
+static __always_inline int count_in_step(__u32 tid, __u32 slot, __u64 nr, __u16 bucket)
+{
+	if (nr >= SYSCALL_NRS)
+		return 0;
+	__u32 nr32 = nr;
+	__u32 *class = bpf_map_lookup_elem(&syscall_class, &nr32);
+	if (!class || !*class || *class >= STEP_CLASSES)
+		return 0;
+	struct thread_stage *ts = bpf_map_lookup_elem(&thread_stage, &slot);
+	if (!ts || ts->tid != tid || ts->stage >= STAGES)
+		return 0;
+	__u32 stage = ts->stage;
+	__u64 *addr = bpf_map_lookup_elem(&stage_step, &stage);
+	if (!addr || !*addr)
+		return 0;
+	__u64 step;
+	if (bpf_probe_read_user(&step, sizeof(step), (void *)*addr))
+		return 0;
+	__u32 key = stage * STEP_SLOTS + (__u32)(step % STEP_SLOTS);
+	struct step_hist *h = bpf_map_lookup_elem(&step_hist, &key);
+	if (!h || h->step != step) {
+		count_lost(2);
+		return 1;
+	}
+	__u32 b = bucket < STEP_BUCKETS ? bucket : STEP_BUCKETS - 1;
+	__u32 i = *class * STEP_BUCKETS + b;
+	if (i < STEP_CLASSES * STEP_BUCKETS)
+		__sync_fetch_and_add(&h->counts[i], 1);
+	return 1;
+}
+
 // sys_enter(struct pt_regs *regs, long id)
 SEC("raw_tracepoint/sys_enter")
 int slug_sys_enter(struct bpf_raw_tracepoint_args *ctx)
@@ -269,7 +356,10 @@ int slug_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 		emit(KIND_SYSCALL, tid, start, nr, ctx->args[1], dur);
 		return 0;
 	}
-	struct hist_key key = { .tid = tid, .nr = (__u16)nr, .bucket = log2_u64(dur) };
+	__u16 bucket = log2_u64(dur);
+	if (count_in_step(tid, slot, nr, bucket))
+		return 0;
+	struct hist_key key = { .tid = tid, .nr = (__u16)nr, .bucket = bucket };
 	__u64 *n = bpf_map_lookup_elem(&syscall_hist, &key);
 	if (n) {
 		__sync_fetch_and_add(n, 1);

@@ -46,6 +46,7 @@ impl Hooks for StageHooks {
         let ns = monotonic_ns();
         self.shared
             .append(&Event::StepBoundary(StepBoundary { step, seq, ns }));
+        self.shared.mark_step(step);
         if self.want_counters && self.counters.is_none() {
             // Failing here was already reported when the capability was probed.
             self.counters = StepCounters::open_thread(current_tid()).ok();

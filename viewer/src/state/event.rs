@@ -251,7 +251,7 @@ impl SystemEvent {
                 "{} x{} ~{}",
                 syscall_name(self.args[0]),
                 self.args[2],
-                format_duration(1u64 << self.args[1].min(63))
+                format_duration(1u64 << (self.args[1] & 0xff).min(63))
             ),
             SystemKind::Migration => format!(
                 "migration cpu {}->{}{}",
@@ -291,14 +291,18 @@ impl SystemEvent {
             }
             SystemKind::SyscallHistogram => {
                 out.push(("syscall", syscall_name(a[0])));
+                let bucket = a[1] & 0xff;
                 out.push((
                     "took",
                     format!(
                         "{} to {}",
-                        format_duration(1u64 << a[1].min(63)),
-                        format_duration(1u64 << a[1].saturating_add(1).min(63))
+                        format_duration(1u64 << bucket.min(63)),
+                        format_duration(1u64 << (bucket + 1).min(63))
                     ),
                 ));
+                if a[1] >> 8 != 0 {
+                    out.push(("step", ((a[1] >> 8) - 1).to_string()));
+                }
                 out.push(("calls", a[2].to_string()));
             }
             SystemKind::ContextSwitch => {

@@ -232,7 +232,7 @@ impl TraceStats {
                             SystemKind::SyscallHistogram => {
                                 let c = calls_by.entry(syscall_name(s.args[0])).or_default();
                                 c.0 = c.0.saturating_add(s.args[2]);
-                                let mid = 3u64 << s.args[1].min(61) >> 1;
+                                let mid = 3u64 << (s.args[1] & 0xff).min(61) >> 1;
                                 c.1 = c.1.saturating_add(s.args[2].saturating_mul(mid));
                             }
                             SystemKind::TcpRetransmit => st.tcp_retransmits += 1,
