@@ -5,7 +5,8 @@
 //!   user and system apart (a probe runs in the kernel, in the context of the traced thread, so
 //!   its cost lands in system time);
 //! - callgrind (when valgrind is installed): user-space instructions per generated token of a
-//!   `tiny` 2-stage recording (from the difference between a 48- and a 16-token run), and the
+//!   `tiny` 2-stage and a `small` 4-stage recording (from the difference between a 48- and a
+//!   16-token run), and the
 //!   one-off cost of loading the probes. Callgrind counts no kernel instructions, so this is the
 //!   recorder's side of the probes (draining the ring buffer, writing the events), not the
 //!   probes' own: that shows in the system CPU time above.
@@ -86,7 +87,13 @@ const ROUNDS: usize = 5;
 
 fn bench_ebpf(c: &mut Criterion) {
     if let Ok(child) = std::env::var(CALLGRIND_CHILD) {
-        let (mode, tokens) = child.split_once(':').expect("MODE:TOKENS");
+        let mut parts = child.split(':');
+        let (mode, tokens, model, stages) = (
+            parts.next().expect("MODE"),
+            parts.next().expect("TOKENS"),
+            parts.next().expect("MODEL"),
+            parts.next().expect("STAGES"),
+        );
         let ebpf = if mode == "auto" {
             EbpfRequest::Auto
         } else {
@@ -94,7 +101,12 @@ fn bench_ebpf(c: &mut Criterion) {
         };
         let tokens = tokens.parse().expect("a token count");
         let dir = tempfile::tempdir().expect("temp dir");
-        let s = record_once(&pipeline("tiny", 2, tokens), &dir.path().join("t"), ebpf);
+        let stages = stages.parse().expect("a stage count");
+        let s = record_once(
+            &pipeline(model, stages, tokens),
+            &dir.path().join("t"),
+            ebpf,
+        );
         black_box(s);
         std::process::exit(0);
     }
@@ -172,10 +184,17 @@ fn bench_ebpf(c: &mut Criterion) {
     callgrind();
 }
 
-/// User-space instructions of `tiny` 2-stage recordings with and without probes, under callgrind,
-/// at two lengths: the difference per generated token is the steady cost, the rest is one-off
-/// (loading the probes parses the kernel's BTF in user space).
+/// User-space instructions of recordings with and without probes, under callgrind, at two
+/// lengths: the difference per generated token is the steady cost, the rest is one-off (loading
+/// the probes parses the kernel's BTF in user space). `tiny` on 2 stages shows the fixed cost per
+/// stage step (its steps are almost free); `small` on 4 stages is the pipeline the contract is
+/// about.
 fn callgrind() {
+    callgrind_of("tiny", 2);
+    callgrind_of("small", 4);
+}
+
+fn callgrind_of(model: &str, stages: usize) {
     if Command::new("valgrind").arg("--version").output().is_err() {
         eprintln!("callgrind: valgrind is not installed; no instruction counts");
         return;
@@ -193,7 +212,7 @@ fn callgrind() {
                 .arg(format!("--callgrind-out-file={}", out.display()))
                 .arg(&exe)
                 .arg("--bench")
-                .env(CALLGRIND_CHILD, format!("{mode}:{tokens}"))
+                .env(CALLGRIND_CHILD, format!("{mode}:{tokens}:{model}:{stages}"))
                 .output();
             let total = std::fs::read_to_string(&out).ok().and_then(|text| {
                 text.lines()
@@ -228,7 +247,7 @@ fn callgrind() {
     let (none, auto) = (per_token(ir[0]), per_token(ir[1]));
     let one_off = ir[1][0] as f64 - ir[0][0] as f64 - (auto - none) * (4 * SHORT) as f64;
     eprintln!(
-        "callgrind (tiny, 2 local stages, 4 sequences; user-space instructions, the kernel's not counted):\n  \
+        "callgrind ({model}, {stages} local stages, 4 sequences; user-space instructions, the kernel's not counted):\n  \
          per generated token (48 vs 16 tokens): --ebpf auto {auto:.0} vs none {none:.0}: ratio {:.4}\n  \
          one-off with probes (load, BTF parse, attach, detach): {:.1} M instructions",
         auto / none.max(1.0),
