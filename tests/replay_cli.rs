@@ -2,24 +2,11 @@
 //! under an injected fault (exit status 1, a report `slug view --divergence` reads that points
 //! at the fault), dump a tensor as `.npy`, and refuse a trace from a newer slug.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn slug() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_slug"))
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(slug()).args(args).output().expect("run slug")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{run, text};
 
 fn record(out: &Path) {
     let o = run(&[

@@ -2,24 +2,11 @@
 //! endpoint log, a manifest entry pointing at another endpoint's log or a changed stage number
 //! make it exit 3 with "incomplete: N of M checked, because ...", naming the endpoint.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn slug() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_slug"))
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(slug()).args(args).output().expect("run slug")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{run, text};
 
 /// A 4-stage tiny recording with kernel hashes.
 fn record(out: &Path) {
