@@ -1,0 +1,823 @@
+//! Links: the only way bytes move between endpoints, and the seam every link backend plugs into.
+//!
+//! A transfer copies `len` bytes from an offset of a registered arena on the sending endpoint to
+//! an offset of a registered arena on the receiving endpoint. [`LinkSender`] and
+//! [`LinkReceiver`] own what is the same on every backend: the deterministic id (link, sequence
+//! number), the [`TransferHeader`] that travels with the bytes, bounds checks, counters, and the
+//! endpoint's [`Observers`], called on both ends for every transfer. What differs, how the bytes
+//! get across, is a backend behind the [`SendBackend`] / [`RecvBackend`] traits:
+//! - [`ring`]: a slot ring in a [`Fabric`](crate::fabric::Fabric), `local` (heap fabric, stages
+//!   are threads) and `shm` (a memory-mapped fabric file, stages are processes);
+//! - [`tcp`]: a socket per link, authenticated by the run's secret, optionally MACed.
+//!
+//! A backend only moves bytes: it cannot skip the observers, renumber transfers or report a
+//! transfer the receiver did not get, because the link around it does those. A new backend (MPI,
+//! RDMA verbs) is a module here implementing the two traits, plus a constructor that connects
+//! it; the pipeline runtime drives every backend through [`LinkSender`] and [`LinkReceiver`].
+
+pub mod ring;
+pub mod tcp;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{ClockOffset, monotonic_ns};
+use crate::error::{Result, TransportError};
+use crate::transfer::{
+    ArenaId, EndpointId, LinkId, Observers, Place, Tag, Transfer, TransferHeader, TransferId,
+    TransportKind,
+};
+
+pub use tcp::LinkIntegrity;
+
+/// A registered arena as a sender sees it: its id and its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Region<'a> {
+    /// Id the arena was registered under.
+    pub arena: ArenaId,
+    /// The arena's bytes.
+    pub bytes: &'a [u8],
+}
+
+/// A registered arena as a receiver sees it: its id and its writable bytes.
+#[derive(Debug)]
+pub struct RegionMut<'a> {
+    /// Id the arena was registered under.
+    pub arena: ArenaId,
+    /// The arena's bytes.
+    pub bytes: &'a mut [u8],
+}
+
+/// The byte range `offset..offset + len` of an arena of `size` bytes, or the error naming it.
+pub fn check_range(
+    arena: ArenaId,
+    size: usize,
+    offset: u64,
+    len: u64,
+) -> Result<std::ops::Range<usize>> {
+    let end = offset.checked_add(len);
+    match end {
+        Some(end) if end <= size as u64 => Ok(offset as usize..end as usize),
+        _ => Err(TransportError::OutOfBounds {
+            arena: arena.0,
+            offset,
+            len,
+            size: size as u64,
+        }),
+    }
+}
+
+/// Checks that transfer `h` may land in the receiver's arena `arena` of `size` bytes: it must
+/// address that arena and fit in it. Every receiving backend calls this before it writes.
+pub fn check_place(ends: &LinkEnds, arena: ArenaId, size: usize, h: &TransferHeader) -> Result<()> {
+    if h.dst_arena != arena.0 {
+        return Err(TransportError::Protocol {
+            peer: ends.name(),
+            detail: format!(
+                "transfer {} addresses arena {}, but the receiver offered arena {}",
+                h.seq, h.dst_arena, arena.0
+            ),
+        });
+    }
+    check_range(arena, size, h.dst_off, h.len).map(|_| ())
+}
+
+/// Who a link connects and how long its blocking calls may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkEnds {
+    /// Link id (index in the pipeline's link table).
+    pub id: LinkId,
+    /// Sending endpoint.
+    pub src: EndpointId,
+    /// Receiving endpoint.
+    pub dst: EndpointId,
+    /// Longest a send or receive may block before failing with [`TransportError::Timeout`].
+    pub timeout: Duration,
+}
+
+impl LinkEnds {
+    /// The link as error messages name it: `0 (stage 0 -> stage 1)`.
+    pub fn name(&self) -> String {
+        format!(
+            "{} (stage {} -> stage {})",
+            self.id.0, self.src.0, self.dst.0
+        )
+    }
+}
+
+/// Counters of one end of a link.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkStats {
+    /// Transfers moved.
+    pub transfers: u64,
+    /// Payload bytes moved.
+    pub bytes: u64,
+    /// Nanoseconds spent inside send/recv (copying and waiting).
+    pub busy_ns: u64,
+    /// Transfers copied straight into a waiting receiver's arena (one copy, not two).
+    #[serde(default)]
+    pub direct: u64,
+}
+
+impl LinkStats {
+    fn add(&mut self, len: u64, since: u64, delivery: Delivery) {
+        self.transfers += 1;
+        self.bytes += len;
+        self.busy_ns += monotonic_ns().saturating_sub(since);
+        if delivery == Delivery::Direct {
+            self.direct += 1;
+        }
+    }
+}
+
+/// How a backend delivered one transfer (counted in [`LinkStats::direct`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Straight from the sender's arena into the receiver's (one copy, or none).
+    Direct,
+    /// Through a buffer in between (ring slots, socket buffers).
+    Staged,
+}
+
+/// The sending half of a link backend: moves one transfer's bytes towards the receiver.
+///
+/// [`LinkSender`] calls it with the transfer's header already numbered and the source bytes
+/// already bounds-checked, and observes the transfer after it returns.
+pub trait SendBackend: Send {
+    /// The transport observers see on this link's transfers.
+    fn kind(&self) -> TransportKind;
+
+    /// Moves `payload` (the `header.len` source bytes) so that the receiving backend can place
+    /// it at `header.dst_off` of arena `header.dst_arena`. Returns once the source bytes may be
+    /// overwritten (they are in the fabric, the socket or the receiver's arena), within
+    /// `ends.timeout`; a failed send must not be retried on the same backend.
+    fn send(
+        &mut self,
+        ends: &LinkEnds,
+        header: &TransferHeader,
+        payload: &[u8],
+    ) -> Result<Delivery>;
+
+    /// Waits until every transfer sent has left this end: nothing is buffered here any more,
+    /// so the link can be re-pointed ([`LinkSender::repoint`]) without losing a transfer. A
+    /// backend whose `send` only returns once the bytes have left does nothing.
+    fn flush(&mut self, ends: &LinkEnds) -> Result<()>;
+
+    /// Clock offset of the receiving end (its clock minus ours), if measured at connection.
+    fn clock(&self) -> Option<ClockOffset> {
+        None
+    }
+}
+
+/// The receiving half of a link backend: places the next transfer's bytes in the receiver's arena.
+pub trait RecvBackend: Send {
+    /// The transport observers see on this link's transfers.
+    fn kind(&self) -> TransportKind;
+
+    /// Waits (at most `ends.timeout`) for the next transfer, checks its header with
+    /// [`check_place`] against `dst` before writing anything, places its bytes at
+    /// `header.dst_off` of `dst` and returns the header. [`LinkReceiver`] checks the numbering
+    /// and observes the transfer after it returns.
+    fn recv(
+        &mut self,
+        ends: &LinkEnds,
+        dst: &mut RegionMut<'_>,
+    ) -> Result<(TransferHeader, Delivery)>;
+
+    /// Clock offset of the sending end (its clock minus ours), if measured at connection.
+    fn clock(&self) -> Option<ClockOffset> {
+        None
+    }
+}
+
+/// The sending end of a link.
+pub struct LinkSender {
+    ends: LinkEnds,
+    kind: TransportKind,
+    backend: Box<dyn SendBackend>,
+    observers: Observers,
+    next_seq: u64,
+    stats: LinkStats,
+}
+
+/// The receiving end of a link.
+pub struct LinkReceiver {
+    ends: LinkEnds,
+    kind: TransportKind,
+    backend: Box<dyn RecvBackend>,
+    observers: Observers,
+    next_seq: u64,
+    stats: LinkStats,
+}
+
+impl std::fmt::Debug for LinkSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkSender")
+            .field("ends", &self.ends)
+            .field("kind", &self.kind)
+            .field("next_seq", &self.next_seq)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for LinkReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkReceiver")
+            .field("ends", &self.ends)
+            .field("kind", &self.kind)
+            .field("next_seq", &self.next_seq)
+            .finish()
+    }
+}
+
+impl LinkSender {
+    /// The sending end of link `ends` over a connected `backend`; every transfer reaches `observers`.
+    pub fn new(ends: LinkEnds, backend: Box<dyn SendBackend>, observers: Observers) -> Self {
+        Self {
+            ends,
+            kind: backend.kind(),
+            backend,
+            observers,
+            next_seq: 0,
+            stats: LinkStats::default(),
+        }
+    }
+
+    /// Moves `len` bytes at `src_offset` of `src` to `dst_offset` of arena `dst_arena` on the
+    /// receiving endpoint. Observers see the transfer after its bytes have left (queued in the
+    /// ring, copied into the receiver's arena or written to the socket), with the time the send
+    /// began as its post time; a send that fails is not observed.
+    pub fn send(
+        &mut self,
+        src: Region<'_>,
+        src_offset: u64,
+        len: u64,
+        dst_arena: ArenaId,
+        dst_offset: u64,
+        tag: Tag,
+    ) -> Result<Transfer> {
+        let range = check_range(src.arena, src.bytes.len(), src_offset, len)?;
+        let post_ns = monotonic_ns();
+        let payload = &src.bytes[range];
+        let header = TransferHeader {
+            seq: self.next_seq,
+            sequence: tag.sequence,
+            step: tag.step,
+            layer: tag.layer,
+            src_arena: src.arena.0,
+            dst_arena: dst_arena.0,
+            chunk: 0,
+            src_off: src_offset,
+            dst_off: dst_offset,
+            len,
+            post_ns,
+        };
+        let delivery = self.backend.send(&self.ends, &header, payload)?;
+        self.next_seq += 1;
+        self.stats.add(len, post_ns, delivery);
+        // Observed once the bytes have left: the sender's completion time is then known, and a
+        // send that failed (timeout, broken link) is reported by its error, not as a transfer.
+        let transfer = Transfer {
+            id: TransferId {
+                link: self.ends.id,
+                seq: header.seq,
+            },
+            tag,
+            src: Place {
+                endpoint: self.ends.src,
+                arena: src.arena,
+                offset: src_offset,
+            },
+            dst: Place {
+                endpoint: self.ends.dst,
+                arena: dst_arena,
+                offset: dst_offset,
+            },
+            len,
+            post_ns,
+            complete_ns: monotonic_ns(),
+            transport: self.kind,
+        };
+        self.observers.posted(&transfer, payload);
+        Ok(transfer)
+    }
+
+    /// Numbers the next transfer `next_seq`: a stage resumed from a snapshot (or moved to
+    /// another node) continues the link's numbering where it was (both ends must agree).
+    pub fn resume_at(&mut self, next_seq: u64) {
+        self.next_seq = next_seq;
+    }
+
+    /// Sequence number the next transfer gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Waits until every transfer sent has left this end ([`SendBackend::flush`]).
+    pub fn flush(&mut self) -> Result<()> {
+        self.backend.flush(&self.ends)
+    }
+
+    /// Re-points this end at another connected backend (the receiving stage moved), keeping
+    /// the link's numbering, counters and observers, and returns the old backend (drop it to
+    /// close it). Call it between transfers after [`flush`](Self::flush), at a step boundary the
+    /// receiver has also reached, so that no transfer is lost or sent twice.
+    pub fn repoint(&mut self, backend: Box<dyn SendBackend>) -> Box<dyn SendBackend> {
+        self.kind = backend.kind();
+        std::mem::replace(&mut self.backend, backend)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LinkStats {
+        self.stats
+    }
+
+    /// Who this link connects.
+    pub fn ends(&self) -> LinkEnds {
+        self.ends
+    }
+
+    /// Clock offset of the receiving end (its clock minus ours), measured at connection (TCP only).
+    pub fn clock(&self) -> Option<ClockOffset> {
+        self.backend.clock()
+    }
+}
+
+impl LinkReceiver {
+    /// The receiving end of link `ends` over a connected `backend`; every transfer reaches `observers`.
+    pub fn new(ends: LinkEnds, backend: Box<dyn RecvBackend>, observers: Observers) -> Self {
+        Self {
+            ends,
+            kind: backend.kind(),
+            backend,
+            observers,
+            next_seq: 0,
+            stats: LinkStats::default(),
+        }
+    }
+
+    /// Waits for the next transfer and places its bytes in `dst`, which must be the arena the
+    /// sender addressed. Observers see the transfer once the bytes are in place.
+    pub fn recv(&mut self, dst: &mut RegionMut<'_>) -> Result<Transfer> {
+        let start = monotonic_ns();
+        let (header, delivery) = self.backend.recv(&self.ends, dst)?;
+        if header.seq != self.next_seq {
+            return Err(TransportError::Protocol {
+                peer: self.ends.name(),
+                detail: format!(
+                    "transfer {} arrived where {} was due; the link lost or reordered data",
+                    header.seq, self.next_seq
+                ),
+            });
+        }
+        // The backend checked the place before writing; checked again here so that no backend
+        // can make the link index outside the arena.
+        check_place(&self.ends, dst.arena, dst.bytes.len(), &header)?;
+        let r = check_range(dst.arena, dst.bytes.len(), header.dst_off, header.len)?;
+        let transfer = Transfer {
+            id: TransferId {
+                link: self.ends.id,
+                seq: header.seq,
+            },
+            tag: header.tag(),
+            src: Place {
+                endpoint: self.ends.src,
+                arena: ArenaId(header.src_arena),
+                offset: header.src_off,
+            },
+            dst: Place {
+                endpoint: self.ends.dst,
+                arena: dst.arena,
+                offset: header.dst_off,
+            },
+            len: header.len,
+            post_ns: header.post_ns,
+            complete_ns: monotonic_ns(),
+            transport: self.kind,
+        };
+        self.observers.completed(&transfer, &dst.bytes[r]);
+        self.next_seq += 1;
+        self.stats.add(header.len, start, delivery);
+        Ok(transfer)
+    }
+
+    /// Numbers the next transfer expected `next_seq`: a stage resumed from a snapshot (or moved
+    /// to another node) continues the link's numbering where it was (both ends must agree).
+    pub fn resume_at(&mut self, next_seq: u64) {
+        self.next_seq = next_seq;
+    }
+
+    /// Sequence number the next transfer must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Re-points this end at another connected backend (the sending stage moved), keeping the
+    /// link's numbering, counters and observers, and returns the old backend (drop it to close
+    /// it). Call it between transfers, once every transfer the old sender sent was received (at
+    /// a step boundary both ends reached), so that none is lost or taken twice.
+    pub fn repoint(&mut self, backend: Box<dyn RecvBackend>) -> Box<dyn RecvBackend> {
+        self.kind = backend.kind();
+        std::mem::replace(&mut self.backend, backend)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LinkStats {
+        self.stats
+    }
+
+    /// Who this link connects.
+    pub fn ends(&self) -> LinkEnds {
+        self.ends
+    }
+
+    /// Clock offset of the sending end (its clock minus ours), measured at connection (TCP only).
+    pub fn clock(&self) -> Option<ClockOffset> {
+        self.backend.clock()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::ClusterKey;
+    use crate::fabric::{Fabric, FabricLayout, RingSpec};
+    use crate::transfer::{TransferObserver, content_hash};
+    use crate::wire::AbortFlag;
+    use std::net::TcpListener;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<(bool, TransferId, u128)>>);
+
+    impl TransferObserver for Seen {
+        fn posted(&self, t: &Transfer, bytes: &[u8]) {
+            self.0
+                .lock()
+                .expect("lock")
+                .push((true, t.id, content_hash(bytes)));
+        }
+        fn completed(&self, t: &Transfer, bytes: &[u8]) {
+            self.0
+                .lock()
+                .expect("lock")
+                .push((false, t.id, content_hash(bytes)));
+        }
+    }
+
+    fn ends() -> LinkEnds {
+        LinkEnds {
+            id: LinkId(0),
+            src: EndpointId(0),
+            dst: EndpointId(1),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn tag(step: u32) -> Tag {
+        Tag {
+            sequence: 0,
+            step,
+            layer: 1,
+        }
+    }
+
+    fn exchange(mut tx: LinkSender, mut rx: LinkReceiver) {
+        let src: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let mut dst = vec![0u8; 2000];
+        for step in 0..3u32 {
+            let off = u64::from(step) * 10;
+            let sent = tx
+                .send(
+                    Region {
+                        arena: ArenaId(5),
+                        bytes: &src,
+                    },
+                    off,
+                    500,
+                    ArenaId(9),
+                    1000 + off,
+                    tag(step),
+                )
+                .expect("send");
+            let got = rx
+                .recv(&mut RegionMut {
+                    arena: ArenaId(9),
+                    bytes: &mut dst,
+                })
+                .expect("recv");
+            assert_eq!(sent.id, got.id);
+            assert_eq!(got.id.seq, u64::from(step));
+            assert_eq!(got.tag, tag(step));
+            assert_eq!(got.src.arena, ArenaId(5));
+            assert_eq!(got.src.offset, off);
+            assert!(got.complete_ns >= got.post_ns);
+            let (o, d) = (off as usize, 1000 + off as usize);
+            assert_eq!(&dst[d..d + 500], &src[o..o + 500]);
+        }
+        assert_eq!(tx.stats().transfers, 3);
+        assert_eq!(rx.stats().bytes, 1500);
+        // A receiver offering a different arena than the sender addressed gets an error, not bytes.
+        tx.send(
+            Region {
+                arena: ArenaId(5),
+                bytes: &src,
+            },
+            0,
+            4,
+            ArenaId(9),
+            0,
+            tag(9),
+        )
+        .expect("send");
+        let wrong = rx.recv(&mut RegionMut {
+            arena: ArenaId(8),
+            bytes: &mut dst,
+        });
+        assert!(
+            matches!(wrong, Err(TransportError::Protocol { .. })),
+            "{wrong:?}"
+        );
+        // A source range outside the arena is refused before anything moves.
+        let oob = tx.send(
+            Region {
+                arena: ArenaId(5),
+                bytes: &src,
+            },
+            900,
+            200,
+            ArenaId(9),
+            0,
+            tag(0),
+        );
+        assert!(matches!(oob, Err(TransportError::OutOfBounds { .. })));
+    }
+
+    #[test]
+    fn ring_link_moves_bytes_by_offset_and_shows_both_ends_to_observers() {
+        let layout = FabricLayout::new(&[RingSpec {
+            slots: 2,
+            capacity: 512,
+        }])
+        .expect("layout");
+        let fabric = Arc::new(Fabric::heap(layout));
+        let seen = Arc::new(Seen::default());
+        let obs = Observers::none().with(seen.clone());
+        let tx =
+            LinkSender::over_fabric(fabric.clone(), 0, ends(), TransportKind::Local, obs.clone())
+                .expect("tx");
+        let rx =
+            LinkReceiver::over_fabric(fabric, 0, ends(), TransportKind::Local, obs).expect("rx");
+        exchange(tx, rx);
+        let seen = seen.0.lock().expect("lock");
+        // 3 exchanged transfers seen twice each, same hash on both ends, then the 4th's post.
+        assert_eq!(seen.len(), 7);
+        for pair in seen[..6].chunks(2) {
+            assert!(pair[0].0 && !pair[1].0);
+            assert_eq!(pair[0].1, pair[1].1);
+            assert_eq!(pair[0].2, pair[1].2);
+        }
+    }
+
+    #[test]
+    fn transfers_larger_than_a_slot_travel_in_pieces_and_arrive_whole() {
+        let layout = FabricLayout::new(&[RingSpec {
+            slots: 2,
+            capacity: 7,
+        }])
+        .expect("layout");
+        let fabric = Arc::new(Fabric::heap(layout));
+        let mut tx = LinkSender::over_fabric(
+            fabric.clone(),
+            0,
+            ends(),
+            TransportKind::Local,
+            Observers::none(),
+        )
+        .expect("tx");
+        let mut rx =
+            LinkReceiver::over_fabric(fabric, 0, ends(), TransportKind::Local, Observers::none())
+                .expect("rx");
+        let src: Vec<u8> = (0..100u8).collect();
+        let sender = std::thread::spawn(move || {
+            for len in [0u64, 1, 7, 8, 100] {
+                tx.send(
+                    Region {
+                        arena: ArenaId(0),
+                        bytes: &src,
+                    },
+                    0,
+                    len,
+                    ArenaId(0),
+                    3,
+                    tag(0),
+                )
+                .expect("send");
+            }
+        });
+        for len in [0usize, 1, 7, 8, 100] {
+            let mut dst = vec![0xffu8; 110];
+            let t = rx
+                .recv(&mut RegionMut {
+                    arena: ArenaId(0),
+                    bytes: &mut dst,
+                })
+                .expect("recv");
+            assert_eq!(t.len, len as u64);
+            assert!(dst[..3].iter().all(|&b| b == 0xff));
+            assert_eq!(&dst[3..3 + len], &(0..len as u8).collect::<Vec<_>>()[..]);
+            assert!(dst[3 + len..].iter().all(|&b| b == 0xff));
+        }
+        sender.join().expect("sender");
+    }
+
+    #[test]
+    fn a_waiting_receiver_gets_the_bytes_placed_directly() {
+        let layout = FabricLayout::new(&[RingSpec {
+            slots: 2,
+            capacity: 16,
+        }])
+        .expect("layout");
+        let fabric = Arc::new(Fabric::heap(layout));
+        let mut tx = LinkSender::over_fabric(
+            fabric.clone(),
+            0,
+            ends(),
+            TransportKind::Local,
+            Observers::none(),
+        )
+        .expect("tx");
+        let mut rx =
+            LinkReceiver::over_fabric(fabric, 0, ends(), TransportKind::Local, Observers::none())
+                .expect("rx");
+        let receiver = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..20 {
+                let mut dst = vec![0u8; 300];
+                let t = rx
+                    .recv(&mut RegionMut {
+                        arena: ArenaId(2),
+                        bytes: &mut dst,
+                    })
+                    .expect("recv");
+                got.push((t.len, dst));
+            }
+            (got, rx.stats())
+        });
+        let src: Vec<u8> = (0..200u8).collect();
+        for i in 0..20u64 {
+            // Give the receiver time to post: most of these go the direct way.
+            std::thread::sleep(Duration::from_millis(2));
+            tx.send(
+                Region {
+                    arena: ArenaId(1),
+                    bytes: &src,
+                },
+                i,
+                100,
+                ArenaId(2),
+                50 + i,
+                tag(0),
+            )
+            .expect("send");
+        }
+        let (got, stats) = receiver.join().expect("receiver");
+        for (i, (len, dst)) in got.iter().enumerate() {
+            assert_eq!(*len, 100);
+            assert_eq!(&dst[50 + i..150 + i], &src[i..i + 100]);
+            assert!(dst[..50 + i].iter().all(|&b| b == 0));
+        }
+        assert!(
+            stats.direct > 0,
+            "no transfer took the direct path: {stats:?}"
+        );
+        assert_eq!(stats.direct, tx.stats().direct);
+    }
+
+    #[test]
+    fn a_repointed_link_keeps_its_numbering_counters_and_observers() {
+        let layout = || {
+            FabricLayout::new(&[RingSpec {
+                slots: 4,
+                capacity: 64,
+            }])
+            .expect("layout")
+        };
+        let (old, new) = (
+            Arc::new(Fabric::heap(layout())),
+            Arc::new(Fabric::heap(layout())),
+        );
+        let seen = Arc::new(Seen::default());
+        let obs = Observers::none().with(seen.clone());
+        let mut tx =
+            LinkSender::over_fabric(old.clone(), 0, ends(), TransportKind::Local, obs.clone())
+                .expect("tx");
+        let mut rx =
+            LinkReceiver::over_fabric(old, 0, ends(), TransportKind::Local, obs).expect("rx");
+        let src: Vec<u8> = (0..64u8).collect();
+        let mut dst = vec![0u8; 64];
+        let mut step = |tx: &mut LinkSender, rx: &mut LinkReceiver, i: u8| {
+            let region = Region {
+                arena: ArenaId(0),
+                bytes: &src,
+            };
+            tx.send(region, u64::from(i), 8, ArenaId(0), 0, tag(u32::from(i)))
+                .expect("send");
+            let got = rx
+                .recv(&mut RegionMut {
+                    arena: ArenaId(0),
+                    bytes: &mut dst,
+                })
+                .expect("recv");
+            assert_eq!(&dst[..8], &src[usize::from(i)..usize::from(i) + 8]);
+            got.id.seq
+        };
+        assert_eq!(
+            (step(&mut tx, &mut rx, 0), step(&mut tx, &mut rx, 1)),
+            (0, 1)
+        );
+        // Both ends move to another fabric at a step boundary; nothing is in flight.
+        tx.flush().expect("flush");
+        let shm = TransportKind::Shm;
+        drop(tx.repoint(Box::new(
+            ring::RingSend::new(new.clone(), 0, shm).expect("send"),
+        )));
+        drop(rx.repoint(Box::new(ring::RingRecv::new(new, 0, shm).expect("recv"))));
+        assert_eq!((tx.next_seq(), rx.next_seq()), (2, 2));
+        assert_eq!(step(&mut tx, &mut rx, 2), 2);
+        assert_eq!((tx.stats().transfers, rx.stats().bytes), (3, 24));
+        let seen = seen.0.lock().expect("lock");
+        let ids: Vec<u64> = seen.iter().map(|s| s.1.seq).collect();
+        assert_eq!(ids, [0, 0, 1, 1, 2, 2]);
+        // Numbering is checked across the move: a receiver resumed elsewhere refuses a gap.
+        drop(seen);
+        rx.resume_at(7);
+        let region = Region {
+            arena: ArenaId(0),
+            bytes: &src,
+        };
+        tx.send(region, 0, 8, ArenaId(0), 0, tag(3)).expect("send");
+        let gap = rx.recv(&mut RegionMut {
+            arena: ArenaId(0),
+            bytes: &mut dst,
+        });
+        assert!(
+            matches!(&gap, Err(TransportError::Protocol { detail, .. }) if detail.contains("7 was due")),
+            "{gap:?}"
+        );
+    }
+
+    #[test]
+    fn tcp_link_moves_bytes_and_refuses_the_wrong_stage_and_integrity() {
+        for integrity in [LinkIntegrity::Mac, LinkIntegrity::None] {
+            let key = ClusterKey::from_bytes(b"tcp-link-test-key-0123").expect("key");
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let addr = listener.local_addr().expect("addr").to_string();
+            let abort = AbortFlag::new();
+            let refusals = Arc::new(Mutex::new(Vec::new()));
+            let (k2, a2, r2) = (key.clone(), abort.clone(), refusals.clone());
+            let server = std::thread::spawn(move || {
+                let log = |e: &TransportError| r2.lock().expect("lock").push(e.to_string());
+                LinkReceiver::accept_tcp(
+                    &listener,
+                    &k2,
+                    integrity,
+                    ends(),
+                    Observers::none(),
+                    &a2,
+                    &log,
+                )
+            });
+            let mut wrong = ends();
+            wrong.src = EndpointId(3);
+            let refused =
+                LinkSender::connect_tcp(&addr, &key, integrity, wrong, Observers::none(), &abort);
+            match refused {
+                Err(TransportError::Refused { reason, .. }) => {
+                    assert!(reason.contains("wrong stage"), "{reason}")
+                }
+                other => panic!("expected refusal, got {other:?}"),
+            }
+            let other = match integrity {
+                LinkIntegrity::Mac => LinkIntegrity::None,
+                LinkIntegrity::None => LinkIntegrity::Mac,
+            };
+            let refused =
+                LinkSender::connect_tcp(&addr, &key, other, ends(), Observers::none(), &abort);
+            match refused {
+                Err(TransportError::Refused { reason, .. }) => {
+                    assert!(reason.contains("integrity mismatch"), "{reason}")
+                }
+                other => panic!("expected refusal, got {other:?}"),
+            }
+            let tx =
+                LinkSender::connect_tcp(&addr, &key, integrity, ends(), Observers::none(), &abort)
+                    .expect("tx");
+            let rx = server.join().expect("server").expect("rx");
+            assert_eq!(refusals.lock().expect("lock").len(), 2);
+            assert!(tx.clock().is_some() && rx.clock().is_some());
+            exchange(tx, rx);
+        }
+    }
+}
