@@ -11,23 +11,41 @@
 //! - [`tcp`]: a socket per link, authenticated by the run's secret, optionally MACed.
 //!
 //! A backend only moves bytes: it cannot skip the observers, renumber transfers or report a
-//! transfer the receiver did not get, because the link around it does those. A new backend (MPI,
-//! RDMA verbs) is a module here implementing the two traits, plus a constructor that connects
-//! it; the pipeline runtime drives every backend through [`LinkSender`] and [`LinkReceiver`].
+//! transfer the receiver did not get, because the link around it does those.
+//!
+//! Connecting is the other half of a backend. A stage run by a node agent gets its two link
+//! ends through [`LinkSetup`], in the node protocol's two phases: [`prepare_node_links`] (the
+//! one place a backend is chosen by its [`TransportKind`]) readies the stage's side before it
+//! reports ready, with the [`address`](LinkSetup::address) its upstream neighbour needs (a
+//! tcp `host:port`; an RDMA backend's queue pair, GID, rkey and base address); the coordinator
+//! forwards each stage its downstream neighbour's address, and [`connect`](LinkSetup::connect)
+//! makes both ends. A backend that needs more exchanged than one address does it over the
+//! connection it opens (as tcp proves the run's secret and measures the clock there).
+//!
+//! A new backend (MPI, RDMA verbs) is a module here implementing [`SendBackend`] and
+//! [`RecvBackend`], a [`TransportKind`] variant, and either a [`LinkSetup`] chosen in
+//! [`prepare_node_links`] (backends that run under node agents) or its own constructor of
+//! [`StageLinks`] (MPI ranks). The runtime drives every backend through [`LinkSender`] and
+//! [`LinkReceiver`] and needs no change.
 
 pub mod ring;
+pub mod shm;
 pub mod tcp;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::ClusterKey;
 use crate::clock::{ClockOffset, monotonic_ns};
 use crate::error::{Result, TransportError};
+use crate::fabric::RingSpec;
 use crate::transfer::{
     ArenaId, EndpointId, LinkId, Observers, Place, Tag, Transfer, TransferHeader, TransferId,
     TransportKind,
 };
+use crate::wire::AbortFlag;
 
 pub use tcp::LinkIntegrity;
 
@@ -435,6 +453,70 @@ impl LinkReceiver {
     /// Clock offset of the sending end (its clock minus ours), measured at connection (TCP only).
     pub fn clock(&self) -> Option<ClockOffset> {
         self.backend.clock()
+    }
+}
+
+/// The two link ends a pipeline stage uses: from its upstream stage, to its downstream stage
+/// (neither in a one-stage pipeline).
+#[derive(Debug, Default)]
+pub struct StageLinks {
+    /// The end receiving from the upstream stage.
+    pub inbound: Option<LinkReceiver>,
+    /// The end sending to the downstream stage.
+    pub outbound: Option<LinkSender>,
+}
+
+/// What a node agent knows about its stage's links when it prepares them.
+#[derive(Debug, Clone)]
+pub struct NodeLinkPlan {
+    /// The backend.
+    pub kind: TransportKind,
+    /// The link from the upstream stage (its id is its ring in a fabric).
+    pub inbound: LinkEnds,
+    /// The link to the downstream stage.
+    pub outbound: LinkEnds,
+    /// Shape of every ring of the run's fabric (`shm`).
+    pub ring_specs: Vec<RingSpec>,
+    /// The fabric file the coordinator created (`shm`).
+    pub fabric: Option<PathBuf>,
+    /// This node's host name or address, where data links are accepted (`tcp`).
+    pub host: String,
+    /// The run's link secret every data link proves.
+    pub key: ClusterKey,
+    /// How data links protect transfers (`tcp`).
+    pub integrity: LinkIntegrity,
+}
+
+/// A backend's connection setup for one stage of a node agent; see the module documentation.
+pub trait LinkSetup: Send + Sync {
+    /// What the upstream stage needs to reach this one, sent to the coordinator when the stage
+    /// is ready; `None` when the backend needs nothing exchanged (a shared fabric file).
+    fn address(&self) -> Result<Option<String>>;
+
+    /// Makes both ends of the stage's links once every stage is ready; `next` is the
+    /// downstream stage's [`address`](Self::address). Gives up when `abort` is raised, and
+    /// reports callers it refused through `log`.
+    fn connect(
+        &self,
+        next: Option<&str>,
+        observers: &Observers,
+        abort: &AbortFlag,
+        log: &(dyn Fn(&str) + Sync),
+    ) -> Result<StageLinks>;
+
+    /// Wakes every wait of this stage's links at once (the run is being aborted), where the
+    /// `abort` flag given to [`connect`](Self::connect) does not already reach them.
+    fn abort(&self);
+}
+
+/// Readies a node's stage for its links: the one place a node-run backend is chosen.
+pub fn prepare_node_links(plan: NodeLinkPlan) -> Result<Box<dyn LinkSetup>> {
+    match plan.kind {
+        TransportKind::Shm => Ok(Box::new(shm::ShmSetup::open(plan)?)),
+        TransportKind::Tcp => Ok(Box::new(tcp::TcpSetup::listen(plan)?)),
+        TransportKind::Local => Err(TransportError::Config(
+            "local links join threads of one process; a node serves shm and tcp runs".into(),
+        )),
     }
 }
 

@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use super::{
-    Delivery, LinkEnds, LinkReceiver, LinkSender, RecvBackend, RegionMut, SendBackend, check_place,
-    check_range,
+    Delivery, LinkEnds, LinkReceiver, LinkSender, RecvBackend, RegionMut, SendBackend, StageLinks,
+    check_place, check_range,
 };
 use crate::error::{Result, TransportError};
 use crate::fabric::{Fabric, WaitFailure};
@@ -215,4 +215,31 @@ impl LinkReceiver {
         let backend = RingRecv::new(fabric, ring, kind)?;
         Ok(Self::new(ends, Box::new(backend), observers))
     }
+}
+
+/// A stage's two ends of the rings of `fabric`: the ring of link `inbound.id` to receive, the
+/// ring of link `outbound.id` to send.
+pub fn stage_links(
+    fabric: &Arc<Fabric>,
+    inbound: LinkEnds,
+    outbound: LinkEnds,
+    kind: TransportKind,
+    observers: &Observers,
+) -> Result<StageLinks> {
+    Ok(StageLinks {
+        inbound: Some(LinkReceiver::over_fabric(
+            fabric.clone(),
+            inbound.id.0 as usize,
+            inbound,
+            kind,
+            observers.clone(),
+        )?),
+        outbound: Some(LinkSender::over_fabric(
+            fabric.clone(),
+            outbound.id.0 as usize,
+            outbound,
+            kind,
+            observers.clone(),
+        )?),
+    })
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Delivery, LinkEnds, LinkReceiver, LinkSender, RecvBackend, RegionMut, SendBackend, check_place,
-    check_range,
+    Delivery, LinkEnds, LinkReceiver, LinkSender, LinkSetup, NodeLinkPlan, RecvBackend, RegionMut,
+    SendBackend, StageLinks, check_place, check_range,
 };
 use crate::auth::{ClusterKey, Handshaken, Hello, Role, client_handshake, server_handshake};
 use crate::clock::ClockOffset;
@@ -309,6 +309,85 @@ impl LinkReceiver {
         let backend = TcpRecv::accept(listener, key, integrity, &ends, abort, on_refused)?;
         Ok(Self::new(ends, Box::new(backend), observers))
     }
+}
+
+/// A node's stage listening for its upstream neighbour's data link.
+#[derive(Debug)]
+pub(super) struct TcpSetup {
+    listener: TcpListener,
+    plan: NodeLinkPlan,
+}
+
+impl TcpSetup {
+    pub(super) fn listen(plan: NodeLinkPlan) -> Result<Self> {
+        let listener = TcpListener::bind((plan.host.as_str(), 0)).map_err(|e| {
+            TransportError::io(format!("listen for data links on {}", plan.host), e)
+        })?;
+        Ok(Self { listener, plan })
+    }
+}
+
+impl LinkSetup for TcpSetup {
+    fn address(&self) -> Result<Option<String>> {
+        let addr = self
+            .listener
+            .local_addr()
+            .map_err(|e| TransportError::io("read the data listener's address", e))?;
+        Ok(Some(addr.to_string()))
+    }
+
+    /// Accepts the inbound link and connects the outbound one side by side: every stage does
+    /// both at once, so no order of stages can deadlock.
+    fn connect(
+        &self,
+        next: Option<&str>,
+        observers: &Observers,
+        abort: &AbortFlag,
+        log: &(dyn Fn(&str) + Sync),
+    ) -> Result<StageLinks> {
+        let next =
+            next.ok_or_else(|| TransportError::Config("no address for the next stage".into()))?;
+        let plan = &self.plan;
+        std::thread::scope(|scope| {
+            let inbound = std::thread::Builder::new()
+                .name("slug-link-accept".into())
+                .spawn_scoped(scope, || {
+                    LinkReceiver::accept_tcp(
+                        &self.listener,
+                        &plan.key,
+                        plan.integrity,
+                        plan.inbound,
+                        observers.clone(),
+                        abort,
+                        &|e| log(&format!("refused a data-link caller: {e}")),
+                    )
+                })
+                .map_err(|e| TransportError::io("start the data-link acceptor", e))?;
+            let outbound = LinkSender::connect_tcp(
+                next,
+                &plan.key,
+                plan.integrity,
+                plan.outbound,
+                observers.clone(),
+                abort,
+            );
+            if outbound.is_err() {
+                abort.raise();
+            }
+            let inbound = inbound.join().unwrap_or_else(|_| {
+                Err(TransportError::Aborted {
+                    reason: "data-link acceptor panicked".into(),
+                })
+            });
+            Ok(StageLinks {
+                inbound: Some(inbound?),
+                outbound: Some(outbound?),
+            })
+        })
+    }
+
+    /// Nothing beyond the abort flag: the acceptor and every socket wait poll it.
+    fn abort(&self) {}
 }
 
 /// Admits the one caller on `listener` that completes the data-link handshake for `ends`.
