@@ -9,11 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use super::{
-    Delivery, LinkEnds, LinkReceiver, LinkSender, LinkSetup, NodeLinkPlan, RecvBackend, RegionMut,
-    SendBackend, StageLinks, check_place, check_range,
+    Delivery, LinkEnds, LinkIntegrity, LinkReceiver, LinkSender, LinkSetup, NodeLinkPlan,
+    RecvBackend, RegionMut, SendBackend, StageLinks, check_place, check_range,
 };
 use crate::auth::{ClusterKey, Handshaken, Hello, Role, client_handshake, server_handshake};
 use crate::clock::ClockOffset;
@@ -22,48 +20,6 @@ use crate::transfer::{Observers, TransferHeader, TransportKind};
 use crate::wire::{AbortFlag, Conn};
 
 const HEADER_LEN: usize = TransferHeader::LEN;
-
-/// How the bytes of a TCP data link are protected against tampering on the way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LinkIntegrity {
-    /// Every transfer (header and payload) carries a keyed BLAKE3 MAC under a key fresh for
-    /// the connection; a transfer that fails it ends the run.
-    #[default]
-    Mac,
-    /// No MAC: only for fabrics the user trusts (the link still proves it belongs to the run).
-    None,
-}
-
-impl LinkIntegrity {
-    /// The name used on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Mac => "mac",
-            Self::None => "none",
-        }
-    }
-}
-
-impl std::fmt::Display for LinkIntegrity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for LinkIntegrity {
-    type Err = TransportError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "mac" => Ok(Self::Mac),
-            "none" => Ok(Self::None),
-            other => Err(TransportError::Config(format!(
-                "unknown link integrity {other:?}: use mac (default) or none"
-            ))),
-        }
-    }
-}
 
 /// Length of the MAC that follows every transfer of a [`LinkIntegrity::Mac`] TCP link.
 const MAC_LEN: usize = 32;

@@ -16,7 +16,8 @@ use super::observe::{Observed, ObserverFactory, StageContext, stage_observers};
 use super::stage::{build_stage, drive_stage, link_ends};
 use crate::auth::{ClusterKey, Role, server_handshake};
 use crate::error::{Result, TransportError};
-use crate::link::{NodeLinkPlan, StageLinks, prepare_node_links};
+use crate::link::select::prepare_node_links;
+use crate::link::{NodeLinkPlan, StageLinks};
 use crate::wire::{AbortFlag, Conn, kind, printable, shown};
 
 pub use super::cluster::LISTENING_PREFIX;
