@@ -12,7 +12,7 @@
 //!
 //! Observers: for `local` the [`ObserverFactory`] given to [`run`] builds each stage's hooks in
 //! this process; for the process transports each node builds them with the factory given to
-//! [`node::serve`] (the config's `observer_settings` travels to the nodes for that).
+//! [`node::serve`] (the config's typed [`ObserverSettings`] travel to the nodes for that).
 
 mod cluster;
 mod config;
@@ -20,6 +20,7 @@ mod launch;
 pub mod node;
 mod observe;
 mod report;
+mod settings;
 mod stage;
 mod state;
 
@@ -40,6 +41,7 @@ pub use config::{KernelDigests, Launch, PipelineConfig, prompt_tokens};
 pub use launch::{NodeCommand, NodeLauncher};
 pub use observe::{NoObservers, ObserverFactory, StageContext, StageObservers};
 pub use report::{HexHash, KernelDigest, RunReport, StageReport, TransferDigest};
+pub use settings::{ObserverSettings, RecordSettings, ReplaySettings};
 pub use stage::STAGE_ARENA;
 pub use state::{ScheduleSlot, StageState, StageStateObserver, restore_stage, schedule_slot};
 
