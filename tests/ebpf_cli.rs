@@ -185,7 +185,7 @@ fn as_root_a_recording_holds_syscall_histograms_per_step() {
         let kinds = KindSet::of(&[EventKind::StepBoundary, EventKind::Ebpf]);
         let mut steps = std::collections::BTreeSet::new();
         let mut histogram_steps = std::collections::BTreeSet::new();
-        for e in log.events_in(TimeRange::new(0, u64::MAX), kinds) {
+        for e in log.events_in(TimeRange::ALL, kinds) {
             match e.unwrap() {
                 Event::StepBoundary(b) => {
                     steps.insert(b.step);

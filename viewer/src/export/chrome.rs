@@ -12,9 +12,9 @@ use serde_json::{Value, json};
 
 use crate::error::{Result, ViewerError};
 use crate::export::ExportSummary;
-use crate::export::walk::{Item, walk};
+use crate::export::walk::{Item, ebpf_track_shape, walk};
 use crate::state::event::{
-    EbpfKind, EndpointIx, EventKind, Names, Nanos, TraceEvent, Transfer, format_bytes,
+    EndpointIx, EventKind, Names, Nanos, TraceEvent, Transfer, format_bytes,
 };
 use crate::state::source::TraceSource;
 use crate::state::system;
@@ -107,12 +107,8 @@ impl Writer<'_> {
                 }
                 TraceEvent::Ebpf(s) => {
                     let tid = OS_TID_BASE + u64::from(s.tid);
-                    let (cat, instant) = match s.kind {
-                        EbpfKind::OffCpu => ("off_cpu", false),
-                        EbpfKind::Syscall => ("syscall", false),
-                        EbpfKind::Migration => ("migration", true),
-                        EbpfKind::TcpRetransmit | EbpfKind::TcpDrop => ("tcp", true),
-                        EbpfKind::PageFault | EbpfKind::SyscallHistogram => return Ok(()),
+                    let Some((cat, instant)) = ebpf_track_shape(s.kind) else {
+                        return Ok(());
                     };
                     self.thread(ep, tid, format!("thread {} (eBPF)", s.tid))?;
                     let mut args = serde_json::Map::new();

@@ -15,7 +15,7 @@ use std::io::Write;
 use crate::error::{Result, ViewerError};
 use crate::export::ExportSummary;
 use crate::export::proto::{Message, Value, decode};
-use crate::export::walk::{Item, walk};
+use crate::export::walk::{Item, ebpf_track_shape, walk};
 use crate::state::event::{EbpfKind, EndpointIx, EventKind, TraceEvent, Transfer, format_bytes};
 use crate::state::source::TraceSource;
 use crate::state::system;
@@ -299,19 +299,12 @@ impl Writer<'_> {
                     self.counter(ep, name, c.ns, c.value as f64)
                 }
                 TraceEvent::Ebpf(s) => {
-                    let cat = match s.kind {
-                        EbpfKind::OffCpu => "off_cpu",
-                        EbpfKind::Syscall => "syscall",
-                        EbpfKind::Migration => "migration",
-                        EbpfKind::TcpRetransmit | EbpfKind::TcpDrop => "tcp",
-                        EbpfKind::PageFault | EbpfKind::SyscallHistogram => return Ok(()),
+                    let Some((cat, instant)) = ebpf_track_shape(s.kind) else {
+                        return Ok(());
                     };
                     let uuid = self.track(ep, TrackKind::OsThread(s.tid))?;
                     let name = system::ebpf_label(s);
-                    if matches!(
-                        s.kind,
-                        EbpfKind::Migration | EbpfKind::TcpRetransmit | EbpfKind::TcpDrop
-                    ) {
+                    if instant {
                         self.summary.instants += 1;
                         return self.emit(s.ns, |ev| {
                             ev.varint(event::TYPE, event::TYPE_INSTANT)

@@ -26,6 +26,19 @@ pub enum Item<'a> {
     Lane(EndpointIx, &'static str, Nanos, f64),
 }
 
+/// How an eBPF event shows on its thread's track in both exports: its category, and whether it
+/// is an instant (else a slice from `ns` to `end_ns()`); `None` for the kinds only the lanes
+/// carry (page faults) or no export shows (syscall histograms).
+pub fn ebpf_track_shape(kind: EbpfKind) -> Option<(&'static str, bool)> {
+    match kind {
+        EbpfKind::OffCpu => Some(("off_cpu", false)),
+        EbpfKind::Syscall => Some(("syscall", false)),
+        EbpfKind::Migration => Some(("migration", true)),
+        EbpfKind::TcpRetransmit | EbpfKind::TcpDrop => Some(("tcp", true)),
+        EbpfKind::PageFault | EbpfKind::SyscallHistogram => None,
+    }
+}
+
 #[derive(Debug, Default)]
 struct Pending {
     transfer: Option<Transfer>,
