@@ -1,6 +1,7 @@
 //! The events an endpoint records: one plain Rust type per kind, plus kind sets for filters.
 
-/// Id of a string interned in one endpoint log (kernel names, marker texts, counter names).
+/// Id of a string interned in one endpoint log (kernel names, marker texts, counter names); the
+/// viewer renumbers every log's ids into one table for the trace.
 ///
 /// Ids are dense, start at 0 and are only meaningful within the log that defined them;
 /// resolve them with [`crate::LogReader::string`].
