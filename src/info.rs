@@ -10,8 +10,24 @@ use slug_schema::{
     EndpointSummary, EventKind, FooterState, LogReader, LogSummary, Recovery, Trace, TraceSummary,
 };
 
+/// Every event kind's one name, as `slug info`, the viewer's `/kind:` filter and the exports'
+/// categories use it, comma-separated.
+pub fn kind_names() -> String {
+    EventKind::ALL.map(EventKind::name).join(", ")
+}
+
+fn examples() -> String {
+    format!(
+        "Examples:\n  slug info run1\n  slug info run1 --json | jq .counts\n  \
+         slug info run1/endpoints/1.slog      # one endpoint log\n\n\
+         Events per kind are counted under these names: {}.",
+        kind_names()
+    )
+}
+
 /// Arguments of `slug info`.
 #[derive(Debug, Args)]
+#[command(after_help = examples())]
 pub struct InfoArgs {
     /// Trace directory (written by `slug record` or `slug demo`), or one endpoint log (`.slog`).
     pub trace: PathBuf,

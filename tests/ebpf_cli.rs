@@ -98,7 +98,7 @@ fn as_root_the_probes_record_off_cpu_intervals_apart_from_perf_records() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["cat"] == "off_cpu")
+        .filter(|e| e["cat"] == "ebpf,off-cpu")
         .count();
     assert!(off_cpu > 0, "the export has no off-CPU slices");
 }

@@ -309,7 +309,7 @@ impl Writer<'_> {
                         return self.emit(s.ns, |ev| {
                             ev.varint(event::TYPE, event::TYPE_INSTANT)
                                 .varint(event::TRACK_UUID, uuid)
-                                .string(event::CATEGORIES, cat)
+                                .string(event::CATEGORIES, &cat)
                                 .string(event::NAME, &name);
                         });
                     }
@@ -317,7 +317,7 @@ impl Writer<'_> {
                     self.emit(s.ns, |ev| {
                         ev.varint(event::TYPE, event::TYPE_SLICE_BEGIN)
                             .varint(event::TRACK_UUID, uuid)
-                            .string(event::CATEGORIES, cat)
+                            .string(event::CATEGORIES, &cat)
                             .string(event::NAME, &name);
                         if s.kind == EbpfKind::OffCpu {
                             annotate(ev, "waker_tid", s.arg2);

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use crate::error::Result;
 use crate::state::event::{
-    EbpfKind, EndpointIx, Nanos, SoftwareKind, TimeRange, TraceEvent, Transfer,
+    EbpfKind, EndpointIx, EventKind, Nanos, SoftwareKind, TimeRange, TraceEvent, Transfer,
 };
 use crate::state::source::TraceSource;
 
@@ -26,17 +26,20 @@ pub enum Item<'a> {
     Lane(EndpointIx, &'static str, Nanos, f64),
 }
 
-/// How an eBPF event shows on its thread's track in both exports: its category, and whether it
-/// is an instant (else a slice from `ns` to `end_ns()`); `None` for the kinds only the lanes
-/// carry (page faults) or no export shows (syscall histograms).
-pub fn ebpf_track_shape(kind: EbpfKind) -> Option<(&'static str, bool)> {
-    match kind {
-        EbpfKind::OffCpu => Some(("off_cpu", false)),
-        EbpfKind::Syscall => Some(("syscall", false)),
-        EbpfKind::Migration => Some(("migration", true)),
-        EbpfKind::TcpRetransmit | EbpfKind::TcpDrop => Some(("tcp", true)),
-        EbpfKind::PageFault | EbpfKind::SyscallHistogram => None,
-    }
+/// How an eBPF event shows on its thread's track in both exports: its categories (the kind's
+/// name, then the probe's: `ebpf,off-cpu`) and whether it is an instant (else a slice from `ns`
+/// to `end_ns()`); `None` for the probes only the lanes carry (page faults) or no export shows
+/// (syscall histograms).
+pub fn ebpf_track_shape(kind: EbpfKind) -> Option<(String, bool)> {
+    let instant = match kind {
+        EbpfKind::OffCpu | EbpfKind::Syscall => false,
+        EbpfKind::Migration | EbpfKind::TcpRetransmit | EbpfKind::TcpDrop => true,
+        EbpfKind::PageFault | EbpfKind::SyscallHistogram => return None,
+    };
+    Some((
+        format!("{},{}", EventKind::Ebpf.name(), kind.name()),
+        instant,
+    ))
 }
 
 #[derive(Debug, Default)]
