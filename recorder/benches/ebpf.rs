@@ -32,6 +32,8 @@ use tally::Tally;
 
 /// Set in the environment of the bench re-run under callgrind: record once and exit.
 const CALLGRIND_CHILD: &str = "SLUG_EBPF_BENCH_CALLGRIND_CHILD";
+/// How the re-run under callgrind reports its `ebpf` and `perf_software` events.
+const CHILD_EVENTS: &str = "ebpf-bench-events:";
 /// Set (to anything) to run only the callgrind rows.
 const CALLGRIND_ONLY: &str = "SLUG_EBPF_BENCH_CALLGRIND_ONLY";
 
@@ -109,6 +111,19 @@ fn bench_ebpf(c: &mut Criterion) {
             &pipeline(model, stages, tokens),
             &dir.path().join("t"),
             ebpf,
+        );
+        let count = |kind: &str| -> u64 {
+            s.endpoints
+                .iter()
+                .flat_map(|e| &e.counts)
+                .filter(|(k, _)| k == kind)
+                .map(|(_, n)| n)
+                .sum()
+        };
+        eprintln!(
+            "{CHILD_EVENTS} {} {}",
+            count("ebpf"),
+            count("perf_software")
         );
         black_box(s);
         std::process::exit(0);
@@ -263,6 +278,8 @@ fn callgrind_of(model: &str, stages: usize) {
     const SHORT: usize = 16;
     const LONG: usize = 48;
     let mut ir = [[Groups::default(); 2]; 2];
+    // The probes' events (with probes) or perf's software records (without), per run.
+    let mut system_events = [[0u64; 2]; 2];
     for (i, mode) in ["none", "auto"].into_iter().enumerate() {
         for (j, tokens) in [SHORT, LONG].into_iter().enumerate() {
             let out = dir.path().join(format!("callgrind.{mode}.{tokens}"));
@@ -285,7 +302,18 @@ fn callgrind_of(model: &str, stages: usize) {
                     );
                     return;
                 }
-                (Ok(_), Some(g)) => ir[i][j] = g,
+                (Ok(o), Some(g)) => {
+                    ir[i][j] = g;
+                    let counts = String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .find_map(|l| l.strip_prefix(CHILD_EVENTS).map(str::to_owned))
+                        .unwrap_or_default();
+                    let counts: Vec<u64> = counts
+                        .split_whitespace()
+                        .filter_map(|n| n.parse().ok())
+                        .collect();
+                    system_events[i][j] = counts.get(1 - i).copied().unwrap_or(0);
+                }
                 (Ok(_), None) => {
                     eprintln!("callgrind --ebpf {mode}: no instruction counts in its output");
                     return;
@@ -314,14 +342,25 @@ fn callgrind_of(model: &str, stages: usize) {
          generated token (48 vs 16 tokens), --ebpf auto vs none; the kernel's not counted):"
     );
     let (none, auto) = row("whole process", Groups::total);
-    row("pipeline threads (stages, pools)", |g| g.pipeline);
-    eprintln!(
-        "  {:<34} {:>9.0} per token (a share of {:.4} of the whole process without probes)",
-        "eBPF reader thread",
-        per_token(ir[1], |g| g.reader),
-        per_token(ir[1], |g| g.reader) / none.max(1.0)
-    );
+    let pipeline = row("pipeline threads (stages, pools)", |g| g.pipeline);
+    let reader = per_token(ir[1], |g| g.reader);
+    eprintln!("  {:<34} {reader:>9.0}", "eBPF reader thread");
     row("endpoint writers, log encoders", |g| g.recorder);
+    eprintln!(
+        "  the probes' own user-space cost (pipeline threads' difference + reader): {:.0} per \
+         token, ratio {:.4}\n  \
+         (the writers journal what they drained every 2 ms of wall time, and under valgrind wall \
+         time follows the machine's load: their row swings in either run)",
+        pipeline.1 - pipeline.0 + reader,
+        (none + pipeline.1 - pipeline.0 + reader) / none.max(1.0)
+    );
+    let events = |m: [u64; 2]| m[1].saturating_sub(m[0]) as f64 / (4 * (LONG - SHORT)) as f64;
+    eprintln!(
+        "  probe events per token {:.1} (perf software records without probes {:.1}); under \
+         valgrind the stage threads also block and make syscalls for valgrind itself",
+        events(system_events[1]),
+        events(system_events[0])
+    );
     let one_off =
         ir[1][0].total() as f64 - ir[0][0].total() as f64 - (auto - none) * (4 * SHORT) as f64;
     eprintln!(

@@ -59,7 +59,8 @@ const STEP_BUCKETS: usize = 32;
 /// Bytes of one `struct step_hist`: the step it counts (u64), the probes in it (u32), padding,
 /// then a u32 count per syscall class and log2 bucket.
 const STEP_SLOT_BYTES: usize = 16 + 4 * STEP_CLASSES * STEP_BUCKETS;
-/// A slot's `step` while the reader collects it: the probes count what comes then as lost.
+/// A slot's `step` while the reader collects it: the probes count what comes then as lost (it
+/// is larger than any step, so never due).
 const STEP_CLOSED: u64 = u64::MAX;
 /// How many times the reader looks for the probes to leave a slot it closed before it leaves
 /// the slot for its next wakeup (a probe adds one count: nanoseconds, unless it was preempted).
@@ -697,8 +698,9 @@ impl StepRegistry {
             } else {
                 current
             };
-            // Steps more than STEP_SLOTS behind were overwritten; the probes counted what
-            // found their slot not re-armed as lost.
+            // A slot left unread for more than STEP_SLOTS steps still holds the step it was
+            // armed for (the probes counted the later steps that found it so as lost): the
+            // last STEP_SLOTS steps visit every slot once.
             let from = stage.next.max(end.saturating_sub(STEP_SLOTS));
             let mut done = from;
             for step in from..end {
@@ -708,7 +710,7 @@ impl StepRegistry {
                     continue;
                 };
                 match slot.take(step) {
-                    SlotRead::Counts => {
+                    SlotRead::Counts(armed) => {
                         for (i, count) in slot.counts.iter().enumerate().skip(STEP_BUCKETS) {
                             let count = count.load(Ordering::Relaxed);
                             if count == 0 {
@@ -726,7 +728,7 @@ impl StepRegistry {
                                     tid: 0,
                                     cpu: 0,
                                     arg0: *nr,
-                                    arg1: bucket | (step + 1) << 8,
+                                    arg1: bucket | (armed + 1) << 8,
                                     arg2: u64::from(count),
                                     ns: now,
                                 }),
@@ -734,7 +736,7 @@ impl StepRegistry {
                         }
                         slot.arm(step + STEP_SLOTS);
                     }
-                    SlotRead::Overwritten => {}
+                    SlotRead::NotDue => {}
                     // A probe is still adding to it: the next wakeup reads it (and the steps
                     // after it, in order).
                     SlotRead::Busy => break,
@@ -749,11 +751,12 @@ impl StepRegistry {
 /// What [`StepSlot::take`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotRead {
-    /// The slot is closed and its counts are the step's: read them, then re-arm it.
-    Counts,
-    /// The slot was not armed for the step (it was overwritten): nothing to read.
-    Overwritten,
-    /// The slot is closed but a probe is still adding to it: try again later.
+    /// The slot is closed and holds the counts of this completed step (the step asked for, or
+    /// an earlier one that was never read): read them, then re-arm it.
+    Counts(u64),
+    /// The slot is armed for a step not completed yet: nothing to read.
+    NotDue,
+    /// A probe is still adding to it: it was left open, try again later.
     Busy,
 }
 
@@ -802,12 +805,13 @@ impl StepSlots {
 }
 
 impl StepSlot<'_> {
-    /// Closes the slot if it is armed for `step`, so that from now on the probes count what
-    /// comes for it as lost, and waits for probes already adding to it to finish.
-    fn take(&self, step: u64) -> SlotRead {
+    /// Closes the slot if it is armed for a step up to `upto` (completed), so that from now on
+    /// the probes count what comes for it as lost, and waits for probes already adding to it to
+    /// finish.
+    fn take(&self, upto: u64) -> SlotRead {
         let armed = self.step.load(Ordering::Acquire);
-        if armed != step && armed != STEP_CLOSED {
-            return SlotRead::Overwritten;
+        if armed > upto {
+            return SlotRead::NotDue;
         }
         // Closing, then reading `busy` (both sequentially consistent) pairs with the probe's
         // locked add to `busy` before it reads `step`: either the probe saw the slot closed, or
@@ -815,10 +819,11 @@ impl StepSlot<'_> {
         self.step.store(STEP_CLOSED, Ordering::SeqCst);
         for _ in 0..STEP_BUSY_TRIES {
             if self.busy.load(Ordering::SeqCst) == 0 {
-                return SlotRead::Counts;
+                return SlotRead::Counts(armed);
             }
             std::hint::spin_loop();
         }
+        self.step.store(armed, Ordering::SeqCst);
         SlotRead::Busy
     }
 
