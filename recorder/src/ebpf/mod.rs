@@ -323,11 +323,12 @@ struct StepSlots {
     _map: MapData,
 }
 
-/// One slot of [`StepSlots`].
+/// One slot of [`StepSlots`]; its u32 counts are read two at a time, and classes from 1 on
+/// (class 0 is never counted per step).
 struct StepSlot<'a> {
     step: &'a AtomicU64,
     busy: &'a AtomicU32,
-    counts: &'a [AtomicU32],
+    counts: &'a [AtomicU64],
 }
 
 impl std::fmt::Debug for StepRegistry {
@@ -541,10 +542,9 @@ impl EbpfSession {
             .ok()
             .filter(|i| *i < STAGES)?;
         for k in 0..STEP_SLOTS {
-            steps
-                .step_hist
-                .slot(index * STEP_SLOTS as u32 + k as u32)?
-                .arm(k);
+            let slot = steps.step_hist.slot(index * STEP_SLOTS as u32 + k as u32)?;
+            slot.drain(|_, _| {});
+            slot.arm(k);
         }
         for (i, nr) in PER_STEP_SYSCALLS.iter().enumerate() {
             steps
@@ -711,13 +711,12 @@ impl StepRegistry {
                 };
                 match slot.take(step) {
                     SlotRead::Counts(armed) => {
-                        for (i, count) in slot.counts.iter().enumerate().skip(STEP_BUCKETS) {
-                            let count = count.load(Ordering::Relaxed);
-                            if count == 0 {
-                                continue;
-                            }
-                            let Some(nr) = PER_STEP_SYSCALLS.get(i / STEP_BUCKETS - 1) else {
-                                continue;
+                        slot.drain(|i, count| {
+                            let Some(nr) = (i / STEP_BUCKETS)
+                                .checked_sub(1)
+                                .and_then(|c| PER_STEP_SYSCALLS.get(c))
+                            else {
+                                return;
                             };
                             let bucket = (i % STEP_BUCKETS) as u64;
                             out.push((
@@ -733,7 +732,7 @@ impl StepRegistry {
                                     ns: now,
                                 }),
                             ));
-                        }
+                        });
                         slot.arm(step + STEP_SLOTS);
                     }
                     SlotRead::NotDue => {}
@@ -789,15 +788,16 @@ impl StepSlots {
         // long as `self`; array map values are 8-byte aligned in a page-aligned mapping, so each
         // field is aligned for its atomic type. The kernel's probes change these words only with
         // atomic adds and the reader only through atomics, so shared references to atomics are
-        // sound.
+        // sound; the reader touches the counts (as pairs) only while no probe is inside the
+        // slot (`StepSlot::take`).
         unsafe {
             let base = self.mem.as_ptr().add(at);
             Some(StepSlot {
                 step: &*base.cast::<AtomicU64>(),
                 busy: &*base.add(8).cast::<AtomicU32>(),
                 counts: std::slice::from_raw_parts(
-                    base.add(16).cast::<AtomicU32>(),
-                    STEP_CLASSES * STEP_BUCKETS,
+                    base.add(16 + 4 * STEP_BUCKETS).cast::<AtomicU64>(),
+                    (STEP_CLASSES - 1) * STEP_BUCKETS / 2,
                 ),
             })
         }
@@ -827,11 +827,27 @@ impl StepSlot<'_> {
         SlotRead::Busy
     }
 
-    /// Empties the slot and arms it for `step`.
-    fn arm(&self, step: u64) {
-        for c in self.counts {
-            c.store(0, Ordering::Relaxed);
+    /// Calls `f(class * STEP_BUCKETS + bucket, count)` for each count that is not 0, and
+    /// empties the slot. Only for a slot [`StepSlot::take`] closed (no probe writes to it).
+    fn drain(&self, mut f: impl FnMut(usize, u32)) {
+        for (w, pair) in self.counts.iter().enumerate() {
+            let v = pair.load(Ordering::Relaxed);
+            if v == 0 {
+                continue;
+            }
+            pair.store(0, Ordering::Relaxed);
+            // Little-endian: the lower half is the first count of the pair.
+            let i = STEP_BUCKETS + 2 * w;
+            for (k, count) in [v as u32, (v >> 32) as u32].into_iter().enumerate() {
+                if count != 0 {
+                    f(i + k, count);
+                }
+            }
         }
+    }
+
+    /// Arms the (empty) slot for `step`.
+    fn arm(&self, step: u64) {
         self.step.store(step, Ordering::Release);
     }
 }
