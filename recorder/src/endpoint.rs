@@ -50,7 +50,7 @@ pub fn fixed_strings() -> impl Iterator<Item = &'static str> {
         "ebpf ring buffer full",
         "ebpf map full",
         "ebpf outbox full",
-        "ebpf step histogram overwritten before it was read",
+        "ebpf per-step syscall count after its step was read or overwritten",
     ])
 }
 
