@@ -77,7 +77,7 @@ fn a_recording_that_fills_the_disk_exits_non_zero_naming_the_loss() {
         return;
     };
     let out = fs.mnt.join("trace");
-    // Two 16 MiB rings fit; the small model's snapshot does not.
+    // Two 16 MiB rings fit; what the recording writes after them does not.
     let o = record(
         &out,
         &["--stages", "2", "--model", "small", "--tokens", "4"],

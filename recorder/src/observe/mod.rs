@@ -21,5 +21,5 @@ pub use node::{
     NODE_REPORTS_DIR, NODE_SETTINGS_KEY, NodeRecorderFactory, NodeReport, NodeSettings,
 };
 pub use settings::RecorderSettings;
-pub use snapshots::StageSnapshotter;
+pub use snapshots::{StageCapture, StageSnapshotter, snapshot_stage};
 pub use transfers::{PayloadPolicy, TransferRecorder};
