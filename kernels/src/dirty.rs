@@ -24,13 +24,26 @@ pub struct DirtyPages {
 }
 
 impl DirtyPages {
-    /// Tracking for an arena of `len` bytes, all of it written (at generation 1: building it).
+    /// Tracking for a freshly mapped (all-zero) arena of `len` bytes: no page written yet
+    /// (generation 0), writes get generation 1 until the first checkpoint.
     pub fn new(len: usize) -> DirtyPages {
         DirtyPages {
-            written: vec![1; len.div_ceil(DIRTY_PAGE)],
+            written: vec![0; len.div_ceil(DIRTY_PAGE)],
             len,
             clock: AtomicU64::new(1),
         }
+    }
+
+    /// Whether no byte of `range` was ever written since the arena was mapped: it still holds
+    /// zeros, so a reader need not read (or fault in) those pages to know their content.
+    pub fn never_written(&self, range: Range<usize>) -> bool {
+        if range.start >= range.end {
+            return true;
+        }
+        let last = (range.end.min(self.len).max(1) - 1) / DIRTY_PAGE;
+        self.written
+            .get(range.start / DIRTY_PAGE..=last)
+            .is_some_and(|pages| pages.iter().all(|&g| g == 0))
     }
 
     /// A mark for a reader that is about to read the arena: pages written after this call are
@@ -94,7 +107,12 @@ mod tests {
     #[test]
     fn readers_see_what_was_written_after_their_checkpoint() {
         let mut d = DirtyPages::new(10 * DIRTY_PAGE + 5);
-        assert!(d.written_since(0, 0..1), "built: all written");
+        assert!(
+            d.never_written(0..d.len) && !d.written_since(0, 0..1),
+            "fresh: zeros"
+        );
+        d.mark_all();
+        assert!(!d.never_written(0..1) && d.written_since(0, 0..1));
         let a = d.checkpoint();
         assert!(!d.written_since(a, 0..d.len));
         d.mark(DIRTY_PAGE + 3..DIRTY_PAGE + 4);

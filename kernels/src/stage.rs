@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::hooks::{Hooks, KernelCall, KernelId, monotonic_ns};
 use crate::init::{self, Fill, LayerTensor, Tensor};
 use crate::kernels::{self, AttentionShape};
-use crate::layout::{Payload, Span, StageLayout};
+use crate::layout::{Payload, Section, Span, StageLayout};
 use crate::plan::LayerPlan;
 use crate::pool::ThreadPool;
 use crate::simd::Arith;
@@ -91,6 +91,13 @@ impl Stage {
             dirty: DirtyPages::new(layout_bytes),
         };
         stage.fill_weights(pool);
+        // Everything but the KV cache and the workspace was written while building (weights,
+        // RoPE tables) or may be by callers before the first step (boxes); the KV cache and
+        // the workspace stay zero until a step writes them.
+        for section in [Section::Weights, Section::Activations] {
+            let (at, bytes) = stage.layout.section(section);
+            stage.dirty.mark(at..at + bytes);
+        }
         Ok(stage)
     }
 
@@ -338,7 +345,7 @@ impl Stage {
         let (d, kvd, f, v, hd) = (c.dim, c.kv_dim(), c.ffn, c.vocab, c.head_dim());
         // What this step writes (or, for the inbox, what the transport wrote for it), marked
         // before the writes so an error half-way leaves nothing unmarked.
-        let (work, work_bytes) = l.section(crate::layout::Section::Workspace);
+        let (work, work_bytes) = l.section(Section::Workspace);
         self.dirty.mark(work..work + work_bytes);
         self.dirty.mark(l.inboxes[seq].byte_range());
         self.dirty.mark(l.outboxes[seq].byte_range());

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use slug_kernels::{ModelConfig, Stage};
+use slug_kernels::{ModelConfig, Stage, ThreadPool};
 use slug_recorder::ebpf::EbpfRequest;
 use slug_recorder::endpoint::{EndpointOptions, EndpointRecorder};
 use slug_recorder::observe::PayloadPolicy;
@@ -341,7 +341,8 @@ fn base_snapshot() {
         ..PipelineConfig::new(model, "benchmark", 4, 1)
     };
     let plan = p.plan().expect("plan");
-    let stage = Stage::new(&p.model, &plan, 0, 4).expect("stage");
+    let pool = ThreadPool::new(1).expect("pool");
+    let stage = Stage::new(&p.model, &plan, 0, 4, &pool).expect("stage");
     let dir = tempfile::tempdir().expect("temp dir");
     let store = SnapshotStore::open(dir.path().join("snapshots")).expect("store");
     let arena = stage.arena().bytes();

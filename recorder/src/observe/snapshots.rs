@@ -77,18 +77,25 @@ impl StageCapture {
             }
         }
         let dirty = stage.dirty();
-        let known: Vec<Option<u128>> = match self.checkpoint {
-            Some(cp) if self.hashes.len() == arena.len().div_ceil(chunk_size) => self
-                .hashes
-                .iter()
-                .enumerate()
-                .map(|(i, &h)| {
-                    let range = i * chunk_size..((i + 1) * chunk_size).min(arena.len());
-                    (!dirty.written_since(cp, range)).then_some(h)
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
+        let count = arena.len().div_ceil(chunk_size);
+        let previous = self
+            .checkpoint
+            .filter(|_| self.hashes.len() == count)
+            .map(|cp| (cp, &self.hashes));
+        let mut zeros = ZeroHashes::default();
+        let known: Vec<Option<u128>> = (0..count)
+            .map(|i| {
+                let range = i * chunk_size..((i + 1) * chunk_size).min(arena.len());
+                match previous {
+                    Some((cp, hashes)) if !dirty.written_since(cp, range.clone()) => {
+                        Some(hashes[i])
+                    }
+                    // Never written since the arena was mapped: zeros, hashed once per size.
+                    _ if dirty.never_written(range.clone()) => Some(zeros.of(range.len())),
+                    _ => None,
+                }
+            })
+            .collect();
         // The stage waits while this runs: writes after this point are the next capture's.
         self.checkpoint = Some(dirty.checkpoint());
         let cursor = serde_json::to_vec(stage.cursor())
@@ -103,6 +110,21 @@ impl StageCapture {
         )?;
         self.hashes.clone_from(&pending.index().chunks);
         Ok(pending)
+    }
+}
+
+/// Hashes of all-zero chunks by length (a stage has at most two chunk lengths).
+#[derive(Default)]
+struct ZeroHashes(Vec<(usize, u128)>);
+
+impl ZeroHashes {
+    fn of(&mut self, len: usize) -> u128 {
+        if let Some(&(_, h)) = self.0.iter().find(|(l, _)| *l == len) {
+            return h;
+        }
+        let h = xxh3_128(&vec![0u8; len]);
+        self.0.push((len, h));
+        h
     }
 }
 
