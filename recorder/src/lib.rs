@@ -30,7 +30,7 @@ mod recover;
 pub mod topology;
 
 pub use error::{RecorderError, Result};
-pub use record::{EndpointSummary, RecordConfig, RecordSummary, record};
+pub use record::{EndpointRecording, RecordConfig, RecordSummary, record};
 pub use recover::{
     EndpointLeftovers, Leftovers, Outcome, Preview, RecoveredEndpoint, RecoveryReport, preview,
     recover,

@@ -9,7 +9,8 @@ use slug_schema::{
     EndpointInfo, Event, EventKind, KindSet, Manifest, NodeClock, TimeRange, Trace, WriterOptions,
 };
 use slug_transport::pipeline::{
-    NoObservers, PipelineConfig, RunReport, run, run_on_nodes_collecting,
+    NoObservers, ObserverSettings, PipelineConfig, RecordSettings, RunReport, run,
+    run_on_nodes_collecting,
 };
 use slug_transport::transfer::TransportKind;
 
@@ -19,7 +20,7 @@ use crate::error::{RecorderError, Result};
 use crate::flight::{DEFAULT_RING_RECORDS, ring_file_len};
 
 use crate::observe::{
-    NODE_REPORTS_DIR, NodeReport, NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings,
+    NODE_REPORTS_DIR, NodeReport, PayloadPolicy, RecorderFactory, RecorderSettings,
 };
 use crate::out_dir::{SpaceNeeded, human_bytes, prepare_out};
 use crate::perf::{Capabilities, PerfConfig, probe};
@@ -67,9 +68,10 @@ impl RecordConfig {
     }
 }
 
-/// One endpoint's share of the summary.
+/// What recording one endpoint wrote: its share of a [`RecordSummary`] (what its log holds
+/// when read back is `slug_schema::EndpointSummary`).
 #[derive(Debug, Clone, Serialize)]
-pub struct EndpointSummary {
+pub struct EndpointRecording {
     /// Endpoint id.
     pub endpoint: u32,
     /// Events written to its log.
@@ -135,7 +137,7 @@ pub struct RecordSummary {
     /// Throughput of the recorded run.
     pub tokens_per_s: f64,
     /// Per endpoint.
-    pub endpoints: Vec<EndpointSummary>,
+    pub endpoints: Vec<EndpointRecording>,
     /// One line per capability that is missing, with its fallback.
     pub notices: Vec<String>,
     /// Capability names that were captured.
@@ -213,8 +215,8 @@ fn losses_of(s: &EndpointStats) -> Vec<Loss> {
     out
 }
 
-fn summarize_stats(s: EndpointStats) -> EndpointSummary {
-    EndpointSummary {
+fn summarize_stats(s: EndpointStats) -> EndpointRecording {
+    EndpointRecording {
         endpoint: s.endpoint,
         events: s.log.events,
         counts: EventKind::ALL
@@ -232,7 +234,11 @@ fn summarize_stats(s: EndpointStats) -> EndpointSummary {
 }
 
 /// An endpoint's summary read back from its closed log (the node that wrote it is gone).
-fn summarize_log(trace: &Trace, endpoint: u32, losses: &mut Vec<Loss>) -> Result<EndpointSummary> {
+fn summarize_log(
+    trace: &Trace,
+    endpoint: u32,
+    losses: &mut Vec<Loss>,
+) -> Result<EndpointRecording> {
     let log = trace.endpoint_log(endpoint).map_err(|e| RecorderError::OutputDir {
         path: trace.dir().to_path_buf(),
         problem: format!(
@@ -243,10 +249,7 @@ fn summarize_log(trace: &Trace, endpoint: u32, losses: &mut Vec<Loss>) -> Result
     let counts = log.counts();
     let events: u64 = counts.iter().sum();
     let lost = log
-        .events_in(
-            TimeRange::new(0, u64::MAX),
-            KindSet::of(&[EventKind::LostEvents]),
-        )
+        .events_in(TimeRange::ALL, KindSet::of(&[EventKind::LostEvents]))
         .filter_map(|e| match e {
             Ok(Event::LostEvents(l)) => Some(l),
             _ => None,
@@ -281,7 +284,7 @@ fn summarize_log(trace: &Trace, endpoint: u32, losses: &mut Vec<Loss>) -> Result
             why: "its node's recorder stopped before closing it".into(),
         });
     }
-    Ok(EndpointSummary {
+    Ok(EndpointRecording {
         endpoint,
         events,
         counts: EventKind::ALL
@@ -403,7 +406,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
                         bytes: 0,
                         why: e.to_string(),
                     });
-                    EndpointSummary {
+                    EndpointRecording {
                         endpoint: i as u32,
                         events: 0,
                         counts: Vec::new(),
@@ -426,7 +429,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         // Each stage is a `slug node` process that records itself (NodeRecorderFactory): into
         // the same directory on this machine, or into a scratch directory of its own on --hosts
         // (no shared file system), collected over the node's control connection at the end.
-        let node = NodeSettings {
+        let node = RecordSettings {
             trace_dir: std::path::absolute(&cfg.out).map_err(|e| RecorderError::io(&cfg.out, e))?,
             payloads: cfg.payloads.to_string(),
             perf: cfg.perf.request.to_string(),
@@ -438,7 +441,10 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             scratch_run: on_hosts.then(run_id),
         };
         let mut p = pipeline.clone();
-        p.observer_settings = Some(node.to_observer_settings());
+        p.observer_settings = Some(ObserverSettings {
+            record: Some(node),
+            replay: None,
+        });
         let report = if on_hosts {
             slug_transport::auth::ClusterKey::resolve(p.key_file.as_deref())
                 .and_then(|key| run_on_nodes_collecting(&p, &p.hosts, &key, Some(&cfg.out)))

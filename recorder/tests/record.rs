@@ -28,7 +28,7 @@ fn config(out: &std::path::Path) -> RecordConfig {
 fn events(trace: &Trace, endpoint: u32, kind: EventKind) -> Vec<Event> {
     let log: LogReader = trace.endpoint_log(endpoint).unwrap();
     assert!(log.recovery().is_clean(), "{:?}", log.recovery());
-    log.events_in(TimeRange::new(0, u64::MAX), KindSet::of(&[kind]))
+    log.events_in(TimeRange::ALL, KindSet::of(&[kind]))
         .map(|e| e.unwrap())
         .collect()
 }

@@ -167,7 +167,7 @@ impl RecordedRun {
                 .collect();
             let mut undecodable = 0u64;
             let mut foreign = 0u64;
-            for event in log.events_in(TimeRange::new(0, u64::MAX), kinds) {
+            for event in log.events_in(TimeRange::ALL, kinds) {
                 let Ok(event) = event else {
                     undecodable += 1;
                     continue;

@@ -50,7 +50,7 @@ proptest! {
         let got: Vec<Event> = reader.events_in(range, kinds).map(Result::unwrap).collect();
         let want: Vec<Event> = events
             .iter()
-            .filter(|e| kinds.contains(e.kind()) && range.overlaps(e.ns(), e.end_ns().max(e.ns())))
+            .filter(|e| kinds.contains(e.kind()) && range.touches(e.ns(), e.end_ns().max(e.ns())))
             .copied()
             .collect();
         prop_assert_eq!(got, want);
@@ -85,7 +85,7 @@ fn header_and_index_are_readable_without_decoding() {
         .events_in(TimeRange::new(5_000, 5_020), KindSet::ALL)
         .map(Result::unwrap)
         .collect();
-    assert_eq!(mid.len(), 3);
+    assert_eq!(mid.len(), 2, "the range is half-open: 5000 and 5010");
 }
 
 /// A hook given after some events runs only once the frame holding them is in the file (read
