@@ -51,7 +51,7 @@ pub struct RecordConfig {
 }
 
 impl RecordConfig {
-    /// Defaults: no payloads, `--perf auto` at 1 kHz, 64 Ki-record rings, a step-0 snapshot of
+    /// Defaults: no payloads, `--perf auto` at 1 kHz, 128 Ki-record rings, a step-0 snapshot of
     /// every stage, no kernel hashes.
     pub fn new(out: impl Into<PathBuf>) -> RecordConfig {
         RecordConfig {

@@ -42,10 +42,7 @@ impl KernelSpanColumns {
         put_svar(&mut self.row_len, e.rows.into(), 0);
         put_uvar(&mut self.thread, 0);
         let duration = e.end_ns.wrapping_sub(e.start_ns);
-        let predicted = p
-            .span_duration
-            .insert((e.kernel, layer), duration)
-            .unwrap_or(0);
+        let predicted = p.span_duration.replace(e.kernel, layer, duration);
         self.duration_z.push(zigzag(duration, predicted));
         self.has_hash.push(u8::from(e.output_hash.is_some()));
         if let Some(h) = e.output_hash {
@@ -132,9 +129,9 @@ impl<'a> KernelSpanReader<'a> {
         // Only older writers filled the thread column; the API has no thread.
         self.thread.u32()?;
         let end_ns = if v2 {
-            let predicted = p.span_duration.get(&(kernel, layer)).copied();
-            let duration = self.duration.svar(predicted.unwrap_or(0))?;
-            p.span_duration.insert((kernel, layer), duration);
+            let predicted = p.span_duration.get(kernel, layer);
+            let duration = self.duration.svar(predicted)?;
+            p.span_duration.replace(kernel, layer, duration);
             ns.wrapping_add(duration)
         } else {
             self.duration.svar(ns)?
