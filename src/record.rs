@@ -3,21 +3,18 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use slug_recorder::ebpf::EbpfRequest;
 use slug_recorder::observe::PayloadPolicy;
 use slug_recorder::perf::{PerfConfig, PerfRequest};
 use slug_recorder::{RecordConfig, RecordSummary, record};
-use slug_transport::pipeline::PipelineConfig;
+use slug_transport::pipeline::{PipelineConfig, RunProgress};
 
 use crate::choices::Payloads;
 use crate::pipeline_args::PipelineArgs;
+use crate::progress::{self, Display, Rate};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -64,9 +61,12 @@ pub struct RecordArgs {
     /// off-cpu, syscalls, page-faults, migrations, tcp.
     #[arg(long, default_value = "auto")]
     ebpf: String,
-    /// Print the summary as one JSON object.
+    /// Print the summary as one JSON object (and show no progress).
     #[arg(long)]
     json: bool,
+    /// Show no progress on stderr.
+    #[arg(long, short)]
+    quiet: bool,
     /// The pipeline to record: the same flags as `slug run`.
     #[command(flatten)]
     pipeline: PipelineArgs,
@@ -122,31 +122,19 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         ebpf,
         ..RecordConfig::new(&args.out)
     };
-    let pipeline = args.pipeline()?;
-    let progress = Arc::new(AtomicU64::new(0));
-    let config = RecordConfig {
-        progress: Some(Arc::clone(&progress)),
-        ..config
+    let mut pipeline = args.pipeline()?;
+    if !(args.json || args.quiet) {
+        // Every stage's recorder counts its events into these, here or on its node.
+        pipeline.progress = Some(RunProgress::for_config(&pipeline));
+    }
+    let display = Display {
+        what: "recording".into(),
+        rate: Rate::Tokens,
+        events: true,
     };
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} recording: {msg} [{elapsed_precise}]")
-            .expect("the template is valid"),
-    );
-    let summary = std::thread::scope(|scope| {
-        let ticker = scope.spawn(|| {
-            while !bar.is_finished() {
-                bar.set_message(format!("{} events", progress.load(Ordering::Relaxed)));
-                bar.tick();
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        let summary = record(&config, &pipeline);
-        bar.finish_and_clear();
-        let _ = ticker.join();
-        summary
-    });
-    let summary = summary?;
+    let summary = progress::show(pipeline.progress.as_ref(), &display, || {
+        record(&config, &pipeline)
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

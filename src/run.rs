@@ -8,9 +8,10 @@ use clap::Args;
 use serde_json::json;
 use slug_kernels::{Isa, LayerPlan, StageLayout, check_fits};
 use slug_transport::link::LinkStats;
-use slug_transport::pipeline::{self, NoObservers};
+use slug_transport::pipeline::{self, NoObservers, RunProgress};
 
 use crate::pipeline_args::PipelineArgs;
+use crate::progress::{self, Display, Rate};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -39,6 +40,9 @@ pub struct RunArgs {
     /// Print the arena layout of every stage and exit without running.
     #[arg(long)]
     layout: bool,
+    /// Show no progress on stderr (none is shown with --json either).
+    #[arg(long, short)]
+    quiet: bool,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -55,7 +59,10 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
         print_layout(&layouts, args.json)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let cfg = args.pipeline.config()?;
+    let mut cfg = args.pipeline.config()?;
+    if !(args.json || args.quiet) {
+        cfg.progress = Some(RunProgress::for_config(&cfg));
+    }
     let plan = cfg.plan()?;
     let total: u64 = (0..plan.stages())
         .map(|s| StageLayout::new(&cfg.model, &plan, s, cfg.prompts.len(), cfg.threads))
@@ -68,7 +75,14 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
         .isa
         .clone()
         .unwrap_or_else(|| Isa::best().name().to_string());
-    let report = pipeline::run(&cfg, &NoObservers)?;
+    let display = Display {
+        what: "running".into(),
+        rate: Rate::Tokens,
+        events: false,
+    };
+    let report = progress::show(cfg.progress.as_ref(), &display, || {
+        pipeline::run(&cfg, &NoObservers)
+    })?;
     let tokens = report.tokens.first().cloned().unwrap_or_default();
     let text = render(&tokens);
     let wall_ms = report.wall_ns as f64 / 1e6;

@@ -199,7 +199,7 @@ impl ObserverFactory for NodeRecorderFactory {
             let pmus = crate::perf::probe()?;
             let blobs = blob_store(&settings, &pmus)?;
             let ebpf = EbpfSession::open(&settings.ebpf, EBPF_LOST_REASONS);
-            start_endpoint(&settings, &pmus, blobs, ctx.stage as u32, &ebpf)
+            start_endpoint(&settings, &pmus, blobs, ctx, &ebpf)
         })();
         let (recorder, caps, want_counters) = started.map_err(|e| fail(e.to_string()))?;
         // The coordinator learns this node's capabilities (and, on another machine, its

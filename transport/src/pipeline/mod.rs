@@ -19,6 +19,7 @@ mod config;
 mod launch;
 pub mod node;
 mod observe;
+mod progress;
 mod report;
 mod stage;
 mod state;
@@ -38,6 +39,7 @@ pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes, run_on_nodes_col
 pub use config::{KernelDigests, Launch, PipelineConfig, prompt_tokens};
 pub use launch::{NodeCommand, NodeLauncher};
 pub use observe::{NoObservers, ObserverFactory, StageContext, StageObservers};
+pub use progress::{ProgressReading, RunProgress, StageProgress};
 pub use report::{HexHash, KernelDigest, RunReport, StageReport, TransferDigest};
 pub use stage::STAGE_ARENA;
 pub use state::{ScheduleSlot, StageState, StageStateObserver, restore_stage, schedule_slot};
