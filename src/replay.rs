@@ -282,16 +282,47 @@ pub(crate) fn print_text(r: &ReplayReport) {
             }
             if let Some(t) = d.transfer_id {
                 at.push_str(&format!(
-                    " transfer {t} ({})",
+                    " transfer {}",
                     slug_schema::TransferKey::unpack(t)
                 ));
             }
-            if let Some(o) = d.offset {
-                at.push_str(&format!(" element {o}"));
-            }
             println!("DIVERGED at {at}");
-            println!("  expected {}", d.expected);
-            println!("  got      {}", d.got);
+            let shown = |v: &serde_json::Value| match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let transfer = d.transfer_id.map(slug_schema::TransferKey::unpack);
+            match (&d.kernel, d.known.as_str(), d.offset) {
+                (Some(k), _, _) => println!(
+                    "  kernel {k}'s output differs; the trace holds only its hash: expected {}, \
+                     got {}",
+                    shown(&d.expected),
+                    shown(&d.got)
+                ),
+                (None, "values", Some(o)) => println!(
+                    "  transfer {} differs first at element {o}: expected {}, got {}",
+                    transfer.map_or("-".into(), |t| t.to_string()),
+                    shown(&d.expected),
+                    shown(&d.got)
+                ),
+                _ => println!(
+                    "  transfer {} differs; without its payload (record with --payloads all) only \
+                     the content hashes are known: expected {}, got {}",
+                    transfer.map_or("-".into(), |t| t.to_string()),
+                    shown(&d.expected),
+                    shown(&d.got)
+                ),
+            }
+            if d.kernel.is_some()
+                && let (Some(t), Some(o), Some(want), Some(got)) =
+                    (transfer, d.offset, &d.transfer_expected, &d.transfer_got)
+            {
+                println!(
+                    "  the step's transfer {t} differs first at element {o}: expected {}, got {}",
+                    shown(want),
+                    shown(got)
+                );
+            }
             println!("  {} later transfers also differ", d.later_differing);
         }
     }
