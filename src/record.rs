@@ -57,6 +57,14 @@ pub struct RecordArgs {
     /// Sampling frequency of cpu-clock and memory samples, Hz.
     #[arg(long, default_value_t = 1000)]
     perf_freq: u64,
+    /// Pages of each perf stream's kernel buffer (a power of two): more hold more samples
+    /// between two drains (`slug info` says when the kernel dropped some: "perf ring full").
+    #[arg(long, default_value_t = 32, value_name = "PAGES")]
+    perf_ring_pages: u32,
+    /// Records each endpoint thread's flight ring holds (a power of two, 128 bytes each):
+    /// more absorb longer bursts before events are dropped ("flight ring full").
+    #[arg(long, default_value_t = 65536, value_name = "RECORDS")]
+    ring_records: usize,
     /// eBPF endpoint probes (need root or CAP_BPF + CAP_PERFMON): auto, none, or a list of
     /// off-cpu, syscalls, page-faults, migrations, tcp.
     #[arg(long, default_value = "auto")]
@@ -105,12 +113,25 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
     if args.perf_freq == 0 {
         bail!("--perf-freq 0: give a sampling frequency in Hz, e.g. 1000");
     }
+    if !args.perf_ring_pages.is_power_of_two() || args.perf_ring_pages > 1 << 16 {
+        bail!(
+            "--perf-ring-pages {}: give a power of two from 1 to 65536, e.g. 32 or 128",
+            args.perf_ring_pages
+        );
+    }
+    if !args.ring_records.is_power_of_two() || !(1024..=1 << 24).contains(&args.ring_records) {
+        bail!(
+            "--ring-records {}: give a power of two from 1024 to 16777216, e.g. 65536 or 262144",
+            args.ring_records
+        );
+    }
     let config = RecordConfig {
         force: args.force,
         payloads,
         perf: PerfConfig {
             request,
             freq_hz: args.perf_freq,
+            ring_pages_exp: args.perf_ring_pages.trailing_zeros() as u8,
             ..PerfConfig::default()
         },
         snapshot_every: if args.no_snapshots {
@@ -120,6 +141,7 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         },
         hash_kernels: args.hash_kernels,
         ebpf,
+        ring_records: args.ring_records,
         ..RecordConfig::new(&args.out)
     };
     let mut pipeline = args.pipeline()?;

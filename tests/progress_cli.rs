@@ -1,6 +1,7 @@
 //! Live progress of `run`, `record` and `replay` when stderr is not a terminal: plain lines
 //! whose last one carries every stage's final counts, from stage threads and from `slug node`
 //! processes alike (they send theirs with their heartbeats); nothing with `--json` or `--quiet`.
+//! Also: a recording on process stages counts each endpoint's stored payloads.
 
 #[path = "support/cli.rs"]
 mod cli;
@@ -54,6 +55,8 @@ fn process_stages_report_every_step_event_and_byte() {
         "none",
         "--perf",
         "none",
+        "--payloads",
+        "all",
         "--",
         "--stages",
         "2",
@@ -82,6 +85,12 @@ fn process_stages_report_every_step_event_and_byte() {
         !last.contains(" 0 B sent"),
         "stage 0 sent activations: {last}"
     );
+    // Each node stored its stage's payloads; the summary counts them per endpoint.
+    let with_payloads = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("endpoint ") && l.contains(" payloads ("))
+        .count();
+    assert_eq!(with_payloads, 2, "{stdout}");
 
     let o = run(&["replay", out.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&o.stderr);

@@ -31,6 +31,9 @@ pub struct NodeSettings {
     pub perf: String,
     /// `--perf-freq`.
     pub perf_freq_hz: u64,
+    /// `--perf-ring-pages` as a power of two (`None`, from an older coordinator: the default).
+    #[serde(default)]
+    pub perf_ring_pages_exp: Option<u8>,
     /// Records per thread ring.
     pub ring_records: usize,
     /// `--snapshot-every` (`None`: `--no-snapshots`).
@@ -79,6 +82,11 @@ impl NodeSettings {
                     .parse()
                     .map_err(|e: RecorderError| e.to_string())?,
                 freq_hz: self.perf_freq_hz,
+                ring_pages_exp: match self.perf_ring_pages_exp {
+                    None => PerfConfig::default().ring_pages_exp,
+                    Some(e) if e <= 16 => e,
+                    Some(e) => return Err(format!("perf ring of 2^{e} pages is too large")),
+                },
                 ..PerfConfig::default()
             },
             ring_records: self.ring_records,
