@@ -18,8 +18,19 @@ pub enum ExportFormat {
     Chrome,
 }
 
+const EXAMPLES: &str = "\
+Examples:
+  slug export run1 --format perfetto --out run1.perfetto-trace
+      A Perfetto protobuf trace: open it at https://ui.perfetto.dev (Open trace file).
+  slug export run1 --format chrome --out run1.json.gz
+      Chrome trace-event JSON, gzip-compressed because the name ends in .gz; open it in
+      chrome://tracing or Perfetto.
+  slug export run1
+      Perfetto, written to ./trace.perfetto-trace.";
+
 /// Arguments of `slug export`.
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct ExportArgs {
     /// Trace directory.
     pub trace: PathBuf,

@@ -10,8 +10,22 @@ use slug_schema::{
     EndpointSummary, EventKind, FooterState, LogReader, LogSummary, Recovery, Trace, TraceSummary,
 };
 
+const EXAMPLES: &str = "\
+Examples:
+  slug info run1
+      Endpoints, events per kind, the time span, what each part takes on disk (logs,
+      snapshots, payloads), every loss with its reason and what to change, capabilities.
+  slug info run1 --json
+      The same as one JSON object (`disk` holds the parts, `losses` the reasons and fixes).
+  slug info run1/endpoints/1.slog
+      One endpoint log on its own.
+
+On a killed recording it shows the logs as `slug recover` would rebuild them, without writing
+into the trace.";
+
 /// Arguments of `slug info`.
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct InfoArgs {
     /// Trace directory (written by `slug record` or `slug demo`), or one endpoint log (`.slog`).
     pub trace: PathBuf,

@@ -16,6 +16,13 @@ use slug_transport::pipeline::{NodeCommand, NodeLauncher};
 
 /// Arguments of `slug node`.
 ///
+/// A node runs pipeline stages for a coordinator: `slug run`, `slug record` and `slug replay`
+/// with `--hosts` (one node per stage, on other machines), and, on this machine, the stage
+/// processes that `slug run|record|replay --transport shm|tcp` and `slug demo --transport
+/// shm|tcp` start for themselves (`slug node --listen 127.0.0.1:0 --once --key-file -`).
+/// A recording node records its stage and sends the files back; a replaying node restores its
+/// stage from its copy of the trace (`slug replay --node-trace`).
+///
 /// The node serves only coordinators that prove the shared cluster key (from `--key-file` or
 /// the `SLUG_CLUSTER_KEY` environment variable); everyone else is refused and logged. Every
 /// control message is sealed with keys fresh for the session (Noise NNpsk0 with the cluster
@@ -25,10 +32,16 @@ use slug_transport::pipeline::{NodeCommand, NodeLauncher};
 /// can read (`chmod 600 PATH` fixes it). Prefer --key-file to SLUG_CLUSTER_KEY: a process's
 /// environment is visible to `ps e` and /proc.
 #[derive(Debug, Args)]
-#[command(
-    after_help = "Example:\n  slug keygen cluster.key   # once; copy it to every host\n  \
-    slug node --listen 0.0.0.0:7070 --key-file cluster.key"
-)]
+#[command(after_help = "\
+Examples:
+  slug keygen cluster.key                      # once; copy it to every host (scp -p)
+  slug node --listen 0.0.0.0:7070 --key-file cluster.key
+      Serve stages until killed; each coordinator session runs one stage.
+  slug run --model small --stages 2 --transport tcp --hosts h1:7070,h2:7070 --key-file cluster.key
+  slug record --out run1 -- --model small --stages 2 --transport tcp --hosts h1:7070,h2:7070 \\
+      --key-file cluster.key
+  slug replay run1 --hosts h1:7070,h2:7070 --node-trace /data/run1 --key-file cluster.key
+      What uses the nodes: stage s runs on the s-th address.")]
 pub struct NodeArgs {
     /// Address to listen on for coordinators, e.g. `0.0.0.0:7070` (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]

@@ -22,9 +22,15 @@ Examples:
       Record four stage threads with every payload and kernel-output hash; then `slug info run1`.
   slug record --out run2 --snapshot-every 8 -- --stages 4 --transport shm
       One recording `slug node` process per stage on this machine, snapshots every 8 steps.
-  slug record --out run3 -- --stages 2 --transport tcp --hosts 10.0.0.1:7070,10.0.0.2:7070
+  slug record --out run3 -- --stages 2 --transport tcp --hosts 10.0.0.1:7070,10.0.0.2:7070 \\
+      --key-file cluster.key
       Each `slug node --listen` records its stage locally; the files are fetched into run3 over
-      the node connections when the run ends (same cluster key in $SLUG_CLUSTER_KEY everywhere).";
+      the node connections when the run ends (the same cluster key file on every host).
+  slug record --out run4 --perf-freq 250 --ring-records 262144 -- --model base --stages 4
+      Fewer perf samples and larger flight rings, when `slug info` reports losses.
+
+Progress (steps, tokens/s, events, bytes sent, from every stage or node) goes to stderr: a bar
+on a terminal, a line every 2 s otherwise; --quiet or --json turn it off.";
 
 /// Arguments of `slug record`.
 #[derive(Debug, Args)]

@@ -83,9 +83,9 @@ pub struct ReplayArgs {
     /// Longest wait on a link, in milliseconds (default: the recorded limit).
     #[arg(long)]
     timeout_ms: Option<u64>,
-    /// Run stage s on the `slug node --listen` at the s-th host:port (tcp); each node restores
-    /// its stage from its own copy of the trace.
-    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    /// Run stage s on the `slug node --listen` at the s-th address (tcp; a comma list, or the
+    /// flag once per stage); each node restores its stage from its own copy of the trace.
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...")]
     hosts: Vec<String>,
     /// Where the trace lies on the --hosts nodes (default: the same path as here).
     #[arg(long, requires = "hosts")]

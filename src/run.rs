@@ -19,12 +19,17 @@ Examples:
       Generate 32 tokens with the tiny model; prints token ids, text and tokens/s.
   slug run --model small --stages 4 --transport shm --sequences 4 --json
       Four stage processes over a shared-memory fabric, four sequences in flight; one JSON object.
-  slug run --stages 4 --transport tcp --hosts 10.0.0.1:7070,10.0.0.2:7070,10.0.0.3:7070,10.0.0.4:7070
-      One stage on each `slug node --listen` (same cluster key in $SLUG_CLUSTER_KEY everywhere).
+  slug run --model small --stages 4 --transport tcp --key-file cluster.key \\
+      --hosts 10.0.0.1:7070,10.0.0.2:7070,10.0.0.3:7070,10.0.0.4:7070
+      One stage on each `slug node --listen` (the same cluster key file on every host); small
+      has 8 layers, tiny (the default) only 2, so at most 2 stages.
   slug run --model tiny --dim 128 --heads 8 --kv-heads 2 --layers 4 --fma
       Override any dimension of a preset; --fma fuses multiply-adds (changes the results).
   slug run --model base --stages 4 --layout
       Print each stage's arena layout (section, region, offset, bytes, alignment) and exit.
+
+Progress (steps, tokens/s, bytes sent, from every stage) goes to stderr: a bar on a terminal,
+a line every 2 s otherwise; --quiet or --json turn it off.
 
 The same --model, dimensions, --seed, --fma and --prompt give the same tokens for every
 --threads, --stages, --transport, --microbatches and --isa: kernels reduce in one fixed order on
