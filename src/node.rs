@@ -16,13 +16,6 @@ use slug_transport::pipeline::{NodeCommand, NodeLauncher};
 
 /// Arguments of `slug node`.
 ///
-/// A node runs pipeline stages for a coordinator: `slug run`, `slug record` and `slug replay`
-/// with `--hosts` (one node per stage, on other machines), and, on this machine, the stage
-/// processes that `slug run|record|replay --transport shm|tcp` and `slug demo --transport
-/// shm|tcp` start for themselves (`slug node --listen 127.0.0.1:0 --once --key-file -`).
-/// A recording node records its stage and sends the files back; a replaying node restores its
-/// stage from its copy of the trace (`slug replay --node-trace`).
-///
 /// The node serves only coordinators that prove the shared cluster key (from `--key-file` or
 /// the `SLUG_CLUSTER_KEY` environment variable); everyone else is refused and logged. Every
 /// control message is sealed with keys fresh for the session (Noise NNpsk0 with the cluster
@@ -33,6 +26,12 @@ use slug_transport::pipeline::{NodeCommand, NodeLauncher};
 /// environment is visible to `ps e` and /proc.
 #[derive(Debug, Args)]
 #[command(after_help = "\
+What uses nodes: `slug run`, `slug record` and `slug replay` with --hosts (stage s on the s-th
+node, on other machines), and the stage processes that `slug run|record|replay --transport
+shm|tcp` and `slug demo --transport shm|tcp` start on this machine (`slug node --listen
+127.0.0.1:0 --once --key-file -`). A recording node records its stage and sends the files
+back; a replaying node restores its stage from its copy of the trace (--node-trace).
+
 Examples:
   slug keygen cluster.key                      # once; copy it to every host (scp -p)
   slug node --listen 0.0.0.0:7070 --key-file cluster.key
