@@ -214,6 +214,20 @@ pub(crate) fn print_summary(s: &RecordSummary) {
     for w in &s.warnings {
         eprintln!("slug: warning: {w}");
     }
+    if s.endpoints.iter().any(|e| e.lost > 0) {
+        // Why each loss happened and what to change, as `slug info` says it.
+        match slug_schema::Trace::open(&s.trace) {
+            Ok(trace) => {
+                for l in crate::info::losses(&slug_schema::TraceSummary::of(&trace)) {
+                    eprintln!(
+                        "slug: endpoint {} lost {} events: {}; {}",
+                        l.endpoint, l.events, l.reason, l.fix
+                    );
+                }
+            }
+            Err(e) => eprintln!("slug: warning: cannot read back the losses' reasons: {e}"),
+        }
+    }
     if s.captured.is_empty() {
         println!("captured: transfers, kernel spans and step boundaries only (no perf streams)");
     } else {
