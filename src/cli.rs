@@ -9,10 +9,24 @@ use crate::{demo, export, info, keygen, node, record, recover, replay, run, view
 
 /// slug — record and replay for distributed CPU AI pipelines.
 ///
-/// Record every endpoint and every link of a pipeline into a compact trace,
-/// replay any stage elsewhere bit for bit, and inspect the timelines.
+/// Runs a small decoder-only transformer split into pipeline stages (threads, processes over
+/// shared memory or TCP, or `slug node`s on other hosts), records every endpoint and every
+/// link into a compact trace, replays any stage or the whole pipeline elsewhere bit for bit,
+/// points at the first divergence, and shows the timelines.
 #[derive(Debug, Parser)]
-#[command(name = "slug", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "slug",
+    version,
+    propagate_version = true,
+    max_term_width = 100,
+    after_help = "\
+Start here:
+  slug demo                                  record, replay, verify, find an injected fault
+  slug record --out run1 -- --model small --stages 4
+  slug info run1 && slug replay run1 && slug view run1
+
+Every command has --help with examples; README.md walks through all of them."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,7 +51,7 @@ enum Command {
     /// Record a 4-stage pipeline, replay it bit for bit, and find an injected fault
     /// (`--synthetic`: tour the trace format instead).
     Demo(demo::DemoArgs),
-    /// Serve pipeline stages to a remote `slug run --hosts` coordinator.
+    /// Serve pipeline stages to `slug run|record|replay --hosts` (and to shm/tcp runs here).
     Node(node::NodeArgs),
     /// Write a new random cluster key file (mode 0600) for `slug node` and `--hosts` runs.
     Keygen(keygen::KeygenArgs),

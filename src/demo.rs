@@ -31,6 +31,13 @@ use crate::record::print_summary as print_record_summary;
 use crate::replay::print_text as print_replay_report;
 
 /// Arguments of `slug demo`.
+///
+/// Records a 4-stage `small` pipeline (4 sequences, 2 in flight, every payload, every kernel
+/// output's hash), then: replays the whole pipeline on another transport and checks every
+/// transfer bit for bit; replays stage 2 alone from its recorded inputs and checks every
+/// kernel output; replays with one bit flipped in stage 1's MLP down projection at step 5 and
+/// checks that the report points at exactly that endpoint, step, layer and kernel; prints
+/// `slug info` of the trace. Exits non-zero if any of these does not hold.
 #[derive(Debug, Args)]
 #[command(after_help = "\
 Examples:
@@ -84,6 +91,20 @@ pub fn execute(args: DemoArgs) -> Result<ExitCode> {
     }
 }
 
+/// The prompt of the recorded demo.
+const PROMPT: &str = "The quick brown fox";
+
+/// `text` as one POSIX shell word: as is when it is made of safe characters only, otherwise in
+/// single quotes (a quote inside becomes `'\''`), so a printed command can be pasted.
+fn shell_quote(text: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c);
+    if !text.is_empty() && text.chars().all(safe) {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
+}
+
 /// Record, replay, replay one stage, find an injected fault, summarise.
 fn recorded_demo(dir: &Path, args: &DemoArgs) -> Result<ExitCode> {
     let replay_transport = match args.transport {
@@ -97,7 +118,7 @@ fn recorded_demo(dir: &Path, args: &DemoArgs) -> Result<ExitCode> {
     }
     model.validate()?;
     let layers = model.layers;
-    let mut pipeline = PipelineConfig::new(model, "The quick brown fox", 4, args.tokens);
+    let mut pipeline = PipelineConfig::new(model, PROMPT, 4, args.tokens);
     pipeline.stages = 4;
     pipeline.microbatches = 2;
     pipeline.transport = args.transport.into();
@@ -116,6 +137,20 @@ fn recorded_demo(dir: &Path, args: &DemoArgs) -> Result<ExitCode> {
     println!(
         "\n# record (every payload, every kernel output's hash) into {}",
         dir.display()
+    );
+    let layers_flag = args
+        .layers
+        .map_or(String::new(), |l| format!(" --layers {l}"));
+    println!(
+        "# the same as: slug record --out {} --payloads all --hash-kernels -- --model {}{layers_flag} \
+         --stages 4 --transport {} --sequences 4 --microbatches 2 --tokens {} --threads {} \
+         --prompt {}",
+        shell_quote(&dir.display().to_string()),
+        args.model.name(),
+        pipeline.transport,
+        args.tokens,
+        pipeline.threads,
+        shell_quote(PROMPT)
     );
     let config = RecordConfig {
         payloads: PayloadPolicy::All,
@@ -313,4 +348,18 @@ fn synthetic_tour(dir: PathBuf, events: u64) -> Result<ExitCode> {
         dir.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn printed_words_paste_back_as_one_shell_word() {
+        assert_eq!(shell_quote("run1"), "run1");
+        assert_eq!(shell_quote("/tmp/slug-demo-1"), "/tmp/slug-demo-1");
+        assert_eq!(shell_quote("The quick brown fox"), "'The quick brown fox'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
 }

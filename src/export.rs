@@ -18,11 +18,19 @@ pub enum ExportFormat {
     Chrome,
 }
 
+const EXAMPLES: &str = "\
+Examples:
+  slug export run1 --format perfetto --out run1.perfetto-trace
+      A Perfetto protobuf trace: open it at https://ui.perfetto.dev (Open trace file).
+  slug export run1 --format chrome --out run1.json.gz
+      Chrome trace-event JSON, gzip-compressed because the name ends in .gz; open it in
+      chrome://tracing or Perfetto.
+  slug export run1
+      Perfetto, written to ./trace.perfetto-trace.";
+
 fn examples() -> String {
     format!(
-        "Examples:\n  slug export run1 --format perfetto --out run1.perfetto-trace   # ui.perfetto.dev\n  \
-         slug export run1 --format chrome --out run1.json.gz\n\n\
-         Each event's category is its kind's name: {}.",
+        "{EXAMPLES}\n\nEach event's category is its kind's name: {}.",
         crate::info::kind_names()
     )
 }

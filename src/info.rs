@@ -16,11 +16,22 @@ pub fn kind_names() -> String {
     EventKind::ALL.map(EventKind::name).join(", ")
 }
 
+const EXAMPLES: &str = "\
+Examples:
+  slug info run1
+      Endpoints, events per kind, the time span, what each part takes on disk (logs,
+      snapshots, payloads), every loss with its reason and what to change, capabilities.
+  slug info run1 --json
+      The same as one JSON object (`disk` holds the parts, `losses` the reasons and fixes).
+  slug info run1/endpoints/1.slog
+      One endpoint log on its own.
+
+On a killed recording it shows the logs as `slug recover` would rebuild them, without writing
+into the trace.";
+
 fn examples() -> String {
     format!(
-        "Examples:\n  slug info run1\n  slug info run1 --json | jq .counts\n  \
-         slug info run1/endpoints/1.slog      # one endpoint log\n\n\
-         Events per kind are counted under these names: {}.",
+        "{EXAMPLES}\n\nEvents per kind are counted under these names: {}.",
         kind_names()
     )
 }
@@ -53,11 +64,17 @@ pub fn execute(args: InfoArgs) -> Result<ExitCode> {
     let preview = rebuild_killed_recording(&args.trace);
     let logs = preview.as_ref().map(|p| p.logs.clone()).unwrap_or_default();
     let summary = TraceSummary::of_with_logs(&trace, &logs);
+    let disk = DiskUsage::of(&args.trace);
     if args.json {
-        let text = serde_json::to_string_pretty(&summary).context("serializing the summary")?;
+        let mut value = serde_json::to_value(&summary).context("serializing the summary")?;
+        if let Some(o) = value.as_object_mut() {
+            o.insert("disk".into(), serde_json::to_value(&disk)?);
+            o.insert("losses".into(), serde_json::to_value(losses(&summary))?);
+        }
+        let text = serde_json::to_string_pretty(&value).context("serializing the summary")?;
         emit(&(text + "\n"))?;
     } else {
-        emit(&render(&summary))?;
+        emit(&render_with_disk(&summary, Some(&disk)))?;
     }
     Ok(if summary.all_logs_readable() {
         ExitCode::SUCCESS
@@ -81,6 +98,11 @@ fn emit(text: &str) -> Result<()> {
 
 /// The human-readable summary: a header block, then endpoint, kind and capability tables.
 pub fn render(s: &TraceSummary) -> String {
+    render_with_disk(s, Some(&DiskUsage::of(&s.dir)))
+}
+
+/// [`render`] with the directory's sizes measured by the caller (`None`: logs only).
+fn render_with_disk(s: &TraceSummary, disk: Option<&DiskUsage>) -> String {
     let mut out = String::new();
     let span = s.time_span.map_or("-".to_owned(), |r| duration(r.len()));
     let kind = if s.synthetic { ", synthetic" } else { "" };
@@ -105,7 +127,23 @@ pub fn render(s: &TraceSummary) -> String {
         thousands(s.events),
         thousands(frames)
     );
-    on_disk(&mut out, s.bytes, s.raw_bytes, s.events);
+    if let Some(d) = disk {
+        let _ = writeln!(
+            out,
+            "on disk     {} in all: logs {}, snapshots {}, payloads {}, other {}{}",
+            bytes(d.total),
+            bytes(d.logs),
+            bytes(d.snapshots),
+            bytes(d.payloads),
+            bytes(d.other),
+            if d.complete {
+                ""
+            } else {
+                " (not all counted: see --json's disk.note)"
+            }
+        );
+    }
+    on_disk(&mut out, "logs", s.bytes, s.raw_bytes, s.events);
     let _ = writeln!(
         out,
         "losses      {} event{} recorded lost, {} corrupt frame{} skipped, {} lost to truncation",
@@ -115,6 +153,16 @@ pub fn render(s: &TraceSummary) -> String {
         plural(s.corrupt_frames),
         bytes(s.truncated_bytes)
     );
+    for l in losses(s) {
+        let _ = writeln!(
+            out,
+            "  endpoint {}: {} lost: {}; {}",
+            l.endpoint,
+            thousands(l.events),
+            l.reason,
+            l.fix
+        );
+    }
 
     out.push_str("\nendpoints\n");
     let mut t = Table::new(&[
@@ -160,10 +208,10 @@ pub fn render(s: &TraceSummary) -> String {
 }
 
 /// The `on disk` line: bytes, bytes per event, and the size the same events take as raw records.
-fn on_disk(out: &mut String, on_disk: u64, raw_bytes: u64, events: u64) {
+fn on_disk(out: &mut String, label: &str, on_disk: u64, raw_bytes: u64, events: u64) {
     let _ = writeln!(
         out,
-        "on disk     {}  ({} B/event; raw 128-byte records: {}, {} smaller)",
+        "{label:<12}{}  ({} B/event; raw 128-byte records: {}, {} smaller)",
         bytes(on_disk),
         per_event(on_disk, events),
         bytes(raw_bytes),
@@ -190,7 +238,7 @@ fn render_log(s: &LogSummary) -> String {
         thousands(s.frames),
         thousands(s.strings)
     );
-    on_disk(&mut out, s.bytes, s.raw_bytes, s.events);
+    on_disk(&mut out, "on disk", s.bytes, s.raw_bytes, s.events);
     let _ = writeln!(
         out,
         "lost        {} events recorded lost",
@@ -390,6 +438,149 @@ fn ratio(raw: u64, disk: u64) -> String {
         "-".into()
     } else {
         format!("{:.1}x", raw as f64 / disk as f64)
+    }
+}
+
+/// What a trace directory holds on disk, by part. Files are counted by `lstat`: links are
+/// never followed, and the walk is bounded (a hostile trace cannot make it endless).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DiskUsage {
+    /// Endpoint logs (`endpoints/*.slog`).
+    pub logs: u64,
+    /// Snapshot indexes and chunks (`snapshots/`).
+    pub snapshots: u64,
+    /// Stored transfer payloads (`payloads/`).
+    pub payloads: u64,
+    /// Everything else: the manifest, node reports, a killed recording's journals and rings.
+    pub other: u64,
+    /// All of it.
+    pub total: u64,
+    /// False when the walk stopped at its bounds or could not read a directory (see `note`).
+    pub complete: bool,
+    /// Why not everything was counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Entries the size walk visits at most, and how deep it goes.
+const MAX_WALK_ENTRIES: usize = 4_000_000;
+const MAX_WALK_DEPTH: usize = 8;
+
+impl DiskUsage {
+    /// Measures `dir`.
+    pub fn of(dir: &Path) -> DiskUsage {
+        let mut d = DiskUsage {
+            complete: true,
+            ..DiskUsage::default()
+        };
+        let mut visited = 0usize;
+        let mut stack = vec![(dir.to_path_buf(), 0usize)];
+        while let Some((at, depth)) = stack.pop() {
+            let entries = match std::fs::read_dir(&at) {
+                Ok(e) => e,
+                Err(e) => {
+                    d.incomplete(format!("cannot read {}: {e}", at.display()));
+                    continue;
+                }
+            };
+            for entry in entries.flatten() {
+                visited += 1;
+                if visited > MAX_WALK_ENTRIES {
+                    d.incomplete(format!("stopped after {MAX_WALK_ENTRIES} files"));
+                    return d;
+                }
+                let path = entry.path();
+                let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                if meta.is_dir() {
+                    if depth + 1 < MAX_WALK_DEPTH {
+                        stack.push((path, depth + 1));
+                    } else {
+                        d.incomplete(format!("{} is nested too deep", path.display()));
+                    }
+                    continue;
+                }
+                if !meta.is_file() {
+                    continue;
+                }
+                let len = meta.len();
+                let top = path
+                    .strip_prefix(dir)
+                    .ok()
+                    .and_then(|p| p.components().next())
+                    .and_then(|c| c.as_os_str().to_str())
+                    .unwrap_or("");
+                let part = match top {
+                    slug_schema::ENDPOINTS_DIR if path.extension().is_some_and(|e| e == "slog") => {
+                        &mut d.logs
+                    }
+                    slug_schema::SNAPSHOTS_DIR => &mut d.snapshots,
+                    slug_schema::PAYLOADS_DIR => &mut d.payloads,
+                    _ => &mut d.other,
+                };
+                *part = part.saturating_add(len);
+                d.total = d.total.saturating_add(len);
+            }
+        }
+        d
+    }
+
+    fn incomplete(&mut self, why: String) {
+        self.complete = false;
+        self.note.get_or_insert(why);
+    }
+}
+
+/// Events an endpoint lost for one reason, and what to change so it does not happen again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LossNote {
+    /// The endpoint.
+    pub endpoint: u32,
+    /// Events lost for this reason.
+    pub events: u64,
+    /// The reason its lost-events records give.
+    pub reason: String,
+    /// What to change.
+    pub fix: String,
+}
+
+/// Every loss of `s`, endpoint by endpoint, each with its reason and fix.
+pub fn losses(s: &TraceSummary) -> Vec<LossNote> {
+    s.endpoints
+        .iter()
+        .flat_map(|e| {
+            e.lost_by_reason.iter().map(|(reason, n)| LossNote {
+                endpoint: e.id,
+                events: *n,
+                reason: reason.clone(),
+                fix: fix_for(reason).to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// What to change for a loss reason the recorder writes.
+fn fix_for(reason: &str) -> &'static str {
+    match reason {
+        "perf ring full" => {
+            "the kernel dropped perf samples its buffer could not hold before the recorder \
+             drained it: record at a lower --perf-freq (default 1000 Hz) or with a larger \
+             --perf-ring-pages (default 32)"
+        }
+        "flight ring full" => {
+            "events came faster than the writer drained the endpoint's flight ring: record with a \
+             larger --ring-records (default 65536), or fewer events (--perf none, --ebpf none)"
+        }
+        "payload write failed" => {
+            "payloads could not be stored (`slug record` named the error): free space on the \
+             trace's file system, or record with --payloads boundary or none"
+        }
+        r if r.starts_with("ebpf") => {
+            "the eBPF probes produced more than their buffers hold: record fewer probes (--ebpf \
+             with a list, e.g. off-cpu,syscalls) or at a lower --perf-freq"
+        }
+        _ => "no known fix for this reason: it comes from the recorder that wrote the trace",
     }
 }
 

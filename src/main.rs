@@ -10,6 +10,7 @@ mod info;
 mod keygen;
 mod node;
 mod pipeline_args;
+mod progress;
 mod record;
 mod recover;
 mod replay;

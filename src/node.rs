@@ -25,10 +25,22 @@ use slug_transport::pipeline::{NodeCommand, NodeLauncher};
 /// can read (`chmod 600 PATH` fixes it). Prefer --key-file to SLUG_CLUSTER_KEY: a process's
 /// environment is visible to `ps e` and /proc.
 #[derive(Debug, Args)]
-#[command(
-    after_help = "Example:\n  slug keygen cluster.key   # once; copy it to every host\n  \
-    slug node --listen 0.0.0.0:7070 --key-file cluster.key"
-)]
+#[command(after_help = "\
+What uses nodes: `slug run`, `slug record` and `slug replay` with --hosts (stage s on the s-th
+node, on other machines), and the stage processes that `slug run|record|replay --transport
+shm|tcp` and `slug demo --transport shm|tcp` start on this machine (`slug node --listen
+127.0.0.1:0 --once --key-file -`). A recording node records its stage and sends the files
+back; a replaying node restores its stage from its copy of the trace (--node-trace).
+
+Examples:
+  slug keygen cluster.key                      # once; copy it to every host (scp -p)
+  slug node --listen 0.0.0.0:7070 --key-file cluster.key
+      Serve stages until killed; each coordinator session runs one stage.
+  slug run --model small --stages 2 --transport tcp --hosts h1:7070,h2:7070 --key-file cluster.key
+  slug record --out run1 -- --model small --stages 2 --transport tcp --hosts h1:7070,h2:7070 \\
+      --key-file cluster.key
+  slug replay run1 --hosts h1:7070,h2:7070 --node-trace /data/run1 --key-file cluster.key
+      What uses the nodes: stage s runs on the s-th address.")]
 pub struct NodeArgs {
     /// Address to listen on for coordinators, e.g. `0.0.0.0:7070` (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]

@@ -21,7 +21,8 @@ pub struct PipelineArgs {
     /// How stages exchange activations.
     #[arg(long, value_enum, default_value_t = Transport::Local)]
     pub transport: Transport,
-    /// Run stage s on the `slug node --listen` at the s-th address (tcp; one per stage).
+    /// Run stage s on the `slug node --listen` at the s-th address (tcp; a comma list, or the
+    /// flag once per stage).
     #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...")]
     pub hosts: Vec<String>,
     /// Cluster key file shared with the `slug node`s of --hosts (default: $SLUG_CLUSTER_KEY).

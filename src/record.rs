@@ -3,21 +3,18 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use slug_recorder::ebpf::EbpfRequest;
 use slug_recorder::observe::PayloadPolicy;
 use slug_recorder::perf::{PerfConfig, PerfRequest};
 use slug_recorder::{RecordConfig, RecordSummary, record};
-use slug_transport::pipeline::PipelineConfig;
+use slug_transport::pipeline::{PipelineConfig, RunProgress};
 
 use crate::choices::Payloads;
 use crate::pipeline_args::PipelineArgs;
+use crate::progress::{self, Display, Rate};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -25,9 +22,15 @@ Examples:
       Record four stage threads with every payload and kernel-output hash; then `slug info run1`.
   slug record --out run2 --snapshot-every 8 -- --stages 4 --transport shm
       One recording `slug node` process per stage on this machine, snapshots every 8 steps.
-  slug record --out run3 -- --stages 2 --transport tcp --hosts 10.0.0.1:7070,10.0.0.2:7070
+  slug record --out run3 -- --stages 2 --transport tcp --hosts 10.0.0.1:7070,10.0.0.2:7070 \\
+      --key-file cluster.key
       Each `slug node --listen` records its stage locally; the files are fetched into run3 over
-      the node connections when the run ends (same cluster key in $SLUG_CLUSTER_KEY everywhere).";
+      the node connections when the run ends (the same cluster key file on every host).
+  slug record --out run4 --perf-freq 250 --ring-records 262144 -- --model base --stages 4
+      Fewer perf samples and larger flight rings, when `slug info` reports losses.
+
+Progress (steps, tokens/s, events, bytes sent, from every stage or node) goes to stderr: a bar
+on a terminal, a line every 2 s otherwise; --quiet or --json turn it off.";
 
 /// Arguments of `slug record`.
 #[derive(Debug, Args)]
@@ -60,13 +63,24 @@ pub struct RecordArgs {
     /// Sampling frequency of cpu-clock and memory samples, Hz.
     #[arg(long, default_value_t = 1000)]
     perf_freq: u64,
+    /// Pages of each perf stream's kernel buffer (a power of two): more hold more samples
+    /// between two drains (`slug info` says when the kernel dropped some: "perf ring full").
+    #[arg(long, default_value_t = 32, value_name = "PAGES")]
+    perf_ring_pages: u32,
+    /// Records each endpoint thread's flight ring holds (a power of two, 128 bytes each):
+    /// more absorb longer bursts before events are dropped ("flight ring full").
+    #[arg(long, default_value_t = 65536, value_name = "RECORDS")]
+    ring_records: usize,
     /// eBPF endpoint probes (need root or CAP_BPF + CAP_PERFMON): auto, none, or a list of
     /// off-cpu, syscalls, page-faults, migrations, tcp.
     #[arg(long, default_value = "auto")]
     ebpf: String,
-    /// Print the summary as one JSON object.
+    /// Print the summary as one JSON object (and show no progress).
     #[arg(long)]
     json: bool,
+    /// Show no progress on stderr.
+    #[arg(long, short)]
+    quiet: bool,
     /// The pipeline to record: the same flags as `slug run`.
     #[command(flatten)]
     pipeline: PipelineArgs,
@@ -105,12 +119,25 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
     if args.perf_freq == 0 {
         bail!("--perf-freq 0: give a sampling frequency in Hz, e.g. 1000");
     }
+    if !args.perf_ring_pages.is_power_of_two() || args.perf_ring_pages > 1 << 16 {
+        bail!(
+            "--perf-ring-pages {}: give a power of two from 1 to 65536, e.g. 32 or 128",
+            args.perf_ring_pages
+        );
+    }
+    if !args.ring_records.is_power_of_two() || !(1024..=1 << 24).contains(&args.ring_records) {
+        bail!(
+            "--ring-records {}: give a power of two from 1024 to 16777216, e.g. 65536 or 262144",
+            args.ring_records
+        );
+    }
     let config = RecordConfig {
         force: args.force,
         payloads,
         perf: PerfConfig {
             request,
             freq_hz: args.perf_freq,
+            ring_pages_exp: args.perf_ring_pages.trailing_zeros() as u8,
             ..PerfConfig::default()
         },
         snapshot_every: if args.no_snapshots {
@@ -120,33 +147,22 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         },
         hash_kernels: args.hash_kernels,
         ebpf,
+        ring_records: args.ring_records,
         ..RecordConfig::new(&args.out)
     };
-    let pipeline = args.pipeline()?;
-    let progress = Arc::new(AtomicU64::new(0));
-    let config = RecordConfig {
-        progress: Some(Arc::clone(&progress)),
-        ..config
+    let mut pipeline = args.pipeline()?;
+    if !(args.json || args.quiet) {
+        // Every stage's recorder counts its events into these, here or on its node.
+        pipeline.progress = Some(RunProgress::for_config(&pipeline));
+    }
+    let display = Display {
+        what: "recording".into(),
+        rate: Rate::Tokens,
+        events: true,
     };
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} recording: {msg} [{elapsed_precise}]")
-            .expect("the template is valid"),
-    );
-    let summary = std::thread::scope(|scope| {
-        let ticker = scope.spawn(|| {
-            while !bar.is_finished() {
-                bar.set_message(format!("{} events", progress.load(Ordering::Relaxed)));
-                bar.tick();
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        let summary = record(&config, &pipeline);
-        bar.finish_and_clear();
-        let _ = ticker.join();
-        summary
-    });
-    let summary = summary?;
+    let summary = progress::show(pipeline.progress.as_ref(), &display, || {
+        record(&config, &pipeline)
+    })?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -197,6 +213,20 @@ pub(crate) fn print_summary(s: &RecordSummary) {
     }
     for w in &s.warnings {
         eprintln!("slug: warning: {w}");
+    }
+    if s.endpoints.iter().any(|e| e.lost > 0) {
+        // Why each loss happened and what to change, as `slug info` says it.
+        match slug_schema::Trace::open(&s.trace) {
+            Ok(trace) => {
+                for l in crate::info::losses(&slug_schema::TraceSummary::of(&trace)) {
+                    eprintln!(
+                        "slug: endpoint {} lost {} events: {}; {}",
+                        l.endpoint, l.events, l.reason, l.fix
+                    );
+                }
+            }
+            Err(e) => eprintln!("slug: warning: cannot read back the losses' reasons: {e}"),
+        }
     }
     if s.captured.is_empty() {
         println!("captured: transfers, kernel spans and step boundaries only (no perf streams)");

@@ -11,9 +11,11 @@ use slug_replayer::{
     RecordedRun, ReplayOptions, ReplayReport, Verify, npy, replay_pipeline, replay_stage,
 };
 use slug_transport::inject::Injection;
+use slug_transport::pipeline::RunProgress;
 use slug_transport::transfer::TransportKind;
 
 use crate::choices::{Transport, VerifyDepth};
+use crate::progress::{self, Display, Rate};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -81,9 +83,9 @@ pub struct ReplayArgs {
     /// Longest wait on a link, in milliseconds (default: the recorded limit).
     #[arg(long)]
     timeout_ms: Option<u64>,
-    /// Run stage s on the `slug node --listen` at the s-th host:port (tcp); each node restores
-    /// its stage from its own copy of the trace.
-    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    /// Run stage s on the `slug node --listen` at the s-th address (tcp; a comma list, or the
+    /// flag once per stage); each node restores its stage from its own copy of the trace.
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...")]
     hosts: Vec<String>,
     /// Where the trace lies on the --hosts nodes (default: the same path as here).
     #[arg(long, requires = "hosts")]
@@ -91,9 +93,12 @@ pub struct ReplayArgs {
     /// Cluster key file for --hosts (default: the SLUG_CLUSTER_KEY environment variable).
     #[arg(long, requires = "hosts")]
     key_file: Option<PathBuf>,
-    /// Print one JSON object instead of text.
+    /// Print one JSON object instead of text (and show no progress).
     #[arg(long)]
     json: bool,
+    /// Show no progress on stderr.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 /// Runs `slug replay`; exit status 0 only when the replay was bit-exact and complete (1 when
@@ -123,6 +128,34 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
         hosts: args.hosts.clone(),
         node_trace: args.node_trace.clone(),
         key_file: args.key_file.clone(),
+        progress: None,
+    };
+    let show = !(args.json || args.quiet);
+    let cfg = rec.config();
+    let last = (cfg.tokens * cfg.prompts.len()) as u64;
+    // Counted as the runtime counts: a stage's steps of the schedule up to --to-step.
+    let steps = args.to_step.map_or(last, |t| t.saturating_add(1).min(last));
+    let (stages, display) = match args.stage {
+        Some(s) => (
+            1,
+            Display {
+                what: format!("replaying stage {s}"),
+                rate: Rate::Steps,
+                events: false,
+            },
+        ),
+        None => (
+            cfg.stages,
+            Display {
+                what: "replaying".into(),
+                rate: Rate::Tokens,
+                events: false,
+            },
+        ),
+    };
+    let opts = ReplayOptions {
+        progress: show.then(|| RunProgress::new(stages, steps)),
+        ..opts
     };
     let report = match args.stage {
         Some(s) => {
@@ -132,7 +165,9 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
                      without a network"
                 );
             }
-            let replayed = replay_stage(rec.clone(), s, &opts)?;
+            let replayed = progress::show(opts.progress.as_ref(), &display, || {
+                replay_stage(rec.clone(), s, &opts)
+            })?;
             if let (Some(name), Some(out)) = (&args.dump, &args.out) {
                 let t = npy::tensor(&replayed.stage, name)?;
                 npy::write_npy(&t, out)?;
@@ -150,7 +185,9 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
             }
             replayed.report
         }
-        None => replay_pipeline(rec.clone(), &opts)?,
+        None => progress::show(opts.progress.as_ref(), &display, || {
+            replay_pipeline(rec.clone(), &opts)
+        })?,
     };
     match (&args.report, &report.first) {
         (Some(path), Some(first)) => {
@@ -245,16 +282,47 @@ pub(crate) fn print_text(r: &ReplayReport) {
             }
             if let Some(t) = d.transfer_id {
                 at.push_str(&format!(
-                    " transfer {t} ({})",
+                    " transfer {}",
                     slug_schema::TransferKey::unpack(t)
                 ));
             }
-            if let Some(o) = d.offset {
-                at.push_str(&format!(" element {o}"));
-            }
             println!("DIVERGED at {at}");
-            println!("  expected {}", d.expected);
-            println!("  got      {}", d.got);
+            let shown = |v: &serde_json::Value| match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let transfer = d.transfer_id.map(slug_schema::TransferKey::unpack);
+            match (&d.kernel, d.known.as_str(), d.offset) {
+                (Some(k), _, _) => println!(
+                    "  kernel {k}'s output differs; the trace holds only its hash: expected {}, \
+                     got {}",
+                    shown(&d.expected),
+                    shown(&d.got)
+                ),
+                (None, "values", Some(o)) => println!(
+                    "  transfer {} differs first at element {o}: expected {}, got {}",
+                    transfer.map_or("-".into(), |t| t.to_string()),
+                    shown(&d.expected),
+                    shown(&d.got)
+                ),
+                _ => println!(
+                    "  transfer {} differs; without its payload (record with --payloads all) only \
+                     the content hashes are known: expected {}, got {}",
+                    transfer.map_or("-".into(), |t| t.to_string()),
+                    shown(&d.expected),
+                    shown(&d.got)
+                ),
+            }
+            if d.kernel.is_some()
+                && let (Some(t), Some(o), Some(want), Some(got)) =
+                    (transfer, d.offset, &d.transfer_expected, &d.transfer_got)
+            {
+                println!(
+                    "  the step's transfer {t} differs first at element {o}: expected {}, got {}",
+                    shown(want),
+                    shown(got)
+                );
+            }
             println!("  {} later transfers also differ", d.later_differing);
         }
     }

@@ -8,9 +8,10 @@ use clap::Args;
 use serde_json::json;
 use slug_kernels::{Isa, LayerPlan, StageLayout, check_fits};
 use slug_transport::link::LinkStats;
-use slug_transport::pipeline::{self, NoObservers};
+use slug_transport::pipeline::{self, NoObservers, RunProgress};
 
 use crate::pipeline_args::PipelineArgs;
+use crate::progress::{self, Display, Rate};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -18,12 +19,17 @@ Examples:
       Generate 32 tokens with the tiny model; prints token ids, text and tokens/s.
   slug run --model small --stages 4 --transport shm --sequences 4 --json
       Four stage processes over a shared-memory fabric, four sequences in flight; one JSON object.
-  slug run --stages 4 --transport tcp --hosts 10.0.0.1:7070,10.0.0.2:7070,10.0.0.3:7070,10.0.0.4:7070
-      One stage on each `slug node --listen` (same cluster key in $SLUG_CLUSTER_KEY everywhere).
+  slug run --model small --stages 4 --transport tcp --key-file cluster.key \\
+      --hosts 10.0.0.1:7070,10.0.0.2:7070,10.0.0.3:7070,10.0.0.4:7070
+      One stage on each `slug node --listen` (the same cluster key file on every host); small
+      has 8 layers, tiny (the default) only 2, so at most 2 stages.
   slug run --model tiny --dim 128 --heads 8 --kv-heads 2 --layers 4 --fma
       Override any dimension of a preset; --fma fuses multiply-adds (changes the results).
   slug run --model base --stages 4 --layout
       Print each stage's arena layout (section, region, offset, bytes, alignment) and exit.
+
+Progress (steps, tokens/s, bytes sent, from every stage) goes to stderr: a bar on a terminal,
+a line every 2 s otherwise; --quiet or --json turn it off.
 
 The same --model, dimensions, --seed, --fma and --prompt give the same tokens for every
 --threads, --stages, --transport, --microbatches and --isa: kernels reduce in one fixed order on
@@ -39,6 +45,9 @@ pub struct RunArgs {
     /// Print the arena layout of every stage and exit without running.
     #[arg(long)]
     layout: bool,
+    /// Show no progress on stderr (none is shown with --json either).
+    #[arg(long, short)]
+    quiet: bool,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -55,7 +64,10 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
         print_layout(&layouts, args.json)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let cfg = args.pipeline.config()?;
+    let mut cfg = args.pipeline.config()?;
+    if !(args.json || args.quiet) {
+        cfg.progress = Some(RunProgress::for_config(&cfg));
+    }
     let plan = cfg.plan()?;
     let total: u64 = (0..plan.stages())
         .map(|s| StageLayout::new(&cfg.model, &plan, s, cfg.prompts.len(), cfg.threads))
@@ -68,7 +80,14 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
         .isa
         .clone()
         .unwrap_or_else(|| Isa::best().name().to_string());
-    let report = pipeline::run(&cfg, &NoObservers)?;
+    let display = Display {
+        what: "running".into(),
+        rate: Rate::Tokens,
+        events: false,
+    };
+    let report = progress::show(cfg.progress.as_ref(), &display, || {
+        pipeline::run(&cfg, &NoObservers)
+    })?;
     let tokens = report.tokens.first().cloned().unwrap_or_default();
     let text = render(&tokens);
     let wall_ms = report.wall_ns as f64 / 1e6;

@@ -11,19 +11,39 @@ use slug_viewer::state::app::App;
 use slug_viewer::state::divergence::Divergence;
 use slug_viewer::state::timeline::Timeline;
 
-fn examples() -> String {
+const KEYS_AND_EXAMPLES: &str = "\
+Keys (also `?` inside the viewer):
+  w + =  zoom in          s - _  zoom out         a left   pan back      d right  pan forward
+  up/down j/k  move the track cursor              0 home   the whole trace
+  n tab / p shift-tab  next / previous event on the track that matches the filter
+  enter  select the event at the centre           mouse: click selects, wheel zooms
+  g  jump to a time (12.5ms, 300us, 2s)           : G  jump to step N on the cursor's endpoint
+  /  filter: kind:NAME kernel:TEXT ep:TEXT words  esc  clear the selection, then the filter
+  t  statistics view      ?  help                 q ctrl-c  quit
+
+Examples:
+  slug view run1
+      The timelines of every endpoint of run1 (written by `slug record --out run1`).
+  slug view run1 --divergence div.json
+      Open at the first divergence a replay reported (`slug replay run1 --report div.json`).
+  slug view run1, then /kind:kernel_span kernel:down ep:s1
+      Only the MLP down projections of stage 1 (kernels: embed, attn_norm, q_proj, k_proj,
+      v_proj, rope_q, rope_k, attention, o_proj, attn_residual, ffn_norm, gate, up, swiglu,
+      down, ffn_residual, final_norm, head, argmax; `kernel:proj` matches every projection;
+      kinds as in `slug info`).
+
+It draws on a terminal; in scripts use `slug info` or `slug export`.";
+
+fn keys_and_examples() -> String {
     format!(
-        "Examples:\n  slug view run1\n  \
-         slug view run1 --divergence div.json   # a report from `slug replay run1 --report div.json`\n\n\
-         In the viewer `?` lists the keys, and `/` filters with kind:NAME kernel:TEXT ep:TEXT or\n\
-         plain words, e.g. `/kind:kernel_span kernel:gemm ep:s1`. Kinds: {}.",
+        "{KEYS_AND_EXAMPLES}\n\nKinds (for /kind:NAME): {}.",
         crate::info::kind_names()
     )
 }
 
 /// Arguments of `slug view`.
 #[derive(Debug, Args)]
-#[command(after_help = examples())]
+#[command(after_help = keys_and_examples())]
 pub struct ViewArgs {
     /// Trace directory (written by `slug record` or `slug demo`).
     pub trace: PathBuf,

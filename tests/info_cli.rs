@@ -183,3 +183,57 @@ fn info_view_and_export_help_give_examples_and_every_kind_name() {
         }
     }
 }
+
+#[test]
+fn every_part_on_disk_and_every_loss_with_its_reason_and_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("trace");
+    small_trace(&root);
+    // A payload and a snapshot chunk, as a recording would store them.
+    for (part, len) in [("payloads/ab", 1000usize), ("snapshots/chunks/cd", 3000)] {
+        std::fs::create_dir_all(root.join(part)).unwrap();
+        std::fs::write(root.join(part).join("x.zst"), vec![7u8; len]).unwrap();
+    }
+    let out = slug(&["info", "--json", root.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let disk = &v["disk"];
+    assert_eq!(disk["payloads"], 1000, "{disk}");
+    assert_eq!(disk["snapshots"], 3000, "{disk}");
+    assert_eq!(disk["logs"], v["bytes"], "{disk}");
+    let parts: u64 = ["logs", "snapshots", "payloads", "other"]
+        .iter()
+        .map(|p| disk[p].as_u64().unwrap())
+        .sum();
+    assert_eq!(disk["total"], parts, "{disk}");
+    let mut on_disk = 0u64;
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                on_disk += m.len();
+            }
+        }
+    }
+    assert_eq!(disk["total"], on_disk, "{disk}");
+    let losses = v["losses"].as_array().expect("losses");
+    assert_eq!(losses.len(), 4, "one reason per endpoint: {losses:?}");
+    for (i, l) in losses.iter().enumerate() {
+        assert_eq!(l["events"], 17 + i as u64);
+        assert_eq!(l["reason"], "ring overflow (synthetic)");
+        assert!(!l["fix"].as_str().unwrap().is_empty());
+    }
+
+    let out = slug(&["info", root.to_str().unwrap()]);
+    let t = text(&out);
+    assert!(t.contains(" in all: logs "), "{t}");
+    assert!(t.contains("snapshots 2.9 KiB, payloads 1000 B"), "{t}");
+    assert!(
+        t.contains("endpoint 0: 17 lost: ring overflow (synthetic); "),
+        "{t}"
+    );
+}

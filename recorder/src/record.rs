@@ -262,6 +262,7 @@ fn summarize_log(
         .map(|l| l.count)
         .sum();
     let lost = lost.iter().map(|l| l.count).sum();
+    let (payloads, payload_bytes) = stored_payloads(trace, &log);
     let mut warnings = Vec::new();
     if !log.recovery().is_clean() {
         warnings.push(format!("log was not closed cleanly: {:?}", log.recovery()));
@@ -295,10 +296,40 @@ fn summarize_log(
         bytes: log.file_len(),
         raw_bytes: events * slug_schema::RawRecord::SIZE as u64,
         lost,
-        payloads: 0,
-        payload_bytes: 0,
+        payloads,
+        payload_bytes,
         warnings,
     })
+}
+
+/// The payloads a node stored for `log`'s endpoint, as far as the trace shows: the distinct
+/// payloads its transfers reference that lie in the trace's payload store, and their bytes
+/// on disk (a payload both ends of a link reference counts at both).
+fn stored_payloads(trace: &Trace, log: &slug_schema::LogReader) -> (u64, u64) {
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes = 0u64;
+    let dir = trace.dir().join(slug_schema::PAYLOADS_DIR);
+    let transfers = log.events_in(
+        TimeRange::new(0, u64::MAX),
+        KindSet::of(&[EventKind::Transfer]),
+    );
+    for e in transfers {
+        let Ok(Event::Transfer(t)) = e else {
+            continue;
+        };
+        let Some(hash) = t.payload.filter(|h| seen.insert(*h)) else {
+            continue;
+        };
+        let hex = format!("{hash:032x}");
+        let path = dir.join(&hex[..2]).join(format!("{hex}.zst"));
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() => bytes += m.len(),
+            _ => {
+                seen.remove(&hash);
+            }
+        }
+    }
+    (seen.len() as u64, bytes)
 }
 
 /// Runs `pipeline` with every endpoint recorded into `cfg.out`; prints nothing (the CLI prints
@@ -434,6 +465,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             payloads: cfg.payloads.to_string(),
             perf: cfg.perf.request.to_string(),
             perf_freq_hz: cfg.perf.freq_hz,
+            perf_ring_pages_exp: Some(cfg.perf.ring_pages_exp),
             ring_records: cfg.ring_records,
             snapshot_every: cfg.snapshot_every,
             hash_kernels: cfg.hash_kernels,

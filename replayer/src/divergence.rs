@@ -26,14 +26,27 @@ pub struct Divergence {
     pub kernel: Option<String>,
     /// Trace id of the first differing transfer.
     pub transfer_id: Option<u64>,
-    /// Index of the first differing 4-byte element (needs the recorded payload).
+    /// Index of the first differing 4-byte element of `transfer_id` (needs its recorded
+    /// payload); `None` when only its hash was compared.
     pub offset: Option<u64>,
+    /// What `expected` and `got` are: `values` (elements of a recorded payload) or `hashes`
+    /// (the trace holds only content hashes: kernel outputs always, transfers without
+    /// payloads), so nothing finer than "it differs" is known.
+    #[serde(default = "hashes")]
+    pub known: String,
     /// The recorded value (or content hash when no payload was recorded).
     pub expected: serde_json::Value,
     /// The replayed value (or content hash).
     pub got: serde_json::Value,
     /// How many later transfers also differed.
     pub later_differing: u64,
+    /// At kernel level, when the differing kernel's stage step also sent a differing transfer
+    /// with a recorded payload: that transfer's recorded element at `offset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_expected: Option<serde_json::Value>,
+    /// The replayed element of that transfer at `offset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_got: Option<serde_json::Value>,
 }
 
 /// Where in the schedule a stage step falls, for reports.
@@ -182,9 +195,12 @@ impl Checker {
             kernel: None,
             transfer_id: Some(recorded.id),
             offset: None,
+            known: hashes(),
             expected: format!("xxh3:{:032x}", recorded.hash).into(),
             got: format!("xxh3:{hash:032x}").into(),
             later_differing: 0,
+            transfer_expected: None,
+            transfer_got: None,
         };
         // With the recorded payload the report names the element and both values; a payload
         // that cannot be read leaves the hashes, which still prove the difference.
@@ -192,10 +208,12 @@ impl Checker {
             let pairs = want.chunks_exact(4).zip(bytes.chunks_exact(4));
             if let Some((i, (w, g))) = pairs.enumerate().find(|(_, (w, g))| w != g) {
                 d.offset = Some(i as u64);
+                d.known = "values".into();
                 d.expected = element_value(w, tokens);
                 d.got = element_value(g, tokens);
             } else if want.len() != bytes.len() {
                 d.offset = Some(want.len().min(bytes.len()) as u64 / 4);
+                d.known = "values".into();
                 d.expected = format!("{} bytes", want.len()).into();
                 d.got = format!("{} bytes", bytes.len()).into();
             }
@@ -250,9 +268,12 @@ impl Checker {
                 kernel: Some(kernel.name().to_string()),
                 transfer_id: None,
                 offset: None,
+                known: hashes(),
                 expected: format!("xxh3:{want:032x}").into(),
                 got: format!("xxh3:{got:032x}").into(),
                 later_differing: 0,
+                transfer_expected: None,
+                transfer_got: None,
             },
         });
     }
@@ -289,9 +310,16 @@ impl Checker {
                 let same_place = tr
                     .as_ref()
                     .filter(|f| f.divergence.endpoint == d.endpoint && f.divergence.step == d.step);
+                // The transfer that carried this step's output onward, with its first
+                // differing element when its payload was recorded: `expected`/`got` stay the
+                // kernel output's hashes, the element's values go beside them.
                 if let Some(f) = same_place {
                     d.transfer_id = f.divergence.transfer_id;
                     d.offset = f.divergence.offset;
+                    if f.divergence.known == "values" {
+                        d.transfer_expected = Some(f.divergence.expected.clone());
+                        d.transfer_got = Some(f.divergence.got.clone());
+                    }
                 }
                 d.later_differing = later_transfers(same_place.is_some());
                 Some(d)
@@ -304,6 +332,10 @@ impl Checker {
             (None, None) => None,
         }
     }
+}
+
+fn hashes() -> String {
+    "hashes".into()
 }
 
 /// Where stage step `step` falls in `cfg`'s schedule.

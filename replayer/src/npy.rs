@@ -128,7 +128,8 @@ pub fn tensor(stage: &Stage, name: &str) -> Result<Tensor> {
         }
         _ => {}
     }
-    // Any region of the layout report, by the name before its parenthesised note.
+    // Any region of the layout report, by the name before its parenthesised note, in the
+    // shape the model gives it (flat only where it has none).
     if let Some(r) = layout
         .regions
         .iter()
@@ -138,24 +139,75 @@ pub fn tensor(stage: &Stage, name: &str) -> Result<Tensor> {
             offset: r.offset,
             len: r.bytes / 4,
         };
-        return Ok(cut(span, vec![span.len], Dtype::F32));
-    }
-    let mut known: Vec<String> = Section::ALL.iter().map(|s| s.name().to_string()).collect();
-    known.extend(
-        layout
-            .regions
-            .iter()
-            .filter_map(|r| r.name.split(' ').next().map(str::to_string)),
-    );
-    if let Some(l) = layout.layers.clone().next() {
-        known.push(format!("k.layer.{l}.seq.0"));
-        known.push(format!("v.layer.{l}.seq.0"));
+        let shape = region_shape(stage, name)
+            .filter(|s| s.iter().product::<usize>() == span.len)
+            .unwrap_or_else(|| vec![span.len]);
+        return Ok(cut(span, shape, Dtype::F32));
     }
     Err(ReplayError::Usage(format!(
-        "--dump {name}: stage {} has no such tensor; known: {}",
+        "--dump {name}: stage {} has no such tensor; it knows: {}",
         stage.index(),
-        known.join(", ")
+        known(stage)
     )))
+}
+
+/// Every name `--dump` takes on `stage`, as patterns over its own layers and sequences.
+fn known(stage: &Stage) -> String {
+    let layout = stage.layout();
+    let layers = &layout.layers;
+    let (l, seqs) = (
+        format!("{}..{}", layers.start, layers.end),
+        format!("0..{}", layout.sequences),
+    );
+    let own_layer = layers.start;
+    let sections: Vec<&str> = Section::ALL.iter().map(|s| s.name()).collect();
+    // Region names without their per-layer and per-sequence copies, said once as patterns.
+    let mut regions: Vec<String> = Vec::new();
+    for r in &layout.regions {
+        let Some(n) = r.name.split(' ').next() else {
+            continue;
+        };
+        let n = match n.split('.').collect::<Vec<_>>().as_slice() {
+            ["layer", _, w] => format!("layer.L.{w}"),
+            ["kv", "layer", _] | ["inbox" | "outbox", "seq", _] => continue,
+            _ => n.to_string(),
+        };
+        if !regions.contains(&n) {
+            regions.push(n);
+        }
+    }
+    format!(
+        "k.layer.L.seq.S, v.layer.L.seq.S (keys, values: [filled positions, kv_dim]), kv.layer.L \
+         ([K|V, sequence, max_seq, kv_dim]), inbox.seq.S, outbox.seq.S, {} and {} (stage {} \
+         holds layers L in {l} and sequences S in {seqs}, e.g. k.layer.{own_layer}.seq.0)",
+        sections.join(", "),
+        regions.join(", "),
+        stage.index()
+    )
+}
+
+/// The shape of layout region `name` as the model uses it: weight matrices `[in, out]`,
+/// workspace buffers `[max_seq, width]`, vectors `[len]`; `None` for a name without one.
+fn region_shape(stage: &Stage, name: &str) -> Option<Vec<usize>> {
+    let c = stage.config();
+    let layout = stage.layout();
+    let (d, kvd, f, v, t) = (c.dim, c.kv_dim(), c.ffn, c.vocab, layout.max_seq);
+    let parts: Vec<&str> = name.split('.').collect();
+    Some(match parts.as_slice() {
+        ["embed"] => vec![v, d],
+        ["rope", "cos" | "sin"] => vec![t, c.head_dim() / 2],
+        ["layer", _, "attn_norm" | "ffn_norm"] | ["final_norm"] => vec![d],
+        ["layer", _, "wq" | "wo"] => vec![d, d],
+        ["layer", _, "wk" | "wv"] => vec![d, kvd],
+        ["layer", _, "w_gate" | "w_up"] => vec![d, f],
+        ["layer", _, "w_down"] => vec![f, d],
+        ["head"] => vec![d, v],
+        ["x" | "xb" | "q" | "att" | "proj"] => vec![t, d],
+        ["gate" | "up"] => vec![t, f],
+        ["logits"] => vec![v],
+        ["scores"] => vec![layout.max_threads, layout.work.scores_stride],
+        _ => return None,
+    })
 }
 
 /// The `.npy` bytes of `t`: magic, version 1.0, a header dict padded so the data starts on a
@@ -265,12 +317,34 @@ mod tests {
             (out.shape.clone(), out.dtype),
             (vec![c.max_seq], Dtype::U32)
         );
-        let wq = tensor(&stage, "layer.1.wq").unwrap();
-        assert_eq!(wq.shape, vec![c.dim * c.dim]);
+        for (name, shape) in [
+            ("layer.1.wq", vec![c.dim, c.dim]),
+            ("layer.1.wk", vec![c.dim, kvd]),
+            ("layer.1.w_down", vec![c.ffn, c.dim]),
+            ("layer.1.ffn_norm", vec![c.dim]),
+            ("head", vec![c.dim, c.vocab]),
+            ("x", vec![c.max_seq, c.dim]),
+            ("gate", vec![c.max_seq, c.ffn]),
+            ("logits", vec![c.vocab]),
+        ] {
+            let t = tensor(&stage, name).unwrap();
+            assert_eq!(t.shape, shape, "{name}");
+            assert_eq!(t.bytes.len(), shape.iter().product::<usize>() * 4, "{name}");
+        }
         let err = tensor(&stage, "k.layer.0.seq.0").unwrap_err().to_string();
-        assert!(
-            err.contains("no such tensor") && err.contains("k.layer.1.seq.0"),
-            "{err}"
-        );
+        for needle in [
+            "no such tensor",
+            "layers L in 1..2",
+            "sequences S in 0..2",
+            "k.layer.1.seq.0",
+            "kv.layer.L",
+            "outbox.seq.S",
+            "layer.L.w_down",
+            "head",
+            "logits",
+            "weights",
+        ] {
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! trace as they go.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -10,8 +11,8 @@ use slug_kernels::{Hooks, NoHooks, Stage, ThreadPool};
 use slug_transport::TransportError;
 use slug_transport::inject::{FaultInjector, Injection};
 use slug_transport::pipeline::{
-    KernelDigests, Launch, ObserverFactory, PipelineConfig, StageContext, StageObservers,
-    StageState, restore_stage, run, schedule_slot,
+    KernelDigests, Launch, ObserverFactory, PipelineConfig, RunProgress, StageContext,
+    StageObservers, StageState, restore_stage, run, schedule_slot,
 };
 use slug_transport::transfer::{Observers, Tag, Transfer, TransferObserver, TransportKind};
 
@@ -68,6 +69,9 @@ pub struct ReplayOptions {
     pub node_trace: Option<std::path::PathBuf>,
     /// Cluster key file for `hosts` (default: the `SLUG_CLUSTER_KEY` environment variable).
     pub key_file: Option<std::path::PathBuf>,
+    /// Live counters to update as the replay goes, for a progress display: one stage per
+    /// replayed stage ([`replay_stage`] counts its one stage as stage 0).
+    pub progress: Option<Arc<RunProgress>>,
 }
 
 /// What a replay did and found.
@@ -229,6 +233,7 @@ fn replay_config(rec: &RecordedRun, opts: &ReplayOptions) -> Result<PipelineConf
         cfg.timeout_ms = ms;
     }
     cfg.inject = opts.inject.clone();
+    cfg.progress = opts.progress.clone();
     cfg.hosts = opts.hosts.clone();
     cfg.key_file = opts.key_file.clone();
     if opts.hosts.is_empty() {
@@ -542,6 +547,9 @@ pub fn replay_stage(rec: Arc<RecordedRun>, s: usize, opts: &ReplayOptions) -> Re
             }
         };
         stage.forward(&pool, &mut *hooks, seq, n)?;
+        if let Some(p) = opts.progress.as_ref().and_then(|p| p.stage(0)) {
+            p.steps.store(f + 1, Ordering::Relaxed);
+        }
         let sends = n_stages > 1 && !(last && slot.step as usize + 1 == cfg.tokens);
         if sends {
             let out = stage.layout().outboxes[seq];

@@ -46,6 +46,8 @@ pub struct EndpointSummary {
     pub recovery: Option<Recovery>,
     /// Events the recorder itself reported lost (sum of lost-events records).
     pub lost_events: u64,
+    /// The same, per reason the lost-events records give ("perf ring full", ...).
+    pub lost_by_reason: BTreeMap<String, u64>,
     /// Frames that passed their checksum but failed to decode (also in `recovery.corrupt_frames`).
     pub undecodable_frames: u64,
     /// Inconsistencies between the manifest and the log (wrong endpoint id, implausible clock
@@ -136,6 +138,7 @@ impl TraceSummary {
                 frames: 0,
                 recovery: None,
                 lost_events: 0,
+                lost_by_reason: BTreeMap::new(),
                 undecodable_frames: 0,
                 problems,
             };
@@ -166,6 +169,7 @@ impl TraceSummary {
                     s.frames = l.frames;
                     s.recovery = Some(l.recovery);
                     s.lost_events = l.lost_events;
+                    s.lost_by_reason = l.lost_by_reason;
                     s.undecodable_frames = l.undecodable_frames;
                     if let (Some(r), Some(offset)) = (s.time_span, offset) {
                         let shifted = r
@@ -249,6 +253,9 @@ pub struct LogSummary {
     pub recovery: Recovery,
     /// Events the recorder itself reported lost (sum of lost-events records).
     pub lost_events: u64,
+    /// The same, per reason the lost-events records give (at most [`MAX_LOSS_REASONS`]
+    /// reasons of at most 200 characters each; further ones count as `other reasons`).
+    pub lost_by_reason: BTreeMap<String, u64>,
     /// Frames that passed their checksum but failed to decode (also in `recovery.corrupt_frames`).
     pub undecodable_frames: u64,
     #[serde(skip)]
@@ -261,6 +268,7 @@ impl LogSummary {
     pub fn of(log: &LogReader) -> LogSummary {
         let mut counts = [0u64; EventKind::COUNT];
         let mut lost_events = 0u64;
+        let mut lost_by_reason = BTreeMap::new();
         let mut undecodable_frames = 0u64;
         let mut frames = 0u64;
         let mut span: Option<TimeRange> = None;
@@ -282,6 +290,9 @@ impl LogSummary {
                 counts[e.kind() as usize] += 1;
                 if let Event::LostEvents(l) = e {
                     lost_events = lost_events.saturating_add(l.count);
+                    let reason = loss_reason(log.string(l.reason), &lost_by_reason);
+                    let n: &mut u64 = lost_by_reason.entry(reason).or_default();
+                    *n = n.saturating_add(l.count);
                 }
                 let r = TimeRange::new(e.ns(), e.end_ns().max(e.ns()));
                 span = Some(span.map_or(r, |x| x.hull(r)));
@@ -302,9 +313,26 @@ impl LogSummary {
             strings: log.string_count() as u64,
             recovery,
             lost_events,
+            lost_by_reason,
             undecodable_frames,
             by_kind: counts,
         }
+    }
+}
+
+/// Distinct loss reasons a summary keeps per log: a log's strings are untrusted input.
+pub const MAX_LOSS_REASONS: usize = 32;
+
+/// The key a lost-events record with interned reason `text` counts under.
+fn loss_reason(text: Option<&str>, seen: &BTreeMap<String, u64>) -> String {
+    let text = match text {
+        Some(t) => t.chars().take(200).collect::<String>(),
+        None => "unknown reason (its string is missing)".to_owned(),
+    };
+    if seen.contains_key(&text) || seen.len() < MAX_LOSS_REASONS - 1 {
+        text
+    } else {
+        "other reasons".to_owned()
     }
 }
 

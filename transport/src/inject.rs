@@ -148,8 +148,9 @@ impl Injection {
                 self.kernel
             )),
             None if self.calls.iter().all(in_layer) => bad(format!(
-                "{} runs inside a decoder layer: give layer=",
-                self.kernel
+                "{0} runs inside a decoder layer: give layer= (stage {1} owns layers {2}..{3}, \
+                 e.g. stage={1},layer={2},kernel={0},step={4})",
+                self.kernel, self.stage, owned.start, owned.end, self.step
             )),
             None if self.calls.contains(&KernelId::Embed) && !plan.is_first(self.stage) => {
                 bad("embed runs on stage 0 only".into())
@@ -243,7 +244,10 @@ mod tests {
             ("stage=1,layer=1,kernel=down,step=2", "owns layers 2..4"),
             ("stage=1,layer=3,kernel=down,step=9", "steps 0..8"),
             ("stage=0,kernel=head,step=0", "last stage only"),
-            ("stage=1,kernel=down,step=0", "give layer="),
+            (
+                "stage=1,kernel=down,step=0",
+                "give layer= (stage 1 owns layers 2..4, e.g. stage=1,layer=2,kernel=down,step=0)",
+            ),
             ("stage=1,layer=3,kernel=argmax,step=0", "leave out layer="),
         ] {
             let e = check(&spec.parse::<Injection>().unwrap()).unwrap_err();

@@ -49,12 +49,13 @@ impl RecorderFactory {
         })
     }
 
-    fn start_stage(&self, stage: u32, layers: u32) -> Result<StageObservers> {
+    fn start_stage(&self, ctx: &StageContext<'_>) -> Result<StageObservers> {
+        let (stage, layers) = (ctx.stage as u32, ctx.config.model.layers as u32);
         let (recorder, caps, want_counters) = start_endpoint(
             &self.settings,
             &self.pmus,
             self.blobs.clone(),
-            stage,
+            ctx,
             &self.ebpf,
         )?;
         {
@@ -114,7 +115,7 @@ pub(super) fn start_endpoint(
     settings: &RecorderSettings,
     pmus: &HostPmus,
     blobs: Option<Arc<BlobStore>>,
-    stage: u32,
+    ctx: &StageContext<'_>,
     ebpf: &(Option<Arc<EbpfSession>>, Capabilities),
 ) -> Result<(EndpointRecorder, Capabilities, bool)> {
     let mut perf_config = settings.perf.clone();
@@ -127,11 +128,18 @@ pub(super) fn start_endpoint(
     caps.notices.extend(ebpf.1.notices.iter().cloned());
     let want_counters = perf.kinds().contains(&StreamKind::StepCounters);
     let options = EndpointOptions {
-        endpoint: stage,
+        endpoint: ctx.stage as u32,
         endpoints_dir: settings.trace_dir.join(slug_schema::ENDPOINTS_DIR),
         ring_records: settings.ring_records,
         writer: settings.writer,
-        progress: settings.progress.clone(),
+        // Events count toward the run's own progress when someone watches it (a node sends
+        // its stage's count with each heartbeat).
+        progress: settings.progress.clone().or_else(|| {
+            ctx.config
+                .progress
+                .as_ref()
+                .and_then(|p| p.events_of(ctx.stage))
+        }),
         ebpf: ebpf.0.clone(),
     };
     let recorder = EndpointRecorder::start(&options, Some(perf), blobs)?;
@@ -182,13 +190,12 @@ impl ObserverFactory for RecorderFactory {
         &self,
         ctx: &StageContext<'_>,
     ) -> std::result::Result<StageObservers, TransportError> {
-        self.start_stage(ctx.stage as u32, ctx.config.model.layers as u32)
-            .map_err(|e: RecorderError| {
-                TransportError::io(
-                    format!("start the recorder of stage {}", ctx.stage),
-                    std::io::Error::other(e.to_string()),
-                )
-            })
+        self.start_stage(ctx).map_err(|e: RecorderError| {
+            TransportError::io(
+                format!("start the recorder of stage {}", ctx.stage),
+                std::io::Error::other(e.to_string()),
+            )
+        })
     }
 
     fn state_observer(

@@ -52,6 +52,11 @@ impl NodeRecording for RecordSettings {
                     .parse()
                     .map_err(|e: RecorderError| e.to_string())?,
                 freq_hz: self.perf_freq_hz,
+                ring_pages_exp: match self.perf_ring_pages_exp {
+                    None => PerfConfig::default().ring_pages_exp,
+                    Some(e) if e <= 16 => e,
+                    Some(e) => return Err(format!("perf ring of 2^{e} pages is too large")),
+                },
                 ..PerfConfig::default()
             },
             ring_records: self.ring_records,
@@ -170,7 +175,7 @@ impl ObserverFactory for NodeRecorderFactory {
             let pmus = crate::perf::probe()?;
             let blobs = blob_store(&settings, &pmus)?;
             let ebpf = EbpfSession::open(&settings.ebpf, EBPF_LOST_REASONS);
-            start_endpoint(&settings, &pmus, blobs, ctx.stage as u32, &ebpf)
+            start_endpoint(&settings, &pmus, blobs, ctx, &ebpf)
         })();
         let (recorder, caps, want_counters) = started.map_err(|e| fail(e.to_string()))?;
         // The coordinator learns this node's capabilities (and, on another machine, its

@@ -22,6 +22,7 @@ use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable, shown};
 
 use super::config::PipelineConfig;
 use super::launch::NodeLauncher;
+use super::progress::RunProgress;
 use super::report::{RunReport, StageReport};
 
 /// First line a `slug node` prints on stdout, followed by the address it listens on.
@@ -108,8 +109,18 @@ pub(crate) enum ToCoordinator {
         pid: u32,
         host: String,
     },
-    /// Heartbeat with the step being worked on.
-    Progress { step: u32, seq: u32 },
+    /// Heartbeat with the step being worked on, the steps finished, the events recorded and
+    /// the bytes sent so far (older nodes send only the step).
+    Progress {
+        step: u32,
+        seq: u32,
+        #[serde(default)]
+        done: u64,
+        #[serde(default)]
+        events: u64,
+        #[serde(default)]
+        bytes: u64,
+    },
     /// Finished; with `collect`, a [`ToCoordinator::Files`] listing follows.
     Done {
         report: Box<StageReport>,
@@ -312,7 +323,7 @@ pub fn run_on_nodes_collecting(
     }
     session.start(addrs, &data_addrs, timeout)?;
     let start = Instant::now();
-    let watched = session.watch()?;
+    let watched = session.watch(cfg.progress.clone())?;
     let wall = start.elapsed();
     let (reports, collects) = match watched.outcome(addrs) {
         Ok(done) => done,
@@ -371,23 +382,35 @@ struct Watched {
     /// Where each stage last said it was.
     at: Vec<String>,
     failures: Vec<(Cause, usize, String, String)>,
+    /// Where the nodes' heartbeat counters go, for a progress display.
+    progress: Option<Arc<RunProgress>>,
 }
 
 impl Watched {
-    fn new(stages: usize) -> Self {
+    fn new(stages: usize, progress: Option<Arc<RunProgress>>) -> Self {
         Self {
             reports: vec![None; stages],
             collects: vec![false; stages],
             at: vec!["startup".to_string(); stages],
             failures: Vec::new(),
+            progress,
         }
     }
 
     /// Takes in one message (or read failure) from stage `s`'s control connection.
     fn note(&mut self, s: usize, msg: Result<ToCoordinator>) {
         match msg {
-            Ok(ToCoordinator::Progress { step, seq }) => {
+            Ok(ToCoordinator::Progress {
+                step,
+                seq,
+                done,
+                events,
+                bytes,
+            }) => {
                 self.at[s] = format!("step {step} (sequence {seq})");
+                if let Some(p) = &self.progress {
+                    p.set(s, done, events, bytes);
+                }
             }
             Ok(ToCoordinator::Done { report, collect }) => {
                 self.reports[s] = Some(*report);
@@ -722,7 +745,7 @@ impl Session {
 
     /// Listens to every node (one reader thread each) until all have reported, or, once one
     /// has failed, for [`SETTLE`] more to hear the root cause.
-    fn watch(&self) -> Result<Watched> {
+    fn watch(&self, progress: Option<Arc<RunProgress>>) -> Result<Watched> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let stop_readers = AbortFlag::new();
         for (s, conn) in self.conns.iter().enumerate() {
@@ -740,7 +763,7 @@ impl Session {
             });
         }
         drop(tx);
-        let mut watched = Watched::new(self.conns.len());
+        let mut watched = Watched::new(self.conns.len(), progress);
         let mut settle_until: Option<Instant> = None;
         while watched.reports.iter().any(Option::is_none) {
             let wait = match settle_until {

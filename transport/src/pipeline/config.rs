@@ -69,6 +69,10 @@ pub struct PipelineConfig {
     /// Cluster key file for `hosts` runs; default: the `SLUG_CLUSTER_KEY` environment variable.
     #[serde(skip)]
     pub key_file: Option<PathBuf>,
+    /// Live counters of this run, updated as stages go (nodes send theirs with each heartbeat);
+    /// `None`: nobody watches. Each node keeps its own.
+    #[serde(skip)]
+    pub progress: Option<Arc<super::progress::RunProgress>>,
 }
 
 /// How a single-machine `shm` / `tcp` run starts its nodes.
@@ -107,6 +111,7 @@ impl PipelineConfig {
             stop_after: None,
             launcher: None,
             key_file: None,
+            progress: None,
         }
     }
 

@@ -19,6 +19,7 @@ mod config;
 mod launch;
 pub mod node;
 mod observe;
+mod progress;
 mod report;
 mod settings;
 mod stage;
@@ -40,6 +41,7 @@ pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes, run_on_nodes_col
 pub use config::{KernelDigests, Launch, PipelineConfig, prompt_tokens};
 pub use launch::{NodeCommand, NodeLauncher};
 pub use observe::{NoObservers, ObserverFactory, StageContext, StageObservers};
+pub use progress::{ProgressReading, RunProgress, StageProgress};
 pub use report::{HexHash, KernelDigest, RunReport, StageReport, TransferDigest};
 pub use settings::{ObserverSettings, RecordSettings, ReplaySettings};
 pub use stage::STAGE_ARENA;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::cluster::{Cause, FILE_PIECE, HEARTBEAT, RecordedFile, ToCoordinator, ToNode};
 use super::config::PipelineConfig;
 use super::observe::{Observed, ObserverFactory, StageContext, stage_observers};
+use super::progress::RunProgress;
 use super::stage::{build_stage, drive_stage, link_ends};
 use crate::auth::{ClusterKey, Role, server_handshake};
 use crate::error::{Result, TransportError};
@@ -238,7 +239,7 @@ fn session(
                 detail: format!("expected an assignment, got {}", shown(&other)),
             }),
         });
-    let (stage, cfg, fabric, link_key) = match assignment {
+    let (stage, mut cfg, fabric, link_key) = match assignment {
         Ok(a) => a,
         Err(e) => {
             // Tell the coordinator why (a sealed frame that failed to open, say), so its error
@@ -252,6 +253,8 @@ fn session(
             return Err(e);
         }
     };
+    // This node's own counters: its recorder adds events to them, its heartbeats carry them.
+    cfg.progress = Some(RunProgress::for_config(&cfg));
     let host = conn
         .stream
         .local_addr()
@@ -387,11 +390,7 @@ fn run_assigned(
             .name("slug-node-heartbeat".into())
             .spawn_scoped(scope, move || {
                 while !stop3.raised() {
-                    let p = progress2.load(Ordering::Relaxed);
-                    let msg = ToCoordinator::Progress {
-                        step: (p >> 32) as u32,
-                        seq: p as u32,
-                    };
+                    let msg = heartbeat_of(cfg, s, progress2.load(Ordering::Relaxed));
                     if send(&writer2, &msg, HEARTBEAT * 4).is_err() {
                         return;
                     }
@@ -421,6 +420,9 @@ fn run_assigned(
             // so the files to collect are complete before the coordinator hears of them.
             drop(transfers);
             let files = factory.collected_files(&ctx);
+            // The final counts (events the closing recorder wrote last), ahead of the report.
+            let last = heartbeat_of(cfg, s, progress.load(Ordering::Relaxed));
+            send(writer, &last, timeout).map_err(|e| ("report".to_string(), e))?;
             send(
                 writer,
                 &ToCoordinator::Done {
@@ -560,4 +562,27 @@ fn send(writer: &Arc<Mutex<Conn>>, msg: &ToCoordinator, timeout: Duration) -> Re
         reason: "control writer poisoned by a panicked thread".into(),
     })?;
     w.send_json(msg, timeout)
+}
+
+/// A heartbeat: where stage `s` is (`at`: step in the high half, sequence in the low) and its
+/// counters so far.
+fn heartbeat_of(cfg: &PipelineConfig, s: usize, at: u64) -> ToCoordinator {
+    let (done, events, bytes) =
+        cfg.progress
+            .as_ref()
+            .and_then(|p| p.stage(s))
+            .map_or((0, 0, 0), |p| {
+                (
+                    p.steps.load(Ordering::Relaxed),
+                    p.events.load(Ordering::Relaxed),
+                    p.bytes.load(Ordering::Relaxed),
+                )
+            });
+    ToCoordinator::Progress {
+        step: (at >> 32) as u32,
+        seq: at as u32,
+        done,
+        events,
+        bytes,
+    }
 }

@@ -44,6 +44,9 @@ pub struct RecordSettings {
     pub perf: String,
     /// `--perf-freq`.
     pub perf_freq_hz: u64,
+    /// `--perf-ring-pages` as a power of two (`None`, from an older coordinator: the default).
+    #[serde(default)]
+    pub perf_ring_pages_exp: Option<u8>,
     /// Records per thread ring.
     pub ring_records: usize,
     /// `--snapshot-every` (`None`: `--no-snapshots`).

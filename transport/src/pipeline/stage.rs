@@ -2,6 +2,7 @@
 //! or hidden states) into the arena inbox, run the stage's layers, post the outbox onwards.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use slug_kernels::{LayerPlan, Stage, StageLayout, ThreadPool};
@@ -194,10 +195,9 @@ pub(crate) fn drive_stage(
                     && cfg
                         .stop_after
                         .is_none_or(|l| forward - 1 + group.len() as u64 <= l);
-                if let (Some(out), Some(next)) = (io.outbound.as_mut(), next_layout.as_ref()) {
-                    if last && !feeds_back {
-                        continue;
-                    }
+                if let (Some(out), Some(next)) = (io.outbound.as_mut(), next_layout.as_ref())
+                    && (!last || feeds_back)
+                {
                     let src = stage.layout().outboxes[seq];
                     let dst = next.inboxes[seq];
                     let len = if last { 4 } else { (n * dim_bytes) as u64 };
@@ -219,6 +219,11 @@ pub(crate) fn drive_stage(
                         tag,
                     )
                     .map_err(|e| fail(&at, e))?;
+                }
+                if let Some(p) = cfg.progress.as_ref().and_then(|p| p.stage(s)) {
+                    p.steps.store(forward, Ordering::Relaxed);
+                    let sent = io.outbound.as_ref().map_or(0, |o| o.stats().bytes);
+                    p.bytes.store(sent, Ordering::Relaxed);
                 }
             }
         }

@@ -377,6 +377,29 @@ impl App {
         Ok(true)
     }
 
+    /// Whether any event of the trace passes the filter: searched from the start of each
+    /// endpoint, stopping at the first match (a filter that matches nothing reads everything
+    /// once, which is when saying so helps).
+    fn any_match(&mut self) -> Result<bool> {
+        let start = self.timeline.extent().start;
+        for ep in 0..self.timeline.source().endpoints().len() {
+            if !self
+                .filter
+                .shows_endpoint(&self.timeline.source().endpoints()[ep])
+            {
+                continue;
+            }
+            if self
+                .timeline
+                .neighbour(ep, start.saturating_sub(1), true, &self.filter)?
+                .is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn apply_prompt(&mut self, kind: PromptKind, text: &str) -> Result<()> {
         match kind {
             PromptKind::Filter => match Filter::parse(text) {
@@ -384,6 +407,12 @@ impl App {
                     self.filter = f;
                     self.selection = None;
                     self.invalidate();
+                    if !self.filter.is_empty() && !self.any_match()? {
+                        self.message = Some(format!(
+                            "0 matches for `{text}` in the whole trace (kernels are named like \
+                             q_proj, attention, gate, down, head; see the stats view, t)"
+                        ));
+                    }
                 }
                 Err(e) => self.message = Some(e),
             },

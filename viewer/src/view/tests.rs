@@ -557,3 +557,31 @@ fn transfers_between_distant_tracks_are_drawn_through_the_tracks_between() {
         "line from s2's post up to s0, over blank cells only"
     );
 }
+
+#[test]
+fn a_filter_that_matches_nothing_says_so() {
+    let mut a = app(2, 2);
+    press(&mut a, KeyCode::Char('/'));
+    type_text(&mut a, "kernel:nosuchkernel");
+    press(&mut a, KeyCode::Enter);
+    let msg = a.message.clone().unwrap_or_default();
+    assert!(
+        msg.starts_with("0 matches for `kernel:nosuchkernel` in the whole trace"),
+        "{msg}"
+    );
+    a.message = None;
+    press(&mut a, KeyCode::Char('/'));
+    for _ in "kernel:nosuchkernel".chars() {
+        press(&mut a, KeyCode::Backspace);
+    }
+    type_text(&mut a, "kernel:attention");
+    press(&mut a, KeyCode::Enter);
+    assert!(
+        !a.message
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("0 matches"),
+        "{:?}",
+        a.message
+    );
+}
