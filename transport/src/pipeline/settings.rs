@@ -91,6 +91,7 @@ mod tests {
             payloads: "all".into(),
             perf: "auto".into(),
             perf_freq_hz: 999,
+            perf_ring_pages_exp: Some(4),
             ring_records: 4096,
             snapshot_every: Some(4),
             hash_kernels: true,

@@ -381,7 +381,7 @@ impl App {
     /// endpoint, stopping at the first match (a filter that matches nothing reads everything
     /// once, which is when saying so helps).
     fn any_match(&mut self) -> Result<bool> {
-        let start = self.timeline.extent().start;
+        let start = self.timeline.extent().start_ns;
         for ep in 0..self.timeline.source().endpoints().len() {
             if !self
                 .filter
