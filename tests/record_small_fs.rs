@@ -73,14 +73,24 @@ fn rings_that_do_not_fit_are_refused_before_the_run() {
 
 #[test]
 fn a_recording_that_fills_the_disk_exits_non_zero_naming_the_loss() {
-    let Some(fs) = SmallFs::mount("40m") else {
+    let Some(fs) = SmallFs::mount("1200k") else {
         return;
     };
     let out = fs.mnt.join("trace");
-    // Two 16 MiB rings fit; what the recording writes after them does not.
+    // Two 512 KiB rings fit; what the recording writes after them (the writers' own rings, the
+    // step-0 snapshots' ~300 KiB of mutable state, the logs) does not.
     let o = record(
         &out,
-        &["--stages", "2", "--model", "small", "--tokens", "4"],
+        &[
+            "--stages",
+            "2",
+            "--model",
+            "small",
+            "--tokens",
+            "4",
+            "--ring-records",
+            "4096",
+        ],
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");

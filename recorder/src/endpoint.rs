@@ -360,6 +360,8 @@ struct Writer<'a> {
     shared: &'a EndpointShared,
     log: LogWriter,
     own: Option<Arc<FlightRing>>,
+    /// Creating `own` failed (said once, not tried again).
+    own_failed: bool,
     lost_seen: Vec<u64>,
     last_drain_ns: u64,
     /// Records the writer made since its last drain.
@@ -433,7 +435,7 @@ impl Writer<'_> {
         if self.made.is_empty() {
             return;
         }
-        if self.own.is_none() {
+        if self.own.is_none() && !self.own_failed {
             match self.shared.writer_ring() {
                 Ok(r) => self.own = Some(r),
                 Err(e) => {
@@ -441,7 +443,7 @@ impl Writer<'_> {
                         "{e}; the recorder's own events (perf samples, eBPF events, losses) go \
                          to the log unguarded: a kill loses those the log had not written"
                     ));
-                    self.own = None;
+                    self.own_failed = true;
                 }
             }
         }
@@ -474,6 +476,7 @@ fn writer_loop(
         shared,
         log,
         own: None,
+        own_failed: false,
         lost_seen: Vec::new(),
         last_drain_ns: monotonic_ns(),
         made: Vec::new(),
