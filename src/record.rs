@@ -123,6 +123,14 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         ..RecordConfig::new(&args.out)
     };
     let pipeline = args.pipeline()?;
+    if !pipeline.migrations.is_empty() {
+        anyhow::bail!(
+            "--migrate is not supported while recording yet: the trace would need the move as an \
+             event on both nodes' timelines and the endpoint's log continued on the new node, \
+             which slug does not write yet; use `slug run --migrate ...` (same tokens and \
+             transfers), or record without --migrate"
+        );
+    }
     let progress = Arc::new(AtomicU64::new(0));
     let config = RecordConfig {
         progress: Some(Arc::clone(&progress)),

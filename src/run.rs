@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// Print the arena layout of every stage and exit without running.
     #[arg(long)]
     layout: bool,
+    /// Hash every transfer's bytes and print one digest of them all (two runs moved the same
+    /// bytes if their digests match).
+    #[arg(long)]
+    transfer_digest: bool,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -55,7 +59,8 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
         print_layout(&layouts, args.json)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let cfg = args.pipeline.config()?;
+    let mut cfg = args.pipeline.config()?;
+    cfg.digests |= args.transfer_digest;
     let plan = cfg.plan()?;
     let total: u64 = (0..plan.stages())
         .map(|s| StageLayout::new(&cfg.model, &plan, s, cfg.prompts.len(), cfg.threads))
@@ -72,6 +77,11 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
     let tokens = report.tokens.first().cloned().unwrap_or_default();
     let text = render(&tokens);
     let wall_ms = report.wall_ns as f64 / 1e6;
+    let digests = report.digests();
+    let transfer_digest = args.transfer_digest.then(|| {
+        let bytes = serde_json::to_vec(&digests).unwrap_or_default();
+        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
+    });
     if args.json {
         let stages: Vec<_> = report
             .stage_reports
@@ -110,6 +120,9 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
             "tokens_per_s": report.tokens_per_s,
             "arena_bytes": total,
             "stage_reports": stages,
+            "migrations": report.migrations,
+            "transfers": args.transfer_digest.then_some(digests.len()),
+            "transfer_digest": transfer_digest,
         });
         println!("{value}");
     } else {
@@ -164,6 +177,12 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
                 moved(&r.inbound),
                 moved(&r.outbound)
             );
+        }
+        for m in &report.migrations {
+            println!("{}", m.describe());
+        }
+        if let Some(d) = &transfer_digest {
+            println!("transfers: {} received, digest {d}", digests.len());
         }
         let generated: usize = report.tokens.iter().map(Vec::len).sum();
         println!(

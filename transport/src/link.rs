@@ -151,6 +151,15 @@ pub struct LinkStats {
 }
 
 impl LinkStats {
+    /// Adds another link end's counters (the same link served by two nodes in turn, as when
+    /// a stage migrates).
+    pub fn merge(&mut self, other: &Self) {
+        self.transfers += other.transfers;
+        self.bytes += other.bytes;
+        self.busy_ns += other.busy_ns;
+        self.direct += other.direct;
+    }
+
     fn add(&mut self, len: u64, since: u64) {
         self.transfers += 1;
         self.bytes += len;
@@ -460,6 +469,17 @@ impl LinkSender {
     /// link's numbering where the recorded run was (both ends must agree).
     pub(crate) fn resume_at(&mut self, next_seq: u64) {
         self.next_seq = next_seq;
+    }
+
+    /// Sequence number of the next transfer.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Continues the counters of the end this one replaces (a link re-pointed at a migrated
+    /// stage's new node).
+    pub(crate) fn carry_stats(&mut self, earlier: LinkStats) {
+        self.stats.merge(&earlier);
     }
 
     /// Counters so far.
@@ -776,6 +796,17 @@ impl LinkReceiver {
     /// link's numbering where the recorded run was (both ends must agree).
     pub(crate) fn resume_at(&mut self, next_seq: u64) {
         self.next_seq = next_seq;
+    }
+
+    /// Sequence number of the next transfer.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Continues the counters of the end this one replaces (a link re-pointed at a migrated
+    /// stage's new node).
+    pub(crate) fn carry_stats(&mut self, earlier: LinkStats) {
+        self.stats.merge(&earlier);
     }
 
     /// Counters so far.

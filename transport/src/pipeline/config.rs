@@ -60,6 +60,9 @@ pub struct PipelineConfig {
     /// nothing (`--link-integrity none`, for fabrics the user trusts).
     #[serde(default)]
     pub link_integrity: crate::link::LinkIntegrity,
+    /// Stages to move to another node mid-run (`--migrate`), in the order given.
+    #[serde(default)]
+    pub migrations: Vec<super::migrate::Migration>,
     /// Starts this machine's stage processes when `launch` is [`Launch::Processes`] and there
     /// are no hosts; the program that links this library supplies it.
     #[serde(skip)]
@@ -103,6 +106,7 @@ impl PipelineConfig {
             isa: None,
             link_integrity: crate::link::LinkIntegrity::Mac,
             stop_after: None,
+            migrations: Vec::new(),
             launcher: None,
             key_file: None,
         }
@@ -179,7 +183,13 @@ impl PipelineConfig {
                 ));
             }
         }
+        super::migrate::validate(self)?;
         Ok(())
+    }
+
+    /// Forward steps every stage runs: sequences times tokens.
+    pub(crate) fn forward_steps(&self) -> u64 {
+        self.prompts.len() as u64 * self.tokens as u64
     }
 
     /// The rings (link shapes) of this pipeline: link `s` goes from stage `s` to `s + 1`, the

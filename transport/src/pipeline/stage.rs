@@ -12,6 +12,7 @@ use crate::link::{LinkEnds, LinkReceiver, LinkSender, LinkStats, Region, RegionM
 use crate::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
 
 use super::config::PipelineConfig;
+use super::migrate::{AtBoundary, Moves};
 use super::observe::{DigestObserver, Observed, ObserverFactory, StageContext};
 use super::report::StageReport;
 use super::state::{consumed_at, resume_links};
@@ -35,6 +36,8 @@ pub(crate) fn link_ends(stages: usize, link: usize, timeout: Duration) -> LinkEn
 pub(crate) struct StageIo {
     pub inbound: Option<LinkReceiver>,
     pub outbound: Option<LinkSender>,
+    /// The stage's part in `--migrate` moves (process transports only).
+    pub moves: Option<Moves>,
 }
 
 impl StageIo {
@@ -66,6 +69,7 @@ impl StageIo {
                 kind,
                 observers.clone(),
             )?),
+            moves: None,
         })
     }
 }
@@ -79,6 +83,8 @@ pub(crate) struct StageOutcome {
     pub inbound: Option<LinkStats>,
     pub outbound: Option<LinkStats>,
     pub inbound_clock: Option<crate::clock::ClockOffset>,
+    /// The stage stopped early because it moved to another node (`--migrate`).
+    pub handed_off: bool,
 }
 
 impl StageOutcome {
@@ -157,7 +163,8 @@ pub(crate) fn drive_stage(
     let mut forward_ns = 0u64;
     let mut steps = 0u64;
     let resume_at = stage.cursor().step;
-    if resume_at > 0 && n_stages > 1 {
+    let links_resumed = io.moves.as_ref().is_some_and(|m| m.links_resumed);
+    if resume_at > 0 && n_stages > 1 && !links_resumed {
         // Every stage was restored at the same step: continue each link's numbering, and send
         // stage 0 again the tokens the recorded run had sent but it had not consumed yet.
         let (send_seq, recv_seq, pending) = resume_links(cfg, s, resume_at);
@@ -200,6 +207,7 @@ pub(crate) fn drive_stage(
         o.at_step_boundary(&stage).map_err(|e| fail(&at, e))?;
     }
     let mut forward = 0u64;
+    let mut handed_off = false;
     let seq_ids: Vec<usize> = (0..sequences).collect();
     'schedule: for group in seq_ids.chunks(cfg.microbatches) {
         for step in 0..cfg.tokens {
@@ -213,6 +221,14 @@ pub(crate) fn drive_stage(
                     break 'schedule;
                 }
                 at = format!("step {step} (sequence {seq})");
+                if let Some(m) = io.moves.as_mut()
+                    && m.at_boundary(&stage, forward - 1)
+                        .map_err(|e| fail(&at, e))?
+                        == AtBoundary::HandedOff
+                {
+                    handed_off = true;
+                    break 'schedule;
+                }
                 progress(step as u32, seq as u32);
                 let n = take_input(cfg, &mut stage, &mut io, s, seq, step, dim_bytes)
                     .map_err(|e| fail(&at, e))?;
@@ -222,6 +238,9 @@ pub(crate) fn drive_stage(
                     .map_err(|e| fail(&at, e.into()))?;
                 forward_ns += t0.elapsed().as_nanos() as u64;
                 steps += 1;
+                if let Some(m) = io.moves.as_mut() {
+                    m.step_done().map_err(|e| fail(&at, e))?;
+                }
                 if let Some(o) = state_observer.as_mut() {
                     o.at_step_boundary(&stage).map_err(|e| fail(&at, e))?;
                 }
@@ -247,6 +266,9 @@ pub(crate) fn drive_stage(
                         step: step as u32,
                         layer: next_first_layer,
                     };
+                    if let Some(m) = io.moves.as_mut() {
+                        m.before_send(out).map_err(|e| fail(&at, e))?;
+                    }
                     let region = Region {
                         arena: STAGE_ARENA,
                         bytes: stage.arena().bytes(),
@@ -271,6 +293,7 @@ pub(crate) fn drive_stage(
         inbound: io.inbound.as_ref().map(LinkReceiver::stats),
         outbound: io.outbound.as_ref().map(LinkSender::stats),
         inbound_clock: io.inbound.as_ref().and_then(LinkReceiver::clock),
+        handed_off,
     })
 }
 
@@ -295,6 +318,9 @@ fn take_input(
         stage.inbox_tokens_mut(seq)?[0] = token;
         return Ok(1);
     };
+    if let Some(m) = io.moves.as_mut() {
+        m.before_recv(inbound)?;
+    }
     let mut region = RegionMut {
         arena: STAGE_ARENA,
         bytes: stage.arena_mut().bytes_mut(),
