@@ -24,6 +24,11 @@ Examples:
       Override any dimension of a preset; --fma fuses multiply-adds (changes the results).
   slug run --model base --stages 4 --layout
       Print each stage's arena layout (section, region, offset, bytes, alignment) and exit.
+  slug run --stages 4 --transport tcp --key-file cluster.key --transfer-digest \
+      --migrate stage=2,to=10.0.0.5:7070,at-step=20 --migrate stage=0,to=10.0.0.6:7070,at-step=30
+      Move stage 2 to the `slug node` at 10.0.0.5:7070 after its 20th forward step (3 pre-copy
+      rounds of dirtied arena chunks first; add rounds=0 for stop-and-copy), then stage 0;
+      prints each move's rounds, stall and step time. Tokens and transfers stay the same.
 
 The same --model, dimensions, --seed, --fma and --prompt give the same tokens for every
 --threads, --stages, --transport, --microbatches and --isa: kernels reduce in one fixed order on
