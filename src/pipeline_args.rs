@@ -57,6 +57,10 @@ pub struct PipelineArgs {
     /// stage=S,to=HOST:PORT,at-step=N[,rounds=R]. The node needs the cluster key (--key-file).
     #[arg(long = "migrate", value_name = "SPEC")]
     pub migrate: Vec<String>,
+    /// Take `slug migrate` requests on this address while the run goes on (shm or tcp;
+    /// callers must hold the cluster key, --key-file).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub control: Option<String>,
     /// Longest any single wait on a link or a node may take before the run is failed, in ms.
     #[arg(long, default_value_t = 60_000, value_name = "MS")]
     pub timeout_ms: u64,
@@ -225,7 +229,9 @@ impl PipelineArgs {
             .iter()
             .map(|spec| spec.parse())
             .collect::<Result<_, _>>()?;
-        if !cfg.migrations.is_empty() && self.hosts.is_empty() {
+        cfg.control = self.control.clone();
+        cfg.live_moves = self.control.is_some();
+        if (!cfg.migrations.is_empty() || cfg.control.is_some()) && self.hosts.is_empty() {
             crate::node::warn_if_key_in_env(self.key_file.as_deref());
         }
         cfg.validate()?;

@@ -320,3 +320,149 @@ fn a_target_killed_during_pre_copy_leaves_the_stage_on_its_source() {
     let reason = mv["reason"].as_str().expect("a reason");
     assert!(reason.contains("target node"), "{reason}");
 }
+
+/// A long tcp run taking `slug migrate` requests; returns it and its control address.
+fn live_run(key: &Path) -> (Child, String, std::sync::mpsc::Receiver<String>) {
+    let mut run = Command::new(cli::slug())
+        .args(LIVE)
+        .args(["--transport", "tcp", "--key-file"])
+        .arg(key)
+        .args(["--control", "127.0.0.1:0"])
+        .env_remove(KEY_ENV)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the run");
+    let stderr = run.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the run announces its control endpoint");
+        if let Some(rest) = line.strip_prefix("slug: control endpoint listening on ") {
+            break rest.split(' ').next().expect("an address").to_string();
+        }
+    };
+    (run, addr, rx)
+}
+
+/// 3 stages, 2 sequences, 300 tokens: 600 forward steps, long enough to be moved mid-run.
+const LIVE: [&str; 15] = [
+    "run",
+    "--json",
+    "--transfer-digest",
+    "--layers",
+    "3",
+    "--stages",
+    "3",
+    "--tokens",
+    "300",
+    "--max-seq",
+    "512",
+    "--sequences",
+    "2",
+    "--timeout-ms",
+    "20000",
+];
+
+fn migrate(args: &[&str]) -> std::process::Output {
+    let mut all = vec!["migrate"];
+    all.extend(args);
+    Command::new(cli::slug())
+        .args(&all)
+        .env_remove(KEY_ENV)
+        .output()
+        .expect("run slug migrate")
+}
+
+#[test]
+fn slug_migrate_moves_stages_of_a_running_pipeline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = key_file(dir.path(), "cluster.key");
+    let other = key_file(dir.path(), "other.key");
+    let (a, b) = (Node::start(&key, false), Node::start(&key, false));
+    let want = {
+        let mut local = LIVE.to_vec();
+        local.extend(["--transport", "local"]);
+        let o = cli::run(&local);
+        assert!(o.status.success(), "{}", cli::text(&o));
+        serde_json::from_slice::<Value>(&o.stdout).expect("json")
+    };
+    let (run, control, _stderr) = live_run(&key);
+    let k = key.to_str().expect("utf-8");
+    // A caller without the cluster key is refused before it can ask anything.
+    let stranger = migrate(&[
+        "--control",
+        &control,
+        "--stage",
+        "1",
+        "--to",
+        &a.addr,
+        "--key-file",
+        other.to_str().expect("utf-8"),
+    ]);
+    assert!(!stranger.status.success());
+    assert!(
+        cli::text(&stranger).contains("cluster key"),
+        "{}",
+        cli::text(&stranger)
+    );
+    // A stage the pipeline does not have: refused, exit status 1, nothing moves.
+    let bad = migrate(&[
+        "--control",
+        &control,
+        "--stage",
+        "7",
+        "--to",
+        &a.addr,
+        "--key-file",
+        k,
+    ]);
+    assert_eq!(bad.status.code(), Some(1), "{}", cli::text(&bad));
+    assert!(
+        cli::text(&bad).contains("stages 0..2"),
+        "{}",
+        cli::text(&bad)
+    );
+    let mut reports = Vec::new();
+    for (stage, to) in [("1", &a.addr), ("2", &b.addr), ("0", &b.addr)] {
+        let o = migrate(&[
+            "--control",
+            &control,
+            "--stage",
+            stage,
+            "--to",
+            to,
+            "--key-file",
+            k,
+            "--json",
+        ]);
+        assert!(o.status.success(), "move stage {stage}: {}", cli::text(&o));
+        let r: Value = serde_json::from_slice(&o.stdout).expect("json");
+        assert_eq!(r["moved"], true, "{r}");
+        assert!(r["stall_ms"].as_f64().is_some(), "{r}");
+        reports.push(r);
+    }
+    let o = run.wait_with_output().expect("the run ends");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let got: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(got["sequence_tokens"], want["sequence_tokens"]);
+    assert_eq!(got["transfers"], want["transfers"]);
+    assert_eq!(got["transfer_digest"], want["transfer_digest"]);
+    let moves = got["migrations"].as_array().expect("migrations");
+    assert_eq!(moves.len(), 3, "{moves:?}");
+    for (m, r) in moves.iter().zip(&reports) {
+        assert_eq!(m["at_step"], r["at_step"]);
+        assert_eq!(m["moved"], true);
+    }
+    assert_eq!(got["stage_reports"][0]["host"], b.addr.as_str());
+    assert_eq!(got["stage_reports"][1]["host"], a.addr.as_str());
+    assert_eq!(got["stage_reports"][2]["host"], b.addr.as_str());
+}

@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,9 @@ use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable, shown};
 
 use super::config::PipelineConfig;
 use super::launch::NodeLauncher;
-use super::migrate::{Migration, MigrationReport, MoveNote, PrecopyRound, Verdict};
+use super::migrate::{
+    Migration, MigrationReport, MoveNote, MoveRequest, PrecopyRound, Verdict, forward_of,
+};
 use super::report::{RunReport, StageReport};
 
 /// First line a `slug node` prints on stdout, followed by the address it listens on.
@@ -74,6 +77,8 @@ pub(crate) enum ToNode {
     },
     /// Target of a move that will not happen: end the session without running.
     Dismiss { reason: String },
+    /// Move `index` was requested while the run goes on (`slug migrate`).
+    Plan { index: usize, migration: Migration },
 }
 
 /// One file a node recorded for its stage, relative to its scratch directory.
@@ -353,6 +358,22 @@ pub fn run_on_nodes_collecting(
         TransportKind::Shm => Some(FabricFile::create(cfg)?),
         _ => None,
     };
+    let control = match &cfg.control {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).map_err(|e| {
+                TransportError::io(format!("listen for `slug migrate` on --control {addr}"), e)
+            })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| TransportError::io("read the control endpoint's address", e))?;
+            eprintln!(
+                "slug: control endpoint listening on {bound} (slug migrate --control {bound} \
+                 --stage S --to HOST:PORT)"
+            );
+            Some(listener)
+        }
+        None => None,
+    };
     let (conns, clocks) = connect_nodes(addrs, key, timeout)?;
     let mut session = Session::new(
         conns,
@@ -373,7 +394,7 @@ pub fn run_on_nodes_collecting(
     }
     session.start(timeout)?;
     let start = Instant::now();
-    let watched = session.watch(cfg, key, fabric_path)?;
+    let watched = session.watch(cfg, key, fabric_path, control)?;
     let wall = start.elapsed();
     let hosts = session.stage_hosts();
     let parts = watched.parts.clone();
@@ -752,6 +773,14 @@ struct Session {
     moves: Vec<MoveState>,
     /// Every verdict sent so far: a target that joins later hears them first.
     verdicts: Vec<(usize, Verdict)>,
+    /// The configuration with every move so far (requested ones appended), as targets get it.
+    live_cfg: Option<PipelineConfig>,
+    /// Per stage: the forward step its node last said it works on.
+    progress: Vec<u64>,
+    started: Instant,
+    /// What a requested move needs to open its target: the cluster key, the fabric file and
+    /// the sender of the watch loop's events (set while watching).
+    opener: Option<(ClusterKey, Option<PathBuf>, Events)>,
 }
 
 /// The coordinator's view of one `--migrate`.
@@ -763,6 +792,15 @@ struct MoveState {
     /// When the source's last step completed (by this process's clock).
     quiesced_at: Option<Instant>,
     report: MigrationReport,
+    /// Nodes with a part in a requested move that have not yet said they can keep to it.
+    acks: Vec<usize>,
+    /// Where the `slug migrate` that asked for this move waits for its outcome.
+    reply: Option<crossbeam_channel::Sender<MigrationReport>>,
+    /// A requested move and how many times it was placed before (a node had passed the
+    /// step): it is placed again further ahead.
+    request: Option<(MoveRequest, u32)>,
+    /// Replaced by a later attempt at the same request (left out of the run's report).
+    superseded: bool,
 }
 
 /// Where a move is. Moves commit one at a time, in order.
@@ -787,9 +825,14 @@ enum Heard {
     Message(Result<ToCoordinator>),
     /// An arena chunk of a move, to relay to its target.
     Chunk(Vec<u8>),
+    /// `slug migrate` asks for a move; its outcome goes back through the sender.
+    Request(MoveRequest, crossbeam_channel::Sender<MigrationReport>),
     /// The session with move `.0`'s target is open and the stage built there, or why not.
     Opened(usize, std::result::Result<OpenedTarget, String>),
 }
+
+/// Where the watch loop's events go, each with the connection it came from.
+type Events = crossbeam_channel::Sender<(usize, Heard)>;
 
 /// A move's target, connected, assigned and built.
 struct OpenedTarget {
@@ -797,6 +840,78 @@ struct OpenedTarget {
     clock: ClockOffset,
     data: Option<String>,
     weights: Option<String>,
+}
+
+/// Takes `slug migrate` requests on `listener` (each caller must prove the cluster key, as a
+/// coordinator does to a node) and hands them to the coordinator through `tx`, answering each
+/// with what became of its move; stops with `stop`.
+fn serve_control(
+    listener: TcpListener,
+    key: ClusterKey,
+    tx: Events,
+    stop: AbortFlag,
+) -> Result<()> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| TransportError::io("make the control endpoint non-blocking", e))?;
+    std::thread::spawn(move || {
+        while !stop.raised() {
+            let (stream, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            };
+            let (key, tx, stop) = (key.clone(), tx.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let asked = stream
+                    .set_nonblocking(false)
+                    .map_err(|e| TransportError::io("configure a control caller's socket", e))
+                    .and_then(|()| {
+                        crate::auth::server_handshake(
+                            stream,
+                            format!("control caller {peer}"),
+                            &key,
+                            stop,
+                            Duration::from_secs(10),
+                            |hello| match hello.role {
+                                Role::Control => Ok(()),
+                                Role::Data => {
+                                    Err("this is a coordinator's control endpoint".into())
+                                }
+                            },
+                        )
+                    })
+                    .and_then(|hs| {
+                        let mut conn = hs.conn;
+                        let request = conn.recv_json::<MoveRequest>(Duration::from_secs(10))?;
+                        Ok((conn, request))
+                    });
+                let (mut conn, request) = match asked {
+                    Ok(asked) => asked,
+                    Err(e) => {
+                        eprintln!(
+                            "slug: control endpoint: refused {peer}: {}",
+                            printable(&e.to_string(), PEER_TEXT)
+                        );
+                        return;
+                    }
+                };
+                let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+                if tx
+                    .send((usize::MAX, Heard::Request(request, reply_tx)))
+                    .is_err()
+                {
+                    return;
+                }
+                if let Ok(report) = reply_rx.recv() {
+                    let _ = conn.send_json(&report, Duration::from_secs(10));
+                }
+            });
+        }
+    });
+    Ok(())
 }
 
 /// Opens a session with move `index`'s target and has it build the stage (weights regenerated
@@ -853,6 +968,10 @@ fn open_target(
     }
 }
 
+/// How many times a requested move is placed, each time twice as far ahead, before the
+/// request is refused because the pipeline keeps outrunning it.
+const MAX_PLACEMENTS: u32 = 4;
+
 /// How long a message to a node that may be gone may take.
 const BRIEF: Duration = Duration::from_secs(2);
 
@@ -877,6 +996,10 @@ impl Session {
             link_secret: ClusterKey::random()?.as_env_value(),
             moves: Vec::new(),
             verdicts: Vec::new(),
+            live_cfg: None,
+            progress: vec![0; n],
+            started: Instant::now(),
+            opener: None,
         })
     }
 
@@ -930,6 +1053,7 @@ impl Session {
 
     /// The moves of the run, none under way yet.
     fn plan_moves(&mut self, cfg: &PipelineConfig) {
+        self.live_cfg = Some(cfg.clone());
         self.moves = cfg
             .migrations
             .iter()
@@ -938,6 +1062,10 @@ impl Session {
                 target: None,
                 phase: Phase::Opening,
                 quiesced_at: None,
+                acks: Vec::new(),
+                reply: None,
+                request: None,
+                superseded: false,
                 report: MigrationReport {
                     stage: m.stage,
                     from: self.addr[self.host[m.stage]].clone(),
@@ -1043,6 +1171,9 @@ impl Session {
         }
         m.phase = Phase::Cancelled;
         m.report.reason = Some(printable(&reason, PEER_TEXT));
+        if let Some(reply) = m.reply.take() {
+            let _ = reply.send(m.report.clone());
+        }
         let target = m.target;
         self.broadcast_verdict(index, Verdict::Cancel { reason });
         if let Some(t) = target {
@@ -1058,7 +1189,8 @@ impl Session {
         for i in 0..self.moves.len() {
             match self.moves[i].phase {
                 Phase::Committed | Phase::Cancelled => {}
-                Phase::Restored => self.commit(i),
+                Phase::Restored if self.moves[i].acks.is_empty() => self.commit(i),
+                Phase::Restored => return,
                 Phase::Opening | Phase::Prepared | Phase::Quiesced => return,
             }
         }
@@ -1150,10 +1282,52 @@ impl Session {
                 }
             }
             MoveNote::Resumed { index } => {
+                let steps = self.progress.iter().copied().max().unwrap_or(0).max(1) as f64;
+                let elapsed = self.started.elapsed().as_secs_f64() * 1e3;
                 if let Some(m) = self.moves.get_mut(index)
                     && m.target == Some(c)
                 {
                     m.report.stall_ms = m.quiesced_at.map(|t| t.elapsed().as_secs_f64() * 1e3);
+                    if let Some(reply) = m.reply.take() {
+                        let mut report = m.report.clone();
+                        let stall = report.stall_ms.unwrap_or(0.0);
+                        report.step_ms = Some(((elapsed - stall) / steps).max(0.0));
+                        let _ = reply.send(report);
+                    }
+                }
+            }
+            MoveNote::Planned { index, ok } => {
+                let Some(m) = self.moves.get_mut(index) else {
+                    return;
+                };
+                m.acks.retain(|&a| a != c);
+                let retry = match (&m.request, &m.reply) {
+                    (Some((request, attempt)), Some(_))
+                        if !ok
+                            && *attempt + 1 < MAX_PLACEMENTS
+                            && matches!(m.phase, Phase::Opening | Phase::Prepared) =>
+                    {
+                        Some((request.clone(), *attempt))
+                    }
+                    _ => None,
+                };
+                if let Some((request, attempt)) = retry {
+                    // Too late for a node: place the same request again, further ahead.
+                    let reply = m.reply.take();
+                    m.superseded = true;
+                    self.cancel(index, "placed again further ahead".into());
+                    if let Some(reply) = reply {
+                        self.requested(request, reply, attempt + 1);
+                    }
+                } else if !ok {
+                    let reason = format!(
+                        "{} had already passed its part of step {} when it heard of the move: \
+                         the pipeline ran ahead of the request; ask again",
+                        self.addr[c], m.plan.at_step
+                    );
+                    self.cancel(index, reason);
+                } else {
+                    self.advance();
                 }
             }
         }
@@ -1186,6 +1360,12 @@ impl Session {
             }
             // The node the stage left keeps heartbeating until its session ends.
             Ok(ToCoordinator::Progress { .. }) if self.host[s] != c => {}
+            Ok(ToCoordinator::Progress { step, seq }) => {
+                if let Some(cfg) = &self.live_cfg {
+                    self.progress[s] = self.progress[s].max(forward_of(cfg, step, seq));
+                }
+                watched.note(s, Ok(ToCoordinator::Progress { step, seq }));
+            }
             other => watched.note(s, other),
         }
     }
@@ -1198,9 +1378,13 @@ impl Session {
         cfg: &PipelineConfig,
         key: &ClusterKey,
         fabric: Option<PathBuf>,
+        control: Option<TcpListener>,
     ) -> Result<Watched> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let stop_readers = AbortFlag::new();
+        if let Some(listener) = control {
+            serve_control(listener, key.clone(), tx.clone(), stop_readers.clone())?;
+        }
         for c in 0..self.conns.len() {
             if !self.ended[c] {
                 self.listen(c, &tx, &stop_readers)?;
@@ -1219,6 +1403,7 @@ impl Session {
                 let _ = tx.send((usize::MAX, Heard::Opened(index, opened)));
             });
         }
+        self.opener = Some((key.clone(), fabric.clone(), tx.clone()));
         let mut watched = Watched::new(self.host.len());
         let mut settle_until: Option<Instant> = None;
         while watched.reports.iter().any(Option::is_none) {
@@ -1232,6 +1417,13 @@ impl Session {
             match heard {
                 Heard::Chunk(body) => self.relay(c, body),
                 Heard::Message(msg) => self.hear(c, msg, &mut watched),
+                Heard::Opened(index, Ok(mut opened))
+                    if self.moves[index].phase != Phase::Opening =>
+                {
+                    // Cancelled while the target was being opened.
+                    let reason = "its move was cancelled".to_string();
+                    let _ = opened.conn.send_json(&ToNode::Dismiss { reason }, BRIEF);
+                }
                 Heard::Opened(index, Ok(opened)) => {
                     if let Some(c) = self.target_opened(index, opened)
                         && let Err(e) = self.listen(c, &tx, &stop_readers)
@@ -1240,6 +1432,7 @@ impl Session {
                     }
                 }
                 Heard::Opened(index, Err(reason)) => self.cancel(index, reason),
+                Heard::Request(request, reply) => self.requested(request, reply, 0),
             }
             if !watched.failures.is_empty() && settle_until.is_none() {
                 settle_until = Some(Instant::now() + SETTLE);
@@ -1249,6 +1442,16 @@ impl Session {
             }
         }
         stop_readers.raise();
+        self.opener = None;
+        for m in &mut self.moves {
+            if let Some(reply) = m.reply.take() {
+                let mut report = m.report.clone();
+                if !report.moved && report.reason.is_none() {
+                    report.reason = Some("the run ended before the move's step".into());
+                }
+                let _ = reply.send(report);
+            }
+        }
         // Targets still being opened are dismissed: the run is over.
         for m in &self.moves {
             if let (Some(t), Phase::Opening | Phase::Prepared) = (m.target, m.phase) {
@@ -1259,14 +1462,126 @@ impl Session {
         Ok(watched)
     }
 
+    /// A move `slug migrate` asked for: placed far enough ahead of the stage and its
+    /// neighbours that every node hears of it before its point (a node that has passed it
+    /// says so and the move is cancelled), then run like a scripted one.
+    fn requested(
+        &mut self,
+        request: MoveRequest,
+        reply: crossbeam_channel::Sender<MigrationReport>,
+        attempt: u32,
+    ) {
+        let n = self.host.len();
+        let stage = request.stage;
+        let mut report = MigrationReport {
+            stage,
+            from: self
+                .host
+                .get(stage)
+                .map(|&c| self.addr[c].clone())
+                .unwrap_or_default(),
+            to: request.to.clone(),
+            at_step: 0,
+            moved: false,
+            reason: None,
+            rounds: Vec::new(),
+            stall_ms: None,
+            step_ms: None,
+        };
+        let refuse = |mut report: MigrationReport, reason: String| {
+            report.reason = Some(reason);
+            let _ = reply.send(report);
+        };
+        let Some(live) = self.live_cfg.as_mut() else {
+            return refuse(report, "the run has no configuration to move from".into());
+        };
+        if stage >= n {
+            return refuse(report, format!("the pipeline has stages 0..{}", n - 1));
+        }
+        if let Some(m) = self
+            .moves
+            .iter()
+            .find(|m| !matches!(m.phase, Phase::Committed | Phase::Cancelled))
+        {
+            let reason = format!(
+                "the move of stage {} to {} is still under way; ask again when it is done",
+                m.plan.stage, m.plan.to
+            );
+            return refuse(report, reason);
+        }
+        let mb = live.microbatches.max(1) as u64;
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
+        let fastest = self.progress.iter().copied().max().unwrap_or(0);
+        // Heartbeats are 250 ms apart and the request takes a moment to reach every node: a
+        // second of steps ahead (at the run's rate so far), plus the microbatches a
+        // neighbour may run ahead, plus the pre-copy rounds.
+        let rate = fastest as f64 / elapsed;
+        let margin =
+            (rate.ceil() as u64 + 2 * mb + 2 + u64::from(request.rounds)) << attempt.min(8);
+        let ahead = [stage, (stage + n - 1) % n, (stage + 1) % n]
+            .iter()
+            .map(|&s| self.progress[s])
+            .max()
+            .unwrap_or(0);
+        let mut at = ahead + margin;
+        if let Some(prev) = live.migrations.last() {
+            at = at.max(prev.at_step + mb + 1);
+        }
+        report.at_step = at;
+        let m = Migration {
+            stage,
+            to: request.to.clone(),
+            at_step: at,
+            rounds: request.rounds,
+        };
+        live.migrations.push(m.clone());
+        if let Err(e) = live.validate() {
+            live.migrations.pop();
+            let steps = live.forward_steps();
+            return refuse(
+                report,
+                format!("stage {stage} is near step {ahead} of {steps}, too late to move: {e}"),
+            );
+        }
+        let index = self.moves.len();
+        let tcp_links = live.transport == TransportKind::Tcp && n > 1;
+        let mut acks = vec![self.host[stage]];
+        if tcp_links {
+            for s in [(stage + n - 1) % n, (stage + 1) % n] {
+                if !acks.contains(&self.host[s]) {
+                    acks.push(self.host[s]);
+                }
+            }
+        }
+        let live = live.clone();
+        self.moves.push(MoveState {
+            plan: m.clone(),
+            target: None,
+            phase: Phase::Opening,
+            quiesced_at: None,
+            report,
+            acks,
+            reply: Some(reply),
+            request: Some((request, attempt)),
+            superseded: false,
+        });
+        self.broadcast(&ToNode::Plan {
+            index,
+            migration: m,
+        });
+        let Some((key, fabric, tx)) = self.opener.clone() else {
+            return;
+        };
+        let secret = self.link_secret.clone();
+        std::thread::spawn(move || {
+            let opened = open_target(&live, &key, index, fabric, secret);
+            let _ = tx.send((usize::MAX, Heard::Opened(index, opened)));
+        });
+    }
+
     /// Starts the reader of connection `c`: what it hears goes to `tx` until its node's
     /// session ends.
-    fn listen(
-        &self,
-        c: usize,
-        tx: &crossbeam_channel::Sender<(usize, Heard)>,
-        stop: &AbortFlag,
-    ) -> Result<()> {
+    fn listen(&self, c: usize, tx: &Events, stop: &AbortFlag) -> Result<()> {
         let mut reader = self.conns[c].try_clone()?;
         reader.abort = stop.clone();
         let tx = tx.clone();
@@ -1305,6 +1620,7 @@ impl Session {
         let step_ms = ((wall.as_secs_f64() * 1e3 - stalls) / steps).max(0.0);
         self.moves
             .iter()
+            .filter(|m| !m.superseded)
             .map(|m| {
                 let mut r = m.report.clone();
                 if r.moved {

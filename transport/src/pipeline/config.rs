@@ -63,6 +63,14 @@ pub struct PipelineConfig {
     /// Stages to move to another node mid-run (`--migrate`), in the order given.
     #[serde(default)]
     pub migrations: Vec<super::migrate::Migration>,
+    /// Stages may also be moved while the run goes on (`slug migrate` through [`Self::control`]):
+    /// every node is ready to take requested moves up.
+    #[serde(default)]
+    pub live_moves: bool,
+    /// Address the coordinator takes `slug migrate` requests on (authenticated with the
+    /// cluster key); sets `live_moves`.
+    #[serde(skip)]
+    pub control: Option<String>,
     /// Starts this machine's stage processes when `launch` is [`Launch::Processes`] and there
     /// are no hosts; the program that links this library supplies it.
     #[serde(skip)]
@@ -107,6 +115,8 @@ impl PipelineConfig {
             link_integrity: crate::link::LinkIntegrity::Mac,
             stop_after: None,
             migrations: Vec::new(),
+            live_moves: false,
+            control: None,
             launcher: None,
             key_file: None,
         }

@@ -97,10 +97,17 @@ impl FromStr for Migration {
 
 /// Refuses moves that cannot happen, naming the flag and the fix.
 pub(crate) fn validate(cfg: &PipelineConfig) -> Result<()> {
+    let bad = |m: String| Err(TransportError::Config(m));
+    if cfg.control.is_some() && cfg.transport == TransportKind::Local {
+        return bad(
+            "--control takes `slug migrate` requests, but --transport local runs every stage as \
+             a thread of this one process, so no stage can move: use --transport shm or tcp"
+                .into(),
+        );
+    }
     if cfg.migrations.is_empty() {
         return Ok(());
     }
-    let bad = |m: String| Err(TransportError::Config(m));
     if cfg.transport == TransportKind::Local {
         return bad(
             "--migrate moves a stage to another `slug node`, but --transport local runs every \
@@ -148,6 +155,19 @@ pub(crate) fn validate(cfg: &PipelineConfig) -> Result<()> {
         previous = Some(m);
     }
     Ok(())
+}
+
+/// The forward step of (decode `step`, sequence `seq`) in `cfg`'s schedule (the inverse of
+/// [`super::state::schedule_slot`]).
+pub(crate) fn forward_of(cfg: &PipelineConfig, step: u32, seq: u32) -> u64 {
+    let mb = cfg.microbatches.max(1) as u64;
+    let tokens = cfg.tokens as u64;
+    let sequences = cfg.prompts.len() as u64;
+    let seq = u64::from(seq).min(sequences.saturating_sub(1));
+    let group = seq / mb;
+    let first = group * mb;
+    let size = mb.min(sequences - first);
+    group * mb * tokens + u64::from(step) * size + (seq - first)
 }
 
 /// Sequence number of the first transfer into `stage` that it consumes at or after forward step
@@ -199,19 +219,43 @@ pub(crate) enum Verdict {
 pub(crate) struct Gate {
     verdicts: Mutex<Vec<Option<Verdict>>>,
     changed: Condvar,
+    /// Moves requested while the run goes on (`slug migrate`), not yet seen by the stage thread.
+    plans: Mutex<Vec<(usize, Migration)>>,
 }
+
+/// Most moves one run may hold (scripted and requested): a bound on what a coordinator can
+/// make a node keep.
+const MAX_MOVES: usize = 4096;
 
 impl Gate {
     pub(crate) fn new(moves: usize) -> Self {
         Self {
             verdicts: Mutex::new(vec![None; moves]),
             changed: Condvar::new(),
+            plans: Mutex::new(Vec::new()),
         }
     }
 
-    /// Records the coordinator's verdict on move `index` (unknown indexes are ignored).
+    /// A move requested while the run goes on; the stage thread takes it up at its next
+    /// switch point check.
+    pub(crate) fn plan(&self, index: usize, migration: Migration) {
+        if index < MAX_MOVES {
+            let mut p = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+            p.push((index, migration));
+        }
+    }
+
+    fn take_plans(&self) -> Vec<(usize, Migration)> {
+        std::mem::take(&mut *self.plans.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Records the coordinator's verdict on move `index` (indexes past [`MAX_MOVES`] are
+    /// ignored).
     pub(crate) fn set(&self, index: usize, verdict: Verdict) {
         let mut v = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
+        if index < MAX_MOVES && v.len() <= index {
+            v.resize(index + 1, None);
+        }
         if let Some(slot) = v.get_mut(index) {
             // A final verdict is never replaced by an earlier stage of the protocol.
             if !matches!(slot, Some(Verdict::Commit { .. } | Verdict::Cancel { .. })) {
@@ -293,6 +337,9 @@ pub(crate) enum MoveNote {
     Restored { index: usize },
     /// Target: its first step after the move completed.
     Resumed { index: usize },
+    /// A node with a part in requested move `index`: `ok` if it had not yet passed its point
+    /// (it then waits there for the verdict), `false` if the move comes too late for it.
+    Planned { index: usize, ok: bool },
 }
 
 /// What a node's stage thread hands its control writer during a move, in order.
@@ -358,6 +405,8 @@ pub(crate) struct Relink {
 
 /// One stage's part in every move of the run, consulted by its loop.
 pub(crate) struct Moves {
+    cfg: PipelineConfig,
+    stage: usize,
     gate: Arc<Gate>,
     relink: Option<Relink>,
     outbox: crossbeam_channel::Sender<Outgoing>,
@@ -370,7 +419,12 @@ pub(crate) struct Moves {
     /// (receive sequence number, move index) at which the inbound link switches.
     downstream: Vec<(u64, usize)>,
     /// Per move of this stage: the hash of each chunk as last shipped, and the rounds so far.
-    shipped: Vec<Option<(Vec<Option<u64>>, u32)>>,
+    shipped: std::collections::HashMap<usize, (Vec<Option<u64>>, u32)>,
+    /// The last step boundary, send and receive the loop went through (a move requested
+    /// later than its point on this node comes too late).
+    last_done: Option<u64>,
+    last_send: Option<u64>,
+    last_recv: Option<u64>,
     /// The move that brought this stage here, confirmed to the coordinator after the first step.
     arrived: Option<usize>,
     /// The links were set to continue a moved stage's numbering (no snapshot resume).
@@ -411,9 +465,9 @@ impl Moves {
         abort: AbortFlag,
         arrived: Option<usize>,
     ) -> Self {
-        let n = cfg.stages;
-        let switches_links = cfg.transport == TransportKind::Tcp && n > 1;
         let mut moves = Self {
+            cfg: cfg.clone(),
+            stage,
             gate,
             relink,
             outbox,
@@ -422,27 +476,75 @@ impl Moves {
             sources: Vec::new(),
             upstream: Vec::new(),
             downstream: Vec::new(),
-            shipped: vec![None; cfg.migrations.len()],
+            shipped: std::collections::HashMap::new(),
+            last_done: from_step.checked_sub(1),
+            last_send: None,
+            last_recv: None,
             arrived,
             links_resumed: false,
             last_step_done: Instant::now(),
         };
         for (i, m) in cfg.migrations.iter().enumerate() {
-            if m.stage == stage && m.at_step > from_step {
-                moves.sources.push((m.at_step, i, m.rounds));
-            }
-            if switches_links && (m.stage + n - 1) % n == stage {
-                moves
-                    .upstream
-                    .push((inbound_switch(cfg, m.stage, m.at_step), i));
-            }
-            if switches_links && (m.stage + 1) % n == stage {
-                moves
-                    .downstream
-                    .push((outbound_switch(cfg, m.stage, m.at_step), i));
+            if m.stage != stage || m.at_step > from_step {
+                moves.take_part(i, m);
             }
         }
         moves
+    }
+
+    /// Adds this stage's roles in move `index`; returns whether it has any.
+    fn take_part(&mut self, index: usize, m: &Migration) -> bool {
+        let n = self.cfg.stages;
+        let switches_links = self.cfg.transport == TransportKind::Tcp && n > 1;
+        let mut involved = false;
+        if m.stage == self.stage {
+            self.sources.push((m.at_step, index, m.rounds));
+            involved = true;
+        }
+        if switches_links && (m.stage + n - 1) % n == self.stage {
+            let x = inbound_switch(&self.cfg, m.stage, m.at_step);
+            self.upstream.push((x, index));
+            involved = true;
+        }
+        if switches_links && (m.stage + 1) % n == self.stage {
+            let x = outbound_switch(&self.cfg, m.stage, m.at_step);
+            self.downstream.push((x, index));
+            involved = true;
+        }
+        involved
+    }
+
+    /// Takes up the moves requested since the last check: each node with a part in one says
+    /// whether it can still keep to it (it has not passed its point), and only then keeps it.
+    fn absorb(&mut self) -> Result<()> {
+        for (index, m) in self.gate.take_plans() {
+            let n = self.cfg.stages;
+            let links = self.cfg.transport == TransportKind::Tcp && n > 1;
+            let mut involved = false;
+            let mut passed = false;
+            if m.stage == self.stage {
+                involved = true;
+                passed |= self.last_done.is_some_and(|d| d >= m.at_step);
+            }
+            if links && (m.stage + n - 1) % n == self.stage {
+                involved = true;
+                let x = inbound_switch(&self.cfg, m.stage, m.at_step);
+                passed |= self.last_send.is_some_and(|l| l >= x);
+            }
+            if links && (m.stage + 1) % n == self.stage {
+                involved = true;
+                let x = outbound_switch(&self.cfg, m.stage, m.at_step);
+                passed |= self.last_recv.is_some_and(|l| l >= x);
+            }
+            if !involved {
+                continue;
+            }
+            if !passed {
+                self.take_part(index, &m);
+            }
+            self.ship(Outgoing::Message(MoveNote::Planned { index, ok: !passed }))?;
+        }
+        Ok(())
     }
 
     fn ship(&self, msg: Outgoing) -> Result<()> {
@@ -454,7 +556,9 @@ impl Moves {
     /// Before the outbound link sends its next transfer: at a move's switch, waits for the
     /// verdict and, on commit, connects to the moved stage's new node.
     pub(crate) fn before_send(&mut self, out: &mut LinkSender) -> Result<()> {
+        self.absorb()?;
         let seq = out.next_seq();
+        self.last_send = Some(seq);
         let Some(&(_, index)) = self.upstream.iter().find(|(x, _)| *x == seq) else {
             return Ok(());
         };
@@ -483,7 +587,9 @@ impl Moves {
     /// Before the inbound link receives its next transfer: at a move's switch, waits for the
     /// verdict and, on commit, accepts the moved stage's new node on this node's data port.
     pub(crate) fn before_recv(&mut self, inbound: &mut LinkReceiver) -> Result<()> {
+        self.absorb()?;
         let seq = inbound.next_seq();
+        self.last_recv = Some(seq);
         let Some(&(_, index)) = self.downstream.iter().find(|(x, _)| *x == seq) else {
             return Ok(());
         };
@@ -514,6 +620,8 @@ impl Moves {
     /// arrival, ships a pre-copy round when one is due, and at a move's step quiesces, ships
     /// the last delta and the cursor, and waits for the verdict.
     pub(crate) fn at_boundary(&mut self, stage: &Stage, done: u64) -> Result<AtBoundary> {
+        self.absorb()?;
+        self.last_done = Some(done);
         let sources = self.sources.clone();
         for (at, index, rounds) in sources {
             if done < at && done + u64::from(rounds) >= at {
@@ -569,7 +677,10 @@ impl Moves {
     fn round(&mut self, stage: &Stage, index: usize, last: bool) -> Result<()> {
         let range = movable(stage.layout());
         let chunks = range.len().div_ceil(CHUNK);
-        let (hashes, round) = self.shipped[index].get_or_insert_with(|| (vec![None; chunks], 0));
+        let (hashes, round) = self
+            .shipped
+            .entry(index)
+            .or_insert_with(|| (vec![None; chunks], 0));
         *round += 1;
         let round = *round;
         let bytes = stage.arena().bytes();
@@ -597,6 +708,53 @@ impl Moves {
             last,
         }))
     }
+}
+
+/// What `slug migrate` asks a running coordinator (over its `--control` endpoint).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct MoveRequest {
+    pub stage: usize,
+    pub to: String,
+    pub rounds: u32,
+}
+
+/// Asks the coordinator whose `--control` endpoint is at `control` to move `stage` to the
+/// `slug node` at `to` now (after `rounds` pre-copy rounds), proving `key`; waits for the
+/// move to happen or be refused (at most `timeout` for each step of the exchange, and as long
+/// as the move takes) and returns what became of it.
+pub fn request_migration(
+    control: &str,
+    key: &ClusterKey,
+    stage: usize,
+    to: &str,
+    rounds: u32,
+    timeout: Duration,
+) -> Result<MigrationReport> {
+    let abort = AbortFlag::new();
+    let stream = crate::wire::connect(control, timeout, &abort)?;
+    let hello = crate::auth::Hello::new(
+        crate::auth::Role::Control,
+        crate::auth::COORDINATOR,
+        stage as u32,
+    )?;
+    let mut conn = crate::auth::client_handshake(
+        stream,
+        format!("coordinator control endpoint {control}"),
+        key,
+        hello,
+        abort,
+        timeout,
+    )?
+    .conn;
+    let request = MoveRequest {
+        stage,
+        to: to.to_string(),
+        rounds,
+    };
+    conn.send_json(&request, timeout)?;
+    // The move itself may take a while (pre-copy, the step it waits for): the coordinator
+    // answers when it happened or was refused, or closes the connection when the run ends.
+    conn.recv_json::<MigrationReport>(Duration::from_secs(24 * 3600))
 }
 
 /// One round of a move's pre-copy, as the coordinator saw it.
@@ -814,6 +972,16 @@ mod tests {
         assert_eq!(outbound_switch(&c, 2, 8), 6);
         // Stage 0 consumes the last stage's token of step f at f + 2 (group of 2).
         assert_eq!(inbound_switch(&c, 0, 4), 2);
+    }
+
+    #[test]
+    fn forward_of_inverts_the_schedule() {
+        let mut c = cfg(2, 5, 2, 3);
+        c.microbatches = 2;
+        for f in 0..15 {
+            let slot = super::super::state::schedule_slot(&c, f).unwrap();
+            assert_eq!(forward_of(&c, slot.step, slot.seq), f);
+        }
     }
 
     #[test]

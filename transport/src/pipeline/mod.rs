@@ -38,7 +38,7 @@ use crate::wire::AbortFlag;
 pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes, run_on_nodes_collecting};
 pub use config::{KernelDigests, Launch, PipelineConfig, prompt_tokens};
 pub use launch::{NodeCommand, NodeLauncher};
-pub use migrate::{DEFAULT_ROUNDS, Migration, MigrationReport, PrecopyRound};
+pub use migrate::{DEFAULT_ROUNDS, Migration, MigrationReport, PrecopyRound, request_migration};
 pub use observe::{NoObservers, ObserverFactory, StageContext, StageObservers};
 pub use report::{HexHash, KernelDigest, RunReport, StageReport, TransferDigest};
 pub use stage::STAGE_ARENA;
@@ -81,7 +81,7 @@ pub fn run(cfg: &PipelineConfig, observers: &dyn ObserverFactory) -> Result<RunR
 /// The key of a run's own stage nodes: fresh, unless stages move to `slug node`s of the user's
 /// (`--migrate`), which hold the cluster key.
 fn run_key(cfg: &PipelineConfig) -> Result<ClusterKey> {
-    if cfg.migrations.is_empty() {
+    if cfg.migrations.is_empty() && cfg.control.is_none() {
         ClusterKey::random()
     } else {
         ClusterKey::resolve(cfg.key_file.as_deref())

@@ -342,7 +342,8 @@ fn run_assigned(
             "assigned to take stage {s} over by move {index}, which the config does not hold"
         ))));
     }
-    let moving = incoming.is_some() || cfg.migrations.iter().any(|m| m.stage == s);
+    let moving =
+        incoming.is_some() || cfg.live_moves || cfg.migrations.iter().any(|m| m.stage == s);
     let weights = moving.then(|| migrate::weights_hash(&stage));
     let (obs, digests) = stage_observers(factory, &ctx).map_err(startup)?;
     let transfers = obs.transfers;
@@ -434,6 +435,7 @@ fn run_assigned(
                             return;
                         }
                         Ok(ToNode::Move { index, verdict }) => gate2.set(index, verdict),
+                        Ok(ToNode::Plan { index, migration }) => gate2.plan(index, migration),
                         Ok(_) => {}
                     }
                 }
@@ -496,7 +498,7 @@ fn run_assigned(
                 }
                 (None, None) => StageIo::default(),
             };
-            if !cfg.migrations.is_empty() {
+            if !cfg.migrations.is_empty() || cfg.live_moves {
                 let relink = match &listener {
                     Some(l) => Some(migrate::Relink {
                         listener: Some(l.try_clone().map_err(|e| {
@@ -637,6 +639,7 @@ fn receive_stage(
                 }
                 match conn.decode_json::<ToNode>(&body)? {
                     ToNode::Move { index, verdict } => gate.set(index, verdict),
+                    ToNode::Plan { index, migration } => gate.plan(index, migration),
                     ToNode::Restore { index: i, cursor } if i == index => {
                         if cursor.step != at_step {
                             return Err(TransportError::Config(format!(
