@@ -12,7 +12,7 @@ use slug_transport::pipeline::{DEFAULT_ROUNDS, request_migration};
 
 const EXAMPLES: &str = "\
 Examples:
-  slug run --model small --stages 4 --transport tcp --tokens 4000 \\
+  slug run --model small --stages 4 --transport tcp --tokens 480 \\
       --key-file cluster.key --control 127.0.0.1:7171 &
   slug node --listen 10.0.0.5:7070 --key-file cluster.key &
   slug migrate --control 127.0.0.1:7171 --stage 2 --to 10.0.0.5:7070 --key-file cluster.key
@@ -32,7 +32,7 @@ the exit status is 1. MPI runs cannot migrate: their ranks are fixed by mpirun."
 #[derive(Debug, Args)]
 #[command(after_help = EXAMPLES)]
 pub struct MigrateArgs {
-    /// The running coordinator's control endpoint (`slug run|record --control ADDR`).
+    /// The running coordinator's control endpoint (`slug run --control ADDR`).
     #[arg(long, value_name = "HOST:PORT")]
     control: String,
     /// The stage to move.
