@@ -54,18 +54,20 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median stall and step time (ms) and the last delta (bytes) of `RUNS` runs.
-fn measure(model: &str, key_file: &std::path::Path, to: &str, rounds: u32) -> (f64, f64, u64) {
-    let (mut stalls, mut steps, mut last) = (Vec::new(), Vec::new(), 0);
+/// Median stall, step time and restore part of the stall (ms), and the last delta (bytes) of
+/// `RUNS` runs.
+fn measure(model: &str, key_file: &std::path::Path, to: &str, rounds: u32) -> (f64, f64, f64, u64) {
+    let (mut stalls, mut steps, mut restores, mut last) = (Vec::new(), Vec::new(), Vec::new(), 0);
     for _ in 0..RUNS {
         let report = run(&pipeline(model, key_file, to, rounds), &NoObservers).expect("run");
         let m: &MigrationReport = &report.migrations[0];
         assert!(m.moved, "the move was refused: {:?}", m.reason);
         stalls.push(m.stall_ms.expect("stall measured"));
         steps.push(m.step_ms.expect("step time"));
+        restores.push(m.restored_ms.expect("restore time"));
         last = m.rounds.last().map_or(0, |r| r.bytes);
     }
-    (median(stalls), median(steps), last)
+    (median(stalls), median(steps), median(restores), last)
 }
 
 fn main() {
@@ -99,12 +101,13 @@ fn main() {
         if !only.is_empty() && !only.iter().any(|o| o == model) {
             continue;
         }
-        let (pre, step, pre_last) = measure(model, &key_file, &to, 3);
-        let (stop_copy, _, whole) = measure(model, &key_file, &to, 0);
+        let (pre, step, pre_restore, pre_last) = measure(model, &key_file, &to, 3);
+        let (stop_copy, _, stop_restore, whole) = measure(model, &key_file, &to, 0);
         println!(
             "migrate/{model}: pre-copy stall {pre:.2} ms ({:.2} step times of {step:.2} ms; last \
-             delta {:.1} KiB) vs stop-and-copy stall {stop_copy:.2} ms ({:.2} step times; whole \
-             state {:.1} KiB): stop-and-copy / pre-copy = {:.2}x (median of {RUNS} runs each)",
+             delta {:.1} KiB, restored after {pre_restore:.2} ms) vs stop-and-copy stall \
+             {stop_copy:.2} ms ({:.2} step times; whole state {:.1} KiB, restored after \
+             {stop_restore:.2} ms): stop-and-copy / pre-copy = {:.2}x (median of {RUNS} runs each)",
             pre / step,
             pre_last as f64 / 1024.0,
             stop_copy / step,

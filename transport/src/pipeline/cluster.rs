@@ -1076,6 +1076,7 @@ impl Session {
                     rounds: Vec::new(),
                     stall_ms: None,
                     step_ms: None,
+                    restored_ms: None,
                 },
             })
             .collect();
@@ -1278,6 +1279,7 @@ impl Session {
                     && m.phase == Phase::Quiesced
                 {
                     m.phase = Phase::Restored;
+                    m.report.restored_ms = m.quiesced_at.map(|t| t.elapsed().as_secs_f64() * 1e3);
                     self.advance();
                 }
             }
@@ -1487,6 +1489,7 @@ impl Session {
             rounds: Vec::new(),
             stall_ms: None,
             step_ms: None,
+            restored_ms: None,
         };
         let refuse = |mut report: MigrationReport, reason: String| {
             report.reason = Some(reason);

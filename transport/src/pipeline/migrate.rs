@@ -790,6 +790,11 @@ pub struct MigrationReport {
     pub stall_ms: Option<f64>,
     /// The run's mean time per forward step without the stalls, ms.
     pub step_ms: Option<f64>,
+    /// Part of the stall until the target confirmed the restore (last delta shipped and
+    /// applied, cursor set), ms; the rest is the commit, the links' reconnection and the
+    /// target's first step.
+    #[serde(default)]
+    pub restored_ms: Option<f64>,
 }
 
 impl MigrationReport {
