@@ -9,7 +9,8 @@ use slug_schema::{
     EndpointInfo, Event, EventKind, KindSet, Manifest, NodeClock, TimeRange, Trace, WriterOptions,
 };
 use slug_transport::pipeline::{
-    NoObservers, PipelineConfig, RunReport, run, run_on_nodes_collecting,
+    NoObservers, ObserverSettings, PipelineConfig, RecordSettings, RunReport, run,
+    run_on_nodes_collecting,
 };
 use slug_transport::transfer::TransportKind;
 
@@ -19,7 +20,7 @@ use crate::error::{RecorderError, Result};
 use crate::flight::{DEFAULT_RING_RECORDS, ring_file_len};
 
 use crate::observe::{
-    NODE_REPORTS_DIR, NodeReport, NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings,
+    NODE_REPORTS_DIR, NodeReport, PayloadPolicy, RecorderFactory, RecorderSettings,
 };
 use crate::out_dir::{SpaceNeeded, human_bytes, prepare_out};
 use crate::perf::{Capabilities, PerfConfig, probe};
@@ -426,7 +427,7 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
         // Each stage is a `slug node` process that records itself (NodeRecorderFactory): into
         // the same directory on this machine, or into a scratch directory of its own on --hosts
         // (no shared file system), collected over the node's control connection at the end.
-        let node = NodeSettings {
+        let node = RecordSettings {
             trace_dir: std::path::absolute(&cfg.out).map_err(|e| RecorderError::io(&cfg.out, e))?,
             payloads: cfg.payloads.to_string(),
             perf: cfg.perf.request.to_string(),
@@ -438,7 +439,10 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             scratch_run: on_hosts.then(run_id),
         };
         let mut p = pipeline.clone();
-        p.observer_settings = Some(node.to_observer_settings());
+        p.observer_settings = Some(ObserverSettings {
+            record: Some(node),
+            replay: None,
+        });
         let report = if on_hosts {
             slug_transport::auth::ClusterKey::resolve(p.key_file.as_deref())
                 .and_then(|key| run_on_nodes_collecting(&p, &p.hosts, &key, Some(&cfg.out)))

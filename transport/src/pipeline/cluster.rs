@@ -17,6 +17,7 @@ use crate::auth::{COORDINATOR, ClusterKey, Hello, Role, client_handshake};
 use crate::clock::ClockOffset;
 use crate::error::{Result, TransportError};
 use crate::fabric::{Fabric, FabricLayout};
+use crate::link::shm::FabricFile;
 use crate::transfer::TransportKind;
 use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable, shown};
 
@@ -285,39 +286,6 @@ pub fn launch_local_nodes(
     Ok(nodes)
 }
 
-/// A fabric file for one shm run, removed when dropped.
-struct FabricFile {
-    fabric: Arc<Fabric>,
-    path: PathBuf,
-}
-
-impl FabricFile {
-    fn create(cfg: &PipelineConfig) -> Result<Self> {
-        let dir = Path::new("/dev/shm");
-        let dir = if dir.is_dir() {
-            dir.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        let path = dir.join(format!(
-            "slug-fabric-{}-{}",
-            std::process::id(),
-            crate::clock::monotonic_ns()
-        ));
-        let fabric = Arc::new(Fabric::create(
-            &path,
-            FabricLayout::new(&cfg.ring_specs())?,
-        )?);
-        Ok(Self { fabric, path })
-    }
-}
-
-impl Drop for FabricFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 fn failed(stage: usize, host: &str, step: &str, detail: impl Into<String>) -> TransportError {
     TransportError::StageFailed {
         stage,
@@ -355,7 +323,7 @@ pub fn run_on_nodes_collecting(
     }
     let timeout = cfg.timeout();
     let fabric = match cfg.transport {
-        TransportKind::Shm => Some(FabricFile::create(cfg)?),
+        TransportKind::Shm => Some(FabricFile::create(FabricLayout::new(&cfg.ring_specs())?)?),
         _ => None,
     };
     let control = match &cfg.control {
@@ -379,18 +347,19 @@ pub fn run_on_nodes_collecting(
         conns,
         clocks,
         addrs,
-        fabric.as_ref().map(|f| f.fabric.clone()),
+        fabric.as_ref().map(|f| f.fabric().clone()),
     )?;
-    let fabric_path = fabric.as_ref().map(|f| f.path.clone());
+    let fabric_path = fabric.as_ref().map(|f| f.path().to_owned());
     session.assign(cfg, fabric_path.clone())?;
     session.plan_moves(cfg);
     if let Some(f) = &fabric
         && cfg.migrations.is_empty()
+        && cfg.control.is_none()
     {
         // Every node has mapped the fabric: unlink it now so that nothing is left in /dev/shm
         // even if this process is killed. (A run that moves stages keeps it for their new
         // nodes until it ends.)
-        let _ = std::fs::remove_file(&f.path);
+        f.unlink();
     }
     session.start(timeout)?;
     let start = Instant::now();

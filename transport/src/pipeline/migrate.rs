@@ -22,8 +22,9 @@ use slug_kernels::{Section, Stage, StageLayout};
 
 use crate::auth::ClusterKey;
 use crate::error::{Result, TransportError};
+use crate::link::tcp::{TcpRecv, TcpSend};
 use crate::link::{LinkEnds, LinkIntegrity, LinkReceiver, LinkSender};
-use crate::transfer::{Observers, TransportKind};
+use crate::transfer::TransportKind;
 use crate::wire::AbortFlag;
 
 use super::config::PipelineConfig;
@@ -397,7 +398,6 @@ pub(crate) struct Relink {
     /// The run's link secret.
     pub key: ClusterKey,
     pub integrity: LinkIntegrity,
-    pub observers: Observers,
     pub abort: AbortFlag,
     pub inbound: LinkEnds,
     pub outbound: LinkEnds,
@@ -569,17 +569,10 @@ impl Moves {
             let addr = data_addr.ok_or_else(|| {
                 TransportError::Config(format!("move {index} committed without a data address"))
             })?;
-            let mut next = LinkSender::connect_tcp(
-                &addr,
-                &r.key,
-                r.integrity,
-                r.outbound,
-                r.observers.clone(),
-                &r.abort,
-            )?;
-            next.resume_at(seq);
-            next.carry_stats(out.stats());
-            *out = next;
+            out.flush()?;
+            let next = TcpSend::connect(&addr, &r.key, r.integrity, &r.outbound, &r.abort)?;
+            // The old backend (the link to the node the stage left) closes as it drops.
+            drop(out.repoint(Box::new(next)));
         }
         Ok(())
     }
@@ -600,18 +593,11 @@ impl Moves {
             let listener = r.listener.as_ref().ok_or_else(|| {
                 TransportError::Config("no data listener to accept the moved stage on".into())
             })?;
-            let mut next = LinkReceiver::accept_tcp(
-                listener,
-                &r.key,
-                r.integrity,
-                r.inbound,
-                r.observers.clone(),
-                &r.abort,
-                &|e| eprintln!("slug node: refused a data-link caller: {e}"),
-            )?;
-            next.resume_at(seq);
-            next.carry_stats(inbound.stats());
-            *inbound = next;
+            let next =
+                TcpRecv::accept(listener, &r.key, r.integrity, &r.inbound, &r.abort, &|e| {
+                    eprintln!("slug node: refused a data-link caller: {e}")
+                })?;
+            drop(inbound.repoint(Box::new(next)));
         }
         Ok(())
     }

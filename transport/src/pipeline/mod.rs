@@ -12,7 +12,7 @@
 //!
 //! Observers: for `local` the [`ObserverFactory`] given to [`run`] builds each stage's hooks in
 //! this process; for the process transports each node builds them with the factory given to
-//! [`node::serve`] (the config's `observer_settings` travels to the nodes for that).
+//! [`node::serve`] (the config's typed [`ObserverSettings`] travel to the nodes for that).
 
 mod cluster;
 mod config;
@@ -21,6 +21,7 @@ mod migrate;
 pub mod node;
 mod observe;
 mod report;
+mod settings;
 mod stage;
 mod state;
 
@@ -32,6 +33,7 @@ use slug_kernels::LayerPlan;
 use crate::auth::ClusterKey;
 use crate::error::{Result, TransportError};
 use crate::fabric::{Fabric, FabricLayout};
+use crate::link::{StageLinks, ring};
 use crate::transfer::TransportKind;
 use crate::wire::AbortFlag;
 
@@ -41,11 +43,12 @@ pub use launch::{NodeCommand, NodeLauncher};
 pub use migrate::{DEFAULT_ROUNDS, Migration, MigrationReport, PrecopyRound, request_migration};
 pub use observe::{NoObservers, ObserverFactory, StageContext, StageObservers};
 pub use report::{HexHash, KernelDigest, RunReport, StageReport, TransferDigest};
+pub use settings::{ObserverSettings, RecordSettings, ReplaySettings};
 pub use stage::STAGE_ARENA;
 pub use state::{ScheduleSlot, StageState, StageStateObserver, restore_stage, schedule_slot};
 
 use observe::{Observed, stage_observers};
-use stage::{StageIo, build_stage, drive_stage};
+use stage::{build_stage, drive_stage, link_ends};
 
 /// Runs the pipeline described by `cfg` and returns its tokens, timings, clock offsets and
 /// per-link counters. Fails within bounded time, naming stage, host and step, when a stage or
@@ -223,6 +226,24 @@ fn run_local(cfg: &PipelineConfig, factory: &dyn ObserverFactory) -> Result<RunR
     Ok(RunReport::assemble(cfg, reports, wall))
 }
 
+/// Stage `s`'s ends of the heap fabric's rings (none for a one-stage pipeline).
+fn local_links(
+    cfg: &PipelineConfig,
+    s: usize,
+    fabric: &Arc<Fabric>,
+    observers: &crate::transfer::Observers,
+) -> Result<StageLinks> {
+    let n = cfg.stages;
+    if n < 2 {
+        return Ok(StageLinks::default());
+    }
+    let (inbound, outbound) = (
+        link_ends(n, (s + n - 1) % n, cfg.timeout()),
+        link_ends(n, s, cfg.timeout()),
+    );
+    ring::stage_links(fabric, inbound, outbound, TransportKind::Local, observers)
+}
+
 fn local_stage(
     cfg: &PipelineConfig,
     plan: &LayerPlan,
@@ -239,7 +260,7 @@ fn local_stage(
             config: cfg,
         };
         let (obs, digests) = stage_observers(factory, &ctx)?;
-        let io = StageIo::over_fabric(cfg, s, fabric, TransportKind::Local, &obs.transfers)?;
+        let io = local_links(cfg, s, fabric, &obs.transfers)?;
         let pool = slug_kernels::ThreadPool::new(cfg.threads)?;
         let stage = build_stage(cfg, plan, &pool, factory, &ctx)?;
         let state = factory.state_observer(&ctx)?;
@@ -252,7 +273,7 @@ fn local_stage(
         hooks: obs.hooks,
         state,
     };
-    let outcome = drive_stage(cfg, plan, s, &pool, stage, io, observed, &|_, _| {})
+    let outcome = drive_stage(cfg, plan, s, &pool, stage, io, None, observed, &|_, _| {})
         .map_err(|(at, e)| (s, at, e))?;
     Ok(outcome.into_report(plan, s, "local", &digests))
 }

@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 use slug_kernels::{LayerPlan, Stage, StageLayout, ThreadPool};
 
 use crate::error::{Result, TransportError};
-use crate::fabric::Fabric;
-use crate::link::{LinkEnds, LinkReceiver, LinkSender, LinkStats, Region, RegionMut};
-use crate::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
+use crate::link::{LinkEnds, LinkReceiver, LinkSender, LinkStats, Region, RegionMut, StageLinks};
+use crate::transfer::{ArenaId, EndpointId, LinkId, Tag};
 
 use super::config::PipelineConfig;
 use super::migrate::{AtBoundary, Moves};
@@ -28,49 +27,6 @@ pub(crate) fn link_ends(stages: usize, link: usize, timeout: Duration) -> LinkEn
         src: EndpointId(link as u32),
         dst: EndpointId(((link + 1) % stages) as u32),
         timeout,
-    }
-}
-
-/// The two link ends a stage uses: from its upstream stage, to its downstream stage.
-#[derive(Debug, Default)]
-pub(crate) struct StageIo {
-    pub inbound: Option<LinkReceiver>,
-    pub outbound: Option<LinkSender>,
-    /// The stage's part in `--migrate` moves (process transports only).
-    pub moves: Option<Moves>,
-}
-
-impl StageIo {
-    /// Stage `s`'s ends of the fabric rings (none for a one-stage pipeline).
-    pub fn over_fabric(
-        cfg: &PipelineConfig,
-        s: usize,
-        fabric: &Arc<Fabric>,
-        kind: TransportKind,
-        observers: &Observers,
-    ) -> Result<Self> {
-        let n = cfg.stages;
-        if n < 2 {
-            return Ok(Self::default());
-        }
-        let up = (s + n - 1) % n;
-        Ok(Self {
-            inbound: Some(LinkReceiver::over_fabric(
-                fabric.clone(),
-                up,
-                link_ends(n, up, cfg.timeout()),
-                kind,
-                observers.clone(),
-            )?),
-            outbound: Some(LinkSender::over_fabric(
-                fabric.clone(),
-                s,
-                link_ends(n, s, cfg.timeout()),
-                kind,
-                observers.clone(),
-            )?),
-            moves: None,
-        })
     }
 }
 
@@ -121,7 +77,8 @@ impl StageOutcome {
 /// group every stage handles (step, sequence) in the same order, so links stay FIFO-consistent.
 /// A stage restored mid-run (cursor step K > 0) resumes at the K-th forward step; every stage
 /// of the pipeline must be restored at the same K (links continue their recorded numbering).
-/// The state observer sees the stage before its first step and after every step.
+/// The state observer sees the stage before its first step and after every step; `moves`
+/// (process transports) is consulted at every step boundary, send and receive.
 /// On failure returns where the stage was ("step 3 (sequence 1)") with the error.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn drive_stage(
@@ -130,7 +87,8 @@ pub(crate) fn drive_stage(
     s: usize,
     pool: &ThreadPool,
     mut stage: Stage,
-    mut io: StageIo,
+    mut io: StageLinks,
+    mut moves: Option<Moves>,
     observed: Observed,
     progress: &dyn Fn(u32, u32),
 ) -> std::result::Result<StageOutcome, (String, TransportError)> {
@@ -163,7 +121,7 @@ pub(crate) fn drive_stage(
     let mut forward_ns = 0u64;
     let mut steps = 0u64;
     let resume_at = stage.cursor().step;
-    let links_resumed = io.moves.as_ref().is_some_and(|m| m.links_resumed);
+    let links_resumed = moves.as_ref().is_some_and(|m| m.links_resumed);
     if resume_at > 0 && n_stages > 1 && !links_resumed {
         // Every stage was restored at the same step: continue each link's numbering, and send
         // stage 0 again the tokens the recorded run had sent but it had not consumed yet.
@@ -221,7 +179,7 @@ pub(crate) fn drive_stage(
                     break 'schedule;
                 }
                 at = format!("step {step} (sequence {seq})");
-                if let Some(m) = io.moves.as_mut()
+                if let Some(m) = moves.as_mut()
                     && m.at_boundary(&stage, forward - 1)
                         .map_err(|e| fail(&at, e))?
                         == AtBoundary::HandedOff
@@ -230,15 +188,17 @@ pub(crate) fn drive_stage(
                     break 'schedule;
                 }
                 progress(step as u32, seq as u32);
-                let n = take_input(cfg, &mut stage, &mut io, s, seq, step, dim_bytes)
-                    .map_err(|e| fail(&at, e))?;
+                let n = take_input(
+                    cfg, &mut stage, &mut io, &mut moves, s, seq, step, dim_bytes,
+                )
+                .map_err(|e| fail(&at, e))?;
                 let t0 = Instant::now();
                 stage
                     .forward(pool, &mut *hooks, seq, n)
                     .map_err(|e| fail(&at, e.into()))?;
                 forward_ns += t0.elapsed().as_nanos() as u64;
                 steps += 1;
-                if let Some(m) = io.moves.as_mut() {
+                if let Some(m) = moves.as_mut() {
                     m.step_done().map_err(|e| fail(&at, e))?;
                 }
                 if let Some(o) = state_observer.as_mut() {
@@ -266,7 +226,7 @@ pub(crate) fn drive_stage(
                         step: step as u32,
                         layer: next_first_layer,
                     };
-                    if let Some(m) = io.moves.as_mut() {
+                    if let Some(m) = moves.as_mut() {
                         m.before_send(out).map_err(|e| fail(&at, e))?;
                     }
                     let region = Region {
@@ -298,10 +258,12 @@ pub(crate) fn drive_stage(
 }
 
 /// Puts the input of (`seq`, `step`) into the stage's inbox; returns how many tokens it covers.
+#[allow(clippy::too_many_arguments)]
 fn take_input(
     cfg: &PipelineConfig,
     stage: &mut Stage,
-    io: &mut StageIo,
+    io: &mut StageLinks,
+    moves: &mut Option<Moves>,
     s: usize,
     seq: usize,
     step: usize,
@@ -318,7 +280,7 @@ fn take_input(
         stage.inbox_tokens_mut(seq)?[0] = token;
         return Ok(1);
     };
-    if let Some(m) = io.moves.as_mut() {
+    if let Some(m) = moves.as_mut() {
         m.before_recv(inbound)?;
     }
     let mut region = RegionMut {
