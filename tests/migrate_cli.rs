@@ -353,8 +353,9 @@ fn live_run(key: &Path) -> (Child, String, std::sync::mpsc::Receiver<String>) {
     (run, addr, rx)
 }
 
-/// 3 stages, 2 sequences, 300 tokens: 600 forward steps, long enough to be moved mid-run.
-const LIVE: [&str; 15] = [
+/// 3 stages, 4 sequences (2 in flight), 400 tokens: 1600 forward steps, long enough to be
+/// moved three times mid-run.
+const LIVE: [&str; 17] = [
     "run",
     "--json",
     "--transfer-digest",
@@ -363,10 +364,12 @@ const LIVE: [&str; 15] = [
     "--stages",
     "3",
     "--tokens",
-    "300",
+    "400",
     "--max-seq",
     "512",
     "--sequences",
+    "4",
+    "--microbatches",
     "2",
     "--timeout-ms",
     "20000",
