@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{demo, export, info, keygen, node, record, recover, replay, run, view};
+use crate::{demo, export, info, keygen, migrate, node, record, recover, replay, run, view};
 
 /// slug — record and replay for distributed CPU AI pipelines.
 ///
@@ -55,6 +55,8 @@ enum Command {
     Node(node::NodeArgs),
     /// Write a new random cluster key file (mode 0600) for `slug node` and `--hosts` runs.
     Keygen(keygen::KeygenArgs),
+    /// Move a stage of a running pipeline (`--control`) to another `slug node` now.
+    Migrate(migrate::MigrateArgs),
 }
 
 /// Runs the chosen subcommand and returns the process exit code.
@@ -70,5 +72,6 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Demo(args) => demo::execute(args),
         Command::Node(args) => node::execute(args),
         Command::Keygen(args) => keygen::execute(args),
+        Command::Migrate(args) => migrate::execute(args),
     }
 }

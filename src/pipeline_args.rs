@@ -54,6 +54,14 @@ pub struct PipelineArgs {
     /// divergence reports; optional element=N,bit=B).
     #[arg(long, value_name = "SPEC")]
     pub inject: Option<String>,
+    /// Move a stage to another `slug node` mid-run (repeatable; shm or tcp):
+    /// stage=S,to=HOST:PORT,at-step=N[,rounds=R]. The node needs the cluster key (--key-file).
+    #[arg(long = "migrate", value_name = "SPEC")]
+    pub migrate: Vec<String>,
+    /// Take `slug migrate` requests on this address while the run goes on (shm or tcp;
+    /// callers must hold the cluster key, --key-file).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub control: Option<String>,
     /// Longest any single wait on a link or a node may take before the run is failed, in ms.
     #[arg(long, default_value_t = 60_000, value_name = "MS")]
     pub timeout_ms: u64,
@@ -217,6 +225,16 @@ impl PipelineArgs {
             Some(spec) => Some(spec.parse::<Injection>()?),
             None => None,
         };
+        cfg.migrations = self
+            .migrate
+            .iter()
+            .map(|spec| spec.parse())
+            .collect::<Result<_, _>>()?;
+        cfg.control = self.control.clone();
+        cfg.live_moves = self.control.is_some();
+        if (!cfg.migrations.is_empty() || cfg.control.is_some()) && self.hosts.is_empty() {
+            crate::node::warn_if_key_in_env(self.key_file.as_deref());
+        }
         cfg.validate()?;
         Ok(cfg)
     }

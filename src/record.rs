@@ -151,6 +151,14 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         ..RecordConfig::new(&args.out)
     };
     let mut pipeline = args.pipeline()?;
+    if !pipeline.migrations.is_empty() || pipeline.control.is_some() {
+        anyhow::bail!(
+            "--migrate and --control are not supported while recording yet: the trace would need the move as an \
+             event on both nodes' timelines and the endpoint's log continued on the new node, \
+             which slug does not write yet; use `slug run --migrate ...` (same tokens and \
+             transfers), or record without --migrate"
+        );
+    }
     if !(args.json || args.quiet) {
         // Every stage's recorder counts its events into these, here or on its node.
         pipeline.progress = Some(RunProgress::for_config(&pipeline));

@@ -27,6 +27,11 @@ Examples:
       Override any dimension of a preset; --fma fuses multiply-adds (changes the results).
   slug run --model base --stages 4 --layout
       Print each stage's arena layout (section, region, offset, bytes, alignment) and exit.
+  slug run --stages 4 --transport tcp --key-file cluster.key --transfer-digest \
+      --migrate stage=2,to=10.0.0.5:7070,at-step=20 --migrate stage=0,to=10.0.0.6:7070,at-step=30
+      Move stage 2 to the `slug node` at 10.0.0.5:7070 after its 20th forward step (3 pre-copy
+      rounds of dirtied arena chunks first; add rounds=0 for stop-and-copy), then stage 0;
+      prints each move's rounds, stall and step time. Tokens and transfers stay the same.
 
 Progress (steps, tokens/s, bytes sent, from every stage) goes to stderr: a bar on a terminal,
 a line every 2 s otherwise; --quiet or --json turn it off.
@@ -48,6 +53,10 @@ pub struct RunArgs {
     /// Show no progress on stderr (none is shown with --json either).
     #[arg(long, short)]
     quiet: bool,
+    /// Hash every transfer's bytes and print one digest of them all (two runs moved the same
+    /// bytes if their digests match).
+    #[arg(long)]
+    transfer_digest: bool,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -68,6 +77,7 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
     if !(args.json || args.quiet) {
         cfg.progress = Some(RunProgress::for_config(&cfg));
     }
+    cfg.digests |= args.transfer_digest;
     let plan = cfg.plan()?;
     let total: u64 = (0..plan.stages())
         .map(|s| StageLayout::new(&cfg.model, &plan, s, cfg.prompts.len(), cfg.threads))
@@ -91,6 +101,11 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
     let tokens = report.tokens.first().cloned().unwrap_or_default();
     let text = render(&tokens);
     let wall_ms = report.wall_ns as f64 / 1e6;
+    let digests = report.digests();
+    let transfer_digest = args.transfer_digest.then(|| {
+        let bytes = serde_json::to_vec(&digests).unwrap_or_default();
+        format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes))
+    });
     if args.json {
         let stages: Vec<_> = report
             .stage_reports
@@ -129,6 +144,9 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
             "tokens_per_s": report.tokens_per_s,
             "arena_bytes": total,
             "stage_reports": stages,
+            "migrations": report.migrations,
+            "transfers": args.transfer_digest.then_some(digests.len()),
+            "transfer_digest": transfer_digest,
         });
         println!("{value}");
     } else {
@@ -183,6 +201,12 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
                 moved(&r.inbound),
                 moved(&r.outbound)
             );
+        }
+        for m in &report.migrations {
+            println!("{}", m.describe());
+        }
+        if let Some(d) = &transfer_digest {
+            println!("transfers: {} received, digest {d}", digests.len());
         }
         let generated: usize = report.tokens.iter().map(Vec::len).sum();
         println!(

@@ -225,6 +225,32 @@ impl Stage {
         Ok(())
     }
 
+    /// Takes `cursor` without touching the arena: a stage whose arena was filled piece by piece
+    /// (a migration's pre-copy) resumes where the cursor says.
+    pub fn set_cursor(&mut self, cursor: StageCursor) -> Result<(), Error> {
+        if cursor.positions.len() != self.layout.sequences {
+            return Err(Error::RestoreMismatch {
+                what: "sequence count",
+                expected: self.layout.sequences,
+                got: cursor.positions.len(),
+            });
+        }
+        if let Some(seq) = cursor
+            .positions
+            .iter()
+            .position(|&p| p > self.config.max_seq)
+        {
+            return Err(Error::ContextFull {
+                seq,
+                position: cursor.positions[seq],
+                n_tokens: 0,
+                max_seq: self.config.max_seq,
+            });
+        }
+        self.cursor = cursor;
+        Ok(())
+    }
+
     /// Rewinds (or advances) sequence `seq` to `position`: the next step writes its keys and
     /// values there, and attention sees only positions below it. Used to reuse a sequence
     /// slot and by benchmarks that decode past the context length.

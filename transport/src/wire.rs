@@ -32,6 +32,9 @@ pub(crate) mod kind {
     pub const FILE: u8 = 10;
     /// A Noise handshake message.
     pub const NOISE: u8 = 11;
+    /// A chunk of a migrating stage's arena (move index, offset, bytes), relayed by the
+    /// coordinator from the stage's old node to its new one.
+    pub const ARENA: u8 = 12;
 }
 
 /// Largest Noise message (the protocol's limit) and its authentication tag.
@@ -393,7 +396,12 @@ impl Conn {
     /// Receives a JSON control message.
     pub fn recv_json<T: serde::de::DeserializeOwned>(&mut self, timeout: Duration) -> Result<T> {
         let body = self.expect_frame(kind::JSON, timeout)?;
-        serde_json::from_slice(&body).map_err(|e| TransportError::Protocol {
+        self.decode_json(&body)
+    }
+
+    /// Decodes the body of a JSON frame received from this peer.
+    pub fn decode_json<T: serde::de::DeserializeOwned>(&self, body: &[u8]) -> Result<T> {
+        serde_json::from_slice(body).map_err(|e| TransportError::Protocol {
             peer: self.peer.clone(),
             detail: format!(
                 "bad control message: {}",

@@ -180,6 +180,15 @@ pub struct LinkStats {
 }
 
 impl LinkStats {
+    /// Adds another link end's counters (the same link served by two nodes in turn, as when
+    /// a stage migrates).
+    pub fn merge(&mut self, other: &Self) {
+        self.transfers += other.transfers;
+        self.bytes += other.bytes;
+        self.busy_ns += other.busy_ns;
+        self.direct += other.direct;
+    }
+
     fn add(&mut self, len: u64, since: u64, delivery: Delivery) {
         self.transfers += 1;
         self.bytes += len;
@@ -484,6 +493,12 @@ pub trait LinkSetup: Send + Sync {
     /// Wakes every wait of this stage's links at once (the run is being aborted), where the
     /// `abort` flag given to [`connect`](Self::connect) does not already reach them.
     fn abort(&self);
+
+    /// The socket this stage accepts its upstream neighbour's data link on, for accepting a
+    /// moved neighbour's new node later (`--migrate`); `None` for backends without one.
+    fn data_listener(&self) -> Option<std::net::TcpListener> {
+        None
+    }
 }
 
 #[cfg(test)]

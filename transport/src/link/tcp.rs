@@ -288,6 +288,10 @@ impl TcpSetup {
 }
 
 impl LinkSetup for TcpSetup {
+    fn data_listener(&self) -> Option<TcpListener> {
+        self.listener.try_clone().ok()
+    }
+
     fn address(&self) -> Result<Option<String>> {
         let addr = self
             .listener

@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,9 @@ use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable, shown};
 use super::config::PipelineConfig;
 use super::launch::NodeLauncher;
 use super::progress::RunProgress;
+use super::migrate::{
+    Migration, MigrationReport, MoveNote, MoveRequest, PrecopyRound, Verdict, forward_of,
+};
 use super::report::{RunReport, StageReport};
 
 /// First line a `slug node` prints on stdout, followed by the address it listens on.
@@ -53,6 +57,10 @@ pub(crate) enum ToNode {
         config: Box<PipelineConfig>,
         fabric: Option<PathBuf>,
         link_secret: String,
+        /// Take the stage over by move `incoming` of `config.migrations`: build it, then
+        /// receive its state and wait for [`ToNode::Start`].
+        #[serde(default)]
+        incoming: Option<usize>,
     },
     /// Connect the outbound data link to `next` (tcp) and run.
     Start { next: Option<String> },
@@ -62,6 +70,17 @@ pub(crate) enum ToNode {
     Fetch { paths: Vec<String> },
     /// Every fetched file arrived: the node may delete its copies.
     Collected,
+    /// The coordinator's verdict on move `index`, sent to every node.
+    Move { index: usize, verdict: Verdict },
+    /// Target of move `index`: the last delta has arrived; take this cursor and confirm.
+    Restore {
+        index: usize,
+        cursor: slug_kernels::StageCursor,
+    },
+    /// Target of a move that will not happen: end the session without running.
+    Dismiss { reason: String },
+    /// Move `index` was requested while the run goes on (`slug migrate`).
+    Plan { index: usize, migration: Migration },
 }
 
 /// One file a node recorded for its stage, relative to its scratch directory.
@@ -108,6 +127,9 @@ pub(crate) enum ToCoordinator {
         data_addr: Option<String>,
         pid: u32,
         host: String,
+        /// Hash of the stage's weights, from nodes that take part in a move.
+        #[serde(default)]
+        weights: Option<String>,
     },
     /// Heartbeat with the step being worked on, the steps finished, the events recorded and
     /// the bytes sent so far (older nodes send only the step).
@@ -137,6 +159,10 @@ pub(crate) enum ToCoordinator {
     },
     /// The node removed its copies of the collected files (its scratch directory).
     Cleaned,
+    /// A step of a move.
+    Move(MoveNote),
+    /// The stage moved to another node at the step the report ends with.
+    Migrated { report: Box<StageReport> },
 }
 
 /// Stage processes this coordinator started on this machine; killed on drop.
@@ -311,21 +337,48 @@ pub fn run_on_nodes_collecting(
         TransportKind::Shm => Some(FabricFile::create(FabricLayout::new(&cfg.ring_specs())?)?),
         _ => None,
     };
-    let (conns, clocks) = connect_nodes(addrs, key, timeout)?;
-    let mut session = Session {
-        conns,
-        fabric: fabric.as_ref().map(|f| f.fabric().clone()),
+    let control = match &cfg.control {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).map_err(|e| {
+                TransportError::io(format!("listen for `slug migrate` on --control {addr}"), e)
+            })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| TransportError::io("read the control endpoint's address", e))?;
+            eprintln!(
+                "slug: control endpoint listening on {bound} (slug migrate --control {bound} \
+                 --stage S --to HOST:PORT)"
+            );
+            Some(listener)
+        }
+        None => None,
     };
-    let data_addrs = session.assign(cfg, addrs, fabric.as_ref().map(|f| f.path().to_owned()))?;
-    if let Some(f) = &fabric {
-        // Every node has mapped the fabric.
+    let (conns, clocks) = connect_nodes(addrs, key, timeout)?;
+    let mut session = Session::new(
+        conns,
+        clocks,
+        addrs,
+        fabric.as_ref().map(|f| f.fabric().clone()),
+    )?;
+    let fabric_path = fabric.as_ref().map(|f| f.path().to_owned());
+    session.assign(cfg, fabric_path.clone())?;
+    session.plan_moves(cfg);
+    if let Some(f) = &fabric
+        && cfg.migrations.is_empty()
+        && cfg.control.is_none()
+    {
+        // Every node has mapped the fabric: unlink it now so that nothing is left in /dev/shm
+        // even if this process is killed. (A run that moves stages keeps it for their new
+        // nodes until it ends.)
         f.unlink();
     }
-    session.start(addrs, &data_addrs, timeout)?;
+    session.start(timeout)?;
     let start = Instant::now();
-    let watched = session.watch(cfg.progress.clone())?;
+    let watched = session.watch(cfg, key, fabric_path, control)?;
     let wall = start.elapsed();
-    let (reports, collects) = match watched.outcome(addrs) {
+    let hosts = session.stage_hosts();
+    let parts = watched.parts.clone();
+    let (reports, collects) = match watched.outcome(&hosts) {
         Ok(done) => done,
         Err(e) => return Err(session.abort(e)),
     };
@@ -334,14 +387,23 @@ pub fn run_on_nodes_collecting(
     }
     let reports = reports
         .into_iter()
+        .zip(parts)
         .enumerate()
-        .map(|(s, mut r)| {
-            r.host = addrs[s].clone();
-            r.clock = Some(clocks[s]);
+        .map(|(s, (r, parts))| {
+            let mut r = if parts.is_empty() {
+                r
+            } else {
+                super::migrate::merge_reports(parts, r)
+            };
+            let c = session.host[s];
+            r.host = session.addr[c].clone();
+            r.clock = Some(session.clocks[c]);
             r
         })
         .collect();
-    Ok(RunReport::assemble(cfg, reports, wall))
+    let mut report = RunReport::assemble(cfg, reports, wall);
+    report.migrations = session.migration_reports(cfg, wall);
+    Ok(report)
 }
 
 /// Opens an authenticated control connection to every node, in stage order, with the clock
@@ -384,6 +446,8 @@ struct Watched {
     failures: Vec<(Cause, usize, String, String)>,
     /// Where the nodes' heartbeat counters go, for a progress display.
     progress: Option<Arc<RunProgress>>,
+    /// Per stage, the reports of the nodes it moved away from, earliest first.
+    parts: Vec<Vec<StageReport>>,
 }
 
 impl Watched {
@@ -394,6 +458,7 @@ impl Watched {
             at: vec!["startup".to_string(); stages],
             failures: Vec::new(),
             progress,
+            parts: vec![Vec::new(); stages],
         }
     }
 
@@ -427,12 +492,16 @@ impl Watched {
                 printable(&error, PEER_TEXT),
             )),
             Ok(
-                ToCoordinator::Ready { .. } | ToCoordinator::Files { .. } | ToCoordinator::Cleaned,
+                ToCoordinator::Ready { .. }
+                | ToCoordinator::Files { .. }
+                | ToCoordinator::Cleaned
+                | ToCoordinator::Move(_)
+                | ToCoordinator::Migrated { .. },
             ) => self.failures.push((
                 Cause::Stage,
                 s,
                 self.at[s].clone(),
-                "sent Ready, Files or Cleaned out of turn".into(),
+                "sent Ready, Files, Cleaned or a move message out of turn".into(),
             )),
             Err(e) if self.reports[s].is_none() => {
                 let detail = match &e {
@@ -677,103 +746,701 @@ fn receive_pieces(
     Ok(())
 }
 
-/// The live control connections of a run.
+/// The live control connections of a run: one per stage node, then one per move target.
 struct Session {
     conns: Vec<Conn>,
     fabric: Option<Arc<Fabric>>,
+    /// Per connection: the node's address, clock offset, data address, weights hash, the
+    /// stage it serves, and whether its session is over (moved away, dismissed).
+    addr: Vec<String>,
+    clocks: Vec<ClockOffset>,
+    data: Vec<Option<String>>,
+    weights: Vec<Option<String>>,
+    stage_of: Vec<usize>,
+    ended: Vec<bool>,
+    /// Per stage: the connection of the node running it now.
+    host: Vec<usize>,
+    /// The run's data-link secret.
+    link_secret: String,
+    moves: Vec<MoveState>,
+    /// Every verdict sent so far: a target that joins later hears them first.
+    verdicts: Vec<(usize, Verdict)>,
+    /// The configuration with every move so far (requested ones appended), as targets get it.
+    live_cfg: Option<PipelineConfig>,
+    /// Per stage: the forward step its node last said it works on.
+    progress: Vec<u64>,
+    started: Instant,
+    /// What a requested move needs to open its target: the cluster key, the fabric file and
+    /// the sender of the watch loop's events (set while watching).
+    opener: Option<(ClusterKey, Option<PathBuf>, Events)>,
 }
 
+/// The coordinator's view of one `--migrate`.
+struct MoveState {
+    plan: Migration,
+    /// Connection to the target node.
+    target: Option<usize>,
+    phase: Phase,
+    /// When the source's last step completed (by this process's clock).
+    quiesced_at: Option<Instant>,
+    report: MigrationReport,
+    /// Nodes with a part in a requested move that have not yet said they can keep to it.
+    acks: Vec<usize>,
+    /// Where the `slug migrate` that asked for this move waits for its outcome.
+    reply: Option<crossbeam_channel::Sender<MigrationReport>>,
+    /// A requested move and how many times it was placed before (a node had passed the
+    /// step): it is placed again further ahead.
+    request: Option<(MoveRequest, u32)>,
+    /// Replaced by a later attempt at the same request (left out of the run's report).
+    superseded: bool,
+}
+
+/// Where a move is. Moves commit one at a time, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The coordinator is opening a session with the target, which builds the stage.
+    Opening,
+    /// The target is built and its weights match; the source pre-copies when it gets there.
+    Prepared,
+    /// The source paused at the move's step; its last delta and cursor went to the target.
+    Quiesced,
+    /// The target confirmed the restore; the commit waits for earlier moves.
+    Restored,
+    /// Every node was told; the target runs the stage.
+    Committed,
+    /// Will not happen; the stage keeps running where it was.
+    Cancelled,
+}
+
+/// One thing heard on a control connection.
+enum Heard {
+    Message(Result<ToCoordinator>),
+    /// An arena chunk of a move, to relay to its target.
+    Chunk(Vec<u8>),
+    /// `slug migrate` asks for a move; its outcome goes back through the sender.
+    Request(MoveRequest, crossbeam_channel::Sender<MigrationReport>),
+    /// The session with move `.0`'s target is open and the stage built there, or why not.
+    Opened(usize, std::result::Result<OpenedTarget, String>),
+}
+
+/// Where the watch loop's events go, each with the connection it came from.
+type Events = crossbeam_channel::Sender<(usize, Heard)>;
+
+/// A move's target, connected, assigned and built.
+struct OpenedTarget {
+    conn: Conn,
+    clock: ClockOffset,
+    data: Option<String>,
+    weights: Option<String>,
+}
+
+/// Takes `slug migrate` requests on `listener` (each caller must prove the cluster key, as a
+/// coordinator does to a node) and hands them to the coordinator through `tx`, answering each
+/// with what became of its move; stops with `stop`.
+fn serve_control(
+    listener: TcpListener,
+    key: ClusterKey,
+    tx: Events,
+    stop: AbortFlag,
+) -> Result<()> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| TransportError::io("make the control endpoint non-blocking", e))?;
+    std::thread::spawn(move || {
+        while !stop.raised() {
+            let (stream, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            };
+            let (key, tx, stop) = (key.clone(), tx.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let asked = stream
+                    .set_nonblocking(false)
+                    .map_err(|e| TransportError::io("configure a control caller's socket", e))
+                    .and_then(|()| {
+                        crate::auth::server_handshake(
+                            stream,
+                            format!("control caller {peer}"),
+                            &key,
+                            stop,
+                            Duration::from_secs(10),
+                            |hello| match hello.role {
+                                Role::Control => Ok(()),
+                                Role::Data => {
+                                    Err("this is a coordinator's control endpoint".into())
+                                }
+                            },
+                        )
+                    })
+                    .and_then(|hs| {
+                        let mut conn = hs.conn;
+                        let request = conn.recv_json::<MoveRequest>(Duration::from_secs(10))?;
+                        Ok((conn, request))
+                    });
+                let (mut conn, request) = match asked {
+                    Ok(asked) => asked,
+                    Err(e) => {
+                        eprintln!(
+                            "slug: control endpoint: refused {peer}: {}",
+                            printable(&e.to_string(), PEER_TEXT)
+                        );
+                        return;
+                    }
+                };
+                let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+                if tx
+                    .send((usize::MAX, Heard::Request(request, reply_tx)))
+                    .is_err()
+                {
+                    return;
+                }
+                if let Ok(report) = reply_rx.recv() {
+                    let _ = conn.send_json(&report, Duration::from_secs(10));
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Opens a session with move `index`'s target and has it build the stage (weights regenerated
+/// from the seed there). A dead address is given up on after a quarter of the timeout, so the
+/// move is cancelled well before a stage waiting for its verdict gives up.
+fn open_target(
+    cfg: &PipelineConfig,
+    key: &ClusterKey,
+    index: usize,
+    fabric: Option<PathBuf>,
+    link_secret: String,
+) -> std::result::Result<OpenedTarget, String> {
+    let m = &cfg.migrations[index];
+    let timeout = cfg.timeout();
+    let abort = AbortFlag::new();
+    let hs = connect(&m.to, timeout / 4, &abort)
+        .and_then(|stream| {
+            let hello = Hello::new(Role::Control, COORDINATOR, m.stage as u32)?;
+            client_handshake(
+                stream,
+                format!("node {}", m.to),
+                key,
+                hello,
+                abort.clone(),
+                timeout / 4,
+            )
+        })
+        .map_err(|e| format!("could not open a session with the target node: {e}"))?;
+    let mut conn = hs.conn;
+    let assign = ToNode::Assign {
+        stage: m.stage,
+        config: Box::new(cfg.clone()),
+        fabric,
+        link_secret,
+        incoming: Some(index),
+    };
+    conn.send_json(&assign, timeout)
+        .map_err(|e| format!("the target node did not take the assignment: {e}"))?;
+    match conn.recv_json::<ToCoordinator>(timeout / 2) {
+        Ok(ToCoordinator::Ready {
+            data_addr, weights, ..
+        }) => Ok(OpenedTarget {
+            conn,
+            clock: hs.clock,
+            data: data_addr,
+            weights,
+        }),
+        Ok(ToCoordinator::Failed { error, .. }) => Err(format!(
+            "the target node refused the stage: {}",
+            printable(&error, PEER_TEXT)
+        )),
+        Ok(other) => Err(format!("the target node sent {}", shown(&other))),
+        Err(e) => Err(format!("the target node did not get ready: {e}")),
+    }
+}
+
+/// How many times a requested move is placed, each time twice as far ahead, before the
+/// request is refused because the pipeline keeps outrunning it.
+const MAX_PLACEMENTS: u32 = 4;
+
+/// How long a message to a node that may be gone may take.
+const BRIEF: Duration = Duration::from_secs(2);
+
 impl Session {
-    /// Sends every node its stage, the configuration, the fabric file and the run's link
-    /// secret; returns the data address each node then listens on (if its links need one).
-    fn assign(
-        &mut self,
-        cfg: &PipelineConfig,
+    fn new(
+        conns: Vec<Conn>,
+        clocks: Vec<ClockOffset>,
         addrs: &[String],
-        fabric: Option<PathBuf>,
-    ) -> Result<Vec<Option<String>>> {
+        fabric: Option<Arc<Fabric>>,
+    ) -> Result<Self> {
+        let n = conns.len();
+        Ok(Self {
+            conns,
+            fabric,
+            addr: addrs.to_vec(),
+            clocks,
+            data: vec![None; n],
+            weights: vec![None; n],
+            stage_of: (0..n).collect(),
+            ended: vec![false; n],
+            host: (0..n).collect(),
+            link_secret: ClusterKey::random()?.as_env_value(),
+            moves: Vec::new(),
+            verdicts: Vec::new(),
+            live_cfg: None,
+            progress: vec![0; n],
+            started: Instant::now(),
+            opener: None,
+        })
+    }
+
+    /// The address of the node running each stage now.
+    fn stage_hosts(&self) -> Vec<String> {
+        self.host.iter().map(|&c| self.addr[c].clone()).collect()
+    }
+
+    /// Sends every node its stage, the configuration, the fabric file and the run's link
+    /// secret; notes the data address each node then listens on (if its links need one).
+    fn assign(&mut self, cfg: &PipelineConfig, fabric: Option<PathBuf>) -> Result<()> {
         let timeout = cfg.timeout();
-        let link_secret = ClusterKey::random()?.as_env_value();
         for (s, conn) in self.conns.iter_mut().enumerate() {
             let assign = ToNode::Assign {
                 stage: s,
                 config: Box::new(cfg.clone()),
                 fabric: fabric.clone(),
-                link_secret: link_secret.clone(),
+                link_secret: self.link_secret.clone(),
+                incoming: None,
             };
             conn.send_json(&assign, timeout)
-                .map_err(|e| failed(s, &addrs[s], "startup", e.to_string()))?;
+                .map_err(|e| failed(s, &self.addr[s], "startup", e.to_string()))?;
         }
-        let mut data_addrs = Vec::with_capacity(addrs.len());
-        for (s, addr) in addrs.iter().enumerate() {
+        for s in 0..self.conns.len() {
+            let addr = self.addr[s].clone();
             match self.conns[s].recv_json::<ToCoordinator>(timeout) {
-                Ok(ToCoordinator::Ready { data_addr, .. }) => data_addrs.push(data_addr),
+                Ok(ToCoordinator::Ready {
+                    data_addr, weights, ..
+                }) => {
+                    self.data[s] = data_addr;
+                    self.weights[s] = weights;
+                }
                 Ok(ToCoordinator::Failed { at, error, .. }) => {
                     let (at, error) = (printable(&at, PEER_TEXT), printable(&error, PEER_TEXT));
-                    return Err(self.abort(failed(s, addr, &at, error)));
+                    return Err(self.abort(failed(s, &addr, &at, error)));
                 }
                 Ok(other) => {
                     let e = failed(
                         s,
-                        addr,
+                        &addr,
                         "startup",
                         format!("unexpected message {}", shown(&other)),
                     );
                     return Err(self.abort(e));
                 }
-                Err(e) => return Err(self.abort(failed(s, addr, "startup", e.to_string()))),
-            }
-        }
-        Ok(data_addrs)
-    }
-
-    /// Tells every node where its downstream stage listens, which starts the run.
-    fn start(
-        &mut self,
-        addrs: &[String],
-        data_addrs: &[Option<String>],
-        timeout: Duration,
-    ) -> Result<()> {
-        for s in 0..addrs.len() {
-            let next = data_addrs[(s + 1) % addrs.len()].clone();
-            if let Err(e) = self.conns[s].send_json(&ToNode::Start { next }, timeout) {
-                return Err(self.abort(failed(s, &addrs[s], "startup", e.to_string())));
+                Err(e) => return Err(self.abort(failed(s, &addr, "startup", e.to_string()))),
             }
         }
         Ok(())
     }
 
-    /// Listens to every node (one reader thread each) until all have reported, or, once one
-    /// has failed, for [`SETTLE`] more to hear the root cause.
-    fn watch(&self, progress: Option<Arc<RunProgress>>) -> Result<Watched> {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let stop_readers = AbortFlag::new();
-        for (s, conn) in self.conns.iter().enumerate() {
-            let mut reader = conn.try_clone()?;
-            reader.abort = stop_readers.clone();
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                loop {
-                    let msg = reader.recv_json::<ToCoordinator>(SILENCE_LIMIT);
-                    let last = !matches!(msg, Ok(ToCoordinator::Progress { .. }));
-                    if tx.send((s, msg)).is_err() || last {
-                        break;
+    /// The moves of the run, none under way yet.
+    fn plan_moves(&mut self, cfg: &PipelineConfig) {
+        self.live_cfg = Some(cfg.clone());
+        self.moves = cfg
+            .migrations
+            .iter()
+            .map(|m| MoveState {
+                plan: m.clone(),
+                target: None,
+                phase: Phase::Opening,
+                quiesced_at: None,
+                acks: Vec::new(),
+                reply: None,
+                request: None,
+                superseded: false,
+                report: MigrationReport {
+                    stage: m.stage,
+                    from: self.addr[self.host[m.stage]].clone(),
+                    to: m.to.clone(),
+                    at_step: m.at_step,
+                    moved: false,
+                    reason: None,
+                    rounds: Vec::new(),
+                    stall_ms: None,
+                    step_ms: None,
+                    restored_ms: None,
+                },
+            })
+            .collect();
+    }
+
+    /// A target that is ready: if its weights match the stage's, it joins the session and
+    /// every node hears that the move may go ahead; otherwise it is dismissed and the move
+    /// cancelled.
+    fn target_opened(&mut self, index: usize, opened: OpenedTarget) -> Option<usize> {
+        let stage = self.moves[index].plan.stage;
+        let source = &self.weights[stage];
+        if opened.weights.is_none() || opened.weights != *source {
+            let reason = format!(
+                "the target built weights with hash {} but the stage's node has {}: a \
+                 different slug version or model on the target",
+                opened.weights.as_deref().unwrap_or("(none)"),
+                source.as_deref().unwrap_or("(none)")
+            );
+            let mut conn = opened.conn;
+            let _ = conn.send_json(
+                &ToNode::Dismiss {
+                    reason: reason.clone(),
+                },
+                BRIEF,
+            );
+            self.cancel(index, reason);
+            return None;
+        }
+        self.conns.push(opened.conn);
+        self.addr.push(self.moves[index].plan.to.clone());
+        self.clocks.push(opened.clock);
+        self.data.push(opened.data);
+        self.weights.push(opened.weights);
+        self.stage_of.push(stage);
+        self.ended.push(false);
+        let c = self.conns.len() - 1;
+        let m = &mut self.moves[index];
+        m.target = Some(c);
+        m.phase = Phase::Prepared;
+        for (i, verdict) in self.verdicts.clone() {
+            let said = ToNode::Move { index: i, verdict };
+            if self.conns[c].send_json(&said, BRIEF).is_err() {
+                self.cancel(index, "lost the target node as it joined".into());
+                return None;
+            }
+        }
+        self.broadcast_verdict(index, Verdict::Prepare);
+        Some(c)
+    }
+
+    /// Tells every stage node where its downstream stage listens, which starts the run.
+    fn start(&mut self, timeout: Duration) -> Result<()> {
+        let n = self.host.len();
+        for s in 0..n {
+            let next = self.data[(s + 1) % n].clone();
+            if let Err(e) = self.conns[s].send_json(&ToNode::Start { next }, timeout) {
+                let addr = self.addr[s].clone();
+                return Err(self.abort(failed(s, &addr, "startup", e.to_string())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every node the verdict on move `index`, and remembers it for targets joining later.
+    fn broadcast_verdict(&mut self, index: usize, verdict: Verdict) {
+        self.verdicts.push((index, verdict.clone()));
+        self.broadcast(&ToNode::Move { index, verdict });
+    }
+
+    /// Sends `msg` to every node whose session is still on; one that is gone is skipped (its
+    /// reader reports the loss).
+    fn broadcast(&mut self, msg: &ToNode) {
+        for (c, conn) in self.conns.iter_mut().enumerate() {
+            if !self.ended[c] {
+                let _ = conn.send_json(msg, BRIEF);
+            }
+        }
+    }
+
+    /// The move whose target is connection `c`, while it is not committed.
+    fn uncommitted_target(&self, c: usize) -> Option<usize> {
+        self.moves
+            .iter()
+            .position(|m| m.target == Some(c) && m.phase != Phase::Committed)
+    }
+
+    /// Cancels move `index` unless it was committed: every node hears why, the target is
+    /// dismissed, and later moves may commit.
+    fn cancel(&mut self, index: usize, reason: String) {
+        let m = &mut self.moves[index];
+        if matches!(m.phase, Phase::Committed | Phase::Cancelled) {
+            return;
+        }
+        m.phase = Phase::Cancelled;
+        m.report.reason = Some(printable(&reason, PEER_TEXT));
+        if let Some(reply) = m.reply.take() {
+            let _ = reply.send(m.report.clone());
+        }
+        let target = m.target;
+        self.broadcast_verdict(index, Verdict::Cancel { reason });
+        if let Some(t) = target {
+            let reason = "its move was cancelled".to_string();
+            let _ = self.conns[t].send_json(&ToNode::Dismiss { reason }, BRIEF);
+            self.ended[t] = true;
+        }
+        self.advance();
+    }
+
+    /// Commits restored moves in order, up to the first one still under way.
+    fn advance(&mut self) {
+        for i in 0..self.moves.len() {
+            match self.moves[i].phase {
+                Phase::Committed | Phase::Cancelled => {}
+                Phase::Restored if self.moves[i].acks.is_empty() => self.commit(i),
+                Phase::Restored => return,
+                Phase::Opening | Phase::Prepared | Phase::Quiesced => return,
+            }
+        }
+    }
+
+    /// Tells every node that move `index` happened (the upstream neighbour gets the target's
+    /// data address) and starts the target.
+    fn commit(&mut self, index: usize) {
+        let Some(t) = self.moves[index].target else {
+            return;
+        };
+        let stage = self.moves[index].plan.stage;
+        let data_addr = self.data[t].clone();
+        self.broadcast_verdict(index, Verdict::Commit { data_addr });
+        self.host[stage] = t;
+        let n = self.host.len();
+        let next = self.data[self.host[(stage + 1) % n]].clone();
+        // A target that is gone now fails the run through its reader, like any stage node.
+        let _ = self.conns[t].send_json(&ToNode::Start { next }, BRIEF);
+        let m = &mut self.moves[index];
+        m.phase = Phase::Committed;
+        m.report.moved = true;
+    }
+
+    /// Relays an arena chunk from the node running a moving stage to the move's target.
+    fn relay(&mut self, c: usize, body: Vec<u8>) {
+        let Ok((index, _, _)) = super::migrate::parse_chunk(&body) else {
+            return;
+        };
+        let Some(m) = self.moves.get(index) else {
+            return;
+        };
+        if !matches!(m.phase, Phase::Prepared | Phase::Quiesced) || self.host[m.plan.stage] != c {
+            return;
+        }
+        let Some(t) = m.target else { return };
+        if let Err(e) = self.conns[t].send_frame(crate::wire::kind::ARENA, &body, BRIEF) {
+            self.cancel(index, format!("lost the target node during pre-copy ({e})"));
+        }
+    }
+
+    /// A step of a move, heard from connection `c`.
+    fn on_note(&mut self, c: usize, note: MoveNote) {
+        match note {
+            MoveNote::Precopied {
+                index,
+                chunks,
+                bytes,
+                last,
+                ..
+            } => {
+                if let Some(m) = self.moves.get_mut(index) {
+                    m.report.rounds.push(PrecopyRound {
+                        chunks,
+                        bytes,
+                        last,
+                    });
+                }
+            }
+            MoveNote::Quiesced {
+                index,
+                cursor,
+                since_step_ns,
+            } => {
+                let Some(m) = self.moves.get_mut(index) else {
+                    return;
+                };
+                if m.phase != Phase::Prepared || self.host[m.plan.stage] != c {
+                    return;
+                }
+                let Some(t) = m.target else { return };
+                m.phase = Phase::Quiesced;
+                m.quiesced_at = Instant::now().checked_sub(Duration::from_nanos(since_step_ns));
+                m.report.from = self.addr[c].clone();
+                if let Err(e) = self.conns[t].send_json(&ToNode::Restore { index, cursor }, BRIEF) {
+                    self.cancel(
+                        index,
+                        format!("lost the target node before the restore ({e})"),
+                    );
+                }
+            }
+            MoveNote::Restored { index } => {
+                if let Some(m) = self.moves.get_mut(index)
+                    && m.target == Some(c)
+                    && m.phase == Phase::Quiesced
+                {
+                    m.phase = Phase::Restored;
+                    m.report.restored_ms = m.quiesced_at.map(|t| t.elapsed().as_secs_f64() * 1e3);
+                    self.advance();
+                }
+            }
+            MoveNote::Resumed { index } => {
+                let steps = self.progress.iter().copied().max().unwrap_or(0).max(1) as f64;
+                let elapsed = self.started.elapsed().as_secs_f64() * 1e3;
+                if let Some(m) = self.moves.get_mut(index)
+                    && m.target == Some(c)
+                {
+                    m.report.stall_ms = m.quiesced_at.map(|t| t.elapsed().as_secs_f64() * 1e3);
+                    if let Some(reply) = m.reply.take() {
+                        let mut report = m.report.clone();
+                        let stall = report.stall_ms.unwrap_or(0.0);
+                        report.step_ms = Some(((elapsed - stall) / steps).max(0.0));
+                        let _ = reply.send(report);
                     }
                 }
+            }
+            MoveNote::Planned { index, ok } => {
+                let Some(m) = self.moves.get_mut(index) else {
+                    return;
+                };
+                m.acks.retain(|&a| a != c);
+                let retry = match (&m.request, &m.reply) {
+                    (Some((request, attempt)), Some(_))
+                        if !ok
+                            && *attempt + 1 < MAX_PLACEMENTS
+                            && matches!(m.phase, Phase::Opening | Phase::Prepared) =>
+                    {
+                        Some((request.clone(), *attempt))
+                    }
+                    _ => None,
+                };
+                if let Some((request, attempt)) = retry {
+                    // Too late for a node: place the same request again, further ahead.
+                    let reply = m.reply.take();
+                    m.superseded = true;
+                    self.cancel(index, "placed again further ahead".into());
+                    if let Some(reply) = reply {
+                        self.requested(request, reply, attempt + 1);
+                    }
+                } else if !ok {
+                    let reason = format!(
+                        "{} had already passed its part of step {} when it heard of the move: \
+                         the pipeline ran ahead of the request; ask again",
+                        self.addr[c], m.plan.at_step
+                    );
+                    self.cancel(index, reason);
+                } else {
+                    self.advance();
+                }
+            }
+        }
+    }
+
+    /// Takes in what connection `c` said.
+    fn hear(&mut self, c: usize, msg: Result<ToCoordinator>, watched: &mut Watched) {
+        let s = self.stage_of[c];
+        if let Some(index) = self.uncommitted_target(c) {
+            match msg {
+                Ok(ToCoordinator::Progress { .. }) => {}
+                Ok(ToCoordinator::Move(note)) => self.on_note(c, note),
+                Ok(ToCoordinator::Failed { error, .. }) => self.cancel(
+                    index,
+                    format!("the target node failed: {}", printable(&error, PEER_TEXT)),
+                ),
+                Ok(other) => self.cancel(
+                    index,
+                    format!("the target node sent {} out of turn", shown(&other)),
+                ),
+                Err(e) => self.cancel(index, format!("lost the target node ({e})")),
+            }
+            return;
+        }
+        match msg {
+            Ok(ToCoordinator::Move(note)) => self.on_note(c, note),
+            Ok(ToCoordinator::Migrated { report }) => {
+                self.ended[c] = true;
+                watched.parts[s].push(*report);
+            }
+            // The node the stage left keeps heartbeating until its session ends.
+            Ok(ToCoordinator::Progress { .. }) if self.host[s] != c => {}
+            Ok(ToCoordinator::Progress {
+                step,
+                seq,
+                done,
+                events,
+                bytes,
+            }) => {
+                if let Some(cfg) = &self.live_cfg {
+                    self.progress[s] = self.progress[s].max(forward_of(cfg, step, seq));
+                }
+                let heartbeat = ToCoordinator::Progress {
+                    step,
+                    seq,
+                    done,
+                    events,
+                    bytes,
+                };
+                watched.note(s, Ok(heartbeat));
+            }
+            other => watched.note(s, other),
+        }
+    }
+
+    /// Listens to every node (one reader thread each) until all stages have reported, or,
+    /// once one has failed, for [`SETTLE`] more to hear the root cause; relays and commits
+    /// moves on the way.
+    fn watch(
+        &mut self,
+        cfg: &PipelineConfig,
+        key: &ClusterKey,
+        fabric: Option<PathBuf>,
+        control: Option<TcpListener>,
+    ) -> Result<Watched> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let stop_readers = AbortFlag::new();
+        if let Some(listener) = control {
+            serve_control(listener, key.clone(), tx.clone(), stop_readers.clone())?;
+        }
+        for c in 0..self.conns.len() {
+            if !self.ended[c] {
+                self.listen(c, &tx, &stop_readers)?;
+            }
+        }
+        for index in 0..self.moves.len() {
+            let (cfg, key, fabric, secret, tx) = (
+                cfg.clone(),
+                key.clone(),
+                fabric.clone(),
+                self.link_secret.clone(),
+                tx.clone(),
+            );
+            std::thread::spawn(move || {
+                let opened = open_target(&cfg, &key, index, fabric, secret);
+                let _ = tx.send((usize::MAX, Heard::Opened(index, opened)));
             });
         }
-        drop(tx);
-        let mut watched = Watched::new(self.conns.len(), progress);
+        self.opener = Some((key.clone(), fabric.clone(), tx.clone()));
+        let mut watched = Watched::new(self.host.len(), cfg.progress.clone());
         let mut settle_until: Option<Instant> = None;
         while watched.reports.iter().any(Option::is_none) {
             let wait = match settle_until {
                 Some(t) => t.saturating_duration_since(Instant::now()),
                 None => SILENCE_LIMIT * 2,
             };
-            let Ok((s, msg)) = rx.recv_timeout(wait) else {
+            let Ok((c, heard)) = rx.recv_timeout(wait) else {
                 break;
             };
-            watched.note(s, msg);
+            match heard {
+                Heard::Chunk(body) => self.relay(c, body),
+                Heard::Message(msg) => self.hear(c, msg, &mut watched),
+                Heard::Opened(index, Ok(mut opened))
+                    if self.moves[index].phase != Phase::Opening =>
+                {
+                    // Cancelled while the target was being opened.
+                    let reason = "its move was cancelled".to_string();
+                    let _ = opened.conn.send_json(&ToNode::Dismiss { reason }, BRIEF);
+                }
+                Heard::Opened(index, Ok(opened)) => {
+                    if let Some(c) = self.target_opened(index, opened)
+                        && let Err(e) = self.listen(c, &tx, &stop_readers)
+                    {
+                        self.cancel(index, format!("cannot listen to the target node: {e}"));
+                    }
+                }
+                Heard::Opened(index, Err(reason)) => self.cancel(index, reason),
+                Heard::Request(request, reply) => self.requested(request, reply, 0),
+            }
             if !watched.failures.is_empty() && settle_until.is_none() {
                 settle_until = Some(Instant::now() + SETTLE);
             }
@@ -782,7 +1449,194 @@ impl Session {
             }
         }
         stop_readers.raise();
+        self.opener = None;
+        for m in &mut self.moves {
+            if let Some(reply) = m.reply.take() {
+                let mut report = m.report.clone();
+                if !report.moved && report.reason.is_none() {
+                    report.reason = Some("the run ended before the move's step".into());
+                }
+                let _ = reply.send(report);
+            }
+        }
+        // Targets still being opened are dismissed: the run is over.
+        for m in &self.moves {
+            if let (Some(t), Phase::Opening | Phase::Prepared) = (m.target, m.phase) {
+                let reason = "the run ended before the move's step".to_string();
+                let _ = self.conns[t].send_json(&ToNode::Dismiss { reason }, BRIEF);
+            }
+        }
         Ok(watched)
+    }
+
+    /// A move `slug migrate` asked for: placed far enough ahead of the stage and its
+    /// neighbours that every node hears of it before its point (a node that has passed it
+    /// says so and the move is cancelled), then run like a scripted one.
+    fn requested(
+        &mut self,
+        request: MoveRequest,
+        reply: crossbeam_channel::Sender<MigrationReport>,
+        attempt: u32,
+    ) {
+        let n = self.host.len();
+        let stage = request.stage;
+        let mut report = MigrationReport {
+            stage,
+            from: self
+                .host
+                .get(stage)
+                .map(|&c| self.addr[c].clone())
+                .unwrap_or_default(),
+            to: request.to.clone(),
+            at_step: 0,
+            moved: false,
+            reason: None,
+            rounds: Vec::new(),
+            stall_ms: None,
+            step_ms: None,
+            restored_ms: None,
+        };
+        let refuse = |mut report: MigrationReport, reason: String| {
+            report.reason = Some(reason);
+            let _ = reply.send(report);
+        };
+        let Some(live) = self.live_cfg.as_mut() else {
+            return refuse(report, "the run has no configuration to move from".into());
+        };
+        if stage >= n {
+            return refuse(report, format!("the pipeline has stages 0..{}", n - 1));
+        }
+        if let Some(m) = self
+            .moves
+            .iter()
+            .find(|m| !matches!(m.phase, Phase::Committed | Phase::Cancelled))
+        {
+            let reason = format!(
+                "the move of stage {} to {} is still under way; ask again when it is done",
+                m.plan.stage, m.plan.to
+            );
+            return refuse(report, reason);
+        }
+        let mb = live.microbatches.max(1) as u64;
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
+        let fastest = self.progress.iter().copied().max().unwrap_or(0);
+        // Heartbeats are 250 ms apart and the request takes a moment to reach every node: a
+        // second of steps ahead (at the run's rate so far), plus the microbatches a
+        // neighbour may run ahead, plus the pre-copy rounds.
+        let rate = fastest as f64 / elapsed;
+        let margin =
+            (rate.ceil() as u64 + 2 * mb + 2 + u64::from(request.rounds)) << attempt.min(8);
+        let ahead = [stage, (stage + n - 1) % n, (stage + 1) % n]
+            .iter()
+            .map(|&s| self.progress[s])
+            .max()
+            .unwrap_or(0);
+        let mut at = ahead + margin;
+        if let Some(prev) = live.migrations.last() {
+            at = at.max(prev.at_step + mb + 1);
+        }
+        report.at_step = at;
+        let m = Migration {
+            stage,
+            to: request.to.clone(),
+            at_step: at,
+            rounds: request.rounds,
+        };
+        live.migrations.push(m.clone());
+        if let Err(e) = live.validate() {
+            live.migrations.pop();
+            let steps = live.forward_steps();
+            return refuse(
+                report,
+                format!("stage {stage} is near step {ahead} of {steps}, too late to move: {e}"),
+            );
+        }
+        let index = self.moves.len();
+        let tcp_links = live.transport == TransportKind::Tcp && n > 1;
+        let mut acks = vec![self.host[stage]];
+        if tcp_links {
+            for s in [(stage + n - 1) % n, (stage + 1) % n] {
+                if !acks.contains(&self.host[s]) {
+                    acks.push(self.host[s]);
+                }
+            }
+        }
+        let live = live.clone();
+        self.moves.push(MoveState {
+            plan: m.clone(),
+            target: None,
+            phase: Phase::Opening,
+            quiesced_at: None,
+            report,
+            acks,
+            reply: Some(reply),
+            request: Some((request, attempt)),
+            superseded: false,
+        });
+        self.broadcast(&ToNode::Plan {
+            index,
+            migration: m,
+        });
+        let Some((key, fabric, tx)) = self.opener.clone() else {
+            return;
+        };
+        let secret = self.link_secret.clone();
+        std::thread::spawn(move || {
+            let opened = open_target(&live, &key, index, fabric, secret);
+            let _ = tx.send((usize::MAX, Heard::Opened(index, opened)));
+        });
+    }
+
+    /// Starts the reader of connection `c`: what it hears goes to `tx` until its node's
+    /// session ends.
+    fn listen(&self, c: usize, tx: &Events, stop: &AbortFlag) -> Result<()> {
+        let mut reader = self.conns[c].try_clone()?;
+        reader.abort = stop.clone();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            loop {
+                let heard = match reader.recv_frame(SILENCE_LIMIT) {
+                    Ok((crate::wire::kind::ARENA, body)) => Heard::Chunk(body),
+                    Ok((crate::wire::kind::JSON, body)) => {
+                        Heard::Message(reader.decode_json::<ToCoordinator>(&body))
+                    }
+                    Ok((kind, _)) => Heard::Message(Err(TransportError::Protocol {
+                        peer: reader.peer.clone(),
+                        detail: format!("unexpected frame kind {kind} on a control link"),
+                    })),
+                    Err(e) => Heard::Message(Err(e)),
+                };
+                let last = match &heard {
+                    Heard::Message(m) => !matches!(
+                        m,
+                        Ok(ToCoordinator::Progress { .. } | ToCoordinator::Move(_))
+                    ),
+                    _ => false,
+                };
+                if tx.send((c, heard)).is_err() || last {
+                    break;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// What became of each move, with the run's step time beside each stall.
+    fn migration_reports(&self, cfg: &PipelineConfig, wall: Duration) -> Vec<MigrationReport> {
+        let stalls: f64 = self.moves.iter().filter_map(|m| m.report.stall_ms).sum();
+        let steps = cfg.forward_steps().max(1) as f64;
+        let step_ms = ((wall.as_secs_f64() * 1e3 - stalls) / steps).max(0.0);
+        self.moves
+            .iter()
+            .filter(|m| !m.superseded)
+            .map(|m| {
+                let mut r = m.report.clone();
+                if r.moved {
+                    r.step_ms = Some(step_ms);
+                }
+                r
+            })
+            .collect()
     }
 
     /// Fetches every node's recorded files into `into`, all nodes at once; the first node

@@ -62,6 +62,17 @@ pub struct PipelineConfig {
     /// nothing (`--link-integrity none`, for fabrics the user trusts).
     #[serde(default)]
     pub link_integrity: crate::link::LinkIntegrity,
+    /// Stages to move to another node mid-run (`--migrate`), in the order given.
+    #[serde(default)]
+    pub migrations: Vec<super::migrate::Migration>,
+    /// Stages may also be moved while the run goes on (`slug migrate` through [`Self::control`]):
+    /// every node is ready to take requested moves up.
+    #[serde(default)]
+    pub live_moves: bool,
+    /// Address the coordinator takes `slug migrate` requests on (authenticated with the
+    /// cluster key); sets `live_moves`.
+    #[serde(skip)]
+    pub control: Option<String>,
     /// Starts this machine's stage processes when `launch` is [`Launch::Processes`] and there
     /// are no hosts; the program that links this library supplies it.
     #[serde(skip)]
@@ -109,6 +120,9 @@ impl PipelineConfig {
             isa: None,
             link_integrity: crate::link::LinkIntegrity::Mac,
             stop_after: None,
+            migrations: Vec::new(),
+            live_moves: false,
+            control: None,
             launcher: None,
             key_file: None,
             progress: None,
@@ -186,7 +200,13 @@ impl PipelineConfig {
                 ));
             }
         }
+        super::migrate::validate(self)?;
         Ok(())
+    }
+
+    /// Forward steps every stage runs: sequences times tokens.
+    pub(crate) fn forward_steps(&self) -> u64 {
+        self.prompts.len() as u64 * self.tokens as u64
     }
 
     /// The rings (link shapes) of this pipeline: link `s` goes from stage `s` to `s + 1`, the

@@ -17,6 +17,7 @@
 mod cluster;
 mod config;
 mod launch;
+mod migrate;
 pub mod node;
 mod observe;
 mod progress;
@@ -40,6 +41,7 @@ use crate::wire::AbortFlag;
 pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes, run_on_nodes_collecting};
 pub use config::{KernelDigests, Launch, PipelineConfig, prompt_tokens};
 pub use launch::{NodeCommand, NodeLauncher};
+pub use migrate::{DEFAULT_ROUNDS, Migration, MigrationReport, PrecopyRound, request_migration};
 pub use observe::{NoObservers, ObserverFactory, StageContext, StageObservers};
 pub use progress::{ProgressReading, RunProgress, StageProgress};
 pub use report::{HexHash, KernelDigest, RunReport, StageReport, TransferDigest};
@@ -67,7 +69,7 @@ pub fn run(cfg: &PipelineConfig, observers: &dyn ObserverFactory) -> Result<RunR
             run_on_thread_nodes(cfg, observers)
         }
         TransportKind::Shm | TransportKind::Tcp => {
-            let key = ClusterKey::random()?;
+            let key = run_key(cfg)?;
             let launcher = cfg.launcher.as_deref().ok_or_else(|| {
                 TransportError::Config(format!(
                     "a {} run without hosts starts one process per stage, but no launcher was \
@@ -83,9 +85,19 @@ pub fn run(cfg: &PipelineConfig, observers: &dyn ObserverFactory) -> Result<RunR
     }
 }
 
+/// The key of a run's own stage nodes: fresh, unless stages move to `slug node`s of the user's
+/// (`--migrate`), which hold the cluster key.
+fn run_key(cfg: &PipelineConfig) -> Result<ClusterKey> {
+    if cfg.migrations.is_empty() && cfg.control.is_none() {
+        ClusterKey::random()
+    } else {
+        ClusterKey::resolve(cfg.key_file.as_deref())
+    }
+}
+
 /// Serves every stage from a node thread of this process, then coordinates them over loopback.
 fn run_on_thread_nodes(cfg: &PipelineConfig, factory: &dyn ObserverFactory) -> Result<RunReport> {
-    let key = ClusterKey::random()?;
+    let key = run_key(cfg)?;
     let stop = AbortFlag::new();
     let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::scope(|scope| {
@@ -265,7 +277,7 @@ fn local_stage(
         hooks: obs.hooks,
         state,
     };
-    let outcome = drive_stage(cfg, plan, s, &pool, stage, io, observed, &|_, _| {})
+    let outcome = drive_stage(cfg, plan, s, &pool, stage, io, None, observed, &|_, _| {})
         .map_err(|(at, e)| (s, at, e))?;
     Ok(outcome.into_report(plan, s, "local", &digests))
 }

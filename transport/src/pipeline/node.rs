@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use super::cluster::{Cause, FILE_PIECE, HEARTBEAT, RecordedFile, ToCoordinator, ToNode};
 use super::config::PipelineConfig;
+use super::migrate;
 use super::observe::{Observed, ObserverFactory, StageContext, stage_observers};
 use super::progress::RunProgress;
 use super::stage::{build_stage, drive_stage, link_ends};
@@ -228,18 +229,20 @@ fn session(
                 config,
                 fabric,
                 link_secret,
+                incoming,
             } => Ok((
                 stage,
                 *config,
                 fabric,
                 ClusterKey::from_bytes(link_secret.as_bytes())?,
+                incoming,
             )),
             other => Err(TransportError::Protocol {
                 peer: conn.peer.clone(),
                 detail: format!("expected an assignment, got {}", shown(&other)),
             }),
         });
-    let (stage, mut cfg, fabric, link_key) = match assignment {
+    let (stage, mut cfg, fabric, link_key, incoming) = match assignment {
         Ok(a) => a,
         Err(e) => {
             // Tell the coordinator why (a sealed frame that failed to open, say), so its error
@@ -261,9 +264,15 @@ fn session(
         .map(|a| a.ip().to_string())
         .unwrap_or_else(|_| "unknown".into());
     let writer = Arc::new(Mutex::new(conn.try_clone()?));
-    let outcome = run_assigned(
-        &mut conn, &writer, stage, &cfg, fabric, &host, &link_key, factory, &abort, log,
-    );
+    let assigned = Assigned {
+        s: stage,
+        cfg: &cfg,
+        fabric_path: fabric,
+        host: &host,
+        link_key: &link_key,
+        incoming,
+    };
+    let outcome = run_assigned(&mut conn, &writer, assigned, factory, &abort, log);
     match outcome {
         Ok(()) => Ok(stage),
         Err((at, e)) => {
@@ -285,19 +294,33 @@ fn session(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a coordinator assigned this node.
+struct Assigned<'a> {
+    s: usize,
+    cfg: &'a PipelineConfig,
+    fabric_path: Option<PathBuf>,
+    host: &'a str,
+    link_key: &'a ClusterKey,
+    /// The move that brings the stage here (its state arrives before it runs).
+    incoming: Option<usize>,
+}
+
 fn run_assigned(
     conn: &mut Conn,
     writer: &Arc<Mutex<Conn>>,
-    s: usize,
-    cfg: &PipelineConfig,
-    fabric_path: Option<PathBuf>,
-    host: &str,
-    link_key: &ClusterKey,
+    assigned: Assigned<'_>,
     factory: &dyn ObserverFactory,
     abort: &AbortFlag,
     log: &(dyn Fn(&str) + Sync),
 ) -> std::result::Result<(), (String, TransportError)> {
+    let Assigned {
+        s,
+        cfg,
+        fabric_path,
+        host,
+        link_key,
+        incoming,
+    } = assigned;
     let startup = |e: TransportError| ("startup".to_string(), e);
     cfg.validate().map_err(startup)?;
     if s >= cfg.stages {
@@ -313,7 +336,17 @@ fn run_assigned(
         host,
         config: cfg,
     };
-    let stage = build_stage(cfg, &plan, &pool, factory, &ctx).map_err(startup)?;
+    let mut stage = build_stage(cfg, &plan, &pool, factory, &ctx).map_err(startup)?;
+    if let Some(index) = incoming
+        && cfg.migrations.get(index).is_none_or(|m| m.stage != s)
+    {
+        return Err(startup(TransportError::Config(format!(
+            "assigned to take stage {s} over by move {index}, which the config does not hold"
+        ))));
+    }
+    let moving =
+        incoming.is_some() || cfg.live_moves || cfg.migrations.iter().any(|m| m.stage == s);
+    let weights = moving.then(|| migrate::weights_hash(&stage));
     let (obs, digests) = stage_observers(factory, &ctx).map_err(startup)?;
     let transfers = obs.transfers;
     let state = factory.state_observer(&ctx).map_err(startup)?;
@@ -345,18 +378,30 @@ fn run_assigned(
         data_addr,
         pid: std::process::id(),
         host: host.to_string(),
+        weights,
     };
     send(writer, &ready, timeout).map_err(startup)?;
-    let next = match conn.recv_json::<ToNode>(timeout).map_err(startup)? {
-        ToNode::Start { next } => next,
-        ToNode::Abort { reason } => return Err(startup(TransportError::Aborted { reason })),
-        other => {
-            return Err(startup(TransportError::Protocol {
-                peer: conn.peer.clone(),
-                detail: format!("expected start, got {}", shown(&other)),
-            }));
+    let gate = Arc::new(migrate::Gate::new(cfg.migrations.len()));
+    let next = match incoming {
+        Some(index) => {
+            let arrival = |e: TransportError| ("receiving the moved stage".to_string(), e);
+            match receive_stage(conn, writer, &mut stage, cfg, index, &gate).map_err(arrival)? {
+                Some(next) => next,
+                None => return Ok(()),
+            }
         }
+        None => match conn.recv_json::<ToNode>(timeout).map_err(startup)? {
+            ToNode::Start { next } => next,
+            ToNode::Abort { reason } => return Err(startup(TransportError::Aborted { reason })),
+            other => {
+                return Err(startup(TransportError::Protocol {
+                    peer: conn.peer.clone(),
+                    detail: format!("expected start, got {}", shown(&other)),
+                }));
+            }
+        },
     };
+    let resume_step = stage.cursor().step;
     let progress = Arc::new(AtomicU64::new(0));
     let stop = AbortFlag::new();
     let files = std::thread::scope(|scope| {
@@ -364,6 +409,7 @@ fn run_assigned(
         let mut reader = conn.try_clone().map_err(startup)?;
         reader.abort = stop.clone();
         let (abort2, links2, stop2) = (abort.clone(), links.as_deref(), stop.clone());
+        let gate2 = gate.clone();
         let no_thread =
             |e: std::io::Error| startup(TransportError::io("start a control thread", e));
         std::thread::Builder::new()
@@ -380,7 +426,32 @@ fn run_assigned(
                             }
                             return;
                         }
+                        Ok(ToNode::Move { index, verdict }) => gate2.set(index, verdict),
+                        Ok(ToNode::Plan { index, migration }) => gate2.plan(index, migration),
                         Ok(_) => {}
+                    }
+                }
+            })
+            .map_err(no_thread)?;
+        // The stage thread's move messages (arena chunks, notes) go out in order through here.
+        let (ship_tx, ship_rx) = crossbeam_channel::unbounded::<migrate::Outgoing>();
+        let writer4 = writer.clone();
+        let shipper = std::thread::Builder::new()
+            .name("slug-node-moves".into())
+            .spawn_scoped(scope, move || {
+                for out in ship_rx {
+                    let mut w = match writer4.lock() {
+                        Ok(w) => w,
+                        Err(_) => return,
+                    };
+                    let sent = match out {
+                        migrate::Outgoing::Chunk(body) => w.send_frame(kind::ARENA, &body, timeout),
+                        migrate::Outgoing::Message(note) => {
+                            w.send_json(&ToCoordinator::Move(note), timeout)
+                        }
+                    };
+                    if sent.is_err() {
+                        return;
                     }
                 }
             })
@@ -402,20 +473,83 @@ fn run_assigned(
             return Err(no_thread(e));
         }
         let result = (|| {
-            let io = match &links {
+            let mut moves_here = None;
+            let mut io = match &links {
                 Some(l) => l
                     .connect(next.as_deref(), &transfers, abort, log)
                     .map_err(startup)?,
                 None => StageLinks::default(),
             };
+            if !cfg.migrations.is_empty() || cfg.live_moves {
+                let listener = links.as_ref().and_then(|l| l.data_listener());
+                let relink = match listener {
+                    Some(l) if cfg.transport == crate::transfer::TransportKind::Tcp => {
+                        Some(migrate::Relink {
+                            listener: Some(l),
+                            key: link_key.clone(),
+                            integrity: cfg.link_integrity,
+                            abort: abort.clone(),
+                            inbound: link_ends(
+                                cfg.stages,
+                                (s + cfg.stages - 1) % cfg.stages,
+                                timeout,
+                            ),
+                            outbound: link_ends(cfg.stages, s, timeout),
+                        })
+                    }
+                    _ => None,
+                };
+                let mut moves = migrate::Moves::new(
+                    cfg,
+                    s,
+                    resume_step,
+                    gate.clone(),
+                    relink,
+                    ship_tx.clone(),
+                    abort.clone(),
+                    incoming,
+                );
+                if let Some(index) = incoming {
+                    // Continue both links where the stage's old node left them.
+                    let at = cfg.migrations[index].at_step;
+                    if let Some(i) = io.inbound.as_mut() {
+                        i.resume_at(migrate::inbound_switch(cfg, s, at));
+                    }
+                    if let Some(o) = io.outbound.as_mut() {
+                        o.resume_at(migrate::outbound_switch(cfg, s, at));
+                    }
+                    moves.links_resumed = true;
+                }
+                moves_here = Some(moves);
+            }
             let observed = Observed {
                 hooks: obs.hooks,
                 state,
             };
-            let outcome = drive_stage(cfg, &plan, s, &pool, stage, io, observed, &|step, seq| {
-                progress.store((u64::from(step) << 32) | u64::from(seq), Ordering::Relaxed)
-            })?;
-            let report = outcome.into_report(&plan, s, host, &digests);
+            let outcome = drive_stage(
+                cfg,
+                &plan,
+                s,
+                &pool,
+                stage,
+                io,
+                moves_here,
+                observed,
+                &|step, seq| {
+                    progress.store((u64::from(step) << 32) | u64::from(seq), Ordering::Relaxed)
+                },
+            )?;
+            let handed_off = outcome.handed_off;
+            let report = Box::new(outcome.into_report(&plan, s, host, &digests));
+            // Every move message the stage queued goes out before its report.
+            drop(ship_tx);
+            let _ = shipper.join();
+            if handed_off {
+                send(writer, &ToCoordinator::Migrated { report }, timeout)
+                    .map_err(|e| ("report".to_string(), e))?;
+                log(&format!("stage {s} moved to another node"));
+                return Ok(None);
+            }
             // The last reference to the stage's recorder: dropping it closes the endpoint log,
             // so the files to collect are complete before the coordinator hears of them.
             drop(transfers);
@@ -426,7 +560,7 @@ fn run_assigned(
             send(
                 writer,
                 &ToCoordinator::Done {
-                    report: Box::new(report),
+                    report,
                     collect: files.is_some(),
                 },
                 timeout,
@@ -452,6 +586,91 @@ fn run_assigned(
         Some(dir) => send_recorded_files(conn, &dir, timeout).map_err(|e| (COLLECTING.into(), e)),
         None => Ok(()),
     }
+}
+
+/// The target of move `index`: heartbeats while the stage's state arrives in arena chunks,
+/// takes the cursor, confirms, and returns the downstream address from [`ToNode::Start`]
+/// (`None`: the move was cancelled and this node is dismissed).
+fn receive_stage(
+    conn: &mut Conn,
+    writer: &Arc<Mutex<Conn>>,
+    stage: &mut slug_kernels::Stage,
+    cfg: &PipelineConfig,
+    index: usize,
+    gate: &migrate::Gate,
+) -> Result<Option<Option<String>>> {
+    let at_step = cfg.migrations[index].at_step;
+    let timeout = cfg.timeout();
+    let waiting = AbortFlag::new();
+    std::thread::scope(|scope| {
+        let (writer2, waiting2) = (writer.clone(), waiting.clone());
+        scope.spawn(move || {
+            while !waiting2.raised() {
+                let msg = ToCoordinator::Progress {
+                    step: 0,
+                    seq: 0,
+                    done: 0,
+                    events: 0,
+                    bytes: 0,
+                };
+                if send(&writer2, &msg, HEARTBEAT * 4).is_err() {
+                    return;
+                }
+                std::thread::sleep(HEARTBEAT);
+            }
+        });
+        let received = (|| {
+            loop {
+                // The move's step may be far off: wait as long as the coordinator is there.
+                let (k, body) = conn.recv_frame(Duration::from_secs(24 * 3600))?;
+                if k == kind::ARENA {
+                    let (i, offset, bytes) = migrate::parse_chunk(&body)?;
+                    if i != index {
+                        return Err(TransportError::Protocol {
+                            peer: conn.peer.clone(),
+                            detail: format!(
+                                "a chunk of move {i} came to the target of move {index}"
+                            ),
+                        });
+                    }
+                    migrate::apply_chunk(stage, offset, bytes)?;
+                    continue;
+                }
+                if k != kind::JSON {
+                    return Err(TransportError::Protocol {
+                        peer: conn.peer.clone(),
+                        detail: format!("unexpected frame kind {k} while receiving a stage"),
+                    });
+                }
+                match conn.decode_json::<ToNode>(&body)? {
+                    ToNode::Move { index, verdict } => gate.set(index, verdict),
+                    ToNode::Plan { index, migration } => gate.plan(index, migration),
+                    ToNode::Restore { index: i, cursor } if i == index => {
+                        if cursor.step != at_step {
+                            return Err(TransportError::Config(format!(
+                                "move {index} is at step {at_step}, but the cursor says {}",
+                                cursor.step
+                            )));
+                        }
+                        stage.set_cursor(cursor)?;
+                        let note = migrate::MoveNote::Restored { index };
+                        send(writer, &ToCoordinator::Move(note), timeout)?;
+                    }
+                    ToNode::Start { next } => return Ok(Some(next)),
+                    ToNode::Dismiss { .. } => return Ok(None),
+                    ToNode::Abort { reason } => return Err(TransportError::Aborted { reason }),
+                    other => {
+                        return Err(TransportError::Protocol {
+                            peer: conn.peer.clone(),
+                            detail: format!("unexpected {} while receiving a stage", shown(&other)),
+                        });
+                    }
+                }
+            }
+        })();
+        waiting.raise();
+        received
+    })
 }
 
 /// Where a failing file transfer is reported as having reached.

@@ -111,6 +111,9 @@ pub struct RunReport {
     pub tokens_per_s: f64,
     /// One report per stage, in stage order.
     pub stage_reports: Vec<StageReport>,
+    /// What became of each `--migrate`, in the order given.
+    #[serde(default)]
+    pub migrations: Vec<super::migrate::MigrationReport>,
 }
 
 impl RunReport {
@@ -139,6 +142,7 @@ impl RunReport {
                 0.0
             },
             stage_reports,
+            migrations: Vec::new(),
         }
     }
 

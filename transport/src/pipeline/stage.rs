@@ -12,6 +12,7 @@ use crate::link::{LinkEnds, LinkReceiver, LinkSender, LinkStats, Region, RegionM
 use crate::transfer::{ArenaId, EndpointId, LinkId, Tag};
 
 use super::config::PipelineConfig;
+use super::migrate::{AtBoundary, Moves};
 use super::observe::{DigestObserver, Observed, ObserverFactory, StageContext};
 use super::report::StageReport;
 use super::state::{consumed_at, resume_links};
@@ -39,6 +40,8 @@ pub(crate) struct StageOutcome {
     pub inbound: Option<LinkStats>,
     pub outbound: Option<LinkStats>,
     pub inbound_clock: Option<crate::clock::ClockOffset>,
+    /// The stage stopped early because it moved to another node (`--migrate`).
+    pub handed_off: bool,
 }
 
 impl StageOutcome {
@@ -75,7 +78,8 @@ impl StageOutcome {
 /// group every stage handles (step, sequence) in the same order, so links stay FIFO-consistent.
 /// A stage restored mid-run (cursor step K > 0) resumes at the K-th forward step; every stage
 /// of the pipeline must be restored at the same K (links continue their recorded numbering).
-/// The state observer sees the stage before its first step and after every step.
+/// The state observer sees the stage before its first step and after every step; `moves`
+/// (process transports) is consulted at every step boundary, send and receive.
 /// On failure returns where the stage was ("step 3 (sequence 1)") with the error.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn drive_stage(
@@ -85,6 +89,7 @@ pub(crate) fn drive_stage(
     pool: &ThreadPool,
     mut stage: Stage,
     mut io: StageLinks,
+    mut moves: Option<Moves>,
     observed: Observed,
     progress: &dyn Fn(u32, u32),
 ) -> std::result::Result<StageOutcome, (String, TransportError)> {
@@ -117,7 +122,8 @@ pub(crate) fn drive_stage(
     let mut forward_ns = 0u64;
     let mut steps = 0u64;
     let resume_at = stage.cursor().step;
-    if resume_at > 0 && n_stages > 1 {
+    let links_resumed = moves.as_ref().is_some_and(|m| m.links_resumed);
+    if resume_at > 0 && n_stages > 1 && !links_resumed {
         // Every stage was restored at the same step: continue each link's numbering, and send
         // stage 0 again the tokens the recorded run had sent but it had not consumed yet.
         let (send_seq, recv_seq, pending) = resume_links(cfg, s, resume_at);
@@ -160,6 +166,7 @@ pub(crate) fn drive_stage(
         o.at_step_boundary(&stage).map_err(|e| fail(&at, e))?;
     }
     let mut forward = 0u64;
+    let mut handed_off = false;
     let seq_ids: Vec<usize> = (0..sequences).collect();
     'schedule: for group in seq_ids.chunks(cfg.microbatches) {
         for step in 0..cfg.tokens {
@@ -173,15 +180,28 @@ pub(crate) fn drive_stage(
                     break 'schedule;
                 }
                 at = format!("step {step} (sequence {seq})");
+                if let Some(m) = moves.as_mut()
+                    && m.at_boundary(&stage, forward - 1)
+                        .map_err(|e| fail(&at, e))?
+                        == AtBoundary::HandedOff
+                {
+                    handed_off = true;
+                    break 'schedule;
+                }
                 progress(step as u32, seq as u32);
-                let n = take_input(cfg, &mut stage, &mut io, s, seq, step, dim_bytes)
-                    .map_err(|e| fail(&at, e))?;
+                let n = take_input(
+                    cfg, &mut stage, &mut io, &mut moves, s, seq, step, dim_bytes,
+                )
+                .map_err(|e| fail(&at, e))?;
                 let t0 = Instant::now();
                 stage
                     .forward(pool, &mut *hooks, seq, n)
                     .map_err(|e| fail(&at, e.into()))?;
                 forward_ns += t0.elapsed().as_nanos() as u64;
                 steps += 1;
+                if let Some(m) = moves.as_mut() {
+                    m.step_done().map_err(|e| fail(&at, e))?;
+                }
                 if let Some(o) = state_observer.as_mut() {
                     o.at_step_boundary(&stage).map_err(|e| fail(&at, e))?;
                 }
@@ -206,6 +226,9 @@ pub(crate) fn drive_stage(
                         step: step as u32,
                         layer: next_first_layer,
                     };
+                    if let Some(m) = moves.as_mut() {
+                        m.before_send(out).map_err(|e| fail(&at, e))?;
+                    }
                     let region = Region {
                         arena: STAGE_ARENA,
                         bytes: stage.arena().bytes(),
@@ -235,14 +258,17 @@ pub(crate) fn drive_stage(
         inbound: io.inbound.as_ref().map(LinkReceiver::stats),
         outbound: io.outbound.as_ref().map(LinkSender::stats),
         inbound_clock: io.inbound.as_ref().and_then(LinkReceiver::clock),
+        handed_off,
     })
 }
 
 /// Puts the input of (`seq`, `step`) into the stage's inbox; returns how many tokens it covers.
+#[allow(clippy::too_many_arguments)]
 fn take_input(
     cfg: &PipelineConfig,
     stage: &mut Stage,
     io: &mut StageLinks,
+    moves: &mut Option<Moves>,
     s: usize,
     seq: usize,
     step: usize,
@@ -259,6 +285,9 @@ fn take_input(
         stage.inbox_tokens_mut(seq)?[0] = token;
         return Ok(1);
     };
+    if let Some(m) = moves.as_mut() {
+        m.before_recv(inbound)?;
+    }
     let mut region = RegionMut {
         arena: STAGE_ARENA,
         bytes: stage.arena_mut().bytes_mut(),
