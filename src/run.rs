@@ -9,6 +9,7 @@ use serde_json::json;
 use slug_kernels::{Isa, LayerPlan, StageLayout, check_fits};
 use slug_transport::link::LinkStats;
 use slug_transport::pipeline::{self, NoObservers};
+use slug_transport::transfer::TransportKind;
 
 use crate::pipeline_args::PipelineArgs;
 
@@ -61,14 +62,23 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
         .map(|s| StageLayout::new(&cfg.model, &plan, s, cfg.prompts.len(), cfg.threads))
         .map(|l| l.map(|l| l.total_bytes as u64))
         .sum::<Result<u64, _>>()?;
-    if cfg.hosts.is_empty() {
+    // Under MPI each rank holds only its own stage (on its own host, maybe).
+    if cfg.hosts.is_empty() && cfg.transport != TransportKind::Mpi {
         check_fits(total)?;
     }
     let isa = cfg
         .isa
         .clone()
         .unwrap_or_else(|| Isa::best().name().to_string());
-    let report = pipeline::run(&cfg, &NoObservers)?;
+    let report = if cfg.transport == TransportKind::Mpi {
+        match crate::mpi::run_pipeline(&cfg, &NoObservers)? {
+            Some(report) => report,
+            // Rank 0 prints the report; the other ranks' part is done.
+            None => return Ok(ExitCode::SUCCESS),
+        }
+    } else {
+        pipeline::run(&cfg, &NoObservers)?
+    };
     let tokens = report.tokens.first().cloned().unwrap_or_default();
     let text = render(&tokens);
     let wall_ms = report.wall_ns as f64 / 1e6;

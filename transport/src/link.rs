@@ -128,7 +128,8 @@ pub struct LinkEnds {
 }
 
 impl LinkEnds {
-    fn name(&self) -> String {
+    /// The link as errors name it: `1 (stage 1 -> stage 2)`.
+    pub fn name(&self) -> String {
         format!(
             "{} (stage {} -> stage {})",
             self.id.0, self.src.0, self.dst.0
@@ -158,7 +159,34 @@ impl LinkStats {
     }
 }
 
+/// Length of the header a link sends before each transfer's payload.
+pub const LINK_HEADER_LEN: usize = HEADER_LEN;
+
+/// A link backend that lives in another crate (MPI: `slug-mpi`, behind its feature). It carries
+/// each transfer's [`LINK_HEADER_LEN`]-byte header, then its payload, in order; the
+/// [`LinkSender`] around it numbers, checks and observes the transfer like any other.
+pub trait ExternalSend: Send {
+    /// Sends `header`, then `payload` (bytes of the sender's arena, sent in place), returning
+    /// once both have left this endpoint's buffers.
+    fn send(
+        &mut self,
+        header: &[u8; LINK_HEADER_LEN],
+        payload: &[u8],
+        ends: &LinkEnds,
+    ) -> Result<()>;
+}
+
+/// The receiving side of an [`ExternalSend`] backend.
+pub trait ExternalRecv: Send {
+    /// Waits for the next transfer's header.
+    fn recv_header(&mut self, ends: &LinkEnds) -> Result<[u8; LINK_HEADER_LEN]>;
+    /// Receives that transfer's payload straight into `out`, its place in the receiver's
+    /// arena (checked against the arena before this is called).
+    fn recv_payload(&mut self, out: &mut [u8], ends: &LinkEnds) -> Result<()>;
+}
+
 enum SendPath {
+    External(Box<dyn ExternalSend>),
     Ring {
         fabric: Arc<Fabric>,
         ring: usize,
@@ -171,6 +199,7 @@ enum SendPath {
 }
 
 enum RecvPath {
+    External(Box<dyn ExternalRecv>),
     Ring {
         fabric: Arc<Fabric>,
         ring: usize,
@@ -308,6 +337,27 @@ impl LinkSender {
         })
     }
 
+    /// The sending end of a link whose bytes an [`ExternalSend`] backend carries; `clock` is the
+    /// receiving end's clock minus ours, when the backend measured it.
+    pub fn over_external(
+        path: Box<dyn ExternalSend>,
+        ends: LinkEnds,
+        kind: TransportKind,
+        observers: Observers,
+        clock: Option<ClockOffset>,
+    ) -> Self {
+        Self {
+            ends,
+            kind,
+            path: SendPath::External(path),
+            direct: false,
+            observers,
+            next_seq: 0,
+            stats: LinkStats::default(),
+            clock,
+        }
+    }
+
     /// Connects to the receiving stage listening at `addr`, proving `key` (the run's link
     /// secret); the node checks that this is the stage it expects to hear from and that both
     /// ends protect transfers the same way (`integrity`).
@@ -397,6 +447,7 @@ impl LinkSender {
             post_ns,
         };
         match &mut self.path {
+            SendPath::External(path) => path.send(&header.encode(), payload, &self.ends)?,
             SendPath::Ring { fabric, ring } => {
                 let ring = fabric.ring(*ring);
                 let cap = ring.capacity();
@@ -507,6 +558,26 @@ impl LinkReceiver {
             stats: LinkStats::default(),
             clock: None,
         })
+    }
+
+    /// The receiving end of a link whose bytes an [`ExternalRecv`] backend carries; `clock` is
+    /// the sending end's clock minus ours, when the backend measured it.
+    pub fn over_external(
+        path: Box<dyn ExternalRecv>,
+        ends: LinkEnds,
+        kind: TransportKind,
+        observers: Observers,
+        clock: Option<ClockOffset>,
+    ) -> Self {
+        Self {
+            ends,
+            kind,
+            path: RecvPath::External(path),
+            observers,
+            next_seq: 0,
+            stats: LinkStats::default(),
+            clock,
+        }
     }
 
     /// Waits on `listener` for the sending stage of `ends`, refusing any caller that does not
@@ -654,6 +725,13 @@ impl LinkReceiver {
     pub fn recv(&mut self, dst: &mut RegionMut<'_>) -> Result<Transfer> {
         let start = monotonic_ns();
         let header = match &mut self.path {
+            RecvPath::External(path) => {
+                let h = SlotHeader::decode(&path.recv_header(&self.ends)?);
+                place(&self.ends, dst.arena, dst.bytes.len(), &h)?;
+                let r = check_range(dst.arena, dst.bytes.len(), h.dst_off, h.len)?;
+                path.recv_payload(&mut dst.bytes[r], &self.ends)?;
+                h
+            }
             RecvPath::Ring { fabric, ring } => {
                 let ends = self.ends;
                 let arena = dst.arena;

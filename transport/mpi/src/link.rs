@@ -1,0 +1,208 @@
+//! The MPI link backend: a transfer is its header message, then its payload message(s), both
+//! non-blocking point-to-point calls on `MPI_COMM_WORLD`, straight from and into the arenas.
+//!
+//! MPI keeps messages between two ranks with the same tag in order, so the k-th header and
+//! the k-th payload on a link always belong together. Calls go through `mpi::ffi` rather than
+//! rsmpi's scoped requests because a request that runs past the run's timeout must be
+//! cancelled and released by us (rsmpi's scope panics on an unfinished request).
+
+use std::os::raw::{c_int, c_void};
+use std::time::{Duration, Instant};
+
+use mpi::ffi;
+use slug_transport::link::{ExternalRecv, ExternalSend, LINK_HEADER_LEN, LinkEnds};
+use slug_transport::{Result, TransportError};
+
+/// MPI counts are `int`: larger payloads travel as consecutive messages of at most this size.
+const PIECE: usize = 1 << 30;
+
+/// MPI tag of link `link`'s headers; its payloads use the next tag.
+pub fn header_tag(link: u32) -> i32 {
+    2 * link as i32
+}
+
+/// MPI tag of link `link`'s payloads.
+pub fn payload_tag(link: u32) -> i32 {
+    header_tag(link) + 1
+}
+
+/// The sending end of a link: to rank `dest` on `MPI_COMM_WORLD`.
+#[derive(Debug)]
+pub struct MpiSend {
+    dest: i32,
+    link: u32,
+}
+
+/// The receiving end of a link: from rank `source` on `MPI_COMM_WORLD`.
+#[derive(Debug)]
+pub struct MpiRecv {
+    source: i32,
+    link: u32,
+}
+
+impl MpiSend {
+    /// Sends link `link`'s transfers to rank `dest`.
+    pub fn new(dest: usize, link: u32) -> Self {
+        Self {
+            dest: dest as i32,
+            link,
+        }
+    }
+}
+
+impl MpiRecv {
+    /// Receives link `link`'s transfers from rank `source`.
+    pub fn new(source: usize, link: u32) -> Self {
+        Self {
+            source: source as i32,
+            link,
+        }
+    }
+}
+
+/// A posted non-blocking call.
+struct Request(ffi::MPI_Request);
+
+impl Request {
+    fn isend(buf: &[u8], dest: i32, tag: i32) -> Self {
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: `buf` outlives the request: every caller waits for it (or cancels it and
+        // waits, or aborts the job) before returning; the count fits an int (pieces <= 1 GiB).
+        unsafe {
+            ffi::MPI_Isend(
+                buf.as_ptr().cast::<c_void>(),
+                buf.len() as c_int,
+                ffi::RSMPI_UINT8_T,
+                dest,
+                tag,
+                ffi::RSMPI_COMM_WORLD,
+                &mut req,
+            );
+        }
+        Self(req)
+    }
+
+    fn irecv(buf: &mut [u8], source: i32, tag: i32) -> Self {
+        let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: as for `isend`; MPI writes at most `buf.len()` bytes (a longer message is an
+        // MPI_ERR_TRUNCATE error, which aborts the job under MPI's default error handler).
+        unsafe {
+            ffi::MPI_Irecv(
+                buf.as_mut_ptr().cast::<c_void>(),
+                buf.len() as c_int,
+                ffi::RSMPI_UINT8_T,
+                source,
+                tag,
+                ffi::RSMPI_COMM_WORLD,
+                &mut req,
+            );
+        }
+        Self(req)
+    }
+
+    fn test(&mut self) -> bool {
+        let mut flag: c_int = 0;
+        // SAFETY: a request MPI gave us, not yet completed (MPI_Test sets it to null when done).
+        unsafe { ffi::MPI_Test(&mut self.0, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+        flag != 0
+    }
+
+    /// Waits until the call completes or `timeout` passes: spins first (a neighbour's message
+    /// is usually microseconds away), then yields, then sleeps in short slices.
+    fn wait(&mut self, timeout: Duration) -> std::result::Result<(), Duration> {
+        let start = Instant::now();
+        let mut polls = 0u32;
+        loop {
+            if self.test() {
+                return Ok(());
+            }
+            polls = polls.saturating_add(1);
+            if polls < 4096 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(waited);
+            }
+            if polls < 8192 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+    }
+
+    /// Waits for the call; past `timeout` cancels it and returns the error. A call that cannot
+    /// be cancelled either still owns our buffer, so the job is aborted (after saying why)
+    /// rather than let MPI write into memory we give back.
+    fn finish(mut self, ends: &LinkEnds, what: &'static str) -> Result<()> {
+        let Err(waited) = self.wait(ends.timeout) else {
+            return Ok(());
+        };
+        // SAFETY: a pending request of ours.
+        unsafe { ffi::MPI_Cancel(&mut self.0) };
+        if self.wait(Duration::from_secs(1)).is_err() {
+            eprintln!(
+                "slug: link {}: MPI {what} timed out after {} ms and could not be cancelled; \
+                 aborting the MPI job",
+                ends.name(),
+                waited.as_millis()
+            );
+            // SAFETY: plain MPI_Abort on the world communicator.
+            unsafe { ffi::MPI_Abort(ffi::RSMPI_COMM_WORLD, 1) };
+        }
+        Err(TransportError::Timeout {
+            link: ends.name(),
+            what,
+            waited_ms: waited.as_millis() as u64,
+        })
+    }
+}
+
+impl ExternalSend for MpiSend {
+    fn send(
+        &mut self,
+        header: &[u8; LINK_HEADER_LEN],
+        payload: &[u8],
+        ends: &LinkEnds,
+    ) -> Result<()> {
+        let head = Request::isend(header, self.dest, header_tag(self.link));
+        let mut pieces = payload.chunks(PIECE);
+        // The header and the (first) payload message are in flight together.
+        // An empty payload is still one (empty) message: the receiver posts one.
+        let first = pieces.next().unwrap_or(&[]);
+        let sent =
+            Request::isend(first, self.dest, payload_tag(self.link)).finish(ends, "send (payload)");
+        let head = head.finish(ends, "send (header)");
+        sent?;
+        head?;
+        for piece in pieces {
+            Request::isend(piece, self.dest, payload_tag(self.link))
+                .finish(ends, "send (payload)")?;
+        }
+        Ok(())
+    }
+}
+
+impl ExternalRecv for MpiRecv {
+    fn recv_header(&mut self, ends: &LinkEnds) -> Result<[u8; LINK_HEADER_LEN]> {
+        let mut header = [0u8; LINK_HEADER_LEN];
+        Request::irecv(&mut header, self.source, header_tag(self.link))
+            .finish(ends, "received (header)")?;
+        Ok(header)
+    }
+
+    fn recv_payload(&mut self, out: &mut [u8], ends: &LinkEnds) -> Result<()> {
+        if out.is_empty() {
+            // A zero-length transfer is still one (empty) message.
+            return Request::irecv(out, self.source, payload_tag(self.link))
+                .finish(ends, "received (payload)");
+        }
+        for piece in out.chunks_mut(PIECE) {
+            Request::irecv(piece, self.source, payload_tag(self.link))
+                .finish(ends, "received (payload)")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! One rank's part of an MPI run: rank r runs stage r over MPI links; rank 0 measures every
+//! rank's clock offset and assembles the run's report from what the ranks send it.
+
+use std::time::Instant;
+
+use mpi::point_to_point::{Destination, Source};
+use mpi::topology::Communicator;
+use slug_transport::clock::{ClockOffset, ClockSample, monotonic_ns};
+use slug_transport::link::{LinkEnds, LinkReceiver, LinkSender};
+use slug_transport::pipeline::{
+    ObserverFactory, PipelineConfig, RunReport, StageLinks, StageReport, run_stage,
+};
+use slug_transport::transfer::{EndpointId, LinkId, TransportKind};
+use slug_transport::{Result, TransportError};
+
+use crate::MpiWorld;
+use crate::link::{MpiRecv, MpiSend};
+
+/// Tags of the control messages; link tags are below `2 * MAX_STAGES`.
+const TAG_CLOCK: i32 = 30_000;
+const TAG_REPORT: i32 = 30_001;
+/// Ping-pongs per rank for its clock offset (the minimum-RTT one is kept).
+const CLOCK_ROUNDS: usize = 8;
+
+/// Checks that this MPI job can run `cfg`: transport `mpi` and one rank per stage.
+pub fn check_world(mpi: &MpiWorld, cfg: &PipelineConfig) -> Result<()> {
+    if cfg.transport != TransportKind::Mpi {
+        return Err(TransportError::Config(format!(
+            "run_rank runs an mpi pipeline, not {}",
+            cfg.transport
+        )));
+    }
+    if mpi.size() != cfg.stages {
+        return Err(TransportError::Config(format!(
+            "--stages {} but this MPI job has {} rank(s): start one rank per stage, e.g. \
+             `mpirun -np {} slug run --transport mpi --stages {}`",
+            cfg.stages,
+            mpi.size(),
+            cfg.stages,
+            cfg.stages
+        )));
+    }
+    Ok(())
+}
+
+/// Link `link` of a ring of `stages` stages: stage `link` to stage `link + 1`, wrapping to 0.
+fn link_ends(cfg: &PipelineConfig, link: usize) -> LinkEnds {
+    LinkEnds {
+        id: LinkId(link as u32),
+        src: EndpointId(link as u32),
+        dst: EndpointId(((link + 1) % cfg.stages) as u32),
+        timeout: std::time::Duration::from_millis(cfg.timeout_ms.max(1)),
+    }
+}
+
+/// Runs this rank's stage of `cfg` (rank r runs stage r) with `factory`'s observers built in
+/// this process. Rank 0 returns the run's report (every stage's, with each rank's host and
+/// clock offset from rank 0, measured over MPI); the other ranks return `None` once they have
+/// sent theirs. On error the caller should print it and [`MpiWorld::abort`]: the other ranks
+/// may be waiting on this one.
+pub fn run_rank(
+    mpi: &MpiWorld,
+    cfg: &PipelineConfig,
+    factory: &dyn ObserverFactory,
+) -> Result<Option<RunReport>> {
+    check_world(mpi, cfg)?;
+    let s = mpi.rank();
+    let clocks = measure_clocks(mpi);
+    let n = cfg.stages;
+    let mut connect = |obs: &slug_transport::transfer::Observers| {
+        if n < 2 {
+            return Ok(StageLinks::default());
+        }
+        let up = (s + n - 1) % n;
+        Ok(StageLinks {
+            inbound: Some(LinkReceiver::over_external(
+                Box::new(MpiRecv::new(up, up as u32)),
+                link_ends(cfg, up),
+                TransportKind::Mpi,
+                obs.clone(),
+                None,
+            )),
+            outbound: Some(LinkSender::over_external(
+                Box::new(MpiSend::new((s + 1) % n, s as u32)),
+                link_ends(cfg, s),
+                TransportKind::Mpi,
+                obs.clone(),
+                None,
+            )),
+        })
+    };
+    let mut start = None;
+    let mut ready = || {
+        mpi.barrier();
+        start = Some(Instant::now());
+        Ok(())
+    };
+    let report = run_stage(cfg, s, mpi.host(), factory, &mut connect, &mut ready)?;
+    let started = start.unwrap_or_else(Instant::now);
+    let world = mpi.world();
+    if s != 0 {
+        let bytes = serde_json::to_vec(&report)
+            .map_err(|e| TransportError::Config(format!("encode the report of stage {s}: {e}")))?;
+        world
+            .process_at_rank(0)
+            .send_with_tag(&bytes[..], TAG_REPORT);
+        return Ok(None);
+    }
+    let mut reports = vec![report];
+    for r in 1..n {
+        let (bytes, _) = world
+            .process_at_rank(r as i32)
+            .receive_vec_with_tag::<u8>(TAG_REPORT);
+        let rep: StageReport =
+            serde_json::from_slice(&bytes).map_err(|e| TransportError::Protocol {
+                peer: format!("rank {r}"),
+                detail: format!("its stage report does not decode: {e}"),
+            })?;
+        reports.push(rep);
+    }
+    let wall = started.elapsed();
+    for rep in &mut reports {
+        rep.clock = clocks.get(rep.stage).copied().flatten();
+    }
+    Ok(Some(RunReport::assemble(cfg, reports, wall)))
+}
+
+/// Rank 0 ping-pongs every other rank [`CLOCK_ROUNDS`] times (NTP-style, `CLOCK_MONOTONIC`
+/// on both ends) and returns, per rank, its clock minus rank 0's; other ranks answer and get
+/// an empty list.
+pub fn measure_clocks(mpi: &MpiWorld) -> Vec<Option<ClockOffset>> {
+    let world = mpi.world();
+    if mpi.rank() != 0 {
+        let zero = world.process_at_rank(0);
+        for _ in 0..CLOCK_ROUNDS {
+            let mut ping = [0u64; 1];
+            zero.receive_into_with_tag(&mut ping[..], TAG_CLOCK);
+            let t1 = monotonic_ns();
+            zero.send_with_tag(&[t1, monotonic_ns()][..], TAG_CLOCK);
+        }
+        return Vec::new();
+    }
+    let mut out = vec![None; mpi.size()];
+    for (r, slot) in out.iter_mut().enumerate().skip(1) {
+        let peer = world.process_at_rank(r as i32);
+        let mut samples = Vec::with_capacity(CLOCK_ROUNDS);
+        for _ in 0..CLOCK_ROUNDS {
+            let t0 = monotonic_ns();
+            peer.send_with_tag(&[t0][..], TAG_CLOCK);
+            let mut pong = [0u64; 2];
+            peer.receive_into_with_tag(&mut pong[..], TAG_CLOCK);
+            samples.push(ClockSample {
+                t0,
+                t1: pong[0],
+                t2: pong[1],
+                t3: monotonic_ns(),
+            });
+        }
+        *slot = ClockOffset::from_samples(&samples);
+    }
+    out
+}
