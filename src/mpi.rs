@@ -3,6 +3,10 @@
 //! get it.
 
 use anyhow::Result;
+use std::sync::Arc;
+
+use slug_recorder::{RecordConfig, RecordSummary};
+use slug_replayer::{RecordedRun, ReplayOptions, ReplayReport};
 use slug_transport::pipeline::{ObserverFactory, PipelineConfig, RunReport};
 
 /// What to do when this binary was built without MPI.
@@ -53,5 +57,92 @@ pub fn run_pipeline(
     _cfg: &PipelineConfig,
     _factory: &dyn ObserverFactory,
 ) -> Result<Option<RunReport>> {
+    anyhow::bail!("--transport mpi: {NOT_BUILT}")
+}
+
+/// `slug record` under mpirun: every rank records its stage into a scratch directory of its
+/// own (as a `slug node` on --hosts does) with the configuration rank 0 prepared and sent it;
+/// rank 0 gathers the files into `cfg.out` over MPI and returns the summary.
+#[cfg(feature = "mpi")]
+pub fn record_pipeline(
+    cfg: &RecordConfig,
+    pipeline: &PipelineConfig,
+) -> Result<Option<RecordSummary>> {
+    use slug_mpi::rank::{check_world, run_rank_collecting, share_config};
+    let world = slug_mpi::MpiWorld::init()?;
+    if let Err(e) = check_world(&world, pipeline) {
+        return if world.rank() == 0 {
+            Err(e.into())
+        } else {
+            Ok(None)
+        };
+    }
+    let factory = slug_recorder::observe::NodeRecorderFactory::default();
+    if world.rank() != 0 {
+        let shared = share_config(&world, None)
+            .and_then(|p| run_rank_collecting(&world, &p, &factory, None));
+        return match shared {
+            Ok(_) => Ok(None),
+            Err(e) => abort(&world, &e),
+        };
+    }
+    let mut run_stages = |p: &PipelineConfig| {
+        share_config(&world, Some(p))?;
+        run_rank_collecting(&world, p, &factory, Some(&cfg.out))?
+            .ok_or_else(|| slug_transport::TransportError::Config("rank 0 got no report".into()))
+    };
+    match slug_recorder::record_with(cfg, pipeline, Some(&mut run_stages)) {
+        Ok(summary) => Ok(Some(summary)),
+        Err(e) => abort(&world, &e),
+    }
+}
+
+/// Without the `mpi` feature: says how to build slug with MPI.
+#[cfg(not(feature = "mpi"))]
+pub fn record_pipeline(
+    _cfg: &RecordConfig,
+    _pipeline: &PipelineConfig,
+) -> Result<Option<RecordSummary>> {
+    anyhow::bail!("--transport mpi: {NOT_BUILT}")
+}
+
+/// `slug replay DIR --transport mpi` under mpirun: rank r restores stage r from its own copy
+/// of the trace at DIR (the same path on every host) and reports the digests of what it
+/// received; rank 0 checks them against the trace and returns the report.
+#[cfg(feature = "mpi")]
+pub fn replay_pipeline(
+    rec: Arc<RecordedRun>,
+    opts: &ReplayOptions,
+) -> Result<Option<ReplayReport>> {
+    use slug_mpi::rank::{check_world, run_rank, share_config};
+    let world = slug_mpi::MpiWorld::init()?;
+    let factory =
+        slug_replayer::NodeReplayFactory(slug_recorder::observe::NodeRecorderFactory::default());
+    if world.rank() != 0 {
+        // The configuration comes from rank 0, which checks it first.
+        let shared = share_config(&world, None).and_then(|p| run_rank(&world, &p, &factory));
+        return match shared {
+            Ok(_) => Ok(None),
+            Err(e) => abort(&world, &e),
+        };
+    }
+    let mut run_stages = |p: &PipelineConfig| {
+        check_world(&world, p)?;
+        share_config(&world, Some(p))?;
+        run_rank(&world, p, &factory)?
+            .ok_or_else(|| slug_transport::TransportError::Config("rank 0 got no report".into()))
+    };
+    match slug_replayer::replay_pipeline_with(rec, opts, Some(&mut run_stages)) {
+        Ok(report) => Ok(Some(report)),
+        Err(e) => abort(&world, &e),
+    }
+}
+
+/// Without the `mpi` feature: says how to build slug with MPI.
+#[cfg(not(feature = "mpi"))]
+pub fn replay_pipeline(
+    _rec: Arc<RecordedRun>,
+    _opts: &ReplayOptions,
+) -> Result<Option<ReplayReport>> {
     anyhow::bail!("--transport mpi: {NOT_BUILT}")
 }

@@ -15,6 +15,7 @@ use slug_recorder::observe::PayloadPolicy;
 use slug_recorder::perf::{PerfConfig, PerfRequest};
 use slug_recorder::{RecordConfig, RecordSummary, record};
 use slug_transport::pipeline::PipelineConfig;
+use slug_transport::transfer::TransportKind;
 
 use crate::choices::Payloads;
 use crate::pipeline_args::PipelineArgs;
@@ -27,7 +28,10 @@ Examples:
       One recording `slug node` process per stage on this machine, snapshots every 8 steps.
   slug record --out run3 -- --stages 2 --transport tcp --hosts 10.0.0.1:7070,10.0.0.2:7070
       Each `slug node --listen` records its stage locally; the files are fetched into run3 over
-      the node connections when the run ends (same cluster key in $SLUG_CLUSTER_KEY everywhere).";
+      the node connections when the run ends (same cluster key in $SLUG_CLUSTER_KEY everywhere).
+  mpirun -np 4 slug record --out run4 -- --stages 4 --transport mpi
+      Rank r records stage r on its own host; rank 0 gathers the files into run4 over MPI
+      (needs a build with --features mpi).";
 
 /// Arguments of `slug record`.
 #[derive(Debug, Args)]
@@ -123,6 +127,13 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         ..RecordConfig::new(&args.out)
     };
     let pipeline = args.pipeline()?;
+    if pipeline.transport == TransportKind::Mpi {
+        // Under mpirun: rank 0 prints the summary; the other ranks only record their stage.
+        return match crate::mpi::record_pipeline(&config, &pipeline)? {
+            Some(summary) => finish(&summary, args.json),
+            None => Ok(ExitCode::SUCCESS),
+        };
+    }
     let progress = Arc::new(AtomicU64::new(0));
     let config = RecordConfig {
         progress: Some(Arc::clone(&progress)),
@@ -146,11 +157,15 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         let _ = ticker.join();
         summary
     });
-    let summary = summary?;
-    if args.json {
+    finish(&summary?, args.json)
+}
+
+/// Prints the summary; exit status 1 if the recording lost anything.
+fn finish(summary: &RecordSummary, json: bool) -> Result<ExitCode> {
+    if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print_summary(&summary);
+        print_summary(summary);
     }
     if summary.losses.is_empty() {
         return Ok(ExitCode::SUCCESS);

@@ -150,6 +150,13 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
             }
             replayed.report
         }
+        None if transport == Some(TransportKind::Mpi) => {
+            // Under mpirun: rank 0 checks and prints; the other ranks only run their stage.
+            match crate::mpi::replay_pipeline(rec.clone(), &opts)? {
+                Some(report) => report,
+                None => return Ok(ExitCode::SUCCESS),
+            }
+        }
         None => replay_pipeline(rec.clone(), &opts)?,
     };
     match (&args.report, &report.first) {

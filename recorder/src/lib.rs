@@ -28,7 +28,7 @@ mod recover;
 pub mod topology;
 
 pub use error::{RecorderError, Result};
-pub use record::{EndpointSummary, RecordConfig, RecordSummary, record};
+pub use record::{EndpointSummary, RecordConfig, RecordSummary, StageRunner, record, record_with};
 pub use recover::{
     EndpointLeftovers, Leftovers, Outcome, Preview, RecoveredEndpoint, RecoveryReport, preview,
     recover,

@@ -12,11 +12,14 @@
 //!   poll `MPI_Test` against the run's `--timeout-ms`, so a silent peer is an error, not a hang.
 //! - [`rank::run_rank`]: one rank's part of a run: connect the links, measure the clock offset
 //!   to rank 0 over MPI, run the stage, send the stage's report to rank 0.
+//! - [`gather`]: rank 0 collects every rank's recorded files into the trace directory.
 //! - [`pingpong`]: raw MPI ping-pong and ping-pong through slug's link, for `slug ladder` and
 //!   the benchmark.
 //!
 //! Without the `mpi` feature this crate is empty, so the default build needs no MPI library.
 
+#[cfg(feature = "mpi")]
+pub mod gather;
 #[cfg(feature = "mpi")]
 pub mod link;
 #[cfg(feature = "mpi")]

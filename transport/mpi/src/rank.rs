@@ -8,7 +8,7 @@ use mpi::topology::Communicator;
 use slug_transport::clock::{ClockOffset, ClockSample, monotonic_ns};
 use slug_transport::link::{LinkEnds, LinkReceiver, LinkSender};
 use slug_transport::pipeline::{
-    ObserverFactory, PipelineConfig, RunReport, StageLinks, StageReport, run_stage,
+    ObserverFactory, PipelineConfig, RunReport, StageContext, StageLinks, StageReport, run_stage,
 };
 use slug_transport::transfer::{EndpointId, LinkId, TransportKind};
 use slug_transport::{Result, TransportError};
@@ -63,6 +63,18 @@ pub fn run_rank(
     cfg: &PipelineConfig,
     factory: &dyn ObserverFactory,
 ) -> Result<Option<RunReport>> {
+    run_rank_collecting(mpi, cfg, factory, None)
+}
+
+/// [`run_rank`], then the files each rank's `factory` recorded for its stage (its
+/// [`ObserverFactory::collected_files`]) are gathered over MPI into `collect_into` on rank 0
+/// (see [`crate::gather`]); other ranks pass `None`.
+pub fn run_rank_collecting(
+    mpi: &MpiWorld,
+    cfg: &PipelineConfig,
+    factory: &dyn ObserverFactory,
+    collect_into: Option<&std::path::Path>,
+) -> Result<Option<RunReport>> {
     check_world(mpi, cfg)?;
     let s = mpi.rank();
     let clocks = measure_clocks(mpi);
@@ -97,6 +109,13 @@ pub fn run_rank(
     };
     let report = run_stage(cfg, s, mpi.host(), factory, &mut connect, &mut ready)?;
     let started = start.unwrap_or_else(Instant::now);
+    // The stage's observers are gone (run_stage dropped them): its files are complete.
+    let ctx = StageContext {
+        stage: s,
+        host: mpi.host(),
+        config: cfg,
+    };
+    let files = factory.collected_files(&ctx);
     let world = mpi.world();
     if s != 0 {
         let bytes = serde_json::to_vec(&report)
@@ -104,6 +123,7 @@ pub fn run_rank(
         world
             .process_at_rank(0)
             .send_with_tag(&bytes[..], TAG_REPORT);
+        crate::gather::send_files(mpi, files.as_deref())?;
         return Ok(None);
     }
     let mut reports = vec![report];
@@ -119,6 +139,7 @@ pub fn run_rank(
         reports.push(rep);
     }
     let wall = started.elapsed();
+    crate::gather::collect_files(mpi, files.as_deref(), collect_into)?;
     for rep in &mut reports {
         rep.clock = clocks.get(rep.stage).copied().flatten();
     }
@@ -159,4 +180,28 @@ pub fn measure_clocks(mpi: &MpiWorld) -> Vec<Option<ClockOffset>> {
         *slot = ClockOffset::from_samples(&samples);
     }
     out
+}
+
+/// Rank 0 sends `cfg` to every rank (`Some` on rank 0); every rank returns it. How ranks of
+/// `slug record` run the configuration rank 0 prepared (with its recorder settings).
+pub fn share_config(mpi: &MpiWorld, cfg: Option<&PipelineConfig>) -> Result<PipelineConfig> {
+    use mpi::collective::Root;
+    let root = mpi.world().process_at_rank(0);
+    let mut bytes = match cfg {
+        Some(c) if mpi.rank() == 0 => serde_json::to_vec(c)
+            .map_err(|e| TransportError::Config(format!("encode the configuration: {e}")))?,
+        _ => Vec::new(),
+    };
+    let mut len = [bytes.len() as u64];
+    root.broadcast_into(&mut len[..]);
+    bytes.resize(len[0] as usize, 0);
+    root.broadcast_into(&mut bytes[..]);
+    if let Some(c) = cfg {
+        // Fields that do not travel (launcher, key file) stay as rank 0 has them.
+        return Ok(c.clone());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| TransportError::Protocol {
+        peer: "rank 0".into(),
+        detail: format!("its configuration does not decode: {e}"),
+    })
 }

@@ -34,9 +34,14 @@ use crate::fabric::{Fabric, FabricLayout};
 use crate::transfer::TransportKind;
 use crate::wire::AbortFlag;
 
+/// What a recording node hands over, and what a collector accepts (also used by MPI rank 0).
+pub use cluster::{
+    FILE_PIECE, MAX_COLLECTED_FILE, MAX_COLLECTED_FILES, RecordedFile, expected_file,
+};
 pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes, run_on_nodes_collecting};
 pub use config::{KernelDigests, Launch, PipelineConfig, prompt_tokens};
 pub use launch::{NodeCommand, NodeLauncher};
+pub use node::list_recorded_files;
 pub use observe::{NoObservers, ObserverFactory, StageContext, StageObservers};
 pub use report::{HexHash, KernelDigest, RunReport, StageReport, TransferDigest};
 pub use stage::STAGE_ARENA;
