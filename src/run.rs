@@ -25,6 +25,9 @@ Examples:
       Override any dimension of a preset; --fma fuses multiply-adds (changes the results).
   slug run --model base --stages 4 --layout
       Print each stage's arena layout (section, region, offset, bytes, alignment) and exit.
+  mpirun -np 4 slug run --model small --stages 4 --transport mpi
+      One MPI rank per stage (rank r runs stage r; rank 0 prints the report); needs a build
+      with --features mpi. Across hosts: mpirun --hostfile hosts -np 4 ..., or srun -n 4 ....
 
 The same --model, dimensions, --seed, --fma and --prompt give the same tokens for every
 --threads, --stages, --transport, --microbatches and --isa: kernels reduce in one fixed order on
@@ -40,6 +43,10 @@ pub struct RunArgs {
     /// Print the arena layout of every stage and exit without running.
     #[arg(long)]
     layout: bool,
+    /// With --json: add the xxh3-128 of every transfer (by sequence, step, layer and stages) as
+    /// `transfer_digests`, to compare runs on different transports or placements byte for byte.
+    #[arg(long, requires = "json")]
+    digests: bool,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -56,7 +63,8 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
         print_layout(&layouts, args.json)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let cfg = args.pipeline.config()?;
+    let mut cfg = args.pipeline.config()?;
+    cfg.digests = args.digests;
     let plan = cfg.plan()?;
     let total: u64 = (0..plan.stages())
         .map(|s| StageLayout::new(&cfg.model, &plan, s, cfg.prompts.len(), cfg.threads))
@@ -121,6 +129,10 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
             "arena_bytes": total,
             "stage_reports": stages,
         });
+        let mut value = value;
+        if args.digests {
+            value["transfer_digests"] = json!(report.digests());
+        }
         println!("{value}");
     } else {
         let m = &cfg.model;

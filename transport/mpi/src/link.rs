@@ -60,6 +60,14 @@ impl MpiRecv {
     }
 }
 
+/// Why a wait ended without the call completing.
+enum Waited {
+    /// The run's timeout passed.
+    Out(Duration),
+    /// mpirun is ending the job.
+    Ending,
+}
+
 /// A posted non-blocking call.
 struct Request(ffi::MPI_Request);
 
@@ -109,12 +117,15 @@ impl Request {
 
     /// Waits until the call completes or `timeout` passes: spins first (a neighbour's message
     /// is usually microseconds away), then yields, then sleeps in short slices.
-    fn wait(&mut self, timeout: Duration) -> std::result::Result<(), Duration> {
+    fn wait(&mut self, timeout: Duration) -> std::result::Result<(), Waited> {
         let start = Instant::now();
         let mut polls = 0u32;
         loop {
             if self.test() {
                 return Ok(());
+            }
+            if crate::world::ending() {
+                return Err(Waited::Ending);
             }
             polls = polls.saturating_add(1);
             if polls < 4096 {
@@ -123,7 +134,7 @@ impl Request {
             }
             let waited = start.elapsed();
             if waited >= timeout {
-                return Err(waited);
+                return Err(Waited::Out(waited));
             }
             if polls < 8192 {
                 std::thread::yield_now();
@@ -136,24 +147,42 @@ impl Request {
     /// Waits for the call; past `timeout` cancels it and returns the error. A call that cannot
     /// be cancelled either still owns our buffer, so the job is aborted (after saying why)
     /// rather than let MPI write into memory we give back.
-    fn finish(mut self, ends: &LinkEnds, what: &'static str) -> Result<()> {
-        let Err(waited) = self.wait(ends.timeout) else {
-            return Ok(());
+    fn finish(self, ends: &LinkEnds, what: &'static str) -> Result<()> {
+        self.finish_named(&ends.name(), ends.timeout, what)
+    }
+
+    /// [`Request::finish`] for a call named `link` in errors.
+    fn finish_named(mut self, link: &str, timeout: Duration, what: &'static str) -> Result<()> {
+        let waited = match self.wait(timeout) {
+            Ok(()) => return Ok(()),
+            Err(Waited::Out(waited)) => waited,
+            Err(Waited::Ending) => {
+                // mpirun kills this process within about a second: no time to cancel, and
+                // nothing outlives the process, so the pending call is left to it.
+                let detail = format!(
+                    "mpirun is ending the job (SIGTERM) while this rank waited until {what}: \
+                     another rank failed or died (mpirun names it below)"
+                );
+                return Err(TransportError::LinkBroken {
+                    link: link.to_string(),
+                    detail,
+                });
+            }
         };
         // SAFETY: a pending request of ours.
         unsafe { ffi::MPI_Cancel(&mut self.0) };
         if self.wait(Duration::from_secs(1)).is_err() {
             eprintln!(
-                "slug: link {}: MPI {what} timed out after {} ms and could not be cancelled; \
+                "slug: link {}: nothing {what} within {} ms, and the MPI call could not be cancelled; \
                  aborting the MPI job",
-                ends.name(),
+                link,
                 waited.as_millis()
             );
             // SAFETY: plain MPI_Abort on the world communicator.
             unsafe { ffi::MPI_Abort(ffi::RSMPI_COMM_WORLD, 1) };
         }
         Err(TransportError::Timeout {
-            link: ends.name(),
+            link: link.to_string(),
             what,
             waited_ms: waited.as_millis() as u64,
         })
@@ -172,14 +201,14 @@ impl ExternalSend for MpiSend {
         // The header and the (first) payload message are in flight together.
         // An empty payload is still one (empty) message: the receiver posts one.
         let first = pieces.next().unwrap_or(&[]);
-        let sent =
-            Request::isend(first, self.dest, payload_tag(self.link)).finish(ends, "send (payload)");
-        let head = head.finish(ends, "send (header)");
+        let sent = Request::isend(first, self.dest, payload_tag(self.link))
+            .finish(ends, "sent (MPI payload)");
+        let head = head.finish(ends, "sent (MPI header)");
         sent?;
         head?;
         for piece in pieces {
             Request::isend(piece, self.dest, payload_tag(self.link))
-                .finish(ends, "send (payload)")?;
+                .finish(ends, "sent (MPI payload)")?;
         }
         Ok(())
     }
@@ -189,7 +218,7 @@ impl ExternalRecv for MpiRecv {
     fn recv_header(&mut self, ends: &LinkEnds) -> Result<[u8; LINK_HEADER_LEN]> {
         let mut header = [0u8; LINK_HEADER_LEN];
         Request::irecv(&mut header, self.source, header_tag(self.link))
-            .finish(ends, "received (header)")?;
+            .finish(ends, "received (MPI header)")?;
         Ok(header)
     }
 
@@ -197,12 +226,39 @@ impl ExternalRecv for MpiRecv {
         if out.is_empty() {
             // A zero-length transfer is still one (empty) message.
             return Request::irecv(out, self.source, payload_tag(self.link))
-                .finish(ends, "received (payload)");
+                .finish(ends, "received (MPI payload)");
         }
         for piece in out.chunks_mut(PIECE) {
             Request::irecv(piece, self.source, payload_tag(self.link))
-                .finish(ends, "received (payload)")?;
+                .finish(ends, "received (MPI payload)")?;
         }
         Ok(())
     }
+}
+
+/// Waits for every rank, like `MPI_Barrier`, but fails after `timeout` or as soon as mpirun
+/// ends the job (a rank that died while the others were starting).
+pub fn barrier(timeout: Duration) -> Result<()> {
+    let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
+    // SAFETY: a barrier on the world communicator; no buffer.
+    unsafe { ffi::MPI_Ibarrier(ffi::RSMPI_COMM_WORLD, &mut req) };
+    Request(req).finish_named("(every rank)", timeout, "reached the start barrier")
+}
+
+/// Sends `buf` to rank `dest` with `tag` and waits, like [`barrier`] (small control messages).
+pub fn send_to(buf: &[u8], dest: usize, tag: i32, timeout: Duration) -> Result<()> {
+    Request::isend(buf, dest as i32, tag).finish_named(
+        &format!("(control, to rank {dest})"),
+        timeout,
+        "sent",
+    )
+}
+
+/// Receives exactly `buf.len()` bytes from rank `source` with `tag`, like [`send_to`].
+pub fn recv_from(buf: &mut [u8], source: usize, tag: i32, timeout: Duration) -> Result<()> {
+    Request::irecv(buf, source as i32, tag).finish_named(
+        &format!("(control, from rank {source})"),
+        timeout,
+        "received",
+    )
 }

@@ -1,7 +1,7 @@
 //! One rank's part of an MPI run: rank r runs stage r over MPI links; rank 0 measures every
 //! rank's clock offset and assembles the run's report from what the ranks send it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mpi::point_to_point::{Destination, Source};
 use mpi::topology::Communicator;
@@ -14,7 +14,7 @@ use slug_transport::transfer::{EndpointId, LinkId, TransportKind};
 use slug_transport::{Result, TransportError};
 
 use crate::MpiWorld;
-use crate::link::{MpiRecv, MpiSend};
+use crate::link::{MpiRecv, MpiSend, barrier, recv_from, send_to};
 
 /// Tags of the control messages; link tags are below `2 * MAX_STAGES`.
 const TAG_CLOCK: i32 = 30_000;
@@ -49,7 +49,7 @@ fn link_ends(cfg: &PipelineConfig, link: usize) -> LinkEnds {
         id: LinkId(link as u32),
         src: EndpointId(link as u32),
         dst: EndpointId(((link + 1) % cfg.stages) as u32),
-        timeout: std::time::Duration::from_millis(cfg.timeout_ms.max(1)),
+        timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
     }
 }
 
@@ -77,7 +77,8 @@ pub fn run_rank_collecting(
 ) -> Result<Option<RunReport>> {
     check_world(mpi, cfg)?;
     let s = mpi.rank();
-    let clocks = measure_clocks(mpi);
+    let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
+    let clocks = measure_clocks(mpi, timeout)?;
     let n = cfg.stages;
     let mut connect = |obs: &slug_transport::transfer::Observers| {
         if n < 2 {
@@ -103,7 +104,7 @@ pub fn run_rank_collecting(
     };
     let mut start = None;
     let mut ready = || {
-        mpi.barrier();
+        barrier(timeout)?;
         start = Some(Instant::now());
         Ok(())
     };
@@ -149,37 +150,38 @@ pub fn run_rank_collecting(
 /// Rank 0 ping-pongs every other rank [`CLOCK_ROUNDS`] times (NTP-style, `CLOCK_MONOTONIC`
 /// on both ends) and returns, per rank, its clock minus rank 0's; other ranks answer and get
 /// an empty list.
-pub fn measure_clocks(mpi: &MpiWorld) -> Vec<Option<ClockOffset>> {
-    let world = mpi.world();
+pub fn measure_clocks(mpi: &MpiWorld, timeout: Duration) -> Result<Vec<Option<ClockOffset>>> {
     if mpi.rank() != 0 {
-        let zero = world.process_at_rank(0);
         for _ in 0..CLOCK_ROUNDS {
-            let mut ping = [0u64; 1];
-            zero.receive_into_with_tag(&mut ping[..], TAG_CLOCK);
+            let mut ping = [0u8; 8];
+            recv_from(&mut ping, 0, TAG_CLOCK, timeout)?;
             let t1 = monotonic_ns();
-            zero.send_with_tag(&[t1, monotonic_ns()][..], TAG_CLOCK);
+            let mut pong = [0u8; 16];
+            pong[..8].copy_from_slice(&t1.to_le_bytes());
+            pong[8..].copy_from_slice(&monotonic_ns().to_le_bytes());
+            send_to(&pong, 0, TAG_CLOCK, timeout)?;
         }
-        return Vec::new();
+        return Ok(Vec::new());
     }
     let mut out = vec![None; mpi.size()];
     for (r, slot) in out.iter_mut().enumerate().skip(1) {
-        let peer = world.process_at_rank(r as i32);
         let mut samples = Vec::with_capacity(CLOCK_ROUNDS);
         for _ in 0..CLOCK_ROUNDS {
             let t0 = monotonic_ns();
-            peer.send_with_tag(&[t0][..], TAG_CLOCK);
-            let mut pong = [0u64; 2];
-            peer.receive_into_with_tag(&mut pong[..], TAG_CLOCK);
+            send_to(&t0.to_le_bytes(), r, TAG_CLOCK, timeout)?;
+            let mut pong = [0u8; 16];
+            recv_from(&mut pong, r, TAG_CLOCK, timeout)?;
+            let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
             samples.push(ClockSample {
                 t0,
-                t1: pong[0],
-                t2: pong[1],
+                t1: word(&pong[..8]),
+                t2: word(&pong[8..]),
                 t3: monotonic_ns(),
             });
         }
         *slot = ClockOffset::from_samples(&samples);
     }
-    out
+    Ok(out)
 }
 
 /// Rank 0 sends `cfg` to every rank (`Some` on rank 0); every rank returns it. How ranks of
