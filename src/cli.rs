@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{demo, export, info, keygen, node, record, recover, replay, run, view};
+use crate::{demo, export, info, keygen, ladder, node, record, recover, replay, run, view};
 
 /// slug — record and replay for distributed CPU AI pipelines.
 ///
@@ -41,6 +41,9 @@ enum Command {
     Node(node::NodeArgs),
     /// Write a new random cluster key file (mode 0600) for `slug node` and `--hosts` runs.
     Keygen(keygen::KeygenArgs),
+    /// Measure raw fabric vs slug's link vs the pipeline's achieved link throughput, per
+    /// transport, and say which layer is the bottleneck.
+    Ladder(ladder::LadderArgs),
 }
 
 /// Runs the chosen subcommand and returns the process exit code.
@@ -56,5 +59,6 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Demo(args) => demo::execute(args),
         Command::Node(args) => node::execute(args),
         Command::Keygen(args) => keygen::execute(args),
+        Command::Ladder(args) => ladder::execute(args),
     }
 }

@@ -8,6 +8,7 @@ mod demo;
 mod export;
 mod info;
 mod keygen;
+mod ladder;
 mod mpi;
 mod node;
 mod pipeline_args;

@@ -146,3 +146,80 @@ pub fn replay_pipeline(
 ) -> Result<Option<ReplayReport>> {
     anyhow::bail!("--transport mpi: {NOT_BUILT}")
 }
+
+/// The `mpi` rung of `slug ladder` under mpirun: raw MPI send/recv and slug's MPI link
+/// ping-pong between ranks 0 and 1 at each size, then (for [`crate::ladder::PipelineRow::Run`])
+/// the pipeline with one rank per stage. Rank 0 returns the ladder; the other ranks `None`.
+#[cfg(feature = "mpi")]
+pub fn ladder_row(
+    cfg: &PipelineConfig,
+    sizes: &[usize],
+    row: crate::ladder::PipelineRow,
+) -> Result<Option<crate::ladder::Ladder>> {
+    use crate::ladder::{PipelineRow, Rung, achieved_by, assemble, iterations};
+    use slug_mpi::pingpong;
+    use std::time::Duration;
+    let world = slug_mpi::MpiWorld::init()?;
+    let zero = world.rank() == 0;
+    if world.size() < 2 {
+        anyhow::bail!(
+            "--transport mpi: the ladder's mpi rung needs at least 2 ranks; run it under \
+             `mpirun -np {} slug ladder --transport mpi --stages {}`",
+            cfg.stages.max(2),
+            cfg.stages.max(2)
+        );
+    }
+    let run_too = matches!(row, PipelineRow::Run);
+    if run_too && let Err(e) = slug_mpi::rank::check_world(&world, cfg) {
+        return if zero { Err(e.into()) } else { Ok(None) };
+    }
+    let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
+    let measured = (|| -> slug_transport::Result<_> {
+        let (mut raw, mut link) = (Vec::new(), Vec::new());
+        for &size in sizes {
+            let rounds = (iterations(size) / 2).max(1) as u32;
+            let r = pingpong::raw(&world, size, rounds);
+            let none = slug_transport::transfer::Observers::none();
+            let l = pingpong::link(&world, size, rounds, timeout, &none)?;
+            if let (Some(r), Some(l)) = (r, l) {
+                let messages = 2 * u64::from(rounds);
+                raw.push(Rung::new(
+                    size,
+                    messages,
+                    Duration::from_secs_f64(r.seconds),
+                ));
+                link.push(Rung::new(
+                    size,
+                    messages,
+                    Duration::from_secs_f64(l.seconds),
+                ));
+            }
+        }
+        let achieved = match row {
+            PipelineRow::Run => {
+                slug_mpi::rank::run_rank(&world, cfg, &slug_transport::pipeline::NoObservers)?
+                    .map(|r| achieved_by(&r))
+            }
+            PipelineRow::Given(a) => Some(a),
+            PipelineRow::None => None,
+        };
+        Ok((raw, link, achieved))
+    })();
+    match measured {
+        Ok((raw, link, achieved)) if zero => {
+            Ok(Some(assemble("mpi", "MPI send/recv", raw, link, achieved)))
+        }
+        Ok(_) => Ok(None),
+        Err(e) => abort(&world, &e),
+    }
+}
+
+/// Without the `mpi` feature: says how to build slug with MPI.
+#[cfg(not(feature = "mpi"))]
+pub fn ladder_row(
+    _cfg: &PipelineConfig,
+    _sizes: &[usize],
+    _row: crate::ladder::PipelineRow,
+) -> Result<Option<crate::ladder::Ladder>> {
+    anyhow::bail!("--transport mpi: {NOT_BUILT}")
+}

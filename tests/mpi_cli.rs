@@ -30,6 +30,54 @@ fn without_the_feature_transport_mpi_says_how_to_build_it() {
     }
 }
 
+#[test]
+fn ladder_measures_raw_link_and_pipeline_rows_with_a_verdict() {
+    let out = cli::run(&[
+        "ladder",
+        "--transport",
+        "tcp",
+        "--model",
+        "tiny",
+        "--stages",
+        "2",
+        "--tokens",
+        "4",
+        "--sequences",
+        "1",
+        "--json",
+    ]);
+    let t = cli::text(&out);
+    assert!(out.status.success(), "{t}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let l = &v["ladders"][0];
+    assert_eq!(l["transport"], "tcp", "{v}");
+    // tiny: dim 64, the default prompt is 12 bytes: decode and prefill activations.
+    assert_eq!(
+        v["activation_bytes"],
+        serde_json::json!([256, 12 * 256]),
+        "{v}"
+    );
+    for row in ["raw", "link"] {
+        for rung in l[row].as_array().expect("rungs") {
+            assert!(rung["bytes_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{v}");
+        }
+    }
+    // 2 stages, 4 tokens: 4 activations one way, 3 tokens back.
+    assert_eq!(l["pipeline"]["transfers"], 7, "{v}");
+    assert!(
+        l["verdict"].as_str().unwrap_or("").contains("bottleneck"),
+        "{v}"
+    );
+}
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn ladder_without_the_feature_says_how_to_get_the_mpi_rung() {
+    let out = cli::run(&["ladder", "--transport", "mpi"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(cli::text(&out).contains("--features mpi"));
+}
+
 #[cfg(feature = "mpi")]
 mod with_mpi {
     use super::cli::{run, slug, text};
@@ -309,6 +357,44 @@ mod with_mpi {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+
+    #[test]
+    fn the_ladder_measures_mpi_between_ranks_and_runs_the_pipeline_on_them() {
+        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let out = mpirun(
+            2,
+            &[
+                "ladder",
+                "--transport",
+                "mpi",
+                "--model",
+                "tiny",
+                "--stages",
+                "2",
+                "--tokens",
+                "4",
+                "--sequences",
+                "1",
+                "--json",
+            ],
+        )
+        .output()
+        .expect("mpirun");
+        let v = json(&out);
+        let l = &v["ladders"][0];
+        assert_eq!(l["transport"], "mpi", "{v}");
+        assert_eq!(l["raw"].as_array().map(Vec::len), Some(2), "{v}");
+        assert_eq!(l["link"].as_array().map(Vec::len), Some(2), "{v}");
+        assert_eq!(l["pipeline"]["transfers"], 7, "{v}");
+        assert!(
+            l["verdict"].as_str().unwrap_or("").contains("bottleneck"),
+            "{v}"
+        );
     }
 
     #[test]
