@@ -9,7 +9,8 @@ use slug_schema::{
     EndpointInfo, Event, EventKind, KindSet, Manifest, NodeClock, TimeRange, Trace, WriterOptions,
 };
 use slug_transport::pipeline::{
-    NoObservers, PipelineConfig, RunReport, run, run_on_nodes_collecting,
+    NoObservers, ObserverSettings, PipelineConfig, RecordSettings, RunReport, run,
+    run_on_nodes_collecting,
 };
 use slug_transport::transfer::TransportKind;
 
@@ -19,7 +20,7 @@ use crate::error::{RecorderError, Result};
 use crate::flight::{DEFAULT_RING_RECORDS, ring_file_len};
 
 use crate::observe::{
-    NODE_REPORTS_DIR, NodeReport, NodeSettings, PayloadPolicy, RecorderFactory, RecorderSettings,
+    NODE_REPORTS_DIR, NodeReport, PayloadPolicy, RecorderFactory, RecorderSettings,
 };
 use crate::out_dir::{SpaceNeeded, human_bytes, prepare_out};
 use crate::perf::{Capabilities, PerfConfig, probe};
@@ -443,7 +444,7 @@ pub fn record_with(
         // Each stage is a `slug node` process that records itself (NodeRecorderFactory): into
         // the same directory on this machine, or into a scratch directory of its own on --hosts
         // (no shared file system), collected over the node's control connection at the end.
-        let node = NodeSettings {
+        let node = RecordSettings {
             trace_dir: std::path::absolute(&cfg.out).map_err(|e| RecorderError::io(&cfg.out, e))?,
             payloads: cfg.payloads.to_string(),
             perf: cfg.perf.request.to_string(),
@@ -455,7 +456,10 @@ pub fn record_with(
             scratch_run: on_hosts.then(run_id),
         };
         let mut p = pipeline.clone();
-        p.observer_settings = Some(node.to_observer_settings());
+        p.observer_settings = Some(ObserverSettings {
+            record: Some(node),
+            replay: None,
+        });
         let report = if let Some(run_stages) = runner.as_mut() {
             run_stages(&p)
         } else if on_hosts {

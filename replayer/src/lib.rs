@@ -28,7 +28,7 @@ mod replay;
 
 pub use divergence::{Checker, Counts, Divergence, KernelCheck, StepPlace, place_of};
 pub use error::{ReplayError, Result};
-pub use node::{NODE_SETTINGS_KEY, NodeReplayFactory, node_settings};
+pub use node::{NodeReplayFactory, node_settings};
 pub use recorded::{KernelKey, RecordedRun, StateSource, node_state, send_tags, stage_step_of};
 pub use replay::{
     ReplayOptions, ReplayReport, StageReplay, StageRunner, Verify, replay_pipeline,

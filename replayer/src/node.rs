@@ -5,23 +5,24 @@ use std::path::Path;
 
 use slug_transport::TransportError;
 use slug_transport::pipeline::{
-    ObserverFactory, StageContext, StageObservers, StageState, StageStateObserver,
+    ObserverFactory, ObserverSettings, ReplaySettings, StageContext, StageObservers, StageState,
+    StageStateObserver,
 };
 
 use crate::recorded::node_state;
 
-/// Key of the replayer's entry in the pipeline configuration's `observer_settings`.
-pub const NODE_SETTINGS_KEY: &str = "slug_replayer";
-
 /// The observer settings that make [`NodeReplayFactory`] nodes restore their stage from its
 /// snapshot at `step` in `trace_dir`, after checking that trace is the one with `trace_id`
 /// (when the coordinator's trace has an id).
-pub fn node_settings(trace_dir: &Path, step: u64, trace_id: Option<&str>) -> serde_json::Value {
-    serde_json::json!({ NODE_SETTINGS_KEY: {
-        "trace_dir": trace_dir,
-        "step": step,
-        "trace_id": trace_id,
-    } })
+pub fn node_settings(trace_dir: &Path, step: u64, trace_id: Option<&str>) -> ObserverSettings {
+    ObserverSettings {
+        record: None,
+        replay: Some(ReplaySettings {
+            trace_dir: trace_dir.to_path_buf(),
+            step,
+            trace_id: trace_id.map(str::to_string),
+        }),
+    }
 }
 
 /// Refuses, before anything runs, a node copy of the trace at `dir` that is not the trace
@@ -67,39 +68,29 @@ impl<F: ObserverFactory> ObserverFactory for NodeReplayFactory<F> {
     }
 
     fn initial_state(&self, ctx: &StageContext<'_>) -> Result<Option<StageState>, TransportError> {
-        let settings = ctx
+        let Some(replay) = ctx
             .config
             .observer_settings
             .as_ref()
-            .and_then(|v| v.get(NODE_SETTINGS_KEY));
-        let dir = settings
-            .and_then(|v| v.get("trace_dir"))
-            .and_then(|v| v.as_str());
-        let step = settings
-            .and_then(|v| v.get("step"))
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0);
-        let want = settings
-            .and_then(|v| v.get("trace_id"))
-            .and_then(|v| v.as_str());
-        if let (Some(dir), Some(want)) = (dir, want) {
-            check_trace_id(Path::new(dir), want).map_err(|e| {
+            .and_then(|s| s.replay.as_ref())
+        else {
+            return self.0.initial_state(ctx);
+        };
+        if let Some(want) = &replay.trace_id {
+            check_trace_id(&replay.trace_dir, want).map_err(|e| {
                 TransportError::Config(format!(
                     "replay of stage {} on {}: {e}",
                     ctx.stage, ctx.host
                 ))
             })?;
         }
-        match dir {
-            Some(dir) => node_state(Path::new(dir), ctx.stage as u32, step).map_err(|e| {
-                TransportError::Config(format!(
-                    "replay of stage {} on {}: {e} (copy the trace to this node, or pass \
-                     --node-trace with where it lies here)",
-                    ctx.stage, ctx.host
-                ))
-            }),
-            None => self.0.initial_state(ctx),
-        }
+        node_state(&replay.trace_dir, ctx.stage as u32, replay.step).map_err(|e| {
+            TransportError::Config(format!(
+                "replay of stage {} on {}: {e} (copy the trace to this node, or pass \
+                 --node-trace with where it lies here)",
+                ctx.stage, ctx.host
+            ))
+        })
     }
 }
 

@@ -373,10 +373,12 @@ pub fn replay_pipeline_with(
     let (from, to) = range(&cfg, opts)?;
     let start = rec.common_snapshot_at_or_before(cfg.stages, from);
     if (!opts.hosts.is_empty() || runner.is_some())
-        && let Some(settings) = cfg.observer_settings.as_mut()
-        && let Some(entry) = settings.get_mut(crate::node::NODE_SETTINGS_KEY)
+        && let Some(replay) = cfg
+            .observer_settings
+            .as_mut()
+            .and_then(|s| s.replay.as_mut())
     {
-        entry["step"] = start.into();
+        replay.step = start;
     }
     let mut notes = Vec::new();
     let mut sources = Vec::with_capacity(cfg.stages);

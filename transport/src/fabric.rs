@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use memmap2::MmapMut;
 
 use crate::error::{Result, TransportError};
+use crate::transfer::TransferHeader;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"SLUGFAB1");
 const FABRIC_VERSION: u32 = 2;
@@ -37,7 +38,7 @@ const IDLE: u32 = 0;
 const POSTED: u32 = 1;
 const CLAIMED: u32 = 2;
 const DONE: u32 = 3;
-const SLOT_HEADER_BYTES: usize = 64;
+const SLOT_HEADER_BYTES: usize = TransferHeader::LEN;
 /// A waiter spins this long (a peer mid-copy usually finishes within it, and a futex wake-up
 /// costs several microseconds), then yields the CPU until [`YIELD_FOR`], then sleeps on the futex.
 const SPIN_FOR: Duration = Duration::from_micros(20);
@@ -286,66 +287,6 @@ impl Fabric {
     }
 }
 
-/// Header of one message in a slot: the transfer metadata travelling with the bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct SlotHeader {
-    pub seq: u64,
-    pub sequence: u32,
-    pub step: u32,
-    pub layer: u32,
-    pub src_arena: u32,
-    pub dst_arena: u32,
-    /// Which slot-sized piece of the message this slot holds (messages larger than a slot
-    /// travel as consecutive pieces, so the two copies of a large transfer overlap in cache).
-    pub chunk: u32,
-    pub src_off: u64,
-    pub dst_off: u64,
-    pub len: u64,
-    pub post_ns: u64,
-}
-
-impl SlotHeader {
-    pub(crate) fn encode(&self) -> [u8; SLOT_HEADER_BYTES] {
-        let mut b = [0u8; SLOT_HEADER_BYTES];
-        b[0..8].copy_from_slice(&self.seq.to_le_bytes());
-        b[8..12].copy_from_slice(&self.sequence.to_le_bytes());
-        b[12..16].copy_from_slice(&self.step.to_le_bytes());
-        b[16..20].copy_from_slice(&self.layer.to_le_bytes());
-        b[20..24].copy_from_slice(&self.src_arena.to_le_bytes());
-        b[24..28].copy_from_slice(&self.dst_arena.to_le_bytes());
-        b[28..32].copy_from_slice(&self.chunk.to_le_bytes());
-        b[32..40].copy_from_slice(&self.src_off.to_le_bytes());
-        b[40..48].copy_from_slice(&self.dst_off.to_le_bytes());
-        b[48..56].copy_from_slice(&self.len.to_le_bytes());
-        b[56..64].copy_from_slice(&self.post_ns.to_le_bytes());
-        b
-    }
-
-    pub(crate) fn decode(b: &[u8; SLOT_HEADER_BYTES]) -> Self {
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let u64_at = |i: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[i..i + 8]);
-            u64::from_le_bytes(w)
-        };
-        Self {
-            seq: u64_at(0),
-            sequence: u32_at(8),
-            step: u32_at(12),
-            layer: u32_at(16),
-            src_arena: u32_at(20),
-            dst_arena: u32_at(24),
-            chunk: u32_at(28),
-            src_off: u64_at(32),
-            dst_off: u64_at(40),
-            len: u64_at(48),
-            post_ns: u64_at(56),
-        }
-    }
-}
-
-pub(crate) const HEADER_LEN: usize = SLOT_HEADER_BYTES;
-
 /// One single-producer single-consumer ring inside a fabric.
 pub(crate) struct Ring<'f> {
     fabric: &'f Fabric,
@@ -389,7 +330,7 @@ impl Ring<'_> {
         timeout: Duration,
         arena: u32,
         dst: &mut [u8],
-    ) -> std::result::Result<Option<SlotHeader>, WaitFailure> {
+    ) -> std::result::Result<Option<TransferHeader>, WaitFailure> {
         let tail = self.tail().load(Ordering::Relaxed);
         if self.head().load(Ordering::Acquire) != tail {
             return Ok(None);
@@ -432,7 +373,7 @@ impl Ring<'_> {
                         )
                     };
                     state.store(IDLE, Ordering::SeqCst);
-                    return Ok(Some(SlotHeader::decode(&raw)));
+                    return Ok(Some(TransferHeader::decode(&raw)));
                 }
                 // A sender is mid-copy into `dst`: a bounded memcpy, unless the run was aborted
                 // because that sender's process died, which cannot write any more.
@@ -450,7 +391,7 @@ impl Ring<'_> {
     /// the operating system refuses cross-process copies, so later transfers do not retry.
     pub(crate) fn try_direct(
         &self,
-        header: &SlotHeader,
+        header: &TransferHeader,
         payload: &[u8],
         direct: &mut bool,
     ) -> bool {
@@ -543,7 +484,7 @@ impl Ring<'_> {
     pub(crate) fn send(
         &self,
         timeout: Duration,
-        fill: impl FnOnce(&mut [u8]) -> SlotHeader,
+        fill: impl FnOnce(&mut [u8]) -> TransferHeader,
     ) -> std::result::Result<(), WaitFailure> {
         let head = self.head().load(Ordering::Relaxed);
         let slots = self.spec.slots;
@@ -574,7 +515,7 @@ impl Ring<'_> {
     pub(crate) fn recv<T>(
         &self,
         timeout: Duration,
-        take: impl FnOnce(&SlotHeader, &[u8]) -> T,
+        take: impl FnOnce(&TransferHeader, &[u8]) -> T,
     ) -> std::result::Result<T, WaitFailure> {
         let tail = self.tail().load(Ordering::Relaxed);
         wait_until(
@@ -589,7 +530,7 @@ impl Ring<'_> {
         // SAFETY: the slot at `tail` was published by the sender (head passed it) and stays
         // untouched until this receiver advances `tail`.
         unsafe { std::ptr::copy_nonoverlapping(slot, raw.as_mut_ptr(), SLOT_HEADER_BYTES) };
-        let header = SlotHeader::decode(&raw);
+        let header = TransferHeader::decode(&raw);
         let start = u64::from(header.chunk).saturating_mul(self.spec.capacity);
         let len = header.len.saturating_sub(start).min(self.spec.capacity) as usize;
         // SAFETY: as above; `len` is clamped to the slot capacity.
@@ -717,7 +658,7 @@ mod tests {
 
     #[test]
     fn header_round_trips() {
-        let h = SlotHeader {
+        let h = TransferHeader {
             seq: 7,
             sequence: 2,
             step: 9,
@@ -730,7 +671,7 @@ mod tests {
             len: 100,
             post_ns: 123_456_789,
         };
-        assert_eq!(SlotHeader::decode(&h.encode()), h);
+        assert_eq!(TransferHeader::decode(&h.encode()), h);
     }
 
     #[test]
@@ -741,10 +682,10 @@ mod tests {
             for i in 0..500u64 {
                 let sent = tx.ring(0).send(Duration::from_secs(10), |buf| {
                     buf[..8].copy_from_slice(&i.to_le_bytes());
-                    SlotHeader {
+                    TransferHeader {
                         seq: i,
                         len: 8,
-                        ..SlotHeader::default()
+                        ..TransferHeader::default()
                     }
                 });
                 assert!(sent.is_ok(), "send {i} failed");

@@ -11,16 +11,16 @@
 //! bytes), so a recorder cannot miss a transfer. Ids are deterministic (link, sequence number);
 //! post and complete times are `CLOCK_MONOTONIC` nanoseconds of the respective node.
 //!
-//! Backends:
-//! - `local`: stages are threads; each link is a slot ring in a heap [`fabric::Fabric`].
-//! - `shm`: stages are processes; the rings live in one memory-mapped fabric file (pooled fabric
+//! Backends (modules under [`link`]; the traits there are where a new one plugs in):
+//! - `local` ([`link::ring`]): stages are threads; each link is a slot ring in a heap [`fabric::Fabric`].
+//! - `shm` ([`link::ring`]): stages are processes; the rings live in one memory-mapped fabric file (pooled fabric
 //!   memory); waits spin briefly, yield, then sleep on a futex in bounded slices.
 //!
 //! On both ring backends a receiver that is already waiting posts its arena in the ring header
 //! and the sender copies straight into it (one copy: `memcpy` between threads,
 //! `process_vm_writev` between processes); otherwise, or where the kernel refuses cross-process
 //! copies, the bytes queue in slots (two copies) in pieces of at most 64 KiB.
-//! - `tcp`: stages are processes on any hosts; every connection starts with a handshake
+//! - `tcp` ([`link::tcp`]): stages are processes on any hosts; every connection starts with a handshake
 //!   ([`auth`]): protocol version and stage ids in a clear hello, then a Noise `NNpsk0` handshake
 //!   (the cluster key, or for data links the run's secret, as pre-shared key; the key never
 //!   crosses the wire) and an NTP-style clock-offset estimate. Control frames are sealed

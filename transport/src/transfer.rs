@@ -108,6 +108,92 @@ impl std::str::FromStr for TransportKind {
     }
 }
 
+/// The metadata that travels with a transfer's bytes, the same on every backend (a fabric
+/// ring slot's header, the first 64 bytes of a tcp frame): the receiving end rebuilds the
+/// [`Transfer`] its observers see from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TransferHeader {
+    /// Position of the transfer on its link (the [`TransferId`]'s `seq`).
+    pub seq: u64,
+    /// [`Tag::sequence`].
+    pub sequence: u32,
+    /// [`Tag::step`].
+    pub step: u32,
+    /// [`Tag::layer`].
+    pub layer: u32,
+    /// Arena the bytes came from, on the sender.
+    pub src_arena: u32,
+    /// Arena the bytes go to, on the receiver.
+    pub dst_arena: u32,
+    /// Which piece of the transfer this header heads, for backends that move a large transfer
+    /// in consecutive pieces (fabric rings: one slot each, so the two copies overlap in cache);
+    /// 0 elsewhere.
+    pub chunk: u32,
+    /// Offset of the bytes in the source arena.
+    pub src_off: u64,
+    /// Offset the bytes go to in the destination arena.
+    pub dst_off: u64,
+    /// Length of the whole transfer in bytes.
+    pub len: u64,
+    /// Sender's CLOCK_MONOTONIC when the transfer was posted.
+    pub post_ns: u64,
+}
+
+impl TransferHeader {
+    /// Encoded length in bytes.
+    pub const LEN: usize = 64;
+
+    /// The header as it travels: every field little-endian, in declaration order.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..8].copy_from_slice(&self.seq.to_le_bytes());
+        b[8..12].copy_from_slice(&self.sequence.to_le_bytes());
+        b[12..16].copy_from_slice(&self.step.to_le_bytes());
+        b[16..20].copy_from_slice(&self.layer.to_le_bytes());
+        b[20..24].copy_from_slice(&self.src_arena.to_le_bytes());
+        b[24..28].copy_from_slice(&self.dst_arena.to_le_bytes());
+        b[28..32].copy_from_slice(&self.chunk.to_le_bytes());
+        b[32..40].copy_from_slice(&self.src_off.to_le_bytes());
+        b[40..48].copy_from_slice(&self.dst_off.to_le_bytes());
+        b[48..56].copy_from_slice(&self.len.to_le_bytes());
+        b[56..64].copy_from_slice(&self.post_ns.to_le_bytes());
+        b
+    }
+
+    /// Reads a header [`encode`](Self::encode) wrote. Any 64 bytes decode; the receiving link
+    /// checks the fields against its arena and numbering before it trusts them.
+    pub fn decode(b: &[u8; Self::LEN]) -> Self {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        Self {
+            seq: u64_at(0),
+            sequence: u32_at(8),
+            step: u32_at(12),
+            layer: u32_at(16),
+            src_arena: u32_at(20),
+            dst_arena: u32_at(24),
+            chunk: u32_at(28),
+            src_off: u64_at(32),
+            dst_off: u64_at(40),
+            len: u64_at(48),
+            post_ns: u64_at(56),
+        }
+    }
+
+    /// The pipeline meaning of the bytes.
+    pub fn tag(&self) -> Tag {
+        Tag {
+            sequence: self.sequence,
+            step: self.step,
+            layer: self.layer,
+        }
+    }
+}
+
 /// One transfer as the observers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transfer {

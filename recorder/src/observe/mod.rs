@@ -17,9 +17,7 @@ mod transfers;
 
 pub use factory::RecorderFactory;
 pub use hooks::StageHooks;
-pub use node::{
-    NODE_REPORTS_DIR, NODE_SETTINGS_KEY, NodeRecorderFactory, NodeReport, NodeSettings,
-};
+pub use node::{NODE_REPORTS_DIR, NodeRecorderFactory, NodeReport};
 pub use settings::RecorderSettings;
 pub use snapshots::StageSnapshotter;
 pub use transfers::{PayloadPolicy, TransferRecorder};

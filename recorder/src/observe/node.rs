@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use slug_schema::WriterOptions;
 use slug_transport::TransportError;
-use slug_transport::pipeline::{ObserverFactory, StageContext, StageObservers, StageStateObserver};
+use slug_transport::pipeline::{
+    ObserverFactory, RecordSettings, StageContext, StageObservers, StageStateObserver,
+};
 
 use super::factory::{blob_store, observers, start_endpoint};
 use super::settings::RecorderSettings;
@@ -17,45 +19,16 @@ use crate::endpoint::EBPF_LOST_REASONS;
 use crate::error::{RecorderError, Result};
 use crate::perf::{Capabilities, PerfConfig};
 
-/// Key of the recorder's entry in [`slug_transport::pipeline::PipelineConfig::observer_settings`].
-pub const NODE_SETTINGS_KEY: &str = "slug_recorder";
-
-/// What a `slug node` needs to record its stage (sent inside the pipeline configuration).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct NodeSettings {
-    /// The trace directory (on a file system the node shares with the coordinator).
-    pub trace_dir: PathBuf,
-    /// `--payloads`.
-    pub payloads: String,
-    /// `--perf`.
-    pub perf: String,
-    /// `--perf-freq`.
-    pub perf_freq_hz: u64,
-    /// Records per thread ring.
-    pub ring_records: usize,
-    /// `--snapshot-every` (`None`: `--no-snapshots`).
-    #[serde(default)]
-    pub snapshot_every: Option<u64>,
-    /// `--hash-kernels`.
-    #[serde(default)]
-    pub hash_kernels: bool,
-    /// `--ebpf` (empty, from a coordinator that predates it: none).
-    #[serde(default)]
-    pub ebpf: String,
-    /// A run id: record into a scratch directory of the node's own (named by it) instead of
-    /// `trace_dir`, for the coordinator to collect after the stage ends (hosts without a shared
-    /// file system).
-    #[serde(default)]
-    pub scratch_run: Option<String>,
+/// Where stage `stage` records on a node and with which recorder settings, from the
+/// [`RecordSettings`] the coordinator sent.
+trait NodeRecording {
+    /// `trace_dir`, or the stage's scratch directory when the run is collected.
+    fn stage_dir(&self, stage: usize) -> std::result::Result<PathBuf, String>;
+    /// The settings parsed, naming the one that does not parse.
+    fn recorder_settings(&self, stage: usize) -> std::result::Result<RecorderSettings, String>;
 }
 
-impl NodeSettings {
-    /// The observer settings value carrying these settings.
-    pub fn to_observer_settings(&self) -> serde_json::Value {
-        serde_json::json!({ NODE_SETTINGS_KEY: self })
-    }
-
-    /// Where stage `stage` records on this node: `trace_dir`, or its scratch directory.
+impl NodeRecording for RecordSettings {
     fn stage_dir(&self, stage: usize) -> std::result::Result<PathBuf, String> {
         let Some(run) = &self.scratch_run else {
             return Ok(self.trace_dir.clone());
@@ -153,7 +126,7 @@ impl NodeReport {
 }
 
 /// The factory `slug node` serves stages with: records a stage when the coordinator's
-/// configuration carries [`NodeSettings`], observes nothing otherwise. The stage's log closes
+/// configuration carries [`RecordSettings`], observes nothing otherwise. The stage's log closes
 /// when the runtime drops the stage's observers.
 #[derive(Debug, Default)]
 pub struct NodeRecorderFactory {
@@ -166,11 +139,11 @@ impl ObserverFactory for NodeRecorderFactory {
         &self,
         ctx: &StageContext<'_>,
     ) -> std::result::Result<StageObservers, TransportError> {
-        let Some(value) = ctx
+        let Some(node) = ctx
             .config
             .observer_settings
             .as_ref()
-            .and_then(|v| v.get(NODE_SETTINGS_KEY))
+            .and_then(|s| s.record.as_ref())
         else {
             return Ok(StageObservers::none());
         };
@@ -180,8 +153,6 @@ impl ObserverFactory for NodeRecorderFactory {
                 std::io::Error::other(e),
             )
         };
-        let node: NodeSettings = serde_json::from_value(value.clone())
-            .map_err(|e| fail(format!("bad recorder settings: {e}")))?;
         let settings = node.recorder_settings(ctx.stage).map_err(fail)?;
         if node.scratch_run.is_some() {
             // A scratch directory starts empty: a leftover of an earlier failed run with the
@@ -242,12 +213,7 @@ impl ObserverFactory for NodeRecorderFactory {
     }
 
     fn collected_files(&self, ctx: &StageContext<'_>) -> Option<PathBuf> {
-        let node: NodeSettings = ctx
-            .config
-            .observer_settings
-            .as_ref()
-            .and_then(|v| v.get(NODE_SETTINGS_KEY))
-            .and_then(|v| serde_json::from_value(v.clone()).ok())?;
+        let node = ctx.config.observer_settings.as_ref()?.record.as_ref()?;
         node.scratch_run.as_ref()?;
         node.stage_dir(ctx.stage).ok()
     }

@@ -10,7 +10,10 @@ use std::os::raw::{c_int, c_void};
 use std::time::{Duration, Instant};
 
 use mpi::ffi;
-use slug_transport::link::{ExternalRecv, ExternalSend, LINK_HEADER_LEN, LinkEnds};
+use slug_transport::link::{
+    Delivery, LinkEnds, RecvBackend, RegionMut, SendBackend, check_place, check_range,
+};
+use slug_transport::transfer::{TransferHeader, TransportKind};
 use slug_transport::{Result, TransportError};
 
 /// MPI counts are `int`: larger payloads travel as consecutive messages of at most this size.
@@ -189,17 +192,22 @@ impl Request {
     }
 }
 
-impl ExternalSend for MpiSend {
+impl SendBackend for MpiSend {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Mpi
+    }
+
     fn send(
         &mut self,
-        header: &[u8; LINK_HEADER_LEN],
-        payload: &[u8],
         ends: &LinkEnds,
-    ) -> Result<()> {
-        let head = Request::isend(header, self.dest, header_tag(self.link));
+        header: &TransferHeader,
+        payload: &[u8],
+    ) -> Result<Delivery> {
+        let header = header.encode();
+        let head = Request::isend(&header, self.dest, header_tag(self.link));
         let mut pieces = payload.chunks(PIECE);
-        // The header and the (first) payload message are in flight together.
-        // An empty payload is still one (empty) message: the receiver posts one.
+        // The header and the (first) payload message are in flight together. An empty
+        // payload is still one (empty) message: the receiver posts one.
         let first = pieces.next().unwrap_or(&[]);
         let sent = Request::isend(first, self.dest, payload_tag(self.link))
             .finish(ends, "sent (MPI payload)");
@@ -210,29 +218,43 @@ impl ExternalSend for MpiSend {
             Request::isend(piece, self.dest, payload_tag(self.link))
                 .finish(ends, "sent (MPI payload)")?;
         }
+        // From the sender's arena into the receiver's, through no buffer of ours.
+        Ok(Delivery::Direct)
+    }
+
+    fn flush(&mut self, _ends: &LinkEnds) -> Result<()> {
+        // `send` returns only once its calls completed.
         Ok(())
     }
 }
 
-impl ExternalRecv for MpiRecv {
-    fn recv_header(&mut self, ends: &LinkEnds) -> Result<[u8; LINK_HEADER_LEN]> {
-        let mut header = [0u8; LINK_HEADER_LEN];
-        Request::irecv(&mut header, self.source, header_tag(self.link))
-            .finish(ends, "received (MPI header)")?;
-        Ok(header)
+impl RecvBackend for MpiRecv {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Mpi
     }
 
-    fn recv_payload(&mut self, out: &mut [u8], ends: &LinkEnds) -> Result<()> {
+    fn recv(
+        &mut self,
+        ends: &LinkEnds,
+        dst: &mut RegionMut<'_>,
+    ) -> Result<(TransferHeader, Delivery)> {
+        let mut raw = [0u8; TransferHeader::LEN];
+        Request::irecv(&mut raw, self.source, header_tag(self.link))
+            .finish(ends, "received (MPI header)")?;
+        let header = TransferHeader::decode(&raw);
+        // The payload is received straight into its place, so check the place first.
+        check_place(ends, dst.arena, dst.bytes.len(), &header)?;
+        let range = check_range(dst.arena, dst.bytes.len(), header.dst_off, header.len)?;
+        let out = &mut dst.bytes[range];
         if out.is_empty() {
-            // A zero-length transfer is still one (empty) message.
-            return Request::irecv(out, self.source, payload_tag(self.link))
-                .finish(ends, "received (MPI payload)");
+            Request::irecv(out, self.source, payload_tag(self.link))
+                .finish(ends, "received (MPI payload)")?;
         }
         for piece in out.chunks_mut(PIECE) {
             Request::irecv(piece, self.source, payload_tag(self.link))
                 .finish(ends, "received (MPI payload)")?;
         }
-        Ok(())
+        Ok((header, Delivery::Direct))
     }
 }
 

@@ -8,7 +8,7 @@ use mpi::point_to_point::{Destination, Source};
 use mpi::topology::Communicator;
 use slug_transport::Result;
 use slug_transport::link::{LinkEnds, LinkReceiver, LinkSender, Region, RegionMut};
-use slug_transport::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
+use slug_transport::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag};
 
 use crate::MpiWorld;
 use crate::link::{MpiRecv, MpiSend};
@@ -99,19 +99,15 @@ pub fn link(
         timeout,
     };
     let (out_link, in_link) = (rank as u32, 1 - rank as u32);
-    let mut tx = LinkSender::over_external(
-        Box::new(MpiSend::new(1 - rank, out_link)),
+    let mut tx = LinkSender::new(
         ends(out_link),
-        TransportKind::Mpi,
+        Box::new(MpiSend::new(1 - rank, out_link)),
         observers.clone(),
-        None,
     );
-    let mut rx = LinkReceiver::over_external(
-        Box::new(MpiRecv::new(1 - rank, in_link)),
+    let mut rx = LinkReceiver::new(
         ends(in_link),
-        TransportKind::Mpi,
+        Box::new(MpiRecv::new(1 - rank, in_link)),
         observers.clone(),
-        None,
     );
     // One arena: the outgoing bytes in its first half, the incoming in its second.
     let mut arena = vec![(rank as u8).wrapping_add(1); 2 * bytes];

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use mpi::point_to_point::{Destination, Source};
 use mpi::topology::Communicator;
 use slug_transport::clock::{ClockOffset, ClockSample, monotonic_ns};
-use slug_transport::link::{LinkEnds, LinkReceiver, LinkSender};
+use slug_transport::link::{LinkEnds, LinkReceiver, LinkSender, StageLinks};
 use slug_transport::pipeline::{
-    ObserverFactory, PipelineConfig, RunReport, StageContext, StageLinks, StageReport, run_stage,
+    ObserverFactory, PipelineConfig, RunReport, StageContext, StageReport, run_stage,
 };
 use slug_transport::transfer::{EndpointId, LinkId, TransportKind};
 use slug_transport::{Result, TransportError};
@@ -86,19 +86,15 @@ pub fn run_rank_collecting(
         }
         let up = (s + n - 1) % n;
         Ok(StageLinks {
-            inbound: Some(LinkReceiver::over_external(
-                Box::new(MpiRecv::new(up, up as u32)),
+            inbound: Some(LinkReceiver::new(
                 link_ends(cfg, up),
-                TransportKind::Mpi,
+                Box::new(MpiRecv::new(up, up as u32)),
                 obs.clone(),
-                None,
             )),
-            outbound: Some(LinkSender::over_external(
-                Box::new(MpiSend::new((s + 1) % n, s as u32)),
+            outbound: Some(LinkSender::new(
                 link_ends(cfg, s),
-                TransportKind::Mpi,
+                Box::new(MpiSend::new((s + 1) % n, s as u32)),
                 obs.clone(),
-                None,
             )),
         })
     };

@@ -16,6 +16,7 @@ use crate::auth::{COORDINATOR, ClusterKey, Hello, Role, client_handshake};
 use crate::clock::ClockOffset;
 use crate::error::{Result, TransportError};
 use crate::fabric::{Fabric, FabricLayout};
+use crate::link::shm::FabricFile;
 use crate::transfer::TransportKind;
 use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable, shown};
 
@@ -259,39 +260,6 @@ pub fn launch_local_nodes(
     Ok(nodes)
 }
 
-/// A fabric file for one shm run, removed when dropped.
-struct FabricFile {
-    fabric: Arc<Fabric>,
-    path: PathBuf,
-}
-
-impl FabricFile {
-    fn create(cfg: &PipelineConfig) -> Result<Self> {
-        let dir = Path::new("/dev/shm");
-        let dir = if dir.is_dir() {
-            dir.to_path_buf()
-        } else {
-            std::env::temp_dir()
-        };
-        let path = dir.join(format!(
-            "slug-fabric-{}-{}",
-            std::process::id(),
-            crate::clock::monotonic_ns()
-        ));
-        let fabric = Arc::new(Fabric::create(
-            &path,
-            FabricLayout::new(&cfg.ring_specs())?,
-        )?);
-        Ok(Self { fabric, path })
-    }
-}
-
-impl Drop for FabricFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 fn failed(stage: usize, host: &str, step: &str, detail: impl Into<String>) -> TransportError {
     TransportError::StageFailed {
         stage,
@@ -329,19 +297,18 @@ pub fn run_on_nodes_collecting(
     }
     let timeout = cfg.timeout();
     let fabric = match cfg.transport {
-        TransportKind::Shm => Some(FabricFile::create(cfg)?),
+        TransportKind::Shm => Some(FabricFile::create(FabricLayout::new(&cfg.ring_specs())?)?),
         _ => None,
     };
     let (conns, clocks) = connect_nodes(addrs, key, timeout)?;
     let mut session = Session {
         conns,
-        fabric: fabric.as_ref().map(|f| f.fabric.clone()),
+        fabric: fabric.as_ref().map(|f| f.fabric().clone()),
     };
-    let data_addrs = session.assign(cfg, addrs, fabric.as_ref().map(|f| f.path.clone()))?;
+    let data_addrs = session.assign(cfg, addrs, fabric.as_ref().map(|f| f.path().to_owned()))?;
     if let Some(f) = &fabric {
-        // Every node has mapped the fabric: unlink it now so that nothing is left in /dev/shm
-        // even if this process is killed.
-        let _ = std::fs::remove_file(&f.path);
+        // Every node has mapped the fabric.
+        f.unlink();
     }
     session.start(addrs, &data_addrs, timeout)?;
     let start = Instant::now();

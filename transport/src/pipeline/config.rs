@@ -13,6 +13,7 @@ use crate::fabric::RingSpec;
 use crate::transfer::TransportKind;
 
 use super::launch::NodeLauncher;
+use super::settings::ObserverSettings;
 
 /// Everything a pipeline run needs; serialisable because the coordinator sends it to nodes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,8 +41,9 @@ pub struct PipelineConfig {
     /// Put the hash of these kernel outputs into the report (a `--hosts` replay checks them).
     #[serde(default)]
     pub kernel_digests: KernelDigests,
-    /// Opaque settings for the node-side [`super::ObserverFactory`] (e.g. where to record).
-    pub observer_settings: Option<serde_json::Value>,
+    /// What the node-side [`super::ObserverFactory`] does besides running the stage (record
+    /// it, restore it from a trace); `None` (written `null` in a trace's manifest): nothing.
+    pub observer_settings: Option<ObserverSettings>,
     /// How `shm` / `tcp` runs without hosts start their nodes.
     #[serde(default)]
     pub launch: Launch,

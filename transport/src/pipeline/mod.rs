@@ -12,7 +12,7 @@
 //!
 //! Observers: for `local` the [`ObserverFactory`] given to [`run`] builds each stage's hooks in
 //! this process; for the process transports each node builds them with the factory given to
-//! [`node::serve`] (the config's `observer_settings` travels to the nodes for that).
+//! [`node::serve`] (the config's typed [`ObserverSettings`] travel to the nodes for that).
 
 mod cluster;
 mod config;
@@ -20,6 +20,7 @@ mod launch;
 pub mod node;
 mod observe;
 mod report;
+mod settings;
 mod stage;
 mod state;
 
@@ -31,6 +32,7 @@ use slug_kernels::LayerPlan;
 use crate::auth::ClusterKey;
 use crate::error::{Result, TransportError};
 use crate::fabric::{Fabric, FabricLayout};
+use crate::link::{StageLinks, ring};
 use crate::transfer::TransportKind;
 use crate::wire::AbortFlag;
 
@@ -44,11 +46,12 @@ pub use launch::{NodeCommand, NodeLauncher};
 pub use node::list_recorded_files;
 pub use observe::{NoObservers, ObserverFactory, StageContext, StageObservers};
 pub use report::{HexHash, KernelDigest, RunReport, StageReport, TransferDigest};
+pub use settings::{ObserverSettings, RecordSettings, ReplaySettings};
 pub use stage::STAGE_ARENA;
 pub use state::{ScheduleSlot, StageState, StageStateObserver, restore_stage, schedule_slot};
 
 use observe::{Observed, stage_observers};
-use stage::{StageIo, build_stage, drive_stage};
+use stage::{build_stage, drive_stage, link_ends};
 
 /// Runs the pipeline described by `cfg` and returns its tokens, timings, clock offsets and
 /// per-link counters. Fails within bounded time, naming stage, host and step, when a stage or
@@ -86,15 +89,6 @@ pub fn run(cfg: &PipelineConfig, observers: &dyn ObserverFactory) -> Result<RunR
     }
 }
 
-/// The two link ends of a stage that a launcher outside this crate connected (an MPI rank).
-#[derive(Debug, Default)]
-pub struct StageLinks {
-    /// From the upstream stage (none in a one-stage pipeline).
-    pub inbound: Option<crate::link::LinkReceiver>,
-    /// To the downstream stage (none in a one-stage pipeline).
-    pub outbound: Option<crate::link::LinkSender>,
-}
-
 /// Runs stage `s` of `cfg` on this thread, on `host`, over the links `connect` makes from the
 /// stage's transfer observers: how a launcher outside this crate runs a stage (each MPI rank
 /// runs its own this way). `ready` is called once the stage is built, just before its first
@@ -122,11 +116,7 @@ pub fn run_stage(
         config: cfg,
     };
     let (obs, digests) = stage_observers(factory, &ctx).map_err(startup)?;
-    let links = connect(&obs.transfers).map_err(startup)?;
-    let io = StageIo {
-        inbound: links.inbound,
-        outbound: links.outbound,
-    };
+    let io = connect(&obs.transfers).map_err(startup)?;
     let pool = slug_kernels::ThreadPool::new(cfg.threads).map_err(|e| startup(e.into()))?;
     let stage = build_stage(cfg, &plan, &pool, factory, &ctx).map_err(startup)?;
     let state = factory.state_observer(&ctx).map_err(startup)?;
@@ -275,6 +265,24 @@ fn run_local(cfg: &PipelineConfig, factory: &dyn ObserverFactory) -> Result<RunR
     Ok(RunReport::assemble(cfg, reports, wall))
 }
 
+/// Stage `s`'s ends of the heap fabric's rings (none for a one-stage pipeline).
+fn local_links(
+    cfg: &PipelineConfig,
+    s: usize,
+    fabric: &Arc<Fabric>,
+    observers: &crate::transfer::Observers,
+) -> Result<StageLinks> {
+    let n = cfg.stages;
+    if n < 2 {
+        return Ok(StageLinks::default());
+    }
+    let (inbound, outbound) = (
+        link_ends(n, (s + n - 1) % n, cfg.timeout()),
+        link_ends(n, s, cfg.timeout()),
+    );
+    ring::stage_links(fabric, inbound, outbound, TransportKind::Local, observers)
+}
+
 fn local_stage(
     cfg: &PipelineConfig,
     plan: &LayerPlan,
@@ -291,7 +299,7 @@ fn local_stage(
             config: cfg,
         };
         let (obs, digests) = stage_observers(factory, &ctx)?;
-        let io = StageIo::over_fabric(cfg, s, fabric, TransportKind::Local, &obs.transfers)?;
+        let io = local_links(cfg, s, fabric, &obs.transfers)?;
         let pool = slug_kernels::ThreadPool::new(cfg.threads)?;
         let stage = build_stage(cfg, plan, &pool, factory, &ctx)?;
         let state = factory.state_observer(&ctx)?;

@@ -13,12 +13,11 @@ use std::time::Duration;
 use super::cluster::{Cause, FILE_PIECE, HEARTBEAT, RecordedFile, ToCoordinator, ToNode};
 use super::config::PipelineConfig;
 use super::observe::{Observed, ObserverFactory, StageContext, stage_observers};
-use super::stage::{StageIo, build_stage, drive_stage, link_ends};
+use super::stage::{build_stage, drive_stage, link_ends};
 use crate::auth::{ClusterKey, Role, server_handshake};
 use crate::error::{Result, TransportError};
-use crate::fabric::{Fabric, FabricLayout};
-use crate::link::{LinkReceiver, LinkSender};
-use crate::transfer::TransportKind;
+use crate::link::select::prepare_node_links;
+use crate::link::{NodeLinkPlan, StageLinks};
 use crate::wire::{AbortFlag, Conn, kind, printable, shown};
 
 pub use super::cluster::LISTENING_PREFIX;
@@ -315,37 +314,27 @@ fn run_assigned(
     let (obs, digests) = stage_observers(factory, &ctx).map_err(startup)?;
     let transfers = obs.transfers;
     let state = factory.state_observer(&ctx).map_err(startup)?;
-    let fabric = match (cfg.transport, fabric_path) {
-        (TransportKind::Shm, Some(path)) => Some(Arc::new(
-            Fabric::open(
-                &path,
-                FabricLayout::new(&cfg.ring_specs()).map_err(startup)?,
-            )
+    // Links only join stages: a one-stage pipeline has none to prepare.
+    let links = if cfg.stages > 1 {
+        let n = cfg.stages;
+        Some(
+            prepare_node_links(NodeLinkPlan {
+                kind: cfg.transport,
+                inbound: link_ends(n, (s + n - 1) % n, cfg.timeout()),
+                outbound: link_ends(n, s, cfg.timeout()),
+                ring_specs: cfg.ring_specs(),
+                fabric: fabric_path,
+                host: host.to_string(),
+                key: link_key.clone(),
+                integrity: cfg.link_integrity,
+            })
             .map_err(startup)?,
-        )),
-        (TransportKind::Shm, None) => {
-            return Err(startup(TransportError::Config(
-                "shm run without a fabric file".into(),
-            )));
-        }
-        _ => None,
-    };
-    let listener = if cfg.transport == TransportKind::Tcp && cfg.stages > 1 {
-        Some(TcpListener::bind((host, 0)).map_err(|e| {
-            startup(TransportError::io(
-                format!("listen for data links on {host}"),
-                e,
-            ))
-        })?)
+        )
     } else {
         None
     };
-    let data_addr = match &listener {
-        Some(l) => Some(
-            l.local_addr()
-                .map_err(|e| startup(TransportError::io("read data listener address", e)))?
-                .to_string(),
-        ),
+    let data_addr = match &links {
+        Some(l) => l.address().map_err(startup)?,
         None => None,
     };
     let timeout = cfg.timeout();
@@ -371,7 +360,7 @@ fn run_assigned(
         // Control reader: an abort message or a lost coordinator stops this stage at once.
         let mut reader = conn.try_clone().map_err(startup)?;
         reader.abort = stop.clone();
-        let (abort2, fabric2, stop2) = (abort.clone(), fabric.clone(), stop.clone());
+        let (abort2, links2, stop2) = (abort.clone(), links.as_deref(), stop.clone());
         let no_thread =
             |e: std::io::Error| startup(TransportError::io("start a control thread", e));
         std::thread::Builder::new()
@@ -382,8 +371,8 @@ fn run_assigned(
                         Ok(ToNode::Abort { .. }) | Err(_) => {
                             if !stop2.raised() {
                                 abort2.raise();
-                                if let Some(f) = &fabric2 {
-                                    f.abort();
+                                if let Some(l) = links2 {
+                                    l.abort();
                                 }
                             }
                             return;
@@ -414,18 +403,11 @@ fn run_assigned(
             return Err(no_thread(e));
         }
         let result = (|| {
-            let io = match (&fabric, &listener) {
-                (Some(f), _) => StageIo::over_fabric(cfg, s, f, TransportKind::Shm, &transfers)
+            let io = match &links {
+                Some(l) => l
+                    .connect(next.as_deref(), &transfers, abort, log)
                     .map_err(startup)?,
-                (None, Some(l)) => {
-                    let next = next.as_deref().ok_or_else(|| {
-                        startup(TransportError::Config(
-                            "no address for the next stage".into(),
-                        ))
-                    })?;
-                    tcp_io(cfg, s, l, next, link_key, &transfers, abort, log).map_err(startup)?
-                }
-                (None, None) => StageIo::default(),
+                None => StageLinks::default(),
             };
             let observed = Observed {
                 hooks: obs.hooks,
@@ -578,59 +560,4 @@ fn send(writer: &Arc<Mutex<Conn>>, msg: &ToCoordinator, timeout: Duration) -> Re
         reason: "control writer poisoned by a panicked thread".into(),
     })?;
     w.send_json(msg, timeout)
-}
-
-/// Accepts the inbound link from the upstream stage while connecting the outbound link to the
-/// downstream one (both at once: every node does the same, so doing them in turn would deadlock).
-#[allow(clippy::too_many_arguments)]
-fn tcp_io(
-    cfg: &PipelineConfig,
-    s: usize,
-    listener: &TcpListener,
-    next: &str,
-    key: &ClusterKey,
-    observers: &crate::transfer::Observers,
-    abort: &AbortFlag,
-    log: &(dyn Fn(&str) + Sync),
-) -> Result<StageIo> {
-    let n = cfg.stages;
-    let up = (s + n - 1) % n;
-    let inbound_ends = link_ends(n, up, cfg.timeout());
-    let outbound_ends = link_ends(n, s, cfg.timeout());
-    std::thread::scope(|scope| {
-        let inbound = std::thread::Builder::new()
-            .name("slug-link-accept".into())
-            .spawn_scoped(scope, || {
-                LinkReceiver::accept_tcp(
-                    listener,
-                    key,
-                    cfg.link_integrity,
-                    inbound_ends,
-                    observers.clone(),
-                    abort,
-                    &|e| log(&format!("refused a data-link caller: {e}")),
-                )
-            })
-            .map_err(|e| TransportError::io("start the data-link acceptor", e))?;
-        let outbound = LinkSender::connect_tcp(
-            next,
-            key,
-            cfg.link_integrity,
-            outbound_ends,
-            observers.clone(),
-            abort,
-        );
-        if outbound.is_err() {
-            abort.raise();
-        }
-        let inbound = inbound.join().unwrap_or_else(|_| {
-            Err(TransportError::Aborted {
-                reason: "data-link acceptor panicked".into(),
-            })
-        });
-        Ok(StageIo {
-            inbound: Some(inbound?),
-            outbound: Some(outbound?),
-        })
-    })
 }

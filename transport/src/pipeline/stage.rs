@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 use slug_kernels::{LayerPlan, Stage, StageLayout, ThreadPool};
 
 use crate::error::{Result, TransportError};
-use crate::fabric::Fabric;
-use crate::link::{LinkEnds, LinkReceiver, LinkSender, LinkStats, Region, RegionMut};
-use crate::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
+use crate::link::{LinkEnds, LinkReceiver, LinkSender, LinkStats, Region, RegionMut, StageLinks};
+use crate::transfer::{ArenaId, EndpointId, LinkId, Tag};
 
 use super::config::PipelineConfig;
 use super::observe::{DigestObserver, Observed, ObserverFactory, StageContext};
@@ -27,46 +26,6 @@ pub(crate) fn link_ends(stages: usize, link: usize, timeout: Duration) -> LinkEn
         src: EndpointId(link as u32),
         dst: EndpointId(((link + 1) % stages) as u32),
         timeout,
-    }
-}
-
-/// The two link ends a stage uses: from its upstream stage, to its downstream stage.
-#[derive(Debug, Default)]
-pub(crate) struct StageIo {
-    pub inbound: Option<LinkReceiver>,
-    pub outbound: Option<LinkSender>,
-}
-
-impl StageIo {
-    /// Stage `s`'s ends of the fabric rings (none for a one-stage pipeline).
-    pub fn over_fabric(
-        cfg: &PipelineConfig,
-        s: usize,
-        fabric: &Arc<Fabric>,
-        kind: TransportKind,
-        observers: &Observers,
-    ) -> Result<Self> {
-        let n = cfg.stages;
-        if n < 2 {
-            return Ok(Self::default());
-        }
-        let up = (s + n - 1) % n;
-        Ok(Self {
-            inbound: Some(LinkReceiver::over_fabric(
-                fabric.clone(),
-                up,
-                link_ends(n, up, cfg.timeout()),
-                kind,
-                observers.clone(),
-            )?),
-            outbound: Some(LinkSender::over_fabric(
-                fabric.clone(),
-                s,
-                link_ends(n, s, cfg.timeout()),
-                kind,
-                observers.clone(),
-            )?),
-        })
     }
 }
 
@@ -124,7 +83,7 @@ pub(crate) fn drive_stage(
     s: usize,
     pool: &ThreadPool,
     mut stage: Stage,
-    mut io: StageIo,
+    mut io: StageLinks,
     observed: Observed,
     progress: &dyn Fn(u32, u32),
 ) -> std::result::Result<StageOutcome, (String, TransportError)> {
@@ -278,7 +237,7 @@ pub(crate) fn drive_stage(
 fn take_input(
     cfg: &PipelineConfig,
     stage: &mut Stage,
-    io: &mut StageIo,
+    io: &mut StageLinks,
     s: usize,
     seq: usize,
     step: usize,

@@ -1,0 +1,245 @@
+//! The fabric-ring backend of `local` and `shm` links: one single-producer single-consumer slot
+//! ring per link in a [`Fabric`], on the heap (`local`, stages are threads) or in a
+//! memory-mapped file (`shm`, stages are processes).
+//!
+//! A receiver that is already waiting posts its arena in the ring header and the sender copies
+//! straight into it (one copy: `memcpy` between threads, `process_vm_writev` between processes);
+//! otherwise, or where the kernel refuses cross-process copies, the bytes queue in slots (two
+//! copies) in pieces of at most one slot.
+
+use std::sync::Arc;
+
+use super::{
+    Delivery, LinkEnds, LinkReceiver, LinkSender, RecvBackend, RegionMut, SendBackend, StageLinks,
+    check_place, check_range,
+};
+use crate::error::{Result, TransportError};
+use crate::fabric::{Fabric, WaitFailure};
+use crate::transfer::{Observers, TransferHeader, TransportKind};
+
+/// The sending end of one fabric ring.
+#[derive(Debug)]
+pub struct RingSend {
+    fabric: Arc<Fabric>,
+    ring: usize,
+    kind: TransportKind,
+    /// Whether to try direct placement into a waiting receiver's arena (turned off for good
+    /// where the kernel refuses cross-process copies).
+    direct: bool,
+}
+
+/// The receiving end of one fabric ring.
+#[derive(Debug)]
+pub struct RingRecv {
+    fabric: Arc<Fabric>,
+    ring: usize,
+    kind: TransportKind,
+}
+
+fn check_ring(fabric: &Fabric, ring: usize) -> Result<()> {
+    if ring >= fabric.layout().rings() {
+        return Err(TransportError::Config(format!(
+            "ring {ring} does not exist; the fabric has {}",
+            fabric.layout().rings()
+        )));
+    }
+    Ok(())
+}
+
+fn wait_error(ends: &LinkEnds, failure: WaitFailure, what: &'static str) -> TransportError {
+    match failure {
+        WaitFailure::Aborted => TransportError::Aborted {
+            reason: format!("run aborted while link {} waited for {what}", ends.name()),
+        },
+        WaitFailure::TimedOut(waited) => TransportError::Timeout {
+            link: ends.name(),
+            what,
+            waited_ms: waited.as_millis() as u64,
+        },
+    }
+}
+
+impl RingSend {
+    /// The sending end of ring `ring` of `fabric`; `kind` is `Local` for a heap fabric, `Shm`
+    /// for a mapped one.
+    pub fn new(fabric: Arc<Fabric>, ring: usize, kind: TransportKind) -> Result<Self> {
+        check_ring(&fabric, ring)?;
+        Ok(Self {
+            fabric,
+            ring,
+            kind,
+            direct: true,
+        })
+    }
+}
+
+impl RingRecv {
+    /// The receiving end of ring `ring` of `fabric`.
+    pub fn new(fabric: Arc<Fabric>, ring: usize, kind: TransportKind) -> Result<Self> {
+        check_ring(&fabric, ring)?;
+        Ok(Self { fabric, ring, kind })
+    }
+}
+
+impl SendBackend for RingSend {
+    fn kind(&self) -> TransportKind {
+        self.kind
+    }
+
+    fn send(
+        &mut self,
+        ends: &LinkEnds,
+        header: &TransferHeader,
+        payload: &[u8],
+    ) -> Result<Delivery> {
+        let ring = self.fabric.ring(self.ring);
+        let cap = ring.capacity();
+        let len = header.len;
+        // A receiver already waiting takes the bytes straight into its arena; otherwise they
+        // queue in slots, in pieces of at most one slot.
+        if ring.try_direct(header, payload, &mut self.direct) {
+            return Ok(Delivery::Direct);
+        }
+        for chunk in 0..len.div_ceil(cap).max(1) {
+            let (a, b) = (
+                (chunk * cap) as usize,
+                ((chunk + 1) * cap).min(len) as usize,
+            );
+            ring.send(ends.timeout, |slot| {
+                slot[..b - a].copy_from_slice(&payload[a..b]);
+                TransferHeader {
+                    chunk: chunk as u32,
+                    ..*header
+                }
+            })
+            .map_err(|f| wait_error(ends, f, "a free slot"))?;
+        }
+        Ok(Delivery::Staged)
+    }
+
+    /// Nothing to wait for: a send returns once its last piece is in the ring, where the
+    /// receiver takes it.
+    fn flush(&mut self, _ends: &LinkEnds) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl RecvBackend for RingRecv {
+    fn kind(&self) -> TransportKind {
+        self.kind
+    }
+
+    fn recv(
+        &mut self,
+        ends: &LinkEnds,
+        dst: &mut RegionMut<'_>,
+    ) -> Result<(TransferHeader, Delivery)> {
+        let arena = dst.arena;
+        let bytes = &mut *dst.bytes;
+        let ring = self.fabric.ring(self.ring);
+        let cap = ring.capacity();
+        let posted = ring
+            .post_and_wait(ends.timeout, arena.0, bytes)
+            .map_err(|f| wait_error(ends, f, "received"))?;
+        if let Some(h) = posted {
+            // The sender checked the range against the post; check the header too.
+            check_place(ends, arena, bytes.len(), &h)?;
+            return Ok((h, Delivery::Direct));
+        }
+        let first = ring
+            .recv(ends.timeout, |h, piece| -> Result<TransferHeader> {
+                check_place(ends, arena, bytes.len(), h)?;
+                let r = check_range(arena, bytes.len(), h.dst_off, h.len)?;
+                piece_in_order(ends, h, h, 0)?;
+                bytes[r.start..r.start + piece.len()].copy_from_slice(piece);
+                Ok(*h)
+            })
+            .map_err(|f| wait_error(ends, f, "received"))??;
+        for chunk in 1..first.len.div_ceil(cap).max(1) {
+            ring.recv(ends.timeout, |h, piece| -> Result<()> {
+                piece_in_order(ends, h, &first, chunk)?;
+                let at = (first.dst_off + chunk * cap) as usize;
+                bytes[at..at + piece.len()].copy_from_slice(piece);
+                Ok(())
+            })
+            .map_err(|f| wait_error(ends, f, "received"))??;
+        }
+        Ok((first, Delivery::Staged))
+    }
+}
+
+/// Checks that a ring slot holds piece `chunk` of transfer `seq`, as the protocol promises.
+fn piece_in_order(
+    ends: &LinkEnds,
+    h: &TransferHeader,
+    first: &TransferHeader,
+    chunk: u64,
+) -> Result<()> {
+    // The piece's length derives from its header, so every piece must repeat the first's length.
+    if h.seq == first.seq && h.len == first.len && u64::from(h.chunk) == chunk {
+        return Ok(());
+    }
+    Err(TransportError::Protocol {
+        peer: ends.name(),
+        detail: format!(
+            "slot holds piece {} of transfer {} ({} bytes) where piece {chunk} of transfer {} \
+             ({} bytes) was due",
+            h.chunk, h.seq, h.len, first.seq, first.len
+        ),
+    })
+}
+
+impl LinkSender {
+    /// The sending end of ring `ring` of `fabric` (`local` when the fabric is on the heap, `shm` when mapped).
+    pub fn over_fabric(
+        fabric: Arc<Fabric>,
+        ring: usize,
+        ends: LinkEnds,
+        kind: TransportKind,
+        observers: Observers,
+    ) -> Result<Self> {
+        let backend = RingSend::new(fabric, ring, kind)?;
+        Ok(Self::new(ends, Box::new(backend), observers))
+    }
+}
+
+impl LinkReceiver {
+    /// The receiving end of ring `ring` of `fabric`.
+    pub fn over_fabric(
+        fabric: Arc<Fabric>,
+        ring: usize,
+        ends: LinkEnds,
+        kind: TransportKind,
+        observers: Observers,
+    ) -> Result<Self> {
+        let backend = RingRecv::new(fabric, ring, kind)?;
+        Ok(Self::new(ends, Box::new(backend), observers))
+    }
+}
+
+/// A stage's two ends of the rings of `fabric`: the ring of link `inbound.id` to receive, the
+/// ring of link `outbound.id` to send.
+pub fn stage_links(
+    fabric: &Arc<Fabric>,
+    inbound: LinkEnds,
+    outbound: LinkEnds,
+    kind: TransportKind,
+    observers: &Observers,
+) -> Result<StageLinks> {
+    Ok(StageLinks {
+        inbound: Some(LinkReceiver::over_fabric(
+            fabric.clone(),
+            inbound.id.0 as usize,
+            inbound,
+            kind,
+            observers.clone(),
+        )?),
+        outbound: Some(LinkSender::over_fabric(
+            fabric.clone(),
+            outbound.id.0 as usize,
+            outbound,
+            kind,
+            observers.clone(),
+        )?),
+    })
+}
