@@ -287,7 +287,7 @@ fn synthetic_tour(dir: PathBuf, events: u64) -> Result<ExitCode> {
     {
         let log = trace.endpoint_log(ep.id)?;
         if let Some(span) = log.time_span() {
-            let mid = span.start_ns + (span.end_ns - span.start_ns) / 2;
+            let mid = span.start_ns + span.len() / 2;
             let window = TimeRange::new(mid, mid + 1_000_000);
             let kinds = KindSet::of(&[EventKind::Transfer]);
             let t = Instant::now();
@@ -297,13 +297,13 @@ fn synthetic_tour(dir: PathBuf, events: u64) -> Result<ExitCode> {
             let touched = log
                 .index()
                 .iter()
-                .filter(|f| f.count(EventKind::Transfer) > 0 && window.overlaps(f.t_min, f.t_max))
+                .filter(|f| f.count(EventKind::Transfer) > 0 && window.touches(f.t_min, f.t_max))
                 .count();
             println!(
                 "  seek      endpoint {}: {} transfers in the middle 1 ms of {}, from {touched} of {} frames, in {}",
                 ep.id,
                 found.len(),
-                duration(span.end_ns - span.start_ns),
+                duration(span.len()),
                 log.index().len(),
                 duration(t.elapsed().as_nanos() as u64)
             );

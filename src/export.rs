@@ -18,8 +18,18 @@ pub enum ExportFormat {
     Chrome,
 }
 
+fn examples() -> String {
+    format!(
+        "Examples:\n  slug export run1 --format perfetto --out run1.perfetto-trace   # ui.perfetto.dev\n  \
+         slug export run1 --format chrome --out run1.json.gz\n\n\
+         Each event's category is its kind's name: {}.",
+        crate::info::kind_names()
+    )
+}
+
 /// Arguments of `slug export`.
 #[derive(Debug, Args)]
+#[command(after_help = examples())]
 pub struct ExportArgs {
     /// Trace directory.
     pub trace: PathBuf,

@@ -10,8 +10,24 @@ use slug_schema::{
     EndpointSummary, EventKind, FooterState, LogReader, LogSummary, Recovery, Trace, TraceSummary,
 };
 
+/// Every event kind's one name, as `slug info`, the viewer's `/kind:` filter and the exports'
+/// categories use it, comma-separated.
+pub fn kind_names() -> String {
+    EventKind::ALL.map(EventKind::name).join(", ")
+}
+
+fn examples() -> String {
+    format!(
+        "Examples:\n  slug info run1\n  slug info run1 --json | jq .counts\n  \
+         slug info run1/endpoints/1.slog      # one endpoint log\n\n\
+         Events per kind are counted under these names: {}.",
+        kind_names()
+    )
+}
+
 /// Arguments of `slug info`.
 #[derive(Debug, Args)]
+#[command(after_help = examples())]
 pub struct InfoArgs {
     /// Trace directory (written by `slug record` or `slug demo`), or one endpoint log (`.slog`).
     pub trace: PathBuf,
@@ -66,9 +82,7 @@ fn emit(text: &str) -> Result<()> {
 /// The human-readable summary: a header block, then endpoint, kind and capability tables.
 pub fn render(s: &TraceSummary) -> String {
     let mut out = String::new();
-    let span = s.time_span.map_or("-".to_owned(), |r| {
-        duration(r.end_ns.saturating_sub(r.start_ns))
-    });
+    let span = s.time_span.map_or("-".to_owned(), |r| duration(r.len()));
     let kind = if s.synthetic { ", synthetic" } else { "" };
     let _ = writeln!(
         out,
@@ -91,14 +105,7 @@ pub fn render(s: &TraceSummary) -> String {
         thousands(s.events),
         thousands(frames)
     );
-    let _ = writeln!(
-        out,
-        "on disk     {}  ({} B/event; raw 128-byte records: {}, {} smaller)",
-        bytes(s.bytes),
-        per_event(s.bytes, s.events),
-        bytes(s.raw_bytes),
-        ratio(s.raw_bytes, s.bytes)
-    );
+    on_disk(&mut out, s.bytes, s.raw_bytes, s.events);
     let _ = writeln!(
         out,
         "losses      {} event{} recorded lost, {} corrupt frame{} skipped, {} lost to truncation",
@@ -119,9 +126,7 @@ pub fn render(s: &TraceSummary) -> String {
             e.node.clone(),
             e.stage.to_string(),
             thousands(e.events),
-            e.time_span.map_or("-".to_owned(), |r| {
-                duration(r.end_ns.saturating_sub(r.start_ns))
-            }),
+            e.time_span.map_or("-".to_owned(), |r| duration(r.len())),
             bytes(e.bytes),
             per_event(e.bytes, e.events),
             thousands(e.frames),
@@ -154,12 +159,22 @@ pub fn render(s: &TraceSummary) -> String {
     out
 }
 
+/// The `on disk` line: bytes, bytes per event, and the size the same events take as raw records.
+fn on_disk(out: &mut String, on_disk: u64, raw_bytes: u64, events: u64) {
+    let _ = writeln!(
+        out,
+        "on disk     {}  ({} B/event; raw 128-byte records: {}, {} smaller)",
+        bytes(on_disk),
+        per_event(on_disk, events),
+        bytes(raw_bytes),
+        ratio(raw_bytes, on_disk)
+    );
+}
+
 /// The human-readable summary of a single endpoint log.
 fn render_log(s: &LogSummary) -> String {
     let mut out = String::new();
-    let span = s.time_span.map_or("-".to_owned(), |r| {
-        duration(r.end_ns.saturating_sub(r.start_ns))
-    });
+    let span = s.time_span.map_or("-".to_owned(), |r| duration(r.len()));
     let _ = writeln!(out, "log         {}", s.path.display());
     let _ = writeln!(
         out,
@@ -175,14 +190,7 @@ fn render_log(s: &LogSummary) -> String {
         thousands(s.frames),
         thousands(s.strings)
     );
-    let _ = writeln!(
-        out,
-        "on disk     {}  ({} B/event; raw 128-byte records: {}, {} smaller)",
-        bytes(s.bytes),
-        per_event(s.bytes, s.events),
-        bytes(s.raw_bytes),
-        ratio(s.raw_bytes, s.bytes)
-    );
+    on_disk(&mut out, s.bytes, s.raw_bytes, s.events);
     let _ = writeln!(
         out,
         "lost        {} events recorded lost",

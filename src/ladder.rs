@@ -18,6 +18,7 @@ use slug_schema::{Direction, Event, EventKind, KindSet, TimeRange, Trace};
 use slug_transport::AbortFlag;
 use slug_transport::auth::ClusterKey;
 use slug_transport::fabric::{Fabric, FabricLayout, RingSpec};
+use slug_transport::link::ring::{RingRecv, RingSend};
 use slug_transport::link::{LinkEnds, LinkIntegrity, LinkReceiver, LinkSender, Region, RegionMut};
 use slug_transport::pipeline::{self, NoObservers, PipelineConfig, RunReport};
 use slug_transport::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
@@ -528,14 +529,16 @@ fn shm_link(size: usize, n: u64) -> Result<Duration> {
     let kind = TransportKind::Shm;
     let side = |tx: &Arc<Fabric>, out: u32, rx: &Arc<Fabric>| -> Result<LinkSide> {
         Ok((
-            LinkSender::over_fabric(tx.clone(), out as usize, ends(out), kind, Observers::none())?,
-            LinkReceiver::over_fabric(
-                rx.clone(),
-                1 - out as usize,
-                ends(1 - out),
-                kind,
+            LinkSender::new(
+                ends(out),
+                Box::new(RingSend::new(tx.clone(), out as usize, kind)?),
                 Observers::none(),
-            )?,
+            ),
+            LinkReceiver::new(
+                ends(1 - out),
+                Box::new(RingRecv::new(rx.clone(), 1 - out as usize, kind)?),
+                Observers::none(),
+            ),
             vec![0u8; 2 * size],
         ))
     };

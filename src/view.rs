@@ -11,8 +11,19 @@ use slug_viewer::state::app::App;
 use slug_viewer::state::divergence::Divergence;
 use slug_viewer::state::timeline::Timeline;
 
+fn examples() -> String {
+    format!(
+        "Examples:\n  slug view run1\n  \
+         slug view run1 --divergence div.json   # a report from `slug replay run1 --report div.json`\n\n\
+         In the viewer `?` lists the keys, and `/` filters with kind:NAME kernel:TEXT ep:TEXT or\n\
+         plain words, e.g. `/kind:kernel_span kernel:gemm ep:s1`. Kinds: {}.",
+        crate::info::kind_names()
+    )
+}
+
 /// Arguments of `slug view`.
 #[derive(Debug, Args)]
+#[command(after_help = examples())]
 pub struct ViewArgs {
     /// Trace directory (written by `slug record` or `slug demo`).
     pub trace: PathBuf,

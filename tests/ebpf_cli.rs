@@ -98,7 +98,7 @@ fn as_root_the_probes_record_off_cpu_intervals_apart_from_perf_records() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["cat"] == "off_cpu")
+        .filter(|e| e["cat"] == "ebpf,off-cpu")
         .count();
     assert!(off_cpu > 0, "the export has no off-CPU slices");
 }
@@ -185,7 +185,7 @@ fn as_root_a_recording_holds_syscall_histograms_per_step() {
         let kinds = KindSet::of(&[EventKind::StepBoundary, EventKind::Ebpf]);
         let mut steps = std::collections::BTreeSet::new();
         let mut histogram_steps = std::collections::BTreeSet::new();
-        for e in log.events_in(TimeRange::new(0, u64::MAX), kinds) {
+        for e in log.events_in(TimeRange::ALL, kinds) {
             match e.unwrap() {
                 Event::StepBoundary(b) => {
                     steps.insert(b.step);

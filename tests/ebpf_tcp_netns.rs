@@ -175,7 +175,7 @@ fn dropped_segments_on_a_tcp_pipeline_are_seen_as_retransmits_on_its_sockets() {
     for endpoint in 0..2 {
         let log = trace.endpoint_log(endpoint).unwrap();
         let kinds = KindSet::of(&[EventKind::Ebpf]);
-        for e in log.events_in(TimeRange::new(0, u64::MAX), kinds) {
+        for e in log.events_in(TimeRange::ALL, kinds) {
             let Event::Ebpf(b) = e.unwrap() else {
                 continue;
             };

@@ -113,14 +113,14 @@ fn perfetto_export_has_a_track_per_endpoint_kernel_slices_and_paired_flows() {
         endpoint_tracks,
         kernels.keys().cloned().collect::<BTreeSet<_>>()
     );
-    // Kernel slices sit on worker thread tracks named after their endpoint; the other slices are
-    // off-CPU intervals on eBPF thread tracks.
+    // Kernel slices sit on each endpoint's kernels track; the other slices are off-CPU
+    // intervals on eBPF thread tracks.
     let mut slices_per_endpoint: HashMap<String, u64> = HashMap::new();
     let mut off_cpu_slices = 0;
     for (uuid, n) in &c.slices {
         let name = track_name(*uuid);
-        match name.split_once(" worker") {
-            Some((ep, _)) => *slices_per_endpoint.entry(ep.to_string()).or_default() += n,
+        match name.strip_suffix(" kernels") {
+            Some(ep) => *slices_per_endpoint.entry(ep.to_string()).or_default() += n,
             None => {
                 assert!(name.ends_with("(eBPF)"), "a slice on track {name}");
                 off_cpu_slices += n;

@@ -166,3 +166,20 @@ fn a_single_log_file_is_summarised_too() {
     assert_eq!(v["lost_events"], 18);
     assert_eq!(v["recovery"]["footer"], "valid");
 }
+
+#[test]
+fn info_view_and_export_help_give_examples_and_every_kind_name() {
+    for command in ["info", "view", "export"] {
+        let out = slug(&[command, "--help"]);
+        let t = text(&out);
+        assert!(out.status.success(), "{t}");
+        assert!(t.contains("Examples:"), "slug {command} --help: {t}");
+        for kind in slug_schema::EventKind::ALL {
+            assert!(
+                t.contains(kind.name()),
+                "slug {command} --help lacks {}: {t}",
+                kind.name()
+            );
+        }
+    }
+}

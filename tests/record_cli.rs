@@ -43,9 +43,15 @@ fn records_a_two_stage_run_into_a_trace_directory() {
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert!(manifest["capabilities"].as_array().unwrap().len() >= 4);
     assert!(out.join("endpoints/0.slog").exists() && out.join("endpoints/1.slog").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(out.join("endpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".ring") || n.ends_with(".journal"))
+        .collect();
     assert!(
-        !out.join("endpoints/0.journal").exists(),
-        "a clean close removes the journal"
+        leftovers.is_empty(),
+        "a clean close removes the rings: {leftovers:?}"
     );
 }
 

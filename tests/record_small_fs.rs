@@ -73,11 +73,11 @@ fn rings_that_do_not_fit_are_refused_before_the_run() {
 
 #[test]
 fn a_recording_that_fills_the_disk_exits_non_zero_naming_the_loss() {
-    let Some(fs) = SmallFs::mount("20m") else {
+    let Some(fs) = SmallFs::mount("40m") else {
         return;
     };
     let out = fs.mnt.join("trace");
-    // Two 8 MiB rings fit; the small model's snapshot does not.
+    // Two 16 MiB rings fit; what the recording writes after them does not.
     let o = record(
         &out,
         &["--stages", "2", "--model", "small", "--tokens", "4"],

@@ -15,6 +15,7 @@
 
 mod arena;
 mod config;
+mod dirty;
 mod error;
 mod hooks;
 mod init;
@@ -28,6 +29,7 @@ mod stage;
 
 pub use arena::{StageArena, check_fits, mem_available};
 pub use config::{ModelConfig, PRESETS};
+pub use dirty::{DIRTY_PAGE, DirtyPages};
 pub use error::Error;
 pub use hooks::{Hooks, KernelCall, KernelId, NoHooks, monotonic_ns};
 pub use layout::{

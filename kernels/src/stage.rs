@@ -5,11 +5,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::arena::StageArena;
 use crate::config::ModelConfig;
+use crate::dirty::DirtyPages;
 use crate::error::Error;
 use crate::hooks::{Hooks, KernelCall, KernelId, monotonic_ns};
 use crate::init::{self, Fill, LayerTensor, Tensor};
 use crate::kernels::{self, AttentionShape};
-use crate::layout::{Payload, Span, StageLayout};
+use crate::layout::{Payload, Section, Span, StageLayout};
 use crate::plan::LayerPlan;
 use crate::pool::ThreadPool;
 use crate::simd::Arith;
@@ -34,6 +35,7 @@ pub struct Stage {
     arena: StageArena,
     cursor: StageCursor,
     arith: Arith,
+    dirty: DirtyPages,
 }
 
 impl Stage {
@@ -75,6 +77,7 @@ impl Stage {
         }
         let layout = StageLayout::new(config, plan, index, sequences, pool.threads())?;
         let arena = StageArena::new(layout.total_bytes)?;
+        let layout_bytes = layout.total_bytes;
         let mut stage = Stage {
             config: config.clone(),
             index,
@@ -85,8 +88,16 @@ impl Stage {
                 positions: vec![0; sequences],
             },
             arith,
+            dirty: DirtyPages::new(layout_bytes),
         };
         stage.fill_weights(pool);
+        // Everything but the KV cache and the workspace was written while building (weights,
+        // RoPE tables) or may be by callers before the first step (boxes); the KV cache and
+        // the workspace stay zero until a step writes them.
+        for section in [Section::Weights, Section::Activations] {
+            let (at, bytes) = stage.layout.section(section);
+            stage.dirty.mark(at..at + bytes);
+        }
         Ok(stage)
     }
 
@@ -169,9 +180,21 @@ impl Stage {
     }
 
     /// The arena, writable: transports write inboxes and read outboxes by offset
-    /// ([`StageLayout::inbox`], [`StageLayout::outbox`]).
+    /// ([`StageLayout::inbox`], [`StageLayout::outbox`]). Writes through it are not tracked:
+    /// [`Stage::forward`] marks the inbox of its sequence (transports fill it just before),
+    /// anything else written here must be marked with [`Stage::mark_written`].
     pub fn arena_mut(&mut self) -> &mut StageArena {
         &mut self.arena
+    }
+
+    /// Which arena pages were written since a reader's checkpoint (see [`DirtyPages`]).
+    pub fn dirty(&self) -> &DirtyPages {
+        &self.dirty
+    }
+
+    /// Records a write of arena bytes `range` made through [`Stage::arena_mut`].
+    pub fn mark_written(&mut self, range: std::ops::Range<usize>) {
+        self.dirty.mark(range);
     }
 
     /// The cursor (step counter, positions).
@@ -197,6 +220,7 @@ impl Stage {
             });
         }
         self.arena.bytes_mut().copy_from_slice(bytes);
+        self.dirty.mark_all();
         self.cursor = cursor;
         Ok(())
     }
@@ -255,6 +279,7 @@ impl Stage {
     /// Stage 0's inbox of `seq`: write the step's token ids at the start.
     pub fn inbox_tokens_mut(&mut self, seq: usize) -> Result<&mut [u32], Error> {
         let span = self.box_span(seq, true, Payload::Tokens)?;
+        self.dirty.mark(span.byte_range());
         // SAFETY: a region of this arena, borrowed through `&mut self`.
         Ok(unsafe { u32s_mut(self.arena.as_mut_ptr(), span) })
     }
@@ -262,6 +287,7 @@ impl Stage {
     /// A later stage's inbox of `seq`: write the step's `[n_tokens x dim]` hidden states.
     pub fn inbox_hidden_mut(&mut self, seq: usize) -> Result<&mut [f32], Error> {
         let span = self.box_span(seq, true, Payload::Hidden)?;
+        self.dirty.mark(span.byte_range());
         // SAFETY: a region of this arena, borrowed through `&mut self`.
         Ok(unsafe { f32s_mut(self.arena.as_mut_ptr(), span) })
     }
@@ -317,6 +343,18 @@ impl Stage {
         }
         let arith = self.arith;
         let (d, kvd, f, v, hd) = (c.dim, c.kv_dim(), c.ffn, c.vocab, c.head_dim());
+        // What this step writes (or, for the inbox, what the transport wrote for it), marked
+        // before the writes so an error half-way leaves nothing unmarked.
+        let (work, work_bytes) = l.section(Section::Workspace);
+        self.dirty.mark(work..work + work_bytes);
+        self.dirty.mark(l.inboxes[seq].byte_range());
+        self.dirty.mark(l.outboxes[seq].byte_range());
+        for local in 0..l.layer_weights.len() {
+            for cache in [l.k_cache(local, seq), l.v_cache(local, seq)] {
+                self.dirty
+                    .mark(cache.slice(pos0 * kvd..(pos0 + n) * kvd).byte_range());
+            }
+        }
         let base = self.arena.as_mut_ptr();
         let mut run = Run {
             pool,

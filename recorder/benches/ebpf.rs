@@ -11,7 +11,8 @@
 //!   recorder's side of the probes (draining the ring buffer, writing the events), not the
 //!   probes' own: that shows in the system CPU time above.
 //!
-//! Without root (no probes load) it says so and measures nothing.
+//! Without root (no probes load) it says so and measures nothing. With
+//! `SLUG_EBPF_BENCH_CALLGRIND_ONLY=1` it runs only the callgrind rows.
 
 #[path = "support/tally.rs"]
 mod tally;
@@ -31,6 +32,10 @@ use tally::Tally;
 
 /// Set in the environment of the bench re-run under callgrind: record once and exit.
 const CALLGRIND_CHILD: &str = "SLUG_EBPF_BENCH_CALLGRIND_CHILD";
+/// How the re-run under callgrind reports its `ebpf` and `perf_software` events.
+const CHILD_EVENTS: &str = "ebpf-bench-events:";
+/// Set (to anything) to run only the callgrind rows.
+const CALLGRIND_ONLY: &str = "SLUG_EBPF_BENCH_CALLGRIND_ONLY";
 
 fn pipeline(model: &str, stages: usize, tokens: usize) -> PipelineConfig {
     let model = ModelConfig::preset(model).expect("preset");
@@ -107,10 +112,27 @@ fn bench_ebpf(c: &mut Criterion) {
             &dir.path().join("t"),
             ebpf,
         );
+        let count = |kind: &str| -> u64 {
+            s.endpoints
+                .iter()
+                .flat_map(|e| &e.counts)
+                .filter(|(k, _)| k == kind)
+                .map(|(_, n)| n)
+                .sum()
+        };
+        eprintln!(
+            "{CHILD_EVENTS} {} {}",
+            count("ebpf"),
+            count("perf_software")
+        );
         black_box(s);
         std::process::exit(0);
     }
     if !probes_load() {
+        return;
+    }
+    if std::env::var_os(CALLGRIND_ONLY).is_some() {
+        callgrind();
         return;
     }
     let p = pipeline("small", 4, 24);
@@ -194,6 +216,58 @@ fn callgrind() {
     callgrind_of("small", 4);
 }
 
+/// Threads of a recording, by what they ran (callgrind writes one profile per thread).
+#[derive(Debug, Clone, Copy, Default)]
+struct Groups {
+    /// The pipeline: stage threads, their pools, the main thread.
+    pipeline: u64,
+    /// The eBPF session's reader (`drain_loop`), only with probes.
+    reader: u64,
+    /// The endpoints' writers and log encoders.
+    recorder: u64,
+}
+
+impl Groups {
+    fn total(&self) -> u64 {
+        self.pipeline + self.reader + self.recorder
+    }
+
+    /// Sums the per-thread profiles `base-01`, `base-02`, ... into groups.
+    fn read(base: &Path) -> Option<Groups> {
+        let dir = base.parent()?;
+        let name = base.file_name()?.to_str()?;
+        let mut g = Groups::default();
+        let mut threads = 0;
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let file = entry.file_name();
+            let Some(suffix) = file.to_str().and_then(|f| f.strip_prefix(name)) else {
+                continue;
+            };
+            if !suffix.starts_with('-') {
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path()).ok()?;
+            let total = text
+                .lines()
+                .find_map(|l| l.strip_prefix("summary: ").or(l.strip_prefix("totals: ")))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())?;
+            let slot = if text.contains("slug_recorder::ebpf::drain_loop") {
+                &mut g.reader
+            } else if ["writer_loop", "encode_loop"]
+                .iter()
+                .any(|f| text.contains(f))
+            {
+                &mut g.recorder
+            } else {
+                &mut g.pipeline
+            };
+            *slot += total;
+            threads += 1;
+        }
+        (threads > 0).then_some(g)
+    }
+}
+
 fn callgrind_of(model: &str, stages: usize) {
     if Command::new("valgrind").arg("--version").output().is_err() {
         eprintln!("callgrind: valgrind is not installed; no instruction counts");
@@ -203,23 +277,21 @@ fn callgrind_of(model: &str, stages: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
     const SHORT: usize = 16;
     const LONG: usize = 48;
-    let mut ir = [[0u64; 2]; 2];
+    let mut ir = [[Groups::default(); 2]; 2];
+    // The probes' events (with probes) or perf's software records (without), per run.
+    let mut system_events = [[0u64; 2]; 2];
     for (i, mode) in ["none", "auto"].into_iter().enumerate() {
         for (j, tokens) in [SHORT, LONG].into_iter().enumerate() {
             let out = dir.path().join(format!("callgrind.{mode}.{tokens}"));
             let status = Command::new("valgrind")
                 .arg("--tool=callgrind")
+                .arg("--separate-threads=yes")
                 .arg(format!("--callgrind-out-file={}", out.display()))
                 .arg(&exe)
                 .arg("--bench")
                 .env(CALLGRIND_CHILD, format!("{mode}:{tokens}:{model}:{stages}"))
                 .output();
-            let total = std::fs::read_to_string(&out).ok().and_then(|text| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix("summary: ").or(l.strip_prefix("totals: ")))
-                    .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            });
-            match (status, total) {
+            match (status, Groups::read(&out)) {
                 (Ok(o), _) if !o.status.success() => {
                     eprintln!(
                         "callgrind --ebpf {mode}: the recording failed: {}",
@@ -230,9 +302,20 @@ fn callgrind_of(model: &str, stages: usize) {
                     );
                     return;
                 }
-                (Ok(_), Some(n)) => ir[i][j] = n,
+                (Ok(o), Some(g)) => {
+                    ir[i][j] = g;
+                    let counts = String::from_utf8_lossy(&o.stderr)
+                        .lines()
+                        .find_map(|l| l.strip_prefix(CHILD_EVENTS).map(str::to_owned))
+                        .unwrap_or_default();
+                    let counts: Vec<u64> = counts
+                        .split_whitespace()
+                        .filter_map(|n| n.parse().ok())
+                        .collect();
+                    system_events[i][j] = counts.get(1 - i).copied().unwrap_or(0);
+                }
                 (Ok(_), None) => {
-                    eprintln!("callgrind --ebpf {mode}: no instruction count in its output");
+                    eprintln!("callgrind --ebpf {mode}: no instruction counts in its output");
                     return;
                 }
                 (Err(e), _) => {
@@ -243,14 +326,45 @@ fn callgrind_of(model: &str, stages: usize) {
         }
     }
     // 4 sequences each.
-    let per_token = |m: [u64; 2]| m[1].saturating_sub(m[0]) as f64 / (4 * (LONG - SHORT)) as f64;
-    let (none, auto) = (per_token(ir[0]), per_token(ir[1]));
-    let one_off = ir[1][0] as f64 - ir[0][0] as f64 - (auto - none) * (4 * SHORT) as f64;
+    let per_token = |m: [Groups; 2], f: fn(&Groups) -> u64| {
+        f(&m[1]) as f64 - f(&m[0]) as f64
+    } / (4 * (LONG - SHORT)) as f64;
+    let row = |label: &str, f: fn(&Groups) -> u64| {
+        let (none, auto) = (per_token(ir[0], f), per_token(ir[1], f));
+        eprintln!(
+            "  {label:<34} {auto:>9.0} vs {none:>9.0}: ratio {:.4}",
+            auto / none.max(1.0)
+        );
+        (none, auto)
+    };
     eprintln!(
-        "callgrind ({model}, {stages} local stages, 4 sequences; user-space instructions, the kernel's not counted):\n  \
-         per generated token (48 vs 16 tokens): --ebpf auto {auto:.0} vs none {none:.0}: ratio {:.4}\n  \
-         one-off with probes (load, BTF parse, attach, detach): {:.1} M instructions",
-        auto / none.max(1.0),
+        "callgrind ({model}, {stages} local stages, 4 sequences; user-space instructions per \
+         generated token (48 vs 16 tokens), --ebpf auto vs none; the kernel's not counted):"
+    );
+    let (none, auto) = row("whole process", Groups::total);
+    let pipeline = row("pipeline threads (stages, pools)", |g| g.pipeline);
+    let reader = per_token(ir[1], |g| g.reader);
+    eprintln!("  {:<34} {reader:>9.0}", "eBPF reader thread");
+    row("endpoint writers, log encoders", |g| g.recorder);
+    eprintln!(
+        "  the probes' own user-space cost (pipeline threads' difference + reader): {:.0} per \
+         token, ratio {:.4}\n  \
+         (the writers journal what they drained every 2 ms of wall time, and under valgrind wall \
+         time follows the machine's load: their row swings in either run)",
+        pipeline.1 - pipeline.0 + reader,
+        (none + pipeline.1 - pipeline.0 + reader) / none.max(1.0)
+    );
+    let events = |m: [u64; 2]| m[1].saturating_sub(m[0]) as f64 / (4 * (LONG - SHORT)) as f64;
+    eprintln!(
+        "  probe events per token {:.1} (perf software records without probes {:.1}); under \
+         valgrind the stage threads also block and make syscalls for valgrind itself",
+        events(system_events[1]),
+        events(system_events[0])
+    );
+    let one_off =
+        ir[1][0].total() as f64 - ir[0][0].total() as f64 - (auto - none) * (4 * SHORT) as f64;
+    eprintln!(
+        "  one-off with probes (load, BTF parse, attach, detach): {:.1} M instructions",
         one_off / 1e6
     );
 }

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(test)]
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use slug_kernels::KernelId;
@@ -25,7 +27,6 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::ebpf::{EbpfSession, LostReasons};
 use crate::error::{RecorderError, Result};
 use crate::flight::FlightRing;
-use crate::journal::Journal;
 use crate::perf::{PerfRecord, PerfStreams, StreamKind, monotonic_ns};
 use slug_schema::blob::BlobStore;
 
@@ -50,7 +51,7 @@ pub fn fixed_strings() -> impl Iterator<Item = &'static str> {
         "ebpf ring buffer full",
         "ebpf map full",
         "ebpf outbox full",
-        "ebpf step histogram overwritten before it was read",
+        "ebpf per-step syscall count after its step was read or overwritten",
     ])
 }
 
@@ -64,11 +65,6 @@ pub const EBPF_LOST_REASONS: LostReasons = LostReasons {
 
 /// How often the writer drains rings and perf streams.
 const DRAIN_EVERY: Duration = Duration::from_millis(2);
-/// Without a journal (it failed), how often buffered events are handed to the log encoder even
-/// if no frame is full, bounding what a killed recorder can lose from the encoder's queue. With
-/// the journal every drained event is already on disk, so frames fill up to their full size:
-/// cutting them early costs compression (a 100 ms cadence made 18 B/event instead of ~3).
-const SHIP_EVERY: Duration = Duration::from_millis(100);
 
 static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
@@ -144,6 +140,26 @@ impl EndpointShared {
             }
             self.append_first(&mut rings, &record);
         });
+    }
+
+    /// Creates the writer thread's own ring: like a pipeline thread's, but its thread is not
+    /// routed to the eBPF probes (the writer's system calls are not the stage's).
+    fn writer_ring(&self) -> Result<Arc<FlightRing>> {
+        let mut all = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let thread = all.len() as u32;
+        let path = self
+            .endpoints_dir
+            .join(format!("{}.t{thread}.ring", self.endpoint));
+        let tid = crate::perf::current_tid();
+        let ring = Arc::new(FlightRing::create(
+            &path,
+            self.endpoint,
+            thread,
+            tid,
+            self.ring_records,
+        )?);
+        all.push(Arc::clone(&ring));
+        Ok(ring)
     }
 
     #[cold]
@@ -337,9 +353,114 @@ impl Drop for EndpointRecorder {
     }
 }
 
+/// The writer thread's state: the log, and the ring where the events it makes itself (perf
+/// samples, eBPF events, loss records) wait, like the pipeline threads' events, until the frame
+/// holding them is written.
+struct Writer<'a> {
+    shared: &'a EndpointShared,
+    log: LogWriter,
+    own: Option<Arc<FlightRing>>,
+    lost_seen: Vec<u64>,
+    last_drain_ns: u64,
+    /// Records the writer made since its last drain.
+    made: Vec<RawRecord>,
+}
+
+impl Writer<'_> {
+    /// Moves every ring's new records into the log, then hands the writer's own records to its
+    /// ring (they reach the log at the next drain). Slots are released only when the frame
+    /// holding their records is in the file, so a kill at any moment loses nothing appended.
+    fn drain(&mut self, stats: &mut EndpointStats) {
+        let now = monotonic_ns();
+        let rings: Vec<Arc<FlightRing>> = self
+            .shared
+            .rings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.lost_seen.resize(rings.len(), 0);
+        let before = self.log.appended();
+        let mut release = Vec::with_capacity(rings.len());
+        for (ring, seen) in rings.iter().zip(self.lost_seen.iter_mut()) {
+            let log = &mut self.log;
+            let (n, upto) = ring.read_pending(|r| log.append_raw(r));
+            if n > 0 {
+                release.push((Arc::clone(ring), upto));
+            }
+            let lost = ring.lost();
+            if lost > *seen {
+                self.made
+                    .push(RawRecord::from_event(&Event::LostEvents(LostEvents {
+                        count: lost - *seen,
+                        reason: RING_FULL_REASON,
+                        from_ns: self.last_drain_ns,
+                        to_ns: now,
+                    })));
+                stats.ring_lost += lost - *seen;
+                *seen = lost;
+            }
+        }
+        let n = self.log.appended() - before;
+        if !release.is_empty() {
+            self.log.after_written(move || {
+                for (ring, upto) in release {
+                    ring.release(upto);
+                }
+            });
+        }
+        if let Some(p) = &self.shared.progress {
+            p.fetch_add(n, Ordering::Relaxed);
+        }
+        stats.drained += n;
+        // A ring fuller than this cannot wait for the frame being filled: cut it now, unless it
+        // is still small (the full ring then waits on frames already being encoded).
+        if let Some(cap) = rings
+            .iter()
+            .filter(|r| r.unreleased() > r.capacity() / 4 * 3)
+            .map(|r| r.capacity())
+            .min()
+            && self.log.buffered() as u64 >= cap / 8
+        {
+            self.log.cut_frame();
+        }
+        self.last_drain_ns = now;
+        self.keep_made(stats);
+    }
+
+    /// Puts the writer's own records in its ring (created on first use); without one they go
+    /// straight to the log.
+    fn keep_made(&mut self, stats: &mut EndpointStats) {
+        if self.made.is_empty() {
+            return;
+        }
+        if self.own.is_none() {
+            match self.shared.writer_ring() {
+                Ok(r) => self.own = Some(r),
+                Err(e) => {
+                    stats.warnings.push(format!(
+                        "{e}; the recorder's own events (perf samples, eBPF events, losses) go \
+                         to the log unguarded: a kill loses those the log had not written"
+                    ));
+                    self.own = None;
+                }
+            }
+        }
+        match &self.own {
+            // A full ring counts the record lost, and the next drain reports it.
+            Some(ring) => self.made.drain(..).for_each(|r| {
+                ring.append(&r);
+            }),
+            None => {
+                stats.drained += self.made.len() as u64;
+                self.made.drain(..).for_each(|r| self.log.append_raw(r));
+            }
+        }
+    }
+}
+
 fn writer_loop(
     shared: &EndpointShared,
-    mut log: LogWriter,
+    log: LogWriter,
     perf: Option<PerfStreams>,
     payload_rx: Option<Receiver<Payload>>,
 ) -> Result<EndpointStats> {
@@ -347,25 +468,16 @@ fn writer_loop(
         endpoint: shared.endpoint,
         ..EndpointStats::default()
     };
-    let journal_path = shared
-        .endpoints_dir
-        .join(format!("{}.journal", shared.endpoint));
-    let mut journal = match Journal::create(&journal_path) {
-        Ok(j) => Some(j),
-        Err(e) => {
-            stats.warnings.push(format!(
-                "{e}; without a journal a killed recorder loses the events the log had not written"
-            ));
-            None
-        }
-    };
-    let mut lost_seen: Vec<u64> = Vec::new();
     let mut perf_buf = Vec::new();
     let mut ebpf_buf = Vec::new();
-    let mut batch: Vec<RawRecord> = Vec::new();
-    let mut release: Vec<(Arc<FlightRing>, u64)> = Vec::new();
-    let mut last_drain_ns = monotonic_ns();
-    let mut last_ship = Instant::now();
+    let mut w = Writer {
+        shared,
+        log,
+        own: None,
+        lost_seen: Vec::new(),
+        last_drain_ns: monotonic_ns(),
+        made: Vec::new(),
+    };
     let mut sink = PerfSink {
         blobs: shared.payloads.as_ref().map(|(b, _)| Arc::clone(b)),
         sideband_path: shared
@@ -375,33 +487,11 @@ fn writer_loop(
     };
     loop {
         let stopping = shared.stop.load(Ordering::Acquire);
-        let now = monotonic_ns();
-        let rings: Vec<Arc<FlightRing>> = shared
-            .rings
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        lost_seen.resize(rings.len(), 0);
-        for (ring, seen) in rings.iter().zip(lost_seen.iter_mut()) {
-            let (_, upto) = ring.read_pending(|r| batch.push(r));
-            release.push((Arc::clone(ring), upto));
-            let lost = ring.lost();
-            if lost > *seen {
-                batch.push(RawRecord::from_event(&Event::LostEvents(LostEvents {
-                    count: lost - *seen,
-                    reason: RING_FULL_REASON,
-                    from_ns: last_drain_ns,
-                    to_ns: now,
-                })));
-                stats.ring_lost += lost - *seen;
-                *seen = lost;
-            }
-        }
         if let Some(p) = &perf {
             p.drain(&mut perf_buf);
         }
         for rec in perf_buf.drain(..) {
-            write_perf(&mut batch, rec, &mut sink, &mut stats);
+            write_perf(&mut w.made, rec, &mut sink, &mut stats);
         }
         if let Some(ebpf) = &shared.ebpf {
             ebpf.take(shared.endpoint, &mut ebpf_buf);
@@ -409,7 +499,7 @@ fn writer_loop(
                 if let Event::LostEvents(l) = &e {
                     stats.ebpf_lost += l.count;
                 }
-                batch.push(RawRecord::from_event(&e));
+                w.made.push(RawRecord::from_event(&e));
             }
         }
         if let Some(rx) = &payload_rx {
@@ -430,38 +520,18 @@ fn writer_loop(
             }
             stats.payload_failures += failures;
             if failures > 0 {
-                batch.push(RawRecord::from_event(&Event::LostEvents(LostEvents {
-                    count: failures,
-                    reason: PAYLOAD_FAILED_REASON,
-                    from_ns: last_drain_ns,
-                    to_ns: now,
-                })));
+                w.made
+                    .push(RawRecord::from_event(&Event::LostEvents(LostEvents {
+                        count: failures,
+                        reason: PAYLOAD_FAILED_REASON,
+                        from_ns: w.last_drain_ns,
+                        to_ns: monotonic_ns(),
+                    })));
             }
         }
-        // On disk first, then the rings may reuse the slots: nothing drained is ever only in memory.
-        if let Some(j) = journal.as_mut()
-            && let Err(e) = j.append(&batch)
-        {
-            stats.warnings.push(format!(
-                "{e}; journal stopped, a kill from now on loses the log's unwritten frames"
-            ));
-            journal = None;
-        }
-        for (ring, upto) in release.drain(..) {
-            ring.release(upto);
-        }
-        if let Some(p) = &shared.progress {
-            p.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        }
-        stats.drained += batch.len() as u64;
-        for r in batch.drain(..) {
-            log.append_raw(r);
-        }
-        last_drain_ns = now;
-        if journal.is_none() && last_ship.elapsed() >= SHIP_EVERY {
-            log.flush();
-            last_ship = Instant::now();
-        }
+        // What was made above goes to the writer's ring after this drain, so the next drain
+        // (or the last one below) moves it to the log.
+        w.drain(&mut stats);
         if stopping {
             break;
         }
@@ -470,17 +540,21 @@ fn writer_loop(
     if let Some(p) = perf {
         p.stop(&mut perf_buf);
         for rec in perf_buf.drain(..) {
-            write_perf(&mut batch, rec, &mut sink, &mut stats);
+            write_perf(&mut w.made, rec, &mut sink, &mut stats);
         }
     }
+    // The last drain: every ring to the log; then the writer's last records go straight to the
+    // log, which closes right after.
+    w.drain(&mut stats);
     let unringed = shared.unringed.load(Ordering::Relaxed);
     if unringed > 0 {
-        batch.push(RawRecord::from_event(&Event::LostEvents(LostEvents {
-            count: unringed,
-            reason: RING_FULL_REASON,
-            from_ns: last_drain_ns,
-            to_ns: monotonic_ns(),
-        })));
+        w.made
+            .push(RawRecord::from_event(&Event::LostEvents(LostEvents {
+                count: unringed,
+                reason: RING_FULL_REASON,
+                from_ns: w.last_drain_ns,
+                to_ns: monotonic_ns(),
+            })));
         stats.ring_lost += unringed;
         stats.unringed = unringed;
     }
@@ -489,14 +563,20 @@ fn writer_loop(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
-    stats.drained += batch.len() as u64;
-    for r in batch.drain(..) {
-        log.append_raw(r);
+    // What the last drain put in the writer's ring, then the records made since.
+    if let Some(ring) = &w.own {
+        let log = &mut w.log;
+        let (n, _) = ring.read_pending(|r| log.append_raw(r));
+        stats.drained += n as u64;
+    }
+    stats.drained += w.made.len() as u64;
+    for r in w.made.drain(..) {
+        w.log.append_raw(r);
     }
     // A log that cannot be written (disk full) ends this endpoint's recording, not the run; its
-    // journal and rings stay for `recover` (they may hold what the log could not).
-    let log_path = log.path().to_path_buf();
-    let closed = match log.close() {
+    // rings stay for `recover` (they hold what the log could not).
+    let log_path = w.log.path().to_path_buf();
+    let closed = match w.log.close() {
         Ok(l) => {
             stats.log = l;
             true
@@ -510,12 +590,7 @@ fn writer_loop(
             false
         }
     };
-    // Everything is in the closed log: the journal and rings are no longer needed for recovery.
-    drop(journal);
-    let mut leftovers = Vec::new();
-    if closed {
-        leftovers.push(journal_path);
-    }
+    // Everything is in the closed log: the rings are no longer needed for recovery.
     let rings: Vec<Arc<FlightRing>> = shared
         .rings
         .lock()
@@ -523,13 +598,12 @@ fn writer_loop(
         .drain(..)
         .collect();
     if closed {
-        leftovers.extend(rings.iter().map(|r| r.path().to_path_buf()));
-    }
-    for path in leftovers {
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => stats.warnings.push(RecorderError::io(&path, e).to_string()),
+        for path in rings.iter().map(|r| r.path()) {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => stats.warnings.push(RecorderError::io(path, e).to_string()),
+            }
         }
     }
     if let Some(e) = shared
@@ -691,4 +765,63 @@ pub fn ring_files(endpoints_dir: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use slug_schema::{Marker, WriterOptions};
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(start.elapsed() < Duration::from_secs(20), "{what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The rings are the journal: a drained record keeps its slot until the frame holding it is
+    /// written, and no sooner.
+    #[test]
+    fn ring_slots_are_released_only_once_their_frame_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let progress = Arc::new(AtomicU64::new(0));
+        let options = EndpointOptions {
+            endpoint: 0,
+            endpoints_dir: dir.path().to_path_buf(),
+            ring_records: 4096,
+            writer: WriterOptions {
+                events_per_frame: 1000,
+                zstd_level: 1,
+            },
+            progress: Some(Arc::clone(&progress)),
+            ebpf: None,
+        };
+        let recorder = EndpointRecorder::start(&options, None, None).unwrap();
+        let shared = Arc::clone(recorder.shared());
+        let marker = |ns| Event::Marker(Marker { text: 0, ns });
+        for ns in 0..10 {
+            shared.append(&marker(ns));
+        }
+        wait_for("the writer drains", || {
+            progress.load(Ordering::Relaxed) == 10
+        });
+        let ring = Arc::clone(&shared.rings.lock().unwrap()[0]);
+        // Drained into the frame being filled, not written: still in the ring, read once.
+        std::thread::sleep(DRAIN_EVERY * 5);
+        assert_eq!(ring.unreleased(), 10);
+        assert_eq!(progress.load(Ordering::Relaxed), 10, "drained once");
+        for ns in 10..1000 {
+            shared.append(&marker(ns));
+        }
+        wait_for("the frame is written and the ring released", || {
+            ring.unreleased() == 0
+        });
+        let log = slug_schema::LogReader::open(dir.path().join("0.slog")).unwrap();
+        let events: usize = log.frames().flatten().map(|f| f.events.len()).sum();
+        assert_eq!(events, 1000);
+        let stats = recorder.finish().unwrap();
+        assert_eq!(stats.log.events, 1000);
+        assert!(!ring.path().exists(), "a clean close removes the rings");
+    }
 }

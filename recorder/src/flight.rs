@@ -6,7 +6,10 @@
 //!
 //! The ring is a shared mapping of a file, so a record is in the page cache the moment it is
 //! appended: if the process is killed (even by SIGKILL) everything appended and not yet
-//! drained is still in the file, and [`recover_ring`] reads it back.
+//! released is still in the file, and [`recover_ring`] reads it back. The endpoint writer
+//! releases slots only once the log frame holding their records is written (as LTTng's
+//! buffers do), so the ring is the journal: each event is encoded and compressed once, into
+//! its frame.
 //!
 //! File layout (native endianness; a ring never leaves the machine that wrote it):
 //!
@@ -33,8 +36,10 @@ const LOST_AT: usize = 72;
 const TAIL_AT: usize = 128;
 const SLOTS_AT: usize = 256;
 
-/// Default ring capacity: 64 Ki records (8 MiB), seconds of a busy stage between drains.
-pub const DEFAULT_RING_RECORDS: usize = 1 << 16;
+/// Default ring capacity: 128 Ki records (16 MiB). A ring keeps its records until the log
+/// frame holding them is written (64 Ki events), so it holds a frame being filled plus one
+/// being encoded before the writer has to cut a frame early.
+pub const DEFAULT_RING_RECORDS: usize = 1 << 17;
 
 /// A flight-recorder ring in a memory-mapped file.
 #[derive(Debug)]
@@ -46,6 +51,9 @@ pub struct FlightRing {
     /// (a 64-bit divide was a third of the append's cost). Slot `i % capacity` either way, so
     /// readers of the file need not know.
     mask: u64,
+    /// Records ever passed to the drainer (it alone touches this): records between `tail` and
+    /// here are read, not yet released, and are not read again.
+    read: AtomicU64,
 }
 
 // SAFETY: the mapping is shared memory; every field the two sides touch is an atomic (head,
@@ -87,6 +95,7 @@ impl FlightRing {
             map,
             capacity: capacity as u64,
             mask: capacity as u64 - 1,
+            read: AtomicU64::new(0),
         };
         let mut meta = [0u8; 32];
         meta[..8].copy_from_slice(MAGIC);
@@ -148,17 +157,23 @@ impl FlightRing {
         n
     }
 
-    /// Frees the slots of every record before position `upto` (from [`FlightRing::read_pending`]).
+    /// Frees the slots of every record before position `upto` (from [`FlightRing::read_pending`]);
+    /// positions only move forward, so releases may come late or twice.
     pub fn release(&self, upto: u64) {
-        self.word(TAIL_AT).store(upto, Ordering::Release);
+        let tail = self.word(TAIL_AT);
+        if upto > tail.load(Ordering::Relaxed) {
+            tail.store(upto, Ordering::Release);
+        }
     }
 
-    /// Passes every appended, undrained record to `sink` in order without freeing their slots,
-    /// so they stay recoverable until the caller has them on disk; returns how many and the
-    /// position to [`FlightRing::release`] up to. Only one thread may drain a ring.
+    /// Passes every appended record not read before to `sink` in order without freeing their
+    /// slots, so they stay recoverable until the caller has them on disk; returns how many and
+    /// the position to [`FlightRing::release`] up to. Only one thread may drain a ring.
     pub fn read_pending(&self, mut sink: impl FnMut(RawRecord)) -> (usize, u64) {
-        let tail = self.word(TAIL_AT).load(Ordering::Relaxed);
+        let released = self.word(TAIL_AT).load(Ordering::Relaxed);
+        let tail = self.read.load(Ordering::Relaxed).max(released);
         let head = self.word(HEAD_AT).load(Ordering::Acquire);
+        self.read.store(head, Ordering::Relaxed);
         let mut bytes = [0u8; RawRecord::SIZE];
         for i in tail..head {
             let slot = SLOTS_AT + (i & self.mask) as usize * RawRecord::SIZE;
@@ -174,6 +189,18 @@ impl FlightRing {
             sink(RawRecord::from_bytes(&bytes));
         }
         ((head - tail) as usize, head)
+    }
+
+    /// Records appended and not yet released (drained or not): how full the ring is.
+    pub fn unreleased(&self) -> u64 {
+        let tail = self.word(TAIL_AT).load(Ordering::Relaxed);
+        let head = self.word(HEAD_AT).load(Ordering::Acquire);
+        head.saturating_sub(tail)
+    }
+
+    /// Records the ring holds at most.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
     }
 
     /// Records dropped so far because the ring was full.

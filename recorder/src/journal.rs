@@ -1,9 +1,8 @@
-//! The endpoint journal: every record the writer drained, in zstd blocks written with plain
-//! `write` calls before the rings release them, so a killed recorder loses nothing it drained.
-//!
-//! The schema's log writer buffers frames in process memory before they reach the file; the
-//! journal closes that window. A clean close deletes it; [`crate::recover()`] rebuilds a log
-//! from it (plus the rings' leftovers) after a kill.
+//! Journals left by older recorders: every record their writer drained, in zstd blocks written
+//! before the rings released them. Recorders now keep ring slots until the log frame holding
+//! their records is written (the ring is the journal, and each event is compressed once), so
+//! they write no journal; [`crate::recover()`] still reads one that a killed older recorder
+//! left next to its log.
 //!
 //! Block: `u32 compressed length`, `u32 record count`, `u64 xxh3-64 of the compressed bytes`,
 //! then zstd of the records' bytes. A torn last block fails its checksum and is ignored.
@@ -19,7 +18,8 @@ use crate::error::{RecorderError, Result};
 
 const BLOCK_HEADER: usize = 16;
 
-/// An open journal being appended to.
+/// An open journal being appended to: the format older recorders wrote. The recorder no longer
+/// writes one; this stays so that tests and fuzzing of [`read_journal`] can make journals.
 pub struct Journal {
     path: PathBuf,
     file: File,

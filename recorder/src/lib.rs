@@ -2,12 +2,14 @@
 //! observers for the pipeline runtime, perf streams, host topology and snapshots.
 //!
 //! - [`record()`]: runs a pipeline with every endpoint recorded into a trace directory.
-//! - [`recover()`]: after a SIGKILL, rebuilds the logs from journals and flight rings
+//! - [`recover()`]: after a SIGKILL, rebuilds the logs from their whole frames and the flight
+//!   rings (and the journals older recorders left)
 //!   ([`preview()`]: the same into a private temporary directory, for reading commands).
 //! - [`observe`]: the transfer observer, kernel hooks and observer factory the runtime calls.
 //! - [`endpoint`]: one endpoint's rings, perf streams and writer thread.
-//! - [`journal`]: what the writer drained, on disk before the rings release it.
-//! - [`flight`]: per-thread flight-recorder rings in memory-mapped files (SIGKILL-safe).
+//! - [`journal`]: reads the journals that recorders older than the rings-as-journal left behind.
+//! - [`flight`]: per-thread flight-recorder rings in memory-mapped files (SIGKILL-safe), whose
+//!   slots are released only once the log frame holding their records is written.
 //! - [`perf`]: perf streams (Intel PT, PEBS / IBS memory samples, software fallbacks) with a
 //!   capability report.
 //! - [`topology`]: CPUs, NUMA nodes, caches and huge pages of the host, for the manifest.
@@ -28,7 +30,9 @@ mod recover;
 pub mod topology;
 
 pub use error::{RecorderError, Result};
-pub use record::{EndpointSummary, RecordConfig, RecordSummary, StageRunner, record, record_with};
+pub use record::{
+    EndpointRecording, RecordConfig, RecordSummary, StageRunner, record, record_with,
+};
 pub use recover::{
     EndpointLeftovers, Leftovers, Outcome, Preview, RecoveredEndpoint, RecoveryReport, preview,
     recover,

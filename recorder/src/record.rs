@@ -51,7 +51,7 @@ pub struct RecordConfig {
 }
 
 impl RecordConfig {
-    /// Defaults: no payloads, `--perf auto` at 1 kHz, 64 Ki-record rings, a step-0 snapshot of
+    /// Defaults: no payloads, `--perf auto` at 1 kHz, 128 Ki-record rings, a step-0 snapshot of
     /// every stage, no kernel hashes.
     pub fn new(out: impl Into<PathBuf>) -> RecordConfig {
         RecordConfig {
@@ -68,9 +68,10 @@ impl RecordConfig {
     }
 }
 
-/// One endpoint's share of the summary.
+/// What recording one endpoint wrote: its share of a [`RecordSummary`] (what its log holds
+/// when read back is `slug_schema::EndpointSummary`).
 #[derive(Debug, Clone, Serialize)]
-pub struct EndpointSummary {
+pub struct EndpointRecording {
     /// Endpoint id.
     pub endpoint: u32,
     /// Events written to its log.
@@ -136,7 +137,7 @@ pub struct RecordSummary {
     /// Throughput of the recorded run.
     pub tokens_per_s: f64,
     /// Per endpoint.
-    pub endpoints: Vec<EndpointSummary>,
+    pub endpoints: Vec<EndpointRecording>,
     /// One line per capability that is missing, with its fallback.
     pub notices: Vec<String>,
     /// Capability names that were captured.
@@ -214,8 +215,8 @@ fn losses_of(s: &EndpointStats) -> Vec<Loss> {
     out
 }
 
-fn summarize_stats(s: EndpointStats) -> EndpointSummary {
-    EndpointSummary {
+fn summarize_stats(s: EndpointStats) -> EndpointRecording {
+    EndpointRecording {
         endpoint: s.endpoint,
         events: s.log.events,
         counts: EventKind::ALL
@@ -233,7 +234,11 @@ fn summarize_stats(s: EndpointStats) -> EndpointSummary {
 }
 
 /// An endpoint's summary read back from its closed log (the node that wrote it is gone).
-fn summarize_log(trace: &Trace, endpoint: u32, losses: &mut Vec<Loss>) -> Result<EndpointSummary> {
+fn summarize_log(
+    trace: &Trace,
+    endpoint: u32,
+    losses: &mut Vec<Loss>,
+) -> Result<EndpointRecording> {
     let log = trace.endpoint_log(endpoint).map_err(|e| RecorderError::OutputDir {
         path: trace.dir().to_path_buf(),
         problem: format!(
@@ -244,10 +249,7 @@ fn summarize_log(trace: &Trace, endpoint: u32, losses: &mut Vec<Loss>) -> Result
     let counts = log.counts();
     let events: u64 = counts.iter().sum();
     let lost = log
-        .events_in(
-            TimeRange::new(0, u64::MAX),
-            KindSet::of(&[EventKind::LostEvents]),
-        )
+        .events_in(TimeRange::ALL, KindSet::of(&[EventKind::LostEvents]))
         .filter_map(|e| match e {
             Ok(Event::LostEvents(l)) => Some(l),
             _ => None,
@@ -282,7 +284,7 @@ fn summarize_log(trace: &Trace, endpoint: u32, losses: &mut Vec<Loss>) -> Result
             why: "its node's recorder stopped before closing it".into(),
         });
     }
-    Ok(EndpointSummary {
+    Ok(EndpointRecording {
         endpoint,
         events,
         counts: EventKind::ALL
@@ -421,7 +423,7 @@ pub fn record_with(
                         bytes: 0,
                         why: e.to_string(),
                     });
-                    EndpointSummary {
+                    EndpointRecording {
                         endpoint: i as u32,
                         events: 0,
                         counts: Vec::new(),

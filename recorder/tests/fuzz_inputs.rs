@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use slug_recorder::flight::{FlightRing, recover_ring};
 use slug_recorder::journal::{Journal, read_journal};
 use slug_schema::blob::BlobStore;
-use slug_schema::snapshot::SnapshotIndex;
+use slug_schema::snapshot::{SnapshotIndex, WeightsRef};
 use slug_schema::synth::{SynthConfig, write_trace};
 use slug_schema::{Event, LogReader, LogSummary, Marker, RawRecord, Trace, TraceSummary};
 
@@ -166,6 +166,7 @@ proptest! {
         arena_len in prop_oneof![Just(1u64 << 40), Just(u64::MAX), any::<u64>()],
         chunk_size in any::<u32>(),
         count in 0usize..64,
+        weights in prop::option::of((any::<u32>(), any::<u32>(), ".{0,8}")),
         edits in prop::collection::vec((any::<usize>(), 1u8..), 0..4),
     ) {
         let index = SnapshotIndex {
@@ -175,6 +176,12 @@ proptest! {
             chunk_size,
             cursor: b"{}".to_vec(),
             chunks: vec![7; count],
+            weights: weights.map(|(first_chunk, chunks, source)| WeightsRef {
+                first_chunk,
+                chunks,
+                hash: 9,
+                source,
+            }),
         };
         let mut bytes = index.encode();
         apply(&mut bytes, &edits);

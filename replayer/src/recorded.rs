@@ -9,7 +9,7 @@ use slug_kernels::{KernelId, StageCursor};
 use slug_schema::blob::BlobStore;
 use slug_schema::snapshot::SnapshotStore;
 use slug_schema::{Direction, Event, EventKind, KindSet, TimeRange, Trace, Transfer, TransferKey};
-use slug_transport::pipeline::{PipelineConfig, StageState, schedule_slot};
+use slug_transport::pipeline::{PipelineConfig, ReferencedWeights, StageState, schedule_slot};
 use slug_transport::transfer::Tag;
 
 use crate::error::{ReplayError, Result};
@@ -167,7 +167,7 @@ impl RecordedRun {
                 .collect();
             let mut undecodable = 0u64;
             let mut foreign = 0u64;
-            for event in log.events_in(TimeRange::new(0, u64::MAX), kinds) {
+            for event in log.events_in(TimeRange::ALL, kinds) {
                 let Ok(event) = event else {
                     undecodable += 1;
                     continue;
@@ -419,13 +419,23 @@ fn read_snapshot(dir: &Path, store: &SnapshotStore, stage: u32, step: u64) -> Re
             ),
         })?;
     let mut arena = vec![0u8; len];
-    let cursor = store.restore(stage, step, &mut arena).map_err(store_err)?;
+    let restored = store.restore(stage, step, &mut arena).map_err(store_err)?;
     let cursor: StageCursor =
-        serde_json::from_slice(&cursor).map_err(|e| ReplayError::NotReplayable {
+        serde_json::from_slice(&restored.cursor).map_err(|e| ReplayError::NotReplayable {
             path: store.index_path(stage, step),
             reason: format!("its cursor is not a stage cursor ({e})"),
         })?;
-    Ok(StageState { arena, cursor })
+    // Referenced weights stay zero here: restore_stage checks the ones the stage regenerated.
+    let weights = restored.weights.map(|w| ReferencedWeights {
+        range: w.byte_range(index.chunk_size as usize, len),
+        hash: w.hash,
+        source: w.source,
+    });
+    Ok(StageState {
+        arena,
+        cursor,
+        weights,
+    })
 }
 
 /// The state of `stage` at `step` from the trace in `dir` without indexing its logs (what a
@@ -594,6 +604,7 @@ mod tests {
             chunk_size: 1 << 31,
             cursor: b"{}".to_vec(),
             chunks: vec![1; 512],
+            weights: None,
         };
         std::fs::write(stage_dir.join("step-0.idx"), index.encode()).unwrap();
         let e = node_state(dir.path(), 0, 0).unwrap_err().to_string();

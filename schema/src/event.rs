@@ -1,6 +1,7 @@
 //! The events an endpoint records: one plain Rust type per kind, plus kind sets for filters.
 
-/// Id of a string interned in one endpoint log (kernel names, marker texts, counter names).
+/// Id of a string interned in one endpoint log (kernel names, marker texts, counter names); the
+/// viewer renumbers every log's ids into one table for the trace.
 ///
 /// Ids are dense, start at 0 and are only meaningful within the log that defined them;
 /// resolve them with [`crate::LogReader::string`].
@@ -112,7 +113,8 @@ impl KindSet {
 }
 
 /// How a transfer moved its bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr, strum::IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
 #[repr(u8)]
 pub enum Transport {
     /// Same process.
@@ -130,13 +132,7 @@ pub enum Transport {
 impl Transport {
     /// The transport's name (`local`, `shm`, `tcp`, `mpi`, `rdma`).
     pub fn name(self) -> &'static str {
-        match self {
-            Transport::Local => "local",
-            Transport::Shm => "shm",
-            Transport::Tcp => "tcp",
-            Transport::Mpi => "mpi",
-            Transport::Rdma => "rdma",
-        }
+        self.into()
     }
 
     /// The transport stored as `value`.
@@ -156,7 +152,8 @@ pub enum Direction {
 }
 
 /// What a perf sample measured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
 #[repr(u8)]
 pub enum PerfSampleKind {
     /// Software cpu-clock timer.
@@ -180,16 +177,7 @@ pub enum PerfSampleKind {
 impl PerfSampleKind {
     /// The sample kind's name, as the viewer and exports show it (`cpu-clock`, `mem-load`, ...).
     pub fn name(self) -> &'static str {
-        match self {
-            PerfSampleKind::CpuClock => "cpu-clock",
-            PerfSampleKind::TaskClock => "task-clock",
-            PerfSampleKind::Cycles => "cycles",
-            PerfSampleKind::Instructions => "instructions",
-            PerfSampleKind::MemLoad => "mem-load",
-            PerfSampleKind::MemStore => "mem-store",
-            PerfSampleKind::BranchMiss => "branch-miss",
-            PerfSampleKind::CacheMiss => "cache-miss",
-        }
+        self.into()
     }
 
     /// The sample kind stored as `value`.
@@ -199,7 +187,8 @@ impl PerfSampleKind {
 }
 
 /// Which probe produced an eBPF event (the meaning of `arg0..arg2` depends on it; see trace.capnp).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
 #[repr(u8)]
 pub enum EbpfKind {
     /// A syscall that took at least the recorder's threshold: `ns` = entry, arg0 = syscall nr,
@@ -232,10 +221,16 @@ impl EbpfKind {
     pub fn from_u8(value: u8) -> Option<EbpfKind> {
         Self::from_repr(value)
     }
+
+    /// What the probe saw, as the viewer and exports name it (`off-cpu`, `syscall-histogram`, ...).
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
 }
 
 /// What a perf software record is (the meaning of `arg0..arg2` depends on it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr, strum::IntoStaticStr)]
+#[strum(serialize_all = "kebab-case")]
 #[repr(u8)]
 pub enum SoftwareKind {
     /// A context switch: arg0 = tid switched out (else 0), arg1 = tid switched in (else 0),
@@ -250,9 +245,19 @@ impl SoftwareKind {
     pub fn from_u8(value: u8) -> Option<SoftwareKind> {
         Self::from_repr(value)
     }
+
+    /// What was recorded, as the viewer and exports name it (`context-switch`, `page-fault`).
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
 }
 
-/// A kernel ran on one thread over rows `[row_start, row_end)`.
+/// A kernel ran over `rows` output rows of one step.
+///
+/// The log also has room for the first row and a worker-thread index (`rowStart`, `thread` in
+/// trace.capnp); slug's recorder runs every kernel call whole, so it writes both as zero and
+/// readers leave them out. An older log that filled them reads back with `rows` the rows its
+/// span covered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KernelSpan {
     /// Interned kernel name.
@@ -264,12 +269,8 @@ pub struct KernelSpan {
     pub step: u64,
     /// Microbatch (sequence) in flight.
     pub seq: u32,
-    /// First row this thread computed.
-    pub row_start: u32,
-    /// One past the last row.
-    pub row_end: u32,
-    /// Worker thread index.
-    pub thread: u32,
+    /// Output rows the call computed.
+    pub rows: u32,
     /// Start, CLOCK_MONOTONIC ns of the endpoint's node.
     pub start_ns: u64,
     /// End, same clock.
@@ -394,32 +395,13 @@ pub struct PtChunk {
     pub ns: u64,
 }
 
-/// An event from an eBPF endpoint probe.
+/// What the operating system did to a stage's threads, as one of two sources saw it: an eBPF
+/// endpoint probe ([`EbpfEvent`], `K` = [`EbpfKind`]) or a perf software record
+/// ([`SoftwareRecord`], `K` = [`SoftwareKind`]). The kind says what the three arguments mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct EbpfEvent {
-    /// Which probe.
-    pub kind: EbpfKind,
-    /// Process id.
-    pub pid: u32,
-    /// Thread id.
-    pub tid: u32,
-    /// CPU.
-    pub cpu: u32,
-    /// First probe argument.
-    pub arg0: u64,
-    /// Second probe argument.
-    pub arg1: u64,
-    /// Third probe argument.
-    pub arg2: u64,
-    /// When.
-    pub ns: u64,
-}
-
-/// A perf software record (context switch or page-fault sample), from perf_event_open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SoftwareRecord {
-    /// What was recorded.
-    pub kind: SoftwareKind,
+pub struct SystemRecord<K> {
+    /// What happened.
+    pub kind: K,
     /// Process id.
     pub pid: u32,
     /// Thread id.
@@ -432,8 +414,32 @@ pub struct SoftwareRecord {
     pub arg1: u64,
     /// Third argument.
     pub arg2: u64,
-    /// When.
+    /// When (an interval's or a syscall's start).
     pub ns: u64,
+}
+
+/// An event from an eBPF endpoint probe.
+pub type EbpfEvent = SystemRecord<EbpfKind>;
+
+/// A perf software record (context switch or page-fault sample), from perf_event_open.
+pub type SoftwareRecord = SystemRecord<SoftwareKind>;
+
+impl<K> SystemRecord<K> {
+    /// The three arguments in order.
+    pub fn args(&self) -> [u64; 3] {
+        [self.arg0, self.arg1, self.arg2]
+    }
+}
+
+impl EbpfEvent {
+    /// When it ends: an off-CPU interval's or slow syscall's end, else its time.
+    pub fn end_ns(&self) -> u64 {
+        match self.kind {
+            EbpfKind::OffCpu => self.ns.saturating_add(self.arg0),
+            EbpfKind::Syscall => self.ns.saturating_add(self.arg2),
+            _ => self.ns,
+        }
+    }
 }
 
 /// The recorder lost `count` events between `from_ns` and `to_ns`.
@@ -538,8 +544,7 @@ impl Event {
             Event::KernelSpan(e) => e.end_ns,
             Event::Transfer(e) => e.complete_ns,
             Event::LostEvents(e) => e.to_ns,
-            Event::Ebpf(e) if e.kind == EbpfKind::OffCpu => e.ns.saturating_add(e.arg0),
-            Event::Ebpf(e) if e.kind == EbpfKind::Syscall => e.ns.saturating_add(e.arg2),
+            Event::Ebpf(e) => e.end_ns(),
             other => other.ns(),
         }
     }

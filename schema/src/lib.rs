@@ -21,6 +21,7 @@ mod reader;
 pub mod snapshot;
 mod summary;
 pub mod synth;
+mod time;
 mod trace;
 mod transfer_id;
 mod writer;
@@ -44,15 +45,16 @@ pub use error::{Result, SchemaError};
 pub use event::{
     Counter, Direction, EbpfEvent, EbpfKind, Event, EventKind, KernelSpan, KindSet, LostEvents,
     Marker, PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, SoftwareRecord,
-    StepBoundary, StringId, Transfer, Transport,
+    StepBoundary, StringId, SystemRecord, Transfer, Transport,
 };
 pub use frame::{
     Clock, FILE_HEADER_LEN, FORMAT_VERSION, FRAME_HEADER_LEN, FrameEncoder, FrameInfo, LogHeader,
     MAX_PAYLOAD_LEN, MAX_RAW_LEN,
 };
 pub use raw::RawRecord;
-pub use reader::{DecodedFrame, EventsIn, FooterState, LogReader, Recovery, TimeRange};
+pub use reader::{DecodedFrame, EventsIn, FooterState, LogReader, Recovery};
 pub use summary::{EndpointSummary, LogSummary, TraceSummary};
+pub use time::TimeRange;
 pub use trace::{
     Cache, Capability, ENDPOINTS_DIR, EndpointInfo, HostTopology, HugePages, MANIFEST_FILE,
     Manifest, NodeClock, NumaNode, PAYLOADS_DIR, SNAPSHOTS_DIR, STAGE_OUTPUT_HASHES,

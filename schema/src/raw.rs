@@ -6,9 +6,9 @@
 //! [`crate::FrameEncoder`] turns a run of them into a compressed columnar frame.
 
 use crate::event::{
-    Counter, Direction, EbpfEvent, EbpfKind, Event, EventKind, KernelSpan, LostEvents, Marker,
-    PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, SoftwareRecord, StepBoundary,
-    Transfer, Transport,
+    Counter, Direction, EbpfKind, Event, EventKind, KernelSpan, LostEvents, Marker, PerfSample,
+    PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, StepBoundary, SystemRecord, Transfer,
+    Transport,
 };
 
 /// Words of payload in a record.
@@ -92,8 +92,10 @@ impl RawRecord {
             Event::KernelSpan(e) => {
                 w[0] = pack(e.kernel, crate::event::layer_wire::encode(e.layer));
                 w[1] = e.step;
-                w[2] = pack(e.seq, e.thread);
-                w[3] = pack(e.row_start, e.row_end);
+                // The high half of w[2] and the low half of w[3] are the first row and the
+                // thread, which the log keeps as zero columns (see `KernelSpan`).
+                w[2] = u64::from(e.seq);
+                w[3] = pack(0, e.rows);
                 w[4] = e.start_ns;
                 w[5] = e.end_ns;
                 if let Some(h) = e.output_hash {
@@ -148,24 +150,8 @@ impl RawRecord {
                 (w[3], w[4]) = lo_hi(e.payload);
                 w[5] = e.ns;
             }
-            Event::PerfSoftware(e) => {
-                r.small[0] = e.kind as u8;
-                w[0] = u64::from(e.pid);
-                w[1] = pack(e.tid, e.cpu);
-                w[2] = e.arg0;
-                w[3] = e.arg1;
-                w[4] = e.arg2;
-                w[5] = e.ns;
-            }
-            Event::Ebpf(e) => {
-                r.small[0] = e.kind as u8;
-                w[0] = u64::from(e.pid);
-                w[1] = pack(e.tid, e.cpu);
-                w[2] = e.arg0;
-                w[3] = e.arg1;
-                w[4] = e.arg2;
-                w[5] = e.ns;
-            }
+            Event::PerfSoftware(e) => r.put_system(e.kind as u8, &e),
+            Event::Ebpf(e) => r.put_system(e.kind as u8, &e),
             Event::LostEvents(e) => {
                 w[0] = e.count;
                 w[1] = u64::from(e.reason);
@@ -195,9 +181,7 @@ impl RawRecord {
                 layer: crate::event::layer_wire::decode(hi32(w[0])),
                 step: w[1],
                 seq: lo32(w[2]),
-                thread: hi32(w[2]),
-                row_start: lo32(w[3]),
-                row_end: hi32(w[3]),
+                rows: hi32(w[3]).wrapping_sub(lo32(w[3])),
                 start_ns: w[4],
                 end_ns: w[5],
                 output_hash: has_option.then(|| join(w[6], w[7])),
@@ -253,26 +237,10 @@ impl RawRecord {
                 payload: join(w[3], w[4]),
                 ns: w[5],
             }),
-            EventKind::Ebpf => Event::Ebpf(EbpfEvent {
-                kind: EbpfKind::from_u8(self.small[0])?,
-                pid: w[0] as u32,
-                tid: lo32(w[1]),
-                cpu: hi32(w[1]),
-                arg0: w[2],
-                arg1: w[3],
-                arg2: w[4],
-                ns: w[5],
-            }),
-            EventKind::PerfSoftware => Event::PerfSoftware(SoftwareRecord {
-                kind: SoftwareKind::from_u8(self.small[0])?,
-                pid: w[0] as u32,
-                tid: lo32(w[1]),
-                cpu: hi32(w[1]),
-                arg0: w[2],
-                arg1: w[3],
-                arg2: w[4],
-                ns: w[5],
-            }),
+            EventKind::Ebpf => Event::Ebpf(self.system(EbpfKind::from_u8(self.small[0])?)),
+            EventKind::PerfSoftware => {
+                Event::PerfSoftware(self.system(SoftwareKind::from_u8(self.small[0])?))
+            }
             EventKind::LostEvents => Event::LostEvents(LostEvents {
                 count: w[0],
                 reason: w[1] as u32,
@@ -289,6 +257,34 @@ impl RawRecord {
                 ns: w[2],
             }),
         })
+    }
+}
+
+impl RawRecord {
+    /// Packs an eBPF event or perf software record (the same layout for both).
+    #[inline]
+    fn put_system<K>(&mut self, kind: u8, e: &SystemRecord<K>) {
+        self.small[0] = kind;
+        let w = &mut self.words;
+        w[0] = u64::from(e.pid);
+        w[1] = pack(e.tid, e.cpu);
+        (w[2], w[3], w[4]) = (e.arg0, e.arg1, e.arg2);
+        w[5] = e.ns;
+    }
+
+    /// Unpacks what [`RawRecord::put_system`] packed, with its kind already checked.
+    fn system<K>(&self, kind: K) -> SystemRecord<K> {
+        let w = &self.words;
+        SystemRecord {
+            kind,
+            pid: w[0] as u32,
+            tid: lo32(w[1]),
+            cpu: hi32(w[1]),
+            arg0: w[2],
+            arg1: w[3],
+            arg2: w[4],
+            ns: w[5],
+        }
     }
 }
 

@@ -19,33 +19,7 @@ use crate::frame::{
     CODEC_NONE, FILE_HEADER_LEN, FOOTER_MAGIC, FRAME_HEADER_LEN, FRAME_MAGIC, FrameInfo,
     INDEX_ENTRY_LEN, LogHeader, TRAILER_LEN, TRAILER_MAGIC, parse_frame_header, u64_at,
 };
-
-/// An inclusive time range in the log's clock (ns).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-pub struct TimeRange {
-    /// First ns in the range.
-    pub start_ns: u64,
-    /// Last ns in the range.
-    pub end_ns: u64,
-}
-
-impl TimeRange {
-    /// All of time.
-    pub const ALL: TimeRange = TimeRange {
-        start_ns: 0,
-        end_ns: u64::MAX,
-    };
-
-    /// `[start_ns, end_ns]`.
-    pub fn new(start_ns: u64, end_ns: u64) -> TimeRange {
-        TimeRange { start_ns, end_ns }
-    }
-
-    /// Whether `[from, to]` overlaps the range.
-    pub fn overlaps(&self, from: u64, to: u64) -> bool {
-        from <= self.end_ns && to >= self.start_ns
-    }
-}
+use crate::time::TimeRange;
 
 /// State of a log's index footer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -212,6 +186,14 @@ impl LogReader {
         self.strings.get(&id).map(|s| &**s)
     }
 
+    /// Every string the log defines (that survived), as (id, text), in id order.
+    pub fn strings(&self) -> Vec<(StringId, &str)> {
+        let mut all: Vec<(StringId, &str)> =
+            self.strings.iter().map(|(&id, s)| (id, &**s)).collect();
+        all.sort_unstable_by_key(|(id, _)| *id);
+        all
+    }
+
     /// Number of strings the log defines (that survived).
     pub fn string_count(&self) -> usize {
         self.strings.len()
@@ -228,17 +210,14 @@ impl LogReader {
         counts
     }
 
-    /// Earliest and latest timestamps of any event, or `None` for a log without events.
+    /// From the earliest event's start to the latest event's end, or `None` for a log without
+    /// events.
     pub fn time_span(&self) -> Option<TimeRange> {
         self.index
             .iter()
             .filter(|f| !f.is_empty())
-            .fold(None, |acc: Option<TimeRange>, f| {
-                Some(match acc {
-                    None => TimeRange::new(f.t_min, f.t_max),
-                    Some(r) => TimeRange::new(r.start_ns.min(f.t_min), r.end_ns.max(f.t_max)),
-                })
-            })
+            .map(|f| TimeRange::new(f.t_min, f.t_max))
+            .reduce(TimeRange::hull)
     }
 
     /// Decodes one frame of the index.
@@ -346,14 +325,14 @@ impl Iterator for EventsIn<'_> {
             let has_kind = EventKind::ALL
                 .iter()
                 .any(|&k| self.kinds.contains(k) && info.count(k) > 0);
-            if info.is_empty() || !has_kind || !self.range.overlaps(info.t_min, info.t_max) {
+            if info.is_empty() || !has_kind || !self.range.touches(info.t_min, info.t_max) {
                 continue;
             }
             let (kinds, range) = (self.kinds, self.range);
             match self.reader.decode(info, |k| kinds.contains(k)) {
                 Ok(b) => {
                     let mut events = b.events;
-                    events.retain(|e| range.overlaps(e.ns(), e.end_ns().max(e.ns())));
+                    events.retain(|e| range.touches(e.ns(), e.end_ns().max(e.ns())));
                     self.current = events.into_iter();
                 }
                 Err(e) => return Some(Err(e)),

@@ -36,7 +36,12 @@ pub const DEFAULT_CHUNK_SIZE: usize = 256 * 1024;
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
 const INDEX_MAGIC: &[u8; 8] = b"SLUGSNAP";
-const INDEX_VERSION: u32 = 1;
+/// Version 2 adds the referenced weights ([`WeightsRef`]); version 1 indexes still read.
+const INDEX_VERSION: u32 = 2;
+/// Header flag (the u32 at byte 44): the index ends with a [`WeightsRef`].
+const FLAG_WEIGHTS: u32 = 1;
+/// The longest weights source an index may hold.
+const MAX_SOURCE_LEN: usize = 4096;
 const INDEX_HEADER_LEN: usize = 48;
 /// Directory of chunk files inside the store.
 pub const CHUNKS_DIR: &str = "chunks";
@@ -46,6 +51,40 @@ pub const CHUNKS_DIR: &str = "chunks";
 pub fn index_path(dir: &Path, stage: u32, step: u64) -> PathBuf {
     dir.join(format!("stage-{stage}"))
         .join(format!("step-{step}.idx"))
+}
+
+/// Weights a snapshot references instead of storing: they are immutable and reproducible, so
+/// the restorer regenerates them (from the seed) or loads them (from a checkpoint file) into
+/// its stage and checks them against `hash` before it takes the snapshot's other chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightsRef {
+    /// First referenced chunk: chunks `first_chunk..first_chunk + chunks` are the weights (the
+    /// whole chunks inside the weights section; a chunk it shares with other state is stored).
+    pub first_chunk: u32,
+    /// Referenced chunks; their entries in [`SnapshotIndex::chunks`] are 0 (nothing stored).
+    pub chunks: u32,
+    /// xxh3-128 of the arena bytes those chunks cover.
+    pub hash: u128,
+    /// Where the weights come from, for the restorer and its error messages (e.g. `seed 42 of
+    /// the small preset`).
+    pub source: String,
+}
+
+impl WeightsRef {
+    /// The arena bytes the referenced chunks cover, for an arena of `arena_len` bytes chunked
+    /// by `chunk_size`.
+    pub fn byte_range(&self, chunk_size: usize, arena_len: usize) -> std::ops::Range<usize> {
+        let chunks = self.chunk_range();
+        let start = chunks.start.saturating_mul(chunk_size).min(arena_len);
+        let end = chunks.end.saturating_mul(chunk_size).min(arena_len);
+        start..end
+    }
+
+    /// The referenced chunks' indexes.
+    pub fn chunk_range(&self) -> std::ops::Range<usize> {
+        let first = self.first_chunk as usize;
+        first..first.saturating_add(self.chunks as usize)
+    }
 }
 
 /// What one snapshot holds: the arena size, the chunking, the cursor blob and each chunk's hash.
@@ -61,8 +100,11 @@ pub struct SnapshotIndex {
     pub chunk_size: u32,
     /// The stage's small position state (step counters, sequence positions), stored inline.
     pub cursor: Vec<u8>,
-    /// xxh3-128 of each chunk's bytes, in arena order.
+    /// xxh3-128 of each chunk's bytes, in arena order (0 for a chunk of `weights`).
     pub chunks: Vec<u128>,
+    /// The weights, referenced instead of stored (version 2 indexes; `None`: every chunk is
+    /// stored, as version 1 stored them).
+    pub weights: Option<WeightsRef>,
 }
 
 impl SnapshotIndex {
@@ -78,10 +120,22 @@ impl SnapshotIndex {
         out.extend_from_slice(&self.chunk_size.to_le_bytes());
         out.extend_from_slice(&(self.chunks.len() as u32).to_le_bytes());
         out.extend_from_slice(&(self.cursor.len() as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        let flags = if self.weights.is_some() {
+            FLAG_WEIGHTS
+        } else {
+            0
+        };
+        out.extend_from_slice(&flags.to_le_bytes());
         out.extend_from_slice(&self.cursor);
         for hash in &self.chunks {
             out.extend_from_slice(&hash.to_le_bytes());
+        }
+        if let Some(w) = &self.weights {
+            out.extend_from_slice(&w.first_chunk.to_le_bytes());
+            out.extend_from_slice(&w.chunks.to_le_bytes());
+            out.extend_from_slice(&w.hash.to_le_bytes());
+            out.extend_from_slice(&(w.source.len() as u32).to_le_bytes());
+            out.extend_from_slice(w.source.as_bytes());
         }
         let checksum = xxh3_64(&out);
         out.extend_from_slice(&checksum.to_le_bytes());
@@ -107,10 +161,14 @@ impl SnapshotIndex {
         let u32_at = |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().unwrap_or([0; 4]));
         let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().unwrap_or([0; 8]));
         let version = u32_at(8);
-        if version != INDEX_VERSION {
+        if version == 0 || version > INDEX_VERSION {
             return Err(bad(format!(
-                "version {version}, this slug reads version {INDEX_VERSION}"
+                "version {version}, this slug reads versions 1 to {INDEX_VERSION}"
             )));
+        }
+        let flags = if version >= 2 { u32_at(44) } else { 0 };
+        if flags & !FLAG_WEIGHTS != 0 {
+            return Err(bad(format!("corrupt (unknown flags {flags:#x})")));
         }
         let (stage, step, arena_len) = (u32_at(12), u64_at(16), u64_at(24));
         let (chunk_size, count, cursor_len) = (u32_at(32), u32_at(36), u32_at(40));
@@ -123,18 +181,57 @@ impl SnapshotIndex {
             )));
         }
         let expected = INDEX_HEADER_LEN as u64 + u64::from(cursor_len) + u64::from(count) * 16;
-        if body.len() as u64 != expected {
+        let fixed_ok = if flags & FLAG_WEIGHTS == 0 {
+            body.len() as u64 == expected
+        } else {
+            body.len() as u64 >= expected + 28
+        };
+        if !fixed_ok {
             return Err(bad(format!(
-                "corrupt ({} bytes, the header implies {expected})",
-                body.len()
+                "corrupt ({} bytes, the header implies {expected}{})",
+                body.len(),
+                if flags & FLAG_WEIGHTS == 0 {
+                    ""
+                } else {
+                    " plus the weights reference"
+                }
             )));
         }
         let cursor_end = INDEX_HEADER_LEN + cursor_len as usize;
+        let hashes_end = cursor_end + count as usize * 16;
         let cursor = body[INDEX_HEADER_LEN..cursor_end].to_vec();
-        let chunks = body[cursor_end..]
+        let chunks: Vec<u128> = body[cursor_end..hashes_end]
             .chunks_exact(16)
             .map(|h| u128::from_le_bytes(h.try_into().unwrap_or([0; 16])))
             .collect();
+        let weights = if flags & FLAG_WEIGHTS == 0 {
+            None
+        } else {
+            let at = hashes_end;
+            let (first_chunk, n) = (u32_at(at), u32_at(at + 4));
+            let hash = u128::from_le_bytes(body[at + 8..at + 24].try_into().unwrap_or([0; 16]));
+            let source_len = u32_at(at + 24) as usize;
+            if source_len > MAX_SOURCE_LEN || body.len() != at + 28 + source_len {
+                return Err(bad(format!(
+                    "corrupt (a {source_len}-byte weights source in {} bytes)",
+                    body.len()
+                )));
+            }
+            if u64::from(first_chunk) + u64::from(n) > u64::from(count) {
+                return Err(bad(format!(
+                    "corrupt (weights chunks {first_chunk}..+{n} outside its {count} chunks)"
+                )));
+            }
+            let source = std::str::from_utf8(&body[at + 28..])
+                .map_err(|_| bad("corrupt (the weights source is not UTF-8)".into()))?
+                .to_owned();
+            Some(WeightsRef {
+                first_chunk,
+                chunks: n,
+                hash,
+                source,
+            })
+        };
         Ok(SnapshotIndex {
             stage,
             step,
@@ -142,6 +239,7 @@ impl SnapshotIndex {
             chunk_size,
             cursor,
             chunks,
+            weights,
         })
     }
 
@@ -170,6 +268,15 @@ pub struct SnapshotInfo {
     pub new_chunks: u32,
     /// Compressed bytes written (0 until persisted).
     pub stored_bytes: u64,
+}
+
+/// What [`SnapshotStore::restore`] read besides the arena's stored chunks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredSnapshot {
+    /// The stage's cursor blob.
+    pub cursor: Vec<u8>,
+    /// The weights the snapshot references instead of storing (not written into the arena).
+    pub weights: Option<WeightsRef>,
 }
 
 /// A captured snapshot whose new chunks are copied out of the arena but not yet written.
@@ -332,10 +439,29 @@ impl SnapshotStore {
         cursor: &[u8],
         known: &[Option<u128>],
     ) -> Result<PendingSnapshot> {
+        self.capture_referencing(stage, step, arena, cursor, known, None)
+    }
+
+    /// [`SnapshotStore::capture_with`] that references `weights` instead of storing them: their
+    /// chunks are neither hashed nor copied (the caller vouches for `weights.hash`, computed
+    /// once: weights never change), and the index says where they come from.
+    pub fn capture_referencing(
+        &self,
+        stage: u32,
+        step: u64,
+        arena: &[u8],
+        cursor: &[u8],
+        known: &[Option<u128>],
+        weights: Option<&WeightsRef>,
+    ) -> Result<PendingSnapshot> {
+        let referenced = weights.map_or(0..0, WeightsRef::chunk_range);
         let hashes: Vec<u128> = arena
             .chunks(self.chunk_size)
             .enumerate()
             .map(|(i, c)| {
+                if referenced.contains(&i) {
+                    return 0;
+                }
                 known
                     .get(i)
                     .copied()
@@ -348,6 +474,9 @@ impl SnapshotStore {
             let mut state = self.lock();
             self.check_healthy(&state)?;
             for (i, &hash) in hashes.iter().enumerate() {
+                if referenced.contains(&i) {
+                    continue;
+                }
                 if state.known.insert(hash) {
                     let start = i * self.chunk_size;
                     let end = (start + self.chunk_size).min(arena.len());
@@ -363,6 +492,7 @@ impl SnapshotStore {
                 chunk_size: self.chunk_size as u32,
                 cursor: cursor.to_vec(),
                 chunks: hashes,
+                weights: weights.cloned(),
             },
             new_chunks,
         })
@@ -482,8 +612,10 @@ impl SnapshotStore {
     }
 
     /// Restores `stage`'s snapshot at `step` into `arena` (which must be the recorded size),
-    /// verifying every chunk's hash; returns the cursor blob.
-    pub fn restore(&self, stage: u32, step: u64, arena: &mut [u8]) -> Result<Vec<u8>> {
+    /// verifying every chunk's hash; returns the cursor blob and the referenced weights, whose
+    /// bytes it leaves as they are: the caller regenerates them and checks
+    /// [`WeightsRef::hash`] (`slug_transport::pipeline::restore_stage` does).
+    pub fn restore(&self, stage: u32, step: u64, arena: &mut [u8]) -> Result<RestoredSnapshot> {
         let index = self.read_index(stage, step)?;
         if index.arena_len != arena.len() as u64 {
             return Err(SchemaError::ArenaSize {
@@ -494,10 +626,16 @@ impl SnapshotStore {
             });
         }
         let chunk_size = index.chunk_size as usize;
-        for (dst, &hash) in arena.chunks_mut(chunk_size).zip(&index.chunks) {
-            self.read_chunk_into(hash, dst)?;
+        let referenced = index.weights.as_ref().map_or(0..0, WeightsRef::chunk_range);
+        for (i, (dst, &hash)) in arena.chunks_mut(chunk_size).zip(&index.chunks).enumerate() {
+            if !referenced.contains(&i) {
+                self.read_chunk_into(hash, dst)?;
+            }
         }
-        Ok(index.cursor)
+        Ok(RestoredSnapshot {
+            cursor: index.cursor,
+            weights: index.weights,
+        })
     }
 
     /// Decompresses chunk `hash` into `dst` (exactly its size) and checks its content hash.
@@ -632,9 +770,10 @@ mod tests {
         assert_eq!(p.info().chunks, 6);
         s.persist(p).unwrap();
         let mut back = vec![0u8; a.len()];
-        let cursor = s.restore(2, 10, &mut back).unwrap();
+        let restored = s.restore(2, 10, &mut back).unwrap();
         assert_eq!(back, a);
-        assert_eq!(cursor, b"cursor");
+        assert_eq!(restored.cursor, b"cursor");
+        assert_eq!(restored.weights, None);
         assert_eq!(s.snapshots().unwrap(), vec![(2, 10)]);
     }
 
@@ -779,6 +918,7 @@ mod tests {
             chunk_size: 4096,
             cursor: vec![1, 2, 3],
             chunks: vec![1, u128::MAX, 42],
+            weights: None,
         };
         let bytes = index.encode();
         let p = Path::new("x.idx");
@@ -786,6 +926,60 @@ mod tests {
         let mut short = index.clone();
         short.chunks.pop();
         assert!(SnapshotIndex::decode(p, &short.encode()).is_err());
+        let referencing = SnapshotIndex {
+            chunks: vec![0, 0, 42],
+            weights: Some(WeightsRef {
+                first_chunk: 0,
+                chunks: 2,
+                hash: 7 << 100,
+                source: "seed 1 of tiny".into(),
+            }),
+            ..index.clone()
+        };
+        let bytes = referencing.encode();
+        assert_eq!(SnapshotIndex::decode(p, &bytes).unwrap(), referencing);
+        let mut outside = referencing.clone();
+        outside.weights.as_mut().unwrap().chunks = 4;
+        let err = SnapshotIndex::decode(p, &outside.encode()).unwrap_err();
+        assert!(err.to_string().contains("outside"), "{err}");
+        // A version 1 index (no flags word in use) still reads.
+        let mut v1 = index.encode();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let n = v1.len() - 8;
+        let sum = xxh3_64(&v1[..n]).to_le_bytes();
+        v1[n..].copy_from_slice(&sum);
+        assert_eq!(SnapshotIndex::decode(p, &v1).unwrap(), index);
+    }
+
+    /// Referenced weights are neither hashed, copied nor stored; restore leaves their bytes to
+    /// the caller and hands back the reference to check them against.
+    #[test]
+    fn referenced_weights_are_not_stored_and_come_back_as_a_reference() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let a = arena(CHUNK * 6, 9);
+        let weights = WeightsRef {
+            first_chunk: 1,
+            chunks: 3,
+            hash: xxh3_128(&a[CHUNK..4 * CHUNK]),
+            source: "seed 9".into(),
+        };
+        assert_eq!(weights.byte_range(CHUNK, a.len()), CHUNK..4 * CHUNK);
+        let p = s
+            .capture_referencing(0, 0, &a, b"c", &[], Some(&weights))
+            .unwrap();
+        assert_eq!(p.info().new_chunks, 3, "only the three unreferenced chunks");
+        assert_eq!(p.index().chunks[1..4], [0, 0, 0]);
+        s.persist(p).unwrap();
+        let mut back = vec![0xEEu8; a.len()];
+        let restored = s.restore(0, 0, &mut back).unwrap();
+        assert_eq!(restored.weights, Some(weights));
+        assert_eq!(back[..CHUNK], a[..CHUNK]);
+        assert!(
+            back[CHUNK..4 * CHUNK].iter().all(|&b| b == 0xEE),
+            "left alone"
+        );
+        assert_eq!(back[4 * CHUNK..], a[4 * CHUNK..]);
     }
 
     #[test]
@@ -802,7 +996,10 @@ mod tests {
         assert_eq!(infos.len(), 5);
         assert!(infos[0].stored_bytes > 0);
         let mut back = vec![0; a.len()];
-        assert_eq!(s.restore(0, 3, &mut back).unwrap(), 3u64.to_le_bytes());
+        assert_eq!(
+            s.restore(0, 3, &mut back).unwrap().cursor,
+            3u64.to_le_bytes()
+        );
         assert_eq!(back[0], 3);
         assert_eq!(back[1..], a[1..]);
     }

@@ -11,7 +11,8 @@ use crate::Event;
 use crate::event::EventKind;
 use crate::frame::Clock;
 use crate::raw::RawRecord;
-use crate::reader::{LogReader, Recovery, TimeRange};
+use crate::reader::{LogReader, Recovery};
+use crate::time::TimeRange;
 use crate::trace::{Capability, Trace};
 
 /// Summary of one endpoint log.
@@ -33,7 +34,7 @@ pub struct EndpointSummary {
     pub events: u64,
     /// Events per kind, by [`EventKind::name`].
     pub counts: BTreeMap<String, u64>,
-    /// First and last timestamps, on the endpoint node's clock.
+    /// From the earliest event's start to the latest event's end, on the endpoint node's clock.
     pub time_span: Option<TimeRange>,
     /// File size.
     pub bytes: u64,
@@ -174,9 +175,7 @@ impl TraceSummary {
                         match shifted {
                             Some((a, b)) => {
                                 let r = TimeRange::new(a, b);
-                                span = Some(span.map_or(r, |x| {
-                                    TimeRange::new(x.start_ns.min(a), x.end_ns.max(b))
-                                }));
+                                span = Some(span.map_or(r, |x| x.hull(r)));
                             }
                             None => s.problems.push(format!(
                                 "clock offset of node {} ({offset} ns) moves its times out of \
@@ -284,10 +283,8 @@ impl LogSummary {
                 if let Event::LostEvents(l) = e {
                     lost_events = lost_events.saturating_add(l.count);
                 }
-                let (a, b) = (e.ns(), e.end_ns().max(e.ns()));
-                span = Some(span.map_or(TimeRange::new(a, b), |r| {
-                    TimeRange::new(r.start_ns.min(a), r.end_ns.max(b))
-                }));
+                let r = TimeRange::new(e.ns(), e.end_ns().max(e.ns()));
+                span = Some(span.map_or(r, |x| x.hull(r)));
             }
         }
         let events = counts.iter().sum();

@@ -473,13 +473,11 @@ impl EndpointStream {
                             layer: Some(global_layer),
                             step,
                             seq,
-                            row_start: th * rows,
-                            row_end: if th + 1 == threads {
-                                cfg.hidden
+                            rows: if th + 1 == threads {
+                                cfg.hidden - th * rows
                             } else {
-                                (th + 1) * rows
+                                rows
                             },
-                            thread: th,
                             start_ns: start,
                             end_ns: end,
                             output_hash: None,

@@ -66,18 +66,22 @@ fn prefaulted(capacity: usize) -> Vec<RawRecord> {
     v
 }
 
+/// Runs on the encoder thread once the events appended before it are in the file.
+type WrittenHook = Box<dyn FnOnce() + Send>;
+
 enum Chunk {
     Strings {
         first: u32,
         strings: Vec<String>,
     },
-    Events(Vec<RawRecord>),
+    /// Records to encode as one frame, then the callbacks to run once everything before them
+    /// is in the file.
+    Events(Vec<RawRecord>, Vec<WrittenHook>),
     /// Write out everything so far, then signal.
     Sync(Sender<()>),
 }
 
 /// Appends events to one endpoint log.
-#[derive(Debug)]
 pub struct LogWriter {
     path: PathBuf,
     buf: Vec<RawRecord>,
@@ -88,13 +92,28 @@ pub struct LogWriter {
     to_encoder: Option<Sender<Chunk>>,
     spare: Receiver<Vec<RawRecord>>,
     encoder: Option<JoinHandle<Result<LogStats>>>,
+    /// Callbacks waiting for the events buffered now to reach the file.
+    hooks: Vec<WrittenHook>,
+    /// Events appended so far (buffered ones included).
+    appended: u64,
+}
+
+impl std::fmt::Debug for LogWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogWriter")
+            .field("path", &self.path)
+            .field("buffered", &self.buf.len())
+            .field("appended", &self.appended)
+            .field("hooks", &self.hooks.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Chunk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Chunk::Strings { first, strings } => write!(f, "Strings({first}, {})", strings.len()),
-            Chunk::Events(v) => write!(f, "Events({})", v.len()),
+            Chunk::Events(v, hooks) => write!(f, "Events({}, {} hooks)", v.len(), hooks.len()),
             Chunk::Sync(_) => write!(f, "Sync"),
         }
     }
@@ -180,6 +199,8 @@ impl LogWriter {
             to_encoder: Some(to_encoder),
             spare,
             encoder: Some(encoder),
+            hooks: Vec::new(),
+            appended: 0,
         })
     }
 
@@ -212,9 +233,40 @@ impl LogWriter {
     #[inline]
     pub fn append_raw(&mut self, record: RawRecord) {
         self.buf.push(record);
+        self.appended += 1;
         if self.buf.len() >= self.events_per_frame {
             self.ship();
         }
+    }
+
+    /// Events appended so far, including those still buffered.
+    pub fn appended(&self) -> u64 {
+        self.appended
+    }
+
+    /// Events appended and not yet handed to the encoder (the frame being filled).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Runs `hook` on the encoder thread once every event appended before this call is written
+    /// to the file (handed to the kernel: it survives the process being killed). Hooks run in
+    /// the order they were given; if the log cannot be written they never run. This is how a
+    /// flight recorder keeps its ring slots until the frame holding their events is on disk.
+    pub fn after_written(&mut self, hook: impl FnOnce() + Send + 'static) {
+        self.hooks.push(Box::new(hook));
+        if self.buf.is_empty() {
+            // Everything appended is already on its way to the encoder: the hook follows it
+            // rather than waiting for the next frame.
+            self.ship();
+        }
+    }
+
+    /// Ends the current frame early and hands it to the encoder without waiting for it: for a
+    /// caller whose buffers (flight rings) fill before a frame does. Smaller frames compress
+    /// less well, so this is the exception, not the cadence.
+    pub fn cut_frame(&mut self) {
+        self.ship();
     }
 
     /// Hands the buffered events (and any new strings) to the encoder and waits until they are
@@ -240,16 +292,22 @@ impl LogWriter {
             let _ = tx.send(Chunk::Strings { first, strings });
         }
         if self.buf.is_empty() {
+            if !self.hooks.is_empty() {
+                let _ = tx.send(Chunk::Events(Vec::new(), std::mem::take(&mut self.hooks)));
+            }
             return;
         }
         // Waits while every other buffer is queued or encoding: back-pressure, bounded memory.
         match self.spare.recv() {
             Ok(fresh) => {
                 let full = std::mem::replace(&mut self.buf, fresh);
-                let _ = tx.send(Chunk::Events(full));
+                let _ = tx.send(Chunk::Events(full, std::mem::take(&mut self.hooks)));
             }
             // The encoder stopped and will not return buffers; close() reports why.
-            Err(_) => self.buf.clear(),
+            Err(_) => {
+                self.buf.clear();
+                self.hooks.clear();
+            }
         }
     }
 
@@ -292,6 +350,7 @@ fn encode_loop(
     let mut offset = FILE_HEADER_LEN as u64;
     let mut stats = LogStats::default();
     let mut out = Vec::new();
+    let mut written: Vec<WrittenHook> = Vec::new();
     let io = |e| SchemaError::io(&path, e);
     for chunk in chunks {
         out.clear();
@@ -300,10 +359,16 @@ fn encode_loop(
                 stats.strings += strings.len() as u64;
                 encoder.encode(&[], first, &strings, &mut out)?
             }
-            Chunk::Events(mut records) => {
+            Chunk::Events(records, hooks) if records.is_empty() => {
+                file.flush().map_err(io)?;
+                hooks.into_iter().for_each(|h| h());
+                continue;
+            }
+            Chunk::Events(mut records, hooks) => {
                 let info = encoder.encode(&records, 0, &[], &mut out)?;
                 records.clear();
                 let _ = give_back.try_send(records);
+                written = hooks;
                 info
             }
             Chunk::Sync(done) => {
@@ -315,6 +380,12 @@ fn encode_loop(
         info.offset = offset;
         file.write_all(&out).map_err(io)?;
         offset += out.len() as u64;
+        if !written.is_empty() {
+            // The frame must be in the file, not in this process's buffer, before the hooks
+            // let go of anything that still holds its events.
+            file.flush().map_err(io)?;
+            written.drain(..).for_each(|h| h());
+        }
         stats.events += u64::from(info.events);
         for (total, &c) in stats.counts.iter_mut().zip(&info.counts) {
             *total += u64::from(c);

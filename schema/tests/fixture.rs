@@ -2,7 +2,10 @@
 //! the same events written by the writer of version N) must keep decoding to those events: this
 //! guards readers against accidental format changes. Set SLUG_WRITE_FIXTURE=1 to (re)write the
 //! fixture of the current version, only when the format version changes on purpose; older
-//! fixtures are never rewritten (this build cannot write them).
+//! fixtures are never rewritten (this build cannot write them). The v3 fixture was rewritten
+//! once within version 3, when kernel spans lost their always-zero first row and thread from
+//! the API: its `rowStart` and `thread` columns are zero now, as every v3 recording's are, and
+//! the v1-v2 fixtures still show that logs filling them read back.
 
 use std::path::PathBuf;
 
@@ -25,17 +28,17 @@ fn events(version: u32) -> Vec<Event> {
             seq: 1,
             ns: t,
         }));
-        for thread in 0..2u32 {
+        // Two spans a step: versions 1-2 wrote them as two threads' halves of 128 rows
+        // (rowStart 0 and 64, thread 0 and 1), which read back as 64 rows each.
+        for half in 0..2u64 {
             v.push(Event::KernelSpan(KernelSpan {
                 kernel: (i % 2) as u32,
                 layer: Some(3),
                 step: i,
                 seq: 1,
-                row_start: thread * 64,
-                row_end: thread * 64 + 64,
-                thread,
-                start_ns: t + 100 + u64::from(thread) * 7,
-                end_ns: t + 4_100 + u64::from(thread) * 13,
+                rows: 64,
+                start_ns: t + 100 + half * 7,
+                end_ns: t + 4_100 + half * 13,
                 output_hash: (i == 2).then_some(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210),
             }));
         }

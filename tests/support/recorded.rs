@@ -148,7 +148,7 @@ fn add_kernel_hashes(out: &Path, hashes: &HashMap<(u32, u64, u8, Option<u32>), u
                 .map(|i| log.string(i).unwrap_or("").to_string())
                 .collect();
             events = log
-                .events_in(TimeRange::new(0, u64::MAX), KindSet::of(&EventKind::ALL))
+                .events_in(TimeRange::ALL, KindSet::of(&EventKind::ALL))
                 .map(|e| e.expect("event"))
                 .collect();
         }

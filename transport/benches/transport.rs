@@ -15,6 +15,7 @@ use slug_kernels::ModelConfig;
 use slug_transport::AbortFlag;
 use slug_transport::auth::ClusterKey;
 use slug_transport::fabric::{Fabric, FabricLayout, RingSpec};
+use slug_transport::link::ring::{RingRecv, RingSend};
 use slug_transport::link::{LinkEnds, LinkIntegrity, LinkReceiver, LinkSender, Region, RegionMut};
 use slug_transport::pipeline::{Launch, NoObservers, PipelineConfig, run};
 use slug_transport::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
@@ -84,11 +85,11 @@ fn ring_links(kind: TransportKind, size: usize) -> (Pair, Pair) {
         }
     };
     let link = |id: u32, tx: &Arc<Fabric>, rx: &Arc<Fabric>| {
+        let send = RingSend::new(tx.clone(), id as usize, kind).expect("sender");
+        let recv = RingRecv::new(rx.clone(), id as usize, kind).expect("receiver");
         (
-            LinkSender::over_fabric(tx.clone(), id as usize, ends(id), kind, Observers::none())
-                .expect("sender"),
-            LinkReceiver::over_fabric(rx.clone(), id as usize, ends(id), kind, Observers::none())
-                .expect("receiver"),
+            LinkSender::new(ends(id), Box::new(send), Observers::none()),
+            LinkReceiver::new(ends(id), Box::new(recv), Observers::none()),
         )
     };
     (link(0, &tx_side, &rx_side), link(1, &rx_side, &tx_side))

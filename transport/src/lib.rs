@@ -4,16 +4,16 @@
 //! A transfer moves `len` bytes from an offset of a registered arena on one endpoint to an
 //! offset of a registered arena on another: arenas are registered once (every pipeline stage
 //! registers its whole [`slug_kernels::StageArena`] as [`pipeline::STAGE_ARENA`]) and transfers
-//! name places by offset, so nothing is allocated per tensor. [`link::LinkSender::send`] and
-//! [`link::LinkReceiver::recv`] are the only way bytes cross between endpoints; the backends
-//! behind them are private, and both always call the endpoint's
-//! [`transfer::TransferObserver`]s (post on the sender, completion on the receiver, with the
+//! name places by offset, so nothing is allocated per tensor. [`link::LinkEnd::send`] and
+//! [`link::LinkEnd::recv`] are the only way bytes cross between endpoints; the backends behind
+//! them ([`link::SendBackend`], [`link::RecvBackend`]) only move bytes, and the link end always
+//! calls the endpoint's [`transfer::TransferObserver`]s (post on the sender, completion on the receiver, with the
 //! bytes), so a recorder cannot miss a transfer. Ids are deterministic (link, sequence number);
 //! post and complete times are `CLOCK_MONOTONIC` nanoseconds of the respective node.
 //!
 //! Backends (modules under [`link`]; the traits there are where a new one plugs in):
 //! - `local` ([`link::ring`]): stages are threads; each link is a slot ring in a heap [`fabric::Fabric`].
-//! - `shm` ([`link::ring`]): stages are processes; the rings live in one memory-mapped fabric file (pooled fabric
+//! - `shm` ([`link::ring`], [`link::shm`]): stages are processes; the rings live in one memory-mapped fabric file (pooled fabric
 //!   memory); waits spin briefly, yield, then sleep on a futex in bounded slices.
 //!
 //! On both ring backends a receiver that is already waiting posts its arena in the ring header

@@ -43,6 +43,7 @@ impl StageStateObserver for KeepStage {
         let state = StageState {
             arena: stage.arena().bytes().to_vec(),
             cursor: stage.cursor().clone(),
+            weights: None,
         };
         self.1
             .lock()

@@ -127,7 +127,7 @@ fn decode_window(dir: &Path, app: &App) -> u64 {
         let log: LogReader = trace.endpoint_log(info.id).expect("log opens");
         let nonempty: Vec<_> = log.index().iter().filter(|f| !f.is_empty()).collect();
         for (i, f) in src.frames(ep).iter().enumerate() {
-            if app.view.touches(f.range.start, f.range.end) {
+            if app.view.touches(f.range.start_ns, f.range.end_ns) {
                 n += log.decode_frame(nonempty[i]).expect("decodes").events.len() as u64;
             }
         }

@@ -1,19 +1,15 @@
 //! The trace-directory source: `slug_schema::Trace` and its endpoint logs seen through the
-//! viewer's `TraceSource`, with node clock offsets applied and interned strings resolved.
+//! viewer's `TraceSource`, with node clock offsets applied and interned strings merged into one
+//! table for the trace.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
 
-use slug_schema::{
-    EbpfKind, Event, FooterState, FrameInfo, LogReader, SoftwareKind, StringId, Trace,
-};
+use slug_schema::{Event, FooterState, FrameInfo, LogReader, StringId, Trace};
 
 use crate::error::{Result, ViewerError};
 use crate::state::event::{
-    CounterReading, EndpointIx, EventKind, KernelSpan, KindCounts, LostEvents, Nanos, PerfSample,
-    PtChunk, SnapshotEvent, StepBoundary, SystemEvent, SystemKind, SystemSource, TimeRange,
-    TraceEvent, Transfer, UserMarker,
+    EndpointIx, EventKind, KindCounts, Names, Nanos, TimeRange, TraceEvent, Transfer,
 };
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, TraceSource};
 
@@ -26,8 +22,8 @@ struct EndpointLog {
     summaries: Vec<FrameSummary>,
     /// Offset from the node's clock to the trace-global clock.
     offset_ns: i64,
-    /// Resolved strings, shared by every event that names them.
-    strings: Mutex<HashMap<StringId, Arc<str>>>,
+    /// The log's string ids → the trace's ([`Names`]).
+    string_ids: HashMap<StringId, StringId>,
 }
 
 /// A trace directory opened for viewing or export.
@@ -37,6 +33,7 @@ pub struct TraceDirSource {
     logs: Vec<EndpointLog>,
     /// Endpoint id (as in transfers) → index in `endpoints`.
     index_of: HashMap<u32, EndpointIx>,
+    names: Names,
 }
 
 impl TraceDirSource {
@@ -61,6 +58,7 @@ impl TraceDirSource {
         let mut endpoints = Vec::new();
         let mut logs = Vec::new();
         let mut index_of = HashMap::new();
+        let mut names = Names::default();
         for (i, ep) in manifest.endpoints.iter().enumerate() {
             let path = dir.join(&ep.log);
             // Through the trace: the path must stay inside it and be a regular file.
@@ -93,18 +91,24 @@ impl TraceDirSource {
                 stage: ep.stage,
                 rank: ep.rank,
             });
+            let string_ids = reader
+                .strings()
+                .into_iter()
+                .map(|(id, s)| (id, names.intern(s)))
+                .collect();
             logs.push(EndpointLog {
                 reader,
                 infos,
                 summaries,
                 offset_ns,
-                strings: Mutex::new(HashMap::new()),
+                string_ids,
             });
         }
         Ok(Self {
             endpoints,
             logs,
             index_of,
+            names,
         })
     }
 
@@ -117,89 +121,57 @@ impl TraceDirSource {
             .unwrap_or(self.endpoints.len() + id as usize)
     }
 
+    /// The event on the trace-global clock, its strings in the trace's [`Names`] (an id the
+    /// log never defined becomes one no name has, shown as `?`).
     fn convert(&self, log: &EndpointLog, e: &Event) -> TraceEvent {
         let t = |ns: u64| shift(ns, log.offset_ns);
-        let string = |id: StringId| -> Arc<str> {
-            let mut cache = log.strings.lock().unwrap_or_else(PoisonError::into_inner);
-            Arc::clone(
-                cache
-                    .entry(id)
-                    .or_insert_with(|| match log.reader.string(id) {
-                        Some(s) => Arc::from(s),
-                        None => Arc::from(format!("string#{id}").as_str()),
-                    }),
-            )
-        };
-        match e {
-            Event::KernelSpan(k) => TraceEvent::Kernel(KernelSpan {
-                start: t(k.start_ns),
-                end: t(k.end_ns),
-                kernel: string(k.kernel),
-                step: k.step,
-                layer: k.layer,
-                thread: k.thread,
-                seq: k.seq,
-                rows: (k.row_start, k.row_end),
-                output_hash: k.output_hash.map(Box::new),
+        let name = |id: StringId| log.string_ids.get(&id).copied().unwrap_or(StringId::MAX);
+        match *e {
+            Event::KernelSpan(k) => TraceEvent::KernelSpan(slug_schema::KernelSpan {
+                kernel: name(k.kernel),
+                start_ns: t(k.start_ns),
+                end_ns: t(k.end_ns),
+                ..k
             }),
             Event::Transfer(x) => TraceEvent::Transfer(Box::new(Transfer {
                 record: slug_schema::Transfer {
                     post_ns: t(x.post_ns),
                     complete_ns: t(x.complete_ns),
-                    ..*x
+                    ..x
                 },
                 src: self.endpoint_ix(x.src_endpoint),
                 dst: self.endpoint_ix(x.dst_endpoint),
             })),
-            Event::StepBoundary(s) => TraceEvent::Step(StepBoundary { ns: t(s.ns), ..*s }),
-            Event::Snapshot(s) => {
-                TraceEvent::Snapshot(Box::new(SnapshotEvent { ns: t(s.ns), ..*s }))
+            Event::StepBoundary(s) => {
+                TraceEvent::StepBoundary(slug_schema::StepBoundary { ns: t(s.ns), ..s })
             }
-            Event::PerfSample(p) => TraceEvent::Perf(PerfSample { ns: t(p.ns), ..*p }),
-            Event::PtChunk(p) => TraceEvent::Pt(Box::new(PtChunk { ns: t(p.ns), ..*p })),
-            Event::Ebpf(b) => TraceEvent::System(SystemEvent {
-                t: t(b.ns),
-                kind: match b.kind {
-                    EbpfKind::Syscall => SystemKind::Syscall,
-                    EbpfKind::OffCpu => SystemKind::OffCpu,
-                    EbpfKind::PageFault => SystemKind::PageFault,
-                    EbpfKind::Migration => SystemKind::Migration,
-                    EbpfKind::SyscallHistogram => SystemKind::SyscallHistogram,
-                    EbpfKind::TcpRetransmit => SystemKind::TcpRetransmit,
-                    EbpfKind::TcpDrop => SystemKind::TcpDrop,
-                },
-                source: SystemSource::Ebpf,
-                args: [b.arg0, b.arg1, b.arg2],
-                pid: b.pid,
-                tid: b.tid,
-                cpu: b.cpu,
+            Event::Snapshot(s) => {
+                TraceEvent::Snapshot(Box::new(slug_schema::SnapshotEvent { ns: t(s.ns), ..s }))
+            }
+            Event::PerfSample(p) => {
+                TraceEvent::PerfSample(slug_schema::PerfSample { ns: t(p.ns), ..p })
+            }
+            Event::PtChunk(p) => {
+                TraceEvent::PtChunk(Box::new(slug_schema::PtChunk { ns: t(p.ns), ..p }))
+            }
+            Event::Ebpf(b) => TraceEvent::Ebpf(slug_schema::EbpfEvent { ns: t(b.ns), ..b }),
+            Event::PerfSoftware(b) => {
+                TraceEvent::PerfSoftware(slug_schema::SoftwareRecord { ns: t(b.ns), ..b })
+            }
+            Event::LostEvents(l) => TraceEvent::LostEvents(slug_schema::LostEvents {
+                from_ns: t(l.from_ns),
+                to_ns: t(l.to_ns),
+                reason: name(l.reason),
+                ..l
             }),
-            Event::PerfSoftware(b) => TraceEvent::System(SystemEvent {
-                t: t(b.ns),
-                kind: match b.kind {
-                    SoftwareKind::ContextSwitch => SystemKind::ContextSwitch,
-                    SoftwareKind::PageFault => SystemKind::PageFault,
-                },
-                source: SystemSource::Perf,
-                args: [b.arg0, b.arg1, b.arg2],
-                pid: b.pid,
-                tid: b.tid,
-                cpu: b.cpu,
+            Event::Marker(m) => TraceEvent::Marker(slug_schema::Marker {
+                ns: t(m.ns),
+                text: name(m.text),
             }),
-            Event::LostEvents(l) => TraceEvent::Lost(LostEvents {
-                t: t(l.from_ns),
-                to: t(l.to_ns),
-                count: l.count,
-                reason: string(l.reason),
-            }),
-            Event::Marker(m) => TraceEvent::Marker(UserMarker {
-                t: t(m.ns),
-                text: string(m.text),
-            }),
-            Event::Counter(c) => TraceEvent::Counter(CounterReading {
-                t: t(c.ns),
-                name: string(c.name),
-                value: c.value,
+            Event::Counter(c) => TraceEvent::Counter(slug_schema::Counter {
+                ns: t(c.ns),
+                name: name(c.name),
+                ..c
             }),
         }
     }
@@ -272,5 +244,9 @@ impl TraceSource for TraceDirSource {
             truncated_bytes: r.truncated_bytes,
             note: notes.join("; "),
         }
+    }
+
+    fn names(&self) -> &Names {
+        &self.names
     }
 }

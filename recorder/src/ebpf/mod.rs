@@ -5,20 +5,30 @@
 //!
 //! One [`EbpfSession`] serves every endpoint of a process (the stages of a `local` run, or the
 //! one stage of a `slug node`). Threads are routed to an endpoint when they first record an
-//! event ([`EbpfSession::route`]); records of other threads (the recorder's own) are dropped.
+//! event ([`EbpfSession::route`]), which also registers them with the probes: the kernel probes
+//! only routed threads, so the recorder's own threads (writers, encoders, this session's reader)
+//! make no records to read and throw away.
+//!
+//! What the reader does is bounded by what the stages did, not by how long they took: each
+//! wakeup drains the ring (one event per record), reads completed steps' histograms from the
+//! `step_hist` map mapped into memory (no syscall), and walks the window histograms only when
+//! the probes counted something there since the last walk.
 
 mod record;
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::os::fd::AsFd;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, RingBuf};
 use aya::programs::RawTracePoint;
 use aya::{Ebpf, EbpfLoader};
+use memmap2::{MmapOptions, MmapRaw};
 use slug_schema::{Capability, EbpfEvent, EbpfKind, Event, LostEvents, StringId};
 
 use crate::error::{RecorderError, Result};
@@ -34,8 +44,10 @@ pub const SLOW_SYSCALL_NS: u64 = 1_000_000;
 
 /// How often the session drains the ring buffer.
 const POLL_EVERY: Duration = Duration::from_millis(10);
-/// How often it reads the syscall histograms and lost counters.
-const HISTOGRAM_EVERY: Duration = Duration::from_millis(100);
+/// How often it reads the per-thread window histograms and the lost counters. A window event is
+/// written per thread, syscall and bucket that counted something, so the window's length sets
+/// how many there are: the hot-path syscalls, counted per step, are not in them.
+const HISTOGRAM_EVERY: Duration = Duration::from_secs(1);
 /// Stages (endpoints of one process) whose syscalls are counted per step; `probes.bpf.c` has the
 /// same numbers.
 const STAGES: u32 = 8;
@@ -44,10 +56,24 @@ const STAGES: u32 = 8;
 const STEP_SLOTS: u64 = 64;
 const STEP_CLASSES: usize = 8;
 const STEP_BUCKETS: usize = 32;
-/// One step slot of `step_hist`: the step it is armed for (two u32, little-endian), then counts
-/// per syscall class and log2 bucket.
-type StepSlot = [u32; 2 + STEP_CLASSES * STEP_BUCKETS];
+/// Bytes of one `struct step_hist`: the step it counts (u64), the probes in it (u32), padding,
+/// then a u32 count per syscall class and log2 bucket.
+const STEP_SLOT_BYTES: usize = 16 + 4 * STEP_CLASSES * STEP_BUCKETS;
+/// A slot's `step` while the reader collects it: the probes count what comes then as lost (it
+/// is larger than any step, so never due).
+const STEP_CLOSED: u64 = u64::MAX;
+/// How many times the reader looks for the probes to leave a slot it closed before it leaves
+/// the slot for its next wakeup (a probe adds one count: nanoseconds, unless it was preempted).
+const STEP_BUSY_TRIES: u32 = 1000;
 const THREAD_SLOTS: u32 = 65536;
+/// `thread_stage`'s stage for a routed thread whose syscalls are not counted per step.
+const NO_STAGE: u32 = u32::MAX;
+/// Indices in the probes' `lost` array: the ring was full, `syscall_hist` was full, a per-step
+/// count found its slot not armed for its step, and (not a loss) counts made in `syscall_hist`.
+const LOST_RING: u32 = 0;
+const LOST_HIST_FULL: u32 = 1;
+const LOST_STEP: u32 = 2;
+const HIST_GENERATION: u32 = 3;
 
 /// The syscalls counted per step (class `i + 1` is `PER_STEP_SYSCALLS[i]`): the ones a stage
 /// makes on its hot path (futex, sendmsg, recvmsg, writev, process_vm_writev, mmap, write).
@@ -59,6 +85,12 @@ const PER_STEP_SYSCALLS: &[u64] = &[];
 
 /// Events an endpoint's outbox holds before further ones are dropped (and counted).
 const OUTBOX_LIMIT: usize = 1 << 20;
+/// How often an endpoint's writer gets its outbox (sooner if [`HANDOVER_EVENTS`] wait, and all
+/// of it once the session stops). The writer journals what it drains, and each journal append
+/// has a fixed cost: handing the probes' events over in bigger, rarer batches keeps them from
+/// adding appends of their own.
+const HANDOVER_EVERY: Duration = Duration::from_millis(100);
+const HANDOVER_EVENTS: usize = 4096;
 
 /// One probe group, as `--ebpf` lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -219,8 +251,9 @@ pub struct LostReasons {
     pub map_full: StringId,
     /// The endpoint's outbox was full (its writer fell behind).
     pub outbox_full: StringId,
-    /// A stage ran [`STEP_SLOTS`] steps ahead of the drain thread: syscalls of a step whose
-    /// histogram slot was not read and re-armed yet were dropped.
+    /// Syscalls counted per step that found their step's histogram slot not theirs: a stage ran
+    /// [`STEP_SLOTS`] steps ahead of the drain thread (the slot was not re-armed yet), or the
+    /// call returned while the drain thread was reading its step back.
     pub step_behind: StringId,
 }
 
@@ -236,7 +269,7 @@ pub struct EbpfSession {
 struct SessionShared {
     tgid: u32,
     reasons: LostReasons,
-    routes: Mutex<HashMap<u32, u32>>,
+    routes: Mutex<TidMap<u32>>,
     outboxes: Mutex<BTreeMap<u32, Outbox>>,
     stop: AtomicBool,
     /// NUMA node of each CPU (index), when the host says.
@@ -244,13 +277,58 @@ struct SessionShared {
     steps: Mutex<StepRegistry>,
 }
 
-/// The stages whose syscalls the probes count per step, and the maps that say so.
+/// Maps keyed by thread ids and probe keys, looked up once per event: hashed with one multiply,
+/// since SipHash's protection against chosen keys buys nothing for keys the kernel hands us.
+type TidMap<V> = HashMap<u32, V, BuildHasherDefault<IntHasher>>;
+
+/// See [`TidMap`].
+#[derive(Debug, Default, Clone, Copy)]
+struct IntHasher(u64);
+
+impl Hasher for IntHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// The routed threads and the stages whose syscalls the probes count per step, and the maps
+/// that say so.
 struct StepRegistry {
     thread_stage: Array<MapData, [u32; 2]>,
     stage_step: Array<MapData, u64>,
-    step_hist: Array<MapData, StepSlot>,
+    step_hist: StepSlots,
     syscall_class: Array<MapData, u32>,
     stages: BTreeMap<u32, StageSteps>,
+}
+
+/// The probes' `step_hist` map (BPF_F_MMAPABLE) mapped into this process: the probes count into
+/// it and the drain thread reads and re-arms completed steps in place, without a syscall.
+struct StepSlots {
+    mem: MmapRaw,
+    /// Keeps the map's descriptor (the mapping holds the map too).
+    _map: MapData,
+}
+
+/// One slot of [`StepSlots`]; its u32 counts are read two at a time, and classes from 1 on
+/// (class 0 is never counted per step).
+struct StepSlot<'a> {
+    step: &'a AtomicU64,
+    busy: &'a AtomicU32,
+    counts: &'a [AtomicU64],
 }
 
 impl std::fmt::Debug for StepRegistry {
@@ -284,6 +362,8 @@ enum Route {
 struct Outbox {
     events: Vec<Event>,
     dropped: u64,
+    /// When the writer last got the outbox.
+    handed: Option<Instant>,
 }
 
 impl EbpfSession {
@@ -390,7 +470,7 @@ impl EbpfSession {
         let shared = Arc::new(SessionShared {
             tgid,
             reasons,
-            routes: Mutex::new(HashMap::new()),
+            routes: Mutex::new(TidMap::default()),
             outboxes: Mutex::new(BTreeMap::new()),
             stop: AtomicBool::new(false),
             cpu_node: cpu_nodes(),
@@ -442,10 +522,10 @@ impl EbpfSession {
         lock(&self.shared.routes).insert(tid, endpoint);
         lock(&self.shared.outboxes).entry(endpoint).or_default();
         let mut steps = lock(&self.shared.steps);
-        if let Some(index) = steps.stages.get(&endpoint).map(|s| s.index) {
-            // A failed update leaves the thread in the window histograms only.
-            let _ = steps.thread_stage.set(tid % THREAD_SLOTS, [tid, index], 0);
-        }
+        let index = steps.stages.get(&endpoint).map_or(NO_STAGE, |s| s.index);
+        // The probes follow registered threads only. The update of an existing array element
+        // cannot fail; were it to, the thread would go unprobed, as the recorder's own threads.
+        let _ = steps.thread_stage.set(tid % THREAD_SLOTS, [tid, index], 0);
     }
 
     /// The counter whose value the probes take as `endpoint`'s current step: the stage stores
@@ -462,10 +542,9 @@ impl EbpfSession {
             .ok()
             .filter(|i| *i < STAGES)?;
         for k in 0..STEP_SLOTS {
-            steps
-                .step_hist
-                .set(index * STEP_SLOTS as u32 + k as u32, armed_slot(k), 0)
-                .ok()?;
+            let slot = steps.step_hist.slot(index * STEP_SLOTS as u32 + k as u32)?;
+            slot.drain(|_, _| {});
+            slot.arm(k);
         }
         for (i, nr) in PER_STEP_SYSCALLS.iter().enumerate() {
             steps
@@ -490,10 +569,19 @@ impl EbpfSession {
     }
 
     /// Moves `endpoint`'s pending events into `out` (with a lost-events record for what its
-    /// outbox had to drop).
+    /// outbox had to drop): every [`HANDOVER_EVERY`], or sooner when [`HANDOVER_EVENTS`] are
+    /// pending, and everything once [`EbpfSession::stop`] was called.
     pub fn take(&self, endpoint: u32, out: &mut Vec<Event>) {
+        let stopped = self.shared.stop.load(Ordering::Acquire);
         let mut boxes = lock(&self.shared.outboxes);
         if let Some(b) = boxes.get_mut(&endpoint) {
+            let due = stopped
+                || b.events.len() >= HANDOVER_EVENTS
+                || b.handed.is_none_or(|t| t.elapsed() >= HANDOVER_EVERY);
+            if !due {
+                return;
+            }
+            b.handed = Some(Instant::now());
             out.append(&mut b.events);
             if b.dropped > 0 {
                 let now = monotonic_ns();
@@ -591,7 +679,7 @@ impl StepRegistry {
                 .map_err(|e| format!("thread_stage: {e}"))?,
             stage_step: Array::try_from(map("stage_step")?)
                 .map_err(|e| format!("stage_step: {e}"))?,
-            step_hist: Array::try_from(map("step_hist")?).map_err(|e| format!("step_hist: {e}"))?,
+            step_hist: StepSlots::map(map("step_hist")?)?,
             syscall_class: Array::try_from(map("syscall_class")?)
                 .map_err(|e| format!("syscall_class: {e}"))?,
             stages: BTreeMap::new(),
@@ -599,8 +687,8 @@ impl StepRegistry {
     }
 
     /// Moves the histograms of every completed step (and, when `stopping`, of the current one)
-    /// into `out` and re-arms their slots for the step `STEP_SLOTS` later: one lookup and one
-    /// update per step.
+    /// into `out` and re-arms their slots for the step `STEP_SLOTS` later, reading them in the
+    /// mapped `step_hist`: no syscall, and work in proportion to the steps the stages ran.
     fn collect(&mut self, tgid: u32, stopping: bool, out: &mut Vec<(Route, Event)>) {
         let now = monotonic_ns();
         for (endpoint, stage) in &mut self.stages {
@@ -610,55 +698,158 @@ impl StepRegistry {
             } else {
                 current
             };
-            // Steps more than STEP_SLOTS behind were overwritten; the probes counted what
-            // found their slot not re-armed as lost.
+            // A slot left unread for more than STEP_SLOTS steps still holds the step it was
+            // armed for (the probes counted the later steps that found it so as lost): the
+            // last STEP_SLOTS steps visit every slot once.
             let from = stage.next.max(end.saturating_sub(STEP_SLOTS));
+            let mut done = from;
             for step in from..end {
                 let key = stage.index * STEP_SLOTS as u32 + (step % STEP_SLOTS) as u32;
-                if let Ok(slot) = self.step_hist.get(&key, 0)
-                    && slot_step(&slot) == step
-                {
-                    for (i, count) in slot[2..].iter().enumerate() {
-                        let class = i / STEP_BUCKETS;
-                        if *count == 0 || class == 0 {
-                            continue;
-                        }
-                        let Some(nr) = PER_STEP_SYSCALLS.get(class - 1) else {
-                            continue;
-                        };
-                        let bucket = (i % STEP_BUCKETS) as u64;
-                        out.push((
-                            Route::Endpoint(*endpoint),
-                            Event::Ebpf(EbpfEvent {
-                                kind: EbpfKind::SyscallHistogram,
-                                pid: tgid,
-                                tid: 0,
-                                cpu: 0,
-                                arg0: *nr,
-                                arg1: bucket | (step + 1) << 8,
-                                arg2: u64::from(*count),
-                                ns: now,
-                            }),
-                        ));
+                let Some(slot) = self.step_hist.slot(key) else {
+                    done = step + 1;
+                    continue;
+                };
+                match slot.take(step) {
+                    SlotRead::Counts(armed) => {
+                        slot.drain(|i, count| {
+                            let Some(nr) = (i / STEP_BUCKETS)
+                                .checked_sub(1)
+                                .and_then(|c| PER_STEP_SYSCALLS.get(c))
+                            else {
+                                return;
+                            };
+                            let bucket = (i % STEP_BUCKETS) as u64;
+                            out.push((
+                                Route::Endpoint(*endpoint),
+                                Event::Ebpf(EbpfEvent {
+                                    kind: EbpfKind::SyscallHistogram,
+                                    pid: tgid,
+                                    tid: 0,
+                                    cpu: 0,
+                                    arg0: *nr,
+                                    arg1: bucket | (armed + 1) << 8,
+                                    arg2: u64::from(count),
+                                    ns: now,
+                                }),
+                            ));
+                        });
+                        slot.arm(step + STEP_SLOTS);
                     }
+                    SlotRead::NotDue => {}
+                    // A probe is still adding to it: the next wakeup reads it (and the steps
+                    // after it, in order).
+                    SlotRead::Busy => break,
                 }
-                let _ = self.step_hist.set(key, armed_slot(step + STEP_SLOTS), 0);
+                done = step + 1;
             }
-            stage.next = stage.next.max(end);
+            stage.next = stage.next.max(done);
         }
     }
 }
 
-/// An empty step slot armed for `step`.
-fn armed_slot(step: u64) -> StepSlot {
-    let mut slot = [0u32; 2 + STEP_CLASSES * STEP_BUCKETS];
-    slot[0] = step as u32;
-    slot[1] = (step >> 32) as u32;
-    slot
+/// What [`StepSlot::take`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotRead {
+    /// The slot is closed and holds the counts of this completed step (the step asked for, or
+    /// an earlier one that was never read): read them, then re-arm it.
+    Counts(u64),
+    /// The slot is armed for a step not completed yet: nothing to read.
+    NotDue,
+    /// A probe is still adding to it: it was left open, try again later.
+    Busy,
 }
 
-fn slot_step(slot: &StepSlot) -> u64 {
-    u64::from(slot[0]) | u64::from(slot[1]) << 32
+impl StepSlots {
+    /// Maps `step_hist` into this process.
+    fn map(map: Map) -> std::result::Result<StepSlots, String> {
+        let Map::Array(data) = map else {
+            return Err("step_hist: not an array map".into());
+        };
+        let len = (STAGES as usize) * (STEP_SLOTS as usize) * STEP_SLOT_BYTES;
+        let mem = MmapOptions::new()
+            .len(len)
+            .map_raw(&data.fd().as_fd())
+            .map_err(|e| {
+                format!(
+                    "cannot map the per-step histograms (step_hist) into memory: {e}; the kernel \
+                     needs BPF_F_MMAPABLE array maps (Linux 5.5)"
+                )
+            })?;
+        Ok(StepSlots { mem, _map: data })
+    }
+
+    /// Slot `key` (`stage * STEP_SLOTS + step % STEP_SLOTS`), `None` past the map's end.
+    fn slot(&self, key: u32) -> Option<StepSlot<'_>> {
+        let at = usize::try_from(key).ok()?.checked_mul(STEP_SLOT_BYTES)?;
+        if at.checked_add(STEP_SLOT_BYTES)? > self.mem.len() {
+            return None;
+        }
+        // SAFETY: `at..at + STEP_SLOT_BYTES` lies in the mapping (checked above), which lives as
+        // long as `self`; array map values are 8-byte aligned in a page-aligned mapping, so each
+        // field is aligned for its atomic type. The kernel's probes change these words only with
+        // atomic adds and the reader only through atomics, so shared references to atomics are
+        // sound; the reader touches the counts (as pairs) only while no probe is inside the
+        // slot (`StepSlot::take`).
+        unsafe {
+            let base = self.mem.as_ptr().add(at);
+            Some(StepSlot {
+                step: &*base.cast::<AtomicU64>(),
+                busy: &*base.add(8).cast::<AtomicU32>(),
+                counts: std::slice::from_raw_parts(
+                    base.add(16 + 4 * STEP_BUCKETS).cast::<AtomicU64>(),
+                    (STEP_CLASSES - 1) * STEP_BUCKETS / 2,
+                ),
+            })
+        }
+    }
+}
+
+impl StepSlot<'_> {
+    /// Closes the slot if it is armed for a step up to `upto` (completed), so that from now on
+    /// the probes count what comes for it as lost, and waits for probes already adding to it to
+    /// finish.
+    fn take(&self, upto: u64) -> SlotRead {
+        let armed = self.step.load(Ordering::Acquire);
+        if armed > upto {
+            return SlotRead::NotDue;
+        }
+        // Closing, then reading `busy` (both sequentially consistent) pairs with the probe's
+        // locked add to `busy` before it reads `step`: either the probe saw the slot closed, or
+        // this thread sees it busy and waits.
+        self.step.store(STEP_CLOSED, Ordering::SeqCst);
+        for _ in 0..STEP_BUSY_TRIES {
+            if self.busy.load(Ordering::SeqCst) == 0 {
+                return SlotRead::Counts(armed);
+            }
+            std::hint::spin_loop();
+        }
+        self.step.store(armed, Ordering::SeqCst);
+        SlotRead::Busy
+    }
+
+    /// Calls `f(class * STEP_BUCKETS + bucket, count)` for each count that is not 0, and
+    /// empties the slot. Only for a slot [`StepSlot::take`] closed (no probe writes to it).
+    fn drain(&self, mut f: impl FnMut(usize, u32)) {
+        for (w, pair) in self.counts.iter().enumerate() {
+            let v = pair.load(Ordering::Relaxed);
+            if v == 0 {
+                continue;
+            }
+            pair.store(0, Ordering::Relaxed);
+            // Little-endian: the lower half is the first count of the pair.
+            let i = STEP_BUCKETS + 2 * w;
+            for (k, count) in [v as u32, (v >> 32) as u32].into_iter().enumerate() {
+                if count != 0 {
+                    f(i + k, count);
+                }
+            }
+        }
+    }
+
+    /// Arms the (empty) slot for `step`.
+    fn arm(&self, step: u64) {
+        self.step.store(step, Ordering::Release);
+    }
 }
 
 /// The maps the drain thread reads.
@@ -719,7 +910,8 @@ fn cpu_nodes() -> Vec<Option<u32>> {
 }
 
 fn drain_loop(shared: &SessionShared, ebpf: Ebpf, mut maps: DrainMaps) {
-    let mut hist_seen: HashMap<u64, u64> = HashMap::new();
+    let mut hist_seen: HashMap<u64, u64, BuildHasherDefault<IntHasher>> = HashMap::default();
+    let mut hist_generation = 0u64;
     let mut lost_seen = [0u64; 3];
     let mut last_hist = Instant::now();
     let mut last_ns = monotonic_ns();
@@ -736,40 +928,49 @@ fn drain_loop(shared: &SessionShared, ebpf: Ebpf, mut maps: DrainMaps) {
         lock(&shared.steps).collect(shared.tgid, stopping, &mut batch);
         if stopping || last_hist.elapsed() >= HISTOGRAM_EVERY {
             let now = monotonic_ns();
-            for (key, count) in maps.hist.iter().flatten() {
-                let seen = hist_seen.entry(key).or_insert(0);
-                if count > *seen {
-                    let tid = key as u32;
-                    batch.push((
-                        Route::Thread(tid),
-                        Event::Ebpf(EbpfEvent {
-                            kind: EbpfKind::SyscallHistogram,
-                            pid: shared.tgid,
-                            tid,
-                            cpu: 0,
-                            arg0: (key >> 32) & 0xffff,
-                            arg1: key >> 48,
-                            arg2: count - *seen,
-                            ns: now,
-                        }),
-                    ));
-                    *seen = count;
+            // Walking the hash map costs two syscalls a key: only when the probes counted
+            // something in it since the last walk (read first, so a count made during the walk
+            // brings another).
+            let changed = match maps.lost.get(&HIST_GENERATION, 0) {
+                Ok(g) => std::mem::replace(&mut hist_generation, g) != g,
+                Err(_) => true,
+            };
+            if changed {
+                for (key, count) in maps.hist.iter().flatten() {
+                    let seen = hist_seen.entry(key).or_insert(0);
+                    if count > *seen {
+                        let tid = key as u32;
+                        batch.push((
+                            Route::Thread(tid),
+                            Event::Ebpf(EbpfEvent {
+                                kind: EbpfKind::SyscallHistogram,
+                                pid: shared.tgid,
+                                tid,
+                                cpu: 0,
+                                arg0: (key >> 32) & 0xffff,
+                                arg1: key >> 48,
+                                arg2: count - *seen,
+                                ns: now,
+                            }),
+                        ));
+                        *seen = count;
+                    }
                 }
             }
             let reasons = [
-                shared.reasons.ring_full,
-                shared.reasons.map_full,
-                shared.reasons.step_behind,
+                (LOST_RING, shared.reasons.ring_full),
+                (LOST_HIST_FULL, shared.reasons.map_full),
+                (LOST_STEP, shared.reasons.step_behind),
             ];
-            for (i, seen) in lost_seen.iter_mut().enumerate() {
-                let n = maps.lost.get(&(i as u32), 0).unwrap_or(*seen);
+            for ((index, reason), seen) in reasons.into_iter().zip(lost_seen.iter_mut()) {
+                let n = maps.lost.get(&index, 0).unwrap_or(*seen);
                 if n > *seen {
                     // Process-wide: charged to the first endpoint, so it is counted once.
                     batch.push((
                         Route::First,
                         Event::LostEvents(LostEvents {
                             count: n - *seen,
-                            reason: reasons[i],
+                            reason,
                             from_ns: last_ns,
                             to_ns: now,
                         }),

@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0 OR GPL-2.0
 // slug's eBPF endpoint probes: off-CPU intervals (why and who woke), syscall latency (exact
 // records above a threshold, log2 histograms below), user page faults with their address, task
-// migrations, and TCP retransmits and drops on the sockets they use, all for the threads of one
-// process (`target_tgid`), sent to user space through one ring buffer. Timestamps are bpf_ktime_get_ns(), i.e. CLOCK_MONOTONIC.
+// migrations, and TCP retransmits and drops on the sockets they use, for the stage threads of one
+// process (`target_tgid`; user space registers each stage thread in `thread_stage`, so the
+// recorder's own threads cost nothing here), sent to user space through one ring buffer.
+// Timestamps are bpf_ktime_get_ns(), i.e. CLOCK_MONOTONIC.
 //
-// Built by recorder/tests/ebpf_bootstrap.rs (see recorder/src/ebpf/README.md):
+// Built by recorder/tests/ebpf_bootstrap.rs:
 //   clang -target bpf -O2 -g -c probes.bpf.c -o probes.bpf.o && llvm-strip -g probes.bpf.o
 // Kernel structs are declared with only the fields read; CO-RE relocations (against
 // /sys/kernel/btf/vmlinux, applied by aya at load) find their real offsets.
@@ -74,11 +76,12 @@ struct {
 } events SEC(".maps");
 
 // Records that did not fit in the ring (index 0), histogram counts that found the map full
-// (index 1) and per-step histogram counts whose step slot user space had not collected yet
-// (index 2).
+// (index 1), per-step histogram counts whose step slot was not theirs any more (index 2: user
+// space had not re-armed it yet, or was reading it back) and the number of counts made in
+// `syscall_hist` so far (index 3: user space reads that map only when this changed).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 3);
+	__uint(max_entries, 4);
 	__type(key, __u32);
 	__type(value, __u64);
 } lost SEC(".maps");
@@ -88,6 +91,23 @@ struct {
 // thread of the process took over (tids 65536 apart) just loses that record.
 #define THREAD_SLOTS 65536
 #define SLOT(tid) ((tid) & (THREAD_SLOTS - 1))
+
+// Thread slot -> the stage thread it is (registered by user space when the thread first records
+// an event). Only registered threads are probed: the recorder's own threads (writers, encoders,
+// the reader of this ring) are not the stage's, and probing them would make work for nothing.
+#define NO_STAGE 0xffffffff // a stage thread whose syscalls are not counted per step
+
+struct thread_stage {
+	__u32 tid; // 0: free
+	__u32 stage;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, THREAD_SLOTS);
+	__type(key, __u32);
+	__type(value, struct thread_stage);
+} thread_stage SEC(".maps");
 
 struct syscall_start {
 	__u64 ns;
@@ -135,25 +155,13 @@ struct {
 // Per-step histograms. User space registers, once per stage, the address of the stage's
 // "current step" u64 in this process's memory (stage_step) and, once per thread, the thread's
 // stage (thread_stage); the probe reads the step with bpf_probe_read_user (the tgid filter
-// guarantees the address is ours) and counts into the step's slot of step_hist, so that user
-// space reads a completed step with one lookup and re-arms its slot with one update.
+// guarantees the address is ours) and counts into the step's slot of step_hist. User space maps
+// step_hist into its memory and reads completed steps there, without a syscall.
 #define STAGES 8
 #define STEP_SLOTS 64
 #define STEP_CLASSES 8 // class 0: not counted per step (the syscall_hist window histogram)
 #define STEP_BUCKETS 32
 #define SYSCALL_NRS 512
-
-struct thread_stage {
-	__u32 tid; // 0: free
-	__u32 stage;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, THREAD_SLOTS);
-	__type(key, __u32);
-	__type(value, struct thread_stage);
-} thread_stage SEC(".maps");
 
 // Stage -> address of its current step (0: not registered).
 struct {
@@ -171,15 +179,25 @@ struct {
 	__type(value, __u32);
 } syscall_class SEC(".maps");
 
-// One step of one stage: the step it is armed for, then counts per class and log2 bucket.
+// One step of one stage: the step it is armed for, the probes counting into it right now, then
+// counts per class and log2 bucket. To read a step back, user space first sets `step` to
+// STEP_CLOSED, then waits until `busy` is 0: a probe that saw the old step has finished adding,
+// and one that comes later sees the slot closed and counts itself lost (index 2), so no count
+// vanishes unseen. (The busy increment is a locked add, a full barrier on x86-64, the one
+// architecture whose syscalls are counted per step.)
+#define STEP_CLOSED 0xffffffffffffffffULL
+
 struct step_hist {
 	__u64 step;
+	__u32 busy;
+	__u32 pad;
 	__u32 counts[STEP_CLASSES * STEP_BUCKETS];
 };
 
-// stage * STEP_SLOTS + step % STEP_SLOTS -> that step's histogram.
+// stage * STEP_SLOTS + step % STEP_SLOTS -> that step's histogram; user space mmaps it.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, STAGES * STEP_SLOTS);
 	__type(key, __u32);
 	__type(value, struct step_hist);
@@ -193,6 +211,8 @@ struct {
 	__type(key, __u64);
 	__type(value, __u32);
 } stage_sockets SEC(".maps");
+
+#define HIST_GENERATION 3 // in `lost`, though it counts no loss
 
 static __always_inline void count_lost(__u32 index)
 {
@@ -219,11 +239,29 @@ static __always_inline void emit(__u32 kind, __u32 tid, __u64 ns, __u64 a0, __u6
 	bpf_ringbuf_submit(r, 0);
 }
 
-static __always_inline int current_is_target(__u32 *tid)
+// The registration of stage thread `tid` of the target process, or 0.
+static __always_inline struct thread_stage *stage_thread(__u32 tid)
+{
+	__u32 slot = SLOT(tid);
+	struct thread_stage *ts = bpf_map_lookup_elem(&thread_stage, &slot);
+	return ts && ts->tid == tid ? ts : 0;
+}
+
+static __always_inline struct thread_stage *current_stage_thread(__u32 *tid)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	*tid = (__u32)id;
-	return (__u32)(id >> 32) == target_tgid;
+	if ((__u32)(id >> 32) != target_tgid)
+		return 0;
+	return stage_thread(*tid);
+}
+
+static __always_inline int task_is_stage_thread(struct task_struct *t, __u32 *tid)
+{
+	if ((__u32)BPF_CORE_READ(t, tgid) != target_tgid)
+		return 0;
+	*tid = BPF_CORE_READ(t, pid);
+	return stage_thread(*tid) != 0;
 }
 
 static __always_inline __u16 log2_u64(__u64 v)
@@ -246,8 +284,8 @@ int slug_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 	struct task_struct *prev = (struct task_struct *)ctx->args[1];
 	struct task_struct *next = (struct task_struct *)ctx->args[2];
 	__u64 now = bpf_ktime_get_ns();
-	if ((__u32)BPF_CORE_READ(prev, tgid) == target_tgid) {
-		__u32 tid = BPF_CORE_READ(prev, pid);
+	__u32 tid;
+	if (task_is_stage_thread(prev, &tid)) {
 		__u32 slot = SLOT(tid);
 		struct off_cpu *out = bpf_map_lookup_elem(&switched_out, &slot);
 		if (out) {
@@ -261,8 +299,9 @@ int slug_sched_switch(struct bpf_raw_tracepoint_args *ctx)
 			out->tid = tid;
 		}
 	}
+	// Only stage threads got a switched_out entry.
 	if ((__u32)BPF_CORE_READ(next, tgid) == target_tgid) {
-		__u32 tid = BPF_CORE_READ(next, pid);
+		tid = BPF_CORE_READ(next, pid);
 		__u32 slot = SLOT(tid);
 		struct off_cpu *out = bpf_map_lookup_elem(&switched_out, &slot);
 		if (out && out->tid == tid) {
@@ -288,9 +327,9 @@ int slug_sched_waking(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
-// Counts a syscall of a registered stage thread in its stage's current step; 0 when the
-// syscall or the thread is not counted per step.
-static __always_inline int count_in_step(__u32 tid, __u32 slot, __u64 nr, __u16 bucket)
+// Counts a syscall of stage thread `ts` in its stage's current step; 0 when the syscall or the
+// thread is not counted per step.
+static __always_inline int count_in_step(struct thread_stage *ts, __u64 nr, __u16 bucket)
 {
 	if (nr >= SYSCALL_NRS)
 		return 0;
@@ -298,10 +337,9 @@ static __always_inline int count_in_step(__u32 tid, __u32 slot, __u64 nr, __u16 
 	__u32 *class = bpf_map_lookup_elem(&syscall_class, &nr32);
 	if (!class || !*class || *class >= STEP_CLASSES)
 		return 0;
-	struct thread_stage *ts = bpf_map_lookup_elem(&thread_stage, &slot);
-	if (!ts || ts->tid != tid || ts->stage >= STAGES)
-		return 0;
 	__u32 stage = ts->stage;
+	if (stage >= STAGES)
+		return 0;
 	__u64 *addr = bpf_map_lookup_elem(&stage_step, &stage);
 	if (!addr || !*addr)
 		return 0;
@@ -310,14 +348,20 @@ static __always_inline int count_in_step(__u32 tid, __u32 slot, __u64 nr, __u16 
 		return 0;
 	__u32 key = stage * STEP_SLOTS + (__u32)(step % STEP_SLOTS);
 	struct step_hist *h = bpf_map_lookup_elem(&step_hist, &key);
-	if (!h || h->step != step) {
+	if (!h) {
 		count_lost(2);
 		return 1;
 	}
-	__u32 b = bucket < STEP_BUCKETS ? bucket : STEP_BUCKETS - 1;
-	__u32 i = *class * STEP_BUCKETS + b;
-	if (i < STEP_CLASSES * STEP_BUCKETS)
-		__sync_fetch_and_add(&h->counts[i], 1);
+	__sync_fetch_and_add(&h->busy, 1);
+	if (h->step == step) {
+		__u32 b = bucket < STEP_BUCKETS ? bucket : STEP_BUCKETS - 1;
+		__u32 i = *class * STEP_BUCKETS + b;
+		if (i < STEP_CLASSES * STEP_BUCKETS)
+			__sync_fetch_and_add(&h->counts[i], 1);
+	} else {
+		count_lost(2);
+	}
+	__sync_fetch_and_add(&h->busy, -1);
 	return 1;
 }
 
@@ -326,7 +370,7 @@ SEC("raw_tracepoint/sys_enter")
 int slug_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 {
 	__u32 tid;
-	if (!current_is_target(&tid))
+	if (!current_stage_thread(&tid))
 		return 0;
 	__u32 slot = SLOT(tid);
 	struct syscall_start *s = bpf_map_lookup_elem(&in_syscall, &slot);
@@ -343,7 +387,8 @@ SEC("raw_tracepoint/sys_exit")
 int slug_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 {
 	__u32 tid;
-	if (!current_is_target(&tid))
+	struct thread_stage *ts = current_stage_thread(&tid);
+	if (!ts)
 		return 0;
 	__u32 slot = SLOT(tid);
 	struct syscall_start *s = bpf_map_lookup_elem(&in_syscall, &slot);
@@ -357,7 +402,7 @@ int slug_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 		return 0;
 	}
 	__u16 bucket = log2_u64(dur);
-	if (count_in_step(tid, slot, nr, bucket))
+	if (count_in_step(ts, nr, bucket))
 		return 0;
 	struct hist_key key = { .tid = tid, .nr = (__u16)nr, .bucket = bucket };
 	__u64 *n = bpf_map_lookup_elem(&syscall_hist, &key);
@@ -373,6 +418,7 @@ int slug_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 				count_lost(1);
 		}
 	}
+	count_lost(HIST_GENERATION);
 	return 0;
 }
 
@@ -381,7 +427,7 @@ SEC("raw_tracepoint/page_fault_user")
 int slug_page_fault_user(struct bpf_raw_tracepoint_args *ctx)
 {
 	__u32 tid;
-	if (!current_is_target(&tid))
+	if (!current_stage_thread(&tid))
 		return 0;
 	struct pt_regs *regs = (struct pt_regs *)ctx->args[1];
 	emit(KIND_PAGE_FAULT, tid, bpf_ktime_get_ns(), ctx->args[0], BPF_CORE_READ(regs, ip),
@@ -394,22 +440,22 @@ SEC("raw_tracepoint/sched_migrate_task")
 int slug_sched_migrate_task(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct task_struct *p = (struct task_struct *)ctx->args[0];
-	if ((__u32)BPF_CORE_READ(p, tgid) != target_tgid)
+	__u32 tid;
+	if (!task_is_stage_thread(p, &tid))
 		return 0;
 	__u32 from;
 	if (bpf_core_field_exists(p->cpu))
 		from = BPF_CORE_READ(p, cpu);
 	else
 		from = BPF_CORE_READ(p, thread_info.cpu);
-	emit(KIND_MIGRATION, BPF_CORE_READ(p, pid), bpf_ktime_get_ns(), from, (__u32)ctx->args[1],
-	     0);
+	emit(KIND_MIGRATION, tid, bpf_ktime_get_ns(), from, (__u32)ctx->args[1], 0);
 	return 0;
 }
 
 static __always_inline int remember_socket(struct bpf_raw_tracepoint_args *ctx)
 {
 	__u32 tid;
-	if (!current_is_target(&tid))
+	if (!current_stage_thread(&tid))
 		return 0;
 	__u64 sk = ctx->args[0];
 	__u32 *seen = bpf_map_lookup_elem(&stage_sockets, &sk);

@@ -30,9 +30,7 @@ impl Hooks for StageHooks {
             layer: call.layer,
             step: call.step,
             seq: call.seq,
-            row_start: 0,
-            row_end: call.rows,
-            thread: 0,
+            rows: call.rows,
             start_ns: call.start_ns,
             end_ns: call.end_ns,
             // The head's logits are the last stage's output activations: always hashed, so a

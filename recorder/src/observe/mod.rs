@@ -19,5 +19,5 @@ pub use factory::RecorderFactory;
 pub use hooks::StageHooks;
 pub use node::{NODE_REPORTS_DIR, NodeRecorderFactory, NodeReport};
 pub use settings::RecorderSettings;
-pub use snapshots::StageSnapshotter;
+pub use snapshots::{StageCapture, StageSnapshotter, snapshot_stage};
 pub use transfers::{PayloadPolicy, TransferRecorder};

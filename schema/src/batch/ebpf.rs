@@ -2,7 +2,7 @@
 //! (`EbpfColumns` in trace.capnp), held in two groups. Encode and decode side by side.
 
 use super::{BatchError, Col, put_uvar};
-use crate::event::{EbpfEvent, EbpfKind, SoftwareKind, SoftwareRecord};
+use crate::event::{EbpfEvent, EbpfKind, SoftwareKind, SoftwareRecord, SystemRecord};
 use crate::trace_capnp::ebpf_columns;
 
 super::columns!(
@@ -32,22 +32,15 @@ struct Row {
 }
 
 impl EbpfColumns {
-    pub(super) fn push_ebpf(&mut self, e: &EbpfEvent) {
-        self.push(e.kind as u8, e.pid, e.tid, e.cpu, [e.arg0, e.arg1, e.arg2]);
-    }
-
-    pub(super) fn push_software(&mut self, e: &SoftwareRecord) {
-        self.push(e.kind as u8, e.pid, e.tid, e.cpu, [e.arg0, e.arg1, e.arg2]);
-    }
-
-    fn push(&mut self, kind: u8, pid: u32, tid: u32, cpu: u32, args: [u64; 3]) {
+    /// Appends an eBPF event or perf software record whose kind is stored as `kind`.
+    pub(super) fn push<K>(&mut self, kind: u8, e: &SystemRecord<K>) {
         self.kind.push(kind);
-        put_uvar(&mut self.pid, pid.into());
-        put_uvar(&mut self.tid, tid.into());
-        put_uvar(&mut self.cpu, cpu.into());
-        put_uvar(&mut self.arg0, args[0]);
-        put_uvar(&mut self.arg1, args[1]);
-        put_uvar(&mut self.arg2, args[2]);
+        put_uvar(&mut self.pid, e.pid.into());
+        put_uvar(&mut self.tid, e.tid.into());
+        put_uvar(&mut self.cpu, e.cpu.into());
+        put_uvar(&mut self.arg0, e.arg0);
+        put_uvar(&mut self.arg1, e.arg1);
+        put_uvar(&mut self.arg2, e.arg2);
     }
 
     pub(super) fn write(&self, mut g: ebpf_columns::Builder<'_>) {
@@ -135,26 +128,17 @@ impl<'a> EbpfReader<'a> {
     ) -> Result<Result<EbpfEvent, SoftwareRecord>, BatchError> {
         let r = self.row(ns)?;
         if let Some(kind) = SoftwareKind::from_u8(r.kind).filter(|_| !v3) {
-            return Ok(Err(software(kind, &r)));
+            return Ok(Err(r.with_kind(kind)));
         }
         let kind = EbpfKind::from_u8(r.kind).ok_or(BatchError::Columns(self.kind_error))?;
-        Ok(Ok(EbpfEvent {
-            kind,
-            pid: r.pid,
-            tid: r.tid,
-            cpu: r.cpu,
-            arg0: r.arg0,
-            arg1: r.arg1,
-            arg2: r.arg2,
-            ns: r.ns,
-        }))
+        Ok(Ok(r.with_kind(kind)))
     }
 
     /// The next row of the `perfSoftware` group.
     pub(super) fn next_software(&mut self, ns: u64) -> Result<SoftwareRecord, BatchError> {
         let r = self.row(ns)?;
         let kind = SoftwareKind::from_u8(r.kind).ok_or(BatchError::Columns(self.kind_error))?;
-        Ok(software(kind, &r))
+        Ok(r.with_kind(kind))
     }
 
     pub(super) fn finish(&self) -> Result<(), BatchError> {
@@ -167,15 +151,18 @@ impl<'a> EbpfReader<'a> {
     }
 }
 
-fn software(kind: SoftwareKind, r: &Row) -> SoftwareRecord {
-    SoftwareRecord {
-        kind,
-        pid: r.pid,
-        tid: r.tid,
-        cpu: r.cpu,
-        arg0: r.arg0,
-        arg1: r.arg1,
-        arg2: r.arg2,
-        ns: r.ns,
+impl Row {
+    /// The row as a record of `kind` (the kind byte, given meaning).
+    fn with_kind<K>(&self, kind: K) -> SystemRecord<K> {
+        SystemRecord {
+            kind,
+            pid: self.pid,
+            tid: self.tid,
+            cpu: self.cpu,
+            arg0: self.arg0,
+            arg1: self.arg1,
+            arg2: self.arg2,
+            ns: self.ns,
+        }
     }
 }

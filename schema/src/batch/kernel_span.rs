@@ -37,14 +37,12 @@ impl KernelSpanColumns {
         put_svar(&mut self.step, e.step, p.span_step);
         p.span_step = e.step;
         put_uvar(&mut self.seq, e.seq.into());
-        put_uvar(&mut self.row_start, e.row_start.into());
-        put_svar(&mut self.row_len, e.row_end.into(), e.row_start.into());
-        put_uvar(&mut self.thread, e.thread.into());
+        // The first row and the thread stay on the wire as zero columns (see `KernelSpan`).
+        put_uvar(&mut self.row_start, 0);
+        put_svar(&mut self.row_len, e.rows.into(), 0);
+        put_uvar(&mut self.thread, 0);
         let duration = e.end_ns.wrapping_sub(e.start_ns);
-        let predicted = p
-            .span_duration
-            .insert((e.kernel, layer), duration)
-            .unwrap_or(0);
+        let predicted = p.span_duration.replace(e.kernel, layer, duration);
         self.duration_z.push(zigzag(duration, predicted));
         self.has_hash.push(u8::from(e.output_hash.is_some()));
         if let Some(h) = e.output_hash {
@@ -128,11 +126,12 @@ impl<'a> KernelSpanReader<'a> {
         let row_end = self.row_len.svar(row_start.into())?;
         let row_end =
             u32::try_from(row_end).map_err(|_| BatchError::Columns("kernelSpans.rowLen"))?;
-        let thread = self.thread.u32()?;
+        // Only older writers filled the thread column; the API has no thread.
+        self.thread.u32()?;
         let end_ns = if v2 {
-            let predicted = p.span_duration.get(&(kernel, layer)).copied();
-            let duration = self.duration.svar(predicted.unwrap_or(0))?;
-            p.span_duration.insert((kernel, layer), duration);
+            let predicted = p.span_duration.get(kernel, layer);
+            let duration = self.duration.svar(predicted)?;
+            p.span_duration.replace(kernel, layer, duration);
             ns.wrapping_add(duration)
         } else {
             self.duration.svar(ns)?
@@ -148,9 +147,7 @@ impl<'a> KernelSpanReader<'a> {
             layer: layer_wire::decode(layer),
             step,
             seq,
-            row_start,
-            row_end,
-            thread,
+            rows: row_end.wrapping_sub(row_start),
             start_ns: ns,
             end_ns,
             output_hash,

@@ -322,13 +322,59 @@ struct Prev {
     span_end: u64,
     transfer_id: u64,
     /// Version 2: previous duration of a span of the same (kernel, layer) in the batch.
-    span_duration: HashMap<(u32, u32), u64>,
+    span_duration: SpanDurations,
     /// Version 2: previous `completeNs - postNs` of a transfer of each direction (send, recv).
     transfer_duration: [u64; 2],
     boundary_step: u64,
     ip: u64,
     addr: u64,
     aux: u64,
+}
+
+/// The previous duration of a span per (kernel, stored layer), 0 when there is none: a flat
+/// table for the keys pipelines use (kernel below 32, layer below 256 or none), a map for any
+/// other key an untrusted frame may hold. Hashing every span's key with SipHash cost more than
+/// the rest of its encoding.
+#[derive(Default)]
+struct SpanDurations {
+    flat: Vec<u64>,
+    other: HashMap<(u32, u32), u64>,
+}
+
+impl SpanDurations {
+    const KERNELS: u32 = 32;
+    const LAYERS: u32 = 256;
+
+    fn slot(kernel: u32, layer: u32) -> Option<usize> {
+        let layer = if layer == crate::event::layer_wire::encode(None) {
+            Self::LAYERS
+        } else if layer < Self::LAYERS {
+            layer
+        } else {
+            return None;
+        };
+        (kernel < Self::KERNELS).then(|| (kernel * (Self::LAYERS + 1) + layer) as usize)
+    }
+
+    fn get(&self, kernel: u32, layer: u32) -> u64 {
+        match Self::slot(kernel, layer) {
+            Some(i) => self.flat.get(i).copied().unwrap_or(0),
+            None => self.other.get(&(kernel, layer)).copied().unwrap_or(0),
+        }
+    }
+
+    /// Stores `duration` for the key; returns the one it replaces.
+    fn replace(&mut self, kernel: u32, layer: u32, duration: u64) -> u64 {
+        match Self::slot(kernel, layer) {
+            Some(i) => {
+                if self.flat.is_empty() {
+                    self.flat = vec![0; (Self::KERNELS * (Self::LAYERS + 1)) as usize];
+                }
+                std::mem::replace(&mut self.flat[i], duration)
+            }
+            None => self.other.insert((kernel, layer), duration).unwrap_or(0),
+        }
+    }
 }
 
 impl Columns {
@@ -407,8 +453,8 @@ impl Columns {
                     Event::Snapshot(e) => self.snapshots.push(e),
                     Event::PerfSample(e) => self.perf_samples.push(e, p),
                     Event::PtChunk(e) => self.pt_chunks.push(e, p),
-                    Event::Ebpf(e) => self.ebpf_events.push_ebpf(e),
-                    Event::PerfSoftware(e) => self.perf_software.push_software(e),
+                    Event::Ebpf(e) => self.ebpf_events.push(e.kind as u8, e),
+                    Event::PerfSoftware(e) => self.perf_software.push(e.kind as u8, e),
                     Event::LostEvents(e) => self.lost_events.push(e),
                     Event::Marker(e) => self.markers.push(e),
                     Event::Counter(e) => self.counters.push(e),
@@ -747,9 +793,7 @@ mod tests {
                         layer: Some(layer),
                         step,
                         seq: (step % 2) as u32,
-                        row_start: 0,
-                        row_end: 12,
-                        thread: 0,
+                        rows: 12,
                         start_ns: start,
                         end_ns: end,
                         output_hash: None,

@@ -11,15 +11,13 @@ pub fn transport() -> impl Strategy<Value = Transport> {
 
 pub fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
-        (any::<[u32; 6]>(), any::<[u64; 3]>(), any::<Option<u128>>()).prop_map(|(a, b, h)| {
+        (any::<[u32; 4]>(), any::<[u64; 3]>(), any::<Option<u128>>()).prop_map(|(a, b, h)| {
             Event::KernelSpan(KernelSpan {
                 kernel: a[0],
                 layer: a[1].checked_sub(1), // never u32::MAX: the wire keeps that value for no layer
                 step: b[0],
                 seq: a[2],
-                row_start: a[3],
-                row_end: a[4],
-                thread: a[5],
+                rows: a[3],
                 start_ns: b[1],
                 end_ns: b[2],
                 output_hash: h,

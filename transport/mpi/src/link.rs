@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use mpi::ffi;
 use slug_transport::link::{
-    Delivery, LinkEnds, RecvBackend, RegionMut, SendBackend, check_place, check_range,
+    Delivery, LinkBackend, LinkEnds, RecvBackend, RegionMut, SendBackend, check_place, check_range,
 };
 use slug_transport::transfer::{TransferHeader, TransportKind};
 use slug_transport::{Result, TransportError};
@@ -192,11 +192,13 @@ impl Request {
     }
 }
 
-impl SendBackend for MpiSend {
+impl LinkBackend for MpiSend {
     fn kind(&self) -> TransportKind {
         TransportKind::Mpi
     }
+}
 
+impl SendBackend for MpiSend {
     fn send(
         &mut self,
         ends: &LinkEnds,
@@ -228,11 +230,13 @@ impl SendBackend for MpiSend {
     }
 }
 
-impl RecvBackend for MpiRecv {
+impl LinkBackend for MpiRecv {
     fn kind(&self) -> TransportKind {
         TransportKind::Mpi
     }
+}
 
+impl RecvBackend for MpiRecv {
     fn recv(
         &mut self,
         ends: &LinkEnds,

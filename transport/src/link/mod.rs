@@ -199,14 +199,22 @@ pub enum Delivery {
     Staged,
 }
 
+/// What both halves of a link backend tell the link around them.
+pub trait LinkBackend: Send {
+    /// The transport observers see on this link's transfers.
+    fn kind(&self) -> TransportKind;
+
+    /// Clock offset of the other end (its clock minus ours), if measured at connection.
+    fn clock(&self) -> Option<ClockOffset> {
+        None
+    }
+}
+
 /// The sending half of a link backend: moves one transfer's bytes towards the receiver.
 ///
 /// [`LinkSender`] calls it with the transfer's header already numbered and the source bytes
 /// already bounds-checked, and observes the transfer after it returns.
-pub trait SendBackend: Send {
-    /// The transport observers see on this link's transfers.
-    fn kind(&self) -> TransportKind;
-
+pub trait SendBackend: LinkBackend {
     /// Moves `payload` (the `header.len` source bytes) so that the receiving backend can place
     /// it at `header.dst_off` of arena `header.dst_arena`. Returns once the source bytes may be
     /// overwritten (they are in the fabric, the socket or the receiver's arena), within
@@ -219,21 +227,13 @@ pub trait SendBackend: Send {
     ) -> Result<Delivery>;
 
     /// Waits until every transfer sent has left this end: nothing is buffered here any more,
-    /// so the link can be re-pointed ([`LinkSender::repoint`]) without losing a transfer. A
+    /// so the link can be re-pointed ([`LinkEnd::repoint`]) without losing a transfer. A
     /// backend whose `send` only returns once the bytes have left does nothing.
     fn flush(&mut self, ends: &LinkEnds) -> Result<()>;
-
-    /// Clock offset of the receiving end (its clock minus ours), if measured at connection.
-    fn clock(&self) -> Option<ClockOffset> {
-        None
-    }
 }
 
 /// The receiving half of a link backend: places the next transfer's bytes in the receiver's arena.
-pub trait RecvBackend: Send {
-    /// The transport observers see on this link's transfers.
-    fn kind(&self) -> TransportKind;
-
+pub trait RecvBackend: LinkBackend {
     /// Waits (at most `ends.timeout`) for the next transfer, checks its header with
     /// [`check_place`] against `dst` before writing anything, places its bytes at
     /// `header.dst_off` of `dst` and returns the header. [`LinkReceiver`] checks the numbering
@@ -243,36 +243,27 @@ pub trait RecvBackend: Send {
         ends: &LinkEnds,
         dst: &mut RegionMut<'_>,
     ) -> Result<(TransferHeader, Delivery)>;
+}
 
-    /// Clock offset of the sending end (its clock minus ours), if measured at connection.
-    fn clock(&self) -> Option<ClockOffset> {
-        None
-    }
+/// One end of a link over a backend `B`: its numbering, counters and observers.
+pub struct LinkEnd<B: ?Sized> {
+    ends: LinkEnds,
+    kind: TransportKind,
+    observers: Observers,
+    next_seq: u64,
+    stats: LinkStats,
+    backend: Box<B>,
 }
 
 /// The sending end of a link.
-pub struct LinkSender {
-    ends: LinkEnds,
-    kind: TransportKind,
-    backend: Box<dyn SendBackend>,
-    observers: Observers,
-    next_seq: u64,
-    stats: LinkStats,
-}
+pub type LinkSender = LinkEnd<dyn SendBackend>;
 
 /// The receiving end of a link.
-pub struct LinkReceiver {
-    ends: LinkEnds,
-    kind: TransportKind,
-    backend: Box<dyn RecvBackend>,
-    observers: Observers,
-    next_seq: u64,
-    stats: LinkStats,
-}
+pub type LinkReceiver = LinkEnd<dyn RecvBackend>;
 
-impl std::fmt::Debug for LinkSender {
+impl<B: ?Sized> std::fmt::Debug for LinkEnd<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkSender")
+        f.debug_struct("LinkEnd")
             .field("ends", &self.ends)
             .field("kind", &self.kind)
             .field("next_seq", &self.next_seq)
@@ -280,29 +271,57 @@ impl std::fmt::Debug for LinkSender {
     }
 }
 
-impl std::fmt::Debug for LinkReceiver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkReceiver")
-            .field("ends", &self.ends)
-            .field("kind", &self.kind)
-            .field("next_seq", &self.next_seq)
-            .finish()
-    }
-}
-
-impl LinkSender {
-    /// The sending end of link `ends` over a connected `backend`; every transfer reaches `observers`.
-    pub fn new(ends: LinkEnds, backend: Box<dyn SendBackend>, observers: Observers) -> Self {
+impl<B: LinkBackend + ?Sized> LinkEnd<B> {
+    /// This end of link `ends` over a connected `backend`; every transfer reaches `observers`.
+    pub fn new(ends: LinkEnds, backend: Box<B>, observers: Observers) -> Self {
         Self {
             ends,
             kind: backend.kind(),
-            backend,
             observers,
             next_seq: 0,
             stats: LinkStats::default(),
+            backend,
         }
     }
 
+    /// Numbers the next transfer `next_seq`: a stage resumed from a snapshot (or moved to
+    /// another node) continues the link's numbering where it was (both ends must agree).
+    pub fn resume_at(&mut self, next_seq: u64) {
+        self.next_seq = next_seq;
+    }
+
+    /// Sequence number of the next transfer.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Re-points this end at another connected backend (the stage at the other end moved),
+    /// keeping the link's numbering, counters and observers, and returns the old backend (drop
+    /// it to close it). Call it between transfers at a step boundary both ends reached, the
+    /// sender after [`flush`](LinkSender::flush) and the receiver once it has received every
+    /// transfer the old sender sent, so that none is lost or moved twice.
+    pub fn repoint(&mut self, backend: Box<B>) -> Box<B> {
+        self.kind = backend.kind();
+        std::mem::replace(&mut self.backend, backend)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> LinkStats {
+        self.stats
+    }
+
+    /// Who this link connects.
+    pub fn ends(&self) -> LinkEnds {
+        self.ends
+    }
+
+    /// Clock offset of the other end (its clock minus ours), measured at connection (TCP only).
+    pub fn clock(&self) -> Option<ClockOffset> {
+        self.backend.clock()
+    }
+}
+
+impl LinkEnd<dyn SendBackend> {
     /// Moves `len` bytes at `src_offset` of `src` to `dst_offset` of arena `dst_arena` on the
     /// receiving endpoint. Observers see the transfer after its bytes have left (queued in the
     /// ring, copied into the receiver's arena or written to the socket), with the time the send
@@ -362,60 +381,13 @@ impl LinkSender {
         Ok(transfer)
     }
 
-    /// Numbers the next transfer `next_seq`: a stage resumed from a snapshot (or moved to
-    /// another node) continues the link's numbering where it was (both ends must agree).
-    pub fn resume_at(&mut self, next_seq: u64) {
-        self.next_seq = next_seq;
-    }
-
-    /// Sequence number the next transfer gets.
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq
-    }
-
     /// Waits until every transfer sent has left this end ([`SendBackend::flush`]).
     pub fn flush(&mut self) -> Result<()> {
         self.backend.flush(&self.ends)
     }
-
-    /// Re-points this end at another connected backend (the receiving stage moved), keeping
-    /// the link's numbering, counters and observers, and returns the old backend (drop it to
-    /// close it). Call it between transfers after [`flush`](Self::flush), at a step boundary the
-    /// receiver has also reached, so that no transfer is lost or sent twice.
-    pub fn repoint(&mut self, backend: Box<dyn SendBackend>) -> Box<dyn SendBackend> {
-        self.kind = backend.kind();
-        std::mem::replace(&mut self.backend, backend)
-    }
-
-    /// Counters so far.
-    pub fn stats(&self) -> LinkStats {
-        self.stats
-    }
-
-    /// Who this link connects.
-    pub fn ends(&self) -> LinkEnds {
-        self.ends
-    }
-
-    /// Clock offset of the receiving end (its clock minus ours), measured at connection (TCP only).
-    pub fn clock(&self) -> Option<ClockOffset> {
-        self.backend.clock()
-    }
 }
 
-impl LinkReceiver {
-    /// The receiving end of link `ends` over a connected `backend`; every transfer reaches `observers`.
-    pub fn new(ends: LinkEnds, backend: Box<dyn RecvBackend>, observers: Observers) -> Self {
-        Self {
-            ends,
-            kind: backend.kind(),
-            backend,
-            observers,
-            next_seq: 0,
-            stats: LinkStats::default(),
-        }
-    }
-
+impl LinkEnd<dyn RecvBackend> {
     /// Waits for the next transfer and places its bytes in `dst`, which must be the arena the
     /// sender addressed. Observers see the transfer once the bytes are in place.
     pub fn recv(&mut self, dst: &mut RegionMut<'_>) -> Result<Transfer> {
@@ -430,9 +402,8 @@ impl LinkReceiver {
                 ),
             });
         }
-        // The backend checked the place before writing; checked again here so that no backend
-        // can make the link index outside the arena.
-        check_place(&self.ends, dst.arena, dst.bytes.len(), &header)?;
+        // The backend checked the place before writing; the range is checked again here so
+        // that no backend can make the link index outside the arena.
         let r = check_range(dst.arena, dst.bytes.len(), header.dst_off, header.len)?;
         let transfer = Transfer {
             id: TransferId {
@@ -459,41 +430,6 @@ impl LinkReceiver {
         self.next_seq += 1;
         self.stats.add(header.len, start, delivery);
         Ok(transfer)
-    }
-
-    /// Numbers the next transfer expected `next_seq`: a stage resumed from a snapshot (or moved
-    /// to another node) continues the link's numbering where it was (both ends must agree).
-    pub fn resume_at(&mut self, next_seq: u64) {
-        self.next_seq = next_seq;
-    }
-
-    /// Sequence number the next transfer must carry.
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq
-    }
-
-    /// Re-points this end at another connected backend (the sending stage moved), keeping the
-    /// link's numbering, counters and observers, and returns the old backend (drop it to close
-    /// it). Call it between transfers, once every transfer the old sender sent was received (at
-    /// a step boundary both ends reached), so that none is lost or taken twice.
-    pub fn repoint(&mut self, backend: Box<dyn RecvBackend>) -> Box<dyn RecvBackend> {
-        self.kind = backend.kind();
-        std::mem::replace(&mut self.backend, backend)
-    }
-
-    /// Counters so far.
-    pub fn stats(&self) -> LinkStats {
-        self.stats
-    }
-
-    /// Who this link connects.
-    pub fn ends(&self) -> LinkEnds {
-        self.ends
-    }
-
-    /// Clock offset of the sending end (its clock minus ours), measured at connection (TCP only).
-    pub fn clock(&self) -> Option<ClockOffset> {
-        self.backend.clock()
     }
 }
 

@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use super::{
-    Delivery, LinkEnds, LinkReceiver, LinkSender, RecvBackend, RegionMut, SendBackend, StageLinks,
-    check_place, check_range,
+    Delivery, LinkBackend, LinkEnds, LinkReceiver, LinkSender, RecvBackend, RegionMut, SendBackend,
+    StageLinks, check_place, check_range,
 };
 use crate::error::{Result, TransportError};
 use crate::fabric::{Fabric, WaitFailure};
@@ -81,11 +81,13 @@ impl RingRecv {
     }
 }
 
-impl SendBackend for RingSend {
+impl LinkBackend for RingSend {
     fn kind(&self) -> TransportKind {
         self.kind
     }
+}
 
+impl SendBackend for RingSend {
     fn send(
         &mut self,
         ends: &LinkEnds,
@@ -124,11 +126,13 @@ impl SendBackend for RingSend {
     }
 }
 
-impl RecvBackend for RingRecv {
+impl LinkBackend for RingRecv {
     fn kind(&self) -> TransportKind {
         self.kind
     }
+}
 
+impl RecvBackend for RingRecv {
     fn recv(
         &mut self,
         ends: &LinkEnds,
@@ -189,34 +193,6 @@ fn piece_in_order(
     })
 }
 
-impl LinkSender {
-    /// The sending end of ring `ring` of `fabric` (`local` when the fabric is on the heap, `shm` when mapped).
-    pub fn over_fabric(
-        fabric: Arc<Fabric>,
-        ring: usize,
-        ends: LinkEnds,
-        kind: TransportKind,
-        observers: Observers,
-    ) -> Result<Self> {
-        let backend = RingSend::new(fabric, ring, kind)?;
-        Ok(Self::new(ends, Box::new(backend), observers))
-    }
-}
-
-impl LinkReceiver {
-    /// The receiving end of ring `ring` of `fabric`.
-    pub fn over_fabric(
-        fabric: Arc<Fabric>,
-        ring: usize,
-        ends: LinkEnds,
-        kind: TransportKind,
-        observers: Observers,
-    ) -> Result<Self> {
-        let backend = RingRecv::new(fabric, ring, kind)?;
-        Ok(Self::new(ends, Box::new(backend), observers))
-    }
-}
-
 /// A stage's two ends of the rings of `fabric`: the ring of link `inbound.id` to receive, the
 /// ring of link `outbound.id` to send.
 pub fn stage_links(
@@ -226,20 +202,14 @@ pub fn stage_links(
     kind: TransportKind,
     observers: &Observers,
 ) -> Result<StageLinks> {
+    let recv = RingRecv::new(fabric.clone(), inbound.id.0 as usize, kind)?;
+    let send = RingSend::new(fabric.clone(), outbound.id.0 as usize, kind)?;
     Ok(StageLinks {
-        inbound: Some(LinkReceiver::over_fabric(
-            fabric.clone(),
-            inbound.id.0 as usize,
+        inbound: Some(LinkReceiver::new(
             inbound,
-            kind,
+            Box::new(recv),
             observers.clone(),
-        )?),
-        outbound: Some(LinkSender::over_fabric(
-            fabric.clone(),
-            outbound.id.0 as usize,
-            outbound,
-            kind,
-            observers.clone(),
-        )?),
+        )),
+        outbound: Some(LinkSender::new(outbound, Box::new(send), observers.clone())),
     })
 }

@@ -1,6 +1,6 @@
 //! The `shm` backend's fabric file: the coordinator creates one memory-mapped [`Fabric`] per run
 //! (in `/dev/shm` where it exists) and every stage process maps it; each link is then a
-//! [`ring`](super::ring) in it, as `local` links are rings in a heap fabric.
+//! [`ring`] in it, as `local` links are rings in a heap fabric.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

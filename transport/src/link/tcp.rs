@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{
-    Delivery, LinkEnds, LinkIntegrity, LinkReceiver, LinkSender, LinkSetup, NodeLinkPlan,
-    RecvBackend, RegionMut, SendBackend, StageLinks, check_place, check_range,
+    Delivery, LinkBackend, LinkEnds, LinkIntegrity, LinkReceiver, LinkSender, LinkSetup,
+    NodeLinkPlan, RecvBackend, RegionMut, SendBackend, StageLinks, check_place, check_range,
 };
 use crate::auth::{ClusterKey, Handshaken, Hello, Role, client_handshake, server_handshake};
 use crate::clock::ClockOffset;
@@ -103,11 +103,17 @@ impl TcpSend {
     }
 }
 
-impl SendBackend for TcpSend {
+impl LinkBackend for TcpSend {
     fn kind(&self) -> TransportKind {
         TransportKind::Tcp
     }
 
+    fn clock(&self) -> Option<ClockOffset> {
+        Some(self.clock)
+    }
+}
+
+impl SendBackend for TcpSend {
     fn send(
         &mut self,
         ends: &LinkEnds,
@@ -146,10 +152,6 @@ impl SendBackend for TcpSend {
     fn flush(&mut self, _ends: &LinkEnds) -> Result<()> {
         Ok(())
     }
-
-    fn clock(&self) -> Option<ClockOffset> {
-        Some(self.clock)
-    }
 }
 
 impl TcpRecv {
@@ -178,11 +180,17 @@ impl TcpRecv {
     }
 }
 
-impl RecvBackend for TcpRecv {
+impl LinkBackend for TcpRecv {
     fn kind(&self) -> TransportKind {
         TransportKind::Tcp
     }
 
+    fn clock(&self) -> Option<ClockOffset> {
+        Some(self.clock)
+    }
+}
+
+impl RecvBackend for TcpRecv {
     fn recv(
         &mut self,
         ends: &LinkEnds,
@@ -229,10 +237,6 @@ impl RecvBackend for TcpRecv {
             }
         }
         Ok((h, Delivery::Staged))
-    }
-
-    fn clock(&self) -> Option<ClockOffset> {
-        Some(self.clock)
     }
 }
 

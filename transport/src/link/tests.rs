@@ -36,6 +36,28 @@ fn ends() -> LinkEnds {
     }
 }
 
+/// Both ends of ring 0 of a heap fabric with rings of `slots` slots of `capacity` bytes.
+fn ring_link(slots: u32, capacity: u64, obs: Observers) -> (Arc<Fabric>, LinkSender, LinkReceiver) {
+    let layout = FabricLayout::new(&[RingSpec { slots, capacity }]).expect("layout");
+    let fabric = Arc::new(Fabric::heap(layout));
+    let (tx, rx) = ring_ends(&fabric, TransportKind::Local, obs);
+    (fabric, tx, rx)
+}
+
+/// Both ends of ring 0 of `fabric`.
+fn ring_ends(
+    fabric: &Arc<Fabric>,
+    kind: TransportKind,
+    obs: Observers,
+) -> (LinkSender, LinkReceiver) {
+    let send = RingSend::new(fabric.clone(), 0, kind).expect("tx");
+    let recv = RingRecv::new(fabric.clone(), 0, kind).expect("rx");
+    (
+        LinkSender::new(ends(), Box::new(send), obs.clone()),
+        LinkReceiver::new(ends(), Box::new(recv), obs),
+    )
+}
+
 fn tag(step: u32) -> Tag {
     Tag {
         sequence: 0,
@@ -117,17 +139,8 @@ fn exchange(mut tx: LinkSender, mut rx: LinkReceiver) {
 
 #[test]
 fn ring_link_moves_bytes_by_offset_and_shows_both_ends_to_observers() {
-    let layout = FabricLayout::new(&[RingSpec {
-        slots: 2,
-        capacity: 512,
-    }])
-    .expect("layout");
-    let fabric = Arc::new(Fabric::heap(layout));
     let seen = Arc::new(Seen::default());
-    let obs = Observers::none().with(seen.clone());
-    let tx = LinkSender::over_fabric(fabric.clone(), 0, ends(), TransportKind::Local, obs.clone())
-        .expect("tx");
-    let rx = LinkReceiver::over_fabric(fabric, 0, ends(), TransportKind::Local, obs).expect("rx");
+    let (_fabric, tx, rx) = ring_link(2, 512, Observers::none().with(seen.clone()));
     exchange(tx, rx);
     let seen = seen.0.lock().expect("lock");
     // 3 exchanged transfers seen twice each, same hash on both ends, then the 4th's post.
@@ -141,23 +154,7 @@ fn ring_link_moves_bytes_by_offset_and_shows_both_ends_to_observers() {
 
 #[test]
 fn transfers_larger_than_a_slot_travel_in_pieces_and_arrive_whole() {
-    let layout = FabricLayout::new(&[RingSpec {
-        slots: 2,
-        capacity: 7,
-    }])
-    .expect("layout");
-    let fabric = Arc::new(Fabric::heap(layout));
-    let mut tx = LinkSender::over_fabric(
-        fabric.clone(),
-        0,
-        ends(),
-        TransportKind::Local,
-        Observers::none(),
-    )
-    .expect("tx");
-    let mut rx =
-        LinkReceiver::over_fabric(fabric, 0, ends(), TransportKind::Local, Observers::none())
-            .expect("rx");
+    let (_fabric, mut tx, mut rx) = ring_link(2, 7, Observers::none());
     let src: Vec<u8> = (0..100u8).collect();
     let sender = std::thread::spawn(move || {
         for len in [0u64, 1, 7, 8, 100] {
@@ -193,23 +190,7 @@ fn transfers_larger_than_a_slot_travel_in_pieces_and_arrive_whole() {
 
 #[test]
 fn a_waiting_receiver_gets_the_bytes_placed_directly() {
-    let layout = FabricLayout::new(&[RingSpec {
-        slots: 2,
-        capacity: 16,
-    }])
-    .expect("layout");
-    let fabric = Arc::new(Fabric::heap(layout));
-    let mut tx = LinkSender::over_fabric(
-        fabric.clone(),
-        0,
-        ends(),
-        TransportKind::Local,
-        Observers::none(),
-    )
-    .expect("tx");
-    let mut rx =
-        LinkReceiver::over_fabric(fabric, 0, ends(), TransportKind::Local, Observers::none())
-            .expect("rx");
+    let (_fabric, mut tx, mut rx) = ring_link(2, 16, Observers::none());
     let receiver = std::thread::spawn(move || {
         let mut got = Vec::new();
         for _ in 0..20 {
@@ -256,22 +237,13 @@ fn a_waiting_receiver_gets_the_bytes_placed_directly() {
 
 #[test]
 fn a_repointed_link_keeps_its_numbering_counters_and_observers() {
-    let layout = || {
-        FabricLayout::new(&[RingSpec {
-            slots: 4,
-            capacity: 64,
-        }])
-        .expect("layout")
-    };
-    let (old, new) = (
-        Arc::new(Fabric::heap(layout())),
-        Arc::new(Fabric::heap(layout())),
-    );
     let seen = Arc::new(Seen::default());
-    let obs = Observers::none().with(seen.clone());
-    let mut tx = LinkSender::over_fabric(old.clone(), 0, ends(), TransportKind::Local, obs.clone())
-        .expect("tx");
-    let mut rx = LinkReceiver::over_fabric(old, 0, ends(), TransportKind::Local, obs).expect("rx");
+    let (_old, mut tx, mut rx) = ring_link(4, 64, Observers::none().with(seen.clone()));
+    let layout = FabricLayout::new(&[RingSpec {
+        slots: 4,
+        capacity: 64,
+    }]);
+    let new = Arc::new(Fabric::heap(layout.expect("layout")));
     let src: Vec<u8> = (0..64u8).collect();
     let mut dst = vec![0u8; 64];
     let mut step = |tx: &mut LinkSender, rx: &mut LinkReceiver, i: u8| {

@@ -48,7 +48,9 @@ pub use observe::{NoObservers, ObserverFactory, StageContext, StageObservers};
 pub use report::{HexHash, KernelDigest, RunReport, StageReport, TransferDigest};
 pub use settings::{ObserverSettings, RecordSettings, ReplaySettings};
 pub use stage::STAGE_ARENA;
-pub use state::{ScheduleSlot, StageState, StageStateObserver, restore_stage, schedule_slot};
+pub use state::{
+    ReferencedWeights, ScheduleSlot, StageState, StageStateObserver, restore_stage, schedule_slot,
+};
 
 use observe::{Observed, stage_observers};
 use stage::{build_stage, drive_stage, link_ends};

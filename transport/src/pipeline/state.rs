@@ -17,6 +17,22 @@ pub struct StageState {
     pub arena: Vec<u8>,
     /// Step counter and sequence positions.
     pub cursor: StageCursor,
+    /// Weights the state references instead of holding (their bytes in `arena` are not used):
+    /// the stage restored into regenerated them itself, and they must hash the same.
+    pub weights: Option<ReferencedWeights>,
+}
+
+/// Weights a [`StageState`] references: arena bytes `range` hold immutable weights that the
+/// restoring stage regenerates (from the seed) or loads (from a checkpoint), checked against
+/// `hash` (xxh3-128) before the rest of the state is taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferencedWeights {
+    /// Arena bytes of the weights.
+    pub range: std::ops::Range<usize>,
+    /// xxh3-128 of those bytes when the state was taken.
+    pub hash: u128,
+    /// Where they come from, for error messages (e.g. `seed 42 of the small preset`).
+    pub source: String,
 }
 
 /// Sees a stage's arena and cursor at every step boundary, on the stage's own thread, while
@@ -28,8 +44,10 @@ pub trait StageStateObserver: Send {
     fn at_step_boundary(&mut self, stage: &Stage) -> Result<()>;
 }
 
-/// Copies `state` into `stage`: everything before the workspace section plus the cursor.
-/// Refuses a state from a differently shaped stage (other model, plan, index or sequences).
+/// Copies `state` into `stage`: everything before the workspace section plus the cursor, except
+/// referenced weights, which `stage` already holds (built from the seed) and which are checked
+/// against the state's hash instead. Refuses a state from a differently shaped stage (other
+/// model, plan, index or sequences) or whose weights do not match.
 pub fn restore_stage(stage: &mut Stage, state: &StageState) -> Result<()> {
     let (workspace, _) = stage.layout().section(Section::Workspace);
     let mismatch = |detail: String| {
@@ -53,7 +71,31 @@ pub fn restore_stage(stage: &mut Stage, state: &StageState) -> Result<()> {
         )));
     }
     let mut bytes = stage.arena().bytes().to_vec();
-    bytes[..workspace].copy_from_slice(&state.arena[..workspace]);
+    match &state.weights {
+        None => bytes[..workspace].copy_from_slice(&state.arena[..workspace]),
+        Some(w) => {
+            if w.range.start > w.range.end || w.range.end > workspace {
+                return Err(mismatch(format!(
+                    "its weights reference bytes {:?}, outside the stage's state (0..{workspace})",
+                    w.range
+                )));
+            }
+            let got = xxhash_rust::xxh3::xxh3_128(&bytes[w.range.clone()]);
+            if got != w.hash {
+                return Err(TransportError::Config(format!(
+                    "cannot restore stage {}: its weights, regenerated here, hash to {got:032x} \
+                     but the snapshot recorded {:032x} for {}; the trace was recorded with other \
+                     weights (model, seed or checkpoint), or this build generates them \
+                     differently: replay with the recorded model and seed",
+                    stage.index(),
+                    w.hash,
+                    w.source
+                )));
+            }
+            bytes[..w.range.start].copy_from_slice(&state.arena[..w.range.start]);
+            bytes[w.range.end..workspace].copy_from_slice(&state.arena[w.range.end..workspace]);
+        }
+    }
     stage.restore(&bytes, state.cursor.clone())?;
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! Chrome JSON trace export (`{"traceEvents": [...]}`): one process per endpoint, one thread per
-//! worker (kernel slices as complete events), a transfers thread per endpoint carrying flow
+//! Chrome JSON trace export (`{"traceEvents": [...]}`): one process per endpoint, a kernels
+//! thread per endpoint (kernel slices as complete events), a transfers thread carrying flow
 //! start/end events, counters for the perf lanes, instants for steps, snapshots, losses, markers,
 //! and per OS thread with eBPF events a thread (tid `OS_TID_BASE + tid`) holding its off-CPU
 //! intervals and slow syscalls as slices and its migrations as instants.
@@ -12,14 +12,17 @@ use serde_json::{Value, json};
 
 use crate::error::{Result, ViewerError};
 use crate::export::ExportSummary;
-use crate::export::walk::{Item, walk};
+use crate::export::walk::{Item, ebpf_track_shape, walk};
 use crate::state::event::{
-    EndpointIx, EventKind, Nanos, SystemKind, SystemSource, TraceEvent, Transfer, format_bytes,
+    EndpointIx, EventKind, Names, Nanos, TraceEvent, Transfer, format_bytes,
 };
 use crate::state::source::TraceSource;
+use crate::state::system;
 
-/// Thread id of the transfers pseudo-thread of each endpoint (workers are numbered from 1).
+/// Thread id of the transfers pseudo-thread of each endpoint.
 pub const TRANSFERS_TID: u64 = 0;
+/// Thread id of the kernels pseudo-thread of each endpoint.
+pub const KERNELS_TID: u64 = 1;
 /// Added to an OS thread id to make the Chrome tid of its eBPF thread-state track.
 pub const OS_TID_BASE: u64 = 1 << 32;
 
@@ -33,6 +36,7 @@ fn pid(ep: EndpointIx) -> u64 {
 
 struct Writer<'a> {
     out: &'a mut dyn Write,
+    names: &'a Names,
     first: bool,
     summary: ExportSummary,
     named_threads: std::collections::HashSet<(EndpointIx, u64)>,
@@ -85,60 +89,56 @@ impl Writer<'_> {
                 self.emit(&json!({"ph": "C", "name": name, "pid": pid(ep), "ts": us(t), "args": {"value": v}}))
             }
             Item::Event(ep, e) => match e {
-                TraceEvent::Kernel(k) => {
-                    let tid = u64::from(k.thread) + 1;
-                    self.thread(ep, tid, format!("worker {}", k.thread))?;
+                TraceEvent::KernelSpan(k) => {
+                    self.thread(ep, KERNELS_TID, "kernels".to_string())?;
                     self.summary.slices += 1;
                     let mut args = json!({"step": k.step, "seq": k.seq});
                     // A kernel outside every layer (embedding, head, argmax) has no `layer`.
                     if let Some(layer) = k.layer {
                         args["layer"] = json!(layer);
                     }
-                    self.emit(&json!({"ph": "X", "name": &*k.kernel, "cat": EventKind::KernelSpan.name(),
-                        "pid": pid(ep), "tid": tid, "ts": us(k.start), "dur": us(k.end.saturating_sub(k.start)),
+                    self.emit(&json!({"ph": "X", "name": self.names.get(k.kernel), "cat": EventKind::KernelSpan.name(),
+                        "pid": pid(ep), "tid": KERNELS_TID, "ts": us(k.start_ns), "dur": us(k.end_ns.saturating_sub(k.start_ns)),
                         "args": args}))
                 }
                 TraceEvent::Counter(c) => {
                     self.summary.counters += 1;
-                    self.emit(&json!({"ph": "C", "name": &*c.name, "pid": pid(ep), "ts": us(c.t), "args": {"value": c.value}}))
+                    self.emit(&json!({"ph": "C", "name": self.names.get(c.name), "pid": pid(ep), "ts": us(c.ns), "args": {"value": c.value}}))
                 }
-                TraceEvent::System(s) if s.source == SystemSource::Ebpf => {
+                TraceEvent::Ebpf(s) => {
                     let tid = OS_TID_BASE + u64::from(s.tid);
-                    let (cat, instant) = match s.kind {
-                        SystemKind::OffCpu => ("off_cpu", false),
-                        SystemKind::Syscall => ("syscall", false),
-                        SystemKind::Migration => ("migration", true),
-                        SystemKind::TcpRetransmit | SystemKind::TcpDrop => ("tcp", true),
-                        _ => return Ok(()),
+                    let Some((cat, instant)) = ebpf_track_shape(s.kind) else {
+                        return Ok(());
                     };
                     self.thread(ep, tid, format!("thread {} (eBPF)", s.tid))?;
                     let mut args = serde_json::Map::new();
                     let mut fields = Vec::new();
-                    s.describe(&mut fields);
+                    system::describe_ebpf(s, &mut fields);
                     for (k, v) in fields {
                         args.insert(k.to_string(), Value::String(v));
                     }
+                    let name = system::ebpf_label(s);
                     if instant {
                         self.summary.instants += 1;
-                        self.emit(&json!({"ph": "i", "s": "t", "name": e.label(), "cat": cat,
-                            "pid": pid(ep), "tid": tid, "ts": us(s.t), "args": args}))
+                        self.emit(&json!({"ph": "i", "s": "t", "name": name, "cat": cat,
+                            "pid": pid(ep), "tid": tid, "ts": us(s.ns), "args": args}))
                     } else {
                         self.summary.slices += 1;
-                        self.emit(&json!({"ph": "X", "name": e.label(), "cat": cat, "pid": pid(ep),
-                            "tid": tid, "ts": us(s.t), "dur": us(s.end().saturating_sub(s.t)), "args": args}))
+                        self.emit(&json!({"ph": "X", "name": name, "cat": cat, "pid": pid(ep),
+                            "tid": tid, "ts": us(s.ns), "dur": us(s.end_ns().saturating_sub(s.ns)), "args": args}))
                     }
                 }
-                TraceEvent::Perf(_)
-                | TraceEvent::Pt(_)
-                | TraceEvent::System(_)
+                TraceEvent::PerfSample(_)
+                | TraceEvent::PtChunk(_)
+                | TraceEvent::PerfSoftware(_)
                 | TraceEvent::Transfer(_) => Ok(()),
-                TraceEvent::Step(_)
+                TraceEvent::StepBoundary(_)
                 | TraceEvent::Snapshot(_)
-                | TraceEvent::Lost(_)
+                | TraceEvent::LostEvents(_)
                 | TraceEvent::Marker(_) => {
                     self.summary.instants += 1;
                     self.emit(
-                        &json!({"ph": "i", "s": "p", "name": e.label(), "cat": e.kind().name(),
+                        &json!({"ph": "i", "s": "p", "name": e.label(self.names), "cat": e.kind().name(),
                         "pid": pid(ep), "tid": TRANSFERS_TID, "ts": us(e.start())}),
                     )
                 }
@@ -154,6 +154,7 @@ pub fn write(source: &dyn TraceSource, out: &mut dyn Write) -> Result<ExportSumm
         .map_err(io)?;
     let mut w = Writer {
         out,
+        names: source.names(),
         first: true,
         summary: ExportSummary::default(),
         named_threads: std::collections::HashSet::new(),

@@ -15,11 +15,10 @@ use std::io::Write;
 use crate::error::{Result, ViewerError};
 use crate::export::ExportSummary;
 use crate::export::proto::{Message, Value, decode};
-use crate::export::walk::{Item, walk};
-use crate::state::event::{
-    EndpointIx, EventKind, SystemKind, SystemSource, TraceEvent, Transfer, format_bytes,
-};
+use crate::export::walk::{Item, ebpf_track_shape, walk};
+use crate::state::event::{EbpfKind, EndpointIx, EventKind, TraceEvent, Transfer, format_bytes};
 use crate::state::source::TraceSource;
+use crate::state::system;
 
 /// `Trace.packet`.
 const TRACE_PACKET: u32 = 1;
@@ -87,7 +86,7 @@ fn pid(ep: EndpointIx) -> u64 {
 /// What a track is, for its descriptor.
 enum TrackKind {
     Endpoint,
-    Thread(u32),
+    Kernels,
     OsThread(u32),
     Transfers,
     Counter(String),
@@ -153,7 +152,7 @@ impl Writer<'_> {
         let base = endpoint_uuid(ep);
         let uuid = match &kind {
             TrackKind::Endpoint => base,
-            TrackKind::Thread(t) => base | (u64::from(*t) + 1),
+            TrackKind::Kernels => base | 1,
             TrackKind::OsThread(tid) => base | OS_THREAD_TRACK | u64::from(*tid & 0x3fff_ffff),
             TrackKind::Transfers => base | TRANSFERS_TRACK,
             TrackKind::Counter(name) => {
@@ -178,11 +177,11 @@ impl Writer<'_> {
                 d.string(track::NAME, &self.name(ep))
                     .message(track::PROCESS, &p);
             }
-            TrackKind::Thread(t) => {
+            TrackKind::Kernels => {
                 let mut th = Message::new();
                 th.varint(track::THREAD_PID, pid(ep))
-                    .varint(track::THREAD_TID, pid(ep) * 1000 + u64::from(t) + 1)
-                    .string(track::THREAD_NAME, &format!("{} worker {t}", self.name(ep)));
+                    .varint(track::THREAD_TID, pid(ep) * 1000 + 1)
+                    .string(track::THREAD_NAME, &format!("{} kernels", self.name(ep)));
                 d.varint(track::PARENT_UUID, base)
                     .message(track::THREAD, &th);
             }
@@ -276,71 +275,71 @@ impl Writer<'_> {
             Item::FlowEnd(x) => self.flow_end(x, false),
             Item::Lane(ep, name, ts, v) => self.counter(ep, name, ts, v),
             Item::Event(ep, e) => match e {
-                TraceEvent::Kernel(k) => {
-                    let uuid = self.track(ep, TrackKind::Thread(k.thread))?;
+                TraceEvent::KernelSpan(k) => {
+                    let uuid = self.track(ep, TrackKind::Kernels)?;
                     self.summary.slices += 1;
-                    self.emit(k.start, |ev| {
+                    let name = self.source.names().get(k.kernel);
+                    self.emit(k.start_ns, |ev| {
                         ev.varint(event::TYPE, event::TYPE_SLICE_BEGIN)
                             .varint(event::TRACK_UUID, uuid)
                             .string(event::CATEGORIES, EventKind::KernelSpan.name())
-                            .string(event::NAME, &k.kernel);
+                            .string(event::NAME, name);
                         annotate(ev, "step", k.step);
                         if let Some(layer) = k.layer {
                             annotate(ev, "layer", u64::from(layer));
                         }
                     })?;
-                    self.emit(k.end.max(k.start), |ev| {
+                    self.emit(k.end_ns.max(k.start_ns), |ev| {
                         ev.varint(event::TYPE, event::TYPE_SLICE_END)
                             .varint(event::TRACK_UUID, uuid);
                     })
                 }
-                TraceEvent::Counter(c) => self.counter(ep, &c.name, c.t, c.value as f64),
-                TraceEvent::System(s) if s.source == SystemSource::Ebpf => {
-                    let cat = match s.kind {
-                        SystemKind::OffCpu => "off_cpu",
-                        SystemKind::Syscall => "syscall",
-                        SystemKind::Migration => "migration",
-                        SystemKind::TcpRetransmit | SystemKind::TcpDrop => "tcp",
-                        _ => return Ok(()),
+                TraceEvent::Counter(c) => {
+                    let name = self.source.names().get(c.name);
+                    self.counter(ep, name, c.ns, c.value as f64)
+                }
+                TraceEvent::Ebpf(s) => {
+                    let Some((cat, instant)) = ebpf_track_shape(s.kind) else {
+                        return Ok(());
                     };
                     let uuid = self.track(ep, TrackKind::OsThread(s.tid))?;
-                    let name = e.label();
-                    if matches!(
-                        s.kind,
-                        SystemKind::Migration | SystemKind::TcpRetransmit | SystemKind::TcpDrop
-                    ) {
+                    let name = system::ebpf_label(s);
+                    if instant {
                         self.summary.instants += 1;
-                        return self.emit(s.t, |ev| {
+                        return self.emit(s.ns, |ev| {
                             ev.varint(event::TYPE, event::TYPE_INSTANT)
                                 .varint(event::TRACK_UUID, uuid)
-                                .string(event::CATEGORIES, cat)
+                                .string(event::CATEGORIES, &cat)
                                 .string(event::NAME, &name);
                         });
                     }
                     self.summary.slices += 1;
-                    self.emit(s.t, |ev| {
+                    self.emit(s.ns, |ev| {
                         ev.varint(event::TYPE, event::TYPE_SLICE_BEGIN)
                             .varint(event::TRACK_UUID, uuid)
-                            .string(event::CATEGORIES, cat)
+                            .string(event::CATEGORIES, &cat)
                             .string(event::NAME, &name);
-                        if s.kind == SystemKind::OffCpu {
-                            annotate(ev, "waker_tid", s.args[2]);
+                        if s.kind == EbpfKind::OffCpu {
+                            annotate(ev, "waker_tid", s.arg2);
                         }
                     })?;
-                    self.emit(s.end(), |ev| {
+                    self.emit(s.end_ns(), |ev| {
                         ev.varint(event::TYPE, event::TYPE_SLICE_END)
                             .varint(event::TRACK_UUID, uuid);
                     })
                 }
                 // Lanes already carry samples, faults and PT volume as counters.
-                TraceEvent::Perf(_)
-                | TraceEvent::Pt(_)
-                | TraceEvent::System(_)
+                TraceEvent::PerfSample(_)
+                | TraceEvent::PtChunk(_)
+                | TraceEvent::PerfSoftware(_)
                 | TraceEvent::Transfer(_) => Ok(()),
-                TraceEvent::Step(_)
+                TraceEvent::StepBoundary(_)
                 | TraceEvent::Snapshot(_)
-                | TraceEvent::Lost(_)
-                | TraceEvent::Marker(_) => self.instant(ep, e.start(), &e.label()),
+                | TraceEvent::LostEvents(_)
+                | TraceEvent::Marker(_) => {
+                    let label = e.label(self.source.names());
+                    self.instant(ep, e.start(), &label)
+                }
             },
         }
     }

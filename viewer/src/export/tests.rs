@@ -68,7 +68,7 @@ fn chrome_fixture_round_trip() {
     );
     let off_cpu: Vec<_> = events
         .iter()
-        .filter(|e| e["ph"] == "X" && e["cat"] == "off_cpu")
+        .filter(|e| e["ph"] == "X" && e["cat"] == "ebpf,off-cpu")
         .collect();
     assert_eq!(off_cpu.len(), 6, "2 stages x 3 steps");
     assert_eq!(off_cpu[0]["dur"], 30.0, "microseconds");
@@ -82,6 +82,15 @@ fn chrome_fixture_round_trip() {
         .find(|e| e["name"] == "gemm")
         .expect("a gemm slice");
     assert_eq!(gemm["dur"], 100.0, "microseconds");
+    // One name per kind: every category list starts with the kind's name.
+    for e in events.iter().filter(|e| e.get("cat").is_some()) {
+        let cat = e["cat"].as_str().expect("categories are a string");
+        let kind = cat.split(',').next().unwrap_or_default();
+        assert!(
+            slug_schema::EventKind::from_name(kind).is_some(),
+            "category {cat} does not start with a kind name"
+        );
+    }
 }
 
 #[test]

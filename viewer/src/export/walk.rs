@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 
 use crate::error::Result;
-use crate::state::event::{EndpointIx, Nanos, SystemKind, TimeRange, TraceEvent, Transfer};
+use crate::state::event::{
+    EbpfKind, EndpointIx, EventKind, Nanos, SoftwareKind, TimeRange, TraceEvent, Transfer,
+};
 use crate::state::source::TraceSource;
 
 /// Number of counter bins across the trace for the perf lanes.
@@ -22,6 +24,22 @@ pub enum Item<'a> {
     FlowEnd(&'a Transfer),
     /// A binned perf-lane value for `endpoint`: lane name, bin start, value.
     Lane(EndpointIx, &'static str, Nanos, f64),
+}
+
+/// How an eBPF event shows on its thread's track in both exports: its categories (the kind's
+/// name, then the probe's: `ebpf,off-cpu`) and whether it is an instant (else a slice from `ns`
+/// to `end_ns()`); `None` for the probes only the lanes carry (page faults) or no export shows
+/// (syscall histograms).
+pub fn ebpf_track_shape(kind: EbpfKind) -> Option<(String, bool)> {
+    let instant = match kind {
+        EbpfKind::OffCpu | EbpfKind::Syscall => false,
+        EbpfKind::Migration | EbpfKind::TcpRetransmit | EbpfKind::TcpDrop => true,
+        EbpfKind::PageFault | EbpfKind::SyscallHistogram => return None,
+    };
+    Some((
+        format!("{},{}", EventKind::Ebpf.name(), kind.name()),
+        instant,
+    ))
 }
 
 #[derive(Debug, Default)]
@@ -51,13 +69,16 @@ pub fn walk(source: &dyn TraceSource, mut f: impl FnMut(Item<'_>) -> Result<()>)
             };
             for e in events {
                 let lane = match &e {
-                    TraceEvent::Perf(p) => Some((0, p.ns, 1.0)),
-                    TraceEvent::System(s) if s.kind == SystemKind::PageFault => Some((1, s.t, 1.0)),
-                    TraceEvent::Pt(p) => Some((2, p.ns, p.size as f64)),
+                    TraceEvent::PerfSample(p) => Some((0, p.ns, 1.0)),
+                    TraceEvent::Ebpf(b) if b.kind == EbpfKind::PageFault => Some((1, b.ns, 1.0)),
+                    TraceEvent::PerfSoftware(s) if s.kind == SoftwareKind::PageFault => {
+                        Some((1, s.ns, 1.0))
+                    }
+                    TraceEvent::PtChunk(p) => Some((2, p.ns, p.size as f64)),
                     _ => None,
                 };
                 if let Some((i, t, v)) = lane {
-                    let b = (t.saturating_sub(extent.start) / bin) as usize;
+                    let b = (t.saturating_sub(extent.start_ns) / bin) as usize;
                     let values = &mut lanes[i].1;
                     if values.len() <= b {
                         values.resize(b + 1, 0.0);
@@ -88,7 +109,7 @@ pub fn walk(source: &dyn TraceSource, mut f: impl FnMut(Item<'_>) -> Result<()>)
         }
         for (name, values) in &lanes {
             for (b, v) in values.iter().enumerate() {
-                f(Item::Lane(ep, name, extent.start + b as Nanos * bin, *v))?;
+                f(Item::Lane(ep, name, extent.start_ns + b as Nanos * bin, *v))?;
             }
         }
     }

@@ -182,7 +182,7 @@ impl App {
                 }
                 let pad = step_range.len() / 4;
                 self.set_view(
-                    step_range.start.saturating_sub(pad),
+                    step_range.start_ns.saturating_sub(pad),
                     step_range.len() + 2 * pad,
                 );
             } else {
@@ -229,8 +229,8 @@ impl App {
         let extent = self.timeline.extent();
         let len = len.clamp(MIN_SPAN_NS.min(extent.len().max(1)), extent.len().max(1));
         let start = start.clamp(
-            extent.start,
-            extent.end.saturating_sub(len).max(extent.start),
+            extent.start_ns,
+            extent.end_ns.saturating_sub(len).max(extent.start_ns),
         );
         self.view = TimeRange::new(start, start + len);
     }
@@ -238,7 +238,7 @@ impl App {
     /// Zooms by `factor` (< 1 zooms in) keeping the time at `anchor` (0..=1 of the view) fixed.
     pub fn zoom(&mut self, factor: f64, anchor: f64) {
         let len = self.view.len() as f64;
-        let at = self.view.start as f64 + len * anchor;
+        let at = self.view.start_ns as f64 + len * anchor;
         let new_len = (len * factor).max(MIN_SPAN_NS as f64);
         let start = (at - new_len * anchor).max(0.0);
         self.set_view(start as Nanos, new_len as Nanos);
@@ -247,7 +247,7 @@ impl App {
     /// Pans by `fraction` of the view (negative goes back in time).
     pub fn pan(&mut self, fraction: f64) {
         let shift = (self.view.len() as f64 * fraction) as i128;
-        let start = (i128::from(self.view.start) + shift).max(0) as Nanos;
+        let start = (i128::from(self.view.start_ns) + shift).max(0) as Nanos;
         self.set_view(start, self.view.len());
     }
 
@@ -332,11 +332,11 @@ impl App {
             }
             KeyCode::Char('0') | KeyCode::Home => {
                 let e = self.timeline.extent();
-                self.set_view(e.start, e.len());
+                self.set_view(e.start_ns, e.len());
             }
             KeyCode::Char('n') | KeyCode::Tab => self.step_selection(true)?,
             KeyCode::Char('p') | KeyCode::BackTab => self.step_selection(false)?,
-            KeyCode::Enter => self.select_near(self.view.start + self.view.len() / 2),
+            KeyCode::Enter => self.select_near(self.view.start_ns + self.view.len() / 2),
             KeyCode::Char('/') => self.open_prompt(PromptKind::Filter),
             KeyCode::Char('g') => self.open_prompt(PromptKind::JumpTime),
             KeyCode::Char(':' | 'G') => self.open_prompt(PromptKind::JumpStep),
@@ -351,7 +351,7 @@ impl App {
     fn anchor(&self) -> f64 {
         match &self.selection {
             Some(sel) if self.view.touches(sel.event.start(), sel.event.start()) => {
-                (sel.event.start() - self.view.start) as f64 / self.view.len().max(1) as f64
+                (sel.event.start() - self.view.start_ns) as f64 / self.view.len().max(1) as f64
             }
             _ => 0.5,
         }
@@ -388,7 +388,7 @@ impl App {
                 Err(e) => self.message = Some(e),
             },
             PromptKind::JumpTime => match parse_time(text) {
-                Some(t) => self.center_on(self.timeline.extent().start + t),
+                Some(t) => self.center_on(self.timeline.extent().start_ns + t),
                 None => {
                     self.message = Some(format!("`{text}` is not a time; try 12.5ms, 300us or 2s"))
                 }
@@ -426,7 +426,7 @@ impl App {
                 self.message = Some(format!(
                     "step {step} on {} starts at {}",
                     self.timeline.endpoints()[ep].name,
-                    format_time(t - self.timeline.extent().start)
+                    format_time(t - self.timeline.extent().start_ns)
                 ));
             }
             None => {
@@ -477,8 +477,8 @@ impl App {
             None => {
                 let from = match (&self.selection, forward) {
                     (Some(s), _) if s.endpoint == endpoint => s.event.start(),
-                    (_, true) => self.view.end,
-                    (_, false) => self.view.start,
+                    (_, true) => self.view.end_ns,
+                    (_, false) => self.view.start_ns,
                 };
                 self.timeline
                     .neighbour(endpoint, from, forward, &self.filter)?
@@ -489,7 +489,7 @@ impl App {
                 let t = event.start();
                 self.selection = Some(Selection { endpoint, event });
                 if !self.view.touches(t, t)
-                    || t >= self.view.end.saturating_sub(self.view.len() / 10)
+                    || t >= self.view.end_ns.saturating_sub(self.view.len() / 10)
                 {
                     self.center_on(t);
                 }
@@ -541,7 +541,7 @@ impl App {
             MouseEventKind::Down(_) if in_axis => {
                 if let Some(&(_, track)) = self.hits.rows.iter().find(|(y, _)| *y == mouse.row) {
                     self.cursor = track;
-                    let t = self.view.start + (self.view.len() as f64 * frac) as Nanos;
+                    let t = self.view.start_ns + (self.view.len() as f64 * frac) as Nanos;
                     self.select_near(t);
                 }
             }

@@ -1,64 +1,27 @@
-//! The viewer's own event model: what one endpoint log says happened, in trace-global nanoseconds.
+//! The viewer's events: the schema's own records, as an endpoint logged them, moved onto the
+//! trace-global clock when the viewer loads them, plus what the viewer derives from them.
 //!
-//! The viewer keeps its own types instead of drawing the schema's directly so that rendering,
-//! statistics and export are tested without a trace on disk, and so that node clock offsets are
-//! applied once, when events are loaded.
+//! A [`TraceEvent`] has the kinds and names of [`slug_schema::Event`]. Loading applies the node's
+//! clock offset to every time, renumbers interned strings into the trace's [`Names`] (one table
+//! for all endpoint logs) and resolves a transfer's endpoint ids to indexes; nothing else changes.
+//! Rendering, statistics and export are tested on events built in memory, without a trace.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
+
+pub use slug_schema::{
+    Counter, EbpfEvent, EbpfKind, EventKind, KernelSpan, LostEvents, Marker, PerfSample, PtChunk,
+    SnapshotEvent, SoftwareKind, SoftwareRecord, StepBoundary, StringId, TimeRange,
+};
+
+use crate::state::system;
 
 /// Nanoseconds on the trace-global clock (each node's monotonic clock plus its manifest offset).
 pub type Nanos = u64;
 
-/// A half-open time interval `[start, end)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct TimeRange {
-    /// First nanosecond inside the range.
-    pub start: Nanos,
-    /// First nanosecond after the range.
-    pub end: Nanos,
-}
-
-impl TimeRange {
-    /// Builds a range, swapping the bounds if they are reversed.
-    pub fn new(a: Nanos, b: Nanos) -> Self {
-        Self {
-            start: a.min(b),
-            end: a.max(b),
-        }
-    }
-
-    /// Length of the range in nanoseconds.
-    pub fn len(&self) -> Nanos {
-        self.end - self.start
-    }
-
-    /// Whether the range holds no time at all.
-    pub fn is_empty(&self) -> bool {
-        self.end <= self.start
-    }
-
-    /// Whether `[start, end]` (an event, possibly instantaneous) touches this range.
-    pub fn touches(&self, start: Nanos, end: Nanos) -> bool {
-        start < self.end && end >= self.start
-    }
-
-    /// Nanoseconds shared by this range and `[start, end)`.
-    pub fn overlap(&self, start: Nanos, end: Nanos) -> Nanos {
-        end.min(self.end).saturating_sub(start.max(self.start))
-    }
-}
-
 /// Index of an endpoint in the trace's endpoint list.
 pub type EndpointIx = usize;
-
-/// Step boundaries, snapshots, perf samples and PT chunks are the schema's own records, with
-/// their `ns` moved to the trace-global clock when the viewer loads them.
-pub use slug_schema::{PerfSample, PtChunk, SnapshotEvent, StepBoundary};
-
-/// The kinds of events a trace holds: the schema's, with the schema's names (the UI lists
-/// them in [`EventKind::ALL`] order).
-pub use slug_schema::EventKind;
 
 /// Counts of events per kind (one slot per [`EventKind::ALL`] entry).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -81,28 +44,39 @@ impl KindCounts {
     }
 }
 
-/// One kernel execution.
-#[derive(Clone, Debug, PartialEq)]
-pub struct KernelSpan {
-    /// When the kernel started.
-    pub start: Nanos,
-    /// When it returned.
-    pub end: Nanos,
-    /// Kernel name (`gemm`, `rmsnorm`, ...).
-    pub kernel: Arc<str>,
-    /// Pipeline step the kernel belongs to.
-    pub step: u64,
-    /// Model layer, when the kernel belongs to one.
-    pub layer: Option<u32>,
-    /// Worker thread that ran it.
-    pub thread: u32,
-    /// Microbatch (sequence) in flight.
-    pub seq: u32,
-    /// Rows `[start, end)` this thread computed.
-    pub rows: (u32, u32),
-    /// Hash of the output rows, when kernel verification was recorded (boxed: most spans have
-    /// none, and a bare `u128` would grow every cached event).
-    pub output_hash: Option<Box<u128>>,
+/// The strings of a whole trace (kernel names, loss reasons, marker texts, counter names): the
+/// viewer's events name them by [`StringId`]s into this table, which every endpoint log's
+/// interned strings are merged into once, when the trace opens.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Names {
+    list: Vec<Arc<str>>,
+    ids: HashMap<Arc<str>, StringId>,
+}
+
+impl Names {
+    /// The id of `name`, adding it if it is new.
+    pub fn intern(&mut self, name: &str) -> StringId {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        let id = self.list.len() as StringId;
+        let name: Arc<str> = Arc::from(name);
+        self.list.push(Arc::clone(&name));
+        self.ids.insert(name, id);
+        id
+    }
+
+    /// The string `id` names, or `?` for an id the table does not hold.
+    pub fn get(&self, id: StringId) -> &str {
+        self.list.get(id as usize).map_or("?", |s| s)
+    }
+
+    /// [`Names::get`], shared.
+    pub fn shared(&self, id: StringId) -> Arc<str> {
+        self.list
+            .get(id as usize)
+            .map_or_else(|| Arc::from("?"), Arc::clone)
+    }
 }
 
 /// One transfer between two endpoints: the schema's record, its times moved to the
@@ -144,343 +118,97 @@ impl Transfer {
     }
 }
 
-/// What an eBPF probe saw.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SystemKind {
-    /// A slow system call (eBPF): args = nr, return value, duration ns.
-    Syscall,
-    /// A thread off the CPU (eBPF): args = duration ns, reason (bits 0-31 task state, 0 =
-    /// preempted; bits 32-63 syscall nr + 1), waker tid.
-    OffCpu,
-    /// Counts of shorter syscalls (eBPF): args = nr, log2 ns bucket, count.
-    SyscallHistogram,
-    /// A context switch (perf): args = tid out, tid in, 1 if it blocked.
-    ContextSwitch,
-    /// A page fault: args = address, ip, error code (eBPF) or 0 (perf).
-    PageFault,
-    /// A thread migrated between CPUs (eBPF): args = from cpu, to cpu, 1 if the NUMA node changed.
-    Migration,
-    /// TCP retransmitted on a socket of the thread (eBPF): args = ports, 0, 0.
-    TcpRetransmit,
-    /// The kernel dropped a packet of a socket of the thread (eBPF): args = ports, reason, 0.
-    TcpDrop,
-}
-
-impl SystemKind {
-    /// Lowercase name for display.
-    pub fn name(self) -> &'static str {
-        match self {
-            SystemKind::Syscall => "syscall",
-            SystemKind::OffCpu => "off-cpu",
-            SystemKind::SyscallHistogram => "syscall-histogram",
-            SystemKind::ContextSwitch => "context-switch",
-            SystemKind::PageFault => "page-fault",
-            SystemKind::Migration => "migration",
-            SystemKind::TcpRetransmit => "tcp-retransmit",
-            SystemKind::TcpDrop => "tcp-drop",
-        }
-    }
-}
-
-/// Who produced a [`SystemEvent`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum SystemSource {
-    /// An eBPF endpoint probe.
-    Ebpf,
-    /// A perf software record.
-    Perf,
-}
-
-/// One eBPF probe event or perf software record.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SystemEvent {
-    /// Event time (an interval's or syscall's start).
-    pub t: Nanos,
-    /// What happened.
-    pub kind: SystemKind,
-    /// Who recorded it.
-    pub source: SystemSource,
-    /// Arguments, as [`SystemKind`] says.
-    pub args: [u64; 3],
-    /// Process id.
-    pub pid: u32,
-    /// Thread id.
-    pub tid: u32,
-    /// CPU.
-    pub cpu: u32,
-}
-
-impl SystemEvent {
-    /// When it ends: an off-CPU interval's or slow syscall's end, else its time.
-    pub fn end(&self) -> Nanos {
-        match self.kind {
-            SystemKind::OffCpu => self.t.saturating_add(self.args[0]),
-            SystemKind::Syscall => self.t.saturating_add(self.args[2]),
-            _ => self.t,
-        }
-    }
-
-    /// For an off-CPU interval: what the thread waited on (`futex`, `preempted`, `blocked`).
-    pub fn waited_on(&self) -> Option<String> {
-        if self.kind != SystemKind::OffCpu {
-            return None;
-        }
-        let state = self.args[1] as u32;
-        let syscall = self.args[1] >> 32;
-        Some(match (state, syscall) {
-            (0, _) => "preempted".to_string(),
-            (_, 0) => "blocked".to_string(),
-            (_, nr) => syscall_name(nr - 1),
-        })
-    }
-
-    /// A short label: `off-cpu futex 1.2ms`, `syscall write 3ms`, `migration cpu 1->3 (NUMA)`.
-    pub fn label(&self) -> String {
-        match self.kind {
-            SystemKind::OffCpu => format!(
-                "off-cpu {} {}",
-                self.waited_on().unwrap_or_default(),
-                format_duration(self.args[0])
-            ),
-            SystemKind::Syscall => format!(
-                "{} {}",
-                syscall_name(self.args[0]),
-                format_duration(self.args[2])
-            ),
-            SystemKind::SyscallHistogram => format!(
-                "{} x{} ~{}",
-                syscall_name(self.args[0]),
-                self.args[2],
-                format_duration(1u64 << (self.args[1] & 0xff).min(63))
-            ),
-            SystemKind::Migration => format!(
-                "migration cpu {}->{}{}",
-                self.args[0],
-                self.args[1],
-                if self.args[2] == 1 {
-                    " (NUMA node)"
-                } else {
-                    ""
-                }
-            ),
-            other => other.name().to_string(),
-        }
-    }
-
-    /// The arguments by meaning, for the detail pane.
-    pub fn describe(&self, out: &mut Vec<(&'static str, String)>) {
-        let a = self.args;
-        match self.kind {
-            SystemKind::OffCpu => {
-                out.push(("off cpu for", format_duration(a[0])));
-                out.push(("waited on", self.waited_on().unwrap_or_default()));
-                out.push(("task state", format!("{:#x}", a[1] as u32)));
-                out.push((
-                    "woken by tid",
-                    if a[2] == 0 {
-                        "not seen".into()
-                    } else {
-                        a[2].to_string()
-                    },
-                ));
-            }
-            SystemKind::Syscall => {
-                out.push(("syscall", syscall_name(a[0])));
-                out.push(("returned", (a[1] as i64).to_string()));
-                out.push(("took", format_duration(a[2])));
-            }
-            SystemKind::SyscallHistogram => {
-                out.push(("syscall", syscall_name(a[0])));
-                let bucket = a[1] & 0xff;
-                out.push((
-                    "took",
-                    format!(
-                        "{} to {}",
-                        format_duration(1u64 << bucket.min(63)),
-                        format_duration(1u64 << (bucket + 1).min(63))
-                    ),
-                ));
-                if a[1] >> 8 != 0 {
-                    out.push(("step", ((a[1] >> 8) - 1).to_string()));
-                }
-                out.push(("calls", a[2].to_string()));
-            }
-            SystemKind::ContextSwitch => {
-                out.push(("tid out", a[0].to_string()));
-                out.push(("tid in", a[1].to_string()));
-                out.push(("blocked", (a[2] == 1).to_string()));
-            }
-            SystemKind::PageFault => {
-                out.push(("address", format!("{:#x}", a[0])));
-                out.push(("ip", format!("{:#x}", a[1])));
-                out.push(("error code", format!("{:#x}", a[2])));
-            }
-            SystemKind::TcpRetransmit | SystemKind::TcpDrop => {
-                out.push(("local port", (a[0] >> 16).to_string()));
-                out.push(("remote port", (a[0] & 0xffff).to_string()));
-                if self.kind == SystemKind::TcpDrop {
-                    out.push(("drop reason", a[1].to_string()));
-                }
-            }
-            SystemKind::Migration => {
-                out.push(("from cpu", a[0].to_string()));
-                out.push(("to cpu", a[1].to_string()));
-                out.push(("NUMA node changed", (a[2] == 1).to_string()));
-            }
-        }
-    }
-}
-
-/// The name of x86-64 syscall `nr` for the ones a pipeline stage makes, else `syscall N`.
-pub fn syscall_name(nr: u64) -> String {
-    let name = match nr {
-        0 => "read",
-        1 => "write",
-        7 => "poll",
-        9 => "mmap",
-        10 => "mprotect",
-        11 => "munmap",
-        20 => "writev",
-        23 => "select",
-        24 => "sched_yield",
-        28 => "madvise",
-        35 => "nanosleep",
-        44 => "sendto",
-        45 => "recvfrom",
-        46 => "sendmsg",
-        47 => "recvmsg",
-        202 => "futex",
-        230 => "clock_nanosleep",
-        232 => "epoll_wait",
-        270 => "pselect6",
-        271 => "ppoll",
-        281 => "epoll_pwait",
-        310 => "process_vm_readv",
-        311 => "process_vm_writev",
-        _ => return format!("syscall {nr}"),
-    };
-    name.to_string()
-}
-
-/// A record of events the recorder dropped.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LostEvents {
-    /// Start of the gap.
-    pub t: Nanos,
-    /// End of the gap.
-    pub to: Nanos,
-    /// How many events were lost.
-    pub count: u64,
-    /// Why (ring overflow, perf lost records, ...).
-    pub reason: Arc<str>,
-}
-
-/// A user marker.
-#[derive(Clone, Debug, PartialEq)]
-pub struct UserMarker {
-    /// Marker time.
-    pub t: Nanos,
-    /// Its text.
-    pub text: Arc<str>,
-}
-
-/// A counter reading.
-#[derive(Clone, Debug, PartialEq)]
-pub struct CounterReading {
-    /// Reading time.
-    pub t: Nanos,
-    /// Counter name (`task-clock`, `page-faults`, ...).
-    pub name: Arc<str>,
-    /// Value.
-    pub value: u64,
-}
-
-/// One event of an endpoint log, as the viewer draws it.
+/// One event of an endpoint log, as the viewer draws it: a [`slug_schema::Event`] on the
+/// trace-global clock, its strings in the trace's [`Names`].
 ///
 /// The large, rarer variants are boxed so the enum stays small: the frame cache holds up to a
 /// million of these.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TraceEvent {
-    /// A kernel span.
-    Kernel(KernelSpan),
-    /// A transfer.
+    /// See [`KernelSpan`].
+    KernelSpan(KernelSpan),
+    /// See [`Transfer`].
     Transfer(Box<Transfer>),
-    /// A step boundary.
-    Step(StepBoundary),
-    /// A snapshot marker.
+    /// See [`StepBoundary`].
+    StepBoundary(StepBoundary),
+    /// See [`SnapshotEvent`].
     Snapshot(Box<SnapshotEvent>),
-    /// A perf sample.
-    Perf(PerfSample),
-    /// A PT chunk.
-    Pt(Box<PtChunk>),
-    /// An eBPF event.
-    System(SystemEvent),
-    /// A lost-events record.
-    Lost(LostEvents),
-    /// A user marker.
-    Marker(UserMarker),
-    /// A counter reading.
-    Counter(CounterReading),
+    /// See [`PerfSample`].
+    PerfSample(PerfSample),
+    /// See [`PtChunk`].
+    PtChunk(Box<PtChunk>),
+    /// See [`EbpfEvent`].
+    Ebpf(EbpfEvent),
+    /// See [`LostEvents`].
+    LostEvents(LostEvents),
+    /// See [`Marker`].
+    Marker(Marker),
+    /// See [`Counter`].
+    Counter(Counter),
+    /// See [`SoftwareRecord`].
+    PerfSoftware(SoftwareRecord),
 }
 
 impl TraceEvent {
     /// The event's kind.
     pub fn kind(&self) -> EventKind {
         match self {
-            TraceEvent::Kernel(_) => EventKind::KernelSpan,
+            TraceEvent::KernelSpan(_) => EventKind::KernelSpan,
             TraceEvent::Transfer(_) => EventKind::Transfer,
-            TraceEvent::Step(_) => EventKind::StepBoundary,
+            TraceEvent::StepBoundary(_) => EventKind::StepBoundary,
             TraceEvent::Snapshot(_) => EventKind::Snapshot,
-            TraceEvent::Perf(_) => EventKind::PerfSample,
-            TraceEvent::Pt(_) => EventKind::PtChunk,
-            TraceEvent::System(s) if s.source == SystemSource::Perf => EventKind::PerfSoftware,
-            TraceEvent::System(_) => EventKind::Ebpf,
-            TraceEvent::Lost(_) => EventKind::LostEvents,
+            TraceEvent::PerfSample(_) => EventKind::PerfSample,
+            TraceEvent::PtChunk(_) => EventKind::PtChunk,
+            TraceEvent::Ebpf(_) => EventKind::Ebpf,
+            TraceEvent::LostEvents(_) => EventKind::LostEvents,
             TraceEvent::Marker(_) => EventKind::Marker,
             TraceEvent::Counter(_) => EventKind::Counter,
+            TraceEvent::PerfSoftware(_) => EventKind::PerfSoftware,
         }
     }
 
     /// When the event starts (post time for transfers).
     pub fn start(&self) -> Nanos {
         match self {
-            TraceEvent::Kernel(k) => k.start,
+            TraceEvent::KernelSpan(k) => k.start_ns,
             TraceEvent::Transfer(x) => x.post(),
-            TraceEvent::Step(s) => s.ns,
+            TraceEvent::StepBoundary(s) => s.ns,
             TraceEvent::Snapshot(s) => s.ns,
-            TraceEvent::Perf(p) => p.ns,
-            TraceEvent::Pt(p) => p.ns,
-            TraceEvent::System(s) => s.t,
-            TraceEvent::Lost(l) => l.t,
-            TraceEvent::Marker(m) => m.t,
-            TraceEvent::Counter(c) => c.t,
+            TraceEvent::PerfSample(p) => p.ns,
+            TraceEvent::PtChunk(p) => p.ns,
+            TraceEvent::Ebpf(e) => e.ns,
+            TraceEvent::LostEvents(l) => l.from_ns,
+            TraceEvent::Marker(m) => m.ns,
+            TraceEvent::Counter(c) => c.ns,
+            TraceEvent::PerfSoftware(s) => s.ns,
         }
     }
 
     /// When the event ends (completion for transfers; the start for instants).
     pub fn end(&self) -> Nanos {
         match self {
-            TraceEvent::Kernel(k) => k.end.max(k.start),
+            TraceEvent::KernelSpan(k) => k.end_ns.max(k.start_ns),
             TraceEvent::Transfer(x) => x.complete().max(x.post()),
-            TraceEvent::Lost(l) => l.to.max(l.t),
-            TraceEvent::System(s) => s.end(),
+            TraceEvent::LostEvents(l) => l.to_ns.max(l.from_ns),
+            TraceEvent::Ebpf(e) => e.end_ns(),
             other => other.start(),
         }
     }
 
     /// A one-line label: kernel name, transfer size, step number...
-    pub fn label(&self) -> String {
+    pub fn label(&self, names: &Names) -> String {
         match self {
-            TraceEvent::Kernel(k) => k.kernel.to_string(),
+            TraceEvent::KernelSpan(k) => names.get(k.kernel).to_string(),
             TraceEvent::Transfer(x) => format!("#{} {}", x.id(), format_bytes(x.bytes())),
-            TraceEvent::Step(s) => format!("step {}", s.step),
+            TraceEvent::StepBoundary(s) => format!("step {}", s.step),
             TraceEvent::Snapshot(s) => format!("snapshot step {}", s.step),
-            TraceEvent::Perf(p) => format!("{} sample", p.kind.name()),
-            TraceEvent::Pt(p) => format!("PT {}", format_bytes(p.size)),
-            TraceEvent::System(s) => s.label(),
-            TraceEvent::Lost(l) => format!("lost {} ({})", l.count, l.reason),
-            TraceEvent::Marker(m) => m.text.to_string(),
-            TraceEvent::Counter(c) => format!("{} = {}", c.name, c.value),
+            TraceEvent::PerfSample(p) => format!("{} sample", p.kind.name()),
+            TraceEvent::PtChunk(p) => format!("PT {}", format_bytes(p.size)),
+            TraceEvent::Ebpf(e) => system::ebpf_label(e),
+            TraceEvent::PerfSoftware(s) => s.kind.name().to_string(),
+            TraceEvent::LostEvents(l) => format!("lost {} ({})", l.count, names.get(l.reason)),
+            TraceEvent::Marker(m) => names.get(m.text).to_string(),
+            TraceEvent::Counter(c) => format!("{} = {}", names.get(c.name), c.value),
         }
     }
 
@@ -489,28 +217,30 @@ impl TraceEvent {
     pub fn fields(
         &self,
         origin: Nanos,
+        names: &Names,
         endpoint_name: &dyn Fn(EndpointIx) -> String,
     ) -> Vec<(&'static str, String)> {
         let format_time = |t: Nanos| format_time(t.saturating_sub(origin));
         let mut out = vec![("kind", self.kind().name().to_string())];
         match self {
-            TraceEvent::Kernel(k) => {
-                out.push(("kernel", k.kernel.to_string()));
-                out.push(("start", format_time(k.start)));
-                out.push(("end", format_time(k.end)));
-                out.push(("duration", format_duration(k.end.saturating_sub(k.start))));
+            TraceEvent::KernelSpan(k) => {
+                out.push(("kernel", names.get(k.kernel).to_string()));
+                out.push(("start", format_time(k.start_ns)));
+                out.push(("end", format_time(k.end_ns)));
+                out.push((
+                    "duration",
+                    format_duration(k.end_ns.saturating_sub(k.start_ns)),
+                ));
                 out.push(("step", k.step.to_string()));
                 out.push((
                     "layer",
                     k.layer.map_or_else(|| "-".to_string(), |l| l.to_string()),
                 ));
-                out.push(("thread", k.thread.to_string()));
                 out.push(("seq", k.seq.to_string()));
-                out.push(("rows", format!("{}..{}", k.rows.0, k.rows.1)));
+                out.push(("rows", k.rows.to_string()));
                 out.push((
                     "output hash",
                     k.output_hash
-                        .as_deref()
                         .map_or_else(|| "-".to_string(), |h| format!("{h:032x}")),
                 ));
             }
@@ -549,7 +279,7 @@ impl TraceEvent {
                     .to_string(),
                 ));
             }
-            TraceEvent::Step(s) => {
+            TraceEvent::StepBoundary(s) => {
                 out.push(("time", format_time(s.ns)));
                 out.push(("step", s.step.to_string()));
                 out.push(("seq", s.seq.to_string()));
@@ -563,7 +293,7 @@ impl TraceEvent {
                 out.push(("chunks", s.chunks.to_string()));
                 out.push(("id", format!("{:032x}", s.id)));
             }
-            TraceEvent::Perf(p) => {
+            TraceEvent::PerfSample(p) => {
                 out.push(("time", format_time(p.ns)));
                 out.push(("source", p.kind.name().to_string()));
                 out.push(("ip", format!("{:#x}", p.ip)));
@@ -573,42 +303,42 @@ impl TraceEvent {
                 out.push(("tid", p.tid.to_string()));
                 out.push(("cpu", p.cpu.to_string()));
             }
-            TraceEvent::Pt(p) => {
+            TraceEvent::PtChunk(p) => {
                 out.push(("time", format_time(p.ns)));
                 out.push(("bytes", format_bytes(p.size)));
                 out.push(("cpu", p.cpu.to_string()));
                 out.push(("aux offset", p.aux_offset.to_string()));
                 out.push(("payload", format!("{:032x}", p.payload)));
             }
-            TraceEvent::System(s) => {
-                out.push(("time", format_time(s.t)));
-                out.push((
-                    "source",
-                    match s.source {
-                        SystemSource::Ebpf => "eBPF probe",
-                        SystemSource::Perf => "perf software record",
-                    }
-                    .to_string(),
-                ));
+            TraceEvent::Ebpf(e) => {
+                out.push(("time", format_time(e.ns)));
+                out.push(("what", e.kind.name().to_string()));
+                system::describe_ebpf(e, &mut out);
+                out.push(("pid", e.pid.to_string()));
+                out.push(("tid", e.tid.to_string()));
+                out.push(("cpu", e.cpu.to_string()));
+            }
+            TraceEvent::PerfSoftware(s) => {
+                out.push(("time", format_time(s.ns)));
                 out.push(("what", s.kind.name().to_string()));
-                s.describe(&mut out);
+                system::describe_software(s, &mut out);
                 out.push(("pid", s.pid.to_string()));
                 out.push(("tid", s.tid.to_string()));
                 out.push(("cpu", s.cpu.to_string()));
             }
-            TraceEvent::Lost(l) => {
-                out.push(("from", format_time(l.t)));
-                out.push(("to", format_time(l.to)));
+            TraceEvent::LostEvents(l) => {
+                out.push(("from", format_time(l.from_ns)));
+                out.push(("to", format_time(l.to_ns)));
                 out.push(("count", l.count.to_string()));
-                out.push(("reason", l.reason.to_string()));
+                out.push(("reason", names.get(l.reason).to_string()));
             }
             TraceEvent::Marker(m) => {
-                out.push(("time", format_time(m.t)));
-                out.push(("text", m.text.to_string()));
+                out.push(("time", format_time(m.ns)));
+                out.push(("text", names.get(m.text).to_string()));
             }
             TraceEvent::Counter(c) => {
-                out.push(("time", format_time(c.t)));
-                out.push(("counter", c.name.to_string()));
+                out.push(("time", format_time(c.ns)));
+                out.push(("counter", names.get(c.name).to_string()));
                 out.push(("value", c.value.to_string()));
             }
         }
@@ -706,12 +436,13 @@ mod tests {
     }
 
     #[test]
-    fn ranges_measure_overlap() {
-        let r = TimeRange::new(10, 20);
-        assert_eq!(r.overlap(5, 15), 5);
-        assert_eq!(r.overlap(20, 30), 0);
-        assert!(r.touches(15, 15));
-        assert!(!r.touches(20, 25));
+    fn names_are_one_table_for_the_trace() {
+        let mut names = Names::default();
+        let gemm = names.intern("gemm");
+        assert_eq!(names.intern("rmsnorm"), gemm + 1);
+        assert_eq!(names.intern("gemm"), gemm, "interned once");
+        assert_eq!(names.get(gemm), "gemm");
+        assert_eq!(names.get(99), "?");
     }
 }
 

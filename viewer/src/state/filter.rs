@@ -1,6 +1,6 @@
 //! The `/` filter: which endpoints and events the timeline shows.
 
-use crate::state::event::{EventKind, TraceEvent};
+use crate::state::event::{EventKind, Names, TraceEvent};
 use crate::state::source::EndpointInfo;
 
 /// A parsed filter. Terms are `kind:NAME`, `kernel:TEXT`, `ep:TEXT` or a bare word; every term
@@ -70,16 +70,16 @@ impl Filter {
         self.kinds.is_empty() || self.kinds.contains(&kind)
     }
 
-    /// Whether one event is shown on a track of endpoint `ep`.
-    pub fn shows_event(&self, ep: &EndpointInfo, ev: &TraceEvent) -> bool {
+    /// Whether one event is shown on a track of endpoint `ep` (`names`: the trace's strings).
+    pub fn shows_event(&self, ep: &EndpointInfo, names: &Names, ev: &TraceEvent) -> bool {
         if !self.shows_kind(ev.kind()) {
             return false;
         }
         if !self.kernels.is_empty() {
-            let TraceEvent::Kernel(k) = ev else {
+            let TraceEvent::KernelSpan(k) = ev else {
                 return false;
             };
-            let name = k.kernel.to_lowercase();
+            let name = names.get(k.kernel).to_lowercase();
             if !self.kernels.iter().all(|want| name.contains(want.as_str())) {
                 return false;
             }
@@ -87,7 +87,7 @@ impl Filter {
         if self.words.is_empty() {
             return true;
         }
-        let label = ev.label().to_lowercase();
+        let label = ev.label(names).to_lowercase();
         let ep_name = ep.name.to_lowercase();
         self.words
             .iter()
@@ -97,8 +97,6 @@ impl Filter {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::state::event::{KernelSpan, StepBoundary};
 
@@ -112,16 +110,15 @@ mod tests {
         }
     }
 
-    fn kernel(name: &str) -> TraceEvent {
-        TraceEvent::Kernel(KernelSpan {
-            start: 0,
-            end: 1,
-            kernel: Arc::from(name),
+    fn kernel(names: &mut Names, name: &str) -> TraceEvent {
+        TraceEvent::KernelSpan(KernelSpan {
+            start_ns: 0,
+            end_ns: 1,
+            kernel: names.intern(name),
             step: 0,
             layer: None,
-            thread: 0,
             seq: 0,
-            rows: (0, 1),
+            rows: 1,
             output_hash: None,
         })
     }
@@ -135,11 +132,14 @@ mod tests {
                 .expect("valid")
                 .needs_events()
         );
-        assert!(f.shows_event(&ep("n0/s1"), &kernel("gemm_q")));
-        assert!(!f.shows_event(&ep("n0/s1"), &kernel("rmsnorm")));
+        let mut names = Names::default();
+        let (gemm, rmsnorm) = (kernel(&mut names, "gemm_q"), kernel(&mut names, "rmsnorm"));
+        assert!(f.shows_event(&ep("n0/s1"), &names, &gemm));
+        assert!(!f.shows_event(&ep("n0/s1"), &names, &rmsnorm));
         assert!(!f.shows_event(
             &ep("n0/s1"),
-            &TraceEvent::Step(StepBoundary {
+            &names,
+            &TraceEvent::StepBoundary(StepBoundary {
                 ns: 0,
                 step: 1,
                 seq: 0

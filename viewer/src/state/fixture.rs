@@ -1,15 +1,12 @@
 //! A small labelled pipeline trace built in memory for unit tests: three stages, kernels of four
 //! kinds, transfers logged by both ends, step boundaries, a snapshot, samples and one loss.
 
-use std::sync::Arc;
-
 use slug_schema::{Direction, PerfSampleKind, Transport};
 
 use crate::error::{Result, ViewerError};
-use crate::state::event::EndpointIx;
 use crate::state::event::{
-    KernelSpan, LostEvents, Nanos, PerfSample, SnapshotEvent, StepBoundary, SystemEvent,
-    SystemKind, SystemSource, TraceEvent, Transfer,
+    EbpfEvent, EbpfKind, EndpointIx, KernelSpan, LostEvents, Names, Nanos, PerfSample,
+    SnapshotEvent, StepBoundary, StringId, TraceEvent, Transfer,
 };
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, MemorySource, TraceSource};
 
@@ -42,14 +39,26 @@ pub fn endpoints(stages: usize) -> Vec<EndpointInfo> {
 /// How long the stage thread of every stage is off the CPU (in futex) after its kernels.
 pub const OFF_CPU_NS: Nanos = 30_000;
 
+/// The id of the one loss's reason in [`names`].
+const LOSS_REASON: StringId = KERNELS.len() as StringId;
+
+/// The strings the fixture's events name: [`KERNELS`] by index, then the loss reason.
+pub fn names() -> Names {
+    let mut names = Names::default();
+    for (kernel, _) in KERNELS {
+        names.intern(kernel);
+    }
+    names.intern("ring overflow");
+    names
+}
+
 /// Events per endpoint for `stages` stages and `steps` steps.
 pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
-    let names: Vec<Arc<str>> = KERNELS.iter().map(|(k, _)| Arc::from(*k)).collect();
     let mut per_ep: Vec<Vec<TraceEvent>> = vec![Vec::new(); stages];
     for step in 0..steps {
         for s in 0..stages {
             let mut t = step * STEP_NS + s as Nanos * STAGE_NS;
-            per_ep[s].push(TraceEvent::Step(StepBoundary {
+            per_ep[s].push(TraceEvent::StepBoundary(StepBoundary {
                 ns: t,
                 step,
                 seq: 0,
@@ -72,18 +81,17 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
                 } else {
                     *base
                 };
-                per_ep[s].push(TraceEvent::Kernel(KernelSpan {
-                    start: t,
-                    end: t + dur,
-                    kernel: Arc::clone(&names[i]),
+                per_ep[s].push(TraceEvent::KernelSpan(KernelSpan {
+                    start_ns: t,
+                    end_ns: t + dur,
+                    kernel: i as StringId,
                     step,
                     layer: Some(s as u32),
-                    thread: 0,
                     seq: 0,
-                    rows: (0, 64),
+                    rows: 64,
                     output_hash: None,
                 }));
-                per_ep[s].push(TraceEvent::Perf(PerfSample {
+                per_ep[s].push(TraceEvent::PerfSample(PerfSample {
                     ns: t + dur / 2,
                     kind: PerfSampleKind::CpuClock,
                     ip: 0x1000 + i as u64,
@@ -96,32 +104,35 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
                 t += dur;
             }
             if step == 0 {
-                per_ep[s].push(TraceEvent::System(SystemEvent {
-                    t: t - 1_000,
-                    kind: SystemKind::PageFault,
-                    source: SystemSource::Ebpf,
-                    args: [0x7f00_0000, 0x1000, 2],
+                per_ep[s].push(TraceEvent::Ebpf(EbpfEvent {
+                    ns: t - 1_000,
+                    kind: EbpfKind::PageFault,
+                    arg0: 0x7f00_0000,
+                    arg1: 0x1000,
+                    arg2: 2,
                     pid: 1,
                     tid: 7,
                     cpu: s as u32,
                 }));
             }
             // After its kernels the stage thread blocks in futex for 30us, woken by tid 8.
-            per_ep[s].push(TraceEvent::System(SystemEvent {
-                t,
-                kind: SystemKind::OffCpu,
-                source: SystemSource::Ebpf,
-                args: [OFF_CPU_NS, (203 << 32) | 1, 8],
+            per_ep[s].push(TraceEvent::Ebpf(EbpfEvent {
+                ns: t,
+                kind: EbpfKind::OffCpu,
+                arg0: OFF_CPU_NS,
+                arg1: (203 << 32) | 1,
+                arg2: 8,
                 pid: 1,
                 tid: 7,
                 cpu: s as u32,
             }));
             if step == 1 && s == 0 {
-                per_ep[s].push(TraceEvent::System(SystemEvent {
-                    t: t + OFF_CPU_NS,
-                    kind: SystemKind::Migration,
-                    source: SystemSource::Ebpf,
-                    args: [0, 3, 1],
+                per_ep[s].push(TraceEvent::Ebpf(EbpfEvent {
+                    ns: t + OFF_CPU_NS,
+                    kind: EbpfKind::Migration,
+                    arg0: 0,
+                    arg1: 3,
+                    arg2: 1,
                     pid: 1,
                     tid: 7,
                     cpu: 3,
@@ -146,11 +157,11 @@ pub fn pipeline_events(stages: usize, steps: u64) -> Vec<Vec<TraceEvent>> {
         }
     }
     if stages > 1 && steps > 2 {
-        per_ep[1].push(TraceEvent::Lost(LostEvents {
-            t: 2 * STEP_NS + 900_000,
-            to: 2 * STEP_NS + 950_000,
+        per_ep[1].push(TraceEvent::LostEvents(LostEvents {
+            from_ns: 2 * STEP_NS + 900_000,
+            to_ns: 2 * STEP_NS + 950_000,
             count: 12,
-            reason: Arc::from("ring overflow"),
+            reason: LOSS_REASON,
         }));
     }
     per_ep
@@ -190,6 +201,7 @@ pub fn transfer(
 /// The fixture as a source with frames of `frame_len` events.
 pub fn pipeline(stages: usize, steps: u64, frame_len: usize) -> MemorySource {
     MemorySource::new(endpoints(stages), pipeline_events(stages, steps), frame_len)
+        .with_names(names())
 }
 
 /// A source whose one frame fails to decode, as a damaged log's would.
@@ -221,5 +233,9 @@ impl TraceSource for FailingSource {
 
     fn health(&self, endpoint: EndpointIx) -> LogHealth {
         self.inner.health(endpoint)
+    }
+
+    fn names(&self) -> &Names {
+        self.inner.names()
     }
 }

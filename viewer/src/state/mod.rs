@@ -1,5 +1,6 @@
-//! The viewer's model, kept apart from drawing: events, sources, the timeline window, filters,
-//! statistics, the divergence report, and the interactive state of the app.
+//! The viewer's model, kept apart from drawing: events (the schema's, on the trace-global
+//! clock) and what eBPF records mean, sources, the timeline window, filters, statistics, the
+//! divergence report, and the interactive state of the app.
 
 pub mod app;
 pub mod divergence;
@@ -9,4 +10,5 @@ pub mod filter;
 pub(crate) mod fixture;
 pub mod source;
 pub mod stats;
+pub mod system;
 pub mod timeline;

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::state::event::{EndpointIx, EventKind, KindCounts, Nanos, TimeRange, TraceEvent};
+use crate::state::event::{EndpointIx, EventKind, KindCounts, Names, Nanos, TimeRange, TraceEvent};
 
 /// One endpoint (a pipeline stage on a node) as the trace manifest describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,14 +60,17 @@ pub trait TraceSource: Send {
     /// How the endpoint's log ended.
     fn health(&self, endpoint: EndpointIx) -> LogHealth;
 
+    /// The trace's strings, which events name by id (kernel names, marker texts, ...).
+    fn names(&self) -> &Names;
+
     /// Whole-trace time range: the union of every frame's range.
     fn extent(&self) -> TimeRange {
         let mut start = Nanos::MAX;
         let mut end = 0;
         for ep in 0..self.endpoints().len() {
             for f in self.frames(ep) {
-                start = start.min(f.range.start);
-                end = end.max(f.range.end);
+                start = start.min(f.range.start_ns);
+                end = end.max(f.range.end_ns);
             }
         }
         if start > end {
@@ -98,6 +101,7 @@ pub struct MemorySource {
     frames: Vec<Vec<FrameSummary>>,
     events: Vec<Vec<Arc<[TraceEvent]>>>,
     health: Vec<LogHealth>,
+    names: Names,
 }
 
 impl MemorySource {
@@ -142,7 +146,14 @@ impl MemorySource {
             frames,
             events: chunks,
             health,
+            names: Names::default(),
         }
+    }
+
+    /// The source with `names` as the strings its events name.
+    pub fn with_names(mut self, names: Names) -> Self {
+        self.names = names;
+        self
     }
 
     /// Marks an endpoint's log as cut short, as a reader recovering a killed writer's log would.
@@ -172,5 +183,9 @@ impl TraceSource for MemorySource {
 
     fn health(&self, endpoint: EndpointIx) -> LogHealth {
         self.health.get(endpoint).cloned().unwrap_or_default()
+    }
+
+    fn names(&self) -> &Names {
+        &self.names
     }
 }

@@ -7,10 +7,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::error::Result;
-use crate::state::event::{
-    EndpointIx, EventKind, Nanos, SystemKind, SystemSource, TraceEvent, syscall_name,
-};
+use crate::state::event::{EbpfKind, EndpointIx, EventKind, Nanos, TraceEvent};
 use crate::state::source::TraceSource;
+use crate::state::system::{syscall_name, waited_on};
 
 /// Where one endpoint's time went between its first and last event.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -166,8 +165,8 @@ impl TraceStats {
             let mut waits_by: HashMap<String, (u64, Nanos)> = HashMap::new();
             let mut calls_by: HashMap<String, (u64, Nanos)> = HashMap::new();
             let frames = source.frames(ep);
-            let first = frames.iter().map(|f| f.range.start).min().unwrap_or(0);
-            let last = frames.iter().map(|f| f.range.end).max().unwrap_or(0);
+            let first = frames.iter().map(|f| f.range.start_ns).min().unwrap_or(0);
+            let last = frames.iter().map(|f| f.range.end_ns).max().unwrap_or(0);
             st.active = last.saturating_sub(first);
             for (i, f) in frames.iter().enumerate() {
                 let wanted = [
@@ -185,11 +184,11 @@ impl TraceStats {
                 };
                 for e in events {
                     match e {
-                        TraceEvent::Kernel(k) => {
+                        TraceEvent::KernelSpan(k) => {
                             st.kernels += 1;
-                            compute.push(k.start, k.end);
+                            compute.push(k.start_ns, k.end_ns);
                         }
-                        TraceEvent::Step(s) => {
+                        TraceEvent::StepBoundary(s) => {
                             st.steps += 1;
                             let slot = step_starts.entry(s.step).or_insert(s.ns);
                             *slot = (*slot).min(s.ns);
@@ -216,30 +215,30 @@ impl TraceStats {
                                 link_busy.entry((x.src, x.dst)).or_default().push(a, b);
                             }
                         }
-                        TraceEvent::System(s) if s.source == SystemSource::Ebpf => match s.kind {
-                            SystemKind::OffCpu => {
+                        TraceEvent::Ebpf(s) => match s.kind {
+                            EbpfKind::OffCpu => {
                                 let w = waits_by
-                                    .entry(s.waited_on().unwrap_or_default())
+                                    .entry(waited_on(&s).unwrap_or_default())
                                     .or_default();
                                 w.0 += 1;
-                                w.1 = w.1.saturating_add(s.args[0]);
+                                w.1 = w.1.saturating_add(s.arg0);
                             }
-                            SystemKind::Syscall => {
-                                let c = calls_by.entry(syscall_name(s.args[0])).or_default();
+                            EbpfKind::Syscall => {
+                                let c = calls_by.entry(syscall_name(s.arg0)).or_default();
                                 c.0 += 1;
-                                c.1 = c.1.saturating_add(s.args[2]);
+                                c.1 = c.1.saturating_add(s.arg2);
                             }
-                            SystemKind::SyscallHistogram => {
-                                let c = calls_by.entry(syscall_name(s.args[0])).or_default();
-                                c.0 = c.0.saturating_add(s.args[2]);
-                                let mid = 3u64 << (s.args[1] & 0xff).min(61) >> 1;
-                                c.1 = c.1.saturating_add(s.args[2].saturating_mul(mid));
+                            EbpfKind::SyscallHistogram => {
+                                let c = calls_by.entry(syscall_name(s.arg0)).or_default();
+                                c.0 = c.0.saturating_add(s.arg2);
+                                let mid = 3u64 << (s.arg1 & 0xff).min(61) >> 1;
+                                c.1 = c.1.saturating_add(s.arg2.saturating_mul(mid));
                             }
-                            SystemKind::TcpRetransmit => st.tcp_retransmits += 1,
-                            SystemKind::TcpDrop => st.tcp_drops += 1,
-                            SystemKind::Migration => {
+                            EbpfKind::TcpRetransmit => st.tcp_retransmits += 1,
+                            EbpfKind::TcpDrop => st.tcp_drops += 1,
+                            EbpfKind::Migration => {
                                 st.migrations += 1;
-                                st.numa_migrations += u64::from(s.args[2] == 1);
+                                st.numa_migrations += u64::from(s.arg2 == 1);
                             }
                             _ => {}
                         },

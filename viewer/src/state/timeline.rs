@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::state::event::{
-    EndpointIx, EventKind, Nanos, SystemKind, TimeRange, TraceEvent, Transfer,
+    EbpfKind, EndpointIx, EventKind, Names, Nanos, SoftwareKind, TimeRange, TraceEvent, Transfer,
 };
 use crate::state::filter::Filter;
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, TraceSource};
@@ -180,14 +180,14 @@ impl Window {
 }
 
 fn column_start(range: TimeRange, columns: usize, c: usize) -> Nanos {
-    range.start + (u128::from(range.len()) * c as u128 / columns.max(1) as u128) as Nanos
+    range.start_ns + (u128::from(range.len()) * c as u128 / columns.max(1) as u128) as Nanos
 }
 
 fn column_of(range: TimeRange, columns: usize, t: Nanos) -> usize {
-    if t <= range.start || range.is_empty() {
+    if t <= range.start_ns || range.is_empty() {
         return 0;
     }
-    let c = (u128::from(t - range.start) * columns as u128 / u128::from(range.len())) as usize;
+    let c = (u128::from(t - range.start_ns) * columns as u128 / u128::from(range.len())) as usize;
     c.min(columns.saturating_sub(1))
 }
 
@@ -223,10 +223,10 @@ impl Grid {
     /// Column holding `t`, clamped; agrees exactly with [`column_of`].
     fn of(&self, t: Nanos) -> usize {
         let last = self.columns().saturating_sub(1);
-        if t <= self.range.start {
+        if t <= self.range.start_ns {
             return 0;
         }
-        let mut c = (((t - self.range.start) as f64 * self.scale) as usize).min(last);
+        let mut c = (((t - self.range.start_ns) as f64 * self.scale) as usize).min(last);
         while c < last && t >= self.bounds[c + 1] {
             c += 1;
         }
@@ -395,7 +395,7 @@ impl Timeline {
         frames
             .iter()
             .enumerate()
-            .filter(move |(_, f)| range.touches(f.range.start, f.range.end))
+            .filter(move |(_, f)| range.touches(f.range.start_ns, f.range.end_ns))
     }
 
     fn counted(filter: &Filter, f: &FrameSummary) -> u64 {
@@ -413,7 +413,7 @@ impl Timeline {
         if f.range.is_empty() {
             return n;
         }
-        let share = range.overlap(f.range.start, f.range.end) as f64 / f.range.len() as f64;
+        let share = range.overlap(f.range.start_ns, f.range.end_ns) as f64 / f.range.len() as f64;
         (n as f64 * share).ceil() as u64
     }
 
@@ -454,7 +454,8 @@ impl Timeline {
                     .iter()
                     .enumerate()
                     .filter(|(_, e)| {
-                        range.touches(e.start(), e.end()) && filter.shows_event(&info, e)
+                        range.touches(e.start(), e.end())
+                            && filter.shows_event(&info, self.source.names(), e)
                     })
                     .map(|(i, _)| (f, i as u32)),
             );
@@ -484,9 +485,9 @@ impl Timeline {
             .filter(|(_, f)| {
                 Self::counted(filter, f) > 0
                     && if forward {
-                        f.range.end > t
+                        f.range.end_ns > t
                     } else {
-                        f.range.start < t
+                        f.range.start_ns < t
                     }
             })
             .map(|(i, f)| (i, f.range))
@@ -498,9 +499,9 @@ impl Timeline {
         for (frame, range) in frames {
             if let Some(b) = &best {
                 let beyond = if forward {
-                    range.start > b.start()
+                    range.start_ns > b.start()
                 } else {
-                    range.end < b.start()
+                    range.end_ns < b.start()
                 };
                 if beyond {
                     break;
@@ -509,7 +510,11 @@ impl Timeline {
             let Some(events) = self.frame_or_skip(ep, frame) else {
                 continue;
             };
-            for e in events.iter().filter(|e| filter.shows_event(&info, e)) {
+            let names = self.source.names();
+            for e in events
+                .iter()
+                .filter(|e| filter.shows_event(&info, names, e))
+            {
                 let s = e.start();
                 let better = if forward {
                     s > t && best.as_ref().is_none_or(|b| s < b.start())
@@ -540,7 +545,7 @@ impl Timeline {
             events
                 .iter()
                 .filter_map(|e| match e {
-                    TraceEvent::Step(s) => Some((s.step, s.ns)),
+                    TraceEvent::StepBoundary(s) => Some((s.step, s.ns)),
                     _ => None,
                 })
                 .collect::<Vec<_>>()
@@ -615,7 +620,7 @@ impl Timeline {
                         merged.record.complete_ns = merged.complete().max(x.complete());
                     }
                 }
-                detail_track(ep, &grid, events)
+                detail_track(ep, &grid, events, self.source.names())
             } else {
                 overview_track(ep, &grid, self.source.frames(ep))
             };
@@ -707,7 +712,7 @@ fn put_mark(marks: &mut [Mark], c: usize, m: Mark) {
     }
 }
 
-fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents) -> TrackBins {
+fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents, names: &Names) -> TrackBins {
     let (range, columns) = (grid.range, grid.columns());
     let mut t = empty_track(ep, columns);
     // Per column: the event index of the kernel with the largest overlap so far, and the total
@@ -718,39 +723,44 @@ fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents) -> TrackBins {
     let mut waits: std::collections::BTreeMap<u32, Vec<[Nanos; 6]>> = Default::default();
     for (i, e) in events.iter().enumerate() {
         match e {
-            TraceEvent::Kernel(k) => grid.each(k.start, k.end, |c, ov| {
+            TraceEvent::KernelSpan(k) => grid.each(k.start_ns, k.end_ns, |c, ov| {
                 busy[c] += ov;
                 if best[c].1.is_none() || ov > best[c].0 {
                     best[c] = (ov, Some(i));
                 }
             }),
-            TraceEvent::Step(s) => put_mark(&mut t.marks, grid.of(s.ns), Mark::Step),
+            TraceEvent::StepBoundary(s) => put_mark(&mut t.marks, grid.of(s.ns), Mark::Step),
             TraceEvent::Snapshot(s) => put_mark(&mut t.marks, grid.of(s.ns), Mark::Snapshot),
-            TraceEvent::Lost(l) => put_mark(&mut t.marks, grid.of(l.t), Mark::Lost),
-            TraceEvent::Marker(m) => put_mark(&mut t.marks, grid.of(m.t), Mark::Marker),
-            TraceEvent::Perf(p) => {
+            TraceEvent::LostEvents(l) => put_mark(&mut t.marks, grid.of(l.from_ns), Mark::Lost),
+            TraceEvent::Marker(m) => put_mark(&mut t.marks, grid.of(m.ns), Mark::Marker),
+            TraceEvent::PerfSample(p) => {
                 if range.touches(p.ns, p.ns) {
                     t.samples[grid.of(p.ns)] += 1.0;
                 }
             }
-            TraceEvent::System(s) => match s.kind {
-                SystemKind::PageFault if range.touches(s.t, s.t) => {
-                    t.faults[grid.of(s.t)] += 1.0;
+            TraceEvent::PerfSoftware(s) => {
+                if s.kind == SoftwareKind::PageFault && range.touches(s.ns, s.ns) {
+                    t.faults[grid.of(s.ns)] += 1.0;
                 }
-                SystemKind::OffCpu => {
-                    let class = WaitClass::of(s.args[1]) as usize;
+            }
+            TraceEvent::Ebpf(s) => match s.kind {
+                EbpfKind::PageFault if range.touches(s.ns, s.ns) => {
+                    t.faults[grid.of(s.ns)] += 1.0;
+                }
+                EbpfKind::OffCpu => {
+                    let class = WaitClass::of(s.arg1) as usize;
                     let row = waits.entry(s.tid).or_insert_with(|| vec![[0; 6]; columns]);
-                    grid.each(s.t, s.end(), |c, ov| row[c][class] += ov);
+                    grid.each(s.ns, s.end_ns(), |c, ov| row[c][class] += ov);
                 }
-                SystemKind::Syscall if range.touches(s.t, s.t) => {
-                    put_mark(&mut t.marks, grid.of(s.t), Mark::SlowSyscall);
+                EbpfKind::Syscall if range.touches(s.ns, s.ns) => {
+                    put_mark(&mut t.marks, grid.of(s.ns), Mark::SlowSyscall);
                 }
-                SystemKind::Migration if s.args[2] == 1 && range.touches(s.t, s.t) => {
-                    put_mark(&mut t.marks, grid.of(s.t), Mark::NumaMigration);
+                EbpfKind::Migration if s.arg2 == 1 && range.touches(s.ns, s.ns) => {
+                    put_mark(&mut t.marks, grid.of(s.ns), Mark::NumaMigration);
                 }
                 _ => {}
             },
-            TraceEvent::Pt(p) => {
+            TraceEvent::PtChunk(p) => {
                 if range.touches(p.ns, p.ns) {
                     t.pt[grid.of(p.ns)] += p.size as f64;
                 }
@@ -762,7 +772,7 @@ fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents) -> TrackBins {
     }
     for c in 0..columns {
         if let (_, Some(i)) = best[c]
-            && let Some(TraceEvent::Kernel(k)) = events.get(i)
+            && let Some(TraceEvent::KernelSpan(k)) = events.get(i)
         {
             let width = grid.start(c + 1) - grid.start(c);
             let share = if width == 0 {
@@ -771,7 +781,7 @@ fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents) -> TrackBins {
                 busy[c] as f32 / width as f32
             };
             t.kernels[c] = KernelCell::Span {
-                kernel: Arc::clone(&k.kernel),
+                kernel: names.shared(k.kernel),
                 busy: share.clamp(0.0, 1.0),
             };
         }
@@ -807,11 +817,11 @@ fn overview_track(ep: EndpointIx, grid: &Grid, frames: &[FrameSummary]) -> Track
     let mut kernels = vec![0.0f64; columns];
     for f in frames
         .iter()
-        .filter(|f| range.touches(f.range.start, f.range.end))
+        .filter(|f| range.touches(f.range.start_ns, f.range.end_ns))
     {
         let len = f.range.len().max(1) as f64;
         let instant = f.range.is_empty();
-        grid.each(f.range.start, f.range.end, |c, ov| {
+        grid.each(f.range.start_ns, f.range.end_ns, |c, ov| {
             let share = if instant { 1.0 } else { ov as f64 / len };
             kernels[c] += f.counts.get(EventKind::KernelSpan) as f64 * share;
             t.samples[c] += f.counts.get(EventKind::PerfSample) as f64 * share;
@@ -820,7 +830,7 @@ fn overview_track(ep: EndpointIx, grid: &Grid, frames: &[FrameSummary]) -> Track
                 * share;
             t.pt[c] += f.counts.get(EventKind::PtChunk) as f64 * share;
         });
-        let at = grid.of(f.range.start.max(range.start));
+        let at = grid.of(f.range.start_ns.max(range.start_ns));
         if f.counts.get(EventKind::Snapshot) > 0 {
             put_mark(&mut t.marks, at, Mark::Snapshot);
         }
@@ -865,7 +875,7 @@ fn add_flows(window: &mut Window, grid: &Grid, mut transfers: Vec<Transfer>) {
                     total_bytes: 0,
                     busy: 0,
                 },
-                range.start,
+                range.start_ns,
             )
         });
         link.transfers += 1;
@@ -877,8 +887,8 @@ fn add_flows(window: &mut Window, grid: &Grid, mut transfers: Vec<Transfer>) {
             link.bytes[c] += x.bytes() as f64 * share;
         });
         // Busy time is the union of in-flight intervals; transfers are sorted by post time.
-        let s = start.max(*covered_to).max(range.start);
-        let e = end.min(range.end);
+        let s = start.max(*covered_to).max(range.start_ns);
+        let e = end.min(range.end_ns);
         if e > s {
             link.busy += e - s;
         }
@@ -967,7 +977,7 @@ mod tests {
             .window(e, 40, &Filter::default(), None)
             .expect("window")
             .events_in_view;
-        let narrow = TimeRange::new(e.start, e.start + e.len() / 10);
+        let narrow = TimeRange::new(e.start_ns, e.start_ns + e.len() / 10);
         let part = t
             .window(narrow, 40, &Filter::default(), None)
             .expect("window")

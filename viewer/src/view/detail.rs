@@ -7,7 +7,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Widget, Wrap};
 
 use crate::state::app::Selection;
-use crate::state::event::Nanos;
+use crate::state::event::{Names, Nanos};
 use crate::state::source::EndpointInfo;
 use crate::view::style;
 
@@ -16,15 +16,23 @@ use crate::view::style;
 pub struct DetailView<'a> {
     selection: &'a Selection,
     endpoints: &'a [EndpointInfo],
+    names: &'a Names,
     origin: Nanos,
 }
 
 impl<'a> DetailView<'a> {
-    /// A pane for `selection`, naming endpoints from `endpoints`, times from `origin`.
-    pub fn new(selection: &'a Selection, endpoints: &'a [EndpointInfo], origin: Nanos) -> Self {
+    /// A pane for `selection`, naming endpoints from `endpoints`, strings from `names`, times
+    /// from `origin`.
+    pub fn new(
+        selection: &'a Selection,
+        endpoints: &'a [EndpointInfo],
+        names: &'a Names,
+        origin: Nanos,
+    ) -> Self {
         Self {
             selection,
             endpoints,
+            names,
             origin,
         }
     }
@@ -41,7 +49,7 @@ impl Widget for DetailView<'_> {
             Span::styled("endpoint ", style::DIM),
             Span::raw(name(self.selection.endpoint)),
         ])];
-        for (field, value) in self.selection.event.fields(self.origin, &name) {
+        for (field, value) in self.selection.event.fields(self.origin, self.names, &name) {
             lines.push(Line::from(vec![
                 Span::styled(format!("{field} "), style::DIM),
                 Span::raw(value),

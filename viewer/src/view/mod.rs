@@ -86,8 +86,13 @@ pub fn draw(frame: &mut Frame<'_>, app: &mut App) {
     {
         let [main, side] =
             Layout::horizontal([Constraint::Min(1), Constraint::Length(DETAIL_WIDTH)]).areas(body);
-        detail::DetailView::new(sel, app.timeline.endpoints(), app.timeline.extent().start)
-            .render(side, frame.buffer_mut());
+        detail::DetailView::new(
+            sel,
+            app.timeline.endpoints(),
+            app.timeline.source().names(),
+            app.timeline.extent().start_ns,
+        )
+        .render(side, frame.buffer_mut());
         main
     } else {
         body
@@ -125,7 +130,7 @@ fn body_panels(app: &mut App, window: &Window, area: Rect, buf: &mut Buffer) {
     let view = timeline::TimelineView {
         window,
         endpoints: app.timeline.endpoints(),
-        extent_start: app.timeline.extent().start,
+        extent_start: app.timeline.extent().start_ns,
         cursor: app.cursor,
         selection: app.selection.as_ref(),
     };
@@ -155,7 +160,7 @@ fn too_small(area: Rect, buf: &mut Buffer) {
 }
 
 fn title_bar(app: &App, area: Rect, buf: &mut Buffer) {
-    let origin = app.timeline.extent().start;
+    let origin = app.timeline.extent().start_ns;
     let mut spans = vec![
         Span::styled(" slug view ", style::TITLE),
         Span::raw(format!(" {} ", app.title)),
@@ -168,8 +173,8 @@ fn title_bar(app: &App, area: Rect, buf: &mut Buffer) {
     }
     spans.extend([Span::raw(format!(
         " {}..{} ({}) ",
-        format_time(app.view.start - origin),
-        format_time(app.view.end - origin),
+        format_time(app.view.start_ns - origin),
+        format_time(app.view.end_ns - origin),
         format_duration(app.view.len())
     ))]);
     if let Some(w) = &app.window {

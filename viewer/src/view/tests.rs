@@ -170,7 +170,7 @@ fn detail_pane_shows_every_field_of_a_transfer() {
     };
     let eps = fixture::endpoints(2);
     let mut buf = Buffer::empty(Rect::new(0, 0, 40, 20));
-    detail::DetailView::new(&sel, &eps, 0).render(buf.area, &mut buf);
+    detail::DetailView::new(&sel, &eps, &fixture::names(), 0).render(buf.area, &mut buf);
     let lines = [
         " event (esc clears)",
         "endpoint n0/s1",
@@ -270,12 +270,16 @@ fn jump_to_step_and_time() {
     type_text(&mut a, "3");
     press(&mut a, KeyCode::Enter);
     let step3 = 3 * fixture::STEP_NS;
-    assert!(a.view.start <= step3 && step3 < a.view.end, "{:?}", a.view);
+    assert!(
+        a.view.start_ns <= step3 && step3 < a.view.end_ns,
+        "{:?}",
+        a.view
+    );
     assert!(a.view.len() <= 2 * fixture::STEP_NS);
     press(&mut a, KeyCode::Char('g'));
     type_text(&mut a, "5ms");
     press(&mut a, KeyCode::Enter);
-    let mid = a.view.start + a.view.len() / 2;
+    let mid = a.view.start_ns + a.view.len() / 2;
     assert!(
         mid.abs_diff(5_000_000) < a.view.len() / 2 + 1,
         "{:?}",
@@ -295,7 +299,7 @@ fn zoom_pan_and_select_events_with_keys_and_mouse() {
     press(&mut a, KeyCode::Char('w'));
     assert_eq!(a.view.len(), full.len() / 2);
     press(&mut a, KeyCode::Char('d'));
-    assert!(a.view.start > full.start);
+    assert!(a.view.start_ns > full.start_ns);
     press(&mut a, KeyCode::Char('-'));
     assert_eq!(a.view, full);
     press(&mut a, KeyCode::Down);
@@ -323,7 +327,7 @@ fn zoom_pan_and_select_events_with_keys_and_mouse() {
     a.handle(&scroll(MouseEventKind::Down(MouseButton::Left)));
     let clicked = a.selection.clone().expect("click selects");
     assert_eq!(clicked.endpoint, 0);
-    let t = a.view.start + a.view.len() * 4 / 64;
+    let t = a.view.start_ns + a.view.len() * 4 / 64;
     let slack = a.view.len() / 32;
     assert!(
         clicked.event.start() <= t + slack && clicked.event.end() + slack >= t,
@@ -510,7 +514,7 @@ fn next_match_is_found_beyond_the_view() {
     press(&mut a, KeyCode::Char('n'));
     let first = a.selection.clone().expect("first attention selected");
     assert!(
-        matches!(&first.event, TraceEvent::Kernel(k) if &*k.kernel == "attention" && k.step == 0)
+        matches!(&first.event, TraceEvent::KernelSpan(k) if a.timeline.source().names().get(k.kernel) == "attention" && k.step == 0)
     );
     press(&mut a, KeyCode::Char('n'));
     let second = a
@@ -518,7 +522,7 @@ fn next_match_is_found_beyond_the_view() {
         .clone()
         .expect("next attention found beyond the view");
     assert!(
-        matches!(&second.event, TraceEvent::Kernel(k) if &*k.kernel == "attention" && k.step == 1)
+        matches!(&second.event, TraceEvent::KernelSpan(k) if a.timeline.source().names().get(k.kernel) == "attention" && k.step == 1)
     );
     assert!(
         a.view.touches(second.event.start(), second.event.start()),

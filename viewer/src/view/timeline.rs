@@ -177,10 +177,10 @@ impl Widget for &TimelineView<'_> {
                 && ep == track.endpoint
                 && self.window.range.touches(start, end)
             {
-                let c0 = self.window.column_of(start.max(self.window.range.start));
+                let c0 = self.window.column_of(start.max(self.window.range.start_ns));
                 let c1 = self
                     .window
-                    .column_of(end.min(self.window.range.end.saturating_sub(1)))
+                    .column_of(end.min(self.window.range.end_ns.saturating_sub(1)))
                     .max(c0);
                 for c in c0..=c1.min(columns.saturating_sub(1)) {
                     buf[(x0 + c as u16, y)].set_style(style::SELECTED);
