@@ -18,6 +18,8 @@ pub enum Transport {
     Shm,
     /// One process per stage over sockets.
     Tcp,
+    /// One MPI rank per stage, started by `mpirun -np S` (build with `--features mpi`).
+    Mpi,
 }
 
 impl From<Transport> for TransportKind {
@@ -26,6 +28,7 @@ impl From<Transport> for TransportKind {
             Transport::Local => TransportKind::Local,
             Transport::Shm => TransportKind::Shm,
             Transport::Tcp => TransportKind::Tcp,
+            Transport::Mpi => TransportKind::Mpi,
         }
     }
 }

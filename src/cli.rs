@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use crate::{demo, export, info, keygen, migrate, node, record, recover, replay, run, view};
+use crate::{
+    demo, export, info, keygen, ladder, migrate, node, record, recover, replay, run, view,
+};
 
 /// slug — record and replay for distributed CPU AI pipelines.
 ///
@@ -57,6 +59,9 @@ enum Command {
     Keygen(keygen::KeygenArgs),
     /// Move a stage of a running pipeline (`--control`) to another `slug node` now.
     Migrate(migrate::MigrateArgs),
+    /// Measure raw fabric vs slug's link vs the pipeline's achieved link throughput, per
+    /// transport, and say which layer is the bottleneck.
+    Ladder(ladder::LadderArgs),
 }
 
 /// Runs the chosen subcommand and returns the process exit code.
@@ -73,5 +78,6 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Node(args) => node::execute(args),
         Command::Keygen(args) => keygen::execute(args),
         Command::Migrate(args) => migrate::execute(args),
+        Command::Ladder(args) => ladder::execute(args),
     }
 }

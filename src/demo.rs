@@ -110,6 +110,10 @@ fn recorded_demo(dir: &Path, args: &DemoArgs) -> Result<ExitCode> {
     let replay_transport = match args.transport {
         Transport::Tcp => TransportKind::Local,
         Transport::Local | Transport::Shm => TransportKind::Tcp,
+        Transport::Mpi => anyhow::bail!(
+            "slug demo records on local, shm or tcp; for MPI use `mpirun -np 4 slug record \
+             --out DIR --transport mpi -- --stages 4` (a build with --features mpi)"
+        ),
     };
     let mut model = ModelConfig::preset(args.model.name())?;
     if let Some(layers) = args.layers {

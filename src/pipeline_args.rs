@@ -211,7 +211,8 @@ impl PipelineArgs {
             None => self.sequences,
         };
         cfg.hosts = self.hosts.clone();
-        if self.hosts.is_empty() && transport != TransportKind::Local {
+        if self.hosts.is_empty() && !matches!(transport, TransportKind::Local | TransportKind::Mpi)
+        {
             cfg.launcher = Some(crate::node::launcher()?);
         }
         cfg.key_file = self.key_file.clone();

@@ -11,6 +11,7 @@ use slug_recorder::observe::PayloadPolicy;
 use slug_recorder::perf::{PerfConfig, PerfRequest};
 use slug_recorder::{RecordConfig, RecordSummary, record};
 use slug_transport::pipeline::{PipelineConfig, RunProgress};
+use slug_transport::transfer::TransportKind;
 
 use crate::choices::Payloads;
 use crate::pipeline_args::PipelineArgs;
@@ -28,6 +29,9 @@ Examples:
       the node connections when the run ends (the same cluster key file on every host).
   slug record --out run4 --perf-freq 250 --ring-records 262144 -- --model base --stages 4
       Fewer perf samples and larger flight rings, when `slug info` reports losses.
+  mpirun -np 4 slug record --out run5 -- --stages 4 --transport mpi
+      Rank r records stage r on its own host; rank 0 gathers the files into run5 over MPI
+      (needs a build with --features mpi).
 
 Progress (steps, tokens/s, events, bytes sent, from every stage or node) goes to stderr: a bar
 on a terminal, a line every 2 s otherwise; --quiet or --json turn it off.";
@@ -159,6 +163,13 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
              transfers), or record without --migrate"
         );
     }
+    if pipeline.transport == TransportKind::Mpi {
+        // Under mpirun: rank 0 prints the summary; the other ranks only record their stage.
+        return match crate::mpi::record_pipeline(&config, &pipeline)? {
+            Some(summary) => finish(&summary, args.json),
+            None => Ok(ExitCode::SUCCESS),
+        };
+    }
     if !(args.json || args.quiet) {
         // Every stage's recorder counts its events into these, here or on its node.
         pipeline.progress = Some(RunProgress::for_config(&pipeline));
@@ -171,10 +182,15 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
     let summary = progress::show(pipeline.progress.as_ref(), &display, || {
         record(&config, &pipeline)
     })?;
-    if args.json {
+    finish(&summary, args.json)
+}
+
+/// Prints the summary; exit status 1 if the recording lost anything.
+fn finish(summary: &RecordSummary, json: bool) -> Result<ExitCode> {
+    if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print_summary(&summary);
+        print_summary(summary);
     }
     if summary.losses.is_empty() {
         return Ok(ExitCode::SUCCESS);

@@ -38,6 +38,10 @@ Examples:
       Replay stage 1 through step 12 and write layer 3's keys of sequence 0 as NumPy .npy.
   slug replay run1/ --hosts 10.0.0.1:7070,10.0.0.2:7070 --node-trace /data/run1
       Stage s on the s-th `slug node` (which restores it from its copy of the trace).
+  mpirun -np 4 slug replay run1/ --transport mpi
+      Rank r restores stage r from its copy of run1/ (the same path on every host); rank 0
+      checks every transfer (a build with --features mpi). Without --transport, a trace
+      recorded over MPI replays on local threads.
   slug replay run1/ --inject stage=1,layer=3,kernel=down,step=5
       Flip one bit of that kernel output during the replay: the report must point there.
 
@@ -184,6 +188,13 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
                 }
             }
             replayed.report
+        }
+        None if transport == Some(TransportKind::Mpi) => {
+            // Under mpirun: rank 0 checks and prints; the other ranks only run their stage.
+            match crate::mpi::replay_pipeline(rec.clone(), &opts)? {
+                Some(report) => report,
+                None => return Ok(ExitCode::SUCCESS),
+            }
         }
         None => progress::show(opts.progress.as_ref(), &display, || {
             replay_pipeline(rec.clone(), &opts)

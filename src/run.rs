@@ -9,6 +9,7 @@ use serde_json::json;
 use slug_kernels::{Isa, LayerPlan, StageLayout, check_fits};
 use slug_transport::link::LinkStats;
 use slug_transport::pipeline::{self, NoObservers, RunProgress};
+use slug_transport::transfer::TransportKind;
 
 use crate::pipeline_args::PipelineArgs;
 use crate::progress::{self, Display, Rate};
@@ -32,6 +33,9 @@ Examples:
       Move stage 2 to the `slug node` at 10.0.0.5:7070 after its 20th forward step (3 pre-copy
       rounds of dirtied arena chunks first; add rounds=0 for stop-and-copy), then stage 0;
       prints each move's rounds, stall and step time. Tokens and transfers stay the same.
+  mpirun -np 4 slug run --model small --stages 4 --transport mpi
+      One MPI rank per stage (rank r runs stage r; rank 0 prints the report); needs a build
+      with --features mpi. Across hosts: mpirun --hostfile hosts -np 4 ..., or srun -n 4 ....
 
 Progress (steps, tokens/s, bytes sent, from every stage) goes to stderr: a bar on a terminal,
 a line every 2 s otherwise; --quiet or --json turn it off.
@@ -57,6 +61,10 @@ pub struct RunArgs {
     /// bytes if their digests match).
     #[arg(long)]
     transfer_digest: bool,
+    /// With --json: add the xxh3-128 of every transfer (by sequence, step, layer and stages) as
+    /// `transfer_digests`, to compare runs on different transports or placements byte for byte.
+    #[arg(long, requires = "json")]
+    digests: bool,
     #[command(flatten)]
     pipeline: PipelineArgs,
 }
@@ -77,13 +85,14 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
     if !(args.json || args.quiet) {
         cfg.progress = Some(RunProgress::for_config(&cfg));
     }
-    cfg.digests |= args.transfer_digest;
+    cfg.digests |= args.transfer_digest || args.digests;
     let plan = cfg.plan()?;
     let total: u64 = (0..plan.stages())
         .map(|s| StageLayout::new(&cfg.model, &plan, s, cfg.prompts.len(), cfg.threads))
         .map(|l| l.map(|l| l.total_bytes as u64))
         .sum::<Result<u64, _>>()?;
-    if cfg.hosts.is_empty() {
+    // Under MPI each rank holds only its own stage (on its own host, maybe).
+    if cfg.hosts.is_empty() && cfg.transport != TransportKind::Mpi {
         check_fits(total)?;
     }
     let isa = cfg
@@ -95,9 +104,17 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
         rate: Rate::Tokens,
         events: false,
     };
-    let report = progress::show(cfg.progress.as_ref(), &display, || {
-        pipeline::run(&cfg, &NoObservers)
-    })?;
+    let report = if cfg.transport == TransportKind::Mpi {
+        match crate::mpi::run_pipeline(&cfg, &NoObservers)? {
+            Some(report) => report,
+            // Rank 0 prints the report; the other ranks' part is done.
+            None => return Ok(ExitCode::SUCCESS),
+        }
+    } else {
+        progress::show(cfg.progress.as_ref(), &display, || {
+            pipeline::run(&cfg, &NoObservers)
+        })?
+    };
     let tokens = report.tokens.first().cloned().unwrap_or_default();
     let text = render(&tokens);
     let wall_ms = report.wall_ns as f64 / 1e6;
@@ -148,6 +165,10 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
             "transfers": args.transfer_digest.then_some(digests.len()),
             "transfer_digest": transfer_digest,
         });
+        let mut value = value;
+        if args.digests {
+            value["transfer_digests"] = json!(report.digests());
+        }
         println!("{value}");
     } else {
         let m = &cfg.model;

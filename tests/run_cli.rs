@@ -178,7 +178,7 @@ fn help_teaches_with_examples() {
 #[test]
 fn closed_value_flags_list_their_values_when_misspelled() {
     for (args, values) in [
-        (&["run", "--transport", "bogus"][..], "local, shm, tcp"),
+        (&["run", "--transport", "bogus"][..], "local, shm, tcp, mpi"),
         (&["run", "--model", "huge"][..], "tiny, small, base"),
         (
             &["record", "--out", "unused", "--payloads", "some"][..],
@@ -190,7 +190,7 @@ fn closed_value_flags_list_their_values_when_misspelled() {
         ),
         (
             &["demo", "--transport", "carrier-pigeon"][..],
-            "local, shm, tcp",
+            "local, shm, tcp, mpi",
         ),
     ] {
         let out = slug(args);

@@ -30,7 +30,9 @@ mod recover;
 pub mod topology;
 
 pub use error::{RecorderError, Result};
-pub use record::{EndpointRecording, RecordConfig, RecordSummary, record};
+pub use record::{
+    EndpointRecording, RecordConfig, RecordSummary, StageRunner, record, record_with,
+};
 pub use recover::{
     EndpointLeftovers, Leftovers, Outcome, Preview, RecoveredEndpoint, RecoveryReport, preview,
     recover,

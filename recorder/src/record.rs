@@ -341,10 +341,27 @@ fn stored_payloads(trace: &Trace, log: &slug_schema::LogReader) -> (u64, u64) {
 /// node records into a scratch directory of its own, and the coordinator collects the files over
 /// the node connections when the run ends (no shared file system needed).
 pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSummary> {
+    record_with(cfg, pipeline, None)
+}
+
+/// Runs a pipeline whose stages some launcher outside this crate starts, each recording
+/// itself as a `slug node` would: `run` gets the configuration with the recorder's node
+/// settings (each stage records into a scratch directory of its own host) and must run every
+/// stage and place their files into `cfg.out` before it returns, as MPI rank 0 does for
+/// `mpirun ... slug record --transport mpi` (ranks = stages, no shared file system).
+pub type StageRunner<'a> = &'a mut dyn FnMut(&PipelineConfig) -> slug_transport::Result<RunReport>;
+
+/// [`record`], with the stages started by `runner` when one is given (see [`StageRunner`]).
+pub fn record_with(
+    cfg: &RecordConfig,
+    pipeline: &PipelineConfig,
+    mut runner: Option<StageRunner<'_>>,
+) -> Result<RecordSummary> {
     pipeline
         .validate()
         .map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
-    let on_hosts = !pipeline.hosts.is_empty();
+    // Stages recorded elsewhere, their files collected into `out` at the end.
+    let on_hosts = !pipeline.hosts.is_empty() || runner.is_some();
     // Every stage recorded on this machine preallocates its first flight ring now-ish: make a
     // full disk show before the run, not as lost events (nodes on --hosts record remotely).
     let ring = ring_file_len(cfg.ring_records);
@@ -477,7 +494,9 @@ pub fn record(cfg: &RecordConfig, pipeline: &PipelineConfig) -> Result<RecordSum
             record: Some(node),
             replay: None,
         });
-        let report = if on_hosts {
+        let report = if let Some(run_stages) = runner.as_mut() {
+            run_stages(&p)
+        } else if on_hosts {
             slug_transport::auth::ClusterKey::resolve(p.key_file.as_deref())
                 .and_then(|key| run_on_nodes_collecting(&p, &p.hosts, &key, Some(&cfg.out)))
         } else {
@@ -640,7 +659,31 @@ fn run_id() -> String {
 /// node the clock offset measured when the coordinator connected, so that timelines align.
 fn place_endpoints(manifest: &mut Manifest, report: &RunReport) {
     manifest.clocks.clear();
+    let mpi = report.transport == TransportKind::Mpi;
     for r in &report.stage_reports {
+        if mpi {
+            // Ranks share hosts: each rank is a node of its own, with its own clock offset
+            // from rank 0 (the reference, offset 0), measured over MPI.
+            let node = format!("rank {} on {}", r.stage, r.host);
+            if let Some(ep) = manifest
+                .endpoints
+                .iter_mut()
+                .find(|e| e.stage == r.stage as u32)
+            {
+                ep.node = node.clone();
+                ep.host = r.host.clone();
+                ep.rank = r.stage as u32;
+            }
+            let (offset_ns, uncertainty_ns) = r
+                .clock
+                .map_or((0, 0), |c| (-c.offset_ns, c.rtt_ns.unsigned_abs() / 2));
+            manifest.clocks.push(NodeClock {
+                node,
+                offset_ns,
+                uncertainty_ns,
+            });
+            continue;
+        }
         let host = r
             .host
             .rsplit_once(':')

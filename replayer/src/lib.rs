@@ -30,4 +30,7 @@ pub use divergence::{Checker, Counts, Divergence, KernelCheck, StepPlace, place_
 pub use error::{ReplayError, Result};
 pub use node::{NodeReplayFactory, node_settings};
 pub use recorded::{KernelKey, RecordedRun, StateSource, node_state, send_tags, stage_step_of};
-pub use replay::{ReplayOptions, ReplayReport, StageReplay, Verify, replay_pipeline, replay_stage};
+pub use replay::{
+    ReplayOptions, ReplayReport, StageReplay, StageRunner, Verify, replay_pipeline,
+    replay_pipeline_with, replay_stage,
+};

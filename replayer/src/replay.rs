@@ -221,10 +221,17 @@ fn range(cfg: &PipelineConfig, opts: &ReplayOptions) -> Result<(u64, u64)> {
 
 /// The replay's pipeline configuration: the recorded one with the asked-for transport,
 /// threads and fault.
-fn replay_config(rec: &RecordedRun, opts: &ReplayOptions) -> Result<PipelineConfig> {
+fn replay_config(
+    rec: &RecordedRun,
+    opts: &ReplayOptions,
+    elsewhere: bool,
+) -> Result<PipelineConfig> {
     let mut cfg = rec.config().clone();
     if let Some(t) = opts.transport {
         cfg.transport = t;
+    } else if cfg.transport == TransportKind::Mpi && !elsewhere {
+        // An MPI recording replays on this machine's threads unless MPI ranks run it.
+        cfg.transport = TransportKind::Local;
     }
     if let Some(n) = opts.threads {
         cfg.threads = n;
@@ -236,14 +243,14 @@ fn replay_config(rec: &RecordedRun, opts: &ReplayOptions) -> Result<PipelineConf
     cfg.progress = opts.progress.clone();
     cfg.hosts = opts.hosts.clone();
     cfg.key_file = opts.key_file.clone();
-    if opts.hosts.is_empty() {
+    if opts.hosts.is_empty() && !elsewhere {
         cfg.digests = false;
         cfg.observer_settings = None;
         // Stage processes would build their own (non-checking) observers: serve every stage
         // from a thread of this process over the same sockets or fabric file instead.
         cfg.launch = Launch::Threads;
     } else {
-        if opts.transport.is_none() {
+        if opts.transport.is_none() && !elsewhere {
             cfg.transport = TransportKind::Tcp;
         }
         // Remote nodes report the digest of every transfer they receive, and of the kernel
@@ -347,11 +354,30 @@ impl ObserverFactory for ReplayFactory {
 /// `to`, every transfer of stage steps `from..=to` (and every kernel output at
 /// `--verify kernel`) checked against the trace.
 pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<ReplayReport> {
+    replay_pipeline_with(rec, opts, None)
+}
+
+/// Runs the replay's stages somewhere this crate does not start them (MPI ranks): gets the
+/// replay's configuration, in which every stage restores itself from its own copy of the trace
+/// ([`crate::NodeReplayFactory`]) and reports the digests of what it received, and returns the
+/// run's report with every stage's.
+pub type StageRunner<'a> =
+    &'a mut dyn FnMut(
+        &PipelineConfig,
+    ) -> slug_transport::Result<slug_transport::pipeline::RunReport>;
+
+/// [`replay_pipeline`], with the stages run by `runner` when one is given (see
+/// [`StageRunner`]); the checking happens here, on the stages' digests, as for `--hosts`.
+pub fn replay_pipeline_with(
+    rec: Arc<RecordedRun>,
+    opts: &ReplayOptions,
+    mut runner: Option<StageRunner<'_>>,
+) -> Result<ReplayReport> {
     check_kernel_level(&rec, opts.verify)?;
-    let mut cfg = replay_config(&rec, opts)?;
+    let mut cfg = replay_config(&rec, opts, runner.is_some())?;
     let (from, to) = range(&cfg, opts)?;
     let start = rec.common_snapshot_at_or_before(cfg.stages, from);
-    if !opts.hosts.is_empty()
+    if (!opts.hosts.is_empty() || runner.is_some())
         && let Some(replay) = cfg
             .observer_settings
             .as_mut()
@@ -401,7 +427,10 @@ pub fn replay_pipeline(rec: Arc<RecordedRun>, opts: &ReplayOptions) -> Result<Re
         start,
     };
     let started = Instant::now();
-    let report = run(&cfg, &factory)?;
+    let report = match runner.as_mut() {
+        Some(run_stages) => run_stages(&cfg)?,
+        None => run(&cfg, &factory)?,
+    };
     let wall_ns = started.elapsed().as_nanos() as u64;
     for d in report.digests() {
         checker.transfer_digest(d.src, d.tag, d.len, d.hash.0);

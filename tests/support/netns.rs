@@ -119,8 +119,15 @@ impl Testbed {
         Ok(addrs)
     }
 
+    /// The namespaces [`build`](Self::build) made, in address order.
+    #[allow(dead_code)] // Only the MPI test launches into the namespaces by name.
+    pub fn namespaces(&self) -> &[String] {
+        &self.namespaces
+    }
+
     /// Starts `slug node --listen ADDR:7070 --once` inside namespace `i` (with `tmp` as its
     /// TMPDIR, where it records, when given); returns its address.
+    #[allow(dead_code)] // The MPI test starts no slug nodes: mpirun launches its ranks.
     pub fn start_node(
         &mut self,
         i: usize,

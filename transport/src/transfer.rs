@@ -69,6 +69,9 @@ pub enum TransportKind {
     Shm,
     /// Stages are processes, possibly on other hosts, connected by TCP.
     Tcp,
+    /// Stages are MPI ranks (rank = stage) started by `mpirun`/`srun`; links are MPI
+    /// point-to-point messages on `MPI_COMM_WORLD` (the `slug-mpi` crate, feature `mpi`).
+    Mpi,
 }
 
 impl TransportKind {
@@ -78,6 +81,7 @@ impl TransportKind {
             Self::Local => "local",
             Self::Shm => "shm",
             Self::Tcp => "tcp",
+            Self::Mpi => "mpi",
         }
     }
 }
@@ -96,8 +100,9 @@ impl std::str::FromStr for TransportKind {
             "local" => Ok(Self::Local),
             "shm" => Ok(Self::Shm),
             "tcp" => Ok(Self::Tcp),
+            "mpi" => Ok(Self::Mpi),
             other => Err(crate::TransportError::Config(format!(
-                "unknown transport {other:?}; use local, shm or tcp"
+                "unknown transport {other:?}; use local, shm, tcp or mpi"
             ))),
         }
     }

@@ -62,6 +62,7 @@ pub(super) fn transport(kind: TransportKind) -> Transport {
         TransportKind::Local => Transport::Local,
         TransportKind::Shm => Transport::Shm,
         TransportKind::Tcp => Transport::Tcp,
+        TransportKind::Mpi => Transport::Mpi,
     }
 }
 

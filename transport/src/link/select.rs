@@ -14,5 +14,10 @@ pub fn prepare_node_links(plan: NodeLinkPlan) -> Result<Box<dyn LinkSetup>> {
         TransportKind::Local => Err(TransportError::Config(
             "local links join threads of one process; a node serves shm and tcp runs".into(),
         )),
+        TransportKind::Mpi => Err(TransportError::Config(
+            "mpi links join MPI ranks started by mpirun, which connect their own (slug-mpi); \
+             a node serves shm and tcp runs"
+                .into(),
+        )),
     }
 }

@@ -23,10 +23,10 @@ use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable, shown};
 
 use super::config::PipelineConfig;
 use super::launch::NodeLauncher;
-use super::progress::RunProgress;
 use super::migrate::{
     Migration, MigrationReport, MoveNote, MoveRequest, PrecopyRound, Verdict, forward_of,
 };
+use super::progress::RunProgress;
 use super::report::{RunReport, StageReport};
 
 /// First line a `slug node` prints on stdout, followed by the address it listens on.
@@ -38,11 +38,11 @@ pub(crate) const SILENCE_LIMIT: Duration = Duration::from_secs(5);
 /// How long to keep listening for the root cause once some stage has failed.
 const SETTLE: Duration = Duration::from_millis(500);
 /// Largest piece of a collected file in one frame (well under the wire's frame limit).
-pub(crate) const FILE_PIECE: usize = 4 << 20;
+pub const FILE_PIECE: usize = 4 << 20;
 /// At most this many files are collected from one node (a bound on the listing's size).
-const MAX_COLLECTED_FILES: usize = 1 << 20;
+pub const MAX_COLLECTED_FILES: usize = 1 << 20;
 /// At most this many bytes per collected file.
-const MAX_COLLECTED_FILE: u64 = 1 << 40;
+pub const MAX_COLLECTED_FILE: u64 = 1 << 40;
 /// Where a failing collection is reported as having reached.
 const COLLECTING: &str = "collecting recorded files";
 
@@ -85,7 +85,7 @@ pub(crate) enum ToNode {
 
 /// One file a node recorded for its stage, relative to its scratch directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct RecordedFile {
+pub struct RecordedFile {
     /// Relative path with `/` separators, e.g. `endpoints/1.slog`.
     pub path: String,
     /// Its length in bytes.
@@ -547,7 +547,7 @@ fn is_hex(name: &str, len: usize) -> bool {
 /// content-addressed snapshot chunks and payloads (`true` in the second place: a file two
 /// nodes may both hold). Anything else (another stage's log, a journal, a ring, a stray
 /// file, any path that could leave the trace directory) is refused.
-fn expected_file(stage: usize, path: &str) -> Option<(PathBuf, bool)> {
+pub fn expected_file(stage: usize, path: &str) -> Option<(PathBuf, bool)> {
     let parts: Vec<&str> = path.split('/').collect();
     let shared = match parts.as_slice() {
         ["endpoints", log] => *log == format!("{stage}.slog"),

@@ -38,10 +38,15 @@ use crate::link::{StageLinks, ring};
 use crate::transfer::TransportKind;
 use crate::wire::AbortFlag;
 
+/// What a recording node hands over, and what a collector accepts (also used by MPI rank 0).
+pub use cluster::{
+    FILE_PIECE, MAX_COLLECTED_FILE, MAX_COLLECTED_FILES, RecordedFile, expected_file,
+};
 pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes, run_on_nodes_collecting};
 pub use config::{KernelDigests, Launch, PipelineConfig, prompt_tokens};
 pub use launch::{NodeCommand, NodeLauncher};
 pub use migrate::{DEFAULT_ROUNDS, Migration, MigrationReport, PrecopyRound, request_migration};
+pub use node::list_recorded_files;
 pub use observe::{NoObservers, ObserverFactory, StageContext, StageObservers};
 pub use progress::{ProgressReading, RunProgress, StageProgress};
 pub use report::{HexHash, KernelDigest, RunReport, StageReport, TransferDigest};
@@ -61,6 +66,11 @@ pub fn run(cfg: &PipelineConfig, observers: &dyn ObserverFactory) -> Result<RunR
     cfg.validate()?;
     match cfg.transport {
         TransportKind::Local => run_local(cfg, observers),
+        TransportKind::Mpi => Err(TransportError::Config(
+            "an mpi run is one process per stage started by mpirun: each rank runs its stage \
+             with slug-mpi (`mpirun -np S slug run --transport mpi --stages S`), not run()"
+                .into(),
+        )),
         TransportKind::Tcp if !cfg.hosts.is_empty() => {
             let key = ClusterKey::resolve(cfg.key_file.as_deref())?;
             run_on_nodes(cfg, &cfg.hosts, &key)
@@ -93,6 +103,47 @@ fn run_key(cfg: &PipelineConfig) -> Result<ClusterKey> {
     } else {
         ClusterKey::resolve(cfg.key_file.as_deref())
     }
+}
+
+/// Runs stage `s` of `cfg` on this thread, on `host`, over the links `connect` makes from the
+/// stage's transfer observers: how a launcher outside this crate runs a stage (each MPI rank
+/// runs its own this way). `ready` is called once the stage is built, just before its first
+/// step (a barrier across ranks). Fails with [`TransportError::StageFailed`] naming the stage,
+/// host and step.
+pub fn run_stage(
+    cfg: &PipelineConfig,
+    s: usize,
+    host: &str,
+    factory: &dyn ObserverFactory,
+    connect: &mut dyn FnMut(&crate::transfer::Observers) -> Result<StageLinks>,
+    ready: &mut dyn FnMut() -> Result<()>,
+) -> Result<StageReport> {
+    let failed = |step: String, e: TransportError| TransportError::StageFailed {
+        stage: s,
+        host: host.to_string(),
+        step,
+        detail: e.to_string(),
+    };
+    let startup = |e| failed("startup".into(), e);
+    let plan = cfg.plan().map_err(startup)?;
+    let ctx = StageContext {
+        stage: s,
+        host,
+        config: cfg,
+    };
+    let (obs, digests) = stage_observers(factory, &ctx).map_err(startup)?;
+    let io = connect(&obs.transfers).map_err(startup)?;
+    let pool = slug_kernels::ThreadPool::new(cfg.threads).map_err(|e| startup(e.into()))?;
+    let stage = build_stage(cfg, &plan, &pool, factory, &ctx).map_err(startup)?;
+    let state = factory.state_observer(&ctx).map_err(startup)?;
+    ready().map_err(startup)?;
+    let observed = Observed {
+        hooks: obs.hooks,
+        state,
+    };
+    let outcome = drive_stage(cfg, &plan, s, &pool, stage, io, None, observed, &|_, _| {})
+        .map_err(|(at, e)| failed(at, e))?;
+    Ok(outcome.into_report(&plan, s, host, &digests))
 }
 
 /// Serves every stage from a node thread of this process, then coordinates them over loopback.

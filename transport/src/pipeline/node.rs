@@ -677,7 +677,7 @@ fn receive_stage(
 const COLLECTING: &str = "sending recorded files";
 
 /// Every file under `dir`, as paths relative to it with `/` separators, sorted.
-fn list_recorded_files(dir: &Path) -> Result<Vec<RecordedFile>> {
+pub fn list_recorded_files(dir: &Path) -> Result<Vec<RecordedFile>> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(d) = pending.pop() {

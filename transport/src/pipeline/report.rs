@@ -117,7 +117,9 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    pub(crate) fn assemble(
+    /// The run's report from every stage's (any order), `wall` being the generation time: how
+    /// a launcher outside this crate (MPI rank 0) assembles what its ranks sent.
+    pub fn assemble(
         cfg: &PipelineConfig,
         mut stage_reports: Vec<StageReport>,
         wall: Duration,

@@ -1,0 +1,258 @@
+//! Rank 0 gathers what every rank recorded into the trace directory over MPI (no shared file
+//! system): each rank lists its scratch directory with BLAKE3 digests; rank 0 accepts only the
+//! files that rank's stage produces ([`expected_file`]), asks only for those it lacks
+//! (content-addressed chunks and payloads another rank or an earlier run already delivered
+//! are skipped), writes each through a new partial file renamed only once its digest matches,
+//! then tells the rank to remove its scratch copy and waits for it to confirm.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use mpi::point_to_point::{Destination, Source};
+use mpi::topology::Communicator;
+use slug_transport::pipeline::{
+    FILE_PIECE, MAX_COLLECTED_FILE, MAX_COLLECTED_FILES, RecordedFile, expected_file,
+    list_recorded_files,
+};
+use slug_transport::{Result, TransportError};
+
+use crate::MpiWorld;
+
+const TAG_LIST: i32 = 30_002;
+const TAG_FETCH: i32 = 30_003;
+const TAG_PIECE: i32 = 30_004;
+const TAG_COLLECTED: i32 = 30_005;
+const TAG_CLEANED: i32 = 30_006;
+
+/// A rank's listing: its files, none (nothing recorded), or why it could not list them.
+type Listing = std::result::Result<Option<Vec<RecordedFile>>, String>;
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Plain data (strings, numbers, vectors) always serialises.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: serde::de::DeserializeOwned>(rank: usize, what: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| TransportError::Protocol {
+        peer: format!("rank {rank}"),
+        detail: format!("its {what} does not decode: {e}"),
+    })
+}
+
+/// On a rank other than 0: sends the files recorded in `dir` (if any) to rank 0, then removes
+/// `dir` once rank 0 has them all.
+pub fn send_files(mpi: &MpiWorld, dir: Option<&Path>) -> Result<()> {
+    let zero = mpi.world().process_at_rank(0);
+    let listing: Listing = match dir.map(list_recorded_files).transpose() {
+        Ok(files) => Ok(files),
+        Err(e) => Err(e.to_string()),
+    };
+    zero.send_with_tag(&encode(&listing)[..], TAG_LIST);
+    let (Ok(Some(files)), Some(dir)) = (listing, dir) else {
+        return Ok(());
+    };
+    let (wanted, _) = zero.receive_vec_with_tag::<u8>(TAG_FETCH);
+    let wanted: Vec<String> = decode(0, "list of wanted files", &wanted)?;
+    let mut buf = vec![0u8; FILE_PIECE];
+    for p in &wanted {
+        let Some(f) = files.iter().find(|f| &f.path == p) else {
+            return Err(TransportError::Protocol {
+                peer: "rank 0".into(),
+                detail: format!("asked for {p:?}, which this rank did not list"),
+            });
+        };
+        let path = dir.join(p);
+        let mut file = std::fs::File::open(&path)
+            .map_err(|e| TransportError::io(format!("open {}", path.display()), e))?;
+        let mut left = f.len;
+        while left > 0 {
+            let n = left.min(FILE_PIECE as u64) as usize;
+            file.read_exact(&mut buf[..n])
+                .map_err(|e| TransportError::io(format!("read {}", path.display()), e))?;
+            zero.send_with_tag(&buf[..n], TAG_PIECE);
+            left -= n as u64;
+        }
+    }
+    let mut done = [0u8; 1];
+    zero.receive_into_with_tag(&mut done[..], TAG_COLLECTED);
+    let cleaned: std::result::Result<(), String> =
+        std::fs::remove_dir_all(dir).map_err(|e| format!("remove {}: {e}", dir.display()));
+    zero.send_with_tag(&encode(&cleaned)[..], TAG_CLEANED);
+    cleaned.map_err(|e| TransportError::io(e, std::io::Error::other("scratch copy kept")))
+}
+
+/// On rank 0: places its own stage's files from `own` (its scratch directory) and every other
+/// rank's from MPI into `into`; then removes `own`. Without `into` (a run that records
+/// nothing) every rank must list nothing.
+pub fn collect_files(mpi: &MpiWorld, own: Option<&Path>, into: Option<&Path>) -> Result<()> {
+    let mut claimed = HashSet::new();
+    let nowhere = |r: usize| TransportError::Protocol {
+        peer: format!("rank {r}"),
+        detail: "it recorded files, but rank 0 collects none (not a recording)".into(),
+    };
+    if let Some(dir) = own {
+        let into = into.ok_or_else(|| nowhere(0))?;
+        let files = list_recorded_files(dir)?;
+        let wanted = accept(0, files, into, &mut claimed)?;
+        for (f, dest) in &wanted {
+            let path = dir.join(&f.path);
+            let mut src = std::fs::File::open(&path)
+                .map_err(|e| TransportError::io(format!("open {}", path.display()), e))?;
+            place(0, f, dest, |out, left| {
+                let mut buf = vec![0u8; left.min(FILE_PIECE as u64) as usize];
+                src.read_exact(&mut buf)
+                    .map_err(|e| format!("read {}: {e}", path.display()))?;
+                out.write_all(&buf).map_err(|e| e.to_string())?;
+                Ok(buf)
+            })?;
+        }
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| TransportError::io(format!("remove {}", dir.display()), e))?;
+    }
+    for r in 1..mpi.size() {
+        let peer = mpi.world().process_at_rank(r as i32);
+        let (listing, _) = peer.receive_vec_with_tag::<u8>(TAG_LIST);
+        let files = match decode::<Listing>(r, "file listing", &listing)? {
+            Ok(Some(files)) => files,
+            Ok(None) => continue,
+            Err(e) => {
+                return Err(TransportError::Protocol {
+                    peer: format!("rank {r}"),
+                    detail: format!("could not list what it recorded: {e}"),
+                });
+            }
+        };
+        let into = into.ok_or_else(|| nowhere(r))?;
+        let wanted = accept(r, files, into, &mut claimed)?;
+        let paths: Vec<&str> = wanted.iter().map(|(f, _)| f.path.as_str()).collect();
+        peer.send_with_tag(&encode(&paths)[..], TAG_FETCH);
+        for (f, dest) in &wanted {
+            place(r, f, dest, |out, left| {
+                let (piece, _) = peer.receive_vec_with_tag::<u8>(TAG_PIECE);
+                if piece.is_empty() || piece.len() as u64 > left {
+                    return Err(format!(
+                        "a piece of {} bytes where at most {left} were due",
+                        piece.len()
+                    ));
+                }
+                out.write_all(&piece).map_err(|e| e.to_string())?;
+                Ok(piece)
+            })?;
+        }
+        peer.send_with_tag(&[1u8][..], TAG_COLLECTED);
+        let (cleaned, _) = peer.receive_vec_with_tag::<u8>(TAG_CLEANED);
+        if let Err(e) = decode::<std::result::Result<(), String>>(r, "confirmation", &cleaned)? {
+            return Err(TransportError::Protocol {
+                peer: format!("rank {r}"),
+                detail: format!("could not remove its scratch copy: {e}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks rank `r`'s listing (only its stage's files, bounded, with digests, its log among
+/// them) and returns the files to fetch with their destinations.
+fn accept(
+    r: usize,
+    files: Vec<RecordedFile>,
+    into: &Path,
+    claimed: &mut HashSet<PathBuf>,
+) -> Result<Vec<(RecordedFile, PathBuf)>> {
+    let refuse = |detail: String| TransportError::Protocol {
+        peer: format!("rank {r}"),
+        detail,
+    };
+    if files.len() > MAX_COLLECTED_FILES {
+        return Err(refuse(format!(
+            "it lists {} recorded files, more than the {MAX_COLLECTED_FILES} accepted",
+            files.len()
+        )));
+    }
+    let mut wanted = Vec::new();
+    let mut has_log = false;
+    let mut listed = HashSet::new();
+    for f in files {
+        let (rel, content_addressed) = expected_file(r, &f.path).ok_or_else(|| {
+            refuse(format!(
+                "it listed {:?}, which the recording of stage {r} does not produce; nothing \
+                 of it was accepted",
+                f.path.escape_debug().to_string()
+            ))
+        })?;
+        if !listed.insert(rel.clone()) {
+            return Err(refuse(format!("it listed {:?} twice", f.path)));
+        }
+        if f.len > MAX_COLLECTED_FILE {
+            return Err(refuse(format!(
+                "{} is {} bytes, more than the {MAX_COLLECTED_FILE} accepted",
+                f.path, f.len
+            )));
+        }
+        if f.digest.len() != 64 || !f.digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(refuse(format!("{} comes without a BLAKE3 digest", f.path)));
+        }
+        has_log |= !content_addressed && f.path.starts_with("endpoints/");
+        let dest = into.join(rel);
+        let present = content_addressed
+            && std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_file() && m.len() == f.len);
+        if !present && claimed.insert(dest.clone()) {
+            wanted.push((f, dest));
+        }
+    }
+    if !has_log {
+        return Err(refuse(format!(
+            "it did not list endpoints/{r}.slog, the log of the stage it ran"
+        )));
+    }
+    Ok(wanted)
+}
+
+/// Writes `f` to `dest` through a new partial file, `next` delivering it piece by piece, and
+/// renames it only when its BLAKE3 digest matches the listing.
+fn place(
+    r: usize,
+    f: &RecordedFile,
+    dest: &Path,
+    mut next: impl FnMut(&mut std::fs::File, u64) -> std::result::Result<Vec<u8>, String>,
+) -> Result<()> {
+    let failed = |detail: String| TransportError::Protocol {
+        peer: format!("rank {r}"),
+        detail: format!("{}: {detail}", f.path),
+    };
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| TransportError::io(format!("create {}", parent.display()), e))?;
+    }
+    let mut partial = dest.as_os_str().to_owned();
+    partial.push(format!(".partial-mpi-{}", std::process::id()));
+    let partial = PathBuf::from(partial);
+    // A new file, never through a link or over something already there.
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .map_err(|e| TransportError::io(format!("create {}", partial.display()), e))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut left = f.len;
+    let received = (|| {
+        while left > 0 {
+            let piece = next(&mut out, left)?;
+            hasher.update(&piece);
+            left -= piece.len() as u64;
+        }
+        if hasher.finalize().to_hex().as_str() != f.digest {
+            return Err("does not match the digest listed for it; not kept".to_string());
+        }
+        Ok(())
+    })();
+    drop(out);
+    if let Err(e) = received {
+        // Half a file is no use to a reader and would only look like one.
+        let _ = std::fs::remove_file(&partial);
+        return Err(failed(e));
+    }
+    std::fs::rename(&partial, dest)
+        .map_err(|e| TransportError::io(format!("rename {}", partial.display()), e))
+}

@@ -1,0 +1,205 @@
+//! One rank's part of an MPI run: rank r runs stage r over MPI links; rank 0 measures every
+//! rank's clock offset and assembles the run's report from what the ranks send it.
+
+use std::time::{Duration, Instant};
+
+use mpi::point_to_point::{Destination, Source};
+use mpi::topology::Communicator;
+use slug_transport::clock::{ClockOffset, ClockSample, monotonic_ns};
+use slug_transport::link::{LinkEnds, LinkReceiver, LinkSender, StageLinks};
+use slug_transport::pipeline::{
+    ObserverFactory, PipelineConfig, RunReport, StageContext, StageReport, run_stage,
+};
+use slug_transport::transfer::{EndpointId, LinkId, TransportKind};
+use slug_transport::{Result, TransportError};
+
+use crate::MpiWorld;
+use crate::link::{MpiRecv, MpiSend, barrier, recv_from, send_to};
+
+/// Tags of the control messages; link tags are below `2 * MAX_STAGES`.
+const TAG_CLOCK: i32 = 30_000;
+const TAG_REPORT: i32 = 30_001;
+/// Ping-pongs per rank for its clock offset (the minimum-RTT one is kept).
+const CLOCK_ROUNDS: usize = 8;
+
+/// Checks that this MPI job can run `cfg`: transport `mpi` and one rank per stage.
+pub fn check_world(mpi: &MpiWorld, cfg: &PipelineConfig) -> Result<()> {
+    if cfg.transport != TransportKind::Mpi {
+        return Err(TransportError::Config(format!(
+            "run_rank runs an mpi pipeline, not {}",
+            cfg.transport
+        )));
+    }
+    if mpi.size() != cfg.stages {
+        return Err(TransportError::Config(format!(
+            "--stages {} but this MPI job has {} rank(s): start one rank per stage, e.g. \
+             `mpirun -np {} slug run --transport mpi --stages {}`",
+            cfg.stages,
+            mpi.size(),
+            cfg.stages,
+            cfg.stages
+        )));
+    }
+    Ok(())
+}
+
+/// Link `link` of a ring of `stages` stages: stage `link` to stage `link + 1`, wrapping to 0.
+fn link_ends(cfg: &PipelineConfig, link: usize) -> LinkEnds {
+    LinkEnds {
+        id: LinkId(link as u32),
+        src: EndpointId(link as u32),
+        dst: EndpointId(((link + 1) % cfg.stages) as u32),
+        timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
+    }
+}
+
+/// Runs this rank's stage of `cfg` (rank r runs stage r) with `factory`'s observers built in
+/// this process. Rank 0 returns the run's report (every stage's, with each rank's host and
+/// clock offset from rank 0, measured over MPI); the other ranks return `None` once they have
+/// sent theirs. On error the caller should print it and [`MpiWorld::abort`]: the other ranks
+/// may be waiting on this one.
+pub fn run_rank(
+    mpi: &MpiWorld,
+    cfg: &PipelineConfig,
+    factory: &dyn ObserverFactory,
+) -> Result<Option<RunReport>> {
+    run_rank_collecting(mpi, cfg, factory, None)
+}
+
+/// [`run_rank`], then the files each rank's `factory` recorded for its stage (its
+/// [`ObserverFactory::collected_files`]) are gathered over MPI into `collect_into` on rank 0
+/// (see [`crate::gather`]); other ranks pass `None`.
+pub fn run_rank_collecting(
+    mpi: &MpiWorld,
+    cfg: &PipelineConfig,
+    factory: &dyn ObserverFactory,
+    collect_into: Option<&std::path::Path>,
+) -> Result<Option<RunReport>> {
+    check_world(mpi, cfg)?;
+    let s = mpi.rank();
+    let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
+    let clocks = measure_clocks(mpi, timeout)?;
+    let n = cfg.stages;
+    let mut connect = |obs: &slug_transport::transfer::Observers| {
+        if n < 2 {
+            return Ok(StageLinks::default());
+        }
+        let up = (s + n - 1) % n;
+        Ok(StageLinks {
+            inbound: Some(LinkReceiver::new(
+                link_ends(cfg, up),
+                Box::new(MpiRecv::new(up, up as u32)),
+                obs.clone(),
+            )),
+            outbound: Some(LinkSender::new(
+                link_ends(cfg, s),
+                Box::new(MpiSend::new((s + 1) % n, s as u32)),
+                obs.clone(),
+            )),
+        })
+    };
+    let mut start = None;
+    let mut ready = || {
+        barrier(timeout)?;
+        start = Some(Instant::now());
+        Ok(())
+    };
+    let report = run_stage(cfg, s, mpi.host(), factory, &mut connect, &mut ready)?;
+    let started = start.unwrap_or_else(Instant::now);
+    // The stage's observers are gone (run_stage dropped them): its files are complete.
+    let ctx = StageContext {
+        stage: s,
+        host: mpi.host(),
+        config: cfg,
+    };
+    let files = factory.collected_files(&ctx);
+    let world = mpi.world();
+    if s != 0 {
+        let bytes = serde_json::to_vec(&report)
+            .map_err(|e| TransportError::Config(format!("encode the report of stage {s}: {e}")))?;
+        world
+            .process_at_rank(0)
+            .send_with_tag(&bytes[..], TAG_REPORT);
+        crate::gather::send_files(mpi, files.as_deref())?;
+        return Ok(None);
+    }
+    let mut reports = vec![report];
+    for r in 1..n {
+        let (bytes, _) = world
+            .process_at_rank(r as i32)
+            .receive_vec_with_tag::<u8>(TAG_REPORT);
+        let rep: StageReport =
+            serde_json::from_slice(&bytes).map_err(|e| TransportError::Protocol {
+                peer: format!("rank {r}"),
+                detail: format!("its stage report does not decode: {e}"),
+            })?;
+        reports.push(rep);
+    }
+    let wall = started.elapsed();
+    crate::gather::collect_files(mpi, files.as_deref(), collect_into)?;
+    for rep in &mut reports {
+        rep.clock = clocks.get(rep.stage).copied().flatten();
+    }
+    Ok(Some(RunReport::assemble(cfg, reports, wall)))
+}
+
+/// Rank 0 ping-pongs every other rank [`CLOCK_ROUNDS`] times (NTP-style, `CLOCK_MONOTONIC`
+/// on both ends) and returns, per rank, its clock minus rank 0's; other ranks answer and get
+/// an empty list.
+pub fn measure_clocks(mpi: &MpiWorld, timeout: Duration) -> Result<Vec<Option<ClockOffset>>> {
+    if mpi.rank() != 0 {
+        for _ in 0..CLOCK_ROUNDS {
+            let mut ping = [0u8; 8];
+            recv_from(&mut ping, 0, TAG_CLOCK, timeout)?;
+            let t1 = monotonic_ns();
+            let mut pong = [0u8; 16];
+            pong[..8].copy_from_slice(&t1.to_le_bytes());
+            pong[8..].copy_from_slice(&monotonic_ns().to_le_bytes());
+            send_to(&pong, 0, TAG_CLOCK, timeout)?;
+        }
+        return Ok(Vec::new());
+    }
+    let mut out = vec![None; mpi.size()];
+    for (r, slot) in out.iter_mut().enumerate().skip(1) {
+        let mut samples = Vec::with_capacity(CLOCK_ROUNDS);
+        for _ in 0..CLOCK_ROUNDS {
+            let t0 = monotonic_ns();
+            send_to(&t0.to_le_bytes(), r, TAG_CLOCK, timeout)?;
+            let mut pong = [0u8; 16];
+            recv_from(&mut pong, r, TAG_CLOCK, timeout)?;
+            let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+            samples.push(ClockSample {
+                t0,
+                t1: word(&pong[..8]),
+                t2: word(&pong[8..]),
+                t3: monotonic_ns(),
+            });
+        }
+        *slot = ClockOffset::from_samples(&samples);
+    }
+    Ok(out)
+}
+
+/// Rank 0 sends `cfg` to every rank (`Some` on rank 0); every rank returns it. How ranks of
+/// `slug record` run the configuration rank 0 prepared (with its recorder settings).
+pub fn share_config(mpi: &MpiWorld, cfg: Option<&PipelineConfig>) -> Result<PipelineConfig> {
+    use mpi::collective::Root;
+    let root = mpi.world().process_at_rank(0);
+    let mut bytes = match cfg {
+        Some(c) if mpi.rank() == 0 => serde_json::to_vec(c)
+            .map_err(|e| TransportError::Config(format!("encode the configuration: {e}")))?,
+        _ => Vec::new(),
+    };
+    let mut len = [bytes.len() as u64];
+    root.broadcast_into(&mut len[..]);
+    bytes.resize(len[0] as usize, 0);
+    root.broadcast_into(&mut bytes[..]);
+    if let Some(c) = cfg {
+        // Fields that do not travel (launcher, key file) stay as rank 0 has them.
+        return Ok(c.clone());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| TransportError::Protocol {
+        peer: "rank 0".into(),
+        detail: format!("its configuration does not decode: {e}"),
+    })
+}
