@@ -24,6 +24,8 @@ pub enum Mode {
     Prompt(PromptKind),
     /// The `?` overlay.
     Help,
+    /// The `L` legend overlay.
+    Legend,
     /// The whole-trace statistics view.
     Stats,
 }
@@ -283,11 +285,12 @@ impl App {
             return Ok(());
         }
         match self.mode {
-            Mode::Help => self.mode = Mode::Timeline,
+            Mode::Help | Mode::Legend => self.mode = Mode::Timeline,
             Mode::Stats => match key.code {
                 KeyCode::Char('q') => self.quit = true,
                 KeyCode::Esc | KeyCode::Char('t') | KeyCode::Tab => self.mode = Mode::Timeline,
                 KeyCode::Char('?') => self.mode = Mode::Help,
+                KeyCode::Char('L') => self.mode = Mode::Legend,
                 _ => {}
             },
             Mode::Prompt(kind) => match key.code {
@@ -341,6 +344,7 @@ impl App {
             KeyCode::Char('g') => self.open_prompt(PromptKind::JumpTime),
             KeyCode::Char(':' | 'G') => self.open_prompt(PromptKind::JumpStep),
             KeyCode::Char('?') => self.mode = Mode::Help,
+            KeyCode::Char('L') => self.mode = Mode::Legend,
             KeyCode::Char('t') => self.mode = Mode::Stats,
             _ => {}
         }

@@ -16,7 +16,7 @@ use crate::state::app::{App, Mode, Selection};
 use crate::state::event::TraceEvent;
 use crate::state::fixture;
 use crate::state::timeline::{LinkBins, Timeline, Window};
-use crate::view::{detail, help, links};
+use crate::view::{detail, help, legend, links, style};
 
 fn app(stages: usize, steps: u64) -> App {
     App::new(
@@ -81,7 +81,7 @@ fn whole_screen_of_the_fixture() {
         "s2 t7                        f                f               ff               f",
         "                                                                                ",
         "                                                                                ",
-        "q quit  ? help  w/s zoom  a/d pan  up/down track  n/p event  / filter  g time  :",
+        "q quit  ? help  L legend  w/s zoom  a/d pan  up/down track  n/p event  / filter",
     ]);
     assert_eq!(screen(&mut a, 80, 24), expected);
 }
@@ -133,23 +133,91 @@ fn too_small_terminal_gets_a_message_not_a_garbled_screen() {
 
 #[test]
 fn help_overlay_lists_keys_and_any_key_closes_it() {
-    let mut buf = Buffer::empty(Rect::new(0, 0, 56, 20));
-    help::HelpView.render(buf.area, &mut buf);
+    let mut buf = Buffer::empty(Rect::new(0, 0, 78, 35));
+    let kernels = vec!["gemm".to_string()];
+    help::HelpView { kernels: &kernels }.render(buf.area, &mut buf);
     let lines = text(&plain(&buf));
-    assert_eq!(lines[0], format!("┌ keys {}┐", "─".repeat(48)));
-    assert_eq!(lines[1], format!("│{:<54}│", "       w + =  zoom in"));
+    assert_eq!(lines[0], format!("┌ keys {}┐", "─".repeat(70)));
+    assert_eq!(lines[1], format!("│{:<76}│", "       w + =  zoom in"));
     assert_eq!(
         lines[14],
         format!(
-            "│{:<54}│",
+            "│{:<76}│",
             "           /  filter: kind:K kernel:K ep:E words"
         )
     );
+    // The legend follows the keys.
+    assert!(lines.iter().any(|l| l.contains("S  snapshot")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("█  gemm")), "{lines:?}");
     let mut a = app(2, 2);
     press(&mut a, KeyCode::Char('?'));
     assert_eq!(a.mode, Mode::Help);
     press(&mut a, KeyCode::Char('x'));
     assert_eq!(a.mode, Mode::Timeline);
+}
+
+#[test]
+fn legend_explains_every_mark_and_groups_kernels_by_colour() {
+    let kernels: Vec<String> = [
+        "attn", "gemm", "rmsnorm", "softmax", "q_proj", "k_proj", "down",
+    ]
+    .iter()
+    .map(|k| k.to_string())
+    .collect();
+    let lines: Vec<String> = legend::lines(&kernels)
+        .iter()
+        .map(|l| l.spans.iter().map(|s| s.content.as_ref()).collect())
+        .collect();
+    for glyph in ["S", "^", "v", "│", "┊", "!", "X", "*", "y", "n"] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(&format!("{glyph}  "))),
+            "{glyph} missing from {lines:?}"
+        );
+    }
+    assert!(lines.iter().any(|l| l.contains("p preempted f futex")));
+    // One line per colour: every kernel appears once, and kernels on one line share a colour.
+    let colour_lines: Vec<&String> = lines.iter().filter(|l| l.starts_with("█  ")).collect();
+    let mut seen: Vec<&str> = Vec::new();
+    let mut colours = Vec::new();
+    for l in &colour_lines {
+        let names: Vec<&str> = l[("█  ".len())..].split(' ').collect();
+        let c = style::kernel_color(names[0]);
+        assert!(names.iter().all(|n| style::kernel_color(n) == c), "{l}");
+        assert!(!colours.contains(&c), "colour {c:?} on two lines");
+        colours.push(c);
+        seen.extend(names);
+    }
+    seen.sort_unstable();
+    let mut want: Vec<&str> = kernels.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(seen, want);
+    assert!(legend::lines(&[]).iter().any(|l| {
+        l.spans
+            .iter()
+            .any(|s| s.content.contains("no kernels in view"))
+    }));
+}
+
+#[test]
+fn l_toggles_the_legend_which_names_the_kernels_in_view() {
+    let mut a = app(3, 4);
+    press(&mut a, KeyCode::Char('L'));
+    assert_eq!(a.mode, Mode::Legend);
+    let lines = text(&plain(&screen(&mut a, 100, 40)));
+    assert!(
+        lines.iter().any(|l| l.contains("legend (any key closes)")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("step boundary")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("gemm")), "{lines:?}");
+    press(&mut a, KeyCode::Char('L'));
+    assert_eq!(a.mode, Mode::Timeline);
+    press(&mut a, KeyCode::Char('t'));
+    press(&mut a, KeyCode::Char('L'));
+    assert_eq!(a.mode, Mode::Legend);
 }
 
 fn transfer() -> TraceEvent {
