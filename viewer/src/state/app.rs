@@ -106,6 +106,8 @@ pub struct App {
     pub message: Option<String>,
     /// Whole-trace statistics, computed when the stats view is first opened.
     pub stats: Option<TraceStats>,
+    /// Lines of the stats view scrolled past (up/down, page keys).
+    pub stats_scroll: u16,
     /// The divergence to highlight, when a report was given.
     pub divergence: Option<DivergenceMark>,
     /// The window for the current view, rebuilt when the view, width or filter change.
@@ -142,6 +144,7 @@ impl App {
             selection: None,
             message,
             stats: None,
+            stats_scroll: 0,
             divergence: None,
             window: None,
             hits: HitMap::default(),
@@ -291,6 +294,17 @@ impl App {
                 KeyCode::Esc | KeyCode::Char('t') | KeyCode::Tab => self.mode = Mode::Timeline,
                 KeyCode::Char('?') => self.mode = Mode::Help,
                 KeyCode::Char('L') => self.mode = Mode::Legend,
+                KeyCode::Down | KeyCode::Char('j') => {
+                    self.stats_scroll = self.stats_scroll.saturating_add(1);
+                }
+                KeyCode::Up | KeyCode::Char('k') => {
+                    self.stats_scroll = self.stats_scroll.saturating_sub(1);
+                }
+                KeyCode::PageDown | KeyCode::Char(' ') => {
+                    self.stats_scroll = self.stats_scroll.saturating_add(10);
+                }
+                KeyCode::PageUp => self.stats_scroll = self.stats_scroll.saturating_sub(10),
+                KeyCode::Home | KeyCode::Char('0') => self.stats_scroll = 0,
                 _ => {}
             },
             Mode::Prompt(kind) => match key.code {

@@ -28,6 +28,8 @@ pub struct EndpointStats {
     pub kernels: u64,
     /// Step boundaries seen.
     pub steps: u64,
+    /// Time and calls per kernel name, most time first.
+    pub kernel_totals: Vec<KernelTotal>,
     /// What its threads waited on off the CPU (eBPF), most time first.
     pub waits: Vec<WaitTotal>,
     /// Its threads' syscalls by name (eBPF), most time first.
@@ -40,6 +42,28 @@ pub struct EndpointStats {
     pub tcp_retransmits: u64,
     /// Packets of its threads' sockets the kernel dropped (eBPF).
     pub tcp_drops: u64,
+}
+
+/// One kernel's spans on one endpoint.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KernelTotal {
+    /// Kernel name (`q_proj`, `gate`, `down`, ...).
+    pub name: String,
+    /// Spans of it.
+    pub calls: u64,
+    /// Their total length.
+    pub total: Nanos,
+}
+
+impl EndpointStats {
+    /// Share of the endpoint's busy time (time inside at least one kernel) spent in `k`, 0..=1.
+    pub fn busy_share(&self, k: &KernelTotal) -> f64 {
+        if self.compute == 0 {
+            0.0
+        } else {
+            k.total as f64 / self.compute as f64
+        }
+    }
 }
 
 /// Off-CPU time of one endpoint's threads for one reason.
@@ -164,6 +188,7 @@ impl TraceStats {
             };
             let mut waits_by: HashMap<String, (u64, Nanos)> = HashMap::new();
             let mut calls_by: HashMap<String, (u64, Nanos)> = HashMap::new();
+            let mut kernels_by: HashMap<u32, (u64, Nanos)> = HashMap::new();
             let frames = source.frames(ep);
             let first = frames.iter().map(|f| f.range.start_ns).min().unwrap_or(0);
             let last = frames.iter().map(|f| f.range.end_ns).max().unwrap_or(0);
@@ -187,6 +212,9 @@ impl TraceStats {
                         TraceEvent::KernelSpan(k) => {
                             st.kernels += 1;
                             compute.push(k.start_ns, k.end_ns);
+                            let t = kernels_by.entry(k.kernel).or_default();
+                            t.0 += 1;
+                            t.1 = t.1.saturating_add(k.end_ns.saturating_sub(k.start_ns));
                         }
                         TraceEvent::StepBoundary(s) => {
                             st.steps += 1;
@@ -260,6 +288,16 @@ impl TraceStats {
                 .collect();
             st.waits
                 .sort_by(|a, b| b.total.cmp(&a.total).then_with(|| a.on.cmp(&b.on)));
+            st.kernel_totals = kernels_by
+                .into_iter()
+                .map(|(id, (calls, total))| KernelTotal {
+                    name: source.names().get(id).to_string(),
+                    calls,
+                    total,
+                })
+                .collect();
+            st.kernel_totals
+                .sort_by(|a, b| b.total.cmp(&a.total).then_with(|| a.name.cmp(&b.name)));
             st.syscalls = calls_by
                 .into_iter()
                 .map(|(name, (calls, approx_total))| SyscallTotal {
@@ -399,6 +437,19 @@ mod tests {
         assert_eq!(stats.links[0].transfers, 5);
         assert_eq!(stats.links[0].busy, 5 * 20_000);
         assert_eq!(stats.steps.sorted, vec![1_000_000; 4]);
+        // Per kernel: stage 1's gemm is 150us x 5 steps, 60% of its 250us busy time per step.
+        let gemm = &s1.kernel_totals[0];
+        assert_eq!(
+            (gemm.name.as_str(), gemm.calls, gemm.total),
+            ("gemm", 5, 750_000)
+        );
+        assert!((s1.busy_share(gemm) - 0.6).abs() < 1e-9);
+        assert_eq!(s1.kernel_totals.len(), 4);
+        let shares: f64 = s1.kernel_totals.iter().map(|k| s1.busy_share(k)).sum();
+        assert!(
+            (shares - 1.0).abs() < 1e-9,
+            "kernels do not overlap in the fixture"
+        );
     }
 
     #[test]

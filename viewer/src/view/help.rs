@@ -24,7 +24,7 @@ pub const KEYS: [(&str, &str); 19] = [
     (": G", "jump to step N on the cursor's endpoint"),
     ("/", "filter: kind:K kernel:K ep:E words"),
     ("esc", "clear selection, then filter"),
-    ("t", "statistics view"),
+    ("t", "statistics view (up/down scroll it)"),
     ("L", "legend: marks, lanes, kernel colours"),
     ("?", "this help and the legend (any key closes)"),
     ("q ctrl-c", "quit"),

@@ -69,7 +69,12 @@ pub fn draw(frame: &mut Frame<'_>, app: &mut App) {
     if app.mode == Mode::Stats {
         match &app.stats {
             Some(stats) => {
-                stats::StatsView::new(stats, app.timeline.endpoints())
+                let view = stats::StatsView::new(stats, app.timeline.endpoints());
+                // Never scroll the last line above the bottom of the screen.
+                let max = (view.lines().len() as u16).saturating_sub(body.height);
+                app.stats_scroll = app.stats_scroll.min(max);
+                Paragraph::new(view.lines())
+                    .scroll((app.stats_scroll, 0))
                     .render(body, frame.buffer_mut());
             }
             None => {
@@ -228,7 +233,9 @@ fn status_bar(app: &App, area: Rect, buf: &mut Buffer) {
             Some(m) => Line::styled(m.as_str(), style::MESSAGE),
             None => Line::styled(
                 match app.mode {
-                    Mode::Stats => "t/esc back to timeline  ? help  q quit",
+                    Mode::Stats => {
+                        "t/esc back to timeline  up/down pgup/pgdn scroll  ? help  q quit"
+                    }
                     _ => {
                         "q quit  ? help  L legend  w/s zoom  a/d pan  up/down track  n/p event  / filter  g time  : step  t stats"
                     }

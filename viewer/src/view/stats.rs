@@ -1,5 +1,6 @@
 //! The stats view: per endpoint compute / waiting / idle shares, per-link achieved bandwidth, the
-//! step-time distribution and the bottleneck stage.
+//! step-time distribution, the bottleneck stage, and per stage each kernel's time, calls and
+//! share of the stage's busy time.
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::Rect;
@@ -103,11 +104,44 @@ impl<'a> StatsView<'a> {
                 style::MESSAGE,
             ));
         }
+        out.push(Line::raw(""));
+        out.extend(self.kernel_lines());
         out
     }
 }
 
 impl StatsView<'_> {
+    /// Per stage, each kernel's total time, calls and share of the stage's busy time.
+    fn kernel_lines(&self) -> Vec<Line<'static>> {
+        let mut out = vec![Line::styled(
+            "kernel              time     calls  share of the stage's busy time",
+            style::DIM,
+        )];
+        for e in &self.stats.endpoints {
+            if e.kernel_totals.is_empty() {
+                continue;
+            }
+            out.push(Line::raw(format!(
+                "{} (busy {})",
+                self.name(e.endpoint),
+                format_duration(e.compute)
+            )));
+            for k in &e.kernel_totals {
+                out.push(Line::raw(format!(
+                    "  {:<14} {:>8} {:>9} {:>6.1}%",
+                    k.name,
+                    format_duration(k.total),
+                    k.calls,
+                    100.0 * e.busy_share(k)
+                )));
+            }
+        }
+        if out.len() == 1 {
+            out.push(Line::raw("(no kernel spans)"));
+        }
+        out
+    }
+
     /// Where each endpoint waited and on what (eBPF off-CPU intervals), its busiest syscalls
     /// and its migrations.
     fn wait_lines(&self) -> Vec<Line<'static>> {

@@ -447,6 +447,27 @@ fn stats_view_answers_where_time_went() {
             .any(|l| l.starts_with("n0/s1          futex 150.0us (5x)")),
         "{lines:?}"
     );
+    // The per-kernel table follows, below the first screen: scroll to it.
+    for _ in 0..3 {
+        press(&mut a, KeyCode::PageDown);
+    }
+    let lines = text(&screen(&mut a, 80, 24));
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("n0/s1 (busy 1.25ms)"))
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(
+        lines[at + 1].trim_end(),
+        "  gemm            750.0us         5   60.0%"
+    );
+    assert_eq!(
+        lines[lines.len() - 2].trim(),
+        "rmsnorm         100.0us         5   10.0%",
+        "scrolled no further than the last line"
+    );
+    press(&mut a, KeyCode::Home);
+    let lines = text(&screen(&mut a, 80, 24));
+    assert!(lines[1].starts_with("endpoint"), "{}", lines[1]);
     press(&mut a, KeyCode::Char('t'));
     assert_eq!(a.mode, Mode::Timeline);
 }
