@@ -9,7 +9,7 @@ use ratatui::widgets::{Paragraph, Widget};
 
 use crate::state::event::{format_bandwidth, format_bytes, format_duration};
 use crate::state::source::EndpointInfo;
-use crate::state::stats::TraceStats;
+use crate::state::stats::{Bottleneck, TIE_TOLERANCE, TraceStats};
 use crate::view::style;
 
 /// The stats view.
@@ -74,8 +74,12 @@ impl<'a> StatsView<'a> {
                 .map_or_else(|| "-".to_string(), format_duration)
         };
         out.push(Line::raw(format!(
-            "step time over {} steps: min {}  p50 {}  p90 {}  p99 {}  max {}",
+            "step time over {} steps, {} measured (start of a step to start of the next):",
+            s.steps.steps,
             s.steps.sorted.len(),
+        )));
+        out.push(Line::raw(format!(
+            "  min {}  p50 {}  p90 {}  p99 {}  max {}",
             q(0.0),
             q(0.5),
             q(0.9),
@@ -88,12 +92,20 @@ impl<'a> StatsView<'a> {
         out.push(Line::raw(format!("distribution  [{bars}]")));
         out.push(Line::raw(""));
         out.push(match s.bottleneck() {
-            Some(b) => Line::raw(format!(
+            Bottleneck::One(b) => Line::raw(format!(
                 "bottleneck: {} (computes {:.1}% of its time; the pipeline runs at its pace)",
                 self.name(b.endpoint),
                 100.0 * b.share(b.compute)
             )),
-            None => Line::raw("bottleneck: none (no kernel spans in the trace)"),
+            Bottleneck::Tied(tied) => Line::raw(format!(
+                "bottleneck: no single bottleneck (stages within {:.0}%: {})",
+                100.0 * TIE_TOLERANCE,
+                tied.iter()
+                    .map(|e| self.name(e.endpoint))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Bottleneck::None => Line::raw("bottleneck: none (no kernel spans in the trace)"),
         });
         if s.unreadable_frames > 0 {
             out.push(Line::styled(

@@ -433,7 +433,13 @@ fn stats_view_answers_where_time_went() {
     assert!(
         lines
             .iter()
-            .any(|l| l.starts_with("step time over 4 steps: min 1.00ms")),
+            .any(|l| l.starts_with("step time over 5 steps, 4 measured")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("  min 1.00ms  p50 1.00ms")),
         "{lines:?}"
     );
     assert!(
@@ -672,5 +678,43 @@ fn a_filter_that_matches_nothing_says_so() {
             .starts_with("0 matches"),
         "{:?}",
         a.message
+    );
+}
+
+#[test]
+fn tied_stages_say_no_single_bottleneck() {
+    use crate::state::stats::{EndpointStats, TraceStats};
+    let ep = |endpoint, compute| EndpointStats {
+        endpoint,
+        active: 2_000,
+        compute,
+        ..EndpointStats::default()
+    };
+    let endpoints = fixture::endpoints(4);
+    let mut stats = TraceStats {
+        endpoints: vec![ep(0, 1_000), ep(1, 990), ep(2, 1_000), ep(3, 970)],
+        ..TraceStats::default()
+    };
+    let line = |stats: &TraceStats| -> String {
+        crate::view::stats::StatsView::new(stats, &endpoints)
+            .lines()
+            .iter()
+            .map(|l| {
+                l.spans
+                    .iter()
+                    .map(|s| s.content.as_ref())
+                    .collect::<String>()
+            })
+            .find(|l| l.starts_with("bottleneck:"))
+            .expect("a bottleneck line")
+    };
+    assert_eq!(
+        line(&stats),
+        "bottleneck: no single bottleneck (stages within 5%: n0/s0, n1/s2, n0/s1, n1/s3)"
+    );
+    stats.endpoints[0].compute = 1_200;
+    assert_eq!(
+        line(&stats),
+        "bottleneck: n0/s0 (computes 60.0% of its time; the pipeline runs at its pace)"
     );
 }
