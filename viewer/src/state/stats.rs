@@ -56,12 +56,19 @@ pub struct KernelTotal {
 }
 
 impl EndpointStats {
-    /// Share of the endpoint's busy time (time inside at least one kernel) spent in `k`, 0..=1.
+    /// The endpoint's busy time: the sum of its kernel spans over all its threads (more than
+    /// `compute`, the wall time with any kernel running, when threads run kernels in parallel).
+    pub fn kernel_time(&self) -> Nanos {
+        self.kernel_totals
+            .iter()
+            .fold(0, |sum: Nanos, k| sum.saturating_add(k.total))
+    }
+
+    /// Share of the endpoint's busy time ([`EndpointStats::kernel_time`]) spent in `k`, 0..=1.
     pub fn busy_share(&self, k: &KernelTotal) -> f64 {
-        if self.compute == 0 {
-            0.0
-        } else {
-            k.total as f64 / self.compute as f64
+        match self.kernel_time() {
+            0 => 0.0,
+            busy => k.total as f64 / busy as f64,
         }
     }
 }

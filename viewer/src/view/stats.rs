@@ -134,8 +134,9 @@ impl StatsView<'_> {
                 continue;
             }
             out.push(Line::raw(format!(
-                "{} (busy {})",
+                "{} (busy {} over its threads; {} wall time with a kernel running)",
                 self.name(e.endpoint),
+                format_duration(e.kernel_time()),
                 format_duration(e.compute)
             )));
             for k in &e.kernel_totals {

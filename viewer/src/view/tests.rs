@@ -460,7 +460,9 @@ fn stats_view_answers_where_time_went() {
     let lines = text(&screen(&mut a, 80, 24));
     let at = lines
         .iter()
-        .position(|l| l.starts_with("n0/s1 (busy 1.25ms)"))
+        .position(|l| {
+            l.starts_with("n0/s1 (busy 1.25ms over its threads; 1.25ms wall time with a kernel")
+        })
         .unwrap_or_else(|| panic!("{lines:?}"));
     assert_eq!(
         lines[at + 1].trim_end(),
