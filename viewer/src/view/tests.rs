@@ -66,7 +66,7 @@ fn whole_screen_of_the_fixture() {
         "                   ^ S   v4.0KiB    ^│   v4.0KiB     ^│   v     X    ^ │   v    ",
         " n1/s2                    ███▒            ▒███░            ▓███             ███▒",
         "                         ^S               │               ^│               ^│   ",
-        "links: bandwidth over time, achieved while busy                                 ",
+        "links: bytes over time; achieved = bytes / time in flight, in view              ",
         "s0>s1 204.8MB/s    █                █               ▆▃               █          ",
         "s1>s2 204.8MB/s          █               ▃▆               █                █    ",
         "lanes: density per column; off-cpu p preempted f futex i io s sleep y syscall b ",
@@ -250,7 +250,7 @@ fn detail_pane_shows_every_field_of_a_transfer() {
         "post 0.001000s",
         "complete 0.001020s",
         "latency 20.0us",
-        "bandwidth 204.8MB/s",
+        "achieved 204.8MB/s",
         "src arena 1",
         "dst arena 2",
         "src offset 64",
@@ -277,9 +277,10 @@ fn link_panel_draws_bandwidth_and_achieved_rate() {
         links: vec![LinkBins {
             src: 0,
             dst: 1,
+            // 1550 bytes in view of a 3100-byte total: half of one transfer lies outside.
             bytes: vec![0.0, 100.0, 200.0, 400.0, 800.0, 0.0, 0.0, 50.0],
             transfers: 2,
-            total_bytes: 1550,
+            total_bytes: 3100,
             busy: 5_000,
         }],
     };
@@ -290,7 +291,7 @@ fn link_panel_draws_bandwidth_and_achieved_rate() {
         endpoints: &eps,
     })
         .render(buf.area, &mut buf);
-    let expected = Buffer::with_lines(["links: bandwidth over ti", "s0>s1 310.0MB/s  ▁▂▄█  ▁"]);
+    let expected = Buffer::with_lines(["links: bytes over time; ", "s0>s1 310.0MB/s  ▁▂▄█  ▁"]);
     assert_eq!(plain(&buf), expected);
 }
 
@@ -719,4 +720,31 @@ fn tied_stages_say_no_single_bottleneck() {
         line(&stats),
         "bottleneck: n0/s0 (computes 60.0% of its time; the pipeline runs at its pace)"
     );
+}
+
+#[test]
+fn link_label_and_stats_use_one_bandwidth_definition() {
+    use crate::state::event::format_bandwidth;
+    use crate::state::stats::TraceStats;
+    let mut a = app(3, 5);
+    let lines = text(&screen(&mut a, 120, 30));
+    let stats = TraceStats::compute(a.timeline.source()).expect("stats");
+    let window = a.window.as_ref().expect("drawn");
+    assert!(window.detail && !window.links.is_empty());
+    for l in &window.links {
+        let s = stats
+            .links
+            .iter()
+            .find(|s| (s.src, s.dst) == (l.src, l.dst))
+            .expect("the stats know the link");
+        // The whole trace is in view: the lane's bytes and in-flight time are the trace's.
+        assert_eq!(l.bytes.iter().sum::<f64>().round() as u64, s.bytes);
+        assert_eq!(l.busy, s.busy);
+        let rate = format_bandwidth(s.bytes, s.busy);
+        let label = format!("s{}>s{} {rate}", l.src, l.dst);
+        assert!(
+            lines.iter().any(|line| line.starts_with(&label)),
+            "{label} in {lines:?}"
+        );
+    }
 }
