@@ -19,7 +19,9 @@ Keys (also `?` inside the viewer):
   enter  select the event at the centre           mouse: click selects, wheel zooms
   g  jump to a time (12.5ms, 300us, 2s)           : G  jump to step N on the cursor's endpoint
   /  filter: kind:NAME kernel:TEXT ep:TEXT words  esc  clear the selection, then the filter
-  t  statistics view      ?  help                 q ctrl-c  quit
+  t  statistics view (per-kernel table at the end; up/down scroll)
+  ?  help and legend                             q ctrl-c  quit
+  L  legend: what S ^ v │ ┊ ! X * y n and the off-CPU letters mean, kernel colours
 
 Examples:
   slug view run1

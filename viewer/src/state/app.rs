@@ -24,6 +24,8 @@ pub enum Mode {
     Prompt(PromptKind),
     /// The `?` overlay.
     Help,
+    /// The `L` legend overlay.
+    Legend,
     /// The whole-trace statistics view.
     Stats,
 }
@@ -104,6 +106,8 @@ pub struct App {
     pub message: Option<String>,
     /// Whole-trace statistics, computed when the stats view is first opened.
     pub stats: Option<TraceStats>,
+    /// Lines of the stats view scrolled past (up/down, page keys).
+    pub stats_scroll: u16,
     /// The divergence to highlight, when a report was given.
     pub divergence: Option<DivergenceMark>,
     /// The window for the current view, rebuilt when the view, width or filter change.
@@ -140,6 +144,7 @@ impl App {
             selection: None,
             message,
             stats: None,
+            stats_scroll: 0,
             divergence: None,
             window: None,
             hits: HitMap::default(),
@@ -283,11 +288,23 @@ impl App {
             return Ok(());
         }
         match self.mode {
-            Mode::Help => self.mode = Mode::Timeline,
+            Mode::Help | Mode::Legend => self.mode = Mode::Timeline,
             Mode::Stats => match key.code {
                 KeyCode::Char('q') => self.quit = true,
                 KeyCode::Esc | KeyCode::Char('t') | KeyCode::Tab => self.mode = Mode::Timeline,
                 KeyCode::Char('?') => self.mode = Mode::Help,
+                KeyCode::Char('L') => self.mode = Mode::Legend,
+                KeyCode::Down | KeyCode::Char('j') => {
+                    self.stats_scroll = self.stats_scroll.saturating_add(1);
+                }
+                KeyCode::Up | KeyCode::Char('k') => {
+                    self.stats_scroll = self.stats_scroll.saturating_sub(1);
+                }
+                KeyCode::PageDown | KeyCode::Char(' ') => {
+                    self.stats_scroll = self.stats_scroll.saturating_add(10);
+                }
+                KeyCode::PageUp => self.stats_scroll = self.stats_scroll.saturating_sub(10),
+                KeyCode::Home | KeyCode::Char('0') => self.stats_scroll = 0,
                 _ => {}
             },
             Mode::Prompt(kind) => match key.code {
@@ -341,6 +358,7 @@ impl App {
             KeyCode::Char('g') => self.open_prompt(PromptKind::JumpTime),
             KeyCode::Char(':' | 'G') => self.open_prompt(PromptKind::JumpStep),
             KeyCode::Char('?') => self.mode = Mode::Help,
+            KeyCode::Char('L') => self.mode = Mode::Legend,
             KeyCode::Char('t') => self.mode = Mode::Stats,
             _ => {}
         }

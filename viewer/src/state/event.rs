@@ -256,7 +256,8 @@ impl TraceEvent {
                 out.push(("complete", format_time(x.complete())));
                 let took = x.complete().saturating_sub(x.post());
                 out.push(("latency", format_duration(took)));
-                out.push(("bandwidth", format_bandwidth(x.bytes(), took)));
+                // The links' definition (bytes / time in flight) for this one transfer.
+                out.push(("achieved", format_bandwidth(x.bytes(), took)));
                 out.push(("src arena", x.record.src_arena.to_string()));
                 out.push(("dst arena", x.record.dst_arena.to_string()));
                 out.push(("src offset", x.record.src_offset.to_string()));

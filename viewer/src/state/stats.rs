@@ -26,8 +26,10 @@ pub struct EndpointStats {
     pub idle: Nanos,
     /// Kernel spans seen.
     pub kernels: u64,
-    /// Step boundaries seen.
+    /// Distinct steps it marked (a step's microbatches each log a boundary; they count once).
     pub steps: u64,
+    /// Time and calls per kernel name, most time first.
+    pub kernel_totals: Vec<KernelTotal>,
     /// What its threads waited on off the CPU (eBPF), most time first.
     pub waits: Vec<WaitTotal>,
     /// Its threads' syscalls by name (eBPF), most time first.
@@ -40,6 +42,35 @@ pub struct EndpointStats {
     pub tcp_retransmits: u64,
     /// Packets of its threads' sockets the kernel dropped (eBPF).
     pub tcp_drops: u64,
+}
+
+/// One kernel's spans on one endpoint.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KernelTotal {
+    /// Kernel name (`q_proj`, `gate`, `down`, ...).
+    pub name: String,
+    /// Spans of it.
+    pub calls: u64,
+    /// Their total length.
+    pub total: Nanos,
+}
+
+impl EndpointStats {
+    /// The endpoint's busy time: the sum of its kernel spans over all its threads (more than
+    /// `compute`, the wall time with any kernel running, when threads run kernels in parallel).
+    pub fn kernel_time(&self) -> Nanos {
+        self.kernel_totals
+            .iter()
+            .fold(0, |sum: Nanos, k| sum.saturating_add(k.total))
+    }
+
+    /// Share of the endpoint's busy time ([`EndpointStats::kernel_time`]) spent in `k`, 0..=1.
+    pub fn busy_share(&self, k: &KernelTotal) -> f64 {
+        match self.kernel_time() {
+            0 => 0.0,
+            busy => k.total as f64 / busy as f64,
+        }
+    }
 }
 
 /// Off-CPU time of one endpoint's threads for one reason.
@@ -92,10 +123,13 @@ pub struct LinkStats {
     pub latency_sum: Nanos,
 }
 
-/// Distribution of step times (start of step n to start of step n+1, earliest endpoint).
+/// Distribution of step times. A step is a distinct step number; its time runs from its earliest
+/// boundary on any endpoint to the earliest boundary of the next step, so the last step has none.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepTimes {
-    /// Step durations, sorted ascending.
+    /// Distinct steps in the trace.
+    pub steps: u64,
+    /// Step durations, sorted ascending (one per step but the last).
     pub sorted: Vec<Nanos>,
 }
 
@@ -125,6 +159,20 @@ impl StepTimes {
     }
 }
 
+/// Stages whose compute time is within this fraction of the busiest one's are tied with it.
+pub const TIE_TOLERANCE: f64 = 0.05;
+
+/// Which stage sets the pipeline's pace.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Bottleneck<'a> {
+    /// No kernel spans in the trace.
+    None,
+    /// One stage computes more than every other by over [`TIE_TOLERANCE`].
+    One(&'a EndpointStats),
+    /// The busiest stages, within [`TIE_TOLERANCE`] of each other, busiest first.
+    Tied(Vec<&'a EndpointStats>),
+}
+
 /// The stats view's model.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TraceStats {
@@ -139,12 +187,26 @@ pub struct TraceStats {
 }
 
 impl TraceStats {
-    /// The endpoint with the most compute time: the stage the pipeline waits on.
-    pub fn bottleneck(&self) -> Option<&EndpointStats> {
-        self.endpoints
+    /// The endpoint with the most compute time: the stage the pipeline waits on. When others
+    /// compute within [`TIE_TOLERANCE`] of it, no single stage sets the pace: `Tied` names them.
+    pub fn bottleneck(&self) -> Bottleneck<'_> {
+        let mut busy: Vec<&EndpointStats> =
+            self.endpoints.iter().filter(|e| e.compute > 0).collect();
+        busy.sort_by_key(|e| (std::cmp::Reverse(e.compute), e.endpoint));
+        let Some(top) = busy.first() else {
+            return Bottleneck::None;
+        };
+        let floor = top.compute as f64 * (1.0 - TIE_TOLERANCE);
+        let tied: Vec<&EndpointStats> = busy
             .iter()
-            .filter(|e| e.compute > 0)
-            .max_by_key(|e| (e.compute, std::cmp::Reverse(e.endpoint)))
+            .copied()
+            .filter(|e| e.compute as f64 >= floor)
+            .collect();
+        if tied.len() > 1 {
+            Bottleneck::Tied(tied)
+        } else {
+            Bottleneck::One(top)
+        }
     }
 
     /// Reads every frame of `source` once and computes the statistics.
@@ -164,6 +226,8 @@ impl TraceStats {
             };
             let mut waits_by: HashMap<String, (u64, Nanos)> = HashMap::new();
             let mut calls_by: HashMap<String, (u64, Nanos)> = HashMap::new();
+            let mut kernels_by: HashMap<u32, (u64, Nanos)> = HashMap::new();
+            let mut steps_seen: HashSet<u64> = HashSet::new();
             let frames = source.frames(ep);
             let first = frames.iter().map(|f| f.range.start_ns).min().unwrap_or(0);
             let last = frames.iter().map(|f| f.range.end_ns).max().unwrap_or(0);
@@ -187,9 +251,12 @@ impl TraceStats {
                         TraceEvent::KernelSpan(k) => {
                             st.kernels += 1;
                             compute.push(k.start_ns, k.end_ns);
+                            let t = kernels_by.entry(k.kernel).or_default();
+                            t.0 += 1;
+                            t.1 = t.1.saturating_add(k.end_ns.saturating_sub(k.start_ns));
                         }
                         TraceEvent::StepBoundary(s) => {
-                            st.steps += 1;
+                            st.steps += u64::from(steps_seen.insert(s.step));
                             let slot = step_starts.entry(s.step).or_insert(s.ns);
                             *slot = (*slot).min(s.ns);
                         }
@@ -260,6 +327,16 @@ impl TraceStats {
                 .collect();
             st.waits
                 .sort_by(|a, b| b.total.cmp(&a.total).then_with(|| a.on.cmp(&b.on)));
+            st.kernel_totals = kernels_by
+                .into_iter()
+                .map(|(id, (calls, total))| KernelTotal {
+                    name: source.names().get(id).to_string(),
+                    calls,
+                    total,
+                })
+                .collect();
+            st.kernel_totals
+                .sort_by(|a, b| b.total.cmp(&a.total).then_with(|| a.name.cmp(&b.name)));
             st.syscalls = calls_by
                 .into_iter()
                 .map(|(name, (calls, approx_total))| SyscallTotal {
@@ -296,7 +373,10 @@ impl TraceStats {
             .map(|w| w[1].saturating_sub(w[0]))
             .collect();
         durations.sort_unstable();
-        out.steps = StepTimes { sorted: durations };
+        out.steps = StepTimes {
+            steps: step_starts.len() as u64,
+            sorted: durations,
+        };
         Ok(out)
     }
 }
@@ -394,11 +474,79 @@ mod tests {
         assert_eq!(s1.kernels, 20);
         assert_eq!(s1.compute, 5 * 250_000);
         assert_eq!(s1.waiting, 2 * 5 * 20_000);
-        assert_eq!(stats.bottleneck().map(|b| b.endpoint), Some(1));
+        assert!(matches!(stats.bottleneck(), Bottleneck::One(b) if b.endpoint == 1));
+        assert_eq!(s1.steps, 5);
+        assert_eq!(stats.steps.steps, 5);
         assert_eq!(stats.links.len(), 2);
         assert_eq!(stats.links[0].transfers, 5);
         assert_eq!(stats.links[0].busy, 5 * 20_000);
         assert_eq!(stats.steps.sorted, vec![1_000_000; 4]);
+        // Per kernel: stage 1's gemm is 150us x 5 steps, 60% of its 250us busy time per step.
+        let gemm = &s1.kernel_totals[0];
+        assert_eq!(
+            (gemm.name.as_str(), gemm.calls, gemm.total),
+            ("gemm", 5, 750_000)
+        );
+        assert!((s1.busy_share(gemm) - 0.6).abs() < 1e-9);
+        assert_eq!(s1.kernel_totals.len(), 4);
+        let shares: f64 = s1.kernel_totals.iter().map(|k| s1.busy_share(k)).sum();
+        assert!(
+            (shares - 1.0).abs() < 1e-9,
+            "kernels do not overlap in the fixture"
+        );
+    }
+
+    #[test]
+    fn tied_stages_name_no_bottleneck() {
+        let ep = |endpoint, compute| EndpointStats {
+            endpoint,
+            compute,
+            ..EndpointStats::default()
+        };
+        let mut stats = TraceStats {
+            endpoints: vec![ep(0, 1_000), ep(1, 980), ep(2, 960), ep(3, 500)],
+            ..TraceStats::default()
+        };
+        match stats.bottleneck() {
+            Bottleneck::Tied(t) => {
+                assert_eq!(t.iter().map(|e| e.endpoint).collect::<Vec<_>>(), [0, 1, 2]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // 5% and a bit apart: one stage is the bottleneck.
+        stats.endpoints[1].compute = 949;
+        stats.endpoints[2].compute = 900;
+        assert!(matches!(stats.bottleneck(), Bottleneck::One(b) if b.endpoint == 0));
+        stats.endpoints.iter_mut().for_each(|e| e.compute = 0);
+        assert_eq!(stats.bottleneck(), Bottleneck::None);
+    }
+
+    #[test]
+    fn microbatch_boundaries_count_one_step() {
+        use crate::state::event::TraceEvent;
+        use slug_schema::StepBoundary;
+        // Two stages, 3 steps of 4 microbatches each: every microbatch logs a boundary.
+        let mut events = crate::state::fixture::pipeline_events(2, 3);
+        for (ep, evs) in events.iter_mut().enumerate() {
+            for step in 0..3u64 {
+                for seq in 1..4u32 {
+                    evs.push(TraceEvent::StepBoundary(StepBoundary {
+                        ns: step * 1_000_000 + ep as u64 * 1_000 + u64::from(seq) * 10,
+                        step,
+                        seq,
+                    }));
+                }
+            }
+        }
+        let src = crate::state::source::MemorySource::new(
+            crate::state::fixture::endpoints(2),
+            events,
+            16,
+        );
+        let stats = TraceStats::compute(&src).expect("computes");
+        assert_eq!(stats.endpoints[0].steps, 3, "12 boundaries, 3 steps");
+        assert_eq!(stats.steps.steps, 3);
+        assert_eq!(stats.steps.sorted, vec![1_000_000; 2]);
     }
 
     #[test]
@@ -412,6 +560,7 @@ mod tests {
     #[test]
     fn step_quantiles_and_histogram() {
         let s = StepTimes {
+            steps: 6,
             sorted: vec![10, 10, 10, 20, 100],
         };
         assert_eq!(s.quantile(0.5), Some(10));

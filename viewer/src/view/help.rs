@@ -1,11 +1,14 @@
-//! The `?` overlay: every key the viewer understands.
+//! The `?` overlay: every key the viewer understands, then the legend.
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::{Constraint, Flex, Layout, Rect};
+use ratatui::text::Line;
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Widget};
 
+use crate::view::legend;
+
 /// Key bindings, as shown in the overlay.
-pub const KEYS: [(&str, &str); 18] = [
+pub const KEYS: [(&str, &str); 19] = [
     ("w + =", "zoom in"),
     ("s - _", "zoom out"),
     ("a left", "pan back"),
@@ -21,19 +24,24 @@ pub const KEYS: [(&str, &str); 18] = [
     (": G", "jump to step N on the cursor's endpoint"),
     ("/", "filter: kind:K kernel:K ep:E words"),
     ("esc", "clear selection, then filter"),
-    ("t", "statistics view"),
-    ("?", "this help (any key closes)"),
+    ("t", "statistics view (up/down scroll it)"),
+    ("L", "legend: marks, lanes, kernel colours"),
+    ("?", "this help and the legend (any key closes)"),
     ("q ctrl-c", "quit"),
 ];
 
-/// The help overlay, centred over whatever is drawn.
+/// The help overlay, centred over whatever is drawn: the keys, then the legend.
 #[derive(Debug, Clone, Copy)]
-pub struct HelpView;
+pub struct HelpView<'a> {
+    /// Kernel names for the legend's colour groups.
+    pub kernels: &'a [String],
+}
 
-impl Widget for HelpView {
+impl Widget for HelpView<'_> {
     fn render(self, area: Rect, buf: &mut Buffer) {
-        let width = 56.min(area.width);
-        let height = (KEYS.len() as u16 + 2).min(area.height);
+        let legend = legend::lines(self.kernels);
+        let width = 78.min(area.width);
+        let height = ((KEYS.len() + 1 + legend.len()) as u16 + 2).min(area.height);
         let [row] = Layout::vertical([Constraint::Length(height)])
             .flex(Flex::Center)
             .areas(area);
@@ -41,11 +49,13 @@ impl Widget for HelpView {
             .flex(Flex::Center)
             .areas(row);
         Clear.render(popup, buf);
-        let text: Vec<String> = KEYS
+        let mut text: Vec<Line<'static>> = KEYS
             .iter()
-            .map(|(k, what)| format!("{k:>12}  {what}"))
+            .map(|(k, what)| Line::raw(format!("{k:>12}  {what}")))
             .collect();
-        Paragraph::new(text.join("\n"))
+        text.push(Line::raw(""));
+        text.extend(legend);
+        Paragraph::new(text)
             .block(Block::default().borders(Borders::ALL).title(" keys "))
             .render(popup, buf);
     }

@@ -1,5 +1,7 @@
 //! The link panel: one row per link with traffic in view, bandwidth over time as a sparkline and
-//! the bandwidth achieved while the link was busy.
+//! the bandwidth achieved while the link was busy: bytes moved over the time a transfer was in
+//! flight, both inside the view (the stats view applies the same definition to the whole trace,
+//! the detail pane to one transfer).
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::Rect;
@@ -36,7 +38,7 @@ impl Widget for &LinksView<'_> {
         } else if self.window.links.is_empty() {
             "links: no transfers in view"
         } else {
-            "links: bandwidth over time, achieved while busy"
+            "links: bytes over time; achieved = bytes / time in flight, in view"
         };
         buf.set_stringn(area.x, area.y, header, usize::from(area.width), style::DIM);
         let x0 = area.x + LABEL_WIDTH;
@@ -56,7 +58,9 @@ impl Widget for &LinksView<'_> {
                 "{}>{} {}",
                 stage_name(self.endpoints, link.src),
                 stage_name(self.endpoints, link.dst),
-                format_bandwidth(link.total_bytes, link.busy)
+                // Both terms clipped to the view: the bytes spread over the columns (a transfer
+                // half in view counts half its bytes) over the in-flight time inside the view.
+                format_bandwidth(link.bytes.iter().sum::<f64>().round() as u64, link.busy)
             );
             buf.set_stringn(area.x, y, label, usize::from(LABEL_WIDTH) - 1, Style::new());
             for (c, bytes) in link.bytes.iter().take(columns).enumerate() {

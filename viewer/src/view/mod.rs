@@ -4,6 +4,7 @@
 pub mod detail;
 pub mod help;
 pub mod lanes;
+pub mod legend;
 pub mod links;
 pub mod stats;
 pub mod style;
@@ -20,7 +21,7 @@ use ratatui::widgets::{Paragraph, Widget, Wrap};
 
 use crate::state::app::{App, Mode};
 use crate::state::event::{EventKind, format_duration, format_time};
-use crate::state::timeline::Window;
+use crate::state::timeline::{KernelCell, Window};
 
 /// Smallest terminal the viewer draws into; below it a message says so instead.
 pub const MIN_WIDTH: u16 = 60;
@@ -68,7 +69,12 @@ pub fn draw(frame: &mut Frame<'_>, app: &mut App) {
     if app.mode == Mode::Stats {
         match &app.stats {
             Some(stats) => {
-                stats::StatsView::new(stats, app.timeline.endpoints())
+                let view = stats::StatsView::new(stats, app.timeline.endpoints());
+                // Never scroll the last line above the bottom of the screen.
+                let max = (view.lines().len() as u16).saturating_sub(body.height);
+                app.stats_scroll = app.stats_scroll.min(max);
+                Paragraph::new(view.lines())
+                    .scroll((app.stats_scroll, 0))
                     .render(body, frame.buffer_mut());
             }
             None => {
@@ -101,9 +107,34 @@ pub fn draw(frame: &mut Frame<'_>, app: &mut App) {
         body_panels(app, &window, main, frame.buffer_mut());
         app.window = Some(window);
     }
-    if app.mode == Mode::Help {
-        help::HelpView.render(area, frame.buffer_mut());
+    let kernels = || kernels_in_view(app.window.as_ref());
+    match app.mode {
+        Mode::Help => help::HelpView {
+            kernels: &kernels(),
+        }
+        .render(area, frame.buffer_mut()),
+        Mode::Legend => (&legend::LegendView {
+            kernels: &kernels(),
+        })
+            .render(area, frame.buffer_mut()),
+        _ => {}
     }
+}
+
+/// Distinct kernel names drawn in the window, sorted (the legend's colour groups).
+fn kernels_in_view(window: Option<&Window>) -> Vec<String> {
+    let mut names: Vec<String> = window
+        .into_iter()
+        .flat_map(|w| &w.tracks)
+        .flat_map(|t| &t.kernels)
+        .filter_map(|c| match c {
+            KernelCell::Span { kernel, .. } => Some(kernel.to_string()),
+            _ => None,
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
 }
 
 fn body_panels(app: &mut App, window: &Window, area: Rect, buf: &mut Buffer) {
@@ -202,9 +233,11 @@ fn status_bar(app: &App, area: Rect, buf: &mut Buffer) {
             Some(m) => Line::styled(m.as_str(), style::MESSAGE),
             None => Line::styled(
                 match app.mode {
-                    Mode::Stats => "t/esc back to timeline  ? help  q quit",
+                    Mode::Stats => {
+                        "t/esc back to timeline  up/down pgup/pgdn scroll  ? help  q quit"
+                    }
                     _ => {
-                        "q quit  ? help  w/s zoom  a/d pan  up/down track  n/p event  / filter  g time  : step  t stats"
+                        "q quit  ? help  L legend  w/s zoom  a/d pan  up/down track  n/p event  / filter  g time  : step  t stats"
                     }
                 },
                 style::DIM,

@@ -1,5 +1,6 @@
 //! The stats view: per endpoint compute / waiting / idle shares, per-link achieved bandwidth, the
-//! step-time distribution and the bottleneck stage.
+//! step-time distribution, the bottleneck stage, and per stage each kernel's time, calls and
+//! share of the stage's busy time.
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::Rect;
@@ -8,7 +9,7 @@ use ratatui::widgets::{Paragraph, Widget};
 
 use crate::state::event::{format_bandwidth, format_bytes, format_duration};
 use crate::state::source::EndpointInfo;
-use crate::state::stats::TraceStats;
+use crate::state::stats::{Bottleneck, TIE_TOLERANCE, TraceStats};
 use crate::view::style;
 
 /// The stats view.
@@ -73,8 +74,12 @@ impl<'a> StatsView<'a> {
                 .map_or_else(|| "-".to_string(), format_duration)
         };
         out.push(Line::raw(format!(
-            "step time over {} steps: min {}  p50 {}  p90 {}  p99 {}  max {}",
+            "step time over {} steps, {} measured (start of a step to start of the next):",
+            s.steps.steps,
             s.steps.sorted.len(),
+        )));
+        out.push(Line::raw(format!(
+            "  min {}  p50 {}  p90 {}  p99 {}  max {}",
             q(0.0),
             q(0.5),
             q(0.9),
@@ -87,12 +92,20 @@ impl<'a> StatsView<'a> {
         out.push(Line::raw(format!("distribution  [{bars}]")));
         out.push(Line::raw(""));
         out.push(match s.bottleneck() {
-            Some(b) => Line::raw(format!(
+            Bottleneck::One(b) => Line::raw(format!(
                 "bottleneck: {} (computes {:.1}% of its time; the pipeline runs at its pace)",
                 self.name(b.endpoint),
                 100.0 * b.share(b.compute)
             )),
-            None => Line::raw("bottleneck: none (no kernel spans in the trace)"),
+            Bottleneck::Tied(tied) => Line::raw(format!(
+                "bottleneck: no single bottleneck (stages within {:.0}%: {})",
+                100.0 * TIE_TOLERANCE,
+                tied.iter()
+                    .map(|e| self.name(e.endpoint))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Bottleneck::None => Line::raw("bottleneck: none (no kernel spans in the trace)"),
         });
         if s.unreadable_frames > 0 {
             out.push(Line::styled(
@@ -103,11 +116,45 @@ impl<'a> StatsView<'a> {
                 style::MESSAGE,
             ));
         }
+        out.push(Line::raw(""));
+        out.extend(self.kernel_lines());
         out
     }
 }
 
 impl StatsView<'_> {
+    /// Per stage, each kernel's total time, calls and share of the stage's busy time.
+    fn kernel_lines(&self) -> Vec<Line<'static>> {
+        let mut out = vec![Line::styled(
+            "kernel              time     calls  share of the stage's busy time",
+            style::DIM,
+        )];
+        for e in &self.stats.endpoints {
+            if e.kernel_totals.is_empty() {
+                continue;
+            }
+            out.push(Line::raw(format!(
+                "{} (busy {} over its threads; {} wall time with a kernel running)",
+                self.name(e.endpoint),
+                format_duration(e.kernel_time()),
+                format_duration(e.compute)
+            )));
+            for k in &e.kernel_totals {
+                out.push(Line::raw(format!(
+                    "  {:<14} {:>8} {:>9} {:>6.1}%",
+                    k.name,
+                    format_duration(k.total),
+                    k.calls,
+                    100.0 * e.busy_share(k)
+                )));
+            }
+        }
+        if out.len() == 1 {
+            out.push(Line::raw("(no kernel spans)"));
+        }
+        out
+    }
+
     /// Where each endpoint waited and on what (eBPF off-CPU intervals), its busiest syscalls
     /// and its migrations.
     fn wait_lines(&self) -> Vec<Line<'static>> {

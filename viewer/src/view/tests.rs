@@ -16,7 +16,7 @@ use crate::state::app::{App, Mode, Selection};
 use crate::state::event::TraceEvent;
 use crate::state::fixture;
 use crate::state::timeline::{LinkBins, Timeline, Window};
-use crate::view::{detail, help, links};
+use crate::view::{detail, help, legend, links, style};
 
 fn app(stages: usize, steps: u64) -> App {
     App::new(
@@ -66,7 +66,7 @@ fn whole_screen_of_the_fixture() {
         "                   ^ S   v4.0KiB    ^│   v4.0KiB     ^│   v     X    ^ │   v    ",
         " n1/s2                    ███▒            ▒███░            ▓███             ███▒",
         "                         ^S               │               ^│               ^│   ",
-        "links: bandwidth over time, achieved while busy                                 ",
+        "links: bytes over time; achieved = bytes / time in flight, in view              ",
         "s0>s1 204.8MB/s    █                █               ▆▃               █          ",
         "s1>s2 204.8MB/s          █               ▃▆               █                █    ",
         "lanes: density per column; off-cpu p preempted f futex i io s sleep y syscall b ",
@@ -81,7 +81,7 @@ fn whole_screen_of_the_fixture() {
         "s2 t7                        f                f               ff               f",
         "                                                                                ",
         "                                                                                ",
-        "q quit  ? help  w/s zoom  a/d pan  up/down track  n/p event  / filter  g time  :",
+        "q quit  ? help  L legend  w/s zoom  a/d pan  up/down track  n/p event  / filter",
     ]);
     assert_eq!(screen(&mut a, 80, 24), expected);
 }
@@ -133,23 +133,91 @@ fn too_small_terminal_gets_a_message_not_a_garbled_screen() {
 
 #[test]
 fn help_overlay_lists_keys_and_any_key_closes_it() {
-    let mut buf = Buffer::empty(Rect::new(0, 0, 56, 20));
-    help::HelpView.render(buf.area, &mut buf);
+    let mut buf = Buffer::empty(Rect::new(0, 0, 78, 35));
+    let kernels = vec!["gemm".to_string()];
+    help::HelpView { kernels: &kernels }.render(buf.area, &mut buf);
     let lines = text(&plain(&buf));
-    assert_eq!(lines[0], format!("┌ keys {}┐", "─".repeat(48)));
-    assert_eq!(lines[1], format!("│{:<54}│", "       w + =  zoom in"));
+    assert_eq!(lines[0], format!("┌ keys {}┐", "─".repeat(70)));
+    assert_eq!(lines[1], format!("│{:<76}│", "       w + =  zoom in"));
     assert_eq!(
         lines[14],
         format!(
-            "│{:<54}│",
+            "│{:<76}│",
             "           /  filter: kind:K kernel:K ep:E words"
         )
     );
+    // The legend follows the keys.
+    assert!(lines.iter().any(|l| l.contains("S  snapshot")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("█  gemm")), "{lines:?}");
     let mut a = app(2, 2);
     press(&mut a, KeyCode::Char('?'));
     assert_eq!(a.mode, Mode::Help);
     press(&mut a, KeyCode::Char('x'));
     assert_eq!(a.mode, Mode::Timeline);
+}
+
+#[test]
+fn legend_explains_every_mark_and_groups_kernels_by_colour() {
+    let kernels: Vec<String> = [
+        "attn", "gemm", "rmsnorm", "softmax", "q_proj", "k_proj", "down",
+    ]
+    .iter()
+    .map(|k| k.to_string())
+    .collect();
+    let lines: Vec<String> = legend::lines(&kernels)
+        .iter()
+        .map(|l| l.spans.iter().map(|s| s.content.as_ref()).collect())
+        .collect();
+    for glyph in ["S", "^", "v", "│", "┊", "!", "X", "*", "y", "n"] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(&format!("{glyph}  "))),
+            "{glyph} missing from {lines:?}"
+        );
+    }
+    assert!(lines.iter().any(|l| l.contains("p preempted f futex")));
+    // One line per colour: every kernel appears once, and kernels on one line share a colour.
+    let colour_lines: Vec<&String> = lines.iter().filter(|l| l.starts_with("█  ")).collect();
+    let mut seen: Vec<&str> = Vec::new();
+    let mut colours = Vec::new();
+    for l in &colour_lines {
+        let names: Vec<&str> = l[("█  ".len())..].split(' ').collect();
+        let c = style::kernel_color(names[0]);
+        assert!(names.iter().all(|n| style::kernel_color(n) == c), "{l}");
+        assert!(!colours.contains(&c), "colour {c:?} on two lines");
+        colours.push(c);
+        seen.extend(names);
+    }
+    seen.sort_unstable();
+    let mut want: Vec<&str> = kernels.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(seen, want);
+    assert!(legend::lines(&[]).iter().any(|l| {
+        l.spans
+            .iter()
+            .any(|s| s.content.contains("no kernels in view"))
+    }));
+}
+
+#[test]
+fn l_toggles_the_legend_which_names_the_kernels_in_view() {
+    let mut a = app(3, 4);
+    press(&mut a, KeyCode::Char('L'));
+    assert_eq!(a.mode, Mode::Legend);
+    let lines = text(&plain(&screen(&mut a, 100, 40)));
+    assert!(
+        lines.iter().any(|l| l.contains("legend (any key closes)")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("step boundary")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("gemm")), "{lines:?}");
+    press(&mut a, KeyCode::Char('L'));
+    assert_eq!(a.mode, Mode::Timeline);
+    press(&mut a, KeyCode::Char('t'));
+    press(&mut a, KeyCode::Char('L'));
+    assert_eq!(a.mode, Mode::Legend);
 }
 
 fn transfer() -> TraceEvent {
@@ -182,7 +250,7 @@ fn detail_pane_shows_every_field_of_a_transfer() {
         "post 0.001000s",
         "complete 0.001020s",
         "latency 20.0us",
-        "bandwidth 204.8MB/s",
+        "achieved 204.8MB/s",
         "src arena 1",
         "dst arena 2",
         "src offset 64",
@@ -209,9 +277,10 @@ fn link_panel_draws_bandwidth_and_achieved_rate() {
         links: vec![LinkBins {
             src: 0,
             dst: 1,
+            // 1550 bytes in view of a 3100-byte total: half of one transfer lies outside.
             bytes: vec![0.0, 100.0, 200.0, 400.0, 800.0, 0.0, 0.0, 50.0],
             transfers: 2,
-            total_bytes: 1550,
+            total_bytes: 3100,
             busy: 5_000,
         }],
     };
@@ -222,7 +291,7 @@ fn link_panel_draws_bandwidth_and_achieved_rate() {
         endpoints: &eps,
     })
         .render(buf.area, &mut buf);
-    let expected = Buffer::with_lines(["links: bandwidth over ti", "s0>s1 310.0MB/s  ▁▂▄█  ▁"]);
+    let expected = Buffer::with_lines(["links: bytes over time; ", "s0>s1 310.0MB/s  ▁▂▄█  ▁"]);
     assert_eq!(plain(&buf), expected);
 }
 
@@ -365,7 +434,13 @@ fn stats_view_answers_where_time_went() {
     assert!(
         lines
             .iter()
-            .any(|l| l.starts_with("step time over 4 steps: min 1.00ms")),
+            .any(|l| l.starts_with("step time over 5 steps, 4 measured")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("  min 1.00ms  p50 1.00ms")),
         "{lines:?}"
     );
     assert!(
@@ -379,6 +454,29 @@ fn stats_view_answers_where_time_went() {
             .any(|l| l.starts_with("n0/s1          futex 150.0us (5x)")),
         "{lines:?}"
     );
+    // The per-kernel table follows, below the first screen: scroll to it.
+    for _ in 0..3 {
+        press(&mut a, KeyCode::PageDown);
+    }
+    let lines = text(&screen(&mut a, 80, 24));
+    let at = lines
+        .iter()
+        .position(|l| {
+            l.starts_with("n0/s1 (busy 1.25ms over its threads; 1.25ms wall time with a kernel")
+        })
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(
+        lines[at + 1].trim_end(),
+        "  gemm            750.0us         5   60.0%"
+    );
+    assert_eq!(
+        lines[lines.len() - 2].trim(),
+        "rmsnorm         100.0us         5   10.0%",
+        "scrolled no further than the last line"
+    );
+    press(&mut a, KeyCode::Home);
+    let lines = text(&screen(&mut a, 80, 24));
+    assert!(lines[1].starts_with("endpoint"), "{}", lines[1]);
     press(&mut a, KeyCode::Char('t'));
     assert_eq!(a.mode, Mode::Timeline);
 }
@@ -584,4 +682,69 @@ fn a_filter_that_matches_nothing_says_so() {
         "{:?}",
         a.message
     );
+}
+
+#[test]
+fn tied_stages_say_no_single_bottleneck() {
+    use crate::state::stats::{EndpointStats, TraceStats};
+    let ep = |endpoint, compute| EndpointStats {
+        endpoint,
+        active: 2_000,
+        compute,
+        ..EndpointStats::default()
+    };
+    let endpoints = fixture::endpoints(4);
+    let mut stats = TraceStats {
+        endpoints: vec![ep(0, 1_000), ep(1, 990), ep(2, 1_000), ep(3, 970)],
+        ..TraceStats::default()
+    };
+    let line = |stats: &TraceStats| -> String {
+        crate::view::stats::StatsView::new(stats, &endpoints)
+            .lines()
+            .iter()
+            .map(|l| {
+                l.spans
+                    .iter()
+                    .map(|s| s.content.as_ref())
+                    .collect::<String>()
+            })
+            .find(|l| l.starts_with("bottleneck:"))
+            .expect("a bottleneck line")
+    };
+    assert_eq!(
+        line(&stats),
+        "bottleneck: no single bottleneck (stages within 5%: n0/s0, n1/s2, n0/s1, n1/s3)"
+    );
+    stats.endpoints[0].compute = 1_200;
+    assert_eq!(
+        line(&stats),
+        "bottleneck: n0/s0 (computes 60.0% of its time; the pipeline runs at its pace)"
+    );
+}
+
+#[test]
+fn link_label_and_stats_use_one_bandwidth_definition() {
+    use crate::state::event::format_bandwidth;
+    use crate::state::stats::TraceStats;
+    let mut a = app(3, 5);
+    let lines = text(&screen(&mut a, 120, 30));
+    let stats = TraceStats::compute(a.timeline.source()).expect("stats");
+    let window = a.window.as_ref().expect("drawn");
+    assert!(window.detail && !window.links.is_empty());
+    for l in &window.links {
+        let s = stats
+            .links
+            .iter()
+            .find(|s| (s.src, s.dst) == (l.src, l.dst))
+            .expect("the stats know the link");
+        // The whole trace is in view: the lane's bytes and in-flight time are the trace's.
+        assert_eq!(l.bytes.iter().sum::<f64>().round() as u64, s.bytes);
+        assert_eq!(l.busy, s.busy);
+        let rate = format_bandwidth(s.bytes, s.busy);
+        let label = format!("s{}>s{} {rate}", l.src, l.dst);
+        assert!(
+            lines.iter().any(|line| line.starts_with(&label)),
+            "{label} in {lines:?}"
+        );
+    }
 }
