@@ -73,7 +73,7 @@ pub struct RecordArgs {
     perf_ring_pages: u32,
     /// Records each endpoint thread's flight ring holds (a power of two, 128 bytes each):
     /// more absorb longer bursts before events are dropped ("flight ring full").
-    #[arg(long, default_value_t = 65536, value_name = "RECORDS")]
+    #[arg(long, default_value_t = slug_recorder::flight::DEFAULT_RING_RECORDS, value_name = "RECORDS")]
     ring_records: usize,
     /// eBPF endpoint probes (need root or CAP_BPF + CAP_PERFMON): auto, none, or a list of
     /// off-cpu, syscalls, page-faults, migrations, tcp.
