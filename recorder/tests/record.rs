@@ -138,6 +138,34 @@ fn unusable_output_directories_are_refused_before_the_run() {
     record(&forced, &p).unwrap();
 }
 
+/// Whether `slug recover` of the trace at `out`, as it is this moment (its recorder frozen),
+/// would take some of endpoint `endpoint`'s events from its flight rings: found by recovering a
+/// copy, so the trace itself is left as the kill will leave it.
+fn rings_hold_unwritten(out: &std::path::Path, endpoint: u32) -> bool {
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let kind = entry.file_type().unwrap();
+            let target = to.join(entry.file_name());
+            if kind.is_dir() {
+                copy(&entry.path(), &target);
+            } else if kind.is_file() {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let copied = scratch.path().join("trace");
+    copy(out, &copied);
+    slug_recorder::recover(&copied).is_ok_and(|report| {
+        report
+            .endpoints
+            .iter()
+            .any(|r| r.endpoint == endpoint && r.from_rings > 0)
+    })
+}
+
 /// A recording process killed with SIGKILL mid-run: the logs read up to their last whole frame
 /// and `recover` adds what the flight rings still held, leaving clean logs.
 #[test]
@@ -173,16 +201,29 @@ fn a_recording_killed_mid_run_is_recovered_from_its_rings() {
         .unwrap();
     let log = out.join("endpoints/1.slog");
     let start = std::time::Instant::now();
-    // Wait until the writer has written frames of a good part of the run, then kill.
-    while std::fs::metadata(&log).map_or(0, |m| m.len()) < 8 * 1024 {
+    // Wait until the writer has written frames of a good part of the run and endpoint 1's rings
+    // hold events its log does not, then kill. The child is frozen (SIGSTOP) while a copy of the
+    // trace is recovered, so what is checked is exactly what the kill leaves: right after a
+    // frame is written the rings can hold nothing new, and a kill then tests nothing of them.
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    loop {
         assert!(
-            start.elapsed().as_secs() < 60,
-            "the child never wrote a frame"
+            start.elapsed().as_secs() < 120,
+            "the child never wrote a frame with events left in its rings"
         );
         assert!(
             child.try_wait().unwrap().is_none(),
             "the child finished too early"
         );
+        if std::fs::metadata(&log).map_or(0, |m| m.len()) >= 8 * 1024 {
+            // SAFETY: signalling our own child process, which has not been reaped.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+            if rings_hold_unwritten(&out, 1) {
+                break;
+            }
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     child.kill().unwrap();
