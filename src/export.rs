@@ -77,12 +77,24 @@ pub fn execute(args: ExportArgs) -> Result<ExitCode> {
             s.unreadable_frames
         );
     }
+    let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    let packets = if s.uncompressed_bytes > 0 {
+        format!(
+            "; {} of packets deflated",
+            slug_viewer::state::event::format_bytes(s.uncompressed_bytes)
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "wrote {}: {} tracks, {} kernel slices, {} flows, {} counter values, {} instants",
+        "wrote {} ({}{packets}): {} tracks, {} kernel slices, {} transfers (send and recv slices \
+         joined by a flow), {} system events, {} counter values, {} instants",
         out.display(),
+        slug_viewer::state::event::format_bytes(size),
         s.tracks,
         s.slices,
         s.flows,
+        s.system,
         s.counters,
         s.instants
     );
