@@ -71,8 +71,9 @@ pub fn export(
 }
 
 /// Writes `source` in `format` to the file `path`; Chrome JSON is gzip-compressed when the name
-/// ends in `.gz`, at level 1: on JSON this repetitive it is within a few percent of the default
-/// level's size at several times its speed.
+/// ends in `.gz`, at level 1: on the 10M-event synthetic trace's JSON its output is about a
+/// third larger than the default level 6's, at about four times the speed (what keeps a
+/// 10M-event `.json.gz` export well under 30 s).
 pub fn export_to_path(
     source: &dyn TraceSource,
     format: Format,

@@ -247,7 +247,9 @@ impl Sink<'_> {
         }
         let mut z = flate2::write::ZlibEncoder::new(
             Vec::with_capacity(self.batch.len() / 4),
-            flate2::Compression::new(5),
+            // Level 1: on the 10M-event synthetic trace's packets, deflate level 5 is ~20%
+            // smaller at well under half the speed.
+            flate2::Compression::fast(),
         );
         z.write_all(&self.batch).map_err(Self::io)?;
         let deflated = z.finish().map_err(Self::io)?;
