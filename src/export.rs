@@ -30,7 +30,10 @@ Examples:
 
 fn examples() -> String {
     format!(
-        "{EXAMPLES}\n\nEach event's category is its kind's name: {}.",
+        "{EXAMPLES}\n\nBoth formats hold kernel slices (with step, seq and layer), transfers as a send \
+         and a recv slice joined by a flow, and perf and eBPF system events on one track per OS \
+         thread. The Perfetto file's timestamps are CLOCK_MONOTONIC; its packets are interned \
+         and deflated as Perfetto's own traces are. Each event's category is its kind's name: {}.",
         crate::info::kind_names()
     )
 }

@@ -9,6 +9,7 @@ checks what Perfetto's trace processor relies on:
   (name, categories, annotation names) was defined on that sequence, its track (explicit or the
   sequence default) has a descriptor, and its timestamp clock is MONOTONIC or a clock a
   snapshot on that sequence defined;
+- no thread id names two threads (Perfetto would merge their tracks);
 - slices balance on every track: in time order (ties in file order) every end closes a begun
   slice, and none is left open;
 - every flow has one start and one end.
@@ -93,6 +94,7 @@ def main():
     expand(top, "")
 
     tracks = {}
+    thread_names = {}
     seqs = defaultdict(
         lambda: {
             "cleared": False,
@@ -157,6 +159,14 @@ def main():
                 errors.append(f"{where}: track {t.uuid} described twice")
             tracks[t.uuid] = t
             counts["tracks"] += 1
+            if t.HasField("thread"):
+                th = t.thread
+                other = thread_names.setdefault(th.tid, (th.pid, th.thread_name))
+                if other != (th.pid, th.thread_name):
+                    errors.append(
+                        f"{where}: tid {th.tid} names two threads: {other} and "
+                        f"{(th.pid, th.thread_name)} (Perfetto would merge them)"
+                    )
         if not p.HasField("track_event"):
             continue
         ev = p.track_event
