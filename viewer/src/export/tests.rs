@@ -249,3 +249,22 @@ fn exports_skip_an_undecodable_frame_and_count_it() {
         assert!(summary.slices > 0 && summary.slices < 32, "{summary:?}");
     }
 }
+
+#[test]
+fn gz_export_compresses_on_a_thread_and_reports_a_full_disk() {
+    let src = fixture::pipeline(2, 3, 16);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.json.gz");
+    let summary = super::export_to_path(&src, Format::Chrome, &path).expect("exports");
+    let events = super::chrome::read_events(&path).expect("gzip JSON");
+    let kernels = events.iter().filter(|e| e["cat"] == "kernel_span").count();
+    assert_eq!(kernels as u64, summary.slices);
+    // A write that fails on the compressing thread is the export's error, naming the file.
+    if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
+        let err = super::gzip_on_a_thread(full, std::path::Path::new("/dev/full"), |out| {
+            export(&src, Format::Chrome, out)
+        })
+        .expect_err("no space left on /dev/full");
+        assert!(err.to_string().contains("/dev/full"), "{err}");
+    }
+}
