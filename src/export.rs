@@ -30,7 +30,10 @@ Examples:
 
 fn examples() -> String {
     format!(
-        "{EXAMPLES}\n\nEach event's category is its kind's name: {}.",
+        "{EXAMPLES}\n\nBoth formats hold kernel slices (with step, seq and layer), transfers as a send \
+         and a recv slice joined by a flow, and perf and eBPF system events on one track per OS \
+         thread. The Perfetto file's timestamps are CLOCK_MONOTONIC; its packets are interned \
+         and deflated as Perfetto's own traces are. Each event's category is its kind's name: {}.",
         crate::info::kind_names()
     )
 }
@@ -77,12 +80,24 @@ pub fn execute(args: ExportArgs) -> Result<ExitCode> {
             s.unreadable_frames
         );
     }
+    let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    let packets = if s.uncompressed_bytes > 0 {
+        format!(
+            "; {} of packets deflated",
+            slug_viewer::state::event::format_bytes(s.uncompressed_bytes)
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "wrote {}: {} tracks, {} kernel slices, {} flows, {} counter values, {} instants",
+        "wrote {} ({}{packets}): {} tracks, {} kernel slices, {} transfers (send and recv slices \
+         joined by a flow), {} system events, {} counter values, {} instants",
         out.display(),
+        slug_viewer::state::event::format_bytes(size),
         s.tracks,
         s.slices,
         s.flows,
+        s.system,
         s.counters,
         s.instants
     );

@@ -113,21 +113,24 @@ fn perfetto_export_has_a_track_per_endpoint_kernel_slices_and_paired_flows() {
         endpoint_tracks,
         kernels.keys().cloned().collect::<BTreeSet<_>>()
     );
-    // Kernel slices sit on each endpoint's kernels track; the other slices are off-CPU
-    // intervals on eBPF thread tracks.
+    assert!(c.well_formed && c.balanced);
+    // Kernel slices sit on each endpoint's kernels tracks (one per overlapping worker thread),
+    // transfers on its transfers tracks, off-CPU intervals on OS thread tracks.
     let mut slices_per_endpoint: HashMap<String, u64> = HashMap::new();
-    let mut off_cpu_slices = 0;
+    let (mut off_cpu_slices, mut transfer_slices) = (0, 0);
     for (uuid, n) in &c.slices {
         let name = track_name(*uuid);
-        match name.strip_suffix(" kernels") {
-            Some(ep) => *slices_per_endpoint.entry(ep.to_string()).or_default() += n,
+        match name.split_once(" kernels") {
+            Some((ep, _)) => *slices_per_endpoint.entry(ep.to_string()).or_default() += n,
+            None if name.starts_with("transfers") => transfer_slices += n,
             None => {
-                assert!(name.ends_with("(eBPF)"), "a slice on track {name}");
+                assert!(name.contains(" thread "), "a slice on track {name}");
                 off_cpu_slices += n;
             }
         }
     }
     assert_eq!(slices_per_endpoint, kernels);
+    assert_eq!(transfer_slices, 2 * transfers.len() as u64);
     assert!(
         off_cpu_slices > 0,
         "the synthetic trace's off-CPU intervals are exported"
@@ -317,7 +320,7 @@ fn exports_of_a_recorded_run_never_carry_the_no_layer_sentinel() {
         kernels.iter().any(|k| k["args"].get("layer").is_none()),
         "the embedding and head kernels have no layer"
     );
-    let bytes = std::fs::read(&pftrace).unwrap();
+    let bytes = slug_viewer::export::perfetto::inflate(&std::fs::read(&pftrace).unwrap()).unwrap();
     let sentinel = u64::from(u32::MAX);
     // Perfetto's debug annotations are varints: u32::MAX encodes as ff ff ff ff 0f.
     let mut varint = Vec::new();

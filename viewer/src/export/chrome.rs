@@ -1,146 +1,413 @@
-//! Chrome JSON trace export (`{"traceEvents": [...]}`): one process per endpoint, a kernels
-//! thread per endpoint (kernel slices as complete events), a transfers thread carrying flow
-//! start/end events, counters for the perf lanes, instants for steps, snapshots, losses, markers,
-//! and per OS thread with eBPF events a thread (tid `OS_TID_BASE + tid`) holding its off-CPU
-//! intervals and slow syscalls as slices and its migrations as instants.
-//! Times are microseconds, as the format requires.
+//! Chrome JSON trace export (`{"traceEvents": [...]}`): one process per endpoint; kernel slices
+//! as complete (`X`) events on a `kernels` thread per endpoint (tid 1, then 2, 3, ... when spans
+//! overlap, named `kernels 2`, ...), each with `step`, `seq` and (inside a layer) `layer`;
+//! transfers as a `send` slice from post to the sender's completion on the sender's `transfers`
+//! thread and a `recv` slice from post to arrival on the receiver's, joined by a flow (`s` / `f`
+//! bound to the enclosing slice); counters for the perf lanes and recorded counters; instants for
+//! steps, snapshots, losses and markers; and per OS thread with perf software records or eBPF
+//! events a thread (tid `OS_TID_BASE + tid`) holding its off-CPU intervals and slow syscalls as
+//! slices and the rest as instants.
+//!
+//! Times are microseconds with nanosecond decimals, as the format requires. The JSON is written
+//! by hand into a reused buffer (no value tree per event), which is what makes a 10M-event
+//! export fast.
 
+use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::error::{Result, ViewerError};
 use crate::export::ExportSummary;
-use crate::export::walk::{Item, ebpf_track_shape, walk};
-use crate::state::event::{
-    EndpointIx, EventKind, Names, Nanos, TraceEvent, Transfer, format_bytes,
-};
+use crate::export::walk::{Item, Lanes, ebpf_track_shape, software_categories, walk};
+use crate::state::event::{EndpointIx, EventKind, Names, Nanos, TraceEvent, Transfer};
 use crate::state::source::TraceSource;
 use crate::state::system;
 
-/// Thread id of the transfers pseudo-thread of each endpoint.
+/// Thread id of the first transfers pseudo-thread of each endpoint.
 pub const TRANSFERS_TID: u64 = 0;
-/// Thread id of the kernels pseudo-thread of each endpoint.
+/// Thread id of the first kernels pseudo-thread of each endpoint (lane n is `KERNELS_TID + n`).
 pub const KERNELS_TID: u64 = 1;
-/// Added to an OS thread id to make the Chrome tid of its eBPF thread-state track.
+/// Thread id of the second transfers pseudo-thread (lane n > 0 is `TRANSFER_LANES_TID + n`).
+pub const TRANSFER_LANES_TID: u64 = 100;
+/// Added to an OS thread id to make the Chrome tid of its thread track (lane n adds `n` times
+/// more).
 pub const OS_TID_BASE: u64 = 1 << 32;
-
-fn us(t: Nanos) -> f64 {
-    t as f64 / 1_000.0
-}
+/// Buffered JSON written to the output at once.
+const FLUSH_BYTES: usize = 256 << 10;
 
 fn pid(ep: EndpointIx) -> u64 {
     ep as u64 + 1
 }
 
+/// Appends `v` in decimal.
+fn push_u64(buf: &mut Vec<u8>, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+/// Appends nanoseconds as microseconds: `1234.567`.
+fn push_us(buf: &mut Vec<u8>, ns: Nanos) {
+    push_u64(buf, ns / 1_000);
+    let frac = ns % 1_000;
+    if frac != 0 {
+        buf.push(b'.');
+        buf.extend_from_slice(&[
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ]);
+    }
+}
+
+/// Appends `s` as a JSON string (quotes, backslashes and control characters escaped).
+fn push_str(buf: &mut Vec<u8>, s: &str) {
+    buf.push(b'"');
+    let mut from = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        buf.extend_from_slice(&s.as_bytes()[from..i]);
+        if esc.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            buf.extend_from_slice(b"\\u00");
+            buf.push(HEX[usize::from(b >> 4)]);
+            buf.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            buf.extend_from_slice(esc);
+        }
+        from = i + 1;
+    }
+    buf.extend_from_slice(&s.as_bytes()[from..]);
+    buf.push(b'"');
+}
+
+/// An argument value.
+enum Arg<'a> {
+    Uint(u64),
+    Str(&'a str),
+}
+
 struct Writer<'a> {
     out: &'a mut dyn Write,
+    buf: Vec<u8>,
     names: &'a Names,
     first: bool,
     summary: ExportSummary,
-    named_threads: std::collections::HashSet<(EndpointIx, u64)>,
+    named_threads: HashSet<(EndpointIx, u64)>,
+    kernel_lanes: Vec<Lanes>,
+    transfer_lanes: Vec<Lanes>,
+    thread_lanes: std::collections::HashMap<(EndpointIx, u32), Lanes>,
 }
 
 impl Writer<'_> {
-    fn emit(&mut self, v: &Value) -> Result<()> {
-        let io = |e| ViewerError::io("the Chrome JSON output", e);
+    /// Starts an event: the separator and `{"ph":PH,"pid":P`.
+    fn open(&mut self, ph: &str, ep: EndpointIx) {
         if !std::mem::take(&mut self.first) {
-            self.out.write_all(b",\n").map_err(io)?;
+            self.buf.extend_from_slice(b",\n");
         }
-        serde_json::to_writer(&mut *self.out, v).map_err(|e| io(std::io::Error::other(e)))
+        self.buf.extend_from_slice(b"{\"ph\":\"");
+        self.buf.extend_from_slice(ph.as_bytes());
+        self.buf.extend_from_slice(b"\",\"pid\":");
+        push_u64(&mut self.buf, pid(ep));
     }
 
-    fn thread(&mut self, ep: EndpointIx, tid: u64, name: String) -> Result<()> {
-        if self.named_threads.insert((ep, tid)) {
-            self.summary.tracks += 1;
-            self.emit(&json!({"ph": "M", "name": "thread_name", "pid": pid(ep), "tid": tid, "args": {"name": name}}))?;
+    fn key(&mut self, k: &str) {
+        self.buf.extend_from_slice(b",\"");
+        self.buf.extend_from_slice(k.as_bytes());
+        self.buf.extend_from_slice(b"\":");
+    }
+
+    fn str_field(&mut self, k: &str, v: &str) {
+        self.key(k);
+        push_str(&mut self.buf, v);
+    }
+
+    fn u64_field(&mut self, k: &str, v: u64) {
+        self.key(k);
+        push_u64(&mut self.buf, v);
+    }
+
+    fn us_field(&mut self, k: &str, ns: Nanos) {
+        self.key(k);
+        push_us(&mut self.buf, ns);
+    }
+
+    /// `,"args":{...}}`: closes the event.
+    fn args_and_close(&mut self, args: &[(&str, Arg<'_>)]) -> Result<()> {
+        if !args.is_empty() {
+            self.key("args");
+            self.buf.push(b'{');
+            for (i, (k, v)) in args.iter().enumerate() {
+                if i > 0 {
+                    self.buf.push(b',');
+                }
+                push_str(&mut self.buf, k);
+                self.buf.push(b':');
+                match v {
+                    Arg::Uint(n) => push_u64(&mut self.buf, *n),
+                    Arg::Str(s) => push_str(&mut self.buf, s),
+                }
+            }
+            self.buf.push(b'}');
+        }
+        self.buf.push(b'}');
+        if self.buf.len() >= FLUSH_BYTES {
+            self.flush()?;
         }
         Ok(())
     }
 
-    fn flow(&mut self, x: &Transfer, start: bool) -> Result<()> {
-        let (ep, t, ph, verb) = if start {
-            (x.src, x.post(), "s", "send")
-        } else {
-            (x.dst, x.complete().max(x.post()), "f", "recv")
+    fn flush(&mut self) -> Result<()> {
+        self.out
+            .write_all(&self.buf)
+            .map_err(|e| ViewerError::io("the Chrome JSON output", e))?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn thread(&mut self, ep: EndpointIx, tid: u64, name: impl FnOnce() -> String) -> Result<()> {
+        if self.named_threads.insert((ep, tid)) {
+            self.summary.tracks += 1;
+            let name = name();
+            self.open("M", ep);
+            self.u64_field("tid", tid);
+            self.str_field("name", "thread_name");
+            self.args_and_close(&[("name", Arg::Str(&name))])?;
+        }
+        Ok(())
+    }
+
+    /// A complete (`X`) event.
+    fn slice(
+        &mut self,
+        ep: EndpointIx,
+        tid: u64,
+        name: &str,
+        cats: &str,
+        (start, end): (Nanos, Nanos),
+        args: &[(&str, Arg<'_>)],
+    ) -> Result<()> {
+        self.open("X", ep);
+        self.u64_field("tid", tid);
+        self.str_field("name", name);
+        self.str_field("cat", cats);
+        self.us_field("ts", start);
+        self.us_field("dur", end.saturating_sub(start));
+        self.args_and_close(args)
+    }
+
+    /// One end of a transfer: its slice and its flow event, bound to the slice.
+    fn transfer(&mut self, x: &Transfer, send: bool) -> Result<()> {
+        let ep = if send { x.src } else { x.dst };
+        let (start, end) = (x.post(), x.complete().max(x.post()));
+        let Some(lanes) = self.transfer_lanes.get_mut(ep) else {
+            return Ok(());
         };
-        self.thread(ep, TRANSFERS_TID, "transfers".to_string())?;
-        let name = format!("{verb} #{} {}", x.id(), format_bytes(x.bytes()));
-        // The flow binds to the instant slice on the same thread at the same time.
-        self.emit(&json!({"ph": "X", "name": name, "cat": EventKind::Transfer.name(), "pid": pid(ep), "tid": TRANSFERS_TID,
-            "ts": us(t), "dur": 0, "args": {"id": x.id(), "bytes": x.bytes()}}))?;
-        let mut flow = json!({"ph": ph, "name": "transfer", "cat": EventKind::Transfer.name(), "id": x.id(), "pid": pid(ep),
-            "tid": TRANSFERS_TID, "ts": us(t)});
-        if !start {
-            flow["bp"] = json!("e");
+        let lane = lanes.place(start, end) as u64;
+        let tid = if lane == 0 {
+            TRANSFERS_TID
         } else {
+            TRANSFER_LANES_TID + lane
+        };
+        self.thread(ep, tid, || {
+            if lane == 0 {
+                "transfers".to_string()
+            } else {
+                format!("transfers {}", lane + 1)
+            }
+        })?;
+        if send {
             self.summary.flows += 1;
         }
-        self.emit(&flow)
+        let key = slug_schema::TransferKey::unpack(x.id()).to_string();
+        let cat = EventKind::Transfer.name();
+        self.slice(
+            ep,
+            tid,
+            if send { "send" } else { "recv" },
+            cat,
+            (start, end),
+            &[
+                ("transfer", Arg::Str(&key)),
+                ("id", Arg::Uint(x.id())),
+                ("bytes", Arg::Uint(x.bytes())),
+            ],
+        )?;
+        self.open(if send { "s" } else { "f" }, ep);
+        self.u64_field("tid", tid);
+        self.str_field("name", "transfer");
+        self.str_field("cat", cat);
+        self.u64_field("id", x.id());
+        self.us_field("ts", start);
+        if !send {
+            // Bound to the enclosing slice (the recv slice starting here), not the next one.
+            self.str_field("bp", "e");
+        }
+        self.args_and_close(&[])
+    }
+
+    /// A perf software record or eBPF event on its OS thread's track.
+    fn system(
+        &mut self,
+        ep: EndpointIx,
+        tid: u32,
+        (start, end, instant): (Nanos, Nanos, bool),
+        cats: &str,
+        name: &str,
+        fields: &[(&'static str, String)],
+    ) -> Result<()> {
+        let lane = if instant {
+            0
+        } else {
+            self.thread_lanes
+                .entry((ep, tid))
+                .or_default()
+                .place(start, end) as u64
+        };
+        let chrome_tid = OS_TID_BASE * (1 + lane) + u64::from(tid);
+        self.thread(ep, chrome_tid, || {
+            if lane == 0 {
+                format!("thread {tid}")
+            } else {
+                format!("thread {tid} ({})", lane + 1)
+            }
+        })?;
+        self.summary.system += 1;
+        let args: Vec<(&str, Arg<'_>)> = fields.iter().map(|(k, v)| (*k, Arg::Str(v))).collect();
+        if instant {
+            self.open("i", ep);
+            self.u64_field("tid", chrome_tid);
+            self.str_field("s", "t");
+            self.str_field("name", name);
+            self.str_field("cat", cats);
+            self.us_field("ts", start);
+            self.args_and_close(&args)
+        } else {
+            self.slice(ep, chrome_tid, name, cats, (start, end), &args)
+        }
+    }
+
+    fn counter(&mut self, ep: EndpointIx, name: &str, ts: Nanos, value: f64) -> Result<()> {
+        self.summary.counters += 1;
+        self.open("C", ep);
+        self.str_field("name", name);
+        self.us_field("ts", ts);
+        self.key("args");
+        self.buf.extend_from_slice(b"{\"value\":");
+        // serde_json writes a finite number as JSON does, and null for NaN and infinities.
+        serde_json::to_writer(&mut self.buf, &value)
+            .map_err(|e| ViewerError::io("the Chrome JSON output", std::io::Error::other(e)))?;
+        self.buf.push(b'}');
+        self.args_and_close(&[])
     }
 
     fn item(&mut self, item: Item<'_>) -> Result<()> {
         match item {
-            Item::FlowStart(x) => self.flow(x, true),
-            Item::FlowEnd(x) => self.flow(x, false),
-            Item::Lane(ep, name, t, v) => {
-                self.summary.counters += 1;
-                self.emit(&json!({"ph": "C", "name": name, "pid": pid(ep), "ts": us(t), "args": {"value": v}}))
-            }
+            Item::Send(x) => self.transfer(x, true),
+            Item::Recv(x) => self.transfer(x, false),
+            Item::Lane(ep, name, t, v) => self.counter(ep, name, t, v),
             Item::Event(ep, e) => match e {
                 TraceEvent::KernelSpan(k) => {
-                    self.thread(ep, KERNELS_TID, "kernels".to_string())?;
-                    self.summary.slices += 1;
-                    let mut args = json!({"step": k.step, "seq": k.seq});
-                    // A kernel outside every layer (embedding, head, argmax) has no `layer`.
-                    if let Some(layer) = k.layer {
-                        args["layer"] = json!(layer);
-                    }
-                    self.emit(&json!({"ph": "X", "name": self.names.get(k.kernel), "cat": EventKind::KernelSpan.name(),
-                        "pid": pid(ep), "tid": KERNELS_TID, "ts": us(k.start_ns), "dur": us(k.end_ns.saturating_sub(k.start_ns)),
-                        "args": args}))
-                }
-                TraceEvent::Counter(c) => {
-                    self.summary.counters += 1;
-                    self.emit(&json!({"ph": "C", "name": self.names.get(c.name), "pid": pid(ep), "ts": us(c.ns), "args": {"value": c.value}}))
-                }
-                TraceEvent::Ebpf(s) => {
-                    let tid = OS_TID_BASE + u64::from(s.tid);
-                    let Some((cat, instant)) = ebpf_track_shape(s.kind) else {
+                    let end = k.end_ns.max(k.start_ns);
+                    let Some(lanes) = self.kernel_lanes.get_mut(ep) else {
                         return Ok(());
                     };
-                    self.thread(ep, tid, format!("thread {} (eBPF)", s.tid))?;
-                    let mut args = serde_json::Map::new();
+                    let lane = lanes.place(k.start_ns, end) as u64;
+                    self.thread(ep, KERNELS_TID + lane, || {
+                        if lane == 0 {
+                            "kernels".to_string()
+                        } else {
+                            format!("kernels {}", lane + 1)
+                        }
+                    })?;
+                    self.summary.slices += 1;
+                    let mut args = [
+                        ("step", Arg::Uint(k.step)),
+                        ("seq", Arg::Uint(u64::from(k.seq))),
+                        ("layer", Arg::Uint(0)),
+                    ];
+                    // A kernel outside every layer (embedding, head, argmax) has no `layer`.
+                    let n = match k.layer {
+                        Some(layer) => {
+                            args[2].1 = Arg::Uint(u64::from(layer));
+                            3
+                        }
+                        None => 2,
+                    };
+                    let names = self.names;
+                    self.slice(
+                        ep,
+                        KERNELS_TID + lane,
+                        names.get(k.kernel),
+                        EventKind::KernelSpan.name(),
+                        (k.start_ns, end),
+                        &args[..n],
+                    )
+                }
+                TraceEvent::Counter(c) => {
+                    let names = self.names;
+                    self.counter(ep, names.get(c.name), c.ns, c.value as f64)
+                }
+                TraceEvent::Ebpf(s) => {
+                    let (cats, instant) = ebpf_track_shape(s.kind);
                     let mut fields = Vec::new();
                     system::describe_ebpf(s, &mut fields);
-                    for (k, v) in fields {
-                        args.insert(k.to_string(), Value::String(v));
-                    }
-                    let name = system::ebpf_label(s);
-                    if instant {
-                        self.summary.instants += 1;
-                        self.emit(&json!({"ph": "i", "s": "t", "name": name, "cat": cat,
-                            "pid": pid(ep), "tid": tid, "ts": us(s.ns), "args": args}))
-                    } else {
-                        self.summary.slices += 1;
-                        self.emit(&json!({"ph": "X", "name": name, "cat": cat, "pid": pid(ep),
-                            "tid": tid, "ts": us(s.ns), "dur": us(s.end_ns().saturating_sub(s.ns)), "args": args}))
-                    }
+                    let label = system::ebpf_label(s);
+                    self.system(
+                        ep,
+                        s.tid,
+                        (s.ns, s.end_ns(), instant),
+                        cats,
+                        &label,
+                        &fields,
+                    )
                 }
-                TraceEvent::PerfSample(_)
-                | TraceEvent::PtChunk(_)
-                | TraceEvent::PerfSoftware(_)
-                | TraceEvent::Transfer(_) => Ok(()),
+                TraceEvent::PerfSoftware(s) => {
+                    let mut fields = Vec::new();
+                    system::describe_software(s, &mut fields);
+                    self.system(
+                        ep,
+                        s.tid,
+                        (s.ns, s.ns, true),
+                        software_categories(s.kind),
+                        s.kind.name(),
+                        &fields,
+                    )
+                }
+                TraceEvent::PerfSample(_) | TraceEvent::PtChunk(_) | TraceEvent::Transfer(_) => {
+                    Ok(())
+                }
                 TraceEvent::StepBoundary(_)
                 | TraceEvent::Snapshot(_)
                 | TraceEvent::LostEvents(_)
                 | TraceEvent::Marker(_) => {
                     self.summary.instants += 1;
-                    self.emit(
-                        &json!({"ph": "i", "s": "p", "name": e.label(self.names), "cat": e.kind().name(),
-                        "pid": pid(ep), "tid": TRANSFERS_TID, "ts": us(e.start())}),
-                    )
+                    let label = e.label(self.names);
+                    self.open("i", ep);
+                    self.u64_field("tid", TRANSFERS_TID);
+                    self.str_field("s", "p");
+                    self.str_field("name", &label);
+                    self.str_field("cat", e.kind().name());
+                    self.us_field("ts", e.start());
+                    self.args_and_close(&[])
                 }
             },
         }
@@ -149,26 +416,32 @@ impl Writer<'_> {
 
 /// Writes `source` as Chrome JSON.
 pub fn write(source: &dyn TraceSource, out: &mut dyn Write) -> Result<ExportSummary> {
-    let io = |e| ViewerError::io("the Chrome JSON output", e);
-    out.write_all(b"{\"displayTimeUnit\":\"ns\",\"traceEvents\":[\n")
-        .map_err(io)?;
+    let endpoints = source.endpoints().len();
     let mut w = Writer {
         out,
+        buf: Vec::with_capacity(FLUSH_BYTES + 4096),
         names: source.names(),
         first: true,
         summary: ExportSummary::default(),
-        named_threads: std::collections::HashSet::new(),
+        named_threads: HashSet::new(),
+        kernel_lanes: (0..endpoints).map(|_| Lanes::default()).collect(),
+        transfer_lanes: (0..endpoints).map(|_| Lanes::default()).collect(),
+        thread_lanes: std::collections::HashMap::new(),
     };
+    w.buf
+        .extend_from_slice(b"{\"displayTimeUnit\":\"ns\",\"traceEvents\":[\n");
     for (ep, info) in source.endpoints().iter().enumerate() {
-        w.emit(&json!({"ph": "M", "name": "process_name", "pid": pid(ep), "args": {"name": info.name}}))?;
+        w.open("M", ep);
+        w.str_field("name", "process_name");
+        w.args_and_close(&[("name", Arg::Str(&info.name))])?;
     }
     let unreadable = walk(source, |item| w.item(item))?;
-    let summary = ExportSummary {
+    w.buf.extend_from_slice(b"\n]}\n");
+    w.flush()?;
+    Ok(ExportSummary {
         unreadable_frames: unreadable,
         ..w.summary
-    };
-    out.write_all(b"\n]}\n").map_err(io)?;
-    Ok(summary)
+    })
 }
 
 /// Reads the `traceEvents` of a Chrome JSON file (gunzipping when the name ends in `.gz`).
@@ -197,5 +470,33 @@ pub fn read_events(path: &Path) -> Result<Vec<Value>> {
             offset: 0,
             reason: "no traceEvents array".to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_written_json_matches_serde() {
+        for s in ["gemm", "a\"b\\c", "tab\there\nnl", "\u{1}\u{1f}", "ünï €"] {
+            let mut buf = Vec::new();
+            push_str(&mut buf, s);
+            let back: String = serde_json::from_slice(&buf).expect("valid JSON string");
+            assert_eq!(back, s);
+        }
+        for (ns, text) in [
+            (0, "0"),
+            (1, "0.001"),
+            (1_000, "1"),
+            (1_234_567, "1234.567"),
+        ] {
+            let mut buf = Vec::new();
+            push_us(&mut buf, ns);
+            assert_eq!(String::from_utf8(buf).unwrap(), text);
+        }
+        let mut buf = Vec::new();
+        push_u64(&mut buf, u64::MAX);
+        assert_eq!(buf, u64::MAX.to_string().as_bytes());
     }
 }

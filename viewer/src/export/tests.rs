@@ -5,7 +5,8 @@ use std::collections::{BTreeSet, HashMap};
 use crate::export::{Format, export};
 use slug_schema::Direction;
 
-use crate::state::event::TraceEvent;
+use crate::export::perfetto::PerfettoContents;
+use crate::state::event::{KernelSpan, TraceEvent};
 use crate::state::fixture;
 use crate::state::source::MemorySource;
 
@@ -15,18 +16,35 @@ fn perfetto_fixture_round_trip() {
     let mut out = Vec::new();
     let summary = export(&src, Format::Perfetto, &mut out).expect("exports");
     let c = super::perfetto::read(&out).expect("decodes");
-    assert!(c.well_formed);
-    // 3 stages x 4 steps x (4 kernels + 1 eBPF off-CPU interval of the stage thread).
-    assert_eq!(summary.slices, 60);
-    assert_eq!(c.slices.values().sum::<u64>(), 60);
+    assert!(
+        c.well_formed,
+        "every event resolves its sequence, clock and interned names"
+    );
+    assert!(c.balanced, "every track's slices nest");
+    assert_eq!(c.primary_clock, Some(3), "timestamps are CLOCK_MONOTONIC");
+    assert!(c.compressed_batches >= 1);
+    assert!(summary.uncompressed_bytes > out.len() as u64);
+    // 3 stages x 4 steps x 4 kernels.
+    assert_eq!(summary.slices, 48);
     assert_eq!(c.slice_names["gemm"], 12);
     assert_eq!(c.slice_names["off-cpu futex 30.0us"], 12);
+    assert_eq!(c.slice_names["send"], 8);
+    assert_eq!(c.slice_names["recv"], 8);
+    // Kernel slices carry step, seq and layer.
+    assert_eq!(c.annotations["seq"], 48);
+    assert_eq!(c.annotations["step"], 48);
+    assert_eq!(c.annotations["layer"], 48);
+    assert_eq!(c.slices.values().sum::<u64>(), 48 + 12 + 16);
     let thread_tracks = c
         .tracks
         .values()
-        .filter(|t| t.name.ends_with("thread 7 (eBPF)"))
+        .filter(|t| t.name.ends_with("thread 7"))
         .count();
-    assert_eq!(thread_tracks, 3, "one eBPF thread track per stage");
+    assert_eq!(thread_tracks, 3, "one OS thread track per stage");
+    // 12 off-CPU intervals, 3 page faults, 1 migration.
+    assert_eq!(summary.system, 16);
+    assert_eq!(c.categories["ebpf,page-fault"], 3);
+    assert_eq!(c.categories["ebpf,migration"], 1);
     let roots: BTreeSet<&str> = c
         .tracks
         .values()
@@ -46,9 +64,83 @@ fn perfetto_fixture_round_trip() {
         assert_eq!(parent(*start), name(src_ep));
         assert_eq!(parent(c.flow_ends[id]), name(src_ep + 1));
     }
-    // Steps, snapshots, the one loss and the one NUMA migration are instants.
-    assert_eq!(c.instants, 3 * 4 + 3 + 1 + 1);
+    // Steps, snapshots and the one loss are instants on the endpoint tracks; the page faults
+    // and the migration on the thread tracks.
+    assert_eq!(summary.instants, 3 * 4 + 3 + 1);
+    assert_eq!(c.instants.values().sum::<u64>(), 3 * 4 + 3 + 1 + 3 + 1);
     assert!(c.counters.values().sum::<u64>() > 0);
+}
+
+#[test]
+fn perfetto_uncompressed_and_compressed_hold_the_same() {
+    let src = fixture::pipeline(2, 3, 16);
+    let mut packed = Vec::new();
+    let mut plain = Vec::new();
+    super::perfetto::write_with(&src, &mut packed, true).expect("exports");
+    let summary = super::perfetto::write_with(&src, &mut plain, false).expect("exports");
+    assert_eq!(summary.uncompressed_bytes, plain.len() as u64);
+    let (a, b) = (
+        super::perfetto::read(&packed).expect("decodes"),
+        super::perfetto::read(&plain).expect("decodes"),
+    );
+    assert_eq!(b.compressed_batches, 0);
+    assert_eq!(
+        PerfettoContents {
+            compressed_batches: 0,
+            ..a
+        },
+        b
+    );
+}
+
+#[test]
+fn overlapping_kernel_spans_spread_over_lanes_that_nest() {
+    // Four worker threads' spans of one kernel, side by side, as the synthetic trace has them.
+    let spans: Vec<TraceEvent> = (0..4u64)
+        .flat_map(|step| {
+            (0..4u64).map(move |th| {
+                TraceEvent::KernelSpan(KernelSpan {
+                    kernel: 0,
+                    layer: Some(0),
+                    step,
+                    seq: th as u32,
+                    rows: 16,
+                    start_ns: step * 1_000 + th * 10,
+                    end_ns: step * 1_000 + 500 + th * 37,
+                    output_hash: None,
+                })
+            })
+        })
+        .collect();
+    let src = MemorySource::new(fixture::endpoints(1), vec![spans], 5);
+    let mut out = Vec::new();
+    export(&src, Format::Perfetto, &mut out).expect("exports");
+    let c = super::perfetto::read(&out).expect("decodes");
+    assert!(c.balanced);
+    let lanes: BTreeSet<String> = c.slices.keys().map(|t| c.tracks[t].name.clone()).collect();
+    assert_eq!(
+        lanes,
+        BTreeSet::from(
+            [
+                "n0/s0 kernels",
+                "n0/s0 kernels 2",
+                "n0/s0 kernels 3",
+                "n0/s0 kernels 4"
+            ]
+            .map(String::from)
+        )
+    );
+    let mut json = Vec::new();
+    export(&src, Format::Chrome, &mut json).expect("exports");
+    let doc: serde_json::Value = serde_json::from_slice(&json).expect("valid JSON");
+    let tids: BTreeSet<u64> = doc["traceEvents"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .map(|e| e["tid"].as_u64().expect("tid"))
+        .collect();
+    assert_eq!(tids, BTreeSet::from([1, 2, 3, 4]));
 }
 
 #[test]
@@ -74,14 +166,38 @@ fn chrome_fixture_round_trip() {
     assert_eq!(off_cpu[0]["dur"], 30.0, "microseconds");
     assert_eq!(off_cpu[0]["args"]["waited on"], "futex");
     assert_eq!(off_cpu[0]["args"]["woken by tid"], "8");
-    assert_eq!(summary.slices, 30);
+    assert_eq!(summary.slices, 24);
     assert_eq!(count("s"), 3);
     assert_eq!(count("f"), 3);
+    // Each transfer: a send slice and a recv slice, the flow events at their starts.
+    let sends: Vec<_> = events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["name"] == "send")
+        .collect();
+    assert_eq!(sends.len(), 3);
+    assert!(sends[0]["dur"].as_f64().expect("dur") > 0.0);
+    assert_eq!(sends[0]["args"]["transfer"], "link 0 #0");
+    let recv = events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["name"] == "recv")
+        .count();
+    assert_eq!(recv, 3);
+    // 6 off-CPU intervals, 2 page faults and 1 migration.
+    assert_eq!(summary.system, 9);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["ph"] == "i" && e["cat"] == "ebpf,page-fault")
+            .count(),
+        2
+    );
     let gemm = events
         .iter()
         .find(|e| e["name"] == "gemm")
         .expect("a gemm slice");
     assert_eq!(gemm["dur"], 100.0, "microseconds");
+    assert_eq!(gemm["args"]["seq"], 0);
+    assert_eq!(gemm["args"]["step"], 0);
     // One name per kind: every category list starts with the kind's name.
     for e in events.iter().filter(|e| e.get("cat").is_some()) {
         let cat = e["cat"].as_str().expect("categories are a string");
@@ -130,6 +246,25 @@ fn exports_skip_an_undecodable_frame_and_count_it() {
     for format in [Format::Perfetto, Format::Chrome] {
         let summary = export(&src, format, &mut std::io::sink()).expect("exports the rest");
         assert_eq!(summary.unreadable_frames, 1);
-        assert!(summary.slices > 0 && summary.slices < 40, "{summary:?}");
+        assert!(summary.slices > 0 && summary.slices < 32, "{summary:?}");
+    }
+}
+
+#[test]
+fn gz_export_compresses_on_a_thread_and_reports_a_full_disk() {
+    let src = fixture::pipeline(2, 3, 16);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.json.gz");
+    let summary = super::export_to_path(&src, Format::Chrome, &path).expect("exports");
+    let events = super::chrome::read_events(&path).expect("gzip JSON");
+    let kernels = events.iter().filter(|e| e["cat"] == "kernel_span").count();
+    assert_eq!(kernels as u64, summary.slices);
+    // A write that fails on the compressing thread is the export's error, naming the file.
+    if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
+        let err = super::gzip_on_a_thread(full, std::path::Path::new("/dev/full"), |out| {
+            export(&src, Format::Chrome, out)
+        })
+        .expect_err("no space left on /dev/full");
+        assert!(err.to_string().contains("/dev/full"), "{err}");
     }
 }

@@ -1,12 +1,13 @@
 //! The streaming pass both exporters share: events frame by frame, transfers paired into flows
-//! (each end taken from the log of that end when both logged it), and perf lanes binned into
-//! counter values.
+//! (each end taken from the log of that end when both logged it), perf lanes binned into counter
+//! values, and [`Lanes`], which spreads overlapping slices over tracks so every track's slices
+//! nest.
 
 use std::collections::HashMap;
 
 use crate::error::Result;
 use crate::state::event::{
-    EbpfKind, EndpointIx, EventKind, Nanos, SoftwareKind, TimeRange, TraceEvent, Transfer,
+    EbpfKind, EndpointIx, Nanos, SoftwareKind, TimeRange, TraceEvent, Transfer,
 };
 use crate::state::source::TraceSource;
 
@@ -18,28 +19,78 @@ const LANE_BINS: u64 = 2_000;
 pub enum Item<'a> {
     /// An event of `endpoint`'s log other than a transfer.
     Event(EndpointIx, &'a TraceEvent),
-    /// The sending end of a flow, at the post time on the source endpoint.
-    FlowStart(&'a Transfer),
-    /// The receiving end of a flow, at the completion time on the destination endpoint.
-    FlowEnd(&'a Transfer),
+    /// The sending end of a transfer, as the sender logged it when it did: a slice from post to
+    /// the sender's completion on the source endpoint, where the flow starts.
+    Send(&'a Transfer),
+    /// The receiving end, as the receiver logged it when it did: a slice from post to arrival on
+    /// the destination endpoint, where the flow ends.
+    Recv(&'a Transfer),
     /// A binned perf-lane value for `endpoint`: lane name, bin start, value.
     Lane(EndpointIx, &'static str, Nanos, f64),
 }
 
 /// How an eBPF event shows on its thread's track in both exports: its categories (the kind's
 /// name, then the probe's: `ebpf,off-cpu`) and whether it is an instant (else a slice from `ns`
-/// to `end_ns()`); `None` for the probes only the lanes carry (page faults) or no export shows
-/// (syscall histograms).
-pub fn ebpf_track_shape(kind: EbpfKind) -> Option<(String, bool)> {
-    let instant = match kind {
-        EbpfKind::OffCpu | EbpfKind::Syscall => false,
-        EbpfKind::Migration | EbpfKind::TcpRetransmit | EbpfKind::TcpDrop => true,
-        EbpfKind::PageFault | EbpfKind::SyscallHistogram => return None,
+/// to `end_ns()`). Off-CPU intervals and slow syscalls are slices; migrations, page faults,
+/// syscall histograms and TCP retransmits and drops are instants.
+pub fn ebpf_track_shape(kind: EbpfKind) -> (&'static str, bool) {
+    let instant = !matches!(kind, EbpfKind::OffCpu | EbpfKind::Syscall);
+    let cats = match kind {
+        EbpfKind::Syscall => "ebpf,syscall",
+        EbpfKind::OffCpu => "ebpf,off-cpu",
+        EbpfKind::PageFault => "ebpf,page-fault",
+        EbpfKind::Migration => "ebpf,migration",
+        EbpfKind::SyscallHistogram => "ebpf,syscall-histogram",
+        EbpfKind::TcpRetransmit => "ebpf,tcp-retransmit",
+        EbpfKind::TcpDrop => "ebpf,tcp-drop",
     };
-    Some((
-        format!("{},{}", EventKind::Ebpf.name(), kind.name()),
-        instant,
-    ))
+    (cats, instant)
+}
+
+/// The categories of a perf software record (an instant on its thread's track in both exports):
+/// `perf_software,context-switch` or `perf_software,page-fault`.
+pub fn software_categories(kind: SoftwareKind) -> &'static str {
+    match kind {
+        SoftwareKind::ContextSwitch => "perf_software,context-switch",
+        SoftwareKind::PageFault => "perf_software,page-fault",
+    }
+}
+
+/// Spreads slices over the fewest tracks ("lanes") on which none overlap, first fit in the
+/// order they come: a lane's slices are disjoint and in time order, so its begin and end events
+/// nest (Perfetto closes the last open slice of a track at each end) and its times never go
+/// back. The synthetic trace's kernel spans (one per worker thread, side by side) and a stage's
+/// overlapping sends and receives need this. At most [`Lanes::MAX`] lanes: past that (only a
+/// pathological log), a slice joins the lane that frees first.
+#[derive(Debug, Default)]
+pub struct Lanes {
+    ends: Vec<Nanos>,
+}
+
+impl Lanes {
+    /// Most lanes one track group spreads over.
+    pub const MAX: usize = 16;
+
+    /// The lane for a slice from `start` to `end`.
+    pub fn place(&mut self, start: Nanos, end: Nanos) -> usize {
+        let end = end.max(start);
+        if let Some(i) = self.ends.iter().position(|e| *e <= start) {
+            self.ends[i] = end;
+            return i;
+        }
+        if self.ends.len() < Self::MAX {
+            self.ends.push(end);
+            return self.ends.len() - 1;
+        }
+        let (i, _) = self
+            .ends
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, e)| **e)
+            .unwrap_or((0, &0));
+        self.ends[i] = self.ends[i].max(end);
+        i
+    }
 }
 
 #[derive(Debug, Default)]
@@ -94,11 +145,11 @@ pub fn walk(source: &dyn TraceSource, mut f: impl FnMut(Item<'_>) -> Result<()>)
                 // it; a record from the other end only fills in at the end of the walk.
                 if !p.started && !x.logged_by_receiver() {
                     p.started = true;
-                    f(Item::FlowStart(x))?;
+                    f(Item::Send(x))?;
                 }
                 if !p.ended && x.logged_by_receiver() {
                     p.ended = true;
-                    f(Item::FlowEnd(x))?;
+                    f(Item::Recv(x))?;
                 }
                 if p.started && p.ended {
                     pending.remove(&x.id());
@@ -118,12 +169,43 @@ pub fn walk(source: &dyn TraceSource, mut f: impl FnMut(Item<'_>) -> Result<()>)
     for (_, p) in rest {
         if let Some(x) = &p.transfer {
             if !p.started {
-                f(Item::FlowStart(x))?;
+                f(Item::Send(x))?;
             }
             if !p.ended {
-                f(Item::FlowEnd(x))?;
+                f(Item::Recv(x))?;
             }
         }
     }
     Ok(unreadable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lanes;
+
+    #[test]
+    fn lanes_keep_each_lane_disjoint_and_in_order() {
+        let mut lanes = Lanes::default();
+        // Four threads' spans side by side, then the next kernel after all of them.
+        assert_eq!(lanes.place(10, 50), 0);
+        assert_eq!(lanes.place(12, 40), 1);
+        assert_eq!(lanes.place(11, 60), 2);
+        assert_eq!(lanes.place(50, 70), 0, "lane 0 is free again at its end");
+        assert_eq!(lanes.place(60, 80), 1);
+        assert_eq!(
+            lanes.place(5, 8),
+            3,
+            "a slice before every lane's end opens a lane"
+        );
+    }
+
+    #[test]
+    fn lanes_stop_at_the_cap() {
+        let mut lanes = Lanes::default();
+        for i in 0..Lanes::MAX as u64 {
+            assert_eq!(lanes.place(i, 1_000 + i), i as usize);
+        }
+        assert_eq!(lanes.place(100, 200), 0, "the lane that frees first");
+        assert!(lanes.ends.len() == Lanes::MAX);
+    }
 }

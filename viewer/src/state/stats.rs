@@ -11,12 +11,17 @@ use crate::state::event::{EbpfKind, EndpointIx, EventKind, Nanos, TraceEvent};
 use crate::state::source::TraceSource;
 use crate::state::system::{syscall_name, waited_on};
 
-/// Where one endpoint's time went between its first and last event.
+/// Where one endpoint's time went: its setup (from its first event to its first pipeline work,
+/// the earliest kernel span, transfer or step boundary: weight generation, warm-up), then its
+/// steady state (from there to its last event), which every share, table and total below
+/// describes, so they are the pipeline's.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EndpointStats {
     /// Which endpoint.
     pub endpoint: EndpointIx,
-    /// Time between the endpoint's first and last event.
+    /// Time from the endpoint's first event to its first pipeline work (0 when it has none).
+    pub setup: Nanos,
+    /// Steady-state time: from the first pipeline work (else the first event) to the last event.
     pub active: Nanos,
     /// Time inside at least one kernel.
     pub compute: Nanos,
@@ -96,7 +101,7 @@ pub struct SyscallTotal {
 }
 
 impl EndpointStats {
-    /// Share of active time in `part`, 0..=1.
+    /// Share of steady-state time in `part`, 0..=1.
     pub fn share(&self, part: Nanos) -> f64 {
         if self.active == 0 {
             0.0
@@ -219,6 +224,7 @@ impl TraceStats {
         let mut waits: Vec<IntervalSet> = (0..n).map(|_| IntervalSet::default()).collect();
         let mut computes: Vec<IntervalSet> = (0..n).map(|_| IntervalSet::default()).collect();
         let mut step_starts: BTreeMap<u64, Nanos> = BTreeMap::new();
+        let mut steady_starts: Vec<Nanos> = Vec::with_capacity(n);
         for (ep, compute) in computes.iter_mut().enumerate() {
             let mut st = EndpointStats {
                 endpoint: ep,
@@ -231,7 +237,12 @@ impl TraceStats {
             let frames = source.frames(ep);
             let first = frames.iter().map(|f| f.range.start_ns).min().unwrap_or(0);
             let last = frames.iter().map(|f| f.range.end_ns).max().unwrap_or(0);
-            st.active = last.saturating_sub(first);
+            let steady = first_pipeline_work(source, ep)
+                .unwrap_or(first)
+                .clamp(first, last.max(first));
+            st.setup = steady - first;
+            st.active = last.saturating_sub(steady);
+            steady_starts.push(steady);
             for (i, f) in frames.iter().enumerate() {
                 let wanted = [
                     EventKind::KernelSpan,
@@ -282,6 +293,8 @@ impl TraceStats {
                                 link_busy.entry((x.src, x.dst)).or_default().push(a, b);
                             }
                         }
+                        // What threads did during setup would skew the steady-state tables.
+                        TraceEvent::Ebpf(s) if s.ns < steady => {}
                         TraceEvent::Ebpf(s) => match s.kind {
                             EbpfKind::OffCpu => {
                                 let w = waits_by
@@ -352,14 +365,15 @@ impl TraceStats {
             });
             out.endpoints.push(st);
         }
-        for (st, (compute, wait)) in out
+        for ((st, steady), (compute, wait)) in out
             .endpoints
             .iter_mut()
+            .zip(steady_starts)
             .zip(computes.iter_mut().zip(&mut waits))
         {
-            let (compute, wait) = (compute.spans(), wait.spans());
-            st.compute = total(compute);
-            st.waiting = total(wait) - overlap_total(compute, wait);
+            let (compute, wait) = (clip(compute.spans(), steady), clip(wait.spans(), steady));
+            st.compute = total(&compute);
+            st.waiting = total(&wait) - overlap_total(&compute, &wait);
             st.idle = st.active.saturating_sub(st.compute + st.waiting);
         }
         for (key, mut l) in link_stats {
@@ -379,6 +393,37 @@ impl TraceStats {
         };
         Ok(out)
     }
+}
+
+/// When `ep`'s pipeline work began: the earliest kernel span, transfer or step boundary of the
+/// first frame holding any (frames are in time order); `None` when it logged none or that frame
+/// cannot be read. Weight generation and warm-up before it log only system events.
+fn first_pipeline_work(source: &dyn TraceSource, ep: EndpointIx) -> Option<Nanos> {
+    let work = [
+        EventKind::KernelSpan,
+        EventKind::Transfer,
+        EventKind::StepBoundary,
+    ];
+    let frame = source
+        .frames(ep)
+        .iter()
+        .position(|f| work.iter().any(|k| f.counts.get(*k) > 0))?;
+    source
+        .frame_events(ep, frame)
+        .ok()?
+        .iter()
+        .filter(|e| work.contains(&e.kind()))
+        .map(TraceEvent::start)
+        .min()
+}
+
+/// The parts of sorted, disjoint `spans` from `from` on.
+fn clip(spans: &[(Nanos, Nanos)], from: Nanos) -> Vec<(Nanos, Nanos)> {
+    spans
+        .iter()
+        .filter(|(_, b)| *b > from)
+        .map(|&(a, b)| (a.max(from), b))
+        .collect()
 }
 
 /// A union of disjoint, sorted intervals, fed in batches that mostly arrive in time order.
@@ -494,6 +539,68 @@ mod tests {
             (shares - 1.0).abs() < 1e-9,
             "kernels do not overlap in the fixture"
         );
+    }
+
+    #[test]
+    fn setup_before_the_first_step_is_apart_from_the_steady_state() {
+        use crate::state::event::{EbpfEvent, KernelSpan, TraceEvent};
+        use slug_schema::StepBoundary;
+        const MS: Nanos = 1_000_000;
+        let kernel = |start: Nanos, end: Nanos, step| {
+            TraceEvent::KernelSpan(KernelSpan {
+                kernel: 0,
+                layer: Some(0),
+                step,
+                seq: 0,
+                rows: 1,
+                start_ns: start,
+                end_ns: end,
+                output_hash: None,
+            })
+        };
+        let off_cpu = |ns: Nanos, len: Nanos| {
+            TraceEvent::Ebpf(EbpfEvent {
+                kind: EbpfKind::OffCpu,
+                pid: 1,
+                tid: 1,
+                cpu: 0,
+                arg0: len,
+                arg1: 1,
+                arg2: 0,
+                ns,
+            })
+        };
+        let boundary = |ns, step| TraceEvent::StepBoundary(StepBoundary { ns, step, seq: 0 });
+        // 100 ms of weight generation (blocked 60 ms of it), then two 100 ms steps computing
+        // 50 ms each.
+        let events = vec![
+            off_cpu(0, 10 * MS),
+            off_cpu(20 * MS, 60 * MS),
+            boundary(100 * MS, 0),
+            kernel(100 * MS, 150 * MS, 0),
+            off_cpu(150 * MS, 10 * MS),
+            boundary(200 * MS, 1),
+            kernel(200 * MS, 250 * MS, 1),
+            boundary(300 * MS, 2),
+        ];
+        let src = crate::state::source::MemorySource::new(
+            crate::state::fixture::endpoints(1),
+            vec![events],
+            3,
+        );
+        let stats = TraceStats::compute(&src).expect("computes");
+        let e = &stats.endpoints[0];
+        assert_eq!(e.setup, 100 * MS);
+        assert_eq!(e.active, 200 * MS);
+        assert_eq!(e.compute, 100 * MS);
+        assert!(
+            (e.share(e.compute) - 0.5).abs() < 1e-9,
+            "half of the steady state"
+        );
+        assert_eq!(e.kernels, 2);
+        assert_eq!(e.kernel_totals[0].total, 100 * MS);
+        assert_eq!(e.waits.len(), 1);
+        assert_eq!(e.waits[0].total, 10 * MS, "the setup's blocks are left out");
     }
 
     #[test]

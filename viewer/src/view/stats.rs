@@ -1,4 +1,5 @@
-//! The stats view: per endpoint compute / waiting / idle shares, per-link achieved bandwidth, the
+//! The stats view: per endpoint its setup time (before its first step) apart from its steady
+//! state, and the steady state's compute / waiting / idle shares, per-link achieved bandwidth, the
 //! step-time distribution, the bottleneck stage, and per stage each kernel's time, calls and
 //! share of the stage's busy time.
 
@@ -32,14 +33,22 @@ impl<'a> StatsView<'a> {
     /// The view's text, one line per row.
     pub fn lines(&self) -> Vec<Line<'static>> {
         let s = self.stats;
-        let mut out = vec![Line::styled(
-            "endpoint        compute  waiting     idle  kernels  steps",
-            style::DIM,
-        )];
+        let mut out = vec![
+            Line::styled(
+                "steady state (first kernel, transfer or step on); setup before it apart",
+                style::DIM,
+            ),
+            Line::styled(
+                "endpoint          setup   steady  compute  waiting     idle  kernels  steps",
+                style::DIM,
+            ),
+        ];
         for e in &s.endpoints {
             out.push(Line::raw(format!(
-                "{:<14} {:>7.1}% {:>7.1}% {:>7.1}% {:>8} {:>6}",
+                "{:<14} {:>8} {:>8} {:>7.1}% {:>7.1}% {:>7.1}% {:>8} {:>6}",
                 self.name(e.endpoint),
+                format_duration(e.setup),
+                format_duration(e.active),
                 100.0 * e.share(e.compute),
                 100.0 * e.share(e.waiting),
                 100.0 * e.share(e.idle),

@@ -424,9 +424,15 @@ fn stats_view_answers_where_time_went() {
     let lines = text(&screen(&mut a, 80, 24));
     assert_eq!(
         lines[1].trim_end(),
-        "endpoint        compute  waiting     idle  kernels  steps"
+        "steady state (first kernel, transfer or step on); setup before it apart"
     );
-    assert!(lines[2].starts_with("n0/s0"), "{}", lines[2]);
+    assert_eq!(
+        lines[2].trim_end(),
+        "endpoint          setup   steady  compute  waiting     idle  kernels  steps"
+    );
+    // The fixture's stages start with their first step: no setup.
+    assert!(lines[3].starts_with("n0/s0"), "{}", lines[3]);
+    assert!(lines[3].contains("     0ns "), "{}", lines[3]);
     assert!(
         lines.iter().any(|l| l.starts_with("n0/s0>n0/s1")),
         "{lines:?}"
@@ -476,7 +482,7 @@ fn stats_view_answers_where_time_went() {
     );
     press(&mut a, KeyCode::Home);
     let lines = text(&screen(&mut a, 80, 24));
-    assert!(lines[1].starts_with("endpoint"), "{}", lines[1]);
+    assert!(lines[1].starts_with("steady state"), "{}", lines[1]);
     press(&mut a, KeyCode::Char('t'));
     assert_eq!(a.mode, Mode::Timeline);
 }
