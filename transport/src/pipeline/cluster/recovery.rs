@@ -254,7 +254,13 @@ impl Session {
             NodeNote::Stepped => {
                 if let Some(i) = k.resuming.iter().position(|r| r.0 == c) {
                     let (_, report, noticed) = k.resuming.remove(i);
-                    k.reports[report].recovery_ms = Some(noticed.elapsed().as_secs_f64() * 1e3);
+                    let ms = noticed.elapsed().as_secs_f64() * 1e3;
+                    k.reports[report].recovery_ms = Some(ms);
+                    eprintln!(
+                        "slug: stage {s} runs again, on spare {}: recovered {ms:.1} ms after its \
+                         node was lost",
+                        self.addr[c]
+                    );
                 }
             }
         }
@@ -329,8 +335,8 @@ impl Session {
                         watched.parts[s] = k.stages[s].part.clone().into_iter().collect();
                     }
                     eprintln!(
-                        "slug: stage {s}'s node {} was lost at {}; spare {spare} took the stage \
-                         over from its checkpoint at forward step {step}",
+                        "slug: stage {s}'s node {} was lost at {}; restoring it on spare \
+                         {spare} from its checkpoint at forward step {step}",
                         self.addr[c], watched.at[s]
                     );
                     watched.at[s] = format!("restored at step {step} on {spare}");
