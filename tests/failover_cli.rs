@@ -191,7 +191,7 @@ fn assert_failed_over(got: &Value, i: usize, stage: u64, spare: &str) {
     assert_eq!(f["recovered"], true, "{f}");
     assert_eq!(f["to"], spare, "{f}");
     let step = f["restored_step"].as_u64().expect("restored step");
-    assert!(step > 0 && step % 4 == 0 && step < STEPS, "{f}");
+    assert!(step > 0 && step.is_multiple_of(4) && step < STEPS, "{f}");
     assert!(f["restored_bytes"].as_u64().expect("bytes") > 0, "{f}");
     assert!(f["detection_ms"].as_f64().is_some(), "{f}");
     assert!(

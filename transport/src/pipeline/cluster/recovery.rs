@@ -318,10 +318,7 @@ impl Session {
             recovery_ms: None,
         };
         let mut why = Vec::new();
-        loop {
-            let Some(spare) = self.keeper.as_mut().and_then(|k| k.spares.pop_front()) else {
-                break;
-            };
+        while let Some(spare) = self.keeper.as_mut().and_then(|k| k.spares.pop_front()) {
             report.to = Some(spare.clone());
             match self.restore_on(&spare, s, c) {
                 Ok((joined, step, bytes)) => {
