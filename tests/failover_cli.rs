@@ -174,12 +174,17 @@ fn assert_same_run(got: &Value, want: &Value) {
     assert_eq!(got["sequence_tokens"], want["sequence_tokens"]);
     assert_eq!(got["transfers"], want["transfers"]);
     assert_eq!(got["transfer_digest"], want["transfer_digest"]);
-    for r in got["stage_reports"].as_array().expect("stage reports") {
+    let reports = got["stage_reports"].as_array().expect("stage reports");
+    for (r, w) in reports
+        .iter()
+        .zip(want["stage_reports"].as_array().expect("reports"))
+    {
         assert_eq!(
             r["steps"], STEPS,
             "every step of stage {} counted once",
             r["stage"]
         );
+        assert_eq!(r["layers"], w["layers"]);
     }
 }
 

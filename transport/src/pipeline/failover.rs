@@ -504,8 +504,9 @@ impl Guard {
             .send_json(msg, timeout)
     }
 
-    /// Waits until `ready` accepts the shared state, the run is aborted or the timeout passes.
-    fn wait(&self, what: &str, ready: impl Fn(&State) -> bool) -> Result<()> {
+    /// Waits until `ready` accepts the shared state, the run is aborted or the timeout passes
+    /// (`what`: what is awaited, as a timeout names it).
+    fn wait(&self, what: &'static str, ready: impl Fn(&State) -> bool) -> Result<()> {
         let timeout = self.shared.cfg.timeout();
         let deadline = Instant::now() + timeout;
         let mut st = self.shared.lock();
@@ -515,14 +516,14 @@ impl Guard {
             }
             if self.shared.abort.raised() {
                 return Err(TransportError::Aborted {
-                    reason: format!("run aborted while waiting for {what}"),
+                    reason: format!("run aborted while waiting for: {what}"),
                 });
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(TransportError::Timeout {
                     link: format!("stage {}", self.shared.stage),
-                    what: "a spare to take over its failed neighbour",
+                    what,
                     waited_ms: timeout.as_millis() as u64,
                 });
             }
@@ -592,9 +593,10 @@ impl Guard {
     /// checkpoint when the log is full.
     fn sent(&mut self, t: &Transfer, payload: &[u8]) -> Result<()> {
         let limit = self.limit;
-        self.wait("the downstream stage's next checkpoint", |st| {
-            st.log.len() < limit
-        })?;
+        self.wait(
+            "the downstream stage's next checkpoint kept (its upstream's sent log is full)",
+            |st| st.log.len() < limit,
+        )?;
         let header = TransferHeader {
             seq: t.id.seq,
             sequence: t.tag.sequence,
@@ -644,10 +646,10 @@ pub(crate) fn send(
             Ok(t) => break t,
             Err(e) if matches!(e, TransportError::Aborted { .. }) => return Err(e),
             Err(e) => {
-                let down = g.shared.down();
-                g.wait(&format!("stage {down}'s spare"), |st| {
-                    matches!(st.down, Some(Some(_)))
-                })
+                g.wait(
+                    "a spare re-fed in place of the failed downstream stage",
+                    |st| matches!(st.down, Some(Some(_))),
+                )
                 .map_err(|_| e)?;
             }
         }
@@ -673,8 +675,7 @@ pub(crate) fn recv(
             Ok(t) => return Ok(t),
             Err(e) if matches!(e, TransportError::Aborted { .. }) => return Err(e),
             Err(e) => {
-                let up = g.shared.up();
-                g.wait(&format!("stage {up}'s spare"), |st| st.up)
+                g.wait("a spare in place of the failed upstream stage", |st| st.up)
                     .map_err(|_| e)?;
             }
         }

@@ -42,6 +42,8 @@ pub(super) struct Keeper {
 
 /// One stage's latest kept checkpoint, and the one arriving.
 struct Kept {
+    /// The stage's decoder layers, `[start, end)` (the report of its part says them).
+    layers: (usize, usize),
     /// The arena bytes a checkpoint may hold (between the weights and the workspace).
     range: Range<usize>,
     /// Chunks by arena offset, as of `step`.
@@ -68,7 +70,9 @@ impl Keeper {
             .map(|s| {
                 let layout =
                     StageLayout::new(&cfg.model, &plan, s, cfg.prompts.len(), cfg.threads)?;
+                let layers = plan.layers_of(s);
                 Ok(Kept {
+                    layers: (layers.start, layers.end),
                     range: movable(&layout),
                     image: BTreeMap::new(),
                     step: 0,
@@ -133,24 +137,24 @@ impl Keeper {
         k.delta.push((offset, bytes.to_vec()));
     }
 
-    /// Stage `s`'s checkpoint at `step` is whole: it replaces the kept one. Returns whether it
-    /// was kept.
+    /// Stage `s`'s checkpoint at `step` is whole: it replaces the kept one, unless the stage's
+    /// checkpoints cannot be trusted (then it is dropped and the stage cannot fail over).
     fn commit(
         &mut self,
         s: usize,
         step: u64,
         cursor: StageCursor,
         chunks: u64,
-        part: StageReport,
-    ) -> bool {
+        mut part: StageReport,
+    ) {
         let every = self.every;
         let Some(k) = self.stages.get_mut(s) else {
-            return false;
+            return;
         };
         let delta = std::mem::take(&mut k.delta);
         let bytes = std::mem::take(&mut k.delta_bytes);
         if k.broken.is_some() {
-            return false;
+            return;
         }
         if delta.len() as u64 != chunks
             || cursor.step != step
@@ -163,20 +167,21 @@ impl Keeper {
                 delta.len(),
                 k.step
             ));
-            return false;
+            return;
         }
         for (offset, chunk) in delta {
             k.image.insert(offset, chunk);
         }
         k.step = step;
         k.cursor = Some(cursor);
+        part.stage = s;
+        part.layers = k.layers;
         k.part = Some(match k.part.take() {
             None => part,
             Some(before) => super::super::migrate::merge_reports(vec![before], part),
         });
         self.checkpoints += 1;
         self.checkpoint_bytes += bytes as u64;
-        true
     }
 }
 
@@ -237,7 +242,8 @@ impl Session {
                 part,
                 ..
             } => {
-                if self.host[s] == c && k.commit(s, step, cursor, chunks, *part) {
+                if self.host[s] == c {
+                    k.commit(s, step, cursor, chunks, *part);
                     if !k.armed && k.stages.iter().all(|k| k.step > 0) {
                         k.armed = true;
                         eprintln!(
@@ -247,6 +253,8 @@ impl Session {
                             k.spares.iter().cloned().collect::<Vec<_>>().join(",")
                         );
                     }
+                    // Said even when it was not kept (the stage then cannot fail over, and says
+                    // why if it must): the upstream's sent log must not fill up waiting for it.
                     let kept = ToNode::Failover(CoordinatorNote::Kept { stage: s, step });
                     self.broadcast(&kept);
                 }
@@ -296,8 +304,13 @@ impl Session {
                 format!("lost the node's control connection ({other}); did the stage process die?")
             }
         };
-        // Whatever is left of it must not run the stage beside its spare.
+        // Whatever is left of it must not run the stage beside its spare, and the chunks of a
+        // checkpoint it did not finish are not the spare's.
         self.ended[c] = true;
+        if let Some(kept) = self.keeper.as_mut().and_then(|k| k.stages.get_mut(s)) {
+            kept.delta.clear();
+            kept.delta_bytes = 0;
+        }
         let _ = self.conns[c].send_json(
             &ToNode::Abort {
                 reason: "declared lost; a spare takes the stage over".into(),
