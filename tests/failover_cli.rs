@@ -246,6 +246,67 @@ fn the_last_stage_fails_over_too_and_a_second_spare_takes_the_next_loss() {
     assert_failed_over(&got, 1, 3, &b);
 }
 
+/// Process ids of `pid`'s children, lowest first.
+fn children(pid: u32) -> Vec<u32> {
+    let mut kids: Vec<u32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            // The parent is the 4th field of /proc/PID/stat, after the parenthesised name.
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|st| {
+                    let rest = &st[st.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect();
+    kids.sort_unstable();
+    kids
+}
+
+#[test]
+fn a_stage_process_of_a_local_tcp_run_killed_mid_run_fails_over_too() {
+    let want = baseline();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = key_file(dir.path());
+    let spare = Node::start(&key);
+    let mut run = Command::new(cli::slug())
+        .args(PIPELINE)
+        .args(["--transport", "tcp", "--key-file"])
+        .arg(&key)
+        .args(["--spares", &spare.addr])
+        .env_remove(KEY_ENV)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the run");
+    let err = run.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(err).lines();
+    let armed = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("slug: failover armed"));
+    assert!(armed, "the run never said every stage had a checkpoint");
+    // The run started one stage process per stage, in stage order.
+    let stages = children(run.id());
+    assert_eq!(stages.len(), 4, "{stages:?}");
+    let killed = Command::new("kill")
+        .args(["-9", &stages[2].to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let said: Vec<String> = lines.map_while(Result::ok).collect();
+    let o = run.wait_with_output().expect("the run ends");
+    assert!(o.status.success(), "{}", said.join("\n"));
+    let got: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_same_run(&got, &want);
+    let f = &got["failover"]["failovers"][0];
+    assert_eq!(f["recovered"], true, "{f}");
+    assert_eq!(f["to"], spare.addr.as_str(), "{f}");
+}
+
 #[test]
 fn with_every_spare_used_a_lost_node_ends_the_run_naming_stage_host_and_step() {
     let mut c = Cluster::start(1);
