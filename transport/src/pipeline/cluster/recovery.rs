@@ -518,3 +518,82 @@ impl Session {
         Ok((joined, step, shipped))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transfer::TransportKind;
+    use slug_kernels::ModelConfig;
+
+    fn keeper() -> Keeper {
+        let mut cfg = PipelineConfig::new(ModelConfig::preset("tiny").unwrap(), "ab", 2, 4);
+        cfg.stages = 2;
+        cfg.transport = TransportKind::Tcp;
+        cfg.spares = vec!["127.0.0.1:7070".into()];
+        cfg.checkpoint_every = Some(2);
+        Keeper::for_config(&cfg).unwrap().unwrap()
+    }
+
+    fn cursor(step: u64) -> StageCursor {
+        StageCursor {
+            step,
+            positions: vec![0, 0],
+        }
+    }
+
+    #[test]
+    fn a_whole_checkpoint_replaces_the_kept_one_and_its_part_accumulates() {
+        let mut k = keeper();
+        let start = k.stages[1].range.start;
+        k.chunk(1, start, &[1; 8]);
+        let part = StageReport {
+            steps: 2,
+            tokens: vec![vec![5], vec![6]],
+            ..Default::default()
+        };
+        k.commit(1, 2, cursor(2), 1, part.clone());
+        k.chunk(1, start, &[2; 8]);
+        k.commit(1, 4, cursor(4), 1, part);
+        let kept = &k.stages[1];
+        assert_eq!(kept.broken, None);
+        assert_eq!((kept.step, k.checkpoints, k.checkpoint_bytes), (4, 2, 16));
+        assert_eq!(kept.image[&start], vec![2; 8]);
+        let part = kept.part.as_ref().unwrap();
+        assert_eq!(part.steps, 4);
+        assert_eq!(part.tokens, vec![vec![5, 5], vec![6, 6]]);
+        assert_eq!(part.layers, (1, 2));
+    }
+
+    #[test]
+    fn chunks_outside_the_state_or_a_count_that_does_not_match_are_not_kept() {
+        let mut k = keeper();
+        let range = k.stages[0].range.clone();
+        // Inside the weights, before the movable part.
+        k.chunk(0, range.start.saturating_sub(CHUNK), &[0; 8]);
+        k.commit(0, 2, cursor(2), 1, StageReport::default());
+        assert!(k.stages[0].broken.as_deref().unwrap().contains("outside"));
+        assert_eq!((k.stages[0].step, k.checkpoints), (0, 0));
+        // Announced 2 chunks, 1 arrived: the kept state would not be the stage's.
+        k.chunk(1, k.stages[1].range.start, &[0; 8]);
+        k.commit(1, 2, cursor(2), 2, StageReport::default());
+        assert!(
+            k.stages[1]
+                .broken
+                .as_deref()
+                .unwrap()
+                .contains("announced 2")
+        );
+        assert!(k.stages[1].cursor.is_none());
+    }
+
+    #[test]
+    fn checkpoints_off_the_interval_or_out_of_order_are_refused() {
+        let mut k = keeper();
+        k.commit(0, 3, cursor(3), 0, StageReport::default());
+        assert!(k.stages[0].broken.is_some());
+        k.commit(1, 4, cursor(4), 0, StageReport::default());
+        k.commit(1, 2, cursor(2), 0, StageReport::default());
+        assert_eq!(k.stages[1].step, 4);
+        assert!(k.stages[1].broken.is_some());
+    }
+}
