@@ -618,6 +618,18 @@ impl Guard {
     }
 }
 
+/// Whether `e` is what a link to a node that died gives (a broken or silent socket, or a
+/// transfer cut off mid-way), so that a spare may be waited for instead.
+fn a_link_failure(e: &TransportError) -> bool {
+    matches!(
+        e,
+        TransportError::LinkBroken { .. }
+            | TransportError::Timeout { .. }
+            | TransportError::Io { .. }
+            | TransportError::Protocol { .. }
+    )
+}
+
 fn poisoned() -> TransportError {
     TransportError::Aborted {
         reason: "control writer poisoned by a panicked thread".into(),
@@ -644,7 +656,7 @@ pub(crate) fn send(
         g.before_send(out)?;
         match out.send(src, src_offset, len, dst_arena, dst_offset, tag) {
             Ok(t) => break t,
-            Err(e) if matches!(e, TransportError::Aborted { .. }) => return Err(e),
+            Err(e) if !a_link_failure(&e) => return Err(e),
             Err(e) => {
                 g.wait(
                     "a spare re-fed in place of the failed downstream stage",
@@ -673,7 +685,7 @@ pub(crate) fn recv(
         g.before_recv(inbound)?;
         match inbound.recv(dst) {
             Ok(t) => return Ok(t),
-            Err(e) if matches!(e, TransportError::Aborted { .. }) => return Err(e),
+            Err(e) if !a_link_failure(&e) => return Err(e),
             Err(e) => {
                 g.wait("a spare in place of the failed upstream stage", |st| st.up)
                     .map_err(|_| e)?;
