@@ -33,11 +33,11 @@ Examples:
       Move stage 2 to the `slug node` at 10.0.0.5:7070 after its 20th forward step (3 pre-copy
       rounds of dirtied arena chunks first; add rounds=0 for stop-and-copy), then stage 0;
       prints each move's rounds, stall and step time. Tokens and transfers stay the same.
-  slug run --stages 4 --layers 4 --transport tcp --key-file cluster.key --transfer-digest \
-      --hosts 10.0.0.1:7070,10.0.0.2:7070,10.0.0.3:7070,10.0.0.4:7070 \
+  slug run --stages 4 --layers 4 --transport tcp --key-file cluster.key --transfer-digest \\
+      --hosts 10.0.0.1:7070,10.0.0.2:7070,10.0.0.3:7070,10.0.0.4:7070 \\
       --spares 10.0.0.5:7070,10.0.0.6:7070 --checkpoint-every 8
       Checkpoint every stage every 8 forward steps into the coordinator's memory; if a stage's
-      node dies (kill -9, a host that vanishes), the next spare takes the stage over from its
+      node process dies (kill -9, a crash), the next spare takes the stage over from its
       latest checkpoint, its neighbours re-feed it and skip what it sends again, and the run
       goes on with the same tokens and transfers; prints detection and recovery times.
   mpirun -np 4 slug run --model small --stages 4 --transport mpi
