@@ -62,6 +62,15 @@ pub struct PipelineArgs {
     /// callers must hold the cluster key, --key-file).
     #[arg(long, value_name = "HOST:PORT")]
     pub control: Option<String>,
+    /// `slug node`s that take over a stage whose node dies (tcp; a comma list, used in order;
+    /// they need the cluster key, --key-file). Stages then checkpoint every --checkpoint-every
+    /// steps to the coordinator's memory.
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...")]
+    pub spares: Vec<String>,
+    /// Forward steps between a stage's checkpoints when there are --spares (default 16): a
+    /// dead stage is restored from its latest one and re-runs at most this many steps.
+    #[arg(long, value_name = "K")]
+    pub checkpoint_every: Option<u64>,
     /// Longest any single wait on a link or a node may take before the run is failed, in ms.
     #[arg(long, default_value_t = 60_000, value_name = "MS")]
     pub timeout_ms: u64,
@@ -233,7 +242,17 @@ impl PipelineArgs {
             .collect::<Result<_, _>>()?;
         cfg.control = self.control.clone();
         cfg.live_moves = self.control.is_some();
-        if (!cfg.migrations.is_empty() || cfg.control.is_some()) && self.hosts.is_empty() {
+        cfg.spares = self.spares.clone();
+        cfg.checkpoint_every = self.checkpoint_every;
+        if !cfg.spares.is_empty() && (!cfg.migrations.is_empty() || cfg.control.is_some()) {
+            bail!(
+                "--spares cannot be combined with --migrate or --control yet: a stage moved \
+                 while another one fails over would need both protocols at once; leave one out"
+            );
+        }
+        if (!cfg.migrations.is_empty() || cfg.control.is_some() || !cfg.spares.is_empty())
+            && self.hosts.is_empty()
+        {
             crate::node::warn_if_key_in_env(self.key_file.as_deref());
         }
         cfg.validate()?;

@@ -33,6 +33,13 @@ Examples:
       Move stage 2 to the `slug node` at 10.0.0.5:7070 after its 20th forward step (3 pre-copy
       rounds of dirtied arena chunks first; add rounds=0 for stop-and-copy), then stage 0;
       prints each move's rounds, stall and step time. Tokens and transfers stay the same.
+  slug run --stages 4 --layers 4 --transport tcp --key-file cluster.key --transfer-digest \\
+      --hosts 10.0.0.1:7070,10.0.0.2:7070,10.0.0.3:7070,10.0.0.4:7070 \\
+      --spares 10.0.0.5:7070,10.0.0.6:7070 --checkpoint-every 8
+      Checkpoint every stage every 8 forward steps into the coordinator's memory; if a stage's
+      node process dies (kill -9, a crash), the next spare takes the stage over from its
+      latest checkpoint, its neighbours re-feed it and skip what it sends again, and the run
+      goes on with the same tokens and transfers; prints detection and recovery times.
   mpirun -np 4 slug run --model small --stages 4 --transport mpi
       One MPI rank per stage (rank r runs stage r; rank 0 prints the report); needs a build
       with --features mpi. Across hosts: mpirun --hostfile hosts -np 4 ..., or srun -n 4 ....
@@ -162,6 +169,7 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
             "arena_bytes": total,
             "stage_reports": stages,
             "migrations": report.migrations,
+            "failover": report.failover,
             "transfers": args.transfer_digest.then_some(digests.len()),
             "transfer_digest": transfer_digest,
         });
@@ -225,6 +233,12 @@ pub fn execute(args: RunArgs) -> Result<ExitCode> {
         }
         for m in &report.migrations {
             println!("{}", m.describe());
+        }
+        if let Some(f) = &report.failover {
+            println!("{}", f.describe());
+            for r in &f.failovers {
+                println!("{}", r.describe());
+            }
         }
         if let Some(d) = &transfer_digest {
             println!("transfers: {} received, digest {d}", digests.len());

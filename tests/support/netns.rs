@@ -171,6 +171,20 @@ impl Testbed {
     }
 }
 
+impl Testbed {
+    /// Kills (SIGKILL) the `i`-th node started, as a crash would.
+    #[allow(dead_code)] // Only the failover test kills a node.
+    pub fn kill_node(&mut self, i: usize) -> Result<(), String> {
+        let child = self
+            .nodes
+            .get_mut(i)
+            .ok_or_else(|| format!("no node {i}"))?;
+        child.kill().map_err(|e| format!("kill node {i}: {e}"))?;
+        let _ = child.wait();
+        Ok(())
+    }
+}
+
 impl Drop for Testbed {
     fn drop(&mut self) {
         for c in &mut self.nodes {

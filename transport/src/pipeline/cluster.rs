@@ -23,6 +23,8 @@ use crate::wire::{AbortFlag, Conn, PEER_TEXT, connect, printable, shown};
 
 use super::config::PipelineConfig;
 use super::launch::NodeLauncher;
+
+mod recovery;
 use super::migrate::{
     Migration, MigrationReport, MoveNote, MoveRequest, PrecopyRound, Verdict, forward_of,
 };
@@ -81,6 +83,8 @@ pub(crate) enum ToNode {
     Dismiss { reason: String },
     /// Move `index` was requested while the run goes on (`slug migrate`).
     Plan { index: usize, migration: Migration },
+    /// A checkpoint kept, or a stage restored on a spare (`--spares`).
+    Failover(super::failover::CoordinatorNote),
 }
 
 /// One file a node recorded for its stage, relative to its scratch directory.
@@ -163,6 +167,8 @@ pub(crate) enum ToCoordinator {
     Move(MoveNote),
     /// The stage moved to another node at the step the report ends with.
     Migrated { report: Box<StageReport> },
+    /// A checkpoint, or the first step done (`--spares`).
+    Failover(super::failover::NodeNote),
 }
 
 /// Stage processes this coordinator started on this machine; killed on drop.
@@ -325,6 +331,7 @@ pub fn run_on_nodes_collecting(
     collect_into: Option<&Path>,
 ) -> Result<RunReport> {
     cfg.validate()?;
+    super::failover::validate_coordinator(cfg)?;
     if addrs.len() != cfg.stages {
         return Err(TransportError::Config(format!(
             "{} node addresses for {} stages",
@@ -360,6 +367,7 @@ pub fn run_on_nodes_collecting(
         addrs,
         fabric.as_ref().map(|f| f.fabric().clone()),
     )?;
+    session.keeper = recovery::Keeper::for_config(cfg)?;
     let fabric_path = fabric.as_ref().map(|f| f.path().to_owned());
     session.assign(cfg, fabric_path.clone())?;
     session.plan_moves(cfg);
@@ -403,6 +411,7 @@ pub fn run_on_nodes_collecting(
         .collect();
     let mut report = RunReport::assemble(cfg, reports, wall);
     report.migrations = session.migration_reports(cfg, wall);
+    report.failover = session.failover_summary();
     Ok(report)
 }
 
@@ -496,7 +505,8 @@ impl Watched {
                 | ToCoordinator::Files { .. }
                 | ToCoordinator::Cleaned
                 | ToCoordinator::Move(_)
-                | ToCoordinator::Migrated { .. },
+                | ToCoordinator::Migrated { .. }
+                | ToCoordinator::Failover(_),
             ) => self.failures.push((
                 Cause::Stage,
                 s,
@@ -773,6 +783,8 @@ struct Session {
     /// What a requested move needs to open its target: the cluster key, the fabric file and
     /// the sender of the watch loop's events (set while watching).
     opener: Option<(ClusterKey, Option<PathBuf>, Events)>,
+    /// Checkpoints and spares (`--spares`).
+    keeper: Option<recovery::Keeper>,
 }
 
 /// The coordinator's view of one `--migrate`.
@@ -992,6 +1004,7 @@ impl Session {
             progress: vec![0; n],
             started: Instant::now(),
             opener: None,
+            keeper: None,
         })
     }
 
@@ -1330,6 +1343,9 @@ impl Session {
     /// Takes in what connection `c` said.
     fn hear(&mut self, c: usize, msg: Result<ToCoordinator>, watched: &mut Watched) {
         let s = self.stage_of[c];
+        if msg.is_ok() {
+            self.heard_from(c);
+        }
         if let Some(index) = self.uncommitted_target(c) {
             match msg {
                 Ok(ToCoordinator::Progress { .. }) => {}
@@ -1348,6 +1364,10 @@ impl Session {
         }
         match msg {
             Ok(ToCoordinator::Move(note)) => self.on_note(c, note),
+            Ok(ToCoordinator::Failover(note)) => self.on_failover(c, note),
+            Err(e) if self.host[s] == c && self.fails_over(s, watched) => {
+                self.fail_over(c, s, &e, watched);
+            }
             Ok(ToCoordinator::Migrated { report }) => {
                 self.ended[c] = true;
                 watched.parts[s].push(*report);
@@ -1411,6 +1431,7 @@ impl Session {
             });
         }
         self.opener = Some((key.clone(), fabric.clone(), tx.clone()));
+        self.watch_failover(&tx, &stop_readers, key);
         let mut watched = Watched::new(self.host.len(), cfg.progress.clone());
         let mut settle_until: Option<Instant> = None;
         while watched.reports.iter().any(Option::is_none) {
@@ -1422,7 +1443,11 @@ impl Session {
                 break;
             };
             match heard {
-                Heard::Chunk(body) => self.relay(c, body),
+                Heard::Chunk(body) => {
+                    if !self.keep_chunk(c, &body) {
+                        self.relay(c, body);
+                    }
+                }
                 Heard::Message(msg) => self.hear(c, msg, &mut watched),
                 Heard::Opened(index, Ok(mut opened))
                     if self.moves[index].phase != Phase::Opening =>
@@ -1609,7 +1634,9 @@ impl Session {
                 let last = match &heard {
                     Heard::Message(m) => !matches!(
                         m,
-                        Ok(ToCoordinator::Progress { .. } | ToCoordinator::Move(_))
+                        Ok(ToCoordinator::Progress { .. }
+                            | ToCoordinator::Move(_)
+                            | ToCoordinator::Failover(_))
                     ),
                     _ => false,
                 };

@@ -69,6 +69,14 @@ pub struct PipelineConfig {
     /// every node is ready to take requested moves up.
     #[serde(default)]
     pub live_moves: bool,
+    /// `slug node`s that take over a stage whose node dies (`--spares`), used in order; every
+    /// stage then ships a checkpoint to the coordinator every [`Self::checkpoint_every`] steps.
+    #[serde(default)]
+    pub spares: Vec<String>,
+    /// Forward steps between a stage's checkpoints when there are spares (`--checkpoint-every`;
+    /// `None`: [`super::failover::DEFAULT_CHECKPOINT_EVERY`]).
+    #[serde(default)]
+    pub checkpoint_every: Option<u64>,
     /// Address the coordinator takes `slug migrate` requests on (authenticated with the
     /// cluster key); sets `live_moves`.
     #[serde(skip)]
@@ -122,6 +130,8 @@ impl PipelineConfig {
             stop_after: None,
             migrations: Vec::new(),
             live_moves: false,
+            spares: Vec::new(),
+            checkpoint_every: None,
             control: None,
             launcher: None,
             key_file: None,
@@ -201,6 +211,7 @@ impl PipelineConfig {
             }
         }
         super::migrate::validate(self)?;
+        super::failover::validate(self)?;
         Ok(())
     }
 

@@ -16,6 +16,7 @@
 
 mod cluster;
 mod config;
+mod failover;
 mod launch;
 mod migrate;
 pub mod node;
@@ -44,6 +45,9 @@ pub use cluster::{
 };
 pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes, run_on_nodes_collecting};
 pub use config::{KernelDigests, Launch, PipelineConfig, prompt_tokens};
+pub use failover::{
+    DEFAULT_CHECKPOINT_EVERY, FailoverReport, FailoverSummary, MAX_CHECKPOINT_EVERY,
+};
 pub use launch::{NodeCommand, NodeLauncher};
 pub use migrate::{DEFAULT_ROUNDS, Migration, MigrationReport, PrecopyRound, request_migration};
 pub use node::list_recorded_files;
@@ -96,9 +100,9 @@ pub fn run(cfg: &PipelineConfig, observers: &dyn ObserverFactory) -> Result<RunR
 }
 
 /// The key of a run's own stage nodes: fresh, unless stages move to `slug node`s of the user's
-/// (`--migrate`), which hold the cluster key.
+/// (`--migrate`) or to spares (`--spares`), which hold the cluster key.
 fn run_key(cfg: &PipelineConfig) -> Result<ClusterKey> {
-    if cfg.migrations.is_empty() && cfg.control.is_none() {
+    if cfg.migrations.is_empty() && cfg.control.is_none() && cfg.spares.is_empty() {
         ClusterKey::random()
     } else {
         ClusterKey::resolve(cfg.key_file.as_deref())
@@ -141,8 +145,19 @@ pub fn run_stage(
         hooks: obs.hooks,
         state,
     };
-    let outcome = drive_stage(cfg, &plan, s, &pool, stage, io, None, observed, &|_, _| {})
-        .map_err(|(at, e)| failed(at, e))?;
+    let outcome = drive_stage(
+        cfg,
+        &plan,
+        s,
+        &pool,
+        stage,
+        io,
+        None,
+        None,
+        observed,
+        &|_, _| {},
+    )
+    .map_err(|(at, e)| failed(at, e))?;
     Ok(outcome.into_report(&plan, s, host, &digests))
 }
 
@@ -328,7 +343,18 @@ fn local_stage(
         hooks: obs.hooks,
         state,
     };
-    let outcome = drive_stage(cfg, plan, s, &pool, stage, io, None, observed, &|_, _| {})
-        .map_err(|(at, e)| (s, at, e))?;
+    let outcome = drive_stage(
+        cfg,
+        plan,
+        s,
+        &pool,
+        stage,
+        io,
+        None,
+        None,
+        observed,
+        &|_, _| {},
+    )
+    .map_err(|(at, e)| (s, at, e))?;
     Ok(outcome.into_report(plan, s, "local", &digests))
 }

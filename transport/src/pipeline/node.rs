@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use super::cluster::{Cause, FILE_PIECE, HEARTBEAT, RecordedFile, ToCoordinator, ToNode};
 use super::config::PipelineConfig;
+use super::failover;
 use super::migrate;
 use super::observe::{Observed, ObserverFactory, StageContext, stage_observers};
 use super::progress::RunProgress;
@@ -344,8 +345,10 @@ fn run_assigned(
             "assigned to take stage {s} over by move {index}, which the config does not hold"
         ))));
     }
-    let moving =
-        incoming.is_some() || cfg.live_moves || cfg.migrations.iter().any(|m| m.stage == s);
+    let moving = incoming.is_some()
+        || cfg.live_moves
+        || cfg.migrations.iter().any(|m| m.stage == s)
+        || !cfg.spares.is_empty();
     let weights = moving.then(|| migrate::weights_hash(&stage));
     let (obs, digests) = stage_observers(factory, &ctx).map_err(startup)?;
     let transfers = obs.transfers;
@@ -402,6 +405,17 @@ fn run_assigned(
         },
     };
     let resume_step = stage.cursor().step;
+    let mut failover = failover::Guard::for_stage(
+        cfg,
+        s,
+        resume_step,
+        writer.clone(),
+        digests.clone(),
+        links.as_ref().and_then(|l| l.data_listener()),
+        link_key,
+        abort,
+    );
+    let ears = failover.as_ref().map(failover::Guard::ears);
     let progress = Arc::new(AtomicU64::new(0));
     let stop = AbortFlag::new();
     let files = std::thread::scope(|scope| {
@@ -428,6 +442,11 @@ fn run_assigned(
                         }
                         Ok(ToNode::Move { index, verdict }) => gate2.set(index, verdict),
                         Ok(ToNode::Plan { index, migration }) => gate2.plan(index, migration),
+                        Ok(ToNode::Failover(note)) => {
+                            if let Some(ears) = &ears {
+                                ears.heard(note);
+                            }
+                        }
                         Ok(_) => {}
                     }
                 }
@@ -534,6 +553,7 @@ fn run_assigned(
                 stage,
                 io,
                 moves_here,
+                failover.as_mut(),
                 observed,
                 &|step, seq| {
                     progress.store((u64::from(step) << 32) | u64::from(seq), Ordering::Relaxed)

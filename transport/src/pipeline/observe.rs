@@ -161,6 +161,25 @@ impl DigestObserver {
             .unwrap_or_default()
     }
 
+    /// Copies of the transfer digests from index `transfers` on and the kernel digests from
+    /// `kernels` on (what a failover checkpoint adds since the previous one).
+    pub(crate) fn since(
+        &self,
+        transfers: usize,
+        kernels: usize,
+    ) -> (Vec<TransferDigest>, Vec<KernelDigest>) {
+        (
+            self.0
+                .lock()
+                .map(|v| v.get(transfers..).unwrap_or_default().to_vec())
+                .unwrap_or_default(),
+            self.1
+                .lock()
+                .map(|v| v.get(kernels..).unwrap_or_default().to_vec())
+                .unwrap_or_default(),
+        )
+    }
+
     pub(crate) fn take_kernels(&self) -> Vec<KernelDigest> {
         self.1
             .lock()

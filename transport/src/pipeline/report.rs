@@ -114,6 +114,9 @@ pub struct RunReport {
     /// What became of each `--migrate`, in the order given.
     #[serde(default)]
     pub migrations: Vec<super::migrate::MigrationReport>,
+    /// Checkpoints and failovers of a run with spares (`--spares`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<super::failover::FailoverSummary>,
 }
 
 impl RunReport {
@@ -145,6 +148,7 @@ impl RunReport {
             },
             stage_reports,
             migrations: Vec::new(),
+            failover: None,
         }
     }
 

@@ -12,6 +12,7 @@ use crate::link::{LinkEnds, LinkReceiver, LinkSender, LinkStats, Region, RegionM
 use crate::transfer::{ArenaId, EndpointId, LinkId, Tag};
 
 use super::config::PipelineConfig;
+use super::failover::{self, Guard};
 use super::migrate::{AtBoundary, Moves};
 use super::observe::{DigestObserver, Observed, ObserverFactory, StageContext};
 use super::report::StageReport;
@@ -79,7 +80,8 @@ impl StageOutcome {
 /// A stage restored mid-run (cursor step K > 0) resumes at the K-th forward step; every stage
 /// of the pipeline must be restored at the same K (links continue their recorded numbering).
 /// The state observer sees the stage before its first step and after every step; `moves`
-/// (process transports) is consulted at every step boundary, send and receive.
+/// (process transports) is consulted at every step boundary, send and receive, and so is
+/// `failover` (runs with spares: checkpoints, the sent log, re-linking to a neighbour's spare).
 /// On failure returns where the stage was ("step 3 (sequence 1)") with the error.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn drive_stage(
@@ -90,6 +92,7 @@ pub(crate) fn drive_stage(
     mut stage: Stage,
     mut io: StageLinks,
     mut moves: Option<Moves>,
+    mut failover: Option<&mut Guard>,
     observed: Observed,
     progress: &dyn Fn(u32, u32),
 ) -> std::result::Result<StageOutcome, (String, TransportError)> {
@@ -188,9 +191,20 @@ pub(crate) fn drive_stage(
                     handed_off = true;
                     break 'schedule;
                 }
+                if let Some(f) = failover.as_deref_mut() {
+                    f.at_boundary(&stage, forward - 1, &tokens, (steps, forward_ns), &io)
+                        .map_err(|e| fail(&at, e))?;
+                }
                 progress(step as u32, seq as u32);
                 let n = take_input(
-                    cfg, &mut stage, &mut io, &mut moves, s, seq, step, dim_bytes,
+                    cfg,
+                    &mut stage,
+                    &mut io,
+                    (&mut moves, failover.as_deref_mut()),
+                    s,
+                    seq,
+                    step,
+                    dim_bytes,
                 )
                 .map_err(|e| fail(&at, e))?;
                 let t0 = Instant::now();
@@ -233,7 +247,9 @@ pub(crate) fn drive_stage(
                         arena: STAGE_ARENA,
                         bytes: stage.arena().bytes(),
                     };
-                    out.send(
+                    failover::send(
+                        out,
+                        failover.as_deref_mut(),
                         region,
                         src.offset as u64,
                         len,
@@ -268,7 +284,7 @@ fn take_input(
     cfg: &PipelineConfig,
     stage: &mut Stage,
     io: &mut StageLinks,
-    moves: &mut Option<Moves>,
+    (moves, failover): (&mut Option<Moves>, Option<&mut Guard>),
     s: usize,
     seq: usize,
     step: usize,
@@ -292,7 +308,7 @@ fn take_input(
         arena: STAGE_ARENA,
         bytes: stage.arena_mut().bytes_mut(),
     };
-    let t = inbound.recv(&mut region)?;
+    let t = failover::recv(inbound, failover, &mut region)?;
     // Stage 0 receives the token produced in the previous step; others this step's hidden states.
     let want_step = if s == 0 { step - 1 } else { step };
     let inbox = stage.layout().inboxes[seq];
