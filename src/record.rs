@@ -155,12 +155,14 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         ..RecordConfig::new(&args.out)
     };
     let mut pipeline = args.pipeline()?;
-    if !pipeline.migrations.is_empty() || pipeline.control.is_some() {
-        anyhow::bail!(
-            "--migrate and --control are not supported while recording yet: the trace would need the move as an \
-             event on both nodes' timelines and the endpoint's log continued on the new node, \
-             which slug does not write yet; use `slug run --migrate ...` (same tokens and \
-             transfers), or record without --migrate"
+    if (!pipeline.migrations.is_empty() || pipeline.control.is_some()) && !pipeline.hosts.is_empty()
+    {
+        bail!(
+            "--migrate and --control with --hosts are not supported while recording: the nodes \
+             record into scratch directories of their own and the coordinator collects the \
+             files of each stage's last node only; record on this machine (--transport shm or \
+             tcp without --hosts, the move targets on this machine too), or use `slug run \
+             --hosts ... --migrate ...`"
         );
     }
     if pipeline.transport == TransportKind::Mpi {

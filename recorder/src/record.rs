@@ -9,8 +9,8 @@ use slug_schema::{
     EndpointInfo, Event, EventKind, KindSet, Manifest, NodeClock, TimeRange, Trace, WriterOptions,
 };
 use slug_transport::pipeline::{
-    NoObservers, ObserverSettings, PipelineConfig, RecordSettings, RunReport, run,
-    run_on_nodes_collecting,
+    NoObservers, ObserverSettings, PipelineConfig, RecordSettings, RunReport,
+    continuation_endpoint, run, run_on_nodes_collecting,
 };
 use slug_transport::transfer::TransportKind;
 
@@ -392,6 +392,8 @@ pub fn record_with(
             rank: 0,
             stage: s,
             log: Trace::log_path_for(s),
+            continues: None,
+            steps: None,
         })
         .collect();
     manifest.clocks = vec![NodeClock {
@@ -503,12 +505,22 @@ pub fn record_with(
             run(&p, &NoObservers)
         }
         .map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
-        let endpoints = (0..pipeline.stages as u32)
-            .map(|s| summarize_log(&trace, s, &mut losses))
+        if report.migrations.iter().any(|m| m.moved) {
+            // The nodes the stages moved to wrote logs of their own: list them before reading.
+            let mut manifest = trace.manifest().clone();
+            add_continuations(&mut manifest, pipeline, &report);
+            trace
+                .set_manifest(manifest)
+                .map_err(|e| RecorderError::Schema(Box::new(e)))?;
+        }
+        let ids: Vec<u32> = trace.manifest().endpoints.iter().map(|e| e.id).collect();
+        let endpoints = ids
+            .iter()
+            .map(|&id| summarize_log(&trace, id, &mut losses))
             .collect::<Result<Vec<_>>>()?;
         // Every node reports what it could record (on --hosts, its topology too).
         let mut topology = None;
-        let caps = node_reports(&cfg.out, pipeline.stages, &mut topology, &mut node_warnings);
+        let caps = node_reports(&cfg.out, &ids, &mut topology, &mut node_warnings);
         if on_hosts {
             manifest_topology = topology;
         }
@@ -592,18 +604,18 @@ pub fn record_with(
 /// counts as captured only if every node captured it) and their topologies, then removes them.
 fn node_reports(
     out: &Path,
-    stages: usize,
+    endpoints: &[u32],
     topology: &mut Option<Vec<slug_schema::HostTopology>>,
     warnings: &mut Vec<String>,
 ) -> Capabilities {
     let mut caps = Capabilities::default();
     let mut topologies: Vec<slug_schema::HostTopology> = Vec::new();
-    for s in 0..stages {
+    for &s in endpoints {
         let report = match NodeReport::read(out, s) {
             Ok(r) => r,
             Err(e) => {
                 warnings.push(format!(
-                    "stage {s}: no capability report from its node ({e})"
+                    "endpoint {s}: no capability report from its node ({e})"
                 ));
                 continue;
             }
@@ -707,6 +719,54 @@ fn place_endpoints(manifest: &mut Manifest, report: &RunReport) {
                 uncertainty_ns: c.rtt_ns.unsigned_abs() / 2,
             });
         }
+    }
+}
+
+/// Lists the endpoint each move of the run started on the node it moved the stage to (its log
+/// continues the stage's log from the move's step), the steps every endpoint of a moved stage
+/// ran, and the clock offset of each target node (measured when the coordinator connected).
+fn add_continuations(manifest: &mut Manifest, pipeline: &PipelineConfig, report: &RunReport) {
+    let end = pipeline.forward_steps();
+    let mut moved: Vec<&slug_transport::pipeline::MigrationReport> =
+        report.migrations.iter().filter(|m| m.moved).collect();
+    moved.sort_by_key(|m| m.index);
+    // Per stage, the endpoint running it after the moves so far.
+    let mut current: Vec<u32> = (0..pipeline.stages as u32).collect();
+    for m in moved {
+        let Some(&before) = current.get(m.stage) else {
+            continue;
+        };
+        let id = continuation_endpoint(pipeline.stages, m.index);
+        if let Some(prev) = manifest.endpoints.iter_mut().find(|e| e.id == before) {
+            let first = prev.steps.map_or(0, |s| s[0]);
+            prev.steps = Some([first, m.at_step]);
+        }
+        let host = m
+            .to
+            .rsplit_once(':')
+            .map_or(m.to.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']'])
+            .to_string();
+        manifest.endpoints.push(EndpointInfo {
+            id,
+            node: m.to.clone(),
+            host,
+            rank: 0,
+            stage: m.stage as u32,
+            log: Trace::log_path_for(id),
+            continues: Some(before),
+            steps: Some([m.at_step, end]),
+        });
+        if let Some([_, to]) = m.clocks
+            && !manifest.clocks.iter().any(|c| c.node == m.to)
+        {
+            manifest.clocks.push(NodeClock {
+                node: m.to.clone(),
+                offset_ns: -to.offset_ns,
+                uncertainty_ns: to.rtt_ns.unsigned_abs() / 2,
+            });
+        }
+        current[m.stage] = id;
     }
 }
 

@@ -44,7 +44,7 @@ pub use batch::{ColumnSize, column_sizes};
 pub use error::{Result, SchemaError};
 pub use event::{
     Counter, Direction, EbpfEvent, EbpfKind, Event, EventKind, KernelSpan, KindSet, LostEvents,
-    Marker, PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, SoftwareRecord,
+    Marker, MigrationEvent, MoveRole, PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, SoftwareRecord,
     StepBoundary, StringId, SystemRecord, Transfer, Transport,
 };
 pub use frame::{

@@ -1069,6 +1069,8 @@ impl Session {
                     stall_ms: None,
                     step_ms: None,
                     restored_ms: None,
+                    index: 0,
+                    clocks: None,
                 },
             })
             .collect();
@@ -1198,7 +1200,8 @@ impl Session {
         let stage = self.moves[index].plan.stage;
         let data_addr = self.data[t].clone();
         self.broadcast_verdict(index, Verdict::Commit { data_addr });
-        self.host[stage] = t;
+        let source = std::mem::replace(&mut self.host[stage], t);
+        let clocks = [self.clocks[source], self.clocks[t]];
         let n = self.host.len();
         let next = self.data[self.host[(stage + 1) % n]].clone();
         // A target that is gone now fails the run through its reader, like any stage node.
@@ -1206,6 +1209,8 @@ impl Session {
         let m = &mut self.moves[index];
         m.phase = Phase::Committed;
         m.report.moved = true;
+        m.report.index = index;
+        m.report.clocks = Some(clocks);
     }
 
     /// Relays an arena chunk from the node running a moving stage to the move's target.
@@ -1495,6 +1500,8 @@ impl Session {
             stall_ms: None,
             step_ms: None,
             restored_ms: None,
+            index: 0,
+            clocks: None,
         };
         let refuse = |mut report: MigrationReport, reason: String| {
             report.reason = Some(reason);

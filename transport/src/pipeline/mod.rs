@@ -45,7 +45,10 @@ pub use cluster::{
 pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes, run_on_nodes_collecting};
 pub use config::{KernelDigests, Launch, PipelineConfig, prompt_tokens};
 pub use launch::{NodeCommand, NodeLauncher};
-pub use migrate::{DEFAULT_ROUNDS, Migration, MigrationReport, PrecopyRound, request_migration};
+pub use migrate::{
+    DEFAULT_ROUNDS, Migration, MigrationReport, PrecopyRound, continuation_endpoint,
+    request_migration,
+};
 pub use node::list_recorded_files;
 pub use observe::{NoObservers, ObserverFactory, StageContext, StageObservers};
 pub use progress::{ProgressReading, RunProgress, StageProgress};
@@ -128,6 +131,7 @@ pub fn run_stage(
     let plan = cfg.plan().map_err(startup)?;
     let ctx = StageContext {
         stage: s,
+        endpoint: s as u32,
         host,
         config: cfg,
     };
@@ -311,6 +315,7 @@ fn local_stage(
     let prepared = (|| {
         let ctx = StageContext {
             stage: s,
+            endpoint: s as u32,
             host: "local",
             config: cfg,
         };

@@ -20,6 +20,7 @@ use crate::auth::{ClusterKey, Role, server_handshake};
 use crate::error::{Result, TransportError};
 use crate::link::select::prepare_node_links;
 use crate::link::{NodeLinkPlan, StageLinks};
+use crate::transfer::StageMove;
 use crate::wire::{AbortFlag, Conn, kind, printable, shown};
 
 pub use super::cluster::LISTENING_PREFIX;
@@ -414,6 +415,18 @@ fn run_assigned(
     let Some(next) = await_start(conn, writer, &mut built.stage, cfg, incoming, &gate)? else {
         return Ok(());
     };
+    if let Some(index) = incoming {
+        // Every earlier move is final by now (moves commit in order): the stage came from the
+        // node of the last one that committed, or from its first node.
+        let committed = |i| matches!(gate.now(i), Some(migrate::Verdict::Commit { .. }));
+        built.transfers.stage_moved(&StageMove {
+            stage: s as u32,
+            at_step: cfg.migrations[index].at_step,
+            index: index as u32,
+            arrived: true,
+            peer: migrate::endpoint_before(cfg, s, index, committed),
+        });
+    }
     let ctx = built.ctx;
     let run = Started {
         next,
@@ -461,6 +474,7 @@ fn build_assigned<'a>(
     let pool = slug_kernels::ThreadPool::new(cfg.threads).map_err(|e| startup(e.into()))?;
     let ctx = StageContext {
         stage: s,
+        endpoint: incoming.map_or(s as u32, |i| migrate::continuation_endpoint(cfg.stages, i)),
         host,
         config: cfg,
     };
@@ -712,7 +726,16 @@ fn drive_and_report(
     // Every move message the stage queued goes out before its report.
     drop(ship_tx);
     let _ = shipper.join();
-    if handed_off {
+    if let Some(index) = handed_off {
+        transfers.stage_moved(&StageMove {
+            stage: s as u32,
+            at_step: cfg.migrations.get(index).map_or(0, |m| m.at_step),
+            index: index as u32,
+            arrived: false,
+            peer: migrate::continuation_endpoint(cfg.stages, index),
+        });
+        // The stage's log ends here, closed before the coordinator hears that it moved.
+        drop(transfers);
         send(writer, &ToCoordinator::Migrated { report }, timeout)
             .map_err(|e| ("report".to_string(), e))?;
         log(&format!("stage {s} moved to another node"));

@@ -40,8 +40,8 @@ pub(crate) struct StageOutcome {
     pub inbound: Option<LinkStats>,
     pub outbound: Option<LinkStats>,
     pub inbound_clock: Option<crate::clock::ClockOffset>,
-    /// The stage stopped early because it moved to another node (`--migrate`).
-    pub handed_off: bool,
+    /// The stage stopped early because it moved to another node by this move (`--migrate`).
+    pub handed_off: Option<usize>,
 }
 
 impl StageOutcome {
@@ -166,7 +166,7 @@ pub(crate) fn drive_stage(
         o.at_step_boundary(&stage).map_err(|e| fail(&at, e))?;
     }
     let mut forward = 0u64;
-    let mut handed_off = false;
+    let mut handed_off = None;
     let seq_ids: Vec<usize> = (0..sequences).collect();
     'schedule: for group in seq_ids.chunks(cfg.microbatches) {
         for step in 0..cfg.tokens {
@@ -181,11 +181,11 @@ pub(crate) fn drive_stage(
                 }
                 at = format!("step {step} (sequence {seq})");
                 if let Some(m) = moves.as_mut()
-                    && m.at_boundary(&stage, forward - 1)
+                    && let AtBoundary::HandedOff(index) = m
+                        .at_boundary(&stage, forward - 1)
                         .map_err(|e| fail(&at, e))?
-                        == AtBoundary::HandedOff
                 {
-                    handed_off = true;
+                    handed_off = Some(index);
                     break 'schedule;
                 }
                 progress(step as u32, seq as u32);

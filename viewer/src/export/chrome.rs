@@ -132,6 +132,14 @@ impl Writer<'_> {
                 | TraceEvent::PtChunk(_)
                 | TraceEvent::PerfSoftware(_)
                 | TraceEvent::Transfer(_) => Ok(()),
+                TraceEvent::Migration(m) => {
+                    self.summary.instants += 1;
+                    let r = &m.record;
+                    self.emit(&json!({"ph": "i", "s": "p", "name": e.label(self.names), "cat": e.kind().name(),
+                        "pid": pid(ep), "tid": TRANSFERS_TID, "ts": us(r.ns),
+                        "args": {"stage": r.stage, "step": r.step, "move": r.index, "role": m.role(),
+                            "peer_endpoint": r.peer}}))
+                }
                 TraceEvent::StepBoundary(_)
                 | TraceEvent::Snapshot(_)
                 | TraceEvent::LostEvents(_)

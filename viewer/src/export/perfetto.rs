@@ -333,6 +333,21 @@ impl Writer<'_> {
                 | TraceEvent::PtChunk(_)
                 | TraceEvent::PerfSoftware(_)
                 | TraceEvent::Transfer(_) => Ok(()),
+                TraceEvent::Migration(m) => {
+                    let uuid = self.track(ep, TrackKind::Endpoint)?;
+                    self.summary.instants += 1;
+                    let (r, label) = (m.record, e.label(self.source.names()));
+                    self.emit(r.ns, |ev| {
+                        ev.varint(event::TYPE, event::TYPE_INSTANT)
+                            .varint(event::TRACK_UUID, uuid)
+                            .string(event::CATEGORIES, EventKind::Migration.name())
+                            .string(event::NAME, &label);
+                        annotate(ev, "stage", u64::from(r.stage));
+                        annotate(ev, "step", r.step);
+                        annotate(ev, "move", u64::from(r.index));
+                        annotate(ev, "peer_endpoint", u64::from(r.peer));
+                    })
+                }
                 TraceEvent::StepBoundary(_)
                 | TraceEvent::Snapshot(_)
                 | TraceEvent::LostEvents(_)
