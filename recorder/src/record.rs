@@ -514,6 +514,9 @@ pub fn record_with(
                 .map_err(|e| RecorderError::Schema(Box::new(e)))?;
         }
         let ids: Vec<u32> = trace.manifest().endpoints.iter().map(|e| e.id).collect();
+        if pipeline.control.is_some() || !pipeline.migrations.is_empty() {
+            node_warnings.extend(remove_unused_continuations(&cfg.out, pipeline.stages, &ids));
+        }
         let endpoints = ids
             .iter()
             .map(|&id| summarize_log(&trace, id, &mut losses))
@@ -741,12 +744,11 @@ fn add_continuations(manifest: &mut Manifest, pipeline: &PipelineConfig, report:
             let first = prev.steps.map_or(0, |s| s[0]);
             prev.steps = Some([first, m.at_step]);
         }
-        let host = m
-            .to
-            .rsplit_once(':')
-            .map_or(m.to.as_str(), |(h, _)| h)
-            .trim_matches(['[', ']'])
-            .to_string();
+        let host =
+            m.to.rsplit_once(':')
+                .map_or(m.to.as_str(), |(h, _)| h)
+                .trim_matches(['[', ']'])
+                .to_string();
         manifest.endpoints.push(EndpointInfo {
             id,
             node: m.to.clone(),
@@ -768,6 +770,41 @@ fn add_continuations(manifest: &mut Manifest, pipeline: &PipelineConfig, report:
         }
         current[m.stage] = id;
     }
+}
+
+/// Removes the logs (and node reports) that targets of moves which did not happen started
+/// before they were dismissed: endpoint ids past the stages that the manifest does not list.
+/// The trace directory was empty when the recording began, so they are this run's own files;
+/// only regular files with exactly those names are removed. Returns what could not be removed.
+fn remove_unused_continuations(out: &Path, stages: usize, listed: &[u32]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let dir = out.join(slug_schema::ENDPOINTS_DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return warnings;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".slog"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if (id as usize) < stages || listed.contains(&id) {
+            continue;
+        }
+        for path in [entry.path(), NodeReport::path(out, id)] {
+            let regular = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
+            if regular && let Err(e) = std::fs::remove_file(&path) {
+                warnings.push(format!(
+                    "cannot remove {}, left by the target of a move that did not happen: {e}",
+                    path.display()
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 /// Snapshots in the trace's store (each stage's every snapshot index).

@@ -6,9 +6,9 @@
 //! [`crate::FrameEncoder`] turns a run of them into a compressed columnar frame.
 
 use crate::event::{
-    Counter, Direction, EbpfKind, Event, EventKind, KernelSpan, LostEvents, Marker,
-    MigrationEvent, MoveRole, PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, StepBoundary, SystemRecord, Transfer,
-    Transport,
+    Counter, Direction, EbpfKind, Event, EventKind, KernelSpan, LostEvents, Marker, MigrationEvent,
+    MoveRole, PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, StepBoundary,
+    SystemRecord, Transfer, Transport,
 };
 
 /// Words of payload in a record.

@@ -9,8 +9,7 @@ use slug_schema::{Event, FooterState, FrameInfo, LogReader, StringId, Trace};
 
 use crate::error::{Result, ViewerError};
 use crate::state::event::{
-    Migration,
-    EndpointIx, EventKind, KindCounts, Names, Nanos, TimeRange, TraceEvent, Transfer,
+    EndpointIx, EventKind, KindCounts, Migration, Names, Nanos, TimeRange, TraceEvent, Transfer,
 };
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, TraceSource};
 

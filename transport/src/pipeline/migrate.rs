@@ -446,8 +446,12 @@ impl std::fmt::Debug for Moves {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum AtBoundary {
     Continue,
-    /// The target confirmed move `.0`: this node lets go of the stage.
-    HandedOff(usize),
+    /// The target confirmed move `index`, at the stage's forward step `at_step`: this node
+    /// lets go of the stage.
+    HandedOff {
+        index: usize,
+        at_step: u64,
+    },
 }
 
 impl Moves {
@@ -641,7 +645,7 @@ impl Moves {
                     is_final,
                 )?;
                 if matches!(verdict, Verdict::Commit { .. }) {
-                    return Ok(AtBoundary::HandedOff(index));
+                    return Ok(AtBoundary::HandedOff { index, at_step: at });
                 }
             }
         }

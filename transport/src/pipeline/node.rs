@@ -726,10 +726,10 @@ fn drive_and_report(
     // Every move message the stage queued goes out before its report.
     drop(ship_tx);
     let _ = shipper.join();
-    if let Some(index) = handed_off {
+    if let Some((index, at_step)) = handed_off {
         transfers.stage_moved(&StageMove {
             stage: s as u32,
-            at_step: cfg.migrations.get(index).map_or(0, |m| m.at_step),
+            at_step,
             index: index as u32,
             arrived: false,
             peer: migrate::continuation_endpoint(cfg.stages, index),

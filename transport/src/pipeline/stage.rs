@@ -40,8 +40,8 @@ pub(crate) struct StageOutcome {
     pub inbound: Option<LinkStats>,
     pub outbound: Option<LinkStats>,
     pub inbound_clock: Option<crate::clock::ClockOffset>,
-    /// The stage stopped early because it moved to another node by this move (`--migrate`).
-    pub handed_off: Option<usize>,
+    /// The stage stopped early because it moved to another node: the move and its step.
+    pub handed_off: Option<(usize, u64)>,
 }
 
 impl StageOutcome {
@@ -181,11 +181,11 @@ pub(crate) fn drive_stage(
                 }
                 at = format!("step {step} (sequence {seq})");
                 if let Some(m) = moves.as_mut()
-                    && let AtBoundary::HandedOff(index) = m
+                    && let AtBoundary::HandedOff { index, at_step } = m
                         .at_boundary(&stage, forward - 1)
                         .map_err(|e| fail(&at, e))?
                 {
-                    handed_off = Some(index);
+                    handed_off = Some((index, at_step));
                     break 'schedule;
                 }
                 progress(step as u32, seq as u32);
