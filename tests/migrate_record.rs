@@ -123,8 +123,11 @@ fn replays_bit_exact(trace: &Path, args: &[&str]) {
     assert!(text.contains(" 0 differ"), "slug {all:?}: {text}");
 }
 
-/// The endpoints of `stage` in the manifest, as (id, continues, steps), in step order.
-fn parts(info: &Value, stage: u64) -> Vec<(u64, Option<u64>, Option<(u64, u64)>)> {
+/// One endpoint of a stage: its id, the endpoint it continues, the steps it ran.
+type Part = (u64, Option<u64>, Option<(u64, u64)>);
+
+/// The endpoints of `stage` in the manifest, in step order.
+fn parts(info: &Value, stage: u64) -> Vec<Part> {
     let mut out: Vec<_> = info["endpoints"]
         .as_array()
         .expect("endpoints")
@@ -301,4 +304,89 @@ fn recording_on_hosts_refuses_moves_and_says_what_works() {
         text.contains("--hosts are not supported while recording"),
         "{text}"
     );
+}
+
+#[test]
+fn slug_migrate_moves_a_stage_of_a_running_recording() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = key_file(dir.path());
+    let target = Node::start(&key);
+    let trace = dir.path().join("run");
+    // 4 sequences of 500 tokens (2000 forward steps): long enough to be moved mid-run.
+    let mut run = Command::new(cli::slug())
+        .args(["record", "--out"])
+        .arg(&trace)
+        .args(["--quiet", "--perf", "none", "--ebpf", "none", "--"])
+        .args([
+            "--layers",
+            "3",
+            "--stages",
+            "3",
+            "--tokens",
+            "500",
+            "--max-seq",
+            "512",
+        ])
+        .args([
+            "--sequences",
+            "4",
+            "--microbatches",
+            "2",
+            "--timeout-ms",
+            "20000",
+        ])
+        .args([
+            "--transport",
+            "tcp",
+            "--control",
+            "127.0.0.1:0",
+            "--key-file",
+        ])
+        .arg(&key)
+        .env_remove(KEY_ENV)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the recording");
+    let mut stderr = BufReader::new(run.stderr.take().expect("stderr"));
+    let control = loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).expect("stderr reads") > 0,
+            "the recording ended before announcing its control endpoint"
+        );
+        if let Some(rest) = line.strip_prefix("slug: control endpoint listening on ") {
+            break rest.split(' ').next().expect("an address").to_string();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let o = Command::new(cli::slug())
+        .args([
+            "migrate",
+            "--control",
+            &control,
+            "--stage",
+            "1",
+            "--to",
+            &target.addr,
+        ])
+        .arg("--key-file")
+        .arg(&key)
+        .arg("--json")
+        .env_remove(KEY_ENV)
+        .output()
+        .expect("run slug migrate");
+    assert!(o.status.success(), "slug migrate: {}", cli::text(&o));
+    let moved: Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let at = moved["at_step"].as_u64().expect("the move's step");
+    assert!(run.wait().expect("the recording ends").success());
+
+    let info = info(&trace);
+    assert_eq!(info["counts"]["migration"], 2);
+    let id = moved["index"].as_u64().expect("the move's number") + 3;
+    assert_eq!(
+        parts(&info, 1),
+        vec![(1, None, Some((0, at))), (id, Some(1), Some((at, 2000)))]
+    );
+    replays_bit_exact(&trace, &[]);
 }
