@@ -155,16 +155,6 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         ..RecordConfig::new(&args.out)
     };
     let mut pipeline = args.pipeline()?;
-    if (!pipeline.migrations.is_empty() || pipeline.control.is_some()) && !pipeline.hosts.is_empty()
-    {
-        bail!(
-            "--migrate and --control with --hosts are not supported while recording: the nodes \
-             record into scratch directories of their own and the coordinator collects the \
-             files of each stage's last node only; record on this machine (--transport shm or \
-             tcp without --hosts, the move targets on this machine too), or use `slug run \
-             --hosts ... --migrate ...`"
-        );
-    }
     if pipeline.transport == TransportKind::Mpi {
         // Under mpirun: rank 0 prints the summary; the other ranks only record their stage.
         return match crate::mpi::record_pipeline(&config, &pipeline)? {

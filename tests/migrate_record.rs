@@ -64,6 +64,12 @@ fn key_file(dir: &Path) -> std::path::PathBuf {
 /// Records 3 stages of a 3-layer tiny model, 2 sequences of 6 tokens (12 forward steps per
 /// stage), with every payload and a snapshot every 2 steps, moving stages by `moves`.
 fn record(out: &Path, key: &Path, transport: &str, moves: &[String]) {
+    let args: Vec<String> = moves.iter().map(|m| format!("--migrate={m}")).collect();
+    record_with(out, key, transport, &args);
+}
+
+/// [`record`] with `extra` run flags after the pipeline's.
+fn record_with(out: &Path, key: &Path, transport: &str, extra: &[String]) {
     let out = out.to_str().expect("utf-8 path");
     let key = key.to_str().expect("utf-8 path");
     let mut args = vec![
@@ -95,9 +101,7 @@ fn record(out: &Path, key: &Path, transport: &str, moves: &[String]) {
         "--key-file",
         key,
     ];
-    for m in moves {
-        args.extend(["--migrate", m.as_str()]);
-    }
+    args.extend(extra.iter().map(String::as_str));
     let o = Command::new(cli::slug())
         .args(&args)
         .env_remove(KEY_ENV)
@@ -283,27 +287,46 @@ fn shm_recording_moves_stage_0_and_the_last_stage_and_replays_bit_exact() {
 }
 
 #[test]
-fn recording_on_hosts_refuses_moves_and_says_what_works() {
-    let o = cli::run(&[
-        "record",
-        "--out",
-        "/nonexistent-parent/x",
-        "--",
-        "--stages",
-        "2",
-        "--transport",
-        "tcp",
-        "--hosts",
-        "127.0.0.1:1,127.0.0.1:2",
-        "--migrate",
-        "stage=1,to=127.0.0.1:3,at-step=2",
-    ]);
-    assert!(!o.status.success());
-    let text = cli::text(&o);
-    assert!(
-        text.contains("--hosts are not supported while recording"),
-        "{text}"
+fn hosts_recording_collects_every_node_a_stage_ran_on_and_replays_bit_exact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = key_file(dir.path());
+    let (a, b, c) = (Node::start(&key), Node::start(&key), Node::start(&key));
+    let trace = dir.path().join("run");
+    // Stage 1 goes from b to the spare c, then back onto a, which also runs stages 0 and 2;
+    // each node records into a scratch directory of its own, collected when the run ends.
+    let args = [
+        format!("--hosts={},{},{}", a.addr, b.addr, a.addr),
+        format!("--migrate=stage=1,to={},at-step=4", c.addr),
+        format!("--migrate=stage=1,to={},at-step=8", a.addr),
+    ];
+    record_with(&trace, &key, "tcp", &args);
+
+    let info = info(&trace);
+    assert_eq!(info["counts"]["migration"], 4);
+    let stage1: Vec<(u64, String)> = {
+        let mut v: Vec<_> = info["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .filter(|e| e["stage"] == 1)
+            .map(|e| {
+                let first = e["steps"][0].as_u64().expect("steps");
+                (first, e["node"].as_str().expect("node").to_string())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        stage1,
+        vec![
+            (0, b.addr.clone()),
+            (4, c.addr.clone()),
+            (8, a.addr.clone())
+        ]
     );
+    replays_bit_exact(&trace, &[]);
+    replays_bit_exact(&trace, &["--stage", "1", "--from-step", "2"]);
 }
 
 #[test]

@@ -532,6 +532,7 @@ pub fn record_with(
     let mut manifest = trace.manifest().clone();
     if on_hosts {
         place_endpoints(&mut manifest, &report);
+        place_moved(&mut manifest, &report);
         if let Some(t) = manifest_topology {
             manifest.topology = t;
         }
@@ -705,10 +706,13 @@ fn place_endpoints(manifest: &mut Manifest, report: &RunReport) {
             .map_or(r.host.as_str(), |(h, _)| h)
             .trim_matches(['[', ']'])
             .to_string();
+        // The stage's last endpoint: the node it ran on at the end (a moved stage's earlier
+        // endpoints are placed by `place_moved`).
         if let Some(ep) = manifest
             .endpoints
             .iter_mut()
-            .find(|e| e.stage == r.stage as u32)
+            .filter(|e| e.stage == r.stage as u32)
+            .max_by_key(|e| e.steps.map_or(0, |s| s[0]))
         {
             ep.node = r.host.clone();
             ep.host = host;
@@ -723,6 +727,46 @@ fn place_endpoints(manifest: &mut Manifest, report: &RunReport) {
             });
         }
     }
+}
+
+/// Places the first endpoint of every stage that moved on the node the stage left (the
+/// endpoints the stage moved to are on their target nodes already) and gives every node of a
+/// move its clock offset, measured when the coordinator connected.
+fn place_moved(manifest: &mut Manifest, report: &RunReport) {
+    for m in report.migrations.iter().filter(|m| m.moved) {
+        let id = continuation_endpoint(report.stage_reports.len(), m.index);
+        let before = manifest
+            .endpoints
+            .iter()
+            .find(|e| e.id == id)
+            .and_then(|e| e.continues);
+        if let Some(first) = before.and_then(|b| {
+            manifest
+                .endpoints
+                .iter_mut()
+                .find(|e| e.id == b && e.continues.is_none())
+        }) {
+            first.node = m.from.clone();
+            first.host = host_of(&m.from);
+        }
+        for (node, clock) in [&m.from, &m.to].into_iter().zip(m.clocks.iter().flatten()) {
+            if !manifest.clocks.iter().any(|c| &c.node == node) {
+                manifest.clocks.push(NodeClock {
+                    node: node.clone(),
+                    offset_ns: -clock.offset_ns,
+                    uncertainty_ns: clock.rtt_ns.unsigned_abs() / 2,
+                });
+            }
+        }
+    }
+}
+
+/// The host part of a node's `host:port` address.
+fn host_of(addr: &str) -> String {
+    addr.rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_matches(['[', ']'])
+        .to_string()
 }
 
 /// Lists the endpoint each move of the run started on the node it moved the stage to (its log
@@ -744,15 +788,10 @@ fn add_continuations(manifest: &mut Manifest, pipeline: &PipelineConfig, report:
             let first = prev.steps.map_or(0, |s| s[0]);
             prev.steps = Some([first, m.at_step]);
         }
-        let host =
-            m.to.rsplit_once(':')
-                .map_or(m.to.as_str(), |(h, _)| h)
-                .trim_matches(['[', ']'])
-                .to_string();
         manifest.endpoints.push(EndpointInfo {
             id,
             node: m.to.clone(),
-            host,
+            host: host_of(&m.to),
             rank: 0,
             stage: m.stage as u32,
             log: Trace::log_path_for(id),

@@ -3,7 +3,7 @@
 //! `slug node` servers over authenticated control connections, and turning the first failure
 //! anywhere into one error that names the stage, its host and the step it reached.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -161,8 +161,13 @@ pub(crate) enum ToCoordinator {
     Cleaned,
     /// A step of a move.
     Move(MoveNote),
-    /// The stage moved to another node at the step the report ends with.
-    Migrated { report: Box<StageReport> },
+    /// The stage moved to another node at the step the report ends with; with `collect`, a
+    /// [`ToCoordinator::Files`] listing of what it recorded until then follows.
+    Migrated {
+        report: Box<StageReport>,
+        #[serde(default)]
+        collect: bool,
+    },
 }
 
 /// Stage processes this coordinator started on this machine; killed on drop.
@@ -383,7 +388,7 @@ pub fn run_on_nodes_collecting(
         Err(e) => return Err(session.abort(e)),
     };
     if let Some(into) = collect_into {
-        session.collect(addrs, &collects, into, timeout)?;
+        session.collect(&collects, into, timeout)?;
     }
     let reports = reports
         .into_iter()
@@ -548,11 +553,17 @@ fn is_hex(name: &str, len: usize) -> bool {
 /// nodes may both hold). Anything else (another stage's log, a journal, a ring, a stray
 /// file, any path that could leave the trace directory) is refused.
 pub fn expected_file(stage: usize, path: &str) -> Option<(PathBuf, bool)> {
+    expected_file_of(stage, stage as u32, path)
+}
+
+/// [`expected_file`] for the node that recorded `stage` as endpoint `endpoint` (the node a move
+/// brought the stage to records it as an endpoint of its own).
+pub fn expected_file_of(stage: usize, endpoint: u32, path: &str) -> Option<(PathBuf, bool)> {
     let parts: Vec<&str> = path.split('/').collect();
     let shared = match parts.as_slice() {
-        ["endpoints", log] => *log == format!("{stage}.slog"),
+        ["endpoints", log] => *log == format!("{endpoint}.slog"),
         // The node's capabilities and topology, merged into the manifest by the coordinator.
-        ["nodes", report] => *report == format!("{stage}.json"),
+        ["nodes", report] => *report == format!("{endpoint}.json"),
         ["snapshots", dir, idx] => {
             *dir == format!("stage-{stage}")
                 && idx
@@ -581,7 +592,7 @@ pub fn expected_file(stage: usize, path: &str) -> Option<(PathBuf, bool)> {
 /// files (a payload both ends of a link stored) are fetched from one node only.
 fn collect_files(
     conn: &mut Conn,
-    stage: usize,
+    (stage, endpoint): (usize, u32),
     into: &Path,
     claimed: &Mutex<HashSet<PathBuf>>,
     timeout: Duration,
@@ -612,12 +623,13 @@ fn collect_files(
     let mut has_log = false;
     for f in files {
         let shown = printable(&f.path, PEER_TEXT);
-        let (rel, content_addressed) = expected_file(stage, &f.path).ok_or_else(|| {
-            format!(
-                "the node listed {shown:?}, which the recording of stage {stage} does not \
+        let (rel, content_addressed) =
+            expected_file_of(stage, endpoint, &f.path).ok_or_else(|| {
+                format!(
+                    "the node listed {shown:?}, which the recording of stage {stage} does not \
                  produce; nothing of it was accepted"
-            )
-        })?;
+                )
+            })?;
         if !listed.insert(rel.clone()) {
             return Err(format!("the node listed {shown:?} twice"));
         }
@@ -643,7 +655,7 @@ fn collect_files(
     }
     if !has_log {
         return Err(format!(
-            "the node did not list endpoints/{stage}.slog, the log of the stage it ran"
+            "the node did not list endpoints/{endpoint}.slog, the log of the stage it ran"
         ));
     }
     let paths = wanted.iter().map(|(f, _)| f.path.clone()).collect();
@@ -773,6 +785,8 @@ struct Session {
     /// What a requested move needs to open its target: the cluster key, the fabric file and
     /// the sender of the watch loop's events (set while watching).
     opener: Option<(ClusterKey, Option<PathBuf>, Events)>,
+    /// The connections of nodes a stage moved away from, and whether each has files to collect.
+    collects_moved: Vec<(usize, bool)>,
 }
 
 /// The coordinator's view of one `--migrate`.
@@ -992,6 +1006,7 @@ impl Session {
             progress: vec![0; n],
             started: Instant::now(),
             opener: None,
+            collects_moved: Vec::new(),
         })
     }
 
@@ -1353,8 +1368,9 @@ impl Session {
         }
         match msg {
             Ok(ToCoordinator::Move(note)) => self.on_note(c, note),
-            Ok(ToCoordinator::Migrated { report }) => {
+            Ok(ToCoordinator::Migrated { report, collect }) => {
                 self.ended[c] = true;
+                self.collects_moved.push((c, collect));
                 watched.parts[s].push(*report);
             }
             // The node the stage left keeps heartbeating until its session ends.
@@ -1648,50 +1664,68 @@ impl Session {
 
     /// Fetches every node's recorded files into `into`, all nodes at once; the first node
     /// whose collection fails ends the run with what it said.
-    fn collect(
-        &mut self,
-        addrs: &[String],
-        collects: &[bool],
-        into: &Path,
-        timeout: Duration,
-    ) -> Result<()> {
+    fn collect(&mut self, collects: &[bool], into: &Path, timeout: Duration) -> Result<()> {
+        // Per connection whose files to fetch: its stage, the endpoint it recorded the stage
+        // as, and whether it said it has files. Each stage's last node, and every node a stage
+        // moved away from.
+        let n = self.host.len();
+        let endpoint_of = |c: usize| {
+            if c < n {
+                return c as u32;
+            }
+            self.moves
+                .iter()
+                .position(|m| m.target == Some(c))
+                .map_or(u32::MAX, |i| super::migrate::continuation_endpoint(n, i))
+        };
+        let mut jobs: HashMap<usize, (usize, u32, bool)> = HashMap::new();
+        for (s, &collect) in collects.iter().enumerate() {
+            let c = self.host[s];
+            jobs.insert(c, (s, endpoint_of(c), collect));
+        }
+        for &(c, collect) in &self.collects_moved {
+            jobs.insert(c, (self.stage_of[c], endpoint_of(c), collect));
+        }
         let claimed = Mutex::new(HashSet::new());
         let claimed = &claimed;
-        let results: Vec<std::result::Result<(), String>> = std::thread::scope(|scope| {
+        let results: Vec<(usize, std::result::Result<(), String>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .conns
                 .iter_mut()
-                .zip(collects)
                 .enumerate()
-                .map(|(stage, (conn, &collect))| {
-                    scope.spawn(move || {
+                .filter_map(|(c, conn)| Some((c, conn, *jobs.get(&c)?)))
+                .map(|(c, conn, (stage, endpoint, collect))| {
+                    let handle = scope.spawn(move || {
                         if !collect {
                             return Err("the node recorded nothing to collect: serve stages with \
                                  a recording `slug node` of this version"
                                 .to_string());
                         }
-                        collect_files(conn, stage, into, claimed, timeout)
-                    })
+                        collect_files(conn, (stage, endpoint), into, claimed, timeout)
+                    });
+                    (c, handle)
                 })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("the collecting thread panicked".into()))
+                .map(|(c, h)| {
+                    let r = h
+                        .join()
+                        .unwrap_or_else(|_| Err("the collecting thread panicked".into()));
+                    (c, r)
                 })
                 .collect()
         });
-        if let Some((s, detail)) = results
+        if let Some((c, detail)) = results
             .into_iter()
-            .enumerate()
-            .find_map(|(s, r)| r.err().map(|d| (s, d)))
+            .find_map(|(c, r)| r.err().map(|d| (c, d)))
         {
             let detail = format!(
                 "{detail}; files that arrived whole are kept in {}",
                 into.display()
             );
-            return Err(self.abort(failed(s, &addrs[s], COLLECTING, detail)));
+            let (stage, addr) = (self.stage_of[c], self.addr[c].clone());
+            return Err(self.abort(failed(stage, &addr, COLLECTING, detail)));
         }
         Ok(())
     }

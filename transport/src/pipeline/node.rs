@@ -413,6 +413,13 @@ fn run_assigned(
     send(writer, &ready, timeout).map_err(startup)?;
     let gate = Arc::new(migrate::Gate::new(cfg.migrations.len()));
     let Some(next) = await_start(conn, writer, &mut built.stage, cfg, incoming, &gate)? else {
+        // A dismissed target: what it recorded belongs to no move (its log closes as the
+        // observers drop), so a scratch directory of it goes.
+        let ctx = built.ctx;
+        drop(built);
+        if let Some(dir) = factory.collected_files(&ctx) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         return Ok(());
     };
     if let Some(index) = incoming {
@@ -444,7 +451,9 @@ fn run_assigned(
     })?;
     // The control reader has stopped: the connection is this thread's alone again.
     match files {
-        Some(dir) => send_recorded_files(conn, &dir, timeout).map_err(|e| (COLLECTING.into(), e)),
+        Some((dir, fetch_wait)) => {
+            send_recorded_files(conn, &dir, fetch_wait, timeout).map_err(|e| (COLLECTING.into(), e))
+        }
         None => Ok(()),
     }
 }
@@ -557,6 +566,10 @@ struct Started<'a> {
     incoming: Option<usize>,
 }
 
+/// Recorded files to send the coordinator: their directory, and how long the coordinator may
+/// take to ask for them (it collects when the run ends, long after a stage moved away).
+type ToCollect = Option<(PathBuf, Duration)>;
+
 /// Runs a started stage beside its control reader, move shipper and heartbeat threads, and
 /// reports its outcome; returns the directory of recorded files to send, if any.
 fn run_started(
@@ -567,7 +580,7 @@ fn run_started(
     factory: &dyn ObserverFactory,
     abort: &AbortFlag,
     log: &(dyn Fn(&str) + Sync),
-) -> std::result::Result<Option<PathBuf>, Failure> {
+) -> std::result::Result<ToCollect, Failure> {
     let cfg = built.ctx.config;
     let s = built.ctx.stage;
     let timeout = cfg.timeout();
@@ -689,7 +702,7 @@ fn drive_and_report(
     progress: &AtomicU64,
     ship_tx: crossbeam_channel::Sender<migrate::Outgoing>,
     shipper: std::thread::ScopedJoinHandle<'_, ()>,
-) -> std::result::Result<Option<PathBuf>, Failure> {
+) -> std::result::Result<ToCollect, Failure> {
     let Built {
         stage,
         plan,
@@ -736,10 +749,14 @@ fn drive_and_report(
         });
         // The stage's log ends here, closed before the coordinator hears that it moved.
         drop(transfers);
-        send(writer, &ToCoordinator::Migrated { report }, timeout)
-            .map_err(|e| ("report".to_string(), e))?;
+        let files = factory.collected_files(&ctx);
+        let moved = ToCoordinator::Migrated {
+            report,
+            collect: files.is_some(),
+        };
+        send(writer, &moved, timeout).map_err(|e| ("report".to_string(), e))?;
         log(&format!("stage {s} moved to another node"));
-        return Ok(None);
+        return Ok(files.map(|dir| (dir, RUN_LENGTH)));
     }
     // The last reference to the stage's recorder: dropping it closes the endpoint log, so the
     // files to collect are complete before the coordinator hears of them.
@@ -753,7 +770,7 @@ fn drive_and_report(
         collect: files.is_some(),
     };
     send(writer, &done, timeout).map_err(|e| ("report".to_string(), e))?;
-    Ok(files)
+    Ok(files.map(|dir| (dir, timeout)))
 }
 
 /// The stage's part in the run's moves (`None` when the run has none): tcp links re-point
@@ -897,6 +914,10 @@ fn receive_stage(
     })
 }
 
+/// How long a node whose stage moved away waits for the coordinator to collect its files: as
+/// long as the rest of the run may take (a closed connection ends the wait at once).
+const RUN_LENGTH: Duration = Duration::from_secs(24 * 3600);
+
 /// Where a failing file transfer is reported as having reached.
 const COLLECTING: &str = "sending recorded files";
 
@@ -949,7 +970,12 @@ fn file_digest(path: &Path) -> Result<String> {
 /// Lists the stage's recorded files, sends those the coordinator asks for in pieces, removes
 /// `dir` once the coordinator confirms it has everything, and confirms the removal (so the
 /// coordinator's success means no scratch is left behind).
-fn send_recorded_files(conn: &mut Conn, dir: &Path, timeout: Duration) -> Result<()> {
+fn send_recorded_files(
+    conn: &mut Conn,
+    dir: &Path,
+    fetch_wait: Duration,
+    timeout: Duration,
+) -> Result<()> {
     let files = list_recorded_files(dir)?;
     let lens: HashMap<String, u64> = files.iter().map(|f| (f.path.clone(), f.len)).collect();
     conn.send_json(&ToCoordinator::Files { files }, timeout)?;
@@ -960,7 +986,7 @@ fn send_recorded_files(conn: &mut Conn, dir: &Path, timeout: Duration) -> Result
             shown(&got)
         ),
     };
-    let paths = match conn.recv_json::<ToNode>(timeout)? {
+    let paths = match conn.recv_json::<ToNode>(fetch_wait)? {
         ToNode::Fetch { paths } => paths,
         ToNode::Abort { reason } => return Err(TransportError::Aborted { reason }),
         other => return Err(unexpected(conn, other)),
