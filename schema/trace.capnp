@@ -30,6 +30,7 @@ enum EventKind {
   marker @8;
   counter @9;
   perfSoftware @10;   # format version 3; versions 1-2 stored these as ebpf
+  migration @11;      # format version 4
 }
 
 enum Transport {
@@ -184,6 +185,15 @@ struct Counter {
   ns @2 :UInt64;
 }
 
+struct Migration {          # the stage moved between nodes (format version 4)
+  stage @0 :UInt32;
+  step @1 :UInt64;          # the stage's forward step at which the new node took over
+  index @2 :UInt32;         # the move's number in the run (--migrate order, then requests)
+  role @3 :UInt8;           # 0 = this endpoint handed the stage off, 1 = it took the stage over
+  peer @4 :UInt32;          # the endpoint on the other side of the move
+  ns @5 :UInt64;            # when this endpoint's node let go (role 0) or started (role 1)
+}
+
 # ---- Columnar batch: the payload of one frame. ------------------------------------------------
 
 struct Batch {
@@ -211,6 +221,7 @@ struct Batch {
   counters @15 :CounterColumns;
   perfSoftware @16 :EbpfColumns; # perf software records (format version 3): the same columns,
                                  # kind holds the SoftwareRecord kind byte
+  migrations @17 :MigrationColumns; # format version 4
 }
 
 # Primary timestamps (startNs, postNs, ns, fromNs) live in Batch.times; each column group holds the
@@ -305,4 +316,12 @@ struct MarkerColumns {
 struct CounterColumns {
   name @0 :Data;            # uvar string id
   value @1 :Data;           # uvar
+}
+
+struct MigrationColumns {
+  stage @0 :Data;           # uvar
+  step @1 :Data;            # uvar
+  index @2 :Data;           # uvar
+  role @3 :Data;            # u8
+  peer @4 :Data;            # uvar
 }

@@ -183,6 +183,7 @@ fn render_with_disk(s: &TraceSummary, disk: Option<&DiskUsage>) -> String {
         ]);
     }
     out.push_str(&t.render(&[0, 2, 3, 4, 5, 6, 7, 8]));
+    out.push_str(&moves(s));
 
     out.push_str("\nevents per kind\n");
     out.push_str(&kind_table(&s.counts, s.events));
@@ -251,6 +252,40 @@ fn render_log(s: &LogSummary) -> String {
     );
     out.push_str("\nevents per kind\n");
     out.push_str(&kind_table(&s.counts, s.events));
+    out
+}
+
+/// One line per stage that moved between nodes: the endpoint (and node) that ran each span of
+/// its steps, in order; empty when no stage moved.
+fn moves(s: &TraceSummary) -> String {
+    let mut out = String::new();
+    let mut stages: Vec<u32> = s
+        .endpoints
+        .iter()
+        .filter(|e| e.continues.is_some())
+        .map(|e| e.stage)
+        .collect();
+    stages.sort_unstable();
+    stages.dedup();
+    if stages.is_empty() {
+        return out;
+    }
+    out.push_str("\nmoves (a moved stage's log continues in its new node's endpoint)\n");
+    for stage in stages {
+        let mut parts: Vec<&EndpointSummary> =
+            s.endpoints.iter().filter(|e| e.stage == stage).collect();
+        parts.sort_by_key(|e| e.steps.map_or(0, |r| r[0]));
+        let spans: Vec<String> = parts
+            .iter()
+            .map(|e| {
+                let steps = e
+                    .steps
+                    .map_or("all steps".to_string(), |[a, b]| format!("steps {a}..{b}"));
+                format!("endpoint {} on {} {steps}", e.id, e.node)
+            })
+            .collect();
+        out.push_str(&format!("  stage {stage}: {}\n", spans.join(", then ")));
+    }
     out
 }
 

@@ -155,14 +155,6 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         ..RecordConfig::new(&args.out)
     };
     let mut pipeline = args.pipeline()?;
-    if !pipeline.migrations.is_empty() || pipeline.control.is_some() {
-        anyhow::bail!(
-            "--migrate and --control are not supported while recording yet: the trace would need the move as an \
-             event on both nodes' timelines and the endpoint's log continued on the new node, \
-             which slug does not write yet; use `slug run --migrate ...` (same tokens and \
-             transfers), or record without --migrate"
-        );
-    }
     if !pipeline.spares.is_empty() {
         anyhow::bail!(
             "--spares is not supported while recording yet: a spare would have to continue the \

@@ -9,8 +9,8 @@ use slug_schema::{
     EndpointInfo, Event, EventKind, KindSet, Manifest, NodeClock, TimeRange, Trace, WriterOptions,
 };
 use slug_transport::pipeline::{
-    NoObservers, ObserverSettings, PipelineConfig, RecordSettings, RunReport, run,
-    run_on_nodes_collecting,
+    NoObservers, ObserverSettings, PipelineConfig, RecordSettings, RunReport,
+    continuation_endpoint, run, run_on_nodes_collecting,
 };
 use slug_transport::transfer::TransportKind;
 
@@ -392,6 +392,8 @@ pub fn record_with(
             rank: 0,
             stage: s,
             log: Trace::log_path_for(s),
+            continues: None,
+            steps: None,
         })
         .collect();
     manifest.clocks = vec![NodeClock {
@@ -503,12 +505,25 @@ pub fn record_with(
             run(&p, &NoObservers)
         }
         .map_err(|e| RecorderError::Pipeline(Box::new(e)))?;
-        let endpoints = (0..pipeline.stages as u32)
-            .map(|s| summarize_log(&trace, s, &mut losses))
+        if report.migrations.iter().any(|m| m.moved) {
+            // The nodes the stages moved to wrote logs of their own: list them before reading.
+            let mut manifest = trace.manifest().clone();
+            add_continuations(&mut manifest, pipeline, &report);
+            trace
+                .set_manifest(manifest)
+                .map_err(|e| RecorderError::Schema(Box::new(e)))?;
+        }
+        let ids: Vec<u32> = trace.manifest().endpoints.iter().map(|e| e.id).collect();
+        if pipeline.control.is_some() || !pipeline.migrations.is_empty() {
+            node_warnings.extend(remove_unused_continuations(&cfg.out, pipeline.stages, &ids));
+        }
+        let endpoints = ids
+            .iter()
+            .map(|&id| summarize_log(&trace, id, &mut losses))
             .collect::<Result<Vec<_>>>()?;
         // Every node reports what it could record (on --hosts, its topology too).
         let mut topology = None;
-        let caps = node_reports(&cfg.out, pipeline.stages, &mut topology, &mut node_warnings);
+        let caps = node_reports(&cfg.out, &ids, &mut topology, &mut node_warnings);
         if on_hosts {
             manifest_topology = topology;
         }
@@ -517,6 +532,7 @@ pub fn record_with(
     let mut manifest = trace.manifest().clone();
     if on_hosts {
         place_endpoints(&mut manifest, &report);
+        place_moved(&mut manifest, &report);
         if let Some(t) = manifest_topology {
             manifest.topology = t;
         }
@@ -592,18 +608,18 @@ pub fn record_with(
 /// counts as captured only if every node captured it) and their topologies, then removes them.
 fn node_reports(
     out: &Path,
-    stages: usize,
+    endpoints: &[u32],
     topology: &mut Option<Vec<slug_schema::HostTopology>>,
     warnings: &mut Vec<String>,
 ) -> Capabilities {
     let mut caps = Capabilities::default();
     let mut topologies: Vec<slug_schema::HostTopology> = Vec::new();
-    for s in 0..stages {
+    for &s in endpoints {
         let report = match NodeReport::read(out, s) {
             Ok(r) => r,
             Err(e) => {
                 warnings.push(format!(
-                    "stage {s}: no capability report from its node ({e})"
+                    "endpoint {s}: no capability report from its node ({e})"
                 ));
                 continue;
             }
@@ -690,10 +706,13 @@ fn place_endpoints(manifest: &mut Manifest, report: &RunReport) {
             .map_or(r.host.as_str(), |(h, _)| h)
             .trim_matches(['[', ']'])
             .to_string();
+        // The stage's last endpoint: the node it ran on at the end (a moved stage's earlier
+        // endpoints are placed by `place_moved`).
         if let Some(ep) = manifest
             .endpoints
             .iter_mut()
-            .find(|e| e.stage == r.stage as u32)
+            .filter(|e| e.stage == r.stage as u32)
+            .max_by_key(|e| e.steps.map_or(0, |s| s[0]))
         {
             ep.node = r.host.clone();
             ep.host = host;
@@ -708,6 +727,123 @@ fn place_endpoints(manifest: &mut Manifest, report: &RunReport) {
             });
         }
     }
+}
+
+/// Places the first endpoint of every stage that moved on the node the stage left (the
+/// endpoints the stage moved to are on their target nodes already) and gives every node of a
+/// move its clock offset, measured when the coordinator connected.
+fn place_moved(manifest: &mut Manifest, report: &RunReport) {
+    for m in report.migrations.iter().filter(|m| m.moved) {
+        let id = continuation_endpoint(report.stage_reports.len(), m.index);
+        let before = manifest
+            .endpoints
+            .iter()
+            .find(|e| e.id == id)
+            .and_then(|e| e.continues);
+        if let Some(first) = before.and_then(|b| {
+            manifest
+                .endpoints
+                .iter_mut()
+                .find(|e| e.id == b && e.continues.is_none())
+        }) {
+            first.node = m.from.clone();
+            first.host = host_of(&m.from);
+        }
+        for (node, clock) in [&m.from, &m.to].into_iter().zip(m.clocks.iter().flatten()) {
+            if !manifest.clocks.iter().any(|c| &c.node == node) {
+                manifest.clocks.push(NodeClock {
+                    node: node.clone(),
+                    offset_ns: -clock.offset_ns,
+                    uncertainty_ns: clock.rtt_ns.unsigned_abs() / 2,
+                });
+            }
+        }
+    }
+}
+
+/// The host part of a node's `host:port` address.
+fn host_of(addr: &str) -> String {
+    addr.rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_matches(['[', ']'])
+        .to_string()
+}
+
+/// Lists the endpoint each move of the run started on the node it moved the stage to (its log
+/// continues the stage's log from the move's step), the steps every endpoint of a moved stage
+/// ran, and the clock offset of each target node (measured when the coordinator connected).
+fn add_continuations(manifest: &mut Manifest, pipeline: &PipelineConfig, report: &RunReport) {
+    let end = pipeline.forward_steps();
+    let mut moved: Vec<&slug_transport::pipeline::MigrationReport> =
+        report.migrations.iter().filter(|m| m.moved).collect();
+    moved.sort_by_key(|m| m.index);
+    // Per stage, the endpoint running it after the moves so far.
+    let mut current: Vec<u32> = (0..pipeline.stages as u32).collect();
+    for m in moved {
+        let Some(&before) = current.get(m.stage) else {
+            continue;
+        };
+        let id = continuation_endpoint(pipeline.stages, m.index);
+        if let Some(prev) = manifest.endpoints.iter_mut().find(|e| e.id == before) {
+            let first = prev.steps.map_or(0, |s| s[0]);
+            prev.steps = Some([first, m.at_step]);
+        }
+        manifest.endpoints.push(EndpointInfo {
+            id,
+            node: m.to.clone(),
+            host: host_of(&m.to),
+            rank: 0,
+            stage: m.stage as u32,
+            log: Trace::log_path_for(id),
+            continues: Some(before),
+            steps: Some([m.at_step, end]),
+        });
+        if let Some([_, to]) = m.clocks
+            && !manifest.clocks.iter().any(|c| c.node == m.to)
+        {
+            manifest.clocks.push(NodeClock {
+                node: m.to.clone(),
+                offset_ns: -to.offset_ns,
+                uncertainty_ns: to.rtt_ns.unsigned_abs() / 2,
+            });
+        }
+        current[m.stage] = id;
+    }
+}
+
+/// Removes the logs (and node reports) that targets of moves which did not happen started
+/// before they were dismissed: endpoint ids past the stages that the manifest does not list.
+/// The trace directory was empty when the recording began, so they are this run's own files;
+/// only regular files with exactly those names are removed. Returns what could not be removed.
+fn remove_unused_continuations(out: &Path, stages: usize, listed: &[u32]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let dir = out.join(slug_schema::ENDPOINTS_DIR);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return warnings;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".slog"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if (id as usize) < stages || listed.contains(&id) {
+            continue;
+        }
+        for path in [entry.path(), NodeReport::path(out, id)] {
+            let regular = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
+            if regular && let Err(e) = std::fs::remove_file(&path) {
+                warnings.push(format!(
+                    "cannot remove {}, left by the target of a move that did not happen: {e}",
+                    path.display()
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 /// Snapshots in the trace's store (each stage's every snapshot index).

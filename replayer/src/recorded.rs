@@ -63,12 +63,18 @@ impl RecordedRun {
             reason,
         };
         let run = &trace.manifest().run;
-        let config: PipelineConfig = serde_json::from_value(
+        let mut config: PipelineConfig = serde_json::from_value(
             run.get("pipeline")
                 .cloned()
                 .ok_or_else(|| not("its manifest has no pipeline configuration (`run.pipeline`); it was not written by `slug record`".into()))?,
         )
         .map_err(|e| not(format!("its pipeline configuration does not parse ({e})")))?;
+        // Where stages ran does not change what they compute: a replay runs every stage where
+        // it places them, and the moves of the recorded run (its `--migrate` targets, its
+        // `--control` endpoint) are not repeated.
+        config.migrations.clear();
+        config.control = None;
+        config.live_moves = false;
         config
             .validate()
             .map_err(|e| not(format!("its pipeline configuration is invalid ({e})")))?;
@@ -118,7 +124,11 @@ impl RecordedRun {
                 ));
                 continue;
             }
-            if std::mem::replace(&mut seen_stages[ep.stage as usize], true) {
+            // A stage that moved between nodes has one endpoint per node it ran on; each one
+            // after the first names the endpoint whose log it continues.
+            if std::mem::replace(&mut seen_stages[ep.stage as usize], true)
+                && ep.continues.is_none()
+            {
                 rec.damage.push(format!(
                     "{who}: a second endpoint for stage {}; its log was not read",
                     ep.stage

@@ -49,6 +49,9 @@ pub enum EventKind {
     /// A perf software record: a context switch or a page fault (format version 3; versions 1
     /// and 2 stored these under [`EventKind::Ebpf`]).
     PerfSoftware = 10,
+    /// The endpoint's stage moved between nodes (format version 4): on the endpoint that handed
+    /// it off and on the one that took it over.
+    Migration = 11,
 }
 
 impl EventKind {
@@ -475,6 +478,47 @@ pub struct Counter {
     pub ns: u64,
 }
 
+/// Which side of a stage's move between nodes an endpoint was on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::FromRepr, strum::IntoStaticStr)]
+#[strum(serialize_all = "lowercase")]
+#[repr(u8)]
+pub enum MoveRole {
+    /// The endpoint's node handed the stage off: its log ends here.
+    Left = 0,
+    /// The endpoint's node took the stage over: its log starts here.
+    Arrived = 1,
+}
+
+impl MoveRole {
+    /// `left` or `arrived`.
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
+
+    /// The role stored as `value`.
+    pub fn from_u8(value: u8) -> Option<MoveRole> {
+        Self::from_repr(value)
+    }
+}
+
+/// A stage moved between nodes (`--migrate`, `slug migrate`): both endpoints of the move hold
+/// one, the one that left and the one that arrived, each naming the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MigrationEvent {
+    /// The stage that moved.
+    pub stage: u32,
+    /// The stage's forward step at which the new node took over (its first step there).
+    pub step: u64,
+    /// The move's number in the run.
+    pub index: u32,
+    /// Which side of the move this endpoint was on.
+    pub role: MoveRole,
+    /// The endpoint on the other side.
+    pub peer: u32,
+    /// When this endpoint's node let go of the stage (left) or started it (arrived).
+    pub ns: u64,
+}
+
 /// One recorded event; the endpoint is implicit (one log per endpoint).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Event {
@@ -500,6 +544,8 @@ pub enum Event {
     Counter(Counter),
     /// See [`SoftwareRecord`].
     PerfSoftware(SoftwareRecord),
+    /// See [`MigrationEvent`].
+    Migration(MigrationEvent),
 }
 
 impl Event {
@@ -517,6 +563,7 @@ impl Event {
             Event::Marker(_) => EventKind::Marker,
             Event::Counter(_) => EventKind::Counter,
             Event::PerfSoftware(_) => EventKind::PerfSoftware,
+            Event::Migration(_) => EventKind::Migration,
         }
     }
 
@@ -534,6 +581,7 @@ impl Event {
             Event::Marker(e) => e.ns,
             Event::Counter(e) => e.ns,
             Event::PerfSoftware(e) => e.ns,
+            Event::Migration(e) => e.ns,
         }
     }
 

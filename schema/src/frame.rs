@@ -13,7 +13,7 @@ use crate::raw::RawRecord;
 /// Magic at byte 0 of every log.
 pub const LOG_MAGIC: [u8; 8] = *b"SLUGLOG\0";
 /// Newest log format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Bytes in the file header.
 pub const FILE_HEADER_LEN: usize = 64;
 /// Magic at byte 0 of every frame.

@@ -44,8 +44,8 @@ pub use batch::{ColumnSize, column_sizes};
 pub use error::{Result, SchemaError};
 pub use event::{
     Counter, Direction, EbpfEvent, EbpfKind, Event, EventKind, KernelSpan, KindSet, LostEvents,
-    Marker, PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, SoftwareRecord,
-    StepBoundary, StringId, SystemRecord, Transfer, Transport,
+    Marker, MigrationEvent, MoveRole, PerfSample, PerfSampleKind, PtChunk, SnapshotEvent,
+    SoftwareKind, SoftwareRecord, StepBoundary, StringId, SystemRecord, Transfer, Transport,
 };
 pub use frame::{
     Clock, FILE_HEADER_LEN, FORMAT_VERSION, FRAME_HEADER_LEN, FrameEncoder, FrameInfo, LogHeader,

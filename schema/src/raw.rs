@@ -6,9 +6,9 @@
 //! [`crate::FrameEncoder`] turns a run of them into a compressed columnar frame.
 
 use crate::event::{
-    Counter, Direction, EbpfKind, Event, EventKind, KernelSpan, LostEvents, Marker, PerfSample,
-    PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, StepBoundary, SystemRecord, Transfer,
-    Transport,
+    Counter, Direction, EbpfKind, Event, EventKind, KernelSpan, LostEvents, Marker, MigrationEvent,
+    MoveRole, PerfSample, PerfSampleKind, PtChunk, SnapshotEvent, SoftwareKind, StepBoundary,
+    SystemRecord, Transfer, Transport,
 };
 
 /// Words of payload in a record.
@@ -167,6 +167,13 @@ impl RawRecord {
                 w[1] = e.value;
                 w[2] = e.ns;
             }
+            Event::Migration(e) => {
+                r.small[0] = e.role as u8;
+                w[0] = pack(e.stage, e.index);
+                w[1] = e.step;
+                w[2] = u64::from(e.peer);
+                w[3] = e.ns;
+            }
         }
         r
     }
@@ -255,6 +262,14 @@ impl RawRecord {
                 name: w[0] as u32,
                 value: w[1],
                 ns: w[2],
+            }),
+            EventKind::Migration => Event::Migration(MigrationEvent {
+                stage: lo32(w[0]),
+                index: hi32(w[0]),
+                step: w[1],
+                role: MoveRole::from_u8(self.small[0])?,
+                peer: w[2] as u32,
+                ns: w[3],
             }),
         })
     }

@@ -26,6 +26,10 @@ pub struct EndpointSummary {
     pub stage: u32,
     /// Process rank.
     pub rank: u32,
+    /// The endpoint whose log this one continues (the stage moved here from its node).
+    pub continues: Option<u32>,
+    /// The stage's forward steps this endpoint ran, `[first, end)` (set when the stage moved).
+    pub steps: Option<[u64; 2]>,
     /// Log file.
     pub log: PathBuf,
     /// Why the log could not be opened; the other fields are then zero.
@@ -128,6 +132,8 @@ impl TraceSummary {
                 node: ep.node.clone(),
                 stage: ep.stage,
                 rank: ep.rank,
+                continues: ep.continues,
+                steps: ep.steps,
                 log: trace.dir().join(&ep.log),
                 error: None,
                 events: 0,

@@ -189,6 +189,8 @@ pub fn write_trace(dir: impl AsRef<Path>, cfg: &SynthConfig) -> Result<SynthSumm
             rank: id,
             stage: id,
             log: Trace::log_path_for(id),
+            continues: None,
+            steps: None,
         });
     }
     for node in 0..nodes {

@@ -10,7 +10,7 @@ use crate::reader::LogReader;
 use crate::writer::{LogWriter, WriterOptions};
 
 /// Newest trace directory (manifest) version this build writes and reads.
-pub const TRACE_FORMAT_VERSION: u32 = 3;
+pub const TRACE_FORMAT_VERSION: u32 = 4;
 /// Name of the manifest file in a trace directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Directory of endpoint logs.
@@ -103,6 +103,22 @@ pub struct EndpointInfo {
     pub stage: u32,
     /// Log path relative to the trace directory (`endpoints/<id>.slog`).
     pub log: PathBuf,
+    /// The endpoint whose log this one continues: the stage moved to this endpoint's node from
+    /// that one's (format version 4; `None`: the stage started here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continues: Option<u32>,
+    /// The stage's forward steps this endpoint ran, `[first, end)`; set on every endpoint of a
+    /// stage that moved (`None`: all of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<[u64; 2]>,
+}
+
+impl EndpointInfo {
+    /// The endpoint id of the node that took stage `stage` over by move `index` of a run of
+    /// `stages` stages: ids past the stages, one per move.
+    pub fn continuation_id(stages: u32, index: u32) -> u32 {
+        stages.saturating_add(index)
+    }
 }
 
 /// A node's clock: add `offset_ns` to its CLOCK_MONOTONIC readings to get the reference clock.

@@ -136,6 +136,18 @@ fn events(version: u32) -> Vec<Event> {
         value: 123_456,
         ns: 1_009_000,
     }));
+    if version >= 4 {
+        for (role, peer) in [(MoveRole::Left, 5), (MoveRole::Arrived, 1)] {
+            v.push(Event::Migration(MigrationEvent {
+                stage: 1,
+                step: 24,
+                index: 2,
+                role,
+                peer,
+                ns: 1_010_000 + role as u64 * 500,
+            }));
+        }
+    }
     v
 }
 
@@ -159,16 +171,21 @@ fn committed_v2_log_still_decodes() {
 
 #[test]
 fn committed_v3_log_still_decodes() {
-    assert_eq!(FORMAT_VERSION, 3, "write a fixture for the new version");
-    let path = fixture(3);
-    if std::env::var_os("SLUG_WRITE_FIXTURE").is_some() {
-        write_v3(&path);
-    }
-    check(path, 3);
+    check(fixture(3), 3);
 }
 
-/// Writes the version-3 fixture's events the way the fixture was written.
-fn write_v3(path: &std::path::Path) {
+#[test]
+fn committed_v4_log_still_decodes() {
+    assert_eq!(FORMAT_VERSION, 4, "write a fixture for the new version");
+    let path = fixture(4);
+    if std::env::var_os("SLUG_WRITE_FIXTURE").is_some() {
+        write_v4(&path);
+    }
+    check(path, 4);
+}
+
+/// Writes the version-4 fixture's events the way the fixture was written.
+fn write_v4(path: &std::path::Path) {
     let header = LogHeader {
         endpoint: 1,
         clock: Clock::Monotonic,
@@ -187,7 +204,7 @@ fn write_v3(path: &std::path::Path) {
     for s in STRINGS {
         w.intern(s);
     }
-    for e in events(3) {
+    for e in events(4) {
         w.append(&e);
     }
     w.close().unwrap();
@@ -199,8 +216,8 @@ fn write_v3(path: &std::path::Path) {
 fn a_new_log_of_the_fixture_events_is_byte_identical_to_the_committed_one() {
     let dir = tempfile::tempdir().unwrap();
     let fresh = dir.path().join("fresh.slog");
-    write_v3(&fresh);
-    let want = std::fs::read(fixture(3)).expect("fixture reads");
+    write_v4(&fresh);
+    let want = std::fs::read(fixture(4)).expect("fixture reads");
     let got = std::fs::read(&fresh).expect("fresh log reads");
     assert_eq!(got.len(), want.len(), "log size changed");
     let first = got.iter().zip(&want).position(|(a, b)| a != b);
@@ -229,11 +246,12 @@ fn check(path: PathBuf, version: u16) {
         .collect();
     assert_eq!(got, events(version.into()));
     for kind in EventKind::ALL {
-        if version < 3 && kind == EventKind::Ebpf {
+        if version < 3 && kind == EventKind::Ebpf || version < 4 && kind == EventKind::Migration {
             assert_eq!(
                 reader.counts()[kind as usize],
                 0,
-                "no eBPF before version 3"
+                "no {} before this version",
+                kind.name()
             );
             continue;
         }

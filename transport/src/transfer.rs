@@ -228,6 +228,25 @@ pub trait TransferObserver: Send + Sync {
     fn posted(&self, transfer: &Transfer, bytes: &[u8]);
     /// The receiver holds the bytes; `bytes` are the destination bytes.
     fn completed(&self, transfer: &Transfer, bytes: &[u8]);
+    /// The endpoint's stage moved between nodes: its links now join another node (called
+    /// once on the node that let go, once on the node that took over; default: ignored).
+    fn stage_moved(&self, _mark: &StageMove) {}
+}
+
+/// A stage's move between nodes, as one side of it saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageMove {
+    /// The stage.
+    pub stage: u32,
+    /// Its forward step at which the new node took over.
+    pub at_step: u64,
+    /// The move's number in the run.
+    pub index: u32,
+    /// `true` on the node that took the stage over, `false` on the one that let go.
+    pub arrived: bool,
+    /// The endpoint on the other side of the move (see
+    /// [`continuation_endpoint`](crate::pipeline::continuation_endpoint)).
+    pub peer: u32,
 }
 
 /// The observers of one endpoint, shared by all its links.
@@ -275,6 +294,12 @@ impl Observers {
     pub(crate) fn completed(&self, transfer: &Transfer, bytes: &[u8]) {
         for o in &self.list {
             o.completed(transfer, bytes);
+        }
+    }
+
+    pub(crate) fn stage_moved(&self, mark: &StageMove) {
+        for o in &self.list {
+            o.stage_moved(mark);
         }
     }
 }

@@ -9,7 +9,7 @@ use slug_schema::{Event, FooterState, FrameInfo, LogReader, StringId, Trace};
 
 use crate::error::{Result, ViewerError};
 use crate::state::event::{
-    EndpointIx, EventKind, KindCounts, Names, Nanos, TimeRange, TraceEvent, Transfer,
+    EndpointIx, EventKind, KindCounts, Migration, Names, Nanos, TimeRange, TraceEvent, Transfer,
 };
 use crate::state::source::{EndpointInfo, FrameSummary, LogHealth, TraceSource};
 
@@ -172,6 +172,10 @@ impl TraceDirSource {
                 ns: t(c.ns),
                 name: name(c.name),
                 ..c
+            }),
+            Event::Migration(m) => TraceEvent::Migration(Migration {
+                record: slug_schema::MigrationEvent { ns: t(m.ns), ..m },
+                peer: self.endpoint_ix(m.peer),
             }),
         }
     }

@@ -128,7 +128,7 @@ pub(super) fn start_endpoint(
     caps.notices.extend(ebpf.1.notices.iter().cloned());
     let want_counters = perf.kinds().contains(&StreamKind::StepCounters);
     let options = EndpointOptions {
-        endpoint: ctx.stage as u32,
+        endpoint: ctx.endpoint,
         endpoints_dir: settings.trace_dir.join(slug_schema::ENDPOINTS_DIR),
         ring_records: settings.ring_records,
         writer: settings.writer,

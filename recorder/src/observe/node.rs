@@ -22,14 +22,15 @@ use crate::perf::{Capabilities, PerfConfig};
 /// Where stage `stage` records on a node and with which recorder settings, from the
 /// [`RecordSettings`] the coordinator sent.
 trait NodeRecording {
-    /// `trace_dir`, or the stage's scratch directory when the run is collected.
-    fn stage_dir(&self, stage: usize) -> std::result::Result<PathBuf, String>;
+    /// `trace_dir`, or the endpoint's scratch directory when the run is collected (one per
+    /// endpoint: the node a stage moved to may share a machine with the one it left).
+    fn stage_dir(&self, endpoint: u32) -> std::result::Result<PathBuf, String>;
     /// The settings parsed, naming the one that does not parse.
-    fn recorder_settings(&self, stage: usize) -> std::result::Result<RecorderSettings, String>;
+    fn recorder_settings(&self, endpoint: u32) -> std::result::Result<RecorderSettings, String>;
 }
 
 impl NodeRecording for RecordSettings {
-    fn stage_dir(&self, stage: usize) -> std::result::Result<PathBuf, String> {
+    fn stage_dir(&self, endpoint: u32) -> std::result::Result<PathBuf, String> {
         let Some(run) = &self.scratch_run else {
             return Ok(self.trace_dir.clone());
         };
@@ -39,12 +40,12 @@ impl NodeRecording for RecordSettings {
                 "run id {run:?} is not made of letters, digits and dashes"
             ));
         }
-        Ok(std::env::temp_dir().join(format!("slug-record-{run}-stage-{stage}")))
+        Ok(std::env::temp_dir().join(format!("slug-record-{run}-endpoint-{endpoint}")))
     }
 
-    fn recorder_settings(&self, stage: usize) -> std::result::Result<RecorderSettings, String> {
+    fn recorder_settings(&self, endpoint: u32) -> std::result::Result<RecorderSettings, String> {
         Ok(RecorderSettings {
-            trace_dir: self.stage_dir(stage)?,
+            trace_dir: self.stage_dir(endpoint)?,
             payloads: self.payloads.parse()?,
             perf: PerfConfig {
                 request: self
@@ -107,13 +108,13 @@ impl NodeReport {
         }
     }
 
-    /// The report's path for `stage` under a trace (or scratch) directory.
-    pub fn path(dir: &std::path::Path, stage: usize) -> PathBuf {
-        dir.join(NODE_REPORTS_DIR).join(format!("{stage}.json"))
+    /// The report's path for `endpoint` under a trace (or scratch) directory.
+    pub fn path(dir: &std::path::Path, endpoint: u32) -> PathBuf {
+        dir.join(NODE_REPORTS_DIR).join(format!("{endpoint}.json"))
     }
 
-    fn write(&self, dir: &std::path::Path, stage: usize) -> Result<()> {
-        let path = NodeReport::path(dir, stage);
+    fn write(&self, dir: &std::path::Path, endpoint: u32) -> Result<()> {
+        let path = NodeReport::path(dir, endpoint);
         let parent = dir.join(NODE_REPORTS_DIR);
         std::fs::create_dir_all(&parent).map_err(|e| RecorderError::io(&parent, e))?;
         let json = serde_json::to_vec_pretty(self)
@@ -121,9 +122,9 @@ impl NodeReport {
         std::fs::write(&path, json).map_err(|e| RecorderError::io(&path, e))
     }
 
-    /// Reads the report of `stage` from a trace directory.
-    pub fn read(dir: &std::path::Path, stage: usize) -> Result<NodeReport> {
-        let path = NodeReport::path(dir, stage);
+    /// Reads the report of `endpoint` from a trace directory.
+    pub fn read(dir: &std::path::Path, endpoint: u32) -> Result<NodeReport> {
+        let path = NodeReport::path(dir, endpoint);
         let bytes = std::fs::read(&path).map_err(|e| RecorderError::io(&path, e))?;
         serde_json::from_slice(&bytes)
             .map_err(|e| RecorderError::io(&path, std::io::Error::other(e)))
@@ -158,7 +159,7 @@ impl ObserverFactory for NodeRecorderFactory {
                 std::io::Error::other(e),
             )
         };
-        let settings = node.recorder_settings(ctx.stage).map_err(fail)?;
+        let settings = node.recorder_settings(ctx.endpoint).map_err(fail)?;
         if node.scratch_run.is_some() {
             // A scratch directory starts empty: a leftover of an earlier failed run with the
             // same id must not be collected as this run's.
@@ -181,7 +182,7 @@ impl ObserverFactory for NodeRecorderFactory {
         // The coordinator learns this node's capabilities (and, on another machine, its
         // topology) from this file, collected with the logs.
         NodeReport::new(caps)
-            .write(&settings.trace_dir, ctx.stage)
+            .write(&settings.trace_dir, ctx.endpoint)
             .map_err(|e| fail(e.to_string()))?;
         let recorder = Arc::new(recorder);
         let snapshots = Snapshots::new(&settings).map_err(|e| fail(e.to_string()))?;
@@ -220,6 +221,6 @@ impl ObserverFactory for NodeRecorderFactory {
     fn collected_files(&self, ctx: &StageContext<'_>) -> Option<PathBuf> {
         let node = ctx.config.observer_settings.as_ref()?.record.as_ref()?;
         node.scratch_run.as_ref()?;
-        node.stage_dir(ctx.stage).ok()
+        node.stage_dir(ctx.endpoint).ok()
     }
 }

@@ -4,8 +4,10 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use slug_schema::{Direction, Event, Transfer as TransferEvent, TransferKey, Transport};
-use slug_transport::transfer::{Transfer, TransferObserver, TransportKind};
+use slug_schema::{
+    Direction, Event, MigrationEvent, MoveRole, Transfer as TransferEvent, TransferKey, Transport,
+};
+use slug_transport::transfer::{StageMove, Transfer, TransferObserver, TransportKind};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::endpoint::{EndpointRecorder, EndpointShared};
@@ -112,5 +114,20 @@ impl TransferObserver for TransferRecorder {
 
     fn completed(&self, transfer: &Transfer, bytes: &[u8]) {
         self.record(transfer, bytes, Direction::Recv);
+    }
+
+    fn stage_moved(&self, mark: &StageMove) {
+        self.shared.append(&Event::Migration(MigrationEvent {
+            stage: mark.stage,
+            step: mark.at_step,
+            index: mark.index,
+            role: if mark.arrived {
+                MoveRole::Arrived
+            } else {
+                MoveRole::Left
+            },
+            peer: mark.peer,
+            ns: crate::perf::monotonic_ns(),
+        }));
     }
 }

@@ -14,6 +14,7 @@ mod ebpf;
 mod kernel_span;
 mod lost_events;
 mod marker;
+mod migration;
 mod perf_sample;
 mod pt_chunk;
 mod snapshot;
@@ -32,6 +33,7 @@ use ebpf::{EbpfColumns, EbpfReader, Group};
 use kernel_span::{KernelSpanColumns, KernelSpanReader};
 use lost_events::{LostEventsColumns, LostEventsReader};
 use marker::{MarkerColumns, MarkerReader};
+use migration::{MigrationColumns, MigrationReader};
 use perf_sample::{PerfSampleColumns, PerfSampleReader};
 use pt_chunk::{PtChunkColumns, PtChunkReader};
 use snapshot::{SnapshotColumns, SnapshotReader};
@@ -310,6 +312,7 @@ pub(crate) struct Columns {
     markers: MarkerColumns,
     counters: CounterColumns,
     perf_software: EbpfColumns,
+    migrations: MigrationColumns,
 }
 
 /// Running "previous value" state of the delta-encoded columns.
@@ -393,10 +396,11 @@ impl Columns {
         self.markers.clear();
         self.counters.clear();
         self.perf_software.clear();
+        self.migrations.clear();
     }
 
     /// Every group's columns with the name of its kind, in the order [`column_sizes`] lists them.
-    fn groups(&self) -> [(EventKind, NamedColumns<'_>); 11] {
+    fn groups(&self) -> [(EventKind, NamedColumns<'_>); 12] {
         [
             (EventKind::KernelSpan, self.kernel_spans.columns()),
             (EventKind::Transfer, self.transfers.columns()),
@@ -409,6 +413,7 @@ impl Columns {
             (EventKind::Marker, self.markers.columns()),
             (EventKind::Counter, self.counters.columns()),
             (EventKind::PerfSoftware, self.perf_software.columns()),
+            (EventKind::Migration, self.migrations.columns()),
         ]
     }
 
@@ -458,6 +463,7 @@ impl Columns {
                     Event::LostEvents(e) => self.lost_events.push(e),
                     Event::Marker(e) => self.markers.push(e),
                     Event::Counter(e) => self.counters.push(e),
+                    Event::Migration(e) => self.migrations.push(e),
                 }
             }
         }
@@ -552,6 +558,9 @@ impl Columns {
         if !self.counters.is_empty() {
             self.counters.write(b.reborrow().init_counters());
         }
+        if !self.migrations.is_empty() {
+            self.migrations.write(b.reborrow().init_migrations());
+        }
     }
 }
 
@@ -634,9 +643,9 @@ pub const MAX_FRAME_EVENTS: u32 = 1 << 20;
 
 /// Decodes a serialized `Batch`. `want(kind)` chooses which events to materialise; columns of
 /// other kinds are still walked so the deltas stay right, but nothing is built for them.
-/// Decodes a batch written by log format `version` (1 to 3; see docs/FORMAT.md 5.2-5.3 for what
+/// Decodes a batch written by log format `version` (1 to 4; see docs/FORMAT.md 5.2-5.3 for what
 /// version 2 predicts differently; versions 1-2 stored perf software records under `ebpf`, which
-/// this returns as [`Event::PerfSoftware`]).
+/// this returns as [`Event::PerfSoftware`]; migration events exist from version 4).
 pub(crate) fn decode(
     bytes: &[u8],
     want: impl Fn(EventKind) -> bool,
@@ -644,6 +653,7 @@ pub(crate) fn decode(
 ) -> Result<DecodedBatch, BatchError> {
     let v2 = version >= 2;
     let v3 = version >= 3;
+    let v4 = version >= 4;
     let mut options = ReaderOptions::new();
     // One word of traversal per 8 bytes, plus slack for the struct headers.
     options.traversal_limit_in_words(Some(bytes.len() / 8 + 1024));
@@ -683,6 +693,7 @@ pub(crate) fn decode(
     let mut lost_events = LostEventsReader::new(b.get_lost_events()?)?;
     let mut markers = MarkerReader::new(b.get_markers()?)?;
     let mut counters = CounterReader::new(b.get_counters()?)?;
+    let mut migrations = MigrationReader::new(b.get_migrations()?)?;
 
     let mut p = Prev {
         time: [b.get_base_ns(); EventKind::COUNT],
@@ -692,7 +703,9 @@ pub(crate) fn decode(
     // Never trust `count` for a big up-front allocation; grow as real events decode.
     let mut events = Vec::with_capacity((count as usize).min(1 << 16));
     for &k in kinds {
-        let kind = EventKind::from_u8(k).ok_or(BatchError::Columns("kinds"))?;
+        let kind = EventKind::from_u8(k)
+            .filter(|&k| v4 || k != EventKind::Migration)
+            .ok_or(BatchError::Columns("kinds"))?;
         let mut starts_group = false;
         // A transfer's flags are read first: in version 2, bit 5 chooses its time predictor.
         let transfer_flags = if kind == EventKind::Transfer {
@@ -734,6 +747,7 @@ pub(crate) fn decode(
             EventKind::LostEvents => Event::LostEvents(lost_events.next(ns)?),
             EventKind::Marker => Event::Marker(markers.next(ns)?),
             EventKind::Counter => Event::Counter(counters.next(ns)?),
+            EventKind::Migration => Event::Migration(migrations.next(ns)?),
         };
         if want(event.kind()) {
             events.push(event);
@@ -750,6 +764,7 @@ pub(crate) fn decode(
     perf_software.finish()?;
     lost_events.finish()?;
     counters.finish()?;
+    migrations.finish()?;
     Ok(DecodedBatch {
         events,
         first_string: b.get_first_string_id(),

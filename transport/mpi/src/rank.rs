@@ -109,6 +109,7 @@ pub fn run_rank_collecting(
     // The stage's observers are gone (run_stage dropped them): its files are complete.
     let ctx = StageContext {
         stage: s,
+        endpoint: s as u32,
         host: mpi.host(),
         config: cfg,
     };

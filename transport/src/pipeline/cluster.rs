@@ -3,7 +3,7 @@
 //! `slug node` servers over authenticated control connections, and turning the first failure
 //! anywhere into one error that names the stage, its host and the step it reached.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -165,8 +165,13 @@ pub(crate) enum ToCoordinator {
     Cleaned,
     /// A step of a move.
     Move(MoveNote),
-    /// The stage moved to another node at the step the report ends with.
-    Migrated { report: Box<StageReport> },
+    /// The stage moved to another node at the step the report ends with; with `collect`, a
+    /// [`ToCoordinator::Files`] listing of what it recorded until then follows.
+    Migrated {
+        report: Box<StageReport>,
+        #[serde(default)]
+        collect: bool,
+    },
     /// A checkpoint, or the first step done (`--spares`).
     Failover(super::failover::NodeNote),
 }
@@ -391,7 +396,7 @@ pub fn run_on_nodes_collecting(
         Err(e) => return Err(session.abort(e)),
     };
     if let Some(into) = collect_into {
-        session.collect(addrs, &collects, into, timeout)?;
+        session.collect(&collects, into, timeout)?;
     }
     let reports = reports
         .into_iter()
@@ -558,11 +563,17 @@ fn is_hex(name: &str, len: usize) -> bool {
 /// nodes may both hold). Anything else (another stage's log, a journal, a ring, a stray
 /// file, any path that could leave the trace directory) is refused.
 pub fn expected_file(stage: usize, path: &str) -> Option<(PathBuf, bool)> {
+    expected_file_of(stage, stage as u32, path)
+}
+
+/// [`expected_file`] for the node that recorded `stage` as endpoint `endpoint` (the node a move
+/// brought the stage to records it as an endpoint of its own).
+pub fn expected_file_of(stage: usize, endpoint: u32, path: &str) -> Option<(PathBuf, bool)> {
     let parts: Vec<&str> = path.split('/').collect();
     let shared = match parts.as_slice() {
-        ["endpoints", log] => *log == format!("{stage}.slog"),
+        ["endpoints", log] => *log == format!("{endpoint}.slog"),
         // The node's capabilities and topology, merged into the manifest by the coordinator.
-        ["nodes", report] => *report == format!("{stage}.json"),
+        ["nodes", report] => *report == format!("{endpoint}.json"),
         ["snapshots", dir, idx] => {
             *dir == format!("stage-{stage}")
                 && idx
@@ -591,7 +602,7 @@ pub fn expected_file(stage: usize, path: &str) -> Option<(PathBuf, bool)> {
 /// files (a payload both ends of a link stored) are fetched from one node only.
 fn collect_files(
     conn: &mut Conn,
-    stage: usize,
+    (stage, endpoint): (usize, u32),
     into: &Path,
     claimed: &Mutex<HashSet<PathBuf>>,
     timeout: Duration,
@@ -622,12 +633,13 @@ fn collect_files(
     let mut has_log = false;
     for f in files {
         let shown = printable(&f.path, PEER_TEXT);
-        let (rel, content_addressed) = expected_file(stage, &f.path).ok_or_else(|| {
-            format!(
-                "the node listed {shown:?}, which the recording of stage {stage} does not \
+        let (rel, content_addressed) =
+            expected_file_of(stage, endpoint, &f.path).ok_or_else(|| {
+                format!(
+                    "the node listed {shown:?}, which the recording of stage {stage} does not \
                  produce; nothing of it was accepted"
-            )
-        })?;
+                )
+            })?;
         if !listed.insert(rel.clone()) {
             return Err(format!("the node listed {shown:?} twice"));
         }
@@ -653,7 +665,7 @@ fn collect_files(
     }
     if !has_log {
         return Err(format!(
-            "the node did not list endpoints/{stage}.slog, the log of the stage it ran"
+            "the node did not list endpoints/{endpoint}.slog, the log of the stage it ran"
         ));
     }
     let paths = wanted.iter().map(|(f, _)| f.path.clone()).collect();
@@ -785,6 +797,8 @@ struct Session {
     opener: Option<(ClusterKey, Option<PathBuf>, Events)>,
     /// Checkpoints and spares (`--spares`).
     keeper: Option<recovery::Keeper>,
+    /// The connections of nodes a stage moved away from, and whether each has files to collect.
+    collects_moved: Vec<(usize, bool)>,
 }
 
 /// The coordinator's view of one `--migrate`.
@@ -1005,6 +1019,7 @@ impl Session {
             started: Instant::now(),
             opener: None,
             keeper: None,
+            collects_moved: Vec::new(),
         })
     }
 
@@ -1082,6 +1097,8 @@ impl Session {
                     stall_ms: None,
                     step_ms: None,
                     restored_ms: None,
+                    index: 0,
+                    clocks: None,
                 },
             })
             .collect();
@@ -1211,7 +1228,8 @@ impl Session {
         let stage = self.moves[index].plan.stage;
         let data_addr = self.data[t].clone();
         self.broadcast_verdict(index, Verdict::Commit { data_addr });
-        self.host[stage] = t;
+        let source = std::mem::replace(&mut self.host[stage], t);
+        let clocks = [self.clocks[source], self.clocks[t]];
         let n = self.host.len();
         let next = self.data[self.host[(stage + 1) % n]].clone();
         // A target that is gone now fails the run through its reader, like any stage node.
@@ -1219,6 +1237,8 @@ impl Session {
         let m = &mut self.moves[index];
         m.phase = Phase::Committed;
         m.report.moved = true;
+        m.report.index = index;
+        m.report.clocks = Some(clocks);
     }
 
     /// Relays an arena chunk from the node running a moving stage to the move's target.
@@ -1368,8 +1388,9 @@ impl Session {
             Err(e) if self.host[s] == c && self.fails_over(s, watched) => {
                 self.fail_over(c, s, &e, watched);
             }
-            Ok(ToCoordinator::Migrated { report }) => {
+            Ok(ToCoordinator::Migrated { report, collect }) => {
                 self.ended[c] = true;
+                self.collects_moved.push((c, collect));
                 watched.parts[s].push(*report);
             }
             // The node the stage left keeps heartbeating until its session ends.
@@ -1520,6 +1541,8 @@ impl Session {
             stall_ms: None,
             step_ms: None,
             restored_ms: None,
+            index: 0,
+            clocks: None,
         };
         let refuse = |mut report: MigrationReport, reason: String| {
             report.reason = Some(reason);
@@ -1668,50 +1691,68 @@ impl Session {
 
     /// Fetches every node's recorded files into `into`, all nodes at once; the first node
     /// whose collection fails ends the run with what it said.
-    fn collect(
-        &mut self,
-        addrs: &[String],
-        collects: &[bool],
-        into: &Path,
-        timeout: Duration,
-    ) -> Result<()> {
+    fn collect(&mut self, collects: &[bool], into: &Path, timeout: Duration) -> Result<()> {
+        // Per connection whose files to fetch: its stage, the endpoint it recorded the stage
+        // as, and whether it said it has files. Each stage's last node, and every node a stage
+        // moved away from.
+        let n = self.host.len();
+        let endpoint_of = |c: usize| {
+            if c < n {
+                return c as u32;
+            }
+            self.moves
+                .iter()
+                .position(|m| m.target == Some(c))
+                .map_or(u32::MAX, |i| super::migrate::continuation_endpoint(n, i))
+        };
+        let mut jobs: HashMap<usize, (usize, u32, bool)> = HashMap::new();
+        for (s, &collect) in collects.iter().enumerate() {
+            let c = self.host[s];
+            jobs.insert(c, (s, endpoint_of(c), collect));
+        }
+        for &(c, collect) in &self.collects_moved {
+            jobs.insert(c, (self.stage_of[c], endpoint_of(c), collect));
+        }
         let claimed = Mutex::new(HashSet::new());
         let claimed = &claimed;
-        let results: Vec<std::result::Result<(), String>> = std::thread::scope(|scope| {
+        let results: Vec<(usize, std::result::Result<(), String>)> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .conns
                 .iter_mut()
-                .zip(collects)
                 .enumerate()
-                .map(|(stage, (conn, &collect))| {
-                    scope.spawn(move || {
+                .filter_map(|(c, conn)| Some((c, conn, *jobs.get(&c)?)))
+                .map(|(c, conn, (stage, endpoint, collect))| {
+                    let handle = scope.spawn(move || {
                         if !collect {
                             return Err("the node recorded nothing to collect: serve stages with \
                                  a recording `slug node` of this version"
                                 .to_string());
                         }
-                        collect_files(conn, stage, into, claimed, timeout)
-                    })
+                        collect_files(conn, (stage, endpoint), into, claimed, timeout)
+                    });
+                    (c, handle)
                 })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("the collecting thread panicked".into()))
+                .map(|(c, h)| {
+                    let r = h
+                        .join()
+                        .unwrap_or_else(|_| Err("the collecting thread panicked".into()));
+                    (c, r)
                 })
                 .collect()
         });
-        if let Some((s, detail)) = results
+        if let Some((c, detail)) = results
             .into_iter()
-            .enumerate()
-            .find_map(|(s, r)| r.err().map(|d| (s, d)))
+            .find_map(|(c, r)| r.err().map(|d| (c, d)))
         {
             let detail = format!(
                 "{detail}; files that arrived whole are kept in {}",
                 into.display()
             );
-            return Err(self.abort(failed(s, &addrs[s], COLLECTING, detail)));
+            let (stage, addr) = (self.stage_of[c], self.addr[c].clone());
+            return Err(self.abort(failed(stage, &addr, COLLECTING, detail)));
         }
         Ok(())
     }
@@ -1806,7 +1847,7 @@ mod tests {
             node.shutdown();
             paths
         });
-        let err = collect_files(&mut coord, 0, dir.path(), &Mutex::default(), T).unwrap_err();
+        let err = collect_files(&mut coord, (0, 0), dir.path(), &Mutex::default(), T).unwrap_err();
         let paths = fake_node.join().unwrap();
         assert_eq!(paths, ["endpoints/0.slog", "snapshots/stage-0/step-0.idx"]);
         assert!(
@@ -1847,7 +1888,7 @@ mod tests {
             };
             node.send_json(&failed, T).unwrap();
         });
-        let err = collect_files(&mut coord, 1, dir.path(), &Mutex::default(), T).unwrap_err();
+        let err = collect_files(&mut coord, (1, 1), dir.path(), &Mutex::default(), T).unwrap_err();
         fake_node.join().unwrap();
         assert!(err.contains("could not remove its scratch"), "{err}");
     }
@@ -1872,14 +1913,14 @@ mod tests {
         ] {
             let files = vec![file("endpoints/0.slog", b"x"), file(bad, b"x")];
             node.send_json(&ToCoordinator::Files { files }, T).unwrap();
-            let err = collect_files(&mut coord, 0, dir.path(), &Mutex::default(), T).unwrap_err();
+            let err = collect_files(&mut coord, (0, 0), dir.path(), &Mutex::default(), T).unwrap_err();
             assert!(err.contains("does not produce"), "{bad}: {err}");
         }
         let mut big = file("endpoints/0.slog", b"x");
         big.len = MAX_COLLECTED_FILE + 1;
         node.send_json(&ToCoordinator::Files { files: vec![big] }, T)
             .unwrap();
-        let err = collect_files(&mut coord, 0, dir.path(), &Mutex::default(), T).unwrap_err();
+        let err = collect_files(&mut coord, (0, 0), dir.path(), &Mutex::default(), T).unwrap_err();
         assert!(err.contains("more than"), "{err}");
         // The bytes that arrive differ from what the node's digest says.
         let fake_node = std::thread::spawn(move || {
@@ -1892,7 +1933,7 @@ mod tests {
             node.send_frame(crate::wire::kind::FILE, b"evil", T)
                 .unwrap();
         });
-        let err = collect_files(&mut coord, 0, dir.path(), &Mutex::default(), T).unwrap_err();
+        let err = collect_files(&mut coord, (0, 0), dir.path(), &Mutex::default(), T).unwrap_err();
         fake_node.join().unwrap();
         assert!(err.contains("does not match the digest"), "{err}");
         assert!(!dir.path().join("endpoints/0.slog").exists());

@@ -216,7 +216,7 @@ impl PipelineConfig {
     }
 
     /// Forward steps every stage runs: sequences times tokens.
-    pub(crate) fn forward_steps(&self) -> u64 {
+    pub fn forward_steps(&self) -> u64 {
         self.prompts.len() as u64 * self.tokens as u64
     }
 

@@ -266,7 +266,7 @@ impl Gate {
         self.changed.notify_all();
     }
 
-    fn now(&self, index: usize) -> Option<Verdict> {
+    pub(crate) fn now(&self, index: usize) -> Option<Verdict> {
         let v = self.verdicts.lock().unwrap_or_else(|e| e.into_inner());
         v.get(index).cloned().flatten()
     }
@@ -446,8 +446,12 @@ impl std::fmt::Debug for Moves {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum AtBoundary {
     Continue,
-    /// The target confirmed: this node lets go of the stage.
-    HandedOff,
+    /// The target confirmed move `index`, at the stage's forward step `at_step`: this node
+    /// lets go of the stage.
+    HandedOff {
+        index: usize,
+        at_step: u64,
+    },
 }
 
 impl Moves {
@@ -641,7 +645,7 @@ impl Moves {
                     is_final,
                 )?;
                 if matches!(verdict, Verdict::Commit { .. }) {
-                    return Ok(AtBoundary::HandedOff);
+                    return Ok(AtBoundary::HandedOff { index, at_step: at });
                 }
             }
         }
@@ -781,6 +785,14 @@ pub struct MigrationReport {
     /// target's first step.
     #[serde(default)]
     pub restored_ms: Option<f64>,
+    /// The move's number in the run: a recording's endpoint for the stage on `to` is
+    /// [`continuation_endpoint`] of it.
+    #[serde(default)]
+    pub index: usize,
+    /// The clock offsets of `from` and `to` from the coordinator's clock, measured when each
+    /// node connected (set on a move that happened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clocks: Option<[crate::clock::ClockOffset; 2]>,
 }
 
 impl MigrationReport {
@@ -832,6 +844,30 @@ impl MigrationReport {
         }
         line
     }
+}
+
+/// The endpoint id a stage records as on the node that move `index` of a run of `stages`
+/// stages brought it to: ids past the stages' own, one per move, so every node that ran a
+/// stage writes a log of its own (the trace's manifest joins them: `continues`).
+pub fn continuation_endpoint(stages: usize, index: usize) -> u32 {
+    u32::try_from(stages.saturating_add(index)).unwrap_or(u32::MAX)
+}
+
+/// The endpoint that ran stage `stage` before move `index` took it away: the stage's own, or
+/// the target of the last earlier move of it that `committed` says happened.
+pub(crate) fn endpoint_before(
+    cfg: &PipelineConfig,
+    stage: usize,
+    index: usize,
+    committed: impl Fn(usize) -> bool,
+) -> u32 {
+    cfg.migrations
+        .iter()
+        .enumerate()
+        .take(index)
+        .filter(|&(i, m)| m.stage == stage && committed(i))
+        .last()
+        .map_or(stage as u32, |(i, _)| continuation_endpoint(cfg.stages, i))
 }
 
 /// Joins the reports of the nodes that ran one stage in turn (earliest first) into one.

@@ -49,7 +49,10 @@ pub use failover::{
     DEFAULT_CHECKPOINT_EVERY, FailoverReport, FailoverSummary, MAX_CHECKPOINT_EVERY,
 };
 pub use launch::{NodeCommand, NodeLauncher};
-pub use migrate::{DEFAULT_ROUNDS, Migration, MigrationReport, PrecopyRound, request_migration};
+pub use migrate::{
+    DEFAULT_ROUNDS, Migration, MigrationReport, PrecopyRound, continuation_endpoint,
+    request_migration,
+};
 pub use node::list_recorded_files;
 pub use observe::{NoObservers, ObserverFactory, StageContext, StageObservers};
 pub use progress::{ProgressReading, RunProgress, StageProgress};
@@ -132,6 +135,7 @@ pub fn run_stage(
     let plan = cfg.plan().map_err(startup)?;
     let ctx = StageContext {
         stage: s,
+        endpoint: s as u32,
         host,
         config: cfg,
     };
@@ -326,6 +330,7 @@ fn local_stage(
     let prepared = (|| {
         let ctx = StageContext {
             stage: s,
+            endpoint: s as u32,
             host: "local",
             config: cfg,
         };

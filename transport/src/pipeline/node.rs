@@ -21,6 +21,7 @@ use crate::auth::{ClusterKey, Role, server_handshake};
 use crate::error::{Result, TransportError};
 use crate::link::select::prepare_node_links;
 use crate::link::{NodeLinkPlan, StageLinks};
+use crate::transfer::StageMove;
 use crate::wire::{AbortFlag, Conn, kind, printable, shown};
 
 pub use super::cluster::LISTENING_PREFIX;
@@ -82,26 +83,10 @@ pub fn serve(
             if let Ok(outcome) = done_rx.try_recv() {
                 return outcome;
             }
-            if pending.lock().unwrap_or_else(|e| e.into_inner()).live >= 2 * MAX_PENDING_HANDSHAKES
-            {
-                // Dropped callers' threads end within 50 ms; until then newcomers wait in the
-                // listen backlog rather than being turned away.
-                if opts.stop.raised() {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-            let (stream, peer) = match listener.accept() {
-                Ok(accepted) => accepted,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if opts.stop.raised() {
-                        return Ok(());
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-                Err(e) => return Err(TransportError::io(format!("accept on {addr}"), e)),
+            let (stream, peer) = match accept_caller(&listener, addr, opts, &pending)? {
+                Accepted::Caller(stream, peer) => (stream, peer),
+                Accepted::Idle => continue,
+                Accepted::Stop => return Ok(()),
             };
             if opts.once && admitted.load(Ordering::SeqCst) {
                 log(&format!(
@@ -109,34 +94,10 @@ pub fn serve(
                 ));
                 continue;
             }
-            let (id, flag) = {
-                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                if p.waiting.len() >= MAX_PENDING_HANDSHAKES {
-                    // Full: the caller waiting longest goes (a real coordinator finishes its
-                    // handshake in a round trip or two, so it is never the oldest for long).
-                    if let Some((_, oldest, who)) = p.waiting.pop_front() {
-                        oldest.raise();
-                        drop(p);
-                        log(&format!(
-                            "dropped {who}: {MAX_PENDING_HANDSHAKES} callers were in their \
-                             handshake and it had waited longest; closed unheard"
-                        ));
-                        p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                    }
-                }
-                p.next += 1;
-                p.live += 1;
-                let (id, flag) = (p.next, AbortFlag::new());
-                p.waiting.push_back((id, flag.clone(), peer));
-                (id, flag)
-            };
-            let finished = move |pending: &Mutex<Pending>| {
-                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                p.live -= 1;
-                p.waiting.retain(|w| w.0 != id);
-            };
+            let (id, flag) = admit(&pending, peer, log);
+            let caller = Caller { peer, id, flag };
             if let Err(e) = stream.set_nonblocking(false) {
-                finished(&pending);
+                finished(&pending, id);
                 log(&format!("refused {peer}: cannot configure its socket: {e}"));
                 continue;
             }
@@ -144,29 +105,14 @@ pub fn serve(
             let spawned = std::thread::Builder::new()
                 .name("slug-node-session".into())
                 .spawn_scoped(scope, move || {
-                    let hs = handshake(stream, peer, opts, flag);
-                    finished(pending);
-                    let hs = match hs {
-                        Ok(hs) => hs,
-                        Err(e) => return log(&format!("refused {peer}: {e}")),
-                    };
-                    if opts.once && admitted.swap(true, Ordering::SeqCst) {
-                        hs.conn.shutdown();
-                        return log(&format!(
-                            "refused {peer}: this node serves one session and has it"
-                        ));
-                    }
-                    let outcome = session(hs, factory, log);
-                    match &outcome {
-                        Ok(stage) => log(&format!("stage {stage} for coordinator {peer} finished")),
-                        Err(e) => log(&format!("session with coordinator {peer} failed: {e}")),
-                    }
-                    if opts.once {
-                        let _ = done_tx.send(outcome.map(|_| ()));
+                    let outcome =
+                        serve_caller(stream, &caller, opts, pending, admitted, factory, log);
+                    if let (true, Some(outcome)) = (opts.once, outcome) {
+                        let _ = done_tx.send(outcome);
                     }
                 });
             if let Err(e) = spawned {
-                finished(pending);
+                finished(pending, id);
                 log(&format!(
                     "refused {peer}: no thread to serve it ({e}); closed"
                 ));
@@ -178,6 +124,118 @@ pub fn serve(
         flag.raise();
     }
     result
+}
+
+/// What one look at the listener found.
+enum Accepted {
+    Caller(TcpStream, SocketAddr),
+    /// Nobody called (or too many handshakes are running): look again.
+    Idle,
+    /// `opts.stop` was raised.
+    Stop,
+}
+
+/// Accepts the next caller, waiting up to 10 ms; while [`MAX_PENDING_HANDSHAKES`] twice over
+/// are still running, newcomers wait in the listen backlog instead.
+fn accept_caller(
+    listener: &TcpListener,
+    addr: SocketAddr,
+    opts: &NodeOptions,
+    pending: &Mutex<Pending>,
+) -> Result<Accepted> {
+    let idle = || {
+        if opts.stop.raised() {
+            return Accepted::Stop;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        Accepted::Idle
+    };
+    if pending.lock().unwrap_or_else(|e| e.into_inner()).live >= 2 * MAX_PENDING_HANDSHAKES {
+        // Dropped callers' threads end within 50 ms; until then newcomers wait in the listen
+        // backlog rather than being turned away.
+        return Ok(idle());
+    }
+    match listener.accept() {
+        Ok((stream, peer)) => Ok(Accepted::Caller(stream, peer)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(idle()),
+        Err(e) => Err(TransportError::io(format!("accept on {addr}"), e)),
+    }
+}
+
+/// Enters a caller into the pending handshakes, dropping the one waiting longest when they are
+/// full; returns the caller's id and the flag that ends its handshake.
+fn admit(pending: &Mutex<Pending>, peer: SocketAddr, log: &dyn Fn(&str)) -> (u64, AbortFlag) {
+    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+    if p.waiting.len() >= MAX_PENDING_HANDSHAKES {
+        // Full: the caller waiting longest goes (a real coordinator finishes its handshake in
+        // a round trip or two, so it is never the oldest for long).
+        if let Some((_, oldest, who)) = p.waiting.pop_front() {
+            oldest.raise();
+            drop(p);
+            log(&format!(
+                "dropped {who}: {MAX_PENDING_HANDSHAKES} callers were in their handshake and it \
+                 had waited longest; closed unheard"
+            ));
+            p = pending.lock().unwrap_or_else(|e| e.into_inner());
+        }
+    }
+    p.next += 1;
+    p.live += 1;
+    let (id, flag) = (p.next, AbortFlag::new());
+    p.waiting.push_back((id, flag.clone(), peer));
+    (id, flag)
+}
+
+/// One accepted caller in its handshake.
+struct Caller {
+    peer: SocketAddr,
+    /// Its id among the pending handshakes.
+    id: u64,
+    /// Ends its handshake.
+    flag: AbortFlag,
+}
+
+/// Takes caller `id` out of the pending handshakes (its handshake ended or never started).
+fn finished(pending: &Mutex<Pending>, id: u64) {
+    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+    p.live -= 1;
+    p.waiting.retain(|w| w.0 != id);
+}
+
+/// Handshakes a caller and, if it is an admitted coordinator, serves its session; returns the
+/// session's outcome (`None`: the caller was refused).
+fn serve_caller(
+    stream: TcpStream,
+    caller: &Caller,
+    opts: &NodeOptions,
+    pending: &Mutex<Pending>,
+    admitted: &AtomicBool,
+    factory: &dyn ObserverFactory,
+    log: &(dyn Fn(&str) + Sync),
+) -> Option<Result<()>> {
+    let peer = caller.peer;
+    let hs = handshake(stream, peer, opts, caller.flag.clone());
+    finished(pending, caller.id);
+    let hs = match hs {
+        Ok(hs) => hs,
+        Err(e) => {
+            log(&format!("refused {peer}: {e}"));
+            return None;
+        }
+    };
+    if opts.once && admitted.swap(true, Ordering::SeqCst) {
+        hs.conn.shutdown();
+        log(&format!(
+            "refused {peer}: this node serves one session and has it"
+        ));
+        return None;
+    }
+    let outcome = session(hs, factory, log);
+    match &outcome {
+        Ok(stage) => log(&format!("stage {stage} for coordinator {peer} finished")),
+        Err(e) => log(&format!("session with coordinator {peer} failed: {e}")),
+    }
+    Some(outcome.map(|_| ()))
 }
 
 /// Callers in their handshake.
@@ -306,6 +364,32 @@ struct Assigned<'a> {
     incoming: Option<usize>,
 }
 
+/// Why a node's stage failed: the phase it was in (`startup`, a step, `report`) and the error.
+type Failure = (String, TransportError);
+
+fn startup(e: TransportError) -> Failure {
+    ("startup".to_string(), e)
+}
+
+/// The stage a node built for its assignment, with its observers and prepared links, before
+/// the coordinator starts it.
+struct Built<'a> {
+    stage: slug_kernels::Stage,
+    plan: slug_kernels::LayerPlan,
+    pool: slug_kernels::ThreadPool,
+    ctx: StageContext<'a>,
+    hooks: Box<dyn slug_kernels::Hooks + Send>,
+    transfers: crate::transfer::Observers,
+    digests: Option<Arc<super::observe::DigestObserver>>,
+    state: Option<Box<dyn super::state::StageStateObserver>>,
+    links: Option<Box<dyn crate::link::LinkSetup>>,
+    /// The weights' hash, when a move may involve this stage (source and target compare it).
+    weights: Option<String>,
+}
+
+/// Runs the stage a coordinator assigned: builds it, reports ready, waits to be started (or
+/// receives the moved stage's state first), runs it with its control threads, and sends the
+/// recorded files when the coordinator collects them.
 fn run_assigned(
     conn: &mut Conn,
     writer: &Arc<Mutex<Conn>>,
@@ -313,16 +397,82 @@ fn run_assigned(
     factory: &dyn ObserverFactory,
     abort: &AbortFlag,
     log: &(dyn Fn(&str) + Sync),
-) -> std::result::Result<(), (String, TransportError)> {
-    let Assigned {
+) -> std::result::Result<(), Failure> {
+    let (s, cfg, incoming) = (assigned.s, assigned.cfg, assigned.incoming);
+    let mut built = build_assigned(&assigned, factory)?;
+    let timeout = cfg.timeout();
+    let data_addr = match &built.links {
+        Some(l) => l.address().map_err(startup)?,
+        None => None,
+    };
+    let ready = ToCoordinator::Ready {
+        data_addr,
+        pid: std::process::id(),
+        host: assigned.host.to_string(),
+        weights: built.weights.take(),
+    };
+    send(writer, &ready, timeout).map_err(startup)?;
+    let gate = Arc::new(migrate::Gate::new(cfg.migrations.len()));
+    let Some(next) = await_start(conn, writer, &mut built.stage, cfg, incoming, &gate)? else {
+        // A dismissed target: what it recorded belongs to no move (its log closes as the
+        // observers drop), so a scratch directory of it goes.
+        let ctx = built.ctx;
+        drop(built);
+        if let Some(dir) = factory.collected_files(&ctx) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Ok(());
+    };
+    if let Some(index) = incoming {
+        // Every earlier move is final by now (moves commit in order): the stage came from the
+        // node of the last one that committed, or from its first node.
+        let committed = |i| matches!(gate.now(i), Some(migrate::Verdict::Commit { .. }));
+        built.transfers.stage_moved(&StageMove {
+            stage: s as u32,
+            at_step: cfg.migrations[index].at_step,
+            index: index as u32,
+            arrived: true,
+            peer: migrate::endpoint_before(cfg, s, index, committed),
+        });
+    }
+    let ctx = built.ctx;
+    let run = Started {
+        next,
+        gate,
+        link_key: assigned.link_key,
+        incoming,
+    };
+    let files = run_started(conn, writer, built, run, factory, abort, log).inspect_err(|_| {
+        if let Some(dir) = factory.collected_files(&ctx) {
+            log(&format!(
+                "stage {s} failed; what it recorded stays in {}",
+                dir.display()
+            ));
+        }
+    })?;
+    // The control reader has stopped: the connection is this thread's alone again.
+    match files {
+        Some((dir, fetch_wait)) => {
+            send_recorded_files(conn, &dir, fetch_wait, timeout).map_err(|e| (COLLECTING.into(), e))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Checks the assignment and builds its stage, observers and links (a one-stage pipeline has
+/// none).
+fn build_assigned<'a>(
+    assigned: &Assigned<'a>,
+    factory: &dyn ObserverFactory,
+) -> std::result::Result<Built<'a>, Failure> {
+    let &Assigned {
         s,
         cfg,
-        fabric_path,
+        ref fabric_path,
         host,
         link_key,
         incoming,
     } = assigned;
-    let startup = |e: TransportError| ("startup".to_string(), e);
     cfg.validate().map_err(startup)?;
     if s >= cfg.stages {
         return Err(startup(TransportError::Config(format!(
@@ -334,10 +484,11 @@ fn run_assigned(
     let pool = slug_kernels::ThreadPool::new(cfg.threads).map_err(|e| startup(e.into()))?;
     let ctx = StageContext {
         stage: s,
+        endpoint: incoming.map_or(s as u32, |i| migrate::continuation_endpoint(cfg.stages, i)),
         host,
         config: cfg,
     };
-    let mut stage = build_stage(cfg, &plan, &pool, factory, &ctx).map_err(startup)?;
+    let stage = build_stage(cfg, &plan, &pool, factory, &ctx).map_err(startup)?;
     if let Some(index) = incoming
         && cfg.migrations.get(index).is_none_or(|m| m.stage != s)
     {
@@ -351,9 +502,7 @@ fn run_assigned(
         || !cfg.spares.is_empty();
     let weights = moving.then(|| migrate::weights_hash(&stage));
     let (obs, digests) = stage_observers(factory, &ctx).map_err(startup)?;
-    let transfers = obs.transfers;
     let state = factory.state_observer(&ctx).map_err(startup)?;
-    // Links only join stages: a one-stage pipeline has none to prepare.
     let links = if cfg.stages > 1 {
         let n = cfg.stages;
         Some(
@@ -362,7 +511,7 @@ fn run_assigned(
                 inbound: link_ends(n, (s + n - 1) % n, cfg.timeout()),
                 outbound: link_ends(n, s, cfg.timeout()),
                 ring_specs: cfg.ring_specs(),
-                fabric: fabric_path,
+                fabric: fabric_path.clone(),
                 host: host.to_string(),
                 key: link_key.clone(),
                 integrity: cfg.link_integrity,
@@ -372,240 +521,346 @@ fn run_assigned(
     } else {
         None
     };
-    let data_addr = match &links {
-        Some(l) => l.address().map_err(startup)?,
-        None => None,
-    };
-    let timeout = cfg.timeout();
-    let ready = ToCoordinator::Ready {
-        data_addr,
-        pid: std::process::id(),
-        host: host.to_string(),
+    Ok(Built {
+        stage,
+        plan,
+        pool,
+        ctx,
+        hooks: obs.hooks,
+        transfers: obs.transfers,
+        digests,
+        state,
+        links,
         weights,
-    };
-    send(writer, &ready, timeout).map_err(startup)?;
-    let gate = Arc::new(migrate::Gate::new(cfg.migrations.len()));
-    let next = match incoming {
-        Some(index) => {
-            let arrival = |e: TransportError| ("receiving the moved stage".to_string(), e);
-            match receive_stage(conn, writer, &mut stage, cfg, index, &gate).map_err(arrival)? {
-                Some(next) => next,
-                None => return Ok(()),
-            }
-        }
-        None => match conn.recv_json::<ToNode>(timeout).map_err(startup)? {
-            ToNode::Start { next } => next,
-            ToNode::Abort { reason } => return Err(startup(TransportError::Aborted { reason })),
-            other => {
-                return Err(startup(TransportError::Protocol {
-                    peer: conn.peer.clone(),
-                    detail: format!("expected start, got {}", shown(&other)),
-                }));
-            }
-        },
-    };
-    let resume_step = stage.cursor().step;
+    })
+}
+
+/// Waits for the coordinator's start: the downstream stage's data address, or `None` when a
+/// move's target is dismissed. The target of a move first receives the stage's state.
+fn await_start(
+    conn: &mut Conn,
+    writer: &Arc<Mutex<Conn>>,
+    stage: &mut slug_kernels::Stage,
+    cfg: &PipelineConfig,
+    incoming: Option<usize>,
+    gate: &migrate::Gate,
+) -> std::result::Result<Option<Option<String>>, Failure> {
+    if let Some(index) = incoming {
+        let arrival = |e: TransportError| ("receiving the moved stage".to_string(), e);
+        return receive_stage(conn, writer, stage, cfg, index, gate).map_err(arrival);
+    }
+    match conn.recv_json::<ToNode>(cfg.timeout()).map_err(startup)? {
+        ToNode::Start { next } => Ok(Some(next)),
+        ToNode::Abort { reason } => Err(startup(TransportError::Aborted { reason })),
+        other => Err(startup(TransportError::Protocol {
+            peer: conn.peer.clone(),
+            detail: format!("expected start, got {}", shown(&other)),
+        })),
+    }
+}
+
+/// What the coordinator's start gave a built stage.
+struct Started<'a> {
+    /// The downstream stage's data address.
+    next: Option<String>,
+    gate: Arc<migrate::Gate>,
+    link_key: &'a ClusterKey,
+    /// The move that brought the stage here.
+    incoming: Option<usize>,
+}
+
+/// Recorded files to send the coordinator: their directory, and how long the coordinator may
+/// take to ask for them (it collects when the run ends, long after a stage moved away).
+type ToCollect = Option<(PathBuf, Duration)>;
+
+/// Runs a started stage beside its control reader, move shipper and heartbeat threads, and
+/// reports its outcome; returns the directory of recorded files to send, if any.
+fn run_started(
+    conn: &mut Conn,
+    writer: &Arc<Mutex<Conn>>,
+    mut built: Built<'_>,
+    run: Started<'_>,
+    factory: &dyn ObserverFactory,
+    abort: &AbortFlag,
+    log: &(dyn Fn(&str) + Sync),
+) -> std::result::Result<ToCollect, Failure> {
+    let cfg = built.ctx.config;
+    let s = built.ctx.stage;
+    let timeout = cfg.timeout();
+    let progress = Arc::new(AtomicU64::new(0));
+    let stop = AbortFlag::new();
+    // The links outlive the threads below: the control reader aborts them.
+    let links = built.links.take();
+    let links = links.as_deref();
+    // With `--spares`: checkpoints out, and what the coordinator says of a lost neighbour in.
     let mut failover = failover::Guard::for_stage(
         cfg,
         s,
-        resume_step,
+        built.stage.cursor().step,
         writer.clone(),
-        digests.clone(),
-        links.as_ref().and_then(|l| l.data_listener()),
-        link_key,
+        built.digests.clone(),
+        links.and_then(|l| l.data_listener()),
+        run.link_key,
         abort,
     );
     let ears = failover.as_ref().map(failover::Guard::ears);
-    let progress = Arc::new(AtomicU64::new(0));
-    let stop = AbortFlag::new();
-    let files = std::thread::scope(|scope| {
-        // Control reader: an abort message or a lost coordinator stops this stage at once.
-        let mut reader = conn.try_clone().map_err(startup)?;
-        reader.abort = stop.clone();
-        let (abort2, links2, stop2) = (abort.clone(), links.as_deref(), stop.clone());
-        let gate2 = gate.clone();
+    std::thread::scope(|scope| {
         let no_thread =
             |e: std::io::Error| startup(TransportError::io("start a control thread", e));
-        std::thread::Builder::new()
-            .name("slug-node-control".into())
-            .spawn_scoped(scope, move || {
-                loop {
-                    match reader.recv_json::<ToNode>(Duration::from_secs(24 * 3600)) {
-                        Ok(ToNode::Abort { .. }) | Err(_) => {
-                            if !stop2.raised() {
-                                abort2.raise();
-                                if let Some(l) = links2 {
-                                    l.abort();
-                                }
-                            }
-                            return;
-                        }
-                        Ok(ToNode::Move { index, verdict }) => gate2.set(index, verdict),
-                        Ok(ToNode::Plan { index, migration }) => gate2.plan(index, migration),
-                        Ok(ToNode::Failover(note)) => {
-                            if let Some(ears) = &ears {
-                                ears.heard(note);
-                            }
-                        }
-                        Ok(_) => {}
-                    }
-                }
-            })
-            .map_err(no_thread)?;
+        spawn_control_reader(scope, conn, links, &run.gate, ears, abort, &stop)
+            .map_err(startup)?;
         // The stage thread's move messages (arena chunks, notes) go out in order through here.
         let (ship_tx, ship_rx) = crossbeam_channel::unbounded::<migrate::Outgoing>();
-        let writer4 = writer.clone();
-        let shipper = std::thread::Builder::new()
-            .name("slug-node-moves".into())
-            .spawn_scoped(scope, move || {
-                for out in ship_rx {
-                    let mut w = match writer4.lock() {
-                        Ok(w) => w,
-                        Err(_) => return,
-                    };
-                    let sent = match out {
-                        migrate::Outgoing::Chunk(body) => w.send_frame(kind::ARENA, &body, timeout),
-                        migrate::Outgoing::Message(note) => {
-                            w.send_json(&ToCoordinator::Move(note), timeout)
+        let shipper = spawn_shipper(scope, writer.clone(), ship_rx, timeout).map_err(no_thread)?;
+        let heartbeat = {
+            let (writer, progress, stop) = (writer.clone(), progress.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("slug-node-heartbeat".into())
+                .spawn_scoped(scope, move || {
+                    while !stop.raised() {
+                        let msg = heartbeat_of(cfg, s, progress.load(Ordering::Relaxed));
+                        if send(&writer, &msg, HEARTBEAT * 4).is_err() {
+                            return;
                         }
-                    };
-                    if sent.is_err() {
-                        return;
+                        std::thread::sleep(HEARTBEAT);
                     }
-                }
-            })
-            .map_err(no_thread)?;
-        let (writer2, progress2, stop3) = (writer.clone(), progress.clone(), stop.clone());
-        let heartbeat = std::thread::Builder::new()
-            .name("slug-node-heartbeat".into())
-            .spawn_scoped(scope, move || {
-                while !stop3.raised() {
-                    let msg = heartbeat_of(cfg, s, progress2.load(Ordering::Relaxed));
-                    if send(&writer2, &msg, HEARTBEAT * 4).is_err() {
-                        return;
-                    }
-                    std::thread::sleep(HEARTBEAT);
-                }
-            });
+                })
+        };
         if let Err(e) = heartbeat {
             stop.raise();
             return Err(no_thread(e));
         }
-        let result = (|| {
-            let mut moves_here = None;
-            let mut io = match &links {
-                Some(l) => l
-                    .connect(next.as_deref(), &transfers, abort, log)
-                    .map_err(startup)?,
-                None => StageLinks::default(),
-            };
-            if !cfg.migrations.is_empty() || cfg.live_moves {
-                let listener = links.as_ref().and_then(|l| l.data_listener());
-                let relink = match listener {
-                    Some(l) if cfg.transport == crate::transfer::TransportKind::Tcp => {
-                        Some(migrate::Relink {
-                            listener: Some(l),
-                            key: link_key.clone(),
-                            integrity: cfg.link_integrity,
-                            abort: abort.clone(),
-                            inbound: link_ends(
-                                cfg.stages,
-                                (s + cfg.stages - 1) % cfg.stages,
-                                timeout,
-                            ),
-                            outbound: link_ends(cfg.stages, s, timeout),
-                        })
-                    }
-                    _ => None,
-                };
-                let mut moves = migrate::Moves::new(
-                    cfg,
-                    s,
-                    resume_step,
-                    gate.clone(),
-                    relink,
-                    ship_tx.clone(),
-                    abort.clone(),
-                    incoming,
-                );
-                if let Some(index) = incoming {
-                    // Continue both links where the stage's old node left them.
-                    let at = cfg.migrations[index].at_step;
-                    if let Some(i) = io.inbound.as_mut() {
-                        i.resume_at(migrate::inbound_switch(cfg, s, at));
-                    }
-                    if let Some(o) = io.outbound.as_mut() {
-                        o.resume_at(migrate::outbound_switch(cfg, s, at));
-                    }
-                    moves.links_resumed = true;
-                }
-                moves_here = Some(moves);
-            }
-            let observed = Observed {
-                hooks: obs.hooks,
-                state,
-            };
-            let outcome = drive_stage(
-                cfg,
-                &plan,
-                s,
-                &pool,
-                stage,
-                io,
-                moves_here,
-                failover.as_mut(),
-                observed,
-                &|step, seq| {
-                    progress.store((u64::from(step) << 32) | u64::from(seq), Ordering::Relaxed)
-                },
-            )?;
-            let handed_off = outcome.handed_off;
-            let report = Box::new(outcome.into_report(&plan, s, host, &digests));
-            // Every move message the stage queued goes out before its report.
-            drop(ship_tx);
-            let _ = shipper.join();
-            if handed_off {
-                send(writer, &ToCoordinator::Migrated { report }, timeout)
-                    .map_err(|e| ("report".to_string(), e))?;
-                log(&format!("stage {s} moved to another node"));
-                return Ok(None);
-            }
-            // The last reference to the stage's recorder: dropping it closes the endpoint log,
-            // so the files to collect are complete before the coordinator hears of them.
-            drop(transfers);
-            let files = factory.collected_files(&ctx);
-            // The final counts (events the closing recorder wrote last), ahead of the report.
-            let last = heartbeat_of(cfg, s, progress.load(Ordering::Relaxed));
-            send(writer, &last, timeout).map_err(|e| ("report".to_string(), e))?;
-            send(
-                writer,
-                &ToCoordinator::Done {
-                    report,
-                    collect: files.is_some(),
-                },
-                timeout,
-            )
-            .map_err(|e| ("report".to_string(), e))?;
-            Ok(files)
-        })();
+        let result = drive_and_report(
+            writer,
+            built,
+            links,
+            &run,
+            failover.as_mut(),
+            factory,
+            abort,
+            log,
+            &progress,
+            ship_tx,
+            shipper,
+        );
         // The reader and heartbeat threads poll `stop`; the socket stays open for the final
         // Done/Failed message.
         stop.raise();
         result
-    });
-    let files = files.inspect_err(|_| {
-        if let Some(dir) = factory.collected_files(&ctx) {
-            log(&format!(
-                "stage {s} failed; what it recorded stays in {}",
-                dir.display()
-            ));
-        }
-    })?;
-    // The control reader has stopped: the connection is this thread's alone again.
-    match files {
-        Some(dir) => send_recorded_files(conn, &dir, timeout).map_err(|e| (COLLECTING.into(), e)),
-        None => Ok(()),
+    })
+}
+
+/// The control reader: an abort message or a lost coordinator stops the stage at once; move
+/// verdicts and plans go to the gate, failover notes to the stage's failover guard.
+fn spawn_control_reader<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    conn: &Conn,
+    links: Option<&'scope dyn crate::link::LinkSetup>,
+    gate: &Arc<migrate::Gate>,
+    ears: Option<Arc<failover::Shared>>,
+    abort: &AbortFlag,
+    stop: &AbortFlag,
+) -> Result<()> {
+    let mut reader = conn.try_clone()?;
+    reader.abort = stop.clone();
+    let (abort, stop, gate) = (abort.clone(), stop.clone(), gate.clone());
+    std::thread::Builder::new()
+        .name("slug-node-control".into())
+        .spawn_scoped(scope, move || {
+            loop {
+                match reader.recv_json::<ToNode>(Duration::from_secs(24 * 3600)) {
+                    Ok(ToNode::Abort { .. }) | Err(_) => {
+                        if !stop.raised() {
+                            abort.raise();
+                            if let Some(l) = links {
+                                l.abort();
+                            }
+                        }
+                        return;
+                    }
+                    Ok(ToNode::Move { index, verdict }) => gate.set(index, verdict),
+                    Ok(ToNode::Plan { index, migration }) => gate.plan(index, migration),
+                    Ok(ToNode::Failover(note)) => {
+                        if let Some(ears) = &ears {
+                            ears.heard(note);
+                        }
+                    }
+                    Ok(_) => {}
+                }
+            }
+        })
+        .map_err(|e| TransportError::io("start a control thread", e))?;
+    Ok(())
+}
+
+/// The thread that sends the stage thread's move messages, in order, on the control link.
+fn spawn_shipper<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    writer: Arc<Mutex<Conn>>,
+    outgoing: crossbeam_channel::Receiver<migrate::Outgoing>,
+    timeout: Duration,
+) -> std::io::Result<std::thread::ScopedJoinHandle<'scope, ()>> {
+    std::thread::Builder::new()
+        .name("slug-node-moves".into())
+        .spawn_scoped(scope, move || {
+            for out in outgoing {
+                let Ok(mut w) = writer.lock() else {
+                    return;
+                };
+                let sent = match out {
+                    migrate::Outgoing::Chunk(body) => w.send_frame(kind::ARENA, &body, timeout),
+                    migrate::Outgoing::Message(note) => {
+                        w.send_json(&ToCoordinator::Move(note), timeout)
+                    }
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+        })
+}
+
+/// Connects the stage's links, runs it to the end of the schedule (or until it moves away),
+/// and sends the coordinator its report; returns the directory of recorded files to send.
+#[allow(clippy::too_many_arguments)]
+fn drive_and_report(
+    writer: &Arc<Mutex<Conn>>,
+    built: Built<'_>,
+    links: Option<&dyn crate::link::LinkSetup>,
+    run: &Started<'_>,
+    failover: Option<&mut failover::Guard>,
+    factory: &dyn ObserverFactory,
+    abort: &AbortFlag,
+    log: &(dyn Fn(&str) + Sync),
+    progress: &AtomicU64,
+    ship_tx: crossbeam_channel::Sender<migrate::Outgoing>,
+    shipper: std::thread::ScopedJoinHandle<'_, ()>,
+) -> std::result::Result<ToCollect, Failure> {
+    let Built {
+        stage,
+        plan,
+        pool,
+        ctx,
+        hooks,
+        transfers,
+        digests,
+        state,
+        ..
+    } = built;
+    let (cfg, s, host) = (ctx.config, ctx.stage, ctx.host);
+    let timeout = cfg.timeout();
+    let mut io = match links {
+        Some(l) => l
+            .connect(run.next.as_deref(), &transfers, abort, log)
+            .map_err(startup)?,
+        None => StageLinks::default(),
+    };
+    let moves = stage_moves(cfg, s, &stage, links, run, &mut io, &ship_tx, abort);
+    let outcome = drive_stage(
+        cfg,
+        &plan,
+        s,
+        &pool,
+        stage,
+        io,
+        moves,
+        failover,
+        Observed { hooks, state },
+        &|step, seq| progress.store((u64::from(step) << 32) | u64::from(seq), Ordering::Relaxed),
+    )?;
+    let handed_off = outcome.handed_off;
+    let report = Box::new(outcome.into_report(&plan, s, host, &digests));
+    // Every move message the stage queued goes out before its report.
+    drop(ship_tx);
+    let _ = shipper.join();
+    if let Some((index, at_step)) = handed_off {
+        transfers.stage_moved(&StageMove {
+            stage: s as u32,
+            at_step,
+            index: index as u32,
+            arrived: false,
+            peer: migrate::continuation_endpoint(cfg.stages, index),
+        });
+        // The stage's log ends here, closed before the coordinator hears that it moved.
+        drop(transfers);
+        let files = factory.collected_files(&ctx);
+        let moved = ToCoordinator::Migrated {
+            report,
+            collect: files.is_some(),
+        };
+        send(writer, &moved, timeout).map_err(|e| ("report".to_string(), e))?;
+        log(&format!("stage {s} moved to another node"));
+        return Ok(files.map(|dir| (dir, RUN_LENGTH)));
     }
+    // The last reference to the stage's recorder: dropping it closes the endpoint log, so the
+    // files to collect are complete before the coordinator hears of them.
+    drop(transfers);
+    let files = factory.collected_files(&ctx);
+    // The final counts (events the closing recorder wrote last), ahead of the report.
+    let last = heartbeat_of(cfg, s, progress.load(Ordering::Relaxed));
+    send(writer, &last, timeout).map_err(|e| ("report".to_string(), e))?;
+    let done = ToCoordinator::Done {
+        report,
+        collect: files.is_some(),
+    };
+    send(writer, &done, timeout).map_err(|e| ("report".to_string(), e))?;
+    Ok(files.map(|dir| (dir, timeout)))
+}
+
+/// The stage's part in the run's moves (`None` when the run has none): tcp links re-point
+/// through the node's data listener, and a stage that arrived by a move continues both links'
+/// numbering where its old node left them.
+#[allow(clippy::too_many_arguments)]
+fn stage_moves(
+    cfg: &PipelineConfig,
+    s: usize,
+    stage: &slug_kernels::Stage,
+    links: Option<&dyn crate::link::LinkSetup>,
+    run: &Started<'_>,
+    io: &mut StageLinks,
+    ship_tx: &crossbeam_channel::Sender<migrate::Outgoing>,
+    abort: &AbortFlag,
+) -> Option<migrate::Moves> {
+    if cfg.migrations.is_empty() && !cfg.live_moves {
+        return None;
+    }
+    let timeout = cfg.timeout();
+    let n = cfg.stages;
+    let relink = match links.and_then(|l| l.data_listener()) {
+        Some(listener) if cfg.transport == crate::transfer::TransportKind::Tcp => {
+            Some(migrate::Relink {
+                listener: Some(listener),
+                key: run.link_key.clone(),
+                integrity: cfg.link_integrity,
+                abort: abort.clone(),
+                inbound: link_ends(n, (s + n - 1) % n, timeout),
+                outbound: link_ends(n, s, timeout),
+            })
+        }
+        _ => None,
+    };
+    let mut moves = migrate::Moves::new(
+        cfg,
+        s,
+        stage.cursor().step,
+        run.gate.clone(),
+        relink,
+        ship_tx.clone(),
+        abort.clone(),
+        run.incoming,
+    );
+    if let Some(index) = run.incoming {
+        // Continue both links where the stage's old node left them.
+        let at = cfg.migrations[index].at_step;
+        if let Some(i) = io.inbound.as_mut() {
+            i.resume_at(migrate::inbound_switch(cfg, s, at));
+        }
+        if let Some(o) = io.outbound.as_mut() {
+            o.resume_at(migrate::outbound_switch(cfg, s, at));
+        }
+        moves.links_resumed = true;
+    }
+    Some(moves)
 }
 
 /// The target of move `index`: heartbeats while the stage's state arrives in arena chunks,
@@ -693,6 +948,10 @@ fn receive_stage(
     })
 }
 
+/// How long a node whose stage moved away waits for the coordinator to collect its files: as
+/// long as the rest of the run may take (a closed connection ends the wait at once).
+const RUN_LENGTH: Duration = Duration::from_secs(24 * 3600);
+
 /// Where a failing file transfer is reported as having reached.
 const COLLECTING: &str = "sending recorded files";
 
@@ -745,7 +1004,12 @@ fn file_digest(path: &Path) -> Result<String> {
 /// Lists the stage's recorded files, sends those the coordinator asks for in pieces, removes
 /// `dir` once the coordinator confirms it has everything, and confirms the removal (so the
 /// coordinator's success means no scratch is left behind).
-fn send_recorded_files(conn: &mut Conn, dir: &Path, timeout: Duration) -> Result<()> {
+fn send_recorded_files(
+    conn: &mut Conn,
+    dir: &Path,
+    fetch_wait: Duration,
+    timeout: Duration,
+) -> Result<()> {
     let files = list_recorded_files(dir)?;
     let lens: HashMap<String, u64> = files.iter().map(|f| (f.path.clone(), f.len)).collect();
     conn.send_json(&ToCoordinator::Files { files }, timeout)?;
@@ -756,7 +1020,7 @@ fn send_recorded_files(conn: &mut Conn, dir: &Path, timeout: Duration) -> Result
             shown(&got)
         ),
     };
-    let paths = match conn.recv_json::<ToNode>(timeout)? {
+    let paths = match conn.recv_json::<ToNode>(fetch_wait)? {
         ToNode::Fetch { paths } => paths,
         ToNode::Abort { reason } => return Err(TransportError::Aborted { reason }),
         other => return Err(unexpected(conn, other)),

@@ -17,6 +17,9 @@ use super::state::{StageState, StageStateObserver};
 pub struct StageContext<'a> {
     /// Stage index.
     pub stage: usize,
+    /// The endpoint the stage records as: its stage index, or, on a node a move brought the
+    /// stage to, [`continuation_endpoint`](super::continuation_endpoint) of that move.
+    pub endpoint: u32,
     /// Host the stage runs on ("local" for threads).
     pub host: &'a str,
     /// The run's configuration.

@@ -41,8 +41,8 @@ pub(crate) struct StageOutcome {
     pub inbound: Option<LinkStats>,
     pub outbound: Option<LinkStats>,
     pub inbound_clock: Option<crate::clock::ClockOffset>,
-    /// The stage stopped early because it moved to another node (`--migrate`).
-    pub handed_off: bool,
+    /// The stage stopped early because it moved to another node: the move and its step.
+    pub handed_off: Option<(usize, u64)>,
 }
 
 impl StageOutcome {
@@ -169,7 +169,7 @@ pub(crate) fn drive_stage(
         o.at_step_boundary(&stage).map_err(|e| fail(&at, e))?;
     }
     let mut forward = 0u64;
-    let mut handed_off = false;
+    let mut handed_off = None;
     let seq_ids: Vec<usize> = (0..sequences).collect();
     'schedule: for group in seq_ids.chunks(cfg.microbatches) {
         for step in 0..cfg.tokens {
@@ -184,11 +184,11 @@ pub(crate) fn drive_stage(
                 }
                 at = format!("step {step} (sequence {seq})");
                 if let Some(m) = moves.as_mut()
-                    && m.at_boundary(&stage, forward - 1)
+                    && let AtBoundary::HandedOff { index, at_step } = m
+                        .at_boundary(&stage, forward - 1)
                         .map_err(|e| fail(&at, e))?
-                        == AtBoundary::HandedOff
                 {
-                    handed_off = true;
+                    handed_off = Some((index, at_step));
                     break 'schedule;
                 }
                 if let Some(f) = failover.as_deref_mut() {

@@ -395,6 +395,23 @@ impl Writer<'_> {
                 TraceEvent::PerfSample(_) | TraceEvent::PtChunk(_) | TraceEvent::Transfer(_) => {
                     Ok(())
                 }
+                TraceEvent::Migration(m) => {
+                    self.summary.instants += 1;
+                    let (r, label) = (&m.record, e.label(self.names));
+                    self.open("i", ep);
+                    self.u64_field("tid", TRANSFERS_TID);
+                    self.str_field("s", "p");
+                    self.str_field("name", &label);
+                    self.str_field("cat", e.kind().name());
+                    self.us_field("ts", r.ns);
+                    self.args_and_close(&[
+                        ("stage", Arg::Uint(u64::from(r.stage))),
+                        ("step", Arg::Uint(r.step)),
+                        ("move", Arg::Uint(u64::from(r.index))),
+                        ("role", Arg::Str(m.role())),
+                        ("peer_endpoint", Arg::Uint(u64::from(r.peer))),
+                    ])
+                }
                 TraceEvent::StepBoundary(_)
                 | TraceEvent::Snapshot(_)
                 | TraceEvent::LostEvents(_)

@@ -666,6 +666,26 @@ impl Writer<'_> {
                 TraceEvent::PerfSample(_) | TraceEvent::PtChunk(_) | TraceEvent::Transfer(_) => {
                     Ok(())
                 }
+                TraceEvent::Migration(m) => {
+                    let uuid = self.track(ep, TrackKind::Endpoint)?;
+                    self.summary.instants += 1;
+                    let (r, label) = (m.record, e.label(self.source.names()));
+                    let anns = [
+                        Ann::Uint("stage", u64::from(r.stage)),
+                        Ann::Uint("step", r.step),
+                        Ann::Uint("move", u64::from(r.index)),
+                        Ann::Str("role", m.role()),
+                        Ann::Uint("peer_endpoint", u64::from(r.peer)),
+                    ];
+                    let ev = Ev {
+                        ty: event::TYPE_INSTANT,
+                        cats: Some(EventKind::Migration.name()),
+                        name: Some((&label, false)),
+                        anns: &anns,
+                        ..Ev::END
+                    };
+                    self.emit(uuid, r.ns, &ev)
+                }
                 TraceEvent::StepBoundary(_)
                 | TraceEvent::Snapshot(_)
                 | TraceEvent::LostEvents(_)

@@ -147,6 +147,25 @@ pub enum TraceEvent {
     Counter(Counter),
     /// See [`SoftwareRecord`].
     PerfSoftware(SoftwareRecord),
+    /// See [`Migration`].
+    Migration(Migration),
+}
+
+/// A stage's move between nodes as one endpoint logged it, with the endpoint on the other side
+/// resolved to a timeline.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Migration {
+    /// The record as logged, on the trace-global clock.
+    pub record: slug_schema::MigrationEvent,
+    /// The endpoint on the other side of the move.
+    pub peer: EndpointIx,
+}
+
+impl Migration {
+    /// `left` (this endpoint handed the stage off) or `arrived` (it took it over).
+    pub fn role(&self) -> &'static str {
+        self.record.role.name()
+    }
 }
 
 impl TraceEvent {
@@ -164,6 +183,7 @@ impl TraceEvent {
             TraceEvent::Marker(_) => EventKind::Marker,
             TraceEvent::Counter(_) => EventKind::Counter,
             TraceEvent::PerfSoftware(_) => EventKind::PerfSoftware,
+            TraceEvent::Migration(_) => EventKind::Migration,
         }
     }
 
@@ -181,6 +201,7 @@ impl TraceEvent {
             TraceEvent::Marker(m) => m.ns,
             TraceEvent::Counter(c) => c.ns,
             TraceEvent::PerfSoftware(s) => s.ns,
+            TraceEvent::Migration(m) => m.record.ns,
         }
     }
 
@@ -209,6 +230,12 @@ impl TraceEvent {
             TraceEvent::LostEvents(l) => format!("lost {} ({})", l.count, names.get(l.reason)),
             TraceEvent::Marker(m) => names.get(m.text).to_string(),
             TraceEvent::Counter(c) => format!("{} = {}", names.get(c.name), c.value),
+            TraceEvent::Migration(m) => format!(
+                "stage {} {} at step {}",
+                m.record.stage,
+                m.role(),
+                m.record.step
+            ),
         }
     }
 
@@ -341,6 +368,18 @@ impl TraceEvent {
                 out.push(("time", format_time(c.ns)));
                 out.push(("counter", names.get(c.name).to_string()));
                 out.push(("value", c.value.to_string()));
+            }
+            TraceEvent::Migration(m) => {
+                out.push(("time", format_time(m.record.ns)));
+                out.push(("stage", m.record.stage.to_string()));
+                out.push(("step", m.record.step.to_string()));
+                out.push(("move", m.record.index.to_string()));
+                out.push(("role", m.role().to_string()));
+                let side = match m.record.role {
+                    slug_schema::MoveRole::Left => "moved to",
+                    slug_schema::MoveRole::Arrived => "moved from",
+                };
+                out.push((side, endpoint_name(m.peer)));
             }
         }
         out

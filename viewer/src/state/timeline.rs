@@ -61,6 +61,8 @@ pub enum Mark {
     Snapshot,
     /// Events were lost here.
     Lost,
+    /// The stage moved between nodes here (its log ends or starts).
+    Moved,
     /// The replay's first divergence.
     Divergence,
 }
@@ -733,6 +735,9 @@ fn detail_track(ep: EndpointIx, grid: &Grid, events: TrackEvents, names: &Names)
             TraceEvent::Snapshot(s) => put_mark(&mut t.marks, grid.of(s.ns), Mark::Snapshot),
             TraceEvent::LostEvents(l) => put_mark(&mut t.marks, grid.of(l.from_ns), Mark::Lost),
             TraceEvent::Marker(m) => put_mark(&mut t.marks, grid.of(m.ns), Mark::Marker),
+            TraceEvent::Migration(m) => {
+                put_mark(&mut t.marks, grid.of(m.record.ns), Mark::Moved);
+            }
             TraceEvent::PerfSample(p) => {
                 if range.touches(p.ns, p.ns) {
                     t.samples[grid.of(p.ns)] += 1.0;

@@ -11,13 +11,14 @@ use crate::state::timeline::Mark;
 use crate::view::style;
 
 /// Marks drawn in a track's mark row, in the order the legend lists them.
-const MARKS: [(Mark, &str); 9] = [
+const MARKS: [(Mark, &str); 10] = [
     (Mark::Snapshot, "snapshot"),
     (Mark::FlowIn, "transfer arrived from another stage"),
     (Mark::FlowOut, "transfer left (bytes follow)"),
     (Mark::Step, "step boundary"),
     (Mark::Divergence, "replay's first divergence"),
     (Mark::Lost, "events lost here"),
+    (Mark::Moved, "stage moved between nodes (migration)"),
     (Mark::Marker, "user marker"),
     (Mark::SlowSyscall, "slow syscall (eBPF)"),
     (Mark::NumaMigration, "moved to another NUMA node (eBPF)"),

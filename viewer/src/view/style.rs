@@ -85,6 +85,12 @@ pub fn mark_glyph(mark: Mark) -> (char, Style) {
             'X',
             Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
         ),
+        Mark::Moved => (
+            'M',
+            Style::new()
+                .fg(Color::LightMagenta)
+                .add_modifier(Modifier::BOLD),
+        ),
         Mark::Divergence => ('!', DIVERGENCE),
     }
 }
