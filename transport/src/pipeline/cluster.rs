@@ -1820,7 +1820,7 @@ mod tests {
             node.shutdown();
             paths
         });
-        let err = collect_files(&mut coord, 0, dir.path(), &Mutex::default(), T).unwrap_err();
+        let err = collect_files(&mut coord, (0, 0), dir.path(), &Mutex::default(), T).unwrap_err();
         let paths = fake_node.join().unwrap();
         assert_eq!(paths, ["endpoints/0.slog", "snapshots/stage-0/step-0.idx"]);
         assert!(
@@ -1861,7 +1861,7 @@ mod tests {
             };
             node.send_json(&failed, T).unwrap();
         });
-        let err = collect_files(&mut coord, 1, dir.path(), &Mutex::default(), T).unwrap_err();
+        let err = collect_files(&mut coord, (1, 1), dir.path(), &Mutex::default(), T).unwrap_err();
         fake_node.join().unwrap();
         assert!(err.contains("could not remove its scratch"), "{err}");
     }
@@ -1886,14 +1886,15 @@ mod tests {
         ] {
             let files = vec![file("endpoints/0.slog", b"x"), file(bad, b"x")];
             node.send_json(&ToCoordinator::Files { files }, T).unwrap();
-            let err = collect_files(&mut coord, 0, dir.path(), &Mutex::default(), T).unwrap_err();
+            let err =
+                collect_files(&mut coord, (0, 0), dir.path(), &Mutex::default(), T).unwrap_err();
             assert!(err.contains("does not produce"), "{bad}: {err}");
         }
         let mut big = file("endpoints/0.slog", b"x");
         big.len = MAX_COLLECTED_FILE + 1;
         node.send_json(&ToCoordinator::Files { files: vec![big] }, T)
             .unwrap();
-        let err = collect_files(&mut coord, 0, dir.path(), &Mutex::default(), T).unwrap_err();
+        let err = collect_files(&mut coord, (0, 0), dir.path(), &Mutex::default(), T).unwrap_err();
         assert!(err.contains("more than"), "{err}");
         // The bytes that arrive differ from what the node's digest says.
         let fake_node = std::thread::spawn(move || {
@@ -1906,7 +1907,7 @@ mod tests {
             node.send_frame(crate::wire::kind::FILE, b"evil", T)
                 .unwrap();
         });
-        let err = collect_files(&mut coord, 0, dir.path(), &Mutex::default(), T).unwrap_err();
+        let err = collect_files(&mut coord, (0, 0), dir.path(), &Mutex::default(), T).unwrap_err();
         fake_node.join().unwrap();
         assert!(err.contains("does not match the digest"), "{err}");
         assert!(!dir.path().join("endpoints/0.slog").exists());
