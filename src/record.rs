@@ -29,6 +29,11 @@ Examples:
       the node connections when the run ends (the same cluster key file on every host).
   slug record --out run4 --perf-freq 250 --ring-records 262144 -- --model base --stages 4
       Fewer perf samples and larger flight rings, when `slug info` reports losses.
+  slug record --out run6 -- --layers 3 --stages 3 --tokens 8 --transport tcp \\
+      --key-file cluster.key --migrate stage=1,to=127.0.0.1:7070,at-step=6
+      Move stage 1 to the `slug node` at 127.0.0.1:7070 while recording (--control for live
+      `slug migrate` requests): the node it moved to records it as endpoint 3, which the
+      manifest joins to endpoint 1; both hold a `migration` event and the trace replays whole.
   mpirun -np 4 slug record --out run5 -- --stages 4 --transport mpi
       Rank r records stage r on its own host; rank 0 gathers the files into run5 over MPI
       (needs a build with --features mpi).

@@ -1913,7 +1913,8 @@ mod tests {
         ] {
             let files = vec![file("endpoints/0.slog", b"x"), file(bad, b"x")];
             node.send_json(&ToCoordinator::Files { files }, T).unwrap();
-            let err = collect_files(&mut coord, (0, 0), dir.path(), &Mutex::default(), T).unwrap_err();
+            let err =
+                collect_files(&mut coord, (0, 0), dir.path(), &Mutex::default(), T).unwrap_err();
             assert!(err.contains("does not produce"), "{bad}: {err}");
         }
         let mut big = file("endpoints/0.slog", b"x");

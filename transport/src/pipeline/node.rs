@@ -607,8 +607,7 @@ fn run_started(
     std::thread::scope(|scope| {
         let no_thread =
             |e: std::io::Error| startup(TransportError::io("start a control thread", e));
-        spawn_control_reader(scope, conn, links, &run.gate, ears, abort, &stop)
-            .map_err(startup)?;
+        spawn_control_reader(scope, conn, links, &run.gate, ears, abort, &stop).map_err(startup)?;
         // The stage thread's move messages (arena chunks, notes) go out in order through here.
         let (ship_tx, ship_rx) = crossbeam_channel::unbounded::<migrate::Outgoing>();
         let shipper = spawn_shipper(scope, writer.clone(), ship_rx, timeout).map_err(no_thread)?;

@@ -133,7 +133,7 @@ fn too_small_terminal_gets_a_message_not_a_garbled_screen() {
 
 #[test]
 fn help_overlay_lists_keys_and_any_key_closes_it() {
-    let mut buf = Buffer::empty(Rect::new(0, 0, 78, 35));
+    let mut buf = Buffer::empty(Rect::new(0, 0, 78, 36));
     let kernels = vec!["gemm".to_string()];
     help::HelpView { kernels: &kernels }.render(buf.area, &mut buf);
     let lines = text(&plain(&buf));
