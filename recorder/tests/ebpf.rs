@@ -82,9 +82,13 @@ fn a_thread_sleeping_in_clock_nanosleep_is_seen_there_for_as_long() {
         );
         assert_eq!(b.arg1, 0, "clock_nanosleep returned 0");
     }
+    // Blocked intervals only: on a loaded machine the thread may also be preempted inside the
+    // call (task state 0), on its way in or out, which is a real off-CPU interval of its own.
     let waits: Vec<_> = ebpf
         .iter()
-        .filter(|b| b.kind == EbpfKind::OffCpu && b.arg1 >> 32 == CLOCK_NANOSLEEP + 1)
+        .filter(|b| {
+            b.kind == EbpfKind::OffCpu && b.arg1 >> 32 == CLOCK_NANOSLEEP + 1 && b.arg1 as u32 != 0
+        })
         .collect();
     assert_eq!(
         waits.len(),
@@ -97,10 +101,6 @@ fn a_thread_sleeping_in_clock_nanosleep_is_seen_there_for_as_long() {
             "off the CPU for {} ns from {} in a 30 ms sleep; the sleeps took {spans:?}",
             b.arg0,
             b.ns
-        );
-        assert_ne!(
-            b.arg1 as u32, 0,
-            "a sleep blocks: its task state is not 0 (preempted)"
         );
     }
 }
@@ -127,8 +127,11 @@ fn off_cpu_intervals_agree_with_perf_context_switches() {
     s.route(tid, 0);
     perf.enable().unwrap();
     // Block often (sleeps) and burn a little CPU in between, so both kinds of switch happen.
+    // A sleep need not switch out: in a VM whose virtual CPU the host stops for longer than the
+    // sleep (steal time), the timer has fired before the thread gets to block. Sleeps of 1 ms
+    // make that rare, not impossible, so perf must see most of them, and eBPF what perf saw.
     for i in 0..200u64 {
-        std::thread::sleep(Duration::from_micros(200));
+        std::thread::sleep(Duration::from_millis(1));
         std::hint::black_box((0..2_000 + i).sum::<u64>());
     }
     let mut records = Vec::new();
@@ -146,7 +149,7 @@ fn off_cpu_intervals_agree_with_perf_context_switches() {
         .count();
     println!("200 sleeps: perf saw {perf_outs} switch-outs, eBPF {ebpf_outs} off-CPU intervals");
     assert!(
-        perf_outs >= 200,
+        perf_outs >= 180,
         "perf saw {perf_outs} switch-outs of 200 sleeps"
     );
     let diff = perf_outs.abs_diff(ebpf_outs) as f64 / perf_outs as f64;
