@@ -110,6 +110,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(spares: usize) -> Cluster {
+        Self::checkpointed(spares, "4")
+    }
+
+    /// Checkpointed every `every` steps.
+    fn checkpointed(spares: usize, every: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = key_file(dir.path());
         let stages: Vec<Node> = (0..4).map(|_| Node::start(&key)).collect();
@@ -121,7 +126,12 @@ impl Cluster {
             .args(["--transport", "tcp", "--key-file"])
             .arg(&key)
             .args(["--hosts", &hosts.join(",")])
-            .args(["--spares", &spare_list.join(","), "--checkpoint-every", "4"])
+            .args([
+                "--spares",
+                &spare_list.join(","),
+                "--checkpoint-every",
+                every,
+            ])
             .env_remove(KEY_ENV)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -147,12 +157,16 @@ impl Cluster {
     /// Waits (at most a minute) for a stderr line starting with `prefix`.
     fn wait_for(&self, prefix: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.stderr.recv_timeout(left) {
                 Ok(line) if line.starts_with(prefix) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("no stderr line starting with {prefix:?}: {e}"),
+                Ok(line) => seen.push(line),
+                Err(e) => panic!(
+                    "no stderr line starting with {prefix:?} ({e}); it said:\n{}",
+                    seen.join("\n")
+                ),
             }
         }
     }
@@ -163,7 +177,11 @@ impl Cluster {
             run, stderr, _dir, ..
         } = self;
         let o = run.wait_with_output().expect("the run ends");
-        let said: Vec<String> = stderr.try_iter().collect();
+        // Every line, up to the end of the pipe (the reader may still be forwarding some).
+        let mut said = Vec::new();
+        while let Ok(line) = stderr.recv_timeout(Duration::from_secs(10)) {
+            said.push(line);
+        }
         let json = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
         (o.status.success(), json, said.join("\n"))
     }
@@ -211,7 +229,7 @@ fn a_spare_takes_over_stage_2_after_kill_9_with_the_same_tokens_and_transfers() 
     let want = baseline();
     let mut c = Cluster::start(1);
     // Every stage has a checkpoint: the kill falls mid-run, after at least one.
-    c.wait_for("slug: failover armed");
+    c.wait_for("slug: every stage has a checkpoint");
     c.stages[2].kill();
     let lost = c.wait_for("slug: stage 2's node");
     let spare = c.spares[0].addr.clone();
@@ -230,7 +248,7 @@ fn a_spare_takes_over_stage_2_after_kill_9_with_the_same_tokens_and_transfers() 
 fn the_last_stage_fails_over_too_and_a_second_spare_takes_the_next_loss() {
     let want = baseline();
     let mut c = Cluster::start(2);
-    c.wait_for("slug: failover armed");
+    c.wait_for("slug: every stage has a checkpoint");
     c.stages[2].kill();
     // Once stage 2 runs again (a node lost while its neighbour's spare is still connecting
     // to it is not recovered: the spare's first connection fails).
@@ -244,6 +262,27 @@ fn the_last_stage_fails_over_too_and_a_second_spare_takes_the_next_loss() {
     assert_same_run(&got, &want);
     assert_failed_over(&got, 0, 2, &a);
     assert_failed_over(&got, 1, 3, &b);
+}
+
+#[test]
+fn a_stage_lost_before_any_checkpoint_is_rebuilt_from_the_seed_and_re_fed_from_the_start() {
+    let want = baseline();
+    // No checkpoint within the run's 400 steps: a spare can only start from step 0.
+    let mut c = Cluster::checkpointed(1, "65536");
+    // Every stage has run a step: every link is up.
+    c.wait_for("slug: failover armed");
+    c.stages[2].kill();
+    c.wait_for("slug: stage 2 runs again");
+    let spare = c.spares[0].addr.clone();
+    let (ok, got, said) = c.finish();
+    assert!(ok, "{said}");
+    assert_same_run(&got, &want);
+    let f = &got["failover"]["failovers"][0];
+    assert_eq!(f["recovered"], true, "{f}");
+    assert_eq!(f["restored_step"], 0, "{f}");
+    assert_eq!(f["restored_bytes"], 0, "{f}");
+    assert_eq!(got["stage_reports"][2]["host"], spare.as_str());
+    assert_eq!(got["failover"]["checkpoints"], 0);
 }
 
 /// Process ids of `pid`'s children, lowest first.
@@ -310,7 +349,7 @@ fn a_stage_process_of_a_local_tcp_run_killed_mid_run_fails_over_too() {
 #[test]
 fn with_every_spare_used_a_lost_node_ends_the_run_naming_stage_host_and_step() {
     let mut c = Cluster::start(1);
-    c.wait_for("slug: failover armed");
+    c.wait_for("slug: every stage has a checkpoint");
     c.stages[2].kill();
     c.wait_for("slug: stage 2 runs again");
     let spare = c.spares[0].addr.clone();

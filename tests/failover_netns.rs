@@ -90,7 +90,7 @@ fn stage_2s_node_killed_in_its_namespace_fails_over_to_the_spare_namespace() {
     let armed = lines
         .by_ref()
         .map_while(Result::ok)
-        .any(|l| l.starts_with("slug: failover armed"));
+        .any(|l| l.starts_with("slug: every stage has a checkpoint"));
     assert!(armed, "the run never said every stage had a checkpoint");
     bed.kill_node(2).expect("kill stage 2's node");
     let said: Vec<String> = lines.map_while(Result::ok).collect();

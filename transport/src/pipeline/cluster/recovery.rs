@@ -33,8 +33,11 @@ pub(super) struct Keeper {
     resuming: Vec<(usize, usize, Instant)>,
     checkpoints: u64,
     checkpoint_bytes: u64,
+    /// Stages whose node has done its first step: once all have, every link is up and a lost
+    /// stage can be restored (said once on stderr).
+    stepped: Vec<bool>,
     /// Whether every stage has had a checkpoint kept (said once on stderr).
-    armed: bool,
+    checkpointed: bool,
     /// Where a spare's reader sends what it hears, what stops it, and the cluster key spares
     /// hold (set while watching).
     events: Option<(Events, AbortFlag, ClusterKey)>,
@@ -93,7 +96,8 @@ impl Keeper {
             resuming: Vec::new(),
             checkpoints: 0,
             checkpoint_bytes: 0,
-            armed: false,
+            stepped: vec![false; cfg.stages],
+            checkpointed: false,
             events: None,
         }))
     }
@@ -244,13 +248,11 @@ impl Session {
             } => {
                 if self.host[s] == c {
                     k.commit(s, step, cursor, chunks, *part);
-                    if !k.armed && k.stages.iter().all(|k| k.step > 0) {
-                        k.armed = true;
+                    if !k.checkpointed && k.stages.iter().all(|k| k.step > 0) {
+                        k.checkpointed = true;
                         eprintln!(
-                            "slug: failover armed: every stage has a checkpoint (every {} \
-                             steps); spares: {}",
-                            k.every,
-                            k.spares.iter().cloned().collect::<Vec<_>>().join(",")
+                            "slug: every stage has a checkpoint (they come every {} steps)",
+                            k.every
                         );
                     }
                     // Said even when it was not kept (the stage then cannot fail over, and says
@@ -260,6 +262,19 @@ impl Session {
                 }
             }
             NodeNote::Stepped => {
+                let all = k.stepped.iter().all(|&b| b);
+                if let Some(b) = k.stepped.get_mut(s) {
+                    *b = true;
+                }
+                if !all && k.stepped.iter().all(|&b| b) {
+                    eprintln!(
+                        "slug: failover armed: every stage runs, a lost one restarts on a spare \
+                         from its latest checkpoint (every {} steps; step 0 before the first); \
+                         spares: {}",
+                        k.every,
+                        k.spares.iter().cloned().collect::<Vec<_>>().join(",")
+                    );
+                }
                 if let Some(i) = k.resuming.iter().position(|r| r.0 == c) {
                     let (_, report, noticed) = k.resuming.remove(i);
                     let ms = noticed.elapsed().as_secs_f64() * 1e3;
