@@ -4,7 +4,9 @@
 //! out-of-band and MPI traffic are restricted to the bridge's subnet (`btl tcp,self`: no shared
 //! memory between the "hosts"). The run gives local's tokens and transfer hashes; a recording
 //! gathered over MPI replays bit for bit. Needs root, `ip` and `mpirun`; otherwise it says why
-//! it skipped. A guard tears down everything it creates.
+//! it skipped. A guard tears down everything it creates. Each namespace gets its own Open MPI
+//! session directory, as a host has its own /tmp (shared, the daemons raced on it and crashed),
+//! and a launch that still hangs fails after [`DEADLINE`] saying what was left running.
 #![cfg(feature = "mpi")]
 
 use std::os::unix::fs::PermissionsExt;
@@ -65,11 +67,20 @@ fn mpirun_across_namespaces_runs_records_and_replays_bit_for_bit() {
     for (addr, ns) in addrs.iter().zip(bed.namespaces()) {
         script.push_str(&format!("  {addr}) ns={ns} ;;\n"));
     }
+    // Each "host" gets its own Open MPI session directory, as separate machines have their
+    // own /tmp: the namespaces share the file system and the host name, so by default mpirun
+    // and both daemons use one session tree, race creating its directories ("mkdir ...: File
+    // exists", orte_init fails) and write one shared topology file (hwloc.sm) at once (a
+    // daemon segfaults in hwloc_shmem_topology_write).
+    let sessions = dir.path().join("sessions");
     script.push_str(&format!(
         "  *) echo \"no namespace for $host\" >&2; exit 1 ;;\nesac\n\
+         mkdir -p {sessions}/$ns || exit 1\n\
+         export OMPI_MCA_orte_tmpdir_base={sessions}/$ns\n\
          echo \"$ns\" >> {log}\nip netns exec \"$ns\" sh -c \"$*\"\nrc=$?\n\
          echo \"$ns: daemon exited with status $rc\" >> {log}\nexit $rc\n",
-        log = log.display()
+        log = log.display(),
+        sessions = sessions.display()
     ));
     let agent = dir.path().join("agent.sh");
     std::fs::write(&agent, script).expect("agent script");
