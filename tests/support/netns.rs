@@ -27,6 +27,20 @@ pub fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Ids of the processes in namespace `ns` (`ip netns pids`).
+fn namespace_pids(ns: &str) -> Vec<String> {
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Why this machine cannot run the test, if it cannot.
 pub fn skip_reason(subnet: &str) -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -125,6 +139,30 @@ impl Testbed {
         &self.namespaces
     }
 
+    /// The processes running in this testbed's namespaces, one `NS PID COMMAND` line each.
+    #[allow(dead_code)] // Only the MPI test reports them (its daemons are not our children).
+    pub fn processes(&self) -> String {
+        let mut out = String::new();
+        for ns in &self.namespaces {
+            for pid in namespace_pids(ns) {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                out.push_str(&format!("{ns} {pid} {}\n", cmd.trim_end()));
+            }
+        }
+        out
+    }
+
+    /// Kills (SIGKILL) every process left in this testbed's namespaces: a namespace is only
+    /// gone once nothing runs in it, and a daemon started there is no child of the test.
+    pub fn kill_processes(&self) {
+        for ns in &self.namespaces {
+            for pid in namespace_pids(ns) {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+        }
+    }
+
     /// Starts `slug node --listen ADDR:7070 --once` inside namespace `i` (with `tmp` as its
     /// TMPDIR, where it records, when given); returns its address.
     #[allow(dead_code)] // The MPI test starts no slug nodes: mpirun launches its ranks.
@@ -191,6 +229,7 @@ impl Drop for Testbed {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.kill_processes();
         // Deleting a namespace deletes its veth end, and with it the peer on the bridge.
         for ns in &self.namespaces {
             let _ = ip(&["netns", "del", ns]);
