@@ -413,3 +413,133 @@ fn slug_migrate_moves_a_stage_of_a_running_recording() {
     );
     replays_bit_exact(&trace, &[]);
 }
+
+/// Records that endpoint `id`'s flight rings hold (appended, not yet drained into its log),
+/// from the ring headers (layout in `recorder/src/flight.rs`: head at byte 64, tail at 128,
+/// native endianness).
+fn ring_records(dir: &Path, id: u64) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir.join("endpoints")) else {
+        return 0;
+    };
+    let prefix = format!("{id}.t");
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&prefix) && name.ends_with(".ring")
+        })
+        .filter_map(|e| std::fs::read(e.path()).ok().filter(|b| b.len() >= 256))
+        .map(|b| {
+            let word = |at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+            word(64).saturating_sub(word(128))
+        })
+        .sum()
+}
+
+/// The ids `manifest.json` of `trace` lists (none while it cannot be read).
+fn listed(trace: &Path) -> Vec<u64> {
+    std::fs::read(trace.join("manifest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|m| {
+            m["endpoints"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|e| e["id"].as_u64()).collect())
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn recording_killed_after_a_move_recovers_the_endpoint_the_stage_moved_to() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = key_file(dir.path());
+    let target = Node::start(&key);
+    let trace = dir.path().join("run");
+    // 4 sequences of 500 tokens (2000 forward steps per stage): long enough to be killed after
+    // the move at step 5, on any machine.
+    let mut run = Command::new(cli::slug())
+        .args(["record", "--out"])
+        .arg(&trace)
+        .args(["--quiet", "--perf", "none", "--ebpf", "none", "--"])
+        .args(["--layers", "3", "--stages", "3", "--tokens", "500"])
+        .args([
+            "--max-seq",
+            "512",
+            "--sequences",
+            "4",
+            "--microbatches",
+            "2",
+        ])
+        .args(["--timeout-ms", "20000", "--transport", "tcp", "--key-file"])
+        .arg(&key)
+        .arg(format!("--migrate=stage=1,to={},at-step=5", target.addr))
+        .env_remove(KEY_ENV)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the recording");
+    // The move committed once the manifest lists its endpoint (3: stages + move 0); kill the
+    // recording once that endpoint has recorded a good part of what it ran.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !listed(&trace).contains(&3) || ring_records(&trace, 3) < 500 {
+        assert!(
+            run.try_wait().expect("poll the recording").is_none(),
+            "the recording ended before it could be killed after its move; make it longer"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the move's endpoint was not listed, or recorded nothing, in 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    run.kill().expect("SIGKILL the recording");
+    run.wait().expect("the recording ends");
+    // The node the stage moved to goes with it (the whole cluster lost).
+    drop(target);
+
+    let listed_now = listed(&trace);
+    assert_eq!(
+        listed_now,
+        vec![0, 1, 2, 3],
+        "the manifest lists the move's endpoint"
+    );
+    let o = cli::run(&["recover", "--json", trace.to_str().expect("utf-8 path")]);
+    assert!(o.status.success(), "slug recover: {}", cli::text(&o));
+    let report: Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+    let rebuilt = report["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["endpoint"] == 3)
+        .unwrap_or_else(|| panic!("endpoint 3 not recovered: {report}"));
+    assert_eq!(rebuilt["outcome"], "rebuilt", "{report}");
+    let saved = rebuilt["from_log"].as_u64().expect("from_log")
+        + rebuilt["from_rings"].as_u64().expect("from_rings");
+    assert!(saved >= 500, "{report}");
+
+    let info = info(&trace);
+    let parts = parts(&info, 1);
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert_eq!(parts[0].0, 1);
+    assert_eq!(parts[1].0, 3);
+    assert_eq!(parts[1].1, Some(1), "endpoint 3 continues endpoint 1");
+    let at = parts[1].2.expect("the move's steps").0;
+    assert_eq!(parts[0].2, Some((0, at)));
+    let e3 = info["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["id"] == 3)
+        .expect("endpoint 3 in info");
+    assert_eq!(e3["recovery"]["footer"], "valid", "{e3}");
+    assert_eq!(
+        info["counts"]["migration"], 2,
+        "both sides of the move survived"
+    );
+
+    // Replay checks what was recorded, across the move, and says the rest was cut off.
+    let o = cli::run(&["replay", trace.to_str().expect("utf-8 path")]);
+    let text = cli::text(&o);
+    assert_eq!(o.status.code(), Some(3), "slug replay: {text}");
+    assert!(text.contains(" 0 differ"), "slug replay: {text}");
+}

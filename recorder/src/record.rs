@@ -496,6 +496,9 @@ pub fn record_with(
             record: Some(node),
             replay: None,
         });
+        if !on_hosts {
+            p.on_move = Some(list_moves_as_they_commit(&trace, pipeline));
+        }
         let report = if let Some(run_stages) = runner.as_mut() {
             run_stages(&p)
         } else if on_hosts {
@@ -508,7 +511,7 @@ pub fn record_with(
         if report.migrations.iter().any(|m| m.moved) {
             // The nodes the stages moved to wrote logs of their own: list them before reading.
             let mut manifest = trace.manifest().clone();
-            add_continuations(&mut manifest, pipeline, &report);
+            add_continuations(&mut manifest, pipeline, &report.migrations);
             trace
                 .set_manifest(manifest)
                 .map_err(|e| RecorderError::Schema(Box::new(e)))?;
@@ -772,10 +775,14 @@ fn host_of(addr: &str) -> String {
 /// Lists the endpoint each move of the run started on the node it moved the stage to (its log
 /// continues the stage's log from the move's step), the steps every endpoint of a moved stage
 /// ran, and the clock offset of each target node (measured when the coordinator connected).
-fn add_continuations(manifest: &mut Manifest, pipeline: &PipelineConfig, report: &RunReport) {
+fn add_continuations(
+    manifest: &mut Manifest,
+    pipeline: &PipelineConfig,
+    migrations: &[slug_transport::pipeline::MigrationReport],
+) {
     let end = pipeline.forward_steps();
     let mut moved: Vec<&slug_transport::pipeline::MigrationReport> =
-        report.migrations.iter().filter(|m| m.moved).collect();
+        migrations.iter().filter(|m| m.moved).collect();
     moved.sort_by_key(|m| m.index);
     // Per stage, the endpoint running it after the moves so far.
     let mut current: Vec<u32> = (0..pipeline.stages as u32).collect();
@@ -809,6 +816,36 @@ fn add_continuations(manifest: &mut Manifest, pipeline: &PipelineConfig, report:
         }
         current[m.stage] = id;
     }
+}
+
+/// A hook that rewrites the manifest each time a move commits, listing the endpoints the moves
+/// so far started (as [`add_continuations`] does at the end of the run): a recording killed
+/// after a move keeps the endpoint its stage continued in, and `slug recover` rebuilds it. The
+/// manifest at the end of the run replaces this one. Only for nodes that record into the trace
+/// directory itself (not `--hosts`, whose logs are collected at the end).
+fn list_moves_as_they_commit(
+    trace: &Trace,
+    pipeline: &PipelineConfig,
+) -> slug_transport::pipeline::MoveHook {
+    let dir = trace.dir().to_path_buf();
+    let first = trace.manifest().clone();
+    let pipeline = pipeline.clone();
+    let committed = std::sync::Mutex::new(Vec::new());
+    slug_transport::pipeline::MoveHook(std::sync::Arc::new(move |m| {
+        let Ok(mut committed) = committed.lock() else {
+            return;
+        };
+        committed.push(m.clone());
+        let mut manifest = first.clone();
+        add_continuations(&mut manifest, &pipeline, &committed);
+        if let Err(e) = Trace::write_manifest_to(&dir, &manifest) {
+            eprintln!(
+                "slug record: cannot list the endpoint of the move of stage {} in the manifest \
+                 yet (it is listed when the run ends): {e}",
+                m.stage
+            );
+        }
+    }))
 }
 
 /// Removes the logs (and node reports) that targets of moves which did not happen started

@@ -298,13 +298,19 @@ impl Trace {
     }
 
     fn write_manifest(&self) -> Result<()> {
-        let path = self.dir.join(MANIFEST_FILE);
-        let tmp = self.dir.join(format!("{MANIFEST_FILE}.tmp"));
-        let text =
-            serde_json::to_string_pretty(&self.manifest).map_err(|e| SchemaError::Manifest {
-                path: path.clone(),
-                reason: format!("cannot serialize: {e}"),
-            })?;
+        Self::write_manifest_to(&self.dir, &self.manifest)
+    }
+
+    /// Rewrites `manifest.json` of the trace in `dir` atomically (temporary file + rename), for
+    /// a writer that updates the manifest of a trace another handle created (a recording that
+    /// lists a move's endpoint as the move commits).
+    pub fn write_manifest_to(dir: &Path, manifest: &Manifest) -> Result<()> {
+        let path = dir.join(MANIFEST_FILE);
+        let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(manifest).map_err(|e| SchemaError::Manifest {
+            path: path.clone(),
+            reason: format!("cannot serialize: {e}"),
+        })?;
         std::fs::write(&tmp, text + "\n").map_err(|e| SchemaError::io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| SchemaError::io(&path, e))
     }

@@ -1239,6 +1239,9 @@ impl Session {
         m.report.moved = true;
         m.report.index = index;
         m.report.clocks = Some(clocks);
+        if let Some(hook) = self.live_cfg.as_ref().and_then(|c| c.on_move.as_ref()) {
+            (hook.0)(&self.moves[index].report);
+        }
     }
 
     /// Relays an arena chunk from the node running a moving stage to the move's target.

@@ -92,6 +92,21 @@ pub struct PipelineConfig {
     /// `None`: nobody watches. Each node keeps its own.
     #[serde(skip)]
     pub progress: Option<Arc<super::progress::RunProgress>>,
+    /// Called by the coordinator each time a move commits (the stage now runs on its target),
+    /// with the move's report so far; a recording lists the move's endpoint in its manifest
+    /// then, so that a recording killed later keeps it. `None`: nobody listens.
+    #[serde(skip)]
+    pub on_move: Option<MoveHook>,
+}
+
+/// A callback for [`PipelineConfig::on_move`].
+#[derive(Clone)]
+pub struct MoveHook(pub Arc<dyn Fn(&super::MigrationReport) + Send + Sync>);
+
+impl std::fmt::Debug for MoveHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MoveHook")
+    }
 }
 
 /// How a single-machine `shm` / `tcp` run starts its nodes.
@@ -136,6 +151,7 @@ impl PipelineConfig {
             launcher: None,
             key_file: None,
             progress: None,
+            on_move: None,
         }
     }
 

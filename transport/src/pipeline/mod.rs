@@ -44,7 +44,7 @@ pub use cluster::{
     FILE_PIECE, MAX_COLLECTED_FILE, MAX_COLLECTED_FILES, RecordedFile, expected_file,
 };
 pub use cluster::{LocalNodes, launch_local_nodes, run_on_nodes, run_on_nodes_collecting};
-pub use config::{KernelDigests, Launch, PipelineConfig, prompt_tokens};
+pub use config::{KernelDigests, Launch, MoveHook, PipelineConfig, prompt_tokens};
 pub use failover::{
     DEFAULT_CHECKPOINT_EVERY, FailoverReport, FailoverSummary, MAX_CHECKPOINT_EVERY,
 };
