@@ -330,6 +330,127 @@ mod with_mpi {
         );
     }
 
+    /// Runs `mpirun -np 2 slug ARGS` with rank 1 stopping itself (SIGSTOP, through the
+    /// documented `SLUG_FAULT_MPI_STOP`) once its stage has run, before `phase`; returns rank
+    /// 0's error line, after checking the job ended on its own (rank 0's bounded wait, then
+    /// its abort) and SIGKILLing the stopped rank should anything be left of it.
+    fn silent_rank_1(phase: &str, args: &[&str]) -> String {
+        let mut child = mpirun(2, args)
+            .env("SLUG_FAULT_MPI_STOP", format!("1:{phase}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mpirun");
+        let rank1 = wait_for_rank(child.id(), 1, Duration::from_secs(30));
+        // Generous: the wait is 1 s; the rest is start-up and mpirun's teardown on 2 busy
+        // cores. Only a hang reaches it.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut ended = None;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().expect("wait") {
+                ended = Some(status);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if ended.is_none() {
+            let _ = child.kill();
+        }
+        if let Some(pid) = rank1 {
+            // Never left behind, even if the job hung.
+            let _ = Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let out = child.wait_with_output().expect("mpirun output");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let status = ended.unwrap_or_else(|| panic!("rank 0 hung on a silent rank 1: {err}"));
+        assert!(!status.success(), "{err}");
+        assert!(
+            err.contains(&format!("rank 1: stopping itself before its {phase}")),
+            "rank 1 did not stop where asked: {err}"
+        );
+        let ours = err
+            .find("slug: error: rank 0 ")
+            .unwrap_or_else(|| panic!("no error from rank 0: {err}"));
+        let line = &err[ours..];
+        line[..line.find('\n').unwrap_or(line.len())].to_string()
+    }
+
+    #[test]
+    fn rank_0_waiting_on_a_silent_rank_s_report_fails_within_the_timeout() {
+        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let line = silent_rank_1(
+            "report",
+            &[
+                "run",
+                "--model",
+                "tiny",
+                "--layers",
+                "2",
+                "--stages",
+                "2",
+                "--tokens",
+                "2",
+                "--transport",
+                "mpi",
+                "--timeout-ms",
+                "1000",
+            ],
+        );
+        assert!(line.contains("rank 1 on "), "{line}");
+        assert!(line.contains("its stage report was awaited"), "{line}");
+        assert!(line.contains("raise --timeout-ms"), "{line}");
+    }
+
+    #[test]
+    fn rank_0_gathering_a_silent_rank_s_recording_fails_within_the_timeout() {
+        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("trace");
+        let trace = out.to_str().expect("utf-8 path");
+        let line = silent_rank_1(
+            "files",
+            &[
+                "record",
+                "--out",
+                trace,
+                "--perf",
+                "none",
+                "--ebpf",
+                "none",
+                "--",
+                "--model",
+                "tiny",
+                "--layers",
+                "2",
+                "--stages",
+                "2",
+                "--tokens",
+                "2",
+                "--transport",
+                "mpi",
+                "--timeout-ms",
+                "1000",
+            ],
+        );
+        assert!(line.contains("rank 1 on "), "{line}");
+        assert!(
+            line.contains("its list of recorded files was awaited"),
+            "{line}"
+        );
+        assert!(line.contains("raise --timeout-ms"), "{line}");
+    }
+
     /// The pid of rank `rank` among `mpirun`'s children, once it exists.
     fn wait_for_rank(mpirun: u32, rank: usize, within: Duration) -> Option<u32> {
         let want = format!("OMPI_COMM_WORLD_RANK={rank}");

@@ -37,6 +37,20 @@ pub enum TransportError {
         /// How long the wait lasted.
         waited_ms: u64,
     },
+    /// A peer process stayed silent past the run's timeout while it was awaited outside any
+    /// link (e.g. rank 0 of an MPI job awaiting a rank's report or recorded files).
+    #[error(
+        "{peer} sent nothing within {waited_ms} ms while {awaited} was awaited from it; it is \
+         stopped, stuck or overloaded: check that process, or raise --timeout-ms if it is only slow"
+    )]
+    Silent {
+        /// The peer, e.g. `rank 2 on node-b`.
+        peer: String,
+        /// What was awaited, e.g. `its stage report` or `file endpoints/2.slog`.
+        awaited: String,
+        /// How long the wait lasted.
+        waited_ms: u64,
+    },
     /// The run was aborted because some other part of it failed first.
     #[error("aborted: {reason}")]
     Aborted {

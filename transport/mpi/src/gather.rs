@@ -18,12 +18,18 @@ use slug_transport::pipeline::{
 use slug_transport::{Result, TransportError};
 
 use crate::MpiWorld;
+use crate::link::{recv_vec_from, send_to};
+use crate::rank::rank_on;
 
 const TAG_LIST: i32 = 30_002;
 const TAG_FETCH: i32 = 30_003;
 const TAG_PIECE: i32 = 30_004;
 const TAG_COLLECTED: i32 = 30_005;
 const TAG_CLEANED: i32 = 30_006;
+/// Largest file listing rank 0 accepts (MPI counts are `int`).
+const MAX_LISTING: usize = 1 << 30;
+/// Largest confirmation rank 0 accepts.
+const MAX_CONFIRMATION: usize = 64 << 10;
 
 /// A rank's listing: its files, none (nothing recorded), or why it could not list them.
 type Listing = std::result::Result<Option<Vec<RecordedFile>>, String>;
@@ -84,8 +90,16 @@ pub fn send_files(mpi: &MpiWorld, dir: Option<&Path>) -> Result<()> {
 
 /// On rank 0: places its own stage's files from `own` (its scratch directory) and every other
 /// rank's from MPI into `into`; then removes `own`. Without `into` (a run that records
-/// nothing) every rank must list nothing.
-pub fn collect_files(mpi: &MpiWorld, own: Option<&Path>, into: Option<&Path>) -> Result<()> {
+/// nothing) every rank must list nothing. Every wait for a rank is bounded by `timeout` (the
+/// run's `--timeout-ms`): a rank that stays silent is an error naming it, its host (from
+/// `hosts`, by rank) and what was awaited.
+pub fn collect_files(
+    mpi: &MpiWorld,
+    own: Option<&Path>,
+    into: Option<&Path>,
+    hosts: &[String],
+    timeout: std::time::Duration,
+) -> Result<()> {
     let mut claimed = HashSet::new();
     let nowhere = |r: usize| TransportError::Protocol {
         peer: format!("rank {r}"),
@@ -102,8 +116,8 @@ pub fn collect_files(mpi: &MpiWorld, own: Option<&Path>, into: Option<&Path>) ->
             place(0, f, dest, |out, left| {
                 let mut buf = vec![0u8; left.min(FILE_PIECE as u64) as usize];
                 src.read_exact(&mut buf)
-                    .map_err(|e| format!("read {}: {e}", path.display()))?;
-                out.write_all(&buf).map_err(|e| e.to_string())?;
+                    .map_err(|e| TransportError::io(format!("read {}", path.display()), e))?;
+                write_piece(out, dest, &buf)?;
                 Ok(buf)
             })?;
         }
@@ -111,8 +125,15 @@ pub fn collect_files(mpi: &MpiWorld, own: Option<&Path>, into: Option<&Path>) ->
             .map_err(|e| TransportError::io(format!("remove {}", dir.display()), e))?;
     }
     for r in 1..mpi.size() {
-        let peer = mpi.world().process_at_rank(r as i32);
-        let (listing, _) = peer.receive_vec_with_tag::<u8>(TAG_LIST);
+        let name = rank_on(hosts, r);
+        let listing = recv_vec_from(
+            r,
+            TAG_LIST,
+            MAX_LISTING,
+            timeout,
+            &name,
+            "its list of recorded files",
+        )?;
         let files = match decode::<Listing>(r, "file listing", &listing)? {
             Ok(Some(files)) => files,
             Ok(None) => continue,
@@ -126,22 +147,34 @@ pub fn collect_files(mpi: &MpiWorld, own: Option<&Path>, into: Option<&Path>) ->
         let into = into.ok_or_else(|| nowhere(r))?;
         let wanted = accept(r, files, into, &mut claimed)?;
         let paths: Vec<&str> = wanted.iter().map(|(f, _)| f.path.as_str()).collect();
-        peer.send_with_tag(&encode(&paths)[..], TAG_FETCH);
+        send_to(&encode(&paths), r, TAG_FETCH, timeout)?;
         for (f, dest) in &wanted {
+            let awaited = format!("the next piece of {:?}", f.path);
             place(r, f, dest, |out, left| {
-                let (piece, _) = peer.receive_vec_with_tag::<u8>(TAG_PIECE);
+                let piece = recv_vec_from(r, TAG_PIECE, FILE_PIECE, timeout, &name, &awaited)?;
                 if piece.is_empty() || piece.len() as u64 > left {
-                    return Err(format!(
-                        "a piece of {} bytes where at most {left} were due",
-                        piece.len()
-                    ));
+                    return Err(TransportError::Protocol {
+                        peer: name.clone(),
+                        detail: format!(
+                            "{}: a piece of {} bytes where at most {left} were due",
+                            f.path,
+                            piece.len()
+                        ),
+                    });
                 }
-                out.write_all(&piece).map_err(|e| e.to_string())?;
+                write_piece(out, dest, &piece)?;
                 Ok(piece)
             })?;
         }
-        peer.send_with_tag(&[1u8][..], TAG_COLLECTED);
-        let (cleaned, _) = peer.receive_vec_with_tag::<u8>(TAG_CLEANED);
+        send_to(&[1u8], r, TAG_COLLECTED, timeout)?;
+        let cleaned = recv_vec_from(
+            r,
+            TAG_CLEANED,
+            MAX_CONFIRMATION,
+            timeout,
+            &name,
+            "its confirmation that it removed its scratch copy",
+        )?;
         if let Err(e) = decode::<std::result::Result<(), String>>(r, "confirmation", &cleaned)? {
             return Err(TransportError::Protocol {
                 peer: format!("rank {r}"),
@@ -215,7 +248,7 @@ fn place(
     r: usize,
     f: &RecordedFile,
     dest: &Path,
-    mut next: impl FnMut(&mut std::fs::File, u64) -> std::result::Result<Vec<u8>, String>,
+    mut next: impl FnMut(&mut std::fs::File, u64) -> Result<Vec<u8>>,
 ) -> Result<()> {
     let failed = |detail: String| TransportError::Protocol {
         peer: format!("rank {r}"),
@@ -243,7 +276,9 @@ fn place(
             left -= piece.len() as u64;
         }
         if hasher.finalize().to_hex().as_str() != f.digest {
-            return Err("does not match the digest listed for it; not kept".to_string());
+            return Err(failed(
+                "does not match the digest listed for it; not kept".to_string(),
+            ));
         }
         Ok(())
     })();
@@ -251,8 +286,14 @@ fn place(
     if let Err(e) = received {
         // Half a file is no use to a reader and would only look like one.
         let _ = std::fs::remove_file(&partial);
-        return Err(failed(e));
+        return Err(e);
     }
     std::fs::rename(&partial, dest)
         .map_err(|e| TransportError::io(format!("rename {}", partial.display()), e))
+}
+
+/// Appends `piece` to the partial file of `dest`.
+fn write_piece(out: &mut std::fs::File, dest: &Path, piece: &[u8]) -> Result<()> {
+    out.write_all(piece)
+        .map_err(|e| TransportError::io(format!("write the partial file of {}", dest.display()), e))
 }

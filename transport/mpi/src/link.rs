@@ -71,6 +71,36 @@ enum Waited {
     Ending,
 }
 
+/// Polls `done` until it says yes or `timeout` passes: spins first (a neighbour's message is
+/// usually microseconds away), then yields, then sleeps in short slices; stops at once when
+/// mpirun ends the job.
+fn poll(timeout: Duration, mut done: impl FnMut() -> bool) -> std::result::Result<(), Waited> {
+    let start = Instant::now();
+    let mut polls = 0u32;
+    loop {
+        if done() {
+            return Ok(());
+        }
+        if crate::world::ending() {
+            return Err(Waited::Ending);
+        }
+        polls = polls.saturating_add(1);
+        if polls < 4096 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let waited = start.elapsed();
+        if waited >= timeout {
+            return Err(Waited::Out(waited));
+        }
+        if polls < 8192 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+}
+
 /// A posted non-blocking call.
 struct Request(ffi::MPI_Request);
 
@@ -118,33 +148,9 @@ impl Request {
         flag != 0
     }
 
-    /// Waits until the call completes or `timeout` passes: spins first (a neighbour's message
-    /// is usually microseconds away), then yields, then sleeps in short slices.
+    /// Waits until the call completes or `timeout` passes (see [`poll`]).
     fn wait(&mut self, timeout: Duration) -> std::result::Result<(), Waited> {
-        let start = Instant::now();
-        let mut polls = 0u32;
-        loop {
-            if self.test() {
-                return Ok(());
-            }
-            if crate::world::ending() {
-                return Err(Waited::Ending);
-            }
-            polls = polls.saturating_add(1);
-            if polls < 4096 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let waited = start.elapsed();
-            if waited >= timeout {
-                return Err(Waited::Out(waited));
-            }
-            if polls < 8192 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(20));
-            }
-        }
+        poll(timeout, || self.test())
     }
 
     /// Waits for the call; past `timeout` cancels it and returns the error. A call that cannot
@@ -287,4 +293,73 @@ pub fn recv_from(buf: &mut [u8], source: usize, tag: i32, timeout: Duration) -> 
         timeout,
         "received",
     )
+}
+
+/// Receives one whole message of at most `max` bytes from rank `source` with `tag` into a new
+/// vector (its length is the message's). Probes with `MPI_Iprobe` until the message is there,
+/// at most `timeout` (then [`TransportError::Silent`] naming `peer` and `awaited`) and no
+/// longer than mpirun's SIGTERM, then receives it like [`recv_from`]. A larger message is a
+/// protocol error (it is not received).
+pub fn recv_vec_from(
+    source: usize,
+    tag: i32,
+    max: usize,
+    timeout: Duration,
+    peer: &str,
+    awaited: &str,
+) -> Result<Vec<u8>> {
+    // SAFETY: MPI_Status is plain data; MPI_Iprobe fills it when it finds the message.
+    let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+    let probed = poll(timeout, || {
+        let mut flag: c_int = 0;
+        // SAFETY: a probe on the world communicator with our own flag and status.
+        unsafe {
+            ffi::MPI_Iprobe(
+                source as c_int,
+                tag,
+                ffi::RSMPI_COMM_WORLD,
+                &mut flag,
+                &mut status,
+            )
+        };
+        flag != 0
+    });
+    match probed {
+        Ok(()) => {}
+        Err(Waited::Out(waited)) => {
+            return Err(TransportError::Silent {
+                peer: peer.to_string(),
+                awaited: awaited.to_string(),
+                waited_ms: waited.as_millis() as u64,
+            });
+        }
+        Err(Waited::Ending) => {
+            return Err(TransportError::LinkBroken {
+                link: format!("(control, from {peer})"),
+                detail: format!(
+                    "mpirun is ending the job (SIGTERM) while rank 0 awaited {awaited}: another \
+                     rank failed or died (mpirun names it below)"
+                ),
+            });
+        }
+    }
+    let mut count: c_int = 0;
+    // SAFETY: the status MPI_Iprobe filled in for a byte message.
+    unsafe { ffi::MPI_Get_count(&status, ffi::RSMPI_UINT8_T, &mut count) };
+    let len = usize::try_from(count).unwrap_or(usize::MAX);
+    if len > max {
+        return Err(TransportError::Protocol {
+            peer: peer.to_string(),
+            detail: format!(
+                "{awaited} arrives as a message of {count} bytes, more than the {max} accepted"
+            ),
+        });
+    }
+    let mut buf = vec![0u8; len];
+    Request::irecv(&mut buf, source as i32, tag).finish_named(
+        &format!("(control, from {peer})"),
+        timeout,
+        "received",
+    )?;
+    Ok(buf)
 }

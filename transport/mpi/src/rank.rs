@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use mpi::point_to_point::{Destination, Source};
+use mpi::point_to_point::Destination;
 use mpi::topology::Communicator;
 use slug_transport::clock::{ClockOffset, ClockSample, monotonic_ns};
 use slug_transport::link::{LinkEnds, LinkReceiver, LinkSender, StageLinks};
@@ -14,11 +14,16 @@ use slug_transport::transfer::{EndpointId, LinkId, TransportKind};
 use slug_transport::{Result, TransportError};
 
 use crate::MpiWorld;
-use crate::link::{MpiRecv, MpiSend, barrier, recv_from, send_to};
+use crate::link::{MpiRecv, MpiSend, barrier, recv_from, recv_vec_from, send_to};
 
 /// Tags of the control messages; link tags are below `2 * MAX_STAGES`.
 const TAG_CLOCK: i32 = 30_000;
 const TAG_REPORT: i32 = 30_001;
+const TAG_HOST: i32 = 30_007;
+/// Largest stage report rank 0 accepts.
+const MAX_REPORT: usize = 64 << 20;
+/// Longest host name rank 0 accepts.
+const MAX_HOST: usize = 1024;
 /// Ping-pongs per rank for its clock offset (the minimum-RTT one is kept).
 const CLOCK_ROUNDS: usize = 8;
 
@@ -79,6 +84,7 @@ pub fn run_rank_collecting(
     let s = mpi.rank();
     let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
     let clocks = measure_clocks(mpi, timeout)?;
+    let hosts = share_hosts(mpi, timeout)?;
     let n = cfg.stages;
     let mut connect = |obs: &slug_transport::transfer::Observers| {
         if n < 2 {
@@ -116,32 +122,88 @@ pub fn run_rank_collecting(
     let files = factory.collected_files(&ctx);
     let world = mpi.world();
     if s != 0 {
+        fault_stop(s, "report");
         let bytes = serde_json::to_vec(&report)
             .map_err(|e| TransportError::Config(format!("encode the report of stage {s}: {e}")))?;
         world
             .process_at_rank(0)
             .send_with_tag(&bytes[..], TAG_REPORT);
+        fault_stop(s, "files");
         crate::gather::send_files(mpi, files.as_deref())?;
         return Ok(None);
     }
     let mut reports = vec![report];
     for r in 1..n {
-        let (bytes, _) = world
-            .process_at_rank(r as i32)
-            .receive_vec_with_tag::<u8>(TAG_REPORT);
+        let peer = rank_on(&hosts, r);
+        let bytes = recv_vec_from(
+            r,
+            TAG_REPORT,
+            MAX_REPORT,
+            timeout,
+            &peer,
+            "its stage report",
+        )?;
         let rep: StageReport =
             serde_json::from_slice(&bytes).map_err(|e| TransportError::Protocol {
-                peer: format!("rank {r}"),
+                peer: rank_on(&hosts, r),
                 detail: format!("its stage report does not decode: {e}"),
             })?;
         reports.push(rep);
     }
     let wall = started.elapsed();
-    crate::gather::collect_files(mpi, files.as_deref(), collect_into)?;
+    crate::gather::collect_files(mpi, files.as_deref(), collect_into, &hosts, timeout)?;
     for rep in &mut reports {
         rep.clock = clocks.get(rep.stage).copied().flatten();
     }
     Ok(Some(RunReport::assemble(cfg, reports, wall)))
+}
+
+/// `rank R on HOST` for errors on rank 0 (`hosts` from [`share_hosts`]).
+pub fn rank_on(hosts: &[String], r: usize) -> String {
+    match hosts.get(r) {
+        Some(h) => format!("rank {r} on {h}"),
+        None => format!("rank {r}"),
+    }
+}
+
+/// Every rank sends rank 0 its host name; rank 0 returns them by rank (its own first), the
+/// other ranks an empty list. Rank 0's waits are bounded by `timeout`.
+pub fn share_hosts(mpi: &MpiWorld, timeout: Duration) -> Result<Vec<String>> {
+    if mpi.rank() != 0 {
+        send_to(mpi.host().as_bytes(), 0, TAG_HOST, timeout)?;
+        return Ok(Vec::new());
+    }
+    let mut hosts = vec![mpi.host().to_string()];
+    for r in 1..mpi.size() {
+        let raw = recv_vec_from(
+            r,
+            TAG_HOST,
+            MAX_HOST,
+            timeout,
+            &format!("rank {r}"),
+            "its host name",
+        )?;
+        hosts.push(String::from_utf8_lossy(&raw).escape_debug().to_string());
+    }
+    Ok(hosts)
+}
+
+/// Fault injection (documented in the README): with `SLUG_FAULT_MPI_STOP=R:PHASE` in its
+/// environment, rank R stops itself (SIGSTOP: alive, silent) once its stage has run, before
+/// it sends its report (`PHASE` = `report`) or its recorded files (`files`). It shows that
+/// rank 0's wait in that phase ends within `--timeout-ms` with an error naming the rank; the
+/// stopped process is ended by mpirun (SIGKILL) when rank 0 aborts the job.
+fn fault_stop(rank: usize, phase: &str) {
+    let Ok(spec) = std::env::var("SLUG_FAULT_MPI_STOP") else {
+        return;
+    };
+    let rank_s = rank.to_string();
+    if spec.split_once(':') != Some((rank_s.as_str(), phase)) {
+        return;
+    }
+    eprintln!("slug: rank {rank}: stopping itself before its {phase} (SLUG_FAULT_MPI_STOP={spec})");
+    // SAFETY: raise(2) with a valid signal number.
+    unsafe { libc::raise(libc::SIGSTOP) };
 }
 
 /// Rank 0 ping-pongs every other rank [`CLOCK_ROUNDS`] times (NTP-style, `CLOCK_MONOTONIC`
