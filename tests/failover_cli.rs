@@ -5,67 +5,18 @@
 
 #[path = "support/cli.rs"]
 mod cli;
+#[path = "support/nodes.rs"]
+mod nodes;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use nodes::{Node, key_file};
 use slug_transport::auth::KEY_ENV;
-use slug_transport::node::LISTENING_PREFIX;
-
-/// A `slug node --listen 127.0.0.1:0` holding the key in `key_file`; killed on drop.
-struct Node {
-    child: Child,
-    addr: String,
-}
-
-impl Node {
-    fn start(key_file: &Path) -> Node {
-        let mut child = Command::new(cli::slug())
-            .args(["node", "--listen", "127.0.0.1:0", "--key-file"])
-            .arg(key_file)
-            .env_remove(KEY_ENV)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start slug node");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("listening line");
-        let addr = line
-            .trim()
-            .strip_prefix(LISTENING_PREFIX)
-            .unwrap_or_else(|| panic!("expected the listening line, got {line:?}"))
-            .to_string();
-        Node { child, addr }
-    }
-
-    /// SIGKILL, as a crash would.
-    fn kill(&mut self) {
-        self.child.kill().expect("kill -9 the node");
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A fresh cluster key file (mode 0600) in `dir`.
-fn key_file(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("cluster.key");
-    let o = cli::run(&["keygen", path.to_str().expect("utf-8 path")]);
-    assert!(o.status.success(), "keygen: {}", cli::text(&o));
-    path
-}
 
 /// 4 stages of a 4-layer tiny model, 4 sequences (2 in flight), 100 tokens: 400 forward steps
 /// per stage, checkpointed every 4, so a stage killed once all are armed has most of the run
@@ -116,7 +67,7 @@ impl Cluster {
     /// Checkpointed every `every` steps.
     fn checkpointed(spares: usize, every: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let key = key_file(dir.path());
+        let key = key_file(dir.path(), "cluster.key");
         let stages: Vec<Node> = (0..4).map(|_| Node::start(&key)).collect();
         let spares: Vec<Node> = (0..spares).map(|_| Node::start(&key)).collect();
         let hosts: Vec<&str> = stages.iter().map(|n| n.addr.as_str()).collect();
@@ -309,7 +260,7 @@ fn children(pid: u32) -> Vec<u32> {
 fn a_stage_process_of_a_local_tcp_run_killed_mid_run_fails_over_too() {
     let want = baseline();
     let dir = tempfile::tempdir().expect("tempdir");
-    let key = key_file(dir.path());
+    let key = key_file(dir.path(), "cluster.key");
     let spare = Node::start(&key);
     let mut run = Command::new(cli::slug())
         .args(PIPELINE)

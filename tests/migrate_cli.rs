@@ -5,6 +5,8 @@
 
 #[path = "support/cli.rs"]
 mod cli;
+#[path = "support/nodes.rs"]
+mod nodes;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -12,62 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use nodes::{Node, key_file};
 use slug_transport::auth::KEY_ENV;
-use slug_transport::node::LISTENING_PREFIX;
-
-/// A `slug node --listen 127.0.0.1:0` holding the key in `key_file`; killed on drop.
-struct Node {
-    child: Child,
-    addr: String,
-}
-
-impl Node {
-    fn start(key_file: &Path, once: bool) -> Node {
-        let mut cmd = Command::new(cli::slug());
-        cmd.args(["node", "--listen", "127.0.0.1:0", "--key-file"])
-            .arg(key_file)
-            .env_remove(KEY_ENV)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if once {
-            cmd.arg("--once");
-        }
-        let mut child = cmd.spawn().expect("start slug node");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("listening line");
-        let addr = line
-            .trim()
-            .strip_prefix(LISTENING_PREFIX)
-            .unwrap_or_else(|| panic!("expected the listening line, got {line:?}"))
-            .to_string();
-        Node { child, addr }
-    }
-
-    /// Open file descriptors of the node process (a session adds its socket).
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A fresh cluster key file (mode 0600) in `dir`.
-fn key_file(dir: &Path, name: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    let o = cli::run(&["keygen", path.to_str().expect("utf-8 path")]);
-    assert!(o.status.success(), "keygen: {}", cli::text(&o));
-    path
-}
 
 /// 4 stages of a 4-layer tiny model, 2 sequences in flight, 6 tokens: 12 forward steps each.
 const PIPELINE: [&str; 10] = [
@@ -130,7 +79,7 @@ fn assert_moved(got: &Value, targets: &[&str]) {
 fn tcp_moves_stage_0_and_the_last_stage_and_one_stage_twice() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = key_file(dir.path(), "cluster.key");
-    let (a, b) = (Node::start(&key, false), Node::start(&key, false));
+    let (a, b) = (Node::start(&key), Node::start(&key));
     let want = baseline();
     let k = key.to_str().expect("utf-8");
     let moves = [
@@ -158,7 +107,7 @@ fn tcp_moves_stage_0_and_the_last_stage_and_one_stage_twice() {
 fn shm_moves_a_stage_twice_and_text_output_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = key_file(dir.path(), "cluster.key");
-    let (a, b) = (Node::start(&key, false), Node::start(&key, false));
+    let (a, b) = (Node::start(&key), Node::start(&key));
     let want = baseline();
     let k = key.to_str().expect("utf-8");
     let first = format!("stage=1,to={},at-step=4", a.addr);
@@ -192,7 +141,9 @@ fn shm_moves_a_stage_twice_and_text_output_says_so() {
 fn hosts_runs_move_a_stage_to_a_spare_node() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = key_file(dir.path(), "cluster.key");
-    let nodes: Vec<Node> = (0..5).map(|_| Node::start(&key, true)).collect();
+    let nodes: Vec<Node> = (0..5)
+        .map(|_| Node::start_with(&key, &["--once"], Stdio::inherit()))
+        .collect();
     let hosts: Vec<&str> = nodes[..4].iter().map(|n| n.addr.as_str()).collect();
     let hosts = hosts.join(",");
     let spare = &nodes[4].addr;
@@ -219,7 +170,7 @@ fn refused_moves_leave_the_stage_running_and_say_why() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = key_file(dir.path(), "cluster.key");
     let other = key_file(dir.path(), "other.key");
-    let stranger = Node::start(&other, false);
+    let stranger = Node::start(&other);
     // An address nobody listens on any more.
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -265,7 +216,7 @@ fn refused_moves_leave_the_stage_running_and_say_why() {
 fn a_target_killed_during_pre_copy_leaves_the_stage_on_its_source() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = key_file(dir.path(), "cluster.key");
-    let target = Node::start(&key, false);
+    let target = Node::start(&key);
     let idle = target.fds();
     let k = key.to_str().expect("utf-8");
     // 80 forward steps; pre-copy rounds from step 6 on, the switch at 70.
@@ -390,7 +341,7 @@ fn slug_migrate_moves_stages_of_a_running_pipeline() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = key_file(dir.path(), "cluster.key");
     let other = key_file(dir.path(), "other.key");
-    let (a, b) = (Node::start(&key, false), Node::start(&key, false));
+    let (a, b) = (Node::start(&key), Node::start(&key));
     let want = {
         let mut local = LIVE.to_vec();
         local.extend(["--transport", "local"]);

@@ -7,59 +7,17 @@
 
 #[path = "support/cli.rs"]
 mod cli;
+#[path = "support/nodes.rs"]
+mod nodes;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use serde_json::Value;
+
+use nodes::{Node, key_file};
 use slug_transport::auth::KEY_ENV;
-use slug_transport::node::LISTENING_PREFIX;
-
-/// A `slug node` serving sessions until dropped.
-struct Node {
-    child: Child,
-    addr: String,
-}
-
-impl Node {
-    fn start(key_file: &Path) -> Node {
-        let mut child = Command::new(cli::slug())
-            .args(["node", "--listen", "127.0.0.1:0", "--key-file"])
-            .arg(key_file)
-            .env_remove(KEY_ENV)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start slug node");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("listening line");
-        let addr = line
-            .trim()
-            .strip_prefix(LISTENING_PREFIX)
-            .unwrap_or_else(|| panic!("expected the listening line, got {line:?}"))
-            .to_string();
-        Node { child, addr }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A fresh cluster key file (mode 0600) in `dir`.
-fn key_file(dir: &Path) -> std::path::PathBuf {
-    let path = dir.join("cluster.key");
-    let o = cli::run(&["keygen", path.to_str().expect("utf-8 path")]);
-    assert!(o.status.success(), "keygen: {}", cli::text(&o));
-    path
-}
 
 /// Records 3 stages of a 3-layer tiny model, 2 sequences of 6 tokens (12 forward steps per
 /// stage), with every payload and a snapshot every 2 steps, moving stages by `moves`.
@@ -191,7 +149,7 @@ fn exported_moves(trace: &Path, dir: &Path) -> Vec<(String, u64, u64, u64)> {
 #[test]
 fn tcp_recording_moves_a_stage_twice_and_replays_bit_exact_across_both_moves() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let key = key_file(dir.path());
+    let key = key_file(dir.path(), "cluster.key");
     let (a, b) = (Node::start(&key), Node::start(&key));
     let trace = dir.path().join("run");
     let moves = [
@@ -257,7 +215,7 @@ fn tcp_recording_moves_a_stage_twice_and_replays_bit_exact_across_both_moves() {
 #[test]
 fn shm_recording_moves_stage_0_and_the_last_stage_and_replays_bit_exact() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let key = key_file(dir.path());
+    let key = key_file(dir.path(), "cluster.key");
     let node = Node::start(&key);
     let trace = dir.path().join("run");
     let moves = [
@@ -289,7 +247,7 @@ fn shm_recording_moves_stage_0_and_the_last_stage_and_replays_bit_exact() {
 #[test]
 fn hosts_recording_collects_every_node_a_stage_ran_on_and_replays_bit_exact() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let key = key_file(dir.path());
+    let key = key_file(dir.path(), "cluster.key");
     let (a, b, c) = (Node::start(&key), Node::start(&key), Node::start(&key));
     let trace = dir.path().join("run");
     // Stage 1 goes from b to the spare c, then back onto a, which also runs stages 0 and 2;
@@ -332,7 +290,7 @@ fn hosts_recording_collects_every_node_a_stage_ran_on_and_replays_bit_exact() {
 #[test]
 fn slug_migrate_moves_a_stage_of_a_running_recording() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let key = key_file(dir.path());
+    let key = key_file(dir.path(), "cluster.key");
     let target = Node::start(&key);
     let trace = dir.path().join("run");
     // 4 sequences of 500 tokens (2000 forward steps): long enough to be moved mid-run.
@@ -452,7 +410,7 @@ fn listed(trace: &Path) -> Vec<u64> {
 #[test]
 fn recording_killed_after_a_move_recovers_the_endpoint_the_stage_moved_to() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let key = key_file(dir.path());
+    let key = key_file(dir.path(), "cluster.key");
     let target = Node::start(&key);
     let trace = dir.path().join("run");
     // 4 sequences of 500 tokens (2000 forward steps per stage): long enough to be killed after
