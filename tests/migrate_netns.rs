@@ -8,9 +8,9 @@ mod netns;
 
 use std::process::Command;
 
-use netns::{Testbed, skip_reason};
+use netns::{Testbed, cluster_key};
 use serde_json::Value;
-use slug_transport::auth::{ClusterKey, KEY_ENV};
+use slug_transport::auth::KEY_ENV;
 
 const SUBNET: &str = "10.83.0";
 /// Four stages and one spare.
@@ -47,29 +47,11 @@ const PIPELINE: [&str; 12] = [
 
 #[test]
 fn a_stage_moves_to_the_spare_namespace_and_the_run_is_unchanged() {
-    if let Some(why) = skip_reason(SUBNET) {
-        eprintln!("netns migrate test skipped: {why}");
+    let Some((mut bed, addrs)) = Testbed::up("sm", SUBNET, NODES, "netns migrate test") else {
         return;
-    }
-    let mut bed = Testbed::new("sm", SUBNET, NODES);
-    let addrs = match bed.build() {
-        Ok(a) => a,
-        Err(e) => {
-            // Containers may allow root but not namespaces or bridges: say so and stop.
-            eprintln!("netns migrate test skipped: cannot build the test network: {e}");
-            return;
-        }
     };
     let work = tempfile::tempdir().expect("tempdir");
-    let key = ClusterKey::random().expect("cluster key");
-    let key_file = work.path().join("cluster.key");
-    std::fs::write(&key_file, key.as_env_value()).expect("write key file");
-    // Key files must be private: a node refuses one other users can read.
-    std::fs::set_permissions(
-        &key_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .expect("chmod key file");
+    let (key, key_file) = cluster_key(work.path());
     let nodes: Vec<String> = addrs
         .iter()
         .enumerate()

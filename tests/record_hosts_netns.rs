@@ -10,8 +10,8 @@ use std::process::Command;
 #[path = "support/netns.rs"]
 mod netns;
 
-use netns::{Testbed, skip_reason};
-use slug_transport::auth::{ClusterKey, KEY_ENV};
+use netns::{Testbed, cluster_key};
+use slug_transport::auth::KEY_ENV;
 
 const NODES: usize = 3;
 const SUBNET: &str = "10.79.0";
@@ -26,29 +26,11 @@ fn slug(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn three_namespaces_record_one_trace_that_replays_bit_for_bit() {
-    if let Some(why) = skip_reason(SUBNET) {
-        eprintln!("netns record test skipped: {why}");
+    let Some((mut bed, addrs)) = Testbed::up("sr", SUBNET, NODES, "netns record test") else {
         return;
-    }
-    let mut bed = Testbed::new("sr", SUBNET, NODES);
-    let addrs = match bed.build() {
-        Ok(a) => a,
-        Err(e) => {
-            // Containers may allow root but not namespaces or bridges: say so and stop.
-            eprintln!("netns record test skipped: cannot build the test network: {e}");
-            return;
-        }
     };
     let work = tempfile::tempdir().expect("tempdir");
-    let key = ClusterKey::random().expect("cluster key");
-    let key_file = work.path().join("cluster.key");
-    std::fs::write(&key_file, key.as_env_value()).expect("write key file");
-    // Key files must be private: a node refuses one other users can read.
-    std::fs::set_permissions(
-        &key_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .expect("chmod key file");
+    let (key, key_file) = cluster_key(work.path());
     let tmps: Vec<PathBuf> = (0..NODES)
         .map(|i| {
             let d = work.path().join(format!("node{i}-tmp"));

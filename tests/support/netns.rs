@@ -64,6 +64,18 @@ pub fn skip_reason(subnet: &str) -> Option<String> {
     None
 }
 
+/// A fresh cluster key and its key file in `dir`, mode 0600: a node refuses a key file other
+/// users can read.
+#[allow(dead_code)] // The MPI test uses no cluster key.
+pub fn cluster_key(dir: &Path) -> (ClusterKey, PathBuf) {
+    let key = ClusterKey::random().expect("cluster key");
+    let file = dir.join("cluster.key");
+    std::fs::write(&file, key.as_env_value()).expect("write key file");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod key file");
+    (key, file)
+}
+
 /// Namespaces, bridge and node processes of one test; removed on drop.
 pub struct Testbed {
     /// Short prefix of this test's interface and namespace names (unique per test file).
@@ -88,6 +100,30 @@ impl Testbed {
             namespaces: Vec::new(),
             bridge: None,
             nodes: Vec::new(),
+        }
+    }
+
+    /// A built testbed and each namespace's address, or `None` after saying on stderr why
+    /// `what` is skipped: not root, no `ip`, the subnet taken, or a container that allows root
+    /// but not namespaces or bridges.
+    #[allow(dead_code)] // The MPI test builds its own, to report what it could not build.
+    pub fn up(
+        prefix: &'static str,
+        subnet: &'static str,
+        nodes: usize,
+        what: &str,
+    ) -> Option<(Self, Vec<String>)> {
+        if let Some(why) = skip_reason(subnet) {
+            eprintln!("{what} skipped: {why}");
+            return None;
+        }
+        let mut bed = Self::new(prefix, subnet, nodes);
+        match bed.build() {
+            Ok(addrs) => Some((bed, addrs)),
+            Err(e) => {
+                eprintln!("{what} skipped: cannot build the test network: {e}");
+                None
+            }
         }
     }
 
