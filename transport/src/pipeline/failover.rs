@@ -892,16 +892,7 @@ mod tests {
             Ok((
                 TransferHeader {
                     seq,
-                    sequence: 0,
-                    step: 0,
-                    layer: 0,
-                    src_arena: 0,
-                    dst_arena: 0,
-                    chunk: 0,
-                    src_off: 0,
-                    dst_off: 0,
-                    len: 0,
-                    post_ns: 0,
+                    ..TransferHeader::default()
                 },
                 Delivery::Staged,
             ))
@@ -933,16 +924,7 @@ mod tests {
                     .map(|seq| Sent {
                         header: TransferHeader {
                             seq,
-                            sequence: 0,
-                            step: 0,
-                            layer: 0,
-                            src_arena: 0,
-                            dst_arena: 0,
-                            chunk: 0,
-                            src_off: 0,
-                            dst_off: 0,
-                            len: 0,
-                            post_ns: 0,
+                            ..TransferHeader::default()
                         },
                         payload: Vec::new(),
                     })
