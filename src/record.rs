@@ -76,8 +76,9 @@ pub struct RecordArgs {
     /// between two drains (`slug info` says when the kernel dropped some: "perf ring full").
     #[arg(long, default_value_t = 32, value_name = "PAGES")]
     perf_ring_pages: u32,
-    /// Records each endpoint thread's flight ring holds (a power of two, 128 bytes each):
-    /// more absorb longer bursts before events are dropped ("flight ring full").
+    /// 64-byte slots of each endpoint thread's flight ring (a power of two; a kernel span takes
+    /// one, any other event two): more absorb longer bursts before events are dropped ("flight
+    /// ring full").
     #[arg(long, default_value_t = slug_recorder::flight::DEFAULT_RING_RECORDS, value_name = "RECORDS")]
     ring_records: usize,
     /// eBPF endpoint probes (need root or CAP_BPF + CAP_PERFMON): auto, none, or a list of
@@ -134,9 +135,10 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
             args.perf_ring_pages
         );
     }
-    if !args.ring_records.is_power_of_two() || !(1024..=1 << 24).contains(&args.ring_records) {
+    let max_ring = slug_recorder::flight::MAX_RING_RECORDS as usize;
+    if !args.ring_records.is_power_of_two() || !(1024..=max_ring).contains(&args.ring_records) {
         bail!(
-            "--ring-records {}: give a power of two from 1024 to 16777216, e.g. 65536 or 262144",
+            "--ring-records {}: give a power of two from 1024 to {max_ring}, e.g. 65536 or 262144",
             args.ring_records
         );
     }

@@ -372,9 +372,9 @@ fn slug_migrate_moves_a_stage_of_a_running_recording() {
     replays_bit_exact(&trace, &[]);
 }
 
-/// Records that endpoint `id`'s flight rings hold (appended, not yet drained into its log),
-/// from the ring headers (layout in `recorder/src/flight.rs`: head at byte 64, tail at 128,
-/// native endianness).
+/// Slots that endpoint `id`'s flight rings fill (a kernel span takes one, another record two;
+/// appended, not yet drained into its log), from the ring headers (layout in
+/// `recorder/src/flight.rs`: head at byte 64, tail at 128, native endianness).
 fn ring_records(dir: &Path, id: u64) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir.join("endpoints")) else {
         return 0;

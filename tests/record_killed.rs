@@ -17,9 +17,9 @@ fn run(args: &[&str], trace: &Path) -> Output {
     slug().args(args).arg(trace).output().unwrap()
 }
 
-/// Records that endpoint `id`'s flight rings hold (appended, not yet released because the log
-/// frame holding them is not written yet), from the ring headers (layout in
-/// `recorder/src/flight.rs`: head at byte 64, tail at 128, native endianness).
+/// Slots that endpoint `id`'s flight rings fill (a kernel span takes one, another record two;
+/// appended, not yet released because the log frame holding them is not written yet), from the ring
+/// headers (layout in `recorder/src/flight.rs`: head at byte 64, tail at 128, native endianness).
 fn ring_records(dir: &Path, id: u32) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir.join("endpoints")) else {
         return 0;

@@ -77,7 +77,7 @@ fn a_recording_that_fills_the_disk_exits_non_zero_naming_the_loss() {
         return;
     };
     let out = fs.mnt.join("trace");
-    // Two 512 KiB rings fit; what the recording writes after them (the writers' own rings, the
+    // Two 512 KiB rings (8192 slots of 64 bytes) fit; what the recording writes after them (the writers' own rings, the
     // step-0 snapshots' ~300 KiB of mutable state, the logs) does not.
     let o = record(
         &out,
@@ -89,7 +89,7 @@ fn a_recording_that_fills_the_disk_exits_non_zero_naming_the_loss() {
             "--tokens",
             "4",
             "--ring-records",
-            "4096",
+            "8192",
         ],
     );
     let err = String::from_utf8_lossy(&o.stderr);

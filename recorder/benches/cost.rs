@@ -18,7 +18,8 @@
 //! its stage processes.
 //!
 //! `SLUG_COST_QUICK=1` (what CI runs): 8- and 24-token callgrind runs instead of 24 and 72, no
-//! `base` snapshot, a short criterion group.
+//! `base` snapshot, a short criterion group. `SLUG_COST_ONLY=append,bytes,snapshot,callgrind`
+//! (any of them, comma-separated) runs only those parts.
 
 #[path = "support/tally.rs"]
 mod tally;
@@ -364,14 +365,27 @@ fn base_snapshot() {
     );
 }
 
+/// Whether `SLUG_COST_ONLY` (unset: everything) names `part`.
+fn wanted(part: &str) -> bool {
+    std::env::var("SLUG_COST_ONLY").map_or(true, |only| only.split(',').any(|p| p.trim() == part))
+}
+
 fn cost(c: &mut Criterion) {
     if let Ok(spec) = std::env::var(CALLGRIND_CHILD) {
         callgrind_child(&spec);
     }
-    append(c);
-    bytes_per_kind();
-    base_snapshot();
-    callgrind();
+    if wanted("append") {
+        append(c);
+    }
+    if wanted("bytes") {
+        bytes_per_kind();
+    }
+    if wanted("snapshot") {
+        base_snapshot();
+    }
+    if wanted("callgrind") {
+        callgrind();
+    }
 }
 
 criterion_group!(benches, cost);

@@ -131,14 +131,13 @@ impl EndpointShared {
     /// Appends `event` to the calling thread's ring (the hot path).
     #[inline]
     pub fn append(&self, event: &Event) {
-        let record = RawRecord::from_event(event);
         THREAD_RINGS.with(|cell| {
             let mut rings = cell.borrow_mut();
             if let Some((_, ring)) = rings.iter().find(|(k, _)| *k == self.key) {
-                ring.append(&record);
+                ring.append_event(event);
                 return;
             }
-            self.append_first(&mut rings, &record);
+            self.append_first(&mut rings, event);
         });
     }
 
@@ -163,7 +162,7 @@ impl EndpointShared {
     }
 
     #[cold]
-    fn append_first(&self, rings: &mut Vec<(u64, Arc<FlightRing>)>, record: &RawRecord) {
+    fn append_first(&self, rings: &mut Vec<(u64, Arc<FlightRing>)>, event: &Event) {
         // Rings of finished recorders are only held here: let them go.
         rings.retain(|(_, r)| Arc::strong_count(r) > 1);
         let mut all = self.rings.lock().unwrap_or_else(|p| p.into_inner());
@@ -178,7 +177,7 @@ impl EndpointShared {
         match FlightRing::create(&path, self.endpoint, thread, tid, self.ring_records) {
             Ok(ring) => {
                 let ring = Arc::new(ring);
-                ring.append(record);
+                ring.append_event(event);
                 all.push(Arc::clone(&ring));
                 rings.push((self.key, ring));
             }
@@ -810,9 +809,10 @@ mod tests {
             progress.load(Ordering::Relaxed) == 10
         });
         let ring = Arc::clone(&shared.rings.lock().unwrap()[0]);
-        // Drained into the frame being filled, not written: still in the ring, read once.
+        // Drained into the frame being filled, not written: still in the ring (two slots per
+        // marker), read once.
         std::thread::sleep(DRAIN_EVERY * 5);
-        assert_eq!(ring.unreleased(), 10);
+        assert_eq!(ring.unreleased(), 20);
         assert_eq!(progress.load(Ordering::Relaxed), 10, "drained once");
         for ns in 10..1000 {
             shared.append(&marker(ns));

@@ -1,8 +1,13 @@
-//! Flight-recorder rings: per-thread, fixed-size, memory-mapped files of [`RawRecord`]s.
+//! Flight-recorder rings: per-thread, fixed-size, memory-mapped files of 64-byte slots.
 //!
 //! One thread appends (the pipeline thread that owns the ring), one thread drains (the
-//! endpoint's writer). Appending is one 128-byte copy and one release store: no lock, no
+//! endpoint's writer). Appending is one small copy and one release store: no lock, no
 //! allocation, no system call. A full ring counts the record as lost instead of waiting.
+//!
+//! The frequent kind takes one slot: a kernel span is written as a compact 64-byte record
+//! straight into its slot. Every other event is its 128-byte [`RawRecord`] over two slots (a
+//! transfer's fields alone are 98 bytes). The first byte of a record's first slot says which:
+//! [`SPAN_TAG`] or the event kind of a [`RawRecord`].
 //!
 //! The ring is a shared mapping of a file, so a record is in the page cache the moment it is
 //! appended: if the process is killed (even by SIGKILL) everything appended and not yet
@@ -15,31 +20,113 @@
 //!
 //! ```text
 //! 0    magic "SLUGRING", version u32, endpoint u32, capacity u64, thread u32, tid u32
-//! 64   head u64  (records ever appended; written by the appender)
+//! 64   head u64  (slots ever filled; written by the appender)
 //! 72   lost u64  (records dropped because the ring was full; written by the appender)
-//! 128  tail u64  (records ever drained; written by the drainer; own cache line)
-//! 256  capacity × 128-byte record slots
+//! 128  tail u64  (slots ever released; written by the drainer; own cache line)
+//! 256  capacity × 64-byte slots
 //! ```
+//!
+//! Version 1 rings (older recorders) held one 128-byte [`RawRecord`] per slot and counted
+//! records; [`recover_ring`] still reads them.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapRaw;
-use slug_schema::{EventKind, RawRecord};
+use slug_schema::{Event, EventKind, KernelSpan, RawRecord};
 
 use crate::error::{RecorderError, Result};
 
 const MAGIC: &[u8; 8] = b"SLUGRING";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// Version 1: one 128-byte [`RawRecord`] per slot, head and tail counting records.
+const VERSION_RAW_SLOTS: u32 = 1;
 const HEAD_AT: usize = 64;
 const LOST_AT: usize = 72;
 const TAIL_AT: usize = 128;
 const SLOTS_AT: usize = 256;
 
-/// Default ring capacity: 128 Ki records (16 MiB). A ring keeps its records until the log
-/// frame holding them is written (64 Ki events), so it holds a frame being filled plus one
-/// being encoded before the writer has to cut a frame early.
-pub const DEFAULT_RING_RECORDS: usize = 1 << 17;
+/// Bytes of one slot.
+pub const SLOT: usize = 64;
+/// Slots a [`RawRecord`] takes.
+const RAW_SLOTS: u64 = (RawRecord::SIZE / SLOT) as u64;
+
+/// First byte of a compact kernel span's slot; a [`RawRecord`]'s first byte is its event kind,
+/// always below [`EventKind::COUNT`].
+pub const SPAN_TAG: u8 = 0xC5;
+const _: () = assert!(SPAN_TAG as usize >= EventKind::COUNT);
+
+/// Flag bit of a compact span: its output hash is present.
+const SPAN_HASHED: u8 = 1;
+
+/// A kernel span as one slot: every field of [`KernelSpan`], no padding the compiler adds.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(8))]
+struct SpanSlot {
+    tag: u8,
+    flags: u8,
+    spare: u16,
+    kernel: u32,
+    layer: u32,
+    seq: u32,
+    rows: u32,
+    spare2: u32,
+    step: u64,
+    start_ns: u64,
+    end_ns: u64,
+    hash: [u64; 2],
+}
+
+const _: () = assert!(std::mem::size_of::<SpanSlot>() == SLOT);
+
+impl SpanSlot {
+    #[inline]
+    fn new(s: &KernelSpan) -> SpanSlot {
+        let h = s.output_hash.unwrap_or(0);
+        SpanSlot {
+            tag: SPAN_TAG,
+            flags: if s.output_hash.is_some() {
+                SPAN_HASHED
+            } else {
+                0
+            },
+            spare: 0,
+            kernel: s.kernel,
+            // The log cannot hold `Some(u32::MAX)` either (it reads back as `None`).
+            layer: s.layer.unwrap_or(u32::MAX),
+            seq: s.seq,
+            rows: s.rows,
+            spare2: 0,
+            step: s.step,
+            start_ns: s.start_ns,
+            end_ns: s.end_ns,
+            hash: [h as u64, (h >> 64) as u64],
+        }
+    }
+
+    /// The slot's span from its bytes (any bytes are some span).
+    fn read(b: &[u8]) -> KernelSpan {
+        let u32_at = |at: usize| u32::from_ne_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]));
+        let u64_at = |at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+        let layer = u32_at(8);
+        KernelSpan {
+            kernel: u32_at(4),
+            layer: (layer != u32::MAX).then_some(layer),
+            seq: u32_at(12),
+            rows: u32_at(16),
+            step: u64_at(24),
+            start_ns: u64_at(32),
+            end_ns: u64_at(40),
+            output_hash: (b[1] & SPAN_HASHED != 0)
+                .then(|| u128::from(u64_at(48)) | u128::from(u64_at(56)) << 64),
+        }
+    }
+}
+
+/// Default ring capacity: 256 Ki slots (16 MiB), 256 Ki spans or 128 Ki other records. A ring
+/// keeps its records until the log frame holding them is written (64 Ki events), so it holds a
+/// frame being filled plus one being encoded before the writer has to cut a frame early.
+pub const DEFAULT_RING_RECORDS: usize = 1 << 18;
 
 /// A flight-recorder ring in a memory-mapped file.
 #[derive(Debug)]
@@ -51,7 +138,7 @@ pub struct FlightRing {
     /// (a 64-bit divide was a third of the append's cost). Slot `i % capacity` either way, so
     /// readers of the file need not know.
     mask: u64,
-    /// Records ever passed to the drainer (it alone touches this): records between `tail` and
+    /// Slots ever passed to the drainer (it alone touches this): records between `tail` and
     /// here are read, not yet released, and are not read again.
     read: AtomicU64,
 }
@@ -64,8 +151,8 @@ unsafe impl Send for FlightRing {}
 unsafe impl Sync for FlightRing {}
 
 impl FlightRing {
-    /// Creates the ring file at `path` (truncating any old one) holding `capacity` records,
-    /// rounded up to a power of two.
+    /// Creates the ring file at `path` (truncating any old one) holding `capacity` 64-byte
+    /// slots, rounded up to a power of two (at least 2: one record of any kind).
     pub fn create(
         path: impl AsRef<Path>,
         endpoint: u32,
@@ -74,8 +161,8 @@ impl FlightRing {
         capacity: usize,
     ) -> Result<FlightRing> {
         let path = path.as_ref().to_path_buf();
-        let capacity = capacity.max(1).next_power_of_two();
-        let len = SLOTS_AT + capacity * RawRecord::SIZE;
+        let capacity = capacity.max(RAW_SLOTS as usize).next_power_of_two();
+        let len = ring_file_len(capacity);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -84,7 +171,7 @@ impl FlightRing {
             .open(&path)
             .map_err(|e| RecorderError::io(&path, e))?;
         // Reserve the blocks now, so a full disk fails here and not as SIGBUS on a later append.
-        if let Err(e) = reserve(&file, len as u64) {
+        if let Err(e) = reserve(&file, len) {
             // This call created (or truncated) the file: leave no empty ring behind.
             let _ = std::fs::remove_file(&path);
             return Err(RecorderError::io(&path, e));
@@ -120,32 +207,85 @@ impl FlightRing {
         unsafe { &*self.map.as_ptr().add(at).cast::<AtomicU64>() }
     }
 
-    /// Appends `record`; `false` (and one more lost record) if the ring is full.
+    /// The position of `slots` free slots, or `None` (and one more lost record) if the ring
+    /// does not have them.
+    #[inline]
+    fn reserve_slots(&self, slots: u64) -> Option<u64> {
+        let head = self.word(HEAD_AT).load(Ordering::Relaxed);
+        let tail = self.word(TAIL_AT).load(Ordering::Acquire);
+        if head - tail > self.capacity - slots {
+            let lost = self.word(LOST_AT);
+            lost.store(lost.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            return None;
+        }
+        Some(head)
+    }
+
+    /// The address of slot position `at`.
+    #[inline]
+    fn slot(&self, at: u64) -> *mut u8 {
+        // SAFETY: the slot index is below capacity, so the slot is inside the mapping.
+        unsafe {
+            self.map
+                .as_mut_ptr()
+                .add(SLOTS_AT + (at & self.mask) as usize * SLOT)
+        }
+    }
+
+    /// Appends `event`: a kernel span as one compact slot, any other kind as its
+    /// [`RawRecord`]; `false` (and one more lost record) if the ring is full.
+    ///
+    /// Only one thread may append to a ring (the recorder gives each thread its own).
+    #[inline]
+    pub fn append_event(&self, event: &Event) -> bool {
+        match event {
+            Event::KernelSpan(s) => self.append_span(s),
+            other => self.append(&RawRecord::from_event(other)),
+        }
+    }
+
+    /// Appends a kernel span as one compact slot; `false` (and one more lost record) if the
+    /// ring is full. Only one thread may append to a ring.
+    #[inline]
+    pub fn append_span(&self, span: &KernelSpan) -> bool {
+        let Some(head) = self.reserve_slots(1) else {
+            return false;
+        };
+        // SAFETY: the slot is free: the drainer has released it and will not read it before
+        // the release store below. It is 8-aligned (page-aligned mapping, 256-byte header,
+        // 64-byte slots) and `SpanSlot` is `repr(C)` of plain integers.
+        unsafe {
+            self.slot(head)
+                .cast::<SpanSlot>()
+                .write(SpanSlot::new(span))
+        };
+        self.word(HEAD_AT).store(head + 1, Ordering::Release);
+        true
+    }
+
+    /// Appends `record` (two slots); `false` (and one more lost record) if the ring is full.
     ///
     /// Only one thread may append to a ring (the recorder gives each thread its own).
     #[inline]
     pub fn append(&self, record: &RawRecord) -> bool {
-        let head = self.word(HEAD_AT).load(Ordering::Relaxed);
-        let tail = self.word(TAIL_AT).load(Ordering::Acquire);
-        if head - tail >= self.capacity {
-            let lost = self.word(LOST_AT);
-            lost.store(lost.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        let Some(head) = self.reserve_slots(RAW_SLOTS) else {
             return false;
-        }
-        let slot = SLOTS_AT + (head & self.mask) as usize * RawRecord::SIZE;
-        // SAFETY: the slot is inside the mapping, and it is free: the drainer has released it
-        // (tail > head - capacity) and will not read it before the release store below. It is
-        // 8-aligned (page-aligned mapping, 256-byte header, 128-byte slots), and `RawRecord` is
-        // `repr(C)` without padding, laid out byte for byte as `RawRecord::to_bytes` writes it,
-        // so one direct store replaces a copy through a byte array.
+        };
+        // SAFETY: both slots are free (see `append_span`) and 8-aligned; `RawRecord` is
+        // `repr(C)` without padding, laid out byte for byte as `RawRecord::to_bytes` writes it.
+        // Its halves go to slots `head` and `head + 1`, which are adjacent unless `head` is the
+        // last slot of the ring.
         unsafe {
-            self.map
-                .as_mut_ptr()
-                .add(slot)
-                .cast::<RawRecord>()
-                .write(*record);
+            if head & self.mask != self.mask {
+                self.slot(head).cast::<RawRecord>().write(*record);
+            } else {
+                let bytes = record.to_bytes();
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.slot(head), SLOT);
+                std::ptr::copy_nonoverlapping(bytes[SLOT..].as_ptr(), self.slot(head + 1), SLOT);
+            }
         }
-        self.word(HEAD_AT).store(head + 1, Ordering::Release);
+        self.word(HEAD_AT)
+            .store(head + RAW_SLOTS, Ordering::Release);
         true
     }
 
@@ -167,38 +307,50 @@ impl FlightRing {
     }
 
     /// Passes every appended record not read before to `sink` in order without freeing their
-    /// slots, so they stay recoverable until the caller has them on disk; returns how many and
-    /// the position to [`FlightRing::release`] up to. Only one thread may drain a ring.
+    /// slots, so they stay recoverable until the caller has them on disk; returns how many
+    /// records and the position to [`FlightRing::release`] up to. Only one thread may drain a
+    /// ring.
     pub fn read_pending(&self, mut sink: impl FnMut(RawRecord)) -> (usize, u64) {
         let released = self.word(TAIL_AT).load(Ordering::Relaxed);
-        let tail = self.read.load(Ordering::Relaxed).max(released);
+        let from = self.read.load(Ordering::Relaxed).max(released);
         let head = self.word(HEAD_AT).load(Ordering::Acquire);
         self.read.store(head, Ordering::Relaxed);
-        let mut bytes = [0u8; RawRecord::SIZE];
-        for i in tail..head {
-            let slot = SLOTS_AT + (i & self.mask) as usize * RawRecord::SIZE;
-            // SAFETY: slots tail..head were published by the appender's release store of head
-            // (acquired above) and stay untouched until tail moves past them.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.map.as_ptr().add(slot),
-                    bytes.as_mut_ptr(),
-                    RawRecord::SIZE,
-                );
-            }
-            sink(RawRecord::from_bytes(&bytes));
+        let mut n = 0;
+        let mut at = from;
+        while at < head {
+            let mut bytes = [0u8; RawRecord::SIZE];
+            // SAFETY: slots from..head were published by the appender's release store of head
+            // (acquired above) and stay untouched until tail moves past them; the appender wrote
+            // whole records, so a record's second slot is below head too.
+            unsafe { std::ptr::copy_nonoverlapping(self.slot(at), bytes.as_mut_ptr(), SLOT) };
+            let (record, slots) = if bytes[0] == SPAN_TAG {
+                (span_record(&bytes[..SLOT]), 1)
+            } else {
+                // SAFETY: as above.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.slot(at + 1),
+                        bytes[SLOT..].as_mut_ptr(),
+                        SLOT,
+                    )
+                };
+                (RawRecord::from_bytes(&bytes), RAW_SLOTS)
+            };
+            sink(record);
+            n += 1;
+            at += slots;
         }
-        ((head - tail) as usize, head)
+        (n, head)
     }
 
-    /// Records appended and not yet released (drained or not): how full the ring is.
+    /// Slots filled and not yet released (drained or not): how full the ring is.
     pub fn unreleased(&self) -> u64 {
         let tail = self.word(TAIL_AT).load(Ordering::Relaxed);
         let head = self.word(HEAD_AT).load(Ordering::Acquire);
         head.saturating_sub(tail)
     }
 
-    /// Records the ring holds at most.
+    /// Slots the ring holds.
     pub fn capacity(&self) -> u64 {
         self.capacity
     }
@@ -209,10 +361,15 @@ impl FlightRing {
     }
 }
 
-/// Bytes of a ring file holding `capacity` records (rounded up to a power of two, as
+/// The [`RawRecord`] of a compact span slot.
+fn span_record(slot: &[u8]) -> RawRecord {
+    RawRecord::from_event(&Event::KernelSpan(SpanSlot::read(slot)))
+}
+
+/// Bytes of a ring file holding `capacity` slots (rounded up to a power of two, as
 /// [`FlightRing::create`] does): all preallocated when the ring is created.
 pub fn ring_file_len(capacity: usize) -> u64 {
-    (SLOTS_AT + capacity.max(1).next_power_of_two() * RawRecord::SIZE) as u64
+    (SLOTS_AT + capacity.max(RAW_SLOTS as usize).next_power_of_two() * SLOT) as u64
 }
 
 fn reserve(file: &std::fs::File, len: u64) -> std::io::Result<()> {
@@ -251,8 +408,9 @@ pub struct RecoveredRing {
     pub lost: u64,
 }
 
-/// The largest ring capacity a ring file may claim (128 MiB of records); the recorder's rings
-/// are far smaller, so a larger claim is damage, not a reason to read or allocate that much.
+/// The largest ring capacity a ring file may claim, in slots (64 MiB of 64-byte slots; a
+/// version 1 ring's slots were 128 bytes). `slug record --ring-records` stays within it, so a
+/// larger claim is damage, not a reason to read or allocate that much.
 pub const MAX_RING_RECORDS: u64 = 1 << 20;
 
 /// Reads the undrained records of a ring file left by a process that ended without draining it.
@@ -284,36 +442,51 @@ pub fn recover_ring(path: impl AsRef<Path>) -> Result<RecoveredRing> {
     }
     let u32_at = |at: usize| u32::from_ne_bytes(header[at..at + 4].try_into().unwrap_or([0; 4]));
     let u64_at = |at: usize| u64::from_ne_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
-    if u32_at(8) != VERSION {
-        return Err(bad(format!("unknown version {}", u32_at(8))));
-    }
+    // Bytes per slot, and slots per record that is not a compact span.
+    let (slot, raw_slots) = match u32_at(8) {
+        VERSION => (SLOT as u64, RAW_SLOTS),
+        VERSION_RAW_SLOTS => (RawRecord::SIZE as u64, 1),
+        v => return Err(bad(format!("unknown version {v}"))),
+    };
     let (endpoint, capacity, thread) = (u32_at(12), u64_at(16), u32_at(24));
     let (head, lost, tail) = (u64_at(HEAD_AT), u64_at(LOST_AT), u64_at(TAIL_AT));
-    if capacity == 0 || capacity > MAX_RING_RECORDS {
+    if capacity < raw_slots || capacity > MAX_RING_RECORDS {
         return Err(bad(format!(
-            "capacity {capacity} records is outside 1..={MAX_RING_RECORDS}"
+            "capacity {capacity} slots is outside {raw_slots}..={MAX_RING_RECORDS}"
         )));
     }
-    if file_len < SLOTS_AT as u64 + capacity * RawRecord::SIZE as u64 {
+    if file_len < SLOTS_AT as u64 + capacity * slot {
         return Err(bad(format!(
-            "{file_len} bytes, shorter than its capacity of {capacity} records"
+            "{file_len} bytes, shorter than its capacity of {capacity} slots"
         )));
     }
     if tail > head || head - tail > capacity {
         return Err(bad(format!("head {head} and tail {tail} are inconsistent")));
     }
     let mut records = Vec::with_capacity((head - tail) as usize);
-    for i in tail..head {
-        let at = SLOTS_AT as u64 + (i % capacity) * RawRecord::SIZE as u64;
+    let slot_at = |i: u64| SLOTS_AT as u64 + (i % capacity) * slot;
+    let mut at = tail;
+    while at < head {
         let mut b = [0u8; RawRecord::SIZE];
-        file.read_exact_at(&mut b, at)
+        let first = &mut b[..slot as usize];
+        file.read_exact_at(first, slot_at(at))
             .map_err(|e| RecorderError::io(path, e))?;
-        let r = RawRecord::from_bytes(&b);
-        // A record with an impossible kind was never written whole; nothing after it is trusted.
-        if EventKind::from_u8(r.kind_byte()).is_none() {
+        if raw_slots > 1 && b[0] == SPAN_TAG {
+            records.push(span_record(&b[..SLOT]));
+            at += 1;
+            continue;
+        }
+        // A record with an impossible kind, or one running past head, was never written whole;
+        // nothing after it is trusted.
+        if EventKind::from_u8(b[0]).is_none() || head - at < raw_slots {
             break;
         }
-        records.push(r);
+        if raw_slots > 1 {
+            file.read_exact_at(&mut b[SLOT..], slot_at(at + 1))
+                .map_err(|e| RecorderError::io(path, e))?;
+        }
+        records.push(RawRecord::from_bytes(&b));
+        at += raw_slots;
     }
     Ok(RecoveredRing {
         endpoint,
@@ -326,7 +499,7 @@ pub fn recover_ring(path: impl AsRef<Path>) -> Result<RecoveredRing> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use slug_schema::{Event, Marker, StepBoundary};
+    use slug_schema::{Marker, StepBoundary};
 
     fn step(n: u64) -> RawRecord {
         RawRecord::from_event(&Event::StepBoundary(StepBoundary {
@@ -346,10 +519,105 @@ mod tests {
             .collect()
     }
 
+    fn span(n: u64) -> KernelSpan {
+        KernelSpan {
+            kernel: n as u32 % 7,
+            layer: (!n.is_multiple_of(3)).then_some(n as u32 % 5),
+            step: n / 11,
+            seq: n as u32 % 4,
+            rows: n as u32 % 9,
+            start_ns: n * 100,
+            end_ns: n * 100 + 42,
+            output_hash: n.is_multiple_of(2).then_some(u128::MAX - u128::from(n)),
+        }
+    }
+
+    /// Event `n` of a mixed stream: mostly spans, a step boundary now and then.
+    fn mixed(n: u64) -> Event {
+        if n % 4 == 3 {
+            Event::StepBoundary(StepBoundary {
+                step: n,
+                seq: 1,
+                ns: n,
+            })
+        } else {
+            Event::KernelSpan(span(n))
+        }
+    }
+
+    fn events(records: &[RawRecord]) -> Vec<Event> {
+        records.iter().map(|r| r.to_event().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_compact_span_keeps_every_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = FlightRing::create(dir.path().join("r.ring"), 1, 0, 0, 64).unwrap();
+        let mut spans: Vec<KernelSpan> = (0..6).map(span).collect();
+        spans.push(KernelSpan {
+            kernel: u32::MAX,
+            layer: Some(u32::MAX - 1),
+            step: u64::MAX,
+            seq: u32::MAX,
+            rows: u32::MAX,
+            start_ns: u64::MAX - 1,
+            end_ns: u64::MAX,
+            output_hash: Some(0),
+        });
+        for s in &spans {
+            assert!(ring.append_span(s));
+        }
+        assert_eq!(ring.unreleased(), spans.len() as u64, "one slot each");
+        let mut got = Vec::new();
+        ring.drain(|r| got.push(r));
+        let want: Vec<Event> = spans.iter().map(|s| Event::KernelSpan(*s)).collect();
+        assert_eq!(events(&got), want);
+    }
+
+    #[test]
+    fn spans_and_records_drain_in_order_when_a_record_wraps_around_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = FlightRing::create(dir.path().join("r.ring"), 1, 0, 0, 8).unwrap();
+        let mut got = Vec::new();
+        let mut wrapped = 0;
+        for n in 0..300 {
+            let head = ring.word(HEAD_AT).load(Ordering::Relaxed);
+            let e = mixed(n);
+            if !matches!(e, Event::KernelSpan(_)) && head & ring.mask == ring.mask {
+                wrapped += 1;
+            }
+            assert!(ring.append_event(&e), "event {n}");
+            if n % 4 == 3 {
+                ring.drain(|r| got.push(r));
+            }
+        }
+        ring.drain(|r| got.push(r));
+        assert!(wrapped > 0, "a two-slot record started in the last slot");
+        assert_eq!(events(&got), (0..300).map(mixed).collect::<Vec<_>>());
+        assert_eq!(ring.lost(), 0);
+    }
+
+    #[test]
+    fn a_record_that_needs_two_slots_is_lost_when_one_is_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = FlightRing::create(dir.path().join("r.ring"), 1, 0, 0, 4).unwrap();
+        for n in 0..3 {
+            assert!(ring.append_span(&span(n)));
+        }
+        assert!(!ring.append(&step(3)), "one slot left");
+        assert!(ring.append_span(&span(4)), "a span still fits");
+        assert!(!ring.append_span(&span(5)));
+        assert_eq!(ring.lost(), 2);
+        let mut got = Vec::new();
+        ring.drain(|r| got.push(r));
+        let want: Vec<Event> = [0, 1, 2, 4].map(|n| Event::KernelSpan(span(n))).to_vec();
+        assert_eq!(events(&got), want);
+    }
+
     #[test]
     fn appends_drain_in_order_across_wraparound() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = FlightRing::create(dir.path().join("r.ring"), 1, 0, 0, 8).unwrap();
+        let ring = FlightRing::create(dir.path().join("r.ring"), 1, 0, 0, 16).unwrap();
         let mut got = Vec::new();
         for n in 0..100 {
             assert!(ring.append(&step(n)));
@@ -364,7 +632,7 @@ mod tests {
     #[test]
     fn a_full_ring_counts_losses_and_never_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let ring = FlightRing::create(dir.path().join("r.ring"), 1, 0, 0, 4).unwrap();
+        let ring = FlightRing::create(dir.path().join("r.ring"), 1, 0, 0, 8).unwrap();
         let accepted = (0..10).filter(|&n| ring.append(&step(n))).count();
         assert_eq!(accepted, 4);
         assert_eq!(ring.lost(), 6);
@@ -405,7 +673,7 @@ mod tests {
     fn undrained_records_are_recovered_from_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.ring");
-        let ring = FlightRing::create(&path, 7, 2, 0, 8).unwrap();
+        let ring = FlightRing::create(&path, 7, 2, 0, 32).unwrap();
         for n in 0..6 {
             ring.append(&step(n));
         }
@@ -423,6 +691,56 @@ mod tests {
         assert!(recover_ring(dir.path().join("missing.ring")).is_err());
         std::fs::write(dir.path().join("junk.ring"), b"junk").unwrap();
         assert!(recover_ring(dir.path().join("junk.ring")).is_err());
+    }
+
+    #[test]
+    fn undrained_spans_and_records_are_recovered_and_a_torn_record_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.ring");
+        let ring = FlightRing::create(&path, 7, 2, 0, 16).unwrap();
+        for n in 0..9 {
+            ring.append_event(&mixed(n));
+        }
+        ring.drain(|_| {});
+        for n in 9..20 {
+            ring.append_event(&mixed(n));
+        }
+        let rec = recover_ring(&path).unwrap();
+        assert_eq!(events(&rec.records), (9..20).map(mixed).collect::<Vec<_>>());
+        // A head that ends inside a two-slot record (never published so by the appender):
+        // everything before it is recovered, the torn record is not.
+        let head = ring.word(HEAD_AT).load(Ordering::Relaxed);
+        ring.word(HEAD_AT).store(head - 1, Ordering::Relaxed);
+        let rec = recover_ring(&path).unwrap();
+        assert_eq!(events(&rec.records), (9..19).map(mixed).collect::<Vec<_>>());
+    }
+
+    /// A ring left by an older recorder (version 1: a 128-byte record per slot) still reads.
+    #[test]
+    fn a_version_1_ring_is_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.ring");
+        let capacity = 4u64;
+        let mut bytes = vec![0u8; SLOTS_AT + capacity as usize * RawRecord::SIZE];
+        bytes[..8].copy_from_slice(MAGIC);
+        bytes[8..12].copy_from_slice(&VERSION_RAW_SLOTS.to_ne_bytes());
+        bytes[12..16].copy_from_slice(&5u32.to_ne_bytes());
+        bytes[16..24].copy_from_slice(&capacity.to_ne_bytes());
+        // Records 0..6 appended, 0..3 released: 3, 4, 5 are left, 4 and 5 wrapped around.
+        bytes[HEAD_AT..HEAD_AT + 8].copy_from_slice(&6u64.to_ne_bytes());
+        bytes[TAIL_AT..TAIL_AT + 8].copy_from_slice(&3u64.to_ne_bytes());
+        let span0 = Event::KernelSpan(span(0));
+        for (n, e) in [(3, step(3).to_event().unwrap()), (4, span0), (5, mixed(5))] {
+            let at = SLOTS_AT + (n % 4) * RawRecord::SIZE;
+            bytes[at..at + RawRecord::SIZE].copy_from_slice(&RawRecord::from_event(&e).to_bytes());
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let rec = recover_ring(&path).unwrap();
+        assert_eq!(rec.endpoint, 5);
+        assert_eq!(
+            events(&rec.records),
+            [step(3).to_event().unwrap(), span0, mixed(5)]
+        );
     }
 
     #[test]
@@ -449,7 +767,7 @@ mod tests {
         if let Ok(path) = std::env::var("SLUG_RING_CHILD") {
             let ring = FlightRing::create(&path, 3, 0, 0, 1024).unwrap();
             for n in 0..500 {
-                ring.append(&step(n));
+                ring.append_event(&mixed(n));
             }
             std::fs::write(format!("{path}.ready"), b"").unwrap();
             loop {
@@ -479,6 +797,9 @@ mod tests {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let rec = recover_ring(&path).unwrap();
-        assert_eq!(steps(&rec.records), (0..500).collect::<Vec<_>>());
+        assert_eq!(
+            events(&rec.records),
+            (0..500).map(mixed).collect::<Vec<_>>()
+        );
     }
 }
