@@ -605,7 +605,7 @@ fn fix_for(reason: &str) -> &'static str {
         }
         "flight ring full" => {
             "events came faster than the writer drained the endpoint's flight ring: record with a \
-             larger --ring-records (default 65536), or fewer events (--perf none, --ebpf none)"
+             larger --ring-records (default 262144), or fewer events (--perf none, --ebpf none)"
         }
         "payload write failed" => {
             "payloads could not be stored (`slug record` named the error): free space on the \

@@ -11,13 +11,33 @@ use slug_recorder::journal::{Journal, read_journal};
 use slug_schema::blob::BlobStore;
 use slug_schema::snapshot::{SnapshotIndex, WeightsRef};
 use slug_schema::synth::{SynthConfig, write_trace};
-use slug_schema::{Event, LogReader, LogSummary, Marker, RawRecord, Trace, TraceSummary};
+use slug_schema::{
+    Event, KernelSpan, LogReader, LogSummary, Marker, RawRecord, Trace, TraceSummary,
+};
 
 fn config() -> ProptestConfig {
     ProptestConfig {
         cases: 48,
         failure_persistence: None,
         ..ProptestConfig::default()
+    }
+}
+
+/// Event `n` of a ring: a marker every third, kernel spans between.
+fn event(n: u64) -> Event {
+    if n % 3 == 0 {
+        Event::Marker(Marker { text: 1, ns: n })
+    } else {
+        Event::KernelSpan(KernelSpan {
+            kernel: n as u32,
+            layer: Some(1),
+            step: n,
+            seq: 0,
+            rows: 1,
+            start_ns: n * 10,
+            end_ns: n * 10 + 5,
+            output_hash: Some(u128::from(n)),
+        })
     }
 }
 
@@ -117,26 +137,35 @@ proptest! {
 
     #[test]
     fn damaged_flight_rings_never_panic(
-        edits in prop::collection::vec((0usize..512, 1u8..), 0..8),
+        edits in prop::collection::vec((0usize..1280, 1u8..), 0..8),
         capacity in prop_oneof![Just(1u64 << 57), Just(u64::MAX), Just(0u64), any::<u64>()],
         set_capacity in any::<bool>(),
+        version in prop_oneof![Just(None), Just(Some(1u32)), Just(Some(2u32))],
     ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.ring");
         {
-            let ring = FlightRing::create(&path, 3, 1, 0, 8).unwrap();
-            for n in 0..5 {
-                ring.append(&RawRecord::from_event(&Event::Marker(Marker { text: 1, ns: n })));
+            // 16 slots: compact spans (one slot) and markers (two), wrapping around the end.
+            let ring = FlightRing::create(&path, 3, 1, 0, 16).unwrap();
+            for n in 0..9 {
+                ring.append_event(&event(n));
+            }
+            ring.drain(|_| {});
+            for n in 9..20 {
+                ring.append_event(&event(n));
             }
         }
         let mut bytes = std::fs::read(&path).unwrap();
         if set_capacity {
             bytes[16..24].copy_from_slice(&capacity.to_ne_bytes());
         }
+        if let Some(v) = version {
+            bytes[8..12].copy_from_slice(&v.to_ne_bytes());
+        }
         apply(&mut bytes, &edits);
         std::fs::write(&path, &bytes).unwrap();
         if let Ok(r) = recover_ring(&path) {
-            prop_assert!(r.records.len() <= 8);
+            prop_assert!(r.records.len() <= 16);
         }
     }
 
