@@ -25,7 +25,7 @@ fn config() -> ProptestConfig {
 
 /// Event `n` of a ring: a marker every third, kernel spans between.
 fn event(n: u64) -> Event {
-    if n % 3 == 0 {
+    if n.is_multiple_of(3) {
         Event::Marker(Marker { text: 1, ns: n })
     } else {
         Event::KernelSpan(KernelSpan {
