@@ -128,7 +128,9 @@ mod with_mpi {
         "--tokens",
         "6",
         "--prompt",
-        "mpi",
+        // 41 bytes: the prefill's activations (41 x 256 B) are larger than the 4 KiB an MPI
+        // link sends inline with the header, the decode steps' smaller, so both paths run.
+        "mpi links move small and large transfers.",
     ];
 
     #[test]
@@ -156,6 +158,15 @@ mod with_mpi {
         let digests = mpi["transfer_digests"].as_array().expect("digests");
         // 2 sequences x 6 steps over 2 activation links, tokens back for 5 steps.
         assert_eq!(digests.len(), 2 * 6 * 2 + 2 * 5, "{mpi}");
+        let lens: Vec<u64> = digests.iter().filter_map(|d| d["len"].as_u64()).collect();
+        assert!(
+            lens.iter().any(|&n| n > 4096),
+            "no transfer past 4 KiB: {lens:?}"
+        );
+        assert!(
+            lens.iter().any(|&n| n <= 4096),
+            "no inline transfer: {lens:?}"
+        );
         for transport in ["local", "shm", "tcp"] {
             let other = json(&run(&[&args[..], &["--transport", transport]].concat()));
             assert_eq!(
