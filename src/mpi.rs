@@ -79,7 +79,7 @@ pub fn record_pipeline(
     }
     let factory = slug_recorder::observe::NodeRecorderFactory::default();
     if world.rank() != 0 {
-        let shared = share_config(&world, None)
+        let shared = share_config(&world, None, pipeline.timeout())
             .and_then(|p| run_rank_collecting(&world, &p, &factory, None));
         return match shared {
             Ok(_) => Ok(None),
@@ -87,7 +87,7 @@ pub fn record_pipeline(
         };
     }
     let mut run_stages = |p: &PipelineConfig| {
-        share_config(&world, Some(p))?;
+        share_config(&world, Some(p), p.timeout())?;
         run_rank_collecting(&world, p, &factory, Some(&cfg.out))?
             .ok_or_else(|| slug_transport::TransportError::Config("rank 0 got no report".into()))
     };
@@ -119,8 +119,12 @@ pub fn replay_pipeline(
     let factory =
         slug_replayer::NodeReplayFactory(slug_recorder::observe::NodeRecorderFactory::default());
     if world.rank() != 0 {
-        // The configuration comes from rank 0, which checks it first.
-        let shared = share_config(&world, None).and_then(|p| run_rank(&world, &p, &factory));
+        // The configuration comes from rank 0, which checks it first; until then this rank
+        // waits as long as the replay would.
+        let ms = opts.timeout_ms.unwrap_or(rec.config().timeout_ms);
+        let timeout = std::time::Duration::from_millis(ms.max(1));
+        let shared =
+            share_config(&world, None, timeout).and_then(|p| run_rank(&world, &p, &factory));
         return match shared {
             Ok(_) => Ok(None),
             Err(e) => abort(&world, &e),
@@ -128,7 +132,7 @@ pub fn replay_pipeline(
     }
     let mut run_stages = |p: &PipelineConfig| {
         check_world(&world, p)?;
-        share_config(&world, Some(p))?;
+        share_config(&world, Some(p), p.timeout())?;
         run_rank(&world, p, &factory)?
             .ok_or_else(|| slug_transport::TransportError::Config("rank 0 got no report".into()))
     };

@@ -128,7 +128,9 @@ mod with_mpi {
         "--tokens",
         "6",
         "--prompt",
-        "mpi",
+        // 41 bytes: the prefill's activations (41 x 256 B) are larger than the 4 KiB an MPI
+        // link sends inline with the header, the decode steps' smaller, so both paths run.
+        "mpi links move small and large transfers.",
     ];
 
     #[test]
@@ -156,6 +158,15 @@ mod with_mpi {
         let digests = mpi["transfer_digests"].as_array().expect("digests");
         // 2 sequences x 6 steps over 2 activation links, tokens back for 5 steps.
         assert_eq!(digests.len(), 2 * 6 * 2 + 2 * 5, "{mpi}");
+        let lens: Vec<u64> = digests.iter().filter_map(|d| d["len"].as_u64()).collect();
+        assert!(
+            lens.iter().any(|&n| n > 4096),
+            "no transfer past 4 KiB: {lens:?}"
+        );
+        assert!(
+            lens.iter().any(|&n| n <= 4096),
+            "no inline transfer: {lens:?}"
+        );
         for transport in ["local", "shm", "tcp"] {
             let other = json(&run(&[&args[..], &["--transport", transport]].concat()));
             assert_eq!(
@@ -332,16 +343,24 @@ mod with_mpi {
 
     /// Runs `mpirun -np 2 slug ARGS` with rank 1 stopping itself (SIGSTOP, through the
     /// documented `SLUG_FAULT_MPI_STOP`) once its stage has run, before `phase`; returns rank
-    /// 0's error line, after checking the job ended on its own (rank 0's bounded wait, then
-    /// its abort) and SIGKILLing the stopped rank should anything be left of it.
+    /// 0's error line (see [`silent_rank`]).
     fn silent_rank_1(phase: &str, args: &[&str]) -> String {
+        silent_rank(1, phase, args)
+    }
+
+    /// Runs `mpirun -np 2 slug ARGS` with rank `stopped` stopping itself before `phase`;
+    /// returns the other rank's error line, after checking the job ended on its own (the other
+    /// rank's bounded wait, then its abort) and SIGKILLing the stopped rank should anything be
+    /// left of it.
+    fn silent_rank(stopped: usize, phase: &str, args: &[&str]) -> String {
+        let waiter = 1 - stopped;
         let mut child = mpirun(2, args)
-            .env("SLUG_FAULT_MPI_STOP", format!("1:{phase}"))
+            .env("SLUG_FAULT_MPI_STOP", format!("{stopped}:{phase}"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("mpirun");
-        let rank1 = wait_for_rank(child.id(), 1, Duration::from_secs(30));
+        let stopped_pid = wait_for_rank(child.id(), stopped, Duration::from_secs(30));
         // Generous: the wait is 1 s; the rest is start-up and mpirun's teardown on 2 busy
         // cores. Only a hang reaches it.
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -356,7 +375,7 @@ mod with_mpi {
         if ended.is_none() {
             let _ = child.kill();
         }
-        if let Some(pid) = rank1 {
+        if let Some(pid) = stopped_pid {
             // Never left behind, even if the job hung.
             let _ = Command::new("kill")
                 .args(["-9", &pid.to_string()])
@@ -365,15 +384,18 @@ mod with_mpi {
         }
         let out = child.wait_with_output().expect("mpirun output");
         let err = String::from_utf8_lossy(&out.stderr).to_string();
-        let status = ended.unwrap_or_else(|| panic!("rank 0 hung on a silent rank 1: {err}"));
+        let status =
+            ended.unwrap_or_else(|| panic!("rank {waiter} hung on a silent rank {stopped}: {err}"));
         assert!(!status.success(), "{err}");
         assert!(
-            err.contains(&format!("rank 1: stopping itself before its {phase}")),
-            "rank 1 did not stop where asked: {err}"
+            err.contains(&format!(
+                "rank {stopped}: stopping itself before its {phase}"
+            )),
+            "rank {stopped} did not stop where asked: {err}"
         );
         let ours = err
-            .find("slug: error: rank 0 ")
-            .unwrap_or_else(|| panic!("no error from rank 0: {err}"));
+            .find(&format!("slug: error: rank {waiter} "))
+            .unwrap_or_else(|| panic!("no error from rank {waiter}: {err}"));
         let line = &err[ours..];
         line[..line.find('\n').unwrap_or(line.len())].to_string()
     }
@@ -449,6 +471,81 @@ mod with_mpi {
             "{line}"
         );
         assert!(line.contains("raise --timeout-ms"), "{line}");
+    }
+
+    /// `slug record ... --transport mpi --timeout-ms 1000` on 2 ranks of `tiny`.
+    fn record_args(trace: &str) -> Vec<&str> {
+        let mut args = vec![
+            "record", "--out", trace, "--perf", "none", "--ebpf", "none", "--",
+        ];
+        args.extend(TWO_STAGES);
+        args
+    }
+
+    /// A two-stage `tiny` pipeline over MPI whose waits last at most 1 s.
+    const TWO_STAGES: [&str; 12] = [
+        "--model",
+        "tiny",
+        "--layers",
+        "2",
+        "--stages",
+        "2",
+        "--tokens",
+        "2",
+        "--transport",
+        "mpi",
+        "--timeout-ms",
+        "1000",
+    ];
+
+    /// Checks that rank 1's error names rank 0, its host, and `awaited`.
+    fn names_rank_0(line: &str, awaited: &str) {
+        assert!(line.starts_with("slug: error: rank 1 of 2 on "), "{line}");
+        assert!(line.contains("rank 0 on "), "no host of rank 0: {line}");
+        assert!(
+            line.contains(&format!("{awaited} was awaited")),
+            "not what was awaited: {line}"
+        );
+        assert!(line.contains("raise --timeout-ms"), "{line}");
+    }
+
+    #[test]
+    fn a_rank_waiting_on_a_silent_rank_0_s_clock_ping_fails_within_the_timeout() {
+        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let mut args = vec!["run"];
+        args.extend(TWO_STAGES);
+        let line = silent_rank(0, "clock", &args);
+        names_rank_0(&line, "a clock ping");
+    }
+
+    #[test]
+    fn a_rank_waiting_on_a_silent_rank_0_s_configuration_fails_within_the_timeout() {
+        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("trace");
+        let line = silent_rank(0, "config", &record_args(out.to_str().expect("utf-8")));
+        names_rank_0(&line, "the run's configuration");
+    }
+
+    #[test]
+    fn a_rank_waiting_on_a_silent_rank_0_while_gathering_fails_within_the_timeout() {
+        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("trace");
+        let line = silent_rank(0, "gather", &record_args(out.to_str().expect("utf-8")));
+        names_rank_0(&line, "the list of files it wants from this rank");
     }
 
     /// The pid of rank `rank` among `mpirun`'s children, once it exists.

@@ -8,9 +8,8 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use mpi::point_to_point::{Destination, Source};
-use mpi::topology::Communicator;
 use slug_transport::pipeline::{
     FILE_PIECE, MAX_COLLECTED_FILE, MAX_COLLECTED_FILES, RecordedFile, expected_file,
     list_recorded_files,
@@ -18,7 +17,7 @@ use slug_transport::pipeline::{
 use slug_transport::{Result, TransportError};
 
 use crate::MpiWorld;
-use crate::link::{recv_vec_from, send_to};
+use crate::link::{recv_from, recv_vec_from, send_to};
 use crate::rank::rank_on;
 
 const TAG_LIST: i32 = 30_002;
@@ -46,19 +45,34 @@ fn decode<T: serde::de::DeserializeOwned>(rank: usize, what: &str, bytes: &[u8])
     })
 }
 
-/// On a rank other than 0: sends the files recorded in `dir` (if any) to rank 0, then removes
-/// `dir` once rank 0 has them all.
-pub fn send_files(mpi: &MpiWorld, dir: Option<&Path>) -> Result<()> {
-    let zero = mpi.world().process_at_rank(0);
+/// On a rank other than 0: sends the files recorded in `dir` (if any) to rank 0 (`zero`, as
+/// errors name it), then removes `dir` once rank 0 has them all. Every wait on rank 0 is
+/// bounded by `timeout`; rank 0 gathers the ranks one after another, so the wait for the
+/// list of wanted files includes the gathering of the ranks before this one.
+pub fn send_files(dir: Option<&Path>, zero: &str, timeout: Duration) -> Result<()> {
     let listing: Listing = match dir.map(list_recorded_files).transpose() {
         Ok(files) => Ok(files),
         Err(e) => Err(e.to_string()),
     };
-    zero.send_with_tag(&encode(&listing)[..], TAG_LIST);
+    send_to(
+        &encode(&listing),
+        0,
+        TAG_LIST,
+        timeout,
+        zero,
+        "this rank's file listing",
+    )?;
     let (Ok(Some(files)), Some(dir)) = (listing, dir) else {
         return Ok(());
     };
-    let (wanted, _) = zero.receive_vec_with_tag::<u8>(TAG_FETCH);
+    let wanted = recv_vec_from(
+        0,
+        TAG_FETCH,
+        MAX_LISTING,
+        timeout,
+        zero,
+        "the list of files it wants from this rank",
+    )?;
     let wanted: Vec<String> = decode(0, "list of wanted files", &wanted)?;
     let mut buf = vec![0u8; FILE_PIECE];
     for p in &wanted {
@@ -72,19 +86,34 @@ pub fn send_files(mpi: &MpiWorld, dir: Option<&Path>) -> Result<()> {
         let mut file = std::fs::File::open(&path)
             .map_err(|e| TransportError::io(format!("open {}", path.display()), e))?;
         let mut left = f.len;
+        let what = format!("a piece of {p:?}");
         while left > 0 {
             let n = left.min(FILE_PIECE as u64) as usize;
             file.read_exact(&mut buf[..n])
                 .map_err(|e| TransportError::io(format!("read {}", path.display()), e))?;
-            zero.send_with_tag(&buf[..n], TAG_PIECE);
+            send_to(&buf[..n], 0, TAG_PIECE, timeout, zero, &what)?;
             left -= n as u64;
         }
     }
     let mut done = [0u8; 1];
-    zero.receive_into_with_tag(&mut done[..], TAG_COLLECTED);
+    recv_from(
+        &mut done,
+        0,
+        TAG_COLLECTED,
+        timeout,
+        zero,
+        "its word that it holds every file of this rank",
+    )?;
     let cleaned: std::result::Result<(), String> =
         std::fs::remove_dir_all(dir).map_err(|e| format!("remove {}: {e}", dir.display()));
-    zero.send_with_tag(&encode(&cleaned)[..], TAG_CLEANED);
+    send_to(
+        &encode(&cleaned),
+        0,
+        TAG_CLEANED,
+        timeout,
+        zero,
+        "this rank's cleanup confirmation",
+    )?;
     cleaned.map_err(|e| TransportError::io(e, std::io::Error::other("scratch copy kept")))
 }
 
@@ -98,7 +127,7 @@ pub fn collect_files(
     own: Option<&Path>,
     into: Option<&Path>,
     hosts: &[String],
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Result<()> {
     let mut claimed = HashSet::new();
     let nowhere = |r: usize| TransportError::Protocol {
@@ -147,7 +176,15 @@ pub fn collect_files(
         let into = into.ok_or_else(|| nowhere(r))?;
         let wanted = accept(r, files, into, &mut claimed)?;
         let paths: Vec<&str> = wanted.iter().map(|(f, _)| f.path.as_str()).collect();
-        send_to(&encode(&paths), r, TAG_FETCH, timeout)?;
+        crate::rank::fault_stop(0, "gather");
+        send_to(
+            &encode(&paths),
+            r,
+            TAG_FETCH,
+            timeout,
+            &name,
+            "the list of files wanted from it",
+        )?;
         for (f, dest) in &wanted {
             let awaited = format!("the next piece of {:?}", f.path);
             place(r, f, dest, |out, left| {
@@ -166,7 +203,14 @@ pub fn collect_files(
                 Ok(piece)
             })?;
         }
-        send_to(&[1u8], r, TAG_COLLECTED, timeout)?;
+        send_to(
+            &[1u8],
+            r,
+            TAG_COLLECTED,
+            timeout,
+            &name,
+            "the word that all its files arrived",
+        )?;
         let cleaned = recv_vec_from(
             r,
             TAG_CLEANED,

@@ -1,5 +1,9 @@
-//! The MPI link backend: a transfer is its header message, then its payload message(s), both
-//! non-blocking point-to-point calls on `MPI_COMM_WORLD`, straight from and into the arenas.
+//! The MPI link backend: a transfer is one or two non-blocking point-to-point messages on
+//! `MPI_COMM_WORLD`. A small transfer (at most [`INLINE`] bytes) is one message: its header
+//! and its bytes together, so the receiver needs no second message to learn where the bytes
+//! go (at the cost of one copy of at most [`INLINE`] bytes on each side). A larger
+//! one is its header message, then its payload message(s) straight from the sender's arena
+//! into the receiver's at the offset the header named.
 //!
 //! MPI keeps messages between two ranks with the same tag in order, so the k-th header and
 //! the k-th payload on a link always belong together. Calls go through `mpi::ffi` rather than
@@ -19,6 +23,12 @@ use slug_transport::{Result, TransportError};
 /// MPI counts are `int`: larger payloads travel as consecutive messages of at most this size.
 const PIECE: usize = 1 << 30;
 
+/// Largest transfer that travels inside its header's message: about Open MPI's shared-memory
+/// eager limit, below which a second message costs more than copying the bytes once on each
+/// side (the model's decode activations are this small). Larger payloads go straight between
+/// the arenas in a message of their own (MPI's single-copy path for large messages).
+pub const INLINE: usize = 4 << 10;
+
 /// MPI tag of link `link`'s headers; its payloads use the next tag.
 pub fn header_tag(link: u32) -> i32 {
     2 * link as i32
@@ -34,6 +44,8 @@ pub fn payload_tag(link: u32) -> i32 {
 pub struct MpiSend {
     dest: i32,
     link: u32,
+    /// Header and bytes of an inline transfer, as they travel.
+    outbox: Vec<u8>,
 }
 
 /// The receiving end of a link: from rank `source` on `MPI_COMM_WORLD`.
@@ -41,6 +53,8 @@ pub struct MpiSend {
 pub struct MpiRecv {
     source: i32,
     link: u32,
+    /// Where a header message lands: the header, then an inline transfer's bytes.
+    inbox: Vec<u8>,
 }
 
 impl MpiSend {
@@ -49,6 +63,7 @@ impl MpiSend {
         Self {
             dest: dest as i32,
             link,
+            outbox: Vec::with_capacity(TransferHeader::LEN + INLINE),
         }
     }
 }
@@ -59,6 +74,7 @@ impl MpiRecv {
         Self {
             source: source as i32,
             link,
+            inbox: vec![0; TransferHeader::LEN + INLINE],
         }
     }
 }
@@ -101,8 +117,8 @@ fn poll(timeout: Duration, mut done: impl FnMut() -> bool) -> std::result::Resul
     }
 }
 
-/// A posted non-blocking call.
-struct Request(ffi::MPI_Request);
+/// A posted non-blocking call, and its status once it completed.
+struct Request(ffi::MPI_Request, ffi::MPI_Status);
 
 impl Request {
     fn isend(buf: &[u8], dest: i32, tag: i32) -> Self {
@@ -120,7 +136,13 @@ impl Request {
                 &mut req,
             );
         }
-        Self(req)
+        Self::posted(req)
+    }
+
+    /// A request MPI gave us, with an empty status.
+    fn posted(req: ffi::MPI_Request) -> Self {
+        // SAFETY: MPI_Status is plain data; MPI fills it when the call completes.
+        Self(req, unsafe { std::mem::zeroed() })
     }
 
     fn irecv(buf: &mut [u8], source: i32, tag: i32) -> Self {
@@ -138,14 +160,23 @@ impl Request {
                 &mut req,
             );
         }
-        Self(req)
+        Self::posted(req)
     }
 
     fn test(&mut self) -> bool {
         let mut flag: c_int = 0;
-        // SAFETY: a request MPI gave us, not yet completed (MPI_Test sets it to null when done).
-        unsafe { ffi::MPI_Test(&mut self.0, &mut flag, ffi::RSMPI_STATUS_IGNORE) };
+        // SAFETY: a request MPI gave us, not yet completed (MPI_Test sets it to null when done)
+        // and our own status.
+        unsafe { ffi::MPI_Test(&mut self.0, &mut flag, &mut self.1) };
         flag != 0
+    }
+
+    /// Bytes a completed receive got.
+    fn received(&self) -> usize {
+        let mut count: c_int = 0;
+        // SAFETY: the status MPI_Test filled in for a byte message.
+        unsafe { ffi::MPI_Get_count(&self.1, ffi::RSMPI_UINT8_T, &mut count) };
+        usize::try_from(count).unwrap_or(usize::MAX)
     }
 
     /// Waits until the call completes or `timeout` passes (see [`poll`]).
@@ -156,27 +187,14 @@ impl Request {
     /// Waits for the call; past `timeout` cancels it and returns the error. A call that cannot
     /// be cancelled either still owns our buffer, so the job is aborted (after saying why)
     /// rather than let MPI write into memory we give back.
-    fn finish(self, ends: &LinkEnds, what: &'static str) -> Result<()> {
+    fn finish(self, ends: &LinkEnds, what: &'static str) -> Result<Self> {
         self.finish_named(&ends.name(), ends.timeout, what)
     }
 
     /// [`Request::finish`] for a call named `link` in errors.
-    fn finish_named(mut self, link: &str, timeout: Duration, what: &'static str) -> Result<()> {
-        let waited = match self.wait(timeout) {
-            Ok(()) => return Ok(()),
-            Err(Waited::Out(waited)) => waited,
-            Err(Waited::Ending) => {
-                // mpirun kills this process within about a second: no time to cancel, and
-                // nothing outlives the process, so the pending call is left to it.
-                let detail = format!(
-                    "mpirun is ending the job (SIGTERM) while this rank waited until {what}: \
-                     another rank failed or died (mpirun names it below)"
-                );
-                return Err(TransportError::LinkBroken {
-                    link: link.to_string(),
-                    detail,
-                });
-            }
+    fn finish_named(mut self, link: &str, timeout: Duration, what: &'static str) -> Result<Self> {
+        let Some(waited) = self.wait_named(link, timeout, what)? else {
+            return Ok(self);
         };
         // SAFETY: a pending request of ours.
         unsafe { ffi::MPI_Cancel(&mut self.0) };
@@ -196,6 +214,29 @@ impl Request {
             waited_ms: waited.as_millis() as u64,
         })
     }
+
+    /// Waits for the call: `None` once it completed, how long it waited past `timeout`, or
+    /// the error when mpirun is ending the job.
+    fn wait_named(
+        &mut self,
+        link: &str,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<Option<Duration>> {
+        match self.wait(timeout) {
+            Ok(()) => Ok(None),
+            Err(Waited::Out(waited)) => Ok(Some(waited)),
+            // mpirun kills this process within about a second: no time to cancel, and
+            // nothing outlives the process, so the pending call is left to it.
+            Err(Waited::Ending) => Err(TransportError::LinkBroken {
+                link: link.to_string(),
+                detail: format!(
+                    "mpirun is ending the job (SIGTERM) while this rank waited until {what}: \
+                     another rank failed or died (mpirun names it below)"
+                ),
+            }),
+        }
+    }
 }
 
 impl LinkBackend for MpiSend {
@@ -211,11 +252,18 @@ impl SendBackend for MpiSend {
         header: &TransferHeader,
         payload: &[u8],
     ) -> Result<Delivery> {
-        let header = header.encode();
-        let head = Request::isend(&header, self.dest, header_tag(self.link));
+        let encoded = header.encode();
+        if payload.len() <= INLINE {
+            self.outbox.clear();
+            self.outbox.extend_from_slice(&encoded);
+            self.outbox.extend_from_slice(payload);
+            Request::isend(&self.outbox, self.dest, header_tag(self.link))
+                .finish(ends, "sent (MPI header with the transfer's bytes)")?;
+            return Ok(Delivery::Staged);
+        }
+        let head = Request::isend(&encoded, self.dest, header_tag(self.link));
         let mut pieces = payload.chunks(PIECE);
-        // The header and the (first) payload message are in flight together. An empty
-        // payload is still one (empty) message: the receiver posts one.
+        // The header and the first payload message are in flight together.
         let first = pieces.next().unwrap_or(&[]);
         let sent = Request::isend(first, self.dest, payload_tag(self.link))
             .finish(ends, "sent (MPI payload)");
@@ -248,17 +296,31 @@ impl RecvBackend for MpiRecv {
         ends: &LinkEnds,
         dst: &mut RegionMut<'_>,
     ) -> Result<(TransferHeader, Delivery)> {
+        let got = Request::irecv(&mut self.inbox, self.source, header_tag(self.link))
+            .finish(ends, "received (MPI header)")?
+            .received();
         let mut raw = [0u8; TransferHeader::LEN];
-        Request::irecv(&mut raw, self.source, header_tag(self.link))
-            .finish(ends, "received (MPI header)")?;
+        raw.copy_from_slice(&self.inbox[..TransferHeader::LEN]);
         let header = TransferHeader::decode(&raw);
-        // The payload is received straight into its place, so check the place first.
+        // The bytes are written straight into their place, so check the place first.
         check_place(ends, dst.arena, dst.bytes.len(), &header)?;
         let range = check_range(dst.arena, dst.bytes.len(), header.dst_off, header.len)?;
         let out = &mut dst.bytes[range];
-        if out.is_empty() {
-            Request::irecv(out, self.source, payload_tag(self.link))
-                .finish(ends, "received (MPI payload)")?;
+        let inline = out.len() <= INLINE;
+        let due = TransferHeader::LEN + if inline { out.len() } else { 0 };
+        if got != due {
+            return Err(TransportError::Protocol {
+                peer: ends.name(),
+                detail: format!(
+                    "transfer {} of {} bytes came in a header message of {got} bytes, where \
+                     {due} were due",
+                    header.seq, header.len
+                ),
+            });
+        }
+        if inline {
+            out.copy_from_slice(&self.inbox[TransferHeader::LEN..due]);
+            return Ok((header, Delivery::Staged));
         }
         for piece in out.chunks_mut(PIECE) {
             Request::irecv(piece, self.source, payload_tag(self.link))
@@ -274,25 +336,68 @@ pub fn barrier(timeout: Duration) -> Result<()> {
     let mut req = unsafe { ffi::RSMPI_REQUEST_NULL };
     // SAFETY: a barrier on the world communicator; no buffer.
     unsafe { ffi::MPI_Ibarrier(ffi::RSMPI_COMM_WORLD, &mut req) };
-    Request(req).finish_named("(every rank)", timeout, "reached the start barrier")
+    let link = "(every rank)";
+    let what = "reached the start barrier";
+    match Request::posted(req).wait_named(link, timeout, what)? {
+        None => Ok(()),
+        // A collective call cannot be cancelled, and this one holds no buffer of ours: it is
+        // left pending for the job's end, which the caller brings about on this error.
+        Some(waited) => Err(TransportError::Timeout {
+            link: link.into(),
+            what,
+            waited_ms: waited.as_millis() as u64,
+        }),
+    }
 }
 
 /// Sends `buf` to rank `dest` with `tag` and waits, like [`barrier`] (small control messages).
-pub fn send_to(buf: &[u8], dest: usize, tag: i32, timeout: Duration) -> Result<()> {
-    Request::isend(buf, dest as i32, tag).finish_named(
-        &format!("(control, to rank {dest})"),
+/// A send `dest` does not take within `timeout` is [`TransportError::Silent`] naming `peer`
+/// (`rank R on HOST`) and `what` was sent.
+pub fn send_to(
+    buf: &[u8],
+    dest: usize,
+    tag: i32,
+    timeout: Duration,
+    peer: &str,
+    what: &str,
+) -> Result<()> {
+    let sent = Request::isend(buf, dest as i32, tag).finish_named(
+        &format!("(control, to {peer})"),
         timeout,
         "sent",
-    )
+    );
+    silent(sent, peer, || format!("its receipt of {what}"))
 }
 
-/// Receives exactly `buf.len()` bytes from rank `source` with `tag`, like [`send_to`].
-pub fn recv_from(buf: &mut [u8], source: usize, tag: i32, timeout: Duration) -> Result<()> {
-    Request::irecv(buf, source as i32, tag).finish_named(
-        &format!("(control, from rank {source})"),
+/// Receives exactly `buf.len()` bytes from rank `source` with `tag`, like [`send_to`]; a
+/// silent `peer` is [`TransportError::Silent`] naming `awaited`.
+pub fn recv_from(
+    buf: &mut [u8],
+    source: usize,
+    tag: i32,
+    timeout: Duration,
+    peer: &str,
+    awaited: &str,
+) -> Result<()> {
+    let got = Request::irecv(buf, source as i32, tag).finish_named(
+        &format!("(control, from {peer})"),
         timeout,
         "received",
-    )
+    );
+    silent(got, peer, || awaited.to_string())
+}
+
+/// A control call's timeout as the silence of `peer` while `awaited` was awaited.
+fn silent(done: Result<Request>, peer: &str, awaited: impl FnOnce() -> String) -> Result<()> {
+    match done {
+        Ok(_) => Ok(()),
+        Err(TransportError::Timeout { waited_ms, .. }) => Err(TransportError::Silent {
+            peer: peer.to_string(),
+            awaited: awaited(),
+            waited_ms,
+        }),
+        Err(e) => Err(e),
+    }
 }
 
 /// Receives one whole message of at most `max` bytes from rank `source` with `tag` into a new
@@ -337,7 +442,7 @@ pub fn recv_vec_from(
             return Err(TransportError::LinkBroken {
                 link: format!("(control, from {peer})"),
                 detail: format!(
-                    "mpirun is ending the job (SIGTERM) while rank 0 awaited {awaited}: another \
+                    "mpirun is ending the job (SIGTERM) while {awaited} was awaited: another \
                      rank failed or died (mpirun names it below)"
                 ),
             });
@@ -356,10 +461,6 @@ pub fn recv_vec_from(
         });
     }
     let mut buf = vec![0u8; len];
-    Request::irecv(&mut buf, source as i32, tag).finish_named(
-        &format!("(control, from {peer})"),
-        timeout,
-        "received",
-    )?;
+    recv_from(&mut buf, source, tag, timeout, peer, awaited)?;
     Ok(buf)
 }

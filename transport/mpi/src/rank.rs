@@ -3,8 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use mpi::point_to_point::Destination;
-use mpi::topology::Communicator;
 use slug_transport::clock::{ClockOffset, ClockSample, monotonic_ns};
 use slug_transport::link::{LinkEnds, LinkReceiver, LinkSender, StageLinks};
 use slug_transport::pipeline::{
@@ -20,10 +18,14 @@ use crate::link::{MpiRecv, MpiSend, barrier, recv_from, recv_vec_from, send_to};
 const TAG_CLOCK: i32 = 30_000;
 const TAG_REPORT: i32 = 30_001;
 const TAG_HOST: i32 = 30_007;
+const TAG_HOSTS: i32 = 30_008;
+const TAG_CONFIG: i32 = 30_009;
 /// Largest stage report rank 0 accepts.
 const MAX_REPORT: usize = 64 << 20;
 /// Longest host name rank 0 accepts.
 const MAX_HOST: usize = 1024;
+/// Largest configuration a rank accepts from rank 0.
+const MAX_CONFIG: usize = 64 << 20;
 /// Ping-pongs per rank for its clock offset (the minimum-RTT one is kept).
 const CLOCK_ROUNDS: usize = 8;
 
@@ -83,8 +85,8 @@ pub fn run_rank_collecting(
     check_world(mpi, cfg)?;
     let s = mpi.rank();
     let timeout = Duration::from_millis(cfg.timeout_ms.max(1));
-    let clocks = measure_clocks(mpi, timeout)?;
     let hosts = share_hosts(mpi, timeout)?;
+    let clocks = measure_clocks(mpi, &hosts, timeout)?;
     let n = cfg.stages;
     let mut connect = |obs: &slug_transport::transfer::Observers| {
         if n < 2 {
@@ -120,16 +122,21 @@ pub fn run_rank_collecting(
         config: cfg,
     };
     let files = factory.collected_files(&ctx);
-    let world = mpi.world();
     if s != 0 {
         fault_stop(s, "report");
         let bytes = serde_json::to_vec(&report)
             .map_err(|e| TransportError::Config(format!("encode the report of stage {s}: {e}")))?;
-        world
-            .process_at_rank(0)
-            .send_with_tag(&bytes[..], TAG_REPORT);
+        let zero = rank_on(&hosts, 0);
+        send_to(
+            &bytes,
+            0,
+            TAG_REPORT,
+            timeout,
+            &zero,
+            "this rank's stage report",
+        )?;
         fault_stop(s, "files");
-        crate::gather::send_files(mpi, files.as_deref())?;
+        crate::gather::send_files(files.as_deref(), &zero, timeout)?;
         return Ok(None);
     }
     let mut reports = vec![report];
@@ -166,34 +173,71 @@ pub fn rank_on(hosts: &[String], r: usize) -> String {
     }
 }
 
-/// Every rank sends rank 0 its host name; rank 0 returns them by rank (its own first), the
-/// other ranks an empty list. Rank 0's waits are bounded by `timeout`.
+/// Every rank sends rank 0 its host name and rank 0 sends every rank the list, so that every
+/// rank can name the others (`rank R on HOST`) in its errors; returns the hosts by rank. Done
+/// once per process (later calls return the list at once); every wait is bounded by `timeout`.
 pub fn share_hosts(mpi: &MpiWorld, timeout: Duration) -> Result<Vec<String>> {
-    if mpi.rank() != 0 {
-        send_to(mpi.host().as_bytes(), 0, TAG_HOST, timeout)?;
-        return Ok(Vec::new());
+    if let Some(hosts) = mpi.hosts() {
+        return Ok(hosts.to_vec());
     }
-    let mut hosts = vec![mpi.host().to_string()];
-    for r in 1..mpi.size() {
-        let raw = recv_vec_from(
-            r,
+    let what = "the list of every rank's host";
+    let hosts = if mpi.rank() != 0 {
+        // Rank 0's host is only known once it answers.
+        let zero = "rank 0 (host not known yet)";
+        send_to(
+            mpi.host().as_bytes(),
+            0,
             TAG_HOST,
-            MAX_HOST,
             timeout,
-            &format!("rank {r}"),
-            "its host name",
+            zero,
+            "this rank's host name",
         )?;
-        hosts.push(String::from_utf8_lossy(&raw).escape_debug().to_string());
-    }
+        let raw = recv_vec_from(0, TAG_HOSTS, MAX_HOST * mpi.size(), timeout, zero, what)?;
+        let hosts: Vec<String> =
+            serde_json::from_slice(&raw).map_err(|e| TransportError::Protocol {
+                peer: "rank 0".into(),
+                detail: format!("{what} does not decode: {e}"),
+            })?;
+        if hosts.len() != mpi.size() {
+            return Err(TransportError::Protocol {
+                peer: "rank 0".into(),
+                detail: format!("{what} names {} ranks, not {}", hosts.len(), mpi.size()),
+            });
+        }
+        hosts
+    } else {
+        let mut hosts = vec![mpi.host().to_string()];
+        for r in 1..mpi.size() {
+            let raw = recv_vec_from(
+                r,
+                TAG_HOST,
+                MAX_HOST,
+                timeout,
+                &format!("rank {r}"),
+                "its host name",
+            )?;
+            hosts.push(String::from_utf8_lossy(&raw).escape_debug().to_string());
+        }
+        let list = serde_json::to_vec(&hosts)
+            .map_err(|e| TransportError::Config(format!("encode {what}: {e}")))?;
+        for r in 1..mpi.size() {
+            send_to(&list, r, TAG_HOSTS, timeout, &rank_on(&hosts, r), what)?;
+        }
+        hosts
+    };
+    mpi.set_hosts(hosts.clone());
     Ok(hosts)
 }
 
 /// Fault injection (documented in the README): with `SLUG_FAULT_MPI_STOP=R:PHASE` in its
-/// environment, rank R stops itself (SIGSTOP: alive, silent) once its stage has run, before
-/// it sends its report (`PHASE` = `report`) or its recorded files (`files`). It shows that
-/// rank 0's wait in that phase ends within `--timeout-ms` with an error naming the rank; the
-/// stopped process is ended by mpirun (SIGKILL) when rank 0 aborts the job.
-fn fault_stop(rank: usize, phase: &str) {
+/// environment, rank R stops itself (SIGSTOP: alive, silent) before `PHASE`: on a rank other
+/// than 0, once its stage has run, before it sends its report (`report`) or its recorded files
+/// (`files`); on rank 0, before the clock ping-pongs (`clock`), before it sends the run's
+/// configuration (`config`, `slug record` and `slug replay`) or before it asks a rank for its
+/// recorded files (`gather`). It shows that the waits on that rank end within `--timeout-ms`
+/// with an error naming it; the stopped process is ended by mpirun (SIGKILL) when the waiting
+/// rank aborts the job.
+pub(crate) fn fault_stop(rank: usize, phase: &str) {
     let Ok(spec) = std::env::var("SLUG_FAULT_MPI_STOP") else {
         return;
     };
@@ -209,27 +253,48 @@ fn fault_stop(rank: usize, phase: &str) {
 /// Rank 0 ping-pongs every other rank [`CLOCK_ROUNDS`] times (NTP-style, `CLOCK_MONOTONIC`
 /// on both ends) and returns, per rank, its clock minus rank 0's; other ranks answer and get
 /// an empty list.
-pub fn measure_clocks(mpi: &MpiWorld, timeout: Duration) -> Result<Vec<Option<ClockOffset>>> {
+pub fn measure_clocks(
+    mpi: &MpiWorld,
+    hosts: &[String],
+    timeout: Duration,
+) -> Result<Vec<Option<ClockOffset>>> {
     if mpi.rank() != 0 {
+        let zero = rank_on(hosts, 0);
         for _ in 0..CLOCK_ROUNDS {
             let mut ping = [0u8; 8];
-            recv_from(&mut ping, 0, TAG_CLOCK, timeout)?;
+            recv_from(&mut ping, 0, TAG_CLOCK, timeout, &zero, "a clock ping")?;
             let t1 = monotonic_ns();
             let mut pong = [0u8; 16];
             pong[..8].copy_from_slice(&t1.to_le_bytes());
             pong[8..].copy_from_slice(&monotonic_ns().to_le_bytes());
-            send_to(&pong, 0, TAG_CLOCK, timeout)?;
+            send_to(
+                &pong,
+                0,
+                TAG_CLOCK,
+                timeout,
+                &zero,
+                "this rank's clock pong",
+            )?;
         }
         return Ok(Vec::new());
     }
+    fault_stop(0, "clock");
     let mut out = vec![None; mpi.size()];
     for (r, slot) in out.iter_mut().enumerate().skip(1) {
+        let peer = rank_on(hosts, r);
         let mut samples = Vec::with_capacity(CLOCK_ROUNDS);
         for _ in 0..CLOCK_ROUNDS {
             let t0 = monotonic_ns();
-            send_to(&t0.to_le_bytes(), r, TAG_CLOCK, timeout)?;
+            send_to(
+                &t0.to_le_bytes(),
+                r,
+                TAG_CLOCK,
+                timeout,
+                &peer,
+                "a clock ping",
+            )?;
             let mut pong = [0u8; 16];
-            recv_from(&mut pong, r, TAG_CLOCK, timeout)?;
+            recv_from(&mut pong, r, TAG_CLOCK, timeout, &peer, "its clock pong")?;
             let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
             samples.push(ClockSample {
                 t0,
@@ -244,25 +309,37 @@ pub fn measure_clocks(mpi: &MpiWorld, timeout: Duration) -> Result<Vec<Option<Cl
 }
 
 /// Rank 0 sends `cfg` to every rank (`Some` on rank 0); every rank returns it. How ranks of
-/// `slug record` run the configuration rank 0 prepared (with its recorder settings).
-pub fn share_config(mpi: &MpiWorld, cfg: Option<&PipelineConfig>) -> Result<PipelineConfig> {
-    use mpi::collective::Root;
-    let root = mpi.world().process_at_rank(0);
-    let mut bytes = match cfg {
-        Some(c) if mpi.rank() == 0 => serde_json::to_vec(c)
-            .map_err(|e| TransportError::Config(format!("encode the configuration: {e}")))?,
-        _ => Vec::new(),
-    };
-    let mut len = [bytes.len() as u64];
-    root.broadcast_into(&mut len[..]);
-    bytes.resize(len[0] as usize, 0);
-    root.broadcast_into(&mut bytes[..]);
-    if let Some(c) = cfg {
+/// `slug record` and `slug replay` run the configuration rank 0 prepared (with its recorder
+/// settings). Starts with [`share_hosts`]; every wait is bounded by `timeout` (on ranks other
+/// than 0 it includes rank 0's preparation: loading a trace, creating the output).
+pub fn share_config(
+    mpi: &MpiWorld,
+    cfg: Option<&PipelineConfig>,
+    timeout: Duration,
+) -> Result<PipelineConfig> {
+    let hosts = share_hosts(mpi, timeout)?;
+    let what = "the run's configuration";
+    if mpi.rank() == 0 {
+        let c = cfg.ok_or_else(|| TransportError::Config(format!("rank 0 has no {what}")))?;
+        let bytes = serde_json::to_vec(c)
+            .map_err(|e| TransportError::Config(format!("encode {what}: {e}")))?;
+        fault_stop(0, "config");
+        for r in 1..mpi.size() {
+            send_to(&bytes, r, TAG_CONFIG, timeout, &rank_on(&hosts, r), what)?;
+        }
         // Fields that do not travel (launcher, key file) stay as rank 0 has them.
         return Ok(c.clone());
     }
+    let bytes = recv_vec_from(
+        0,
+        TAG_CONFIG,
+        MAX_CONFIG,
+        timeout,
+        &rank_on(&hosts, 0),
+        what,
+    )?;
     serde_json::from_slice(&bytes).map_err(|e| TransportError::Protocol {
-        peer: "rank 0".into(),
-        detail: format!("its configuration does not decode: {e}"),
+        peer: rank_on(&hosts, 0),
+        detail: format!("{what} does not decode: {e}"),
     })
 }

@@ -14,6 +14,8 @@ pub struct MpiWorld {
     rank: usize,
     size: usize,
     host: String,
+    /// Every rank's host, by rank, once [`crate::rank::share_hosts`] exchanged them.
+    hosts: std::sync::OnceLock<Vec<String>>,
 }
 
 impl std::fmt::Debug for MpiWorld {
@@ -55,6 +57,7 @@ impl MpiWorld {
             rank,
             size,
             host,
+            hosts: std::sync::OnceLock::new(),
         })
     }
 
@@ -71,6 +74,15 @@ impl MpiWorld {
     /// This rank's host (`MPI_Get_processor_name`).
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// Every rank's host by rank, once exchanged.
+    pub(crate) fn hosts(&self) -> Option<&[String]> {
+        self.hosts.get().map(Vec::as_slice)
+    }
+
+    pub(crate) fn set_hosts(&self, hosts: Vec<String>) {
+        let _ = self.hosts.set(hosts);
     }
 
     /// `MPI_COMM_WORLD`.

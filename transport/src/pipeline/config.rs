@@ -160,7 +160,8 @@ impl PipelineConfig {
         LayerPlan::even(self.model.layers, self.stages).map_err(TransportError::from)
     }
 
-    pub(crate) fn timeout(&self) -> Duration {
+    /// `--timeout-ms`: the longest any wait on another stage may last.
+    pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms.max(1))
     }
 
