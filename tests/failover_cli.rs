@@ -20,8 +20,8 @@ use slug_transport::auth::KEY_ENV;
 
 /// 4 stages of a 4-layer tiny model, 4 sequences (2 in flight), 100 tokens: 400 forward steps
 /// per stage, checkpointed every 4, so a stage killed once all are armed has most of the run
-/// still ahead of it.
-const PIPELINE: [&str; 15] = [
+/// still ahead of it. (The runs add `--timeout-ms`.)
+const PIPELINE: [&str; 13] = [
     "run",
     "--json",
     "--transfer-digest",
@@ -35,15 +35,15 @@ const PIPELINE: [&str; 15] = [
     "4",
     "--microbatches",
     "2",
-    "--timeout-ms",
-    "20000",
 ];
+/// How long a link or a node's answer may take (a killed node's links end at once).
+const TIMEOUT_MS: &str = "20000";
 const STEPS: u64 = 400;
 
 /// The run without failures: every stage a thread of one process.
 fn baseline() -> Value {
     let mut args = PIPELINE.to_vec();
-    args.extend(["--transport", "local"]);
+    args.extend(["--transport", "local", "--timeout-ms", TIMEOUT_MS]);
     let o = cli::run(&args);
     assert!(o.status.success(), "{}", cli::text(&o));
     serde_json::from_slice(&o.stdout).expect("one JSON object")
@@ -66,6 +66,11 @@ impl Cluster {
 
     /// Checkpointed every `every` steps.
     fn checkpointed(spares: usize, every: &str) -> Cluster {
+        Self::with_timeout(spares, every, TIMEOUT_MS)
+    }
+
+    /// Checkpointed every `every` steps, links and answers waited for `timeout_ms`.
+    fn with_timeout(spares: usize, every: &str, timeout_ms: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = key_file(dir.path(), "cluster.key");
         let stages: Vec<Node> = (0..4).map(|_| Node::start(&key)).collect();
@@ -76,7 +81,7 @@ impl Cluster {
             .args(PIPELINE)
             .args(["--transport", "tcp", "--key-file"])
             .arg(&key)
-            .args(["--hosts", &hosts.join(",")])
+            .args(["--hosts", &hosts.join(","), "--timeout-ms", timeout_ms])
             .args([
                 "--spares",
                 &spare_list.join(","),
@@ -196,6 +201,37 @@ fn a_spare_takes_over_stage_2_after_kill_9_with_the_same_tokens_and_transfers() 
 }
 
 #[test]
+fn a_stopped_node_is_declared_lost_within_the_heartbeat_limit_and_its_neighbours_go_on() {
+    let want = baseline();
+    // Links would wait 10 minutes for a silent peer: the run finishing at all (each wait below
+    // gives up after a minute) shows that nothing waits for the stopped node that long.
+    let c = Cluster::with_timeout(1, "4", "600000");
+    c.wait_for("slug: every stage has a checkpoint");
+    // A host that vanished: its process keeps its sockets open and says nothing.
+    let stopped = Command::new("kill")
+        .args(["-STOP", &c.stages[2].child.id().to_string()])
+        .status()
+        .expect("kill -STOP");
+    assert!(stopped.success());
+    let lost = c.wait_for("slug: stage 2's node");
+    let spare = c.spares[0].addr.clone();
+    assert!(lost.contains(&format!("on spare {spare}")), "{lost}");
+    c.wait_for("slug: stage 2 runs again");
+    let (ok, got, said) = c.finish();
+    assert!(ok, "{said}");
+    assert_same_run(&got, &want);
+    assert_failed_over(&got, 0, 2, &spare);
+    // Noticed by the heartbeat limit, far from the links' timeout, and said with its time.
+    assert!(
+        lost.contains("node stopped responding (no heartbeat for 5000 ms); noticed "),
+        "{lost}"
+    );
+    let f = &got["failover"]["failovers"][0];
+    let detected = f["detection_ms"].as_f64().expect("detection measured");
+    assert!(detected < 60_000.0, "{f}");
+}
+
+#[test]
 fn the_last_stage_fails_over_too_and_a_second_spare_takes_the_next_loss() {
     let want = baseline();
     let mut c = Cluster::start(2);
@@ -264,7 +300,13 @@ fn a_stage_process_of_a_local_tcp_run_killed_mid_run_fails_over_too() {
     let spare = Node::start(&key);
     let mut run = Command::new(cli::slug())
         .args(PIPELINE)
-        .args(["--transport", "tcp", "--key-file"])
+        .args([
+            "--transport",
+            "tcp",
+            "--timeout-ms",
+            TIMEOUT_MS,
+            "--key-file",
+        ])
         .arg(&key)
         .args(["--spares", &spare.addr])
         .env_remove(KEY_ENV)

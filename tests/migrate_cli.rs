@@ -326,6 +326,21 @@ const LIVE: [&str; 17] = [
     "20000",
 ];
 
+/// What the live run said on stderr, once it has ended (killed if it has not within 30 s).
+fn stderr_of(mut run: Child, lines: &std::sync::mpsc::Receiver<String>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while run.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = run.kill();
+    let status = run.wait().map(|s| s.to_string()).unwrap_or_default();
+    let mut said = Vec::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
+        said.push(line);
+    }
+    format!("{}\n(run {status})", said.join("\n"))
+}
+
 fn migrate(args: &[&str]) -> std::process::Output {
     let mut all = vec!["migrate"];
     all.extend(args);
@@ -349,7 +364,7 @@ fn slug_migrate_moves_stages_of_a_running_pipeline() {
         assert!(o.status.success(), "{}", cli::text(&o));
         serde_json::from_slice::<Value>(&o.stdout).expect("json")
     };
-    let (run, control, _stderr) = live_run(&key);
+    let (run, control, stderr) = live_run(&key);
     let k = key.to_str().expect("utf-8");
     // A caller without the cluster key is refused before it can ask anything.
     let stranger = migrate(&[
@@ -398,14 +413,25 @@ fn slug_migrate_moves_stages_of_a_running_pipeline() {
             k,
             "--json",
         ]);
-        assert!(o.status.success(), "move stage {stage}: {}", cli::text(&o));
-        let r: Value = serde_json::from_slice(&o.stdout).expect("json");
-        assert_eq!(r["moved"], true, "{r}");
+        let r: Option<Value> = serde_json::from_slice(&o.stdout).ok();
+        if !o.status.success() || r.as_ref().is_none_or(|r| r["moved"] != true) {
+            panic!(
+                "move stage {stage}: {}\nthe run's stderr:\n{}",
+                cli::text(&o),
+                stderr_of(run, &stderr)
+            );
+        }
+        let r = r.expect("json");
         assert!(r["stall_ms"].as_f64().is_some(), "{r}");
         reports.push(r);
     }
     let o = run.wait_with_output().expect("the run ends");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let said: String = stderr.try_iter().collect::<Vec<_>>().join("\n");
+    assert!(
+        o.status.success(),
+        "{}\n{said}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     let got: Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(got["sequence_tokens"], want["sequence_tokens"]);
     assert_eq!(got["transfers"], want["transfers"]);

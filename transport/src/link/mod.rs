@@ -217,6 +217,29 @@ pub trait LinkBackend: Send {
     fn clock(&self) -> Option<ClockOffset> {
         None
     }
+
+    /// What ends this link's connection from another thread, for backends that have one: a
+    /// peer declared lost is cut off with it rather than waited for until the link's timeout.
+    fn cutter(&self) -> Option<Cutter> {
+        None
+    }
+}
+
+/// Ends a link's connection from another thread: a send or receive blocked on it (or the next
+/// one) fails at once, as if the peer had closed it (see [`LinkBackend::cutter`]).
+#[derive(Debug)]
+pub struct Cutter(std::net::TcpStream);
+
+impl Cutter {
+    /// A cutter of the connection `stream` is one end of (a duplicate handle to it).
+    pub fn of(stream: &std::net::TcpStream) -> Option<Self> {
+        stream.try_clone().ok().map(Self)
+    }
+
+    /// Shuts the connection down both ways.
+    pub fn cut(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 /// The sending half of a link backend: moves one transfer's bytes towards the receiver.
@@ -309,6 +332,11 @@ impl<B: LinkBackend + ?Sized> LinkEnd<B> {
     /// it to close it). Call it between transfers at a step boundary both ends reached, the
     /// sender after [`flush`](LinkSender::flush) and the receiver once it has received every
     /// transfer the old sender sent, so that none is lost or moved twice.
+    /// What ends the connection under this link from another thread, if it has one.
+    pub fn cutter(&self) -> Option<Cutter> {
+        self.backend.cutter()
+    }
+
     pub fn repoint(&mut self, backend: Box<B>) -> Box<B> {
         self.kind = backend.kind();
         std::mem::replace(&mut self.backend, backend)

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{
-    Delivery, LinkBackend, LinkEnds, LinkIntegrity, LinkReceiver, LinkSender, LinkSetup,
+    Cutter, Delivery, LinkBackend, LinkEnds, LinkIntegrity, LinkReceiver, LinkSender, LinkSetup,
     NodeLinkPlan, RecvBackend, RegionMut, SendBackend, StageLinks, check_place, check_range,
 };
 use crate::auth::{ClusterKey, Handshaken, Hello, Role, client_handshake, server_handshake};
@@ -111,6 +111,10 @@ impl LinkBackend for TcpSend {
     fn clock(&self) -> Option<ClockOffset> {
         Some(self.clock)
     }
+
+    fn cutter(&self) -> Option<Cutter> {
+        Cutter::of(&self.conn.stream)
+    }
 }
 
 impl SendBackend for TcpSend {
@@ -187,6 +191,10 @@ impl LinkBackend for TcpRecv {
 
     fn clock(&self) -> Option<ClockOffset> {
         Some(self.clock)
+    }
+
+    fn cutter(&self) -> Option<Cutter> {
+        Cutter::of(&self.conn.stream)
     }
 }
 

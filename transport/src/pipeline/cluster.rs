@@ -1335,7 +1335,7 @@ impl Session {
                     (Some((request, attempt)), Some(_))
                         if !ok
                             && *attempt + 1 < MAX_PLACEMENTS
-                            && matches!(m.phase, Phase::Opening | Phase::Prepared) =>
+                            && !matches!(m.phase, Phase::Committed | Phase::Cancelled) =>
                     {
                         Some((request.clone(), *attempt))
                     }
@@ -1360,6 +1360,34 @@ impl Session {
                     self.advance();
                 }
             }
+        }
+    }
+
+    /// Pending moves whose node running stage `s` has not said whether it keeps to its part,
+    /// and whose heartbeat shows it past that part: the plan reached it too late. It may now
+    /// wait on a link for a transfer that its neighbour holds back until the move is settled
+    /// (the moved stage, waiting for the input of the move's step), so it never gets to say so
+    /// itself; it counts as having said it passed, and the move is placed again further ahead.
+    fn passed_unheard(&mut self, s: usize) {
+        let (Some(cfg), Some(&c)) = (self.live_cfg.as_ref(), self.host.get(s)) else {
+            return;
+        };
+        let started = self.progress[s];
+        let late: Vec<usize> = (self.moves.iter().enumerate())
+            .filter(|(_, m)| {
+                !matches!(m.phase, Phase::Committed | Phase::Cancelled)
+                    && m.acks.contains(&c)
+                    && super::migrate::passed(cfg, s, &m.plan, started)
+            })
+            .map(|(index, _)| index)
+            .collect();
+        for index in late {
+            eprintln!(
+                "slug: stage {s}'s node {} went past its part in the move of stage {} at step \
+                 {} before hearing of it",
+                self.addr[c], self.moves[index].plan.stage, self.moves[index].plan.at_step
+            );
+            self.on_note(c, MoveNote::Planned { index, ok: false });
         }
     }
 
@@ -1408,6 +1436,7 @@ impl Session {
                 if let Some(cfg) = &self.live_cfg {
                     self.progress[s] = self.progress[s].max(forward_of(cfg, step, seq));
                 }
+                self.passed_unheard(s);
                 let heartbeat = ToCoordinator::Progress {
                     step,
                     seq,

@@ -27,7 +27,7 @@ use crate::clock::monotonic_ns;
 use crate::error::{Result, TransportError};
 use crate::link::tcp::{TcpRecv, TcpSend};
 use crate::link::{
-    Delivery, LinkBackend, LinkEnds, LinkIntegrity, LinkReceiver, LinkSender, LinkStats,
+    Cutter, Delivery, LinkBackend, LinkEnds, LinkIntegrity, LinkReceiver, LinkSender, LinkStats,
     RecvBackend, Region, RegionMut, SendBackend, StageLinks,
 };
 use crate::transfer::{ArenaId, Tag, Transfer, TransferHeader, TransportKind};
@@ -184,6 +184,12 @@ struct State {
     /// The upstream neighbour was restored on a spare that will connect to this node's data
     /// port.
     up: bool,
+    /// What cuts the inbound and the outbound link as they are now: a neighbour declared lost
+    /// may be a host that vanished without closing anything (powered off, unplugged, stopped),
+    /// and this stage may be blocked on its link until the timeout; cut, that wait ends at
+    /// once and the stage goes on with the neighbour's spare.
+    cut_in: Option<Cutter>,
+    cut_out: Option<Cutter>,
 }
 
 /// The part of a stage's failover state its control reader shares.
@@ -231,11 +237,22 @@ impl Shared {
                 data_addr,
             } => {
                 if stage == self.up() {
-                    self.lock().up = true;
+                    let mut st = self.lock();
+                    // The lost node may still hold its end open: do not wait on it.
+                    if let Some(cut) = st.cut_in.take() {
+                        cut.cut();
+                    }
+                    st.up = true;
+                    drop(st);
                     self.changed.notify_all();
                 }
                 if stage == self.down() {
-                    self.lock().down = Some(None);
+                    let mut st = self.lock();
+                    if let Some(cut) = st.cut_out.take() {
+                        cut.cut();
+                    }
+                    st.down = Some(None);
+                    drop(st);
                     let me = self.clone();
                     // Re-fed from its own thread: this stage may be waiting on its upstream
                     // neighbour, which waits (around the ring) for the spare this feeds.
@@ -323,6 +340,8 @@ pub(crate) struct Guard {
     /// What the previous checkpoint covered: steps, compute time, digests, tokens, link counters.
     marks: Marks,
     limit: usize,
+    /// Whether the links' cutters were handed to the control reader.
+    cutters: (bool, bool),
 }
 
 #[derive(Default)]
@@ -334,6 +353,12 @@ struct Marks {
     tokens: Vec<usize>,
     inbound: LinkStats,
     outbound: LinkStats,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.forget_links();
+    }
 }
 
 impl Guard {
@@ -357,6 +382,8 @@ impl Guard {
                 log: VecDeque::new(),
                 down: None,
                 up: false,
+                cut_in: None,
+                cut_out: None,
             }),
             changed: Condvar::new(),
             cfg: cfg.clone(),
@@ -377,7 +404,16 @@ impl Guard {
             digests,
             marks: Marks::default(),
             limit: log_limit(cfg),
+            cutters: (false, false),
         })
+    }
+
+    /// Drops the cutters of the stage's links (their duplicate handles would keep the sockets
+    /// open after the links close).
+    pub(crate) fn forget_links(&mut self) {
+        let mut st = self.shared.lock();
+        st.cut_in = None;
+        st.cut_out = None;
     }
 
     /// What the node's control reader hands the coordinator's notes to.
@@ -541,6 +577,10 @@ impl Guard {
     fn before_send(&mut self, out: &mut LinkSender) -> Result<()> {
         let fed = {
             let mut st = self.shared.lock();
+            if !self.cutters.1 {
+                st.cut_out = out.cutter();
+                self.cutters.1 = true;
+            }
             match st.down {
                 Some(Some(_)) => st.down.take().flatten(),
                 _ => None,
@@ -563,13 +603,21 @@ impl Guard {
             backend.send(&ends, &header, &payload)?;
         }
         drop(out.repoint(backend));
+        self.shared.lock().cut_out = out.cutter();
         Ok(())
     }
 
     /// Before the next receive: once the upstream neighbour's spare is restored, takes its
     /// link, skipping what it sends again that this stage already has.
     fn before_recv(&mut self, inbound: &mut LinkReceiver) -> Result<()> {
-        let up = std::mem::take(&mut self.shared.lock().up);
+        let up = {
+            let mut st = self.shared.lock();
+            if !self.cutters.0 {
+                st.cut_in = inbound.cutter();
+                self.cutters.0 = true;
+            }
+            std::mem::take(&mut st.up)
+        };
         if !up {
             return Ok(());
         }
@@ -586,6 +634,7 @@ impl Guard {
             inner: Box::new(spare),
             below,
         })));
+        self.shared.lock().cut_in = inbound.cutter();
         Ok(())
     }
 
@@ -708,6 +757,10 @@ impl LinkBackend for SkipSent {
 
     fn clock(&self) -> Option<crate::clock::ClockOffset> {
         self.inner.clock()
+    }
+
+    fn cutter(&self) -> Option<crate::link::Cutter> {
+        self.inner.cutter()
     }
 }
 
@@ -931,6 +984,8 @@ mod tests {
                     .collect(),
                 down: None,
                 up: false,
+                cut_in: None,
+                cut_out: None,
             }),
             changed: Condvar::new(),
             cfg: c.clone(),
@@ -950,5 +1005,29 @@ mod tests {
         // From step 4 on it has all it needs (and then needs the spare's address).
         let e = shared.refeed(1, 4, None).err().unwrap().to_string();
         assert!(e.contains("no data address"), "{e}");
+        // The lost neighbour's links are cut, not waited on until their timeout (it may be a
+        // stopped or unplugged host that never closes them): this end reads their end at once.
+        let pair = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let ours = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let theirs = l.accept().unwrap().0;
+            ours.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            (ours, theirs)
+        };
+        let ((inbound, _a), (outbound, _b)) = (pair(), pair());
+        {
+            let mut st = shared.lock();
+            st.cut_in = Cutter::of(&inbound);
+            st.cut_out = Cutter::of(&outbound);
+        }
+        shared.heard(CoordinatorNote::Recovered {
+            stage: 1,
+            step: 4,
+            data_addr: None,
+        });
+        for mut link in [&inbound, &outbound] {
+            assert_eq!(std::io::Read::read(&mut link, &mut [0u8; 1]).unwrap(), 0);
+        }
     }
 }

@@ -186,6 +186,24 @@ pub(crate) fn outbound_switch(cfg: &PipelineConfig, stage: usize, n: u64) -> u64
     (0..n).filter(|&f| sends_after(cfg, stage, f)).count() as u64
 }
 
+/// Whether stage `s`, having started forward step `started` (as its heartbeat says), is past
+/// its point in move `m`, which [`Moves::absorb`] would then refuse: the moved stage once it
+/// began the move's step without pausing, its upstream neighbour once it sent the first
+/// transfer meant for the new node, its downstream neighbour once it received past the last
+/// one from the old node. (A neighbour at the very step of that transfer may be either side.)
+pub(crate) fn passed(cfg: &PipelineConfig, s: usize, m: &Migration, started: u64) -> bool {
+    let n = cfg.stages;
+    let links = cfg.transport == TransportKind::Tcp && n > 1;
+    let mut passed = m.stage == s && started >= m.at_step;
+    if links && (m.stage + n - 1) % n == s {
+        passed |= outbound_switch(cfg, s, started) > inbound_switch(cfg, m.stage, m.at_step);
+    }
+    if links && (m.stage + 1) % n == s {
+        passed |= inbound_switch(cfg, s, started) > outbound_switch(cfg, m.stage, m.at_step);
+    }
+    passed
+}
+
 /// The part of a stage's arena that a move ships: everything between the weights (regenerated
 /// on the target and checked by hash) and the workspace (dead between steps).
 pub(crate) fn movable(layout: &StageLayout) -> std::ops::Range<usize> {
@@ -1009,6 +1027,37 @@ mod tests {
             let slot = super::super::state::schedule_slot(&c, f).unwrap();
             assert_eq!(forward_of(&c, slot.step, slot.seq), f);
         }
+    }
+
+    #[test]
+    fn a_heartbeat_past_a_nodes_part_in_a_move_counts_as_passed() {
+        // 3 stages; stage 1 moves at forward step 9. Its neighbours' switching transfers are
+        // those of step 9 too (hidden states are consumed at the step they are made).
+        let c = cfg(3, 4, 2, 40);
+        let m: Migration = "stage=1,to=h:1,at-step=9".parse().unwrap();
+        // The moved stage passed once it began step 9 without pausing there.
+        assert!(!passed(&c, 1, &m, 8));
+        assert!(passed(&c, 1, &m, 9));
+        // Upstream and downstream: in step 9 they may be either side of the switch; once they
+        // began step 10 they are past it.
+        for s in [0, 2] {
+            assert!(!passed(&c, s, &m, 9), "stage {s}");
+            assert!(passed(&c, s, &m, 10), "stage {s}");
+        }
+        // Not over shm: no links switch, only the moved stage has a point to pass.
+        let mut shm = c.clone();
+        shm.transport = TransportKind::Shm;
+        assert!(!passed(&shm, 0, &m, 100));
+        assert!(passed(&shm, 1, &m, 9));
+        // Stage 0 downstream of a moving last stage takes its tokens one group later.
+        let last: Migration = "stage=2,to=h:1,at-step=9".parse().unwrap();
+        let switch = outbound_switch(&c, 2, 9);
+        let first_past = (0..200)
+            .find(|&p| inbound_switch(&c, 0, p) > switch)
+            .unwrap();
+        assert!(first_past > 10, "{first_past}");
+        assert!(!passed(&c, 0, &last, first_past - 1));
+        assert!(passed(&c, 0, &last, first_past));
     }
 
     #[test]

@@ -611,18 +611,15 @@ fn run_started(
         // The stage thread's move messages (arena chunks, notes) go out in order through here.
         let (ship_tx, ship_rx) = crossbeam_channel::unbounded::<migrate::Outgoing>();
         let shipper = spawn_shipper(scope, writer.clone(), ship_rx, timeout).map_err(no_thread)?;
+        let (beat_tx, beat_rx) = crossbeam_channel::bounded::<()>(0);
         let heartbeat = {
-            let (writer, progress, stop) = (writer.clone(), progress.clone(), stop.clone());
+            let (writer, progress) = (writer.clone(), progress.clone());
             std::thread::Builder::new()
                 .name("slug-node-heartbeat".into())
                 .spawn_scoped(scope, move || {
-                    while !stop.raised() {
-                        let msg = heartbeat_of(cfg, s, progress.load(Ordering::Relaxed));
-                        if send(&writer, &msg, HEARTBEAT * 4).is_err() {
-                            return;
-                        }
-                        std::thread::sleep(HEARTBEAT);
-                    }
+                    heartbeats(&writer, &beat_rx, || {
+                        heartbeat_of(cfg, s, progress.load(Ordering::Relaxed))
+                    });
                 })
         };
         if let Err(e) = heartbeat {
@@ -642,9 +639,10 @@ fn run_started(
             ship_tx,
             shipper,
         );
-        // The reader and heartbeat threads poll `stop`; the socket stays open for the final
-        // Done/Failed message.
+        // The reader polls `stop`, the heartbeat ends as its channel closes; the socket stays
+        // open for the final Done/Failed message.
         stop.raise();
+        drop(beat_tx);
         result
     })
 }
@@ -875,23 +873,17 @@ fn receive_stage(
 ) -> Result<Option<Option<String>>> {
     let at_step = cfg.migrations[index].at_step;
     let timeout = cfg.timeout();
-    let waiting = AbortFlag::new();
+    let (waiting, beat_rx) = crossbeam_channel::bounded::<()>(0);
     std::thread::scope(|scope| {
-        let (writer2, waiting2) = (writer.clone(), waiting.clone());
+        let writer2 = writer.clone();
         scope.spawn(move || {
-            while !waiting2.raised() {
-                let msg = ToCoordinator::Progress {
-                    step: 0,
-                    seq: 0,
-                    done: 0,
-                    events: 0,
-                    bytes: 0,
-                };
-                if send(&writer2, &msg, HEARTBEAT * 4).is_err() {
-                    return;
-                }
-                std::thread::sleep(HEARTBEAT);
-            }
+            heartbeats(&writer2, &beat_rx, || ToCoordinator::Progress {
+                step: 0,
+                seq: 0,
+                done: 0,
+                events: 0,
+                bytes: 0,
+            });
         });
         let received = (|| {
             loop {
@@ -942,7 +934,8 @@ fn receive_stage(
                 }
             }
         })();
-        waiting.raise();
+        // Ends the heartbeat now, not at its next beat: the stage's first step waits on it.
+        drop(waiting);
         received
     })
 }
@@ -1056,6 +1049,26 @@ fn send_recorded_files(
         }
         ToNode::Abort { reason } => Err(TransportError::Aborted { reason }),
         other => Err(unexpected(conn, other)),
+    }
+}
+
+/// Sends `msg()` to the coordinator every [`HEARTBEAT`] until `stop`'s sender is dropped (it
+/// returns at once then, not at the next beat) or a send fails.
+fn heartbeats(
+    writer: &Arc<Mutex<Conn>>,
+    stop: &crossbeam_channel::Receiver<()>,
+    msg: impl Fn() -> ToCoordinator,
+) {
+    loop {
+        if send(writer, &msg(), HEARTBEAT * 4).is_err() {
+            return;
+        }
+        if !matches!(
+            stop.recv_timeout(HEARTBEAT),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout)
+        ) {
+            return;
+        }
     }
 }
 

@@ -267,6 +267,10 @@ pub(crate) fn drive_stage(
             }
         }
     }
+    if let Some(f) = failover {
+        // The links close as `io` drops: nothing may hold their sockets open after that.
+        f.forget_links();
+    }
     Ok(StageOutcome {
         steps,
         forward_ns,

@@ -345,6 +345,7 @@ impl Session {
             detection_ms: noticed.saturating_duration_since(last).as_secs_f64() * 1e3,
             recovery_ms: None,
         };
+        let detected_ms = report.detection_ms;
         let mut why = Vec::new();
         while let Some(spare) = self.keeper.as_mut().and_then(|k| k.spares.pop_front()) {
             report.to = Some(spare.clone());
@@ -360,9 +361,10 @@ impl Session {
                         watched.parts[s] = k.stages[s].part.clone().into_iter().collect();
                     }
                     eprintln!(
-                        "slug: stage {s}'s node {} was lost at {}; restoring it on spare \
-                         {spare} from its checkpoint at forward step {step}",
-                        self.addr[c], watched.at[s]
+                        "slug: stage {s}'s node {} was lost at {} ({lost}; noticed {:.1} ms \
+                         after its last message); restoring it on spare {spare} from its \
+                         checkpoint at forward step {step}",
+                        self.addr[c], watched.at[s], detected_ms
                     );
                     watched.at[s] = format!("restored at step {step} on {spare}");
                     return;
