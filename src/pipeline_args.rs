@@ -210,6 +210,10 @@ impl PipelineArgs {
                 );
             }
         }
+        // Stages started here need a device here; `--hosts` nodes check their own.
+        if transport == TransportKind::Rdma && self.hosts.is_empty() {
+            crate::rdma::check()?;
+        }
         let mut cfg = PipelineConfig::new(model, &self.prompt, self.sequences, self.tokens);
         cfg.stages = self.stages;
         cfg.transport = transport;

@@ -1,0 +1,548 @@
+//! The `rdma` link backend: each link end owns one queue pair and one buffer registered once.
+//!
+//! The receiving end's buffer is an inbox of `slots` slots (the link's ring shape); a transfer
+//! is one RDMA WRITE WITH IMMEDIATE of its 64-byte [`TransferHeader`] and payload from the
+//! sender's registered buffer into slot `seq % slots` of the inbox, the immediate carrying the
+//! transfer's number. The receiver checks the header against its arena ([`check_place`]),
+//! copies the payload out and returns the slot as a credit: an empty SEND WITH IMMEDIATE
+//! carrying how many transfers it has taken. A sender never has more transfers in the inbox
+//! than it holds credits, so a slow receiver is never overwritten.
+//!
+//! Connecting: the receiving stage publishes its queue pair, GID, rkey, inbox address and
+//! shape, plus a tcp listener, as its [`LinkSetup::address`], which the coordinator forwards
+//! over the authenticated node protocol. The sender connects its queue pair to that, then
+//! proves the run's link secret on the tcp link (the same handshake as `--transport tcp`) and
+//! sends its own queue pair and GID over it; the receiver connects its queue pair and grants
+//! the first credits, and the tcp link is closed.
+
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ibverbs_sys::ibv_wc_opcode;
+use serde::{Deserialize, Serialize};
+use slug_transport::fabric::RingSpec;
+use slug_transport::link::tcp::{TcpRecv, TcpSend};
+use slug_transport::link::{
+    Delivery, LinkBackend, LinkEnds, LinkReceiver, LinkSender, LinkSetup, NodeLinkPlan,
+    RecvBackend, RegionMut, SendBackend, StageLinks, check_place,
+};
+use slug_transport::transfer::{ArenaId, Observers, TransferHeader, TransportKind};
+use slug_transport::{AbortFlag, Result, TransportError};
+
+use crate::verbs::{Buffer, Completion, Device, QpInfo, Queue};
+
+const HEADER_LEN: usize = TransferHeader::LEN;
+
+/// Largest queue-pair message a stage accepts on its bootstrap tcp link.
+const BOOT_MAX: usize = 512;
+
+/// Work-request ids of the receiving end's credit sends (its writes have none).
+const CREDIT_WR: u64 = 1 << 63;
+
+/// What a receiving stage publishes so that its upstream stage can write into its inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Inbox {
+    /// The receiving queue pair.
+    qp: QpInfo,
+    /// Key of the inbox.
+    rkey: u32,
+    /// Address of the inbox's first slot.
+    base: u64,
+    /// Slots in the inbox (the credits a sender starts with).
+    slots: u32,
+    /// Bytes per slot: a header and the largest payload, rounded up to 64.
+    slot_bytes: u64,
+}
+
+/// The [`LinkSetup::address`] of an rdma stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Address {
+    /// Where the sender proves the run's secret and sends its queue pair.
+    tcp: String,
+    /// The inbox.
+    inbox: Inbox,
+}
+
+fn slot_bytes(spec: RingSpec) -> u64 {
+    (HEADER_LEN as u64 + spec.capacity).div_ceil(64) * 64
+}
+
+fn protocol(ends: &LinkEnds, detail: String) -> TransportError {
+    TransportError::Protocol {
+        peer: ends.name(),
+        detail,
+    }
+}
+
+/// The sending end of an rdma link.
+#[derive(Debug)]
+pub struct RdmaSend {
+    queue: Queue,
+    /// Header and payload of the transfer being written.
+    staging: Buffer,
+    inbox: Inbox,
+    /// Transfers written (wrapping, as on the wire).
+    sent: u32,
+    /// Transfers the receiver reported taken, once it granted the first credits.
+    taken: Option<u32>,
+    recv_depth: u32,
+    abort: AbortFlag,
+    done: Vec<Completion>,
+}
+
+impl RdmaSend {
+    fn connect(
+        dev: &Arc<Device>,
+        to: &Address,
+        plan: &NodeLinkPlan,
+        abort: &AbortFlag,
+    ) -> Result<Self> {
+        let ends = plan.outbound;
+        let inbox = to.inbox;
+        let capacity = plan
+            .ring_specs
+            .get(ends.id.0 as usize)
+            .map(|s| slot_bytes(*s))
+            .ok_or_else(|| TransportError::Config(format!("no ring shape for link {}", ends.name())))?;
+        if inbox.slots == 0 || inbox.slot_bytes != capacity {
+            return Err(protocol(
+                &ends,
+                format!(
+                    "the receiver's inbox has {} slots of {} bytes, this run's link needs slots \
+                     of {capacity} bytes: both stages must run the same configuration",
+                    inbox.slots, inbox.slot_bytes
+                ),
+            ));
+        }
+        // Credit messages the receiver may send before this end takes them: one per slot, and
+        // the first grant.
+        let recv_depth = inbox.slots + 1;
+        let mut queue = Queue::create(dev, 2, recv_depth)?;
+        for i in 0..recv_depth {
+            queue.post_recv(u64::from(i))?;
+        }
+        queue.connect(&inbox.qp)?;
+        let staging = Buffer::register(dev, capacity as usize, false)?;
+        let mut boot = TcpSend::connect(&to.tcp, &plan.key, plan.integrity, &ends, abort)?;
+        let me = serde_json::to_vec(&queue.info()).map_err(|e| {
+            TransportError::Config(format!("encode this end's queue pair: {e}"))
+        })?;
+        let header = TransferHeader {
+            seq: 0,
+            sequence: 0,
+            step: 0,
+            layer: 0,
+            src_arena: 0,
+            dst_arena: 0,
+            chunk: 0,
+            src_off: 0,
+            dst_off: 0,
+            len: me.len() as u64,
+            post_ns: 0,
+        };
+        boot.send(&ends, &header, &me)?;
+        Ok(Self {
+            queue,
+            staging,
+            inbox,
+            sent: 0,
+            taken: None,
+            recv_depth,
+            abort: abort.clone(),
+            done: Vec::new(),
+        })
+    }
+
+    /// Takes in the completions in `self.done`: credits, and whether write `wr_id` finished.
+    fn absorb(&mut self, ends: &LinkEnds, write: Option<u64>) -> Result<bool> {
+        let mut written = false;
+        for c in std::mem::take(&mut self.done) {
+            match c.opcode {
+                ibv_wc_opcode::IBV_WC_RECV => {
+                    let taken = c.imm.ok_or_else(|| {
+                        protocol(ends, "a credit message without its count".into())
+                    })?;
+                    // The receiver cannot have taken more than was sent, nor fewer than it
+                    // reported before.
+                    let before = self.taken.unwrap_or(taken);
+                    if self.sent.wrapping_sub(taken) > self.sent.wrapping_sub(before) {
+                        return Err(protocol(
+                            ends,
+                            format!(
+                                "credit count {taken} goes back from {before} (or past the \
+                                 {} transfers sent)",
+                                self.sent
+                            ),
+                        ));
+                    }
+                    self.taken = Some(taken);
+                    self.queue.post_recv(c.wr_id % u64::from(self.recv_depth))?;
+                }
+                ibv_wc_opcode::IBV_WC_RDMA_WRITE => written |= Some(c.wr_id) == write,
+                other => {
+                    return Err(protocol(
+                        ends,
+                        format!("unexpected completion (opcode {other}) on the sending end"),
+                    ));
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    fn credits(&self) -> u32 {
+        match self.taken {
+            Some(taken) => self.inbox.slots - self.sent.wrapping_sub(taken),
+            None => 0,
+        }
+    }
+}
+
+impl LinkBackend for RdmaSend {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Rdma
+    }
+}
+
+impl SendBackend for RdmaSend {
+    fn send(
+        &mut self,
+        ends: &LinkEnds,
+        header: &TransferHeader,
+        payload: &[u8],
+    ) -> Result<Delivery> {
+        let start = Instant::now();
+        let len = HEADER_LEN + payload.len();
+        if len as u64 > self.inbox.slot_bytes {
+            return Err(TransportError::Config(format!(
+                "transfer {} of {} bytes does not fit a slot of link {} ({} bytes with its \
+                 header)",
+                header.seq,
+                payload.len(),
+                ends.name(),
+                self.inbox.slot_bytes
+            )));
+        }
+        self.queue.poll(ends, &mut self.done)?;
+        self.absorb(ends, None)?;
+        while self.credits() == 0 {
+            self.queue
+                .wait(ends, "credited by the receiver", start, &self.abort, &mut self.done)?;
+            self.absorb(ends, None)?;
+        }
+        self.staging.write(0, &header.encode());
+        self.staging.write(HEADER_LEN, payload);
+        let slot = u64::from(self.sent % self.inbox.slots);
+        let remote = self.inbox.base + slot * self.inbox.slot_bytes;
+        let wr_id = u64::from(self.sent);
+        self.queue.post_write_imm(
+            wr_id,
+            &self.staging,
+            0,
+            len,
+            remote,
+            self.inbox.rkey,
+            self.sent,
+        )?;
+        self.sent = self.sent.wrapping_add(1);
+        // The staging buffer is reused by the next send: wait until the device has read it.
+        loop {
+            self.queue
+                .wait(ends, "written to the receiver", start, &self.abort, &mut self.done)?;
+            if self.absorb(ends, Some(wr_id))? {
+                return Ok(Delivery::Staged);
+            }
+        }
+    }
+
+    /// Nothing to wait for: a send returns once its write completed at the receiver.
+    fn flush(&mut self, _ends: &LinkEnds) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The receiving end of an rdma link.
+#[derive(Debug)]
+pub struct RdmaRecv {
+    queue: Queue,
+    inbox_buf: Buffer,
+    inbox: Inbox,
+    /// Transfers taken (wrapping, as on the wire).
+    taken: u32,
+    /// Credit sends posted and not yet completed.
+    credits_out: u32,
+    send_depth: u32,
+    /// Writes arrived and not yet taken, oldest first.
+    arrived: std::collections::VecDeque<Completion>,
+    abort: AbortFlag,
+    done: Vec<Completion>,
+}
+
+/// A receiving end prepared before its stage reports ready: its queue pair and inbox exist,
+/// so that their numbers can be published.
+#[derive(Debug)]
+struct Prepared {
+    queue: Queue,
+    inbox_buf: Buffer,
+    inbox: Inbox,
+}
+
+impl Prepared {
+    fn new(dev: &Arc<Device>, spec: RingSpec) -> Result<Self> {
+        let slots = spec.slots.max(1);
+        let slot = slot_bytes(spec);
+        // One receive per slot: the sender never has more writes outstanding.
+        let mut queue = Queue::create(dev, slots + 2, slots)?;
+        for i in 0..slots {
+            queue.post_recv(u64::from(i))?;
+        }
+        let inbox_buf = Buffer::register(dev, (u64::from(slots) * slot) as usize, true)?;
+        let inbox = Inbox {
+            qp: queue.info(),
+            rkey: inbox_buf.rkey(),
+            base: inbox_buf.addr(),
+            slots,
+            slot_bytes: slot,
+        };
+        Ok(Self {
+            queue,
+            inbox_buf,
+            inbox,
+        })
+    }
+
+    /// Connects to the sender `peer` and grants it the inbox's slots.
+    fn connect(self, peer: &QpInfo, abort: &AbortFlag) -> Result<RdmaRecv> {
+        let Self {
+            mut queue,
+            inbox_buf,
+            inbox,
+        } = self;
+        queue.connect(peer)?;
+        queue.post_send_imm(CREDIT_WR, 0)?;
+        Ok(RdmaRecv {
+            queue,
+            inbox_buf,
+            inbox,
+            taken: 0,
+            credits_out: 1,
+            send_depth: inbox.slots + 2,
+            arrived: std::collections::VecDeque::new(),
+            abort: abort.clone(),
+            done: Vec::new(),
+        })
+    }
+}
+
+impl RdmaRecv {
+    fn absorb(&mut self, ends: &LinkEnds) -> Result<()> {
+        for c in std::mem::take(&mut self.done) {
+            match c.opcode {
+                ibv_wc_opcode::IBV_WC_SEND => self.credits_out -= 1,
+                ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM => self.arrived.push_back(c),
+                other => {
+                    return Err(protocol(
+                        ends,
+                        format!("unexpected completion (opcode {other}) on the receiving end"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LinkBackend for RdmaRecv {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Rdma
+    }
+}
+
+impl RecvBackend for RdmaRecv {
+    fn recv(
+        &mut self,
+        ends: &LinkEnds,
+        dst: &mut RegionMut<'_>,
+    ) -> Result<(TransferHeader, Delivery)> {
+        let start = Instant::now();
+        self.queue.poll(ends, &mut self.done)?;
+        self.absorb(ends)?;
+        while self.arrived.is_empty() {
+            self.queue
+                .wait(ends, "received", start, &self.abort, &mut self.done)?;
+            self.absorb(ends)?;
+        }
+        let Some(c) = self.arrived.pop_front() else {
+            unreachable!("waited until a write arrived")
+        };
+        if c.imm != Some(self.taken) {
+            return Err(protocol(
+                ends,
+                format!(
+                    "write numbered {:?} arrived where {} was due",
+                    c.imm, self.taken
+                ),
+            ));
+        }
+        let slot = (u64::from(self.taken % self.inbox.slots) * self.inbox.slot_bytes) as usize;
+        let mut raw = [0u8; HEADER_LEN];
+        self.inbox_buf.read(slot, &mut raw);
+        let h = TransferHeader::decode(&raw);
+        if c.len as u64 != HEADER_LEN as u64 + h.len {
+            return Err(protocol(
+                ends,
+                format!(
+                    "transfer {} says {} bytes, but its write carried {}",
+                    h.seq,
+                    h.len,
+                    c.len.saturating_sub(HEADER_LEN)
+                ),
+            ));
+        }
+        check_place(ends, dst.arena, dst.bytes.len(), &h)?;
+        let at = h.dst_off as usize;
+        self.inbox_buf
+            .read(slot + HEADER_LEN, &mut dst.bytes[at..at + h.len as usize]);
+        self.queue.post_recv(c.wr_id)?;
+        self.taken = self.taken.wrapping_add(1);
+        while self.credits_out >= self.send_depth {
+            self.queue
+                .wait(ends, "credit sent", start, &self.abort, &mut self.done)?;
+            self.absorb(ends)?;
+        }
+        self.queue.post_send_imm(CREDIT_WR, self.taken)?;
+        self.credits_out += 1;
+        Ok((h, Delivery::Staged))
+    }
+}
+
+/// A node's stage with its device open, its inbox registered and a tcp listener for the
+/// upstream stage's bootstrap link.
+#[derive(Debug)]
+pub struct RdmaSetup {
+    dev: Arc<Device>,
+    listener: TcpListener,
+    inbound: Mutex<Option<Prepared>>,
+    plan: NodeLinkPlan,
+}
+
+impl RdmaSetup {
+    /// Opens the device and prepares the inbound end of `plan`'s stage.
+    pub fn open(plan: NodeLinkPlan) -> Result<Self> {
+        let dev = Device::open()?;
+        let spec = plan
+            .ring_specs
+            .get(plan.inbound.id.0 as usize)
+            .copied()
+            .ok_or_else(|| {
+                TransportError::Config(format!("no ring shape for link {}", plan.inbound.name()))
+            })?;
+        let inbound = Prepared::new(&dev, spec)?;
+        let listener = TcpListener::bind((plan.host.as_str(), 0)).map_err(|e| {
+            TransportError::io(format!("listen for rdma link setup on {}", plan.host), e)
+        })?;
+        Ok(Self {
+            dev,
+            listener,
+            inbound: Mutex::new(Some(inbound)),
+            plan,
+        })
+    }
+
+    fn accept(&self, observers: &Observers, abort: &AbortFlag, log: &(dyn Fn(&str) + Sync)) -> Result<LinkReceiver> {
+        let plan = &self.plan;
+        let ends = plan.inbound;
+        let prepared = self
+            .inbound
+            .lock()
+            .ok()
+            .and_then(|mut p| p.take())
+            .ok_or_else(|| {
+                TransportError::Config(format!("link {} is connected already", ends.name()))
+            })?;
+        let mut boot = TcpRecv::accept(
+            &self.listener,
+            &plan.key,
+            plan.integrity,
+            &ends,
+            abort,
+            &|e| log(&format!("refused an rdma link-setup caller: {e}")),
+        )?;
+        let mut buf = [0u8; BOOT_MAX];
+        let mut region = RegionMut {
+            arena: ArenaId(0),
+            bytes: &mut buf,
+        };
+        let (h, _) = boot.recv(&ends, &mut region)?;
+        let peer: QpInfo = serde_json::from_slice(&buf[..h.len as usize]).map_err(|e| {
+            protocol(&ends, format!("the sender's queue pair is not readable: {e}"))
+        })?;
+        let recv = prepared.connect(&peer, abort)?;
+        Ok(LinkReceiver::new(ends, Box::new(recv), observers.clone()))
+    }
+}
+
+impl LinkSetup for RdmaSetup {
+    fn address(&self) -> Result<Option<String>> {
+        let tcp = self
+            .listener
+            .local_addr()
+            .map_err(|e| TransportError::io("read the rdma setup listener's address", e))?
+            .to_string();
+        let inbox = self
+            .inbound
+            .lock()
+            .ok()
+            .and_then(|p| p.as_ref().map(|p| p.inbox))
+            .ok_or_else(|| {
+                TransportError::Config("the inbound rdma link is connected already".into())
+            })?;
+        serde_json::to_string(&Address { tcp, inbox })
+            .map(Some)
+            .map_err(|e| TransportError::Config(format!("encode the rdma address: {e}")))
+    }
+
+    /// Accepts the inbound link and connects the outbound one side by side, so no order of
+    /// stages can deadlock (as tcp does).
+    fn connect(
+        &self,
+        next: Option<&str>,
+        observers: &Observers,
+        abort: &AbortFlag,
+        log: &(dyn Fn(&str) + Sync),
+    ) -> Result<StageLinks> {
+        let next =
+            next.ok_or_else(|| TransportError::Config("no address for the next stage".into()))?;
+        let to: Address = serde_json::from_str(next).map_err(|e| {
+            protocol(
+                &self.plan.outbound,
+                format!("the next stage's rdma address is not readable: {e}"),
+            )
+        })?;
+        log(&format!("rdma links on {}", self.dev.describe()));
+        std::thread::scope(|scope| {
+            let inbound = std::thread::Builder::new()
+                .name("slug-rdma-accept".into())
+                .spawn_scoped(scope, || self.accept(observers, abort, log))
+                .map_err(|e| TransportError::io("start the rdma link acceptor", e))?;
+            let outbound = RdmaSend::connect(&self.dev, &to, &self.plan, abort)
+                .map(|s| LinkSender::new(self.plan.outbound, Box::new(s), observers.clone()));
+            if outbound.is_err() {
+                abort.raise();
+            }
+            let inbound = inbound.join().unwrap_or_else(|_| {
+                Err(TransportError::Aborted {
+                    reason: "rdma link acceptor panicked".into(),
+                })
+            });
+            Ok(StageLinks {
+                inbound: Some(inbound?),
+                outbound: Some(outbound?),
+            })
+        })
+    }
+
+    /// Nothing beyond the abort flag: every completion wait polls it.
+    fn abort(&self) {}
+}
