@@ -25,7 +25,7 @@ use slug_transport::fabric::RingSpec;
 use slug_transport::link::tcp::{TcpRecv, TcpSend};
 use slug_transport::link::{
     Delivery, LinkBackend, LinkEnds, LinkReceiver, LinkSender, LinkSetup, NodeLinkPlan,
-    RecvBackend, RegionMut, SendBackend, StageLinks, check_place,
+    RecvBackend, RegionMut, SendBackend, StageLinks, check_piece, check_place,
 };
 use slug_transport::transfer::{ArenaId, Observers, TransferHeader, TransportKind};
 use slug_transport::{AbortFlag, Result, TransportError};
@@ -104,7 +104,9 @@ impl RdmaSend {
             .ring_specs
             .get(ends.id.0 as usize)
             .map(|s| slot_bytes(*s))
-            .ok_or_else(|| TransportError::Config(format!("no ring shape for link {}", ends.name())))?;
+            .ok_or_else(|| {
+                TransportError::Config(format!("no ring shape for link {}", ends.name()))
+            })?;
         if inbox.slots == 0 || inbox.slot_bytes != capacity {
             return Err(protocol(
                 &ends,
@@ -125,9 +127,8 @@ impl RdmaSend {
         queue.connect(&inbox.qp)?;
         let staging = Buffer::register(dev, capacity as usize, false)?;
         let mut boot = TcpSend::connect(&to.tcp, &plan.key, plan.integrity, &ends, abort)?;
-        let me = serde_json::to_vec(&queue.info()).map_err(|e| {
-            TransportError::Config(format!("encode this end's queue pair: {e}"))
-        })?;
+        let me = serde_json::to_vec(&queue.info())
+            .map_err(|e| TransportError::Config(format!("encode this end's queue pair: {e}")))?;
         let header = TransferHeader {
             seq: 0,
             sequence: 0,
@@ -205,34 +206,30 @@ impl LinkBackend for RdmaSend {
     }
 }
 
-impl SendBackend for RdmaSend {
-    fn send(
+impl RdmaSend {
+    /// Writes one piece (header and bytes) into the receiver's next slot once a credit allows,
+    /// and waits until the device has read the staging buffer.
+    fn write_piece(
         &mut self,
         ends: &LinkEnds,
         header: &TransferHeader,
-        payload: &[u8],
-    ) -> Result<Delivery> {
-        let start = Instant::now();
-        let len = HEADER_LEN + payload.len();
-        if len as u64 > self.inbox.slot_bytes {
-            return Err(TransportError::Config(format!(
-                "transfer {} of {} bytes does not fit a slot of link {} ({} bytes with its \
-                 header)",
-                header.seq,
-                payload.len(),
-                ends.name(),
-                self.inbox.slot_bytes
-            )));
-        }
+        piece: &[u8],
+        start: Instant,
+    ) -> Result<()> {
         self.queue.poll(ends, &mut self.done)?;
         self.absorb(ends, None)?;
         while self.credits() == 0 {
-            self.queue
-                .wait(ends, "credited by the receiver", start, &self.abort, &mut self.done)?;
+            self.queue.wait(
+                ends,
+                "credited by the receiver",
+                start,
+                &self.abort,
+                &mut self.done,
+            )?;
             self.absorb(ends, None)?;
         }
         self.staging.write(0, &header.encode());
-        self.staging.write(HEADER_LEN, payload);
+        self.staging.write(HEADER_LEN, piece);
         let slot = u64::from(self.sent % self.inbox.slots);
         let remote = self.inbox.base + slot * self.inbox.slot_bytes;
         let wr_id = u64::from(self.sent);
@@ -240,23 +237,51 @@ impl SendBackend for RdmaSend {
             wr_id,
             &self.staging,
             0,
-            len,
+            HEADER_LEN + piece.len(),
             remote,
             self.inbox.rkey,
             self.sent,
         )?;
         self.sent = self.sent.wrapping_add(1);
-        // The staging buffer is reused by the next send: wait until the device has read it.
         loop {
-            self.queue
-                .wait(ends, "written to the receiver", start, &self.abort, &mut self.done)?;
+            self.queue.wait(
+                ends,
+                "written to the receiver",
+                start,
+                &self.abort,
+                &mut self.done,
+            )?;
             if self.absorb(ends, Some(wr_id))? {
-                return Ok(Delivery::Staged);
+                return Ok(());
             }
         }
     }
+}
 
-    /// Nothing to wait for: a send returns once its write completed at the receiver.
+impl SendBackend for RdmaSend {
+    /// Writes the transfer in pieces of at most one inbox slot, as the shm ring does.
+    fn send(
+        &mut self,
+        ends: &LinkEnds,
+        header: &TransferHeader,
+        payload: &[u8],
+    ) -> Result<Delivery> {
+        let start = Instant::now();
+        let cap = self.inbox.slot_bytes as usize - HEADER_LEN;
+        for (chunk, piece) in payload.chunks(cap).enumerate() {
+            let h = TransferHeader {
+                chunk: chunk as u32,
+                ..*header
+            };
+            self.write_piece(ends, &h, piece, start)?;
+        }
+        if payload.is_empty() {
+            self.write_piece(ends, header, &[], start)?;
+        }
+        Ok(Delivery::Staged)
+    }
+
+    /// Nothing to wait for: a send returns once its last write completed at the receiver.
     fn flush(&mut self, _ends: &LinkEnds) -> Result<()> {
         Ok(())
     }
@@ -359,22 +384,18 @@ impl LinkBackend for RdmaRecv {
     }
 }
 
-impl RecvBackend for RdmaRecv {
-    fn recv(
-        &mut self,
-        ends: &LinkEnds,
-        dst: &mut RegionMut<'_>,
-    ) -> Result<(TransferHeader, Delivery)> {
-        let start = Instant::now();
+impl RdmaRecv {
+    /// Waits for the next piece's write and returns where its slot starts and its header.
+    fn next_piece(&mut self, ends: &LinkEnds, start: Instant) -> Result<(usize, TransferHeader)> {
         self.queue.poll(ends, &mut self.done)?;
         self.absorb(ends)?;
-        while self.arrived.is_empty() {
+        let c = loop {
+            if let Some(c) = self.arrived.pop_front() {
+                break c;
+            }
             self.queue
                 .wait(ends, "received", start, &self.abort, &mut self.done)?;
             self.absorb(ends)?;
-        }
-        let Some(c) = self.arrived.pop_front() else {
-            unreachable!("waited until a write arrived")
         };
         if c.imm != Some(self.taken) {
             return Err(protocol(
@@ -389,22 +410,27 @@ impl RecvBackend for RdmaRecv {
         let mut raw = [0u8; HEADER_LEN];
         self.inbox_buf.read(slot, &mut raw);
         let h = TransferHeader::decode(&raw);
-        if c.len as u64 != HEADER_LEN as u64 + h.len {
+        let cap = self.inbox.slot_bytes - HEADER_LEN as u64;
+        let piece = h.len.saturating_sub(u64::from(h.chunk) * cap).min(cap);
+        if c.len as u64 != HEADER_LEN as u64 + piece {
             return Err(protocol(
                 ends,
                 format!(
-                    "transfer {} says {} bytes, but its write carried {}",
+                    "piece {} of transfer {} ({} bytes) should carry {piece} bytes, its write \
+                     carried {}",
+                    h.chunk,
                     h.seq,
                     h.len,
                     c.len.saturating_sub(HEADER_LEN)
                 ),
             ));
         }
-        check_place(ends, dst.arena, dst.bytes.len(), &h)?;
-        let at = h.dst_off as usize;
-        self.inbox_buf
-            .read(slot + HEADER_LEN, &mut dst.bytes[at..at + h.len as usize]);
         self.queue.post_recv(c.wr_id)?;
+        Ok((slot, h))
+    }
+
+    /// Returns the slot just read to the sender as a credit.
+    fn release(&mut self, ends: &LinkEnds, start: Instant) -> Result<()> {
         self.taken = self.taken.wrapping_add(1);
         while self.credits_out >= self.send_depth {
             self.queue
@@ -413,7 +439,36 @@ impl RecvBackend for RdmaRecv {
         }
         self.queue.post_send_imm(CREDIT_WR, self.taken)?;
         self.credits_out += 1;
-        Ok((h, Delivery::Staged))
+        Ok(())
+    }
+}
+
+impl RecvBackend for RdmaRecv {
+    fn recv(
+        &mut self,
+        ends: &LinkEnds,
+        dst: &mut RegionMut<'_>,
+    ) -> Result<(TransferHeader, Delivery)> {
+        let start = Instant::now();
+        let cap = self.inbox.slot_bytes - HEADER_LEN as u64;
+        let (slot, first) = self.next_piece(ends, start)?;
+        check_place(ends, dst.arena, dst.bytes.len(), &first)?;
+        check_piece(ends, &first, &first, 0)?;
+        for chunk in 0..first.len.div_ceil(cap).max(1) {
+            let slot = if chunk == 0 {
+                slot
+            } else {
+                let (slot, h) = self.next_piece(ends, start)?;
+                check_piece(ends, &h, &first, chunk)?;
+                slot
+            };
+            let at = (first.dst_off + chunk * cap) as usize;
+            let n = (first.len - chunk * cap).min(cap) as usize;
+            self.inbox_buf
+                .read(slot + HEADER_LEN, &mut dst.bytes[at..at + n]);
+            self.release(ends, start)?;
+        }
+        Ok((first, Delivery::Staged))
     }
 }
 
@@ -450,7 +505,12 @@ impl RdmaSetup {
         })
     }
 
-    fn accept(&self, observers: &Observers, abort: &AbortFlag, log: &(dyn Fn(&str) + Sync)) -> Result<LinkReceiver> {
+    fn accept(
+        &self,
+        observers: &Observers,
+        abort: &AbortFlag,
+        log: &(dyn Fn(&str) + Sync),
+    ) -> Result<LinkReceiver> {
         let plan = &self.plan;
         let ends = plan.inbound;
         let prepared = self
@@ -476,7 +536,10 @@ impl RdmaSetup {
         };
         let (h, _) = boot.recv(&ends, &mut region)?;
         let peer: QpInfo = serde_json::from_slice(&buf[..h.len as usize]).map_err(|e| {
-            protocol(&ends, format!("the sender's queue pair is not readable: {e}"))
+            protocol(
+                &ends,
+                format!("the sender's queue pair is not readable: {e}"),
+            )
         })?;
         let recv = prepared.connect(&peer, abort)?;
         Ok(LinkReceiver::new(ends, Box::new(recv), observers.clone()))

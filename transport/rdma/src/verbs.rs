@@ -320,7 +320,9 @@ impl Drop for Buffer {
         // SAFETY: registered once here; the memory is freed only after deregistration.
         unsafe {
             ffi::ibv_dereg_mr(self.mr);
-            drop(Box::from_raw(ptr::slice_from_raw_parts_mut(self.ptr, self.len)));
+            drop(Box::from_raw(ptr::slice_from_raw_parts_mut(
+                self.ptr, self.len,
+            )));
         }
     }
 }
@@ -351,7 +353,7 @@ pub struct Queue {
 unsafe impl Send for Queue {}
 
 impl Queue {
-    /// A queue pair (in RESET) that can have `send` sends and `recv` receives outstanding.
+    /// A queue pair (in INIT) that can have `send` sends and `recv` receives outstanding.
     pub fn create(dev: &Arc<Device>, send: u32, recv: u32) -> Result<Self> {
         // SAFETY: the context is open.
         let channel = unsafe { ffi::ibv_create_comp_channel(dev.ctx) };
@@ -401,12 +403,14 @@ impl Queue {
                 e,
             ));
         }
-        Ok(Self {
+        let queue = Self {
             qp,
             cq,
             channel,
             dev: dev.clone(),
-        })
+        };
+        queue.init()?;
+        Ok(queue)
     }
 
     /// What the peer needs to connect to this queue pair.
@@ -419,10 +423,9 @@ impl Queue {
         }
     }
 
-    /// Takes the queue pair through INIT, RTR and RTS towards `remote`; the peer may write
+    /// Moves the new queue pair to INIT, where receives may be posted and the peer may write
     /// into this side's buffers registered for remote writes.
-    pub fn connect(&self, remote: &QpInfo) -> Result<()> {
-        let name = &self.dev.name;
+    fn init(&self) -> Result<()> {
         use ffi::ibv_qp_attr_mask as M;
         let mut init = ffi::ibv_qp_attr {
             qp_state: ffi::ibv_qp_state::IBV_QPS_INIT,
@@ -432,7 +435,12 @@ impl Queue {
             ..Default::default()
         };
         let mask = M::IBV_QP_STATE | M::IBV_QP_PKEY_INDEX | M::IBV_QP_PORT | M::IBV_QP_ACCESS_FLAGS;
-        self.modify(&mut init, mask, "INIT")?;
+        self.modify(&mut init, mask, "INIT")
+    }
+
+    /// Takes the queue pair through RTR and RTS towards `remote`.
+    pub fn connect(&self, remote: &QpInfo) -> Result<()> {
+        use ffi::ibv_qp_attr_mask as M;
         let mut rtr = ffi::ibv_qp_attr {
             qp_state: ffi::ibv_qp_state::IBV_QPS_RTR,
             path_mtu: self.dev.mtu,
@@ -479,7 +487,6 @@ impl Queue {
             | M::IBV_QP_RNR_RETRY
             | M::IBV_QP_MAX_QP_RD_ATOMIC;
         self.modify(&mut rts, mask, "RTS")
-            .map_err(|e| TransportError::Config(format!("{e} (device {name})")))
     }
 
     fn modify(
