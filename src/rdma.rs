@@ -3,6 +3,10 @@
 
 use anyhow::Result;
 
+use crate::ladder::Rung;
+#[cfg(feature = "rdma")]
+use crate::ladder::{ends, link_spec, link_step, ping_pong, rungs};
+
 /// What to do when this binary was built without RDMA verbs.
 #[cfg(not(feature = "rdma"))]
 pub const NOT_BUILT: &str = "this slug was built without RDMA verbs: install rdma-core and \
@@ -25,5 +29,30 @@ pub fn check() -> Result<String> {
 /// Without the `rdma` feature: says how to build slug with RDMA verbs.
 #[cfg(not(feature = "rdma"))]
 pub fn check() -> Result<String> {
+    anyhow::bail!("--transport rdma: {NOT_BUILT}")
+}
+
+/// The ladder's rdma rows on the device a run would use: what the raw row measures (saying
+/// "software emulation" on Soft-RoCE), raw RDMA writes, and slug's rdma link, per size.
+#[cfg(feature = "rdma")]
+pub fn ladder_rungs(sizes: &[usize]) -> Result<(String, Result<Vec<Rung>>, Result<Vec<Rung>>)> {
+    let fabric = slug_rdma::ladder::RdmaFabric::open()?;
+    let raw = rungs(sizes, |size, n| Ok(fabric.raw(size, n)?));
+    let link = rungs(sizes, |size, n| {
+        let [(tx0, rx0), (tx1, rx1)] = fabric.links([ends(0), ends(1)], link_spec(size))?;
+        // Side a sends on link 0 and receives on link 1; side b the reverse.
+        ping_pong(
+            n,
+            (tx0, rx1, vec![0u8; 2 * size]),
+            (tx1, rx0, vec![0u8; 2 * size]),
+            link_step,
+        )
+    });
+    Ok((fabric.raw_kind(), raw, link))
+}
+
+/// Without the `rdma` feature: says how to build slug with RDMA verbs.
+#[cfg(not(feature = "rdma"))]
+pub fn ladder_rungs(_sizes: &[usize]) -> Result<(String, Result<Vec<Rung>>, Result<Vec<Rung>>)> {
     anyhow::bail!("--transport rdma: {NOT_BUILT}")
 }

@@ -9,6 +9,8 @@
 //! an RDMA device.
 
 #[cfg(feature = "rdma")]
+pub mod ladder;
+#[cfg(feature = "rdma")]
 mod link;
 #[cfg(feature = "rdma")]
 mod verbs;

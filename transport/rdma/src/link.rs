@@ -117,17 +117,9 @@ impl RdmaSend {
                 ),
             ));
         }
-        // Credit messages the receiver may send before this end takes them: one per slot, and
-        // the first grant.
-        let recv_depth = inbox.slots + 1;
-        let mut queue = Queue::create(dev, 2, recv_depth)?;
-        for i in 0..recv_depth {
-            queue.post_recv(u64::from(i))?;
-        }
-        queue.connect(&inbox.qp)?;
-        let staging = Buffer::register(dev, capacity as usize, false)?;
+        let me = Self::open(dev, inbox, abort)?;
         let mut boot = TcpSend::connect(&to.tcp, &plan.key, plan.integrity, &ends, abort)?;
-        let me = serde_json::to_vec(&queue.info())
+        let info = serde_json::to_vec(&me.queue.info())
             .map_err(|e| TransportError::Config(format!("encode this end's queue pair: {e}")))?;
         let header = TransferHeader {
             seq: 0,
@@ -139,10 +131,24 @@ impl RdmaSend {
             chunk: 0,
             src_off: 0,
             dst_off: 0,
-            len: me.len() as u64,
+            len: info.len() as u64,
             post_ns: 0,
         };
-        boot.send(&ends, &header, &me)?;
+        boot.send(&ends, &header, &info)?;
+        Ok(me)
+    }
+
+    /// A sending end connected to the queue pair of `inbox`, before the receiver knows it.
+    fn open(dev: &Arc<Device>, inbox: Inbox, abort: &AbortFlag) -> Result<Self> {
+        // Credit messages the receiver may send before this end takes them: one per slot, and
+        // the first grant.
+        let recv_depth = inbox.slots + 1;
+        let mut queue = Queue::create(dev, 2, recv_depth)?;
+        for i in 0..recv_depth {
+            queue.post_recv(u64::from(i))?;
+        }
+        queue.connect(&inbox.qp)?;
+        let staging = Buffer::register(dev, inbox.slot_bytes as usize, false)?;
         Ok(Self {
             queue,
             staging,
@@ -483,6 +489,11 @@ pub struct RdmaSetup {
 }
 
 impl RdmaSetup {
+    /// The device this stage's links use.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.dev
+    }
+
     /// Opens the device and prepares the inbound end of `plan`'s stage.
     pub fn open(plan: NodeLinkPlan) -> Result<Self> {
         let dev = Device::open()?;
@@ -608,4 +619,22 @@ impl LinkSetup for RdmaSetup {
 
     /// Nothing beyond the abort flag: every completion wait polls it.
     fn abort(&self) {}
+}
+
+/// Both ends of a link whose sender and receiver are in this process on `dev` (the ladder's
+/// link row): the same queue pairs, inbox and credits as between two stages, connected
+/// without the tcp bootstrap.
+pub fn loopback(
+    dev: &Arc<Device>,
+    ends: LinkEnds,
+    spec: RingSpec,
+) -> Result<(LinkSender, LinkReceiver)> {
+    let abort = AbortFlag::new();
+    let prepared = Prepared::new(dev, spec)?;
+    let send = RdmaSend::open(dev, prepared.inbox, &abort)?;
+    let recv = prepared.connect(&send.queue.info(), &abort)?;
+    Ok((
+        LinkSender::new(ends, Box::new(send), Observers::none()),
+        LinkReceiver::new(ends, Box::new(recv), Observers::none()),
+    ))
 }

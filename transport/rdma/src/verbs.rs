@@ -221,6 +221,11 @@ impl Device {
             .ok_or_else(|| no_device(format!("{} port {PORT} has no valid GID", self.name)))
     }
 
+    /// The device's name (`rxe0`, `mlx5_0`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The device as the run's log names it: `rxe0 (gid index 1)`.
     pub fn describe(&self) -> String {
         format!("{} (gid index {})", self.name, self.gid_index)
