@@ -64,6 +64,10 @@ pub struct LadderArgs {
     /// Prompt of the pipeline row's run (its length sets the prefill activation size).
     #[arg(long, default_value = "Hello, slug!")]
     prompt: String,
+    /// Messages per raw and link rung of the shm, tcp and rdma rows (default: enough for
+    /// about 50 ms at a few GB/s, at least 200); fewer for slow fabrics such as emulated RDMA.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    messages: Option<u64>,
     /// Take the pipeline row from this recorded trace (its own transport, model and stages).
     #[arg(long, value_name = "DIR")]
     trace: Option<PathBuf>,
@@ -209,14 +213,14 @@ pub fn execute(args: LadderArgs) -> Result<ExitCode> {
         let (raw_kind, raw, link) = match kind {
             TransportKind::Shm => (
                 "memcpy".to_string(),
-                rungs(&sizes, memcpy),
-                rungs(&sizes, shm_link),
+                rungs(&sizes, args.messages, memcpy),
+                rungs(&sizes, args.messages, shm_link),
             ),
-            TransportKind::Rdma => crate::rdma::ladder_rungs(&sizes)?,
+            TransportKind::Rdma => crate::rdma::ladder_rungs(&sizes, args.messages)?,
             _ => (
                 "loopback socket".to_string(),
-                rungs(&sizes, raw_socket),
-                rungs(&sizes, tcp_link),
+                rungs(&sizes, args.messages, raw_socket),
+                rungs(&sizes, args.messages, tcp_link),
             ),
         };
         let achieved = match &trace {
@@ -410,15 +414,16 @@ pub fn iterations(size: usize) -> u64 {
     ((256 << 20) / size.max(1)).clamp(200, 20_000) as u64
 }
 
-/// One rung per size, each `measure(size, iterations(size))`.
+/// One rung per size, each `measure(size, messages)` (by default [`iterations`]).
 pub fn rungs(
     sizes: &[usize],
+    messages: Option<u64>,
     mut measure: impl FnMut(usize, u64) -> Result<Duration>,
 ) -> Result<Vec<Rung>> {
     sizes
         .iter()
         .map(|&s| {
-            let n = iterations(s);
+            let n = messages.unwrap_or_else(|| iterations(s));
             Ok(Rung::new(s, n, measure(s, n)?))
         })
         .collect()

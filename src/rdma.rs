@@ -35,10 +35,16 @@ pub fn check() -> Result<String> {
 /// The ladder's rdma rows on the device a run would use: what the raw row measures (saying
 /// "software emulation" on Soft-RoCE), raw RDMA writes, and slug's rdma link, per size.
 #[cfg(feature = "rdma")]
-pub fn ladder_rungs(sizes: &[usize]) -> Result<(String, Result<Vec<Rung>>, Result<Vec<Rung>>)> {
+pub fn ladder_rungs(
+    sizes: &[usize],
+    messages: Option<u64>,
+) -> Result<(String, Result<Vec<Rung>>, Result<Vec<Rung>>)> {
     let fabric = slug_rdma::ladder::RdmaFabric::open()?;
-    let raw = rungs(sizes, |size, n| Ok(fabric.raw(size, n)?));
-    let link = rungs(sizes, |size, n| {
+    let raw = rungs(sizes, messages, |size, n| {
+        let (a, b) = fabric.raw_pair(size)?;
+        ping_pong(n, a, b, |end, first| Ok(end.step(first)?))
+    });
+    let link = rungs(sizes, messages, |size, n| {
         let [(tx0, rx0), (tx1, rx1)] = fabric.links([ends(0), ends(1)], link_spec(size))?;
         // Side a sends on link 0 and receives on link 1; side b the reverse.
         ping_pong(
@@ -53,6 +59,9 @@ pub fn ladder_rungs(sizes: &[usize]) -> Result<(String, Result<Vec<Rung>>, Resul
 
 /// Without the `rdma` feature: says how to build slug with RDMA verbs.
 #[cfg(not(feature = "rdma"))]
-pub fn ladder_rungs(_sizes: &[usize]) -> Result<(String, Result<Vec<Rung>>, Result<Vec<Rung>>)> {
+pub fn ladder_rungs(
+    _sizes: &[usize],
+    _messages: Option<u64>,
+) -> Result<(String, Result<Vec<Rung>>, Result<Vec<Rung>>)> {
     anyhow::bail!("--transport rdma: {NOT_BUILT}")
 }

@@ -41,7 +41,8 @@ fn refused_before_work(dir: &Path, expect: &[&str]) {
         "--transport",
         "rdma",
     ];
-    for args in [&run[..], &record[..]] {
+    let ladder = ["ladder", "--transport", "rdma", "--model", "tiny"];
+    for args in [&run[..], &record[..], &ladder[..]] {
         let o = cli::run(args);
         let t = cli::text(&o);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {t}");

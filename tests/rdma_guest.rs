@@ -103,13 +103,16 @@ fn soft_roce_guest_runs_slug_over_rdma_links_like_the_host() {
     let wide = "run --model tiny --dim 256 --seed 3 --tokens 3 --stages 2 --sequences 3 \
                 --prompt 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef01234567";
     let record = "--model tiny --prompt Hello --seed 7 --tokens 6 --stages 2 --transport rdma";
+    let ladder = "ladder --transport rdma --model tiny --stages 2 --tokens 2 --sequences 1 \
+                  --messages 40";
     let guest_cmd = format!(
         "echo \"SLUG-TINY $(slug {tiny} --transport rdma --json --digests)\"; \
          echo \"SLUG-WIDE $(slug {wide} --transport rdma --json --digests)\"; \
          slug record --out /tmp/rec -- {record} > /tmp/record.txt 2>&1 \
              || {{ cat /tmp/record.txt; exit 20; }}; \
          echo \"SLUG-MANIFEST $(tr -d '\\n' < /tmp/rec/manifest.json)\"; \
-         echo \"SLUG-REPLAY $(slug replay /tmp/rec --transport rdma --json)\""
+         echo \"SLUG-REPLAY $(slug replay /tmp/rec --transport rdma --json)\"; \
+         echo \"SLUG-LADDER $(slug {ladder} --json)\""
     );
     let Some(stdout) = in_guest(&guest_cmd) else {
         return;
@@ -155,4 +158,25 @@ fn soft_roce_guest_runs_slug_over_rdma_links_like_the_host() {
         "{replay}"
     );
     assert_eq!(replay["counts"]["transfers_differing"], 0, "{replay}");
+
+    // The ladder's rdma row: raw RDMA writes and slug's link at both activation sizes, the
+    // pipeline over rdma, labelled as the software emulation Soft-RoCE is.
+    let ladder = labelled(&stdout, "SLUG-LADDER");
+    let row = &ladder["ladders"][0];
+    assert_eq!(row["transport"], "rdma", "{ladder}");
+    let raw_kind = row["raw_kind"].as_str().unwrap_or_default();
+    assert!(raw_kind.contains("software emulation"), "{ladder}");
+    for rungs in ["raw", "link"] {
+        let rungs = row[rungs].as_array().expect("rungs");
+        assert_eq!(rungs.len(), 2, "{ladder}");
+        assert!(
+            rungs.iter().all(|r| r["bytes_per_s"].as_f64() > Some(0.0)),
+            "{ladder}"
+        );
+    }
+    assert!(row["pipeline"]["transfers"].as_u64() > Some(0), "{ladder}");
+    assert!(
+        row["verdict"].as_str().is_some_and(|v| !v.is_empty()),
+        "{ladder}"
+    );
 }

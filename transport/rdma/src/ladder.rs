@@ -43,38 +43,27 @@ impl RdmaFabric {
         }
     }
 
-    /// `n` writes of `size` bytes with immediate, as ping-pong round trips between two queue
-    /// pairs of the device, each waiting for the other's write as links do (spin, then the
-    /// completion channel).
-    pub fn raw(&self, size: usize, n: u64) -> Result<Duration> {
-        let ends = LinkEnds {
-            id: LinkId(0),
-            src: EndpointId(0),
-            dst: EndpointId(1),
-            timeout: Duration::from_secs(30),
+    /// Two queue pairs of the device connected to each other, each with a registered buffer
+    /// of `size` bytes the other writes into: the raw row's ping-pong ends.
+    pub fn raw_pair(&self, size: usize) -> Result<(RawEnd, RawEnd)> {
+        let end = || -> Result<RawEnd> {
+            let mut queue = Queue::create(&self.dev, 4, 2)?;
+            queue.post_recv(0)?;
+            queue.post_recv(1)?;
+            Ok(RawEnd {
+                queue,
+                buf: Buffer::register(&self.dev, size, true)?,
+                peer: (0, 0),
+                sent: 0,
+                done: Vec::new(),
+            })
         };
-        let abort = AbortFlag::new();
-        let mut a = Queue::create(&self.dev, 4, 2)?;
-        let mut b = Queue::create(&self.dev, 4, 2)?;
-        let (buf_a, buf_b) = (
-            Buffer::register(&self.dev, size, true)?,
-            Buffer::register(&self.dev, size, true)?,
-        );
-        a.connect(&b.info())?;
-        b.connect(&a.info())?;
-        for q in [&mut a, &mut b] {
-            q.post_recv(0)?;
-            q.post_recv(1)?;
-        }
-        let mut done = Vec::new();
-        let start = Instant::now();
-        for i in 0..n.div_ceil(2) {
-            a.post_write_imm(i, &buf_a, 0, size, buf_b.addr(), buf_b.rkey(), i as u32)?;
-            arrival(&mut b, &ends, &abort, &mut done)?;
-            b.post_write_imm(i, &buf_b, 0, size, buf_a.addr(), buf_a.rkey(), i as u32)?;
-            arrival(&mut a, &ends, &abort, &mut done)?;
-        }
-        Ok(start.elapsed())
+        let (mut a, mut b) = (end()?, end()?);
+        a.queue.connect(&b.queue.info())?;
+        b.queue.connect(&a.queue.info())?;
+        a.peer = (b.buf.addr(), b.buf.rkey());
+        b.peer = (a.buf.addr(), a.buf.rkey());
+        Ok((a, b))
     }
 
     /// Two rdma links on the device, `ends[0]` and `ends[1]`, each a sender and a receiver in
@@ -91,26 +80,75 @@ impl RdmaFabric {
     }
 }
 
-/// Waits for the peer's next write into `q`'s buffer and reposts its receive (send
-/// completions arriving meanwhile are only counted off).
-fn arrival(
-    q: &mut Queue,
-    ends: &LinkEnds,
-    abort: &AbortFlag,
-    done: &mut Vec<Completion>,
-) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        q.wait(ends, "written by the other queue pair", start, abort, done)?;
-        let got = done
-            .drain(..)
-            .filter(|c| c.opcode == ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM)
-            .count();
-        for _ in 0..got {
-            q.post_recv(0)?;
+/// One end of the raw row's ping-pong: a queue pair and the buffer its peer writes into.
+#[derive(Debug)]
+pub struct RawEnd {
+    queue: Queue,
+    buf: Buffer,
+    /// Address and key of the peer's buffer.
+    peer: (u64, u32),
+    sent: u64,
+    done: Vec<Completion>,
+}
+
+impl RawEnd {
+    /// One ping-pong step: the first end writes its whole buffer into the peer's and waits
+    /// for the peer's write back; the other end the reverse. Waits as links do (spin, then
+    /// the completion channel).
+    pub fn step(&mut self, first: bool) -> Result<()> {
+        if first {
+            self.write()?;
+            self.arrival()
+        } else {
+            self.arrival()?;
+            self.write()
         }
-        if got > 0 {
-            return Ok(());
+    }
+
+    fn write(&mut self) -> Result<()> {
+        let len = self.buf.len();
+        self.queue.post_write_imm(
+            self.sent,
+            &self.buf,
+            0,
+            len,
+            self.peer.0,
+            self.peer.1,
+            self.sent as u32,
+        )?;
+        self.sent += 1;
+        Ok(())
+    }
+
+    /// Waits for the peer's next write and reposts its receive (send completions arriving
+    /// meanwhile are only taken off the queue).
+    fn arrival(&mut self) -> Result<()> {
+        let ends = LinkEnds {
+            id: LinkId(0),
+            src: EndpointId(0),
+            dst: EndpointId(1),
+            timeout: Duration::from_secs(30),
+        };
+        let start = Instant::now();
+        loop {
+            self.queue.wait(
+                &ends,
+                "written by the other queue pair",
+                start,
+                &AbortFlag::new(),
+                &mut self.done,
+            )?;
+            let got = self
+                .done
+                .drain(..)
+                .filter(|c| c.opcode == ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM)
+                .count();
+            for _ in 0..got {
+                self.queue.post_recv(0)?;
+            }
+            if got > 0 {
+                return Ok(());
+            }
         }
     }
 }

@@ -79,11 +79,16 @@ fn protocol(ends: &LinkEnds, detail: String) -> TransportError {
 #[derive(Debug)]
 pub struct RdmaSend {
     queue: Queue,
-    /// Header and payload of the transfer being written.
+    /// One slot per inbox slot: header and payload of the piece written into that slot, kept
+    /// until its credit returns (so the device has long finished reading it).
     staging: Buffer,
     inbox: Inbox,
-    /// Transfers written (wrapping, as on the wire).
+    /// Pieces written (wrapping, as on the wire).
     sent: u32,
+    /// Writes posted whose completion has not been polled.
+    writes_out: u32,
+    send_depth: u32,
+    ends: LinkEnds,
     /// Transfers the receiver reported taken, once it granted the first credits.
     taken: Option<u32>,
     recv_depth: u32,
@@ -117,7 +122,7 @@ impl RdmaSend {
                 ),
             ));
         }
-        let me = Self::open(dev, inbox, abort)?;
+        let me = Self::open(dev, inbox, ends, abort)?;
         let mut boot = TcpSend::connect(&to.tcp, &plan.key, plan.integrity, &ends, abort)?;
         let info = serde_json::to_vec(&me.queue.info())
             .map_err(|e| TransportError::Config(format!("encode this end's queue pair: {e}")))?;
@@ -139,21 +144,29 @@ impl RdmaSend {
     }
 
     /// A sending end connected to the queue pair of `inbox`, before the receiver knows it.
-    fn open(dev: &Arc<Device>, inbox: Inbox, abort: &AbortFlag) -> Result<Self> {
+    fn open(dev: &Arc<Device>, inbox: Inbox, ends: LinkEnds, abort: &AbortFlag) -> Result<Self> {
         // Credit messages the receiver may send before this end takes them: one per slot, and
         // the first grant.
         let recv_depth = inbox.slots + 1;
-        let mut queue = Queue::create(dev, 2, recv_depth)?;
+        let send_depth = inbox.slots + 1;
+        let mut queue = Queue::create(dev, send_depth, recv_depth)?;
         for i in 0..recv_depth {
             queue.post_recv(u64::from(i))?;
         }
         queue.connect(&inbox.qp)?;
-        let staging = Buffer::register(dev, inbox.slot_bytes as usize, false)?;
+        let staging = Buffer::register(
+            dev,
+            (u64::from(inbox.slots) * inbox.slot_bytes) as usize,
+            false,
+        )?;
         Ok(Self {
             queue,
             staging,
             inbox,
             sent: 0,
+            writes_out: 0,
+            send_depth,
+            ends,
             taken: None,
             recv_depth,
             abort: abort.clone(),
@@ -161,9 +174,8 @@ impl RdmaSend {
         })
     }
 
-    /// Takes in the completions in `self.done`: credits, and whether write `wr_id` finished.
-    fn absorb(&mut self, ends: &LinkEnds, write: Option<u64>) -> Result<bool> {
-        let mut written = false;
+    /// Takes in the completions in `self.done`: credits and finished writes.
+    fn absorb(&mut self, ends: &LinkEnds) -> Result<()> {
         for c in std::mem::take(&mut self.done) {
             match c.opcode {
                 ibv_wc_opcode::IBV_WC_RECV => {
@@ -186,7 +198,9 @@ impl RdmaSend {
                     self.taken = Some(taken);
                     self.queue.post_recv(c.wr_id % u64::from(self.recv_depth))?;
                 }
-                ibv_wc_opcode::IBV_WC_RDMA_WRITE => written |= Some(c.wr_id) == write,
+                ibv_wc_opcode::IBV_WC_RDMA_WRITE => {
+                    self.writes_out = self.writes_out.saturating_sub(1);
+                }
                 other => {
                     return Err(protocol(
                         ends,
@@ -195,7 +209,26 @@ impl RdmaSend {
                 }
             }
         }
-        Ok(written)
+        Ok(())
+    }
+
+    /// Waits (from `start`, at most the link's timeout) until `ready` holds, taking in
+    /// completions meanwhile.
+    fn wait_until(
+        &mut self,
+        ends: &LinkEnds,
+        what: &'static str,
+        start: Instant,
+        ready: fn(&Self) -> bool,
+    ) -> Result<()> {
+        self.queue.poll(ends, &mut self.done)?;
+        self.absorb(ends)?;
+        while !ready(self) {
+            self.queue
+                .wait(ends, what, start, &self.abort, &mut self.done)?;
+            self.absorb(ends)?;
+        }
+        Ok(())
     }
 
     fn credits(&self) -> u32 {
@@ -213,8 +246,8 @@ impl LinkBackend for RdmaSend {
 }
 
 impl RdmaSend {
-    /// Writes one piece (header and bytes) into the receiver's next slot once a credit allows,
-    /// and waits until the device has read the staging buffer.
+    /// Writes one piece (header and bytes) into the receiver's next slot once a credit allows;
+    /// returns once the write is posted (the piece was copied into the staging slot).
     fn write_piece(
         &mut self,
         ends: &LinkEnds,
@@ -222,45 +255,25 @@ impl RdmaSend {
         piece: &[u8],
         start: Instant,
     ) -> Result<()> {
-        self.queue.poll(ends, &mut self.done)?;
-        self.absorb(ends, None)?;
-        while self.credits() == 0 {
-            self.queue.wait(
-                ends,
-                "credited by the receiver",
-                start,
-                &self.abort,
-                &mut self.done,
-            )?;
-            self.absorb(ends, None)?;
-        }
-        self.staging.write(0, &header.encode());
-        self.staging.write(HEADER_LEN, piece);
+        self.wait_until(ends, "credited by the receiver", start, |s| {
+            s.credits() > 0 && s.writes_out < s.send_depth
+        })?;
         let slot = u64::from(self.sent % self.inbox.slots);
-        let remote = self.inbox.base + slot * self.inbox.slot_bytes;
-        let wr_id = u64::from(self.sent);
+        let at = (slot * self.inbox.slot_bytes) as usize;
+        self.staging.write(at, &header.encode());
+        self.staging.write(at + HEADER_LEN, piece);
         self.queue.post_write_imm(
-            wr_id,
+            u64::from(self.sent),
             &self.staging,
-            0,
+            at,
             HEADER_LEN + piece.len(),
-            remote,
+            self.inbox.base + slot * self.inbox.slot_bytes,
             self.inbox.rkey,
             self.sent,
         )?;
         self.sent = self.sent.wrapping_add(1);
-        loop {
-            self.queue.wait(
-                ends,
-                "written to the receiver",
-                start,
-                &self.abort,
-                &mut self.done,
-            )?;
-            if self.absorb(ends, Some(wr_id))? {
-                return Ok(());
-            }
-        }
+        self.writes_out += 1;
+        Ok(())
     }
 }
 
@@ -287,9 +300,20 @@ impl SendBackend for RdmaSend {
         Ok(Delivery::Staged)
     }
 
-    /// Nothing to wait for: a send returns once its last write completed at the receiver.
-    fn flush(&mut self, _ends: &LinkEnds) -> Result<()> {
-        Ok(())
+    /// Waits until every write posted has completed: its bytes are in the receiver's inbox.
+    fn flush(&mut self, ends: &LinkEnds) -> Result<()> {
+        self.wait_until(ends, "written to the receiver", Instant::now(), |s| {
+            s.writes_out == 0
+        })
+    }
+}
+
+impl Drop for RdmaSend {
+    /// Destroying the queue pair would drop writes still on their way: the last transfers of
+    /// a run are let out first (bounded by the link's timeout; a gone peer ends it sooner).
+    fn drop(&mut self) {
+        let ends = self.ends;
+        let _ = self.flush(&ends);
     }
 }
 
@@ -631,7 +655,7 @@ pub fn loopback(
 ) -> Result<(LinkSender, LinkReceiver)> {
     let abort = AbortFlag::new();
     let prepared = Prepared::new(dev, spec)?;
-    let send = RdmaSend::open(dev, prepared.inbox, &abort)?;
+    let send = RdmaSend::open(dev, prepared.inbox, ends, &abort)?;
     let recv = prepared.connect(&send.queue.info(), &abort)?;
     Ok((
         LinkSender::new(ends, Box::new(send), Observers::none()),

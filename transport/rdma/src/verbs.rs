@@ -288,6 +288,11 @@ impl Buffer {
         })
     }
 
+    /// Bytes registered.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     /// Start address, as the peer writes to it.
     pub fn addr(&self) -> u64 {
         self.ptr as u64
