@@ -90,11 +90,12 @@ fn soft_roce_guest_moves_verbs_traffic_and_runs_slug() {
     );
 }
 
-/// Two pipelines over slug's rdma links in the guest: the tiny one, and one whose activations
-/// travel in two pieces each with three sequences in flight (several inbox slots and credits
-/// in use at once). Each must give the host's tokens and move the same bytes (every
+/// Pipelines over slug's rdma links in the guest: the tiny one with stages started locally and
+/// on two `slug node`s (`--hosts`), and one whose activations travel in two pieces each with
+/// three sequences in flight (several inbox slots and credits in use at once). Each must give the host's tokens and move the same bytes (every
 /// transfer's hash, by sequence, step and layer). A recording over rdma must name the
-/// transport and replay bit-exact over rdma.
+/// transport and replay bit-exact over rdma, and the ladder's rdma row must be labelled as
+/// software emulation.
 #[cfg(feature = "rdma")]
 #[test]
 fn soft_roce_guest_runs_slug_over_rdma_links_like_the_host() {
@@ -102,11 +103,19 @@ fn soft_roce_guest_runs_slug_over_rdma_links_like_the_host() {
     // 72 prompt bytes x dim 256 x 4 bytes: 72 KiB per activation, two 64 KiB slots' worth.
     let wide = "run --model tiny --dim 256 --seed 3 --tokens 3 --stages 2 --sequences 3 \
                 --prompt 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef01234567";
+    // Two `slug node`s on the guest's Soft-RoCE interface, as on two hosts.
+    let hosts = "10.55.0.1:7070,10.55.0.1:7071";
     let record = "--model tiny --prompt Hello --seed 7 --tokens 6 --stages 2 --transport rdma";
     let ladder = "ladder --transport rdma --model tiny --stages 2 --tokens 2 --sequences 1 \
                   --messages 40";
     let guest_cmd = format!(
         "echo \"SLUG-TINY $(slug {tiny} --transport rdma --json --digests)\"; \
+         slug keygen /tmp/key > /dev/null || exit 21; \
+         for port in 7070 7071; do \
+             slug node --listen 10.55.0.1:$port --key-file /tmp/key 2>/dev/null & \
+         done; sleep 1; \
+         echo \"SLUG-HOSTS $(slug {tiny} --transport rdma --hosts {hosts} --key-file /tmp/key \
+             --json --digests)\"; \
          echo \"SLUG-WIDE $(slug {wide} --transport rdma --json --digests)\"; \
          slug record --out /tmp/rec -- {record} > /tmp/record.txt 2>&1 \
              || {{ cat /tmp/record.txt; exit 20; }}; \
@@ -117,7 +126,11 @@ fn soft_roce_guest_runs_slug_over_rdma_links_like_the_host() {
     let Some(stdout) = in_guest(&guest_cmd) else {
         return;
     };
-    for (label, args) in [("SLUG-TINY", tiny), ("SLUG-WIDE", wide)] {
+    for (label, args) in [
+        ("SLUG-TINY", tiny),
+        ("SLUG-HOSTS", tiny),
+        ("SLUG-WIDE", wide),
+    ] {
         let guest = labelled(&stdout, label);
         assert_eq!(guest["transport"], "rdma", "{label}: {guest}");
         let args: Vec<&str> = args.split_whitespace().collect();
