@@ -145,7 +145,7 @@ impl Device {
         }
         if port.state != ffi::ibv_port_state::IBV_PORT_ACTIVE {
             return Err(no_device(format!(
-                "{} port {PORT} is not active (state {})",
+                "{} port {PORT} is not active (state {}; {DEVICE_ENV} picks another device)",
                 dev.name, port.state
             )));
         }
