@@ -131,6 +131,10 @@ pub struct Achieved {
     pub tokens_per_s: f64,
 }
 
+/// A transport's measured rows before their ratios: what the raw row measures, the raw rungs
+/// and slug's link rungs.
+pub type Rows = (String, Result<Vec<Rung>>, Result<Vec<Rung>>);
+
 /// One transport's ladder.
 #[derive(Debug, Clone, Serialize)]
 pub struct Ladder {

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::ladder::Rung;
+use crate::ladder::Rows;
 #[cfg(feature = "rdma")]
 use crate::ladder::{ends, link_spec, link_step, ping_pong, rungs};
 
@@ -35,10 +35,7 @@ pub fn check() -> Result<String> {
 /// The ladder's rdma rows on the device a run would use: what the raw row measures (saying
 /// "software emulation" on Soft-RoCE), raw RDMA writes, and slug's rdma link, per size.
 #[cfg(feature = "rdma")]
-pub fn ladder_rungs(
-    sizes: &[usize],
-    messages: Option<u64>,
-) -> Result<(String, Result<Vec<Rung>>, Result<Vec<Rung>>)> {
+pub fn ladder_rungs(sizes: &[usize], messages: Option<u64>) -> Result<Rows> {
     let fabric = slug_rdma::ladder::RdmaFabric::open()?;
     let raw = rungs(sizes, messages, |size, n| {
         let (a, b) = fabric.raw_pair(size)?;
@@ -59,9 +56,6 @@ pub fn ladder_rungs(
 
 /// Without the `rdma` feature: says how to build slug with RDMA verbs.
 #[cfg(not(feature = "rdma"))]
-pub fn ladder_rungs(
-    _sizes: &[usize],
-    _messages: Option<u64>,
-) -> Result<(String, Result<Vec<Rung>>, Result<Vec<Rung>>)> {
+pub fn ladder_rungs(_sizes: &[usize], _messages: Option<u64>) -> Result<Rows> {
     anyhow::bail!("--transport rdma: {NOT_BUILT}")
 }

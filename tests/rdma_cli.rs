@@ -10,6 +10,7 @@ mod cli;
 
 /// Whether this host has an RDMA device the kernel knows of (then the no-device line cannot
 /// be seen here).
+#[cfg(feature = "rdma")]
 fn host_has_rdma() -> bool {
     std::fs::read_dir("/sys/class/infiniband").is_ok_and(|mut d| d.next().is_some())
 }
