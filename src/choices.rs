@@ -20,6 +20,8 @@ pub enum Transport {
     Tcp,
     /// One MPI rank per stage, started by `mpirun -np S` (build with `--features mpi`).
     Mpi,
+    /// One process per stage over RDMA verbs queue pairs (build with `--features rdma`).
+    Rdma,
 }
 
 impl From<Transport> for TransportKind {
@@ -29,6 +31,7 @@ impl From<Transport> for TransportKind {
             Transport::Shm => TransportKind::Shm,
             Transport::Tcp => TransportKind::Tcp,
             Transport::Mpi => TransportKind::Mpi,
+            Transport::Rdma => TransportKind::Rdma,
         }
     }
 }

@@ -114,6 +114,11 @@ fn recorded_demo(dir: &Path, args: &DemoArgs) -> Result<ExitCode> {
             "slug demo records on local, shm or tcp; for MPI use `mpirun -np 4 slug record \
              --out DIR --transport mpi -- --stages 4` (a build with --features mpi)"
         ),
+        Transport::Rdma => anyhow::bail!(
+            "slug demo records on local, shm or tcp; for RDMA use `slug record --out DIR -- \
+             --stages 4 --transport rdma` (a build with --features rdma, on a host with an \
+             RDMA device)"
+        ),
     };
     let mut model = ModelConfig::preset(args.model.name())?;
     if let Some(layers) = args.layers {

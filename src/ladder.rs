@@ -35,6 +35,10 @@ Examples:
   slug ladder --trace run1 --json
       The pipeline row from a recorded trace (its transport, model and stages) instead of a
       new run; one JSON object.
+  slug ladder --transport rdma --model small --stages 2
+      RDMA verbs (a build with --features rdma): raw RDMA writes with immediate between two
+      queue pairs vs slug's rdma link vs the pipeline over rdma. On Soft-RoCE (rxe) the raw
+      row says \"software emulation\": those numbers measure the kernel's emulation, not RDMA.
 
 Throughputs count payload bytes one way. The raw and link rows are ping-pongs of each
 activation size the pipeline sends (prefill: prompt x dim x 4 bytes; decode: dim x 4); the
@@ -44,7 +48,8 @@ pipeline row divides the bytes its links moved by the run's wall time.";
 #[derive(Debug, Args)]
 #[command(after_help = EXAMPLES)]
 pub struct LadderArgs {
-    /// Transports to measure, in order (shm, tcp, mpi; mpi under mpirun only).
+    /// Transports to measure, in order (shm, tcp, mpi, rdma; mpi under mpirun only, rdma in a
+    /// build with `--features rdma` on a host with an RDMA device).
     #[arg(long, value_delimiter = ',', default_value = "shm,tcp")]
     transport: Vec<String>,
     /// Pipeline stages of the pipeline row (at most the model's layers; tiny has 2).
@@ -59,6 +64,10 @@ pub struct LadderArgs {
     /// Prompt of the pipeline row's run (its length sets the prefill activation size).
     #[arg(long, default_value = "Hello, slug!")]
     prompt: String,
+    /// Messages per raw and link rung of the shm, tcp and rdma rows (default: enough for
+    /// about 50 ms at a few GB/s, at least 200); fewer for slow fabrics such as emulated RDMA.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    messages: Option<u64>,
     /// Take the pipeline row from this recorded trace (its own transport, model and stages).
     #[arg(long, value_name = "DIR")]
     trace: Option<PathBuf>,
@@ -122,6 +131,10 @@ pub struct Achieved {
     pub tokens_per_s: f64,
 }
 
+/// A transport's measured rows before their ratios: what the raw row measures, the raw rungs
+/// and slug's link rungs.
+pub type Rows = (String, Result<Vec<Rung>>, Result<Vec<Rung>>);
+
 /// One transport's ladder.
 #[derive(Debug, Clone, Serialize)]
 pub struct Ladder {
@@ -149,7 +162,13 @@ pub fn execute(args: LadderArgs) -> Result<ExitCode> {
     for t in &args.transport {
         let kind: TransportKind = t.parse().with_context(|| format!("--transport {t}"))?;
         if kind == TransportKind::Local {
-            bail!("--transport local: the ladder measures fabrics between stages: shm, tcp or mpi");
+            bail!(
+                "--transport local: the ladder measures fabrics between stages: shm, tcp, mpi or \
+                 rdma"
+            );
+        }
+        if kind == TransportKind::Rdma {
+            crate::rdma::check()?;
         }
         if !transports.contains(&kind) {
             transports.push(kind);
@@ -196,11 +215,16 @@ pub fn execute(args: LadderArgs) -> Result<ExitCode> {
             continue;
         }
         let (raw_kind, raw, link) = match kind {
-            TransportKind::Shm => ("memcpy", rungs(&sizes, memcpy), rungs(&sizes, shm_link)),
+            TransportKind::Shm => (
+                "memcpy".to_string(),
+                rungs(&sizes, args.messages, memcpy),
+                rungs(&sizes, args.messages, shm_link),
+            ),
+            TransportKind::Rdma => crate::rdma::ladder_rungs(&sizes, args.messages)?,
             _ => (
-                "loopback socket",
-                rungs(&sizes, raw_socket),
-                rungs(&sizes, tcp_link),
+                "loopback socket".to_string(),
+                rungs(&sizes, args.messages, raw_socket),
+                rungs(&sizes, args.messages, tcp_link),
             ),
         };
         let achieved = match &trace {
@@ -213,7 +237,7 @@ pub fn execute(args: LadderArgs) -> Result<ExitCode> {
                 Some(achieved_by(&pipeline::run(&c, &NoObservers)?))
             }
         };
-        ladders.push(assemble(kind.name(), raw_kind, raw?, link?, achieved));
+        ladders.push(assemble(kind.name(), &raw_kind, raw?, link?, achieved));
     }
     if args.json {
         println!(
@@ -394,11 +418,16 @@ pub fn iterations(size: usize) -> u64 {
     ((256 << 20) / size.max(1)).clamp(200, 20_000) as u64
 }
 
-fn rungs(sizes: &[usize], measure: fn(usize, u64) -> Result<Duration>) -> Result<Vec<Rung>> {
+/// One rung per size, each `measure(size, messages)` (by default [`iterations`]).
+pub fn rungs(
+    sizes: &[usize],
+    messages: Option<u64>,
+    mut measure: impl FnMut(usize, u64) -> Result<Duration>,
+) -> Result<Vec<Rung>> {
     sizes
         .iter()
         .map(|&s| {
-            let n = iterations(s);
+            let n = messages.unwrap_or_else(|| iterations(s));
             Ok(Rung::new(s, n, measure(s, n)?))
         })
         .collect()
@@ -416,7 +445,7 @@ fn memcpy(size: usize, n: u64) -> Result<Duration> {
 }
 
 /// `n` messages as ping-pong round trips (n / 2 each way) between two threads.
-fn ping_pong<A: Send + 'static>(
+pub fn ping_pong<A: Send + 'static>(
     n: u64,
     a: A,
     b: A,
@@ -461,7 +490,8 @@ fn raw_socket(size: usize, n: u64) -> Result<Duration> {
     ping_pong(n, (a, vec![1u8; size]), (b, vec![2u8; size]), step)
 }
 
-fn ends(id: u32) -> LinkEnds {
+/// Link `id` of the ladder's two links between endpoints 0 and 1.
+pub fn ends(id: u32) -> LinkEnds {
     LinkEnds {
         id: LinkId(id),
         src: EndpointId(id),
@@ -471,9 +501,11 @@ fn ends(id: u32) -> LinkEnds {
 }
 
 /// One side of a ping-pong over slug's links: its sender, receiver and arena.
-type LinkSide = (LinkSender, LinkReceiver, Vec<u8>);
+pub type LinkSide = (LinkSender, LinkReceiver, Vec<u8>);
 
-fn link_step(side: &mut LinkSide, first: bool) -> Result<()> {
+/// One ping-pong step over slug's links: the first side sends then receives, the other the
+/// reverse.
+pub fn link_step(side: &mut LinkSide, first: bool) -> Result<()> {
     let (tx, rx, arena) = side;
     let len = arena.len() as u64 / 2;
     let tag = Tag {
@@ -507,12 +539,18 @@ fn link_step(side: &mut LinkSide, first: bool) -> Result<()> {
     Ok(())
 }
 
-fn shm_link(size: usize, n: u64) -> Result<Duration> {
+/// The ring a link row uses for messages of `size` bytes: slots of at most 64 KiB, room for
+/// one whole message.
+pub fn link_spec(size: usize) -> RingSpec {
     let capacity = size.min(64 << 10);
-    let spec = RingSpec {
+    RingSpec {
         slots: size.div_ceil(capacity).max(2) as u32,
         capacity: capacity as u64,
-    };
+    }
+}
+
+fn shm_link(size: usize, n: u64) -> Result<Duration> {
+    let spec = link_spec(size);
     let layout = FabricLayout::new(&[spec, spec])?;
     let dir = if std::path::Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")

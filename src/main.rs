@@ -14,6 +14,7 @@ mod mpi;
 mod node;
 mod pipeline_args;
 mod progress;
+mod rdma;
 mod record;
 mod recover;
 mod replay;
@@ -26,6 +27,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    rdma::install();
     match cli::dispatch(args) {
         Ok(code) => code,
         Err(err) => {

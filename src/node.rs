@@ -28,7 +28,7 @@ use slug_transport::pipeline::{NodeCommand, NodeLauncher};
 #[command(after_help = "\
 What uses nodes: `slug run`, `slug record` and `slug replay` with --hosts (stage s on the s-th
 node, on other machines), and the stage processes that `slug run|record|replay --transport
-shm|tcp` and `slug demo --transport shm|tcp` start on this machine (`slug node --listen
+shm|tcp|rdma` and `slug demo --transport shm|tcp` start on this machine (`slug node --listen
 127.0.0.1:0 --once --key-file -`). A recording node records its stage and sends the files
 back; a replaying node restores its stage from its copy of the trace (--node-trace).
 

@@ -187,8 +187,11 @@ impl PipelineArgs {
         }
         let transport = TransportKind::from(self.transport);
         if !self.hosts.is_empty() {
-            if transport != TransportKind::Tcp {
-                bail!("--hosts runs stages on remote nodes over tcp: add --transport tcp");
+            if !matches!(transport, TransportKind::Tcp | TransportKind::Rdma) {
+                bail!(
+                    "--hosts runs stages on remote nodes over tcp or rdma: add --transport tcp \
+                     (or rdma)"
+                );
             }
             crate::node::warn_if_key_in_env(self.key_file.as_deref());
             if self.hosts.len() != self.stages {
@@ -209,6 +212,10 @@ impl PipelineArgs {
                     "--isa {name}: this CPU cannot run {name}; leave --isa out to use the best it has"
                 );
             }
+        }
+        // Stages started here need a device here; `--hosts` nodes check their own.
+        if transport == TransportKind::Rdma && self.hosts.is_empty() {
+            crate::rdma::check()?;
         }
         let mut cfg = PipelineConfig::new(model, &self.prompt, self.sequences, self.tokens);
         cfg.stages = self.stages;

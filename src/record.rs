@@ -162,6 +162,13 @@ pub fn execute(args: RecordArgs) -> Result<ExitCode> {
         ..RecordConfig::new(&args.out)
     };
     let mut pipeline = args.pipeline()?;
+    let config = RecordConfig {
+        // `pipeline()` checked the device already: this names it for the manifest.
+        rdma_device: (pipeline.transport == TransportKind::Rdma && pipeline.hosts.is_empty())
+            .then(crate::rdma::check)
+            .transpose()?,
+        ..config
+    };
     if !pipeline.spares.is_empty() {
         anyhow::bail!(
             "--spares is not supported while recording yet: a spare would have to continue the \

@@ -121,6 +121,12 @@ pub fn execute(args: ReplayArgs) -> Result<ExitCode> {
     if !args.hosts.is_empty() {
         crate::node::warn_if_key_in_env(args.key_file.as_deref());
     }
+    if transport.unwrap_or(rec.config().transport) == TransportKind::Rdma
+        && args.hosts.is_empty()
+        && args.stage.is_none()
+    {
+        crate::rdma::check()?;
+    }
     let opts = ReplayOptions {
         transport,
         threads: args.threads,

@@ -178,7 +178,10 @@ fn help_teaches_with_examples() {
 #[test]
 fn closed_value_flags_list_their_values_when_misspelled() {
     for (args, values) in [
-        (&["run", "--transport", "bogus"][..], "local, shm, tcp, mpi"),
+        (
+            &["run", "--transport", "bogus"][..],
+            "local, shm, tcp, mpi, rdma",
+        ),
         (&["run", "--model", "huge"][..], "tiny, small, base"),
         (
             &["record", "--out", "unused", "--payloads", "some"][..],
@@ -190,7 +193,7 @@ fn closed_value_flags_list_their_values_when_misspelled() {
         ),
         (
             &["demo", "--transport", "carrier-pigeon"][..],
-            "local, shm, tcp, mpi",
+            "local, shm, tcp, mpi, rdma",
         ),
     ] {
         let out = slug(args);

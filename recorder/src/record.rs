@@ -48,6 +48,9 @@ pub struct RecordConfig {
     pub hash_kernels: bool,
     /// eBPF endpoint probes.
     pub ebpf: EbpfRequest,
+    /// The RDMA device the run's links write with, as the recording process found it (an
+    /// rdma run started here; `None` elsewhere), for the manifest's `rdma_verbs` capability.
+    pub rdma_device: Option<String>,
 }
 
 impl RecordConfig {
@@ -64,6 +67,7 @@ impl RecordConfig {
             snapshot_every: Some(0),
             hash_kernels: false,
             ebpf: EbpfRequest::Auto,
+            rdma_device: None,
         }
     }
 }
@@ -572,6 +576,18 @@ pub fn record_with(
         captured: true,
         reason: Some("the last stage's logits (kernel head), every step".into()),
     });
+    if pipeline.transport == TransportKind::Rdma {
+        manifest.capabilities.push(slug_schema::Capability {
+            name: "rdma_verbs".into(),
+            requested: true,
+            available: true,
+            captured: true,
+            reason: Some(match &cfg.rdma_device {
+                Some(dev) => format!("links wrote with RDMA WRITE WITH IMMEDIATE on {dev}"),
+                None => "links wrote with RDMA WRITE WITH IMMEDIATE on each node's device".into(),
+            }),
+        });
+    }
     manifest.capabilities.push(slug_schema::Capability {
         name: "kernel_hashes".into(),
         requested: cfg.hash_kernels,

@@ -101,6 +101,9 @@ pub enum TransportError {
     /// The pipeline configuration cannot be run.
     #[error("invalid pipeline configuration: {0}")]
     Config(String),
+    /// An rdma run was asked for where no RDMA device can be used; says what verbs answered.
+    #[error("no RDMA device ({0}); use --transport tcp")]
+    NoRdmaDevice(String),
     /// The model kernels reported an error.
     #[error("kernels: {0}")]
     Kernel(String),

@@ -72,6 +72,10 @@ pub enum TransportKind {
     /// Stages are MPI ranks (rank = stage) started by `mpirun`/`srun`; links are MPI
     /// point-to-point messages on `MPI_COMM_WORLD` (the `slug-mpi` crate, feature `mpi`).
     Mpi,
+    /// Stages are processes, possibly on other hosts, whose links are RDMA verbs queue pairs:
+    /// writes with immediate from one registered buffer into the receiver's registered inbox
+    /// (the `slug-rdma` crate, feature `rdma`).
+    Rdma,
 }
 
 impl TransportKind {
@@ -82,6 +86,7 @@ impl TransportKind {
             Self::Shm => "shm",
             Self::Tcp => "tcp",
             Self::Mpi => "mpi",
+            Self::Rdma => "rdma",
         }
     }
 }
@@ -101,8 +106,9 @@ impl std::str::FromStr for TransportKind {
             "shm" => Ok(Self::Shm),
             "tcp" => Ok(Self::Tcp),
             "mpi" => Ok(Self::Mpi),
+            "rdma" => Ok(Self::Rdma),
             other => Err(crate::TransportError::Config(format!(
-                "unknown transport {other:?}; use local, shm, tcp or mpi"
+                "unknown transport {other:?}; use local, shm, tcp, mpi or rdma"
             ))),
         }
     }

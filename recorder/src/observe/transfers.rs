@@ -65,6 +65,7 @@ pub(super) fn transport(kind: TransportKind) -> Transport {
         TransportKind::Shm => Transport::Shm,
         TransportKind::Tcp => Transport::Tcp,
         TransportKind::Mpi => Transport::Mpi,
+        TransportKind::Rdma => Transport::Rdma,
     }
 }
 

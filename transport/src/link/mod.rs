@@ -100,6 +100,28 @@ pub fn check_place(ends: &LinkEnds, arena: ArenaId, size: usize, h: &TransferHea
     check_range(arena, size, h.dst_off, h.len).map(|_| ())
 }
 
+/// Checks that `h`, which a backend moving transfers in pieces of one slot found in a slot, is
+/// piece `chunk` of the transfer whose first piece was `first`, as the protocol promises.
+pub fn check_piece(
+    ends: &LinkEnds,
+    h: &TransferHeader,
+    first: &TransferHeader,
+    chunk: u64,
+) -> Result<()> {
+    // The piece's length derives from its header, so every piece must repeat the first's length.
+    if h.seq == first.seq && h.len == first.len && u64::from(h.chunk) == chunk {
+        return Ok(());
+    }
+    Err(TransportError::Protocol {
+        peer: ends.name(),
+        detail: format!(
+            "slot holds piece {} of transfer {} ({} bytes) where piece {chunk} of transfer {} \
+             ({} bytes) was due",
+            h.chunk, h.seq, h.len, first.seq, first.len
+        ),
+    })
+}
+
 /// How the bytes of a TCP data link are protected against tampering on the way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::{
     Delivery, LinkBackend, LinkEnds, LinkReceiver, LinkSender, RecvBackend, RegionMut, SendBackend,
-    StageLinks, check_place, check_range,
+    StageLinks, check_piece, check_place, check_range,
 };
 use crate::error::{Result, TransportError};
 use crate::fabric::{Fabric, WaitFailure};
@@ -154,14 +154,14 @@ impl RecvBackend for RingRecv {
             .recv(ends.timeout, |h, piece| -> Result<TransferHeader> {
                 check_place(ends, arena, bytes.len(), h)?;
                 let r = check_range(arena, bytes.len(), h.dst_off, h.len)?;
-                piece_in_order(ends, h, h, 0)?;
+                check_piece(ends, h, h, 0)?;
                 bytes[r.start..r.start + piece.len()].copy_from_slice(piece);
                 Ok(*h)
             })
             .map_err(|f| wait_error(ends, f, "received"))??;
         for chunk in 1..first.len.div_ceil(cap).max(1) {
             ring.recv(ends.timeout, |h, piece| -> Result<()> {
-                piece_in_order(ends, h, &first, chunk)?;
+                check_piece(ends, h, &first, chunk)?;
                 let at = (first.dst_off + chunk * cap) as usize;
                 bytes[at..at + piece.len()].copy_from_slice(piece);
                 Ok(())
@@ -170,27 +170,6 @@ impl RecvBackend for RingRecv {
         }
         Ok((first, Delivery::Staged))
     }
-}
-
-/// Checks that a ring slot holds piece `chunk` of transfer `seq`, as the protocol promises.
-fn piece_in_order(
-    ends: &LinkEnds,
-    h: &TransferHeader,
-    first: &TransferHeader,
-    chunk: u64,
-) -> Result<()> {
-    // The piece's length derives from its header, so every piece must repeat the first's length.
-    if h.seq == first.seq && h.len == first.len && u64::from(h.chunk) == chunk {
-        return Ok(());
-    }
-    Err(TransportError::Protocol {
-        peer: ends.name(),
-        detail: format!(
-            "slot holds piece {} of transfer {} ({} bytes) where piece {chunk} of transfer {} \
-             ({} bytes) was due",
-            h.chunk, h.seq, h.len, first.seq, first.len
-        ),
-    })
 }
 
 /// A stage's two ends of the rings of `fabric`: the ring of link `inbound.id` to receive, the

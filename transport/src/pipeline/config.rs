@@ -213,9 +213,10 @@ impl PipelineConfig {
             inject.validate(&self.plan()?, self.prompts.len(), self.tokens)?;
         }
         if !self.hosts.is_empty() {
-            if self.transport != TransportKind::Tcp {
+            if !matches!(self.transport, TransportKind::Tcp | TransportKind::Rdma) {
                 return bad(format!(
-                    "--hosts needs the tcp transport (got {}): other transports stay on one machine",
+                    "--hosts needs the tcp or rdma transport (got {}): other transports stay on \
+                     one machine",
                     self.transport
                 ));
             }

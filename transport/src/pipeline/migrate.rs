@@ -106,6 +106,13 @@ pub(crate) fn validate(cfg: &PipelineConfig) -> Result<()> {
                 .into(),
         );
     }
+    if cfg.transport == TransportKind::Rdma && (cfg.control.is_some() || !cfg.migrations.is_empty())
+    {
+        return bad(
+            "--migrate and --control move a stage to another node, whose rdma queue pairs would              have to be connected anew mid-run, which the rdma backend does not do: use              --transport tcp or shm to move stages"
+                .into(),
+        );
+    }
     if cfg.migrations.is_empty() {
         return Ok(());
     }

@@ -78,14 +78,16 @@ pub fn run(cfg: &PipelineConfig, observers: &dyn ObserverFactory) -> Result<RunR
              with slug-mpi (`mpirun -np S slug run --transport mpi --stages S`), not run()"
                 .into(),
         )),
-        TransportKind::Tcp if !cfg.hosts.is_empty() => {
+        TransportKind::Tcp | TransportKind::Rdma if !cfg.hosts.is_empty() => {
             let key = ClusterKey::resolve(cfg.key_file.as_deref())?;
             run_on_nodes(cfg, &cfg.hosts, &key)
         }
-        TransportKind::Shm | TransportKind::Tcp if cfg.launch == Launch::Threads => {
+        TransportKind::Shm | TransportKind::Tcp | TransportKind::Rdma
+            if cfg.launch == Launch::Threads =>
+        {
             run_on_thread_nodes(cfg, observers)
         }
-        TransportKind::Shm | TransportKind::Tcp => {
+        TransportKind::Shm | TransportKind::Tcp | TransportKind::Rdma => {
             let key = run_key(cfg)?;
             let launcher = cfg.launcher.as_deref().ok_or_else(|| {
                 TransportError::Config(format!(
