@@ -619,26 +619,15 @@ impl LinkSetup for RdmaSetup {
             )
         })?;
         log(&format!("rdma links on {}", self.dev.describe()));
-        std::thread::scope(|scope| {
-            let inbound = std::thread::Builder::new()
-                .name("slug-rdma-accept".into())
-                .spawn_scoped(scope, || self.accept(observers, abort, log))
-                .map_err(|e| TransportError::io("start the rdma link acceptor", e))?;
-            let outbound = RdmaSend::connect(&self.dev, &to, &self.plan, abort)
-                .map(|s| LinkSender::new(self.plan.outbound, Box::new(s), observers.clone()));
-            if outbound.is_err() {
-                abort.raise();
-            }
-            let inbound = inbound.join().unwrap_or_else(|_| {
-                Err(TransportError::Aborted {
-                    reason: "rdma link acceptor panicked".into(),
-                })
-            });
-            Ok(StageLinks {
-                inbound: Some(inbound?),
-                outbound: Some(outbound?),
-            })
-        })
+        StageLinks::accept_and_connect(
+            "slug-rdma-accept",
+            abort,
+            || self.accept(observers, abort, log),
+            || {
+                RdmaSend::connect(&self.dev, &to, &self.plan, abort)
+                    .map(|s| LinkSender::new(self.plan.outbound, Box::new(s), observers.clone()))
+            },
+        )
     }
 
     /// Nothing beyond the abort flag: every completion wait polls it.

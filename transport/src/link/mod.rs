@@ -502,6 +502,39 @@ pub struct StageLinks {
     pub outbound: Option<LinkSender>,
 }
 
+impl StageLinks {
+    /// Accepts the inbound link (`accept`, on a thread of its own named `thread`, which is also
+    /// the acceptor's name in errors) while `connect` makes the outbound one: every stage does
+    /// both at once, so no order of stages can deadlock. A failed outbound connection raises
+    /// `abort`, so the acceptor stops waiting for a caller that will not come.
+    pub fn accept_and_connect(
+        thread: &str,
+        abort: &AbortFlag,
+        accept: impl FnOnce() -> Result<LinkReceiver> + Send,
+        connect: impl FnOnce() -> Result<LinkSender>,
+    ) -> Result<StageLinks> {
+        std::thread::scope(|scope| {
+            let inbound = std::thread::Builder::new()
+                .name(thread.into())
+                .spawn_scoped(scope, accept)
+                .map_err(|e| TransportError::io(format!("start the {thread} thread"), e))?;
+            let outbound = connect();
+            if outbound.is_err() {
+                abort.raise();
+            }
+            let inbound = inbound.join().unwrap_or_else(|_| {
+                Err(TransportError::Aborted {
+                    reason: format!("{thread} panicked"),
+                })
+            });
+            Ok(StageLinks {
+                inbound: Some(inbound?),
+                outbound: Some(outbound?),
+            })
+        })
+    }
+}
+
 /// What a node agent knows about its stage's links when it prepares them.
 #[derive(Debug, Clone)]
 pub struct NodeLinkPlan {

@@ -320,42 +320,31 @@ impl LinkSetup for TcpSetup {
         let next =
             next.ok_or_else(|| TransportError::Config("no address for the next stage".into()))?;
         let plan = &self.plan;
-        std::thread::scope(|scope| {
-            let inbound = std::thread::Builder::new()
-                .name("slug-link-accept".into())
-                .spawn_scoped(scope, || {
-                    LinkReceiver::accept_tcp(
-                        &self.listener,
-                        &plan.key,
-                        plan.integrity,
-                        plan.inbound,
-                        observers.clone(),
-                        abort,
-                        &|e| log(&format!("refused a data-link caller: {e}")),
-                    )
-                })
-                .map_err(|e| TransportError::io("start the data-link acceptor", e))?;
-            let outbound = LinkSender::connect_tcp(
-                next,
-                &plan.key,
-                plan.integrity,
-                plan.outbound,
-                observers.clone(),
-                abort,
-            );
-            if outbound.is_err() {
-                abort.raise();
-            }
-            let inbound = inbound.join().unwrap_or_else(|_| {
-                Err(TransportError::Aborted {
-                    reason: "data-link acceptor panicked".into(),
-                })
-            });
-            Ok(StageLinks {
-                inbound: Some(inbound?),
-                outbound: Some(outbound?),
-            })
-        })
+        StageLinks::accept_and_connect(
+            "slug-link-accept",
+            abort,
+            || {
+                LinkReceiver::accept_tcp(
+                    &self.listener,
+                    &plan.key,
+                    plan.integrity,
+                    plan.inbound,
+                    observers.clone(),
+                    abort,
+                    &|e| log(&format!("refused a data-link caller: {e}")),
+                )
+            },
+            || {
+                LinkSender::connect_tcp(
+                    next,
+                    &plan.key,
+                    plan.integrity,
+                    plan.outbound,
+                    observers.clone(),
+                    abort,
+                )
+            },
+        )
     }
 
     /// Nothing beyond the abort flag: the acceptor and every socket wait poll it.
