@@ -860,15 +860,47 @@ struct OpenedTarget {
     weights: Option<String>,
 }
 
+/// How many `slug migrate` callers are still being answered. The run waits for them, briefly,
+/// before it returns, so a caller hears what became of its move rather than a closed connection.
+#[derive(Debug, Clone, Default)]
+struct Answering(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+/// One caller being answered: counted in [`Answering`] until dropped.
+struct AnsweringOne(Answering);
+
+impl Answering {
+    fn one(&self) -> AnsweringOne {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        AnsweringOne(self.clone())
+    }
+
+    /// Waits until every caller has been answered, or `limit` has passed.
+    fn wait(&self, limit: Duration) {
+        let until = Instant::now() + limit;
+        while self.0.load(std::sync::atomic::Ordering::SeqCst) > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for AnsweringOne {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Takes `slug migrate` requests on `listener` (each caller must prove the cluster key, as a
 /// coordinator does to a node) and hands them to the coordinator through `tx`, answering each
-/// with what became of its move; stops with `stop`.
+/// with what became of its move; stops with `stop`. The callers still being answered are
+/// counted in what it returns.
 fn serve_control(
     listener: TcpListener,
     key: ClusterKey,
     tx: Events,
     stop: AbortFlag,
-) -> Result<()> {
+) -> Result<Answering> {
+    let answering = Answering::default();
+    let counted = answering.clone();
     listener
         .set_nonblocking(true)
         .map_err(|e| TransportError::io("make the control endpoint non-blocking", e))?;
@@ -881,7 +913,7 @@ fn serve_control(
                     continue;
                 }
             };
-            let (key, tx, stop) = (key.clone(), tx.clone(), stop.clone());
+            let (key, tx, stop, counted) = (key.clone(), tx.clone(), stop.clone(), counted.clone());
             std::thread::spawn(move || {
                 let asked = stream
                     .set_nonblocking(false)
@@ -916,6 +948,7 @@ fn serve_control(
                         return;
                     }
                 };
+                let _answering = counted.one();
                 let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
                 if tx
                     .send((usize::MAX, Heard::Request(request, reply_tx)))
@@ -929,7 +962,7 @@ fn serve_control(
             });
         }
     });
-    Ok(())
+    Ok(answering)
 }
 
 /// Opens a session with move `index`'s target and has it build the stage (weights regenerated
@@ -1462,9 +1495,12 @@ impl Session {
     ) -> Result<Watched> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let stop_readers = AbortFlag::new();
-        if let Some(listener) = control {
-            serve_control(listener, key.clone(), tx.clone(), stop_readers.clone())?;
-        }
+        let answering = match control {
+            Some(listener) => {
+                serve_control(listener, key.clone(), tx.clone(), stop_readers.clone())?
+            }
+            None => Answering::default(),
+        };
         for c in 0..self.conns.len() {
             if !self.ended[c] {
                 self.listen(c, &tx, &stop_readers)?;
@@ -1537,6 +1573,16 @@ impl Session {
                 let _ = reply.send(report);
             }
         }
+        // Requests that came too late to be placed are answered, not left to a closed
+        // connection; a caller answered just now hears it before this process can exit.
+        while let Ok((_, heard)) = rx.try_recv() {
+            if let Heard::Request(request, reply) = heard {
+                let mut report = self.unplaced(&request);
+                report.reason = Some("the run ended before the move could be placed".into());
+                let _ = reply.send(report);
+            }
+        }
+        answering.wait(Duration::from_secs(2));
         // Targets still being opened are dismissed: the run is over.
         for m in &self.moves {
             if let (Some(t), Phase::Opening | Phase::Prepared) = (m.target, m.phase) {
@@ -1545,6 +1591,28 @@ impl Session {
             }
         }
         Ok(watched)
+    }
+
+    /// The report of a requested move before it is placed: nothing moved yet.
+    fn unplaced(&self, request: &MoveRequest) -> MigrationReport {
+        MigrationReport {
+            stage: request.stage,
+            from: self
+                .host
+                .get(request.stage)
+                .map(|&c| self.addr[c].clone())
+                .unwrap_or_default(),
+            to: request.to.clone(),
+            at_step: 0,
+            moved: false,
+            reason: None,
+            rounds: Vec::new(),
+            stall_ms: None,
+            step_ms: None,
+            restored_ms: None,
+            index: 0,
+            clocks: None,
+        }
     }
 
     /// A move `slug migrate` asked for: placed far enough ahead of the stage and its
@@ -1558,24 +1626,7 @@ impl Session {
     ) {
         let n = self.host.len();
         let stage = request.stage;
-        let mut report = MigrationReport {
-            stage,
-            from: self
-                .host
-                .get(stage)
-                .map(|&c| self.addr[c].clone())
-                .unwrap_or_default(),
-            to: request.to.clone(),
-            at_step: 0,
-            moved: false,
-            reason: None,
-            rounds: Vec::new(),
-            stall_ms: None,
-            step_ms: None,
-            restored_ms: None,
-            index: 0,
-            clocks: None,
-        };
+        let mut report = self.unplaced(&request);
         let refuse = |mut report: MigrationReport, reason: String| {
             report.reason = Some(reason);
             let _ = reply.send(report);
