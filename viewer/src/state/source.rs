@@ -63,6 +63,11 @@ pub trait TraceSource: Send {
     /// The trace's strings, which events name by id (kernel names, marker texts, ...).
     fn names(&self) -> &Names;
 
+    /// How an MPI recording's transfers travelled (the manifest's `mpi` table), if it has one.
+    fn mpi(&self) -> Option<&slug_schema::MpiTable> {
+        None
+    }
+
     /// Whole-trace time range: the union of every frame's range.
     fn extent(&self) -> TimeRange {
         let mut start = Nanos::MAX;
