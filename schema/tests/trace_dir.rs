@@ -137,8 +137,7 @@ fn synth_rejects_bad_configs() {
 /// Rewrites `root`'s manifest.json with `edit` applied to its JSON.
 fn edit_manifest(root: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let path = root.join(MANIFEST_FILE);
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
 }
@@ -176,10 +175,26 @@ fn a_manifest_without_an_mpi_table_reads_and_a_hostile_one_is_refused() {
     let hostile = [
         ("/links/0/dest_rank", serde_json::json!(9999), "rank 9999"),
         ("/links/0/payload_tag", serde_json::json!(0), "tag 0"),
-        ("/links/0/header_tag", serde_json::json!(4_000_000_000u64), "not an MPI tag"),
-        ("/communicator", serde_json::json!("x".repeat(100_000)), "communicator"),
-        ("/links", serde_json::json!(vec![good["links"][0].clone(); 5000]), "more than"),
-        ("/links/0/link", serde_json::json!(-1), "not a slug manifest"),
+        (
+            "/links/0/header_tag",
+            serde_json::json!(4_000_000_000u64),
+            "not an MPI tag",
+        ),
+        (
+            "/communicator",
+            serde_json::json!("x".repeat(100_000)),
+            "communicator",
+        ),
+        (
+            "/links",
+            serde_json::json!(vec![good["links"][0].clone(); 5000]),
+            "more than",
+        ),
+        (
+            "/links/0/link",
+            serde_json::json!(-1),
+            "not a slug manifest",
+        ),
     ];
     for (at, value, says) in hostile {
         edit_manifest(&root, |v| {
