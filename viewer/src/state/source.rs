@@ -107,6 +107,7 @@ pub struct MemorySource {
     events: Vec<Vec<Arc<[TraceEvent]>>>,
     health: Vec<LogHealth>,
     names: Names,
+    mpi: Option<slug_schema::MpiTable>,
 }
 
 impl MemorySource {
@@ -152,7 +153,14 @@ impl MemorySource {
             events: chunks,
             health,
             names: Names::default(),
+            mpi: None,
         }
+    }
+
+    /// The source with `mpi` as its recording's MPI table.
+    pub fn with_mpi(mut self, mpi: slug_schema::MpiTable) -> Self {
+        self.mpi = Some(mpi);
+        self
     }
 
     /// The source with `names` as the strings its events name.
@@ -192,5 +200,9 @@ impl TraceSource for MemorySource {
 
     fn names(&self) -> &Names {
         &self.names
+    }
+
+    fn mpi(&self) -> Option<&slug_schema::MpiTable> {
+        self.mpi.as_ref()
     }
 }
