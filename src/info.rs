@@ -184,6 +184,7 @@ fn render_with_disk(s: &TraceSummary, disk: Option<&DiskUsage>) -> String {
     }
     out.push_str(&t.render(&[0, 2, 3, 4, 5, 6, 7, 8]));
     out.push_str(&moves(s));
+    out.push_str(&mpi_links(s));
 
     out.push_str("\nevents per kind\n");
     out.push_str(&kind_table(&s.counts, s.events));
@@ -286,6 +287,34 @@ fn moves(s: &TraceSummary) -> String {
             .collect();
         out.push_str(&format!("  stage {stage}: {}\n", spans.join(", then ")));
     }
+    out
+}
+
+/// The MPI table of a `--transport mpi` recording: the communicator, and per link its ranks
+/// and tags, which every transfer event on the link used; empty for other recordings.
+fn mpi_links(s: &TraceSummary) -> String {
+    let Some(m) = &s.mpi else {
+        return String::new();
+    };
+    let mut out = format!(
+        "\nmpi links (communicator {})\n  a transfer of at most {} is one message with its \
+         link's tag;\n  a larger one is a header with that tag, then its payload with the \
+         payload tag\n  (`slug export` puts each transfer's communicator, ranks and tags on its \
+         slices)\n",
+        m.communicator,
+        bytes(m.inline_limit)
+    );
+    let mut t = Table::new(&["link", "source rank", "dest rank", "tag", "payload tag"]);
+    for l in &m.links {
+        t.row(vec![
+            l.link.to_string(),
+            l.source_rank.to_string(),
+            l.dest_rank.to_string(),
+            l.header_tag.to_string(),
+            l.payload_tag.to_string(),
+        ]);
+    }
+    out.push_str(&t.render(&[0, 1, 2, 3, 4]));
     out
 }
 

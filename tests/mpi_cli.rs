@@ -272,6 +272,112 @@ mod with_mpi {
         assert_eq!(report["first"]["kernel"], "down", "{report}");
     }
 
+    /// The manifest's mpi table as `slug info` and both exports show it: the communicator,
+    /// and per transfer event its ranks and tags, which must be what the link backend used
+    /// (ranks of the ring, tags from `slug_transport::mpi_wire`).
+    #[test]
+    fn a_recording_under_mpirun_names_each_transfer_s_communicator_tag_and_ranks() {
+        use slug_transport::mpi_wire::{COMMUNICATOR, INLINE, header_tag, payload_tag};
+        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("trace");
+        let trace = out.to_str().expect("utf-8 path");
+        let mut args = vec![
+            "record",
+            "--out",
+            trace,
+            "--perf",
+            "none",
+            "--ebpf",
+            "none",
+            "--",
+            "--transport",
+            "mpi",
+        ];
+        args.extend(PIPELINE);
+        let rec = mpirun(3, &args).output().expect("mpirun");
+        assert!(rec.status.success(), "{}", text(&rec));
+
+        let info = run(&["info", trace, "--json"]);
+        let info = json(&info);
+        let mpi = &info["mpi"];
+        assert_eq!(mpi["communicator"], COMMUNICATOR, "{info}");
+        assert_eq!(mpi["inline_limit"], INLINE as u64, "{info}");
+        let links = mpi["links"].as_array().expect("links");
+        assert_eq!(links.len(), 3, "{mpi}");
+        for (l, link) in links.iter().enumerate() {
+            assert_eq!(link["link"], l, "{link}");
+            assert_eq!(link["source_rank"], l, "{link}");
+            assert_eq!(link["dest_rank"], (l + 1) % 3, "{link}");
+            assert_eq!(link["header_tag"], header_tag(l as u32), "{link}");
+            assert_eq!(link["payload_tag"], payload_tag(l as u32), "{link}");
+        }
+        let shown = text(&run(&["info", trace]));
+        assert!(
+            shown.contains("mpi links (communicator MPI_COMM_WORLD)"),
+            "{shown}"
+        );
+
+        let chrome = dir.path().join("t.json");
+        let exported = run(&[
+            "export",
+            trace,
+            "--format",
+            "chrome",
+            "--out",
+            chrome.to_str().expect("utf-8"),
+        ]);
+        assert!(exported.status.success(), "{}", text(&exported));
+        let events = slug_viewer::export::chrome::read_events(&chrome).expect("chrome json");
+        let (mut slices, mut inline, mut two_messages) = (0, 0, 0);
+        for e in events
+            .iter()
+            .filter(|e| e["cat"] == "transfer" && e["ph"] == "X")
+        {
+            let a = &e["args"];
+            let link = (a["id"].as_u64().expect("id") >> 40) as u32;
+            assert_eq!(a["transport"], "mpi", "{e}");
+            assert_eq!(a["communicator"], COMMUNICATOR, "{e}");
+            assert_eq!(a["source_rank"], link, "{e}");
+            assert_eq!(a["dest_rank"], (link + 1) % 3, "{e}");
+            assert_eq!(a["tag"], header_tag(link), "{e}");
+            if a["bytes"].as_u64().expect("bytes") > INLINE as u64 {
+                assert_eq!(a["payload_tag"], payload_tag(link), "{e}");
+                two_messages += 1;
+            } else {
+                assert!(a.get("payload_tag").is_none(), "{e}");
+                inline += 1;
+            }
+            slices += 1;
+        }
+        // A send and a recv slice per transfer: 2 x (2 x 6 x 2 + 2 x 5).
+        assert_eq!(slices, 2 * (2 * 6 * 2 + 2 * 5), "{slices} transfer slices");
+        assert!(
+            inline > 0 && two_messages > 0,
+            "{inline} inline, {two_messages} not"
+        );
+
+        let perfetto = dir.path().join("t.perfetto-trace");
+        let exported = run(&["export", trace, "--out", perfetto.to_str().expect("utf-8")]);
+        assert!(exported.status.success(), "{}", text(&exported));
+        let data = std::fs::read(&perfetto).expect("perfetto file");
+        let c = slug_viewer::export::perfetto::read(&data).expect("perfetto");
+        for name in [
+            "transport",
+            "communicator",
+            "source_rank",
+            "dest_rank",
+            "tag",
+        ] {
+            assert_eq!(c.annotations.get(name), Some(&slices), "{name}");
+        }
+        assert_eq!(c.annotations.get("payload_tag"), Some(&two_messages));
+    }
+
     #[test]
     fn a_rank_that_dies_ends_the_job_with_our_message_first() {
         let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());

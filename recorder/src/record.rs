@@ -540,6 +540,9 @@ pub fn record_with(
     if on_hosts {
         place_endpoints(&mut manifest, &report);
         place_moved(&mut manifest, &report);
+        if report.transport == TransportKind::Mpi {
+            manifest.mpi = Some(mpi_table(pipeline.stages as u32));
+        }
         if let Some(t) = manifest_topology {
             manifest.topology = t;
         }
@@ -692,6 +695,29 @@ fn run_id() -> String {
 
 /// Names each endpoint's real node (`host:port` of its `slug node`) and host, and gives every
 /// node the clock offset measured when the coordinator connected, so that timelines align.
+/// The manifest's `mpi` table of a run of `stages` ranks: what the MPI link backend used, from
+/// the definitions it sends with ([`slug_transport::mpi_wire`]).
+fn mpi_table(stages: u32) -> slug_schema::MpiTable {
+    use slug_transport::mpi_wire::{COMMUNICATOR, INLINE, header_tag, link_ranks, payload_tag};
+    let links = if stages < 2 { 0 } else { stages };
+    slug_schema::MpiTable {
+        communicator: COMMUNICATOR.to_string(),
+        inline_limit: INLINE as u64,
+        links: (0..links)
+            .map(|link| {
+                let (source_rank, dest_rank) = link_ranks(stages, link);
+                slug_schema::MpiLink {
+                    link,
+                    source_rank,
+                    dest_rank,
+                    header_tag: header_tag(link).unsigned_abs(),
+                    payload_tag: payload_tag(link).unsigned_abs(),
+                }
+            })
+            .collect(),
+    }
+}
+
 fn place_endpoints(manifest: &mut Manifest, report: &RunReport) {
     manifest.clocks.clear();
     let mpi = report.transport == TransportKind::Mpi;

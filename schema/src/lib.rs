@@ -16,6 +16,7 @@ pub mod contained;
 mod error;
 mod event;
 mod frame;
+mod mpi_table;
 mod raw;
 mod reader;
 pub mod snapshot;
@@ -51,6 +52,7 @@ pub use frame::{
     Clock, FILE_HEADER_LEN, FORMAT_VERSION, FRAME_HEADER_LEN, FrameEncoder, FrameInfo, LogHeader,
     MAX_PAYLOAD_LEN, MAX_RAW_LEN,
 };
+pub use mpi_table::{MAX_COMMUNICATOR, MpiLink, MpiTable, MpiTransfer};
 pub use raw::RawRecord;
 pub use reader::{DecodedFrame, EventsIn, FooterState, LogReader, Recovery};
 pub use summary::{EndpointSummary, LogSummary, TraceSummary};

@@ -94,6 +94,10 @@ pub struct TraceSummary {
     pub lost_events: u64,
     /// Capabilities from the manifest.
     pub capabilities: Vec<Capability>,
+    /// The manifest's MPI table (a `--transport mpi` recording): communicator, per link its
+    /// ranks and tags.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mpi: Option<crate::MpiTable>,
 }
 
 impl TraceSummary {
@@ -220,6 +224,7 @@ impl TraceSummary {
             truncated_bytes: sum(|e| e.recovery.map_or(0, |r| r.truncated_bytes)),
             lost_events: sum(|e| e.lost_events),
             capabilities: m.capabilities.clone(),
+            mpi: m.mpi.clone(),
             endpoints,
         }
     }

@@ -49,6 +49,11 @@ pub struct Manifest {
     pub topology: Vec<HostTopology>,
     /// What was asked for, possible and captured, with reasons.
     pub capabilities: Vec<Capability>,
+    /// How the transfers of a `--transport mpi` recording travelled: communicator, and per
+    /// link its ranks and tags. Other recordings, and MPI ones made before it existed, have
+    /// none and still read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mpi: Option<crate::MpiTable>,
 }
 
 impl Manifest {
@@ -66,6 +71,7 @@ impl Manifest {
             clocks: Vec::new(),
             topology: Vec::new(),
             capabilities: Vec::new(),
+            mpi: None,
         }
     }
 }
@@ -277,6 +283,16 @@ impl Trace {
                     manifest.endpoints.len()
                 ),
             });
+        }
+        if let Some(mpi) = &manifest.mpi {
+            mpi.check(&manifest.endpoints)
+                .map_err(|what| SchemaError::Manifest {
+                    path,
+                    reason: format!(
+                        "its mpi table {what}; the trace is damaged or was not written by \
+                         slug: record it again, or remove the \"mpi\" table to read the rest"
+                    ),
+                })?;
         }
         Ok(Trace { dir, manifest })
     }

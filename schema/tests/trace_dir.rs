@@ -133,3 +133,76 @@ fn synth_rejects_bad_configs() {
         Err(SchemaError::Synth(_))
     ));
 }
+
+/// Rewrites `root`'s manifest.json with `edit` applied to its JSON.
+fn edit_manifest(root: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = root.join(MANIFEST_FILE);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn a_manifest_without_an_mpi_table_reads_and_a_hostile_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("t");
+    write_trace(&root, &small()).unwrap();
+    // Written before the table existed (and by every non-MPI recording): no "mpi" key at all.
+    edit_manifest(&root, |v| {
+        v.as_object_mut().unwrap().remove("mpi");
+    });
+    let text = std::fs::read_to_string(root.join(MANIFEST_FILE)).unwrap();
+    assert!(!text.contains("\"mpi\""), "{text}");
+    assert_eq!(Trace::open(&root).unwrap().manifest().mpi, None);
+
+    let ranks: Vec<u32> = Trace::open(&root)
+        .unwrap()
+        .manifest()
+        .endpoints
+        .iter()
+        .map(|e| e.rank)
+        .collect();
+    let (a, b) = (ranks[0], *ranks.iter().find(|&&r| r != ranks[0]).unwrap());
+    let good = serde_json::json!({
+        "communicator": "MPI_COMM_WORLD",
+        "inline_limit": 4096,
+        "links": [{"link": 0, "source_rank": a, "dest_rank": b, "header_tag": 0, "payload_tag": 1}],
+    });
+    edit_manifest(&root, |v| v["mpi"] = good.clone());
+    let table = Trace::open(&root).unwrap().manifest().mpi.clone().unwrap();
+    assert_eq!(table.transfer(0, 5000).unwrap().payload_tag, Some(1));
+
+    let hostile = [
+        ("/links/0/dest_rank", serde_json::json!(9999), "rank 9999"),
+        ("/links/0/payload_tag", serde_json::json!(0), "tag 0"),
+        (
+            "/links/0/header_tag",
+            serde_json::json!(4_000_000_000u64),
+            "not an MPI tag",
+        ),
+        (
+            "/communicator",
+            serde_json::json!("x".repeat(100_000)),
+            "communicator",
+        ),
+        (
+            "/links",
+            serde_json::json!(vec![good["links"][0].clone(); 5000]),
+            "more than",
+        ),
+        (
+            "/links/0/link",
+            serde_json::json!(-1),
+            "not a slug manifest",
+        ),
+    ];
+    for (at, value, says) in hostile {
+        edit_manifest(&root, |v| {
+            v["mpi"] = good.clone();
+            *v["mpi"].pointer_mut(at).unwrap() = value;
+        });
+        let err = Trace::open(&root).unwrap_err().to_string();
+        assert!(err.contains(says), "{at}: {err}");
+        assert!(err.contains("manifest.json"), "{at}: {err}");
+    }
+}

@@ -45,6 +45,7 @@ pub mod error;
 pub mod fabric;
 pub mod inject;
 pub mod link;
+pub mod mpi_wire;
 pub mod pipeline;
 pub mod transfer;
 mod wire;

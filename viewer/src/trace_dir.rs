@@ -34,6 +34,7 @@ pub struct TraceDirSource {
     /// Endpoint id (as in transfers) → index in `endpoints`.
     index_of: HashMap<u32, EndpointIx>,
     names: Names,
+    mpi: Option<slug_schema::MpiTable>,
 }
 
 impl TraceDirSource {
@@ -109,6 +110,7 @@ impl TraceDirSource {
             logs,
             index_of,
             names,
+            mpi: trace.manifest().mpi.clone(),
         })
     }
 
@@ -189,6 +191,10 @@ fn shift(ns: u64, offset: i64) -> Nanos {
 impl TraceSource for TraceDirSource {
     fn endpoints(&self) -> &[EndpointInfo] {
         &self.endpoints
+    }
+
+    fn mpi(&self) -> Option<&slug_schema::MpiTable> {
+        self.mpi.as_ref()
     }
 
     fn frames(&self, endpoint: EndpointIx) -> &[FrameSummary] {

@@ -23,21 +23,7 @@ use slug_transport::{Result, TransportError};
 /// MPI counts are `int`: larger payloads travel as consecutive messages of at most this size.
 const PIECE: usize = 1 << 30;
 
-/// Largest transfer that travels inside its header's message: about Open MPI's shared-memory
-/// eager limit, below which a second message costs more than copying the bytes once on each
-/// side (the model's decode activations are this small). Larger payloads go straight between
-/// the arenas in a message of their own (MPI's single-copy path for large messages).
-pub const INLINE: usize = 4 << 10;
-
-/// MPI tag of link `link`'s headers; its payloads use the next tag.
-pub fn header_tag(link: u32) -> i32 {
-    2 * link as i32
-}
-
-/// MPI tag of link `link`'s payloads.
-pub fn payload_tag(link: u32) -> i32 {
-    header_tag(link) + 1
-}
+pub use slug_transport::mpi_wire::{INLINE, header_tag, payload_tag};
 
 /// The sending end of a link: to rank `dest` on `MPI_COMM_WORLD`.
 #[derive(Debug)]

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use slug_transport::clock::{ClockOffset, ClockSample, monotonic_ns};
 use slug_transport::link::{LinkEnds, LinkReceiver, LinkSender, StageLinks};
+use slug_transport::mpi_wire::link_ranks;
 use slug_transport::pipeline::{
     ObserverFactory, PipelineConfig, RunReport, StageContext, StageReport, run_stage,
 };
@@ -92,16 +93,19 @@ pub fn run_rank_collecting(
         if n < 2 {
             return Ok(StageLinks::default());
         }
+        // Link l joins the ranks `link_ranks` names (the manifest's mpi table says the same).
         let up = (s + n - 1) % n;
+        let (from, _) = link_ranks(n as u32, up as u32);
+        let (_, to) = link_ranks(n as u32, s as u32);
         Ok(StageLinks {
             inbound: Some(LinkReceiver::new(
                 link_ends(cfg, up),
-                Box::new(MpiRecv::new(up, up as u32)),
+                Box::new(MpiRecv::new(from as usize, up as u32)),
                 obs.clone(),
             )),
             outbound: Some(LinkSender::new(
                 link_ends(cfg, s),
-                Box::new(MpiSend::new((s + 1) % n, s as u32)),
+                Box::new(MpiSend::new(to as usize, s as u32)),
                 obs.clone(),
             )),
         })

@@ -20,7 +20,9 @@ use serde_json::Value;
 
 use crate::error::{Result, ViewerError};
 use crate::export::ExportSummary;
-use crate::export::walk::{Item, Lanes, ebpf_track_shape, software_categories, walk};
+use crate::export::walk::{
+    Item, Lanes, ebpf_track_shape, mpi_numbers, mpi_of, software_categories, walk,
+};
 use crate::state::event::{EndpointIx, EventKind, Names, Nanos, TraceEvent, Transfer};
 use crate::state::source::TraceSource;
 use crate::state::system;
@@ -109,6 +111,8 @@ struct Writer<'a> {
     out: &'a mut dyn Write,
     buf: Vec<u8>,
     names: &'a Names,
+    /// The manifest's MPI table, for the MPI arguments of transfers.
+    mpi: Option<&'a slug_schema::MpiTable>,
     first: bool,
     summary: ExportSummary,
     named_threads: HashSet<(EndpointIx, u64)>,
@@ -239,17 +243,25 @@ impl Writer<'_> {
         }
         let key = slug_schema::TransferKey::unpack(x.id()).to_string();
         let cat = EventKind::Transfer.name();
+        let mut args = Vec::with_capacity(9);
+        args.extend([
+            ("transfer", Arg::Str(&key)),
+            ("id", Arg::Uint(x.id())),
+            ("bytes", Arg::Uint(x.bytes())),
+            ("transport", Arg::Str(x.record.transport.name())),
+        ]);
+        if let Some(m) = &mpi_of(self.mpi, x) {
+            args.push(("communicator", Arg::Str(m.communicator)));
+            let (numbers, n) = mpi_numbers(m);
+            args.extend(numbers[..n].iter().map(|&(k, v)| (k, Arg::Uint(v))));
+        }
         self.slice(
             ep,
             tid,
             if send { "send" } else { "recv" },
             cat,
             (start, end),
-            &[
-                ("transfer", Arg::Str(&key)),
-                ("id", Arg::Uint(x.id())),
-                ("bytes", Arg::Uint(x.bytes())),
-            ],
+            &args,
         )?;
         self.open(if send { "s" } else { "f" }, ep);
         self.u64_field("tid", tid);
@@ -438,6 +450,7 @@ pub fn write(source: &dyn TraceSource, out: &mut dyn Write) -> Result<ExportSumm
         out,
         buf: Vec::with_capacity(FLUSH_BYTES + 4096),
         names: source.names(),
+        mpi: source.mpi(),
         first: true,
         summary: ExportSummary::default(),
         named_threads: HashSet::new(),

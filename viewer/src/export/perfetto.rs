@@ -31,7 +31,9 @@ use std::io::{Read, Write};
 use crate::error::{Result, ViewerError};
 use crate::export::ExportSummary;
 use crate::export::proto::{Message, Value, decode};
-use crate::export::walk::{Item, Lanes, ebpf_track_shape, software_categories, walk};
+use crate::export::walk::{
+    Item, Lanes, ebpf_track_shape, mpi_numbers, mpi_of, software_categories, walk,
+};
 use crate::state::event::{EndpointIx, EventKind, TraceEvent, Transfer};
 use crate::state::system;
 use crate::state::{event::Nanos, source::TraceSource};
@@ -525,11 +527,19 @@ impl Writer<'_> {
             self.summary.flows += 1;
         }
         let key = slug_schema::TransferKey::unpack(x.id()).to_string();
-        let anns = [
+        let mut anns = Vec::with_capacity(9);
+        anns.extend([
             Ann::Str("transfer", &key),
             Ann::Uint("bytes", x.bytes()),
             Ann::Uint("id", x.id()),
-        ];
+            Ann::Str("transport", x.record.transport.name()),
+        ]);
+        let mpi = mpi_of(self.source.mpi(), x);
+        if let Some(m) = &mpi {
+            anns.push(Ann::Str("communicator", m.communicator));
+            let (numbers, n) = mpi_numbers(m);
+            anns.extend(numbers[..n].iter().map(|&(k, v)| Ann::Uint(k, v)));
+        }
         let ev = Ev {
             ty: event::TYPE_SLICE_BEGIN,
             cats: Some(EventKind::Transfer.name()),

@@ -268,3 +268,94 @@ fn gz_export_compresses_on_a_thread_and_reports_a_full_disk() {
         assert!(err.to_string().contains("/dev/full"), "{err}");
     }
 }
+
+/// Transfers of an MPI recording carry the communicator, ranks and tags the manifest's table
+/// gives their link (the payload's tag only past the inline limit); other transfers, and MPI
+/// ones of a trace without the table, carry their transport only.
+#[test]
+fn mpi_transfers_carry_their_communicator_ranks_and_tags() {
+    let mpi_events = |limit: Option<u64>| {
+        let mut events = fixture::pipeline_events(3, 2);
+        for e in events.iter_mut().flatten() {
+            if let TraceEvent::Transfer(x) = e {
+                x.record.transport = slug_schema::Transport::Mpi;
+                // Link 1 (stage 1 to 2) keeps its own id's link: 1 << 40 | seq.
+                if x.src == 1 {
+                    x.record.id |= 1 << 40;
+                }
+                if limit == Some(0) && x.src == 0 {
+                    x.record.transport = slug_schema::Transport::Tcp;
+                }
+            }
+        }
+        let src = MemorySource::new(fixture::endpoints(3), events, 16).with_names(fixture::names());
+        match limit {
+            Some(inline_limit) => src.with_mpi(slug_schema::MpiTable {
+                communicator: "MPI_COMM_WORLD".into(),
+                inline_limit,
+                links: (0..2)
+                    .map(|l| slug_schema::MpiLink {
+                        link: l,
+                        source_rank: l,
+                        dest_rank: l + 1,
+                        header_tag: 2 * l,
+                        payload_tag: 2 * l + 1,
+                    })
+                    .collect(),
+            }),
+            None => src,
+        }
+    };
+    let chrome = |src: &MemorySource| {
+        let mut out = Vec::new();
+        export(src, Format::Chrome, &mut out).expect("exports");
+        let doc: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        doc["traceEvents"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| e["cat"] == "transfer" && e["ph"] == "X")
+            .map(|e| e["args"].clone())
+            .collect::<Vec<_>>()
+    };
+    // Every transfer inline: no payload tag.
+    let args = chrome(&mpi_events(Some(u64::MAX)));
+    assert_eq!(args.len(), 2 * 2 * 2, "2 links x 2 steps, send and recv");
+    for a in &args {
+        let link = a["id"].as_u64().unwrap() >> 40;
+        assert_eq!(a["transport"], "mpi", "{a}");
+        assert_eq!(a["communicator"], "MPI_COMM_WORLD", "{a}");
+        assert_eq!(a["source_rank"], link, "{a}");
+        assert_eq!(a["dest_rank"], link + 1, "{a}");
+        assert_eq!(a["tag"], 2 * link, "{a}");
+        assert!(a.get("payload_tag").is_none(), "{a}");
+    }
+    // Link 0's transfers as tcp, link 1's past the inline limit: header and payload tags.
+    for a in chrome(&mpi_events(Some(0))) {
+        if a["id"].as_u64().unwrap() >> 40 == 0 {
+            assert_eq!(a["transport"], "tcp", "{a}");
+            assert!(a.get("communicator").is_none(), "{a}");
+        } else {
+            assert_eq!(
+                (&a["tag"], &a["payload_tag"]),
+                (&2.into(), &3.into()),
+                "{a}"
+            );
+        }
+    }
+    // No table (an MPI trace from before it): the transport only.
+    for a in chrome(&mpi_events(None)) {
+        assert_eq!(a["transport"], "mpi", "{a}");
+        assert!(
+            a.get("communicator").is_none() && a.get("tag").is_none(),
+            "{a}"
+        );
+    }
+    let mut out = Vec::new();
+    export(&mpi_events(Some(0)), Format::Perfetto, &mut out).expect("exports");
+    let c = super::perfetto::read(&out).expect("decodes");
+    assert_eq!(c.annotations["transport"], 8);
+    assert_eq!(c.annotations["communicator"], 4);
+    assert_eq!(c.annotations["tag"], 4);
+    assert_eq!(c.annotations["payload_tag"], 4);
+}

@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use slug_schema::{MpiTable, MpiTransfer};
+
 use crate::error::Result;
 use crate::state::event::{
     EbpfKind, EndpointIx, Nanos, SoftwareKind, TimeRange, TraceEvent, Transfer,
@@ -27,6 +29,29 @@ pub enum Item<'a> {
     Recv(&'a Transfer),
     /// A binned perf-lane value for `endpoint`: lane name, bin start, value.
     Lane(EndpointIx, &'static str, Nanos, f64),
+}
+
+/// How transfer `x` travelled over MPI, when it is an `mpi` transfer and `table` is the
+/// recording's MPI table ([`TraceSource::mpi`]): both exports put this beside its slice.
+pub fn mpi_of<'a>(table: Option<&'a MpiTable>, x: &Transfer) -> Option<MpiTransfer<'a>> {
+    if x.record.transport != slug_schema::Transport::Mpi {
+        return None;
+    }
+    let link = slug_schema::TransferKey::unpack(x.id()).link;
+    table?.transfer(link, x.bytes())
+}
+
+/// The numeric arguments of an MPI transfer's slice (beside `communicator`): the ranks, the
+/// header's tag and, for a transfer larger than the inline limit, the payload's; the first
+/// `n` entries of the array count.
+pub fn mpi_numbers(m: &MpiTransfer<'_>) -> ([(&'static str, u64); 4], usize) {
+    let numbers = [
+        ("source_rank", u64::from(m.source_rank)),
+        ("dest_rank", u64::from(m.dest_rank)),
+        ("tag", u64::from(m.tag)),
+        ("payload_tag", u64::from(m.payload_tag.unwrap_or(0))),
+    ];
+    (numbers, if m.payload_tag.is_some() { 4 } else { 3 })
 }
 
 /// How an eBPF event shows on its thread's track in both exports: its categories (the kind's

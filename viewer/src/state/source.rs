@@ -63,6 +63,11 @@ pub trait TraceSource: Send {
     /// The trace's strings, which events name by id (kernel names, marker texts, ...).
     fn names(&self) -> &Names;
 
+    /// How an MPI recording's transfers travelled (the manifest's `mpi` table), if it has one.
+    fn mpi(&self) -> Option<&slug_schema::MpiTable> {
+        None
+    }
+
     /// Whole-trace time range: the union of every frame's range.
     fn extent(&self) -> TimeRange {
         let mut start = Nanos::MAX;
@@ -102,6 +107,7 @@ pub struct MemorySource {
     events: Vec<Vec<Arc<[TraceEvent]>>>,
     health: Vec<LogHealth>,
     names: Names,
+    mpi: Option<slug_schema::MpiTable>,
 }
 
 impl MemorySource {
@@ -147,7 +153,14 @@ impl MemorySource {
             events: chunks,
             health,
             names: Names::default(),
+            mpi: None,
         }
+    }
+
+    /// The source with `mpi` as its recording's MPI table.
+    pub fn with_mpi(mut self, mpi: slug_schema::MpiTable) -> Self {
+        self.mpi = Some(mpi);
+        self
     }
 
     /// The source with `names` as the strings its events name.
@@ -187,5 +200,9 @@ impl TraceSource for MemorySource {
 
     fn names(&self) -> &Names {
         &self.names
+    }
+
+    fn mpi(&self) -> Option<&slug_schema::MpiTable> {
+        self.mpi.as_ref()
     }
 }

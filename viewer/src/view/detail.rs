@@ -6,8 +6,9 @@ use ratatui::style::Style;
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph, Widget, Wrap};
 
+use crate::export::walk::{mpi_numbers, mpi_of};
 use crate::state::app::Selection;
-use crate::state::event::{Names, Nanos};
+use crate::state::event::{Names, Nanos, TraceEvent};
 use crate::state::source::EndpointInfo;
 use crate::view::style;
 
@@ -18,6 +19,7 @@ pub struct DetailView<'a> {
     endpoints: &'a [EndpointInfo],
     names: &'a Names,
     origin: Nanos,
+    mpi: Option<&'a slug_schema::MpiTable>,
 }
 
 impl<'a> DetailView<'a> {
@@ -34,7 +36,15 @@ impl<'a> DetailView<'a> {
             endpoints,
             names,
             origin,
+            mpi: None,
         }
+    }
+
+    /// The pane with the recording's MPI table, so an `mpi` transfer also shows its
+    /// communicator, ranks and tags.
+    pub fn with_mpi(mut self, mpi: Option<&'a slug_schema::MpiTable>) -> Self {
+        self.mpi = mpi;
+        self
     }
 }
 
@@ -49,7 +59,15 @@ impl Widget for DetailView<'_> {
             Span::styled("endpoint ", style::DIM),
             Span::raw(name(self.selection.endpoint)),
         ])];
-        for (field, value) in self.selection.event.fields(self.origin, self.names, &name) {
+        let mut fields = self.selection.event.fields(self.origin, self.names, &name);
+        if let TraceEvent::Transfer(x) = &self.selection.event
+            && let Some(m) = mpi_of(self.mpi, x)
+        {
+            fields.push(("communicator", m.communicator.to_string()));
+            let (numbers, n) = mpi_numbers(&m);
+            fields.extend(numbers[..n].iter().map(|&(k, v)| (k, v.to_string())));
+        }
+        for (field, value) in fields {
             lines.push(Line::from(vec![
                 Span::styled(format!("{field} "), style::DIM),
                 Span::raw(value),

@@ -98,6 +98,7 @@ pub fn draw(frame: &mut Frame<'_>, app: &mut App) {
             app.timeline.source().names(),
             app.timeline.extent().start_ns,
         )
+        .with_mpi(app.timeline.source().mpi())
         .render(side, frame.buffer_mut());
         main
     } else {

@@ -266,6 +266,51 @@ fn detail_pane_shows_every_field_of_a_transfer() {
 }
 
 #[test]
+fn detail_pane_shows_an_mpi_transfer_s_communicator_ranks_and_tags() {
+    let mut event = transfer();
+    if let TraceEvent::Transfer(x) = &mut event {
+        x.record.transport = slug_schema::Transport::Mpi;
+    }
+    let sel = Selection { endpoint: 1, event };
+    let table = slug_schema::MpiTable {
+        communicator: "MPI_COMM_WORLD".into(),
+        inline_limit: 1024,
+        links: vec![slug_schema::MpiLink {
+            link: 0,
+            source_rank: 0,
+            dest_rank: 1,
+            header_tag: 0,
+            payload_tag: 1,
+        }],
+    };
+    let eps = fixture::endpoints(2);
+    let mut buf = Buffer::empty(Rect::new(0, 0, 40, 26));
+    detail::DetailView::new(&sel, &eps, &fixture::names(), 0)
+        .with_mpi(Some(&table))
+        .render(buf.area, &mut buf);
+    let text = plain(&buf);
+    let rows: Vec<String> = (0..26)
+        .map(|y| {
+            (1..40)
+                .map(|x| text[(x, y)].symbol())
+                .collect::<String>()
+                .trim_end()
+                .to_string()
+        })
+        .collect();
+    for want in [
+        "transport mpi",
+        "communicator MPI_COMM_WORLD",
+        "source_rank 0",
+        "dest_rank 1",
+        "tag 0",
+        "payload_tag 1",
+    ] {
+        assert!(rows.iter().any(|r| r == want), "{want}: {rows:#?}");
+    }
+}
+
+#[test]
 fn link_panel_draws_bandwidth_and_achieved_rate() {
     let window = Window {
         range: crate::state::event::TimeRange::new(0, 8_000),
