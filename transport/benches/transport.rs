@@ -2,7 +2,9 @@
 //! transfers (local and shm rings vs memcpy, tcp links with `--link-integrity mac` (default)
 //! and `none` vs a plain loopback socket pair),
 //! small-transfer round trips, and pipeline tokens/s of the `small` model at 1, 2 and 4 stages.
-//! After the criterion groups a summary prints every ratio.
+//! After the criterion groups a summary prints every ratio. `SLUG_TRANSPORT_ONLY=bandwidth,
+//! latency,pipeline` (any of them, comma-separated) runs only those parts of the summary and
+//! skips the criterion groups.
 
 use std::hint::black_box;
 use std::io::{Read, Write};
@@ -189,6 +191,7 @@ fn stream(kind: Backend, iters: u64, size: usize) -> Duration {
     }
     let t = start.elapsed();
     sender.join().expect("sender");
+    if std::env::var_os("DBG").is_some() { eprintln!("direct {} of {}", rx.stats().direct, rx.stats().transfers); }
     t
 }
 
@@ -339,8 +342,35 @@ fn pipeline(c: &mut Criterion) {
     g.finish();
 }
 
+/// Whether `SLUG_TRANSPORT_ONLY` (unset: everything) names `part`.
+fn wanted(part: &str) -> bool {
+    std::env::var("SLUG_TRANSPORT_ONLY")
+        .map_or(true, |only| only.split(',').any(|p| p.trim() == part))
+}
+
+/// Runs the criterion groups unless `SLUG_TRANSPORT_ONLY` picks parts of the summary.
+fn groups(c: &mut Criterion) {
+    if std::env::var_os("SLUG_TRANSPORT_ONLY").is_none() {
+        bandwidth(c);
+        latency(c);
+        pipeline(c);
+    }
+}
+
 /// Measures every backend and its baseline again, back to back, and prints the ratios.
 fn summary(_c: &mut Criterion) {
+    if wanted("bandwidth") {
+        summary_bandwidth();
+    }
+    if wanted("latency") {
+        summary_latency();
+    }
+    if wanted("pipeline") {
+        summary_pipeline();
+    }
+}
+
+fn summary_bandwidth() {
     let gib = |d: Duration| BIG as f64 / d.as_secs_f64() / f64::from(1u32 << 30);
     let memcpy_bw = best(5, 200, |n| memcpy(n, BIG));
     let raw_bw = best(5, 200, |n| raw_stream(n, BIG));
@@ -374,6 +404,9 @@ fn summary(_c: &mut Criterion) {
          on the thread that moves it; target: tcp_mac >= 0.80x raw tcp)",
         gib(mac)
     );
+}
+
+fn summary_latency() {
     let memcpy_small = best(5, 100_000, |n| memcpy(n, SMALL));
     let raw_rtt = best(5, 5_000, |n| raw_ping_pong(n, SMALL));
     eprintln!("== round trip of 64 B transfers ==");
@@ -392,6 +425,9 @@ fn summary(_c: &mut Criterion) {
             t.as_secs_f64() / base.as_secs_f64()
         );
     }
+}
+
+fn summary_pipeline() {
     eprintln!("== pipeline, small model, 4 sequences in flight, 8 tokens each (local) ==");
     let mut one = 0.0;
     for stages in [1, 2, 4] {
@@ -427,5 +463,5 @@ fn summary(_c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bandwidth, latency, pipeline, summary);
+criterion_group!(benches, groups, summary);
 criterion_main!(benches);
