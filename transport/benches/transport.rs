@@ -2,11 +2,15 @@
 //! transfers (local and shm rings vs memcpy, tcp links with `--link-integrity mac` (default)
 //! and `none` vs a plain loopback socket pair),
 //! small-transfer round trips, and pipeline tokens/s of the `small` model at 1, 2 and 4 stages.
-//! After the criterion groups a summary prints every ratio.
+//! After the criterion groups a summary prints every ratio. `SLUG_TRANSPORT_ONLY=bandwidth,
+//! latency,pipeline` (any of them, comma-separated) runs only those parts of the summary and
+//! skips the criterion groups.
 
 use std::hint::black_box;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -16,7 +20,9 @@ use slug_transport::AbortFlag;
 use slug_transport::auth::ClusterKey;
 use slug_transport::fabric::{Fabric, FabricLayout, RingSpec};
 use slug_transport::link::ring::{RingRecv, RingSend};
-use slug_transport::link::{LinkEnds, LinkIntegrity, LinkReceiver, LinkSender, Region, RegionMut};
+use slug_transport::link::{
+    LinkEnds, LinkIntegrity, LinkReceiver, LinkSender, LinkStats, Region, RegionMut,
+};
 use slug_transport::pipeline::{Launch, NoObservers, PipelineConfig, run};
 use slug_transport::transfer::{ArenaId, EndpointId, LinkId, Observers, Tag, TransportKind};
 
@@ -57,23 +63,34 @@ fn memcpy(iters: u64, size: usize) -> Duration {
 /// The two sides of one link of the backend under test: (sender, receiver) for link `id`.
 type Pair = (LinkSender, LinkReceiver);
 
-/// Ring links of `kind` (`Local`: heap fabric; `Shm`: a /dev/shm file mapped twice, as two
-/// processes would). Returns link 0 (a -> b) and link 1 (b -> a).
-fn ring_links(kind: TransportKind, size: usize) -> (Pair, Pair) {
+/// The fabric of two rings shaped for `size`-byte transfers.
+fn ring_layout(size: usize) -> FabricLayout {
     let capacity = size.min(SLOT_BYTES);
     let spec = RingSpec {
         slots: size.div_ceil(capacity).max(2) as u32,
         capacity: capacity as u64,
     };
-    let layout = FabricLayout::new(&[spec, spec]).expect("layout");
+    FabricLayout::new(&[spec, spec]).expect("layout")
+}
+
+/// A fresh fabric file's path, in /dev/shm where there is one (as shm runs place it).
+fn shm_path(what: &str) -> PathBuf {
+    let name = format!("slug-bench-{what}-{}", std::process::id());
+    let dir = Path::new("/dev/shm");
+    if dir.is_dir() {
+        dir.join(name)
+    } else {
+        std::env::temp_dir().join(name)
+    }
+}
+
+/// Ring links of `kind` (`Local`: heap fabric; `Shm`: a /dev/shm file mapped twice, as two
+/// processes would). Returns link 0 (a -> b) and link 1 (b -> a).
+fn ring_links(kind: TransportKind, size: usize) -> (Pair, Pair) {
+    let layout = ring_layout(size);
     let (tx_side, rx_side) = match kind {
         TransportKind::Shm => {
-            let path = std::env::temp_dir().join(format!("slug-bench-{}", std::process::id()));
-            let path = if std::path::Path::new("/dev/shm").is_dir() {
-                std::path::Path::new("/dev/shm").join(path.file_name().expect("name"))
-            } else {
-                path
-            };
+            let path = shm_path("threads");
             let a = Arc::new(Fabric::create(&path, layout.clone()).expect("create fabric"));
             let b = Arc::new(Fabric::open(&path, layout).expect("open fabric"));
             let _ = std::fs::remove_file(&path);
@@ -189,7 +206,96 @@ fn stream(kind: Backend, iters: u64, size: usize) -> Duration {
     }
     let t = start.elapsed();
     sender.join().expect("sender");
+    count_direct(&rx.stats());
     t
+}
+
+/// Transfers taken straight into the receiver's arena, and all transfers, by `stream` since
+/// the last [`direct_share`].
+static DIRECT: AtomicU64 = AtomicU64::new(0);
+static RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+fn count_direct(stats: &LinkStats) {
+    DIRECT.fetch_add(stats.direct, Ordering::Relaxed);
+    RECEIVED.fetch_add(stats.transfers, Ordering::Relaxed);
+}
+
+/// Percent of the transfers counted since the last call that were copied once (direct).
+fn direct_share() -> f64 {
+    let direct = DIRECT.swap(0, Ordering::Relaxed) as f64;
+    100.0 * direct / RECEIVED.swap(0, Ordering::Relaxed).max(1) as f64
+}
+
+/// Set in the receiving child of [`stream_processes`]: the fabric file and how many to receive.
+const CHILD: &str = "SLUG_TRANSPORT_BENCH_CHILD";
+
+/// [`stream`] over shm with the receiver in another process, as in an shm run: a child (this
+/// bench run again) maps the fabric file, takes one transfer to start, then times `iters`
+/// more and prints the nanoseconds and its direct count.
+fn stream_processes(iters: u64, size: usize) -> Duration {
+    let path = shm_path("processes");
+    let fabric = Arc::new(Fabric::create(&path, ring_layout(size)).expect("create fabric"));
+    let child = std::process::Command::new(std::env::current_exe().expect("bench binary"))
+        .env(CHILD, format!("{iters}:{size}:{}", path.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the receiving process");
+    let send = RingSend::new(fabric, 0, TransportKind::Shm).expect("sender");
+    let mut tx = LinkSender::new(ends(0), Box::new(send), Observers::none());
+    let src = vec![3u8; size];
+    for i in 0..=iters {
+        let region = Region {
+            arena: A,
+            bytes: &src,
+        };
+        tx.send(region, 0, size as u64, A, 0, tag(i)).expect("send");
+    }
+    let out = child.wait_with_output().expect("receiving process");
+    let _ = std::fs::remove_file(&path);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text
+        .split_whitespace()
+        .map(|w| w.parse::<u64>().expect("number"));
+    let (ns, direct) = (words.next().expect("time"), words.next().expect("direct"));
+    count_direct(&LinkStats {
+        transfers: iters,
+        direct,
+        ..LinkStats::default()
+    });
+    Duration::from_nanos(ns)
+}
+
+/// The receiving child of [`stream_processes`]; exits the process.
+fn receive_in_child(spec: &str) -> ! {
+    let mut parts = spec.splitn(3, ':');
+    let mut number = || {
+        parts
+            .next()
+            .and_then(|p| p.parse::<u64>().ok())
+            .expect(CHILD)
+    };
+    let (iters, size) = (number(), number() as usize);
+    let path = PathBuf::from(spec.splitn(3, ':').nth(2).expect(CHILD));
+    let fabric = Arc::new(Fabric::open(&path, ring_layout(size)).expect("open fabric"));
+    let recv = RingRecv::new(fabric, 0, TransportKind::Shm).expect("receiver");
+    let mut rx = LinkReceiver::new(ends(0), Box::new(recv), Observers::none());
+    let mut dst = vec![0u8; size];
+    let mut take = |rx: &mut LinkReceiver| {
+        rx.recv(&mut RegionMut {
+            arena: A,
+            bytes: &mut dst,
+        })
+        .expect("recv");
+    };
+    take(&mut rx);
+    let first = rx.stats().direct;
+    let start = Instant::now();
+    for _ in 0..iters {
+        take(&mut rx);
+    }
+    let ns = start.elapsed().as_nanos();
+    println!("{ns} {}", rx.stats().direct - first);
+    std::process::exit(0)
 }
 
 fn raw_stream(iters: u64, size: usize) -> Duration {
@@ -339,8 +445,38 @@ fn pipeline(c: &mut Criterion) {
     g.finish();
 }
 
+/// Whether `SLUG_TRANSPORT_ONLY` (unset: everything) names `part`.
+fn wanted(part: &str) -> bool {
+    std::env::var("SLUG_TRANSPORT_ONLY")
+        .map_or(true, |only| only.split(',').any(|p| p.trim() == part))
+}
+
+/// Runs the criterion groups unless `SLUG_TRANSPORT_ONLY` picks parts of the summary.
+fn groups(c: &mut Criterion) {
+    if let Ok(spec) = std::env::var(CHILD) {
+        receive_in_child(&spec);
+    }
+    if std::env::var_os("SLUG_TRANSPORT_ONLY").is_none() {
+        bandwidth(c);
+        latency(c);
+        pipeline(c);
+    }
+}
+
 /// Measures every backend and its baseline again, back to back, and prints the ratios.
 fn summary(_c: &mut Criterion) {
+    if wanted("bandwidth") {
+        summary_bandwidth();
+    }
+    if wanted("latency") {
+        summary_latency();
+    }
+    if wanted("pipeline") {
+        summary_pipeline();
+    }
+}
+
+fn summary_bandwidth() {
     let gib = |d: Duration| BIG as f64 / d.as_secs_f64() / f64::from(1u32 << 30);
     let memcpy_bw = best(5, 200, |n| memcpy(n, BIG));
     let raw_bw = best(5, 200, |n| raw_stream(n, BIG));
@@ -354,13 +490,28 @@ fn summary(_c: &mut Criterion) {
             Backend::Tcp(_) => (best(5, 200, |n| raw_stream(n, BIG)).min(raw_bw), "raw tcp"),
             Backend::Ring(_) => (memcpy_bw, "memcpy"),
         };
+        let share = direct_share();
+        let direct = match kind {
+            Backend::Ring(_) => format!(" ({share:.0}% copied once, straight into the receiver)"),
+            Backend::Tcp(_) => String::new(),
+        };
         eprintln!(
-            "{:<8} {:7.2} GiB/s  = {:.2}x {name}",
+            "{:<8} {:7.2} GiB/s  = {:.2}x {name}{direct}",
             kind.name(),
             gib(t),
             base.as_secs_f64() / t.as_secs_f64()
         );
     }
+    // As an shm run moves activations: the receiver is another process, and the one copy is
+    // `process_vm_writev` into its arena. memcpy measured again right after.
+    let t = best(5, 200, |n| stream_processes(n, BIG));
+    let base = best(5, 200, |n| memcpy(n, BIG)).min(memcpy_bw);
+    eprintln!(
+        "shm, receiver in another process {:7.2} GiB/s  = {:.2}x memcpy ({:.0}% copied once)",
+        gib(t),
+        base.as_secs_f64() / t.as_secs_f64(),
+        direct_share()
+    );
     let mac = best(5, 200, |n| {
         let (key, src) = ([7u8; 32], vec![3u8; BIG]);
         let start = Instant::now();
@@ -374,6 +525,9 @@ fn summary(_c: &mut Criterion) {
          on the thread that moves it; target: tcp_mac >= 0.80x raw tcp)",
         gib(mac)
     );
+}
+
+fn summary_latency() {
     let memcpy_small = best(5, 100_000, |n| memcpy(n, SMALL));
     let raw_rtt = best(5, 5_000, |n| raw_ping_pong(n, SMALL));
     eprintln!("== round trip of 64 B transfers ==");
@@ -392,6 +546,9 @@ fn summary(_c: &mut Criterion) {
             t.as_secs_f64() / base.as_secs_f64()
         );
     }
+}
+
+fn summary_pipeline() {
     eprintln!("== pipeline, small model, 4 sequences in flight, 8 tokens each (local) ==");
     let mut one = 0.0;
     for stages in [1, 2, 4] {
@@ -427,5 +584,5 @@ fn summary(_c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bandwidth, latency, pipeline, summary);
+criterion_group!(benches, groups, summary);
 criterion_main!(benches);

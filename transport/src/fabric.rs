@@ -384,6 +384,16 @@ impl Ring<'_> {
         }
     }
 
+    /// Sender side of the rendezvous before direct placement: waits at most `budget` (never
+    /// sleeping, and not once the run is aborted) for a receiver to post its arena, so that
+    /// [`Ring::try_direct`] can copy the transfer once instead of staging it in slots (a copy
+    /// on each side). True when a post is there.
+    pub(crate) fn await_post(&self, budget: Duration) -> bool {
+        let state = self.fabric.word32(self.at + POST_STATE);
+        let posted = || state.load(Ordering::Acquire) == POSTED;
+        posted() || poll_until(self.fabric, posted, Instant::now(), budget)
+    }
+
     /// Sender side of direct placement: if the receiver waits with a post for `header.dst_arena`
     /// that holds the destination range, and every earlier message was consumed, copies
     /// `payload` straight into the receiver's arena and completes the transfer. Returns false
@@ -557,20 +567,8 @@ fn wait_until(
         return Ok(());
     }
     let start = Instant::now();
-    let mut rounds = 0u32;
-    // Reading the clock costs more than a spin round; look at it every 64 rounds.
-    while !rounds.is_multiple_of(64) || start.elapsed() < SPIN_FOR {
-        if ready() {
-            return Ok(());
-        }
-        rounds = rounds.wrapping_add(1);
-        std::hint::spin_loop();
-    }
-    while start.elapsed() < YIELD_FOR && !fabric.aborted() {
-        if ready() {
-            return Ok(());
-        }
-        std::thread::yield_now();
+    if poll_until(fabric, &ready, start, YIELD_FOR) {
+        return Ok(());
     }
     loop {
         let observed = word.load(Ordering::SeqCst);
@@ -590,6 +588,27 @@ fn wait_until(
         }
         waiters.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Spins (until [`SPIN_FOR`]), then yields the CPU, until `ready()` holds (true), or `limit`
+/// has passed since `start` or the fabric is aborted (false). Never sleeps.
+fn poll_until(fabric: &Fabric, ready: impl Fn() -> bool, start: Instant, limit: Duration) -> bool {
+    let mut rounds = 0u32;
+    // Reading the clock costs more than a spin round; look at it every 64 rounds.
+    while !rounds.is_multiple_of(64) || start.elapsed() < SPIN_FOR.min(limit) {
+        if ready() {
+            return true;
+        }
+        rounds = rounds.wrapping_add(1);
+        std::hint::spin_loop();
+    }
+    while start.elapsed() < limit && !fabric.aborted() {
+        if ready() {
+            return true;
+        }
+        std::thread::yield_now();
+    }
+    ready()
 }
 
 /// Copies `bytes` to `addr` in process `pid` (a receiver on this machine that posted its arena

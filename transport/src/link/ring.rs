@@ -3,11 +3,13 @@
 //! memory-mapped file (`shm`, stages are processes).
 //!
 //! A receiver that is already waiting posts its arena in the ring header and the sender copies
-//! straight into it (one copy: `memcpy` between threads, `process_vm_writev` between processes);
-//! otherwise, or where the kernel refuses cross-process copies, the bytes queue in slots (two
-//! copies) in pieces of at most one slot.
+//! straight into it (one copy: `memcpy` between threads, `process_vm_writev` between processes).
+//! A sender that finds no post waits for one about as long as staging the transfer would take
+//! (a rendezvous, as MPI does for large messages), then, or where the kernel refuses
+//! cross-process copies, the bytes queue in slots (two copies) in pieces of at most one slot.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::{
     Delivery, LinkBackend, LinkEnds, LinkReceiver, LinkSender, RecvBackend, RegionMut, SendBackend,
@@ -26,6 +28,9 @@ pub struct RingSend {
     /// Whether to try direct placement into a waiting receiver's arena (turned off for good
     /// where the kernel refuses cross-process copies).
     direct: bool,
+    /// Longest wait for a receiver to post before staging ([`RingSend::wait_for_receiver`]);
+    /// `None`: about the time staging the transfer would take ([`rendezvous_budget`]).
+    wait: Option<Duration>,
 }
 
 /// The receiving end of one fabric ring.
@@ -69,7 +74,15 @@ impl RingSend {
             ring,
             kind,
             direct: true,
+            wait: None,
         })
+    }
+
+    /// Waits up to `up_to` (never past the link's timeout) for the receiver to post its arena
+    /// before staging a transfer, instead of about the time staging it would take.
+    pub fn wait_for_receiver(mut self, up_to: Duration) -> Self {
+        self.wait = Some(up_to);
+        self
     }
 }
 
@@ -97,8 +110,13 @@ impl SendBackend for RingSend {
         let ring = self.fabric.ring(self.ring);
         let cap = ring.capacity();
         let len = header.len;
-        // A receiver already waiting takes the bytes straight into its arena; otherwise they
-        // queue in slots, in pieces of at most one slot.
+        // A receiver already waiting, or one that comes within the time staging would take,
+        // gets the bytes straight into its arena (one copy); otherwise they queue in slots, in
+        // pieces of at most one slot (a copy in, and one out on the receiving side).
+        if self.direct {
+            let budget = self.wait.unwrap_or_else(|| rendezvous_budget(len));
+            ring.await_post(budget.min(ends.timeout));
+        }
         if ring.try_direct(header, payload, &mut self.direct) {
             return Ok(Delivery::Direct);
         }
@@ -170,6 +188,18 @@ impl RecvBackend for RingRecv {
         }
         Ok((first, Delivery::Staged))
     }
+}
+
+/// Copy bandwidth assumed when weighing a wait for the receiver against staging: 8 GiB/s,
+/// below what a memcpy of a large transfer reaches here, so the budget is generous.
+const STAGING_BYTES_PER_US: u64 = 8 << 10;
+
+/// How long a sender waits for the receiver to post before it stages `len` bytes: about the
+/// time staging them would take (`len` at [`STAGING_BYTES_PER_US`]). Waiting no longer than the
+/// alternative costs bounds the loss when no receiver comes to twice the best choice, and a
+/// receiver that does come saves the sender's copy into slots and its own copy out of them.
+fn rendezvous_budget(len: u64) -> Duration {
+    Duration::from_nanos(len.saturating_mul(1000) / STAGING_BYTES_PER_US)
 }
 
 /// A stage's two ends of the rings of `fabric`: the ring of link `inbound.id` to receive, the

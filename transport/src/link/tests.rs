@@ -235,6 +235,107 @@ fn a_waiting_receiver_gets_the_bytes_placed_directly() {
     assert_eq!(stats.direct, tx.stats().direct);
 }
 
+/// Ends of a heap ring whose sender waits up to `wait` for the receiver before staging.
+fn rendezvous_link(
+    slots: u32,
+    capacity: u64,
+    wait: Option<Duration>,
+    obs: Observers,
+) -> (LinkSender, LinkReceiver) {
+    let layout = FabricLayout::new(&[RingSpec { slots, capacity }]).expect("layout");
+    let fabric = Arc::new(Fabric::heap(layout));
+    let send = RingSend::new(fabric.clone(), 0, TransportKind::Local).expect("tx");
+    let send = match wait {
+        Some(up_to) => send.wait_for_receiver(up_to),
+        None => send,
+    };
+    let recv = RingRecv::new(fabric, 0, TransportKind::Local).expect("rx");
+    (
+        LinkSender::new(ends(), Box::new(send), obs.clone()),
+        LinkReceiver::new(ends(), Box::new(recv), obs),
+    )
+}
+
+#[test]
+fn a_sender_waits_for_a_late_receiver_and_copies_each_transfer_once() {
+    const LEN: usize = 256 << 10;
+    let seen = Arc::new(Seen::default());
+    // Slots of 16 KiB: staged, each transfer would be 16 pieces copied in and out again.
+    let (mut tx, mut rx) = rendezvous_link(
+        16,
+        16 << 10,
+        Some(Duration::from_secs(10)),
+        Observers::none().with(seen.clone()),
+    );
+    let receiver = std::thread::spawn(move || {
+        let mut dst = vec![0u8; LEN + 8];
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            // Arrive after the sender: it has to wait for this receiver's post.
+            std::thread::sleep(Duration::from_millis(5));
+            rx.recv(&mut RegionMut {
+                arena: ArenaId(1),
+                bytes: &mut dst,
+            })
+            .expect("recv");
+            got.push(dst[8..].to_vec());
+        }
+        (got, rx.stats())
+    });
+    let src: Vec<u8> = (0..LEN + 4).map(|i| (i * 7 % 251) as u8).collect();
+    for i in 0..4u64 {
+        let region = Region {
+            arena: ArenaId(0),
+            bytes: &src,
+        };
+        let t = tx
+            .send(region, i, LEN as u64, ArenaId(1), 8, tag(i as u32))
+            .expect("send");
+        assert_eq!(t.id.seq, i);
+    }
+    let (got, stats) = receiver.join().expect("receiver");
+    for (i, bytes) in got.iter().enumerate() {
+        assert!(bytes[..] == src[i..i + LEN], "transfer {i} arrived changed");
+    }
+    // Every transfer went straight into the receiver's arena, and both ends saw it.
+    assert_eq!((stats.transfers, stats.direct), (4, 4), "{stats:?}");
+    assert_eq!(tx.stats().direct, 4);
+    let seen = seen.0.lock().expect("lock");
+    assert_eq!(seen.len(), 8);
+    for (i, pair) in seen.chunks(2).enumerate() {
+        assert!(pair[0].0 && !pair[1].0);
+        assert_eq!((pair[0].1.seq, pair[1].1.seq), (i as u64, i as u64));
+        assert_eq!(pair[0].2, content_hash(&src[i..i + LEN]));
+        assert_eq!(pair[0].2, pair[1].2);
+    }
+}
+
+#[test]
+fn a_sender_stages_when_no_receiver_comes_within_its_wait() {
+    const LEN: usize = 1 << 20;
+    let src: Vec<u8> = (0..LEN).map(|i| (i % 253) as u8).collect();
+    let mut dst = vec![0u8; LEN];
+    // The default wait (about the time staging takes) and a zero one: nobody receives while
+    // the sender sends, so the transfer is staged in the ring, whole, and taken from there.
+    for wait in [None, Some(Duration::ZERO)] {
+        let (mut tx, mut rx) = rendezvous_link(16, 64 << 10, wait, Observers::none());
+        let region = Region {
+            arena: ArenaId(0),
+            bytes: &src,
+        };
+        tx.send(region, 0, LEN as u64, ArenaId(0), 0, tag(0))
+            .expect("send");
+        dst.fill(0);
+        rx.recv(&mut RegionMut {
+            arena: ArenaId(0),
+            bytes: &mut dst,
+        })
+        .expect("recv");
+        assert!(dst == src, "the staged transfer arrived changed");
+        assert_eq!((tx.stats().direct, rx.stats().direct), (0, 0));
+    }
+}
+
 #[test]
 fn a_repointed_link_keeps_its_numbering_counters_and_observers() {
     let seen = Arc::new(Seen::default());
