@@ -97,6 +97,17 @@ mod with_mpi {
         }
     }
 
+    /// The right to run one MPI job now, or `None` (saying why) where this machine cannot run
+    /// MPI jobs.
+    fn one_job() -> Option<std::sync::MutexGuard<'static, ()>> {
+        let one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = skip_reason() {
+            eprintln!("skipped: {why}");
+            return None;
+        }
+        Some(one)
+    }
+
     /// `mpirun -np N slug ARGS`.
     fn mpirun(n: usize, args: &[&str]) -> Command {
         let mut c = Command::new("mpirun");
@@ -135,11 +146,7 @@ mod with_mpi {
 
     #[test]
     fn tokens_and_every_transfer_hash_match_local_shm_and_tcp() {
-        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        let Some(_one) = one_job() else { return };
         let mut args: Vec<&str> = vec!["run", "--json", "--digests"];
         args.extend(PIPELINE);
         let mpi = json(
@@ -182,11 +189,7 @@ mod with_mpi {
 
     #[test]
     fn a_recording_under_mpirun_replays_bit_exact_on_threads_and_on_mpi() {
-        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        let Some(_one) = one_job() else { return };
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("trace");
         let trace = out.to_str().expect("utf-8 path");
@@ -278,11 +281,7 @@ mod with_mpi {
     #[test]
     fn a_recording_under_mpirun_names_each_transfer_s_communicator_tag_and_ranks() {
         use slug_transport::mpi_wire::{COMMUNICATOR, INLINE, header_tag, payload_tag};
-        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        let Some(_one) = one_job() else { return };
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("trace");
         let trace = out.to_str().expect("utf-8 path");
@@ -380,11 +379,7 @@ mod with_mpi {
 
     #[test]
     fn a_rank_that_dies_ends_the_job_with_our_message_first() {
-        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        let Some(_one) = one_job() else { return };
         // A run far longer than the test waits: it only ends by the failure.
         let mut child = mpirun(
             3,
@@ -508,11 +503,7 @@ mod with_mpi {
 
     #[test]
     fn rank_0_waiting_on_a_silent_rank_s_report_fails_within_the_timeout() {
-        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        let Some(_one) = one_job() else { return };
         let line = silent_rank_1(
             "report",
             &[
@@ -538,11 +529,7 @@ mod with_mpi {
 
     #[test]
     fn rank_0_gathering_a_silent_rank_s_recording_fails_within_the_timeout() {
-        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        let Some(_one) = one_job() else { return };
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("trace");
         let trace = out.to_str().expect("utf-8 path");
@@ -617,11 +604,7 @@ mod with_mpi {
 
     #[test]
     fn a_rank_waiting_on_a_silent_rank_0_s_clock_ping_fails_within_the_timeout() {
-        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        let Some(_one) = one_job() else { return };
         let mut args = vec!["run"];
         args.extend(TWO_STAGES);
         let line = silent_rank(0, "clock", &args);
@@ -630,11 +613,7 @@ mod with_mpi {
 
     #[test]
     fn a_rank_waiting_on_a_silent_rank_0_s_configuration_fails_within_the_timeout() {
-        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        let Some(_one) = one_job() else { return };
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("trace");
         let line = silent_rank(0, "config", &record_args(out.to_str().expect("utf-8")));
@@ -643,11 +622,7 @@ mod with_mpi {
 
     #[test]
     fn a_rank_waiting_on_a_silent_rank_0_while_gathering_fails_within_the_timeout() {
-        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        let Some(_one) = one_job() else { return };
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("trace");
         let line = silent_rank(0, "gather", &record_args(out.to_str().expect("utf-8")));
@@ -685,11 +660,7 @@ mod with_mpi {
 
     #[test]
     fn the_ladder_measures_mpi_between_ranks_and_runs_the_pipeline_on_them() {
-        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        let Some(_one) = one_job() else { return };
         let out = mpirun(
             2,
             &[
@@ -723,11 +694,7 @@ mod with_mpi {
 
     #[test]
     fn a_job_with_the_wrong_number_of_ranks_is_refused_by_rank_0() {
-        let _one = ONE_JOB.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        let Some(_one) = one_job() else { return };
         let out = mpirun(
             2,
             &[
