@@ -304,14 +304,17 @@ fn live_run(key: &Path) -> (Child, String, std::sync::mpsc::Receiver<String>) {
     (run, addr, rx)
 }
 
-/// 3 stages, 4 sequences (2 in flight), 400 tokens: 1600 forward steps, long enough to be
-/// moved three times mid-run.
+/// 3 stages of 2 layers, 8 sequences (2 in flight), 400 tokens: 3200 forward steps, long
+/// enough to be moved three times mid-run. Each requested move is placed about a second of
+/// steps ahead of the pipeline (more when a node went past it), so three moves take seconds
+/// whatever the machine's speed: the run must last well beyond that on a fast, idle machine
+/// (1600 steps of 1-layer stages lasted about 5 s in CI, too close).
 const LIVE: [&str; 17] = [
     "run",
     "--json",
     "--transfer-digest",
     "--layers",
-    "3",
+    "6",
     "--stages",
     "3",
     "--tokens",
@@ -319,7 +322,7 @@ const LIVE: [&str; 17] = [
     "--max-seq",
     "512",
     "--sequences",
-    "4",
+    "8",
     "--microbatches",
     "2",
     "--timeout-ms",
