@@ -375,7 +375,7 @@ fn slug_migrate_moves_a_stage_of_a_running_recording() {
 /// Slots that endpoint `id`'s flight rings fill (a kernel span takes one, another record two;
 /// appended, not yet drained into its log), from the ring headers (layout in
 /// `recorder/src/flight.rs`: head at byte 64, tail at 128, native endianness).
-fn ring_records(dir: &Path, id: u64) -> u64 {
+fn ring_slots(dir: &Path, id: u64) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir.join("endpoints")) else {
         return 0;
     };
@@ -437,9 +437,10 @@ fn recording_killed_after_a_move_recovers_the_endpoint_the_stage_moved_to() {
         .spawn()
         .expect("start the recording");
     // The move committed once the manifest lists its endpoint (3: stages + move 0); kill the
-    // recording once that endpoint has recorded a good part of what it ran.
+    // recording once that endpoint has recorded a good part of what it ran: 1000 ring slots
+    // hold at least 500 records (a record takes one slot or two).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !listed(&trace).contains(&3) || ring_records(&trace, 3) < 500 {
+    while !listed(&trace).contains(&3) || ring_slots(&trace, 3) < 1000 {
         assert!(
             run.try_wait().expect("poll the recording").is_none(),
             "the recording ended before it could be killed after its move; make it longer"

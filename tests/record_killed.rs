@@ -20,7 +20,7 @@ fn run(args: &[&str], trace: &Path) -> Output {
 /// Slots that endpoint `id`'s flight rings fill (a kernel span takes one, another record two;
 /// appended, not yet released because the log frame holding them is not written yet), from the ring
 /// headers (layout in `recorder/src/flight.rs`: head at byte 64, tail at 128, native endianness).
-fn ring_records(dir: &Path, id: u32) -> u64 {
+fn ring_slots(dir: &Path, id: u32) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir.join("endpoints")) else {
         return 0;
     };
@@ -54,7 +54,7 @@ fn killed_recording(out: &Path) {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while ring_records(out, 0) < 2000 || ring_records(out, 1) < 2000 {
+    while ring_slots(out, 0) < 2000 || ring_slots(out, 1) < 2000 {
         assert!(
             child.try_wait().unwrap().is_none(),
             "the recording ended before it could be killed; make it longer"
