@@ -504,24 +504,9 @@ mod with_mpi {
     #[test]
     fn rank_0_waiting_on_a_silent_rank_s_report_fails_within_the_timeout() {
         let Some(_one) = one_job() else { return };
-        let line = silent_rank_1(
-            "report",
-            &[
-                "run",
-                "--model",
-                "tiny",
-                "--layers",
-                "2",
-                "--stages",
-                "2",
-                "--tokens",
-                "2",
-                "--transport",
-                "mpi",
-                "--timeout-ms",
-                "1000",
-            ],
-        );
+        let mut args = vec!["run"];
+        args.extend(TWO_STAGES);
+        let line = silent_rank_1("report", &args);
         assert!(line.contains("rank 1 on "), "{line}");
         assert!(line.contains("its stage report was awaited"), "{line}");
         assert!(line.contains("raise --timeout-ms"), "{line}");
@@ -532,32 +517,7 @@ mod with_mpi {
         let Some(_one) = one_job() else { return };
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("trace");
-        let trace = out.to_str().expect("utf-8 path");
-        let line = silent_rank_1(
-            "files",
-            &[
-                "record",
-                "--out",
-                trace,
-                "--perf",
-                "none",
-                "--ebpf",
-                "none",
-                "--",
-                "--model",
-                "tiny",
-                "--layers",
-                "2",
-                "--stages",
-                "2",
-                "--tokens",
-                "2",
-                "--transport",
-                "mpi",
-                "--timeout-ms",
-                "1000",
-            ],
-        );
+        let line = silent_rank_1("files", &record_args(out.to_str().expect("utf-8 path")));
         assert!(line.contains("rank 1 on "), "{line}");
         assert!(
             line.contains("its list of recorded files was awaited"),
